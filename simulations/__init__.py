@@ -1,0 +1,1 @@
+"""Fleets, link models, experiments, benchmarks and the ``mobiflower`` command line."""

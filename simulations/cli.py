@@ -1,0 +1,3 @@
+def main():
+    from mobiflower.platform import _probe
+    print("ok", _probe.X)
