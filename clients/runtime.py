@@ -1,0 +1,155 @@
+"""The forward-only device runtime: a chunk of local samples in, one activation frame out.
+
+The device holds its data and a frozen backbone and never builds an autograd graph: every
+forward runs under ``torch.inference_mode``. Each tapped block's output is reduced to the tokens
+the loss needs and quantized inside the block's forward hook, so the full-width state of a layer
+is dropped as soon as the next block starts, and the forward stops after the last tapped block
+(no final norm, no vocabulary logits). Raw text and token ids never leave: a frame carries
+quantized states, sample ids and the loss targets only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from mobiflower.platform.backbone import Backbone
+from mobiflower.platform.codec import SUPPORTED_BITS, QuantizedTensor, concatenate, quantize
+from mobiflower.platform.data import Example
+from mobiflower.platform.frames import TOKEN_POLICIES, Frame, encode_frame
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """How a device turns samples into a frame (the strategy may change it per request)."""
+
+    bits: int = 8
+    group_size: int = 64
+    rotation: str = "hadamard"
+    token_policy: str = "last"
+    batch_size: int = 16
+    targets: str = "class"  # "class" (label per sample), "tokens" (next-token ids) or "none"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported: choose one of {SUPPORTED_BITS}")
+        if self.token_policy not in TOKEN_POLICIES:
+            raise ValueError(f"token_policy={self.token_policy!r} is unknown: choose one of {TOKEN_POLICIES}")
+        if self.group_size < 1 or self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size={self.group_size} must be a power of two, e.g. 64")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+        if self.targets not in ("class", "tokens", "none"):
+            raise ValueError(f"targets={self.targets!r} must be 'class', 'tokens' or 'none'")
+        if self.targets == "tokens" and self.token_policy == "last":
+            raise ValueError("next-token targets need token_policy 'nonpad' or 'all', not 'last'")
+
+
+@dataclass
+class ForwardStats:
+    """What one frame cost the device."""
+
+    samples: int = 0
+    tokens_sent: int = 0
+    forward_s: float = 0.0
+    quantize_s: float = 0.0
+    frame_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def select_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                  policy: str) -> torch.Tensor:
+    """Rows of ``hidden`` [B, T, d] that ``policy`` sends, sample by sample: [rows, d]."""
+    if policy == "last":
+        return hidden[torch.arange(hidden.shape[0]), positions]
+    if policy == "nonpad":
+        return hidden[attention_mask.bool()]
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+class DeviceRuntime:
+    """Forward passes and frame packing for one device's backbone."""
+
+    def __init__(self, backbone: Backbone, config: ForwardConfig | None = None, device_id: str = "device-0"):
+        self.backbone = backbone
+        self.config = config or ForwardConfig()
+        self.device_id = device_id
+        for p in backbone.model.parameters():
+            assert not p.requires_grad, "the device backbone must be frozen"
+
+    def make_frame(self, examples: Sequence[Example], *, layers: Sequence[int] | None = None,
+                   config: ForwardConfig | None = None, meta: dict[str, Any] | None = None) -> tuple[Frame, ForwardStats]:
+        """Forward ``examples`` in batches and pack every tapped layer's selected tokens into one frame."""
+        cfg = config or self.config
+        layers = list(layers) if layers is not None else list(self.backbone.layers)
+        if not examples:
+            raise ValueError("a frame needs at least one sample")
+        parts: dict[int, list[QuantizedTensor]] = {layer: [] for layer in layers}
+        token_counts: list[int] = []
+        seq_lengths: list[int] = []
+        token_targets: list[int] = []
+        stats = ForwardStats()
+        for start in range(0, len(examples), cfg.batch_size):
+            batch = examples[start:start + cfg.batch_size]
+            enc = self.backbone.tokenize([e.prompt for e in batch])
+            mask = enc["attention_mask"]
+            lengths = mask.sum(dim=1)
+            positions = self.backbone.feature_positions(mask)
+            quantize_s = 0.0
+
+            def on_layer(layer_id: int, hidden: torch.Tensor) -> None:
+                nonlocal quantize_s
+                t = time.perf_counter()
+                rows = select_tokens(hidden, mask, positions, cfg.token_policy)
+                parts[layer_id].append(quantize(rows.float(), cfg.bits, cfg.group_size, cfg.rotation, cfg.seed))
+                quantize_s += time.perf_counter() - t
+
+            t0 = time.perf_counter()
+            self.backbone.forward_taps(enc["input_ids"], mask, on_layer, layers=layers)
+            stats.forward_s += time.perf_counter() - t0
+            stats.quantize_s += quantize_s
+            seq_lengths += lengths.tolist()
+            if cfg.token_policy == "last":
+                token_counts += [1] * len(batch)
+            elif cfg.token_policy == "nonpad":
+                token_counts += lengths.tolist()
+            else:
+                token_counts += [mask.shape[1]] * len(batch)
+            if cfg.targets == "tokens":
+                ids = enc["input_ids"]
+                for i in range(len(batch)):
+                    n = token_counts[start + i]
+                    nxt = ids[i, 1:n].tolist() + [-100]
+                    real = int(lengths[i])
+                    token_targets += [t if j < real - 1 else -100 for j, t in enumerate(nxt)]
+        if cfg.targets == "class":
+            targets: dict[str, Any] = {"kind": "class", "values": [int(e.label) for e in examples], "num_classes": 2}
+        elif cfg.targets == "tokens":
+            targets = {"kind": "tokens", "values": token_targets}
+        else:
+            targets = {"kind": "none"}
+        frame = Frame(
+            fingerprint=self.backbone.fingerprint,
+            layers=layers,
+            token_policy=cfg.token_policy,
+            sample_ids=[int(e.id) for e in examples],
+            token_counts=token_counts,
+            seq_lengths=seq_lengths,
+            targets=targets,
+            activations=[concatenate(parts[layer]) for layer in layers],
+            meta={"device_id": self.device_id, **(meta or {})},
+        )
+        stats.samples = len(examples)
+        stats.tokens_sent = sum(token_counts)
+        stats.frame_bytes = frame.nbytes()
+        return frame, stats
+
+    def encode(self, frame: Frame) -> bytes:
+        return encode_frame(frame)

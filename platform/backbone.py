@@ -1,0 +1,235 @@
+"""The frozen backbone: load any transformers model, tap chosen layers, fingerprint it.
+
+The device never trains the backbone, so it is loaded in eval mode with ``requires_grad=False``
+and only ever run under ``torch.inference_mode``. Tapping uses forward hooks on the model's
+block list: a hook sees each tapped block's output the moment it exists, so the caller can pick
+the tokens it needs and quantize them right away, and the forward can stop after the last tapped
+block (no final norm, no vocabulary logits) when the caller does not need the final state.
+
+Layer ids are 0-based block indices: layer ``i`` is the output of block ``i`` (before any final
+norm). The default taps are evenly spaced and always include the last block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from mobiflower.platform.assets import resolve_model
+
+DECODER_TYPES = ("llama", "opt", "gpt2", "qwen2", "qwen3", "mistral", "gemma", "phi3", "smollm3")
+_FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "decoder.final_layer_norm", "final_layernorm")
+
+LayerHook = Callable[[int, torch.Tensor], None]
+"""Called as ``hook(layer_id, hidden)`` with the block output ``[batch, tokens, hidden]``."""
+
+
+class BackboneError(ValueError):
+    """The model or the tap selection cannot be used; the message says what to change."""
+
+
+class _StopForward(Exception):
+    """Raised by the last tap's hook to skip the blocks after it."""
+
+
+def evenly_spaced_layers(num_layers: int, count: int) -> list[int]:
+    """``count`` block ids spread evenly over ``num_layers`` blocks, ending at the last block."""
+    if not 1 <= count <= num_layers:
+        raise BackboneError(f"cannot tap {count} layers of a {num_layers}-layer model: choose 1..{num_layers}")
+    step = num_layers / count
+    return sorted({round(step * (i + 1)) - 1 for i in range(count)})
+
+
+def _find_blocks(base: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The model's list of transformer blocks (the first ModuleList as long as the model is deep)."""
+    for module in base.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise BackboneError(f"could not find the {num_layers} transformer blocks of {type(base).__name__}")
+
+
+def _find_final_norm(base: nn.Module) -> nn.Module:
+    for name in _FINAL_NORM_NAMES:
+        module = base
+        for part in name.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.Module):
+            return module
+    return nn.Identity()
+
+
+def weights_digest(model: nn.Module, sample: int = 65536) -> str:
+    """A stable digest of the weights: names, shapes, dtypes and a strided sample of every tensor.
+
+    Hashing every byte of a 0.5 GB model would cost about a second on each device start; a strided
+    sample of up to ``sample`` values per tensor tells different checkpoints apart just as well.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > sample:
+            flat = flat[:: flat.numel() // sample][:sample]
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(flat.to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class BackboneIdentity:
+    """What a frame's activations depend on: architecture, width, depth, precision and weights."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    dtype: str
+    digest: str
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.model_type}-d{self.hidden_size}-L{self.num_layers}-{self.dtype}-{self.digest}"
+
+
+class Backbone:
+    """A frozen transformers model with layer taps. Build it with :meth:`load`."""
+
+    def __init__(self, model: nn.Module, tokenizer, layers: Sequence[int] | None = None, num_taps: int = 8,
+                 max_length: int = 256, name: str = ""):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", "")
+        config = model.config
+        self.model_type = str(config.model_type)
+        self.is_decoder = not getattr(config, "is_encoder_decoder", False) and self.model_type != "bert" and \
+            hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+        self.base = model.base_model
+        self.num_layers = int(config.num_hidden_layers)
+        self.hidden_size = int(config.hidden_size)
+        self.blocks = _find_blocks(self.base, self.num_layers)
+        self.final_norm = _find_final_norm(self.base)
+        self.layers = self._check_layers(layers if layers is not None else
+                                         evenly_spaced_layers(self.num_layers, min(num_taps, self.num_layers)))
+        self.max_length = max_length
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"  # real tokens first: the last real token is at length - 1
+        tokenizer.truncation_side = "left"  # keep the prompt's tail, where the task is stated
+        dtype = next(model.parameters()).dtype
+        self.identity = BackboneIdentity(self.model_type, self.hidden_size, self.num_layers,
+                                         str(dtype).removeprefix("torch."), weights_digest(model))
+
+    @classmethod
+    def load(cls, ref: str, layers: Sequence[int] | None = None, num_taps: int = 8,
+             dtype: torch.dtype = torch.float32, max_length: int = 256) -> "Backbone":
+        """Load ``ref`` (``smollm2-135m``, a local folder or a Hugging Face model id) frozen."""
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        path = resolve_model(ref)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except OSError as err:
+            raise BackboneError(f"cannot load model {ref!r}: {err}. Pass `smollm2-135m` (after "
+                                "`mobiflower assets`), a local model folder, or a Hugging Face model id.") from err
+        auto = AutoModelForCausalLM if config.model_type in DECODER_TYPES else AutoModel
+        model = auto.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref)
+
+    def _check_layers(self, layers: Sequence[int]) -> list[int]:
+        layers = [int(i) for i in layers]
+        if not layers or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= self.num_layers:
+            raise BackboneError(f"tapped layers {layers} must be strictly increasing block ids in "
+                                f"0..{self.num_layers - 1}")
+        return layers
+
+    @property
+    def fingerprint(self) -> str:
+        return self.identity.fingerprint
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Right-padded to the longest text of this batch (dynamic padding), truncated on the left."""
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def feature_positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Index of the token a classifier reads: the last real token (decoders) or the first (encoders)."""
+        if not self.is_decoder:
+            return torch.zeros(attention_mask.shape[0], dtype=torch.long)
+        return attention_mask.sum(dim=1).long() - 1
+
+    def forward_taps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, on_layer: LayerHook,
+                     layers: Sequence[int] | None = None, need_final: bool = False) -> torch.Tensor | None:
+        """Run the backbone, calling ``on_layer`` for each tapped block; no grads, no logits.
+
+        Returns the final hidden state (after the final norm) when ``need_final``; otherwise the
+        forward stops right after the last tapped block.
+        """
+        layers = self._check_layers(layers) if layers is not None else self.layers
+        last = layers[-1]
+        handles = []
+
+        def make_hook(layer_id: int):
+            def hook(_module, _inputs, output):
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                on_layer(layer_id, hidden)
+                if layer_id == last and not need_final:
+                    raise _StopForward
+
+            return hook
+
+        for layer_id in layers:
+            handles.append(self.blocks[layer_id].register_forward_hook(make_hook(layer_id)))
+        try:
+            with torch.inference_mode():
+                out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return out.last_hidden_state
+        except _StopForward:
+            return None
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def frozen_head_state(self) -> dict[str, torch.Tensor]:
+        """The frozen final norm and LM head the server needs (never the whole backbone)."""
+        state = {f"final_norm.{k}": v.detach().clone() for k, v in self.final_norm.state_dict().items()}
+        if self.is_decoder:
+            state["lm_head.weight"] = self.model.get_output_embeddings().weight.detach().clone()
+        return state
+
+    def verbalizer_ids(self, words: Sequence[str]) -> list[int]:
+        """First token id of each verbalizer word, for zero-shot scoring."""
+        ids = []
+        for word in words:
+            tokens = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+            if not tokens:
+                raise BackboneError(f"verbalizer {word!r} tokenizes to nothing")
+            ids.append(tokens[0])
+        return ids
+
+    def zero_shot_logits(self, final_hidden: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+        """Next-token logits of ``token_ids`` from final states ``[n, hidden]``: only those rows of the head."""
+        if not self.is_decoder:
+            raise BackboneError("zero-shot prompting needs a decoder (causal LM) backbone")
+        head = self.model.get_output_embeddings()
+        weight = head.weight[list(token_ids)]
+        bias = head.bias[list(token_ids)] if getattr(head, "bias", None) is not None else None
+        return torch.nn.functional.linear(final_hidden, weight, bias)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "fingerprint": self.fingerprint, "layers": self.layers,
+                "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "parameters": sum(p.numel() for p in self.model.parameters())}
+
+    def __repr__(self) -> str:
+        return f"Backbone({json.dumps(self.describe())})"

@@ -1,0 +1,342 @@
+"""The server trainer: side networks learn by backprop from the activation frames devices send.
+
+Frames land one at a time; the trainer takes a pass over each as it arrives and keeps it in a
+bounded activation cache (the backbone is frozen, so a sample's activations never change and
+later epochs need no device work). It trains on the dequantized frames, exactly what the codec
+delivered. AdamW with warm-up and linear or cosine decay, gradient clipping, evaluation on
+held-out frames, and checkpoints of side network + optimizer + schedule as safetensors + JSON
+written atomically. ``export`` writes the side network alone, for a device to download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mobiflower.platform.codec import dequantize
+from mobiflower.platform.frames import Frame
+from mobiflower.platform.side_networks import (
+    SideBatch,
+    SideNetwork,
+    SideNetworkError,
+    make_side_batch,
+    save_side_network,
+    side_network_loss,
+)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of a side network."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    epochs: int = 10
+    batch_size: int = 32
+    warmup_frac: float = 0.05
+    schedule: str = "linear"  # "linear", "cosine" or "constant" after warm-up
+    clip_norm: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # "auto" = CUDA when present, else CPU
+    cache_bytes: int = 2 << 30  # bound of the activation cache (quantized bytes)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"schedule={self.schedule!r} must be 'linear', 'cosine' or 'constant'")
+        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("lr must be > 0, epochs and batch_size at least 1")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+class DecodedFrame:
+    """A frame's activations dequantized once, with per-sample row offsets for batching."""
+
+    def __init__(self, frame: Frame, feature_token: str = "last"):
+        self.frame = frame
+        self.rows = [dequantize(q) for q in frame.activations]
+        counts = torch.as_tensor(frame.token_counts)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        self.feature_token = feature_token
+        kind = frame.targets.get("kind")
+        self.targets = torch.as_tensor(frame.targets["values"], dtype=torch.long) if kind in ("class", "tokens") else None
+        self.per_token_targets = kind == "tokens"
+
+    def __len__(self) -> int:
+        return self.frame.num_samples
+
+    def batch(self, idx: Sequence[int]) -> SideBatch:
+        f = self.frame
+        if f.token_policy == "last":
+            index = torch.as_tensor(list(idx), dtype=torch.long)
+            rows = [r[index] for r in self.rows]
+            row_index = index
+        else:
+            row_index = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
+            rows = [r[row_index] for r in self.rows]
+        targets = None
+        if self.targets is not None:
+            targets = self.targets[row_index] if self.per_token_targets else self.targets[torch.as_tensor(list(idx))]
+        return make_side_batch(rows, [f.token_counts[i] for i in idx], [f.seq_lengths[i] for i in idx],
+                               f.token_policy, self.feature_token, targets, [f.sample_ids[i] for i in idx])
+
+
+class ActivationCache:
+    """Frames kept for later epochs, bounded by their quantized size in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.frames: list[DecodedFrame] = []
+        self.nbytes = 0
+        self.rejected = 0
+
+    def add(self, decoded: DecodedFrame) -> bool:
+        size = decoded.frame.nbytes()
+        if self.nbytes + size > self.max_bytes:
+            self.rejected += 1
+            return False
+        self.frames.append(decoded)
+        self.nbytes += size
+        return True
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(f) for f in self.frames)
+
+
+def _lr_lambda(total: int, warmup: int, schedule: str):
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+class SideTrainer:
+    """Trains one side network from frames."""
+
+    def __init__(self, net: SideNetwork, config: TrainConfig | None = None, total_steps: int | None = None):
+        self.config = config or TrainConfig()
+        self.device = self.config.resolve_device()
+        self.net = net.to(self.device)
+        torch.manual_seed(self.config.seed)
+        self.rng = random.Random(self.config.seed)
+        decay = [p for n, p in net.named_parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for n, p in net.named_parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.config.lr)
+        self.total_steps = total_steps or 1000
+        warmup = int(self.config.warmup_frac * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(self.total_steps, warmup, self.config.schedule))
+        self.step = 0
+        self.cache = ActivationCache(self.config.cache_bytes)
+        self.train_seconds = 0.0
+        self.history: list[dict[str, Any]] = []
+
+    # ---- data -------------------------------------------------------------------------------
+    def check_frame(self, frame: Frame) -> None:
+        cfg = self.net.config
+        if frame.fingerprint != cfg.fingerprint:
+            raise SideNetworkError(f"frame from backbone {frame.fingerprint} cannot train a side network for "
+                                   f"{cfg.fingerprint}")
+        if list(frame.layers) != list(cfg.layers):
+            raise SideNetworkError(f"frame taps layers {frame.layers}, the side network needs {cfg.layers}")
+        if frame.hidden_size != cfg.hidden_size:
+            raise SideNetworkError(f"frame width {frame.hidden_size} != side network width {cfg.hidden_size}")
+
+    def decode(self, frame: Frame) -> DecodedFrame:
+        self.check_frame(frame)
+        return DecodedFrame(frame, self.net.config.feature_token)
+
+    def _minibatches(self, frames: Sequence[DecodedFrame], shuffle: bool) -> Iterator[tuple[DecodedFrame, list[int]]]:
+        bs = self.config.batch_size
+        for frame in (self.rng.sample(list(frames), len(frames)) if shuffle else frames):
+            order = list(range(len(frame)))
+            if shuffle:
+                self.rng.shuffle(order)
+            for start in range(0, len(order), bs):
+                yield frame, order[start:start + bs]
+
+    def _epoch_batches(self, frames: Sequence[DecodedFrame]) -> Iterator[SideBatch]:
+        """Minibatches drawn across all frames in a random order (frames share one layout)."""
+        pairs = [(f, i) for f in frames for i in range(len(f))]
+        self.rng.shuffle(pairs)
+        bs = self.config.batch_size
+        for start in range(0, len(pairs), bs):
+            chunk = pairs[start:start + bs]
+            groups: dict[int, tuple[DecodedFrame, list[int]]] = {}
+            for f, i in chunk:
+                groups.setdefault(id(f), (f, []))[1].append(i)
+            parts = [f.batch(idx) for f, idx in groups.values()]
+            yield parts[0] if len(parts) == 1 else _concat_batches(parts)
+
+    # ---- training ---------------------------------------------------------------------------
+    def train_batch(self, batch: SideBatch) -> float:
+        self.net.train()
+        batch = batch.to(self.device)
+        loss = side_network_loss(self.net(batch), batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.clip_norm)
+        self.optimizer.step()
+        if self.step < self.total_steps:
+            self.scheduler.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def ingest(self, frame: Frame, train: bool = True) -> dict[str, float]:
+        """A frame landed: cache it and (by default) take one pass over its samples."""
+        decoded = self.decode(frame)
+        cached = self.cache.add(decoded)
+        stats = {"samples": len(decoded), "cached": float(cached), "loss": float("nan"), "seconds": 0.0}
+        if train:
+            t = time.perf_counter()
+            losses = [self.train_batch(decoded.batch(idx)) for _, idx in self._minibatches([decoded], shuffle=True)]
+            stats["seconds"] = time.perf_counter() - t
+            self.train_seconds += stats["seconds"]
+            stats["loss"] = sum(losses) / len(losses)
+        return stats
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over every cached sample, shuffled across frames."""
+        if not self.cache.frames:
+            raise SideNetworkError("the activation cache is empty: ingest frames before training epochs")
+        t = time.perf_counter()
+        losses = [self.train_batch(b) for b in self._epoch_batches(self.cache.frames)]
+        seconds = time.perf_counter() - t
+        self.train_seconds += seconds
+        return {"loss": sum(losses) / len(losses), "seconds": seconds, "samples": self.cache.num_samples}
+
+    @torch.no_grad()
+    def evaluate(self, frames: Sequence[Frame | DecodedFrame]) -> dict[str, float]:
+        """Accuracy (classification) or token accuracy and loss (LM) on held-out frames."""
+        self.net.eval()
+        correct = total = 0
+        loss_sum = 0.0
+        for frame in frames:
+            decoded = frame if isinstance(frame, DecodedFrame) else self.decode(frame)
+            for _, idx in self._minibatches([decoded], shuffle=False):
+                batch = decoded.batch(idx).to(self.device)
+                logits = self.net(batch)
+                loss = side_network_loss(logits, batch)
+                if logits.dim() == 2:
+                    n = len(idx)
+                    correct += int((logits.argmax(-1) == batch.targets).sum())
+                else:
+                    valid = batch.targets != -100
+                    n = int(valid.sum())
+                    correct += int(((logits.argmax(-1) == batch.targets) & valid).sum())
+                loss_sum += float(loss) * n
+                total += n
+        if total == 0:
+            raise SideNetworkError("nothing to evaluate: the frames hold no labelled samples")
+        return {"accuracy": correct / total, "loss": loss_sum / total, "count": total}
+
+    # ---- persistence ------------------------------------------------------------------------
+    def state_digest(self) -> str:
+        """A digest of side-network and optimizer tensors (to prove a state unchanged)."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.net.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        for name, tensor in sorted(_flatten_optimizer(self.optimizer).items()):
+            h.update(name.encode())
+            h.update(tensor.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def save_checkpoint(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Side network + optimizer + schedule, written to a temp folder and renamed into place."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_side_network(self.net, tmp / "side_network.safetensors")
+        save_file(_flatten_optimizer(self.optimizer), str(tmp / "optimizer.safetensors"))
+        meta = {"step": self.step, "total_steps": self.total_steps, "scheduler": self.scheduler.state_dict(),
+                "train": asdict(self.config), "param_groups": _param_groups(self.optimizer),
+                "train_seconds": self.train_seconds, "history": self.history, "extra": extra or {}}
+        (tmp / "trainer.json").write_text(json.dumps(meta, default=str))
+        old = directory.with_name(directory.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        directory = Path(directory)
+        self.net.load_state_dict(load_file(str(directory / "side_network.safetensors")))
+        meta = json.loads((directory / "trainer.json").read_text())
+        flat = load_file(str(directory / "optimizer.safetensors"))
+        self.optimizer.load_state_dict(_unflatten_optimizer(flat, meta["param_groups"]))
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.step, self.total_steps = meta["step"], meta["total_steps"]
+        self.train_seconds, self.history = meta["train_seconds"], meta["history"]
+        return meta.get("extra", {})
+
+    def export(self, path: str | Path) -> Path:
+        """The side network alone, for a device to run locally."""
+        return save_side_network(self.net, path)
+
+
+def _concat_batches(parts: Sequence[SideBatch]) -> SideBatch:
+    width = max(p.mask.shape[1] for p in parts)
+
+    def pad(t: torch.Tensor, value: float = 0) -> torch.Tensor:
+        extra = width - t.shape[1]
+        if extra == 0:
+            return t
+        shape = list(t.shape)
+        shape[1] = extra
+        return torch.cat([t, t.new_full(shape, value)], dim=1)
+
+    states = [torch.cat([pad(p.states[i]) for p in parts]) for i in range(len(parts[0].states))]
+    mask = torch.cat([pad(p.mask, False) for p in parts])
+    feature = torch.cat([p.feature_index for p in parts])
+    targets = None
+    if parts[0].targets is not None:
+        targets = torch.cat([pad(p.targets, -100) if p.targets.dim() == 2 else p.targets for p in parts])
+    return SideBatch(states, mask, feature, targets, [s for p in parts for s in p.sample_ids])
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    flat = {}
+    for pid, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensor = value if torch.is_tensor(value) else torch.tensor(value)
+            flat[f"{pid}.{key}"] = tensor.detach().cpu().contiguous()
+    return flat
+
+
+def _param_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return optimizer.state_dict()["param_groups"]
+
+
+def _unflatten_optimizer(flat: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in flat.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = tensor
+    return {"state": state, "param_groups": groups}

@@ -1,0 +1,241 @@
+"""``mobiflower local``: one device and the server as two OS processes on one machine.
+
+The device process (``clients/local_device.py``) forwards its private samples and streams
+encoded activation frames over a pipe; this process is the server: it decodes and validates each
+frame as it lands, trains the side network on it (while the device already forwards the next
+chunk), keeps it in the activation cache, trains the remaining epochs from the cache, picks the
+epoch with the best validation accuracy, and delivers that side network to the device, which
+scores its own test samples with backbone + side network alone. No Flower yet: this is the
+method's core, measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mobiflower.clients.local_device import LocalDeviceConfig, run_device
+from mobiflower.clients.runtime import ForwardConfig
+from mobiflower.platform.frames import decode_frame
+from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
+from mobiflower.platform.trainer import SideTrainer, TrainConfig
+
+
+@dataclass
+class LocalRunConfig:
+    """One side-tuning run of a single device against the server."""
+
+    model: str = "smollm2-135m"
+    train_samples: int = 2000
+    validation_samples: int = 500
+    test_samples: int = 1000
+    seed: int = 0
+    bits: int = 8
+    group_size: int = 64
+    rotation: str = "hadamard"
+    token_policy: str = "last"
+    num_taps: int = 8
+    layers: tuple[int, ...] | None = None
+    family: str = "adapter"
+    reduction: int = 8
+    dropout: float = 0.1
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    device_batch_size: int = 16
+    chunk_size: int = 128
+    device_threads: int = max(1, os.cpu_count() or 1)
+    server_threads: int = 1
+    workdir: str = "runs/local"
+    match_precision: bool = True
+    train: TrainConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.forward = ForwardConfig(bits=self.bits, group_size=self.group_size, rotation=self.rotation,
+                                     token_policy=self.token_policy, batch_size=self.device_batch_size, seed=self.seed)
+        self.train = TrainConfig(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
+                                 batch_size=self.batch_size, seed=self.seed)
+        for name in ("train_samples", "validation_samples", "test_samples", "chunk_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+class DeviceFailed(RuntimeError):
+    """The device process reported an error or died."""
+
+
+def _recv(conn, process) -> Any:
+    while not conn.poll(0.5):
+        if not process.is_alive():
+            raise DeviceFailed(f"the device process exited with code {process.exitcode} without a reply")
+    message = conn.recv()
+    if isinstance(message, dict) and message.get("type") == "error":
+        raise DeviceFailed(f"the device failed: {message['error']}\n{message.get('traceback', '')}")
+    return message
+
+
+def run_local(config: LocalRunConfig, out: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the device and the server, return (and optionally write) the measured figures."""
+    torch.set_num_threads(config.server_threads)
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    server_conn, device_conn = ctx.Pipe()
+    device_config = LocalDeviceConfig(
+        model=config.model, layers=config.layers, num_taps=config.num_taps, forward=config.forward,
+        train_samples=config.train_samples, validation_samples=config.validation_samples,
+        test_samples=config.test_samples, chunk_size=config.chunk_size, seed=config.seed,
+        threads=config.device_threads, mobiflower_home=os.environ.get("MOBIFLOWER_HOME"))
+    wall0 = time.perf_counter()
+    device = ctx.Process(target=run_device, args=(device_conn, device_config), name="mobiflower-device", daemon=True)
+    device.start()
+    device_conn.close()
+    log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    try:
+        return _serve(config, server_conn, device, workdir, out, wall0, log, progress)
+    finally:
+        server_conn.close()
+        device.join(timeout=10)
+        if device.is_alive():
+            device.terminate()
+
+
+def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None, wall0: float, log,
+           progress: bool) -> dict[str, Any]:
+    hello = _recv(conn, device)
+    log(f"[server] device ready: {hello['fingerprint']}, taps {hello['layers']}, backbone loaded in "
+        f"{hello['load_s']:.1f} s")
+    side_config = SideNetworkConfig(
+        hidden_size=hello["hidden_size"], layers=list(hello["layers"]), fingerprint=hello["fingerprint"],
+        family=config.family, reduction=config.reduction, dropout=config.dropout, norm_eps=hello["norm_eps"],
+        feature_token="last" if hello["is_decoder"] else "first", bits=config.bits, group_size=config.group_size,
+        rotation=config.rotation, token_policy=config.token_policy, extra={"model": config.model})
+    frozen = {k: torch.from_numpy(v) for k, v in hello["frozen"].items()}
+    net = build_side_network(side_config, frozen)
+    steps_per_epoch = math.ceil(hello["train"] / config.batch_size) + math.ceil(hello["train"] / config.chunk_size)
+    trainer = SideTrainer(net, config.train, total_steps=steps_per_epoch * config.epochs)
+    log(f"[server] {config.family} side network, {net.num_trainable():,} trainable parameters, "
+        f"training on {trainer.device}")
+
+    n_chunks = math.ceil(hello["train"] / config.chunk_size) + math.ceil(hello["validation"] / config.chunk_size)
+    bar = tqdm(total=hello["train"] + hello["validation"], desc="frames received", unit="sample",
+               disable=not progress, file=sys.stderr)
+    bytes_sent = forward_s = quantize_s = 0.0
+    val_frames = []
+    first_loss = None
+    for _ in range(n_chunks):
+        header = _recv(conn, device)
+        blob = conn.recv_bytes()
+        frame = decode_frame(blob, expected_fingerprint=side_config.fingerprint)
+        bytes_sent += len(blob)
+        forward_s += header["stats"]["forward_s"]
+        quantize_s += header["stats"]["quantize_s"]
+        if header["split"] == "train":
+            stats = trainer.ingest(frame)
+            first_loss = stats["loss"] if first_loss is None else first_loss
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", kb_per_sample=f"{len(blob) / frame.num_samples / 1024:.2f}")
+        else:
+            val_frames.append(trainer.decode(frame))
+        bar.update(frame.num_samples)
+    bar.close()
+    sent = _recv(conn, device)
+    device_peak_rss = sent["peak_rss_mb"]
+    streaming_wall = time.perf_counter() - wall0
+
+    # Epoch 1 was the streaming pass; the rest come from the activation cache (no device work).
+    best = {"accuracy": -1.0}
+    history = []
+    val = trainer.evaluate(val_frames)
+    history.append({"epoch": 1, "loss": first_loss, "validation_accuracy": val["accuracy"]})
+    best = {"accuracy": val["accuracy"], "epoch": 1, "state": copy.deepcopy(trainer.net.state_dict())}
+    log(f"[server] epoch 1 (streamed): validation accuracy {val['accuracy']:.4f}")
+    for epoch in range(2, config.epochs + 1):
+        stats = trainer.train_epoch()
+        val = trainer.evaluate(val_frames)
+        history.append({"epoch": epoch, "loss": stats["loss"], "validation_accuracy": val["accuracy"]})
+        log(f"[server] epoch {epoch}: loss {stats['loss']:.4f}, validation accuracy {val['accuracy']:.4f}")
+        if val["accuracy"] > best["accuracy"]:
+            best = {"accuracy": val["accuracy"], "epoch": epoch, "state": copy.deepcopy(trainer.net.state_dict())}
+    trainer.net.load_state_dict(best["state"])
+    trainer.history = history
+    trainer.save_checkpoint(workdir / "checkpoint", extra={"best_epoch": best["epoch"]})
+    export = trainer.export(workdir / "side_network.safetensors")
+    log(f"[server] delivering the epoch-{best['epoch']} side network ({export.stat().st_size / 1024:.0f} KiB) "
+        "to the device for local inference")
+    conn.send({"type": "deliver", "path": str(export.resolve()), "match_precision": config.match_precision})
+
+    test_bar = tqdm(total=hello["test"], desc="device test inference", unit="sample", disable=not progress,
+                    file=sys.stderr)
+    while True:
+        message = _recv(conn, device)
+        if message["type"] == "progress":
+            test_bar.n = message["done"]
+            test_bar.refresh()
+            continue
+        break
+    test_bar.close()
+    result = {
+        "method": "mobiflower",
+        "model": config.model,
+        "fingerprint": side_config.fingerprint,
+        "family": config.family,
+        "test_accuracy": message["accuracy"],
+        "zero_shot_accuracy": message["zero_shot_accuracy"],
+        "validation_accuracy": best["accuracy"],
+        "best_epoch": best["epoch"],
+        "bits": config.bits,
+        "token_policy": config.token_policy,
+        "layers": side_config.layers,
+        "train_samples": hello["train"],
+        "validation_samples": hello["validation"],
+        "test_samples": hello["test"],
+        "bytes_sent": int(bytes_sent),
+        "bytes_per_sample": bytes_sent / (hello["train"] + hello["validation"]),
+        "device_forward_s": forward_s,
+        "device_quantize_s": quantize_s,
+        "device_s_per_sample": forward_s / (hello["train"] + hello["validation"]),
+        "device_peak_rss_mb": device_peak_rss,
+        "device_backbone_load_s": hello["load_s"],
+        "server_train_s": trainer.train_seconds,
+        "streaming_wall_s": streaming_wall,
+        "wall_s": time.perf_counter() - wall0,
+        "trainable_parameters": net.num_trainable(),
+        "side_network": str(export),
+        "history": history,
+        "config": {k: v for k, v in asdict(config).items() if k != "train"},
+    }
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """The closing lines of a run: accuracy beside zero-shot, then what it cost."""
+    lines = [f"method            {result['method']}" + (f" ({result.get('family')})" if result.get("family") else "")]
+    lines.append(f"test accuracy     {result['test_accuracy']:.4f}   (zero-shot prompt {result['zero_shot_accuracy']:.4f})")
+    if result.get("bits") is not None and result.get("method") == "mobiflower":
+        lines.append(f"wire              {result['bits']}-bit, token policy '{result['token_policy']}', "
+                     f"{result['bytes_sent'] / 2**20:.2f} MiB sent ({result['bytes_per_sample']:.0f} B/sample)")
+        lines.append(f"device            {result['device_s_per_sample'] * 1000:.1f} ms/sample forward+pack, "
+                     f"peak RSS {result['device_peak_rss_mb']:.0f} MB")
+        lines.append(f"server            {result['server_train_s']:.1f} s training, best epoch {result['best_epoch']} "
+                     f"(validation {result['validation_accuracy']:.4f})")
+        lines.append(f"wall time         {result['wall_s']:.1f} s")
+    else:
+        for key in ("train_s", "s_per_sample", "peak_rss_mb", "trainable_parameters"):
+            if key in result:
+                lines.append(f"{key:<18}{result[key]}")
+    return "\n".join(lines)
