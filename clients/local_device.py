@@ -13,8 +13,6 @@ import os
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 from mobiflower.clients.inference import LocalClassifier
@@ -101,7 +99,3 @@ def _peak_rss_mb() -> float:
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-
-def describe(config: LocalDeviceConfig) -> dict[str, Any]:
-    return {"model": config.model, "bits": config.forward.bits, "token_policy": config.forward.token_policy,
-            "chunk_size": config.chunk_size, "threads": config.threads}

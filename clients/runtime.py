@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from mobiflower.platform.backbone import Backbone
-from mobiflower.platform.codec import SUPPORTED_BITS, QuantizedTensor, concatenate, quantize
+from mobiflower.platform.codec import SUPPORTED_BITS, QuantizedTensor, concatenate, default_group_size, quantize
 from mobiflower.platform.data import Example
 from mobiflower.platform.frames import TOKEN_POLICIES, Frame, encode_frame
 
@@ -27,7 +27,7 @@ class ForwardConfig:
     """How a device turns samples into a frame (the strategy may change it per request)."""
 
     bits: int = 8
-    group_size: int = 64
+    group_size: int | None = None  # None: the codec's default for the bit-width (64 at 8 bits, 32 below)
     rotation: str = "hadamard"
     token_policy: str = "last"
     batch_size: int = 16
@@ -39,6 +39,8 @@ class ForwardConfig:
             raise ValueError(f"bits={self.bits} is not supported: choose one of {SUPPORTED_BITS}")
         if self.token_policy not in TOKEN_POLICIES:
             raise ValueError(f"token_policy={self.token_policy!r} is unknown: choose one of {TOKEN_POLICIES}")
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", default_group_size(self.bits))
         if self.group_size < 1 or self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size={self.group_size} must be a power of two, e.g. 64")
         if self.batch_size < 1:

@@ -5,6 +5,7 @@
     mobiflower local --baseline lora       the same task trained on the device instead
     mobiflower infer --side-network F "a gripping, beautiful film"
     mobiflower bench device --out F        device memory / speed / wire-size benchmark
+    mobiflower compare runs/*.json         one table of the runs' accuracy and cost
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def _add_local(sub) -> None:
     p.add_argument("--test-samples", type=int, default=d["test_samples"].default)
     p.add_argument("--seed", type=int, default=d["seed"].default)
     p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=d["bits"].default)
+    p.add_argument("--group-size", type=int, default=None, help="values per scale (default: 64 at 8 bits, 32 below)")
     p.add_argument("--token-policy", choices=["last", "nonpad", "all"], default=d["token_policy"].default)
     p.add_argument("--family", choices=["adapter", "ladder"], default=d["family"].default)
     p.add_argument("--num-taps", type=int, default=d["num_taps"].default)
@@ -56,7 +58,11 @@ def _add_local(sub) -> None:
     p.add_argument("--reduction", type=int, default=d["reduction"].default)
     p.add_argument("--dropout", type=float, default=d["dropout"].default)
     p.add_argument("--epochs", type=int, default=d["epochs"].default)
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 side network, 5e-4 LoRA, 2e-5 full")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"default: {d['lr'].default:g} side network, 5e-4 LoRA, 2e-5 full fine-tuning")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"].default)
+    p.add_argument("--select", choices=["last", "best-val"], default=d["select"].default,
+                   help="deliver the last epoch's side network or the best on validation")
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default)
     p.add_argument("--chunk-size", type=int, default=d["chunk_size"].default, help="samples per frame")
     p.add_argument("--device-threads", type=int, default=d["device_threads"].default)
@@ -82,9 +88,11 @@ def _cmd_local(args) -> int:
     else:
         config = LocalRunConfig(model=args.model, train_samples=args.train_samples,
                                 validation_samples=args.validation_samples, test_samples=args.test_samples,
-                                seed=args.seed, bits=args.bits, token_policy=args.token_policy, family=args.family,
+                                seed=args.seed, bits=args.bits, group_size=args.group_size, token_policy=args.token_policy, family=args.family,
                                 num_taps=args.num_taps, layers=args.layers, reduction=args.reduction,
-                                dropout=args.dropout, epochs=args.epochs, lr=args.lr or 1e-3,
+                                dropout=args.dropout, epochs=args.epochs,
+                                lr=args.lr if args.lr is not None else LocalRunConfig.lr,
+                                weight_decay=args.weight_decay, select=args.select,
                                 batch_size=args.batch_size, chunk_size=args.chunk_size,
                                 device_threads=args.device_threads, workdir=args.workdir)
         result = run_local(config, out=args.out, progress=not args.quiet)
@@ -149,6 +157,34 @@ def _cmd_bench_device(args) -> int:
     return 0
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="one table of several --out JSON files (side-tuning and baselines)")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args) -> int:
+    rows = []
+    for name in args.files:
+        try:
+            r = json.loads(Path(name).read_text())
+        except (OSError, ValueError) as err:
+            print(f"error: cannot read {name}: {err}", file=sys.stderr)
+            return 2
+        label = r.get("method", "?") + (f"/{r['family']}" if r.get("family") else "")
+        wire = f"{r['bits']}-bit {r['token_policy']}" if r.get("token_policy") else "-"
+        device_s = r.get("device_s_per_sample", r.get("s_per_sample"))
+        rss = r.get("device_peak_rss_mb", r.get("peak_rss_mb"))
+        rows.append((Path(name).name, label, f"{r['test_accuracy']:.4f}", f"{r['zero_shot_accuracy']:.4f}", wire,
+                     f"{r['bytes_sent'] / max(1, r['train_samples']):.0f}", f"{device_s * 1000:.0f}" if device_s else "-",
+                     f"{rss:.0f}" if rss else "-"))
+    header = ("file", "method", "test acc", "zero-shot", "wire", "B/train sample", "device ms/sample", "peak RSS MB")
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobiflower", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_local(sub)
     _add_infer(sub)
     _add_bench(sub)
+    _add_compare(sub)
     return parser
 
 

@@ -3,9 +3,10 @@
 The device process (``clients/local_device.py``) forwards its private samples and streams
 encoded activation frames over a pipe; this process is the server: it decodes and validates each
 frame as it lands, trains the side network on it (while the device already forwards the next
-chunk), keeps it in the activation cache, trains the remaining epochs from the cache, picks the
-epoch with the best validation accuracy, and delivers that side network to the device, which
-scores its own test samples with backbone + side network alone. No Flower yet: this is the
+chunk), keeps it in the activation cache, trains the remaining epochs from the cache, and
+delivers the final side network (or, with ``select="best-val"``, the epoch with the best
+validation accuracy; with a few hundred validation samples that choice is noisy, so it is not the
+default) to the device, which scores its own test samples with backbone + side network alone. No Flower yet: this is the
 method's core, measured.
 """
 
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from mobiflower.clients.local_device import LocalDeviceConfig, run_device
 from mobiflower.clients.runtime import ForwardConfig
+from mobiflower.platform.codec import default_group_size
 from mobiflower.platform.frames import decode_frame
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
 from mobiflower.platform.trainer import SideTrainer, TrainConfig
@@ -42,17 +44,18 @@ class LocalRunConfig:
     test_samples: int = 1000
     seed: int = 0
     bits: int = 8
-    group_size: int = 64
+    group_size: int | None = None  # None: 64 at 8 bits, 32 at 4 and 2 bits
     rotation: str = "hadamard"
     token_policy: str = "last"
     num_taps: int = 8
     layers: tuple[int, ...] | None = None
-    family: str = "adapter"
+    family: str = "ladder"
     reduction: int = 8
-    dropout: float = 0.1
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 0.01
+    dropout: float = 0.3
+    epochs: int = 20
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    select: str = "last"  # deliver the last epoch's side network, or the one with the "best-val" accuracy
     batch_size: int = 32
     device_batch_size: int = 16
     chunk_size: int = 128
@@ -63,10 +66,14 @@ class LocalRunConfig:
     train: TrainConfig = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.group_size is None:
+            self.group_size = default_group_size(self.bits)
         self.forward = ForwardConfig(bits=self.bits, group_size=self.group_size, rotation=self.rotation,
                                      token_policy=self.token_policy, batch_size=self.device_batch_size, seed=self.seed)
         self.train = TrainConfig(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
                                  batch_size=self.batch_size, seed=self.seed)
+        if self.select not in ("last", "best-val"):
+            raise ValueError(f"select={self.select!r} must be 'last' or 'best-val'")
         for name in ("train_samples", "validation_samples", "test_samples", "chunk_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -155,7 +162,6 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
     streaming_wall = time.perf_counter() - wall0
 
     # Epoch 1 was the streaming pass; the rest come from the activation cache (no device work).
-    best = {"accuracy": -1.0}
     history = []
     val = trainer.evaluate(val_frames)
     history.append({"epoch": 1, "loss": first_loss, "validation_accuracy": val["accuracy"]})
@@ -166,14 +172,14 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
         val = trainer.evaluate(val_frames)
         history.append({"epoch": epoch, "loss": stats["loss"], "validation_accuracy": val["accuracy"]})
         log(f"[server] epoch {epoch}: loss {stats['loss']:.4f}, validation accuracy {val['accuracy']:.4f}")
-        if val["accuracy"] > best["accuracy"]:
+        if val["accuracy"] > best["accuracy"] or config.select == "last":
             best = {"accuracy": val["accuracy"], "epoch": epoch, "state": copy.deepcopy(trainer.net.state_dict())}
-    trainer.net.load_state_dict(best["state"])
     trainer.history = history
-    trainer.save_checkpoint(workdir / "checkpoint", extra={"best_epoch": best["epoch"]})
+    trainer.save_checkpoint(workdir / "checkpoint", extra={"best_epoch": best["epoch"]})  # the last epoch's state
+    trainer.net.load_state_dict(best["state"])
     export = trainer.export(workdir / "side_network.safetensors")
-    log(f"[server] delivering the epoch-{best['epoch']} side network ({export.stat().st_size / 1024:.0f} KiB) "
-        "to the device for local inference")
+    log(f"[server] delivering the epoch-{best['epoch']} side network (validation accuracy {best['accuracy']:.4f}, "
+        f"{export.stat().st_size / 1024:.0f} KiB) to the device for local inference")
     conn.send({"type": "deliver", "path": str(export.resolve()), "match_precision": config.match_precision})
 
     test_bar = tqdm(total=hello["test"], desc="device test inference", unit="sample", disable=not progress,

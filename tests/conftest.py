@@ -9,6 +9,17 @@ import pytest
 from mobiflower.platform.assets import assets_ready
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """CI has 2 shared cores: intra-op threads only add contention for the small tensors of tests."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Paths of tiny random-init models, one per family, built once per test session."""

@@ -25,13 +25,6 @@ from mobiflower.platform.codec import (
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI box has 2 shared cores: intra-op threads only add contention for these small tensors.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def outlier_data(shape: tuple[int, ...], seed: int = 0, n_outliers: int = 6, magnitude: float = 30.0) -> torch.Tensor:

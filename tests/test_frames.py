@@ -33,12 +33,6 @@ FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 FP = "smollm2-135m:sha256:0123abcd"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def make_frame(

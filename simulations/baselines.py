@@ -1,0 +1,456 @@
+"""On-device baselines in the same harness as side-tuning: zero-shot, LoRA and full fine-tuning.
+
+Every later comparison needs the same model, the same samples and the same budget as the
+side-tuning run (``mobiflower local``), but trained ON the device (backprop through the backbone).
+So this module takes its samples from :func:`~mobiflower.platform.data.task_samples` with the same
+arguments, the prompt from :attr:`Example.prompt`, and tokenizes like
+:meth:`Backbone.tokenize <mobiflower.platform.backbone.Backbone.tokenize>` (right padding, dynamic
+padding per batch, truncation on the left), and returns a dict with the same keys that
+``mobiflower local --out`` writes.
+
+* ``zero-shot``: the causal LM's next-token logits of the two verbalizers' first tokens at the last
+  real token (:meth:`Backbone.zero_shot_logits`), no training.
+* ``lora``: PEFT LoRA (task ``SEQ_CLS``) on ``AutoModelForSequenceClassification``; the adapters and
+  the classification head (``score``, kept trainable by PEFT for SEQ_CLS) are trained.
+* ``full``: every parameter of ``AutoModelForSequenceClassification`` is trained.
+
+Training: AdamW (weight decay 0.0 for LoRA, 0.01 for full fine-tuning, never on biases and norm
+weights), optional linear warm-up then linear decay to 0 over all steps, gradient clipping at 1.0,
+shuffled per epoch with the seed. Heavy imports (torch, transformers, peft) happen inside the
+functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import resource
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+METHODS = ("lora", "full", "zero-shot")
+DEFAULT_LR = {"lora": 5e-4, "full": 2e-5}
+DEFAULT_WEIGHT_DECAY = {"lora": 0.0, "full": 0.01}
+EVAL_BATCH_SIZE = 32
+
+_LORA_TARGETS = {
+    "llama": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "opt": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",),
+    "bert": ("query", "value"),
+}
+
+RESULT_KEYS = ("method", "test_accuracy", "zero_shot_accuracy", "validation_accuracy", "bits", "token_policy",
+               "train_samples", "bytes_sent", "trainable_parameters", "train_s", "s_per_sample", "peak_rss_mb",
+               "lr", "epochs", "model")
+"""The keys of :func:`run_baseline`'s result (the same keys ``mobiflower local --out`` writes)."""
+
+
+@dataclass
+class BaselineConfig:
+    """One on-device baseline run; sample counts and seed must match the side-tuning run compared."""
+
+    method: str  # "lora" | "full" | "zero-shot"
+    model: str = "smollm2-135m"
+    train_samples: int = 2000
+    validation_samples: int = 500
+    test_samples: int = 1000
+    seed: int = 0
+    lr: float | None = None  # default: lora 5e-4, full 2e-5
+    epochs: int = 1
+    batch_size: int = 16
+    warmup_frac: float = 0.0  # linear warm-up over this fraction of the steps, then linear decay to 0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] | None = None  # None: q_proj/v_proj (llama, qwen2, opt), c_attn (gpt2)
+    max_length: int = 256
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown: choose one of {', '.join(METHODS)}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs} must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ValueError(f"warmup_frac={self.warmup_frac} must be in [0, 1)")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be positive")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads} must be at least 1")
+        if self.lora_targets is not None:
+            self.lora_targets = tuple(self.lora_targets)
+
+    @property
+    def resolved_lr(self) -> float | None:
+        if self.method == "zero-shot":
+            return None
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+
+# ------------------------------------------------------------------------------------------
+# shared helpers (also used by bench_device)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now, in MiB."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / (1024 * 1024)
+    except Exception:  # pragma: no cover - psutil is a dependency; fall back to the peak
+        return peak_rss_mb()
+
+
+def quiet_transformers() -> None:
+    """No download bars and no 'newly initialized weights' notices (the head is meant to be new)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer set up exactly like :class:`Backbone`: pad = eos if missing, right pad, left truncate."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "left"
+    return tokenizer
+
+
+def encode(tokenizer, texts: Sequence[str], max_length: int = 256) -> dict:
+    """Right-padded to the longest text of this batch, truncated on the left (as Backbone.tokenize)."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def lora_targets_for(model_type: str, explicit: Sequence[str] | None = None) -> list[str]:
+    """LoRA target module names: ``explicit`` if given, else the usual attention projections."""
+    if explicit:
+        return list(explicit)
+    if model_type in _LORA_TARGETS:
+        return list(_LORA_TARGETS[model_type])
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+
+    if model_type in mapping:
+        return list(mapping[model_type])
+    raise ValueError(f"no default LoRA targets for model type {model_type!r}: pass lora_targets")
+
+
+def build_classifier(path: str, method: str, tokenizer, *, seed: int = 0, lora_r: int = 8, lora_alpha: int = 16,
+                     lora_dropout: float = 0.05, lora_targets: Sequence[str] | None = None):
+    """``AutoModelForSequenceClassification`` (2 labels) ready to train: LoRA-wrapped or fully trainable."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    quiet_transformers()
+    torch.manual_seed(seed)  # the new classification head starts the same on every run
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if method == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          target_modules=lora_targets_for(model.config.model_type, lora_targets))
+        with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 API deprecated for v6
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+            model = get_peft_model(model, lora)
+    elif method == "full":
+        model.requires_grad_(True)
+    else:
+        raise ValueError(f"build_classifier needs method 'lora' or 'full', got {method!r}")
+    model.train()
+    return model
+
+
+def make_optimizer(model, method: str, lr: float):
+    """AdamW over the trainable parameters; weight decay (full: 0.01) skips biases and norm weights."""
+    import torch
+
+    decay, no_decay = [], []
+    for _name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": DEFAULT_WEIGHT_DECAY[method]},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def count_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _linear_schedule(total: int, warmup: int):
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return fn
+
+
+def classifier_accuracy(model, tokenizer, examples: Sequence, max_length: int = 256,
+                        batch_size: int = EVAL_BATCH_SIZE) -> float:
+    """Accuracy of a sequence classifier on ``examples`` (inference mode, batches of ``batch_size``)."""
+    import torch
+
+    if not examples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    # Sorting by length wastes less padding; accuracy does not depend on the order.
+    ordered = sorted(examples, key=lambda e: len(e.prompt))
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(ordered), batch_size):
+            batch = ordered[start:start + batch_size]
+            enc = encode(tokenizer, [e.prompt for e in batch], max_length)
+            logits = model(**enc).logits
+            labels = torch.tensor([int(e.label) for e in batch])
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+    model.train(was_training)
+    return correct / len(examples)
+
+
+def zero_shot_accuracy(backbone, examples: Sequence, batch_size: int = EVAL_BATCH_SIZE) -> float:
+    """Prompted accuracy: argmax over the verbalizers' first-token logits at the last real token."""
+    import torch
+
+    from mobiflower.platform.data import VERBALIZERS
+
+    if not examples:
+        return float("nan")
+    ids = backbone.verbalizer_ids(VERBALIZERS)
+    ordered = sorted(examples, key=lambda e: len(e.prompt))
+    correct = 0
+    for start in range(0, len(ordered), batch_size):
+        batch = ordered[start:start + batch_size]
+        enc = backbone.tokenize([e.prompt for e in batch])
+        mask = enc["attention_mask"]
+        final = backbone.forward_taps(enc["input_ids"], mask, lambda _layer, _hidden: None,
+                                      layers=[backbone.num_layers - 1], need_final=True)
+        positions = backbone.feature_positions(mask)
+        with torch.inference_mode():
+            logits = backbone.zero_shot_logits(final[torch.arange(len(batch)), positions], ids)
+        labels = torch.tensor([int(e.label) for e in batch])
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+    return correct / len(examples)
+
+
+_ZERO_SHOT_CACHE: dict[tuple, float] = {}
+
+
+def _zero_shot_cached(model: str, path: str, examples: Sequence, max_length: int) -> float | None:
+    """Zero-shot test accuracy, computed once per (model, samples, max_length) in this process."""
+    key = (model, path, _mtime(path), tuple(e.id for e in examples), max_length)
+    if key not in _ZERO_SHOT_CACHE:
+        from mobiflower.platform.backbone import Backbone
+
+        backbone = Backbone.load(model, num_taps=1, max_length=max_length)
+        if not backbone.is_decoder:
+            return None  # an encoder has no next-token head: no prompted baseline
+        _ZERO_SHOT_CACHE[key] = zero_shot_accuracy(backbone, examples)
+        del backbone
+    return _ZERO_SHOT_CACHE[key]
+
+
+def _mtime(path: str) -> float:
+    try:
+        return max((p.stat().st_mtime for p in Path(path).glob("*.safetensors")), default=0.0)
+    except OSError:
+        return 0.0
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def run_baseline(config: BaselineConfig, progress: bool = True) -> dict:
+    """Train (or just prompt) ``config.method`` on the device's own CPU and score it.
+
+    Returns the :data:`RESULT_KEYS` dict: accuracies on validation and test, the zero-shot
+    accuracy of the untouched backbone on the same test samples, 32 bits (nothing is quantized),
+    0 bytes sent (on-device training sends nothing), the trainable parameter count, training
+    seconds (``train_s``; ``s_per_sample`` = ``train_s`` / samples seen over all epochs) and this
+    process's peak RSS.
+    """
+    import gc
+
+    import torch
+
+    from mobiflower.platform.assets import resolve_model
+    from mobiflower.platform.data import task_samples
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    quiet_transformers()
+    path = resolve_model(config.model)
+    splits = task_samples(config.train_samples, config.validation_samples, config.test_samples, config.seed)
+    lr = config.resolved_lr
+
+    if config.method == "zero-shot":
+        from mobiflower.platform.backbone import Backbone
+
+        backbone = Backbone.load(config.model, num_taps=1, max_length=config.max_length)
+        validation = zero_shot_accuracy(backbone, splits.validation)
+        key = (config.model, path, _mtime(path), tuple(e.id for e in splits.test), config.max_length)
+        test = _ZERO_SHOT_CACHE.get(key)
+        if test is None:
+            test = _ZERO_SHOT_CACHE[key] = zero_shot_accuracy(backbone, splits.test)
+        del backbone
+        return _result(config, test_accuracy=test, zero_shot=test, validation=validation, trainable=0,
+                       train_s=0.0, samples_seen=0, lr=None, epochs=0)
+
+    zero_shot = _zero_shot_cached(config.model, path, splits.test, config.max_length)
+    gc.collect()
+
+    tokenizer = load_tokenizer(path)
+    model = build_classifier(path, config.method, tokenizer, seed=config.seed, lora_r=config.lora_r,
+                             lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                             lora_targets=config.lora_targets)
+    trainable = count_trainable(model)
+    optimizer = make_optimizer(model, config.method, lr)
+    train = list(splits.train)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    warmup = round(config.warmup_frac * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(total, warmup))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=f"{config.method} ({Path(str(config.model)).name})", unit="step",
+               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    torch.manual_seed(config.seed)  # dropout
+    model.train()
+    t0 = time.perf_counter()
+    for epoch in range(config.epochs):
+        order = list(train)
+        random.Random(config.seed * 1000003 + epoch).shuffle(order)
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start:start + config.batch_size]
+            enc = encode(tokenizer, [e.prompt for e in batch], config.max_length)
+            labels = torch.tensor([int(e.label) for e in batch])
+            loss = model(**enc, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
+    train_s = time.perf_counter() - t0
+    bar.close()
+
+    validation = classifier_accuracy(model, tokenizer, splits.validation, config.max_length)
+    test = classifier_accuracy(model, tokenizer, splits.test, config.max_length)
+    return _result(config, test_accuracy=test, zero_shot=zero_shot, validation=validation, trainable=trainable,
+                   train_s=train_s, samples_seen=len(train) * config.epochs, lr=lr, epochs=config.epochs,
+                   train_samples=len(train))
+
+
+def _result(config: BaselineConfig, *, test_accuracy: float, zero_shot: float | None, validation: float,
+            trainable: int, train_s: float, samples_seen: int, lr: float | None, epochs: int,
+            train_samples: int | None = None) -> dict[str, Any]:
+    return {
+        "method": config.method,
+        "test_accuracy": test_accuracy,
+        "zero_shot_accuracy": zero_shot,
+        "validation_accuracy": validation,
+        "bits": 32,
+        "token_policy": None,
+        "train_samples": config.train_samples if train_samples is None else train_samples,
+        "bytes_sent": 0,
+        "trainable_parameters": trainable,
+        "train_s": train_s,
+        "s_per_sample": train_s / samples_seen if samples_seen else 0.0,
+        "peak_rss_mb": peak_rss_mb(),
+        "lr": lr,
+        "epochs": epochs,
+        "model": config.model,
+        # also written by `mobiflower local`, for side-by-side tables
+        "validation_samples": config.validation_samples,
+        "test_samples": config.test_samples,
+        "bytes_per_sample": 0.0,
+        "config": asdict(config),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# command line (``python -m mobiflower.simulations.baselines``; the ``mobiflower`` CLI may reuse it)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = BaselineConfig(method="lora")
+    parser.add_argument("method", choices=METHODS)
+    parser.add_argument("--model", default=d.model)
+    parser.add_argument("--train-samples", type=int, default=d.train_samples)
+    parser.add_argument("--validation-samples", type=int, default=d.validation_samples)
+    parser.add_argument("--test-samples", type=int, default=d.test_samples)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--lr", type=float, default=None, help="default: lora 5e-4, full 2e-5")
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--warmup-frac", type=float, default=d.warmup_frac)
+    parser.add_argument("--lora-r", type=int, default=d.lora_r)
+    parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    parser.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    parser.add_argument("--lora-targets", nargs="+", default=None)
+    parser.add_argument("--max-length", type=int, default=d.max_length)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write the result JSON here")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> BaselineConfig:
+    return BaselineConfig(method=args.method, model=args.model, train_samples=args.train_samples,
+                          validation_samples=args.validation_samples, test_samples=args.test_samples,
+                          seed=args.seed, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                          warmup_frac=args.warmup_frac, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                          lora_dropout=args.lora_dropout,
+                          lora_targets=tuple(args.lora_targets) if args.lora_targets else None,
+                          max_length=args.max_length, threads=args.threads)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = add_arguments(argparse.ArgumentParser(prog="mobiflower baseline",
+                                                   description="On-device baselines: zero-shot, LoRA, full FT"))
+    args = parser.parse_args(argv)
+    result = run_baseline(config_from_args(args), progress=not args.no_progress)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return result
+
+
+__all__ = ["BaselineConfig", "run_baseline", "RESULT_KEYS", "METHODS", "zero_shot_accuracy", "classifier_accuracy",
+           "build_classifier", "load_tokenizer", "encode", "make_optimizer", "lora_targets_for", "peak_rss_mb",
+           "current_rss_mb", "main", "add_arguments", "config_from_args"]
+
+if __name__ == "__main__":
+    main()
