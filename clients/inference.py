@@ -18,6 +18,7 @@ import torch
 from mobiflower.clients.runtime import select_tokens
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import dequantize, quantize
+from mobiflower.platform.weights import precision_from_fingerprint
 from mobiflower.platform.data import LABEL_NAMES, VERBALIZERS, Example, format_prompt
 from mobiflower.platform.side_networks import (
     SideNetwork,
@@ -52,8 +53,10 @@ class LocalClassifier:
                 model = config.extra.get("model")
             if not model:
                 raise SideNetworkError(f"{side_network} does not name its backbone: pass --model")
-            backbone = Backbone.load(model, layers=config.layers)
-        net = load_side_network(side_network, backbone.frozen_head_state(), fingerprint=backbone.fingerprint)
+            precision = precision_from_fingerprint(config.fingerprint)
+            backbone = Backbone.load(model, layers=config.layers, weights=None if precision == "fp32" else precision)
+        net = load_side_network(side_network, backbone.frozen_head_state(lm_head=config.head == "lm"),
+                                fingerprint=backbone.fingerprint)
         return cls(backbone, net, match_training_precision)
 
     def _features(self, rows: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from mobiflower.clients.inference import LocalClassifier
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.data import task_samples
-from mobiflower.platform.side_networks import load_side_network
+from mobiflower.platform.side_networks import load_side_network, read_side_network_config
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class LocalDeviceConfig:
     seed: int
     threads: int
     mobiflower_home: str | None = None
+    weights: str | None = None  # None: the checkpoint as it is; else fp32/bf16/int8/int4 prepared copy
 
 
 def _rss_mb() -> float:
@@ -58,11 +59,11 @@ def _run(conn, config: LocalDeviceConfig) -> None:
         os.environ["MOBIFLOWER_HOME"] = config.mobiflower_home
     torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
-    backbone = Backbone.load(config.model, layers=config.layers, num_taps=config.num_taps)
+    backbone = Backbone.load(config.model, layers=config.layers, num_taps=config.num_taps, weights=config.weights)
     load_s = time.perf_counter() - t0
     data = task_samples(config.train_samples, config.validation_samples, config.test_samples, config.seed)
     runtime = DeviceRuntime(backbone, config.forward)
-    frozen = {k: v.numpy() for k, v in backbone.frozen_head_state().items() if k.startswith("final_norm.")}
+    frozen = {k: v.numpy() for k, v in backbone.frozen_head_state(lm_head=False).items()}
     conn.send({"type": "hello", "fingerprint": backbone.fingerprint, "layers": backbone.layers,
                "hidden_size": backbone.hidden_size, "is_decoder": backbone.is_decoder,
                "norm_eps": float(getattr(backbone.model.config, "rms_norm_eps", None)
@@ -81,7 +82,9 @@ def _run(conn, config: LocalDeviceConfig) -> None:
     message = conn.recv()
     if message.get("type") != "deliver":
         return
-    net = load_side_network(message["path"], backbone.frozen_head_state(), fingerprint=backbone.fingerprint)
+    head = read_side_network_config(message["path"]).head
+    net = load_side_network(message["path"], backbone.frozen_head_state(lm_head=head == "lm"),
+                            fingerprint=backbone.fingerprint)
     classifier = LocalClassifier(backbone, net, match_training_precision=message.get("match_precision", True))
     done = 0
 

@@ -66,19 +66,54 @@ def _find_final_norm(base: nn.Module) -> nn.Module:
     return nn.Identity()
 
 
+def _state_leaves(name: str, value) -> list[tuple[str, object]]:
+    """The leaves of one ``state_dict`` entry: tensors, or the repr of a plain value (a dtype, None).
+
+    Quantized modules may store packed-params objects or ``(weight, bias)`` tuples (torch.ao's
+    dynamic ``Linear``) instead of tensors; those are opened into the tensors they hold.
+    """
+    if isinstance(value, torch.Tensor):
+        return [(name, value)]
+    if isinstance(value, (tuple, list)):
+        return [leaf for i, item in enumerate(value) for leaf in _state_leaves(f"{name}.{i}", item)]
+    for opener in ("_weight_bias", "unpack"):  # a packed-params object (e.g. a ScriptObject)
+        fn = getattr(value, opener, None)
+        if callable(fn):
+            try:
+                return _state_leaves(name, fn())
+            except Exception:  # noqa: BLE001 - try the next way to open it
+                continue
+    return [(name, repr(value))]
+
+
 def weights_digest(model: nn.Module, sample: int = 65536) -> str:
     """A stable digest of the weights: names, shapes, dtypes and a strided sample of every tensor.
 
     Hashing every byte of a 0.5 GB model would cost about a second on each device start; a strided
     sample of up to ``sample`` values per tensor tells different checkpoints apart just as well.
+    Quantized layers are digested through their stored tensors (int8 / packed uint8 values and
+    their scales; a torch.ao packed-params object through the tensors it unpacks to). A backbone
+    loaded from a prepared copy (:mod:`mobiflower.platform.weights`) takes the digest recorded
+    when the copy was made, so that the start does not read (and page in) every weight.
     """
     h = hashlib.blake2b(digest_size=8)
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        if flat.numel() > sample:
-            flat = flat[:: flat.numel() // sample][:sample]
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(flat.to(torch.float32).contiguous().numpy().tobytes())
+    for entry, value in sorted(model.state_dict().items()):
+        for name, tensor in _state_leaves(entry, value):
+            if not isinstance(tensor, torch.Tensor):
+                h.update(f"{name}={tensor}".encode())
+                continue
+            if tensor.is_quantized:  # a torch.ao quantized tensor: its quantization parameters, then its values
+                if tensor.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                    h.update(f"{name}.q:{tensor.q_scale()}:{tensor.q_zero_point()}".encode())
+                else:
+                    h.update(tensor.q_per_channel_scales().to(torch.float64).numpy().tobytes())
+                    h.update(tensor.q_per_channel_zero_points().to(torch.float64).numpy().tobytes())
+                tensor = tensor.int_repr()
+            flat = tensor.detach().reshape(-1)
+            if flat.numel() > sample:
+                flat = flat[:: flat.numel() // sample][:sample]
+            h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            h.update(flat.to(torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -89,19 +124,25 @@ class BackboneIdentity:
     model_type: str
     hidden_size: int
     num_layers: int
-    dtype: str
+    dtype: str  # the weight precision: float32, bfloat16, int8, int4
     digest: str
 
     @property
     def fingerprint(self) -> str:
         return f"{self.model_type}-d{self.hidden_size}-L{self.num_layers}-{self.dtype}-{self.digest}"
 
+    @property
+    def precision(self) -> str:
+        """``fp32``, ``bf16``, ``int8`` or ``int4`` (torch's dtype name for anything else)."""
+        return {"float32": "fp32", "bfloat16": "bf16"}.get(self.dtype, self.dtype)
+
 
 class Backbone:
     """A frozen transformers model with layer taps. Build it with :meth:`load`."""
 
     def __init__(self, model: nn.Module, tokenizer, layers: Sequence[int] | None = None, num_taps: int = 8,
-                 max_length: int = 256, name: str = ""):
+                 max_length: int = 256, name: str = "", precision: str | None = None, digest: str | None = None,
+                 weights_path: str | None = None):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "")
@@ -121,14 +162,37 @@ class Backbone:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"  # real tokens first: the last real token is at length - 1
         tokenizer.truncation_side = "left"  # keep the prompt's tail, where the task is stated
-        dtype = next(model.parameters()).dtype
-        self.identity = BackboneIdentity(self.model_type, self.hidden_size, self.num_layers,
-                                         str(dtype).removeprefix("torch."), weights_digest(model))
+        if precision is None:  # no weights precision given: the dtype the weights are in
+            dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+        else:
+            from mobiflower.platform.weights import PRECISION_DTYPE_NAMES, normalize_precision
+
+            dtype_name = PRECISION_DTYPE_NAMES[normalize_precision(precision)]
+        self.identity = BackboneIdentity(self.model_type, self.hidden_size, self.num_layers, dtype_name,
+                                         digest if digest is not None else weights_digest(model))
+        self.weights_path = weights_path
 
     @classmethod
     def load(cls, ref: str, layers: Sequence[int] | None = None, num_taps: int = 8,
-             dtype: torch.dtype = torch.float32, max_length: int = 256) -> "Backbone":
-        """Load ``ref`` (``smollm2-135m``, a local folder or a Hugging Face model id) frozen."""
+             dtype: torch.dtype = torch.float32, max_length: int = 256, weights: str | None = None,
+             weights_dir: str | None = None, group_size: int | None = None) -> "Backbone":
+        """Load ``ref`` (``smollm2-135m``, a local folder or a Hugging Face model id) frozen.
+
+        ``weights`` (``fp32``, ``bf16``, ``int8``, ``int4``) loads the prepared, memory-mapped copy
+        of ``ref`` at that precision (:mod:`mobiflower.platform.weights`), building it once under
+        ``weights_dir`` (default ``$MOBIFLOWER_HOME/models``) if it is missing or stale; ``dtype``
+        is then ignored. ``ref`` may also be a prepared copy's folder. Otherwise the checkpoint is
+        loaded through transformers in ``dtype``.
+        """
+        from mobiflower.platform.weights import is_prepared_folder
+
+        if weights is not None or is_prepared_folder(ref):
+            from mobiflower.platform.weights import DEFAULT_INT4_GROUP_SIZE, load_backbone_weights
+
+            model, tokenizer, manifest = load_backbone_weights(ref, weights, cache_dir=weights_dir,
+                                                               group_size=group_size or DEFAULT_INT4_GROUP_SIZE)
+            return cls(model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref,
+                       precision=manifest["precision"], digest=manifest["digest"], weights_path=manifest["path"])
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -155,6 +219,11 @@ class Backbone:
     @property
     def fingerprint(self) -> str:
         return self.identity.fingerprint
+
+    @property
+    def precision(self) -> str:
+        """The weight precision: ``fp32``, ``bf16``, ``int8`` or ``int4``."""
+        return self.identity.precision
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Right-padded to the longest text of this batch (dynamic padding), truncated on the left."""
@@ -200,11 +269,16 @@ class Backbone:
             for handle in handles:
                 handle.remove()
 
-    def frozen_head_state(self) -> dict[str, torch.Tensor]:
-        """The frozen final norm and LM head the server needs (never the whole backbone)."""
-        state = {f"final_norm.{k}": v.detach().clone() for k, v in self.final_norm.state_dict().items()}
-        if self.is_decoder:
-            state["lm_head.weight"] = self.model.get_output_embeddings().weight.detach().clone()
+    def frozen_head_state(self, lm_head: bool = True) -> dict[str, torch.Tensor]:
+        """The frozen final norm and LM head the server needs (never the whole backbone), in float32.
+
+        ``lm_head=False`` leaves out the LM head (vocabulary x hidden: the largest tensor of a small
+        model, and with memory-mapped weights reading it pages it all in); a classification side
+        network needs only the final norm.
+        """
+        state = {f"final_norm.{k}": v.detach().float().clone() for k, v in self.final_norm.state_dict().items()}
+        if self.is_decoder and lm_head:
+            state["lm_head.weight"] = self.model.get_output_embeddings().weight.detach().float().clone()
         return state
 
     def verbalizer_ids(self, words: Sequence[str]) -> list[int]:
@@ -222,14 +296,21 @@ class Backbone:
         if not self.is_decoder:
             raise BackboneError("zero-shot prompting needs a decoder (causal LM) backbone")
         head = self.model.get_output_embeddings()
-        weight = head.weight[list(token_ids)]
+        if hasattr(head, "dequantize_rows"):  # a quantized head: dequantize just these rows
+            weight = head.dequantize_rows(list(token_ids), final_hidden.dtype)
+        else:
+            weight = head.weight[list(token_ids)]
         bias = head.bias[list(token_ids)] if getattr(head, "bias", None) is not None else None
         return torch.nn.functional.linear(final_hidden, weight, bias)
 
     def describe(self) -> dict:
-        return {"name": self.name, "fingerprint": self.fingerprint, "layers": self.layers,
-                "hidden_size": self.hidden_size, "num_layers": self.num_layers,
-                "parameters": sum(p.numel() for p in self.model.parameters())}
+        from mobiflower.platform.weights import QuantizedLinear
+
+        quantized = sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+                        for m in self.model.modules() if isinstance(m, QuantizedLinear))
+        return {"name": self.name, "fingerprint": self.fingerprint, "precision": self.precision,
+                "layers": self.layers, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "parameters": sum(p.numel() for p in self.model.parameters()) + quantized}
 
     def __repr__(self) -> str:
         return f"Backbone({json.dumps(self.describe())})"

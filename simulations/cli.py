@@ -43,6 +43,9 @@ def _add_local(sub) -> None:
     p = sub.add_parser("local", help="side-tune on one device + the server as two local processes",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=d["model"].default, help="smollm2-135m, a local folder or a HF model id")
+    p.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4"], default=d["weights"].default,
+                   help="device backbone weight precision (a converted, memory-mapped copy is built once under "
+                        "MOBIFLOWER_HOME/models)")
     p.add_argument("--baseline", choices=["lora", "full", "zero-shot"], default=None,
                    help="train on the device instead (same samples), for comparison")
     p.add_argument("--train-samples", type=int, default=d["train_samples"].default)
@@ -86,7 +89,7 @@ def _cmd_local(args) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     else:
-        config = LocalRunConfig(model=args.model, train_samples=args.train_samples,
+        config = LocalRunConfig(model=args.model, weights=args.weights, train_samples=args.train_samples,
                                 validation_samples=args.validation_samples, test_samples=args.test_samples,
                                 seed=args.seed, bits=args.bits, group_size=args.group_size, token_policy=args.token_policy, family=args.family,
                                 num_taps=args.num_taps, layers=args.layers, reduction=args.reduction,
@@ -145,6 +148,12 @@ def _add_bench(sub) -> None:
     d.add_argument("--out", default="runs/bench_device.json")
     d.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     d.set_defaults(func=_cmd_bench_device)
+    from mobiflower.simulations.bench_precision import add_arguments as add_precision_arguments
+
+    pr = bsub.add_parser("precision", help="device backbone weight precision: memory, speed, start-up, accuracy",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_precision_arguments(pr)
+    pr.set_defaults(func=_cmd_bench_precision)
 
 
 def _cmd_bench_device(args) -> int:
@@ -154,6 +163,13 @@ def _cmd_bench_device(args) -> int:
                               token_policy=args.token_policy, num_taps=args.num_taps, threads=args.threads,
                               out=args.out, plot=args.plot)
     print(format_table(result))
+    return 0
+
+
+def _cmd_bench_precision(args) -> int:
+    from mobiflower.simulations.bench_precision import run_from_args
+
+    run_from_args(args)
     return 0
 
 

@@ -30,6 +30,7 @@ from mobiflower.clients.local_device import LocalDeviceConfig, run_device
 from mobiflower.clients.runtime import ForwardConfig
 from mobiflower.platform.codec import default_group_size
 from mobiflower.platform.frames import decode_frame
+from mobiflower.platform.weights import normalize_precision
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
 from mobiflower.platform.trainer import SideTrainer, TrainConfig
 
@@ -39,6 +40,7 @@ class LocalRunConfig:
     """One side-tuning run of a single device against the server."""
 
     model: str = "smollm2-135m"
+    weights: str = "fp32"  # device backbone weight precision: fp32 (as loaded), bf16, int8, int4
     train_samples: int = 2000
     validation_samples: int = 500
     test_samples: int = 1000
@@ -66,6 +68,7 @@ class LocalRunConfig:
     train: TrainConfig = field(init=False)
 
     def __post_init__(self) -> None:
+        self.weights = normalize_precision(self.weights)
         if self.group_size is None:
             self.group_size = default_group_size(self.bits)
         self.forward = ForwardConfig(bits=self.bits, group_size=self.group_size, rotation=self.rotation,
@@ -101,7 +104,7 @@ def run_local(config: LocalRunConfig, out: str | None = None, progress: bool = T
     ctx = mp.get_context("spawn")
     server_conn, device_conn = ctx.Pipe()
     device_config = LocalDeviceConfig(
-        model=config.model, layers=config.layers, num_taps=config.num_taps, forward=config.forward,
+        model=config.model, weights=None if config.weights == "fp32" else config.weights, layers=config.layers, num_taps=config.num_taps, forward=config.forward,
         train_samples=config.train_samples, validation_samples=config.validation_samples,
         test_samples=config.test_samples, chunk_size=config.chunk_size, seed=config.seed,
         threads=config.device_threads, mobiflower_home=os.environ.get("MOBIFLOWER_HOME"))
@@ -195,6 +198,7 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
     result = {
         "method": "mobiflower",
         "model": config.model,
+        "weights": config.weights,
         "fingerprint": side_config.fingerprint,
         "family": config.family,
         "test_accuracy": message["accuracy"],

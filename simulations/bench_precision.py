@@ -1,0 +1,535 @@
+"""``mobiflower bench precision``: what the device's backbone weight precision costs and saves.
+
+For each weight precision (:data:`~mobiflower.platform.weights.WEIGHT_PRECISIONS`: fp32, bf16
+where this CPU computes it natively, int8, int4) the benchmark first prepares the converted,
+memory-mapped copy of the backbone (once, in this process: :func:`ensure_prepared`), then starts
+fresh Python processes (``sys.executable -m mobiflower.simulations.bench_precision --child ...``),
+as a Flower deployment does for every message:
+
+* ``cold`` start (optional): the prepared copy's files are evicted from the page cache
+  (``posix_fadvise(DONTNEED)``; Python and library files stay cached), then a process imports,
+  loads the backbone (``Backbone.load(ref, weights=precision)``) and builds and encodes one
+  frame of ``batch_size`` samples with :class:`DeviceRuntime`. Start to first frame is measured
+  from just before the process is spawned to the moment the encoded frame exists; the process's
+  CPU seconds up to then (``start_cpu_s``) tell what the start costs on an idle CPU when the
+  machine is busy (with one thread, CPU seconds ~ idle wall seconds).
+* ``warm`` starts (``starts`` of them): the same, with the files in the page cache.
+* the ``measure`` process: imports the runtime code (torch, transformers' model and tokenizer
+  code, mobiflower), records its RSS (``baseline_rss_mb``: the runtime, before the backbone is
+  loaded), loads the backbone, builds the first frame (its start-to-first-frame is reported
+  too), forwards the remaining batches (seconds per sample over those: the first batch is the
+  warm-up), records the peak RSS (``ru_maxrss``) and, on Linux, how much of the weights file is
+  resident (``weights_resident_mb``), and saves the last-token states of every tapped layer for
+  the first batch.
+
+Model memory = peak RSS - RSS just before the backbone is loaded (tokenizer, weights, activations
+and the runtime's buffers: everything loading and running the backbone adds). The tapped states
+of each precision are compared with fp32's for the same batch (relative L2 error per layer, a
+cheap proxy of accuracy). With ``accuracy=True`` the side-tuned accuracy of each precision on the
+bundled task is measured with :func:`mobiflower.simulations.local.run_local` (needs a
+``weights`` field in ``LocalRunConfig``; reported as skipped otherwise).
+
+Acceptance thresholds are evaluated and reported as booleans, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
+ACCEPTANCE = {
+    # name: (ratio key, comparison, threshold)
+    "int8_model_memory_le_0.35x_fp32": ("int8_vs_fp32_model_memory", "<=", 0.35),
+    "int8_s_le_1.3x_fp32": ("int8_vs_fp32_s", "<=", 1.3),
+    "int8_accuracy_within_1pt_fp32": ("int8_vs_fp32_accuracy_points_abs", "<=", 1.0),
+    "int4_model_memory_le_0.25x_fp32": ("int4_vs_fp32_model_memory", "<=", 0.25),
+    "fp32_warm_start_le_3s": ("fp32_warm_start_s", "<=", 3.0),
+    "int8_warm_start_le_3s": ("int8_warm_start_s", "<=", 3.0),
+}
+
+
+def _log(message: str, progress: bool) -> None:
+    if progress:
+        print(f"[bench precision] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# parent
+
+
+def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] = PRECISIONS, batches: int = 6,
+                        batch_size: int = 16, threads: int | None = None, out: str | None = None,
+                        plot: str | None = None, accuracy: bool = False, progress: bool = True, *,
+                        num_taps: int = 8, seed: int = 0, starts: int = 2, cold: bool = True,
+                        weights_dir: str | None = None, group_size: int | None = None,
+                        accuracy_config: dict | None = None, include_unsupported: bool = False) -> dict:
+    """Measure every precision in fresh processes; return (and optionally write) the result JSON.
+
+    ``precisions`` are run in the order given, fp32 first if present (the reference). bf16 is
+    skipped (and reported as such) on a CPU without native bf16 unless ``include_unsupported``.
+    ``starts`` warm start-only processes per precision (plus one ``cold`` one) measure start to
+    first frame. ``weights_dir`` holds the prepared copies (default ``$MOBIFLOWER_HOME/models``).
+    ``accuracy_config`` overrides :class:`LocalRunConfig` fields of the accuracy runs (e.g.
+    ``{"train_samples": 500}``).
+    """
+    from mobiflower.platform.weights import (DEFAULT_INT4_GROUP_SIZE, ensure_prepared, normalize_precision,
+                                             precision_support)
+    from mobiflower.simulations.bench_device import bench_samples
+
+    if batches < 1 or batch_size < 1:
+        raise ValueError(f"batches={batches} and batch_size={batch_size} must be at least 1")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads} must be at least 1")
+    if starts < 0:
+        raise ValueError(f"starts={starts} must be at least 0")
+    wanted = [normalize_precision(p) for p in precisions]
+    if not wanted:
+        raise ValueError("give at least one precision")
+    wanted = sorted(dict.fromkeys(wanted), key=lambda p: (p != "fp32", wanted.index(p)))
+    group_size = group_size or DEFAULT_INT4_GROUP_SIZE
+    support = precision_support()
+    skipped = {}
+    run = []
+    for p in wanted:
+        if not support[p]["native"] and not include_unsupported:
+            skipped[p] = f"not native on this CPU ({support[p]['path']})"
+        else:
+            run.append(p)
+
+    samples = bench_samples(batches, batch_size, seed)
+    config = {"model": model, "precisions": run, "batches": batches, "batch_size": batch_size,
+              "samples": len(samples), "timed_batches": max(1, batches - 1),
+              "warmup_batches": 1 if batches > 1 else 0, "num_taps": num_taps, "seed": seed, "threads": threads,
+              "starts": starts, "cold": cold, "group_size": group_size, "weights_dir": weights_dir}
+    _log(f"{', '.join(run)} of {model}: {len(samples)} samples ({batches} batches of {batch_size}), every "
+         "measurement in a fresh process", progress)
+    result: dict[str, Any] = {"config": config, "precisions": {}, "skipped": skipped}
+    with tempfile.TemporaryDirectory(prefix="mobiflower-bench-precision-") as tmp:
+        tmp_path = Path(tmp)
+        for precision in run:
+            t0 = time.perf_counter()
+            folder = ensure_prepared(model, precision, weights_dir, group_size,
+                                     log=(lambda m: _log(m, progress)) if progress else None)
+            prepare_s = time.perf_counter() - t0
+            spec = {"model": model, "precision": precision, "batch_size": batch_size, "num_taps": num_taps,
+                    "threads": threads, "weights_dir": weights_dir, "group_size": group_size,
+                    "samples": [[e.id, e.text, e.label] for e in samples],
+                    "states_path": str(tmp_path / f"{precision}.states.pt")}
+            entry: dict[str, Any] = {"prepared": str(folder), "prepare_s": prepare_s,
+                                     "weights_file_mb": _folder_weights_mb(folder)}
+            if cold:
+                from mobiflower.platform.weights import evict_from_page_cache
+
+                evict_from_page_cache([folder])
+                run_cold = _run_child({**spec, "mode": "start"}, tmp_path, f"{precision}-cold")
+                entry["cold_start"] = {k: v for k, v in run_cold.items() if k != "fingerprint"}
+                entry["cold_start_s"] = run_cold["start_to_first_frame_s"]
+            warm = [_run_child({**spec, "mode": "start"}, tmp_path, f"{precision}-warm{i}") for i in range(starts)]
+            entry["warm_starts"] = [{k: v for k, v in w.items() if k != "fingerprint"} for w in warm]
+            measured = _run_child({**spec, "mode": "measure"}, tmp_path, f"{precision}-measure")
+            entry.update(measured)
+            warm = warm or [measured]
+            entry["warm_start_s"] = statistics.median(w["start_to_first_frame_s"] for w in warm)
+            entry["warm_start_cpu_s"] = statistics.median(w["start_cpu_s"] for w in warm)
+            result["precisions"][precision] = entry
+            _log(f"{precision}: model memory {entry['model_memory_mb']:.0f} MB (peak {entry['peak_rss_mb']:.0f}, "
+                 f"runtime {entry['baseline_rss_mb']:.0f}), {entry['s_per_sample'] * 1000:.1f} ms/sample, "
+                 f"start to first frame {entry['warm_start_s']:.2f} s warm"
+                 + (f", {entry['cold_start_s']:.2f} s cold" if cold else "")
+                 + f" [{time.perf_counter() - t0:.1f} s]", progress)
+        _state_errors(result["precisions"], tmp_path)
+        machine = {}
+        for entry in result["precisions"].values():
+            machine = entry.pop("machine", machine)
+            for key in ("states_path",):
+                entry.pop(key, None)
+
+    if accuracy:
+        result["accuracy"] = _accuracy(model, run, threads, accuracy_config or {}, progress)
+        for precision, acc in result["accuracy"].items():
+            if isinstance(acc, dict) and "test_accuracy" in acc:
+                result["precisions"][precision]["test_accuracy"] = acc["test_accuracy"]
+    result["ratios"] = _ratios(result["precisions"])
+    result["acceptance"] = _acceptance(result["ratios"])
+    machine.update({"cpu_count": os.cpu_count(), "bf16_native": support["bf16"]["native"],
+                    "arch": os.uname().machine if hasattr(os, "uname") else sys.platform,
+                    "python": ".".join(map(str, sys.version_info[:3])),
+                    "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None})
+    result["machine"] = machine
+    result["support"] = support
+
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        _log(f"wrote {out}", progress)
+    if plot is None and out:
+        plot = str(Path(out).with_suffix(".png"))
+    if plot:
+        plot_result(result, plot)
+        _log(f"wrote {plot}", progress)
+    return result
+
+
+def _folder_weights_mb(folder: Path) -> float:
+    from mobiflower.platform.weights import WEIGHTS_FILE
+
+    return (Path(folder) / WEIGHTS_FILE).stat().st_size / 2**20
+
+
+def _run_child(spec: dict, tmp: Path, tag: str) -> dict:
+    spec_path, result_path = tmp / f"{tag}.spec.json", tmp / f"{tag}.result.json"
+    spec_path.write_text(json.dumps(spec))
+    launched = time.time()
+    cmd = [sys.executable, "-m", "mobiflower.simulations.bench_precision", "--child", str(spec_path),
+           str(result_path), repr(launched)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    if proc.returncode != 0 or not result_path.is_file():
+        tail = "\n".join((proc.stderr or "").strip().splitlines()[-25:])
+        raise RuntimeError(f"bench precision child {tag!r} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(result_path.read_text())
+
+
+def _state_errors(entries: dict, tmp: Path) -> None:
+    """Relative L2 error of each precision's tapped last-token states against fp32's (same batch)."""
+    import torch
+
+    ref_path = tmp / "fp32.states.pt"
+    if "fp32" not in entries or not ref_path.is_file():
+        return
+    ref = torch.load(ref_path, weights_only=True)
+    for precision, entry in entries.items():
+        path = tmp / f"{precision}.states.pt"
+        if not path.is_file():
+            continue
+        states = torch.load(path, weights_only=True)
+        errors = {}
+        for layer, r in ref.items():
+            s = states[layer]
+            errors[str(layer)] = float((s.float() - r.float()).norm() / r.float().norm().clamp_min(1e-12))
+        entry["state_rel_error_by_layer"] = errors
+        entry["state_rel_error_mean"] = sum(errors.values()) / len(errors)
+        entry["state_rel_error_max"] = max(errors.values())
+
+
+def _accuracy(model: str, precisions: Sequence[str], threads: int | None, overrides: dict, progress: bool) -> dict:
+    from mobiflower.simulations.local import LocalRunConfig, run_local
+
+    if "weights" not in LocalRunConfig.__dataclass_fields__:
+        reason = "LocalRunConfig has no `weights` field yet: the device cannot be told its weight precision"
+        _log(f"accuracy skipped: {reason}", progress)
+        return {p: {"skipped": reason} for p in precisions}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="mobiflower-bench-precision-acc-") as tmp:
+        for precision in precisions:
+            kwargs = {"model": model, "workdir": str(Path(tmp) / precision), **overrides, "weights": precision}
+            if threads:
+                kwargs.setdefault("device_threads", threads)
+            t0 = time.perf_counter()
+            r = run_local(LocalRunConfig(**kwargs), progress=False)
+            results[precision] = {k: r.get(k) for k in ("test_accuracy", "zero_shot_accuracy", "validation_accuracy",
+                                                        "fingerprint", "device_s_per_sample", "device_peak_rss_mb",
+                                                        "wall_s")}
+            _log(f"{precision}: side-tuned test accuracy {r['test_accuracy']:.4f} "
+                 f"[{time.perf_counter() - t0:.0f} s]", progress)
+    return results
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def _ratios(entries: dict) -> dict:
+    def get(precision: str, key: str) -> float | None:
+        return entries.get(precision, {}).get(key)
+
+    ratios: dict[str, float | None] = {}
+    for p in ("bf16", "int8", "int4"):
+        ratios[f"{p}_vs_fp32_model_memory"] = _div(get(p, "model_memory_mb"), get("fp32", "model_memory_mb"))
+        ratios[f"{p}_vs_fp32_weights_resident"] = _div(get(p, "weights_resident_mb"), get("fp32", "weights_resident_mb"))
+        ratios[f"{p}_vs_fp32_s"] = _div(get(p, "s_per_sample"), get("fp32", "s_per_sample"))
+    a8, a32 = get("int8", "test_accuracy"), get("fp32", "test_accuracy")
+    ratios["int8_vs_fp32_accuracy_points"] = None if a8 is None or a32 is None else (a8 - a32) * 100
+    ratios["int8_vs_fp32_accuracy_points_abs"] = None if a8 is None or a32 is None else abs(a8 - a32) * 100
+    for p in ("fp32", "int8"):
+        ratios[f"{p}_warm_start_s"] = get(p, "warm_start_s")
+        ratios[f"{p}_warm_start_cpu_s"] = get(p, "warm_start_cpu_s")
+    return ratios
+
+
+def _acceptance(ratios: dict) -> dict:
+    verdict = {}
+    for name, (key, op, threshold) in ACCEPTANCE.items():
+        value = ratios.get(key)
+        verdict[name] = None if value is None else bool(value <= threshold if op == "<=" else value >= threshold)
+    return verdict
+
+
+# ------------------------------------------------------------------------------------------
+# child: one fresh device process
+
+
+def _child_main(spec_path: str, result_path: str, launched: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    result = _measure(spec, float(launched))
+    Path(result_path).write_text(json.dumps(result))
+
+
+def _resident_mb(folder: str | None) -> float | None:
+    """Resident MB of this process's mappings of files under ``folder`` (Linux ``smaps``)."""
+    if not folder:
+        return None
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return None
+    prefix = str(Path(folder).resolve())
+    total, current = 0, False
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and "-" in parts[0] and not parts[0].endswith(":"):
+            current = len(parts) >= 6 and parts[5].startswith(prefix)
+        elif current and parts and parts[0] == "Rss:":
+            total += int(parts[1])
+    return total / 1024
+
+
+def _measure(spec: dict, launched: float) -> dict:
+    import gc
+
+    import torch
+    import transformers
+
+    from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
+    from mobiflower.platform.backbone import Backbone
+    from mobiflower.platform.data import Example
+    from mobiflower.platform.frames import encode_frame
+    from mobiflower.simulations.baselines import current_rss_mb, peak_rss_mb, quiet_transformers
+
+    mode = spec["mode"]
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    quiet_transformers()
+    examples = [Example(int(i), str(text), int(label)) for i, text, label in spec["samples"]]
+    bs = int(spec["batch_size"])
+    batches = [examples[i:i + bs] for i in range(0, len(examples), bs)]
+    _import_runtime_code(spec["model"])  # as a device app's imports would: the baseline covers the code
+    imported_at = time.time()
+    gc.collect()
+    baseline = current_rss_mb()
+    t0 = time.perf_counter()
+    backbone = Backbone.load(spec["model"], num_taps=int(spec["num_taps"]), weights=spec["precision"],
+                             weights_dir=spec.get("weights_dir"), group_size=spec.get("group_size"))
+    runtime = DeviceRuntime(backbone, ForwardConfig(batch_size=bs))
+    load_s = time.perf_counter() - t0
+    after_load = current_rss_mb()
+    t0 = time.perf_counter()
+    frame, _stats = runtime.make_frame(batches[0])
+    encode_frame(frame)
+    first_frame_at = time.time()
+    result: dict[str, Any] = {
+        "start_to_first_frame_s": first_frame_at - launched,
+        # CPU seconds of this process up to the first frame: with one thread, about what the start
+        # takes on an idle machine (wall time above includes waiting for a busy CPU)
+        "start_cpu_s": time.process_time(),
+        "imports_s": imported_at - launched, "model_load_s": load_s, "first_frame_s": time.perf_counter() - t0,
+        "fingerprint": backbone.fingerprint}
+    if mode == "start":
+        return result
+
+    after_first = current_rss_mb()
+    timed = batches[1:] if len(batches) > 1 else batches
+    t0 = time.perf_counter()
+    for batch in timed:
+        frame, _stats = runtime.make_frame(batch)
+        encode_frame(frame)
+    elapsed = time.perf_counter() - t0
+    n_timed = sum(len(b) for b in timed)
+    peak = peak_rss_mb()
+    result.update({
+        "baseline_rss_mb": baseline, "rss_after_load_mb": after_load, "rss_after_first_frame_mb": after_first,
+        "peak_rss_mb": peak, "model_memory_mb": peak - baseline,
+        "weights_resident_mb": _resident_mb(backbone.weights_path),
+        "s_per_sample": elapsed / n_timed, "samples": n_timed, "precision": backbone.precision,
+        "parameters": backbone.describe()["parameters"],
+        "machine": {"torch": torch.__version__, "transformers": transformers.__version__,
+                    "threads": torch.get_num_threads()},
+    })
+    # The tapped states (last real token of every sample, every tapped layer) of the first batch.
+    enc = backbone.tokenize([e.prompt for e in batches[0]])
+    positions = backbone.feature_positions(enc["attention_mask"])
+    states: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int, hidden: torch.Tensor) -> None:
+        states[layer] = hidden[torch.arange(hidden.shape[0]), positions].float().clone()
+
+    backbone.forward_taps(enc["input_ids"], enc["attention_mask"], keep)
+    torch.save(states, spec["states_path"])
+    return result
+
+
+def _import_runtime_code(ref: str) -> None:
+    """Import the architecture's modeling module and the tokenizer classes (lazy in transformers)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
+
+    from mobiflower.platform.assets import resolve_model
+    from mobiflower.platform.backbone import DECODER_TYPES
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(ref))
+        auto = AutoModelForCausalLM if config.model_type in DECODER_TYPES else AutoModel
+        auto._model_mapping[type(config)]  # noqa: B018  (the lazy mapping imports the module)
+    except Exception:  # an unusual architecture: it is imported during the load instead
+        pass
+
+
+# ------------------------------------------------------------------------------------------
+# report
+
+
+def _fmt(value, spec: str = ".2f", missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def format_table(result: dict) -> str:
+    """A readable table of each precision's memory, speed, start-up and error, then the acceptance checks."""
+    cfg = result.get("config", {})
+    machine = result.get("machine", {})
+    lines = [f"Backbone weight precision on the device: {cfg.get('model')} - {cfg.get('batches')} batches x "
+             f"{cfg.get('batch_size')} (1 warm-up), threads {machine.get('threads')}, "
+             f"bf16 native: {machine.get('bf16_native')}", ""]
+    header = (f"{'precision':<10}{'file MB':>9}{'runtime MB':>12}{'peak MB':>9}{'model MB':>10}{'weights res':>13}"
+              f"{'ms/sample':>11}{'start warm':>12}{'cold':>7}{'start cpu':>11}{'state err':>11}{'test acc':>10}")
+    lines += [header, "-" * len(header)]
+    for name, e in result.get("precisions", {}).items():
+        lines.append(f"{name:<10}{_fmt(e.get('weights_file_mb'), '.0f'):>9}{_fmt(e.get('baseline_rss_mb'), '.0f'):>12}"
+                     f"{_fmt(e.get('peak_rss_mb'), '.0f'):>9}{_fmt(e.get('model_memory_mb'), '.0f'):>10}"
+                     f"{_fmt(e.get('weights_resident_mb'), '.0f'):>13}"
+                     f"{_fmt(e.get('s_per_sample') and e['s_per_sample'] * 1000, '.1f'):>11}"
+                     f"{_fmt(e.get('warm_start_s')):>12}{_fmt(e.get('cold_start_s')):>7}"
+                     f"{_fmt(e.get('warm_start_cpu_s')):>11}"
+                     f"{_fmt(e.get('state_rel_error_mean'), '.4f'):>11}{_fmt(e.get('test_accuracy'), '.4f'):>10}")
+    for name, reason in result.get("skipped", {}).items():
+        lines.append(f"{name:<10}skipped: {reason}")
+    lines += ["", "model MB = peak RSS - RSS just before the backbone is loaded; weights res = resident part of the "
+              "memory-mapped weights file;", "start = process spawn to first encoded frame (warm: median, cold: "
+              "backbone files evicted from the page cache); start cpu = CPU seconds the warm start used",
+              "", "Ratios and acceptance"]
+    ratios, verdicts = result.get("ratios", {}), result.get("acceptance", {})
+    for name, (key, op, threshold) in ACCEPTANCE.items():
+        verdict = verdicts.get(name)
+        mark = "n/a" if verdict is None else ("PASS" if verdict else "FAIL")
+        lines.append(f"  {key:<36}{_fmt(ratios.get(key), '.3g'):>10}   want {op} {threshold:<6g} {mark}")
+    return "\n".join(lines)
+
+
+def plot_result(result: dict, path: str) -> Path:
+    """Bars per precision: model memory (weights share marked), ms per sample, start to first frame."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = result["precisions"]
+    names = list(entries)
+    colors = {"fp32": "#8d99ae", "bf16": "#e9c46a", "int8": "#2a9d8f", "int4": "#264653"}
+    fig, (ax_mem, ax_s, ax_start) = plt.subplots(1, 3, figsize=(12, 4))
+    mem = [entries[n]["model_memory_mb"] for n in names]
+    res = [entries[n].get("weights_resident_mb") or 0 for n in names]
+    ax_mem.bar(names, mem, color=[colors.get(n, "#999") for n in names])
+    ax_mem.bar(names, res, color="none", edgecolor="black", hatch="//", linewidth=0.5, label="weights resident")
+    for i, v in enumerate(mem):
+        ax_mem.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    ax_mem.set_ylabel("model memory (MB)")
+    ax_mem.set_title("Peak RSS - RSS before load")
+    ax_mem.legend(fontsize=8)
+    ms = [entries[n]["s_per_sample"] * 1000 for n in names]
+    ax_s.bar(names, ms, color=[colors.get(n, "#999") for n in names])
+    for i, v in enumerate(ms):
+        ax_s.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax_s.set_ylabel("ms per sample")
+    ax_s.set_title("Device forward + pack")
+    x = range(len(names))
+    warm = [entries[n]["warm_start_s"] for n in names]
+    cold = [entries[n].get("cold_start_s") for n in names]
+    ax_start.bar([i - 0.2 for i in x], warm, width=0.4, label="warm", color="#2a9d8f")
+    if any(c is not None for c in cold):
+        ax_start.bar([i + 0.2 for i in x], [c or 0 for c in cold], width=0.4, label="cold files", color="#e76f51")
+    ax_start.axhline(3.0, color="black", linestyle="--", linewidth=0.8)
+    ax_start.set_xticks(list(x), names)
+    ax_start.set_ylabel("seconds")
+    ax_start.set_title("Process start to first frame")
+    ax_start.legend(fontsize=8)
+    cfg = result.get("config", {})
+    fig.suptitle(f"{Path(str(cfg.get('model'))).name}: {cfg.get('samples')} samples, batch {cfg.get('batch_size')}",
+                 fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# command line (``python -m mobiflower.simulations.bench_precision``; ``mobiflower bench precision``)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="comma-separated, from fp32,bf16,int8,int4 (bf16 only where the CPU has it natively)")
+    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-taps", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--starts", type=int, default=2, help="warm start-only processes per precision")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-file start")
+    parser.add_argument("--group-size", type=int, default=None, help="int4 group size (default 32)")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="also side-tune on the bundled task per precision (mobiflower local; minutes each)")
+    parser.add_argument("--train-samples", type=int, default=None, help="accuracy runs: training samples")
+    parser.add_argument("--epochs", type=int, default=None, help="accuracy runs: epochs")
+    parser.add_argument("--out", default="runs/bench_precision.json", help="result JSON (and the plot next to it)")
+    parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    overrides = {k: v for k, v in (("train_samples", args.train_samples), ("epochs", args.epochs)) if v is not None}
+    result = run_precision_bench(model=args.model, precisions=[p for p in args.precisions.split(",") if p.strip()],
+                                 batches=args.batches, batch_size=args.batch_size, threads=args.threads,
+                                 out=args.out, plot=args.plot, accuracy=args.accuracy,
+                                 progress=not args.no_progress, num_taps=args.num_taps, starts=args.starts,
+                                 cold=not args.no_cold, group_size=args.group_size, accuracy_config=overrides)
+    print(format_table(result))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--child"]:
+        _child_main(argv[1], argv[2], argv[3])
+        return None
+    parser = add_arguments(argparse.ArgumentParser(prog="mobiflower bench precision",
+                                                   description="Device backbone weight precision: memory, speed, "
+                                                               "start-up and accuracy for fp32, bf16, int8, int4"))
+    return run_from_args(parser.parse_args(argv))
+
+
+__all__ = ["run_precision_bench", "format_table", "plot_result", "add_arguments", "run_from_args", "main",
+           "PRECISIONS", "ACCEPTANCE"]
+
+if __name__ == "__main__":
+    main()
