@@ -133,6 +133,7 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
         feature_token="last" if hello["is_decoder"] else "first", bits=config.bits, group_size=config.group_size,
         rotation=config.rotation, token_policy=config.token_policy, extra={"model": config.model})
     frozen = {k: torch.from_numpy(v) for k, v in hello["frozen"].items()}
+    torch.manual_seed(config.seed)  # the side network's initial weights are part of the run's seed
     net = build_side_network(side_config, frozen)
     steps_per_epoch = math.ceil(hello["train"] / config.batch_size) + math.ceil(hello["train"] / config.chunk_size)
     trainer = SideTrainer(net, config.train, total_steps=steps_per_epoch * config.epochs)
