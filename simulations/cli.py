@@ -192,9 +192,9 @@ def _cmd_compare(args) -> int:
         device_s = r.get("device_s_per_sample", r.get("s_per_sample"))
         rss = r.get("device_peak_rss_mb", r.get("peak_rss_mb"))
         rows.append((Path(name).name, label, f"{r['test_accuracy']:.4f}", f"{r['zero_shot_accuracy']:.4f}", wire,
-                     f"{r['bytes_sent'] / max(1, r['train_samples']):.0f}", f"{device_s * 1000:.0f}" if device_s else "-",
+                     f"{r.get('bytes_per_sample') or 0:.0f}", f"{device_s * 1000:.0f}" if device_s else "-",
                      f"{rss:.0f}" if rss else "-"))
-    header = ("file", "method", "test acc", "zero-shot", "wire", "B/train sample", "device ms/sample", "peak RSS MB")
+    header = ("file", "method", "test acc", "zero-shot", "wire", "B/sample sent", "device ms/sample", "peak RSS MB")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in (header, *rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
