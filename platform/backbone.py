@@ -117,6 +117,23 @@ def weights_digest(model: nn.Module, sample: int = 65536) -> str:
     return h.hexdigest()
 
 
+def load_checkpoint(ref: str, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` of ``ref`` through transformers: a causal LM for decoders, else the base model."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    path = resolve_model(ref)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise BackboneError(f"cannot load model {ref!r}: {err}. Pass `smollm2-135m` (after "
+                            "`mobiflower assets`), a local model folder, or a Hugging Face model id.") from err
+    auto = AutoModelForCausalLM if config.model_type in DECODER_TYPES else AutoModel
+    return auto.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+
+
 @dataclass(frozen=True)
 class BackboneIdentity:
     """What a frame's activations depend on: architecture, width, depth, precision and weights."""
@@ -193,20 +210,7 @@ class Backbone:
                                                                group_size=group_size or DEFAULT_INT4_GROUP_SIZE)
             return cls(model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref,
                        precision=manifest["precision"], digest=manifest["digest"], weights_path=manifest["path"])
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-        path = resolve_model(ref)
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except OSError as err:
-            raise BackboneError(f"cannot load model {ref!r}: {err}. Pass `smollm2-135m` (after "
-                                "`mobiflower assets`), a local model folder, or a Hugging Face model id.") from err
-        auto = AutoModelForCausalLM if config.model_type in DECODER_TYPES else AutoModel
-        model = auto.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, tokenizer = load_checkpoint(ref, dtype)
         return cls(model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref)
 
     def _check_layers(self, layers: Sequence[int]) -> list[int]:

@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mobiflower.platform.backbone import DECODER_TYPES, BackboneError, _find_blocks, weights_digest
+from mobiflower.platform.backbone import DECODER_TYPES, BackboneError, _find_blocks, load_checkpoint, weights_digest
 
 WEIGHT_PRECISIONS = ("fp32", "bf16", "int8", "int4")
 """Backbone weight precisions a device can run; :func:`precision_support` says which run well here."""
@@ -578,27 +578,17 @@ def prepare_quantized_backbone(ref: str, precision: str, out_dir: str | Path | N
     renames it into place; the first one wins).
     """
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     precision = normalize_precision(precision)
     out = Path(out_dir) if out_dir is not None else prepared_dir(ref, precision, cache_dir, group_size)
     if not force and manifest_problem(out, ref, precision, group_size) is None:
         return out
     log = log or (lambda msg: None)
-    hf_logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     start = time.perf_counter()
-    path = _source_path(ref)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as err:
-        raise BackboneError(f"cannot load model {ref!r}: {err}. Pass `smollm2-135m` (after "
-                            "`mobiflower assets`), a local model folder, or a Hugging Face model id.") from err
     log(f"[weights] preparing a {precision} copy of {ref} at {out} (once)...")
-    auto = AutoModelForCausalLM if config.model_type in DECODER_TYPES else AutoModel
-    model = auto.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    path = _source_path(ref)
+    model, tokenizer = load_checkpoint(ref, torch.float32)
+    model.eval().requires_grad_(False)
     quantize_backbone_weights(model, precision, group_size)
     digest = weights_digest(model)
     tensors, aliases, non_persistent = _disk_state(model)
@@ -628,8 +618,8 @@ def prepare_quantized_backbone(ref: str, precision: str, out_dir: str | Path | N
             "dtype_name": PRECISION_DTYPE_NAMES[precision],
             "group_size": group_size if precision == "int4" else None,
             "digest": digest,
-            "model_type": str(config.model_type),
-            "auto": "causal_lm" if auto is AutoModelForCausalLM else "base",
+            "model_type": str(model.config.model_type),
+            "auto": "causal_lm" if model.config.model_type in DECODER_TYPES else "base",
             "quantized": quantized,
             "aliases": aliases,
             "non_persistent": non_persistent,

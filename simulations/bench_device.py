@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from mobiflower.simulations.reporting import acceptance_lines
+
 METHODS = ("mobiflower_device", "inference_forward", "lora_step", "full_step")
 WIRE_BITS = (16, 8, 4, 2)
 WIRE_POLICIES = ("all", "nonpad", "last")
@@ -375,12 +377,7 @@ def format_table(result: dict) -> str:
         lines.append(f"{bits:<6}" + "".join(f"{_fmt_bytes(table.get((bits, p))):>12}" for p in WIRE_POLICIES))
     lines.append(f"fp32, all tokens, all tapped layers: {_fmt_bytes(result.get('fp32_all_token_bytes_per_sample'))}"
                  "/sample")
-    lines += ["", "Ratios and acceptance"]
-    ratios, verdicts = result.get("ratios", {}), result.get("acceptance", {})
-    for name, (key, op, threshold) in ACCEPTANCE.items():
-        verdict = verdicts.get(name)
-        mark = "n/a" if verdict is None else ("PASS" if verdict else "FAIL")
-        lines.append(f"  {key:<30}{_fmt(ratios.get(key), '.3g'):>10}   want {op} {threshold:<6g} {mark}")
+    lines += ["", *acceptance_lines(result, ACCEPTANCE, width=30)]
     return "\n".join(lines)
 
 

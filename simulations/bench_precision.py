@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from mobiflower.simulations.reporting import acceptance_lines
+
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 ACCEPTANCE = {
     # name: (ratio key, comparison, threshold)
@@ -424,12 +426,7 @@ def format_table(result: dict) -> str:
     lines += ["", "model MB = peak RSS - RSS just before the backbone is loaded; weights res = resident part of the "
               "memory-mapped weights file;", "start = process spawn to first encoded frame (warm: median, cold: "
               "backbone files evicted from the page cache); start cpu = CPU seconds the warm start used",
-              "", "Ratios and acceptance"]
-    ratios, verdicts = result.get("ratios", {}), result.get("acceptance", {})
-    for name, (key, op, threshold) in ACCEPTANCE.items():
-        verdict = verdicts.get(name)
-        mark = "n/a" if verdict is None else ("PASS" if verdict else "FAIL")
-        lines.append(f"  {key:<36}{_fmt(ratios.get(key), '.3g'):>10}   want {op} {threshold:<6g} {mark}")
+              "", *acceptance_lines(result, ACCEPTANCE, width=36)]
     return "\n".join(lines)
 
 
