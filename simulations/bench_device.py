@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.reporting import acceptance_lines
+from mobiflower.simulations.reporting import acceptance_lines, bars_with_values, save_figure
 
 METHODS = ("mobiflower_device", "inference_forward", "lora_step", "full_step")
 WIRE_BITS = (16, 8, 4, 2)
@@ -404,19 +404,10 @@ def plot_result(result: dict, path: str) -> Path:
     ax_rss.set_title("Device memory")
     ax_rss.legend(fontsize=8, loc="upper left")
     ms = [methods[n]["s_per_sample"] * 1000 for n in names]
-    ax_s.bar(labels, ms, color=colors)
-    for i, v in enumerate(ms):
-        ax_s.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    bars_with_values(ax_s, labels, ms, colors, ".1f")
     ax_s.set_ylabel("ms per sample")
     ax_s.set_title("Device time")
-    cfg = result.get("config", {})
-    fig.suptitle(f"{Path(str(cfg.get('model'))).name}: {cfg.get('samples')} samples, batch {cfg.get('batch_size')}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, result, path)
 
 
 # ------------------------------------------------------------------------------------------

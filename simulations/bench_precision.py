@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.reporting import acceptance_lines
+from mobiflower.simulations.reporting import acceptance_lines, bars_with_values, save_figure
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 ACCEPTANCE = {
@@ -451,9 +451,7 @@ def plot_result(result: dict, path: str) -> Path:
     ax_mem.set_title("Peak RSS - RSS before load")
     ax_mem.legend(fontsize=8)
     ms = [entries[n]["s_per_sample"] * 1000 for n in names]
-    ax_s.bar(names, ms, color=[colors.get(n, "#999") for n in names])
-    for i, v in enumerate(ms):
-        ax_s.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    bars_with_values(ax_s, names, ms, [colors.get(n, "#999") for n in names], ".1f")
     ax_s.set_ylabel("ms per sample")
     ax_s.set_title("Device forward + pack")
     x = range(len(names))
@@ -467,15 +465,7 @@ def plot_result(result: dict, path: str) -> Path:
     ax_start.set_ylabel("seconds")
     ax_start.set_title("Process start to first frame")
     ax_start.legend(fontsize=8)
-    cfg = result.get("config", {})
-    fig.suptitle(f"{Path(str(cfg.get('model'))).name}: {cfg.get('samples')} samples, batch {cfg.get('batch_size')}",
-                 fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, result, path)
 
 
 # ------------------------------------------------------------------------------------------
