@@ -28,14 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.reporting import acceptance_lines, bars_with_values, save_figure
+from mobiflower.simulations.bench_common import (acceptance_lines, bars_with_values, ratio, run_child,
+                                                  save_figure, write_outputs)
 
 METHODS = ("mobiflower_device", "inference_forward", "lora_step", "full_step")
 WIRE_BITS = (16, 8, 4, 2)
@@ -112,7 +112,7 @@ def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: 
                     "wire": method == "mobiflower_device",
                     "samples": [[e.id, e.text, e.label] for e in samples]}
             t0 = time.perf_counter()
-            result = _run_child(spec, Path(tmp), method)
+            result = run_child("mobiflower.simulations.bench_device", spec, Path(tmp), method)
             wire += result.pop("wire", [])
             for key in ("fp32_all_token_bytes_per_sample", "machine", "backbone"):
                 if key in result:
@@ -133,33 +133,8 @@ def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: 
     if "backbone" in extra:
         result["backbone"] = extra["backbone"]
 
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
-        _log(f"wrote {out}", progress)
-    if plot is None and out:
-        plot = str(Path(out).with_suffix(".png"))
-    if plot:
-        plot_result(result, plot)
-        _log(f"wrote {plot}", progress)
+    write_outputs(result, out, plot, plot_result, lambda msg: _log(msg, progress))
     return result
-
-
-def _run_child(spec: dict, tmp: Path, method: str) -> dict:
-    spec_path, result_path = tmp / f"{method}.spec.json", tmp / f"{method}.result.json"
-    spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "mobiflower.simulations.bench_device", "--child", str(spec_path), str(result_path)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
-    if proc.returncode != 0 or not result_path.is_file():
-        tail = "\n".join((proc.stderr or "").strip().splitlines()[-25:])
-        raise RuntimeError(f"bench method {method!r} failed in its process (exit {proc.returncode}):\n{tail}")
-    return json.loads(result_path.read_text())
-
-
-def _div(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not b:
-        return None
-    return a / b
 
 
 def _ratios(methods: dict, wire: list[dict], fp32: float | None) -> dict:
@@ -169,12 +144,12 @@ def _ratios(methods: dict, wire: list[dict], fp32: float | None) -> dict:
     dev_rss, dev_s = get("mobiflower_device", "peak_rss_mb"), get("mobiflower_device", "s_per_sample")
     last4 = next((w["bytes_per_sample"] for w in wire if w["bits"] == 4 and w["token_policy"] == "last"), None)
     return {
-        "device_vs_inference_rss": _div(dev_rss, get("inference_forward", "peak_rss_mb")),
-        "device_vs_full_rss": _div(dev_rss, get("full_step", "peak_rss_mb")),
-        "device_vs_lora_rss": _div(dev_rss, get("lora_step", "peak_rss_mb")),
-        "device_vs_inference_s": _div(dev_s, get("inference_forward", "s_per_sample")),
-        "lora_vs_device_s": _div(get("lora_step", "s_per_sample"), dev_s),
-        "fp32_all_vs_4bit_last_bytes": _div(fp32, last4),
+        "device_vs_inference_rss": ratio(dev_rss, get("inference_forward", "peak_rss_mb")),
+        "device_vs_full_rss": ratio(dev_rss, get("full_step", "peak_rss_mb")),
+        "device_vs_lora_rss": ratio(dev_rss, get("lora_step", "peak_rss_mb")),
+        "device_vs_inference_s": ratio(dev_s, get("inference_forward", "s_per_sample")),
+        "lora_vs_device_s": ratio(get("lora_step", "s_per_sample"), dev_s),
+        "fp32_all_vs_4bit_last_bytes": ratio(fp32, last4),
     }
 
 

@@ -38,14 +38,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.reporting import acceptance_lines, bars_with_values, save_figure
+from mobiflower.simulations.bench_common import (acceptance_lines, bars_with_values, ratio, run_child,
+                                                  save_figure, write_outputs)
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 ACCEPTANCE = {
@@ -169,15 +169,7 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
     result["machine"] = machine
     result["support"] = support
 
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
-        _log(f"wrote {out}", progress)
-    if plot is None and out:
-        plot = str(Path(out).with_suffix(".png"))
-    if plot:
-        plot_result(result, plot)
-        _log(f"wrote {plot}", progress)
+    write_outputs(result, out, plot, plot_result, lambda msg: _log(msg, progress))
     return result
 
 
@@ -188,16 +180,8 @@ def _folder_weights_mb(folder: Path) -> float:
 
 
 def _run_child(spec: dict, tmp: Path, tag: str) -> dict:
-    spec_path, result_path = tmp / f"{tag}.spec.json", tmp / f"{tag}.result.json"
-    spec_path.write_text(json.dumps(spec))
-    launched = time.time()
-    cmd = [sys.executable, "-m", "mobiflower.simulations.bench_precision", "--child", str(spec_path),
-           str(result_path), repr(launched)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
-    if proc.returncode != 0 or not result_path.is_file():
-        tail = "\n".join((proc.stderr or "").strip().splitlines()[-25:])
-        raise RuntimeError(f"bench precision child {tag!r} failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(result_path.read_text())
+    """A fresh child that also learns when it was launched (start-to-first-frame is timed from it)."""
+    return run_child("mobiflower.simulations.bench_precision", spec, tmp, tag, [repr(time.time())])
 
 
 def _state_errors(entries: dict, tmp: Path) -> None:
@@ -245,21 +229,15 @@ def _accuracy(model: str, precisions: Sequence[str], threads: int | None, overri
     return results
 
 
-def _div(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not b:
-        return None
-    return a / b
-
-
 def _ratios(entries: dict) -> dict:
     def get(precision: str, key: str) -> float | None:
         return entries.get(precision, {}).get(key)
 
     ratios: dict[str, float | None] = {}
     for p in ("bf16", "int8", "int4"):
-        ratios[f"{p}_vs_fp32_model_memory"] = _div(get(p, "model_memory_mb"), get("fp32", "model_memory_mb"))
-        ratios[f"{p}_vs_fp32_weights_resident"] = _div(get(p, "weights_resident_mb"), get("fp32", "weights_resident_mb"))
-        ratios[f"{p}_vs_fp32_s"] = _div(get(p, "s_per_sample"), get("fp32", "s_per_sample"))
+        ratios[f"{p}_vs_fp32_model_memory"] = ratio(get(p, "model_memory_mb"), get("fp32", "model_memory_mb"))
+        ratios[f"{p}_vs_fp32_weights_resident"] = ratio(get(p, "weights_resident_mb"), get("fp32", "weights_resident_mb"))
+        ratios[f"{p}_vs_fp32_s"] = ratio(get(p, "s_per_sample"), get("fp32", "s_per_sample"))
     a8, a32 = get("int8", "test_accuracy"), get("fp32", "test_accuracy")
     ratios["int8_vs_fp32_accuracy_points"] = None if a8 is None or a32 is None else (a8 - a32) * 100
     ratios["int8_vs_fp32_accuracy_points_abs"] = None if a8 is None or a32 is None else abs(a8 - a32) * 100

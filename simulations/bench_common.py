@@ -1,0 +1,85 @@
+"""What the benchmarks share: fresh child processes, ratios, printed acceptance lines, figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+
+def run_child(module: str, spec: dict, tmp: Path, tag: str, extra_args: Sequence[str] = ()) -> dict:
+    """Run ``python -m module --child spec.json result.json [extra]`` in a fresh process; its result dict.
+
+    A fresh process per measurement makes its peak RSS its own (nothing inherited from the parent).
+    """
+    spec_path, result_path = tmp / f"{tag}.spec.json", tmp / f"{tag}.result.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", module, "--child", str(spec_path), str(result_path), *extra_args]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    if proc.returncode != 0 or not result_path.is_file():
+        tail = "\n".join((proc.stderr or "").strip().splitlines()[-25:])
+        raise RuntimeError(f"{module} child {tag!r} failed in its process (exit {proc.returncode}):\n{tail}")
+    return json.loads(result_path.read_text())
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is zero."""
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def write_outputs(result: dict, out: str | None, plot: str | None, plot_fn: Callable[[dict, str], Path],
+                  log: Callable[[str], None]) -> None:
+    """Write the result JSON to ``out`` and the figure to ``plot`` (default: ``out`` with .png)."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        log(f"wrote {out}")
+    if plot is None and out:
+        plot = str(Path(out).with_suffix(".png"))
+    if plot:
+        plot_fn(result, plot)
+        log(f"wrote {plot}")
+
+
+def acceptance_lines(result: dict, acceptance: dict, width: int = 30) -> list[str]:
+    """One line per acceptance check: the measured ratio, the wanted bound, and PASS / FAIL / n/a.
+
+    ``acceptance`` maps a check's name to ``(ratio key, operator, threshold)``; the verdicts are the
+    booleans the benchmark stored under ``result["acceptance"]`` (measured, never asserted).
+    """
+    ratios, verdicts = result.get("ratios", {}), result.get("acceptance", {})
+    lines = ["Ratios and acceptance"]
+    for name, (key, op, threshold) in acceptance.items():
+        verdict = verdicts.get(name)
+        mark = "n/a" if verdict is None else ("PASS" if verdict else "FAIL")
+        value = ratios.get(key)
+        shown = "-" if value is None else format(value, ".3g")
+        lines.append(f"  {key:<{width}}{shown:>10}   want {op} {threshold:<6g} {mark}")
+    return lines
+
+
+def bars_with_values(ax, labels, values, colors, fmt: str = ".0f") -> None:
+    """A bar per label, each with its value written on top."""
+    ax.bar(labels, values, color=colors)
+    for i, v in enumerate(values):
+        ax.text(i, v, format(v, fmt), ha="center", va="bottom", fontsize=8)
+
+
+def save_figure(fig, result: dict, path):
+    """Title the figure with the benchmark's model and batch, write it as PNG, and close it."""
+    import matplotlib.pyplot as plt
+
+    cfg = result.get("config", {})
+    fig.suptitle(f"{Path(str(cfg.get('model'))).name}: {cfg.get('samples')} samples, batch {cfg.get('batch_size')}",
+                 fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
