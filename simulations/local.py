@@ -169,18 +169,22 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
     history = []
     val = trainer.evaluate(val_frames)
     history.append({"epoch": 1, "loss": first_loss, "validation_accuracy": val["accuracy"]})
-    best = {"accuracy": val["accuracy"], "epoch": 1, "state": copy.deepcopy(trainer.net.state_dict())}
+    keep_best = config.select == "best-val"  # "last" needs no snapshots: the final weights are delivered
+    best = {"accuracy": val["accuracy"], "epoch": 1,
+            "state": copy.deepcopy(trainer.net.state_dict()) if keep_best else None}
     log(f"[server] epoch 1 (streamed): validation accuracy {val['accuracy']:.4f}")
     for epoch in range(2, config.epochs + 1):
         stats = trainer.train_epoch()
         val = trainer.evaluate(val_frames)
         history.append({"epoch": epoch, "loss": stats["loss"], "validation_accuracy": val["accuracy"]})
         log(f"[server] epoch {epoch}: loss {stats['loss']:.4f}, validation accuracy {val['accuracy']:.4f}")
-        if val["accuracy"] > best["accuracy"] or config.select == "last":
-            best = {"accuracy": val["accuracy"], "epoch": epoch, "state": copy.deepcopy(trainer.net.state_dict())}
+        if val["accuracy"] > best["accuracy"] or not keep_best:
+            best = {"accuracy": val["accuracy"], "epoch": epoch,
+                    "state": copy.deepcopy(trainer.net.state_dict()) if keep_best else None}
     trainer.history = history
     trainer.save_checkpoint(workdir / "checkpoint", extra={"best_epoch": best["epoch"]})  # the last epoch's state
-    trainer.net.load_state_dict(best["state"])
+    if best["state"] is not None:
+        trainer.net.load_state_dict(best["state"])
     export = trainer.export(workdir / "side_network.safetensors")
     log(f"[server] delivering the epoch-{best['epoch']} side network (validation accuracy {best['accuracy']:.4f}, "
         f"{export.stat().st_size / 1024:.0f} KiB) to the device for local inference")
