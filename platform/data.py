@@ -139,6 +139,28 @@ def partition(examples: Sequence[Example], num_devices: int, scheme: str = "iid"
     return [[examples[i] for i in sorted(p)] for p in parts]
 
 
+def partition_like(examples: Sequence[Example], reference: Sequence[Sequence[Example]],
+                   seed: int = 0) -> list[list[Example]]:
+    """Split held-out ``examples`` across devices with the label mix each device has in ``reference``.
+
+    A device's validation and test samples must look like its own training data (that is what
+    "its own held-out data" means under a non-IID split): each label's held-out examples are dealt
+    to devices in proportion to how many of that label each holds in ``reference``. A device with
+    none of a label gets none of it; with an empty reference a label is dealt evenly.
+    """
+    rng = np.random.default_rng(seed + 7919)
+    parts: list[list[Example]] = [[] for _ in reference]
+    for label in sorted({e.label for e in examples}):
+        pool = [e for e in examples if e.label == label]
+        rng.shuffle(pool)
+        counts = np.array([sum(1 for e in ref if e.label == label) for ref in reference], dtype=float)
+        shares = counts / counts.sum() if counts.sum() else np.full(len(reference), 1 / len(reference))
+        cuts = np.round(np.cumsum(shares)[:-1] * len(pool)).astype(int)
+        for device, chunk in enumerate(np.split(np.arange(len(pool)), cuts)):
+            parts[device] += [pool[i] for i in chunk]
+    return [sorted(p, key=lambda e: e.id) for p in parts]
+
+
 def task_samples(train: int | None = 2000, validation: int | None = 500, test: int | None = 1000,
                  seed: int = 0, path: str | Path | None = None) -> Splits:
     """The samples every method of one comparison uses: balanced draws from the fixed splits.

@@ -1,0 +1,184 @@
+"""The device as a Flower ClientApp: profile, forward-only frames, on-device evaluation, delivery.
+
+A device never trains. For ``train.forward`` it runs its frozen backbone over a chunk of its own
+samples and replies with one activation frame; for ``evaluate`` it scores a side network (sent
+along, or the one installed by ``train.deliver``) on its own held-out samples with backbone + side
+network; ``train.deliver`` installs the final side network (in ``context.state``, and as a file
+when the node config names a ``side-network-dir``) for local inference after the run.
+
+The backbone and the data are cached per process (:mod:`mobiflower.clients.device_setup`). The
+data cursor lives in ``context.state``; a request may pin its ``offset`` explicitly, which the
+strategy does because the simulation engine can run two messages for one node at once, each
+with its own copy of the context.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from mobiflower.clients.device_setup import DeviceSetup, examples_at
+from mobiflower.clients.inference import LocalClassifier
+from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
+from mobiflower.platform import messages as m
+from mobiflower.platform.side_networks import save_side_network
+
+app = ClientApp()
+
+CURSOR_KEY = "mobiflower-cursor"  # ConfigRecord in context.state: {"train": next offset, "forwarded": count}
+INSTALLED_KEY = "mobiflower-installed"  # the delivered side network (weights) in context.state
+INSTALLED_CONFIG_KEY = "mobiflower-installed-config"
+SPLITS = ("train", "validation", "test")
+
+
+def _setup(context: Context) -> DeviceSetup:
+    return DeviceSetup.from_configs(context.run_config, context.node_config)
+
+
+def _split(setup: DeviceSetup, name: str):
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}: use one of {SPLITS}")
+    return getattr(setup.data(), name)
+
+
+def _memory_mb() -> tuple[float, float]:
+    rss = psutil.Process().memory_info().rss / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rss, peak
+
+
+@app.query("profile")
+def profile(msg: Message, context: Context) -> Message:
+    """Describe this device: backbone, data sizes, measured forward speed and memory."""
+    setup = _setup(context)
+    t0 = time.perf_counter()
+    backbone = setup.backbone()
+    load_s = time.perf_counter() - t0
+    data = setup.data()
+    probe = int(msg.content[m.CONFIG_KEY].get("probe-samples", 8)) if m.CONFIG_KEY in msg.content else 8
+    runtime = DeviceRuntime(backbone, ForwardConfig(batch_size=max(1, probe)), device_id=setup.device_id)
+    speed = 0.0
+    if probe > 0 and data.train:
+        _, stats = runtime.make_frame(examples_at(data.train, 0, probe))
+        speed = probe / max(stats.forward_s + stats.quantize_s, 1e-9)
+    rss, peak = _memory_mb()
+    cfg = backbone.model.config
+    description = ConfigRecord({
+        "device-id": setup.device_id, "fingerprint": backbone.fingerprint, "model": setup.model,
+        "layers": [int(x) for x in backbone.layers], "is-decoder": bool(backbone.is_decoder),
+        "hidden-size": int(backbone.hidden_size), "num-layers": int(backbone.num_layers),
+        "norm-eps": float(getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", None) or 1e-5),
+    })
+    stats = m.metrics({"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
+                       "forward-samples-per-s": speed, "load-s": load_s, "rss-mb": rss, "peak-rss-mb": peak,
+                       "cpu-count": os.cpu_count() or 1, "threads": torch.get_num_threads()})
+    frozen = {k: v.contiguous() for k, v in backbone.frozen_head_state(lm_head=False).items()}
+    content = RecordDict({m.PROFILE_KEY: description, m.STATS_KEY: stats,
+                          m.FROZEN_KEY: m.ArrayRecord(torch_state_dict=frozen)})
+    return Message(content, reply_to=msg)
+
+
+@app.train("forward")
+def forward(msg: Message, context: Context) -> Message:
+    """Forward a chunk of this device's samples and reply with one activation frame."""
+    setup = _setup(context)
+    cfg = msg.content[m.CONFIG_KEY]
+    split = str(cfg.get("split", "train"))
+    examples = _split(setup, split)
+    cursor = context.state.config_records.get(CURSOR_KEY, ConfigRecord({"train": 0, "forwarded": 0}))
+    offset = int(cfg["offset"]) if "offset" in cfg else int(cursor["train"] if split == "train" else 0)
+    count = int(cfg.get("samples", 64))
+    if count < 1:
+        raise ValueError(f"samples={count}: a forward request needs at least one sample")
+    forward_config = ForwardConfig(
+        bits=int(cfg.get("bits", 8)), group_size=int(cfg["group-size"]) if "group-size" in cfg else None,
+        rotation=str(cfg.get("rotation", "hadamard")), token_policy=str(cfg.get("token-policy", "last")),
+        batch_size=int(cfg.get("batch-size", 16)), seed=int(cfg.get("codec-seed", 0)))
+    backbone = setup.backbone()
+    layers = [int(x) for x in cfg["layers"]] if "layers" in cfg else None
+    runtime = DeviceRuntime(backbone, forward_config, device_id=setup.device_id)
+    t0 = time.perf_counter()
+    chunk = examples_at(examples, offset, count)
+    frame, stats = runtime.make_frame(chunk, layers=layers, meta={"split": split, "offset": offset,
+                                                                   "request": str(cfg.get("request", ""))})
+    blob = runtime.encode(frame)
+    busy_s = time.perf_counter() - t0
+    if split == "train":
+        cursor = ConfigRecord({"train": (offset + count) % len(examples),
+                               "forwarded": int(cursor["forwarded"]) + count})
+        context.state.config_records[CURSOR_KEY] = cursor
+    rss, peak = _memory_mb()
+    reply = RecordDict({
+        m.FRAME_KEY: m.frame_record(blob),
+        m.STATS_KEY: m.metrics({"forward-s": stats.forward_s, "quantize-s": stats.quantize_s, "busy-s": busy_s,
+                                "frame-bytes": len(blob), "samples": stats.samples, "tokens": stats.tokens_sent,
+                                "offset": offset, "rss-mb": rss, "peak-rss-mb": peak}),
+    })
+    return Message(reply, reply_to=msg)
+
+
+def _installed(context: Context):
+    if INSTALLED_KEY not in context.state.array_records:
+        raise ValueError("no side network is installed on this device: deliver one first (train.deliver)")
+    return context.state.array_records[INSTALLED_KEY], context.state.config_records[INSTALLED_CONFIG_KEY]
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score a side network on this device's own held-out split with backbone + side network."""
+    setup = _setup(context)
+    cfg = msg.content[m.CONFIG_KEY] if m.CONFIG_KEY in msg.content else ConfigRecord()
+    split = str(cfg.get("split", "validation"))
+    examples = _split(setup, split)
+    limit = int(cfg.get("max-samples", 0))
+    if limit > 0:
+        examples = examples[:limit]
+    if m.NETWORK_KEY in msg.content:
+        weights, net_config = msg.content[m.NETWORK_KEY], msg.content[m.NETWORK_CONFIG_KEY]
+        source = "sent"
+    else:
+        weights, net_config = _installed(context)
+        source = "installed"
+    backbone = setup.backbone()
+    net = m.network_from_records(weights, net_config, backbone.frozen_head_state(lm_head=False))
+    classifier = LocalClassifier(backbone, net)
+    result = classifier.evaluate(examples, batch_size=int(cfg.get("batch-size", 16)))
+    rss, peak = _memory_mb()
+    stats = m.metrics({"accuracy": result["accuracy"], "zero-shot-accuracy": result["zero_shot_accuracy"],
+                       "samples": result["samples"], "seconds": result["seconds"], "rss-mb": rss,
+                       "peak-rss-mb": peak, "installed": source == "installed"})
+    return Message(RecordDict({m.STATS_KEY: stats}), reply_to=msg)
+
+
+@app.train("deliver")
+def deliver(msg: Message, context: Context) -> Message:
+    """Install the final side network on this device (context.state, and a file if configured)."""
+    setup = _setup(context)
+    weights, net_config = msg.content[m.NETWORK_KEY], msg.content[m.NETWORK_CONFIG_KEY]
+    backbone = setup.backbone()
+    net = m.network_from_records(weights, net_config, backbone.frozen_head_state(lm_head=False))
+    if net.config.fingerprint != backbone.fingerprint:
+        raise ValueError(f"the delivered side network was trained for {net.config.fingerprint}, this device "
+                         f"runs {backbone.fingerprint}")
+    context.state.array_records[INSTALLED_KEY] = weights
+    context.state.config_records[INSTALLED_CONFIG_KEY] = net_config
+    path = ""
+    folder = context.node_config.get("side-network-dir") or context.run_config.get("delivery-dir") or ""
+    if folder:
+        path = str(save_side_network(net, Path(str(folder)) / f"{setup.device_id}.safetensors",
+                                     extra={"device_id": setup.device_id}))
+    reply = RecordDict({
+        m.STATS_KEY: m.metrics({"parameters": sum(p.numel() for p in net.parameters())}),
+        m.CONFIG_KEY: ConfigRecord({"digest": m.network_digest(net), "path": path, "device-id": setup.device_id}),
+    })
+    return Message(reply, reply_to=msg)
+
+
+__all__ = ["app", "MetricRecord"]

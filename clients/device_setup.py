@@ -1,0 +1,126 @@
+"""What a fleet device is, from Flower's run config and node config: its backbone and its data.
+
+Both the ClientApp and the benchmarks build a device from the same two dictionaries: the run
+config (``[tool.flwr.app.config]`` plus ``-c`` overrides, the same on every node) and the node
+config (``partition-id`` / ``num-partitions``, set by the simulation engine or by
+``flower-supernode --node-config``). Backbones and data are cached per process, keyed by what
+defines them and never by node: in a simulation one Ray actor serves many virtual devices, and in
+a deployment each message starts a fresh process that loads the memory-mapped backbone again.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from mobiflower.platform.backbone import Backbone
+from mobiflower.platform.data import Example, Splits, partition, partition_like, task_samples
+
+_BACKBONES: dict[tuple, Backbone] = {}
+_SPLITS: dict[tuple, Splits] = {}
+_DEVICE_DATA: dict[tuple, Splits] = {}
+
+
+class DeviceSetupError(ValueError):
+    """The run config or node config does not describe a usable device."""
+
+
+def _get(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    value = config.get(key, default)
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
+class DeviceSetup:
+    """One device: which backbone it runs and which share of the task's samples it holds."""
+
+    model: str = "smollm2-135m"
+    weights: str = "fp32"
+    num_taps: int = 8
+    train_samples: int = 2000
+    validation_samples: int = 500
+    test_samples: int = 1000
+    partitioning: str = "iid"
+    dirichlet_alpha: float = 0.1
+    seed: int = 0
+    partition_id: int = 0
+    num_partitions: int = 1
+    threads: int = 1
+
+    @classmethod
+    def from_configs(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> "DeviceSetup":
+        if "partition-id" not in node_config or "num-partitions" not in node_config:
+            raise DeviceSetupError(
+                "this node has no partition: start the SuperNode with --node-config "
+                "'partition-id=<i> num-partitions=<n>' (the simulation engine sets both itself)")
+        setup = cls(
+            model=str(_get(run_config, "model", cls.model)),
+            weights=str(_get(run_config, "weights", cls.weights)),
+            num_taps=int(_get(run_config, "num-taps", cls.num_taps)),
+            train_samples=int(_get(run_config, "train-samples", cls.train_samples)),
+            validation_samples=int(_get(run_config, "validation-samples", cls.validation_samples)),
+            test_samples=int(_get(run_config, "test-samples", cls.test_samples)),
+            partitioning=str(_get(run_config, "partitioning", cls.partitioning)),
+            dirichlet_alpha=float(_get(run_config, "dirichlet-alpha", cls.dirichlet_alpha)),
+            seed=int(_get(run_config, "seed", cls.seed)),
+            partition_id=int(node_config["partition-id"]),
+            num_partitions=int(node_config["num-partitions"]),
+            threads=int(_get(run_config, "device-threads", cls.threads)),
+        )
+        if not 0 <= setup.partition_id < setup.num_partitions:
+            raise DeviceSetupError(f"partition-id={setup.partition_id} must be in [0, num-partitions="
+                                   f"{setup.num_partitions})")
+        if setup.partitioning not in ("iid", "dirichlet"):
+            raise DeviceSetupError(f"partitioning={setup.partitioning!r} must be 'iid' or 'dirichlet'")
+        return setup
+
+    @property
+    def device_id(self) -> str:
+        return f"device-{self.partition_id}"
+
+    def backbone(self) -> Backbone:
+        """This process's backbone for the setup's model (loaded once per process)."""
+        key = (self.model, self.weights, self.num_taps)
+        if key not in _BACKBONES:
+            torch.set_num_threads(max(1, self.threads))
+            _BACKBONES[key] = Backbone.load(self.model, num_taps=self.num_taps,
+                                            weights=None if self.weights == "fp32" else self.weights)
+        return _BACKBONES[key]
+
+    def data(self) -> Splits:
+        """This device's train / validation / test samples (deterministic from the run config)."""
+        key = (self.train_samples, self.validation_samples, self.test_samples, self.partitioning,
+               self.dirichlet_alpha, self.seed, self.partition_id, self.num_partitions)
+        if key not in _DEVICE_DATA:
+            split_key = (self.train_samples, self.validation_samples, self.test_samples, self.seed)
+            if split_key not in _SPLITS:
+                _SPLITS[split_key] = task_samples(self.train_samples, self.validation_samples, self.test_samples,
+                                                  self.seed)
+            _DEVICE_DATA[key] = device_share(_SPLITS[split_key], self.partition_id, self.num_partitions,
+                                             self.partitioning, self.dirichlet_alpha, self.seed)
+        return _DEVICE_DATA[key]
+
+
+def device_share(splits: Splits, partition_id: int, num_partitions: int, scheme: str, alpha: float,
+                 seed: int) -> Splits:
+    """Device ``partition_id``'s share: its training samples, and held-out samples with its label mix."""
+    train_parts = partition(splits.train, num_partitions, scheme, alpha, seed)
+    if scheme == "iid":
+        val_parts = partition(splits.validation, num_partitions, "iid", seed=seed + 1)
+        test_parts = partition(splits.test, num_partitions, "iid", seed=seed + 2)
+    else:
+        val_parts = partition_like(splits.validation, train_parts, seed=seed + 1)
+        test_parts = partition_like(splits.test, train_parts, seed=seed + 2)
+    train = list(train_parts[partition_id])
+    random.Random(seed * 1009 + partition_id).shuffle(train)  # chunks mix labels: streamed batches are not one-class
+    return Splits(train=train, validation=list(val_parts[partition_id]), test=list(test_parts[partition_id]))
+
+
+def examples_at(examples: list[Example], offset: int, count: int) -> list[Example]:
+    """``count`` samples from ``offset`` in the device's order, wrapping around (a new epoch)."""
+    if not examples:
+        raise DeviceSetupError("this device holds no samples of the requested split")
+    return [examples[(offset + i) % len(examples)] for i in range(count)]

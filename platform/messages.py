@@ -1,0 +1,105 @@
+"""The Flower message vocabulary between the side-tuning ServerApp and the device ClientApps.
+
+One place names every message type and record key both sides use, and converts what travels:
+an activation frame is one zero-copy ``uint8`` array in an ``ArrayRecord`` (chunked by Flower, no
+2 GB limit, unlike ``ConfigRecord`` bytes); a side network is its ``state_dict`` in an
+``ArrayRecord`` plus its :class:`SideNetworkConfig` as JSON in a ``ConfigRecord``. This module
+speaks Flower, so the Flower-free core (codec, frames, side networks, trainer) never imports it.
+
+Message types (``MessageType.<kind>.<action>``):
+
+* ``query.profile``: the device describes itself (backbone fingerprint, tapped layers, width,
+  data sizes, measured forward speed, memory) and sends the frozen state its head needs.
+* ``train.forward``: forward ``samples`` of a split from ``offset`` and reply with one frame.
+* ``evaluate``: score a side network (or the installed one) on a held-out split on the device.
+* ``train.deliver``: install the final side network on the device for local inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+from mobiflower.platform.side_networks import SideNetwork, SideNetworkConfig, build_side_network
+
+PROFILE = "query.profile"
+FORWARD = "train.forward"
+EVALUATE = "evaluate"
+DELIVER = "train.deliver"
+
+FRAME_KEY = "frame"  # ArrayRecord holding the encoded frame (one uint8 array)
+FRAME_ARRAY = "frame"
+STATS_KEY = "stats"  # MetricRecord of what a reply cost the device
+CONFIG_KEY = "config"  # ConfigRecord of a request's parameters
+NETWORK_KEY = "side-network"  # ArrayRecord of a side network's state_dict
+NETWORK_CONFIG_KEY = "side-network-config"  # ConfigRecord {"json": SideNetworkConfig JSON}
+FROZEN_KEY = "frozen"  # ArrayRecord of the backbone's frozen head state (profile reply)
+RAW_STYPE = "raw"  # the frame's bytes as they are (Flower's default numpy serialization would add a header)
+PROFILE_KEY = "profile"  # ConfigRecord of the device's description (profile reply)
+
+
+def frame_record(blob: bytes) -> ArrayRecord:
+    """One encoded frame as a single ``uint8`` array, without copying it."""
+    return ArrayRecord({FRAME_ARRAY: Array(dtype="uint8", shape=(len(blob),), stype=RAW_STYPE, data=blob)})
+
+
+def frame_bytes(record: ArrayRecord) -> bytes:
+    """The encoded frame carried by :func:`frame_record` (what ``decode_frame`` validates)."""
+    if FRAME_ARRAY not in record:
+        raise ValueError(f"the reply's '{FRAME_KEY}' record has no '{FRAME_ARRAY}' array")
+    array = record[FRAME_ARRAY]
+    if array.dtype != "uint8" or len(array.shape) != 1 or array.stype != RAW_STYPE:
+        raise ValueError(f"a frame travels as a raw 1-D uint8 array, got {array.stype} {array.dtype} {array.shape}")
+    return bytes(array.data)
+
+
+def network_records(net: SideNetwork) -> tuple[ArrayRecord, ConfigRecord]:
+    """A side network as (weights, config) records: what a device needs to rebuild it."""
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    return ArrayRecord(torch_state_dict=state), ConfigRecord({"json": net.config.to_json()})
+
+
+def network_from_records(weights: ArrayRecord, config: ConfigRecord,
+                         frozen: Mapping[str, torch.Tensor] | None = None) -> SideNetwork:
+    """Rebuild a side network sent by :func:`network_records` (eval mode)."""
+    net = build_side_network(SideNetworkConfig.from_json(str(config["json"])), dict(frozen or {}))
+    net.load_state_dict(weights.to_torch_state_dict())
+    return net.eval()
+
+
+def network_digest(net: SideNetwork) -> str:
+    """A short digest of a side network's weights and config: proves a delivery arrived intact."""
+    h = hashlib.sha256(net.config.to_json().encode())
+    for name, tensor in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def array_bytes(record: ArrayRecord) -> int:
+    """Serialized bytes of an ``ArrayRecord``'s arrays (their data as it travels, no message framing)."""
+    return sum(len(a.data) for a in record.values())
+
+
+def metrics(values: Mapping[str, Any]) -> MetricRecord:
+    """A ``MetricRecord`` from plain numbers (numpy scalars and bools converted, None dropped)."""
+    out: dict[str, int | float] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (bool, np.bool_)):
+            out[key] = int(value)
+        elif isinstance(value, (int, np.integer)):
+            out[key] = int(value)
+        else:
+            out[key] = float(value)
+    return MetricRecord(out)
+
+
+def config_json(record: ConfigRecord, key: str = "json") -> Any:
+    return json.loads(str(record[key]))

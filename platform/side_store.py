@@ -1,0 +1,169 @@
+"""The server's side networks for a fleet: one shared, one per device, or a shared trunk with personal heads.
+
+``mode`` decides which :class:`SideTrainer` a device's frames train:
+
+* ``shared``: one side network trained on every device's frames.
+* ``per-device``: one side network per device, trained on that device's frames only; the
+  strategy may replace them all by their sample-weighted average (FedAvg) every k rounds.
+* ``hybrid``: the shared network is the trunk; each device also gets a personal copy whose head
+  alone is fine-tuned on that device's cached activations (trunk frozen), starting from its
+  previous personal head. Personal heads need the activation cache (they train from it).
+
+The store knows nothing of Flower: frames in, side networks out, checkpoints on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from mobiflower.platform.frames import Frame
+from mobiflower.platform.side_networks import SideNetwork, SideNetworkError
+from mobiflower.platform.trainer import SideTrainer, TrainConfig
+
+MODES = ("shared", "per-device", "hybrid")
+SHARED = "shared"
+
+
+@dataclass
+class StoreConfig:
+    mode: str = "shared"
+    personal_epochs: int = 3  # hybrid: head-only epochs over a device's cache per personalisation
+    personal_lr: float = 1e-3
+    personal_parts: tuple[str, ...] = ("head.",)  # parameter-name prefixes that are personal in hybrid mode
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise SideNetworkError(f"side-network mode {self.mode!r} is unknown: choose one of {MODES}")
+
+
+class SideNetworkStore:
+    """Trainers keyed by ``shared`` or a device id, plus hybrid personal networks."""
+
+    def __init__(self, config: StoreConfig, make_net: Callable[[], SideNetwork], train: TrainConfig,
+                 device_samples: Mapping[str, int], chunk_size: int):
+        self.config = config
+        self.train_config = train
+        self.device_samples = dict(device_samples)
+        if not self.device_samples:
+            raise SideNetworkError("a side-network store needs at least one device")
+        self.trainers: dict[str, SideTrainer] = {}
+        self.personal: dict[str, SideNetwork] = {}
+        self.personal_seconds = 0.0
+
+        def steps(n: int) -> int:  # streamed pass (per-frame batches) + cached epochs
+            return train.epochs * (math.ceil(n / train.batch_size) + math.ceil(n / max(1, chunk_size)))
+
+        if config.mode == "per-device":
+            template = make_net()  # every device starts from the same weights, so FedAvg averages like with like
+            for device, n in self.device_samples.items():
+                self.trainers[device] = SideTrainer(copy.deepcopy(template), train, total_steps=steps(n))
+        else:
+            self.trainers[SHARED] = SideTrainer(make_net(), train, total_steps=steps(sum(self.device_samples.values())))
+        if config.mode == "hybrid" and train.cache_bytes <= 0:
+            raise SideNetworkError("hybrid mode fine-tunes personal heads from the activation cache: turn the "
+                                   "cache on (activation-cache = true) or use mode 'shared' / 'per-device'")
+
+    # ---- training ---------------------------------------------------------------------------
+    def trainer_for(self, device: str) -> SideTrainer:
+        if self.config.mode == "per-device":
+            if device not in self.trainers:
+                raise SideNetworkError(f"no side network for device {device!r}: known devices are "
+                                       f"{sorted(self.trainers)}")
+            return self.trainers[device]
+        return self.trainers[SHARED]
+
+    def ingest(self, device: str, frame: Frame) -> dict[str, float]:
+        """A device's frame landed: cache it and take one training pass over it."""
+        return self.trainer_for(device).ingest(frame)
+
+    def train_epoch(self) -> dict[str, float]:
+        """One epoch from the activation cache for every trainer; the loss is sample-weighted."""
+        loss = seconds = samples = 0.0
+        for trainer in self.trainers.values():
+            if not trainer.cache.frames:
+                continue
+            stats = trainer.train_epoch()
+            loss += stats["loss"] * stats["samples"]
+            seconds += stats["seconds"]
+            samples += stats["samples"]
+        if samples == 0:
+            raise SideNetworkError("the activation cache is empty: devices must forward frames first")
+        return {"loss": loss / samples, "seconds": seconds, "samples": samples}
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(t.train_seconds for t in self.trainers.values()) + self.personal_seconds
+
+    # ---- networks ---------------------------------------------------------------------------
+    def network_for(self, device: str) -> SideNetwork:
+        """The side network ``device`` uses: its own, the shared one, or its personalised copy."""
+        if self.config.mode == "hybrid" and device in self.personal:
+            return self.personal[device]
+        return self.trainer_for(device).net
+
+    def personalize(self, devices: list[str] | None = None) -> dict[str, float]:
+        """Hybrid: fine-tune each device's personal head on its cached frames over the current trunk."""
+        if self.config.mode != "hybrid":
+            return {}
+        shared = self.trainers[SHARED]
+        losses: dict[str, float] = {}
+        for device in devices or list(self.device_samples):
+            frames = [f for f in shared.cache.frames if f.frame.meta.get("device_id") == device]
+            if not frames:
+                continue
+            net = copy.deepcopy(shared.net)
+            if device in self.personal:  # keep what the head learned before; take the new trunk
+                own = {k: v for k, v in self.personal[device].state_dict().items() if self._is_personal(k)}
+                net.load_state_dict(own, strict=False)
+            for name, p in net.named_parameters():
+                p.requires_grad_(self._is_personal(name))
+            cfg = replace(self.train_config, lr=self.config.personal_lr, epochs=self.config.personal_epochs,
+                          schedule="constant", warmup_frac=0.0, cache_bytes=1 << 62)
+            trainer = SideTrainer(net, cfg, total_steps=1)
+            for f in frames:
+                trainer.cache.add(f)
+            loss = 0.0
+            for _ in range(self.config.personal_epochs):
+                loss = trainer.train_epoch()["loss"]
+            self.personal_seconds += trainer.train_seconds
+            for p in net.parameters():
+                p.requires_grad_(False)
+            self.personal[device] = net.eval()
+            losses[device] = loss
+        return losses
+
+    def _is_personal(self, name: str) -> bool:
+        return any(name.startswith(prefix) for prefix in self.config.personal_parts)
+
+    def device_networks(self) -> dict[str, SideNetwork]:
+        """Per-device mode: each device's network (what FedAvg averages)."""
+        if self.config.mode != "per-device":
+            raise SideNetworkError("device networks exist only in per-device mode")
+        return {d: t.net for d, t in self.trainers.items()}
+
+    def load_all(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Per-device mode: every device continues from ``state`` (the FedAvg result)."""
+        for trainer in self.trainers.values():
+            trainer.net.load_state_dict({k: v.to(trainer.device) for k, v in state.items()})
+
+    # ---- persistence ------------------------------------------------------------------------
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Every trainer's checkpoint (atomic each) and the personal networks, under ``directory``."""
+        from mobiflower.platform.side_networks import save_side_network
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, trainer in self.trainers.items():
+            trainer.save_checkpoint(directory / name, extra=extra)
+        for device, net in self.personal.items():
+            save_side_network(net, directory / "personal" / f"{device}.safetensors")
+        (directory / "store.json").write_text(json.dumps({"config": asdict(self.config),
+                                                          "devices": self.device_samples, **(extra or {})}))
+        return directory

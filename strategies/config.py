@@ -1,0 +1,94 @@
+"""The side-tuning run's settings, read from Flower's run config (``[tool.flwr.app.config]`` and ``-c``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from mobiflower.platform.side_store import MODES
+
+
+class ConfigError(ValueError):
+    """A run-config value is invalid; the message names the key and what is allowed."""
+
+
+@dataclass
+class SideTuningConfig:
+    """Every knob of a federated side-tuning run; the run-config key is the field name with dashes."""
+
+    # side networks and optimisation (server side)
+    mode: str = "shared"  # shared | per-device | hybrid
+    family: str = "ladder"  # ladder | adapter
+    reduction: int = 8
+    dropout: float = 0.3
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    batch_size: int = 32
+    rounds: int = 20  # one round = one epoch over the fleet's training samples
+    activation_cache: bool = True  # later rounds train from cached activations: devices forward once
+    cache_mb: int = 2048
+    aggregate_every: int = 0  # per-device mode: FedAvg of the device networks every k rounds (0 = never)
+    personal_epochs: int = 3  # hybrid mode: head-only epochs per personalisation
+    personal_lr: float = 1e-3
+    seed: int = 0
+    server_threads: int = 1
+    # what devices send (the strategy may later adapt these per device)
+    chunk_size: int = 64  # samples per forward request (one frame)
+    in_flight: int = 2  # forward requests kept in flight per device
+    device_batch_size: int = 16
+    bits: int = 8
+    token_policy: str = "last"
+    # evaluation, delivery, output
+    eval_every: int = 5  # on-device validation every k rounds (0 = only the final test)
+    eval_samples: int = 0  # cap per device for periodic validation (0 = all)
+    deliver: bool = True
+    request_timeout: float = 900.0  # seconds a device may take to answer one request
+    max_retries: int = 1  # a failed forward request is retried this many times before the device is dropped
+    run_dir: str = ""  # where checkpoints and the summary go ("" = $MOBIFLOWER_HOME/runs/<run id>)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r} is unknown: use one of {', '.join(MODES)}")
+        if self.family not in ("ladder", "adapter"):
+            raise ConfigError(f"family={self.family!r} is unknown: use 'ladder' or 'adapter'")
+        for name in ("rounds", "chunk_size", "in_flight", "batch_size", "device_batch_size", "reduction"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("aggregate_every", "eval_every", "eval_samples", "max_retries", "personal_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if self.aggregate_every and self.mode != "per-device":
+            raise ConfigError(f"aggregate-every={self.aggregate_every} averages per-device side networks: "
+                              f"set mode = 'per-device' or aggregate-every = 0")
+        if self.mode == "hybrid" and not self.activation_cache:
+            raise ConfigError("mode 'hybrid' fine-tunes personal heads from the activation cache: set "
+                              "activation-cache = true")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "SideTuningConfig":
+        """Pick this config's keys out of the run config (other keys belong to the devices)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in run_config:
+                continue
+            default = f.default
+            raw = run_config[key]
+            try:
+                if isinstance(default, bool):
+                    if isinstance(raw, str):
+                        raw = raw.strip().lower() in ("1", "true", "yes", "on")
+                    values[f.name] = bool(raw)
+                elif isinstance(default, int):
+                    values[f.name] = int(raw)
+                elif isinstance(default, float):
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = str(raw)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"run config {key}={raw!r} is not a valid {type(default).__name__}") from err
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): v for f, v in zip(fields(self), dataclasses.astuple(self))}

@@ -1,0 +1,521 @@
+"""The side-tuning strategy: drives a fleet of forward-only devices and trains side networks on the server.
+
+A Flower :class:`~flwr.serverapp.strategy.Strategy` whose ``start`` runs the MobiLLM loop on a
+``Grid`` instead of FedAvg's synchronous rounds:
+
+1. **Profile** every device (``query.profile``): backbone fingerprint, tapped layers, data sizes,
+   forward speed, memory, and the frozen head state the server's side network needs.
+2. **Stream** (round 1, and every round when the activation cache is off): each device's training
+   samples are cut into chunks; ``in_flight`` forward requests per device stay pushed, so a device
+   always has its next chunk queued while the server trains on the last one. Replies are pulled
+   as they land and handed to a training thread, so pulling never waits for training.
+3. **Cached rounds**: the backbone is frozen, so later rounds train from the activation cache;
+   devices are idle.
+4. Per round: optional FedAvg of per-device networks (``aggregate_train``, Flower's own
+   sample-weighted average), on-device validation every ``eval-every`` rounds
+   (``configure_evaluate`` / ``aggregate_evaluate``), and a checkpoint.
+5. **Deliver** each device its side network, then have each device score its own test split with
+   the installed network alone, and write the run summary (JSON and PNG plots).
+
+Failures: a device's error reply or a frame that fails validation is recorded, never lost
+silently; a forward request is retried ``max-retries`` times, then the device is dropped for the
+rest of the run and the run goes on with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from mobiflower.platform import messages as m
+from mobiflower.platform.frames import FrameError, decode_frame
+from mobiflower.platform.run_summary import write_summary
+from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, build_side_network
+from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
+from mobiflower.platform.trainer import TrainConfig
+from mobiflower.strategies.config import SideTuningConfig
+
+
+class FleetError(RuntimeError):
+    """The fleet cannot run this job (no devices, mismatched backbones, every device failed)."""
+
+
+@dataclass
+class DeviceState:
+    """What the server knows and has measured about one device."""
+
+    node_id: int
+    device_id: str
+    profile: dict[str, Any]
+    train_samples: int
+    next_offset: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    frame_bytes: int = 0
+    frames: int = 0
+    samples_forwarded: int = 0
+    forward_s: float = 0.0
+    busy_s: float = 0.0
+    failures: list[str] = field(default_factory=list)
+    dropped: bool = False
+    delivered_digest: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def account(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "frame_bytes": self.frame_bytes, "frames": self.frames, "samples_forwarded": self.samples_forwarded,
+                "device_forward_s": self.busy_s, "backbone_forward_s": self.forward_s,
+                "failures": self.failures, "dropped": self.dropped, **self.metrics}
+
+
+def _config_bytes(record: ConfigRecord) -> int:
+    return len(json.dumps({k: v if not isinstance(v, bytes) else len(v) for k, v in record.items()}, default=str))
+
+
+class SideTuningStrategy(Strategy):
+    """MobiLLM side-tuning over a Flower ``Grid`` (see the module docstring for the loop)."""
+
+    def __init__(self, config: SideTuningConfig, run_dir: Path, run_config: dict[str, Any] | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.run_config = dict(run_config or {})
+        self.devices: dict[int, DeviceState] = {}
+        self.store: SideNetworkStore | None = None
+        self.side_config: SideNetworkConfig | None = None
+        self.rounds: list[dict[str, Any]] = []
+        self.events: list[str] = []
+        self._stream_totals = {"wall_s": 0.0, "device_s": 0.0, "train_s": 0.0}
+
+    # ---- Strategy hooks -------------------------------------------------------------------
+    def summary(self) -> None:
+        cfg = self.config
+        log(INFO, "SideTuningStrategy: mode=%s family=%s r=%d rounds=%d chunk=%d in-flight=%d bits=%d cache=%s",
+            cfg.mode, cfg.family, cfg.reduction, cfg.rounds, cfg.chunk_size, cfg.in_flight, cfg.bits,
+            cfg.activation_cache)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The first wave of forward requests of a streaming round: ``in_flight`` per working device."""
+        plans = self._plan_round()
+        waves = []
+        for node_id, plan in plans.items():
+            for _ in range(min(self.config.in_flight, len(plan))):
+                waves.append(self._forward_message(node_id, plan.popleft(), server_round, config))
+        self._plans = plans
+        return waves
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg of per-device side networks, weighted by the samples each was trained on."""
+        return self._aggregate([r.content for r in replies if r.has_content()])
+
+    @staticmethod
+    def _aggregate(records: list[RecordDict]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if not records:
+            return None, None
+        averaged = aggregate_arrayrecords(records, "num-examples")
+        total = sum(int(r[m.STATS_KEY]["num-examples"]) for r in records)
+        return averaged, MetricRecord({"num-examples": total, "devices": len(records)})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """One evaluate request per working device, carrying that device's side network."""
+        out = []
+        for node_id, dev in self._working().items():
+            content = RecordDict({m.CONFIG_KEY: ConfigRecord(dict(config))})
+            if not bool(config.get("installed", False)):
+                weights, net_cfg = m.network_records(self.store.network_for(dev.device_id))
+                content[m.NETWORK_KEY], content[m.NETWORK_CONFIG_KEY] = weights, net_cfg
+            dev.bytes_down += m.array_bytes(content.get(m.NETWORK_KEY, ArrayRecord())) + _config_bytes(
+                content[m.CONFIG_KEY])
+            out.append(Message(content, dst_node_id=node_id, message_type=m.EVALUATE, group_id=str(server_round),
+                               ttl=self.config.request_timeout))
+        return out
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Sample-weighted accuracy over the devices that answered."""
+        correct = count = 0.0
+        for reply in replies:
+            if reply.has_error():
+                continue
+            stats = reply.content[m.STATS_KEY]
+            correct += float(stats["accuracy"]) * float(stats["samples"])
+            count += float(stats["samples"])
+        if count == 0:
+            return None
+        return MetricRecord({"accuracy": correct / count, "samples": count})
+
+    # ---- the run ----------------------------------------------------------------------------
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
+              timeout: float | None = None, **_: Any) -> dict[str, Any]:  # type: ignore[override]
+        """Run the whole side-tuning job on ``grid``; returns (and writes) the run summary."""
+        cfg = self.config
+        if num_rounds is not None:
+            cfg.rounds = num_rounds
+        if timeout is not None:
+            cfg.request_timeout = timeout
+        torch.set_num_threads(max(1, cfg.server_threads))
+        self.summary()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        t_run = time.perf_counter()
+        self._profile(grid)
+        train_wall = 0.0
+        for rnd in range(1, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            record: dict[str, Any] = {"round": rnd}
+            up0 = {n: (d.bytes_up, d.bytes_down, d.busy_s) for n, d in self.devices.items()}
+            train0 = self.store.train_seconds
+            if rnd == 1 or not cfg.activation_cache:
+                record.update(self._stream_round(grid, rnd))
+            else:
+                stats = self.store.train_epoch()
+                record.update({"loss": stats["loss"], "phase": "cache"})
+            if cfg.aggregate_every and rnd % cfg.aggregate_every == 0:
+                self._fedavg(rnd)
+                record["aggregated"] = True
+            record["server_train_s"] = self.store.train_seconds - train0
+            train_wall += time.perf_counter() - t0
+            last = rnd == cfg.rounds
+            if cfg.mode == "hybrid" and (last or (cfg.eval_every and rnd % cfg.eval_every == 0)):
+                self.store.personalize([d.device_id for d in self._working().values()])
+            if cfg.eval_every and rnd % cfg.eval_every == 0 and not last:
+                result = self._evaluate(grid, rnd, {"split": "validation", "max-samples": cfg.eval_samples})
+                record["validation_accuracy"] = result.get("accuracy")
+            self.store.save(self.run_dir / "checkpoint", extra={"round": rnd})
+            record["wall_s"] = time.perf_counter() - t0
+            record["bytes_up"] = sum(d.bytes_up - up0[n][0] for n, d in self.devices.items())
+            record["bytes_down"] = sum(d.bytes_down - up0[n][1] for n, d in self.devices.items())
+            record["device_forward_s"] = sum(d.busy_s - up0[n][2] for n, d in self.devices.items())
+            self.rounds.append(record)
+            val = record.get("validation_accuracy")
+            log(INFO, "[round %d/%d] %s loss %.4f%s, server train %.1f s, wall %.1f s, up %.2f MB", rnd, cfg.rounds,
+                record.get("phase", "stream"), record.get("loss", float("nan")),
+                f", validation accuracy {val:.4f}" if val is not None else "", record["server_train_s"],
+                record["wall_s"], record["bytes_up"] / 1e6)
+        final = self._finish(grid)
+        summary = self._summary(final, train_wall, time.perf_counter() - t_run)
+        write_summary(summary, self.run_dir)
+        log(INFO, "test accuracy %.4f over %d devices; summary in %s", summary["test_accuracy"],
+            len(summary["devices"]), self.run_dir / "summary.json")
+        return summary
+
+    # ---- profile ----------------------------------------------------------------------------
+    def _profile(self, grid: Grid) -> None:
+        node_ids = sorted(grid.get_node_ids())
+        if not node_ids:
+            raise FleetError("no devices are connected: start SuperNodes (or set num-supernodes) first")
+        messages = [Message(RecordDict({m.CONFIG_KEY: ConfigRecord({"probe-samples": 8})}), dst_node_id=n,
+                            message_type=m.PROFILE, ttl=self.config.request_timeout) for n in node_ids]
+        replies = list(grid.send_and_receive(messages, timeout=self.config.request_timeout))
+        frozen = None
+        fingerprints = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.events.append(f"profile of node {node} failed: {reply.error.reason}")
+                log(WARNING, "node %s failed its profile and is left out: %s", node, reply.error.reason)
+                continue
+            desc = dict(reply.content[m.PROFILE_KEY])
+            stats = dict(reply.content[m.STATS_KEY])
+            dev = DeviceState(node_id=node, device_id=str(desc["device-id"]), profile={**desc, **stats},
+                              train_samples=int(stats["train"]))
+            self.devices[node] = dev
+            fingerprints.add(str(desc["fingerprint"]))
+            if frozen is None:
+                frozen = reply.content[m.FROZEN_KEY].to_torch_state_dict()
+            log(INFO, "device %s (node %s): %s, %d train / %d validation / %d test samples, %.1f samples/s, "
+                "%.0f MB", dev.device_id, node, desc["fingerprint"], stats["train"], stats["validation"],
+                stats["test"], stats["forward-samples-per-s"], stats["rss-mb"])
+        if not self.devices:
+            raise FleetError(f"none of the {len(node_ids)} devices could be profiled: {self.events}")
+        if len(fingerprints) > 1:
+            raise FleetError(f"the devices run different backbones {sorted(fingerprints)}: one side network "
+                             f"needs one backbone (mixed fleets are not supported yet)")
+        first = next(iter(self.devices.values())).profile
+        cfg = self.config
+        self.side_config = SideNetworkConfig(
+            hidden_size=int(first["hidden-size"]), layers=[int(x) for x in first["layers"]],
+            fingerprint=str(first["fingerprint"]), family=cfg.family, reduction=cfg.reduction, dropout=cfg.dropout,
+            norm_eps=float(first["norm-eps"]), feature_token="last" if first["is-decoder"] else "first",
+            bits=cfg.bits, group_size=64 if cfg.bits >= 8 else 32, token_policy=cfg.token_policy,
+            extra={"model": str(first["model"])})
+        train = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.rounds, batch_size=cfg.batch_size,
+                            seed=cfg.seed, cache_bytes=cfg.cache_mb << 20 if cfg.activation_cache else 0)
+
+        def make_net():
+            torch.manual_seed(cfg.seed)  # the side network's initial weights are part of the run's seed
+            return build_side_network(self.side_config, frozen)
+
+        self.store = SideNetworkStore(
+            StoreConfig(mode=cfg.mode, personal_epochs=cfg.personal_epochs, personal_lr=cfg.personal_lr),
+            make_net, train, {d.device_id: d.train_samples for d in self.devices.values()}, cfg.chunk_size)
+        net = self.store.network_for(next(iter(self.devices.values())).device_id)
+        log(INFO, "%s side network(s), mode %s: %s trainable parameters each, training on %s", cfg.family, cfg.mode,
+            f"{net.num_trainable():,}", next(iter(self.store.trainers.values())).device)
+
+    # ---- streaming --------------------------------------------------------------------------
+    def _working(self) -> dict[int, DeviceState]:
+        return {n: d for n, d in self.devices.items() if not d.dropped}
+
+    def _plan_round(self) -> dict[int, deque]:
+        """Each working device's chunks for one pass over its training samples (offsets continue)."""
+        plans: dict[int, deque] = {}
+        for node_id, dev in self._working().items():
+            plan: deque = deque()
+            remaining = dev.train_samples
+            while remaining > 0:
+                n = min(self.config.chunk_size, remaining)
+                plan.append({"offset": dev.next_offset, "samples": n, "attempt": 0})
+                dev.next_offset = (dev.next_offset + n) % dev.train_samples
+                remaining -= n
+            plans[node_id] = plan
+        return plans
+
+    def _forward_message(self, node_id: int, request: dict[str, Any], rnd: int, extra: ConfigRecord) -> Message:
+        cfg = self.config
+        config = ConfigRecord({"split": "train", "offset": int(request["offset"]), "samples": int(request["samples"]),
+                               "bits": cfg.bits, "token-policy": cfg.token_policy,
+                               "batch-size": cfg.device_batch_size, "layers": list(self.side_config.layers),
+                               "request": f"r{rnd}-o{request['offset']}-a{request['attempt']}", **dict(extra)})
+        self.devices[node_id].bytes_down += _config_bytes(config)
+        return Message(RecordDict({m.CONFIG_KEY: config}), dst_node_id=node_id, message_type=m.FORWARD,
+                       group_id=str(rnd), ttl=cfg.request_timeout)
+
+    def _stream_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
+        """Keep ``in_flight`` forward requests per device and train on frames as they land."""
+        cfg = self.config
+        work: queue.Queue = queue.Queue()
+        losses: list[tuple[float, int]] = []
+        train_s = [0.0]
+        errors: list[BaseException] = []
+        done_at = [0.0]
+
+        def trainer_loop() -> None:
+            torch.set_num_threads(max(1, cfg.server_threads))
+            while True:
+                item = work.get()
+                if item is None:
+                    return
+                node_id, blob = item
+                dev = self.devices[node_id]
+                try:
+                    frame = decode_frame(blob, expected_fingerprint=self.side_config.fingerprint)
+                    stats = self.store.ingest(dev.device_id, frame)
+                    losses.append((stats["loss"], int(stats["samples"])))
+                    train_s[0] += stats["seconds"]
+                except (FrameError, SideNetworkError) as err:
+                    dev.failures.append(f"round {rnd}: frame rejected: {err}")
+                    log(WARNING, "frame from %s rejected, nothing trained on it: %s", dev.device_id, err)
+                except BaseException as err:  # noqa: BLE001 - surfaced in the main thread
+                    errors.append(err)
+                    return
+                finally:
+                    done_at[0] = time.perf_counter()
+
+        worker = threading.Thread(target=trainer_loop, name="side-trainer", daemon=True)
+        t0 = time.perf_counter()
+        device_s0 = sum(d.busy_s for d in self.devices.values())
+        first_wave = list(self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
+        plans: dict[int, deque] = self._plans
+        worker.start()
+        pending: dict[str, tuple[int, dict[str, Any], float]] = {}
+        self._push(grid, first_wave, pending)
+        total = sum(d.train_samples for d in self._working().values())
+        received = 0
+        last_log = time.perf_counter()
+        while pending:
+            if errors:
+                raise errors[0]
+            replies = list(grid.pull_messages(list(pending)))
+            if not replies:
+                self._expire(pending, plans)
+                time.sleep(0.02)
+                continue
+            resend: list[Message] = []
+            for reply in replies:
+                node_id, request, _ = pending.pop(reply.metadata.reply_to_message_id)
+                dev = self.devices[node_id]
+                if reply.has_error():
+                    self._forward_failed(dev, request, f"error {reply.error.code}: {reply.error.reason}", plans)
+                else:
+                    stats = reply.content[m.STATS_KEY]
+                    blob = m.frame_bytes(reply.content[m.FRAME_KEY])
+                    dev.bytes_up += len(blob) + 8 * len(stats)
+                    dev.frame_bytes += len(blob)
+                    dev.frames += 1
+                    dev.samples_forwarded += int(stats["samples"])
+                    dev.forward_s += float(stats["forward-s"])
+                    dev.busy_s += float(stats["busy-s"])
+                    received += int(stats["samples"])
+                    work.put((node_id, blob))
+                if plans.get(node_id) and not dev.dropped:
+                    resend.append(self._forward_message(node_id, plans[node_id].popleft(), rnd, ConfigRecord()))
+            self._push(grid, resend, pending)
+            if time.perf_counter() - last_log > 10:
+                last_log = time.perf_counter()
+                log(INFO, "[round %d] frames landed for %d/%d samples, %d training queued", rnd, received, total,
+                    work.qsize())
+        work.put(None)
+        worker.join()
+        if errors:
+            raise errors[0]
+        if not self._working():
+            raise FleetError(f"every device failed in round {rnd}: {[d.failures for d in self.devices.values()]}")
+        wall = max(done_at[0], t0) - t0
+        device_s = sum(d.busy_s for d in self.devices.values()) - device_s0
+        self._stream_totals["wall_s"] += wall
+        self._stream_totals["device_s"] += device_s
+        self._stream_totals["train_s"] += train_s[0]
+        n = sum(c for _, c in losses)
+        loss = sum(l * c for l, c in losses) / n if n else float("nan")
+        return {"loss": loss, "phase": "stream", "stream_wall_s": wall, "stream_device_s": device_s,
+                "stream_train_s": train_s[0], "samples": received}
+
+    def _push(self, grid: Grid, messages: list[Message], pending: dict) -> None:
+        if not messages:
+            return
+        ids = list(grid.push_messages(messages))
+        now = time.perf_counter()
+        for msg, mid in zip(messages, ids):
+            cfg = msg.content[m.CONFIG_KEY]
+            request = {"offset": int(cfg["offset"]), "samples": int(cfg["samples"]),
+                       "attempt": int(str(cfg["request"]).rsplit("-a", 1)[1])}
+            if not mid:
+                raise FleetError(f"Flower refused a forward request to node {msg.metadata.dst_node_id}")
+            pending[mid] = (msg.metadata.dst_node_id, request, now)
+
+    def _expire(self, pending: dict, plans: dict) -> None:
+        now = time.perf_counter()
+        for mid, (node_id, request, sent) in list(pending.items()):
+            if now - sent > self.config.request_timeout:
+                del pending[mid]
+                self._forward_failed(self.devices[node_id], request,
+                                     f"no reply within {self.config.request_timeout:.0f} s", plans)
+
+    def _forward_failed(self, dev: DeviceState, request: dict[str, Any], why: str, plans: dict) -> None:
+        dev.failures.append(f"forward offset {request['offset']}: {why}")
+        if request["attempt"] < self.config.max_retries:
+            plans.setdefault(dev.node_id, deque()).appendleft({**request, "attempt": request["attempt"] + 1})
+            log(WARNING, "forward request to %s failed (%s); retrying", dev.device_id, why)
+        else:
+            dev.dropped = True
+            plans.pop(dev.node_id, None)
+            log(WARNING, "device %s dropped for the rest of the run after: %s", dev.device_id, why)
+
+    # ---- aggregation, evaluation, delivery ---------------------------------------------------
+    def _fedavg(self, rnd: int) -> None:
+        nets = self.store.device_networks()
+        records = []
+        for dev in self._working().values():
+            state = {k: v.detach().cpu() for k, v in nets[dev.device_id].state_dict().items()}
+            records.append(RecordDict({"net": ArrayRecord(torch_state_dict=state),
+                                       m.STATS_KEY: MetricRecord({"num-examples": dev.train_samples})}))
+        averaged, stats = self._aggregate(records)
+        if averaged is not None:
+            self.store.load_all(averaged.to_torch_state_dict())
+            log(INFO, "[round %d] FedAvg of %d device side networks (%d samples)", rnd, stats["devices"],
+                stats["num-examples"])
+
+    def _evaluate(self, grid: Grid, rnd: int, config: dict[str, Any]) -> dict[str, Any]:
+        messages = list(self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(config), grid))
+        replies = list(grid.send_and_receive(messages, timeout=self.config.request_timeout))
+        per_device = {}
+        for reply in replies:
+            dev = self.devices.get(reply.metadata.src_node_id)
+            if dev is None:
+                continue
+            if reply.has_error():
+                dev.failures.append(f"evaluate ({config['split']}): {reply.error.reason}")
+                continue
+            stats = dict(reply.content[m.STATS_KEY])
+            per_device[dev.device_id] = stats
+        agg = self.aggregate_evaluate(rnd, replies)
+        result = {"accuracy": float(agg["accuracy"]) if agg else float("nan"), "per_device": per_device}
+        log(INFO, "[round %d] on-device %s accuracy %.4f (%s)", rnd, config["split"], result["accuracy"],
+            ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in sorted(per_device.items())))
+        return result
+
+    def _finish(self, grid: Grid) -> dict[str, Any]:
+        cfg = self.config
+        exported = self.run_dir / "side_networks"
+        for dev in self.devices.values():
+            from mobiflower.platform.side_networks import save_side_network
+
+            save_side_network(self.store.network_for(dev.device_id), exported / f"{dev.device_id}.safetensors")
+        installed = False
+        if cfg.deliver:
+            messages = []
+            for node_id, dev in self._working().items():
+                net = self.store.network_for(dev.device_id)
+                weights, net_cfg = m.network_records(net)
+                dev.bytes_down += m.array_bytes(weights) + _config_bytes(net_cfg)
+                dev.delivered_digest = m.network_digest(net)
+                messages.append(Message(RecordDict({m.NETWORK_KEY: weights, m.NETWORK_CONFIG_KEY: net_cfg}),
+                                        dst_node_id=node_id, message_type=m.DELIVER, ttl=cfg.request_timeout))
+            for reply in grid.send_and_receive(messages, timeout=cfg.request_timeout):
+                dev = self.devices[reply.metadata.src_node_id]
+                if reply.has_error():
+                    dev.failures.append(f"delivery: {reply.error.reason}")
+                    continue
+                got = str(reply.content[m.CONFIG_KEY]["digest"])
+                dev.metrics["delivered"] = int(got == dev.delivered_digest)
+                dev.metrics["delivered_path"] = str(reply.content[m.CONFIG_KEY]["path"])
+            installed = True
+            log(INFO, "delivered side networks to %d devices", sum(int(d.metrics.get("delivered", 0))
+                                                                     for d in self.devices.values()))
+        result = self._evaluate(grid, cfg.rounds, {"split": "test", "installed": installed})
+        for dev in self.devices.values():
+            stats = result["per_device"].get(dev.device_id)
+            if stats:
+                dev.metrics["test_accuracy"] = float(stats["accuracy"])
+                dev.metrics["test_samples"] = int(stats["samples"])
+                dev.metrics["zero_shot_accuracy"] = float(stats["zero-shot-accuracy"])
+                dev.metrics["device_peak_rss_mb"] = float(stats["peak-rss-mb"])
+        return result
+
+    def _summary(self, final: dict[str, Any], train_wall: float, run_wall: float) -> dict[str, Any]:
+        totals = self._stream_totals
+        device_s = sum(d.busy_s for d in self.devices.values())
+        server_s = self.store.train_seconds
+        per_device = {d.device_id: d.account() for d in self.devices.values()}
+        efficiency = max(totals["device_s"], totals["train_s"]) / totals["wall_s"] if totals["wall_s"] else float("nan")
+        tested = [d for d in self.devices.values() if "test_accuracy" in d.metrics]
+        return {
+            "test_accuracy": final["accuracy"],
+            "mean_device_test_accuracy": (sum(d.metrics["test_accuracy"] for d in tested) / len(tested)
+                                          if tested else float("nan")),
+            "devices": per_device,
+            "pipeline_efficiency": efficiency,
+            "stream_wall_s": totals["wall_s"], "stream_device_forward_s": totals["device_s"],
+            "stream_server_train_s": totals["train_s"],
+            "device_forward_s": device_s, "server_train_s": server_s, "train_wall_s": train_wall,
+            "run_wall_s": run_wall,
+            "bytes_up": sum(d.bytes_up for d in self.devices.values()),
+            "bytes_down": sum(d.bytes_down for d in self.devices.values()),
+            "frame_bytes": sum(d.frame_bytes for d in self.devices.values()),
+            "frames": sum(d.frames for d in self.devices.values()),
+            "rounds": self.rounds,
+            "config": self.config.as_dict(),
+            "run_config": {k: v for k, v in self.run_config.items()},
+            "side_network": json.loads(self.side_config.to_json()),
+            "trainable_parameters": self.store.network_for(next(iter(self.devices.values())).device_id).num_trainable(),
+            "events": self.events,
+            "server_device": str(next(iter(self.store.trainers.values())).device),
+            "cpu_count": os.cpu_count(),
+        }
