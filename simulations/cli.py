@@ -1,6 +1,7 @@
 """The ``mobiflower`` command line.
 
     mobiflower assets                      prepare the bundled model and data (offline after this)
+    mobiflower simulate [--devices 4]      a Flower simulation of a device fleet side-tuning the model
     mobiflower local [--bits 4] [--out F]  side-tune on one device + server (two processes)
     mobiflower local --baseline lora       the same task trained on the device instead
     mobiflower infer --side-network F "a gripping, beautiful film"
@@ -33,6 +34,69 @@ def _cmd_assets(args) -> int:
 
     report = prepare_assets()
     print(f"model: {report.model_dir}\ndata:  {report.corpus}\nready in {report.seconds:.1f} s")
+    return 0
+
+
+def _run_config_value(text: str):
+    """``KEY=VALUE`` with VALUE read as TOML (numbers, true/false, quoted strings), else a plain string."""
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"-c takes KEY=VALUE, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.strip(), parsed
+
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser("simulate", help="a Flower simulation of a device fleet side-tuning the bundled model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--devices", type=int, default=4, help="simulated devices (Flower SuperNodes)")
+    p.add_argument("--mode", choices=["shared", "per-device", "hybrid"], default=None,
+                   help="side networks: one shared, one per device, or a shared trunk with personal heads "
+                        "(default: shared)")
+    p.add_argument("--partitioning", choices=["iid", "dirichlet"], default=None, help="default: iid")
+    p.add_argument("--alpha", type=float, default=None, help="Dirichlet alpha (default 0.1)")
+    p.add_argument("--rounds", type=int, default=None, help="epochs over the fleet's samples (default 20)")
+    p.add_argument("--aggregate-every", type=int, default=None, help="per-device mode: FedAvg every k rounds")
+    p.add_argument("--in-flight", type=int, default=None, help="forward requests in flight per device (default 2)")
+    p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=None, help="activation bits (default 8)")
+    p.add_argument("--client-cpus", type=int, default=1, help="CPUs per simulated device (Ray actor)")
+    p.add_argument("-c", "--run-config", type=_run_config_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other run-config key, e.g. -c train-samples=500 -c family=adapter")
+    p.add_argument("--workdir", default="runs/simulate", help="scratch folder (Flower home, checkpoints, summary)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
+    p.add_argument("--out", default=None, help="write the summary (accuracy and cost figures) as JSON here")
+    p.add_argument("--quiet", action="store_true", help="print only the final figures")
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _cmd_simulate(args) -> int:
+    from mobiflower.simulations.simulate import SimulateConfig, format_summary, run_simulate
+
+    overrides = dict(args.run_config)
+    for flag, key in (("mode", "mode"), ("partitioning", "partitioning"), ("alpha", "dirichlet-alpha"),
+                      ("rounds", "rounds"), ("aggregate_every", "aggregate-every"), ("in_flight", "in-flight"),
+                      ("bits", "bits")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    try:
+        config = SimulateConfig(devices=args.devices, client_cpus=args.client_cpus, workdir=args.workdir,
+                                timeout_s=args.timeout, run_config=overrides)
+    except ValueError as err:
+        print(f"mobiflower simulate: {err}", file=sys.stderr)
+        return 2
+    from mobiflower.simulations.flower_run import FlowerRunError
+
+    try:
+        summary = run_simulate(config, out=args.out, quiet=args.quiet)
+    except FlowerRunError as err:
+        print(f"mobiflower simulate: the Flower run failed: {err}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
     return 0
 
 
@@ -206,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_assets(sub)
+    _add_simulate(sub)
     _add_local(sub)
     _add_infer(sub)
     _add_bench(sub)

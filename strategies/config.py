@@ -36,12 +36,13 @@ class SideTuningConfig:
     # what devices send (the strategy may later adapt these per device)
     chunk_size: int = 64  # samples per forward request (one frame)
     in_flight: int = 2  # forward requests kept in flight per device
+    overlap: bool = True  # train on frames in a background thread while pulling; false = serial baseline
     device_batch_size: int = 16
     bits: int = 8
     token_policy: str = "last"
     # evaluation, delivery, output
     eval_every: int = 5  # on-device validation every k rounds (0 = only the final test)
-    eval_samples: int = 0  # cap per device for periodic validation (0 = all)
+    eval_samples: int = 64  # cap per device for periodic validation (0 = all); the final test uses all
     deliver: bool = True
     request_timeout: float = 900.0  # seconds a device may take to answer one request
     max_retries: int = 1  # a failed forward request is retried this many times before the device is dropped

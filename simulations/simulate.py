@@ -1,0 +1,127 @@
+"""``mobiflower simulate``: a Flower simulation of a device fleet side-tuning the bundled model.
+
+It wraps ``flwr run`` with everything a run needs and nothing it leaves behind: its own
+``FLWR_HOME`` in a scratch folder, runtime dependency installation off, free ports for the local
+SuperLink, and that SuperLink (with Ray and every actor) stopped by pid at the end. The app folder
+it runs is written from the installed package's defaults (:func:`default_app_config`), so it works
+without the source tree; the repository's ``pyproject.toml`` declares the same defaults for
+``flwr run .``. The ServerApp's log lines stream to the terminal as progress; the run ends with the
+accuracy and cost figures, also written by ``--out FILE.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mobiflower.clients.device_setup import DeviceSetup
+from mobiflower.simulations.flower_run import RunConfigValue, app_dir_for_run, run_simulation
+from mobiflower.strategies.config import SideTuningConfig
+
+_DEVICE_KEYS = {"model": "model", "weights": "weights", "num_taps": "num-taps", "train_samples": "train-samples",
+                "validation_samples": "validation-samples", "test_samples": "test-samples",
+                "partitioning": "partitioning", "dirichlet_alpha": "dirichlet-alpha", "threads": "device-threads"}
+
+
+def default_app_config() -> dict[str, RunConfigValue]:
+    """Every run-config key the app reads, with its default (devices' and the strategy's)."""
+    device = DeviceSetup()
+    config: dict[str, RunConfigValue] = {key: getattr(device, name) for name, key in _DEVICE_KEYS.items()}
+    config.update(SideTuningConfig().as_dict())
+    config["delivery-dir"] = ""
+    return config
+
+
+@dataclass
+class SimulateConfig:
+    """One ``mobiflower simulate`` run: fleet size, resources, and run-config overrides."""
+
+    devices: int = 4
+    client_cpus: int = 1  # CPUs per simulated device (Ray actor); actors = machine CPUs // client_cpus
+    workdir: str = "runs/simulate"
+    timeout_s: float = 3600.0
+    run_config: dict[str, RunConfigValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise ValueError(f"--devices must be at least 1, got {self.devices}")
+        if self.client_cpus < 1:
+            raise ValueError(f"--client-cpus must be a whole number >= 1, got {self.client_cpus}")
+        known = default_app_config()
+        unknown = sorted(set(self.run_config) - set(known))
+        if unknown:
+            raise ValueError(f"unknown run-config key(s) {unknown}: the app reads {', '.join(sorted(known))}")
+        SideTuningConfig.from_run_config({**known, **self.run_config})  # fail here, not inside the ServerApp
+
+
+_NOISE = ("FutureWarning", "warnings.warn", "RAY_ACCEL_ENV_VAR", "simulation-config", "To change federation size",
+          "Since flwr 1.32", "Manually terminating ClientAppActor")
+
+
+def _printer(quiet: bool) -> Callable[[str], None]:
+    def on_line(line: str) -> None:
+        if quiet or not line.strip() or any(n in line for n in _NOISE):
+            return
+        print(line.rstrip(), file=sys.stderr, flush=True)
+
+    return on_line
+
+
+def run_simulate(config: SimulateConfig, out: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run the simulation; return (and write to ``out``) the run summary with Flower's run record."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    scratch = (Path(config.workdir) / f"{stamp}-{os.getpid()}").resolve()
+    run_dir = scratch / "run"
+    app_dir = app_dir_for_run(scratch, default_app_config())
+    run_config = {**config.run_config, "run-dir": str(run_dir)}
+    env = {"MOBIFLOWER_HOME": os.environ["MOBIFLOWER_HOME"]} if "MOBIFLOWER_HOME" in os.environ else {}
+    if not quiet:
+        print(f"[simulate] {config.devices} devices, {config.client_cpus} CPU(s) each; scratch {scratch}",
+              file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    result = run_simulation(app_dir, run_config, num_supernodes=config.devices, client_cpus=config.client_cpus,
+                            scratch=scratch, on_line=_printer(quiet), timeout_s=config.timeout_s, extra_env=env)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        raise RuntimeError(f"the run finished ({result.status}) but wrote no summary at {summary_path}")
+    summary = json.loads(summary_path.read_text())
+    summary["simulation"] = {"devices": config.devices, "client_cpus": config.client_cpus,
+                             "run_id": result.run_id, "status": result.status, "wall_s": time.perf_counter() - t0,
+                             "run_dir": str(run_dir), "plot": str(run_dir / "summary.png")}
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The figures a user reads at the end of a run: accuracy per device and what it cost."""
+    lines = [f"{'device':<10} {'test acc':>9} {'zero-shot':>9} {'samples':>8} {'MB up':>8} {'MB down':>8} "
+             f"{'fwd s':>7}"]
+    for name, d in sorted(summary["devices"].items()):
+        acc = d.get("test_accuracy")
+        zs = d.get("zero_shot_accuracy")
+        lines.append(f"{name:<10} {acc if acc is not None else float('nan'):>9.4f} "
+                     f"{zs if zs is not None else float('nan'):>9.4f} {d.get('test_samples', 0):>8} "
+                     f"{d['bytes_up'] / 1e6:>8.2f} {d['bytes_down'] / 1e6:>8.2f} {d['device_forward_s']:>7.1f}")
+    sim = summary.get("simulation", {})
+    cfg = summary.get("config", {})
+    lines += [
+        "",
+        f"test accuracy (all devices' test samples): {summary['test_accuracy']:.4f}   "
+        f"mode {cfg.get('mode')}, {cfg.get('rounds')} rounds, {cfg.get('bits')}-bit frames",
+        f"wire: {summary['bytes_up'] / 1e6:.2f} MB up ({summary['frames']} frames, "
+        f"{summary['frame_bytes'] / max(1, summary['frames']) / 1024:.0f} KiB each), "
+        f"{summary['bytes_down'] / 1e6:.2f} MB down",
+        f"time: device forward {summary['device_forward_s']:.1f} s (all devices), server training "
+        f"{summary['server_train_s']:.1f} s, training wall {summary['train_wall_s']:.1f} s, "
+        f"pipeline efficiency {summary['pipeline_efficiency']:.2f}, run {sim.get('wall_s', summary['run_wall_s']):.0f} s",
+        f"summary: {sim.get('run_dir', '')}/summary.json and summary.png",
+    ]
+    return "\n".join(lines)
+
