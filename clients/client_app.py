@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from mobiflower.clients.device_setup import DeviceSetup, examples_at
@@ -77,6 +77,7 @@ def profile(msg: Message, context: Context) -> Message:
         "norm-eps": float(getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", None) or 1e-5),
     })
     stats = m.metrics({"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
+                       "positive-share": sum(e.label for e in data.train) / max(1, len(data.train)),
                        "forward-samples-per-s": speed, "load-s": load_s, "rss-mb": rss, "peak-rss-mb": peak,
                        "cpu-count": os.cpu_count() or 1, "threads": torch.get_num_threads()})
     frozen = {k: v.contiguous() for k, v in backbone.frozen_head_state(lm_head=False).items()}
@@ -180,5 +181,3 @@ def deliver(msg: Message, context: Context) -> Message:
     })
     return Message(reply, reply_to=msg)
 
-
-__all__ = ["app", "MetricRecord"]

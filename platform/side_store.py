@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
@@ -25,7 +24,7 @@ import torch
 
 from mobiflower.platform.frames import Frame
 from mobiflower.platform.side_networks import SideNetwork, SideNetworkError
-from mobiflower.platform.trainer import SideTrainer, TrainConfig
+from mobiflower.platform.trainer import SideTrainer, TrainConfig, chunk_sizes, planned_steps
 
 MODES = ("shared", "per-device", "hybrid")
 SHARED = "shared"
@@ -57,15 +56,16 @@ class SideNetworkStore:
         self.personal: dict[str, SideNetwork] = {}
         self.personal_seconds = 0.0
 
-        def steps(n: int) -> int:  # streamed pass (per-frame batches) + cached epochs
-            return train.epochs * (math.ceil(n / train.batch_size) + math.ceil(n / max(1, chunk_size)))
+        def steps(devices: list[str]) -> int:
+            frames = [size for d in devices for size in chunk_sizes(self.device_samples[d], chunk_size)]
+            return planned_steps(frames, train.batch_size, train.epochs, cached=train.cache_bytes > 0)
 
         if config.mode == "per-device":
             template = make_net()  # every device starts from the same weights, so FedAvg averages like with like
-            for device, n in self.device_samples.items():
-                self.trainers[device] = SideTrainer(copy.deepcopy(template), train, total_steps=steps(n))
+            for device in self.device_samples:
+                self.trainers[device] = SideTrainer(copy.deepcopy(template), train, total_steps=steps([device]))
         else:
-            self.trainers[SHARED] = SideTrainer(make_net(), train, total_steps=steps(sum(self.device_samples.values())))
+            self.trainers[SHARED] = SideTrainer(make_net(), train, total_steps=steps(list(self.device_samples)))
         if config.mode == "hybrid" and train.cache_bytes <= 0:
             raise SideNetworkError("hybrid mode fine-tunes personal heads from the activation cache: turn the "
                                    "cache on (activation-cache = true) or use mode 'shared' / 'per-device'")
@@ -100,6 +100,18 @@ class SideNetworkStore:
     @property
     def train_seconds(self) -> float:
         return sum(t.train_seconds for t in self.trainers.values()) + self.personal_seconds
+
+    def averaging(self, epoch: int) -> bool:
+        return next(iter(self.trainers.values())).averaging(epoch)
+
+    def update_average(self) -> None:
+        """Add every trainer's current weights to its tail average (see SideTrainer.update_average)."""
+        for trainer in self.trainers.values():
+            trainer.update_average()
+
+    def use_average(self) -> bool:
+        """Load each trainer's tail average (before delivery); True when averages were taken."""
+        return all([trainer.use_average() for trainer in self.trainers.values()])
 
     # ---- networks ---------------------------------------------------------------------------
     def network_for(self, device: str) -> SideNetwork:

@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when present, else CPU
     cache_bytes: int = 2 << 30  # bound of the activation cache (quantized bytes)
+    average_epochs: int = 5  # deliver the mean of the last k epochs' weights (tail averaging); 0 = the last
 
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine", "constant"):
@@ -130,6 +131,23 @@ def _lr_lambda(total: int, warmup: int, schedule: str):
     return fn
 
 
+def chunk_sizes(samples: int, chunk_size: int) -> list[int]:
+    """The frame sizes of ``samples`` sent in chunks of ``chunk_size`` (the last one may be short)."""
+    full, rest = divmod(samples, max(1, chunk_size))
+    return [chunk_size] * full + ([rest] if rest else [])
+
+
+def planned_steps(frame_sizes: Sequence[int], batch_size: int, epochs: int, cached: bool = True) -> int:
+    """Optimizer steps of a run, so the learning-rate schedule ends exactly at its last step.
+
+    The streamed first epoch trains frame by frame (each frame ends in a partial batch); later
+    epochs batch across the whole activation cache, or stream again when nothing is cached.
+    """
+    streamed = sum(math.ceil(n / batch_size) for n in frame_sizes)
+    later = math.ceil(sum(frame_sizes) / batch_size) if cached else streamed
+    return streamed + max(0, epochs - 1) * later
+
+
 class SideTrainer:
     """Trains one side network from frames."""
 
@@ -152,6 +170,8 @@ class SideTrainer:
         self.cache = ActivationCache(self.config.cache_bytes)
         self.train_seconds = 0.0
         self.history: list[dict[str, Any]] = []
+        self.average: dict[str, torch.Tensor] | None = None
+        self.averaged = 0
 
     # ---- data -------------------------------------------------------------------------------
     def check_frame(self, frame: Frame) -> None:
@@ -227,6 +247,35 @@ class SideTrainer:
         seconds = time.perf_counter() - t
         self.train_seconds += seconds
         return {"loss": sum(losses) / len(losses), "seconds": seconds, "samples": self.cache.num_samples}
+
+    def averaging(self, epoch: int) -> bool:
+        """Whether the weights after ``epoch`` (1-based) belong to the delivered tail average."""
+        k = self.config.average_epochs
+        return k > 0 and epoch > self.config.epochs - k
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """Add the current weights to the running mean of the last epochs' weights.
+
+        Averaging the end-of-epoch weights of the final epochs (Polyak / SWA tail averaging) gives a
+        network less tied to the last few minibatches than the last weights are; with streamed
+        frames landing in whatever order the fleet produces them, it keeps runs comparable.
+        """
+        state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        self.averaged += 1
+        if self.average is None:
+            self.average = state
+            return
+        for key, value in state.items():
+            if value.is_floating_point():
+                self.average[key] += (value - self.average[key]) / self.averaged
+
+    def use_average(self) -> bool:
+        """Load the tail average into the network (if one was taken); True when it was."""
+        if self.average is None:
+            return False
+        self.net.load_state_dict(self.average)
+        return True
 
     @torch.no_grad()
     def evaluate(self, frames: Sequence[Frame | DecodedFrame]) -> dict[str, float]:

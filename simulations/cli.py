@@ -6,6 +6,7 @@
     mobiflower local --baseline lora       the same task trained on the device instead
     mobiflower infer --side-network F "a gripping, beautiful film"
     mobiflower bench device --out F        device memory / speed / wire-size benchmark
+    mobiflower bench pipeline | modes      forward/training overlap; shared vs per-device vs hybrid
     mobiflower compare runs/*.json         one table of the runs' accuracy and cost
 """
 
@@ -65,6 +66,9 @@ def _add_simulate(sub) -> None:
     p.add_argument("--in-flight", type=int, default=None, help="forward requests in flight per device (default 2)")
     p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=None, help="activation bits (default 8)")
     p.add_argument("--client-cpus", type=int, default=1, help="CPUs per simulated device (Ray actor)")
+    p.add_argument("--loopback", action="store_true",
+                   help="run on a real Flower deployment on 127.0.0.1 (SuperLink + one SuperNode per device) "
+                        "instead of the simulation engine; adds Flower's own traffic figures")
     p.add_argument("-c", "--run-config", type=_run_config_value, action="append", default=[], metavar="KEY=VALUE",
                    help="any other run-config key, e.g. -c train-samples=500 -c family=adapter")
     p.add_argument("--workdir", default="runs/simulate", help="scratch folder (Flower home, checkpoints, summary)")
@@ -92,7 +96,7 @@ def _cmd_simulate(args) -> int:
     from mobiflower.simulations.flower_run import FlowerRunError
 
     try:
-        summary = run_simulate(config, out=args.out, quiet=args.quiet)
+        summary = run_simulate(config, out=args.out, quiet=args.quiet, loopback=args.loopback)
     except FlowerRunError as err:
         print(f"mobiflower simulate: the Flower run failed: {err}", file=sys.stderr)
         return 1
@@ -125,6 +129,8 @@ def _add_local(sub) -> None:
     p.add_argument("--reduction", type=int, default=d["reduction"].default)
     p.add_argument("--dropout", type=float, default=d["dropout"].default)
     p.add_argument("--epochs", type=int, default=d["epochs"].default)
+    p.add_argument("--average-epochs", type=int, default=d["average_epochs"].default,
+                   help="deliver the mean weights of the last k epochs (tail averaging); 0 = the last epoch's")
     p.add_argument("--lr", type=float, default=None,
                    help=f"default: {d['lr'].default:g} side network, 5e-4 LoRA, 2e-5 full fine-tuning")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"].default)
@@ -157,7 +163,7 @@ def _cmd_local(args) -> int:
                                 validation_samples=args.validation_samples, test_samples=args.test_samples,
                                 seed=args.seed, bits=args.bits, group_size=args.group_size, token_policy=args.token_policy, family=args.family,
                                 num_taps=args.num_taps, layers=args.layers, reduction=args.reduction,
-                                dropout=args.dropout, epochs=args.epochs,
+                                dropout=args.dropout, epochs=args.epochs, average_epochs=args.average_epochs,
                                 lr=args.lr if args.lr is not None else LocalRunConfig.lr,
                                 weight_decay=args.weight_decay, select=args.select,
                                 batch_size=args.batch_size, chunk_size=args.chunk_size,
@@ -218,6 +224,34 @@ def _add_bench(sub) -> None:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_precision_arguments(pr)
     pr.set_defaults(func=_cmd_bench_precision)
+    pp = bsub.add_parser("pipeline", help="one device: forward/training overlap with 2, 1 requests in flight and serial",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pp.add_argument("--samples", type=int, default=256)
+    pp.add_argument("--reduction", type=int, default=1, help="ladder reduction (1 = full width: training ~ forward)")
+    pp.add_argument("--chunk-size", type=int, default=32)
+    pp.add_argument("--out", default="runs/bench_pipeline.json")
+    pp.set_defaults(func=_cmd_bench_pipeline)
+    pm = bsub.add_parser("modes", help="shared vs per-device vs hybrid side networks on a Dirichlet label split",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pm.add_argument("--devices", type=int, default=4)
+    pm.add_argument("--alpha", type=float, default=0.1)
+    pm.add_argument("--rounds", type=int, default=20)
+    pm.add_argument("--out", default="runs/bench_modes.json")
+    pm.set_defaults(func=_cmd_bench_modes)
+
+
+def _cmd_bench_pipeline(args) -> int:
+    from mobiflower.simulations import bench_pipeline
+
+    return bench_pipeline.main(["--samples", str(args.samples), "--reduction", str(args.reduction),
+                                "--chunk-size", str(args.chunk_size), "--out", args.out])
+
+
+def _cmd_bench_modes(args) -> int:
+    from mobiflower.simulations import bench_modes
+
+    return bench_modes.main(["--devices", str(args.devices), "--alpha", str(args.alpha), "--rounds",
+                             str(args.rounds), "--out", args.out])
 
 
 def _cmd_bench_device(args) -> int:

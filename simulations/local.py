@@ -32,7 +32,7 @@ from mobiflower.platform.codec import default_group_size
 from mobiflower.platform.frames import decode_frame
 from mobiflower.platform.weights import normalize_precision
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
-from mobiflower.platform.trainer import SideTrainer, TrainConfig
+from mobiflower.platform.trainer import SideTrainer, TrainConfig, chunk_sizes, planned_steps
 
 
 @dataclass
@@ -55,6 +55,7 @@ class LocalRunConfig:
     reduction: int = 8
     dropout: float = 0.3
     epochs: int = 20
+    average_epochs: int = 5  # deliver the mean weights of the last k epochs (0 = the last epoch's)
     lr: float = 3e-4
     weight_decay: float = 0.1
     select: str = "last"  # deliver the last epoch's side network, or the one with the "best-val" accuracy
@@ -74,7 +75,7 @@ class LocalRunConfig:
         self.forward = ForwardConfig(bits=self.bits, group_size=self.group_size, rotation=self.rotation,
                                      token_policy=self.token_policy, batch_size=self.device_batch_size, seed=self.seed)
         self.train = TrainConfig(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
-                                 batch_size=self.batch_size, seed=self.seed)
+                                 batch_size=self.batch_size, seed=self.seed, average_epochs=self.average_epochs)
         if self.select not in ("last", "best-val"):
             raise ValueError(f"select={self.select!r} must be 'last' or 'best-val'")
         for name in ("train_samples", "validation_samples", "test_samples", "chunk_size", "epochs"):
@@ -135,8 +136,8 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
     frozen = {k: torch.from_numpy(v) for k, v in hello["frozen"].items()}
     torch.manual_seed(config.seed)  # the side network's initial weights are part of the run's seed
     net = build_side_network(side_config, frozen)
-    steps_per_epoch = math.ceil(hello["train"] / config.batch_size) + math.ceil(hello["train"] / config.chunk_size)
-    trainer = SideTrainer(net, config.train, total_steps=steps_per_epoch * config.epochs)
+    total_steps = planned_steps(chunk_sizes(hello["train"], config.chunk_size), config.batch_size, config.epochs)
+    trainer = SideTrainer(net, config.train, total_steps=total_steps)
     log(f"[server] {config.family} side network, {net.num_trainable():,} trainable parameters, "
         f"training on {trainer.device}")
 
@@ -172,10 +173,14 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
     keep_best = config.select == "best-val"  # "last" needs no snapshots: the final weights are delivered
     best = {"accuracy": val["accuracy"], "epoch": 1,
             "state": copy.deepcopy(trainer.net.state_dict()) if keep_best else None}
+    if trainer.averaging(1):
+        trainer.update_average()
     log(f"[server] epoch 1 (streamed): validation accuracy {val['accuracy']:.4f}")
     for epoch in range(2, config.epochs + 1):
         stats = trainer.train_epoch()
         val = trainer.evaluate(val_frames)
+        if trainer.averaging(epoch):
+            trainer.update_average()
         history.append({"epoch": epoch, "loss": stats["loss"], "validation_accuracy": val["accuracy"]})
         log(f"[server] epoch {epoch}: loss {stats['loss']:.4f}, validation accuracy {val['accuracy']:.4f}")
         if val["accuracy"] > best["accuracy"] or not keep_best:
@@ -185,6 +190,8 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
     trainer.save_checkpoint(workdir / "checkpoint", extra={"best_epoch": best["epoch"]})  # the last epoch's state
     if best["state"] is not None:
         trainer.net.load_state_dict(best["state"])
+    elif trainer.use_average():
+        log(f"[server] delivering the mean of the last {trainer.averaged} epochs' weights (tail averaging)")
     export = trainer.export(workdir / "side_network.safetensors")
     log(f"[server] delivering the epoch-{best['epoch']} side network (validation accuracy {best['accuracy']:.4f}, "
         f"{export.stat().st_size / 1024:.0f} KiB) to the device for local inference")

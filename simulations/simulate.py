@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mobiflower.clients.device_setup import DeviceSetup
-from mobiflower.simulations.flower_run import RunConfigValue, app_dir_for_run, run_simulation
+from mobiflower.simulations.flower_run import LoopbackDeployment, RunConfigValue, app_dir_for_run, run_simulation
 from mobiflower.strategies.config import SideTuningConfig
 
 _DEVICE_KEYS = {"model": "model", "weights": "weights", "num_taps": "num-taps", "train_samples": "train-samples",
@@ -72,8 +72,14 @@ def _printer(quiet: bool) -> Callable[[str], None]:
     return on_line
 
 
-def run_simulate(config: SimulateConfig, out: str | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Run the simulation; return (and write to ``out``) the run summary with Flower's run record."""
+def run_simulate(config: SimulateConfig, out: str | None = None, quiet: bool = False,
+                 loopback: bool = False) -> dict[str, Any]:
+    """Run the fleet; return (and write to ``out``) the run summary with Flower's run record.
+
+    ``loopback`` runs the same job on a real Flower deployment on 127.0.0.1 (a SuperLink and one
+    SuperNode process per device, each installing its side network under the scratch folder)
+    instead of the simulation engine, and adds Flower's own traffic figures to the summary.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S")
     scratch = (Path(config.workdir) / f"{stamp}-{os.getpid()}").resolve()
     run_dir = scratch / "run"
@@ -81,18 +87,34 @@ def run_simulate(config: SimulateConfig, out: str | None = None, quiet: bool = F
     run_config = {**config.run_config, "run-dir": str(run_dir)}
     env = {"MOBIFLOWER_HOME": os.environ["MOBIFLOWER_HOME"]} if "MOBIFLOWER_HOME" in os.environ else {}
     if not quiet:
-        print(f"[simulate] {config.devices} devices, {config.client_cpus} CPU(s) each; scratch {scratch}",
-              file=sys.stderr, flush=True)
+        where = "loopback deployment (SuperLink + SuperNodes)" if loopback else "simulation"
+        print(f"[simulate] {config.devices} devices, {where}; scratch {scratch}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    result = run_simulation(app_dir, run_config, num_supernodes=config.devices, client_cpus=config.client_cpus,
-                            scratch=scratch, on_line=_printer(quiet), timeout_s=config.timeout_s, extra_env=env)
+    traffic: dict[str, int] | None = None
+    if loopback:
+        node_configs = [{"side-network-dir": str(scratch / "devices" / f"node-{i}")} for i in range(config.devices)]
+        with LoopbackDeployment(scratch, config.devices, node_configs=node_configs, extra_env=env) as deployment:
+            result = deployment.run(app_dir, run_config, on_line=_printer(quiet), timeout_s=config.timeout_s)
+            traffic = deployment.traffic(result.run_id)
+    else:
+        result = run_simulation(app_dir, run_config, num_supernodes=config.devices, client_cpus=config.client_cpus,
+                                scratch=scratch, on_line=_printer(quiet), timeout_s=config.timeout_s, extra_env=env)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the run finished ({result.status}) but wrote no summary at {summary_path}")
     summary = json.loads(summary_path.read_text())
-    summary["simulation"] = {"devices": config.devices, "client_cpus": config.client_cpus,
+    summary["simulation"] = {"devices": config.devices, "client_cpus": config.client_cpus, "loopback": loopback,
                              "run_id": result.run_id, "status": result.status, "wall_s": time.perf_counter() - t0,
                              "run_dir": str(run_dir), "plot": str(run_dir / "summary.png")}
+    if traffic is not None:
+        frame_bytes = max(1, summary["frame_bytes"])
+        summary["flower_traffic"] = {
+            **traffic,
+            # Replies (device to SuperLink) are the frames plus small profile / evaluation replies,
+            # so this bounds Flower's cost per frame byte from above.
+            "inbound_per_frame_byte": traffic.get("inbound-bytes", 0) / frame_bytes,
+            "outbound_per_sent_byte": traffic.get("outbound-bytes", 0) / max(1, summary["bytes_down"]),
+        }
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(summary, indent=2))
@@ -123,5 +145,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"pipeline efficiency {summary['pipeline_efficiency']:.2f}, run {sim.get('wall_s', summary['run_wall_s']):.0f} s",
         f"summary: {sim.get('run_dir', '')}/summary.json and summary.png",
     ]
+    if "flower_traffic" in summary:
+        t = summary["flower_traffic"]
+        lines.insert(-1, f"Flower moved {t.get('inbound-bytes', 0) / 1e6:.2f} MB up / {t.get('outbound-bytes', 0) / 1e6:.2f} "
+                         f"MB down: {t['inbound_per_frame_byte']:.3f} bytes up per frame byte")
+    if summary.get("initial_test_accuracy") is not None:
+        lines.insert(len(lines) - 4, f"untrained side network (round 0): {summary['initial_test_accuracy']:.4f}")
     return "\n".join(lines)
 

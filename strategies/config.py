@@ -26,6 +26,7 @@ class SideTuningConfig:
     weight_decay: float = 0.1
     batch_size: int = 32
     rounds: int = 20  # one round = one epoch over the fleet's training samples
+    average_epochs: int = 5  # deliver the mean weights of the last k rounds (tail averaging); 0 = the last
     activation_cache: bool = True  # later rounds train from cached activations: devices forward once
     cache_mb: int = 2048
     aggregate_every: int = 0  # per-device mode: FedAvg of the device networks every k rounds (0 = never)
@@ -41,6 +42,7 @@ class SideTuningConfig:
     bits: int = 8
     token_policy: str = "last"
     # evaluation, delivery, output
+    eval_initial: bool = False  # score the untrained side network on the devices' test splits first (a baseline)
     eval_every: int = 5  # on-device validation every k rounds (0 = only the final test)
     eval_samples: int = 64  # cap per device for periodic validation (0 = all); the final test uses all
     deliver: bool = True

@@ -81,7 +81,8 @@ class DeviceState:
         return {"node_id": self.node_id, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "frame_bytes": self.frame_bytes, "frames": self.frames, "samples_forwarded": self.samples_forwarded,
                 "device_forward_s": self.busy_s, "backbone_forward_s": self.forward_s,
-                "failures": self.failures, "dropped": self.dropped, **self.metrics}
+                "failures": self.failures, "dropped": self.dropped,
+                "positive_share": self.profile.get("positive-share"), **self.metrics}
 
 
 def _config_bytes(record: ConfigRecord) -> int:
@@ -100,6 +101,7 @@ class SideTuningStrategy(Strategy):
         self.side_config: SideNetworkConfig | None = None
         self.rounds: list[dict[str, Any]] = []
         self.events: list[str] = []
+        self.initial: dict[str, Any] | None = None
         self._stream_totals = {"wall_s": 0.0, "device_s": 0.0, "slowest_device_s": 0.0, "train_s": 0.0}
 
     # ---- Strategy hooks -------------------------------------------------------------------
@@ -175,11 +177,13 @@ class SideTuningStrategy(Strategy):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         t_run = time.perf_counter()
         self._profile(grid)
+        if cfg.eval_initial:
+            self.initial = self._evaluate(grid, 0, {"split": "test"})
         train_wall = 0.0
         for rnd in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
             record: dict[str, Any] = {"round": rnd}
-            up0 = {n: (d.bytes_up, d.bytes_down, d.busy_s) for n, d in self.devices.items()}
+            up0 = {n: (d.bytes_up, d.bytes_down, d.busy_s, d.frame_bytes) for n, d in self.devices.items()}
             train0 = self.store.train_seconds
             if rnd == 1 or not cfg.activation_cache:
                 record.update(self._stream_round(grid, rnd))
@@ -189,10 +193,12 @@ class SideTuningStrategy(Strategy):
             if cfg.aggregate_every and rnd % cfg.aggregate_every == 0:
                 self._fedavg(rnd)
                 record["aggregated"] = True
+            if self.store.averaging(rnd):
+                self.store.update_average()
             record["server_train_s"] = self.store.train_seconds - train0
             train_wall += time.perf_counter() - t0
             last = rnd == cfg.rounds
-            if cfg.mode == "hybrid" and (last or (cfg.eval_every and rnd % cfg.eval_every == 0)):
+            if cfg.mode == "hybrid" and not last and cfg.eval_every and rnd % cfg.eval_every == 0:
                 self.store.personalize([d.device_id for d in self._working().values()])
             if cfg.eval_every and rnd % cfg.eval_every == 0 and not last:
                 result = self._evaluate(grid, rnd, {"split": "validation", "max-samples": cfg.eval_samples})
@@ -202,6 +208,10 @@ class SideTuningStrategy(Strategy):
             record["bytes_up"] = sum(d.bytes_up - up0[n][0] for n, d in self.devices.items())
             record["bytes_down"] = sum(d.bytes_down - up0[n][1] for n, d in self.devices.items())
             record["device_forward_s"] = sum(d.busy_s - up0[n][2] for n, d in self.devices.items())
+            record["devices"] = {d.device_id: {"bytes_up": d.bytes_up - up0[n][0], "bytes_down": d.bytes_down - up0[n][1],
+                                               "device_forward_s": d.busy_s - up0[n][2],
+                                               "frame_bytes": d.frame_bytes - up0[n][3]}
+                                 for n, d in self.devices.items()}
             self.rounds.append(record)
             val = record.get("validation_accuracy")
             log(INFO, "[round %d/%d] %s loss %.4f%s, server train %.1f s, wall %.1f s, up %.2f MB", rnd, cfg.rounds,
@@ -256,7 +266,8 @@ class SideTuningStrategy(Strategy):
             bits=cfg.bits, group_size=64 if cfg.bits >= 8 else 32, token_policy=cfg.token_policy,
             extra={"model": str(first["model"])})
         train = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.rounds, batch_size=cfg.batch_size,
-                            seed=cfg.seed, cache_bytes=cfg.cache_mb << 20 if cfg.activation_cache else 0)
+                            seed=cfg.seed, cache_bytes=cfg.cache_mb << 20 if cfg.activation_cache else 0,
+                            average_epochs=cfg.average_epochs)
 
         def make_net():
             torch.manual_seed(cfg.seed)  # the side network's initial weights are part of the run's seed
@@ -459,6 +470,10 @@ class SideTuningStrategy(Strategy):
 
     def _finish(self, grid: Grid) -> dict[str, Any]:
         cfg = self.config
+        if self.store.use_average():
+            log(INFO, "delivering the mean weights of the last %d rounds (tail averaging)", cfg.average_epochs)
+        if cfg.mode == "hybrid":  # personal heads over the delivered trunk
+            self.store.personalize([d.device_id for d in self._working().values()])
         exported = self.run_dir / "side_networks"
         for dev in self.devices.values():
             from mobiflower.platform.side_networks import save_side_network
@@ -507,6 +522,7 @@ class SideTuningStrategy(Strategy):
         tested = [d for d in self.devices.values() if "test_accuracy" in d.metrics]
         return {
             "test_accuracy": final["accuracy"],
+            "initial_test_accuracy": self.initial["accuracy"] if self.initial else None,
             "mean_device_test_accuracy": (sum(d.metrics["test_accuracy"] for d in tested) / len(tested)
                                           if tested else float("nan")),
             "devices": per_device,

@@ -171,3 +171,33 @@ def test_device_shares_are_disjoint_and_cover_the_splits():
         assert sorted(ids) == sorted(e.id for e in getattr(splits, name))
     assert [e.id for e in examples_at(shares[0].train, len(shares[0].train) - 1, 2)] == \
         [shares[0].train[-1].id, shares[0].train[0].id]  # the cursor wraps into the next epoch
+
+
+@pytest.mark.parametrize("mode", ["shared", "per-device"])
+def test_learning_rate_schedule_ends_exactly_at_the_last_step(fleet_frames, mode):
+    frames = fleet_frames[0]
+    store = _store(mode, fleet_frames)  # 4 epochs: one streamed, three from the cache
+    for device, frame in frames.items():
+        store.ingest(device, frame)
+    for _ in range(3):
+        store.train_epoch()
+    for trainer in store.trainers.values():
+        assert trainer.step == trainer.total_steps
+        assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_tail_average_is_the_mean_of_the_last_epochs_weights(fleet_frames):
+    frames = fleet_frames[0]
+    store = _store("shared", fleet_frames)  # 4 epochs, average over the last min(5, 4) of them
+    trainer = store.trainers["shared"]
+    snapshots = []
+    for device, frame in frames.items():
+        store.ingest(device, frame)
+    for epoch in range(1, 5):
+        if epoch > 1:
+            store.train_epoch()
+        assert store.averaging(epoch) == (epoch > trainer.config.epochs - trainer.config.average_epochs)
+        store.update_average()
+        snapshots.append(trainer.net.state_dict()["up.weight"].clone())
+    assert store.use_average()
+    assert torch.allclose(trainer.net.state_dict()["up.weight"], torch.stack(snapshots).mean(0), atol=1e-6)

@@ -1,0 +1,111 @@
+"""Benchmark: shared, per-device and hybrid side networks on a label-skewed fleet, side by side.
+
+Devices get a Dirichlet(alpha) split by label (alpha = 0.1: most devices hold mostly one label),
+and each device's validation and test samples follow its own label mix, so "accuracy on the
+device's own held-out data" is what a user of that device sees. The same fleet, samples and seed
+run once per mode; the table reports every device's own test accuracy per mode and the mean over
+devices (unweighted: each device's user counts once) next to the pooled accuracy.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mobiflower.simulations.bench_common import acceptance_lines, write_outputs
+from mobiflower.simulations.simulate import SimulateConfig, run_simulate
+
+MODES = {"shared": {"mode": "shared"},
+         "per-device": {"mode": "per-device"},
+         "hybrid": {"mode": "hybrid"}}
+ACCEPTANCE = {"per-device beats shared (mean of devices)": ("per_device_minus_shared", ">", 0.0),
+              "hybrid beats shared (mean of devices)": ("hybrid_minus_shared", ">", 0.0)}
+
+
+def run_modes_bench(devices: int = 4, alpha: float = 0.1, train_samples: int = 2000, test_samples: int = 1000,
+                    rounds: int = 20, workdir: str = "runs/bench-modes", log=print) -> dict[str, Any]:
+    base = {"partitioning": "dirichlet", "dirichlet-alpha": alpha, "train-samples": train_samples,
+            "test-samples": test_samples, "rounds": rounds}
+    runs: dict[str, dict[str, Any]] = {}
+    for name, overrides in MODES.items():
+        log(f"[bench modes] {name}: {devices} devices, Dirichlet alpha {alpha} ...")
+        t0 = time.perf_counter()
+        summary = run_simulate(SimulateConfig(devices=devices, workdir=workdir, run_config={**base, **overrides}),
+                               quiet=True)
+        per_device = {d: {"test_accuracy": v.get("test_accuracy"), "test_samples": v.get("test_samples"),
+                          "positive_share": v.get("positive_share")} for d, v in summary["devices"].items()}
+        runs[name] = {"test_accuracy": summary["test_accuracy"],
+                      "mean_device_test_accuracy": summary["mean_device_test_accuracy"],
+                      "devices": per_device, "bytes_up": summary["bytes_up"], "bytes_down": summary["bytes_down"],
+                      "server_train_s": summary["server_train_s"], "run_s": time.perf_counter() - t0,
+                      "run_dir": summary["simulation"]["run_dir"]}
+        log(f"  mean of devices {summary['mean_device_test_accuracy']:.4f}, pooled {summary['test_accuracy']:.4f}")
+    shared = runs["shared"]["mean_device_test_accuracy"]
+    ratios = {"per_device_minus_shared": runs["per-device"]["mean_device_test_accuracy"] - shared,
+              "hybrid_minus_shared": runs["hybrid"]["mean_device_test_accuracy"] - shared}
+    return {"benchmark": "modes", "config": {**base, "devices": devices}, "runs": runs, "ratios": ratios,
+            "acceptance": {n: ratios[k] > t for n, (k, _, t) in ACCEPTANCE.items()}}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    names = list(result["runs"])
+    devices = sorted(next(iter(result["runs"].values()))["devices"])
+    lines = [f"{'device':<10} {'test n':>7} {'% pos':>6} " + " ".join(f"{n:>11}" for n in names)]
+    for d in devices:
+        first = result["runs"][names[0]]["devices"][d]
+        share = first.get("positive_share")
+        accs = [result["runs"][name]["devices"][d]["test_accuracy"] for name in names]
+        lines.append(f"{d:<10} {first['test_samples']:>7} {'' if share is None else f'{100 * share:.0f}':>6} "
+                     + " ".join(f"{a:>11.4f}" for a in accs))
+    lines.append(f"{'mean':<10} {'':>7} {'':>6} " + " ".join(
+        f"{result['runs'][n]['mean_device_test_accuracy']:>11.4f}" for n in names))
+    lines.append(f"{'pooled':<10} {'':>7} {'':>6} " + " ".join(
+        f"{result['runs'][n]['test_accuracy']:>11.4f}" for n in names))
+    return "\n".join(lines + [""] + acceptance_lines(result, ACCEPTANCE, width=28))
+
+
+def plot(result: dict[str, Any], path: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["runs"])
+    devices = sorted(next(iter(result["runs"].values()))["devices"])
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        accs = [result["runs"][name]["devices"][d]["test_accuracy"] for d in devices]
+        ax.bar([x + i * width for x in range(len(devices))], accs, width, label=name)
+    ax.set_xticks([x + width for x in range(len(devices))], devices)
+    ax.set_ylabel("test accuracy on the device's own data")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    cfg = result["config"]
+    fig.suptitle(f"{cfg['devices']} devices, Dirichlet alpha {cfg['dirichlet-alpha']}, {cfg['train-samples']} samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="mobiflower bench modes", description=__doc__)
+    p.add_argument("--devices", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    result = run_modes_bench(args.devices, args.alpha, rounds=args.rounds, log=log)
+    print(format_table(result))
+    write_outputs(result, args.out, None, plot, log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

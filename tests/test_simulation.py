@@ -1,0 +1,71 @@
+"""A real Flower simulation (``flwr run`` with the Ray engine) of a two-device fleet, and its CLI errors.
+
+The backbone is a tiny random Llama (fast); the data is the bundled corpus. Accuracy is not the
+point here (the deployment test and the benchmarks measure it on the real model): the run must
+complete, train per-device side networks, average them, evaluate on the devices, deliver, and
+account for every byte and second it reports.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mobiflower.simulations.simulate import SimulateConfig, default_app_config, run_simulate
+
+
+def test_pyproject_declares_the_apps_defaults():
+    """`flwr run .` (pyproject) and `mobiflower simulate` (package defaults) run the same job."""
+    import tomllib
+
+    app = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "mobiflower.platform.server_app:app",
+                                 "clientapp": "mobiflower.clients.client_app:app"}
+    assert app["config"] == default_app_config()
+
+
+def test_bad_run_config_fails_before_flower_starts():
+    with pytest.raises(ValueError, match="unknown run-config key"):
+        SimulateConfig(run_config={"learning-rate": 0.1})
+    with pytest.raises(ValueError, match="aggregate-every"):
+        SimulateConfig(run_config={"aggregate-every": 2})  # shared mode has nothing to average
+    proc = subprocess.run([sys.executable, "-m", "mobiflower.simulations.cli", "simulate", "-c", "mode=federated"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "mode='federated' is unknown" in proc.stderr
+
+
+def test_simulated_fleet_per_device_with_fedavg(real_assets, tiny_llama, tmp_path):
+    config = SimulateConfig(devices=2, client_cpus=1, workdir=str(tmp_path / "sim"), timeout_s=600, run_config={
+        "model": tiny_llama, "num-taps": 2, "train-samples": 48, "validation-samples": 16, "test-samples": 16,
+        "mode": "per-device", "aggregate-every": 2, "rounds": 3, "chunk-size": 8, "eval-every": 2,
+        "reduction": 4, "bits": 4})
+    summary = run_simulate(config, out=str(tmp_path / "sim.json"), quiet=True)
+    assert summary["simulation"]["status"] == "finished:completed"
+    assert json.loads((tmp_path / "sim.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+    run_dir = Path(summary["simulation"]["run_dir"])
+    assert (run_dir / "summary.png").stat().st_size > 0
+    assert {p.name for p in (run_dir / "checkpoint").iterdir()} >= {"device-0", "device-1", "store.json"}
+
+    devices = summary["devices"]
+    assert sorted(devices) == ["device-0", "device-1"]
+    for device in devices.values():
+        assert device["frames"] == 3 and device["samples_forwarded"] == 24  # 24 samples in chunks of 8, once
+        assert device["bytes_up"] >= device["frame_bytes"] > 0
+        assert device["bytes_down"] > 0 and device["delivered"] == 1 and device["test_samples"] == 8
+        assert 0.0 <= device["test_accuracy"] <= 1.0 and not device["failures"]
+    assert summary["frame_bytes"] == sum(d["frame_bytes"] for d in devices.values())
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[0]["phase"] == "stream" and rounds[1]["phase"] == "cache" and rounds[1]["bytes_up"] == 0
+    assert rounds[1].get("aggregated") and "validation_accuracy" in rounds[1]
+    assert summary["device_forward_s"] > 0 and summary["server_train_s"] > 0
+    assert 0 < summary["pipeline_efficiency"] <= 1.05
+    assert summary["side_network"]["bits"] == 4
+    # per device and per round: what each device sent and received, and its forward time
+    first = rounds[0]["devices"]
+    assert sum(d["frame_bytes"] for d in first.values()) == summary["frame_bytes"]
+    assert all(rounds[2]["devices"][d]["bytes_up"] == 0 for d in devices)
