@@ -16,13 +16,11 @@ wall / max(both) (1.0 = perfect overlap) and wall / sum(both) (1.0 = no overlap 
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from mobiflower.simulations.bench_common import acceptance_lines, bars_with_values, write_outputs
+from mobiflower.simulations.bench_common import acceptance_lines, bars_with_values
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
 SCHEDULES = {"in-flight 2": {"in-flight": 2, "overlap": True},
@@ -96,22 +94,3 @@ def plot(result: dict[str, Any], path: str) -> Path:
     plt.close(fig)
     return Path(path)
 
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="mobiflower bench pipeline", description=__doc__)
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--reduction", type=int, default=1)
-    p.add_argument("--chunk-size", type=int, default=32)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    result = run_pipeline_bench(args.samples, args.reduction, args.chunk_size, log=log)
-    print(format_table(result))
-    write_outputs(result, args.out, None, plot, log)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -241,17 +241,27 @@ def _add_bench(sub) -> None:
 
 
 def _cmd_bench_pipeline(args) -> int:
-    from mobiflower.simulations import bench_pipeline
+    from mobiflower.simulations.bench_common import write_outputs
+    from mobiflower.simulations.bench_pipeline import format_table, plot, run_pipeline_bench
 
-    return bench_pipeline.main(["--samples", str(args.samples), "--reduction", str(args.reduction),
-                                "--chunk-size", str(args.chunk_size), "--out", args.out])
+    result = run_pipeline_bench(args.samples, args.reduction, args.chunk_size, log=_log)
+    print(format_table(result))
+    write_outputs(result, args.out, None, plot, _log)
+    return 0
 
 
 def _cmd_bench_modes(args) -> int:
-    from mobiflower.simulations import bench_modes
+    from mobiflower.simulations.bench_common import write_outputs
+    from mobiflower.simulations.bench_modes import format_table, plot, run_modes_bench
 
-    return bench_modes.main(["--devices", str(args.devices), "--alpha", str(args.alpha), "--rounds",
-                             str(args.rounds), "--out", args.out])
+    result = run_modes_bench(args.devices, args.alpha, rounds=args.rounds, log=_log)
+    print(format_table(result))
+    write_outputs(result, args.out, None, plot, _log)
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _cmd_bench_device(args) -> int:

@@ -1,1 +1,6 @@
 """The Flower strategy that schedules a mobiflower fleet (see DESIGN.md section 2)."""
+
+from mobiflower.strategies.config import ConfigError, SideTuningConfig
+from mobiflower.strategies.side_tuning import FleetError, SideTuningStrategy
+
+__all__ = ["ConfigError", "FleetError", "SideTuningConfig", "SideTuningStrategy"]
