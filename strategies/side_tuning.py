@@ -89,6 +89,27 @@ def _config_bytes(record: ConfigRecord) -> int:
     return len(json.dumps({k: v if not isinstance(v, bytes) else len(v) for k, v in record.items()}, default=str))
 
 
+def _forward_reply(reply: Message) -> tuple[bytes, MetricRecord]:
+    """The frame and cost record of a forward reply; ValueError/KeyError when either is missing."""
+    if not reply.has_content() or m.FRAME_KEY not in reply.content or m.STATS_KEY not in reply.content:
+        raise ValueError(f"a forward reply needs '{m.FRAME_KEY}' and '{m.STATS_KEY}' records")
+    stats = reply.content[m.STATS_KEY]
+    for key in ("samples", "forward-s", "busy-s"):
+        if key not in stats:
+            raise ValueError(f"the '{m.STATS_KEY}' record has no '{key}'")
+    return m.frame_bytes(reply.content[m.FRAME_KEY]), stats
+
+
+def _evaluate_reply(reply: Message) -> dict[str, float] | None:
+    """An evaluate reply's metrics, or None for an error or a reply without accuracy and samples."""
+    if reply.has_error() or not reply.has_content() or m.STATS_KEY not in reply.content:
+        return None
+    stats = dict(reply.content[m.STATS_KEY])
+    if "accuracy" not in stats or "samples" not in stats or not 0 <= float(stats["accuracy"]) <= 1:
+        return None
+    return stats
+
+
 class SideTuningStrategy(Strategy):
     """MobiLLM side-tuning over a Flower ``Grid`` (see the module docstring for the loop)."""
 
@@ -154,9 +175,9 @@ class SideTuningStrategy(Strategy):
         """Sample-weighted accuracy over the devices that answered."""
         correct = count = 0.0
         for reply in replies:
-            if reply.has_error():
+            stats = _evaluate_reply(reply)
+            if stats is None:
                 continue
-            stats = reply.content[m.STATS_KEY]
             correct += float(stats["accuracy"]) * float(stats["samples"])
             count += float(stats["samples"])
         if count == 0:
@@ -364,11 +385,16 @@ class SideTuningStrategy(Strategy):
             for reply in replies:
                 node_id, request, _ = pending.pop(reply.metadata.reply_to_message_id)
                 dev = self.devices[node_id]
+                blob = None
                 if reply.has_error():
                     self._forward_failed(dev, request, f"error {reply.error.code}: {reply.error.reason}", plans)
                 else:
-                    stats = reply.content[m.STATS_KEY]
-                    blob = m.frame_bytes(reply.content[m.FRAME_KEY])
+                    try:
+                        blob, stats = _forward_reply(reply)
+                    except (KeyError, TypeError, ValueError) as err:
+                        self._forward_failed(dev, request, f"malformed reply: {err}", plans)
+                        blob = None
+                if blob is not None:
                     dev.bytes_up += len(blob) + 8 * len(stats)
                     dev.frame_bytes += len(blob)
                     dev.frames += 1
@@ -457,10 +483,11 @@ class SideTuningStrategy(Strategy):
             dev = self.devices.get(reply.metadata.src_node_id)
             if dev is None:
                 continue
-            if reply.has_error():
-                dev.failures.append(f"evaluate ({config['split']}): {reply.error.reason}")
+            stats = _evaluate_reply(reply)
+            if stats is None:
+                why = reply.error.reason if reply.has_error() else "a reply without accuracy and samples"
+                dev.failures.append(f"evaluate ({config['split']}): {why}")
                 continue
-            stats = dict(reply.content[m.STATS_KEY])
             per_device[dev.device_id] = stats
         agg = self.aggregate_evaluate(rnd, replies)
         result = {"accuracy": float(agg["accuracy"]) if agg else float("nan"), "per_device": per_device}
@@ -494,9 +521,13 @@ class SideTuningStrategy(Strategy):
                 if reply.has_error():
                     dev.failures.append(f"delivery: {reply.error.reason}")
                     continue
-                got = str(reply.content[m.CONFIG_KEY]["digest"])
-                dev.metrics["delivered"] = int(got == dev.delivered_digest)
-                dev.metrics["delivered_path"] = str(reply.content[m.CONFIG_KEY]["path"])
+                receipt = reply.content.config_records.get(m.CONFIG_KEY) if reply.has_content() else None
+                if receipt is None or "digest" not in receipt:
+                    dev.failures.append("delivery: the device's reply has no digest of what it installed")
+                    dev.metrics["delivered"] = 0
+                    continue
+                dev.metrics["delivered"] = int(str(receipt["digest"]) == dev.delivered_digest)
+                dev.metrics["delivered_path"] = str(receipt.get("path", ""))
             installed = True
             log(INFO, "delivered side networks to %d devices", sum(int(d.metrics.get("delivered", 0))
                                                                      for d in self.devices.values()))
