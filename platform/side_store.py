@@ -97,6 +97,27 @@ class SideNetworkStore:
             raise SideNetworkError("the activation cache is empty: devices must forward frames first")
         return {"loss": loss / samples, "seconds": seconds, "samples": samples}
 
+    def state_digest(self) -> str:
+        """A digest of every trainer's weights, optimizer state and step, and of the cache index.
+
+        Equal digests before and after something prove it changed nothing the store keeps.
+        """
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, trainer in sorted(self.trainers.items()):
+            h.update(name.encode())
+            h.update(trainer.state_digest().encode())
+            h.update(str((trainer.step, trainer.cache.nbytes, trainer.cache.rejected)).encode())
+            for decoded in trainer.cache.frames:
+                h.update(str(decoded.frame.sample_ids).encode())
+        for device, net in sorted(self.personal.items()):
+            h.update(device.encode())
+            for key, tensor in sorted(net.state_dict().items()):
+                h.update(key.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     @property
     def train_seconds(self) -> float:
         return sum(t.train_seconds for t in self.trainers.values()) + self.personal_seconds

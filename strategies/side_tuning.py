@@ -44,9 +44,9 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from mobiflower.platform import messages as m
-from mobiflower.platform.frames import FrameError, decode_frame
+from mobiflower.platform.intake import FrameIntake
 from mobiflower.platform.run_summary import write_summary
-from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, build_side_network
+from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.trainer import TrainConfig
 from mobiflower.strategies.config import SideTuningConfig
@@ -119,6 +119,7 @@ class SideTuningStrategy(Strategy):
         self.run_config = dict(run_config or {})
         self.devices: dict[int, DeviceState] = {}
         self.store: SideNetworkStore | None = None
+        self.intake: FrameIntake | None = None
         self.side_config: SideNetworkConfig | None = None
         self.rounds: list[dict[str, Any]] = []
         self.events: list[str] = []
@@ -297,6 +298,7 @@ class SideTuningStrategy(Strategy):
         self.store = SideNetworkStore(
             StoreConfig(mode=cfg.mode, personal_epochs=cfg.personal_epochs, personal_lr=cfg.personal_lr),
             make_net, train, {d.device_id: d.train_samples for d in self.devices.values()}, cfg.chunk_size)
+        self.intake = FrameIntake(self.store, self.side_config)
         net = self.store.network_for(next(iter(self.devices.values())).device_id)
         log(INFO, "%s side network(s), mode %s: %s trainable parameters each, training on %s", cfg.family, cfg.mode,
             f"{net.num_trainable():,}", next(iter(self.store.trainers.values())).device)
@@ -348,13 +350,14 @@ class SideTuningStrategy(Strategy):
                 node_id, blob = item
                 dev = self.devices[node_id]
                 try:
-                    frame = decode_frame(blob, expected_fingerprint=self.side_config.fingerprint)
-                    stats = self.store.ingest(dev.device_id, frame)
-                    losses.append((stats["loss"], int(stats["samples"])))
-                    train_s[0] += stats["seconds"]
-                except (FrameError, SideNetworkError) as err:
-                    dev.failures.append(f"round {rnd}: frame rejected: {err}")
-                    log(WARNING, "frame from %s rejected, nothing trained on it: %s", dev.device_id, err)
+                    result = self.intake.offer(dev.device_id, blob)
+                    if result.accepted:
+                        losses.append((result.stats["loss"], int(result.stats["samples"])))
+                        train_s[0] += result.stats["seconds"]
+                    else:
+                        dev.failures.append(f"round {rnd}: frame refused ({result.reason}): {result.message}")
+                        log(WARNING, "frame from %s refused (%s), nothing trained on it: %s", dev.device_id,
+                            result.reason, result.message)
                 except BaseException as err:  # noqa: BLE001 - surfaced in the main thread
                     errors.append(err)
                     return
@@ -365,6 +368,8 @@ class SideTuningStrategy(Strategy):
         worker = threading.Thread(target=trainer_loop, name="side-trainer", daemon=True)
         t0 = time.perf_counter()
         device_s0 = {n: d.busy_s for n, d in self.devices.items()}
+        if not cfg.activation_cache:
+            self.intake.new_pass()  # every round re-sends every sample
         first_wave = list(self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
         plans: dict[int, deque] = self._plans
         worker.start()
@@ -545,7 +550,8 @@ class SideTuningStrategy(Strategy):
         totals = self._stream_totals
         device_s = sum(d.busy_s for d in self.devices.values())
         server_s = self.store.train_seconds
-        per_device = {d.device_id: d.account() for d in self.devices.values()}
+        per_device = {d.device_id: {**d.account(), "frames_refused": dict(self.intake.refused.get(d.device_id, {}))}
+                      for d in self.devices.values()}
         # Devices work in parallel, so the device side's critical path is the slowest device's
         # forward time; 1.0 means the streaming wall time equals the slower of the two sides.
         slowest = totals["slowest_device_s"]
