@@ -30,7 +30,28 @@ from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform import messages as m
 from mobiflower.platform.side_networks import save_side_network
 
-app = ClientApp()
+
+
+def capture_replies(msg: Message, context: Context, call_next) -> Message:
+    """Audit mod: with run config ``capture-dir`` set, write every reply exactly as it leaves the device.
+
+    The capture is Flower's own serialization of the reply (every object Flower pushes for it:
+    message, records, arrays), so a scan of it sees all the device ever sends. Off by default.
+    """
+    reply = call_next(msg, context)
+    folder = str(context.run_config.get("capture-dir", "") or "")
+    if folder:
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+        target = Path(folder) / f"partition-{context.node_config.get('partition-id', 'x')}"
+        target.mkdir(parents=True, exist_ok=True)
+        blob = b"".join(obj.deflate() for obj in get_all_nested_objects(reply).values())
+        name = f"{time.time_ns()}-{msg.metadata.message_type.replace('.', '-')}.bin"
+        (target / name).write_bytes(blob)
+    return reply
+
+
+app = ClientApp(mods=[capture_replies])
 
 CURSOR_KEY = "mobiflower-cursor"  # ConfigRecord in context.state: {"train": next offset, "forwarded": count}
 INSTALLED_KEY = "mobiflower-installed"  # the delivered side network (weights) in context.state

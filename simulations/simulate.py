@@ -34,6 +34,7 @@ def default_app_config() -> dict[str, RunConfigValue]:
     config: dict[str, RunConfigValue] = {key: getattr(device, name) for name, key in _DEVICE_KEYS.items()}
     config.update(SideTuningConfig().as_dict())
     config["delivery-dir"] = ""
+    config["capture-dir"] = ""  # audit: write every reply as it leaves the device (clients.client_app)
     return config
 
 

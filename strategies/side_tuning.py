@@ -503,7 +503,8 @@ class SideTuningStrategy(Strategy):
     def _finish(self, grid: Grid) -> dict[str, Any]:
         cfg = self.config
         if self.store.use_average():
-            log(INFO, "delivering the mean weights of the last %d rounds (tail averaging)", cfg.average_epochs)
+            log(INFO, "delivering the mean weights of the last %d rounds (tail averaging)",
+                min(cfg.average_epochs, cfg.rounds))
         if cfg.mode == "hybrid":  # personal heads over the delivered trunk
             self.store.personalize([d.device_id for d in self._working().values()])
         exported = self.run_dir / "side_networks"
