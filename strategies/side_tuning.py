@@ -70,6 +70,7 @@ class DeviceState:
     frame_bytes: int = 0
     frames: int = 0
     samples_forwarded: int = 0
+    samples_lost: int = 0  # samples a dropped device was asked for and never delivered
     forward_s: float = 0.0
     busy_s: float = 0.0
     failures: list[str] = field(default_factory=list)
@@ -79,7 +80,7 @@ class DeviceState:
 
     def account(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                "frame_bytes": self.frame_bytes, "frames": self.frames, "samples_forwarded": self.samples_forwarded,
+                "frame_bytes": self.frame_bytes, "frames": self.frames, "samples_forwarded": self.samples_forwarded, "samples_lost": self.samples_lost,
                 "device_forward_s": self.busy_s, "backbone_forward_s": self.forward_s,
                 "failures": self.failures, "dropped": self.dropped,
                 "positive_share": self.profile.get("positive-share"), **self.metrics}
@@ -463,8 +464,10 @@ class SideTuningStrategy(Strategy):
             log(WARNING, "forward request to %s failed (%s); retrying", dev.device_id, why)
         else:
             dev.dropped = True
-            plans.pop(dev.node_id, None)
-            log(WARNING, "device %s dropped for the rest of the run after: %s", dev.device_id, why)
+            unsent = plans.pop(dev.node_id, None) or []
+            dev.samples_lost += int(request["samples"]) + sum(int(r["samples"]) for r in unsent)
+            log(WARNING, "device %s dropped for the rest of the run after: %s (%d of its samples not forwarded "
+                "this round)", dev.device_id, why, dev.samples_lost)
 
     # ---- aggregation, evaluation, delivery ---------------------------------------------------
     def _fedavg(self, rnd: int) -> None:
