@@ -16,6 +16,7 @@ import hashlib
 from collections import Counter, defaultdict
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from mobiflower.platform.frames import FrameError, FrameLimits, decode_frame
 from mobiflower.platform.side_networks import SideNetworkConfig
@@ -37,8 +38,9 @@ class FrameIntake:
     """Decodes and checks frames for a :class:`SideNetworkStore`, and keeps the refusal counts."""
 
     def __init__(self, store: SideNetworkStore, side_config: SideNetworkConfig,
-                 limits: FrameLimits = FrameLimits()):
+                 limits: FrameLimits = FrameLimits(), persist_dir: str | Path | None = None):
         self.store = store
+        self.persist_dir = Path(persist_dir) if persist_dir else None
         self.side_config = side_config
         self.limits = limits
         self.digests: set[bytes] = set()
@@ -85,10 +87,51 @@ class FrameIntake:
                                 f"{len(repeated)} sample(s) already arrived from {device} in this pass, "
                                 f"e.g. id {min(repeated)}")
         stats = self.store.ingest(device, frame)
+        if self.persist_dir is not None and stats.get("cached"):
+            self._persist(device, blob)
         self.digests.add(digest)
         self.seen[device].update(frame.sample_ids)
         self.accepted[device] += 1
         return IntakeResult(True, stats=stats)
+
+    # ---- the activation cache on disk, for resuming -----------------------------------------
+    def _persist(self, device: str, blob: bytes) -> None:
+        """Keep a cached frame's bytes (in arrival order per trainer) so a resumed run gets its cache back."""
+        folder = self.persist_dir / self.store.trainer_key(device)
+        folder.mkdir(parents=True, exist_ok=True)
+        index = len(self.store.trainer_for(device).cache.frames) - 1
+        tmp = folder / f"{index:07d}.{device}.part"
+        tmp.write_bytes(blob)
+        tmp.replace(folder / f"{index:07d}.{device}.frame")
+
+    def cached_counts(self) -> dict[str, int]:
+        """Frames in each trainer's cache: what a checkpoint must restore."""
+        return {key: len(t.cache.frames) for key, t in self.store.trainers.items()}
+
+    def restore(self, counts: dict[str, int]) -> int:
+        """Reload the first ``counts[key]`` persisted frames of each trainer into its cache (no training)."""
+        if self.persist_dir is None:
+            return 0
+        restored = 0
+        for key, count in counts.items():
+            trainer = self.store.trainers[key]
+            files = sorted((self.persist_dir / key).glob("*.frame"))[:count]
+            if len(files) < count:
+                raise FileNotFoundError(f"the checkpoint expects {count} cached frames for {key}, "
+                                        f"{self.persist_dir / key} holds {len(files)}")
+            trainer.cache.frames.clear()
+            trainer.cache.nbytes = 0
+            for path in files:
+                device = path.name.split(".")[1]
+                blob = path.read_bytes()
+                frame = decode_frame(blob, expected_fingerprint=self.side_config.fingerprint, limits=self.limits)
+                trainer.cache.add(trainer.decode(frame))
+                self.digests.add(hashlib.sha256(blob).digest())
+                self.seen[device].update(frame.sample_ids)
+                restored += 1
+            for path in sorted((self.persist_dir / key).glob("*.frame"))[count:]:
+                path.unlink()  # frames of an interrupted round: they come again when it is redone
+        return restored
 
     def report(self) -> dict[str, dict[str, int]]:
         """Refusals per device and reason (only devices with any)."""

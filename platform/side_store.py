@@ -71,6 +71,10 @@ class SideNetworkStore:
                                    "cache on (activation-cache = true) or use mode 'shared' / 'per-device'")
 
     # ---- training ---------------------------------------------------------------------------
+    def trainer_key(self, device: str) -> str:
+        """Which trainer ``device``'s frames train: its own (per-device mode) or the shared one."""
+        return device if self.config.mode == "per-device" else SHARED
+
     def trainer_for(self, device: str) -> SideTrainer:
         if self.config.mode == "per-device":
             if device not in self.trainers:
@@ -200,3 +204,21 @@ class SideNetworkStore:
         (directory / "store.json").write_text(json.dumps({"config": asdict(self.config),
                                                           "devices": self.device_samples, **(extra or {})}))
         return directory
+
+    def load(self, directory: str | Path) -> None:
+        """Restore what :meth:`save` wrote: every trainer (weights, optimizer, schedule, RNG, tail
+        average) and the personal networks. The activation cache is restored by the frame intake."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        saved = json.loads((directory / "store.json").read_text())
+        if saved["config"]["mode"] != self.config.mode or set(saved["devices"]) != set(self.device_samples):
+            raise SideNetworkError(f"the checkpoint in {directory} is for mode {saved['config']['mode']!r} and "
+                                   f"devices {sorted(saved['devices'])}; this run has mode {self.config.mode!r} "
+                                   f"and devices {sorted(self.device_samples)}: resume with the same fleet and mode")
+        for name, trainer in self.trainers.items():
+            trainer.load_checkpoint(directory / name)
+        for path in sorted((directory / "personal").glob("*.safetensors")):  # same architecture as the trunk
+            net = copy.deepcopy(self.trainers[SHARED].net)
+            net.load_state_dict(load_file(str(path)))
+            self.personal[path.stem] = net.requires_grad_(False).eval()

@@ -325,6 +325,12 @@ class SideTrainer:
         meta = {"step": self.step, "total_steps": self.total_steps, "scheduler": self.scheduler.state_dict(),
                 "train": asdict(self.config), "param_groups": _param_groups(self.optimizer),
                 "train_seconds": self.train_seconds, "history": self.history, "extra": extra or {}}
+        meta["rng"] = _jsonable(self.rng.getstate())  # the shuffles of later epochs continue where they were
+        meta["averaged"] = self.averaged
+        extra_tensors = {"torch_rng": torch.get_rng_state()}
+        if self.average is not None:
+            extra_tensors.update({f"average.{k}": v.detach().cpu().contiguous() for k, v in self.average.items()})
+        save_file(extra_tensors, str(tmp / "state.safetensors"))
         (tmp / "trainer.json").write_text(json.dumps(meta, default=str))
         old = directory.with_name(directory.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -343,11 +349,27 @@ class SideTrainer:
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step, self.total_steps = meta["step"], meta["total_steps"]
         self.train_seconds, self.history = meta["train_seconds"], meta["history"]
+        if "rng" in meta:
+            self.rng.setstate(_tupled(meta["rng"]))
+        state_path = directory / "state.safetensors"
+        if state_path.exists():
+            tensors = load_file(str(state_path))
+            torch.set_rng_state(tensors.pop("torch_rng"))
+            average = {k.removeprefix("average."): v.to(self.device) for k, v in tensors.items()}
+            self.average, self.averaged = (average or None), int(meta.get("averaged", 0))
         return meta.get("extra", {})
 
     def export(self, path: str | Path) -> Path:
         """The side network alone, for a device to run locally."""
         return save_side_network(self.net, path)
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
 def _concat_batches(parts: Sequence[SideBatch]) -> SideBatch:

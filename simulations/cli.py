@@ -72,6 +72,9 @@ def _add_simulate(sub) -> None:
     p.add_argument("-c", "--run-config", type=_run_config_value, action="append", default=[], metavar="KEY=VALUE",
                    help="any other run-config key, e.g. -c train-samples=500 -c family=adapter")
     p.add_argument("--workdir", default="runs/simulate", help="scratch folder (Flower home, checkpoints, summary)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue an interrupted run from its last checkpoint (its run folder, printed at start "
+                        "and holding summary.json / checkpoint/); pass the same fleet and settings")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     p.add_argument("--out", default=None, help="write the summary (accuracy and cost figures) as JSON here")
     p.add_argument("--quiet", action="store_true", help="print only the final figures")
@@ -82,6 +85,12 @@ def _cmd_simulate(args) -> int:
     from mobiflower.simulations.simulate import SimulateConfig, format_summary, run_simulate
 
     overrides = dict(args.run_config)
+    if args.resume:
+        if not (Path(args.resume) / "checkpoint" / "strategy.json").exists():
+            print(f"mobiflower simulate: {args.resume} holds no checkpoint to resume (expected "
+                  f"{Path(args.resume) / 'checkpoint' / 'strategy.json'})", file=sys.stderr)
+            return 2
+        overrides.update({"resume": True, "run-dir": str(Path(args.resume).resolve())})
     for flag, key in (("mode", "mode"), ("partitioning", "partitioning"), ("alpha", "dirichlet-alpha"),
                       ("rounds", "rounds"), ("aggregate_every", "aggregate-every"), ("in_flight", "in-flight"),
                       ("bits", "bits")):

@@ -83,13 +83,14 @@ def run_simulate(config: SimulateConfig, out: str | None = None, quiet: bool = F
     """
     stamp = time.strftime("%Y%m%d-%H%M%S")
     scratch = (Path(config.workdir) / f"{stamp}-{os.getpid()}").resolve()
-    run_dir = scratch / "run"
+    given = str(config.run_config.get("run-dir") or "")
+    run_dir = Path(given).resolve() if given else scratch / "run"
     app_dir = app_dir_for_run(scratch, default_app_config())
     run_config = {**config.run_config, "run-dir": str(run_dir)}
     env = {"MOBIFLOWER_HOME": os.environ["MOBIFLOWER_HOME"]} if "MOBIFLOWER_HOME" in os.environ else {}
     if not quiet:
         where = "loopback deployment (SuperLink + SuperNodes)" if loopback else "simulation"
-        print(f"[simulate] {config.devices} devices, {where}; scratch {scratch}", file=sys.stderr, flush=True)
+        print(f"[simulate] {config.devices} devices, {where}; run folder {run_dir}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     traffic: dict[str, int] | None = None
     if loopback:

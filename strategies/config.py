@@ -48,6 +48,8 @@ class SideTuningConfig:
     deliver: bool = True
     request_timeout: float = 900.0  # seconds a device may take to answer one request
     max_retries: int = 1  # a failed forward request is retried this many times before the device is dropped
+    resume: bool = False  # continue the run in run-dir from its last checkpoint
+    crash_after_round: int = 0  # fault injection for tests: SIGKILL the server right after round k's checkpoint
     run_dir: str = ""  # where checkpoints and the summary go ("" = $MOBIFLOWER_HOME/runs/<run id>)
 
     def __post_init__(self) -> None:

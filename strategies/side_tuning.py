@@ -28,6 +28,8 @@ import json
 import math
 import os
 import queue
+import shutil
+import signal
 import threading
 import time
 from collections import deque
@@ -200,10 +202,15 @@ class SideTuningStrategy(Strategy):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         t_run = time.perf_counter()
         self._profile(grid)
-        if cfg.eval_initial:
+        first_round, train_wall = 1, 0.0
+        if cfg.resume:
+            first_round, train_wall = self._restore()
+        elif (self.run_dir / "checkpoint").exists():
+            log(WARNING, "%s holds an earlier run's checkpoint; starting over (set resume = true to continue it)",
+                self.run_dir)
+        if cfg.eval_initial and first_round == 1:
             self.initial = self._evaluate(grid, 0, {"split": "test"})
-        train_wall = 0.0
-        for rnd in range(1, cfg.rounds + 1):
+        for rnd in range(first_round, cfg.rounds + 1):
             t0 = time.perf_counter()
             record: dict[str, Any] = {"round": rnd}
             up0 = {n: (d.bytes_up, d.bytes_down, d.busy_s, d.frame_bytes) for n, d in self.devices.items()}
@@ -226,7 +233,6 @@ class SideTuningStrategy(Strategy):
             if cfg.eval_every and rnd % cfg.eval_every == 0 and not last:
                 result = self._evaluate(grid, rnd, {"split": "validation", "max-samples": cfg.eval_samples})
                 record["validation_accuracy"] = result.get("accuracy")
-            self.store.save(self.run_dir / "checkpoint", extra={"round": rnd})
             record["wall_s"] = time.perf_counter() - t0
             record["bytes_up"] = sum(d.bytes_up - up0[n][0] for n, d in self.devices.items())
             record["bytes_down"] = sum(d.bytes_down - up0[n][1] for n, d in self.devices.items())
@@ -236,6 +242,10 @@ class SideTuningStrategy(Strategy):
                                                "frame_bytes": d.frame_bytes - up0[n][3]}
                                  for n, d in self.devices.items()}
             self.rounds.append(record)
+            self._checkpoint(rnd, train_wall)
+            if cfg.crash_after_round == rnd:  # fault injection: die as a killed server would, no cleanup
+                log(WARNING, "crash-after-round=%d: killing the server process now", rnd)
+                os.kill(os.getpid(), signal.SIGKILL)
             val = record.get("validation_accuracy")
             log(INFO, "[round %d/%d] %s loss %.4f%s, server train %.1f s, wall %.1f s, up %.2f MB", rnd, cfg.rounds,
                 record.get("phase", "stream"), record.get("loss", float("nan")),
@@ -299,10 +309,66 @@ class SideTuningStrategy(Strategy):
         self.store = SideNetworkStore(
             StoreConfig(mode=cfg.mode, personal_epochs=cfg.personal_epochs, personal_lr=cfg.personal_lr),
             make_net, train, {d.device_id: d.train_samples for d in self.devices.values()}, cfg.chunk_size)
-        self.intake = FrameIntake(self.store, self.side_config)
+        cache_dir = self.run_dir / "cache"
+        if not cfg.resume:
+            shutil.rmtree(cache_dir, ignore_errors=True)  # a fresh run starts from an empty cache
+        self.intake = FrameIntake(self.store, self.side_config,
+                                  persist_dir=cache_dir if cfg.activation_cache else None)
         net = self.store.network_for(next(iter(self.devices.values())).device_id)
         log(INFO, "%s side network(s), mode %s: %s trainable parameters each, training on %s", cfg.family, cfg.mode,
             f"{net.num_trainable():,}", next(iter(self.store.trainers.values())).device)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    _RESUMED_FIELDS = ("next_offset", "bytes_up", "bytes_down", "frame_bytes", "frames", "samples_forwarded",
+                       "samples_lost", "forward_s", "busy_s", "failures", "dropped")
+
+    def _checkpoint(self, rnd: int, train_wall: float) -> None:
+        """Everything a resumed run needs, written to a temp folder and swapped in whole.
+
+        Side networks, optimizer state, schedules, RNG states and tail averages (per trainer), the
+        cache index (how many persisted frames each trainer's cache holds), per-device cursors
+        and accounting, and the metrics history. A crash mid-write leaves the previous one.
+        """
+        final = self.run_dir / "checkpoint"
+        tmp, old = final.with_name("checkpoint.tmp"), final.with_name("checkpoint.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.store.save(tmp, extra={"round": rnd})
+        state = {"round": rnd, "train_wall_s": train_wall, "rounds": self.rounds, "events": self.events,
+                 "initial": self.initial, "stream_totals": self._stream_totals,
+                 "cached_frames": self.intake.cached_counts(),
+                 "refused": {d: dict(c) for d, c in self.intake.refused.items()},
+                 "devices": {d.device_id: {k: getattr(d, k) for k in self._RESUMED_FIELDS}
+                             for d in self.devices.values()}}
+        (tmp / "strategy.json").write_text(json.dumps(state, default=str))
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self) -> tuple[int, float]:
+        """Continue the run in ``run_dir`` from its last checkpoint; returns (next round, training wall s)."""
+        directory = self.run_dir / "checkpoint"
+        if not (directory / "strategy.json").exists():
+            raise FleetError(f"resume = true but {directory} holds no checkpoint: point run-dir at the folder of "
+                             f"the run to continue (its summary and checkpoint live there), or drop resume")
+        state = json.loads((directory / "strategy.json").read_text())
+        self.store.load(directory)
+        restored = self.intake.restore(state["cached_frames"])
+        for device, counts in state.get("refused", {}).items():
+            self.intake.refused[device].update(counts)
+        by_id = {d.device_id: d for d in self.devices.values()}
+        missing = sorted(set(state["devices"]) - set(by_id))
+        if missing:
+            raise FleetError(f"the checkpoint's devices {missing} are not connected: resume with the same fleet")
+        for device, fields in state["devices"].items():
+            for key, value in fields.items():
+                setattr(by_id[device], key, value)
+        self.rounds, self.events, self.initial = state["rounds"], state["events"], state["initial"]
+        self._stream_totals = state["stream_totals"]
+        log(INFO, "resumed from round %d of %s: %d cached frames reloaded", state["round"], directory, restored)
+        self.events.append(f"resumed after round {state['round']}")
+        return int(state["round"]) + 1, float(state["train_wall_s"])
 
     # ---- streaming --------------------------------------------------------------------------
     def _working(self) -> dict[int, DeviceState]:
