@@ -66,6 +66,11 @@ class FrameIntake:
         except FrameError as err:
             return self._refuse(device, f"invalid {err.field}", err.field, str(err))
         cfg = self.side_config
+        if frame.num_samples == 0:
+            return self._refuse(device, "empty frame", "sample_ids", "the frame holds no samples")
+        if frame.token_policy != "last" and min(frame.token_counts) < 1:
+            return self._refuse(device, "sample without tokens", "token_counts",
+                                f"sample #{list(frame.token_counts).index(min(frame.token_counts))} sends no token")
         if list(frame.layers) != list(cfg.layers):
             return self._refuse(device, "wrong layers", "layers",
                                 f"frame taps {frame.layers}, the side network needs {cfg.layers}")

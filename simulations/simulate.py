@@ -135,16 +135,19 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{d['bytes_up'] / 1e6:>8.2f} {d['bytes_down'] / 1e6:>8.2f} {d['device_forward_s']:>7.1f}")
     sim = summary.get("simulation", {})
     cfg = summary.get("config", {})
+    def num(value, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
     lines += [
         "",
-        f"test accuracy (all devices' test samples): {summary['test_accuracy']:.4f}   "
+        f"test accuracy (all devices' test samples): {num(summary['test_accuracy'], '.4f')}   "
         f"mode {cfg.get('mode')}, {cfg.get('rounds')} rounds, {cfg.get('bits')}-bit frames",
         f"wire: {summary['bytes_up'] / 1e6:.2f} MB up ({summary['frames']} frames, "
         f"{summary['frame_bytes'] / max(1, summary['frames']) / 1024:.0f} KiB each), "
         f"{summary['bytes_down'] / 1e6:.2f} MB down",
         f"time: device forward {summary['device_forward_s']:.1f} s (all devices), server training "
         f"{summary['server_train_s']:.1f} s, training wall {summary['train_wall_s']:.1f} s, "
-        f"pipeline efficiency {summary['pipeline_efficiency']:.2f}, run {sim.get('wall_s', summary['run_wall_s']):.0f} s",
+        f"pipeline efficiency {num(summary['pipeline_efficiency'], '.2f')}, run {sim.get('wall_s', summary['run_wall_s']):.0f} s",
         f"summary: {sim.get('run_dir', '')}/summary.json and summary.png",
     ]
     if "flower_traffic" in summary:

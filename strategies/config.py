@@ -66,6 +66,9 @@ class SideTuningConfig:
         if self.aggregate_every and self.mode != "per-device":
             raise ConfigError(f"aggregate-every={self.aggregate_every} averages per-device side networks: "
                               f"set mode = 'per-device' or aggregate-every = 0")
+        if self.activation_cache and self.cache_mb < 1:
+            raise ConfigError(f"cache-mb={self.cache_mb}: the activation cache needs at least 1 MB, or set "
+                              f"activation-cache = false")
         if self.mode == "hybrid" and not self.activation_cache:
             raise ConfigError("mode 'hybrid' fine-tunes personal heads from the activation cache: set "
                               "activation-cache = true")

@@ -208,6 +208,8 @@ class SideTuningStrategy(Strategy):
         elif (self.run_dir / "checkpoint").exists():
             log(WARNING, "%s holds an earlier run's checkpoint; starting over (set resume = true to continue it)",
                 self.run_dir)
+            for stale in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+                shutil.rmtree(self.run_dir / stale, ignore_errors=True)
         if cfg.eval_initial and first_round == 1:
             self.initial = self._evaluate(grid, 0, {"split": "test"})
         for rnd in range(first_round, cfg.rounds + 1):
@@ -258,6 +260,44 @@ class SideTuningStrategy(Strategy):
             len(summary["devices"]), self.run_dir / "summary.json")
         return summary
 
+    # ---- request / reply ----------------------------------------------------------------------
+    def _push_tracked(self, grid: Grid, messages: list[Message]) -> tuple[dict[str, Message], list[Message]]:
+        """Push; return ({message id: message} for those Flower took, [messages it refused])."""
+        if not messages:
+            return {}, []
+        ids = {str(i) for i in grid.push_messages(messages) if i}
+        taken, refused = {}, []
+        for msg in messages:
+            mid = msg.metadata.message_id
+            (taken.__setitem__(mid, msg) if mid and mid in ids else refused.append(msg))
+        return taken, refused
+
+    def _request_all(self, grid: Grid, messages: list[Message], timeout: float) -> dict[int, Message | str]:
+        """Send one request per node and wait; {node id: its reply, or why there is none}.
+
+        Replies are matched by ``reply_to_message_id``: an error reply Flower makes itself (node
+        unavailable, TTL expired) comes from the SuperLink, not from the node it is about.
+        """
+        taken, refused = self._push_tracked(grid, messages)
+        out: dict[int, Message | str] = {m.metadata.dst_node_id: "Flower refused the request" for m in refused}
+        deadline = time.monotonic() + timeout
+        while taken and time.monotonic() < deadline:
+            for reply in grid.pull_messages(list(taken)):
+                msg = taken.pop(reply.metadata.reply_to_message_id, None)
+                if msg is not None:
+                    out[msg.metadata.dst_node_id] = reply
+            if taken:
+                time.sleep(0.1)
+        for msg in taken.values():
+            out[msg.metadata.dst_node_id] = f"no reply within {timeout:.0f} s"
+        return out
+
+    @staticmethod
+    def _why(reply: Message | str) -> str:
+        if isinstance(reply, str):
+            return reply
+        return f"error {reply.error.code}: {reply.error.reason}" if reply.has_error() else "malformed reply"
+
     # ---- profile ----------------------------------------------------------------------------
     def _profile(self, grid: Grid) -> None:
         node_ids = sorted(grid.get_node_ids())
@@ -265,17 +305,24 @@ class SideTuningStrategy(Strategy):
             raise FleetError("no devices are connected: start SuperNodes (or set num-supernodes) first")
         messages = [Message(RecordDict({m.CONFIG_KEY: ConfigRecord({"probe-samples": 8})}), dst_node_id=n,
                             message_type=m.PROFILE, ttl=self.config.request_timeout) for n in node_ids]
-        replies = list(grid.send_and_receive(messages, timeout=self.config.request_timeout))
+        replies = self._request_all(grid, messages, self.config.request_timeout)
         frozen = None
         fingerprints = set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                self.events.append(f"profile of node {node} failed: {reply.error.reason}")
-                log(WARNING, "node %s failed its profile and is left out: %s", node, reply.error.reason)
+        for node, reply in sorted(replies.items()):
+            try:
+                if isinstance(reply, str) or reply.has_error():
+                    raise ValueError(self._why(reply))
+                desc = dict(reply.content[m.PROFILE_KEY])
+                stats = dict(reply.content[m.STATS_KEY])
+                if reply.content.array_records.get(m.FROZEN_KEY) is None:
+                    raise ValueError(f"the profile reply has no '{m.FROZEN_KEY}' record")
+            except (KeyError, ValueError) as err:
+                self.events.append(f"profile of node {node} failed: {err}")
+                log(WARNING, "node %s failed its profile and is left out: %s", node, err)
                 continue
-            desc = dict(reply.content[m.PROFILE_KEY])
-            stats = dict(reply.content[m.STATS_KEY])
+            if str(desc["device-id"]) in {d.device_id for d in self.devices.values()}:
+                raise FleetError(f"two SuperNodes claim {desc['device-id']}: give each its own partition-id "
+                                 f"(--node-config 'partition-id=<i> num-partitions=<n>')")
             dev = DeviceState(node_id=node, device_id=str(desc["device-id"]), profile={**desc, **stats},
                               train_samples=int(stats["train"]))
             self.devices[node] = dev
@@ -333,7 +380,7 @@ class SideTuningStrategy(Strategy):
         tmp, old = final.with_name("checkpoint.tmp"), final.with_name("checkpoint.old")
         shutil.rmtree(tmp, ignore_errors=True)
         self.store.save(tmp, extra={"round": rnd})
-        state = {"round": rnd, "train_wall_s": train_wall, "rounds": self.rounds, "events": self.events,
+        state = {"round": rnd, "train_wall_s": train_wall, "config": self._run_defining(), "rounds": self.rounds, "events": self.events,
                  "initial": self.initial, "stream_totals": self._stream_totals,
                  "cached_frames": self.intake.cached_counts(),
                  "refused": {d: dict(c) for d, c in self.intake.refused.items()},
@@ -346,13 +393,28 @@ class SideTuningStrategy(Strategy):
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
 
+    def _run_defining(self) -> dict[str, Any]:
+        """Settings a resumed run must share with the original (what was trained, and how)."""
+        keys = ("mode", "family", "reduction", "dropout", "lr", "weight-decay", "batch-size", "rounds",
+                "average-epochs", "activation-cache", "cache-mb", "aggregate-every", "personal-epochs",
+                "personal-lr", "seed", "chunk-size", "bits", "token-policy")
+        config = self.config.as_dict()
+        return {k: config[k] for k in keys}
+
     def _restore(self) -> tuple[int, float]:
         """Continue the run in ``run_dir`` from its last checkpoint; returns (next round, training wall s)."""
         directory = self.run_dir / "checkpoint"
+        if not (directory / "strategy.json").exists() and (self.run_dir / "checkpoint.old" / "strategy.json").exists():
+            directory = self.run_dir / "checkpoint.old"  # the crash hit between the two renames of a checkpoint
         if not (directory / "strategy.json").exists():
             raise FleetError(f"resume = true but {directory} holds no checkpoint: point run-dir at the folder of "
                              f"the run to continue (its summary and checkpoint live there), or drop resume")
         state = json.loads((directory / "strategy.json").read_text())
+        now = self._run_defining()
+        changed = {k: (v, now.get(k)) for k, v in state.get("config", {}).items() if now.get(k) != v}
+        if changed:
+            raise FleetError("resume needs the settings the run started with; changed: " + ", ".join(
+                f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())))
         self.store.load(directory)
         restored = self.intake.restore(state["cached_frames"])
         for device, counts in state.get("refused", {}).items():
@@ -441,21 +503,49 @@ class SideTuningStrategy(Strategy):
         plans: dict[int, deque] = self._plans
         worker.start()
         pending: dict[str, tuple[int, dict[str, Any], float]] = {}
-        self._push(grid, first_wave, pending)
+        self._push(grid, first_wave, pending, plans)
         total = sum(d.train_samples for d in self._working().values())
         received = 0
         last_log = time.perf_counter()
-        while pending:
+
+        def top_up() -> None:
+            """Keep in_flight requests per working device (after replies, retries and timeouts)."""
+            busy: dict[int, int] = {}
+            for node_id, _, _ in pending.values():
+                busy[node_id] = busy.get(node_id, 0) + 1
+            out = []
+            for node_id, plan in plans.items():
+                while plan and not self.devices[node_id].dropped and busy.get(node_id, 0) < cfg.in_flight:
+                    out.append(self._forward_message(node_id, plan.popleft(), rnd, ConfigRecord()))
+                    busy[node_id] = busy.get(node_id, 0) + 1
+            self._push(grid, out, pending, plans)
+
+        def wait_for_training() -> None:  # the serial baseline: train on a frame before asking for the next
+            while work.unfinished_tasks and worker.is_alive():
+                time.sleep(0.002)
             if errors:
                 raise errors[0]
+
+        def work_left() -> bool:
+            return any(plan and not self.devices[n].dropped for n, plan in plans.items())
+
+        while pending or work_left():
+            if errors:
+                raise errors[0]
+            if not pending:
+                top_up()
+                continue
             replies = list(grid.pull_messages(list(pending)))
             if not replies:
                 self._expire(pending, plans)
+                top_up()
                 time.sleep(0.02)
                 continue
-            resend: list[Message] = []
             for reply in replies:
-                node_id, request, _ = pending.pop(reply.metadata.reply_to_message_id)
+                entry = pending.pop(reply.metadata.reply_to_message_id, None)
+                if entry is None:
+                    continue  # a reply to a request this round already gave up on
+                node_id, request, _ = entry
                 dev = self.devices[node_id]
                 blob = None
                 if reply.has_error():
@@ -474,12 +564,12 @@ class SideTuningStrategy(Strategy):
                     dev.forward_s += float(stats["forward-s"])
                     dev.busy_s += float(stats["busy-s"])
                     received += int(stats["samples"])
+                    if errors:
+                        raise errors[0]
                     work.put((node_id, blob))
-                    if not cfg.overlap:  # the serial baseline: train on this frame before asking for the next
-                        work.join()
-                if plans.get(node_id) and not dev.dropped:
-                    resend.append(self._forward_message(node_id, plans[node_id].popleft(), rnd, ConfigRecord()))
-            self._push(grid, resend, pending)
+                    if not cfg.overlap:
+                        wait_for_training()
+            top_up()
             if time.perf_counter() - last_log > 10:
                 last_log = time.perf_counter()
                 log(INFO, "[round %d] frames landed for %d/%d samples, %d training queued", rnd, received, total,
@@ -490,6 +580,9 @@ class SideTuningStrategy(Strategy):
             raise errors[0]
         if not self._working():
             raise FleetError(f"every device failed in round {rnd}: {[d.failures for d in self.devices.values()]}")
+        if not losses:
+            raise FleetError(f"no frame of round {rnd} could be trained on; refusals per device: "
+                             f"{self.intake.report()}")
         wall = max(done_at[0], t0) - t0
         per_device_s = {n: d.busy_s - device_s0[n] for n, d in self.devices.items()}
         device_s = sum(per_device_s.values())
@@ -502,18 +595,21 @@ class SideTuningStrategy(Strategy):
         return {"loss": loss, "phase": "stream", "stream_wall_s": wall, "stream_device_s": device_s,
                 "stream_train_s": train_s[0], "samples": received}
 
-    def _push(self, grid: Grid, messages: list[Message], pending: dict) -> None:
-        if not messages:
-            return
-        ids = list(grid.push_messages(messages))
+    def _push(self, grid: Grid, messages: list[Message], pending: dict, plans: dict) -> None:
+        """Push forward requests and track them; one Flower refuses is a failed request of its device."""
+        taken, refused = self._push_tracked(grid, messages)
         now = time.perf_counter()
-        for msg, mid in zip(messages, ids):
-            cfg = msg.content[m.CONFIG_KEY]
-            request = {"offset": int(cfg["offset"]), "samples": int(cfg["samples"]),
-                       "attempt": int(str(cfg["request"]).rsplit("-a", 1)[1])}
-            if not mid:
-                raise FleetError(f"Flower refused a forward request to node {msg.metadata.dst_node_id}")
-            pending[mid] = (msg.metadata.dst_node_id, request, now)
+        for mid, msg in taken.items():
+            pending[mid] = (msg.metadata.dst_node_id, self._request_of(msg), now)
+        for msg in refused:
+            self._forward_failed(self.devices[msg.metadata.dst_node_id], self._request_of(msg),
+                                 "Flower refused the request (push failed)", plans)
+
+    @staticmethod
+    def _request_of(msg: Message) -> dict[str, Any]:
+        cfg = msg.content[m.CONFIG_KEY]
+        return {"offset": int(cfg["offset"]), "samples": int(cfg["samples"]),
+                "attempt": int(str(cfg["request"]).rsplit("-a", 1)[1])}
 
     def _expire(self, pending: dict, plans: dict) -> None:
         now = time.perf_counter()
@@ -525,6 +621,9 @@ class SideTuningStrategy(Strategy):
 
     def _forward_failed(self, dev: DeviceState, request: dict[str, Any], why: str, plans: dict) -> None:
         dev.failures.append(f"forward offset {request['offset']}: {why}")
+        if dev.dropped:  # a request still in flight when the device was dropped: its samples are lost too
+            dev.samples_lost += int(request["samples"])
+            return
         if request["attempt"] < self.config.max_retries:
             plans.setdefault(dev.node_id, deque()).appendleft({**request, "attempt": request["attempt"] + 1})
             log(WARNING, "forward request to %s failed (%s); retrying", dev.device_id, why)
@@ -532,8 +631,8 @@ class SideTuningStrategy(Strategy):
             dev.dropped = True
             unsent = plans.pop(dev.node_id, None) or []
             dev.samples_lost += int(request["samples"]) + sum(int(r["samples"]) for r in unsent)
-            log(WARNING, "device %s dropped for the rest of the run after: %s (%d of its samples not forwarded "
-                "this round)", dev.device_id, why, dev.samples_lost)
+            log(WARNING, "device %s dropped for the rest of the run after: %s (%d of its samples lost so far)",
+                dev.device_id, why, dev.samples_lost)
 
     # ---- aggregation, evaluation, delivery ---------------------------------------------------
     def _fedavg(self, rnd: int) -> None:
@@ -551,19 +650,18 @@ class SideTuningStrategy(Strategy):
 
     def _evaluate(self, grid: Grid, rnd: int, config: dict[str, Any]) -> dict[str, Any]:
         messages = list(self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(config), grid))
-        replies = list(grid.send_and_receive(messages, timeout=self.config.request_timeout))
+        replies = self._request_all(grid, messages, self.config.request_timeout)
         per_device = {}
-        for reply in replies:
-            dev = self.devices.get(reply.metadata.src_node_id)
-            if dev is None:
-                continue
-            stats = _evaluate_reply(reply)
+        for node, reply in replies.items():
+            dev = self.devices[node]
+            stats = None if isinstance(reply, str) else _evaluate_reply(reply)
             if stats is None:
-                why = reply.error.reason if reply.has_error() else "a reply without accuracy and samples"
+                why = self._why(reply) if isinstance(reply, str) or reply.has_error() else \
+                    "a reply without accuracy and samples"
                 dev.failures.append(f"evaluate ({config['split']}): {why}")
                 continue
             per_device[dev.device_id] = stats
-        agg = self.aggregate_evaluate(rnd, replies)
+        agg = self.aggregate_evaluate(rnd, [r for r in replies.values() if not isinstance(r, str)])
         result = {"accuracy": float(agg["accuracy"]) if agg else float("nan"), "per_device": per_device}
         log(INFO, "[round %d] on-device %s accuracy %.4f (%s)", rnd, config["split"], result["accuracy"],
             ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in sorted(per_device.items())))
@@ -591,10 +689,11 @@ class SideTuningStrategy(Strategy):
                 dev.delivered_digest = m.network_digest(net)
                 messages.append(Message(RecordDict({m.NETWORK_KEY: weights, m.NETWORK_CONFIG_KEY: net_cfg}),
                                         dst_node_id=node_id, message_type=m.DELIVER, ttl=cfg.request_timeout))
-            for reply in grid.send_and_receive(messages, timeout=cfg.request_timeout):
-                dev = self.devices[reply.metadata.src_node_id]
-                if reply.has_error():
-                    dev.failures.append(f"delivery: {reply.error.reason}")
+            for node, reply in self._request_all(grid, messages, cfg.request_timeout).items():
+                dev = self.devices[node]
+                if isinstance(reply, str) or reply.has_error():
+                    dev.failures.append(f"delivery: {self._why(reply)}")
+                    dev.metrics["delivered"] = 0
                     continue
                 receipt = reply.content.config_records.get(m.CONFIG_KEY) if reply.has_content() else None
                 if receipt is None or "digest" not in receipt:
@@ -647,7 +746,7 @@ class SideTuningStrategy(Strategy):
             "config": self.config.as_dict(),
             "run_config": {k: v for k, v in self.run_config.items()},
             "side_network": json.loads(self.side_config.to_json()),
-            "trainable_parameters": self.store.network_for(next(iter(self.devices.values())).device_id).num_trainable(),
+            "trainable_parameters": next(iter(self.store.trainers.values())).net.num_trainable(),
             "events": self.events,
             "server_device": str(next(iter(self.store.trainers.values())).device),
             "cpu_count": os.cpu_count(),

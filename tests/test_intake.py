@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
+from mobiflower.platform.codec import quantize
 from mobiflower.platform.data import Example
 from mobiflower.platform.frames import FrameLimits, encode_frame
 from mobiflower.platform.intake import FrameIntake
@@ -80,6 +82,11 @@ def _bad_inputs(setup) -> dict[str, bytes]:
         "wrong token policy": encode_frame(frame(range(400, 404), token_policy="nonpad")),
         "wrong number of classes": _header(good, lambda h, p: h["targets"].update(num_classes=5)),
         "garbage": b"\x00" * 64,
+        "empty frame": encode_frame(dataclasses.replace(
+            frame(range(800, 801)), sample_ids=[], token_counts=[], seq_lengths=[],
+            targets={"kind": "class", "values": [], "num_classes": 2},
+            activations=[quantize(torch.zeros(0, backbone.hidden_size), 8, 64, "hadamard", 0)
+                         for _ in config.layers])),
     }
 
 
@@ -102,6 +109,7 @@ def test_each_kind_of_bad_frame_is_refused_alone_and_changes_nothing(setup):
     assert intake.store.state_digest() != before
     assert reasons["mismatched backbone fingerprint"] == "invalid fingerprint"
     assert reasons["wrong layers"] == "wrong layers" and reasons["wrong number of classes"] == "wrong targets"
+    assert reasons["empty frame"] == "empty frame"
 
 
 def test_replayed_frames_and_repeated_samples_are_refused(setup):
