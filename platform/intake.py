@@ -47,6 +47,7 @@ class FrameIntake:
         self.seen: dict[str, set[int]] = defaultdict(set)
         self.refused: dict[str, Counter] = defaultdict(Counter)
         self.accepted: Counter = Counter()
+        self.accepted_samples: Counter = Counter()
 
     def new_pass(self) -> None:
         """Devices send every sample again (no activation cache): forget which samples arrived."""
@@ -91,7 +92,9 @@ class FrameIntake:
             return self._refuse(device, "repeated samples", "sample_ids",
                                 f"{len(repeated)} sample(s) already arrived from {device} in this pass, "
                                 f"e.g. id {min(repeated)}")
+        frame.meta["device_id"] = device  # the sender as the server knows it, not as the frame claims
         stats = self.store.ingest(device, frame)
+        self.accepted_samples[device] += frame.num_samples
         if self.persist_dir is not None and stats.get("cached"):
             self._persist(device, blob)
         self.digests.add(digest)
@@ -130,7 +133,9 @@ class FrameIntake:
                 device = path.name.split(".")[1]
                 blob = path.read_bytes()
                 frame = decode_frame(blob, expected_fingerprint=self.side_config.fingerprint, limits=self.limits)
+                frame.meta["device_id"] = device
                 trainer.cache.add(trainer.decode(frame))
+                self.accepted_samples[device] += frame.num_samples
                 self.digests.add(hashlib.sha256(blob).digest())
                 self.seen[device].update(frame.sample_ids)
                 restored += 1

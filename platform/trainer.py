@@ -328,6 +328,8 @@ class SideTrainer:
         meta["rng"] = _jsonable(self.rng.getstate())  # the shuffles of later epochs continue where they were
         meta["averaged"] = self.averaged
         extra_tensors = {"torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":  # dropout on the GPU draws from the CUDA generator
+            extra_tensors["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.average is not None:
             extra_tensors.update({f"average.{k}": v.detach().cpu().contiguous() for k, v in self.average.items()})
         save_file(extra_tensors, str(tmp / "state.safetensors"))
@@ -355,6 +357,9 @@ class SideTrainer:
         if state_path.exists():
             tensors = load_file(str(state_path))
             torch.set_rng_state(tensors.pop("torch_rng"))
+            cuda_rng = tensors.pop("cuda_rng", None)
+            if cuda_rng is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng, self.device)
             average = {k.removeprefix("average."): v.to(self.device) for k, v in tensors.items()}
             self.average, self.averaged = (average or None), int(meta.get("averaged", 0))
         return meta.get("extra", {})

@@ -639,9 +639,12 @@ class SideTuningStrategy(Strategy):
         nets = self.store.device_networks()
         records = []
         for dev in self._working().values():
+            trained = int(self.intake.accepted_samples.get(dev.device_id, 0))
+            if not trained:  # a network that never trained would pull the average back to the start
+                continue
             state = {k: v.detach().cpu() for k, v in nets[dev.device_id].state_dict().items()}
             records.append(RecordDict({"net": ArrayRecord(torch_state_dict=state),
-                                       m.STATS_KEY: MetricRecord({"num-examples": dev.train_samples})}))
+                                       m.STATS_KEY: MetricRecord({"num-examples": trained})}))
         averaged, stats = self._aggregate(records)
         if averaged is not None:
             self.store.load_all(averaged.to_torch_state_dict())
@@ -719,8 +722,14 @@ class SideTuningStrategy(Strategy):
         totals = self._stream_totals
         device_s = sum(d.busy_s for d in self.devices.values())
         server_s = self.store.train_seconds
-        per_device = {d.device_id: {**d.account(), "frames_refused": dict(self.intake.refused.get(d.device_id, {}))}
+        per_device = {d.device_id: {**d.account(), "frames_refused": dict(self.intake.refused.get(d.device_id, {})),
+                                    "samples_trained": int(self.intake.accepted_samples.get(d.device_id, 0))}
                       for d in self.devices.values()}
+        overflow = {k: t.cache.rejected for k, t in self.store.trainers.items() if t.cache.rejected}
+        if overflow:
+            self.events.append(f"activation cache full (cache-mb={self.config.cache_mb}): frames trained once and "
+                               f"not kept for later rounds: {overflow}")
+            log(WARNING, "%s", self.events[-1])
         # Devices work in parallel, so the device side's critical path is the slowest device's
         # forward time; 1.0 means the streaming wall time equals the slower of the two sides.
         slowest = totals["slowest_device_s"]
