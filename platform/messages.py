@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
-from mobiflower.platform.side_networks import SideNetwork, SideNetworkConfig, build_side_network
+from mobiflower.platform.side_networks import SideNetwork, SideNetworkConfig, build_side_network, update_digest
 
 PROFILE = "query.profile"
 FORWARD = "train.forward"
@@ -75,9 +75,7 @@ def network_from_records(weights: ArrayRecord, config: ConfigRecord,
 def network_digest(net: SideNetwork) -> str:
     """A short digest of a side network's weights and config: proves a delivery arrived intact."""
     h = hashlib.sha256(net.config.to_json().encode())
-    for name, tensor in sorted(net.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    update_digest(h, net.state_dict())
     return h.hexdigest()[:16]
 
 

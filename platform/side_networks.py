@@ -291,6 +291,13 @@ class ParallelAdapterSideNetwork(SideNetwork):
         return self.head(h, batch)
 
 
+def update_digest(h, tensors: dict[str, torch.Tensor]) -> None:
+    """Feed named tensors into a hashlib object in name order (what proves a state unchanged)."""
+    for name, tensor in sorted(tensors.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+
+
 def build_side_network(config: SideNetworkConfig, frozen: dict[str, torch.Tensor] | None = None) -> SideNetwork:
     """A fresh side network of ``config.family``; ``frozen`` holds the backbone's final norm / LM head."""
     frozen = frozen or {}

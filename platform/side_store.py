@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 import torch
 
 from mobiflower.platform.frames import Frame
-from mobiflower.platform.side_networks import SideNetwork, SideNetworkError
+from mobiflower.platform.side_networks import SideNetwork, SideNetworkError, update_digest
 from mobiflower.platform.trainer import SideTrainer, TrainConfig, chunk_sizes, planned_steps
 
 MODES = ("shared", "per-device", "hybrid")
@@ -117,9 +117,7 @@ class SideNetworkStore:
                 h.update(str(decoded.frame.sample_ids).encode())
         for device, net in sorted(self.personal.items()):
             h.update(device.encode())
-            for key, tensor in sorted(net.state_dict().items()):
-                h.update(key.encode())
-                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            update_digest(h, net.state_dict())
         return h.hexdigest()
 
     @property

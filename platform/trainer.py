@@ -33,6 +33,7 @@ from mobiflower.platform.side_networks import (
     make_side_batch,
     save_side_network,
     side_network_loss,
+    update_digest,
 )
 
 
@@ -306,12 +307,8 @@ class SideTrainer:
     def state_digest(self) -> str:
         """A digest of side-network and optimizer tensors (to prove a state unchanged)."""
         h = hashlib.sha256()
-        for name, tensor in sorted(self.net.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        for name, tensor in sorted(_flatten_optimizer(self.optimizer).items()):
-            h.update(name.encode())
-            h.update(tensor.contiguous().numpy().tobytes())
+        update_digest(h, self.net.state_dict())
+        update_digest(h, _flatten_optimizer(self.optimizer))
         return h.hexdigest()
 
     def save_checkpoint(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:

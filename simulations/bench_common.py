@@ -70,13 +70,22 @@ def bars_with_values(ax, labels, values, colors, fmt: str = ".0f") -> None:
         ax.text(i, v, format(v, fmt), ha="center", va="bottom", fontsize=8)
 
 
-def save_figure(fig, result: dict, path):
-    """Title the figure with the benchmark's model and batch, write it as PNG, and close it."""
+def bench_logger(name: str, progress: bool = True) -> Callable[[str], None]:
+    """``log(message)`` printing ``[bench NAME] message`` to stderr, or nothing without progress."""
+    def log(message: str) -> None:
+        if progress:
+            print(f"[bench {name}] {message}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def save_figure(fig, result: dict, path, title: str | None = None):
+    """Title the figure (default: the benchmark's model and batch), write it as PNG, and close it."""
     import matplotlib.pyplot as plt
 
     cfg = result.get("config", {})
-    fig.suptitle(f"{Path(str(cfg.get('model'))).name}: {cfg.get('samples')} samples, batch {cfg.get('batch_size')}",
-                 fontsize=10)
+    fig.suptitle(title or f"{Path(str(cfg.get('model'))).name}: {cfg.get('samples')} samples, batch "
+                 f"{cfg.get('batch_size')}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.bench_common import (acceptance_lines, bars_with_values, ratio, run_child,
-                                                  save_figure, write_outputs)
+from mobiflower.simulations.bench_common import (acceptance_lines, bars_with_values, bench_logger, ratio,
+                                                  run_child, save_figure, write_outputs)
 
 METHODS = ("mobiflower_device", "inference_forward", "lora_step", "full_step")
 WIRE_BITS = (16, 8, 4, 2)
@@ -54,8 +54,7 @@ LR = {"lora_step": 5e-4, "full_step": 2e-5}
 
 
 def _log(message: str, progress: bool) -> None:
-    if progress:
-        print(f"[bench device] {message}", file=sys.stderr, flush=True)
+    bench_logger("device", progress)(message)
 
 
 def bench_samples(batches: int, batch_size: int, seed: int = 0) -> list:

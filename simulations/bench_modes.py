@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mobiflower.simulations.bench_common import acceptance_lines
+from mobiflower.simulations.bench_common import acceptance_lines, save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
 MODES = {"shared": {"mode": "shared"},
@@ -97,9 +97,5 @@ def plot(result: dict[str, Any], path: str) -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     cfg = result["config"]
-    fig.suptitle(f"{cfg['devices']} devices, Dirichlet alpha {cfg['dirichlet-alpha']}, {cfg['train-samples']} samples")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, result, path, title=f"{cfg['devices']} devices, Dirichlet alpha {cfg['dirichlet-alpha']}, {cfg['train-samples']} samples")
 

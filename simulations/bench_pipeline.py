@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mobiflower.simulations.bench_common import acceptance_lines, bars_with_values
+from mobiflower.simulations.bench_common import acceptance_lines, bars_with_values, save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
 SCHEDULES = {"in-flight 2": {"in-flight": 2, "overlap": True},
@@ -88,9 +88,5 @@ def plot(result: dict[str, Any], path: str) -> Path:
     ax[1].axhline(1.15, color="k", ls="--", lw=1)
     ax[1].set_ylabel("wall / max(device, server)")
     cfg = result["config"]
-    fig.suptitle(f"one device, {cfg['samples']} samples, ladder r={cfg['reduction']} on {cfg['token_policy']} tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, result, path, title=f"one device, {cfg['samples']} samples, ladder r={cfg['reduction']} on {cfg['token_policy']} tokens")
 

@@ -44,8 +44,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.bench_common import (acceptance_lines, bars_with_values, ratio, run_child,
-                                                  save_figure, write_outputs)
+from mobiflower.simulations.bench_common import (acceptance_lines, bars_with_values, bench_logger, ratio,
+                                                  run_child, save_figure, write_outputs)
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 ACCEPTANCE = {
@@ -60,8 +60,7 @@ ACCEPTANCE = {
 
 
 def _log(message: str, progress: bool) -> None:
-    if progress:
-        print(f"[bench precision] {message}", file=sys.stderr, flush=True)
+    bench_logger("precision", progress)(message)
 
 
 # ------------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def free_ports(n: int) -> list[int]:
         return ports
 
 
-def _bin(name: str) -> str:
+def flower_command(name: str) -> str:
     """Path of a console script of the running interpreter's environment, else the bare name."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
@@ -457,6 +457,17 @@ def _stop(procs: Iterable[psutil.Process], grace_s: float = 5.0) -> None:
     psutil.wait_procs(alive, timeout=2.0)
 
 
+def processes_of(popens: Iterable[subprocess.Popen[bytes]]) -> list[psutil.Process]:
+    """The still-existing processes behind ``popens`` (to stop them in order by pid)."""
+    procs = []
+    for popen in popens:
+        try:
+            procs.append(psutil.Process(popen.pid))
+        except psutil.Error:
+            pass
+    return procs
+
+
 def stop_flower_processes(scratch: Path, first: Iterable[psutil.Process] = ()) -> None:
     """Stop everything Flower left running for ``scratch``: ``first`` (the SuperLink /
     SuperNodes, so they shut their children down in order), then any marked leftover
@@ -554,7 +565,7 @@ def _flwr_json(
 ) -> dict[str, Any]:
     """Run a ``flwr ... --format json`` command and return its JSON (errors included)."""
     res = subprocess.run(
-        [_bin("flwr"), *args, "--format", "json"],
+        [flower_command("flwr"), *args, "--format", "json"],
         env=dict(env),
         capture_output=True,
         text=True,
@@ -594,7 +605,7 @@ def _finish(
     """``flwr run --stream`` then read the status back; the shared half of both run kinds."""
     check_run_config(app_dir, run_config)
     t0 = time.monotonic()
-    cmd = [_bin("flwr"), "run", str(Path(app_dir).resolve()), connection, "--stream"]
+    cmd = [flower_command("flwr"), "run", str(Path(app_dir).resolve()), connection, "--stream"]
     cmd += run_config_args(run_config) + extra_args
     code, out, run_id = _stream(cmd, env, on_line, timeout_s)
     status, details, info = "unknown", "", {}
@@ -803,7 +814,7 @@ class LoopbackDeployment:
         link_dir.mkdir(parents=True, exist_ok=True)
         self.superlink = self._spawn(
             [
-                _bin("flower-superlink"),
+                flower_command("flower-superlink"),
                 "--insecure",
                 "--host",
                 "127.0.0.1",
@@ -839,7 +850,7 @@ class LoopbackDeployment:
             self.supernodes.append(
                 self._spawn(
                     [
-                        _bin("flower-supernode"),
+                        flower_command("flower-supernode"),
                         "--insecure",
                         "--superlink",
                         self.address,
@@ -911,18 +922,9 @@ class LoopbackDeployment:
         """Stop SuperNodes, then the SuperLink (terminate, wait, kill), then any process
         they left behind; idempotent."""
 
-        def as_procs(popens: list[subprocess.Popen[bytes]]) -> list[psutil.Process]:
-            procs = []
-            for popen in popens:
-                try:
-                    procs.append(psutil.Process(popen.pid))
-                except psutil.Error:
-                    pass
-            return procs
-
-        _stop(as_procs(self.supernodes))
+        _stop(processes_of(self.supernodes))
         stop_flower_processes(
-            self.scratch, first=as_procs([self.superlink] if self.superlink else [])
+            self.scratch, first=processes_of([self.superlink] if self.superlink else [])
         )
         for popen in [*self.supernodes, *([self.superlink] if self.superlink else [])]:
             try:
@@ -947,11 +949,13 @@ __all__ = [
     "RunConfigValue",
     "app_dir_for_run",
     "check_run_config",
+    "flower_command",
     "flower_env",
     "free_port",
     "free_ports",
     "run_config_args",
     "run_info",
+    "processes_of",
     "run_simulation",
     "stop_flower_processes",
     "stop_local_superlink",

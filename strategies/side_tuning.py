@@ -48,7 +48,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from mobiflower.platform import messages as m
 from mobiflower.platform.intake import FrameIntake
 from mobiflower.platform.run_summary import write_summary
-from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
+from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network, save_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.trainer import TrainConfig
 from mobiflower.strategies.config import SideTuningConfig
@@ -679,8 +679,6 @@ class SideTuningStrategy(Strategy):
             self.store.personalize([d.device_id for d in self._working().values()])
         exported = self.run_dir / "side_networks"
         for dev in self.devices.values():
-            from mobiflower.platform.side_networks import save_side_network
-
             save_side_network(self.store.network_for(dev.device_id), exported / f"{dev.device_id}.safetensors")
         installed = False
         if cfg.deliver:

@@ -10,21 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from mobiflower.simulations.flower_run import _bin, flower_env, free_ports, stop_flower_processes
+from mobiflower.simulations.flower_run import (flower_command, flower_env, free_ports, processes_of,
+                                                stop_flower_processes)
 from mobiflower.simulations.tls import make_loopback_pki
 
 
 def _supernode(pki, index: int, link: str, port: int, home: Path, env: dict, log: Path) -> subprocess.Popen:
     private, _ = pki.node_keys[index]
     node_env = {**env, "FLWR_HOME": str(home)}
-    return subprocess.Popen([_bin("flower-supernode"), "--root-certificates", str(pki.ca_cert), "--superlink", link,
+    return subprocess.Popen([flower_command("flower-supernode"), "--root-certificates", str(pki.ca_cert), "--superlink", link,
                              "--port", str(port), "--node-config", f"partition-id={index} num-partitions=2",
                              "--auth-supernode-private-key", str(private)],
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, env=node_env)
 
 
 def _nodes(env: dict) -> list[dict]:
-    out = subprocess.run([_bin("flwr"), "supernode", "ls", "secure", "--format", "json"], env=env,
+    out = subprocess.run([flower_command("flwr"), "supernode", "ls", "secure", "--format", "json"], env=env,
                          capture_output=True, text=True, timeout=60)
     return json.loads(out.stdout).get("nodes") or [] if out.stdout.strip().startswith("{") else []
 
@@ -42,14 +43,14 @@ def test_tls_deployment_admits_registered_supernodes_only(tmp_path):
     procs: list[subprocess.Popen] = []
     try:
         procs.append(subprocess.Popen(
-            [_bin("flower-superlink"), "--ssl-ca-certfile", str(pki.ca_cert), "--ssl-certfile", str(pki.server_cert),
+            [flower_command("flower-superlink"), "--ssl-ca-certfile", str(pki.ca_cert), "--ssl-certfile", str(pki.server_cert),
              "--ssl-keyfile", str(pki.server_key), "--enable-supernode-auth", "--host", "127.0.0.1",
              "--port", str(link_port), "--database", str(scratch / "state.db"),
              "--disable-runtime-dependency-installation"],
             stdout=(scratch / "superlink.log").open("wb"), stderr=subprocess.STDOUT, env=env))
         registered = None
         for _ in range(60):  # the SuperLink takes a few seconds to serve TLS
-            reg = subprocess.run([_bin("flwr"), "supernode", "register", str(pki.node_keys[0][1]), "secure"],
+            reg = subprocess.run([flower_command("flwr"), "supernode", "register", str(pki.node_keys[0][1]), "secure"],
                                  env=env, capture_output=True, text=True, timeout=60)
             if "registered successfully" in reg.stdout:
                 registered = reg.stdout
@@ -77,15 +78,7 @@ def test_tls_deployment_admits_registered_supernodes_only(tmp_path):
         assert len(online) == 1 and known.poll() is None, (scratch / "node-0.log").read_text()[-2000:]
         assert len(_nodes(env)) == 1  # the unknown key never became a node
     finally:
-        import psutil
-
-        alive = []
-        for p in procs:
-            try:
-                alive.append(psutil.Process(p.pid))
-            except psutil.Error:
-                pass
-        stop_flower_processes(scratch, first=alive)
+        stop_flower_processes(scratch, first=processes_of(procs))
         for p in procs:
             if p.poll() is None:
                 p.kill()
