@@ -114,7 +114,7 @@ class FrameIntake:
 
     def cached_counts(self) -> dict[str, int]:
         """Frames in each trainer's cache: what a checkpoint must restore."""
-        return {key: len(t.cache.frames) for key, t in self.store.trainers.items()}
+        return {key: counts["frames"] for key, counts in self.store.cache_counts().items()}
 
     def restore(self, counts: dict[str, int]) -> int:
         """Reload the first ``counts[key]`` persisted frames of each trainer into its cache (no training)."""

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from mobiflower.platform.frames import Frame
 from mobiflower.platform.side_networks import SideNetwork, SideNetworkError, update_digest
+from mobiflower.platform.side_pager import PagedTrainers
 from mobiflower.platform.trainer import SideTrainer, TrainConfig, chunk_sizes, planned_steps
 
 MODES = ("shared", "per-device", "hybrid")
@@ -36,23 +38,27 @@ class StoreConfig:
     personal_epochs: int = 3  # hybrid: head-only epochs over a device's cache per personalisation
     personal_lr: float = 1e-3
     personal_parts: tuple[str, ...] = ("head.",)  # parameter-name prefixes that are personal in hybrid mode
+    memory_budget_mb: float = 0.0  # per-device mode: resident side networks beyond this are paged to disk; 0 = all in memory
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise SideNetworkError(f"side-network mode {self.mode!r} is unknown: choose one of {MODES}")
+        if self.memory_budget_mb < 0:
+            raise SideNetworkError(f"side-memory-mb={self.memory_budget_mb} must be >= 0 (0 keeps every side "
+                                   f"network in memory)")
 
 
 class SideNetworkStore:
     """Trainers keyed by ``shared`` or a device id, plus hybrid personal networks."""
 
     def __init__(self, config: StoreConfig, make_net: Callable[[], SideNetwork], train: TrainConfig,
-                 device_samples: Mapping[str, int], chunk_size: int):
+                 device_samples: Mapping[str, int], chunk_size: int, page_dir: str | Path | None = None):
         self.config = config
         self.train_config = train
         self.device_samples = dict(device_samples)
         if not self.device_samples:
             raise SideNetworkError("a side-network store needs at least one device")
-        self.trainers: dict[str, SideTrainer] = {}
+        self.trainers: Mapping[str, SideTrainer]
         self.personal: dict[str, SideNetwork] = {}
         self.personal_seconds = 0.0
 
@@ -62,10 +68,13 @@ class SideNetworkStore:
 
         if config.mode == "per-device":
             template = make_net()  # every device starts from the same weights, so FedAvg averages like with like
-            for device in self.device_samples:
-                self.trainers[device] = SideTrainer(copy.deepcopy(template), train, total_steps=steps([device]))
+            self.trainers = PagedTrainers(
+                list(self.device_samples),
+                lambda device: SideTrainer(copy.deepcopy(template), train, total_steps=steps([device])),
+                budget_bytes=int(config.memory_budget_mb * 2**20), directory=page_dir)
+            torch.manual_seed(train.seed)  # where building the trainers left the generator before paging existed
         else:
-            self.trainers[SHARED] = SideTrainer(make_net(), train, total_steps=steps(list(self.device_samples)))
+            self.trainers = {SHARED: SideTrainer(make_net(), train, total_steps=steps(list(self.device_samples)))}
         if config.mode == "hybrid" and train.cache_bytes <= 0:
             raise SideNetworkError("hybrid mode fine-tunes personal heads from the activation cache: turn the "
                                    "cache on (activation-cache = true) or use mode 'shared' / 'per-device'")
@@ -85,18 +94,56 @@ class SideNetworkStore:
 
     def ingest(self, device: str, frame: Frame) -> dict[str, float]:
         """A device's frame landed: cache it and take one training pass over it."""
-        return self.trainer_for(device).ingest(frame)
+        stats = self.trainer_for(device).ingest(frame)
+        if isinstance(self.trainers, PagedTrainers):
+            self.trainers.settle()  # its cache grew: page others out if the budget no longer holds
+        return stats
 
-    def train_epoch(self) -> dict[str, float]:
-        """One epoch from the activation cache for every trainer; the loss is sample-weighted."""
+    def cache_counts(self) -> dict[str, dict[str, int]]:
+        """Each trainer's cached frames and cache refusals (a paged store answers without paging in)."""
+        if isinstance(self.trainers, PagedTrainers):
+            return self.trainers.cache_counts()
+        return {k: {"frames": len(t.cache.frames), "rejected": t.cache.rejected} for k, t in self.trainers.items()}
+
+    def paging(self) -> dict[str, float] | None:
+        """Per-device mode: the paging figures (budget, peak resident MB, page-ins and -outs)."""
+        return self.trainers.stats() if isinstance(self.trainers, PagedTrainers) else None
+
+    def average_networks(self, weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        """Per-device mode: the ``weights``-weighted mean of the devices' networks (FedAvg), one at a time.
+
+        Streams over the devices, so it holds one network besides the running sum however many
+        are paged out (Flower's ``aggregate_arrayrecords`` needs them all in memory at once).
+        """
+        if self.config.mode != "per-device":
+            raise SideNetworkError("averaging device networks needs per-device mode")
+        total = float(sum(weights.values()))
+        if total <= 0:
+            raise SideNetworkError("FedAvg needs at least one device that trained on a sample")
+        acc: dict[str, torch.Tensor] = {}
+        for device, weight in weights.items():
+            state = self.trainers[device].net.state_dict()
+            for key, value in state.items():
+                term = value.detach().to("cpu", torch.float64) * (float(weight) / total)
+                acc[key] = acc[key] + term if key in acc else term
+        like = self.trainers[next(iter(weights))].net.state_dict()
+        return {k: v.to(like[k].dtype) for k, v in acc.items()}
+
+    def train_epoch(self, then_average: bool = False) -> dict[str, float]:
+        """One epoch from the activation cache for every trainer; the loss is sample-weighted.
+
+        ``then_average`` adds each trainer's new weights to its tail average in the same pass (a
+        paged store then brings each trainer in once per round, not twice).
+        """
         loss = seconds = samples = 0.0
-        for trainer in self.trainers.values():
-            if not trainer.cache.frames:
-                continue
-            stats = trainer.train_epoch()
-            loss += stats["loss"] * stats["samples"]
-            seconds += stats["seconds"]
-            samples += stats["samples"]
+        for trainer in self.trainers.values():  # one at a time: paged trainers come in and go out in turn
+            if trainer.cache.frames:
+                stats = trainer.train_epoch()
+                loss += stats["loss"] * stats["samples"]
+                seconds += stats["seconds"]
+                samples += stats["samples"]
+            if then_average:
+                trainer.update_average()
         if samples == 0:
             raise SideNetworkError("the activation cache is empty: devices must forward frames first")
         return {"loss": loss / samples, "seconds": seconds, "samples": samples}
@@ -125,7 +172,9 @@ class SideNetworkStore:
         return sum(t.train_seconds for t in self.trainers.values()) + self.personal_seconds
 
     def averaging(self, epoch: int) -> bool:
-        return next(iter(self.trainers.values())).averaging(epoch)
+        """Whether the weights after ``epoch`` (1-based) join the delivered tail average."""
+        k = self.train_config.average_epochs
+        return k > 0 and epoch > self.train_config.epochs - k
 
     def update_average(self) -> None:
         """Add every trainer's current weights to its tail average (see SideTrainer.update_average)."""
@@ -178,9 +227,12 @@ class SideNetworkStore:
         return any(name.startswith(prefix) for prefix in self.config.personal_parts)
 
     def device_networks(self) -> dict[str, SideNetwork]:
-        """Per-device mode: each device's network (what FedAvg averages)."""
+        """Per-device mode: each device's network, all in memory at once (not for a paged store)."""
         if self.config.mode != "per-device":
             raise SideNetworkError("device networks exist only in per-device mode")
+        if self.config.memory_budget_mb:
+            raise SideNetworkError("a paged store cannot hold every device network at once: use average_networks "
+                                   "or take them one at a time from store.trainers")
         return {d: t.net for d, t in self.trainers.items()}
 
     def load_all(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -195,10 +247,17 @@ class SideNetworkStore:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for name, trainer in self.trainers.items():
-            trainer.save_checkpoint(directory / name, extra=extra)
+        if isinstance(self.trainers, PagedTrainers):
+            self.trainers.save_all(directory, extra=extra)
+        else:
+            for name, trainer in self.trainers.items():
+                trainer.save_checkpoint(directory / name, extra=extra)
         for device, net in self.personal.items():
             save_side_network(net, directory / "personal" / f"{device}.safetensors")
+        rng = {"torch_rng": torch.get_rng_state()}  # the generator as it is now, after every trainer's save
+        if torch.cuda.is_available():
+            rng["cuda_rng"] = torch.cuda.get_rng_state()
+        save_file(rng, str(directory / "rng.safetensors"))
         (directory / "store.json").write_text(json.dumps({"config": asdict(self.config),
                                                           "devices": self.device_samples, **(extra or {})}))
         return directory
@@ -206,8 +265,6 @@ class SideNetworkStore:
     def load(self, directory: str | Path) -> None:
         """Restore what :meth:`save` wrote: every trainer (weights, optimizer, schedule, RNG, tail
         average) and the personal networks. The activation cache is restored by the frame intake."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         saved = json.loads((directory / "store.json").read_text())
         if saved["config"]["mode"] != self.config.mode or set(saved["devices"]) != set(self.device_samples):
@@ -216,6 +273,11 @@ class SideNetworkStore:
                                    f"and devices {sorted(self.device_samples)}: resume with the same fleet and mode")
         for name, trainer in self.trainers.items():
             trainer.load_checkpoint(directory / name)
+        if (directory / "rng.safetensors").exists():  # trainers' own RNG states are older than the store's
+            rng = load_file(str(directory / "rng.safetensors"))
+            torch.set_rng_state(rng["torch_rng"])
+            if "cuda_rng" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda_rng"])
         for path in sorted((directory / "personal").glob("*.safetensors")):  # same architecture as the trunk
             net = copy.deepcopy(self.trainers[SHARED].net)
             net.load_state_dict(load_file(str(path)))

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import msgpack
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -118,6 +119,10 @@ class ActivationCache:
     @property
     def num_samples(self) -> int:
         return sum(len(f) for f in self.frames)
+
+    def resident_bytes(self) -> int:
+        """Memory the cache holds: each frame's quantized payload and its dequantized rows."""
+        return sum(f.frame.nbytes() + sum(r.numel() * r.element_size() for r in f.rows) for f in self.frames)
 
 
 def _lr_lambda(total: int, warmup: int, schedule: str):
@@ -237,6 +242,7 @@ class SideTrainer:
             stats["seconds"] = time.perf_counter() - t
             self.train_seconds += stats["seconds"]
             stats["loss"] = sum(losses) / len(losses)
+            self.optimizer.zero_grad(set_to_none=True)  # gradients are not needed between passes: free them
         return stats
 
     def train_epoch(self) -> dict[str, float]:
@@ -245,6 +251,7 @@ class SideTrainer:
             raise SideNetworkError("the activation cache is empty: ingest frames before training epochs")
         t = time.perf_counter()
         losses = [self.train_batch(b) for b in self._epoch_batches(self.cache.frames)]
+        self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t
         self.train_seconds += seconds
         return {"loss": sum(losses) / len(losses), "seconds": seconds, "samples": self.cache.num_samples}
@@ -311,8 +318,54 @@ class SideTrainer:
         update_digest(h, _flatten_optimizer(self.optimizer))
         return h.hexdigest()
 
-    def save_checkpoint(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Side network + optimizer + schedule, written to a temp folder and renamed into place."""
+    def resident_bytes(self) -> int:
+        """Memory this trainer holds now: weights, gradients, optimizer moments, tail average and cache."""
+        tensors = [p for p in self.net.parameters()] + [b for b in self.net.buffers()]
+        tensors += [p.grad for p in self.net.parameters() if p.grad is not None]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        tensors += list((self.average or {}).values())
+        return sum(t.numel() * t.element_size() for t in tensors) + self.cache.resident_bytes()
+
+    def footprint_bytes(self) -> int:
+        """The most this trainer holds while it trains, whether or not it has trained yet.
+
+        Weights and buffers, plus for every trainable weight its gradient, two AdamW moments and a
+        tail-average copy, plus the cache: a bound a memory budget can plan with before the
+        optimizer state or the average exist (:meth:`resident_bytes` is what is held now).
+        """
+        trainable = sum(p.numel() * p.element_size() for p in self.net.parameters() if p.requires_grad)
+        state = sum(t.numel() * t.element_size() for t in self.net.state_dict().values())
+        return state * 2 + trainable * 3 + self.cache.resident_bytes()
+
+    def save_cache(self, path: str | Path) -> Path:
+        """The activation cache as its frames' encoded bytes (compact: the quantized payload)."""
+        from mobiflower.platform.frames import encode_frame
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        blobs = [encode_frame(f.frame) for f in self.cache.frames]
+        tmp.write_bytes(msgpack.packb({"rejected": self.cache.rejected, "frames": blobs}, use_bin_type=True))
+        os.replace(tmp, path)
+        return path
+
+    def load_cache(self, path: str | Path) -> int:
+        """Refill the activation cache from :meth:`save_cache`'s file; returns the frames loaded."""
+        from mobiflower.platform.frames import decode_frame
+
+        saved = msgpack.unpackb(Path(path).read_bytes(), raw=False)
+        self.cache.frames.clear()
+        self.cache.nbytes = 0
+        for blob in saved["frames"]:
+            self.cache.add(self.decode(decode_frame(blob)))
+        self.cache.rejected = int(saved["rejected"])
+        return len(self.cache.frames)
+
+    def save_checkpoint(self, directory: str | Path, extra: dict[str, Any] | None = None,
+                        rng: bool = True) -> Path:
+        """Side network + optimizer + schedule, written to a temp folder and renamed into place.
+
+        ``rng=False`` leaves out the process-wide torch RNG state (paging a trainer out must not
+        rewind the generator every other trainer shares when it is paged back in)."""
         directory = Path(directory)
         tmp = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -324,8 +377,8 @@ class SideTrainer:
                 "train_seconds": self.train_seconds, "history": self.history, "extra": extra or {}}
         meta["rng"] = _jsonable(self.rng.getstate())  # the shuffles of later epochs continue where they were
         meta["averaged"] = self.averaged
-        extra_tensors = {"torch_rng": torch.get_rng_state()}
-        if self.device.type == "cuda":  # dropout on the GPU draws from the CUDA generator
+        extra_tensors = {"torch_rng": torch.get_rng_state()} if rng else {}
+        if rng and self.device.type == "cuda":  # dropout on the GPU draws from the CUDA generator
             extra_tensors["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.average is not None:
             extra_tensors.update({f"average.{k}": v.detach().cpu().contiguous() for k, v in self.average.items()})
@@ -340,6 +393,7 @@ class SideTrainer:
         return directory
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        """Restore :meth:`save_checkpoint`'s folder (the torch RNG too, when it was saved)."""
         directory = Path(directory)
         self.net.load_state_dict(load_file(str(directory / "side_network.safetensors")))
         meta = json.loads((directory / "trainer.json").read_text())
@@ -353,7 +407,9 @@ class SideTrainer:
         state_path = directory / "state.safetensors"
         if state_path.exists():
             tensors = load_file(str(state_path))
-            torch.set_rng_state(tensors.pop("torch_rng"))
+            torch_rng = tensors.pop("torch_rng", None)
+            if torch_rng is not None:
+                torch.set_rng_state(torch_rng)
             cuda_rng = tensors.pop("cuda_rng", None)
             if cuda_rng is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(cuda_rng, self.device)

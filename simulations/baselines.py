@@ -27,13 +27,14 @@ import json
 import logging
 import math
 import random
-import resource
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb  # noqa: F401  (re-exported)
 
 METHODS = ("lora", "full", "zero-shot")
 DEFAULT_LR = {"lora": 5e-4, "full": 2e-5}
@@ -102,22 +103,6 @@ class BaselineConfig:
 
 # ------------------------------------------------------------------------------------------
 # shared helpers (also used by bench_device)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def current_rss_mb() -> float:
-    """Resident set size of this process now, in MiB."""
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / (1024 * 1024)
-    except Exception:  # pragma: no cover - psutil is a dependency; fall back to the peak
-        return peak_rss_mb()
 
 
 def quiet_transformers() -> None:

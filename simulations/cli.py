@@ -7,6 +7,7 @@
     mobiflower infer --side-network F "a gripping, beautiful film"
     mobiflower bench device --out F        device memory / speed / wire-size benchmark
     mobiflower bench pipeline | modes      forward/training overlap; shared vs per-device vs hybrid
+    mobiflower bench load                  server memory / throughput at 8-64 devices, side networks paged
     mobiflower compare runs/*.json         one table of the runs' accuracy and cost
 """
 
@@ -247,6 +248,16 @@ def _add_bench(sub) -> None:
     pm.add_argument("--rounds", type=int, default=20)
     pm.add_argument("--out", default="runs/bench_modes.json")
     pm.set_defaults(func=_cmd_bench_modes)
+    pl = bsub.add_parser("load", help="server memory and throughput at 8-64 devices, side networks paged to disk",
+                         description="Per-device side networks on a tiny random Llama, each fleet size run paged "
+                                     "(--budget-mb) and all in memory, as real Flower simulations.")
+    pl.add_argument("--devices", type=int, nargs="+", default=[8, 16, 32, 64], help="fleet sizes (default 8 16 32 64)")
+    pl.add_argument("--budget-mb", type=float, default=24.0, help="side-memory-mb of the paged runs (default 24)")
+    pl.add_argument("--rounds", type=int, default=3)
+    pl.add_argument("--samples-per-device", type=int, default=32)
+    pl.add_argument("--paged-only", action="store_true", help="skip the all-in-memory runs")
+    pl.add_argument("--out", default="runs/bench_load.json")
+    pl.set_defaults(func=_cmd_bench_load)
 
 
 def _cmd_bench_pipeline(args) -> int:
@@ -271,6 +282,17 @@ def _cmd_bench_modes(args) -> int:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _cmd_bench_load(args) -> int:
+    from mobiflower.simulations.bench_common import write_outputs
+    from mobiflower.simulations.bench_load import format_table, plot, run_load_bench
+
+    result = run_load_bench(args.devices, args.budget_mb, args.samples_per_device, args.rounds,
+                            unbounded=not args.paged_only, log=_log)
+    print(format_table(result))
+    write_outputs(result, args.out, None, plot, _log)
+    return 0
 
 
 def _cmd_bench_device(args) -> int:

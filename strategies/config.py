@@ -29,6 +29,7 @@ class SideTuningConfig:
     average_epochs: int = 5  # deliver the mean weights of the last k rounds (tail averaging); 0 = the last
     activation_cache: bool = True  # later rounds train from cached activations: devices forward once
     cache_mb: int = 2048
+    side_memory_mb: float = 0.0  # per-device mode: side networks resident beyond this are paged to run-dir (0 = all in memory)
     aggregate_every: int = 0  # per-device mode: FedAvg of the device networks every k rounds (0 = never)
     personal_epochs: int = 3  # hybrid mode: head-only epochs per personalisation
     personal_lr: float = 1e-3
@@ -37,6 +38,7 @@ class SideTuningConfig:
     # what devices send (the strategy may later adapt these per device)
     chunk_size: int = 64  # samples per forward request (one frame)
     in_flight: int = 2  # forward requests kept in flight per device
+    send_window: int = 16  # requests carrying a side network (evaluate, deliver) in flight at once, fleet-wide
     overlap: bool = True  # train on frames in a background thread while pulling; false = serial baseline
     device_batch_size: int = 16
     bits: int = 8
@@ -57,7 +59,7 @@ class SideTuningConfig:
             raise ConfigError(f"mode={self.mode!r} is unknown: use one of {', '.join(MODES)}")
         if self.family not in ("ladder", "adapter"):
             raise ConfigError(f"family={self.family!r} is unknown: use 'ladder' or 'adapter'")
-        for name in ("rounds", "chunk_size", "in_flight", "batch_size", "device_batch_size", "reduction"):
+        for name in ("rounds", "chunk_size", "in_flight", "send_window", "batch_size", "device_batch_size", "reduction"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("aggregate_every", "eval_every", "eval_samples", "max_retries", "personal_epochs"):
@@ -69,6 +71,11 @@ class SideTuningConfig:
         if self.activation_cache and self.cache_mb < 1:
             raise ConfigError(f"cache-mb={self.cache_mb}: the activation cache needs at least 1 MB, or set "
                               f"activation-cache = false")
+        if self.side_memory_mb < 0:
+            raise ConfigError(f"side-memory-mb={self.side_memory_mb} must be >= 0 (0 keeps every side network in memory)")
+        if self.side_memory_mb and self.mode != "per-device":
+            raise ConfigError(f"side-memory-mb={self.side_memory_mb} pages per-device side networks to disk: set "
+                              f"mode = 'per-device', or side-memory-mb = 0 (one shared network is always resident)")
         if self.mode == "hybrid" and not self.activation_cache:
             raise ConfigError("mode 'hybrid' fine-tunes personal heads from the activation cache: set "
                               "activation-cache = true")

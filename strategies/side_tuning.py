@@ -47,6 +47,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from mobiflower.platform import messages as m
 from mobiflower.platform.intake import FrameIntake
+from mobiflower.platform.process_memory import RssSampler, current_rss_mb
 from mobiflower.platform.run_summary import write_summary
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network, save_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
@@ -162,18 +163,16 @@ class SideTuningStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """One evaluate request per working device, carrying that device's side network."""
-        out = []
-        for node_id, dev in self._working().items():
+        """One evaluate request per working device, carrying that device's side network (built lazily)."""
+        for node_id, dev in list(self._working().items()):
             content = RecordDict({m.CONFIG_KEY: ConfigRecord(dict(config))})
             if not bool(config.get("installed", False)):
                 weights, net_cfg = m.network_records(self.store.network_for(dev.device_id))
                 content[m.NETWORK_KEY], content[m.NETWORK_CONFIG_KEY] = weights, net_cfg
             dev.bytes_down += m.array_bytes(content.get(m.NETWORK_KEY, ArrayRecord())) + _config_bytes(
                 content[m.CONFIG_KEY])
-            out.append(Message(content, dst_node_id=node_id, message_type=m.EVALUATE, group_id=str(server_round),
-                               ttl=self.config.request_timeout))
-        return out
+            yield Message(content, dst_node_id=node_id, message_type=m.EVALUATE, group_id=str(server_round),
+                          ttl=self.config.request_timeout)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Sample-weighted accuracy over the devices that answered."""
@@ -201,6 +200,7 @@ class SideTuningStrategy(Strategy):
         self.summary()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         t_run = time.perf_counter()
+        memory = RssSampler().start()  # the server process's RSS, sampled through the run
         self._profile(grid)
         first_round, train_wall = 1, 0.0
         if cfg.resume:
@@ -217,15 +217,19 @@ class SideTuningStrategy(Strategy):
             record: dict[str, Any] = {"round": rnd}
             up0 = {n: (d.bytes_up, d.bytes_down, d.busy_s, d.frame_bytes) for n, d in self.devices.items()}
             train0 = self.store.train_seconds
+            aggregate = bool(cfg.aggregate_every and rnd % cfg.aggregate_every == 0)
+            average = self.store.averaging(rnd)
+            averaged = False
             if rnd == 1 or not cfg.activation_cache:
                 record.update(self._stream_round(grid, rnd))
-            else:
-                stats = self.store.train_epoch()
+            else:  # one pass per trainer: train, then (unless FedAvg comes first) join the tail average
+                averaged = average and not aggregate
+                stats = self.store.train_epoch(then_average=averaged)
                 record.update({"loss": stats["loss"], "phase": "cache"})
-            if cfg.aggregate_every and rnd % cfg.aggregate_every == 0:
+            if aggregate:
                 self._fedavg(rnd)
                 record["aggregated"] = True
-            if self.store.averaging(rnd):
+            if average and not averaged:
                 self.store.update_average()
             record["server_train_s"] = self.store.train_seconds - train0
             train_wall += time.perf_counter() - t0
@@ -249,12 +253,14 @@ class SideTuningStrategy(Strategy):
                 log(WARNING, "crash-after-round=%d: killing the server process now", rnd)
                 os.kill(os.getpid(), signal.SIGKILL)
             val = record.get("validation_accuracy")
-            log(INFO, "[round %d/%d] %s loss %.4f%s, server train %.1f s, wall %.1f s, up %.2f MB", rnd, cfg.rounds,
-                record.get("phase", "stream"), record.get("loss", float("nan")),
+            record["server_rss_mb"] = current_rss_mb()
+            log(INFO, "[round %d/%d] %s loss %.4f%s, server train %.1f s, wall %.1f s, up %.2f MB, server RSS %.0f MB",
+                rnd, cfg.rounds, record.get("phase", "stream"), record.get("loss", float("nan")),
                 f", validation accuracy {val:.4f}" if val is not None else "", record["server_train_s"],
-                record["wall_s"], record["bytes_up"] / 1e6)
+                record["wall_s"], record["bytes_up"] / 1e6, record["server_rss_mb"])
         final = self._finish(grid)
         summary = self._summary(final, train_wall, time.perf_counter() - t_run)
+        summary["server_memory"] = {**memory.stop(), "paging": self.store.paging()}
         write_summary(summary, self.run_dir)
         log(INFO, "test accuracy %.4f over %d devices; summary in %s", summary["test_accuracy"],
             len(summary["devices"]), self.run_dir / "summary.json")
@@ -272,24 +278,47 @@ class SideTuningStrategy(Strategy):
             (taken.__setitem__(mid, msg) if mid and mid in ids else refused.append(msg))
         return taken, refused
 
-    def _request_all(self, grid: Grid, messages: list[Message], timeout: float) -> dict[int, Message | str]:
+    def _request_all(self, grid: Grid, messages: Iterable[Message], timeout: float,
+                     window: int | None = None) -> dict[int, Message | str]:
         """Send one request per node and wait; {node id: its reply, or why there is none}.
 
+        ``window`` bounds the requests in flight at once: the next message is only built (a
+        generator builds lazily) and pushed when a reply frees a slot, so messages that carry a
+        side network each (evaluate, deliver) never sit in memory for the whole fleet at once.
         Replies are matched by ``reply_to_message_id``: an error reply Flower makes itself (node
         unavailable, TTL expired) comes from the SuperLink, not from the node it is about.
         """
-        taken, refused = self._push_tracked(grid, messages)
-        out: dict[int, Message | str] = {m.metadata.dst_node_id: "Flower refused the request" for m in refused}
-        deadline = time.monotonic() + timeout
-        while taken and time.monotonic() < deadline:
+        todo = iter(messages)
+        out: dict[int, Message | str] = {}
+        taken: dict[str, Message] = {}
+        sent_at: dict[str, float] = {}
+
+        def fill() -> None:
+            batch = []
+            while window is None or len(taken) + len(batch) < window:
+                msg = next(todo, None)
+                if msg is None:
+                    break
+                batch.append(msg)
+            pushed, refused = self._push_tracked(grid, batch)
+            for msg in refused:
+                out[msg.metadata.dst_node_id] = "Flower refused the request"
+            now = time.monotonic()
+            taken.update(pushed)
+            sent_at.update({mid: now for mid in pushed})
+
+        fill()
+        while taken:
             for reply in grid.pull_messages(list(taken)):
                 msg = taken.pop(reply.metadata.reply_to_message_id, None)
                 if msg is not None:
                     out[msg.metadata.dst_node_id] = reply
+            now = time.monotonic()
+            for mid in [mid for mid in taken if now - sent_at[mid] > timeout]:
+                out[taken.pop(mid).metadata.dst_node_id] = f"no reply within {timeout:.0f} s"
+            fill()
             if taken:
-                time.sleep(0.1)
-        for msg in taken.values():
-            out[msg.metadata.dst_node_id] = f"no reply within {timeout:.0f} s"
+                time.sleep(0.05)
         return out
 
     @staticmethod
@@ -353,9 +382,13 @@ class SideTuningStrategy(Strategy):
             torch.manual_seed(cfg.seed)  # the side network's initial weights are part of the run's seed
             return build_side_network(self.side_config, frozen)
 
+        pages = self.run_dir / "pages"
+        shutil.rmtree(pages, ignore_errors=True)  # paged trainers of an earlier process; a resume loads the checkpoint
         self.store = SideNetworkStore(
-            StoreConfig(mode=cfg.mode, personal_epochs=cfg.personal_epochs, personal_lr=cfg.personal_lr),
-            make_net, train, {d.device_id: d.train_samples for d in self.devices.values()}, cfg.chunk_size)
+            StoreConfig(mode=cfg.mode, personal_epochs=cfg.personal_epochs, personal_lr=cfg.personal_lr,
+                        memory_budget_mb=cfg.side_memory_mb),
+            make_net, train, {d.device_id: d.train_samples for d in self.devices.values()}, cfg.chunk_size,
+            page_dir=pages)
         cache_dir = self.run_dir / "cache"
         if not cfg.resume:
             shutil.rmtree(cache_dir, ignore_errors=True)  # a fresh run starts from an empty cache
@@ -636,24 +669,30 @@ class SideTuningStrategy(Strategy):
 
     # ---- aggregation, evaluation, delivery ---------------------------------------------------
     def _fedavg(self, rnd: int) -> None:
-        nets = self.store.device_networks()
-        records = []
+        weights = {}
         for dev in self._working().values():
             trained = int(self.intake.accepted_samples.get(dev.device_id, 0))
-            if not trained:  # a network that never trained would pull the average back to the start
-                continue
-            state = {k: v.detach().cpu() for k, v in nets[dev.device_id].state_dict().items()}
-            records.append(RecordDict({"net": ArrayRecord(torch_state_dict=state),
-                                       m.STATS_KEY: MetricRecord({"num-examples": trained})}))
-        averaged, stats = self._aggregate(records)
-        if averaged is not None:
-            self.store.load_all(averaged.to_torch_state_dict())
-            log(INFO, "[round %d] FedAvg of %d device side networks (%d samples)", rnd, stats["devices"],
-                stats["num-examples"])
+            if trained:  # a network that never trained would pull the average back to the start
+                weights[dev.device_id] = trained
+        if not weights:
+            return
+        if self.config.side_memory_mb:  # paged networks: a streamed average holds one network at a time
+            state = self.store.average_networks(weights)
+        else:  # Flower's own FedAvg arithmetic over ArrayRecords
+            records = []
+            for device, trained in weights.items():
+                net_state = {k: v.detach().cpu().clone() for k, v in self.store.trainers[device].net.state_dict().items()}
+                records.append(RecordDict({"net": ArrayRecord(torch_state_dict=net_state),
+                                           m.STATS_KEY: MetricRecord({"num-examples": trained})}))
+            averaged, _ = self._aggregate(records)
+            state = averaged.to_torch_state_dict()
+        self.store.load_all(state)
+        log(INFO, "[round %d] FedAvg of %d device side networks (%d samples)", rnd, len(weights),
+            sum(weights.values()))
 
     def _evaluate(self, grid: Grid, rnd: int, config: dict[str, Any]) -> dict[str, Any]:
-        messages = list(self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(config), grid))
-        replies = self._request_all(grid, messages, self.config.request_timeout)
+        messages = self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(config), grid)
+        replies = self._request_all(grid, messages, self.config.request_timeout, window=self.config.send_window)
         per_device = {}
         for node, reply in replies.items():
             dev = self.devices[node]
@@ -682,15 +721,17 @@ class SideTuningStrategy(Strategy):
             save_side_network(self.store.network_for(dev.device_id), exported / f"{dev.device_id}.safetensors")
         installed = False
         if cfg.deliver:
-            messages = []
-            for node_id, dev in self._working().items():
-                net = self.store.network_for(dev.device_id)
-                weights, net_cfg = m.network_records(net)
-                dev.bytes_down += m.array_bytes(weights) + _config_bytes(net_cfg)
-                dev.delivered_digest = m.network_digest(net)
-                messages.append(Message(RecordDict({m.NETWORK_KEY: weights, m.NETWORK_CONFIG_KEY: net_cfg}),
-                                        dst_node_id=node_id, message_type=m.DELIVER, ttl=cfg.request_timeout))
-            for node, reply in self._request_all(grid, messages, cfg.request_timeout).items():
+            def deliveries() -> Iterable[Message]:  # built one by one as the send window frees
+                for node_id, dev in list(self._working().items()):
+                    net = self.store.network_for(dev.device_id)
+                    weights, net_cfg = m.network_records(net)
+                    dev.bytes_down += m.array_bytes(weights) + _config_bytes(net_cfg)
+                    dev.delivered_digest = m.network_digest(net)
+                    yield Message(RecordDict({m.NETWORK_KEY: weights, m.NETWORK_CONFIG_KEY: net_cfg}),
+                                  dst_node_id=node_id, message_type=m.DELIVER, ttl=cfg.request_timeout)
+
+            for node, reply in self._request_all(grid, deliveries(), cfg.request_timeout,
+                                                 window=cfg.send_window).items():
                 dev = self.devices[node]
                 if isinstance(reply, str) or reply.has_error():
                     dev.failures.append(f"delivery: {self._why(reply)}")
@@ -723,7 +764,7 @@ class SideTuningStrategy(Strategy):
         per_device = {d.device_id: {**d.account(), "frames_refused": dict(self.intake.refused.get(d.device_id, {})),
                                     "samples_trained": int(self.intake.accepted_samples.get(d.device_id, 0))}
                       for d in self.devices.values()}
-        overflow = {k: t.cache.rejected for k, t in self.store.trainers.items() if t.cache.rejected}
+        overflow = {k: c["rejected"] for k, c in self.store.cache_counts().items() if c["rejected"]}
         if overflow:
             self.events.append(f"activation cache full (cache-mb={self.config.cache_mb}): frames trained once and "
                                f"not kept for later rounds: {overflow}")
