@@ -18,7 +18,7 @@ as a Flower deployment does for every message:
   code, mobiflower), records its RSS (``baseline_rss_mb``: the runtime, before the backbone is
   loaded), loads the backbone, builds the first frame (its start-to-first-frame is reported
   too), forwards the remaining batches (seconds per sample over those: the first batch is the
-  warm-up), records the peak RSS (``ru_maxrss``) and, on Linux, how much of the weights file is
+  warm-up), records its own peak RSS (``VmHWM``; see :func:`_peak_rss_mb`) and, on Linux, how much of the weights file is
   resident (``weights_resident_mb``), and saves the last-token states of every tapped layer for
   the first batch.
 
@@ -283,6 +283,25 @@ def _resident_mb(folder: str | None) -> float | None:
     return total / 1024
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS in MiB: ``VmHWM`` of ``/proc/self/status`` where there is one.
+
+    ``ru_maxrss`` is not used on Linux: it survives ``execve``, and Python spawns children with
+    ``vfork``, so a child's ``ru_maxrss`` starts at its parent's peak (the bench parent's peak
+    after preparing a copy - an fp32 checkpoint loaded and quantized - would show up as every later
+    child's "model memory"). ``VmHWM`` belongs to the child's own address space.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    from mobiflower.simulations.baselines import peak_rss_mb
+
+    return peak_rss_mb()
+
+
 def _measure(spec: dict, launched: float) -> dict:
     import gc
 
@@ -293,7 +312,7 @@ def _measure(spec: dict, launched: float) -> dict:
     from mobiflower.platform.backbone import Backbone
     from mobiflower.platform.data import Example
     from mobiflower.platform.frames import encode_frame
-    from mobiflower.simulations.baselines import current_rss_mb, peak_rss_mb, quiet_transformers
+    from mobiflower.simulations.baselines import current_rss_mb, quiet_transformers
 
     mode = spec["mode"]
     if spec.get("threads"):
@@ -334,7 +353,7 @@ def _measure(spec: dict, launched: float) -> dict:
         encode_frame(frame)
     elapsed = time.perf_counter() - t0
     n_timed = sum(len(b) for b in timed)
-    peak = peak_rss_mb()
+    peak = _peak_rss_mb()
     result.update({
         "baseline_rss_mb": baseline, "rss_after_load_mb": after_load, "rss_after_first_frame_mb": after_first,
         "peak_rss_mb": peak, "model_memory_mb": peak - baseline,
