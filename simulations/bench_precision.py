@@ -18,7 +18,7 @@ as a Flower deployment does for every message:
   code, mobiflower), records its RSS (``baseline_rss_mb``: the runtime, before the backbone is
   loaded), loads the backbone, builds the first frame (its start-to-first-frame is reported
   too), forwards the remaining batches (seconds per sample over those: the first batch is the
-  warm-up), records the peak RSS (``ru_maxrss``) and, on Linux, how much of the weights file is
+  warm-up), records its own peak RSS (``VmHWM``; see :func:`_peak_rss_mb`) and, on Linux, how much of the weights file is
   resident (``weights_resident_mb``), and saves the last-token states of every tapped layer for
   the first batch.
 
@@ -126,7 +126,9 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
                     "samples": [[e.id, e.text, e.label] for e in samples],
                     "states_path": str(tmp_path / f"{precision}.states.pt")}
             entry: dict[str, Any] = {"prepared": str(folder), "prepare_s": prepare_s,
-                                     "weights_file_mb": _folder_weights_mb(folder)}
+                                     "weights_file_mb": _folder_weights_mb(folder),
+                                     # other work on the machine inflates wall-clock starts: say how busy it was
+                                     "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
             if cold:
                 from mobiflower.platform.weights import evict_from_page_cache
 
@@ -283,29 +285,61 @@ def _resident_mb(folder: str | None) -> float | None:
     return total / 1024
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS in MiB: ``VmHWM`` of ``/proc/self/status`` where there is one.
+
+    ``ru_maxrss`` is not used on Linux: it survives ``execve``, and Python spawns children with
+    ``vfork``, so a child's ``ru_maxrss`` starts at its parent's peak (the bench parent's peak
+    after preparing a copy - an fp32 checkpoint loaded and quantized - would show up as every later
+    child's "model memory"). ``VmHWM`` belongs to the child's own address space.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    from mobiflower.simulations.baselines import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+def _rss_parts_mb() -> dict[str, float]:
+    """``RssAnon`` and ``RssFile`` of ``/proc/self/status`` in MiB (empty where there is none)."""
+    parts = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in ("RssAnon", "RssFile"):
+                parts[key] = int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return parts
+
+
 def _measure(spec: dict, launched: float) -> dict:
     import gc
 
     import torch
-    import transformers
 
     from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
     from mobiflower.platform.backbone import Backbone
     from mobiflower.platform.data import Example
     from mobiflower.platform.frames import encode_frame
-    from mobiflower.simulations.baselines import current_rss_mb, peak_rss_mb, quiet_transformers
+    from mobiflower.simulations.baselines import current_rss_mb
 
     mode = spec["mode"]
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    quiet_transformers()
     examples = [Example(int(i), str(text), int(label)) for i, text, label in spec["samples"]]
     bs = int(spec["batch_size"])
     batches = [examples[i:i + bs] for i in range(0, len(examples), bs)]
-    _import_runtime_code(spec["model"])  # as a device app's imports would: the baseline covers the code
+    # as a device app's imports would: the baseline covers the code the device's forward runs
+    forward = _import_runtime_code(spec["model"], spec["precision"], spec.get("weights_dir"), spec.get("group_size"))
     imported_at = time.time()
     gc.collect()
     baseline = current_rss_mb()
+    parts0 = _rss_parts_mb()
     t0 = time.perf_counter()
     backbone = Backbone.load(spec["model"], num_taps=int(spec["num_taps"]), weights=spec["precision"],
                              weights_dir=spec.get("weights_dir"), group_size=spec.get("group_size"))
@@ -322,6 +356,7 @@ def _measure(spec: dict, launched: float) -> dict:
         # takes on an idle machine (wall time above includes waiting for a busy CPU)
         "start_cpu_s": time.process_time(),
         "imports_s": imported_at - launched, "model_load_s": load_s, "first_frame_s": time.perf_counter() - t0,
+        "forward": forward, "transformers_imported": "transformers" in sys.modules,
         "fingerprint": backbone.fingerprint}
     if mode == "start":
         return result
@@ -334,14 +369,25 @@ def _measure(spec: dict, launched: float) -> dict:
         encode_frame(frame)
     elapsed = time.perf_counter() - t0
     n_timed = sum(len(b) for b in timed)
-    peak = peak_rss_mb()
+    peak = _peak_rss_mb()
+    end_rss, parts1 = current_rss_mb(), _rss_parts_mb()
+    weights_resident = _resident_mb(backbone.weights_path)
+    if parts0 and parts1:
+        # where the model memory went (at the end; ``transient`` is the peak above it): the mapped
+        # weights, other file pages the forward touched (library code), and anonymous memory
+        # (tokenizer, activations, buffers and what the allocator keeps)
+        result["memory_breakdown_mb"] = {
+            "weights_resident": weights_resident,
+            "code_and_other_files": parts1["RssFile"] - parts0["RssFile"] - (weights_resident or 0.0),
+            "anonymous": parts1["RssAnon"] - parts0["RssAnon"],
+            "transient_at_peak": peak - end_rss}
     result.update({
         "baseline_rss_mb": baseline, "rss_after_load_mb": after_load, "rss_after_first_frame_mb": after_first,
         "peak_rss_mb": peak, "model_memory_mb": peak - baseline,
-        "weights_resident_mb": _resident_mb(backbone.weights_path),
+        "weights_resident_mb": weights_resident,
         "s_per_sample": elapsed / n_timed, "samples": n_timed, "precision": backbone.precision,
         "parameters": backbone.describe()["parameters"],
-        "machine": {"torch": torch.__version__, "transformers": transformers.__version__,
+        "machine": {"torch": torch.__version__, "transformers": _version("transformers"),
                     "threads": torch.get_num_threads()},
     })
     # The tapped states (last real token of every sample, every tapped layer) of the first batch.
@@ -357,19 +403,49 @@ def _measure(spec: dict, launched: float) -> dict:
     return result
 
 
-def _import_runtime_code(ref: str) -> None:
-    """Import the architecture's modeling module and the tokenizer classes (lazy in transformers)."""
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _import_runtime_code(ref: str, precision: str, weights_dir: str | None, group_size: int | None) -> str:
+    """Import the code the device's forward will run; which forward that is (``lean``/``transformers``).
+
+    A llama-family prepared copy runs on :mod:`mobiflower.platform.lean_llama` (torch and
+    ``tokenizers`` only); anything else needs the architecture's transformers modeling module and
+    tokenizer classes (lazy in transformers), imported here so that the baseline covers them.
+    """
+    from mobiflower.platform.weights import DEFAULT_INT4_GROUP_SIZE, forward_implementation, prepared_dir
+
+    folder = prepared_dir(ref, precision, weights_dir, group_size or DEFAULT_INT4_GROUP_SIZE)
+    try:
+        forward = forward_implementation(folder)
+    except Exception:  # noqa: BLE001 - no prepared copy yet: the load builds one through transformers
+        forward = "transformers"
+    if forward == "lean":
+        import safetensors.torch  # noqa: F401
+        import tokenizers  # noqa: F401
+
+        import mobiflower.platform.lean_llama  # noqa: F401
+        return forward
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
 
     from mobiflower.platform.assets import resolve_model
     from mobiflower.platform.backbone import DECODER_TYPES
+    from mobiflower.simulations.baselines import quiet_transformers
 
+    quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(resolve_model(ref))
         auto = AutoModelForCausalLM if config.model_type in DECODER_TYPES else AutoModel
         auto._model_mapping[type(config)]  # noqa: B018  (the lazy mapping imports the module)
     except Exception:  # an unusual architecture: it is imported during the load instead
         pass
+    return forward
 
 
 # ------------------------------------------------------------------------------------------
@@ -388,7 +464,8 @@ def format_table(result: dict) -> str:
              f"{cfg.get('batch_size')} (1 warm-up), threads {machine.get('threads')}, "
              f"bf16 native: {machine.get('bf16_native')}", ""]
     header = (f"{'precision':<10}{'file MB':>9}{'runtime MB':>12}{'peak MB':>9}{'model MB':>10}{'weights res':>13}"
-              f"{'ms/sample':>11}{'start warm':>12}{'cold':>7}{'start cpu':>11}{'state err':>11}{'test acc':>10}")
+              f"{'ms/sample':>11}{'start warm':>12}{'cold':>7}{'start cpu':>11}{'state err':>11}{'test acc':>10}"
+              f"  {'forward':<13}")
     lines += [header, "-" * len(header)]
     for name, e in result.get("precisions", {}).items():
         lines.append(f"{name:<10}{_fmt(e.get('weights_file_mb'), '.0f'):>9}{_fmt(e.get('baseline_rss_mb'), '.0f'):>12}"
@@ -397,13 +474,29 @@ def format_table(result: dict) -> str:
                      f"{_fmt(e.get('s_per_sample') and e['s_per_sample'] * 1000, '.1f'):>11}"
                      f"{_fmt(e.get('warm_start_s')):>12}{_fmt(e.get('cold_start_s')):>7}"
                      f"{_fmt(e.get('warm_start_cpu_s')):>11}"
-                     f"{_fmt(e.get('state_rel_error_mean'), '.4f'):>11}{_fmt(e.get('test_accuracy'), '.4f'):>10}")
+                     f"{_fmt(e.get('state_rel_error_mean'), '.4f'):>11}{_fmt(e.get('test_accuracy'), '.4f'):>10}"
+                     f"  {e.get('forward') or '-':<13}")
+    breakdown = ["", "where model memory goes (MB, at the end of the run) and where the warm start goes (s, median):",
+                 f"{'precision':<10}{'weights':>9}{'code+files':>12}{'anon':>7}{'transient':>11}"
+                 f"{'imports':>10}{'load':>7}{'1st frame':>11}"]
+    for name, e in result.get("precisions", {}).items():
+        b = e.get("memory_breakdown_mb") or {}
+        warm = e.get("warm_starts") or []
+
+        def med(key):
+            values = [w[key] for w in warm if w.get(key) is not None]
+            return statistics.median(values) if values else None
+
+        breakdown.append(f"{name:<10}{_fmt(b.get('weights_resident'), '.0f'):>9}"
+                         f"{_fmt(b.get('code_and_other_files'), '.0f'):>12}{_fmt(b.get('anonymous'), '.0f'):>7}"
+                         f"{_fmt(b.get('transient_at_peak'), '.0f'):>11}{_fmt(med('imports_s')):>10}"
+                         f"{_fmt(med('model_load_s')):>7}{_fmt(med('first_frame_s')):>11}")
     for name, reason in result.get("skipped", {}).items():
         lines.append(f"{name:<10}skipped: {reason}")
     lines += ["", "model MB = peak RSS - RSS just before the backbone is loaded; weights res = resident part of the "
               "memory-mapped weights file;", "start = process spawn to first encoded frame (warm: median, cold: "
               "backbone files evicted from the page cache); start cpu = CPU seconds the warm start used",
-              "", *acceptance_lines(result, ACCEPTANCE, width=36)]
+              *breakdown, "", *acceptance_lines(result, ACCEPTANCE, width=36)]
     return "\n".join(lines)
 
 
