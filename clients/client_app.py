@@ -122,7 +122,8 @@ def forward(msg: Message, context: Context) -> Message:
     forward_config = ForwardConfig(
         bits=int(cfg.get("bits", 8)), group_size=int(cfg["group-size"]) if "group-size" in cfg else None,
         rotation=str(cfg.get("rotation", "hadamard")), token_policy=str(cfg.get("token-policy", "last")),
-        batch_size=int(cfg.get("batch-size", 16)), seed=int(cfg.get("codec-seed", 0)))
+        batch_size=int(cfg.get("batch-size", 16)), seed=int(cfg.get("codec-seed", 0)),
+        targets="none" if _label_private(context) else "class")
     backbone = setup.backbone()
     layers = [int(x) for x in cfg["layers"]] if "layers" in cfg else None
     runtime = DeviceRuntime(backbone, forward_config, device_id=setup.device_id)
@@ -143,6 +144,45 @@ def forward(msg: Message, context: Context) -> Message:
                                 "frame-bytes": len(blob), "samples": stats.samples, "tokens": stats.tokens_sent,
                                 "offset": offset, "rss-mb": rss, "peak-rss-mb": peak}),
     })
+    return Message(reply, reply_to=msg)
+
+
+def _flag(value) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _label_private(context: Context) -> bool:
+    """Labels stay on this device when the run asks for it, or when this device's own node config does
+    (``--node-config 'label-private=true'``), whatever the server asks."""
+    return _flag(context.run_config.get("label-private", False)) or _flag(context.node_config.get("label-private", False))
+
+
+def _label_epsilon(context: Context) -> float:
+    """The device's randomized-response epsilon: its node config's, else the run's (0 = none)."""
+    return float(context.node_config.get("label-epsilon", context.run_config.get("label-epsilon", 0.0)))
+
+
+@app.train("residual")
+def residual(msg: Message, context: Context) -> Message:
+    """Label-private training step: the server's predicted probabilities for some of this device's
+    samples in, ``p - onehot(y)`` out (:mod:`mobiflower.platform.label_private`)."""
+    from mobiflower.platform import label_private as lp
+
+    setup = _setup(context)
+    cfg = msg.content[m.CONFIG_KEY]
+    ids = [int(i) for i in cfg["sample-ids"]]
+    train = setup.data().train
+    by_id = {e.id: e for e in train}
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise lp.ResidualError(f"{len(unknown)} sample id(s) are not this device's training samples, e.g. "
+                               f"{unknown[0]}")
+    probs = msg.content[m.PROBS_KEY][m.PROBS_KEY].numpy()
+    num_classes = int(cfg["num-classes"])
+    secret = lp.device_secret((e.id, e.text, e.label) for e in train)
+    r = lp.residuals(probs, [by_id[i].label for i in ids], ids, num_classes, _label_epsilon(context), secret)
+    reply = RecordDict({m.RESIDUAL_KEY: m.ArrayRecord({m.RESIDUAL_KEY: m.Array(r)}),
+                        m.STATS_KEY: m.metrics({"samples": len(ids)})})
     return Message(reply, reply_to=msg)
 
 

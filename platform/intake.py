@@ -38,8 +38,11 @@ class FrameIntake:
     """Decodes and checks frames for a :class:`SideNetworkStore`, and keeps the refusal counts."""
 
     def __init__(self, store: SideNetworkStore, side_config: SideNetworkConfig,
-                 limits: FrameLimits = FrameLimits(), persist_dir: str | Path | None = None):
+                 limits: FrameLimits = FrameLimits(), persist_dir: str | Path | None = None,
+                 label_private: bool = False):
         self.store = store
+        self.label_private = label_private
+        self.owner: dict[int, str] = {}  # sample id -> the device whose frame brought it (label-private residuals)
         self.persist_dir = Path(persist_dir) if persist_dir else None
         self.side_config = side_config
         self.limits = limits
@@ -83,7 +86,21 @@ class FrameIntake:
                                 f"frame sends {frame.token_policy!r} tokens, the side network trains on "
                                 f"{cfg.token_policy!r}")
         kind = frame.targets.get("kind")
-        if cfg.head == "classification" and (kind != "class" or frame.targets.get("num_classes") != cfg.num_classes):
+        if self.label_private:
+            if kind != "none":
+                return self._refuse(device, "labels in a label-private run", "targets",
+                                    f"the frame carries targets of kind {kind!r}; in a label-private run labels "
+                                    f"stay on the device (targets kind 'none')")
+            claimed = {i: self.owner[i] for i in frame.sample_ids if self.owner.get(i, device) != device}
+            if claimed:
+                sample_id, other = next(iter(claimed.items()))
+                return self._refuse(device, "sample ids of another device", "sample_ids",
+                                    f"{len(claimed)} sample id(s) already came from another device, e.g. {sample_id} "
+                                    f"from {other}: residuals for them would be asked of the wrong device")
+        elif kind == "none" and cfg.head == "classification":
+            return self._refuse(device, "labels withheld", "targets",
+                                "the device sends no labels (it is label-private): run with label-private = true")
+        elif cfg.head == "classification" and (kind != "class" or frame.targets.get("num_classes") != cfg.num_classes):
             return self._refuse(device, "wrong targets", "targets",
                                 f"the side network classifies into {cfg.num_classes} classes; the frame has "
                                 f"kind {kind!r} with {frame.targets.get('num_classes')} classes")
@@ -93,6 +110,8 @@ class FrameIntake:
                                 f"{len(repeated)} sample(s) already arrived from {device} in this pass, "
                                 f"e.g. id {min(repeated)}")
         frame.meta["device_id"] = device  # the sender as the server knows it, not as the frame claims
+        if self.label_private:
+            self.claim(device, frame.sample_ids)
         stats = self.store.ingest(device, frame)
         self.accepted_samples[device] += frame.num_samples
         if self.persist_dir is not None and stats.get("cached"):
@@ -101,6 +120,11 @@ class FrameIntake:
         self.seen[device].update(frame.sample_ids)
         self.accepted[device] += 1
         return IntakeResult(True, stats=stats)
+
+    def claim(self, device: str, sample_ids) -> None:
+        """Record which device a frame's samples came from (before training on it asks for residuals)."""
+        for sample_id in sample_ids:
+            self.owner[int(sample_id)] = device
 
     # ---- the activation cache on disk, for resuming -----------------------------------------
     def _persist(self, device: str, blob: bytes) -> None:
@@ -135,6 +159,8 @@ class FrameIntake:
                 frame = decode_frame(blob, expected_fingerprint=self.side_config.fingerprint, limits=self.limits)
                 frame.meta["device_id"] = device
                 trainer.cache.add(trainer.decode(frame))
+                if self.label_private:
+                    self.claim(device, frame.sample_ids)
                 self.accepted_samples[device] += frame.num_samples
                 self.digests.add(hashlib.sha256(blob).digest())
                 self.seen[device].update(frame.sample_ids)

@@ -31,6 +31,7 @@ PROFILE = "query.profile"
 FORWARD = "train.forward"
 EVALUATE = "evaluate"
 DELIVER = "train.deliver"
+RESIDUAL = "train.residual"  # label-private: predicted probabilities in, p - onehot(y) out
 
 FRAME_KEY = "frame"  # ArrayRecord holding the encoded frame (one uint8 array)
 FRAME_ARRAY = "frame"
@@ -41,6 +42,8 @@ NETWORK_CONFIG_KEY = "side-network-config"  # ConfigRecord {"json": SideNetworkC
 FROZEN_KEY = "frozen"  # ArrayRecord of the backbone's frozen head state (profile reply)
 RAW_STYPE = "raw"  # the frame's bytes as they are (Flower's default numpy serialization would add a header)
 PROFILE_KEY = "profile"  # ConfigRecord of the device's description (profile reply)
+PROBS_KEY = "probs"  # ArrayRecord {"probs": [n, classes] float32} of a residual request
+RESIDUAL_KEY = "residual"  # ArrayRecord {"residual": [n, classes] float32} of a residual reply
 
 
 def frame_record(blob: bytes) -> ArrayRecord:

@@ -18,7 +18,7 @@ import copy
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -52,7 +52,8 @@ class SideNetworkStore:
     """Trainers keyed by ``shared`` or a device id, plus hybrid personal networks."""
 
     def __init__(self, config: StoreConfig, make_net: Callable[[], SideNetwork], train: TrainConfig,
-                 device_samples: Mapping[str, int], chunk_size: int, page_dir: str | Path | None = None):
+                 device_samples: Mapping[str, int], chunk_size: int, page_dir: str | Path | None = None,
+                 residuals: Callable[[list[int], torch.Tensor], Any] | None = None):
         self.config = config
         self.train_config = train
         self.device_samples = dict(device_samples)
@@ -68,13 +69,20 @@ class SideNetworkStore:
 
         if config.mode == "per-device":
             template = make_net()  # every device starts from the same weights, so FedAvg averages like with like
-            self.trainers = PagedTrainers(
-                list(self.device_samples),
-                lambda device: SideTrainer(copy.deepcopy(template), train, total_steps=steps([device])),
-                budget_bytes=int(config.memory_budget_mb * 2**20), directory=page_dir)
+            def build(device: str) -> SideTrainer:
+                trainer = SideTrainer(copy.deepcopy(template), train, total_steps=steps([device]))
+                trainer.residuals = residuals
+                return trainer
+
+            self.trainers = PagedTrainers(list(self.device_samples), build,
+                                          budget_bytes=int(config.memory_budget_mb * 2**20), directory=page_dir)
             torch.manual_seed(train.seed)  # where building the trainers left the generator before paging existed
         else:
             self.trainers = {SHARED: SideTrainer(make_net(), train, total_steps=steps(list(self.device_samples)))}
+            self.trainers[SHARED].residuals = residuals
+        if residuals is not None and config.mode == "hybrid":
+            raise SideNetworkError("hybrid mode fine-tunes personal heads on the server, which needs labels: use "
+                                   "mode 'shared' or 'per-device' in a label-private run")
         if config.mode == "hybrid" and train.cache_bytes <= 0:
             raise SideNetworkError("hybrid mode fine-tunes personal heads from the activation cache: turn the "
                                    "cache on (activation-cache = true) or use mode 'shared' / 'per-device'")

@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import msgpack
 import torch
@@ -178,6 +178,10 @@ class SideTrainer:
         self.history: list[dict[str, Any]] = []
         self.average: dict[str, torch.Tensor] | None = None
         self.averaged = 0
+        # label-private runs: (sample ids, predicted probabilities [n, K]) -> residuals p - onehot(y)
+        # from the devices, NaN rows where a device did not answer (see _residual_objective)
+        self.residuals: Callable[[list[int], torch.Tensor], Any] | None = None
+        self.skipped_steps = 0
 
     # ---- data -------------------------------------------------------------------------------
     def check_frame(self, frame: Frame) -> None:
@@ -218,18 +222,45 @@ class SideTrainer:
 
     # ---- training ---------------------------------------------------------------------------
     def train_batch(self, batch: SideBatch) -> float:
+        """One optimizer step; the batch's loss (NaN in a label-private step: the server has no labels)."""
         self.net.train()
         batch = batch.to(self.device)
-        loss = side_network_loss(self.net(batch), batch)
+        logits = self.net(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if batch.targets is None and self.residuals is not None:
+            loss = self._residual_objective(logits, batch)
+            if loss is None:
+                return float("nan")
+            loss.backward()
+            value = float("nan")
+        else:
+            loss = side_network_loss(logits, batch)
+            loss.backward()
+            value = float(loss.detach())
         if self.config.clip_norm:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.clip_norm)
         self.optimizer.step()
         if self.step < self.total_steps:
             self.scheduler.step()
         self.step += 1
-        return float(loss.detach())
+        return value
+
+    def _residual_objective(self, logits: torch.Tensor, batch: SideBatch) -> torch.Tensor | None:
+        """Label-private: a surrogate whose gradient is the mean cross-entropy's, from devices' residuals.
+
+        The devices answer ``p - onehot(y)`` for their own samples
+        (:mod:`mobiflower.platform.label_private`); ``sum(logits * r) / n`` then backpropagates
+        exactly what ``cross_entropy(logits, y)`` would. Rows no device answered (NaN) are left
+        out; a batch nobody answered takes no step (counted in ``skipped_steps``).
+        """
+        probs = logits.detach().float().softmax(-1).cpu()
+        r = torch.as_tensor(self.residuals(list(batch.sample_ids), probs), dtype=torch.float32)
+        valid = torch.isfinite(r).all(dim=1)
+        if not bool(valid.any()):
+            self.skipped_steps += 1
+            return None
+        r = torch.where(valid[:, None], r, torch.zeros_like(r)).to(logits.device, logits.dtype)
+        return (logits * r).sum() / valid.sum()
 
     def ingest(self, frame: Frame, train: bool = True) -> dict[str, float]:
         """A frame landed: cache it and (by default) take one pass over its samples."""
@@ -241,7 +272,7 @@ class SideTrainer:
             losses = [self.train_batch(decoded.batch(idx)) for _, idx in self._minibatches([decoded], shuffle=True)]
             stats["seconds"] = time.perf_counter() - t
             self.train_seconds += stats["seconds"]
-            stats["loss"] = sum(losses) / len(losses)
+            stats["loss"] = _mean(losses)
             self.optimizer.zero_grad(set_to_none=True)  # gradients are not needed between passes: free them
         return stats
 
@@ -254,7 +285,7 @@ class SideTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t
         self.train_seconds += seconds
-        return {"loss": sum(losses) / len(losses), "seconds": seconds, "samples": self.cache.num_samples}
+        return {"loss": _mean(losses), "seconds": seconds, "samples": self.cache.num_samples}
 
     def averaging(self, epoch: int) -> bool:
         """Whether the weights after ``epoch`` (1-based) belong to the delivered tail average."""
@@ -420,6 +451,10 @@ class SideTrainer:
     def export(self, path: str | Path) -> Path:
         """The side network alone, for a device to run locally."""
         return save_side_network(self.net, path)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _jsonable(value: Any) -> Any:

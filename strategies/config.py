@@ -35,6 +35,8 @@ class SideTuningConfig:
     personal_lr: float = 1e-3
     seed: int = 0
     server_threads: int = 1
+    label_private: bool = False  # labels stay on the devices; each step asks them for residuals p - onehot(y)
+    label_epsilon: float = 0.0  # label-private: randomized-response epsilon per sample (0 = exact labels, no DP)
     # what devices send (the strategy may later adapt these per device)
     chunk_size: int = 64  # samples per forward request (one frame)
     in_flight: int = 2  # forward requests kept in flight per device
@@ -76,6 +78,14 @@ class SideTuningConfig:
         if self.side_memory_mb and self.mode != "per-device":
             raise ConfigError(f"side-memory-mb={self.side_memory_mb} pages per-device side networks to disk: set "
                               f"mode = 'per-device', or side-memory-mb = 0 (one shared network is always resident)")
+        if self.label_epsilon < 0:
+            raise ConfigError(f"label-epsilon={self.label_epsilon} must be >= 0 (0 = no randomized response)")
+        if self.label_epsilon and not self.label_private:
+            raise ConfigError(f"label-epsilon={self.label_epsilon} only applies to a label-private run: set "
+                              f"label-private = true, or label-epsilon = 0")
+        if self.label_private and self.mode == "hybrid":
+            raise ConfigError("label-private = true cannot run mode 'hybrid': its personal heads are fine-tuned on "
+                              "the server, which would need labels. Use mode 'shared' or 'per-device'")
         if self.mode == "hybrid" and not self.activation_cache:
             raise ConfigError("mode 'hybrid' fine-tunes personal heads from the activation cache: set "
                               "activation-cache = true")

@@ -38,6 +38,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -133,9 +134,9 @@ class SideTuningStrategy(Strategy):
     # ---- Strategy hooks -------------------------------------------------------------------
     def summary(self) -> None:
         cfg = self.config
-        log(INFO, "SideTuningStrategy: mode=%s family=%s r=%d rounds=%d chunk=%d in-flight=%d bits=%d cache=%s",
+        log(INFO, "SideTuningStrategy: mode=%s family=%s r=%d rounds=%d chunk=%d in-flight=%d bits=%d cache=%s%s",
             cfg.mode, cfg.family, cfg.reduction, cfg.rounds, cfg.chunk_size, cfg.in_flight, cfg.bits,
-            cfg.activation_cache)
+            cfg.activation_cache, f" label-private (epsilon {cfg.label_epsilon:g})" if cfg.label_private else "")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -197,6 +198,7 @@ class SideTuningStrategy(Strategy):
         if timeout is not None:
             cfg.request_timeout = timeout
         torch.set_num_threads(max(1, cfg.server_threads))
+        self._grid = grid  # label-private training steps ask devices for residuals through it
         self.summary()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         t_run = time.perf_counter()
@@ -388,12 +390,13 @@ class SideTuningStrategy(Strategy):
             StoreConfig(mode=cfg.mode, personal_epochs=cfg.personal_epochs, personal_lr=cfg.personal_lr,
                         memory_budget_mb=cfg.side_memory_mb),
             make_net, train, {d.device_id: d.train_samples for d in self.devices.values()}, cfg.chunk_size,
-            page_dir=pages)
+            page_dir=pages, residuals=self._residuals if cfg.label_private else None)
         cache_dir = self.run_dir / "cache"
         if not cfg.resume:
             shutil.rmtree(cache_dir, ignore_errors=True)  # a fresh run starts from an empty cache
         self.intake = FrameIntake(self.store, self.side_config,
-                                  persist_dir=cache_dir if cfg.activation_cache else None)
+                                  persist_dir=cache_dir if cfg.activation_cache else None,
+                                  label_private=cfg.label_private)
         net = self.store.network_for(next(iter(self.devices.values())).device_id)
         log(INFO, "%s side network(s), mode %s: %s trainable parameters each, training on %s", cfg.family, cfg.mode,
             f"{net.num_trainable():,}", next(iter(self.store.trainers.values())).device)
@@ -430,7 +433,7 @@ class SideTuningStrategy(Strategy):
         """Settings a resumed run must share with the original (what was trained, and how)."""
         keys = ("mode", "family", "reduction", "dropout", "lr", "weight-decay", "batch-size", "rounds",
                 "average-epochs", "activation-cache", "cache-mb", "aggregate-every", "personal-epochs",
-                "personal-lr", "seed", "chunk-size", "bits", "token-policy")
+                "personal-lr", "seed", "chunk-size", "bits", "token-policy", "label-private", "label-epsilon")
         config = self.config.as_dict()
         return {k: config[k] for k in keys}
 
@@ -666,6 +669,46 @@ class SideTuningStrategy(Strategy):
             dev.samples_lost += int(request["samples"]) + sum(int(r["samples"]) for r in unsent)
             log(WARNING, "device %s dropped for the rest of the run after: %s (%d of its samples lost so far)",
                 dev.device_id, why, dev.samples_lost)
+
+    # ---- label-private training -----------------------------------------------------------------
+    def _residuals(self, sample_ids: list[int], probs: torch.Tensor) -> torch.Tensor:
+        """Ask each device owning some of a batch's samples for ``p - onehot(y)`` of those samples.
+
+        Called by a trainer inside a training step (the trainer thread while streaming, the main
+        thread in cached rounds). Rows of a device that fails to answer, or answers malformed,
+        stay NaN and are left out of the step; the failure is recorded on the device.
+        """
+        by_node: dict[int, list[int]] = {}
+        node_of = {d.device_id: n for n, d in self.devices.items()}
+        for row, sample_id in enumerate(sample_ids):
+            device = self.intake.owner.get(int(sample_id))
+            if device is None or device not in node_of:
+                raise FleetError(f"no device is known to own sample {sample_id}: cannot ask for its residual")
+            by_node.setdefault(node_of[device], []).append(row)
+        out = torch.full_like(probs, float("nan"), dtype=torch.float32)
+        messages = []
+        for node_id, rows in by_node.items():
+            config = ConfigRecord({"sample-ids": [int(sample_ids[r]) for r in rows],
+                                   "num-classes": int(probs.shape[1])})
+            record = ArrayRecord({m.PROBS_KEY: m.Array(probs[rows].float().numpy())})
+            self.devices[node_id].bytes_down += m.array_bytes(record) + _config_bytes(config)
+            messages.append(Message(RecordDict({m.CONFIG_KEY: config, m.PROBS_KEY: record}), dst_node_id=node_id,
+                                    message_type=m.RESIDUAL, ttl=self.config.request_timeout))
+        for node_id, reply in self._request_all(self._grid, messages, self.config.request_timeout).items():
+            dev, rows = self.devices[node_id], by_node[node_id]
+            try:
+                if isinstance(reply, str) or reply.has_error():
+                    raise ValueError(self._why(reply))
+                residual = reply.content[m.RESIDUAL_KEY][m.RESIDUAL_KEY].numpy()
+                if residual.shape != (len(rows), probs.shape[1]) or not np.isfinite(residual).all():
+                    raise ValueError(f"a residual of shape {residual.shape} (or not finite) for {len(rows)} samples")
+            except (KeyError, TypeError, ValueError) as err:
+                dev.failures.append(f"residual: {err}")
+                continue
+            dev.bytes_up += residual.nbytes
+            dev.metrics["residual_requests"] = dev.metrics.get("residual_requests", 0) + 1
+            out[rows] = torch.as_tensor(residual, dtype=torch.float32)
+        return out
 
     # ---- aggregation, evaluation, delivery ---------------------------------------------------
     def _fedavg(self, rnd: int) -> None:
