@@ -78,6 +78,7 @@ class DecodedFrame:
         kind = frame.targets.get("kind")
         self.targets = torch.as_tensor(frame.targets["values"], dtype=torch.long) if kind in ("class", "tokens") else None
         self.per_token_targets = kind == "tokens"
+        self.resident_bytes = frame.nbytes() + sum(r.numel() * r.element_size() for r in self.rows)
 
     def __len__(self) -> int:
         return self.frame.num_samples
@@ -122,7 +123,7 @@ class ActivationCache:
 
     def resident_bytes(self) -> int:
         """Memory the cache holds: each frame's quantized payload and its dequantized rows."""
-        return sum(f.frame.nbytes() + sum(r.numel() * r.element_size() for r in f.rows) for f in self.frames)
+        return sum(f.resident_bytes for f in self.frames)
 
 
 def _lr_lambda(total: int, warmup: int, schedule: str):
@@ -182,6 +183,7 @@ class SideTrainer:
         # from the devices, NaN rows where a device did not answer (see _residual_objective)
         self.residuals: Callable[[list[int], torch.Tensor], Any] | None = None
         self.skipped_steps = 0
+        self._static_bytes: int | None = None
 
     # ---- data -------------------------------------------------------------------------------
     def check_frame(self, frame: Frame) -> None:
@@ -364,9 +366,11 @@ class SideTrainer:
         tail-average copy, plus the cache: a bound a memory budget can plan with before the
         optimizer state or the average exist (:meth:`resident_bytes` is what is held now).
         """
-        trainable = sum(p.numel() * p.element_size() for p in self.net.parameters() if p.requires_grad)
-        state = sum(t.numel() * t.element_size() for t in self.net.state_dict().values())
-        return state * 2 + trainable * 3 + self.cache.resident_bytes()
+        if self._static_bytes is None:  # the network's shape never changes: measure it once
+            trainable = sum(p.numel() * p.element_size() for p in self.net.parameters() if p.requires_grad)
+            state = sum(t.numel() * t.element_size() for t in self.net.state_dict().values())
+            self._static_bytes = state * 2 + trainable * 3
+        return self._static_bytes + self.cache.resident_bytes()
 
     def save_cache(self, path: str | Path) -> Path:
         """The activation cache as its frames' encoded bytes (compact: the quantized payload)."""

@@ -1,0 +1,226 @@
+"""Fleet models: what each device of a simulated fleet is like, and a virtual clock for its work.
+
+A fleet is a TOML file of device tiers (``simulations/fleets/<name>.toml``, or any path):
+
+.. code-block:: toml
+
+    name = "mixed-phones"
+    description = "..."
+
+    [[tier]]
+    name = "flagship"
+    share = 0.25            # of the fleet (or count = N)
+    uplink-mbps = 40.0
+    downlink-mbps = 200.0
+    latency-ms = 20.0
+    speed = 1.0             # forward speed relative to the machine that measures (2.0 = twice as fast)
+    memory-mb = 8192
+    availability = 1.0      # chance a request is answered (1.0: always)
+    backbone = ""           # a model ref for this tier ("" = the run's model)
+
+:func:`load_fleet` reads and checks one (every error names the file, the tier and the key);
+:meth:`Fleet.devices` deals the tiers out to ``n`` devices. :class:`VirtualClock` turns measured
+compute seconds and byte counts into the times a device with that profile would take: transfers
+cost latency plus bytes over bandwidth, a device does one forward at a time, a slower device
+stretches the compute measured on this machine by ``1 / speed``. With it, time-to-accuracy of a
+fleet of phones can be measured honestly on one machine: every virtual second is derived from
+something measured here, scaled by the profile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+FLEETS_DIR = Path(__file__).resolve().parent / "fleets"
+TIER_KEYS = {"name", "share", "count", "uplink-mbps", "downlink-mbps", "latency-ms", "speed", "memory-mb",
+             "availability", "backbone"}
+
+
+class FleetError(ValueError):
+    """A fleet file or profile is invalid; the message names the file, the tier and the key."""
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One device's links, speed, memory, availability and backbone."""
+
+    tier: str
+    uplink_mbps: float
+    downlink_mbps: float
+    latency_ms: float = 30.0
+    speed: float = 1.0
+    memory_mb: float = 4096.0
+    availability: float = 1.0
+    backbone: str = ""
+
+    def upload_s(self, nbytes: int) -> float:
+        """Seconds to send ``nbytes`` up: one latency plus the bytes at the uplink rate."""
+        return self.latency_ms / 1e3 + nbytes * 8 / (self.uplink_mbps * 1e6)
+
+    def download_s(self, nbytes: int) -> float:
+        """Seconds to receive ``nbytes``: one latency plus the bytes at the downlink rate."""
+        return self.latency_ms / 1e3 + nbytes * 8 / (self.downlink_mbps * 1e6)
+
+    def compute_s(self, measured_s: float) -> float:
+        """Seconds this device takes for work measured at ``measured_s`` on this machine."""
+        return measured_s / self.speed
+
+
+@dataclass
+class Fleet:
+    """Named tiers of devices; ``devices(n)`` deals them out to a fleet of ``n``."""
+
+    name: str
+    description: str
+    tiers: list[tuple[DeviceProfile, float | int]]  # (profile, share in (0, 1] or a count)
+    source: str = ""
+
+    def devices(self, n: int) -> list[DeviceProfile]:
+        """``n`` device profiles: tiers with a count get that many, the rest share what is left by
+        their shares (largest remainders), in tier order so device i's tier is stable."""
+        if n < 1:
+            raise FleetError(f"a fleet needs at least one device, not {n}")
+        counted = {i: int(w) for i, (_, w) in enumerate(self.tiers) if isinstance(w, int)}
+        fixed = sum(counted.values())
+        if fixed > n:
+            raise FleetError(f"fleet {self.name!r}: its tiers' counts add up to {fixed}, more than the {n} devices "
+                             f"asked for: ask for at least {fixed} devices, or give tiers a share instead")
+        shared = {i: float(w) for i, (_, w) in enumerate(self.tiers) if not isinstance(w, int)}
+        total = sum(shared.values())
+        rest = n - fixed
+        quotas = {i: rest * w / total for i, w in shared.items()} if total else {}
+        counts = {**counted, **{i: math.floor(q) for i, q in quotas.items()}}
+        left = n - sum(counts.values())
+        for i in sorted(quotas, key=lambda i: (-(quotas[i] - math.floor(quotas[i])), i))[:left]:
+            counts[i] += 1
+        out: list[DeviceProfile] = []
+        for i, (profile, _) in enumerate(self.tiers):
+            out += [profile] * counts.get(i, 0)
+        if len(out) != n:
+            raise FleetError(f"fleet {self.name!r} has no tier with a share to fill {n} devices: give a tier a share")
+        return out
+
+    def uplink_span(self) -> float:
+        """Fastest uplink over slowest: how uneven the fleet's uplinks are."""
+        ups = [p.uplink_mbps for p, _ in self.tiers]
+        return max(ups) / min(ups)
+
+
+def _number(value: Any, where: str, key: str, low: float, high: float = math.inf, low_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FleetError(f"{where}: {key} must be a number, got {value!r}")
+    if (value <= low if low_open else value < low) or value > high:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        raise FleetError(f"{where}: {key} = {value!r} must be {bound}" + (f" and <= {high:g}" if high < math.inf else ""))
+    return float(value)
+
+
+def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
+    """A :class:`Fleet` from a parsed TOML table; :class:`FleetError` says what to fix."""
+    if not isinstance(table.get("name"), str) or not table["name"]:
+        raise FleetError(f"{source}: a fleet needs a name (name = \"...\")")
+    tiers = table.get("tier")
+    if not isinstance(tiers, list) or not tiers:
+        raise FleetError(f"{source}: a fleet needs at least one [[tier]]")
+    out, names = [], set()
+    for i, tier in enumerate(tiers):
+        where = f"{source}, tier {i + 1}"
+        if not isinstance(tier, dict):
+            raise FleetError(f"{where}: must be a table ([[tier]])")
+        unknown = sorted(set(tier) - TIER_KEYS)
+        if unknown:
+            raise FleetError(f"{where}: unknown key(s) {unknown}; a tier takes {sorted(TIER_KEYS)}")
+        name = tier.get("name")
+        if not isinstance(name, str) or not name:
+            raise FleetError(f"{where}: needs a name")
+        where = f"{source}, tier {name!r}"
+        if name in names:
+            raise FleetError(f"{where}: two tiers have this name")
+        names.add(name)
+        if ("share" in tier) == ("count" in tier):
+            raise FleetError(f"{where}: give exactly one of share (a fraction of the fleet) or count (devices)")
+        if "count" in tier:
+            count = tier["count"]
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise FleetError(f"{where}: count must be a whole number >= 1, got {count!r}")
+            weight: float | int = count
+        else:
+            weight = _number(tier["share"], where, "share", 0.0, 1.0)
+        for key in ("uplink-mbps", "downlink-mbps"):
+            if key not in tier:
+                raise FleetError(f"{where}: needs {key}")
+        backbone = tier.get("backbone", "")
+        if not isinstance(backbone, str):
+            raise FleetError(f"{where}: backbone must be a model ref string, got {backbone!r}")
+        profile = DeviceProfile(
+            tier=name, uplink_mbps=_number(tier["uplink-mbps"], where, "uplink-mbps", 0.0),
+            downlink_mbps=_number(tier["downlink-mbps"], where, "downlink-mbps", 0.0),
+            latency_ms=_number(tier.get("latency-ms", 30.0), where, "latency-ms", 0.0, low_open=False),
+            speed=_number(tier.get("speed", 1.0), where, "speed", 0.0),
+            memory_mb=_number(tier.get("memory-mb", 4096.0), where, "memory-mb", 0.0),
+            availability=_number(tier.get("availability", 1.0), where, "availability", 0.0, 1.0),
+            backbone=backbone)
+        out.append((profile, weight))
+    return Fleet(str(table["name"]), str(table.get("description", "")), out, source)
+
+
+def load_fleet(name_or_path: str | Path) -> Fleet:
+    """A bundled fleet by name (``uniform``, ``mixed-phones``, ``flaky``) or a TOML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = FLEETS_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in FLEETS_DIR.glob("*.toml"))
+        raise FleetError(f"no fleet {str(name_or_path)!r}: use one of {known} or a path to a fleet TOML file")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise FleetError(f"{path}: not valid TOML: {err}") from err
+    return parse_fleet(table, str(path))
+
+
+@dataclass
+class VirtualClock:
+    """Virtual time of a fleet's work: per-device busy time, links and the server's timeline.
+
+    A forward request to device ``d`` sent at virtual time ``t`` arrives after its download,
+    waits while ``d`` is busy with earlier ones (one forward at a time), computes for the
+    measured seconds scaled by the profile, and its reply lands after the upload. The server
+    trains each landed frame for the seconds measured, one at a time. Unavailable replies are
+    drawn from each profile's ``availability`` with a seeded hash, so a fleet run is repeatable.
+    """
+
+    profiles: Mapping[str, DeviceProfile]
+    seed: int = 0
+    device_free: dict[str, float] = field(default_factory=dict)
+    server_free: float = 0.0
+    device_busy: dict[str, float] = field(default_factory=dict)
+
+    def forward(self, device: str, sent_at: float, request_bytes: int, compute_s: float,
+                reply_bytes: int) -> float:
+        """When the reply to a forward request lands at the server, in virtual seconds."""
+        profile = self.profiles[device]
+        arrives = sent_at + profile.download_s(request_bytes)
+        start = max(arrives, self.device_free.get(device, 0.0))
+        work = profile.compute_s(compute_s)
+        self.device_free[device] = start + work
+        self.device_busy[device] = self.device_busy.get(device, 0.0) + work
+        return start + work + profile.upload_s(reply_bytes)
+
+    def answers(self, device: str, request: str) -> bool:
+        """Whether ``device`` answers ``request`` (same answer for the same seed, device and request)."""
+        availability = self.profiles[device].availability
+        if availability >= 1.0:
+            return True
+        digest = hashlib.sha256(f"{self.seed}:{device}:{request}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < availability
+
+    def train(self, landed_at: float, train_s: float) -> float:
+        """When the server finishes training on something that landed at ``landed_at``."""
+        self.server_free = max(self.server_free, landed_at) + train_s
+        return self.server_free
