@@ -12,31 +12,24 @@ strategy may give a slow phone fewer epochs). What the device *is* (its backbone
 comes from the run and node config through :class:`DeviceSetup`, exactly as for the side-tuning
 ClientApp, so both methods see the same devices holding the same samples.
 
-The PEFT model is cached per process, keyed by backbone and LoRA shape, never by node: one Ray
-actor serves many virtual devices, and every message overwrites all trainable weights.
+The PEFT model (:mod:`mobiflower.clients.lora_model`) is cached per process, keyed by backbone and
+LoRA shape, never by node: one Ray actor serves many virtual devices, and every message overwrites
+all trainable weights.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import random
 import time
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from mobiflower.clients.device_setup import DeviceSetup
-from mobiflower.platform.data import Example
+from mobiflower.clients.lora_model import LoraShape, load_trainable, lora_model, samples_digest, trainable_state, train_local
 from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
-
-# The on-device training helpers are the single-device LoRA baseline's, so both baselines train
-# the same model the same way (see the report: they belong in a Flower-free core module).
-from mobiflower.simulations.baselines import (build_classifier, classifier_accuracy, encode, load_tokenizer,
-                                              make_optimizer)
+from mobiflower.simulations.baselines import classifier_accuracy
 
 ARRAYS_KEY = "arrays"  # the adapters + head (FedAvg's default arrayrecord_key)
 CONFIG_KEY = "config"  # the request's settings (FedAvg's default configrecord_key)
@@ -45,95 +38,6 @@ DEVICE_KEY = "device"  # ConfigRecord: which device replied and a digest of the 
 SPLITS = ("train", "validation", "test")
 
 app = ClientApp()
-
-
-@dataclass(frozen=True)
-class LoraShape:
-    """What fixes the names and shapes of the trainable tensors; server and devices must agree."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: tuple[str, ...] = ()  # empty: the usual attention projections of the model type
-    max_length: int = 256
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "LoraShape":
-        targets = str(cfg.get("lora-targets", "") or "")
-        return cls(r=int(cfg.get("lora-r", cls.r)), alpha=int(cfg.get("lora-alpha", cls.alpha)),
-                   dropout=float(cfg.get("lora-dropout", cls.dropout)),
-                   targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
-                   max_length=int(cfg.get("max-length", cls.max_length)))
-
-
-_MODELS: dict[tuple, tuple[Any, Any]] = {}
-
-
-def lora_model(model_path: str, shape: LoraShape, seed: int = 0):
-    """This process's (PEFT model, tokenizer) for a backbone and LoRA shape, built once per process."""
-    key = (model_path, shape, seed)
-    if key not in _MODELS:
-        tokenizer = load_tokenizer(model_path)
-        model = build_classifier(model_path, "lora", tokenizer, seed=seed, lora_r=shape.r, lora_alpha=shape.alpha,
-                                 lora_dropout=shape.dropout, lora_targets=shape.targets or None)
-        _MODELS.clear()  # one backbone resident at a time: a device holds one model
-        _MODELS[key] = (model, tokenizer)
-    return _MODELS[key]
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The tensors that travel: every trainable parameter (LoRA A/B and the classification head)."""
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable(model, record: ArrayRecord) -> None:
-    """Overwrite every trainable parameter from ``record``; refuse a record that does not match exactly."""
-    state = record.to_torch_state_dict()
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or extra:
-        raise ValueError(f"the sent adapter does not fit this device's LoRA model ({len(missing)} tensors missing, "
-                         f"e.g. {missing[:1]}; {len(extra)} unexpected, e.g. {extra[:1]}): server and devices must "
-                         "use the same model, lora-r and lora-targets")
-    with torch.no_grad():
-        for name, param in params.items():
-            if tuple(state[name].shape) != tuple(param.shape):
-                raise ValueError(f"tensor {name} has shape {tuple(state[name].shape)}, this device's model expects "
-                                 f"{tuple(param.shape)}: check lora-r and the model")
-            param.copy_(state[name])
-
-
-def train_local(model, tokenizer, examples: Sequence[Example], *, lr: float, epochs: int, batch_size: int,
-                max_length: int, seed: int) -> dict[str, float]:
-    """Local training as the single-device LoRA baseline does it, with a fresh AdamW per round
-    (a device keeps no optimizer state between rounds) and a constant learning rate within the
-    round (the strategy schedules it across rounds). Returns the mean loss and the step count."""
-    if not examples:
-        raise ValueError("this device holds no training samples: lower num-partitions or raise train-samples")
-    optimizer = make_optimizer(model, "lora", lr)
-    params = [p for p in model.parameters() if p.requires_grad]
-    torch.manual_seed(seed)  # dropout
-    model.train()
-    losses: list[float] = []
-    for epoch in range(epochs):
-        order = list(examples)
-        random.Random(seed * 1000003 + epoch).shuffle(order)
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            enc = encode(tokenizer, [e.prompt for e in batch], max_length)
-            labels = torch.tensor([int(e.label) for e in batch])
-            loss = model(**enc, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-    return {"loss": sum(losses) / len(losses) if losses else math.nan, "steps": len(losses)}
-
-
-def samples_digest(examples: Sequence[Example]) -> str:
-    """A short digest of a set of sample ids (proves which partition a device trained on)."""
-    return hashlib.sha256(",".join(str(i) for i in sorted(e.id for e in examples)).encode()).hexdigest()[:16]
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -151,7 +55,7 @@ def _request(msg: Message, context: Context) -> tuple[DeviceSetup, ConfigRecord,
 
     model, tokenizer = lora_model(resolve_model(setup.model), LoraShape.from_config(cfg),
                                   int(cfg.get("seed", setup.seed)))
-    load_trainable(model, msg.content[ARRAYS_KEY])
+    load_trainable(model, msg.content[ARRAYS_KEY].to_torch_state_dict())
     return setup, cfg, model, tokenizer
 
 
@@ -202,5 +106,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS_KEY: metrics, DEVICE_KEY: device}), reply_to=msg)
 
 
-__all__ = ["app", "LoraShape", "lora_model", "trainable_state", "load_trainable", "train_local", "samples_digest",
-           "record_bytes", "ARRAYS_KEY", "CONFIG_KEY", "METRICS_KEY", "DEVICE_KEY"]
+__all__ = ["app", "record_bytes", "ARRAYS_KEY", "CONFIG_KEY", "METRICS_KEY", "DEVICE_KEY"]

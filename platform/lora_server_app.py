@@ -30,7 +30,7 @@ def run_dir_for(config: FedLoraConfig, run_id: int) -> Path:
 
 def initial_arrays(model: str, config: FedLoraConfig) -> tuple[ArrayRecord, int]:
     """The global adapters + head before round 1, and the trainable parameter count."""
-    from mobiflower.clients.lora_client_app import LoraShape, lora_model, trainable_state
+    from mobiflower.clients.lora_model import LoraShape, lora_model, trainable_state
     from mobiflower.platform.assets import resolve_model
 
     shape = LoraShape.from_config(config.device_config())
@@ -57,9 +57,9 @@ def main(grid: Grid, context: Context) -> None:
     config = FedLoraConfig.from_run_config(context.run_config)
     model = str(context.run_config.get("model", "smollm2-135m"))
     arrays, trainable = initial_arrays(model, config)
-    from mobiflower.clients import lora_client_app
+    from mobiflower.clients import lora_model
 
-    lora_client_app._MODELS.clear()  # the server only needed the initial weights: free the backbone
+    lora_model._MODELS.clear()  # the server only needed the initial weights: free the backbone
     strategy = FedLoraStrategy(config)
     result = strategy.start(grid, arrays, num_rounds=config.rounds, timeout=config.request_timeout,
                             train_config=ConfigRecord(), evaluate_config=ConfigRecord())

@@ -110,7 +110,11 @@ class FedLoraConfig:
 
 
 def record_bytes(record: ArrayRecord) -> int:
-    """Bytes of an ``ArrayRecord``'s array data as it travels (no message framing)."""
+    """Bytes of an ``ArrayRecord``'s array data as it travels (no message framing).
+
+    Flower serializes each numpy/torch array in ``.npy`` format, so every tensor costs its
+    values plus a small header (128 bytes for these shapes); this counts both.
+    """
     return sum(len(a.data) for a in record.values())
 
 
@@ -142,6 +146,8 @@ class FedLoraStrategy(FedAvg):
         self.history: dict[int, dict[str, Any]] = {}
         self.devices: dict[str, dict[str, Any]] = {}
         self.failures: list[dict[str, Any]] = []
+        self._down_per_node = 0  # adapter bytes sent to each device this round (set by configure_train)
+        self._eval_down_per_node = 0
 
     # ---- accounting helpers ------------------------------------------------------------------
 
@@ -299,7 +305,8 @@ class FedLoraStrategy(FedAvg):
             "bytes_down_eval": bytes_down_eval,
             "device_compute_s": sum(r["device_compute_s"] for r in rounds),
             "device_compute_critical_s": sum(r["device_compute_max_s"] for r in rounds),
-            "adapter_bytes": record_bytes(arrays),
+            "adapter_bytes": record_bytes(arrays),  # as it travels: each array's .npy bytes (header included)
+            "adapter_tensors": len(arrays),
             "trainable_parameters": trainable,
             "rounds": rounds,
             "devices": devices,
