@@ -75,7 +75,7 @@ def run_fed_lora(config: FedLoraRun, out: str | None = None, quiet: bool = True)
     env = {"MOBIFLOWER_HOME": os.environ["MOBIFLOWER_HOME"]} if "MOBIFLOWER_HOME" in os.environ else {}
 
     def on_line(line: str) -> None:
-        if not quiet and "fed-lora" in line:
+        if not quiet and "fed-lora round" in line:
             print(line.rstrip(), file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
