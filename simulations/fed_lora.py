@@ -24,7 +24,7 @@ from mobiflower.clients.device_setup import DeviceSetup
 from mobiflower.simulations.flower_run import RunConfigValue, run_simulation, write_app_dir
 from mobiflower.strategies.fed_lora import FedLoraConfig
 
-SERVERAPP = "mobiflower.platform.lora_server_app:app"
+SERVERAPP = "mobiflower.strategies.fed_lora_server_app:app"
 CLIENTAPP = "mobiflower.clients.lora_client_app:app"
 _DEVICE_KEYS = {"model": "model", "train_samples": "train-samples", "validation_samples": "validation-samples",
                 "test_samples": "test-samples", "partitioning": "partitioning", "dirichlet_alpha": "dirichlet-alpha",
