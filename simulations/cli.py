@@ -9,6 +9,7 @@
     mobiflower bench pipeline | modes      forward/training overlap; shared vs per-device vs hybrid
     mobiflower bench load                  server memory / throughput at 8-64 devices, side networks paged
     mobiflower compare runs/*.json         one table of the runs' accuracy and cost
+    mobiflower fed-lora [--tune] [--out F] the federated on-device LoRA baseline (Flower simulation)
 """
 
 from __future__ import annotations
@@ -340,6 +341,22 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+# ---- fed-lora (issue 4, item 6): the federated on-device LoRA baseline; all of it lives in simulations/fed_lora.py
+def _add_fed_lora(sub) -> None:
+    from mobiflower.simulations.fed_lora import add_arguments
+
+    p = sub.add_parser("fed-lora", help="federated on-device LoRA (FedAvg of PEFT adapters) as a Flower simulation",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p).set_defaults(func=_cmd_fed_lora)
+
+
+def _cmd_fed_lora(args) -> int:
+    from mobiflower.simulations.fed_lora import main_from_args
+
+    return main_from_args(args)
+# ---- end fed-lora
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobiflower", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -350,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_infer(sub)
     _add_bench(sub)
     _add_compare(sub)
+    _add_fed_lora(sub)
     return parser
 
 

@@ -1,0 +1,114 @@
+"""The federated LoRA baseline's on-device model: a PEFT LoRA classifier, what travels, local training.
+
+Flower-free, so the ServerApp (initial adapters) and the ClientApp (training) share it without the
+ServerApp importing the ClientApp module: in a simulation both run in one process, and flwr 1.41's
+``load_app`` takes a module from ``sys.modules`` even while another thread is still importing it
+(``partially initialized module ... has no attribute 'app'``).
+
+The training helpers are the single-device LoRA baseline's (:mod:`mobiflower.simulations.baselines`),
+so both baselines train the same model the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from mobiflower.platform.data import Example
+from mobiflower.simulations.baselines import build_classifier, encode, load_tokenizer, make_optimizer
+
+
+@dataclass(frozen=True)
+class LoraShape:
+    """What fixes the names and shapes of the trainable tensors; server and devices must agree."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ()  # empty: the usual attention projections of the model type
+    max_length: int = 256
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "LoraShape":
+        targets = str(cfg.get("lora-targets", "") or "")
+        return cls(r=int(cfg.get("lora-r", cls.r)), alpha=int(cfg.get("lora-alpha", cls.alpha)),
+                   dropout=float(cfg.get("lora-dropout", cls.dropout)),
+                   targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                   max_length=int(cfg.get("max-length", cls.max_length)))
+
+
+_MODELS: dict[tuple, tuple[Any, Any]] = {}
+
+
+def lora_model(model_path: str, shape: LoraShape, seed: int = 0):
+    """This process's (PEFT model, tokenizer) for a backbone and LoRA shape, built once per process."""
+    key = (model_path, shape, seed)
+    if key not in _MODELS:
+        tokenizer = load_tokenizer(model_path)
+        model = build_classifier(model_path, "lora", tokenizer, seed=seed, lora_r=shape.r, lora_alpha=shape.alpha,
+                                 lora_dropout=shape.dropout, lora_targets=shape.targets or None)
+        _MODELS.clear()  # one backbone resident at a time: a device holds one model
+        _MODELS[key] = (model, tokenizer)
+    return _MODELS[key]
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The tensors that travel: every trainable parameter (LoRA A/B and the classification head)."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, state: Mapping[str, torch.Tensor]) -> None:
+    """Overwrite every trainable parameter from ``state``; refuse a state that does not match exactly."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or extra:
+        raise ValueError(f"the sent adapter does not fit this device's LoRA model ({len(missing)} tensors missing, "
+                         f"e.g. {missing[:1]}; {len(extra)} unexpected, e.g. {extra[:1]}): server and devices must "
+                         "use the same model, lora-r and lora-targets")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tuple(state[name].shape) != tuple(param.shape):
+                raise ValueError(f"tensor {name} has shape {tuple(state[name].shape)}, this device's model expects "
+                                 f"{tuple(param.shape)}: check lora-r and the model")
+            param.copy_(state[name])
+
+
+def train_local(model, tokenizer, examples: Sequence[Example], *, lr: float, epochs: int, batch_size: int,
+                max_length: int, seed: int) -> dict[str, float]:
+    """Local training as the single-device LoRA baseline does it, with a fresh AdamW per round
+    (a device keeps no optimizer state between rounds) and a constant learning rate within the
+    round (the strategy schedules it across rounds). Returns the mean loss and the step count."""
+    if not examples:
+        raise ValueError("this device holds no training samples: lower num-partitions or raise train-samples")
+    optimizer = make_optimizer(model, "lora", lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(seed)  # dropout
+    model.train()
+    losses: list[float] = []
+    for epoch in range(epochs):
+        order = list(examples)
+        random.Random(seed * 1000003 + epoch).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            enc = encode(tokenizer, [e.prompt for e in batch], max_length)
+            labels = torch.tensor([int(e.label) for e in batch])
+            loss = model(**enc, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    return {"loss": sum(losses) / len(losses) if losses else math.nan, "steps": len(losses)}
+
+
+def samples_digest(examples: Sequence[Example]) -> str:
+    """A short digest of a set of sample ids (proves which partition a device trained on)."""
+    return hashlib.sha256(",".join(str(i) for i in sorted(e.id for e in examples)).encode()).hexdigest()[:16]
+
+
+__all__ = ["LoraShape", "lora_model", "trainable_state", "load_trainable", "train_local", "samples_digest"]

@@ -1,0 +1,70 @@
+"""The federated on-device LoRA baseline's ServerApp: FedAvg rounds, a final test, ``summary.json``.
+
+It builds the same PEFT model the devices build (so the initial adapters and head come from one
+seeded initialisation), runs :class:`FedLoraStrategy` (Flower's FedAvg) for ``rounds`` rounds with
+on-device evaluation after each, scores the final adapters on every device's test split, and
+writes the run summary to ``run-dir`` (default ``$MOBIFLOWER_HOME/runs/fed-lora-<run id>``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from mobiflower.strategies.fed_lora import FedLoraConfig, FedLoraStrategy
+
+app = ServerApp()
+
+
+def run_dir_for(config: FedLoraConfig, run_id: int) -> Path:
+    if config.run_dir:
+        return Path(config.run_dir).expanduser()
+    home = Path(os.environ.get("MOBIFLOWER_HOME", Path.home() / ".cache" / "mobiflower")).expanduser()
+    return home / "runs" / f"fed-lora-{run_id}"
+
+
+def initial_arrays(model: str, config: FedLoraConfig) -> tuple[ArrayRecord, int]:
+    """The global adapters + head before round 1, and the trainable parameter count."""
+    from mobiflower.clients.lora_model import LoraShape, lora_model, trainable_state
+    from mobiflower.platform.assets import resolve_model
+
+    shape = LoraShape.from_config(config.device_config())
+    net, _ = lora_model(resolve_model(model), shape, config.seed)
+    state = trainable_state(net)
+    return ArrayRecord(torch_state_dict=state), sum(t.numel() for t in state.values())
+
+
+def write_json(summary: dict, run_dir: Path) -> Path:
+    """``summary.json`` written atomically (NaN/Inf as null)."""
+    from mobiflower.platform.run_summary import _clean
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "summary.json"
+    tmp = path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(_clean(summary), indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    t0 = time.perf_counter()
+    config = FedLoraConfig.from_run_config(context.run_config)
+    model = str(context.run_config.get("model", "smollm2-135m"))
+    arrays, trainable = initial_arrays(model, config)
+    from mobiflower.clients import lora_model
+
+    lora_model._MODELS.clear()  # the server only needed the initial weights: free the backbone
+    strategy = FedLoraStrategy(config)
+    result = strategy.start(grid, arrays, num_rounds=config.rounds, timeout=config.request_timeout,
+                            train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    final_arrays = result.arrays if len(result.arrays) else arrays  # no round aggregated: the initial ones
+    final = strategy.evaluate_final(grid, final_arrays) if config.final_eval else None
+    summary = strategy.summary_record(final, final_arrays, trainable, time.perf_counter() - t0)
+    summary["model"] = model
+    write_json(summary, run_dir_for(config, grid.run.run_id))
