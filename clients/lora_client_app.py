@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from mobiflower.clients.device_setup import DeviceSetup
 from mobiflower.clients.lora_model import LoraShape, load_trainable, lora_model, samples_digest, trainable_state, train_local
 from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
-from mobiflower.simulations.baselines import classifier_accuracy
+from mobiflower.platform.classifier import classifier_accuracy
 
 ARRAYS_KEY = "arrays"  # the adapters + head (FedAvg's default arrayrecord_key)
 CONFIG_KEY = "config"  # the request's settings (FedAvg's default configrecord_key)

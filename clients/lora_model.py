@@ -5,8 +5,8 @@ ServerApp importing the ClientApp module: in a simulation both run in one proces
 ``load_app`` takes a module from ``sys.modules`` even while another thread is still importing it
 (``partially initialized module ... has no attribute 'app'``).
 
-The training helpers are the single-device LoRA baseline's (:mod:`mobiflower.simulations.baselines`),
-so both baselines train the same model the same way.
+The model, optimizer and tokenization helpers are the single-device LoRA baseline's
+(:mod:`mobiflower.platform.classifier`), so both baselines train the same model the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from mobiflower.platform.data import Example
-from mobiflower.simulations.baselines import build_classifier, encode, load_tokenizer, make_optimizer
+from mobiflower.platform.classifier import build_classifier, encode, load_tokenizer, make_optimizer
 
 
 @dataclass(frozen=True)
