@@ -141,9 +141,10 @@ class PagedTrainers(Mapping):
         folder.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(folder / "trainer", rng=False)
         meta = {"frames": len(trainer.cache.frames), "rejected": trainer.cache.rejected}
-        if meta != self._paged_meta.get(key) or not (folder / "cache.msgpack").exists():
+        old = self._paged_meta.get(key, {})
+        if meta != {k: old.get(k) for k in meta} or not (folder / "cache.msgpack").exists():
             trainer.save_cache(folder / "cache.msgpack")  # caches only grow: unchanged counts, unchanged cache
-        self._paged_meta[key] = meta
+        self._paged_meta[key] = {**meta, "train_seconds": trainer.train_seconds}
         self._on_disk.add(key)
         self.page_outs += 1
         self.page_seconds += time.perf_counter() - t
@@ -157,8 +158,15 @@ class PagedTrainers(Mapping):
                 if trainer is not None:
                     out[key] = {"frames": len(trainer.cache.frames), "rejected": trainer.cache.rejected}
                 else:
-                    out[key] = dict(self._paged_meta.get(key, {"frames": 0, "rejected": 0}))
+                    meta = self._paged_meta.get(key, {})
+                    out[key] = {"frames": meta.get("frames", 0), "rejected": meta.get("rejected", 0)}
             return out
+
+    def train_seconds(self) -> float:
+        """Seconds every trainer has spent training, without paging anything in."""
+        with self._lock:
+            return sum(self._resident[key].train_seconds if key in self._resident
+                       else self._paged_meta.get(key, {}).get("train_seconds", 0.0) for key in self._keys)
 
     def save_all(self, directory: str | Path, extra: dict | None = None) -> None:
         """A checkpoint of every trainer under ``directory/<key>``: resident ones are saved, paged ones

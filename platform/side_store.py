@@ -129,13 +129,14 @@ class SideNetworkStore:
         if total <= 0:
             raise SideNetworkError("FedAvg needs at least one device that trained on a sample")
         acc: dict[str, torch.Tensor] = {}
+        dtypes: dict[str, torch.dtype] = {}
         for device, weight in weights.items():
             state = self.trainers[device].net.state_dict()
             for key, value in state.items():
                 term = value.detach().to("cpu", torch.float64) * (float(weight) / total)
                 acc[key] = acc[key] + term if key in acc else term
-        like = self.trainers[next(iter(weights))].net.state_dict()
-        return {k: v.to(like[k].dtype) for k, v in acc.items()}
+                dtypes[key] = value.dtype
+        return {k: v.to(dtypes[k]) for k, v in acc.items()}
 
     def train_epoch(self, then_average: bool = False) -> dict[str, float]:
         """One epoch from the activation cache for every trainer; the loss is sample-weighted.
@@ -177,6 +178,9 @@ class SideNetworkStore:
 
     @property
     def train_seconds(self) -> float:
+        """Seconds spent training, over every trainer (a paged store answers without paging in)."""
+        if isinstance(self.trainers, PagedTrainers):
+            return self.trainers.train_seconds() + self.personal_seconds
         return sum(t.train_seconds for t in self.trainers.values()) + self.personal_seconds
 
     def averaging(self, epoch: int) -> bool:
@@ -189,9 +193,17 @@ class SideNetworkStore:
         for trainer in self.trainers.values():
             trainer.update_average()
 
-    def use_average(self) -> bool:
-        """Load each trainer's tail average (before delivery); True when averages were taken."""
-        return all([trainer.use_average() for trainer in self.trainers.values()])
+    def use_average(self, then: Callable[[str, SideNetwork], None] | None = None) -> bool:
+        """Load each trainer's tail average (before delivery); True when averages were taken.
+
+        ``then(key, network)`` runs on each trainer's network right after (a paged store brings
+        each trainer in once for both, e.g. to export it)."""
+        taken = []
+        for key, trainer in self.trainers.items():
+            taken.append(trainer.use_average())
+            if then is not None:
+                then(key, trainer.net)
+        return all(taken)
 
     # ---- networks ---------------------------------------------------------------------------
     def network_for(self, device: str) -> SideNetwork:
@@ -243,10 +255,13 @@ class SideNetworkStore:
                                    "or take them one at a time from store.trainers")
         return {d: t.net for d, t in self.trainers.items()}
 
-    def load_all(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Per-device mode: every device continues from ``state`` (the FedAvg result)."""
+    def load_all(self, state: Mapping[str, torch.Tensor], then_average: bool = False) -> None:
+        """Per-device mode: every device continues from ``state`` (the FedAvg result); with
+        ``then_average`` each also adds it to its tail average in the same pass."""
         for trainer in self.trainers.values():
             trainer.net.load_state_dict({k: v.to(trainer.device) for k, v in state.items()})
+            if then_average:
+                trainer.update_average()
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:

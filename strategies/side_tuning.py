@@ -228,8 +228,8 @@ class SideTuningStrategy(Strategy):
                 averaged = average and not aggregate
                 stats = self.store.train_epoch(then_average=averaged)
                 record.update({"loss": stats["loss"], "phase": "cache"})
-            if aggregate:
-                self._fedavg(rnd)
+            if aggregate:  # FedAvg, and (in the same pass over the devices) the tail average
+                averaged = self._fedavg(rnd, then_average=average) or averaged
                 record["aggregated"] = True
             if average and not averaged:
                 self.store.update_average()
@@ -711,14 +711,15 @@ class SideTuningStrategy(Strategy):
         return out
 
     # ---- aggregation, evaluation, delivery ---------------------------------------------------
-    def _fedavg(self, rnd: int) -> None:
+    def _fedavg(self, rnd: int, then_average: bool = False) -> bool:
+        """FedAvg of the per-device networks; True when ``then_average`` added them to the tail average."""
         weights = {}
         for dev in self._working().values():
             trained = int(self.intake.accepted_samples.get(dev.device_id, 0))
             if trained:  # a network that never trained would pull the average back to the start
                 weights[dev.device_id] = trained
         if not weights:
-            return
+            return False
         if self.config.side_memory_mb:  # paged networks: a streamed average holds one network at a time
             state = self.store.average_networks(weights)
         else:  # Flower's own FedAvg arithmetic over ArrayRecords
@@ -729,9 +730,10 @@ class SideTuningStrategy(Strategy):
                                            m.STATS_KEY: MetricRecord({"num-examples": trained})}))
             averaged, _ = self._aggregate(records)
             state = averaged.to_torch_state_dict()
-        self.store.load_all(state)
+        self.store.load_all(state, then_average=then_average)
         log(INFO, "[round %d] FedAvg of %d device side networks (%d samples)", rnd, len(weights),
             sum(weights.values()))
+        return then_average
 
     def _evaluate(self, grid: Grid, rnd: int, config: dict[str, Any]) -> dict[str, Any]:
         messages = self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(config), grid)
@@ -754,14 +756,20 @@ class SideTuningStrategy(Strategy):
 
     def _finish(self, grid: Grid) -> dict[str, Any]:
         cfg = self.config
-        if self.store.use_average():
+        exported = self.run_dir / "side_networks"
+
+        def export(device: str, net) -> None:
+            save_side_network(net, exported / f"{device}.safetensors")
+
+        per_device = cfg.mode == "per-device"  # each device's own network: exported in the averaging pass
+        if self.store.use_average(then=export if per_device else None):
             log(INFO, "delivering the mean weights of the last %d rounds (tail averaging)",
                 min(cfg.average_epochs, cfg.rounds))
         if cfg.mode == "hybrid":  # personal heads over the delivered trunk
             self.store.personalize([d.device_id for d in self._working().values()])
-        exported = self.run_dir / "side_networks"
-        for dev in self.devices.values():
-            save_side_network(self.store.network_for(dev.device_id), exported / f"{dev.device_id}.safetensors")
+        if not per_device:
+            for dev in self.devices.values():
+                export(dev.device_id, self.store.network_for(dev.device_id))
         installed = False
         if cfg.deliver:
             def deliveries() -> Iterable[Message]:  # built one by one as the send window frees
