@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from mobiflower.platform.data import Example
-from mobiflower.platform.classifier import build_classifier, encode, load_tokenizer, make_optimizer
+from mobiflower.platform.classifier import build_classifier, load_tokenizer, make_optimizer, train_step
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,7 @@ def train_local(model, tokenizer, examples: Sequence[Example], *, lr: float, epo
         random.Random(seed * 1000003 + epoch).shuffle(order)
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            enc = encode(tokenizer, [e.prompt for e in batch], max_length)
-            labels = torch.tensor([int(e.label) for e in batch])
-            loss = model(**enc, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(train_step(model, tokenizer, batch, params, optimizer, max_length))
     return {"loss": sum(losses) / len(losses) if losses else math.nan, "steps": len(losses)}
 
 

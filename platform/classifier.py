@@ -132,3 +132,20 @@ def classifier_accuracy(model, tokenizer, examples: Sequence, max_length: int = 
             correct += int((logits.argmax(dim=-1) == labels).sum())
     model.train(was_training)
     return correct / len(examples)
+
+
+def train_step(model, tokenizer, batch: Sequence, params, optimizer, max_length: int = 256,
+               scheduler=None) -> float:
+    """One supervised step on ``batch``: forward with labels, backward, clip at 1.0, step; the loss."""
+    import torch
+
+    enc = encode(tokenizer, [e.prompt for e in batch], max_length)
+    labels = torch.tensor([int(e.label) for e in batch])
+    loss = model(**enc, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())

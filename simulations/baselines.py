@@ -43,6 +43,7 @@ from mobiflower.platform.classifier import (  # noqa: F401  (re-exported: the ba
     lora_targets_for,
     make_optimizer,
     quiet_transformers,
+    train_step,
 )
 from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb  # noqa: F401  (re-exported)
 
@@ -224,16 +225,9 @@ def run_baseline(config: BaselineConfig, progress: bool = True) -> dict:
         random.Random(config.seed * 1000003 + epoch).shuffle(order)
         for start in range(0, len(order), config.batch_size):
             batch = order[start:start + config.batch_size]
-            enc = encode(tokenizer, [e.prompt for e in batch], config.max_length)
-            labels = torch.tensor([int(e.label) for e in batch])
-            loss = model(**enc, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, tokenizer, batch, params, optimizer, config.max_length, scheduler)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
     train_s = time.perf_counter() - t0
     bar.close()
 

@@ -179,7 +179,7 @@ def _measure(spec: dict) -> dict:
     from mobiflower.platform.assets import resolve_model
     from mobiflower.platform.data import Example
     from mobiflower.simulations.baselines import (build_classifier, current_rss_mb, encode, load_tokenizer,
-                                                  make_optimizer, peak_rss_mb, quiet_transformers)
+                                                  make_optimizer, peak_rss_mb, quiet_transformers, train_step)
 
     method = spec["method"]
     if spec.get("threads"):
@@ -244,13 +244,7 @@ def _measure(spec: dict) -> dict:
         extra["trainable_parameters"] = sum(p.numel() for p in params)
 
         def step(batch: list) -> None:
-            enc = encode(tokenizer, [e.prompt for e in batch])
-            labels = torch.tensor([int(e.label) for e in batch])
-            loss = model(**enc, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, tokenizer, batch, params, optimizer)
 
     else:
         raise ValueError(f"unknown bench method {method!r}: choose one of {', '.join(METHODS)}")
