@@ -15,11 +15,9 @@ with its own copy of the context.
 from __future__ import annotations
 
 import os
-import resource
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -28,6 +26,7 @@ from mobiflower.clients.device_setup import DeviceSetup, examples_at
 from mobiflower.clients.inference import LocalClassifier
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform import messages as m
+from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
 from mobiflower.platform.side_networks import save_side_network
 
 
@@ -70,9 +69,7 @@ def _split(setup: DeviceSetup, name: str):
 
 
 def _memory_mb() -> tuple[float, float]:
-    rss = psutil.Process().memory_info().rss / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return rss, peak
+    return current_rss_mb(), peak_rss_mb()
 
 
 @app.query("profile")
@@ -162,6 +159,21 @@ def _label_epsilon(context: Context) -> float:
     return float(context.node_config.get("label-epsilon", context.run_config.get("label-epsilon", 0.0)))
 
 
+_OWN_LABELS: dict[int, tuple[list, dict[int, int], bytes]] = {}
+
+
+def _own_labels(train: list) -> tuple[dict[int, int], bytes]:
+    """{sample id: label} of this device's training split and its label secret, computed once per
+    process and split (the split object is cached by DeviceSetup), not once per residual request."""
+    from mobiflower.platform import label_private as lp
+
+    entry = _OWN_LABELS.get(id(train))
+    if entry is None or entry[0] is not train:
+        entry = (train, {e.id: e.label for e in train}, lp.device_secret((e.id, e.text, e.label) for e in train))
+        _OWN_LABELS[id(train)] = entry
+    return entry[1], entry[2]
+
+
 @app.train("residual")
 def residual(msg: Message, context: Context) -> Message:
     """Label-private training step: the server's predicted probabilities for some of this device's
@@ -171,16 +183,14 @@ def residual(msg: Message, context: Context) -> Message:
     setup = _setup(context)
     cfg = msg.content[m.CONFIG_KEY]
     ids = [int(i) for i in cfg["sample-ids"]]
-    train = setup.data().train
-    by_id = {e.id: e for e in train}
-    unknown = [i for i in ids if i not in by_id]
+    labels, secret = _own_labels(setup.data().train)
+    unknown = [i for i in ids if i not in labels]
     if unknown:
         raise lp.ResidualError(f"{len(unknown)} sample id(s) are not this device's training samples, e.g. "
                                f"{unknown[0]}")
     probs = msg.content[m.PROBS_KEY][m.PROBS_KEY].numpy()
     num_classes = int(cfg["num-classes"])
-    secret = lp.device_secret((e.id, e.text, e.label) for e in train)
-    r = lp.residuals(probs, [by_id[i].label for i in ids], ids, num_classes, _label_epsilon(context), secret)
+    r = lp.residuals(probs, [labels[i] for i in ids], ids, num_classes, _label_epsilon(context), secret)
     reply = RecordDict({m.RESIDUAL_KEY: m.ArrayRecord({m.RESIDUAL_KEY: m.Array(r)}),
                         m.STATS_KEY: m.metrics({"samples": len(ids)})})
     return Message(reply, reply_to=msg)

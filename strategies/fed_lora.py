@@ -175,8 +175,7 @@ class FedLoraStrategy(FedAvg):
         config["lr"] = self.config.lr_at(server_round)
         config["local-epochs"] = self.config.local_epochs
         config["batch-size"] = self.config.batch_size
-        for key, value in self.config.device_config().items():
-            config[key] = value
+        config.update(self.config.device_config())
         messages = list(super().configure_train(server_round, arrays, config, grid))
         rec = self._round(server_round)
         rec.update({"lr": config["lr"], "t0": time.perf_counter(), "nodes": len(messages),
@@ -235,8 +234,7 @@ class FedLoraStrategy(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         config["split"] = self.config.eval_split
         config["max-samples"] = self.config.eval_samples
-        for key, value in self.config.device_config().items():
-            config[key] = value
+        config.update(self.config.device_config())
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         rec = self._round(server_round)
         rec["bytes_down_eval"] += record_bytes(arrays) * len(messages)

@@ -310,17 +310,21 @@ class SideTuningStrategy(Strategy):
             sent_at.update({mid: now for mid in pushed})
 
         fill()
+        wait = 0.001  # poll fast at first (a label-private step waits on this), then back off to 50 ms
         while taken:
+            landed = False
             for reply in grid.pull_messages(list(taken)):
                 msg = taken.pop(reply.metadata.reply_to_message_id, None)
                 if msg is not None:
                     out[msg.metadata.dst_node_id] = reply
+                    landed = True
             now = time.monotonic()
             for mid in [mid for mid in taken if now - sent_at[mid] > timeout]:
                 out[taken.pop(mid).metadata.dst_node_id] = f"no reply within {timeout:.0f} s"
             fill()
             if taken:
-                time.sleep(0.05)
+                wait = 0.001 if landed else min(0.05, wait * 2)
+                time.sleep(wait)
         return out
 
     @staticmethod
