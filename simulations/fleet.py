@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 FLEETS_DIR = Path(__file__).resolve().parent / "fleets"
 TIER_KEYS = {"name", "share", "count", "uplink-mbps", "downlink-mbps", "latency-ms", "speed", "memory-mb",
@@ -104,6 +105,17 @@ class Fleet:
         if len(out) != n:
             raise FleetError(f"fleet {self.name!r} has no tier with a share to fill {n} devices: give a tier a share")
         return out
+
+    def profiles_for(self, device_ids: Sequence[str]) -> dict[str, DeviceProfile]:
+        """Each device id its profile: ids sorted by the number they end with (``device-3`` -> 3),
+        then dealt the tiers as :meth:`devices` does, so the same fleet gives the same device the
+        same profile in every method of a benchmark."""
+        def key(device_id: str) -> tuple[int, str]:
+            digits = re.search(r"(\d+)$", device_id)
+            return (int(digits.group(1)) if digits else -1, device_id)
+
+        ordered = sorted(device_ids, key=key)
+        return dict(zip(ordered, self.devices(len(ordered))))
 
     def uplink_span(self) -> float:
         """Fastest uplink over slowest: how uneven the fleet's uplinks are."""
