@@ -75,9 +75,9 @@ class FrameIntake:
         if frame.token_policy != "last" and min(frame.token_counts) < 1:
             return self._refuse(device, "sample without tokens", "token_counts",
                                 f"sample #{list(frame.token_counts).index(min(frame.token_counts))} sends no token")
-        if list(frame.layers) != list(cfg.layers):
+        if not cfg.accepts_layers(frame.layers):
             return self._refuse(device, "wrong layers", "layers",
-                                f"frame taps {frame.layers}, the side network needs {cfg.layers}")
+                                f"frame taps {frame.layers}, the side network needs {cfg.layers} or a prefix of them")
         if frame.hidden_size != cfg.hidden_size:
             return self._refuse(device, "wrong width", "activations",
                                 f"frame width {frame.hidden_size}, the side network's is {cfg.hidden_size}")

@@ -26,8 +26,21 @@ def run_dir_for(config: SideTuningConfig, run_id: int) -> Path:
     return home / "runs" / str(run_id)
 
 
+def fleet_clock(config: SideTuningConfig):
+    """With ``fleet`` in the run config, a factory of that fleet's virtual clock for the profiled
+    device ids (an app may load a fleet model from ``simulations/`` when the run config asks for
+    one, DESIGN.md); without it, None: the strategy uses the times it measures."""
+    if not config.fleet:
+        return None
+    from mobiflower.simulations.fleet import VirtualClock, load_fleet
+
+    fleet = load_fleet(config.fleet)  # a FleetError names the file, tier and key, before any device is asked
+    return lambda device_ids: VirtualClock(fleet.profiles_for(device_ids), seed=config.seed)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = SideTuningConfig.from_run_config(context.run_config)
-    strategy = SideTuningStrategy(config, run_dir_for(config, grid.run.run_id), dict(context.run_config))
+    strategy = SideTuningStrategy(config, run_dir_for(config, grid.run.run_id), dict(context.run_config),
+                                  clock_for=fleet_clock(config))
     strategy.start(grid)

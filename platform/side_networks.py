@@ -77,6 +77,11 @@ class SideNetworkConfig:
     def width(self) -> int:
         return self.hidden_size // self.reduction
 
+    def accepts_layers(self, layers: Sequence[int]) -> bool:
+        """Whether a frame tapping ``layers`` can train this network: all of its layers, or a prefix
+        (the lowest k), which is what a device sends when it stops its forward early to save time."""
+        return 1 <= len(layers) <= len(self.layers) and list(layers) == list(self.layers[:len(layers)])
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -228,9 +233,11 @@ class SideNetwork(nn.Module):
             self.head = FrozenLMHead(frozen)
 
     def check(self, batch: SideBatch) -> None:
-        if len(batch.states) != len(self.config.layers):
-            raise SideNetworkError(f"the side network takes {len(self.config.layers)} tapped layers "
-                                   f"{self.config.layers}, got {len(batch.states)}")
+        """Batches carry every tapped layer, or a prefix of them: a slow device may tap only the lower
+        layers (its forward stops early) and the network then reads what it got (``accepts_layers``)."""
+        if not 1 <= len(batch.states) <= len(self.config.layers):
+            raise SideNetworkError(f"the side network takes 1 to {len(self.config.layers)} tapped layers (a prefix "
+                                   f"of {self.config.layers}), got {len(batch.states)}")
         for state in batch.states:
             if state.shape[-1] != self.config.hidden_size:
                 raise SideNetworkError(f"tapped state width {state.shape[-1]} != side network's "

@@ -191,8 +191,9 @@ class SideTrainer:
         if frame.fingerprint != cfg.fingerprint:
             raise SideNetworkError(f"frame from backbone {frame.fingerprint} cannot train a side network for "
                                    f"{cfg.fingerprint}")
-        if list(frame.layers) != list(cfg.layers):
-            raise SideNetworkError(f"frame taps layers {frame.layers}, the side network needs {cfg.layers}")
+        if not cfg.accepts_layers(frame.layers):
+            raise SideNetworkError(f"frame taps layers {frame.layers}, the side network needs {cfg.layers} "
+                                   f"or a prefix of them")
         if frame.hidden_size != cfg.hidden_size:
             raise SideNetworkError(f"frame width {frame.hidden_size} != side network width {cfg.hidden_size}")
 
@@ -210,17 +211,22 @@ class SideTrainer:
                 yield frame, order[start:start + bs]
 
     def _epoch_batches(self, frames: Sequence[DecodedFrame]) -> Iterator[SideBatch]:
-        """Minibatches drawn across all frames in a random order (frames share one layout)."""
+        """Minibatches drawn across all frames in a random order.
+
+        Frames that tap a prefix of the layers (a device that stopped its forward early) cannot share
+        a tensor with full-depth ones: a minibatch that mixes depths is split into one step per depth.
+        """
         pairs = [(f, i) for f in frames for i in range(len(f))]
         self.rng.shuffle(pairs)
         bs = self.config.batch_size
         for start in range(0, len(pairs), bs):
             chunk = pairs[start:start + bs]
-            groups: dict[int, tuple[DecodedFrame, list[int]]] = {}
+            by_depth: dict[int, dict[int, tuple[DecodedFrame, list[int]]]] = {}
             for f, i in chunk:
-                groups.setdefault(id(f), (f, []))[1].append(i)
-            parts = [f.batch(idx) for f, idx in groups.values()]
-            yield parts[0] if len(parts) == 1 else _concat_batches(parts)
+                by_depth.setdefault(len(f.rows), {}).setdefault(id(f), (f, []))[1].append(i)
+            for _, groups in sorted(by_depth.items(), reverse=True):
+                parts = [f.batch(idx) for f, idx in groups.values()]
+                yield parts[0] if len(parts) == 1 else _concat_batches(parts)
 
     # ---- training ---------------------------------------------------------------------------
     def train_batch(self, batch: SideBatch) -> float:

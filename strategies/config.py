@@ -45,10 +45,17 @@ class SideTuningConfig:
     device_batch_size: int = 16
     bits: int = 8
     token_policy: str = "last"
+    # fleets: links, scheduling and adaptation
+    fleet: str = ""  # simulation: a fleet (name or TOML path) whose links and speeds drive a virtual clock
+    adapt: bool = False  # per device, pick bit-width and tapped layers to finish streaming by the deadline
+    adapt_min_bits: int = 4  # adaptation never sends fewer bits than this (8, 4 or 2)
+    adapt_min_taps: int = 0  # ... nor fewer tapped layers (0 = half of them, rounded up)
+    deadline_s: float = 0.0  # the streaming round's deadline in seconds (0 = what the median device needs)
     # evaluation, delivery, output
     eval_initial: bool = False  # score the untrained side network on the devices' test splits first (a baseline)
     eval_every: int = 5  # on-device validation every k rounds (0 = only the final test)
     eval_samples: int = 64  # cap per device for periodic validation (0 = all); the final test uses all
+    eval_split: str = "validation"  # what periodic evaluation scores: validation, or test (for time-to-accuracy curves)
     deliver: bool = True
     request_timeout: float = 900.0  # seconds a device may take to answer one request
     max_retries: int = 1  # a failed forward request is retried this many times before the device is dropped
@@ -78,6 +85,17 @@ class SideTuningConfig:
         if self.side_memory_mb and self.mode != "per-device":
             raise ConfigError(f"side-memory-mb={self.side_memory_mb} pages per-device side networks to disk: set "
                               f"mode = 'per-device', or side-memory-mb = 0 (one shared network is always resident)")
+        if self.eval_split not in ("validation", "test"):
+            raise ConfigError(f"eval-split={self.eval_split!r} is unknown: use 'validation' or 'test'")
+        if self.adapt_min_bits not in (2, 4, 8) or self.adapt_min_bits > self.bits:
+            raise ConfigError(f"adapt-min-bits={self.adapt_min_bits} must be 2, 4 or 8, and at most bits={self.bits}")
+        if self.adapt_min_taps < 0:
+            raise ConfigError(f"adapt-min-taps={self.adapt_min_taps} must be >= 0 (0 = half of the tapped layers)")
+        if self.deadline_s < 0:
+            raise ConfigError(f"deadline-s={self.deadline_s} must be >= 0 (0 = set from the median device)")
+        if self.adapt and self.bits not in (8, 4, 2):
+            raise ConfigError(f"adapt = true starts from bits={self.bits}: use bits = 8 (or 4), the codec's "
+                              f"quantized widths the policy steps down through")
         if self.label_epsilon < 0:
             raise ConfigError(f"label-epsilon={self.label_epsilon} must be >= 0 (0 = no randomized response)")
         if self.label_epsilon and not self.label_private:

@@ -36,7 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -54,6 +54,35 @@ from mobiflower.platform.side_networks import SideNetworkConfig, build_side_netw
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.trainer import TrainConfig
 from mobiflower.strategies.config import SideTuningConfig
+from mobiflower.strategies.frame_policy import FrameChoice, FramePolicy
+
+
+class LinkProfile(Protocol):
+    """What the strategy reads of a simulated device's profile (``simulations.fleet.DeviceProfile``)."""
+
+    tier: str
+    latency_ms: float
+    availability: float
+
+    def upload_s(self, nbytes: int) -> float: ...
+
+    def compute_s(self, measured_s: float) -> float: ...
+
+
+class FleetClock(Protocol):
+    """A virtual clock of a simulated fleet (``simulations.fleet.VirtualClock``): in a simulation the
+    strategy sees the transfer and compute times each device's profile dictates, derived from the
+    compute it measured and the bytes it sent, so time-to-accuracy is honest on one machine."""
+
+    profiles: Mapping[str, LinkProfile]
+    device_busy: dict[str, float]
+
+    def forward(self, device: str, sent_at: float, request_bytes: int, compute_s: float,
+                reply_bytes: int) -> float: ...
+
+    def answers(self, device: str, request: str) -> bool: ...
+
+    def train(self, landed_at: float, train_s: float) -> float: ...
 
 
 class FleetError(RuntimeError):
@@ -118,8 +147,24 @@ def _evaluate_reply(reply: Message) -> dict[str, float] | None:
 class SideTuningStrategy(Strategy):
     """MobiLLM side-tuning over a Flower ``Grid`` (see the module docstring for the loop)."""
 
-    def __init__(self, config: SideTuningConfig, run_dir: Path, run_config: dict[str, Any] | None = None):
+    def __init__(self, config: SideTuningConfig, run_dir: Path, run_config: dict[str, Any] | None = None,
+                 clock_for: Callable[[list[str]], FleetClock] | None = None):
+        """``clock_for`` builds a fleet's virtual clock for the profiled device ids (a simulation with a
+        ``fleet``); without it, times are the ones measured (a deployment)."""
         self.config = config
+        self.clock_for = clock_for
+        self.clock: FleetClock | None = None
+        self.policy: FramePolicy | None = None
+        self.vnow = 0.0  # virtual seconds of training so far (a fleet simulation); wall seconds otherwise
+        self.curve: list[dict[str, Any]] = []  # (round, virtual seconds, accuracy) after each evaluation
+        self.late_frames: dict[str, int] = {}
+        self._frames_accepted = 0
+        # per streaming round: its start (virtual and wall), when each device can next be sent a request,
+        # each pushed request's virtual send time and size, the last landing, the server's trainer
+        self._round_v0, self._round_t0, self._v_landed, self._v_server = 0.0, time.perf_counter(), 0.0, 0.0
+        self._v_ready: dict[int, float] = {}
+        self._v_sent: dict[str, tuple[float, int]] = {}
+        self._v_upload: dict[str, float] = {}
         self.run_dir = Path(run_dir)
         self.run_config = dict(run_config or {})
         self.devices: dict[int, DeviceState] = {}
@@ -145,7 +190,10 @@ class SideTuningStrategy(Strategy):
         waves = []
         for node_id, plan in plans.items():
             for _ in range(min(self.config.in_flight, len(plan))):
-                waves.append(self._forward_message(node_id, plan.popleft(), server_round, config))
+                remaining = sum(int(r["samples"]) for r in plan) + sum(
+                    int(w.content[m.CONFIG_KEY]["samples"]) for w in waves if w.metadata.dst_node_id == node_id)
+                choice = self._choose(node_id, remaining)
+                waves.append(self._forward_message(node_id, plan.popleft(), server_round, config, choice))
         self._plans = plans
         return waves
 
@@ -235,12 +283,19 @@ class SideTuningStrategy(Strategy):
                 self.store.update_average()
             record["server_train_s"] = self.store.train_seconds - train0
             train_wall += time.perf_counter() - t0
+            if self.clock is None:
+                self.vnow = train_wall
+            elif record.get("phase") == "cache":  # devices idle: the round is the server's training
+                self.vnow += record["server_train_s"]
+            record["virtual_s" if self.clock is not None else "train_wall_s"] = self.vnow
             last = rnd == cfg.rounds
             if cfg.mode == "hybrid" and not last and cfg.eval_every and rnd % cfg.eval_every == 0:
                 self.store.personalize([d.device_id for d in self._working().values()])
             if cfg.eval_every and rnd % cfg.eval_every == 0 and not last:
-                result = self._evaluate(grid, rnd, {"split": "validation", "max-samples": cfg.eval_samples})
-                record["validation_accuracy"] = result.get("accuracy")
+                result = self._evaluate(grid, rnd, {"split": cfg.eval_split, "max-samples": cfg.eval_samples})
+                record[f"{cfg.eval_split}_accuracy"] = result.get("accuracy")
+                self.curve.append({"round": rnd, "virtual_s": self.vnow, "accuracy": result.get("accuracy"),
+                                   "split": cfg.eval_split})
             record["wall_s"] = time.perf_counter() - t0
             record["bytes_up"] = sum(d.bytes_up - up0[n][0] for n, d in self.devices.items())
             record["bytes_down"] = sum(d.bytes_down - up0[n][1] for n, d in self.devices.items())
@@ -254,13 +309,15 @@ class SideTuningStrategy(Strategy):
             if cfg.crash_after_round == rnd:  # fault injection: die as a killed server would, no cleanup
                 log(WARNING, "crash-after-round=%d: killing the server process now", rnd)
                 os.kill(os.getpid(), signal.SIGKILL)
-            val = record.get("validation_accuracy")
+            val = record.get(f"{cfg.eval_split}_accuracy")
             record["server_rss_mb"] = current_rss_mb()
-            log(INFO, "[round %d/%d] %s loss %.4f%s, server train %.1f s, wall %.1f s, up %.2f MB, server RSS %.0f MB",
+            log(INFO, "[round %d/%d] %s loss %.4f%s, server train %.1f s, wall %.1f s, up %.2f MB, server RSS %.0f MB%s",
                 rnd, cfg.rounds, record.get("phase", "stream"), record.get("loss", float("nan")),
-                f", validation accuracy {val:.4f}" if val is not None else "", record["server_train_s"],
-                record["wall_s"], record["bytes_up"] / 1e6, record["server_rss_mb"])
+                f", {cfg.eval_split} accuracy {val:.4f}" if val is not None else "", record["server_train_s"],
+                record["wall_s"], record["bytes_up"] / 1e6, record["server_rss_mb"],
+                f", virtual {self.vnow:.1f} s" if self.clock is not None else "")
         final = self._finish(grid)
+        self.curve.append({"round": "final", "virtual_s": self.vnow, "accuracy": final["accuracy"], "split": "test"})
         summary = self._summary(final, train_wall, time.perf_counter() - t_run)
         summary["server_memory"] = {**memory.stop(), "paging": self.store.paging()}
         write_summary(summary, self.run_dir)
@@ -404,6 +461,21 @@ class SideTuningStrategy(Strategy):
         net = self.store.network_for(next(iter(self.devices.values())).device_id)
         log(INFO, "%s side network(s), mode %s: %s trainable parameters each, training on %s", cfg.family, cfg.mode,
             f"{net.num_trainable():,}", next(iter(self.store.trainers.values())).device)
+        if self.clock_for is not None:
+            self.clock = self.clock_for(sorted(d.device_id for d in self.devices.values()))
+            for dev in self.devices.values():
+                p = self.clock.profiles[dev.device_id]
+                log(INFO, "fleet %s: %s is a %s device (uplink %s Mbit/s, speed %s, availability %s)", cfg.fleet,
+                    dev.device_id, p.tier, getattr(p, "uplink_mbps", "?"), getattr(p, "speed", "?"), p.availability)
+        if cfg.adapt:
+            self.policy = FramePolicy(self.side_config.layers, full_bits=cfg.bits, min_bits=cfg.adapt_min_bits,
+                                      min_taps=cfg.adapt_min_taps, deadline_s=cfg.deadline_s)
+            for dev in self.devices.values():  # the profile's measured forward: compute known before any frame
+                rate = float(dev.profile.get("forward-samples-per-s", 0.0))
+                if rate > 0:
+                    per_sample = 1.0 / rate
+                    self.policy.seed(dev.device_id, self.clock.profiles[dev.device_id].compute_s(per_sample)
+                                     if self.clock is not None else per_sample)
 
     # ---- checkpoints --------------------------------------------------------------------------
     _RESUMED_FIELDS = ("next_offset", "bytes_up", "bytes_down", "frame_bytes", "frames", "samples_forwarded",
@@ -422,6 +494,8 @@ class SideTuningStrategy(Strategy):
         self.store.save(tmp, extra={"round": rnd})
         state = {"round": rnd, "train_wall_s": train_wall, "config": self._run_defining(), "rounds": self.rounds, "events": self.events,
                  "initial": self.initial, "stream_totals": self._stream_totals,
+                 "virtual": {"now": self.vnow, "curve": self.curve, "late_frames": self.late_frames,
+                             "frames_accepted": self._frames_accepted},
                  "cached_frames": self.intake.cached_counts(),
                  "refused": {d: dict(c) for d, c in self.intake.refused.items()},
                  "devices": {d.device_id: {k: getattr(d, k) for k in self._RESUMED_FIELDS}
@@ -468,6 +542,10 @@ class SideTuningStrategy(Strategy):
                 setattr(by_id[device], key, value)
         self.rounds, self.events, self.initial = state["rounds"], state["events"], state["initial"]
         self._stream_totals = state["stream_totals"]
+        virtual = state.get("virtual", {})
+        self.vnow, self.curve = float(virtual.get("now", 0.0)), list(virtual.get("curve", []))
+        self.late_frames = dict(virtual.get("late_frames", {}))
+        self._frames_accepted = int(virtual.get("frames_accepted", 0))
         log(INFO, "resumed from round %d of %s: %d cached frames reloaded", state["round"], directory, restored)
         self.events.append(f"resumed after round {state['round']}")
         return int(state["round"]) + 1, float(state["train_wall_s"])
@@ -490,11 +568,15 @@ class SideTuningStrategy(Strategy):
             plans[node_id] = plan
         return plans
 
-    def _forward_message(self, node_id: int, request: dict[str, Any], rnd: int, extra: ConfigRecord) -> Message:
+    def _forward_message(self, node_id: int, request: dict[str, Any], rnd: int, extra: ConfigRecord,
+                         choice: FrameChoice | None = None) -> Message:
+        """A forward request; ``choice`` (bandwidth adaptation) sets its bit-width and tapped-layer prefix."""
         cfg = self.config
+        bits = choice.bits if choice else cfg.bits
+        layers = list(self.side_config.layers[:choice.taps] if choice else self.side_config.layers)
         config = ConfigRecord({"split": "train", "offset": int(request["offset"]), "samples": int(request["samples"]),
-                               "bits": cfg.bits, "token-policy": cfg.token_policy,
-                               "batch-size": cfg.device_batch_size, "layers": list(self.side_config.layers),
+                               "bits": bits, "token-policy": cfg.token_policy,
+                               "batch-size": cfg.device_batch_size, "layers": layers,
                                "request": f"r{rnd}-o{request['offset']}-a{request['attempt']}", **dict(extra)})
         self.devices[node_id].bytes_down += _config_bytes(config)
         return Message(RecordDict({m.CONFIG_KEY: config}), dst_node_id=node_id, message_type=m.FORWARD,
@@ -516,11 +598,15 @@ class SideTuningStrategy(Strategy):
                 if item is None:
                     work.task_done()
                     return
-                node_id, blob = item
+                node_id, blob, landed = item
                 dev = self.devices[node_id]
                 try:
                     result = self.intake.offer(dev.device_id, blob)
+                    if self.clock is not None:  # the server trains one landed frame at a time
+                        self._v_server = self.clock.train(landed, float(result.stats.get("seconds", 0.0))
+                                                          if result.accepted else 0.0)
                     if result.accepted:
+                        self._frames_accepted += 1
                         losses.append((result.stats["loss"], int(result.stats["samples"])))
                         train_s[0] += result.stats["seconds"]
                     else:
@@ -536,6 +622,9 @@ class SideTuningStrategy(Strategy):
 
         worker = threading.Thread(target=trainer_loop, name="side-trainer", daemon=True)
         t0 = time.perf_counter()
+        self._round_v0, self._round_t0 = self.vnow, t0
+        self._v_landed = self._v_server = self.vnow
+        self._v_ready, self._v_sent = {}, {}
         device_s0 = {n: d.busy_s for n, d in self.devices.items()}
         if not cfg.activation_cache:
             self.intake.new_pass()  # every round re-sends every sample
@@ -551,13 +640,18 @@ class SideTuningStrategy(Strategy):
         def top_up() -> None:
             """Keep in_flight requests per working device (after replies, retries and timeouts)."""
             busy: dict[int, int] = {}
-            for node_id, _, _ in pending.values():
+            owed: dict[int, int] = {}  # samples asked for and not landed yet
+            for node_id, request, _ in pending.values():
                 busy[node_id] = busy.get(node_id, 0) + 1
+                owed[node_id] = owed.get(node_id, 0) + int(request["samples"])
             out = []
             for node_id, plan in plans.items():
                 while plan and not self.devices[node_id].dropped and busy.get(node_id, 0) < cfg.in_flight:
-                    out.append(self._forward_message(node_id, plan.popleft(), rnd, ConfigRecord()))
+                    remaining = owed.get(node_id, 0) + sum(int(r["samples"]) for r in plan)
+                    choice = self._choose(node_id, remaining)
+                    out.append(self._forward_message(node_id, plan.popleft(), rnd, ConfigRecord(), choice))
                     busy[node_id] = busy.get(node_id, 0) + 1
+                    owed[node_id] = owed.get(node_id, 0) + int(out[-1].content[m.CONFIG_KEY]["samples"])
             self._push(grid, out, pending, plans)
 
         def wait_for_training() -> None:  # the serial baseline: train on a frame before asking for the next
@@ -585,7 +679,7 @@ class SideTuningStrategy(Strategy):
                 entry = pending.pop(reply.metadata.reply_to_message_id, None)
                 if entry is None:
                     continue  # a reply to a request this round already gave up on
-                node_id, request, _ = entry
+                node_id, request, sent_real = entry
                 dev = self.devices[node_id]
                 blob = None
                 if reply.has_error():
@@ -604,9 +698,11 @@ class SideTuningStrategy(Strategy):
                     dev.forward_s += float(stats["forward-s"])
                     dev.busy_s += float(stats["busy-s"])
                     received += int(stats["samples"])
+                    landed = self._landed(dev, reply.metadata.reply_to_message_id, request, stats, len(blob),
+                                          len(blob) + 8 * len(stats), sent_real)
                     if errors:
                         raise errors[0]
-                    work.put((node_id, blob))
+                    work.put((node_id, blob, landed))
                     if not cfg.overlap:
                         wait_for_training()
             top_up()
@@ -632,15 +728,21 @@ class SideTuningStrategy(Strategy):
         self._stream_totals["train_s"] += train_s[0]
         n = sum(c for _, c in losses)
         loss = sum(l * c for l, c in losses) / n if n else float("nan")
+        if self.clock is not None:  # the round ends when the last frame landed and was trained on
+            self.vnow = max(self._v_landed, self._v_server)
         return {"loss": loss, "phase": "stream", "stream_wall_s": wall, "stream_device_s": device_s,
                 "stream_train_s": train_s[0], "samples": received}
 
     def _push(self, grid: Grid, messages: list[Message], pending: dict, plans: dict) -> None:
         """Push forward requests and track them; one Flower refuses is a failed request of its device."""
+        if self.clock is not None:
+            messages = [msg for msg in messages if self._answered(msg, plans)]
         taken, refused = self._push_tracked(grid, messages)
         now = time.perf_counter()
         for mid, msg in taken.items():
-            pending[mid] = (msg.metadata.dst_node_id, self._request_of(msg), now)
+            node_id = msg.metadata.dst_node_id
+            pending[mid] = (node_id, self._request_of(msg), now)
+            self._v_sent[mid] = (self._v_ready.get(node_id, self._round_v0), _config_bytes(msg.content[m.CONFIG_KEY]))
         for msg in refused:
             self._forward_failed(self.devices[msg.metadata.dst_node_id], self._request_of(msg),
                                  "Flower refused the request (push failed)", plans)
@@ -649,7 +751,77 @@ class SideTuningStrategy(Strategy):
     def _request_of(msg: Message) -> dict[str, Any]:
         cfg = msg.content[m.CONFIG_KEY]
         return {"offset": int(cfg["offset"]), "samples": int(cfg["samples"]),
-                "attempt": int(str(cfg["request"]).rsplit("-a", 1)[1])}
+                "attempt": int(str(cfg["request"]).rsplit("-a", 1)[1]),
+                "choice": FrameChoice(len(cfg["layers"]), int(cfg["bits"]))}
+
+    # ---- the fleet's virtual clock and the bandwidth policy ----------------------------------
+    def _virtual_timeout(self, dev: DeviceState, samples: int) -> float:
+        """How long the server waits (virtual seconds) before it gives up on a request: three times
+        what the device's profile and its measured forward speed say the request should take, plus
+        a second for the links; never more than ``request-timeout``."""
+        rate = max(float(dev.profile.get("forward-samples-per-s", 0.0)), 1e-9)
+        expected = self.clock.profiles[dev.device_id].compute_s(samples / rate)
+        return min(3.0 * expected + 1.0, self.config.request_timeout)
+
+    def _answered(self, msg: Message, plans: dict) -> bool:
+        """Fleet simulation: whether the device answers this request (its profile's availability, a
+        seeded draw). One it misses is not sent; it costs the virtual timeout and is retried like any
+        failed request, so no frame is ever produced and then thrown away."""
+        dev = self.devices[msg.metadata.dst_node_id]
+        if self.clock.answers(dev.device_id, str(msg.content[m.CONFIG_KEY]["request"])):
+            return True
+        request = self._request_of(msg)
+        wait = self._virtual_timeout(dev, int(request["samples"]))
+        self._v_ready[dev.node_id] = self._v_ready.get(dev.node_id, self._round_v0) + wait
+        dev.metrics["unanswered"] = dev.metrics.get("unanswered", 0) + 1
+        self._forward_failed(dev, request, f"no reply within the {wait:.1f} s virtual timeout (availability "
+                                           f"{self.clock.profiles[dev.device_id].availability:g})", plans)
+        return False
+
+    def _landed(self, dev: DeviceState, mid: str, request: dict[str, Any], stats: MetricRecord, frame_bytes: int,
+                reply_bytes: int, sent_real: float) -> float:
+        """A frame landed: when (virtual seconds with a fleet clock, wall seconds without), and what the
+        bandwidth policy learns from it (compute from the device's own busy time, the upload from the
+        profile's link in a simulation or the wall time around the device's work in a deployment)."""
+        busy = float(stats["busy-s"])
+        v_sent, request_bytes = self._v_sent.pop(mid, (self._round_v0, 0))
+        if self.clock is not None:
+            profile = self.clock.profiles[dev.device_id]
+            landed = self.clock.forward(dev.device_id, v_sent, request_bytes, busy, reply_bytes)
+            compute, upload, latency = profile.compute_s(busy), profile.upload_s(reply_bytes), profile.latency_ms / 1e3
+            self._v_upload[dev.device_id] = self._v_upload.get(dev.device_id, 0.0) + upload
+        else:
+            now = time.perf_counter()
+            landed = self._round_v0 + now - self._round_t0
+            compute, upload, latency = busy, max(0.0, now - sent_real - busy), 0.0
+        self._v_ready[dev.node_id] = max(self._v_ready.get(dev.node_id, self._round_v0), landed)
+        self._v_landed = max(self._v_landed, landed)
+        if self.policy is not None:
+            self.policy.observe(dev.device_id, request["choice"], int(stats["samples"]), compute, upload, frame_bytes,
+                                latency)
+            if self.policy.deadline_s > 0 and landed - self._round_v0 > self.policy.deadline_s:
+                self.late_frames[dev.device_id] = self.late_frames.get(dev.device_id, 0) + 1
+        return landed
+
+    def _choose(self, node_id: int, remaining: int) -> FrameChoice | None:
+        """The bandwidth policy's choice for a device's next request (None: the run's fixed bits, all layers)."""
+        if self.policy is None:
+            return None
+        dev = self.devices[node_id]
+        if self.policy.deadline_s <= 0:
+            self.policy.set_deadline({d.device_id: d.train_samples for d in self._working().values()})
+            if self.policy.deadline_s > 0:
+                log(INFO, "[adapt] streaming deadline %.1f s: %s", self.policy.deadline_s, self.policy.deadline_reason)
+        if self.clock is not None:
+            elapsed = self._v_ready.get(node_id, self._round_v0) - self._round_v0
+        else:
+            elapsed = time.perf_counter() - self._round_t0
+        before = len(self.policy.decisions)
+        choice = self.policy.decide(dev.device_id, remaining, elapsed)
+        if len(self.policy.decisions) > before:
+            log(INFO, "[adapt] %s -> %s: %s", dev.device_id, choice.describe(self.side_config.layers),
+                self.policy.decisions[-1].reason)
+        return choice
 
     def _expire(self, pending: dict, plans: dict) -> None:
         now = time.perf_counter()
@@ -812,6 +984,33 @@ class SideTuningStrategy(Strategy):
                 dev.metrics["device_peak_rss_mb"] = float(stats["peak-rss-mb"])
         return result
 
+    def _virtual_summary(self) -> dict[str, Any]:
+        """Time-to-accuracy material: the accuracy curve against virtual seconds (a fleet simulation)
+        or training wall seconds (no fleet), device compute as the fleet would spend it, and every
+        bandwidth decision with its reason. Evaluation is a measurement: it costs no virtual time."""
+        devices: dict[str, dict[str, Any]] = {}
+        for dev in self.devices.values():
+            entry: dict[str, Any] = {"late_frames": self.late_frames.get(dev.device_id, 0),
+                                     "unanswered": int(dev.metrics.get("unanswered", 0))}
+            if self.clock is not None:
+                entry.update(tier=self.clock.profiles[dev.device_id].tier,
+                             compute_s=self.clock.device_busy.get(dev.device_id, 0.0),
+                             upload_s=self._v_upload.get(dev.device_id, 0.0))
+            if self.policy is not None:
+                entry["decisions"] = [d.as_dict(self.side_config.layers) for d in self.policy.decisions
+                                      if d.device == dev.device_id]
+                entry["final_choice"] = {"bits": self.policy.choice(dev.device_id).bits,
+                                         "taps": self.policy.choice(dev.device_id).taps}
+            devices[dev.device_id] = entry
+        clock = self.clock is not None
+        return {"fleet": self.config.fleet, "adapt": self.config.adapt, "clock": "virtual" if clock else "wall",
+                "curve": self.curve, "total_s": self.vnow,
+                "device_compute_s": (sum(self.clock.device_busy.values()) if clock
+                                     else sum(d.busy_s for d in self.devices.values())),
+                "deadline_s": self.policy.deadline_s if self.policy else None,
+                "deadline_reason": self.policy.deadline_reason if self.policy else "",
+                "devices": devices}
+
     def _summary(self, final: dict[str, Any], train_wall: float, run_wall: float) -> dict[str, Any]:
         totals = self._stream_totals
         device_s = sum(d.busy_s for d in self.devices.values())
@@ -845,6 +1044,9 @@ class SideTuningStrategy(Strategy):
             "bytes_down": sum(d.bytes_down for d in self.devices.values()),
             "frame_bytes": sum(d.frame_bytes for d in self.devices.values()),
             "frames": sum(d.frames for d in self.devices.values()),
+            "frames_accepted": self._frames_accepted,
+            "frames_refused": sum(sum(c.values()) for c in self.intake.refused.values()),
+            "virtual": self._virtual_summary(),
             "rounds": self.rounds,
             "config": self.config.as_dict(),
             "run_config": {k: v for k, v in self.run_config.items()},

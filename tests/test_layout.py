@@ -42,6 +42,8 @@ def test_import_directions():
     flower_speaking = {"server_app.py", "messages.py"}  # the ServerApp and its message vocabulary
     for path in (ROOT / "platform").glob("*.py"):
         for name in _imports(path):
+            if path.name == "server_app.py" and name == "mobiflower.simulations.fleet":
+                continue  # DESIGN.md: an app may load a fleet model when the run config asks for one
             assert not name.startswith("mobiflower.simulations"), f"{path.name} imports {name}"
             if path.name in flower_speaking:
                 continue
