@@ -93,6 +93,9 @@ def profile(msg: Message, context: Context) -> Message:
         "layers": [int(x) for x in backbone.layers], "is-decoder": bool(backbone.is_decoder),
         "hidden-size": int(backbone.hidden_size), "num-layers": int(backbone.num_layers),
         "norm-eps": float(getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", None) or 1e-5),
+        # a device may opt out of the server's activation cache (--node-config 'activation-cache=false'):
+        # the server then trains on its frames once and keeps none; it forwards again every round
+        "activation-cache": _flag(context.node_config.get("activation-cache", True)),
     })
     stats = m.metrics({"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
                        "positive-share": sum(e.label for e in data.train) / max(1, len(data.train)),

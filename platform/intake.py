@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from mobiflower.platform.frames import FrameError, FrameLimits, decode_frame
 from mobiflower.platform.side_networks import SideNetworkConfig
@@ -51,10 +52,15 @@ class FrameIntake:
         self.refused: dict[str, Counter] = defaultdict(Counter)
         self.accepted: Counter = Counter()
         self.accepted_samples: Counter = Counter()
+        self.uncached: set[str] = set()  # devices that opted out of the activation cache: trained on, never kept
 
-    def new_pass(self) -> None:
-        """Devices send every sample again (no activation cache): forget which samples arrived."""
-        self.seen.clear()
+    def new_pass(self, devices: Iterable[str] | None = None) -> None:
+        """Devices send every sample again (no activation cache, or these devices opted out of it):
+        forget which of their samples arrived."""
+        if devices is None:
+            self.seen.clear()
+        for device in devices or ():
+            self.seen.pop(device, None)
 
     def _refuse(self, device: str, reason: str, field: str, message: str) -> IntakeResult:
         self.refused[device][reason] += 1
@@ -112,7 +118,7 @@ class FrameIntake:
         frame.meta["device_id"] = device  # the sender as the server knows it, not as the frame claims
         if self.label_private:
             self.claim(device, frame.sample_ids)
-        stats = self.store.ingest(device, frame)
+        stats = self.store.ingest(device, frame, keep=device not in self.uncached)
         self.accepted_samples[device] += frame.num_samples
         if self.persist_dir is not None and stats.get("cached"):
             self._persist(device, blob)

@@ -100,9 +100,9 @@ class SideNetworkStore:
             return self.trainers[device]
         return self.trainers[SHARED]
 
-    def ingest(self, device: str, frame: Frame) -> dict[str, float]:
-        """A device's frame landed: cache it and take one training pass over it."""
-        stats = self.trainer_for(device).ingest(frame)
+    def ingest(self, device: str, frame: Frame, keep: bool = True) -> dict[str, float]:
+        """A device's frame landed: cache it (``keep``) and take one training pass over it."""
+        stats = self.trainer_for(device).ingest(frame, keep=keep)
         if isinstance(self.trainers, PagedTrainers):
             self.trainers.settle()  # its cache grew: page others out if the budget no longer holds
         return stats

@@ -270,10 +270,11 @@ class SideTrainer:
         r = torch.where(valid[:, None], r, torch.zeros_like(r)).to(logits.device, logits.dtype)
         return (logits * r).sum() / valid.sum()
 
-    def ingest(self, frame: Frame, train: bool = True) -> dict[str, float]:
-        """A frame landed: cache it and (by default) take one pass over its samples."""
+    def ingest(self, frame: Frame, train: bool = True, keep: bool = True) -> dict[str, float]:
+        """A frame landed: cache it (unless ``keep`` is False: its device opted out of the activation
+        cache) and (by default) take one pass over its samples."""
         decoded = self.decode(frame)
-        cached = self.cache.add(decoded)
+        cached = self.cache.add(decoded) if keep else False
         stats = {"samples": len(decoded), "cached": float(cached), "loss": float("nan"), "seconds": 0.0}
         if train:
             t = time.perf_counter()

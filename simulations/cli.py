@@ -67,6 +67,11 @@ def _add_simulate(sub) -> None:
     p.add_argument("--aggregate-every", type=int, default=None, help="per-device mode: FedAvg every k rounds")
     p.add_argument("--in-flight", type=int, default=None, help="forward requests in flight per device (default 2)")
     p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=None, help="activation bits (default 8)")
+    p.add_argument("--fleet", default=None,
+                   help="a fleet model (uniform, mixed-phones, flaky, or a TOML path): links, speeds and availability "
+                        "drive a virtual clock; the summary reports accuracy against virtual seconds")
+    p.add_argument("--adapt", action="store_const", const=True, default=None,
+                   help="bandwidth adaptation: per device, bits and tapped layers chosen to meet the streaming deadline")
     p.add_argument("--client-cpus", type=int, default=1, help="CPUs per simulated device (Ray actor)")
     p.add_argument("--loopback", action="store_true",
                    help="run on a real Flower deployment on 127.0.0.1 (SuperLink + one SuperNode per device) "
@@ -95,7 +100,7 @@ def _cmd_simulate(args) -> int:
         overrides.update({"resume": True, "run-dir": str(Path(args.resume).resolve())})
     for flag, key in (("mode", "mode"), ("partitioning", "partitioning"), ("alpha", "dirichlet-alpha"),
                       ("rounds", "rounds"), ("aggregate_every", "aggregate-every"), ("in_flight", "in-flight"),
-                      ("bits", "bits")):
+                      ("bits", "bits"), ("fleet", "fleet"), ("adapt", "adapt")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     try:

@@ -17,6 +17,7 @@ A fleet is a TOML file of device tiers (``simulations/fleets/<name>.toml``, or a
     memory-mb = 8192
     availability = 1.0      # chance a request is answered (1.0: always)
     backbone = ""           # a model ref for this tier ("" = the run's model)
+    activation-cache = true # false: these devices opt out of the server's activation cache
 
 :func:`load_fleet` reads and checks one (every error names the file, the tier and the key);
 :meth:`Fleet.devices` deals the tiers out to ``n`` devices. :class:`VirtualClock` turns measured
@@ -39,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 FLEETS_DIR = Path(__file__).resolve().parent / "fleets"
 TIER_KEYS = {"name", "share", "count", "uplink-mbps", "downlink-mbps", "latency-ms", "speed", "memory-mb",
-             "availability", "backbone"}
+             "availability", "backbone", "activation-cache"}
 
 
 class FleetError(ValueError):
@@ -58,6 +59,7 @@ class DeviceProfile:
     memory_mb: float = 4096.0
     availability: float = 1.0
     backbone: str = ""
+    activation_cache: bool = True  # False: the device opts out; the server keeps none of its activations
 
     def upload_s(self, nbytes: int) -> float:
         """Seconds to send ``nbytes`` up: one latency plus the bytes at the uplink rate."""
@@ -166,6 +168,9 @@ def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
         for key in ("uplink-mbps", "downlink-mbps"):
             if key not in tier:
                 raise FleetError(f"{where}: needs {key}")
+        cache = tier.get("activation-cache", True)
+        if not isinstance(cache, bool):
+            raise FleetError(f"{where}: activation-cache must be true or false, got {cache!r}")
         backbone = tier.get("backbone", "")
         if not isinstance(backbone, str):
             raise FleetError(f"{where}: backbone must be a model ref string, got {backbone!r}")
@@ -176,7 +181,7 @@ def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
             speed=_number(tier.get("speed", 1.0), where, "speed", 0.0),
             memory_mb=_number(tier.get("memory-mb", 4096.0), where, "memory-mb", 0.0),
             availability=_number(tier.get("availability", 1.0), where, "availability", 0.0, 1.0),
-            backbone=backbone)
+            backbone=backbone, activation_cache=cache)
         out.append((profile, weight))
     return Fleet(str(table["name"]), str(table.get("description", "")), out, source)
 

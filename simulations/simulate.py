@@ -57,7 +57,11 @@ class SimulateConfig:
         unknown = sorted(set(self.run_config) - set(known))
         if unknown:
             raise ValueError(f"unknown run-config key(s) {unknown}: the app reads {', '.join(sorted(known))}")
-        SideTuningConfig.from_run_config({**known, **self.run_config})  # fail here, not inside the ServerApp
+        config = SideTuningConfig.from_run_config({**known, **self.run_config})  # fail here, not inside the ServerApp
+        if config.fleet:
+            from mobiflower.simulations.fleet import load_fleet
+
+            load_fleet(config.fleet)  # a FleetError (a ValueError) says which fleets there are
 
 
 _NOISE = ("FutureWarning", "warnings.warn", "RAY_ACCEL_ENV_VAR", "simulation-config", "To change federation size",
@@ -154,6 +158,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         t = summary["flower_traffic"]
         lines.insert(-1, f"Flower moved {t.get('inbound-bytes', 0) / 1e6:.2f} MB up / {t.get('outbound-bytes', 0) / 1e6:.2f} "
                          f"MB down: {t['inbound_per_frame_byte']:.3f} bytes up per frame byte")
+    virtual = summary.get("virtual") or {}
+    if virtual.get("clock") == "virtual":
+        adapted = {d: e["final_choice"] for d, e in virtual["devices"].items() if e.get("decisions")}
+        lines.insert(-1, f"fleet {virtual['fleet']}: {virtual['total_s']:.1f} virtual s of training, device compute "
+                         f"{virtual['device_compute_s']:.1f} virtual s"
+                         + (f"; adapted ({virtual['deadline_s']:.1f} s deadline): " + ", ".join(
+                             f"{d} {c['bits']}-bit {c['taps']} layers" for d, c in sorted(adapted.items()))
+                            if virtual.get("adapt") else ""))
     if summary.get("initial_test_accuracy") is not None:
         lines.insert(len(lines) - 4, f"untrained side network (round 0): {summary['initial_test_accuracy']:.4f}")
     return "\n".join(lines)

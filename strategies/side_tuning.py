@@ -116,7 +116,11 @@ class DeviceState:
                 "frame_bytes": self.frame_bytes, "frames": self.frames, "samples_forwarded": self.samples_forwarded, "samples_lost": self.samples_lost,
                 "device_forward_s": self.busy_s, "backbone_forward_s": self.forward_s,
                 "failures": self.failures, "dropped": self.dropped,
-                "positive_share": self.profile.get("positive-share"), **self.metrics}
+                "positive_share": self.profile.get("positive-share"),
+                # device forward passes per training sample: 1 with the activation cache, the rounds without
+                "forward_passes_per_sample": self.samples_forwarded / self.train_samples if self.train_samples else 0.0,
+                "activation_cache": bool(self.profile.get("activation-cache", True)),
+                **self.metrics}
 
 
 def _config_bytes(record: ConfigRecord) -> int:
@@ -165,6 +169,8 @@ class SideTuningStrategy(Strategy):
         self._v_ready: dict[int, float] = {}
         self._v_sent: dict[str, tuple[float, int]] = {}
         self._v_upload: dict[str, float] = {}
+        self._only: set[int] | None = None
+        self.uncached: list[str] = []
         self.run_dir = Path(run_dir)
         self.run_config = dict(run_config or {})
         self.devices: dict[int, DeviceState] = {}
@@ -186,7 +192,7 @@ class SideTuningStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """The first wave of forward requests of a streaming round: ``in_flight`` per working device."""
-        plans = self._plan_round()
+        plans = self._plan_round(self._only)
         waves = []
         for node_id, plan in plans.items():
             for _ in range(min(self.config.in_flight, len(plan))):
@@ -273,9 +279,15 @@ class SideTuningStrategy(Strategy):
             if rnd == 1 or not cfg.activation_cache:
                 record.update(self._stream_round(grid, rnd))
             else:  # one pass per trainer: train, then (unless FedAvg comes first) join the tail average
+                opted_out = {n for n, d in self._working().items() if d.device_id in self.intake.uncached}
+                if opted_out:  # devices outside the cache stream their samples again, trained on arrival
+                    streamed = self._stream_round(grid, rnd, only=opted_out)
                 averaged = average and not aggregate
                 stats = self.store.train_epoch(then_average=averaged)
-                record.update({"loss": stats["loss"], "phase": "cache"})
+                record.update({"loss": stats["loss"], "phase": "cache", "cache_train_s": stats["seconds"]})
+                if opted_out:
+                    record.update({"phase": "cache+stream", "stream_loss": streamed["loss"],
+                                   "samples": streamed["samples"]})
             if aggregate:  # FedAvg, and (in the same pass over the devices) the tail average
                 averaged = self._fedavg(rnd, then_average=average) or averaged
                 record["aggregated"] = True
@@ -285,8 +297,8 @@ class SideTuningStrategy(Strategy):
             train_wall += time.perf_counter() - t0
             if self.clock is None:
                 self.vnow = train_wall
-            elif record.get("phase") == "cache":  # devices idle: the round is the server's training
-                self.vnow += record["server_train_s"]
+            elif record.get("phase", "").startswith("cache"):  # after any streaming: the server's epoch
+                self.vnow += record["cache_train_s"]
             record["virtual_s" if self.clock is not None else "train_wall_s"] = self.vnow
             last = rnd == cfg.rounds
             if cfg.mode == "hybrid" and not last and cfg.eval_every and rnd % cfg.eval_every == 0:
@@ -467,6 +479,14 @@ class SideTuningStrategy(Strategy):
                 p = self.clock.profiles[dev.device_id]
                 log(INFO, "fleet %s: %s is a %s device (uplink %s Mbit/s, speed %s, availability %s)", cfg.fleet,
                     dev.device_id, p.tier, getattr(p, "uplink_mbps", "?"), getattr(p, "speed", "?"), p.availability)
+        self.uncached = sorted(d.device_id for d in self.devices.values() if not bool(d.profile.get("activation-cache", True))
+                               or (self.clock is not None and not self.clock.profiles[d.device_id].activation_cache))
+        for dev in self.devices.values():
+            dev.profile["activation-cache"] = dev.device_id not in self.uncached
+        if self.uncached and cfg.activation_cache:
+            self.intake.uncached = set(self.uncached)
+            log(INFO, "devices %s opted out of the activation cache: their frames are trained on and not kept, and "
+                "they forward their samples again every round", ", ".join(self.uncached))
         if cfg.adapt:
             self.policy = FramePolicy(self.side_config.layers, full_bits=cfg.bits, min_bits=cfg.adapt_min_bits,
                                       min_taps=cfg.adapt_min_taps, deadline_s=cfg.deadline_s)
@@ -554,10 +574,13 @@ class SideTuningStrategy(Strategy):
     def _working(self) -> dict[int, DeviceState]:
         return {n: d for n, d in self.devices.items() if not d.dropped}
 
-    def _plan_round(self) -> dict[int, deque]:
-        """Each working device's chunks for one pass over its training samples (offsets continue)."""
+    def _plan_round(self, only: set[int] | None = None) -> dict[int, deque]:
+        """Each working device's chunks for one pass over its training samples (offsets continue);
+        ``only``: just these nodes (devices outside the activation cache, in a cached round)."""
         plans: dict[int, deque] = {}
         for node_id, dev in self._working().items():
+            if only is not None and node_id not in only:
+                continue
             plan: deque = deque()
             remaining = dev.train_samples
             while remaining > 0:
@@ -582,9 +605,11 @@ class SideTuningStrategy(Strategy):
         return Message(RecordDict({m.CONFIG_KEY: config}), dst_node_id=node_id, message_type=m.FORWARD,
                        group_id=str(rnd), ttl=cfg.request_timeout)
 
-    def _stream_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
-        """Keep ``in_flight`` forward requests per device and train on frames as they land."""
+    def _stream_round(self, grid: Grid, rnd: int, only: set[int] | None = None) -> dict[str, Any]:
+        """Keep ``in_flight`` forward requests per device and train on frames as they land
+        (``only``: just these nodes)."""
         cfg = self.config
+        self._only = only
         work: queue.Queue = queue.Queue()
         losses: list[tuple[float, int]] = []
         train_s = [0.0]
@@ -628,12 +653,15 @@ class SideTuningStrategy(Strategy):
         device_s0 = {n: d.busy_s for n, d in self.devices.items()}
         if not cfg.activation_cache:
             self.intake.new_pass()  # every round re-sends every sample
+        elif rnd > 1:
+            self.intake.new_pass(self.intake.uncached)  # devices outside the cache send their samples again
         first_wave = list(self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
         plans: dict[int, deque] = self._plans
         worker.start()
         pending: dict[str, tuple[int, dict[str, Any], float]] = {}
         self._push(grid, first_wave, pending, plans)
-        total = sum(d.train_samples for d in self._working().values())
+        total = sum(int(r["samples"]) for plan in plans.values() for r in plan) + sum(
+            int(w.content[m.CONFIG_KEY]["samples"]) for w in first_wave)
         received = 0
         last_log = time.perf_counter()
 
