@@ -354,7 +354,10 @@ def _simulate_runner(settings: FleetBenchSettings, quiet: bool) -> SideRunner:
                               run_config=run_config)
 
     for adapt in (False, True):
-        config(settings.side_run_config(adapt))  # ValueError naming the key the app does not read
+        try:
+            config(settings.side_run_config(adapt))
+        except ValueError as err:
+            raise ValueError(f"the installed side-tuning app cannot run a fleet benchmark: {err}") from err
 
     def run(run_config: dict[str, Any]) -> dict[str, Any]:
         return run_simulate(config(run_config), quiet=quiet)
