@@ -327,12 +327,13 @@ def _add_bench_fleet(bsub) -> None:
                                     "with fixed 8-bit frames and mobiflower adaptive on the same fleet and samples; "
                                     "times in virtual seconds of the fleet's devices (training only).")
     p.add_argument("--fleet", default=d["fleet"].default, help="a bundled fleet (uniform, mixed-phones, flaky) or a TOML path")
-    p.add_argument("--devices", type=int, default=d["devices"].default)
-    p.add_argument("--train-samples", type=int, default=d["train_samples"].default)
-    p.add_argument("--validation-samples", type=int, default=d["validation_samples"].default)
-    p.add_argument("--test-samples", type=int, default=d["test_samples"].default)
-    p.add_argument("--seed", type=int, default=d["seed"].default)
-    p.add_argument("--model", default=d["model"].default, help="backbone for every method (default: the bundled one)")
+    p.add_argument("--devices", type=int, default=d["devices"].default, help="simulated devices, dealt the fleet's tiers")
+    p.add_argument("--train-samples", type=int, default=d["train_samples"].default, help="over the whole fleet")
+    p.add_argument("--validation-samples", type=int, default=d["validation_samples"].default,
+                   help="over the whole fleet (federated LoRA is tuned on them)")
+    p.add_argument("--test-samples", type=int, default=d["test_samples"].default, help="over the whole fleet")
+    p.add_argument("--seed", type=int, default=d["seed"].default, help="data split and training seed, every method")
+    p.add_argument("--model", default=None, help="backbone for every method (default: the bundled one)")
     p.add_argument("--rounds", type=int, default=d["rounds"].default, help="mobiflower rounds")
     p.add_argument("--lora-rounds", type=int, default=d["lora_rounds"].default, help="federated LoRA rounds")
     p.add_argument("--tune-rounds", type=int, default=d["tune_rounds"].default,
@@ -344,10 +345,10 @@ def _add_bench_fleet(bsub) -> None:
                    help="use this federated LoRA lr and local epochs instead of tuning (recorded as given)")
     p.add_argument("--max-retries", type=int, default=d["max_retries"].default,
                    help="mobiflower: retries of a failed forward request before a device is dropped")
-    p.add_argument("--client-cpus", type=int, default=d["client_cpus"].default)
+    p.add_argument("--client-cpus", type=int, default=d["client_cpus"].default, help="CPUs per simulated device")
     p.add_argument("--timeout", type=float, default=d["timeout_s"].default, help="seconds per Flower run")
-    p.add_argument("--workdir", default=d["workdir"].default)
-    p.add_argument("--out", default="runs/bench_fleet.json")
+    p.add_argument("--workdir", default=d["workdir"].default, help="scratch folder of the Flower runs")
+    p.add_argument("--out", default="runs/bench_fleet.json", help="the result JSON (and a PNG next to it)")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     p.add_argument("--quiet", action="store_true", help="no per-run progress")
     p.set_defaults(func=_cmd_bench_fleet)
@@ -369,7 +370,7 @@ def _cmd_bench_fleet(args) -> int:
         settings = FleetBenchSettings(
             fleet=args.fleet, devices=args.devices, train_samples=args.train_samples,
             validation_samples=args.validation_samples, test_samples=args.test_samples, seed=args.seed,
-            model=args.model, rounds=args.rounds, lora_rounds=args.lora_rounds, tune_rounds=args.tune_rounds,
+            model=args.model or "", rounds=args.rounds, lora_rounds=args.lora_rounds, tune_rounds=args.tune_rounds,
             lrs=tuple(args.lrs), local_epochs=tuple(args.epochs), lora_pair=pair, max_retries=args.max_retries,
             client_cpus=args.client_cpus, timeout_s=args.timeout, workdir=args.workdir)
         log = (lambda message: None) if args.quiet else _log
