@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -272,3 +273,27 @@ def test_cli_writes_the_table_json_and_figure(tmp_path, monkeypatch, capsys):
     assert seen[0].lora_pair == (1e-3, 2) and seen[0].rounds == 5
     assert "mobiflower-adaptive" in capsys.readouterr().out
     assert json.loads(out.read_text())["tuning"]["mode"] == "given" and out.with_suffix(".png").exists()
+
+
+def test_a_real_fed_lora_run_on_the_fleet_clock(real_assets, tiny_llama, tmp_path):
+    """The baseline's half for real (tiny random Llama, 2 devices, the pair given): its summary's
+    per-round, per-device record is what the timeline reads, under the ids the fleet maps."""
+    from mobiflower.simulations.fleet import load_fleet
+
+    settings = FleetBenchSettings(devices=2, train_samples=32, validation_samples=16, test_samples=16,
+                                  model=tiny_llama, lora_rounds=2, lora_pair=(1e-3, 1),
+                                  workdir=str(tmp_path), timeout_s=300)
+    runners = Runners()
+    result = run_fleet_bench(settings, side_runner=runners.side, log=lambda message: None)
+    lora = result["methods"][FED_LORA]
+    assert lora["completed"] and lora["status"] == "finished:completed"
+    profiles = load_fleet("mixed-phones").profiles_for(["device-0", "device-1"])
+    summary = json.loads((Path(lora["run_dir"]) / "summary.json").read_text())
+    spans = [max(profiles[d].download_s(v["bytes_down"]) + profiles[d].compute_s(v["train_s"])
+                 + profiles[d].upload_s(v["bytes_up"]) for d, v in r["devices"].items()) for r in summary["rounds"]]
+    assert len(spans) == 2 and all(len(r["devices"]) == 2 for r in summary["rounds"])
+    assert lora["virtual_total_s"] == pytest.approx(sum(spans))
+    assert [p["round"] for p in lora["curve"]] == [1, 2, "final"]
+    assert lora["curve"][-1]["accuracy"] == lora["final_accuracy"] == summary["final_accuracy"]
+    assert lora["device_compute_measured_s"] == pytest.approx(summary["device_compute_s"])
+    assert lora["device_compute_s"] > lora["device_compute_measured_s"]  # mid-range phone: half speed
