@@ -378,6 +378,9 @@ def _cmd_bench_fleet(args) -> int:
     except ValueError as err:  # a fleet, number or run-config key the user can fix (FleetError is one)
         print(f"mobiflower bench fleet: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a tuning trial's Flower run failed (the reported runs are caught inside)
+        print(f"mobiflower bench fleet: a federated LoRA tuning run failed: {err}", file=sys.stderr)
+        return 1
     print(format_table(result))
     write_outputs(result, args.out, args.plot, plot, _log)
     return 0 if all(m["completed"] for m in result["methods"].values()) else 1

@@ -256,6 +256,20 @@ def test_cli_refuses_what_a_user_can_fix(argv, message, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_cli_exits_1_when_a_tuning_run_fails(monkeypatch, capsys):
+    import mobiflower.simulations.bench_fleet as bench
+    from mobiflower.simulations.cli import main
+
+    def broken(run) -> dict:
+        raise RuntimeError("Flower run 3 on 'local' timed out after 3600s")
+
+    real = bench.run_fleet_bench
+    monkeypatch.setattr(bench, "run_fleet_bench", lambda settings, quiet=True, log=print: real(
+        settings, side_runner=Runners().side, fed_lora_runner=broken, log=log))
+    assert main(["bench", "fleet", "--quiet", "--out", ""]) == 1
+    assert "tuning run failed: Flower run 3" in capsys.readouterr().err
+
+
 def test_cli_writes_the_table_json_and_figure(tmp_path, monkeypatch, capsys):
     import mobiflower.simulations.bench_fleet as bench
     from mobiflower.simulations.cli import main
