@@ -8,6 +8,7 @@
     mobiflower bench device --out F        device memory / speed / wire-size benchmark
     mobiflower bench pipeline | modes      forward/training overlap; shared vs per-device vs hybrid
     mobiflower bench load                  server memory / throughput at 8-64 devices, side networks paged
+    mobiflower bench fleet --fleet mixed-phones   time-to-target accuracy (virtual s): mobiflower vs fed LoRA
     mobiflower compare runs/*.json         one table of the runs' accuracy and cost
     mobiflower fed-lora [--tune] [--out F] the federated on-device LoRA baseline (Flower simulation)
 """
@@ -264,6 +265,7 @@ def _add_bench(sub) -> None:
     pl.add_argument("--paged-only", action="store_true", help="skip the all-in-memory runs")
     pl.add_argument("--out", default="runs/bench_load.json")
     pl.set_defaults(func=_cmd_bench_load)
+    _add_bench_fleet(bsub)
 
 
 def _cmd_bench_pipeline(args) -> int:
@@ -316,6 +318,78 @@ def _cmd_bench_precision(args) -> int:
 
     run_from_args(args)
     return 0
+
+
+# ---- bench fleet (issue 4, item 7): all of it lives in simulations/bench_fleet.py
+def _add_bench_fleet(bsub) -> None:
+    from mobiflower.simulations.bench_fleet import FleetBenchSettings
+
+    d = FleetBenchSettings.__dataclass_fields__
+    p = bsub.add_parser("fleet", help="time-to-target accuracy on a fleet model: mobiflower adaptive / 8-bit vs "
+                                      "federated LoRA (tuned on validation)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Runs federated LoRA (lr and local epochs tuned on validation first), mobiflower "
+                                    "with fixed 8-bit frames and mobiflower adaptive on the same fleet and samples; "
+                                    "times in virtual seconds of the fleet's devices (training only).")
+    p.add_argument("--fleet", default=d["fleet"].default, help="a bundled fleet (uniform, mixed-phones, flaky) or a TOML path")
+    p.add_argument("--devices", type=int, default=d["devices"].default, help="simulated devices, dealt the fleet's tiers")
+    p.add_argument("--train-samples", type=int, default=d["train_samples"].default, help="over the whole fleet")
+    p.add_argument("--validation-samples", type=int, default=d["validation_samples"].default,
+                   help="over the whole fleet (federated LoRA is tuned on them)")
+    p.add_argument("--test-samples", type=int, default=d["test_samples"].default, help="over the whole fleet")
+    p.add_argument("--seed", type=int, default=d["seed"].default, help="data split and training seed, every method")
+    p.add_argument("--model", default=None, help="backbone for every method (default: the bundled one)")
+    p.add_argument("--rounds", type=int, default=d["rounds"].default, help="mobiflower rounds")
+    p.add_argument("--lora-rounds", type=int, default=d["lora_rounds"].default, help="federated LoRA rounds")
+    p.add_argument("--tune-rounds", type=int, default=d["tune_rounds"].default,
+                   help="federated LoRA rounds of each tuning trial")
+    p.add_argument("--lrs", type=float, nargs="+", default=list(d["lrs"].default), help="tuning grid: learning rates")
+    p.add_argument("--epochs", type=int, nargs="+", default=list(d["local_epochs"].default),
+                   help="tuning grid: local epochs")
+    p.add_argument("--skip-tuning", nargs=2, metavar=("LR", "EPOCHS"), default=None,
+                   help="use this federated LoRA lr and local epochs instead of tuning (recorded as given)")
+    p.add_argument("--max-retries", type=int, default=d["max_retries"].default,
+                   help="mobiflower: retries of a failed forward request before a device is dropped")
+    p.add_argument("--client-cpus", type=int, default=d["client_cpus"].default, help="CPUs per simulated device")
+    p.add_argument("--timeout", type=float, default=d["timeout_s"].default, help="seconds per Flower run")
+    p.add_argument("--workdir", default=d["workdir"].default, help="scratch folder of the Flower runs")
+    p.add_argument("--out", default="runs/bench_fleet.json", help="the result JSON (and a PNG next to it)")
+    p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
+    p.add_argument("--quiet", action="store_true", help="no per-run progress")
+    p.set_defaults(func=_cmd_bench_fleet)
+
+
+def _cmd_bench_fleet(args) -> int:
+    from mobiflower.simulations.bench_common import write_outputs
+    from mobiflower.simulations.bench_fleet import FleetBenchSettings, format_table, plot, run_fleet_bench
+
+    try:
+        pair = None
+        if args.skip_tuning:
+            lr, epochs = args.skip_tuning
+            try:
+                pair = (float(lr), int(epochs))
+            except ValueError:
+                raise ValueError(f"--skip-tuning takes a learning rate and a whole number of local epochs, "
+                                 f"e.g. --skip-tuning 1e-3 2; got {lr} {epochs}") from None
+        settings = FleetBenchSettings(
+            fleet=args.fleet, devices=args.devices, train_samples=args.train_samples,
+            validation_samples=args.validation_samples, test_samples=args.test_samples, seed=args.seed,
+            model=args.model or "", rounds=args.rounds, lora_rounds=args.lora_rounds, tune_rounds=args.tune_rounds,
+            lrs=tuple(args.lrs), local_epochs=tuple(args.epochs), lora_pair=pair, max_retries=args.max_retries,
+            client_cpus=args.client_cpus, timeout_s=args.timeout, workdir=args.workdir)
+        log = (lambda message: None) if args.quiet else _log
+        result = run_fleet_bench(settings, quiet=args.quiet, log=log)
+    except ValueError as err:  # a fleet, number or run-config key the user can fix (FleetError is one)
+        print(f"mobiflower bench fleet: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # a tuning trial's Flower run failed (the reported runs are caught inside)
+        print(f"mobiflower bench fleet: a federated LoRA tuning run failed: {err}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    write_outputs(result, args.out, args.plot, plot, _log)
+    return 0 if all(m["completed"] for m in result["methods"].values()) else 1
+# ---- end bench fleet
 
 
 def _add_compare(sub) -> None:

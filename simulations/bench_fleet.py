@@ -1,0 +1,575 @@
+"""Benchmark: time-to-target-accuracy on a fleet of phones, mobiflower against federated LoRA.
+
+One invocation runs three methods on the same fleet model, the same devices and the same samples
+(same ``train-samples`` / ``validation-samples`` / ``test-samples`` / ``seed``, so every device
+holds the same partition in every method):
+
+* **fed-lora**: federated on-device LoRA (FedAvg), its learning rate and local epochs picked on
+  the devices' validation splits over a small grid (:func:`tune_fed_lora`), then the chosen pair
+  run once more with the test split scored after every round;
+* **mobiflower-8bit**: side-tuning with fixed 8-bit frames (``adapt = false``);
+* **mobiflower-adaptive**: side-tuning with the strategy adapting bits and work per device.
+
+Every time is *virtual*: seconds measured on this machine, scaled by each device's profile
+(``1 / speed`` for compute, latency + bytes / bandwidth for transfers), so a fleet of phones can
+be timed honestly on one machine. The side-tuning run keeps its own virtual clock (its summary's
+``virtual`` record); FedAvg is synchronous, so :func:`fed_lora_virtual_timeline` builds the
+baseline's from its per-round, per-device record: a round lasts as long as its slowest device's
+download + training + upload. Evaluation (traffic and compute spent scoring accuracy) is a
+measurement, not training, and is excluded from both methods' virtual time and device compute.
+
+The target is federated LoRA's final test accuracy minus one point; time-to-target is the first
+evaluated round at or above it. Verdicts are computed from the measured numbers, never assumed: a
+method that never reaches the target has no time-to-target (``None``, "never reached"), and a
+comparison that this leaves undecided is ``n/a`` with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from mobiflower.simulations.bench_common import ratio, save_figure
+from mobiflower.simulations.fleet import DeviceProfile, load_fleet
+
+FED_LORA, EIGHT_BIT, ADAPTIVE = "fed-lora", "mobiflower-8bit", "mobiflower-adaptive"
+METHODS = (ADAPTIVE, EIGHT_BIT, FED_LORA)  # table and plot order
+PASS, FAIL, NA = "PASS", "FAIL", "n/a"
+_TOLERANCE = 1e-9  # float slack for "at least" comparisons of accuracies and ratios
+
+EVALUATION_NOTE = ("virtual time and device compute count training only (forwards / local training and the "
+                   "transfers they need); the traffic and compute spent scoring accuracy are a measurement and "
+                   "are excluded for every method")
+
+SideRunner = Callable[[dict[str, Any]], dict[str, Any]]
+"""Runs one side-tuning job from its run config; returns the run summary (``run_simulate``'s)."""
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """The issue's acceptance bounds, in one place."""
+
+    target_margin: float = 0.01  # target = fed-LoRA final accuracy minus this
+    speedup_vs_fed_lora: float = 3.0  # adaptive reaches the target at least this many times sooner
+    speedup_vs_8bit: float = 1.5
+    max_accuracy_drop_vs_8bit: float = 0.01  # adaptive's final accuracy at most this much below 8-bit's
+
+
+ACCEPTANCE = Acceptance()
+
+
+@dataclass
+class FleetBenchSettings:
+    """Everything one ``mobiflower bench fleet`` run depends on; recorded in the JSON as given."""
+
+    fleet: str = "mixed-phones"  # a bundled fleet's name or a fleet TOML path
+    devices: int = 4
+    train_samples: int = 1000
+    validation_samples: int = 400
+    test_samples: int = 400
+    seed: int = 0
+    model: str = ""  # "" = the bundled model (both apps' default)
+    rounds: int = 10  # mobiflower rounds (epochs over the fleet's samples)
+    lora_rounds: int = 3  # federated LoRA rounds of the reported run
+    tune_rounds: int = 2  # federated LoRA rounds of each tuning trial
+    lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3)
+    local_epochs: tuple[int, ...] = (1, 2)
+    lora_pair: tuple[float, int] | None = None  # (lr, local epochs) given: no tuning
+    # A flaky fleet's worst tier answers half its requests: enough retries that a device is rarely
+    # dropped for bad luck (each retry costs virtual time, which the side-tuning clock charges).
+    max_retries: int = 8
+    client_cpus: int = 1
+    timeout_s: float = 3600.0  # per Flower run
+    workdir: str = "runs/bench-fleet"
+
+    def __post_init__(self) -> None:
+        self.lrs = tuple(float(x) for x in self.lrs)
+        self.local_epochs = tuple(int(x) for x in self.local_epochs)
+        checks = [
+            (self.devices >= 1, f"--devices must be at least 1, got {self.devices}"),
+            (self.train_samples >= self.devices,
+             f"--train-samples must be at least one per device ({self.devices}), got {self.train_samples}"),
+            (self.validation_samples >= self.devices,
+             f"--validation-samples must be at least one per device ({self.devices}) to tune federated LoRA, "
+             f"got {self.validation_samples}"),
+            (self.test_samples >= self.devices,
+             f"--test-samples must be at least one per device ({self.devices}), got {self.test_samples}"),
+            (self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}"),
+            (self.lora_rounds >= 1, f"--lora-rounds must be at least 1, got {self.lora_rounds}"),
+            (self.tune_rounds >= 1, f"--tune-rounds must be at least 1, got {self.tune_rounds}"),
+            (bool(self.lrs) and all(math.isfinite(x) and x > 0 for x in self.lrs),
+             f"--lrs must be positive learning rates, got {list(self.lrs)}"),
+            (bool(self.local_epochs) and all(e >= 1 for e in self.local_epochs),
+             f"--epochs must be whole numbers >= 1, got {list(self.local_epochs)}"),
+            (self.max_retries >= 0, f"--max-retries must be 0 or more, got {self.max_retries}"),
+            (self.client_cpus >= 1, f"--client-cpus must be at least 1, got {self.client_cpus}"),
+            (self.timeout_s > 0, f"--timeout must be positive, got {self.timeout_s}"),
+        ]
+        if self.lora_pair is not None:
+            lr, epochs = float(self.lora_pair[0]), int(self.lora_pair[1])
+            self.lora_pair = (lr, epochs)
+            checks.append((math.isfinite(lr) and lr > 0 and epochs >= 1,
+                           f"--skip-tuning takes a positive LR and EPOCHS >= 1, got {lr} {epochs}"))
+        for ok, why in checks:
+            if not ok:
+                raise ValueError(why)
+        load_fleet(self.fleet).devices(self.devices)  # FleetError (a ValueError) says what to fix
+
+    def device_ids(self) -> list[str]:
+        """The fleet's device ids as both apps name them (``device-<partition>``)."""
+        return [f"device-{i}" for i in range(self.devices)]
+
+    def fleet_ref(self) -> str:
+        """The fleet as the ServerApp must see it: a bundled name as is, a file as an absolute path
+        (the ServerApp does not run in this directory)."""
+        path = Path(self.fleet)
+        return str(path.resolve()) if path.suffix else self.fleet
+
+    def common_run_config(self) -> dict[str, Any]:
+        """The keys every method shares, so every device holds the same samples in every method."""
+        config: dict[str, Any] = {"train-samples": self.train_samples, "validation-samples": self.validation_samples,
+                                  "test-samples": self.test_samples, "seed": self.seed}
+        if self.model:
+            config["model"] = self.model
+        return config
+
+    def side_run_config(self, adapt: bool) -> dict[str, Any]:
+        """A side-tuning run on the fleet's virtual clock, scored on the test split after every round."""
+        config = {**self.common_run_config(), "fleet": self.fleet_ref(), "adapt": adapt, "rounds": self.rounds,
+                  "eval-every": 1, "eval-split": "test", "eval-samples": 0, "max-retries": self.max_retries}
+        if not adapt:
+            config["bits"] = 8
+        return config
+
+    def fed_lora_run_config(self, lr: float, local_epochs: int) -> dict[str, Any]:
+        """The reported federated LoRA run: the chosen pair, test split scored after every round."""
+        return {**self.common_run_config(), "rounds": self.lora_rounds, "lr": lr, "local-epochs": local_epochs,
+                "eval-split": "test", "eval-samples": 0, "final-eval": True}
+
+
+# ------------------------------------------------------------------------------------------
+# virtual time
+
+
+def fed_lora_virtual_timeline(summary: Mapping[str, Any], profiles: Mapping[str, DeviceProfile]) -> dict[str, Any]:
+    """Federated LoRA's rounds on the fleet's virtual clock.
+
+    FedAvg is synchronous: round r waits for its slowest device, so it lasts
+    max over devices of ``download_s(bytes_down) + compute_s(train_s) + upload_s(bytes_up)`` (that
+    device's figures that round). Each curve point is the cumulative virtual time at a round's end
+    with that round's accuracy; the final test (when the run scored one) is the last point, at the
+    end of training. ``device_compute_s`` sums ``compute_s(train_s)`` over devices and rounds.
+    Evaluation broadcasts and scoring are excluded (a measurement, not training); so is the
+    server's FedAvg (microseconds next to a phone's round).
+    """
+    curve: list[dict[str, Any]] = []
+    rounds: list[dict[str, Any]] = []
+    now = compute = 0.0
+    for record in summary.get("rounds", []):
+        durations: dict[str, float] = {}
+        for device, d in record.get("devices", {}).items():
+            if "train_s" not in d:  # evaluated but did not train this round
+                continue
+            if device not in profiles:
+                raise ValueError(f"round {record.get('round')}: device {device!r} has no fleet profile "
+                                 f"(profiles for {sorted(profiles)})")
+            p = profiles[device]
+            work = p.compute_s(float(d["train_s"]))
+            compute += work
+            durations[device] = p.download_s(int(d.get("bytes_down", 0))) + work + p.upload_s(int(d.get("bytes_up", 0)))
+        slowest = max(durations, key=durations.__getitem__, default=None)
+        span = durations[slowest] if slowest is not None else 0.0
+        now += span
+        rounds.append({"round": record.get("round"), "virtual_s": span, "critical_device": slowest})
+        if record.get("accuracy") is not None:
+            curve.append({"round": record.get("round"), "virtual_s": now, "accuracy": float(record["accuracy"])})
+    if summary.get("final_accuracy_split") == "test" and summary.get("final_accuracy") is not None:
+        curve.append({"round": "final", "virtual_s": now, "accuracy": float(summary["final_accuracy"])})
+    return {"curve": curve, "total_s": now, "device_compute_s": compute, "rounds": rounds}
+
+
+def time_to_target(curve: Sequence[Mapping[str, Any]], target: float | None) -> float | None:
+    """Virtual seconds of the first curve point at or above ``target``; None if none is (or no target)."""
+    if target is None:
+        return None
+    for point in curve:
+        accuracy = point.get("accuracy")
+        if accuracy is not None and accuracy >= target - _TOLERANCE:
+            return float(point["virtual_s"])
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# one method's figures from its run summary
+
+
+def _count(value: Any) -> int | None:
+    """A fleet-wide count; a per-reason mapping of counts is summed."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return sum(_count(v) or 0 for v in value.values())
+    return int(value)
+
+
+def side_tuning_figures(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The bench's figures of one side-tuning run (from its ``virtual`` record and counts)."""
+    virtual = summary.get("virtual")
+    if not virtual:
+        raise ValueError("the side-tuning summary has no 'virtual' record: the run was not given a fleet "
+                         "(run config key 'fleet'), or the side-tuning app predates fleet runs")
+    status = summary.get("simulation", {}).get("status", "finished:completed")
+    return {
+        "completed": status == "finished:completed" and summary.get("test_accuracy") is not None,
+        "status": status,
+        "final_accuracy": summary.get("test_accuracy"),
+        "bytes_up": summary.get("bytes_up"), "bytes_down": summary.get("bytes_down"),
+        "device_compute_s": float(virtual["device_compute_s"]),
+        "device_compute_measured_s": summary.get("device_forward_s"),
+        "virtual_total_s": float(virtual["total_s"]),
+        "curve": [dict(p) for p in virtual.get("curve", [])],
+        "frames": _count(summary.get("frames")), "frames_accepted": _count(summary.get("frames_accepted")),
+        "frames_refused": _count(summary.get("frames_refused")),
+        "adapt": virtual.get("adapt"),
+        "devices": virtual.get("devices", {}),
+        "run_dir": summary.get("simulation", {}).get("run_dir"),
+        "wall_s": summary.get("simulation", {}).get("wall_s", summary.get("run_wall_s")),
+    }
+
+
+def fed_lora_figures(summary: Mapping[str, Any], profiles: Mapping[str, DeviceProfile]) -> dict[str, Any]:
+    """The bench's figures of the reported federated LoRA run, timed by :func:`fed_lora_virtual_timeline`."""
+    timeline = fed_lora_virtual_timeline(summary, profiles)
+    status = summary.get("simulation", {}).get("status", "finished:completed")
+    cfg = summary.get("config", {})
+    return {
+        "completed": status == "finished:completed" and summary.get("final_accuracy") is not None,
+        "status": status,
+        "final_accuracy": summary.get("final_accuracy"),
+        "bytes_up": summary.get("bytes_up"), "bytes_down": summary.get("bytes_down"),
+        "bytes_down_eval": summary.get("bytes_down_eval"),
+        "device_compute_s": timeline["device_compute_s"],
+        "device_compute_measured_s": summary.get("device_compute_s"),
+        "virtual_total_s": timeline["total_s"],
+        "curve": timeline["curve"],
+        "rounds": timeline["rounds"],
+        "frames": None, "frames_accepted": None, "frames_refused": None,  # adapters, not frames
+        "lr": cfg.get("lr"), "local_epochs": cfg.get("local_epochs"),
+        "adapter_bytes": summary.get("adapter_bytes"),
+        "run_dir": summary.get("simulation", {}).get("run_dir"),
+        "wall_s": summary.get("simulation", {}).get("wall_s", summary.get("run_wall_s")),
+    }
+
+
+def _failed(error: BaseException) -> dict[str, Any]:
+    """A method whose run failed: recorded, so the other methods' figures still come out."""
+    return {"completed": False, "status": "failed", "error": f"{type(error).__name__}: {error}",
+            "final_accuracy": None, "bytes_up": None, "bytes_down": None, "device_compute_s": None,
+            "device_compute_measured_s": None, "virtual_total_s": None, "curve": [], "frames": None,
+            "frames_accepted": None, "frames_refused": None}
+
+
+# ------------------------------------------------------------------------------------------
+# the run
+
+
+def run_fleet_bench(settings: FleetBenchSettings, side_runner: SideRunner | None = None,
+                    fed_lora_runner: Callable[[Any], dict[str, Any]] | None = None, quiet: bool = True,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Tune and run federated LoRA, then mobiflower fixed 8-bit and adaptive; the bench's result dict.
+
+    ``side_runner(run_config) -> summary`` and ``fed_lora_runner(FedLoraRun) -> summary`` default
+    to real Flower simulations (``run_simulate`` / ``run_fed_lora``); inject others to test. With
+    the real side runner both side-tuning run configs are checked first, so a key the app does not
+    read fails in seconds, not after the baseline's hour. A run that fails is recorded as failed
+    (its error in the JSON) and the others still run.
+    """
+    from mobiflower.simulations.fed_lora import FedLoraRun, run_fed_lora, tune_fed_lora
+
+    fleet = load_fleet(settings.fleet)
+    profiles = fleet.profiles_for(settings.device_ids())
+    work = Path(settings.workdir)
+    if side_runner is None:
+        side_runner = _simulate_runner(settings, quiet)
+    if fed_lora_runner is None:
+        def fed_lora_runner(run: FedLoraRun) -> dict[str, Any]:
+            return run_fed_lora(run, quiet=quiet)
+
+    def lora_run(run_config: dict[str, Any]) -> FedLoraRun:
+        return FedLoraRun(devices=settings.devices, client_cpus=settings.client_cpus,
+                          workdir=str(work / "fed-lora"), timeout_s=settings.timeout_s, run_config=run_config)
+
+    if settings.lora_pair is not None:
+        lr, epochs = settings.lora_pair
+        tuning: dict[str, Any] = {"mode": "given", "lr": lr, "local_epochs": epochs,
+                                  "note": "given on the command line (--skip-tuning), not tuned by this run"}
+    else:
+        grid = f"{len(settings.lrs)} lrs x {len(settings.local_epochs)} local-epochs"
+        log(f"[bench fleet] fed-lora: tuning on validation, {grid}, {settings.tune_rounds} rounds each ...")
+        base = lora_run({**settings.common_run_config(), "rounds": settings.tune_rounds, "eval-samples": 0})
+        picked = tune_fed_lora(base, settings.lrs, settings.local_epochs, runner=fed_lora_runner)
+        lr, epochs = picked["best"]["lr"], picked["best"]["local-epochs"]
+        tuning = {"mode": "validation-grid", "lr": lr, "local_epochs": epochs, "lrs_grid": list(settings.lrs),
+                  "local_epochs_grid": list(settings.local_epochs), "tune_rounds": settings.tune_rounds,
+                  "best": picked["best"], "trials": picked["trials"]}
+        log(f"  chose lr {lr:g}, {epochs} local epochs (validation accuracy "
+            f"{picked['best']['validation_accuracy']:.4f})")
+    configs = {FED_LORA: settings.fed_lora_run_config(lr, epochs),
+               EIGHT_BIT: settings.side_run_config(adapt=False), ADAPTIVE: settings.side_run_config(adapt=True)}
+    methods: dict[str, dict[str, Any]] = {}
+    for name in (FED_LORA, EIGHT_BIT, ADAPTIVE):
+        log(f"[bench fleet] {name}: {settings.devices} devices on fleet {fleet.name!r} ...")
+        t0 = time.perf_counter()
+        try:
+            if name == FED_LORA:
+                figures = fed_lora_figures(fed_lora_runner(lora_run(configs[name])), profiles)
+            else:
+                figures = side_tuning_figures(side_runner(configs[name]))
+        except RuntimeError as err:  # a Flower run that failed (FlowerRunError) or wrote no summary
+            figures = _failed(err)
+            log(f"  failed: {figures['error'].splitlines()[0]}")
+        figures["bench_s"] = time.perf_counter() - t0
+        figures["run_config"] = configs[name]
+        methods[name] = figures
+        if figures["completed"]:
+            log(f"  final accuracy {figures['final_accuracy']:.4f}, virtual {figures['virtual_total_s']:.1f} s, "
+                f"device compute {figures['device_compute_s']:.1f} s (virtual)")
+    return summarize({"benchmark": "fleet", "fleet": fleet.name, "fleet_source": fleet.source,
+                      "methods": {name: methods[name] for name in METHODS}, "tuning": tuning,
+                      "settings": {**asdict(settings), "acceptance": asdict(ACCEPTANCE),
+                                   "profiles": {d: p.tier for d, p in profiles.items()}},
+                      "notes": _notes()})
+
+
+def _simulate_runner(settings: FleetBenchSettings, quiet: bool) -> SideRunner:
+    """The real side runner, after checking both side-tuning run configs against the app's keys."""
+    from mobiflower.simulations.simulate import SimulateConfig, run_simulate
+
+    def config(run_config: dict[str, Any]) -> SimulateConfig:
+        return SimulateConfig(devices=settings.devices, client_cpus=settings.client_cpus,
+                              workdir=str(Path(settings.workdir) / "simulate"), timeout_s=settings.timeout_s,
+                              run_config=run_config)
+
+    for adapt in (False, True):
+        try:
+            config(settings.side_run_config(adapt))
+        except ValueError as err:
+            raise ValueError(f"the installed side-tuning app cannot run a fleet benchmark: {err}") from err
+
+    def run(run_config: dict[str, Any]) -> dict[str, Any]:
+        return run_simulate(config(run_config), quiet=quiet)
+
+    return run
+
+
+def _notes() -> list[str]:
+    """What a reader of the JSON must know to read the figures right."""
+    return [
+        EVALUATION_NOTE,
+        "fed-lora's timeline is built here from its per-round, per-device record (synchronous FedAvg: each "
+        "round waits for its slowest device); mobiflower's comes from the side-tuning run's own virtual clock",
+        "fed-lora's timeline does not model the fleet's availability (every device answers every round), "
+        "which favours the baseline on a flaky fleet",
+        "device_compute_s is virtual (measured seconds / the device's speed, summed over devices); "
+        "device_compute_measured_s is the same work in seconds measured on this machine",
+        "bytes_down of fed-lora is training traffic only (its evaluation broadcasts are bytes_down_eval); "
+        "mobiflower's bytes_down is its summary's, which includes the side networks sent to be evaluated "
+        "and delivered (counted against mobiflower)",
+        "fed-lora's tuning trials are not counted in its time-to-target or compute",
+        "time_to_target_s is null when the method never reached the target in its run",
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# target, ratios, verdicts
+
+
+def _verdict(verdict: str, measured: Any, want: str, reason: str = "", applies_to: str = "") -> dict[str, Any]:
+    return {"verdict": verdict, "measured": measured, "want": want, "reason": reason, "applies_to": applies_to}
+
+
+def _speedup_verdict(methods: Mapping[str, dict[str, Any]], slow: str, fast: str, bound: float) -> dict[str, Any]:
+    """Is ``fast`` at least ``bound`` times sooner to the target than ``slow``?
+
+    A ``fast`` that never reached the target fails. A ``slow`` that never reached it ran its whole
+    virtual time without doing so, which bounds its time-to-target from below: the verdict passes
+    if even that bound clears ``bound``, else the run cannot tell (n/a).
+    """
+    want = f">= {bound:g}x"
+    f, s = methods[fast], methods[slow]
+    if not f.get("completed") or not s.get("completed"):
+        failed = [n for n in (fast, slow) if not methods[n].get("completed")]
+        return _verdict(NA, None, want, f"{' and '.join(failed)} did not complete")
+    if f["time_to_target_s"] is None:
+        return _verdict(FAIL, None, want, f"{fast} never reached the target")
+    if s["time_to_target_s"] is None:
+        floor = ratio(s["virtual_total_s"], f["time_to_target_s"])
+        if floor is not None and floor >= bound - _TOLERANCE:
+            return _verdict(PASS, floor, want, f"{slow} never reached the target in its {s['virtual_total_s']:.1f} "
+                                               f"virtual s; the speedup is at least {floor:.3g}x")
+        return _verdict(NA, floor, want, f"{slow} never reached the target; its run's length only bounds the "
+                                         f"speedup from below ({'-' if floor is None else format(floor, '.3g')}x)")
+    measured = ratio(s["time_to_target_s"], f["time_to_target_s"])
+    if measured is None:  # the fast method was at the target at virtual time 0
+        return _verdict(PASS if s["time_to_target_s"] > 0 else NA, None, want, f"{fast} reached the target at 0 s")
+    return _verdict(PASS if measured >= bound - _TOLERANCE else FAIL, measured, want)
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Target, time-to-target per method, ratios and verdicts, from the methods' measured figures."""
+    methods = result["methods"]
+    a = ACCEPTANCE
+    baseline = methods[FED_LORA].get("final_accuracy")
+    target = None if baseline is None else baseline - a.target_margin
+    for figures in methods.values():
+        figures["time_to_target_s"] = time_to_target(figures.get("curve", []), target)
+        figures["reached_target"] = figures["time_to_target_s"] is not None
+    ada, eight, lora = methods[ADAPTIVE], methods[EIGHT_BIT], methods[FED_LORA]
+
+    def gap(x: float | None, y: float | None) -> float | None:
+        return None if x is None or y is None else x - y
+
+    ratios = {
+        "fed_lora_over_adaptive_time_to_target": ratio(lora["time_to_target_s"], ada["time_to_target_s"]),
+        "8bit_over_adaptive_time_to_target": ratio(eight["time_to_target_s"], ada["time_to_target_s"]),
+        "fed_lora_over_adaptive_device_compute": ratio(lora["device_compute_s"], ada["device_compute_s"]),
+        "fed_lora_over_adaptive_device_compute_measured": ratio(lora["device_compute_measured_s"],
+                                                                ada["device_compute_measured_s"]),
+        "fed_lora_over_adaptive_bytes_up": ratio(lora["bytes_up"], ada["bytes_up"]),
+        "8bit_over_adaptive_bytes_up": ratio(eight["bytes_up"], ada["bytes_up"]),
+        "adaptive_minus_fed_lora_accuracy": gap(ada["final_accuracy"], lora["final_accuracy"]),
+        "adaptive_minus_8bit_accuracy": gap(ada["final_accuracy"], eight["final_accuracy"]),
+    }
+    verdicts: dict[str, dict[str, Any]] = {}
+    no_target = "fed-lora has no final accuracy, so there is no target"
+    for key, slow, bound in (("adaptive_3x_sooner_than_fed_lora", FED_LORA, a.speedup_vs_fed_lora),
+                             ("adaptive_1.5x_sooner_than_8bit", EIGHT_BIT, a.speedup_vs_8bit)):
+        verdicts[key] = (_verdict(NA, None, f">= {bound:g}x", no_target) if target is None
+                         else _speedup_verdict(methods, slow, ADAPTIVE, bound))
+    computes = (ada["device_compute_s"], lora["device_compute_s"])
+    verdicts["adaptive_less_device_compute_than_fed_lora"] = (
+        _verdict(NA, None, "< 1 (adaptive / fed-lora)", "a method did not complete")
+        if None in computes or not (ada["completed"] and lora["completed"])
+        else _verdict(PASS if computes[0] < computes[1] else FAIL, ratio(*computes), "< 1 (adaptive / fed-lora)"))
+    drop = ratios["adaptive_minus_8bit_accuracy"]
+    want = f">= -{a.max_accuracy_drop_vs_8bit:g} (adaptive - 8bit)"
+    verdicts["adaptive_within_1pt_of_8bit_accuracy"] = (
+        _verdict(NA, None, want, "a method has no final accuracy") if drop is None
+        else _verdict(PASS if drop >= -a.max_accuracy_drop_vs_8bit - _TOLERANCE else FAIL, drop, want))
+    for verdict in verdicts.values():
+        verdict["applies_to"] = "mixed-phones"
+    incomplete = [n for n, f in methods.items() if not f.get("completed")]
+    verdicts["runs_completed"] = _verdict(PASS if not incomplete else FAIL, len(methods) - len(incomplete),
+                                          f"{len(methods)} of {len(methods)}",
+                                          f"did not complete: {', '.join(incomplete)}" if incomplete else "", "flaky")
+    verdicts["no_arrived_frame_lost"] = _frames_verdict(methods)
+    return {**result, "target_accuracy": target, "ratios": ratios, "verdicts": verdicts}
+
+
+def _frames_verdict(methods: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every frame that arrived was either accepted or refused (and counted): none vanished."""
+    want = "0 (arrived - accepted - refused)"
+    counts, missing, lost = {}, [], []
+    for name in (EIGHT_BIT, ADAPTIVE):
+        f = methods[name]
+        if None in (f.get("frames"), f.get("frames_accepted"), f.get("frames_refused")):
+            missing.append(name)
+            continue
+        unaccounted = f["frames"] - f["frames_accepted"] - f["frames_refused"]
+        counts[name] = {"frames": f["frames"], "accepted": f["frames_accepted"], "refused": f["frames_refused"],
+                        "unaccounted": unaccounted}
+        if unaccounted:
+            lost.append(f"{name}: {unaccounted}")
+    if lost:
+        return _verdict(FAIL, counts, want, "frames unaccounted for: " + ", ".join(lost), "flaky")
+    if missing:
+        return _verdict(NA, counts, want, f"no frame counts from {', '.join(missing)} (run failed or predates "
+                                          "frames_accepted)", "flaky")
+    return _verdict(PASS, counts, want, "", "flaky")
+
+
+# ------------------------------------------------------------------------------------------
+# table and figure
+
+
+def _num(value: float | None, fmt: str, none: str = "-") -> str:
+    return none if value is None else format(value, fmt)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The methods side by side, then every verdict with what it measured."""
+    settings = result["settings"]
+    tiers: dict[str, int] = {}
+    for tier in settings["profiles"].values():
+        tiers[tier] = tiers.get(tier, 0) + 1
+    target = result["target_accuracy"]
+    lines = [f"fleet {result['fleet']}: {settings['devices']} devices ("
+             + ", ".join(f"{n} {t}" for t, n in tiers.items()) + f"); target accuracy {_num(target, '.4f')} "
+             f"(fed-lora final - {result['settings']['acceptance']['target_margin']:g})", "",
+             f"{'method':<20} {'final acc':>9} {'to target s':>12} {'virtual s':>10} {'compute s':>10} "
+             f"{'measured s':>10} {'MB up':>8} {'MB down':>8} {'frames acc/ref':>15}"]
+    for name, f in result["methods"].items():
+        if not f.get("completed") and f.get("error"):
+            lines.append(f"{name:<20} failed: {f['error'].splitlines()[0]}")
+            continue
+        ttt = "never" if f["time_to_target_s"] is None and target is not None else _num(f["time_to_target_s"], ".1f")
+        frames = ("-" if f.get("frames") is None
+                  else f"{f['frames']} ({_num(f.get('frames_accepted'), 'd')}/{_num(f.get('frames_refused'), 'd')})")
+        lines.append(f"{name:<20} {_num(f['final_accuracy'], '.4f'):>9} {ttt:>12} {_num(f['virtual_total_s'], '.1f'):>10} "
+                     f"{_num(f['device_compute_s'], '.1f'):>10} {_num(f['device_compute_measured_s'], '.1f'):>10} "
+                     f"{_num(f['bytes_up'] and f['bytes_up'] / 1e6, '.2f'):>8} "
+                     f"{_num(f['bytes_down'] and f['bytes_down'] / 1e6, '.2f'):>8} {frames:>15}")
+    tuning = result["tuning"]
+    lines += ["", f"fed-lora: lr {tuning['lr']:g}, {tuning['local_epochs']} "
+                  f"local epochs ({'given' if tuning['mode'] == 'given' else 'tuned on validation'})",
+              "(virtual seconds of training only: evaluation traffic and compute excluded; compute s = virtual "
+              "device compute, measured s = the same on this machine)", "", "Verdicts"]
+    for key, v in result["verdicts"].items():
+        measured = v["measured"]
+        counts = measured if isinstance(measured, dict) else None
+        shown = (str(sum(c["unaccounted"] for c in counts.values())) if counts is not None
+                 else _num(measured, ".3g"))
+        reason = f"  ({v['reason']})" if v["reason"] else ""
+        lines.append(f"  {key:<44} {shown:>9}   want {v['want']:<32} {v['verdict']}  [{v['applies_to']}]{reason}")
+        for name, c in (counts or {}).items():
+            lines.append(f"    {name}: {c['frames']} frames arrived, {c['accepted']} accepted, {c['refused']} refused")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> Path:
+    """Accuracy against virtual time for each method, the target as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    positive = []
+    for name, f in result["methods"].items():
+        points = [p for p in f.get("curve", []) if p.get("accuracy") is not None]
+        if not points:
+            continue
+        xs, ys = [p["virtual_s"] for p in points], [p["accuracy"] for p in points]
+        positive += [x for x in xs if x > 0]
+        # steps: a method's accuracy is known at its evaluations and holds until the next one
+        line, = ax.plot(xs, ys, marker="o", markersize=3, drawstyle="steps-post", label=name)
+        if f.get("time_to_target_s") is not None:
+            ax.axvline(f["time_to_target_s"], color=line.get_color(), linestyle=":", linewidth=1)
+    if result.get("target_accuracy") is not None:
+        ax.axhline(result["target_accuracy"], color="grey", linestyle="--", label="target")
+    if positive:
+        ax.set_xscale("log")  # "k times sooner" reads as a fixed distance
+    ax.set_xlabel("virtual seconds of training (log)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8)
+    s = result["settings"]
+    return save_figure(fig, result, path, title=f"fleet {result['fleet']}: {s['devices']} devices, "
+                                                f"{s['train_samples']} training samples")
+
+
+__all__ = ["FleetBenchSettings", "Acceptance", "ACCEPTANCE", "run_fleet_bench", "fed_lora_virtual_timeline",
+           "time_to_target", "side_tuning_figures", "fed_lora_figures", "summarize", "format_table", "plot",
+           "METHODS", "FED_LORA", "EIGHT_BIT", "ADAPTIVE"]
