@@ -210,11 +210,13 @@ class SideTrainer:
             for start in range(0, len(order), bs):
                 yield frame, order[start:start + bs]
 
-    def _epoch_batches(self, frames: Sequence[DecodedFrame]) -> Iterator[SideBatch]:
+    def _epoch_batches(self, frames: Sequence[DecodedFrame]) -> Iterator[SideBatch | list[SideBatch]]:
         """Minibatches drawn across all frames in a random order.
 
         Frames that tap a prefix of the layers (a device that stopped its forward early) cannot share
-        a tensor with full-depth ones: a minibatch that mixes depths is split into one step per depth.
+        a tensor with full-depth ones: a minibatch that mixes depths comes as one part per depth,
+        which :meth:`train_batch` takes in one optimizer step (so the step count, and with it the
+        learning-rate schedule, does not depend on how the fleet adapted).
         """
         pairs = [(f, i) for f in frames for i in range(len(f))]
         self.rng.shuffle(pairs)
@@ -224,27 +226,41 @@ class SideTrainer:
             by_depth: dict[int, dict[int, tuple[DecodedFrame, list[int]]]] = {}
             for f, i in chunk:
                 by_depth.setdefault(len(f.rows), {}).setdefault(id(f), (f, []))[1].append(i)
+            depths = []
             for _, groups in sorted(by_depth.items(), reverse=True):
                 parts = [f.batch(idx) for f, idx in groups.values()]
-                yield parts[0] if len(parts) == 1 else _concat_batches(parts)
+                depths.append(parts[0] if len(parts) == 1 else _concat_batches(parts))
+            yield depths[0] if len(depths) == 1 else depths
 
     # ---- training ---------------------------------------------------------------------------
-    def train_batch(self, batch: SideBatch) -> float:
-        """One optimizer step; the batch's loss (NaN in a label-private step: the server has no labels)."""
+    def train_batch(self, batch: SideBatch | Sequence[SideBatch]) -> float:
+        """One optimizer step; the batch's loss (NaN in a label-private step: the server has no labels).
+
+        A minibatch whose samples tap different numbers of layers comes as parts, one per depth: each
+        part's loss is weighted by its share of the samples and the gradients add up before the one
+        step, so it is the same step a single tensor would give.
+        """
+        parts = [batch] if isinstance(batch, SideBatch) else list(batch)
+        total = sum(len(p) for p in parts)
         self.net.train()
-        batch = batch.to(self.device)
-        logits = self.net(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        if batch.targets is None and self.residuals is not None:
-            loss = self._residual_objective(logits, batch)
-            if loss is None:
-                return float("nan")
-            loss.backward()
-            value = float("nan")
-        else:
-            loss = side_network_loss(logits, batch)
-            loss.backward()
-            value = float(loss.detach())
+        losses: list[tuple[float, int]] = []
+        for part in parts:
+            part = part.to(self.device)
+            logits = self.net(part)
+            if part.targets is None and self.residuals is not None:
+                loss = self._residual_objective(logits, part)
+                if loss is None:
+                    continue
+                value = float("nan")
+            else:
+                loss = side_network_loss(logits, part)
+                value = float(loss.detach())
+            (loss * (len(part) / total) if len(parts) > 1 else loss).backward()
+            losses.append((value, len(part)))
+        if not losses:
+            return float("nan")
+        value = sum(v * n for v, n in losses) / sum(n for _, n in losses)
         if self.config.clip_norm:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.clip_norm)
         self.optimizer.step()

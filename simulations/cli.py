@@ -340,6 +340,8 @@ def _add_bench_fleet(bsub) -> None:
     p.add_argument("--seed", type=int, default=d["seed"].default, help="data split and training seed, every method")
     p.add_argument("--model", default=None, help="backbone for every method (default: the bundled one)")
     p.add_argument("--rounds", type=int, default=d["rounds"].default, help="mobiflower rounds")
+    p.add_argument("--eval-every", type=int, default=d["eval_every"].default,
+                   help="mobiflower: score the test split every k rounds (the points of its curve)")
     p.add_argument("--lora-rounds", type=int, default=d["lora_rounds"].default, help="federated LoRA rounds")
     p.add_argument("--tune-rounds", type=int, default=d["tune_rounds"].default,
                    help="federated LoRA rounds of each tuning trial")
@@ -375,7 +377,7 @@ def _cmd_bench_fleet(args) -> int:
         settings = FleetBenchSettings(
             fleet=args.fleet, devices=args.devices, train_samples=args.train_samples,
             validation_samples=args.validation_samples, test_samples=args.test_samples, seed=args.seed,
-            model=args.model or "", rounds=args.rounds, lora_rounds=args.lora_rounds, tune_rounds=args.tune_rounds,
+            model=args.model or "", rounds=args.rounds, eval_every=args.eval_every, lora_rounds=args.lora_rounds, tune_rounds=args.tune_rounds,
             lrs=tuple(args.lrs), local_epochs=tuple(args.epochs), lora_pair=pair, max_retries=args.max_retries,
             client_cpus=args.client_cpus, timeout_s=args.timeout, workdir=args.workdir)
         log = (lambda message: None) if args.quiet else _log

@@ -112,5 +112,23 @@ def test_cached_epochs_mix_full_and_prefix_frames(tiny_llama):
     trainer.ingest(prefix)
     stats = trainer.train_epoch()
     assert stats["samples"] == 24 and math.isfinite(stats["loss"])
-    assert trainer.step >= 3 + 2 + 3  # ingest passes, then at least one step per depth and batch
+    assert trainer.step == 2 + 2 + 3  # two ingest passes of 12, then 24 / 8: one step per minibatch, mixed or not
+
+
+def test_a_step_over_parts_is_the_step_over_the_whole_batch():
+    from mobiflower.platform.trainer import SideTrainer, TrainConfig, _concat_batches
+
+    cfg = SideNetworkConfig(hidden_size=16, layers=LAYERS, fingerprint="fp", family="ladder", reduction=4, dropout=0.0)
+    torch.manual_seed(0)
+    nets = [build_side_network(cfg) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    make = lambda n: SideBatch([torch.randn(n, 1, 16) for _ in LAYERS], torch.ones(n, 1, dtype=torch.bool),
+                               torch.zeros(n, dtype=torch.long), torch.randint(0, 2, (n,)))
+    a, b = make(5), make(3)
+    whole, parts = (SideTrainer(net, TrainConfig(batch_size=8, epochs=1, lr=1e-2, device="cpu")) for net in nets)
+    loss_whole = whole.train_batch(_concat_batches([a, b]))
+    loss_parts = parts.train_batch([a, b])
+    assert loss_parts == pytest.approx(loss_whole, rel=1e-5)
+    for (name, p), q in zip(nets[0].named_parameters(), nets[1].parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
 
