@@ -14,6 +14,7 @@ with its own copy of the context.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -58,8 +59,18 @@ INSTALLED_CONFIG_KEY = "mobiflower-installed-config"
 SPLITS = ("train", "validation", "test")
 
 
-def _setup(context: Context) -> DeviceSetup:
-    return DeviceSetup.from_configs(context.run_config, context.node_config)
+def _setup(context: Context, msg: Message | None = None) -> DeviceSetup:
+    """This device's setup. In a simulated heterogeneous fleet the server's fleet model says which
+    backbone a device runs (request keys ``model`` / ``backbone-layers``); a real device's own node
+    config (``--node-config 'backbone-layers=15'``) always wins."""
+    setup = DeviceSetup.from_configs(context.run_config, context.node_config)
+    cfg = msg.content.config_records.get(m.CONFIG_KEY) if msg is not None and msg.has_content() else None
+    if cfg is not None:
+        if "backbone-layers" in cfg and "backbone-layers" not in context.node_config:
+            setup = dataclasses.replace(setup, backbone_layers=int(cfg["backbone-layers"]))
+        if str(cfg.get("model", "") or "") and "model" not in context.node_config:
+            setup = dataclasses.replace(setup, model=str(cfg["model"]))
+    return setup
 
 
 def _split(setup: DeviceSetup, name: str):
@@ -75,7 +86,7 @@ def _memory_mb() -> tuple[float, float]:
 @app.query("profile")
 def profile(msg: Message, context: Context) -> Message:
     """Describe this device: backbone, data sizes, measured forward speed and memory."""
-    setup = _setup(context)
+    setup = _setup(context, msg)
     t0 = time.perf_counter()
     backbone = setup.backbone()
     load_s = time.perf_counter() - t0
@@ -110,7 +121,7 @@ def profile(msg: Message, context: Context) -> Message:
 @app.train("forward")
 def forward(msg: Message, context: Context) -> Message:
     """Forward a chunk of this device's samples and reply with one activation frame."""
-    setup = _setup(context)
+    setup = _setup(context, msg)
     cfg = msg.content[m.CONFIG_KEY]
     split = str(cfg.get("split", "train"))
     examples = _split(setup, split)
@@ -183,7 +194,7 @@ def residual(msg: Message, context: Context) -> Message:
     samples in, ``p - onehot(y)`` out (:mod:`mobiflower.platform.label_private`)."""
     from mobiflower.platform import label_private as lp
 
-    setup = _setup(context)
+    setup = _setup(context, msg)
     cfg = msg.content[m.CONFIG_KEY]
     ids = [int(i) for i in cfg["sample-ids"]]
     labels, secret = _own_labels(setup.data().train)
@@ -208,7 +219,7 @@ def _installed(context: Context):
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score a side network on this device's own held-out split with backbone + side network."""
-    setup = _setup(context)
+    setup = _setup(context, msg)
     cfg = msg.content[m.CONFIG_KEY] if m.CONFIG_KEY in msg.content else ConfigRecord()
     split = str(cfg.get("split", "validation"))
     examples = _split(setup, split)
@@ -222,7 +233,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         weights, net_config = _installed(context)
         source = "installed"
     backbone = setup.backbone()
-    net = m.network_from_records(weights, net_config, backbone.frozen_head_state(lm_head=False))
+    net = m.network_from_records(weights, net_config, backbone.frozen_head_state(lm_head=False), backbone.fingerprint)
     classifier = LocalClassifier(backbone, net)
     result = classifier.evaluate(examples, batch_size=int(cfg.get("batch-size", 16)))
     rss, peak = _memory_mb()
@@ -235,11 +246,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.train("deliver")
 def deliver(msg: Message, context: Context) -> Message:
     """Install the final side network on this device (context.state, and a file if configured)."""
-    setup = _setup(context)
+    setup = _setup(context, msg)
     weights, net_config = msg.content[m.NETWORK_KEY], msg.content[m.NETWORK_CONFIG_KEY]
     backbone = setup.backbone()
-    net = m.network_from_records(weights, net_config, backbone.frozen_head_state(lm_head=False))
-    if net.config.fingerprint != backbone.fingerprint:
+    net = m.network_from_records(weights, net_config, backbone.frozen_head_state(lm_head=False), backbone.fingerprint)
+    if not net.config.serves(backbone.fingerprint):
         raise ValueError(f"the delivered side network was trained for {net.config.fingerprint}, this device "
                          f"runs {backbone.fingerprint}")
     context.state.array_records[INSTALLED_KEY] = weights

@@ -49,6 +49,7 @@ class DeviceSetup:
     partition_id: int = 0
     num_partitions: int = 1
     threads: int = 1
+    backbone_layers: int = 0  # > 0: run only the model's first N blocks (a layer-truncated backbone)
 
     @classmethod
     def from_configs(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> "DeviceSetup":
@@ -69,6 +70,7 @@ class DeviceSetup:
             partition_id=int(node_config["partition-id"]),
             num_partitions=int(node_config["num-partitions"]),
             threads=int(_get(run_config, "device-threads", cls.threads)),
+            backbone_layers=int(node_config.get("backbone-layers", 0) or 0),
         )
         if not 0 <= setup.partition_id < setup.num_partitions:
             raise DeviceSetupError(f"partition-id={setup.partition_id} must be in [0, num-partitions="
@@ -83,11 +85,12 @@ class DeviceSetup:
 
     def backbone(self) -> Backbone:
         """This process's backbone for the setup's model (loaded once per process)."""
-        key = (self.model, self.weights, self.num_taps)
+        key = (self.model, self.weights, self.num_taps, self.backbone_layers)
         if key not in _BACKBONES:
             torch.set_num_threads(max(1, self.threads))
             _BACKBONES[key] = Backbone.load(self.model, num_taps=self.num_taps,
-                                            weights=None if self.weights == "fp32" else self.weights)
+                                            weights=None if self.weights == "fp32" else self.weights,
+                                            keep_layers=self.backbone_layers)
         return _BACKBONES[key]
 
     def data(self) -> Splits:

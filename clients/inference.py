@@ -36,8 +36,10 @@ class LocalClassifier:
         cfg = net.config
         if cfg.head != "classification":
             raise SideNetworkError("LocalClassifier needs a side network with a classification head")
-        if backbone.fingerprint != cfg.fingerprint:
+        if not cfg.serves(backbone.fingerprint):
             raise SideNetworkError(f"side network trained for {cfg.fingerprint}, backbone is {backbone.fingerprint}")
+        self.layers = cfg.layers_for(backbone.fingerprint)  # this backbone's taps, slot by slot
+        self.backbone_tag = "" if backbone.fingerprint == cfg.fingerprint else backbone.fingerprint
         self.backbone = backbone
         self.net = net.eval()
         self.match_training_precision = match_training_precision
@@ -77,13 +79,14 @@ class LocalClassifier:
         def on_layer(layer_id: int, hidden: torch.Tensor) -> None:
             rows[layer_id] = self._features(select_tokens(hidden, mask, positions, cfg.token_policy))
 
-        final = self.backbone.forward_taps(enc["input_ids"], mask, on_layer, layers=cfg.layers,
+        final = self.backbone.forward_taps(enc["input_ids"], mask, on_layer, layers=self.layers,
                                            need_final=self._verbalizers is not None)
         lengths = mask.sum(dim=1).tolist()
         counts = [1] * len(lengths) if cfg.token_policy == "last" else (
             lengths if cfg.token_policy == "nonpad" else [mask.shape[1]] * len(lengths))
-        batch = make_side_batch([rows[layer] for layer in cfg.layers], counts, lengths, cfg.token_policy,
+        batch = make_side_batch([rows[layer] for layer in self.layers], counts, lengths, cfg.token_policy,
                                 cfg.feature_token)
+        batch.backbone = self.backbone_tag
         side = self.net(batch)
         zero_shot = None
         if final is not None:

@@ -54,6 +54,22 @@ def _find_blocks(base: nn.Module, num_layers: int) -> nn.ModuleList:
     raise BackboneError(f"could not find the {num_layers} transformer blocks of {type(base).__name__}")
 
 
+def truncate_blocks(model: nn.Module, keep: int) -> None:
+    """Keep only the first ``keep`` transformer blocks: a layer-truncated backbone of the same family
+    (a smaller device's model in a heterogeneous fleet). Its fingerprint says ``L<keep>``."""
+    config = model.config
+    total = int(config.num_hidden_layers)
+    if not 1 <= keep <= total:
+        raise BackboneError(f"backbone-layers={keep}: a {total}-layer model can keep 1 to {total} blocks")
+    if keep == total:
+        return
+    blocks = _find_blocks(model.base_model, total)
+    del blocks[keep:]
+    config.num_hidden_layers = keep
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:keep]
+
+
 def _find_final_norm(base: nn.Module) -> nn.Module:
     for name in _FINAL_NORM_NAMES:
         module = base
@@ -159,7 +175,9 @@ class Backbone:
 
     def __init__(self, model: nn.Module, tokenizer, layers: Sequence[int] | None = None, num_taps: int = 8,
                  max_length: int = 256, name: str = "", precision: str | None = None, digest: str | None = None,
-                 weights_path: str | None = None):
+                 weights_path: str | None = None, keep_layers: int = 0):
+        if keep_layers:
+            truncate_blocks(model, keep_layers)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "")
@@ -192,14 +210,15 @@ class Backbone:
     @classmethod
     def load(cls, ref: str, layers: Sequence[int] | None = None, num_taps: int = 8,
              dtype: torch.dtype = torch.float32, max_length: int = 256, weights: str | None = None,
-             weights_dir: str | None = None, group_size: int | None = None) -> "Backbone":
+             weights_dir: str | None = None, group_size: int | None = None, keep_layers: int = 0) -> "Backbone":
         """Load ``ref`` (``smollm2-135m``, a local folder or a Hugging Face model id) frozen.
 
         ``weights`` (``fp32``, ``bf16``, ``int8``, ``int4``) loads the prepared, memory-mapped copy
         of ``ref`` at that precision (:mod:`mobiflower.platform.weights`), building it once under
         ``weights_dir`` (default ``$MOBIFLOWER_HOME/models``) if it is missing or stale; ``dtype``
         is then ignored. ``ref`` may also be a prepared copy's folder. Otherwise the checkpoint is
-        loaded through transformers in ``dtype``.
+        loaded through transformers in ``dtype``. ``keep_layers`` (> 0) keeps only the first blocks
+        (:func:`truncate_blocks`): a layer-truncated backbone of the same family.
         """
         from mobiflower.platform.weights import is_prepared_folder
 
@@ -209,9 +228,11 @@ class Backbone:
             model, tokenizer, manifest = load_backbone_weights(ref, weights, cache_dir=weights_dir,
                                                                group_size=group_size or DEFAULT_INT4_GROUP_SIZE)
             return cls(model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref,
-                       precision=manifest["precision"], digest=manifest["digest"], weights_path=manifest["path"])
+                       precision=manifest["precision"], digest=manifest["digest"], weights_path=manifest["path"],
+                       keep_layers=keep_layers)
         model, tokenizer = load_checkpoint(ref, dtype)
-        return cls(model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref)
+        return cls(model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref,
+                   keep_layers=keep_layers)
 
     def _check_layers(self, layers: Sequence[int]) -> list[int]:
         layers = [int(i) for i in layers]

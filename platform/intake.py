@@ -72,18 +72,24 @@ class FrameIntake:
         if digest in self.digests:
             return self._refuse(device, "replayed frame", "frame", "these exact bytes were already taken")
         try:
-            frame = decode_frame(blob, expected_fingerprint=self.side_config.fingerprint, limits=self.limits)
+            frame = decode_frame(blob, limits=self.limits, expected_fingerprint=None if self.side_config.backbones
+                                 else self.side_config.fingerprint)
         except FrameError as err:
             return self._refuse(device, f"invalid {err.field}", err.field, str(err))
         cfg = self.side_config
+        if not cfg.serves(frame.fingerprint):  # a heterogeneous fleet: one of the network's backbones
+            return self._refuse(device, "invalid fingerprint", "fingerprint",
+                                f"frame comes from backbone {frame.fingerprint!r}; the side network trains on "
+                                f"{[cfg.fingerprint, *sorted(cfg.backbones)]}")
         if frame.num_samples == 0:
             return self._refuse(device, "empty frame", "sample_ids", "the frame holds no samples")
         if frame.token_policy != "last" and min(frame.token_counts) < 1:
             return self._refuse(device, "sample without tokens", "token_counts",
                                 f"sample #{list(frame.token_counts).index(min(frame.token_counts))} sends no token")
-        if not cfg.accepts_layers(frame.layers):
+        if not cfg.accepts_layers(frame.layers, frame.fingerprint):
             return self._refuse(device, "wrong layers", "layers",
-                                f"frame taps {frame.layers}, the side network needs {cfg.layers} or a prefix of them")
+                                f"frame taps {frame.layers}, the side network needs {cfg.layers_for(frame.fingerprint)} "
+                                f"or a prefix of them")
         if frame.hidden_size != cfg.hidden_size:
             return self._refuse(device, "wrong width", "activations",
                                 f"frame width {frame.hidden_size}, the side network's is {cfg.hidden_size}")
@@ -162,7 +168,8 @@ class FrameIntake:
             for path in files:
                 device = path.name.split(".")[1]
                 blob = path.read_bytes()
-                frame = decode_frame(blob, expected_fingerprint=self.side_config.fingerprint, limits=self.limits)
+                frame = decode_frame(blob, limits=self.limits, expected_fingerprint=None if self.side_config.backbones
+                                     else self.side_config.fingerprint)
                 frame.meta["device_id"] = device
                 trainer.cache.add(trainer.decode(frame))
                 if self.label_private:

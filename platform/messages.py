@@ -68,9 +68,12 @@ def network_records(net: SideNetwork) -> tuple[ArrayRecord, ConfigRecord]:
 
 
 def network_from_records(weights: ArrayRecord, config: ConfigRecord,
-                         frozen: Mapping[str, torch.Tensor] | None = None) -> SideNetwork:
-    """Rebuild a side network sent by :func:`network_records` (eval mode)."""
-    net = build_side_network(SideNetworkConfig.from_json(str(config["json"])), dict(frozen or {}))
+                         frozen: Mapping[str, torch.Tensor] | None = None, fingerprint: str = "") -> SideNetwork:
+    """Rebuild a side network sent by :func:`network_records` (eval mode); ``frozen`` is the frozen
+    head state of the receiving device's backbone (``fingerprint``, one of the network's backbones)."""
+    frozen = dict(frozen or {})
+    net = build_side_network(SideNetworkConfig.from_json(str(config["json"])), frozen,
+                             {fingerprint: frozen} if fingerprint else None)
     net.load_state_dict(weights.to_torch_state_dict())
     return net.eval()
 

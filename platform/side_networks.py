@@ -60,6 +60,10 @@ class SideNetworkConfig:
     rotation: str = "hadamard"
     token_policy: str = "last"
     extra: dict[str, Any] = field(default_factory=dict)
+    # Other backbones of the same family that train this network (a heterogeneous fleet): their
+    # fingerprint -> their tapped layers, slot by slot aligned with ``layers`` (evenly spaced over
+    # each backbone's own depth). Each gets its own input norms and projections to the side width.
+    backbones: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -70,6 +74,11 @@ class SideNetworkConfig:
             raise SideNetworkError(f"reduction r={self.reduction} must divide the hidden size {self.hidden_size}")
         if not self.layers:
             raise SideNetworkError("a side network needs at least one tapped layer")
+        for fingerprint, layers in self.backbones.items():
+            if fingerprint == self.fingerprint or len(layers) != len(self.layers) or list(layers) != sorted(set(layers)):
+                raise SideNetworkError(
+                    f"backbone {fingerprint} taps {layers}: each further backbone needs as many strictly increasing "
+                    f"tapped layers as the side network has slots ({len(self.layers)}), and a fingerprint of its own")
         if self.head == "lm" and self.token_policy == "last":
             raise SideNetworkError("an LM head needs every token: use token_policy 'nonpad' or 'all'")
 
@@ -77,10 +86,31 @@ class SideNetworkConfig:
     def width(self) -> int:
         return self.hidden_size // self.reduction
 
-    def accepts_layers(self, layers: Sequence[int]) -> bool:
-        """Whether a frame tapping ``layers`` can train this network: all of its layers, or a prefix
-        (the lowest k), which is what a device sends when it stops its forward early to save time."""
-        return 1 <= len(layers) <= len(self.layers) and list(layers) == list(self.layers[:len(layers)])
+    def layers_for(self, fingerprint: str) -> list[int]:
+        """The tapped layers a device running ``fingerprint`` sends, slot by slot."""
+        if fingerprint == self.fingerprint:
+            return list(self.layers)
+        if fingerprint in self.backbones:
+            return list(self.backbones[fingerprint])
+        raise SideNetworkError(f"this side network was trained for {self.fingerprint}"
+                               + (f" and {sorted(self.backbones)}" if self.backbones else "")
+                               + f", not for {fingerprint}: use a side network trained for this backbone")
+
+    def serves(self, fingerprint: str) -> bool:
+        """Whether a device running ``fingerprint`` can feed (and use) this network."""
+        return fingerprint == self.fingerprint or fingerprint in self.backbones
+
+    def backbone_key(self, fingerprint: str) -> str:
+        """Module key of a further backbone's own norms and projections ("" for the first backbone)."""
+        if not fingerprint or fingerprint == self.fingerprint:
+            return ""
+        return f"b{sorted(self.backbones).index(fingerprint)}"
+
+    def accepts_layers(self, layers: Sequence[int], fingerprint: str = "") -> bool:
+        """Whether a frame tapping ``layers`` can train this network: all of its backbone's layers, or a
+        prefix (the lowest k), which is what a device sends when it stops its forward early to save time."""
+        own = self.layers_for(fingerprint or self.fingerprint) if self.serves(fingerprint or self.fingerprint) else []
+        return 1 <= len(layers) <= len(own) and list(layers) == own[:len(layers)]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -99,10 +129,11 @@ class SideBatch:
     feature_index: torch.Tensor  # [B] long: the token a classifier reads
     targets: torch.Tensor | None = None  # [B] class ids, or [B, T] next-token ids (-100 ignored)
     sample_ids: list[int] = field(default_factory=list)
+    backbone: str = ""  # the fingerprint of the backbone the states come from ("" = the network's first)
 
     def to(self, device: torch.device | str) -> "SideBatch":
         return SideBatch([s.to(device) for s in self.states], self.mask.to(device), self.feature_index.to(device),
-                         None if self.targets is None else self.targets.to(device), self.sample_ids)
+                         None if self.targets is None else self.targets.to(device), self.sample_ids, self.backbone)
 
     def __len__(self) -> int:
         return self.mask.shape[0]
@@ -221,16 +252,30 @@ class SideBlock(nn.Module):
 class SideNetwork(nn.Module):
     """Common base: input norms per tapped layer, the head, and the input checks."""
 
-    def __init__(self, config: SideNetworkConfig, frozen: dict[str, torch.Tensor]):
+    def __init__(self, config: SideNetworkConfig, frozen: dict[str, torch.Tensor],
+                 frozen_by_backbone: dict[str, dict[str, torch.Tensor]] | None = None):
         super().__init__()
         self.config = config
         d = config.hidden_size
         self.input_norms = nn.ModuleList(nn.RMSNorm(d, eps=1e-6) for _ in config.layers)
         self.final_norm = FrozenNorm(frozen, config.norm_eps)
+        # further backbones of a heterogeneous fleet: their own input norms and frozen final norm
+        others = {config.backbone_key(fp): fp for fp in config.backbones}
+        self.extra_norms = nn.ModuleDict({k: nn.ModuleList(nn.RMSNorm(d, eps=1e-6) for _ in config.layers)
+                                          for k in others})
+        self.extra_final_norms = nn.ModuleDict({k: FrozenNorm((frozen_by_backbone or {}).get(fp, frozen),
+                                                              config.norm_eps) for k, fp in others.items()})
         if config.head == "classification":
             self.head: nn.Module = ClassificationHead(d, config.num_classes, config.dropout)
         else:
             self.head = FrozenLMHead(frozen)
+
+    def _norms(self, batch: SideBatch) -> tuple[nn.ModuleList, nn.Module]:
+        """The input norms and frozen final norm of the backbone ``batch`` comes from."""
+        key = self.config.backbone_key(batch.backbone)
+        if not key:
+            return self.input_norms, self.final_norm
+        return self.extra_norms[key], self.extra_final_norms[key]
 
     def check(self, batch: SideBatch) -> None:
         """Batches carry every tapped layer, or a prefix of them: a slow device may tap only the lower
@@ -248,10 +293,14 @@ class SideNetwork(nn.Module):
 
 
 class LadderSideNetwork(SideNetwork):
-    def __init__(self, config: SideNetworkConfig, frozen: dict[str, torch.Tensor]):
-        super().__init__(config, frozen)
+    def __init__(self, config: SideNetworkConfig, frozen: dict[str, torch.Tensor],
+                 frozen_by_backbone: dict[str, dict[str, torch.Tensor]] | None = None):
+        super().__init__(config, frozen, frozen_by_backbone)
         d, w, n = config.hidden_size, config.width, len(config.layers)
         self.downs = nn.ModuleList(nn.Linear(d, w) for _ in range(n))
+        # per-backbone projections to the side width; blocks, gates and head are shared
+        self.extra_downs = nn.ModuleDict({k: nn.ModuleList(nn.Linear(d, w) for _ in range(n))
+                                          for k in self.extra_norms})
         self.gates = nn.Parameter(torch.zeros(n))  # sigmoid(0) = 0.5, the LST/QST init
         causal = config.head == "lm"
         self.blocks = nn.ModuleList(SideBlock(w, config.attention_heads, config.dropout, causal) for _ in range(n))
@@ -260,21 +309,25 @@ class LadderSideNetwork(SideNetwork):
 
     def forward(self, batch: SideBatch) -> torch.Tensor:
         self.check(batch)
+        norms, final_norm = self._norms(batch)
+        key = self.config.backbone_key(batch.backbone)
+        downs = self.extra_downs[key] if key else self.downs
         side = None
         for i, state in enumerate(batch.states):
-            z = self.downs[i](self.input_norms[i](state))
+            z = downs[i](norms[i](state))
             if side is not None:
                 g = torch.sigmoid(self.gates[i])
                 z = g * z + (1 - g) * side
             side = self.blocks[i](z, batch.mask)
         g = torch.sigmoid(self.top_gate)
-        out = g * self.up(side) + (1 - g) * self.final_norm(batch.states[-1])
+        out = g * self.up(side) + (1 - g) * final_norm(batch.states[-1])
         return self.head(out, batch)
 
 
 class ParallelAdapterSideNetwork(SideNetwork):
-    def __init__(self, config: SideNetworkConfig, frozen: dict[str, torch.Tensor]):
-        super().__init__(config, frozen)
+    def __init__(self, config: SideNetworkConfig, frozen: dict[str, torch.Tensor],
+                 frozen_by_backbone: dict[str, dict[str, torch.Tensor]] | None = None):
+        super().__init__(config, frozen, frozen_by_backbone)
         d, w, n = config.hidden_size, config.width, len(config.layers)
         self.downs = nn.ModuleList(nn.Linear(d, w) for _ in range(n))
         self.ups = nn.ModuleList(nn.Linear(w, d) for _ in range(n))
@@ -286,9 +339,10 @@ class ParallelAdapterSideNetwork(SideNetwork):
 
     def forward(self, batch: SideBatch) -> torch.Tensor:
         self.check(batch)
+        norms, _ = self._norms(batch)
         h = None
         for i, state in enumerate(batch.states):
-            a = self.input_norms[i](state)
+            a = norms[i](state)
             if h is None:
                 x = a
             else:
@@ -305,11 +359,13 @@ def update_digest(h, tensors: dict[str, torch.Tensor]) -> None:
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 
 
-def build_side_network(config: SideNetworkConfig, frozen: dict[str, torch.Tensor] | None = None) -> SideNetwork:
-    """A fresh side network of ``config.family``; ``frozen`` holds the backbone's final norm / LM head."""
+def build_side_network(config: SideNetworkConfig, frozen: dict[str, torch.Tensor] | None = None,
+                       frozen_by_backbone: dict[str, dict[str, torch.Tensor]] | None = None) -> SideNetwork:
+    """A fresh side network of ``config.family``; ``frozen`` holds the backbone's final norm / LM head
+    (``frozen_by_backbone``: a further backbone's own, by fingerprint; default ``frozen``)."""
     frozen = frozen or {}
     cls = LadderSideNetwork if config.family == "ladder" else ParallelAdapterSideNetwork
-    return cls(config, frozen)
+    return cls(config, frozen, frozen_by_backbone)
 
 
 def side_network_loss(logits: torch.Tensor, batch: SideBatch) -> torch.Tensor:
@@ -349,10 +405,10 @@ def load_side_network(path: str | Path, frozen: dict[str, torch.Tensor] | None =
                       fingerprint: str | None = None) -> SideNetwork:
     """Rebuild a saved side network; ``fingerprint`` (the device's backbone) must match when given."""
     config = read_side_network_config(path)
-    if fingerprint is not None and fingerprint != config.fingerprint:
+    if fingerprint is not None and not config.serves(fingerprint):
         raise SideNetworkError(f"side network {path} was trained on backbone {config.fingerprint}, "
                                f"but this device runs {fingerprint}: use a side network trained for this backbone")
-    net = build_side_network(config, frozen)
+    net = build_side_network(config, frozen, {fingerprint: frozen or {}} if fingerprint else None)
     net.load_state_dict(load_file(str(path)))
     return net.eval()
 

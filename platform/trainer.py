@@ -69,8 +69,9 @@ class TrainConfig:
 class DecodedFrame:
     """A frame's activations dequantized once, with per-sample row offsets for batching."""
 
-    def __init__(self, frame: Frame, feature_token: str = "last"):
+    def __init__(self, frame: Frame, feature_token: str = "last", backbone: str = ""):
         self.frame = frame
+        self.backbone = backbone  # the frame's fingerprint when it is not the network's first backbone
         self.rows = [dequantize(q) for q in frame.activations]
         counts = torch.as_tensor(frame.token_counts)
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
@@ -95,8 +96,10 @@ class DecodedFrame:
         targets = None
         if self.targets is not None:
             targets = self.targets[row_index] if self.per_token_targets else self.targets[torch.as_tensor(list(idx))]
-        return make_side_batch(rows, [f.token_counts[i] for i in idx], [f.seq_lengths[i] for i in idx],
-                               f.token_policy, self.feature_token, targets, [f.sample_ids[i] for i in idx])
+        batch = make_side_batch(rows, [f.token_counts[i] for i in idx], [f.seq_lengths[i] for i in idx],
+                                f.token_policy, self.feature_token, targets, [f.sample_ids[i] for i in idx])
+        batch.backbone = self.backbone
+        return batch
 
 
 class ActivationCache:
@@ -188,18 +191,19 @@ class SideTrainer:
     # ---- data -------------------------------------------------------------------------------
     def check_frame(self, frame: Frame) -> None:
         cfg = self.net.config
-        if frame.fingerprint != cfg.fingerprint:
+        if not cfg.serves(frame.fingerprint):
             raise SideNetworkError(f"frame from backbone {frame.fingerprint} cannot train a side network for "
-                                   f"{cfg.fingerprint}")
-        if not cfg.accepts_layers(frame.layers):
-            raise SideNetworkError(f"frame taps layers {frame.layers}, the side network needs {cfg.layers} "
-                                   f"or a prefix of them")
+                                   f"{cfg.fingerprint}" + (f" and {sorted(cfg.backbones)}" if cfg.backbones else ""))
+        if not cfg.accepts_layers(frame.layers, frame.fingerprint):
+            raise SideNetworkError(f"frame taps layers {frame.layers}, the side network needs "
+                                   f"{cfg.layers_for(frame.fingerprint)} or a prefix of them")
         if frame.hidden_size != cfg.hidden_size:
             raise SideNetworkError(f"frame width {frame.hidden_size} != side network width {cfg.hidden_size}")
 
     def decode(self, frame: Frame) -> DecodedFrame:
         self.check_frame(frame)
-        return DecodedFrame(frame, self.net.config.feature_token)
+        cfg = self.net.config
+        return DecodedFrame(frame, cfg.feature_token, "" if frame.fingerprint == cfg.fingerprint else frame.fingerprint)
 
     def _minibatches(self, frames: Sequence[DecodedFrame], shuffle: bool) -> Iterator[tuple[DecodedFrame, list[int]]]:
         bs = self.config.batch_size
@@ -213,8 +217,9 @@ class SideTrainer:
     def _epoch_batches(self, frames: Sequence[DecodedFrame]) -> Iterator[SideBatch | list[SideBatch]]:
         """Minibatches drawn across all frames in a random order.
 
-        Frames that tap a prefix of the layers (a device that stopped its forward early) cannot share
-        a tensor with full-depth ones: a minibatch that mixes depths comes as one part per depth,
+        Frames that tap a prefix of the layers (a device that stopped its forward early), or come from
+        another backbone of a heterogeneous fleet, cannot share a tensor with the others: a minibatch
+        that mixes them comes as one part per (backbone, depth),
         which :meth:`train_batch` takes in one optimizer step (so the step count, and with it the
         learning-rate schedule, does not depend on how the fleet adapted).
         """
@@ -223,11 +228,11 @@ class SideTrainer:
         bs = self.config.batch_size
         for start in range(0, len(pairs), bs):
             chunk = pairs[start:start + bs]
-            by_depth: dict[int, dict[int, tuple[DecodedFrame, list[int]]]] = {}
+            by_depth: dict[tuple[str, int], dict[int, tuple[DecodedFrame, list[int]]]] = {}
             for f, i in chunk:
-                by_depth.setdefault(len(f.rows), {}).setdefault(id(f), (f, []))[1].append(i)
+                by_depth.setdefault((f.backbone, -len(f.rows)), {}).setdefault(id(f), (f, []))[1].append(i)
             depths = []
-            for _, groups in sorted(by_depth.items(), reverse=True):
+            for _, groups in sorted(by_depth.items()):
                 parts = [f.batch(idx) for f, idx in groups.values()]
                 depths.append(parts[0] if len(parts) == 1 else _concat_batches(parts))
             yield depths[0] if len(depths) == 1 else depths
@@ -509,7 +514,7 @@ def _concat_batches(parts: Sequence[SideBatch]) -> SideBatch:
     targets = None
     if parts[0].targets is not None:
         targets = torch.cat([pad(p.targets, -100) if p.targets.dim() == 2 else p.targets for p in parts])
-    return SideBatch(states, mask, feature, targets, [s for p in parts for s in p.sample_ids])
+    return SideBatch(states, mask, feature, targets, [s for p in parts for s in p.sample_ids], parts[0].backbone)
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ A fleet is a TOML file of device tiers (``simulations/fleets/<name>.toml``, or a
     speed = 1.0             # forward speed relative to the machine that measures (2.0 = twice as fast)
     memory-mb = 8192
     availability = 1.0      # chance a request is answered (1.0: always)
-    backbone = ""           # a model ref for this tier ("" = the run's model)
+    backbone = ""           # a model ref of the same family for this tier ("" = the run's model)
+    backbone-layers = 0     # > 0: these devices run only the first N blocks (a layer-truncated backbone)
     activation-cache = true # false: these devices opt out of the server's activation cache
 
 :func:`load_fleet` reads and checks one (every error names the file, the tier and the key);
@@ -40,7 +41,7 @@ from typing import Any, Mapping, Sequence
 
 FLEETS_DIR = Path(__file__).resolve().parent / "fleets"
 TIER_KEYS = {"name", "share", "count", "uplink-mbps", "downlink-mbps", "latency-ms", "speed", "memory-mb",
-             "availability", "backbone", "activation-cache"}
+             "availability", "backbone", "backbone-layers", "activation-cache"}
 
 
 class FleetError(ValueError):
@@ -58,7 +59,8 @@ class DeviceProfile:
     speed: float = 1.0
     memory_mb: float = 4096.0
     availability: float = 1.0
-    backbone: str = ""
+    backbone: str = ""  # a model ref of the run model's family ("" = the run's model)
+    backbone_layers: int = 0  # > 0: the device runs only the first N blocks (a layer-truncated backbone)
     activation_cache: bool = True  # False: the device opts out; the server keeps none of its activations
 
     def upload_s(self, nbytes: int) -> float:
@@ -171,6 +173,9 @@ def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
         cache = tier.get("activation-cache", True)
         if not isinstance(cache, bool):
             raise FleetError(f"{where}: activation-cache must be true or false, got {cache!r}")
+        keep = tier.get("backbone-layers", 0)
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise FleetError(f"{where}: backbone-layers must be a whole number >= 1 (0 = all), got {keep!r}")
         backbone = tier.get("backbone", "")
         if not isinstance(backbone, str):
             raise FleetError(f"{where}: backbone must be a model ref string, got {backbone!r}")
@@ -181,7 +186,7 @@ def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
             speed=_number(tier.get("speed", 1.0), where, "speed", 0.0),
             memory_mb=_number(tier.get("memory-mb", 4096.0), where, "memory-mb", 0.0),
             availability=_number(tier.get("availability", 1.0), where, "availability", 0.0, 1.0),
-            backbone=backbone, activation_cache=cache)
+            backbone=backbone, backbone_layers=keep, activation_cache=cache)
         out.append((profile, weight))
     return Fleet(str(table["name"]), str(table.get("description", "")), out, source)
 

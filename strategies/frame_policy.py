@@ -86,6 +86,7 @@ class FramePolicy:
     current: dict[str, FrameChoice] = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)
     deadline_reason: str = ""
+    layers_of: dict[str, list[int]] = field(default_factory=dict)  # a device on another backbone: its own taps
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -103,9 +104,10 @@ class FramePolicy:
         if self._fixed_deadline:
             self.deadline_reason = f"deadline-s={self.deadline_s:g} from the run config"
 
-    def depth(self, taps: int) -> float:
+    def depth(self, taps: int, device: str = "") -> float:
         """Share of the full forward a device computes when it taps the lowest ``taps`` layers."""
-        return (self.layers[taps - 1] + 1) / (self.layers[-1] + 1)
+        layers = self.layers_of.get(device, self.layers)
+        return (layers[taps - 1] + 1) / (layers[-1] + 1)
 
     def choice(self, device: str) -> FrameChoice:
         return self.current.get(device, self.full)
@@ -118,7 +120,8 @@ class FramePolicy:
         transfer = upload_s - latency_s
         rate = frame_bytes / transfer if transfer > 0 else math.nan
         self.estimates.setdefault(device, DeviceEstimate()).update(
-            compute_s / samples / self.depth(choice.taps), frame_bytes / samples / (choice.taps * choice.bits), rate)
+            compute_s / samples / self.depth(choice.taps, device), frame_bytes / samples / (choice.taps * choice.bits),
+            rate)
 
     def seed(self, device: str, compute_s_per_sample: float) -> None:
         """A first compute estimate before any frame (the device's profile probe: a measured forward of
@@ -133,7 +136,7 @@ class FramePolicy:
         est = self.estimates[device]
         known = math.isfinite(est.upload_bytes_per_s) and math.isfinite(est.bytes_per_sample_tap_bit)
         upload = est.bytes_per_sample_tap_bit * choice.taps * choice.bits / est.upload_bytes_per_s if known else 0.0
-        return est.compute_s_per_sample * self.depth(choice.taps) + upload
+        return est.compute_s_per_sample * self.depth(choice.taps, device) + upload
 
     def set_deadline(self, remaining: dict[str, int]) -> None:
         """Once every device was observed: the median device's time for all its samples at full fidelity."""

@@ -112,7 +112,7 @@ class DeviceState:
     metrics: dict[str, float] = field(default_factory=dict)
 
     def account(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+        return {"node_id": self.node_id, "fingerprint": self.profile.get("fingerprint"), "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "frame_bytes": self.frame_bytes, "frames": self.frames, "samples_forwarded": self.samples_forwarded, "samples_lost": self.samples_lost,
                 "device_forward_s": self.busy_s, "backbone_forward_s": self.forward_s,
                 "failures": self.failures, "dropped": self.dropped,
@@ -170,6 +170,7 @@ class SideTuningStrategy(Strategy):
         self._v_sent: dict[str, tuple[float, int]] = {}
         self._v_upload: dict[str, float] = {}
         self._only: set[int] | None = None
+        self._backbone_keys: dict[int, dict[str, Any]] = {}  # per node: the backbone a fleet model gives it
         self.uncached: list[str] = []
         self.run_dir = Path(run_dir)
         self.run_config = dict(run_config or {})
@@ -220,7 +221,7 @@ class SideTuningStrategy(Strategy):
                            grid: Grid) -> Iterable[Message]:
         """One evaluate request per working device, carrying that device's side network (built lazily)."""
         for node_id, dev in list(self._working().items()):
-            content = RecordDict({m.CONFIG_KEY: ConfigRecord(dict(config))})
+            content = RecordDict({m.CONFIG_KEY: ConfigRecord({**dict(config), **self._backbone_keys.get(node_id, {})})})
             if not bool(config.get("installed", False)):
                 weights, net_cfg = m.network_records(self.store.network_for(dev.device_id))
                 content[m.NETWORK_KEY], content[m.NETWORK_CONFIG_KEY] = weights, net_cfg
@@ -403,15 +404,13 @@ class SideTuningStrategy(Strategy):
         return f"error {reply.error.code}: {reply.error.reason}" if reply.has_error() else "malformed reply"
 
     # ---- profile ----------------------------------------------------------------------------
-    def _profile(self, grid: Grid) -> None:
-        node_ids = sorted(grid.get_node_ids())
-        if not node_ids:
-            raise FleetError("no devices are connected: start SuperNodes (or set num-supernodes) first")
-        messages = [Message(RecordDict({m.CONFIG_KEY: ConfigRecord({"probe-samples": 8})}), dst_node_id=n,
-                            message_type=m.PROFILE, ttl=self.config.request_timeout) for n in node_ids]
-        replies = self._request_all(grid, messages, self.config.request_timeout)
-        frozen = None
-        fingerprints = set()
+    def _profile_message(self, node_id: int) -> Message:
+        config = ConfigRecord({"probe-samples": 8, **self._backbone_keys.get(node_id, {})})
+        return Message(RecordDict({m.CONFIG_KEY: config}), dst_node_id=node_id, message_type=m.PROFILE,
+                       ttl=self.config.request_timeout)
+
+    def _take_profiles(self, replies: dict[int, Message | str], frozen_by: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Record each device that described itself; a device whose profile failed is left out."""
         for node, reply in sorted(replies.items()):
             try:
                 if isinstance(reply, str) or reply.has_error():
@@ -424,38 +423,83 @@ class SideTuningStrategy(Strategy):
                 self.events.append(f"profile of node {node} failed: {err}")
                 log(WARNING, "node %s failed its profile and is left out: %s", node, err)
                 continue
-            if str(desc["device-id"]) in {d.device_id for d in self.devices.values()}:
+            if str(desc["device-id"]) in {d.device_id for n, d in self.devices.items() if n != node}:
                 raise FleetError(f"two SuperNodes claim {desc['device-id']}: give each its own partition-id "
                                  f"(--node-config 'partition-id=<i> num-partitions=<n>')")
             dev = DeviceState(node_id=node, device_id=str(desc["device-id"]), profile={**desc, **stats},
                               train_samples=int(stats["train"]))
             self.devices[node] = dev
-            fingerprints.add(str(desc["fingerprint"]))
-            if frozen is None:
-                frozen = reply.content[m.FROZEN_KEY].to_torch_state_dict()
+            frozen_by.setdefault(str(desc["fingerprint"]), reply.content[m.FROZEN_KEY].to_torch_state_dict())
             log(INFO, "device %s (node %s): %s, %d train / %d validation / %d test samples, %.1f samples/s, "
                 "%.0f MB", dev.device_id, node, desc["fingerprint"], stats["train"], stats["validation"],
                 stats["test"], stats["forward-samples-per-s"], stats["rss-mb"])
+
+    def _profile(self, grid: Grid) -> None:
+        node_ids = sorted(grid.get_node_ids())
+        if not node_ids:
+            raise FleetError("no devices are connected: start SuperNodes (or set num-supernodes) first")
+        frozen_by: dict[str, dict[str, torch.Tensor]] = {}
+        self._take_profiles(self._request_all(grid, [self._profile_message(n) for n in node_ids],
+                                              self.config.request_timeout), frozen_by)
         if not self.devices:
             raise FleetError(f"none of the {len(node_ids)} devices could be profiled: {self.events}")
-        if len(fingerprints) > 1:
-            raise FleetError(f"the devices run different backbones {sorted(fingerprints)}: one side network "
-                             f"needs one backbone (mixed fleets are not supported yet)")
-        first = next(iter(self.devices.values())).profile
+        if self.clock_for is not None:
+            self.clock = self.clock_for(sorted(d.device_id for d in self.devices.values()))
+            for node, dev in self.devices.items():  # a fleet model may give a tier another backbone
+                p = self.clock.profiles[dev.device_id]
+                keys = {k: v for k, v in (("model", getattr(p, "backbone", "")),
+                                          ("backbone-layers", int(getattr(p, "backbone_layers", 0) or 0))) if v}
+                if keys:
+                    self._backbone_keys[node] = keys
+            if self._backbone_keys:  # those devices load theirs and describe themselves again
+                frozen_by.clear()
+                self._take_profiles(self._request_all(grid, [self._profile_message(n) for n in node_ids
+                                                             if n in self.devices], self.config.request_timeout),
+                                    frozen_by)
+            for dev in self.devices.values():
+                p = self.clock.profiles[dev.device_id]
+                log(INFO, "fleet %s: %s is a %s device (uplink %s Mbit/s, speed %s, availability %s)",
+                    self.config.fleet, dev.device_id, p.tier, getattr(p, "uplink_mbps", "?"), getattr(p, "speed", "?"),
+                    p.availability)
+        by_fingerprint: dict[str, list[DeviceState]] = {}
+        for dev in self.devices.values():
+            by_fingerprint.setdefault(str(dev.profile["fingerprint"]), []).append(dev)
+        # the backbone most devices run (on a tie, the deepest) comes first; the others of its family
+        # get their own input norms and projections
+        primary = min(by_fingerprint, key=lambda fp: (-len(by_fingerprint[fp]),
+                                                      -int(by_fingerprint[fp][0].profile["num-layers"]), fp))
+        first = by_fingerprint[primary][0].profile
+        others: dict[str, list[int]] = {}
+        for fp, devs in by_fingerprint.items():
+            if fp == primary:
+                continue
+            desc = devs[0].profile
+            if int(desc["hidden-size"]) != int(first["hidden-size"]) or len(desc["layers"]) != len(first["layers"]):
+                raise FleetError(
+                    f"the devices run backbones that one side network cannot serve: {primary} (width "
+                    f"{first['hidden-size']}, {len(first['layers'])} taps) and {fp} (width {desc['hidden-size']}, "
+                    f"{len(desc['layers'])} taps); a heterogeneous fleet needs one family: the same hidden size "
+                    f"and the same num-taps (set num-taps for every device)")
+            others[fp] = [int(x) for x in desc["layers"]]
+        if others:
+            log(INFO, "heterogeneous fleet: %s on %s; %s", primary, [d.device_id for d in by_fingerprint[primary]],
+                "; ".join(f"{fp} taps {layers} on {[d.device_id for d in by_fingerprint[fp]]}"
+                          for fp, layers in others.items()))
+        frozen = frozen_by[primary]
         cfg = self.config
         self.side_config = SideNetworkConfig(
             hidden_size=int(first["hidden-size"]), layers=[int(x) for x in first["layers"]],
             fingerprint=str(first["fingerprint"]), family=cfg.family, reduction=cfg.reduction, dropout=cfg.dropout,
             norm_eps=float(first["norm-eps"]), feature_token="last" if first["is-decoder"] else "first",
             bits=cfg.bits, group_size=64 if cfg.bits >= 8 else 32, token_policy=cfg.token_policy,
-            extra={"model": str(first["model"])})
+            extra={"model": str(first["model"])}, backbones=others)
         train = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.rounds, batch_size=cfg.batch_size,
                             seed=cfg.seed, cache_bytes=cfg.cache_mb << 20 if cfg.activation_cache else 0,
                             average_epochs=cfg.average_epochs)
 
         def make_net():
             torch.manual_seed(cfg.seed)  # the side network's initial weights are part of the run's seed
-            return build_side_network(self.side_config, frozen)
+            return build_side_network(self.side_config, frozen, frozen_by)
 
         pages = self.run_dir / "pages"
         shutil.rmtree(pages, ignore_errors=True)  # paged trainers of an earlier process; a resume loads the checkpoint
@@ -473,12 +517,6 @@ class SideTuningStrategy(Strategy):
         net = self.store.network_for(next(iter(self.devices.values())).device_id)
         log(INFO, "%s side network(s), mode %s: %s trainable parameters each, training on %s", cfg.family, cfg.mode,
             f"{net.num_trainable():,}", next(iter(self.store.trainers.values())).device)
-        if self.clock_for is not None:
-            self.clock = self.clock_for(sorted(d.device_id for d in self.devices.values()))
-            for dev in self.devices.values():
-                p = self.clock.profiles[dev.device_id]
-                log(INFO, "fleet %s: %s is a %s device (uplink %s Mbit/s, speed %s, availability %s)", cfg.fleet,
-                    dev.device_id, p.tier, getattr(p, "uplink_mbps", "?"), getattr(p, "speed", "?"), p.availability)
         self.uncached = sorted(d.device_id for d in self.devices.values() if not bool(d.profile.get("activation-cache", True))
                                or (self.clock is not None and not self.clock.profiles[d.device_id].activation_cache))
         for dev in self.devices.values():
@@ -489,7 +527,9 @@ class SideTuningStrategy(Strategy):
                 "they forward their samples again every round", ", ".join(self.uncached))
         if cfg.adapt:
             self.policy = FramePolicy(self.side_config.layers, full_bits=cfg.bits, min_bits=cfg.adapt_min_bits,
-                                      min_taps=cfg.adapt_min_taps, deadline_s=cfg.deadline_s)
+                                      min_taps=cfg.adapt_min_taps, deadline_s=cfg.deadline_s,
+                                      layers_of={d.device_id: self.side_config.layers_for(str(d.profile["fingerprint"]))
+                                                 for d in self.devices.values()})
             for dev in self.devices.values():  # the profile's measured forward: compute known before any frame
                 rate = float(dev.profile.get("forward-samples-per-s", 0.0))
                 if rate > 0:
@@ -596,7 +636,9 @@ class SideTuningStrategy(Strategy):
         """A forward request; ``choice`` (bandwidth adaptation) sets its bit-width and tapped-layer prefix."""
         cfg = self.config
         bits = choice.bits if choice else cfg.bits
-        layers = list(self.side_config.layers[:choice.taps] if choice else self.side_config.layers)
+        layers = self.side_config.layers_for(str(self.devices[node_id].profile["fingerprint"]))
+        layers = layers[:choice.taps] if choice else layers
+        extra = ConfigRecord({**self._backbone_keys.get(node_id, {}), **dict(extra)})
         config = ConfigRecord({"split": "train", "offset": int(request["offset"]), "samples": int(request["samples"]),
                                "bits": bits, "token-policy": cfg.token_policy,
                                "batch-size": cfg.device_batch_size, "layers": layers,
@@ -893,7 +935,7 @@ class SideTuningStrategy(Strategy):
         messages = []
         for node_id, rows in by_node.items():
             config = ConfigRecord({"sample-ids": [int(sample_ids[r]) for r in rows],
-                                   "num-classes": int(probs.shape[1])})
+                                   "num-classes": int(probs.shape[1]), **self._backbone_keys.get(node_id, {})})
             record = ArrayRecord({m.PROBS_KEY: m.Array(probs[rows].float().numpy())})
             self.devices[node_id].bytes_down += m.array_bytes(record) + _config_bytes(config)
             messages.append(Message(RecordDict({m.CONFIG_KEY: config, m.PROBS_KEY: record}), dst_node_id=node_id,
@@ -982,8 +1024,10 @@ class SideTuningStrategy(Strategy):
                     weights, net_cfg = m.network_records(net)
                     dev.bytes_down += m.array_bytes(weights) + _config_bytes(net_cfg)
                     dev.delivered_digest = m.network_digest(net)
-                    yield Message(RecordDict({m.NETWORK_KEY: weights, m.NETWORK_CONFIG_KEY: net_cfg}),
-                                  dst_node_id=node_id, message_type=m.DELIVER, ttl=cfg.request_timeout)
+                    content = RecordDict({m.NETWORK_KEY: weights, m.NETWORK_CONFIG_KEY: net_cfg})
+                    if node_id in self._backbone_keys:
+                        content[m.CONFIG_KEY] = ConfigRecord(dict(self._backbone_keys[node_id]))
+                    yield Message(content, dst_node_id=node_id, message_type=m.DELIVER, ttl=cfg.request_timeout)
 
             for node, reply in self._request_all(grid, deliveries(), cfg.request_timeout,
                                                  window=cfg.send_window).items():
@@ -1025,8 +1069,8 @@ class SideTuningStrategy(Strategy):
                              compute_s=self.clock.device_busy.get(dev.device_id, 0.0),
                              upload_s=self._v_upload.get(dev.device_id, 0.0))
             if self.policy is not None:
-                entry["decisions"] = [d.as_dict(self.side_config.layers) for d in self.policy.decisions
-                                      if d.device == dev.device_id]
+                layers = self.side_config.layers_for(str(dev.profile["fingerprint"]))
+                entry["decisions"] = [d.as_dict(layers) for d in self.policy.decisions if d.device == dev.device_id]
                 entry["final_choice"] = {"bits": self.policy.choice(dev.device_id).bits,
                                          "taps": self.policy.choice(dev.device_id).taps}
             devices[dev.device_id] = entry

@@ -9,6 +9,7 @@ activations are kept.
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 def _fleet_run(tiny_llama, tmp_path, **overrides):
@@ -75,3 +76,33 @@ def test_a_device_outside_the_activation_cache_forwards_every_round(real_assets,
     cache = list((tmp_path / "sim").rglob("cache/*/*.frame"))
     assert cache and not [p for p in cache if ".device-3." in p.name]
     assert summary["frames"] == summary["frames_accepted"]
+
+
+def test_a_heterogeneous_fleet_trains_one_side_network_on_two_backbones(real_assets, tiny_llama, tmp_path):
+    """Half the fleet runs the first 2 of the tiny model's 4 blocks: their taps are spread evenly over
+    their own depth, their frames get their own input norms and projections, the rest is shared."""
+    fleet = tmp_path / "mixed-models.toml"
+    fleet.write_text('name = "mixed-models"\n'
+                     '[[tier]]\nname = "full"\ncount = 2\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
+                     '[[tier]]\nname = "small"\ncount = 2\nuplink-mbps = 5.0\ndownlink-mbps = 50.0\nspeed = 0.5\n'
+                     'backbone-layers = 2\n')
+    summary = _fleet_run(tiny_llama, tmp_path, fleet=str(fleet), adapt=True, **{"num-taps": 2, "eval-every": 0})
+    devices = summary["devices"]
+    full, small = devices["device-0"]["fingerprint"], devices["device-2"]["fingerprint"]
+    assert "-L4-" in full and "-L2-" in small and devices["device-1"]["fingerprint"] == full
+    side = summary["side_network"]
+    assert side["fingerprint"] == full and side["layers"] == [1, 3] and side["backbones"] == {small: [0, 1]}
+    assert summary["frames"] == summary["frames_accepted"] == 16 and summary["frames_refused"] == 0
+    for account in devices.values():  # every device fed the one network and scored it with its own backbone
+        assert account["samples_trained"] == 32 and account["delivered"] == 1 and account["test_samples"] == 8
+    # the delivered network carries the small backbone's own projections, and they were trained
+    from safetensors.torch import load_file
+
+    from mobiflower.platform.side_networks import build_side_network, read_side_network_config
+
+    path = next((tmp_path / "sim").rglob("side_networks/device-2.safetensors"))
+    trained = load_file(str(path))
+    fresh = build_side_network(read_side_network_config(path)).state_dict()
+    assert "extra_downs.b0.0.weight" in trained and "extra_norms.b0.1.weight" in trained
+    assert not torch.equal(trained["extra_downs.b0.0.weight"], fresh["extra_downs.b0.0.weight"])
+    assert not torch.equal(trained["downs.0.weight"], fresh["downs.0.weight"])
