@@ -41,6 +41,8 @@ def _tier(**overrides):
     ({"name": "f", "tier": [{k: v for k, v in _tier().items() if k != "downlink-mbps"}]}, "needs downlink-mbps"),
     ({"name": "f", "tier": [_tier(), _tier()]}, "two tiers have this name"),
     ({"name": "f", "tier": [_tier(speed=-1)]}, "speed = -1 must be > 0"),
+    ({"name": "f", "tier": [_tier(**{"backbone-layers": 1.5})]}, "backbone-layers must be a whole number"),
+    ({"name": "f", "tier": [_tier(**{"activation-cache": "no"})]}, "activation-cache must be true or false"),
 ])
 def test_bad_fleet_files_say_what_to_fix(table, match):
     with pytest.raises(FleetError, match=match):
@@ -108,3 +110,13 @@ def test_availability_is_drawn_repeatably():
     answers = [clock.answers("device-3", f"r{i}") for i in range(2000)]
     assert answers == [clock.answers("device-3", f"r{i}") for i in range(2000)]
     assert abs(sum(answers) / 2000 - flaky[3].availability) < 0.05
+
+
+def test_profiles_follow_the_device_number_and_carry_backbone_and_cache_choices():
+    big = {k: v for k, v in _tier(name="big", count=1).items() if k != "share"}
+    fleet = parse_fleet({"name": "f", "tier": [big,
+                                               _tier(name="small", **{"backbone-layers": 15, "activation-cache": False})]})
+    profiles = fleet.profiles_for(["device-10", "device-2", "device-1"])
+    assert [profiles[d].tier for d in ("device-1", "device-2", "device-10")] == ["big", "small", "small"]
+    assert profiles["device-10"].backbone_layers == 15 and not profiles["device-10"].activation_cache
+    assert profiles["device-1"].backbone_layers == 0 and profiles["device-1"].activation_cache
