@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue
 import shutil
 import signal
 import threading
@@ -54,6 +53,7 @@ from mobiflower.platform.side_networks import SideNetworkConfig, build_side_netw
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.trainer import TrainConfig
 from mobiflower.strategies.config import SideTuningConfig
+from mobiflower.strategies.fair_queue import FairQueue
 from mobiflower.strategies.frame_policy import FrameChoice, FramePolicy
 
 
@@ -652,7 +652,7 @@ class SideTuningStrategy(Strategy):
         (``only``: just these nodes)."""
         cfg = self.config
         self._only = only
-        work: queue.Queue = queue.Queue()
+        work = FairQueue()  # devices take turns at the trainer (fair service), each in arrival order
         losses: list[tuple[float, int]] = []
         train_s = [0.0]
         errors: list[BaseException] = []
@@ -772,7 +772,7 @@ class SideTuningStrategy(Strategy):
                                           len(blob) + 8 * len(stats), sent_real)
                     if errors:
                         raise errors[0]
-                    work.put((node_id, blob, landed))
+                    work.put((node_id, blob, landed), key=node_id)
                     if not cfg.overlap:
                         wait_for_training()
             top_up()
