@@ -79,6 +79,9 @@ class FleetBenchSettings:
     lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3)
     local_epochs: tuple[int, ...] = (1, 2)
     lora_pair: tuple[float, int] | None = None  # (lr, local epochs) given: no tuning
+    # mobiflower's side-network learning rate: () = the app's default; several = picked on validation
+    # (the same courtesy the baseline gets), each trial a fixed 8-bit run scored on validation
+    side_lrs: tuple[float, ...] = ()
     # A flaky fleet's worst tier answers half its requests: enough retries that a device is rarely
     # dropped for bad luck (each retry costs virtual time, which the side-tuning clock charges).
     max_retries: int = 8
@@ -89,6 +92,7 @@ class FleetBenchSettings:
     def __post_init__(self) -> None:
         self.lrs = tuple(float(x) for x in self.lrs)
         self.local_epochs = tuple(int(x) for x in self.local_epochs)
+        self.side_lrs = tuple(float(x) for x in self.side_lrs)
         checks = [
             (self.devices >= 1, f"--devices must be at least 1, got {self.devices}"),
             (self.train_samples >= self.devices,
@@ -106,6 +110,8 @@ class FleetBenchSettings:
              f"--lrs must be positive learning rates, got {list(self.lrs)}"),
             (bool(self.local_epochs) and all(e >= 1 for e in self.local_epochs),
              f"--epochs must be whole numbers >= 1, got {list(self.local_epochs)}"),
+            (all(math.isfinite(x) and x > 0 for x in self.side_lrs),
+             f"--side-lrs must be positive learning rates, got {list(self.side_lrs)}"),
             (self.max_retries >= 0, f"--max-retries must be 0 or more, got {self.max_retries}"),
             (self.client_cpus >= 1, f"--client-cpus must be at least 1, got {self.client_cpus}"),
             (self.timeout_s > 0, f"--timeout must be positive, got {self.timeout_s}"),
@@ -138,12 +144,20 @@ class FleetBenchSettings:
             config["model"] = self.model
         return config
 
-    def side_run_config(self, adapt: bool) -> dict[str, Any]:
+    def side_tuning_trial_config(self, lr: float) -> dict[str, Any]:
+        """One mobiflower learning-rate trial: fixed 8-bit, no fleet clock (accuracy does not depend on
+        it), the validation split scored once, the round before the last (the last scores test)."""
+        return {**self.common_run_config(), "rounds": self.rounds, "lr": lr, "bits": 8, "eval-split": "validation",
+                "eval-every": max(1, self.rounds - 1), "eval-samples": 0, "deliver": False}
+
+    def side_run_config(self, adapt: bool, lr: float | None = None) -> dict[str, Any]:
         """A side-tuning run on the fleet's virtual clock, scored on the test split after every round."""
         config = {**self.common_run_config(), "fleet": self.fleet_ref(), "adapt": adapt, "rounds": self.rounds,
                   "eval-every": self.eval_every, "eval-split": "test", "eval-samples": 0, "max-retries": self.max_retries}
         if not adapt:
             config["bits"] = 8
+        if lr is not None:
+            config["lr"] = lr
         return config
 
     def fed_lora_run_config(self, lr: float, local_epochs: int) -> dict[str, Any]:
@@ -305,8 +319,23 @@ def run_fleet_bench(settings: FleetBenchSettings, side_runner: SideRunner | None
                           workdir=str(work / "fed-lora"), timeout_s=settings.timeout_s, run_config=run_config)
 
     methods: dict[str, dict[str, Any]] = {}
-    configs: dict[str, dict[str, Any]] = {EIGHT_BIT: settings.side_run_config(adapt=False),
-                                          ADAPTIVE: settings.side_run_config(adapt=True)}
+    side_tuning: dict[str, Any] = {"mode": "default", "lr": None}
+    if settings.side_lrs:
+        trials = []
+        for lr in settings.side_lrs:
+            log(f"[bench fleet] mobiflower learning-rate trial: lr {lr:g}, scored on validation ...")
+            summary = side_runner(settings.side_tuning_trial_config(lr))
+            scored = [r["validation_accuracy"] for r in summary.get("rounds", []) if r.get("validation_accuracy") is not None]
+            trials.append({"lr": lr, "validation_accuracy": scored[-1] if scored else None})
+            log(f"  validation accuracy {_num(trials[-1]['validation_accuracy'], '.4f')}")
+        best = max((t for t in trials if t["validation_accuracy"] is not None),
+                   key=lambda t: t["validation_accuracy"], default=None)
+        if best is None:
+            raise RuntimeError("no mobiflower learning-rate trial produced a validation accuracy")
+        side_tuning = {"mode": "validation-grid", "lr": best["lr"], "trials": trials}
+        log(f"  chose lr {best['lr']:g} for mobiflower (validation accuracy {best['validation_accuracy']:.4f})")
+    configs: dict[str, dict[str, Any]] = {EIGHT_BIT: settings.side_run_config(adapt=False, lr=side_tuning["lr"]),
+                                          ADAPTIVE: settings.side_run_config(adapt=True, lr=side_tuning["lr"])}
 
     def run_method(name: str, run: Callable[[], dict[str, Any]]) -> None:
         log(f"[bench fleet] {name}: {settings.devices} devices on fleet {fleet.name!r} ...")
@@ -345,6 +374,7 @@ def run_fleet_bench(settings: FleetBenchSettings, side_runner: SideRunner | None
     run_method(FED_LORA, lambda: fed_lora_figures(fed_lora_runner(lora_run(configs[FED_LORA])), profiles))
     return summarize({"benchmark": "fleet", "fleet": fleet.name, "fleet_source": fleet.source,
                       "methods": {name: methods[name] for name in METHODS}, "tuning": tuning,
+                      "side_tuning": side_tuning,
                       "settings": {**asdict(settings), "acceptance": asdict(ACCEPTANCE),
                                    "profiles": {d: p.tier for d, p in profiles.items()}},
                       "notes": _notes()})
@@ -529,8 +559,10 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{_num(f['bytes_up'] and f['bytes_up'] / 1e6, '.2f'):>8} "
                      f"{_num(f['bytes_down'] and f['bytes_down'] / 1e6, '.2f'):>8} {frames:>15}")
     tuning = result["tuning"]
+    side = result.get("side_tuning") or {"mode": "default", "lr": None}
     lines += ["", f"fed-lora: lr {tuning['lr']:g}, {tuning['local_epochs']} "
-                  f"local epochs ({'given' if tuning['mode'] == 'given' else 'tuned on validation'})",
+                  f"local epochs ({'given' if tuning['mode'] == 'given' else 'tuned on validation'}); mobiflower: "
+                  + ("the app's default lr" if side["mode"] == "default" else f"lr {side['lr']:g} (tuned on validation)"),
               "(virtual seconds of training only: evaluation traffic and compute excluded; compute s = virtual "
               "device compute, measured s = the same on this machine)", "", "Verdicts"]
     for key, v in result["verdicts"].items():

@@ -311,3 +311,24 @@ def test_a_real_fed_lora_run_on_the_fleet_clock(real_assets, tiny_llama, tmp_pat
     assert lora["curve"][-1]["accuracy"] == lora["final_accuracy"] == summary["final_accuracy"]
     assert lora["device_compute_measured_s"] == pytest.approx(summary["device_compute_s"])
     assert lora["device_compute_s"] > lora["device_compute_measured_s"]  # mid-range phone: half speed
+
+
+def test_mobiflower_can_have_its_learning_rate_picked_on_validation_too():
+    runners = Runners()
+    scores = {1e-3: 0.7, 3e-3: 0.8}
+    real_side = runners.side
+
+    def side(run_config):
+        if run_config.get("eval-split") == "validation":
+            runners.side_configs.append(run_config)
+            return {"rounds": [{"round": 19, "validation_accuracy": scores[run_config["lr"]]}, {"round": 20}]}
+        return real_side(run_config)
+
+    result = run_fleet_bench(FleetBenchSettings(side_lrs=(1e-3, 3e-3), lora_pair=(1e-3, 1), workdir="/nonexistent"),
+                             side_runner=side,
+                             fed_lora_runner=runners.lora, log=lambda _: None)
+    assert result["side_tuning"]["mode"] == "validation-grid" and result["side_tuning"]["lr"] == 3e-3
+    trials = [c for c in runners.side_configs if c.get("eval-split") == "validation"]
+    assert [t["lr"] for t in trials] == [1e-3, 3e-3] and all("fleet" not in t for t in trials)
+    reported = [c for c in runners.side_configs if c.get("eval-split") == "test"]
+    assert len(reported) == 2 and all(c["lr"] == 3e-3 for c in reported)
