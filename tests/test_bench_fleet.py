@@ -15,7 +15,7 @@ import pytest
 
 from mobiflower.simulations.bench_fleet import (ADAPTIVE, EIGHT_BIT, FED_LORA, FleetBenchSettings,
                                                 fed_lora_virtual_timeline, format_table, run_fleet_bench,
-                                                time_to_target)
+                                                summarize, time_to_target)
 from mobiflower.simulations.fleet import DeviceProfile
 
 FAST = DeviceProfile("fast", uplink_mbps=8.0, downlink_mbps=80.0, latency_ms=0.0, speed=1.0)
@@ -332,3 +332,21 @@ def test_mobiflower_can_have_its_learning_rate_picked_on_validation_too():
     assert [t["lr"] for t in trials] == [1e-3, 3e-3] and all("fleet" not in t for t in trials)
     reported = [c for c in runners.side_configs if c.get("eval-split") == "test"]
     assert len(reported) == 2 and all(c["lr"] == 3e-3 for c in reported)
+
+
+def test_a_common_target_compares_speed_when_a_method_never_reaches_the_issues_target():
+    result = summarize({"methods": {
+        ADAPTIVE: {"completed": True, "final_accuracy": 0.82, "curve": [{"virtual_s": 40.0, "accuracy": 0.7},
+                                                                        {"virtual_s": 50.0, "accuracy": 0.82}],
+                   "device_compute_s": 1.0, "device_compute_measured_s": 1.0, "bytes_up": 1, "virtual_total_s": 50.0},
+        EIGHT_BIT: {"completed": True, "final_accuracy": 0.83, "curve": [{"virtual_s": 90.0, "accuracy": 0.83}],
+                    "device_compute_s": 2.0, "device_compute_measured_s": 2.0, "bytes_up": 2, "virtual_total_s": 90.0},
+        FED_LORA: {"completed": True, "final_accuracy": 0.865, "curve": [{"virtual_s": 400.0, "accuracy": 0.845},
+                                                                         {"virtual_s": 800.0, "accuracy": 0.865}],
+                   "device_compute_s": 9.0, "device_compute_measured_s": 9.0, "bytes_up": 9, "virtual_total_s": 800.0},
+    }, "fleet": "mixed-phones"})
+    assert result["target_accuracy"] == pytest.approx(0.855) and result["methods"][ADAPTIVE]["time_to_target_s"] is None
+    assert result["verdicts"]["adaptive_3x_sooner_than_fed_lora"]["verdict"] == "FAIL"
+    assert result["common_target_accuracy"] == pytest.approx(0.81)
+    assert result["ratios"]["fed_lora_over_adaptive_time_to_common_target"] == pytest.approx(8.0)
+    assert result["ratios"]["8bit_over_adaptive_time_to_common_target"] == pytest.approx(1.8)
