@@ -69,7 +69,7 @@ def _add_simulate(sub) -> None:
     p.add_argument("--in-flight", type=int, default=None, help="forward requests in flight per device (default 2)")
     p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=None, help="activation bits (default 8)")
     p.add_argument("--fleet", default=None,
-                   help="a fleet model (uniform, mixed-phones, flaky, or a TOML path): links, speeds and availability "
+                   help="a fleet model (uniform, mixed-phones, flaky, mixed-backbones, or a TOML path): links, speeds and availability "
                         "drive a virtual clock; the summary reports accuracy against virtual seconds")
     p.add_argument("--adapt", action="store_const", const=True, default=None,
                    help="bandwidth adaptation: per device, bits and tapped layers chosen to meet the streaming deadline")
@@ -331,7 +331,7 @@ def _add_bench_fleet(bsub) -> None:
                         description="Runs federated LoRA (lr and local epochs tuned on validation first), mobiflower "
                                     "with fixed 8-bit frames and mobiflower adaptive on the same fleet and samples; "
                                     "times in virtual seconds of the fleet's devices (training only).")
-    p.add_argument("--fleet", default=d["fleet"].default, help="a bundled fleet (uniform, mixed-phones, flaky) or a TOML path")
+    p.add_argument("--fleet", default=d["fleet"].default, help="a bundled fleet (uniform, mixed-phones, flaky, mixed-backbones) or a TOML path")
     p.add_argument("--devices", type=int, default=d["devices"].default, help="simulated devices, dealt the fleet's tiers")
     p.add_argument("--train-samples", type=int, default=d["train_samples"].default, help="over the whole fleet")
     p.add_argument("--validation-samples", type=int, default=d["validation_samples"].default,

@@ -192,7 +192,7 @@ def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
 
 
 def load_fleet(name_or_path: str | Path) -> Fleet:
-    """A bundled fleet by name (``uniform``, ``mixed-phones``, ``flaky``) or a TOML file by path."""
+    """A bundled fleet by name (``uniform``, ``mixed-phones``, ``flaky``, ``mixed-backbones``) or a TOML file by path."""
     path = Path(name_or_path)
     if not path.suffix:
         path = FLEETS_DIR / f"{name_or_path}.toml"

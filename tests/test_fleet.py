@@ -15,6 +15,8 @@ def test_the_bundled_fleets_load_and_are_what_their_names_say():
     assert mixed.uplink_span() >= 20  # the issue: uplinks spanning at least 20x
     assert [p.tier for p in mixed.devices(8)] == ["flagship"] * 2 + ["mid-range"] * 4 + ["budget"] * 2
     assert all(p.availability < 1 for p in flaky.devices(4))
+    mixed_backbones = load_fleet("mixed-backbones")
+    assert [p.backbone_layers for p in mixed_backbones.devices(4)] == [0, 0, 0, 15]
 
 
 def test_a_missing_fleet_names_the_ones_there_are(tmp_path):
