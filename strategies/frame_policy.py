@@ -155,19 +155,20 @@ class FramePolicy:
         if self.deadline_s <= 0 or device not in self.estimates or remaining_samples <= 0:
             return old
         left = self.deadline_s - elapsed_s
+        layers = self.layers_of.get(device, self.layers)
         pick, reason = None, ""
         for c in self.choices:
             need = remaining_samples * self.seconds_per_sample(device, c)
             if need <= left:
                 pick = c
-                reason = (f"{remaining_samples} samples left need {need:.1f} s at {c.describe(self.layers)}, "
+                reason = (f"{remaining_samples} samples left need {need:.1f} s at {c.describe(layers)}, "
                           f"{left:.1f} s left before the {self.deadline_s:.1f} s deadline")
                 break
         if pick is None:
             pick = self.choices[-1]
             need = remaining_samples * self.seconds_per_sample(device, pick)
             reason = (f"cannot make the {self.deadline_s:.1f} s deadline ({left:.1f} s left, {need:.1f} s needed "
-                      f"even at {pick.describe(self.layers)}): cheapest choice, late frames still trained")
+                      f"even at {pick.describe(layers)}): cheapest choice, late frames still trained")
         if pick != old:
             self.current[device] = pick
             self.decisions.append(Decision(device, elapsed_s, pick, reason))

@@ -889,7 +889,8 @@ class SideTuningStrategy(Strategy):
         before = len(self.policy.decisions)
         choice = self.policy.decide(dev.device_id, remaining, elapsed)
         if len(self.policy.decisions) > before:
-            log(INFO, "[adapt] %s -> %s: %s", dev.device_id, choice.describe(self.side_config.layers),
+            log(INFO, "[adapt] %s -> %s: %s", dev.device_id,
+                choice.describe(self.side_config.layers_for(str(dev.profile["fingerprint"]))),
                 self.policy.decisions[-1].reason)
         return choice
 
