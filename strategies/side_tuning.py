@@ -451,11 +451,14 @@ class SideTuningStrategy(Strategy):
                                           ("backbone-layers", int(getattr(p, "backbone_layers", 0) or 0))) if v}
                 if keys:
                     self._backbone_keys[node] = keys
-            if self._backbone_keys:  # those devices load theirs and describe themselves again
+            if self._backbone_keys:  # every device describes itself again, those devices with their backbone
                 frozen_by.clear()
-                self._take_profiles(self._request_all(grid, [self._profile_message(n) for n in node_ids
-                                                             if n in self.devices], self.config.request_timeout),
-                                    frozen_by)
+                profiled, self.devices = sorted(self.devices), {}  # one that fails now is left out
+                self._take_profiles(self._request_all(grid, [self._profile_message(n) for n in profiled],
+                                                      self.config.request_timeout), frozen_by)
+                if not self.devices:
+                    raise FleetError(f"none of the {len(profiled)} devices could be profiled on the fleet's "
+                                     f"backbones: {self.events}")
             for dev in self.devices.values():
                 p = self.clock.profiles[dev.device_id]
                 log(INFO, "fleet %s: %s is a %s device (uplink %s Mbit/s, speed %s, availability %s)",
