@@ -77,6 +77,11 @@ class DeviceSetup:
                                    f"{setup.num_partitions})")
         if setup.partitioning not in ("iid", "dirichlet"):
             raise DeviceSetupError(f"partitioning={setup.partitioning!r} must be 'iid' or 'dirichlet'")
+        for key, value in (("num-taps", setup.num_taps), ("device-threads", setup.threads)):
+            if value < 1:
+                raise DeviceSetupError(f"{key}={value} must be at least 1")
+        if setup.backbone_layers < 0:
+            raise DeviceSetupError(f"backbone-layers={setup.backbone_layers} must be >= 1 (0 = the whole model)")
         return setup
 
     @property

@@ -58,6 +58,7 @@ class SimulateConfig:
         if unknown:
             raise ValueError(f"unknown run-config key(s) {unknown}: the app reads {', '.join(sorted(known))}")
         config = SideTuningConfig.from_run_config({**known, **self.run_config})  # fail here, not inside the ServerApp
+        DeviceSetup.from_configs({**known, **self.run_config}, {"partition-id": 0, "num-partitions": self.devices})
         if config.fleet:
             from mobiflower.simulations.fleet import load_fleet
 

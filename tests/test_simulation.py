@@ -33,6 +33,8 @@ def test_bad_run_config_fails_before_flower_starts():
         SimulateConfig(run_config={"learning-rate": 0.1})
     with pytest.raises(ValueError, match="aggregate-every"):
         SimulateConfig(run_config={"aggregate-every": 2})  # shared mode has nothing to average
+    with pytest.raises(ValueError, match="num-taps=0 must be at least 1"):
+        SimulateConfig(run_config={"num-taps": 0})  # a device key: caught before Flower starts too
     proc = subprocess.run([sys.executable, "-m", "mobiflower.simulations.cli", "simulate", "-c", "mode=federated"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "mode='federated' is unknown" in proc.stderr
