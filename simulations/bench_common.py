@@ -25,6 +25,11 @@ def run_child(module: str, spec: dict, tmp: Path, tag: str, extra_args: Sequence
     return json.loads(result_path.read_text())
 
 
+def fmt(value: float | None, spec: str = ".2f", missing: str = "-") -> str:
+    """A figure for a table, or ``missing`` where a run did not measure it."""
+    return missing if value is None else format(value, spec)
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     """a / b, or None when either is missing or b is zero."""
     if a is None or b is None or not b:

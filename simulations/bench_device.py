@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.bench_common import (acceptance_lines, bars_with_values, bench_logger, ratio,
+from mobiflower.simulations.bench_common import (acceptance_lines, bars_with_values, bench_logger, fmt, ratio,
                                                   run_child, save_figure, write_outputs)
 
 METHODS = ("mobiflower_device", "inference_forward", "lora_step", "full_step")
@@ -312,7 +312,7 @@ def _wire(runtime, backbone, examples: Sequence, batch_size: int) -> dict:
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
+    return fmt(value, spec, missing="n/a")
 
 
 def _fmt_bytes(value: float | None) -> str:

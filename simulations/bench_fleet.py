@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from mobiflower.simulations.bench_common import ratio, save_figure
+from mobiflower.simulations.bench_common import fmt as _num, ratio, save_figure
 from mobiflower.simulations.fleet import DeviceProfile, load_fleet
 
 FED_LORA, EIGHT_BIT, ADAPTIVE = "fed-lora", "mobiflower-8bit", "mobiflower-adaptive"
@@ -540,10 +540,6 @@ def _frames_verdict(methods: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------
 # table and figure
-
-
-def _num(value: float | None, fmt: str, none: str = "-") -> str:
-    return none if value is None else format(value, fmt)
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mobiflower.simulations.bench_common import (acceptance_lines, bars_with_values, bench_logger, ratio,
+                                                  fmt as _fmt,
                                                   run_child, save_figure, write_outputs)
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
@@ -450,10 +451,6 @@ def _import_runtime_code(ref: str, precision: str, weights_dir: str | None, grou
 
 # ------------------------------------------------------------------------------------------
 # report
-
-
-def _fmt(value, spec: str = ".2f", missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
 
 
 def format_table(result: dict) -> str:

@@ -196,11 +196,11 @@ class SideTuningStrategy(Strategy):
         plans = self._plan_round(self._only)
         waves = []
         for node_id, plan in plans.items():
+            remaining = sum(int(r["samples"]) for r in plan) if self.policy else 0
             for _ in range(min(self.config.in_flight, len(plan))):
-                remaining = sum(int(r["samples"]) for r in plan) + sum(
-                    int(w.content[m.CONFIG_KEY]["samples"]) for w in waves if w.metadata.dst_node_id == node_id)
-                choice = self._choose(node_id, remaining)
-                waves.append(self._forward_message(node_id, plan.popleft(), server_round, config, choice))
+                choice = self._choose(node_id, remaining)  # samples not yet asked for, this request's included
+                request = plan.popleft()
+                waves.append(self._forward_message(node_id, request, server_round, config, choice))
         self._plans = plans
         return waves
 
@@ -713,18 +713,19 @@ class SideTuningStrategy(Strategy):
         def top_up() -> None:
             """Keep in_flight requests per working device (after replies, retries and timeouts)."""
             busy: dict[int, int] = {}
-            owed: dict[int, int] = {}  # samples asked for and not landed yet
+            owed: dict[int, int] = {}  # samples asked for and not landed yet (the policy's remaining work)
             for node_id, request, _ in pending.values():
                 busy[node_id] = busy.get(node_id, 0) + 1
                 owed[node_id] = owed.get(node_id, 0) + int(request["samples"])
             out = []
             for node_id, plan in plans.items():
-                while plan and not self.devices[node_id].dropped and busy.get(node_id, 0) < cfg.in_flight:
-                    remaining = owed.get(node_id, 0) + sum(int(r["samples"]) for r in plan)
+                if not plan or self.devices[node_id].dropped or busy.get(node_id, 0) >= cfg.in_flight:
+                    continue
+                remaining = owed.get(node_id, 0) + sum(int(r["samples"]) for r in plan) if self.policy else 0
+                while plan and busy.get(node_id, 0) < cfg.in_flight:
                     choice = self._choose(node_id, remaining)
                     out.append(self._forward_message(node_id, plan.popleft(), rnd, ConfigRecord(), choice))
                     busy[node_id] = busy.get(node_id, 0) + 1
-                    owed[node_id] = owed.get(node_id, 0) + int(out[-1].content[m.CONFIG_KEY]["samples"])
             self._push(grid, out, pending, plans)
 
         def wait_for_training() -> None:  # the serial baseline: train on a frame before asking for the next
@@ -815,7 +816,9 @@ class SideTuningStrategy(Strategy):
         for mid, msg in taken.items():
             node_id = msg.metadata.dst_node_id
             pending[mid] = (node_id, self._request_of(msg), now)
-            self._v_sent[mid] = (self._v_ready.get(node_id, self._round_v0), _config_bytes(msg.content[m.CONFIG_KEY]))
+            if self.clock is not None:  # its virtual send time and size, for the clock when the reply lands
+                self._v_sent[mid] = (self._v_ready.get(node_id, self._round_v0),
+                                     _config_bytes(msg.content[m.CONFIG_KEY]))
         for msg in refused:
             self._forward_failed(self.devices[msg.metadata.dst_node_id], self._request_of(msg),
                                  "Flower refused the request (push failed)", plans)
