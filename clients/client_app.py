@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 
 from mobiflower.clients.device_setup import DeviceSetup, examples_at
 from mobiflower.clients.inference import LocalClassifier
-from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
+from mobiflower.clients.runtime import ForwardConfig
 from mobiflower.platform import messages as m
 from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
 from mobiflower.platform.side_networks import save_side_network
@@ -92,7 +92,7 @@ def profile(msg: Message, context: Context) -> Message:
     load_s = time.perf_counter() - t0
     data = setup.data()
     probe = int(msg.content[m.CONFIG_KEY].get("probe-samples", 8)) if m.CONFIG_KEY in msg.content else 8
-    runtime = DeviceRuntime(backbone, ForwardConfig(batch_size=max(1, probe)), device_id=setup.device_id)
+    runtime = setup.runtime(ForwardConfig(batch_size=max(1, probe)))
     speed = 0.0
     if probe > 0 and data.train:
         _, stats = runtime.make_frame(examples_at(data.train, 0, probe))
@@ -135,9 +135,8 @@ def forward(msg: Message, context: Context) -> Message:
         rotation=str(cfg.get("rotation", "hadamard")), token_policy=str(cfg.get("token-policy", "last")),
         batch_size=int(cfg.get("batch-size", 16)), seed=int(cfg.get("codec-seed", 0)),
         targets="none" if _label_private(context) else "class")
-    backbone = setup.backbone()
     layers = [int(x) for x in cfg["layers"]] if "layers" in cfg else None
-    runtime = DeviceRuntime(backbone, forward_config, device_id=setup.device_id)
+    runtime = setup.runtime(forward_config)
     t0 = time.perf_counter()
     chunk = examples_at(examples, offset, count)
     frame, stats = runtime.make_frame(chunk, layers=layers, meta={"split": split, "offset": offset,

@@ -10,18 +10,21 @@ a deployment each message starts a fresh process that loads the memory-mapped ba
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
+from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig, TokenCache
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.data import Example, Splits, partition, partition_like, task_samples
 
 _BACKBONES: dict[tuple, Backbone] = {}
 _SPLITS: dict[tuple, Splits] = {}
 _DEVICE_DATA: dict[tuple, Splits] = {}
+_TOKENS: dict[tuple, tuple[TokenCache, set]] = {}
 
 
 class DeviceSetupError(ValueError):
@@ -50,6 +53,9 @@ class DeviceSetup:
     num_partitions: int = 1
     threads: int = 1
     backbone_layers: int = 0  # > 0: run only the model's first N blocks (a layer-truncated backbone)
+    # most padded tokens one forward pass runs: the device's activation memory (node config
+    # ``max-tokens``; 0 = whole request batches); see ForwardConfig.max_tokens
+    max_tokens: int = ForwardConfig.max_tokens or 0
 
     @classmethod
     def from_configs(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> "DeviceSetup":
@@ -71,6 +77,7 @@ class DeviceSetup:
             num_partitions=int(node_config["num-partitions"]),
             threads=int(_get(run_config, "device-threads", cls.threads)),
             backbone_layers=int(node_config.get("backbone-layers", 0) or 0),
+            max_tokens=int(node_config.get("max-tokens", cls.max_tokens) or 0),
         )
         if not 0 <= setup.partition_id < setup.num_partitions:
             raise DeviceSetupError(f"partition-id={setup.partition_id} must be in [0, num-partitions="
@@ -80,6 +87,8 @@ class DeviceSetup:
         for key, value in (("num-taps", setup.num_taps), ("device-threads", setup.threads)):
             if value < 1:
                 raise DeviceSetupError(f"{key}={value} must be at least 1")
+        if setup.max_tokens < 0:
+            raise DeviceSetupError(f"max-tokens={setup.max_tokens} must be >= 1 (0 = whole batches)")
         if setup.backbone_layers < 0:
             raise DeviceSetupError(f"backbone-layers={setup.backbone_layers} must be >= 1 (0 = the whole model)")
         return setup
@@ -97,6 +106,24 @@ class DeviceSetup:
                                             weights=None if self.weights == "fp32" else self.weights,
                                             keep_layers=self.backbone_layers)
         return _BACKBONES[key]
+
+    def runtime(self, config: ForwardConfig | None = None) -> DeviceRuntime:
+        """A forward runtime on this process's backbone whose token ids come from a per-process
+        cache holding all of this device's samples. The first call tokenizes them all and then
+        drops the tokenizer (:meth:`DeviceRuntime.pretokenize`), before the forward pages the
+        weights in, so the device never holds tokenizer, weights and activations at once."""
+        backbone = self.backbone()
+        key = (self.model, self.weights, self.num_taps, self.backbone_layers)
+        cache, done = _TOKENS.setdefault(key, (TokenCache(), set()))
+        config = dataclasses.replace(config or ForwardConfig(), max_tokens=self.max_tokens or None)
+        runtime = DeviceRuntime(backbone, config, device_id=self.device_id, tokens=cache)
+        data_key = (self.train_samples, self.validation_samples, self.test_samples, self.partitioning,
+                    self.dirichlet_alpha, self.seed, self.partition_id, self.num_partitions)
+        if data_key not in done:
+            data = self.data()
+            runtime.pretokenize(list(data.train) + list(data.validation) + list(data.test))
+            done.add(data_key)
+        return runtime
 
     def data(self) -> Splits:
         """This device's train / validation / test samples (deterministic from the run config)."""

@@ -33,6 +33,11 @@ class ForwardConfig:
     batch_size: int = 16
     targets: str = "class"  # "class" (label per sample), "tokens" (next-token ids) or "none"
     seed: int = 0
+    # Memory: at most this many (padded) tokens go through the backbone at once; a batch of
+    # longer texts is forwarded in smaller pieces (None: whole batches). Activations and the heap
+    # they leave behind grow with it: on SmolLM2, 256 tokens (about 4-6 short texts) keep the
+    # device's non-weight memory near 30 MB at the speed of whole 16-sample batches within ~10 %.
+    max_tokens: int | None = 256
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -45,6 +50,8 @@ class ForwardConfig:
             raise ValueError(f"group_size={self.group_size} must be a power of two, e.g. 64")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be at least 1 (or None for whole batches)")
         if self.targets not in ("class", "tokens", "none"):
             raise ValueError(f"targets={self.targets!r} must be 'class', 'tokens' or 'none'")
         if self.targets == "tokens" and self.token_policy == "last":
@@ -76,13 +83,24 @@ def select_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, positions:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
+@dataclass
+class TokenCache:
+    """Token ids by text (truncated, unpadded) and the pad id: what a device needs of its
+    tokenizer once its data is tokenized. Runtimes of one device (one per message) may share one."""
+
+    ids: dict[str, list[int]] = field(default_factory=dict)
+    pad_id: int = 0
+
+
 class DeviceRuntime:
     """Forward passes and frame packing for one device's backbone."""
 
-    def __init__(self, backbone: Backbone, config: ForwardConfig | None = None, device_id: str = "device-0"):
+    def __init__(self, backbone: Backbone, config: ForwardConfig | None = None, device_id: str = "device-0",
+                 tokens: TokenCache | None = None):
         self.backbone = backbone
         self.config = config or ForwardConfig()
         self.device_id = device_id
+        self.tokens = tokens if tokens is not None else TokenCache()
         for p in backbone.model.parameters():
             assert not p.requires_grad, "the device backbone must be frozen"
 
@@ -98,10 +116,10 @@ class DeviceRuntime:
         seq_lengths: list[int] = []
         token_targets: list[int] = []
         stats = ForwardStats()
-        for start in range(0, len(examples), cfg.batch_size):
-            batch = examples[start:start + cfg.batch_size]
-            enc = self.backbone.tokenize([e.prompt for e in batch])
-            mask = enc["attention_mask"]
+        ids = self.token_ids(examples)
+        pieces = [piece for start in range(0, len(examples), cfg.batch_size)
+                  for piece in self._pieces(ids[start:start + cfg.batch_size], cfg.max_tokens)]
+        for input_ids, mask in pieces:
             lengths = mask.sum(dim=1)
             positions = self.backbone.feature_positions(mask)
             quantize_s = 0.0
@@ -114,21 +132,20 @@ class DeviceRuntime:
                 quantize_s += time.perf_counter() - t
 
             t0 = time.perf_counter()
-            self.backbone.forward_taps(enc["input_ids"], mask, on_layer, layers=layers)
+            self.backbone.forward_taps(input_ids, mask, on_layer, layers=layers)
             stats.forward_s += time.perf_counter() - t0
             stats.quantize_s += quantize_s
             seq_lengths += lengths.tolist()
             if cfg.token_policy == "last":
-                token_counts += [1] * len(batch)
+                counts = [1] * len(mask)
             elif cfg.token_policy == "nonpad":
-                token_counts += lengths.tolist()
+                counts = lengths.tolist()
             else:
-                token_counts += [mask.shape[1]] * len(batch)
+                counts = [mask.shape[1]] * len(mask)
+            token_counts += counts
             if cfg.targets == "tokens":
-                ids = enc["input_ids"]
-                for i in range(len(batch)):
-                    n = token_counts[start + i]
-                    nxt = ids[i, 1:n].tolist() + [-100]
+                for i in range(len(mask)):
+                    nxt = input_ids[i, 1:counts[i]].tolist() + [-100]
                     real = int(lengths[i])
                     token_targets += [t if j < real - 1 else -100 for j, t in enumerate(nxt)]
         if cfg.targets == "class":
@@ -152,6 +169,56 @@ class DeviceRuntime:
         stats.tokens_sent = sum(token_counts)
         stats.frame_bytes = frame.nbytes()
         return frame, stats
+
+    def token_ids(self, examples: Sequence[Example]) -> list[list[int]]:
+        """Each example's token ids (truncated as :meth:`Backbone.tokenize` does, unpadded), from
+        this runtime's cache; texts not seen before are tokenized (loading the tokenizer if it was
+        released) and kept."""
+        cache = self.tokens
+        missing = list(dict.fromkeys(e.prompt for e in examples if e.prompt not in cache.ids))
+        if missing:
+            tokenizer = self.backbone.tokenizer
+            enc = tokenizer(missing, truncation=True, max_length=self.backbone.max_length)
+            cache.ids.update(zip(missing, enc["input_ids"]))
+            cache.pad_id = int(tokenizer.pad_token_id)
+        return [cache.ids[e.prompt] for e in examples]
+
+    def pretokenize(self, examples: Sequence[Example], release_tokenizer: bool = True) -> int:
+        """Tokenize all of ``examples`` (e.g. the device's whole partition) now, then drop the
+        tokenizer; return how many distinct texts are cached.
+
+        Why: a tokenizer is a large set of small heap objects (SmolLM2's: about 13 MB, and about
+        45 MB more while ``tokenizer.json`` is parsed), needed only to turn text into ids. A
+        device that tokenizes its local data before the backbone's weights are paged in, and
+        then lets the tokenizer go, never holds it next to the weights and the activations.
+        """
+        if examples:
+            self.token_ids(examples)
+        if release_tokenizer:
+            self.backbone.release_tokenizer()
+        return len(self.tokens.ids)
+
+    def _pieces(self, ids: Sequence[list[int]], max_tokens: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(input_ids, attention_mask)`` of a batch's ``ids`` in consecutive pieces of at most
+        ``max_tokens`` padded tokens (at least one sample each), right-padded to their longest text."""
+        lengths = [len(x) for x in ids]
+        spans, start = [], 0
+        while start < len(ids):
+            end, longest = start + 1, lengths[start]
+            while end < len(ids) and (max_tokens is None or (end + 1 - start) * max(longest, lengths[end]) <= max_tokens):
+                longest = max(longest, lengths[end])
+                end += 1
+            spans.append((start, end, longest))
+            start = end
+        pieces = []
+        for start, end, longest in spans:
+            input_ids = torch.full((end - start, longest), self.tokens.pad_id, dtype=torch.long)
+            mask = torch.zeros((end - start, longest), dtype=torch.long)
+            for row, x in enumerate(ids[start:end]):
+                input_ids[row, :len(x)] = torch.tensor(x, dtype=torch.long)
+                mask[row, :len(x)] = 1
+            pieces.append((input_ids, mask))
+        return pieces
 
     def encode(self, frame: Frame) -> bytes:
         return encode_frame(frame)

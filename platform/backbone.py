@@ -12,9 +12,11 @@ norm). The default taps are evenly spaced and always include the last block.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -175,11 +177,14 @@ class Backbone:
 
     def __init__(self, model: nn.Module, tokenizer, layers: Sequence[int] | None = None, num_taps: int = 8,
                  max_length: int = 256, name: str = "", precision: str | None = None, digest: str | None = None,
-                 weights_path: str | None = None, keep_layers: int = 0):
+                 weights_path: str | None = None, keep_layers: int = 0,
+                 tokenizer_loader: Callable[[], object] | None = None):
         if keep_layers:
             truncate_blocks(model, keep_layers)
         self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
+        self._tokenizer = self._configure_tokenizer(tokenizer)
+        self._tokenizer_loader = tokenizer_loader
+        self._tokenizer_lock = threading.Lock()
         self.name = name or getattr(model.config, "_name_or_path", "")
         config = model.config
         self.model_type = str(config.model_type)
@@ -193,10 +198,6 @@ class Backbone:
         self.layers = self._check_layers(layers if layers is not None else
                                          evenly_spaced_layers(self.num_layers, min(num_taps, self.num_layers)))
         self.max_length = max_length
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "right"  # real tokens first: the last real token is at length - 1
-        tokenizer.truncation_side = "left"  # keep the prompt's tail, where the task is stated
         if precision is None:  # no weights precision given: the dtype the weights are in
             dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
         else:
@@ -206,6 +207,45 @@ class Backbone:
         self.identity = BackboneIdentity(self.model_type, self.hidden_size, self.num_layers, dtype_name,
                                          digest if digest is not None else weights_digest(model))
         self.weights_path = weights_path
+
+    @staticmethod
+    def _configure_tokenizer(tokenizer):
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"  # real tokens first: the last real token is at length - 1
+        tokenizer.truncation_side = "left"  # keep the prompt's tail, where the task is stated
+        return tokenizer
+
+    @property
+    def tokenizer(self):
+        """The tokenizer (loaded again if :meth:`release_tokenizer` dropped it)."""
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            with self._tokenizer_lock:
+                if self._tokenizer is None:
+                    self._tokenizer = self._configure_tokenizer(self._tokenizer_loader())
+                tokenizer = self._tokenizer
+        return tokenizer
+
+    def release_tokenizer(self) -> bool:
+        """Drop the tokenizer and hand its memory back, if it can be loaded again (prepared copies).
+
+        Why: a tokenizer is a large set of small heap objects (SmolLM2's: about 13 MB), needed
+        only before the forward. A device that tokenizes a frame's samples first and then lets it
+        go never holds it and the forward's activations at once; loading it again costs about
+        0.1 s (lean tokenizer), once per frame. Returns whether it was released.
+        """
+        if self._tokenizer_loader is None:
+            return False
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                return True
+            self._tokenizer = None
+        gc.collect()
+        from mobiflower.platform.weights import release_free_heap
+
+        release_free_heap()
+        return True
 
     @classmethod
     def load(cls, ref: str, layers: Sequence[int] | None = None, num_taps: int = 8,
@@ -227,9 +267,12 @@ class Backbone:
 
             model, tokenizer, manifest = load_backbone_weights(ref, weights, cache_dir=weights_dir,
                                                                group_size=group_size or DEFAULT_INT4_GROUP_SIZE)
+            from mobiflower.platform.weights import load_prepared_tokenizer
+
+            folder, forward = manifest["path"], manifest["forward"]
             return cls(model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref,
                        precision=manifest["precision"], digest=manifest["digest"], weights_path=manifest["path"],
-                       keep_layers=keep_layers)
+                       keep_layers=keep_layers, tokenizer_loader=lambda: load_prepared_tokenizer(folder, forward))
         model, tokenizer = load_checkpoint(ref, dtype)
         return cls(model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref,
                    keep_layers=keep_layers)

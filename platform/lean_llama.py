@@ -16,8 +16,9 @@ and :func:`mobiflower.platform.backbone.weights_digest` sees the same state. The
 float32 cast to the activation dtype, ``repeat_kv`` + SDPA with a boolean mask when there is
 padding, ``is_causal`` when there is none); ``tests/test_lean_llama.py`` checks the tapped states
 against transformers' own forward on random llama models (GQA, biases, fp32 and bf16, quantized
-layers) and on the bundled SmolLM2. What differs is only where memory goes: the SwiGLU product and
-the residual adds are done in place, so a layer holds fewer full-size temporaries.
+layers) and on the bundled SmolLM2. What differs is only where memory goes: the SwiGLU product, the
+residual adds, the norms' scaling and the rotary sums are done in place (the same products and
+sums, bit for bit), so a layer holds fewer full-size temporaries.
 
 Anything else (another family, a rope scaling, an activation other than SiLU, a tokenizer whose
 transformers class adds tokens of its own) is refused by :func:`lean_problem` /
@@ -92,10 +93,21 @@ class Linear(nn.Linear):
 
 
 class Embedding(nn.Embedding):
-    """``nn.Embedding`` without the random initialisation (see :class:`Linear`)."""
+    """``nn.Embedding`` without the random initialisation (see :class:`Linear`).
+
+    With ``file_rows`` set (:func:`mobiflower.platform.file_rows.read_rows_from_file`), looked-up
+    rows are read from the weights file instead of the memory-mapped table.
+    """
+
+    file_rows = None
 
     def reset_parameters(self) -> None:
         pass
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.file_rows is not None:
+            return self.file_rows.lookup(input_ids)
+        return super().forward(input_ids)
 
 
 class RMSNorm(nn.Module):
@@ -109,8 +121,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        h = h * h.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        # weight * h, formed in place (one full-size temporary fewer; the product is the same)
+        return (h if dtype == torch.float32 else h.to(dtype)).mul_(self.weight)
 
 
 class RotaryEmbedding(nn.Module):
@@ -157,8 +170,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = (q * cos) + (_rotate_half(q) * sin)
-        k = (k * cos) + (_rotate_half(k) * sin)
+        # (x * cos) + (rotate_half(x) * sin), the second product and the sum formed in place
+        q = (q * cos).add_(_rotate_half(q).mul_(sin))
+        k = (k * cos).add_(_rotate_half(k).mul_(sin))
         groups = self.heads // self.kv_heads
         if groups > 1:  # as transformers does with a mask on CPU: repeat the key/value heads
             k = k[:, :, None].expand(b, self.kv_heads, groups, t, self.head_dim).reshape(b, self.heads, t, self.head_dim)

@@ -160,26 +160,31 @@ def precision_support() -> dict[str, dict[str, Any]]:
 
 _WORKSPACES = threading.local()
 
+DEQUANT_TILE_ELEMENTS = 1 << 19
+"""At most this many weights are dequantized at once (2 MB in float32): a larger layer is run as a
+few GEMMs over equal slices of its output features, each into its columns of the output."""
 
-def _workspace(shape: tuple[int, ...], dtype: torch.dtype, role: str) -> torch.Tensor:
-    """A per-thread scratch tensor of ``shape``/``dtype`` for ``role``, reused across calls and layers.
+
+def _workspace(numel: int, dtype: torch.dtype, role: str) -> torch.Tensor:
+    """A per-thread flat scratch tensor of at least ``numel`` elements for ``role``, reused across
+    calls and layers (callers view a prefix of it).
 
     A quantized layer used to dequantize its weight into a fresh tensor on every call: 210 freed
     multi-MB blocks per forward of SmolLM2, which glibc's heap kept (its mmap threshold adapts
     upward after the first free, so they came from the heap and fragmented it): about 45 MB of
-    int8's resident memory was heap that fp32 never had. One buffer per weight shape (a handful,
-    about 10 MB for SmolLM2 in fp32) stays allocated instead. Buffers are per thread (several
-    devices may share a process) and per inference mode (an inference tensor cannot be written
-    outside ``inference_mode``).
+    int8's resident memory was heap that fp32 never had. Then one buffer per weight shape (about
+    9 MB for SmolLM2); now one buffer of at most :data:`DEQUANT_TILE_ELEMENTS` for every layer
+    (1.7 MB). Buffers are per thread (several devices may share a process) and per inference mode
+    (an inference tensor cannot be written outside ``inference_mode``).
     """
     pool = getattr(_WORKSPACES, "pool", None)
     if pool is None:
         pool = _WORKSPACES.pool = {}
-    key = (role, tuple(shape), dtype, torch.is_inference_mode_enabled())
+    key = (role, dtype, torch.is_inference_mode_enabled())
     buf = pool.get(key)
-    if buf is None:
-        buf = pool[key] = torch.empty(shape, dtype=dtype)
-    return buf
+    if buf is None or buf.numel() < numel:
+        buf = pool[key] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 def release_workspaces() -> None:
@@ -217,19 +222,32 @@ class QuantizedLinear(nn.Module):
         """The dequantized weight (a fresh tensor: for inspection, not for the hot path)."""
         return self.dequantize()
 
-    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
-        """Dequantize the weight into ``out`` (``[out_features, in_features]``, its dtype) and return it."""
-        return out.copy_(self.dequantize(out.dtype))
+    def dequantize_into(self, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Dequantize output rows ``start .. start + len(out)`` of the weight into ``out``
+        (``[rows, in_features]``, its dtype) and return it."""
+        return out.copy_(self.dequantize_rows(torch.arange(start, start + out.shape[0]), out.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
-            # No autograd graph can keep the weight: dequantize into this thread's reusable buffer
-            # of this shape (shared by every layer of the shape), not into a fresh allocation.
-            weight = self.dequantize_into(_workspace((self.out_features, self.in_features), x.dtype, "w"))
-        else:
-            weight = self.dequantize(x.dtype)
-        return F.linear(x, weight, bias)
+        if not (torch.is_inference_mode_enabled() or not torch.is_grad_enabled()):
+            return F.linear(x, self.dequantize(x.dtype), bias)  # a graph may keep the weight: a fresh one
+        # No autograd graph can keep the weight: dequantize into this thread's reusable buffer, a
+        # slice of output rows at a time when the whole weight is larger than the buffer.
+        n, k = self.out_features, self.in_features
+        tiles = -(-n * k // DEQUANT_TILE_ELEMENTS)
+        rows = -(-n // tiles)
+        buf = _workspace(rows * k, x.dtype, "w")
+        if tiles == 1:
+            return F.linear(x, self.dequantize_into(buf.view(n, k)), bias)
+        x2 = x.reshape(-1, k)
+        y = torch.empty(x2.shape[0], n, dtype=x.dtype)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            w = self.dequantize_into(buf[:(r1 - r0) * k].view(r1 - r0, k), r0)
+            torch.mm(x2, w.t(), out=y[:, r0:r1])  # strided output: BLAS writes the columns in place
+        if bias is not None:
+            y.add_(bias)
+        return y.view(*x.shape[:-1], n)
 
     def weight_nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -266,10 +284,11 @@ class Int8Linear(QuantizedLinear):
         rows = torch.as_tensor(rows, dtype=torch.long)
         return self.qweight[rows].to(dtype).mul_(self.scale[rows].to(dtype)[:, None])
 
-    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+    def dequantize_into(self, out: torch.Tensor, start: int = 0) -> torch.Tensor:
         # widen into the buffer, then scale in place: the same arithmetic as dequantize(), and faster
         # than a mixed-dtype torch.mul(out=) (measured: 285 vs 480 us for 1536 x 576 on one core)
-        return out.copy_(self.qweight).mul_(self.scale.to(out.dtype)[:, None])
+        end = start + out.shape[0]
+        return out.copy_(self.qweight[start:end]).mul_(self.scale[start:end].to(out.dtype)[:, None])
 
     @classmethod
     def sharing(cls, embedding: "Int8Embedding", bias: torch.Tensor | None = None) -> "Int8Linear":
@@ -339,13 +358,15 @@ class Int4Linear(QuantizedLinear):
         rows = torch.as_tensor(rows, dtype=torch.long)
         return self._dequantize(self.qweight[rows], self.scale[rows], self.minimum[rows], dtype)
 
-    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
-        n, in_f, gs = self.out_features, self.in_features, self.group_size
-        codes = _workspace((n, in_f // 2, 2), torch.uint8, "int4-codes")
-        torch.bitwise_right_shift(self.qweight.unsqueeze(-1), _nibble_shifts(), out=codes).bitwise_and_(15)
+    def dequantize_into(self, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        n, in_f, gs = out.shape[0], self.in_features, self.group_size
+        end = start + n
+        codes = _workspace(n * in_f, torch.uint8, "int4-codes").view(n, in_f // 2, 2)
+        torch.bitwise_right_shift(self.qweight[start:end].unsqueeze(-1), _nibble_shifts(), out=codes).bitwise_and_(15)
         dtype = out.dtype
-        scale = self.scale.to(dtype) if dtype != torch.float16 else self.scale
-        minimum = self.minimum.to(dtype) if dtype != torch.float16 else self.minimum
+        scale, minimum = self.scale[start:end], self.minimum[start:end]
+        if dtype != torch.float16:
+            scale, minimum = scale.to(dtype), minimum.to(dtype)
         w = out.view(n, in_f // gs, gs).copy_(codes.view(n, in_f // gs, gs))  # widen, then w = min + w * scale
         torch.addcmul(minimum[..., None], w, scale[..., None], out=w)
         return out
@@ -364,8 +385,9 @@ class Int4Linear(QuantizedLinear):
 class Int8Embedding(nn.Module):
     """A frozen embedding table in int8, one fp32 scale per row; looked-up rows are dequantized.
 
-    Only the rows a batch uses are read (with a memory-mapped table the kernel still maps up to
-    64 KB around each faulting row, so a busy table ends up mostly resident). The layout is :class:`Int8Linear`'s (``[rows, dim]``, a scale per row), so a tied
+    Only the rows a batch uses are read (from the file itself on a prepared copy: see
+    :mod:`mobiflower.platform.file_rows`; a memory-mapped table would have the kernel map 64 KB
+    around each faulting row, so a busy table ends up mostly resident). The layout is :class:`Int8Linear`'s (``[rows, dim]``, a scale per row), so a tied
     LM head is an :class:`Int8Linear` over the same two tensors (:meth:`Int8Linear.sharing`).
     """
 
@@ -386,7 +408,11 @@ class Int8Embedding(nn.Module):
         table.scale = scale.contiguous()
         return table
 
+    file_rows = None  # set by mobiflower.platform.file_rows.read_rows_from_file: rows read from the file
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.file_rows is not None:
+            return self.file_rows.lookup(input_ids, self.scale)
         rows = F.embedding(input_ids, self.qweight).to(torch.float32)
         return rows.mul_(F.embedding(input_ids, self.scale[:, None]))
 
@@ -765,6 +791,19 @@ def forward_implementation(folder: str | Path, implementation: str | None = None
     return "transformers"
 
 
+def load_prepared_tokenizer(folder: str | Path, forward: str = "lean"):
+    """The tokenizer of a prepared copy: the lean one (``tokenizers`` only) for the lean forward,
+    transformers' ``AutoTokenizer`` otherwise. (The device may drop it while it forwards and load
+    it again: :meth:`mobiflower.platform.backbone.Backbone.release_tokenizer`.)"""
+    if forward == "lean":
+        from mobiflower.platform.lean_llama import LeanTokenizer
+
+        return LeanTokenizer.from_folder(folder)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def load_prepared_backbone(folder: str | Path, precision: str | None = None, implementation: str | None = None):
     """``(model, tokenizer, manifest)`` from a prepared folder, the weights memory-mapped, not copied.
 
@@ -783,19 +822,18 @@ def load_prepared_backbone(folder: str | Path, precision: str | None = None, imp
     manifest = read_manifest(folder)
     forward = forward_implementation(folder, implementation)
     dtype = torch.bfloat16 if manifest["precision"] == "bf16" else torch.float32
+    tokenizer = load_prepared_tokenizer(folder, forward)
     if forward == "lean":
-        from mobiflower.platform.lean_llama import LeanTokenizer, build_lean_model, read_config
+        from mobiflower.platform.lean_llama import build_lean_model, read_config
 
-        tokenizer = LeanTokenizer.from_folder(folder)
         with torch.device("meta"):
             model = build_lean_model(read_config(folder), dtype)
     else:
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         logging.getLogger("transformers").setLevel(logging.ERROR)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
         config = AutoConfig.from_pretrained(folder)
         auto = AutoModelForCausalLM if manifest["auto"] == "causal_lm" else AutoModel
         with torch.device("meta"):
@@ -829,8 +867,12 @@ def load_prepared_backbone(folder: str | Path, precision: str | None = None, imp
         raise BackboneError(f"the prepared weights at {folder} lack {', '.join(missing[:5])}"
                             f"{' ...' if len(missing) > 5 else ''}: prepare the copy again")
     model.eval().requires_grad_(False)
+    # the few table rows a batch looks up are read from the file, not faulted in 64 KB at a time
+    from mobiflower.platform.file_rows import read_rows_from_file
+
+    embedding = "file rows" if read_rows_from_file(model, folder / WEIGHTS_FILE, manifest["aliases"]) else "mapped"
     release_free_heap()  # what parsing tokenizer.json and the config left behind
-    return model, tokenizer, {**manifest, "forward": forward}
+    return model, tokenizer, {**manifest, "forward": forward, "embedding": embedding}
 
 
 def release_free_heap() -> bool:

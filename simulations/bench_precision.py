@@ -73,7 +73,8 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
                         plot: str | None = None, accuracy: bool = False, progress: bool = True, *,
                         num_taps: int = 8, seed: int = 0, starts: int = 2, cold: bool = True,
                         weights_dir: str | None = None, group_size: int | None = None,
-                        accuracy_config: dict | None = None, include_unsupported: bool = False) -> dict:
+                        accuracy_config: dict | None = None, include_unsupported: bool = False,
+                        max_tokens: int | None = -1) -> dict:
     """Measure every precision in fresh processes; return (and optionally write) the result JSON.
 
     ``precisions`` are run in the order given, fp32 first if present (the reference). bf16 is
@@ -81,8 +82,11 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
     ``starts`` warm start-only processes per precision (plus one ``cold`` one) measure start to
     first frame. ``weights_dir`` holds the prepared copies (default ``$MOBIFLOWER_HOME/models``).
     ``accuracy_config`` overrides :class:`LocalRunConfig` fields of the accuracy runs (e.g.
-    ``{"train_samples": 500}``).
+    ``{"train_samples": 500}``). ``max_tokens`` is the device's forward budget
+    (:attr:`ForwardConfig.max_tokens`; -1: its default, None: whole batches).
     """
+    from mobiflower.clients.runtime import ForwardConfig
+
     from mobiflower.platform.weights import (DEFAULT_INT4_GROUP_SIZE, ensure_prepared, normalize_precision,
                                              precision_support)
     from mobiflower.simulations.bench_device import bench_samples
@@ -108,7 +112,8 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
             run.append(p)
 
     samples = bench_samples(batches, batch_size, seed)
-    config = {"model": model, "precisions": run, "batches": batches, "batch_size": batch_size,
+    max_tokens = ForwardConfig.max_tokens if max_tokens == -1 else max_tokens
+    config = {"max_tokens": max_tokens, "model": model, "precisions": run, "batches": batches, "batch_size": batch_size,
               "samples": len(samples), "timed_batches": max(1, batches - 1),
               "warmup_batches": 1 if batches > 1 else 0, "num_taps": num_taps, "seed": seed, "threads": threads,
               "starts": starts, "cold": cold, "group_size": group_size, "weights_dir": weights_dir}
@@ -123,6 +128,7 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
                                      log=(lambda m: _log(m, progress)) if progress else None)
             prepare_s = time.perf_counter() - t0
             spec = {"model": model, "precision": precision, "batch_size": batch_size, "num_taps": num_taps,
+                    "max_tokens": max_tokens,
                     "threads": threads, "weights_dir": weights_dir, "group_size": group_size,
                     "samples": [[e.id, e.text, e.label] for e in samples],
                     "states_path": str(tmp_path / f"{precision}.states.pt")}
@@ -344,7 +350,10 @@ def _measure(spec: dict, launched: float) -> dict:
     t0 = time.perf_counter()
     backbone = Backbone.load(spec["model"], num_taps=int(spec["num_taps"]), weights=spec["precision"],
                              weights_dir=spec.get("weights_dir"), group_size=spec.get("group_size"))
-    runtime = DeviceRuntime(backbone, ForwardConfig(batch_size=bs))
+    runtime = DeviceRuntime(backbone, ForwardConfig(batch_size=bs, max_tokens=spec.get("max_tokens")))
+    # as a device does with its local data (DeviceSetup.runtime): tokenize it all, then drop the
+    # tokenizer before the forward pages the weights in
+    runtime.pretokenize(examples)
     load_s = time.perf_counter() - t0
     after_load = current_rss_mb()
     t0 = time.perf_counter()
@@ -458,7 +467,8 @@ def format_table(result: dict) -> str:
     cfg = result.get("config", {})
     machine = result.get("machine", {})
     lines = [f"Backbone weight precision on the device: {cfg.get('model')} - {cfg.get('batches')} batches x "
-             f"{cfg.get('batch_size')} (1 warm-up), threads {machine.get('threads')}, "
+             f"{cfg.get('batch_size')} (1 warm-up), at most {cfg.get('max_tokens') or 'all'} tokens per forward, "
+             f"threads {machine.get('threads')}, "
              f"bf16 native: {machine.get('bf16_native')}", ""]
     header = (f"{'precision':<10}{'file MB':>9}{'runtime MB':>12}{'peak MB':>9}{'model MB':>10}{'weights res':>13}"
               f"{'ms/sample':>11}{'start warm':>12}{'cold':>7}{'start cpu':>11}{'state err':>11}{'test acc':>10}"
@@ -546,6 +556,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-taps", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=-1,
+                        help="the device's forward budget in padded tokens (default: the device's, 256; 0: whole batches)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--starts", type=int, default=2, help="warm start-only processes per precision")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-file start")
@@ -566,7 +578,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
                                  batches=args.batches, batch_size=args.batch_size, threads=args.threads,
                                  out=args.out, plot=args.plot, accuracy=args.accuracy,
                                  progress=not args.no_progress, num_taps=args.num_taps, starts=args.starts,
-                                 cold=not args.no_cold, group_size=args.group_size, accuracy_config=overrides)
+                                 cold=not args.no_cold, group_size=args.group_size, accuracy_config=overrides,
+                                 max_tokens=None if args.max_tokens == 0 else args.max_tokens)
     print(format_table(result))
     return result
 
