@@ -29,6 +29,7 @@ from mobiflower.clients.runtime import ForwardConfig
 from mobiflower.platform import messages as m
 from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
 from mobiflower.platform.side_networks import save_side_network
+from mobiflower.platform.weights import normalize_precision
 
 
 
@@ -61,8 +62,8 @@ SPLITS = ("train", "validation", "test")
 
 def _setup(context: Context, msg: Message | None = None) -> DeviceSetup:
     """This device's setup. In a simulated heterogeneous fleet the server's fleet model says which
-    backbone a device runs (request keys ``model`` / ``backbone-layers``); a real device's own node
-    config (``--node-config 'backbone-layers=15'``) always wins."""
+    backbone a device runs (request keys ``model`` / ``backbone-layers`` / ``weights``); a real
+    device's own node config (``--node-config 'backbone-layers=15 weights="int8"'``) always wins."""
     setup = DeviceSetup.from_configs(context.run_config, context.node_config)
     cfg = msg.content.config_records.get(m.CONFIG_KEY) if msg is not None and msg.has_content() else None
     if cfg is not None:
@@ -70,6 +71,8 @@ def _setup(context: Context, msg: Message | None = None) -> DeviceSetup:
             setup = dataclasses.replace(setup, backbone_layers=int(cfg["backbone-layers"]))
         if str(cfg.get("model", "") or "") and "model" not in context.node_config:
             setup = dataclasses.replace(setup, model=str(cfg["model"]))
+        if str(cfg.get("weights", "") or "") and "weights" not in context.node_config:
+            setup = dataclasses.replace(setup, weights=normalize_precision(str(cfg["weights"])))
     return setup
 
 

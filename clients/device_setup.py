@@ -65,7 +65,8 @@ class DeviceSetup:
                 "'partition-id=<i> num-partitions=<n>' (the simulation engine sets both itself)")
         setup = cls(
             model=str(_get(run_config, "model", cls.model)),
-            weights=str(_get(run_config, "weights", cls.weights)),
+            # a device's own node config may choose its weight precision (a phone with little memory)
+            weights=str(node_config.get("weights") or _get(run_config, "weights", cls.weights)),
             num_taps=int(_get(run_config, "num-taps", cls.num_taps)),
             train_samples=int(_get(run_config, "train-samples", cls.train_samples)),
             validation_samples=int(_get(run_config, "validation-samples", cls.validation_samples)),
@@ -87,6 +88,12 @@ class DeviceSetup:
         for key, value in (("num-taps", setup.num_taps), ("device-threads", setup.threads)):
             if value < 1:
                 raise DeviceSetupError(f"{key}={value} must be at least 1")
+        from mobiflower.platform.weights import WeightPrecisionError, normalize_precision
+
+        try:
+            setup = dataclasses.replace(setup, weights=normalize_precision(setup.weights))
+        except WeightPrecisionError as exc:
+            raise DeviceSetupError(f"weights={setup.weights!r}: {exc}") from None
         if setup.max_tokens < 0:
             raise DeviceSetupError(f"max-tokens={setup.max_tokens} must be >= 1 (0 = whole batches)")
         if setup.backbone_layers < 0:

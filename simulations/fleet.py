@@ -18,6 +18,7 @@ A fleet is a TOML file of device tiers (``simulations/fleets/<name>.toml``, or a
     availability = 1.0      # chance a request is answered (1.0: always)
     backbone = ""           # a model ref of the same family for this tier ("" = the run's model)
     backbone-layers = 0     # > 0: these devices run only the first N blocks (a layer-truncated backbone)
+    weights = ""            # these devices' backbone weight precision: fp32, bf16, int8, int4 ("" = the run's)
     activation-cache = true # false: these devices opt out of the server's activation cache
 
 :func:`load_fleet` reads and checks one (every error names the file, the tier and the key);
@@ -41,7 +42,7 @@ from typing import Any, Mapping, Sequence
 
 FLEETS_DIR = Path(__file__).resolve().parent / "fleets"
 TIER_KEYS = {"name", "share", "count", "uplink-mbps", "downlink-mbps", "latency-ms", "speed", "memory-mb",
-             "availability", "backbone", "backbone-layers", "activation-cache"}
+             "availability", "backbone", "backbone-layers", "weights", "activation-cache"}
 
 
 class FleetError(ValueError):
@@ -62,6 +63,7 @@ class DeviceProfile:
     backbone: str = ""  # a model ref of the run model's family ("" = the run's model)
     backbone_layers: int = 0  # > 0: the device runs only the first N blocks (a layer-truncated backbone)
     activation_cache: bool = True  # False: the device opts out; the server keeps none of its activations
+    weights: str = ""  # the device's backbone weight precision ("" = the run's `weights`)
 
     def upload_s(self, nbytes: int) -> float:
         """Seconds to send ``nbytes`` up: one latency plus the bytes at the uplink rate."""
@@ -179,6 +181,14 @@ def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
         backbone = tier.get("backbone", "")
         if not isinstance(backbone, str):
             raise FleetError(f"{where}: backbone must be a model ref string, got {backbone!r}")
+        weights = tier.get("weights", "") or ""
+        if weights:
+            from mobiflower.platform.weights import WeightPrecisionError, normalize_precision
+
+            try:
+                weights = normalize_precision(str(weights))
+            except WeightPrecisionError as exc:
+                raise FleetError(f"{where}: weights: {exc}") from None
         profile = DeviceProfile(
             tier=name, uplink_mbps=_number(tier["uplink-mbps"], where, "uplink-mbps", 0.0),
             downlink_mbps=_number(tier["downlink-mbps"], where, "downlink-mbps", 0.0),
@@ -186,7 +196,7 @@ def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
             speed=_number(tier.get("speed", 1.0), where, "speed", 0.0),
             memory_mb=_number(tier.get("memory-mb", 4096.0), where, "memory-mb", 0.0),
             availability=_number(tier.get("availability", 1.0), where, "availability", 0.0, 1.0),
-            backbone=backbone, backbone_layers=keep, activation_cache=cache)
+            backbone=backbone, backbone_layers=keep, activation_cache=cache, weights=weights)
         out.append((profile, weight))
     return Fleet(str(table["name"]), str(table.get("description", "")), out, source)
 

@@ -448,7 +448,8 @@ class SideTuningStrategy(Strategy):
             for node, dev in self.devices.items():  # a fleet model may give a tier another backbone
                 p = self.clock.profiles[dev.device_id]
                 keys = {k: v for k, v in (("model", getattr(p, "backbone", "")),
-                                          ("backbone-layers", int(getattr(p, "backbone_layers", 0) or 0))) if v}
+                                          ("backbone-layers", int(getattr(p, "backbone_layers", 0) or 0)),
+                                          ("weights", getattr(p, "weights", ""))) if v}
                 if keys:
                     self._backbone_keys[node] = keys
             if self._backbone_keys:  # every device describes itself again, those devices with their backbone

@@ -106,3 +106,21 @@ def test_a_heterogeneous_fleet_trains_one_side_network_on_two_backbones(real_ass
     assert "extra_downs.b0.0.weight" in trained and "extra_norms.b0.1.weight" in trained
     assert not torch.equal(trained["extra_downs.b0.0.weight"], fresh["extra_downs.b0.0.weight"])
     assert not torch.equal(trained["downs.0.weight"], fresh["downs.0.weight"])
+
+
+def test_a_fleet_mixing_weight_precisions_trains_one_side_network(real_assets, tiny_llama, tmp_path):
+    """Half the fleet keeps its backbone in int8 (tier key ``weights``): those frames carry the int8
+    fingerprint, get their own input norms and projections, and are all trained on."""
+    fleet = tmp_path / "mixed-precision.toml"
+    fleet.write_text('name = "mixed-precision"\n'
+                     '[[tier]]\nname = "fp32"\ncount = 2\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
+                     '[[tier]]\nname = "int8"\ncount = 2\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
+                     'weights = "int8"\n')
+    summary = _fleet_run(tiny_llama, tmp_path, fleet=str(fleet), **{"num-taps": 2, "eval-every": 0, "rounds": 2})
+    devices = summary["devices"]
+    full, small = devices["device-0"]["fingerprint"], devices["device-2"]["fingerprint"]
+    assert "-float32-" in full and "-int8-" in small and devices["device-3"]["fingerprint"] == small
+    assert summary["side_network"]["backbones"] == {small: [1, 3]}
+    assert summary["frames"] == summary["frames_accepted"] == 16 and summary["frames_refused"] == 0
+    for account in devices.values():
+        assert account["samples_trained"] == 32 and account["delivered"] == 1
