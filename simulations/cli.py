@@ -234,6 +234,12 @@ def _add_bench(sub) -> None:
     d.add_argument("--threads", type=int, default=None)
     d.add_argument("--out", default="runs/bench_device.json")
     d.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
+    d.add_argument("--precisions", default=None,
+                   help="also measure these backbone weight precisions (comma-separated, from fp32,bf16,int8,int4: "
+                        "model memory, speed, start-up; what `bench precision` runs), added to the JSON as "
+                        "`weight_precisions`")
+    d.add_argument("--accuracy", action="store_true",
+                   help="with --precisions: also the side-tuned accuracy of each (minutes each)")
     d.set_defaults(func=_cmd_bench_device)
     from mobiflower.simulations.bench_precision import add_arguments as add_precision_arguments
 
@@ -310,6 +316,20 @@ def _cmd_bench_device(args) -> int:
                               token_policy=args.token_policy, num_taps=args.num_taps, threads=args.threads,
                               out=args.out, plot=args.plot)
     print(format_table(result))
+    if args.precisions:
+        from mobiflower.simulations.bench_common import write_outputs
+        from mobiflower.simulations.bench_precision import format_table as precision_table
+        from mobiflower.simulations.bench_precision import plot_result, run_precision_bench
+
+        weights = run_precision_bench(model=args.model, precisions=[p for p in args.precisions.split(",") if p.strip()],
+                                      batches=args.batches, batch_size=args.batch_size, threads=args.threads,
+                                      accuracy=args.accuracy, num_taps=args.num_taps)
+        print(precision_table(weights))
+        result["weight_precisions"] = weights
+        out = Path(args.out)
+        write_outputs(result, args.out, str(out.with_name(out.stem + "_precisions.png")),
+                      lambda _merged, path: plot_result(weights, path),
+                      lambda msg: print(msg, file=sys.stderr))
     return 0
 
 

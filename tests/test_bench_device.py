@@ -58,3 +58,24 @@ def test_ratios_acceptance_and_outputs(bench):
     table = format_table(result)
     for name in (*METHODS, "fp32", "lora_vs_device_s"):
         assert name in table
+
+
+def test_bench_device_with_weight_precisions(tmp_path, real_assets):
+    """`mobiflower bench device --precisions ...` adds each precision's model memory, speed and start-up."""
+    import json
+
+    from mobiflower.platform.tiny import make_tiny_model
+    from mobiflower.simulations.cli import main
+
+    model = make_tiny_model("llama", tmp_path / "llama", hidden=64, layers=2)
+    out = tmp_path / "out" / "bench.json"
+    assert main(["bench", "device", "--model", str(model), "--batches", "2", "--batch-size", "4", "--num-taps", "2",
+                 "--threads", "1", "--precisions", "fp32,int8", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["methods"]) == set(METHODS)
+    weights = result["weight_precisions"]
+    for precision in ("fp32", "int8"):
+        e = weights["precisions"][precision]
+        assert e["model_memory_mb"] > 0 and e["s_per_sample"] > 0 and e["warm_start_s"] > 0
+    assert weights["ratios"]["int8_vs_fp32_model_memory"] > 0
+    assert (tmp_path / "out" / "bench_precisions.png").is_file()
