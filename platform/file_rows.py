@@ -79,6 +79,10 @@ class FileRows:
             rows = rows.to(torch.float32).mul_(scale[unique][:, None])
         return rows[inverse].view(*input_ids.shape, self.dim)
 
+    def __getstate__(self) -> dict:
+        # a copy (pickle, deepcopy) opens its own descriptor: two owners of one would close it twice
+        return {**self.__dict__, "_fd": None}
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

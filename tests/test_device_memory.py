@@ -3,6 +3,9 @@ pieces bounded in tokens, and a tokenizer dropped once the device's data is toke
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -75,6 +78,11 @@ def test_prepared_embedding_reads_rows_from_the_file(prepared, precision):
     assert emb.file_rows is not None
     ids = torch.tensor([[5, 1, 5, 7], [0, 3, 2, 2]])
     from_file = emb(ids)
+    rows = emb.file_rows
+    for twin in (copy.deepcopy(rows), pickle.loads(pickle.dumps(rows))):  # each opens its own file
+        assert twin._fd is None and torch.equal(twin.lookup(ids, getattr(emb, "scale", None)), from_file)
+        twin.close()
+    assert torch.equal(rows.lookup(ids, getattr(emb, "scale", None)), from_file)  # still open
     emb.file_rows = None  # the memory-mapped table, as before
     assert torch.equal(from_file, emb(ids))
     with pytest.raises(IndexError, match="outside"):
