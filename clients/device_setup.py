@@ -17,14 +17,14 @@ from typing import Any, Mapping
 
 import torch
 
-from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig, TokenCache
+from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.data import Example, Splits, partition, partition_like, task_samples
 
 _BACKBONES: dict[tuple, Backbone] = {}
 _SPLITS: dict[tuple, Splits] = {}
 _DEVICE_DATA: dict[tuple, Splits] = {}
-_TOKENS: dict[tuple, tuple[TokenCache, set]] = {}
+_TOKENS: dict[tuple, tuple[dict[str, list[int]], set]] = {}
 
 
 class DeviceSetupError(ValueError):
@@ -121,21 +121,23 @@ class DeviceSetup:
         weights in, so the device never holds tokenizer, weights and activations at once."""
         backbone = self.backbone()
         key = (self.model, self.weights, self.num_taps, self.backbone_layers)
-        cache, done = _TOKENS.setdefault(key, (TokenCache(), set()))
+        cache, done = _TOKENS.setdefault(key, ({}, set()))
         config = dataclasses.replace(config or ForwardConfig(), max_tokens=self.max_tokens or None)
         runtime = DeviceRuntime(backbone, config, device_id=self.device_id, tokens=cache)
-        data_key = (self.train_samples, self.validation_samples, self.test_samples, self.partitioning,
-                    self.dirichlet_alpha, self.seed, self.partition_id, self.num_partitions)
+        data_key = self._data_key()
         if data_key not in done:
             data = self.data()
             runtime.pretokenize(list(data.train) + list(data.validation) + list(data.test))
             done.add(data_key)
         return runtime
 
+    def _data_key(self) -> tuple:
+        return (self.train_samples, self.validation_samples, self.test_samples, self.partitioning,
+                self.dirichlet_alpha, self.seed, self.partition_id, self.num_partitions)
+
     def data(self) -> Splits:
         """This device's train / validation / test samples (deterministic from the run config)."""
-        key = (self.train_samples, self.validation_samples, self.test_samples, self.partitioning,
-               self.dirichlet_alpha, self.seed, self.partition_id, self.num_partitions)
+        key = self._data_key()
         if key not in _DEVICE_DATA:
             split_key = (self.train_samples, self.validation_samples, self.test_samples, self.seed)
             if split_key not in _SPLITS:

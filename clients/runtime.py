@@ -86,24 +86,17 @@ def select_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, positions:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-@dataclass
-class TokenCache:
-    """Token ids by text (truncated, unpadded) and the pad id: what a device needs of its
-    tokenizer once its data is tokenized. Runtimes of one device (one per message) may share one."""
-
-    ids: dict[str, list[int]] = field(default_factory=dict)
-    pad_id: int = 0
-
-
 class DeviceRuntime:
     """Forward passes and frame packing for one device's backbone."""
 
     def __init__(self, backbone: Backbone, config: ForwardConfig | None = None, device_id: str = "device-0",
-                 tokens: TokenCache | None = None):
+                 tokens: dict[str, list[int]] | None = None):
         self.backbone = backbone
         self.config = config or ForwardConfig()
         self.device_id = device_id
-        self.tokens = tokens if tokens is not None else TokenCache()
+        # token ids by text (Backbone.token_ids): what the device needs of its tokenizer once its
+        # data is tokenized; the runtimes of one device (one per message) may share one
+        self.tokens: dict[str, list[int]] = tokens if tokens is not None else {}
         for p in backbone.model.parameters():
             assert not p.requires_grad, "the device backbone must be frozen"
 
@@ -178,17 +171,13 @@ class DeviceRuntime:
         return frame, stats
 
     def token_ids(self, examples: Sequence[Example]) -> list[list[int]]:
-        """Each example's token ids (truncated as :meth:`Backbone.tokenize` does, unpadded), from
-        this runtime's cache; texts not seen before are tokenized (loading the tokenizer if it was
-        released) and kept."""
+        """Each example's token ids (:meth:`Backbone.token_ids`), from this runtime's cache; texts
+        not seen before are tokenized (loading the tokenizer if it was released) and kept."""
         cache = self.tokens
-        missing = list(dict.fromkeys(e.prompt for e in examples if e.prompt not in cache.ids))
+        missing = list(dict.fromkeys(e.prompt for e in examples if e.prompt not in cache))
         if missing:
-            tokenizer = self.backbone.tokenizer
-            enc = tokenizer(missing, truncation=True, max_length=self.backbone.max_length)
-            cache.ids.update(zip(missing, enc["input_ids"]))
-            cache.pad_id = int(tokenizer.pad_token_id)
-        return [cache.ids[e.prompt] for e in examples]
+            cache.update(zip(missing, self.backbone.token_ids(missing)))
+        return [cache[e.prompt] for e in examples]
 
     def pretokenize(self, examples: Sequence[Example], release_tokenizer: bool = True) -> int:
         """Tokenize all of ``examples`` (e.g. the device's whole partition) now, then drop the
@@ -203,7 +192,7 @@ class DeviceRuntime:
             self.token_ids(examples)
         if release_tokenizer:
             self.backbone.release_tokenizer()
-        return len(self.tokens.ids)
+        return len(self.tokens)
 
     def _pieces(self, ids: Sequence[list[int]], max_tokens: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(input_ids, attention_mask)`` of a batch's ``ids`` in consecutive pieces of at most
@@ -219,7 +208,7 @@ class DeviceRuntime:
             start = end
         pieces = []
         for start, end, longest in spans:
-            input_ids = torch.full((end - start, longest), self.tokens.pad_id, dtype=torch.long)
+            input_ids = torch.full((end - start, longest), self.backbone.pad_token_id, dtype=torch.long)
             mask = torch.zeros((end - start, longest), dtype=torch.long)
             for row, x in enumerate(ids[start:end]):
                 input_ids[row, :len(x)] = torch.tensor(x, dtype=torch.long)

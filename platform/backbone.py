@@ -208,12 +208,12 @@ class Backbone:
                                          digest if digest is not None else weights_digest(model))
         self.weights_path = weights_path
 
-    @staticmethod
-    def _configure_tokenizer(tokenizer):
+    def _configure_tokenizer(self, tokenizer):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"  # real tokens first: the last real token is at length - 1
         tokenizer.truncation_side = "left"  # keep the prompt's tail, where the task is stated
+        self.pad_token_id = int(tokenizer.pad_token_id)  # known without the tokenizer once it is dropped
         return tokenizer
 
     @property
@@ -231,9 +231,9 @@ class Backbone:
         """Drop the tokenizer and hand its memory back, if it can be loaded again (prepared copies).
 
         Why: a tokenizer is a large set of small heap objects (SmolLM2's: about 13 MB), needed
-        only before the forward. A device that tokenizes a frame's samples first and then lets it
-        go never holds it and the forward's activations at once; loading it again costs about
-        0.1 s (lean tokenizer), once per frame. Returns whether it was released.
+        only to turn text into ids (:meth:`mobiflower.clients.runtime.DeviceRuntime.pretokenize`
+        drops it once the device's data is tokenized). Loading it again, for a text not seen
+        before, costs well under 0.1 s (lean tokenizer). Returns whether it was released.
         """
         if self._tokenizer_loader is None:
             return False
@@ -298,6 +298,11 @@ class Backbone:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's ids, truncated as :meth:`tokenize` truncates them, unpadded (pad with
+        :attr:`pad_token_id` on the right to get :meth:`tokenize`'s rows)."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
 
     def feature_positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Index of the token a classifier reads: the last real token (decoders) or the first (encoders)."""
