@@ -24,11 +24,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from mobiflower.clients.device_setup import DeviceSetup, examples_at
-from mobiflower.clients.inference import LocalClassifier
+from mobiflower.clients.inference import TailClassifier, installed_classifier
 from mobiflower.clients.runtime import ForwardConfig
 from mobiflower.platform import messages as m
 from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
-from mobiflower.platform.side_networks import save_side_network
+from mobiflower.platform.pretrained_tail import save_peft_adapter
+from mobiflower.platform.side_networks import SideNetworkConfig, save_side_network
 from mobiflower.platform.weights import normalize_precision
 
 
@@ -234,10 +235,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     else:
         weights, net_config = _installed(context)
         source = "installed"
-    backbone = setup.backbone()
-    net = m.network_from_records(weights, net_config, backbone.frozen_head_state(lm_head=False), backbone.fingerprint)
-    classifier = LocalClassifier(backbone, net)
-    result = classifier.evaluate(examples, batch_size=int(cfg.get("batch-size", 16)))
+    classifier = installed_classifier(setup.backbone(), SideNetworkConfig.from_json(str(net_config["json"])),
+                                      weights.to_torch_state_dict())
+    try:
+        result = classifier.evaluate(examples, batch_size=int(cfg.get("batch-size", 16)))
+    finally:
+        if isinstance(classifier, TailClassifier):
+            classifier.close()  # the adapter's hooks come off the cached backbone
     rss, peak = _memory_mb()
     stats = m.metrics({"accuracy": result["accuracy"], "zero-shot-accuracy": result["zero_shot_accuracy"],
                        "samples": result["samples"], "seconds": result["seconds"], "rss-mb": rss,
@@ -250,21 +254,23 @@ def deliver(msg: Message, context: Context) -> Message:
     """Install the final side network on this device (context.state, and a file if configured)."""
     setup = _setup(context, msg)
     weights, net_config = msg.content[m.NETWORK_KEY], msg.content[m.NETWORK_CONFIG_KEY]
-    backbone = setup.backbone()
-    net = m.network_from_records(weights, net_config, backbone.frozen_head_state(lm_head=False), backbone.fingerprint)
-    if not net.config.serves(backbone.fingerprint):
-        raise ValueError(f"the delivered side network was trained for {net.config.fingerprint}, this device "
-                         f"runs {backbone.fingerprint}")
+    config, state = SideNetworkConfig.from_json(str(net_config["json"])), weights.to_torch_state_dict()
+    classifier = installed_classifier(setup.backbone(), config, state)  # refuses a network for another backbone
+    if isinstance(classifier, TailClassifier):
+        classifier.close()
     context.state.array_records[INSTALLED_KEY] = weights
     context.state.config_records[INSTALLED_CONFIG_KEY] = net_config
     path = ""
     folder = context.node_config.get("side-network-dir") or context.run_config.get("delivery-dir") or ""
-    if folder:
-        path = str(save_side_network(net, Path(str(folder)) / f"{setup.device_id}.safetensors",
+    if folder and config.family == "tail":  # a PEFT adapter folder for the stock model
+        path = str(save_peft_adapter(config, state, Path(str(folder)) / setup.device_id))
+    elif folder:
+        path = str(save_side_network(classifier.net, Path(str(folder)) / f"{setup.device_id}.safetensors",
                                      extra={"device_id": setup.device_id}))
     reply = RecordDict({
-        m.STATS_KEY: m.metrics({"parameters": sum(p.numel() for p in net.parameters())}),
-        m.CONFIG_KEY: ConfigRecord({"digest": m.network_digest(net), "path": path, "device-id": setup.device_id}),
+        m.STATS_KEY: m.metrics({"parameters": sum(v.numel() for v in state.values())}),
+        m.CONFIG_KEY: ConfigRecord({"digest": m.records_digest(weights, net_config), "path": path,
+                                    "device-id": setup.device_id}),
     })
     return Message(reply, reply_to=msg)
 

@@ -14,15 +14,19 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from mobiflower.clients.runtime import select_tokens
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import dequantize, quantize
 from mobiflower.platform.weights import precision_from_fingerprint
 from mobiflower.platform.data import LABEL_NAMES, VERBALIZERS, Example, format_prompt
+from mobiflower.platform.pretrained_tail import is_peft_adapter, lora_deltas, read_peft_adapter, stock_state, tail_cut
 from mobiflower.platform.side_networks import (
     SideNetwork,
+    SideNetworkConfig,
     SideNetworkError,
+    build_side_network,
     load_side_network,
     make_side_batch,
     read_side_network_config,
@@ -48,7 +52,10 @@ class LocalClassifier:
     @classmethod
     def load(cls, side_network: str | Path, model: str | None = None, backbone: Backbone | None = None,
              match_training_precision: bool = True) -> "LocalClassifier":
-        """Load the delivered side network and the backbone it was trained on (``model`` ref)."""
+        """Load the delivered side network (a side-network file, or a pretrained tail's PEFT adapter
+        folder) and the backbone it was trained on (``model`` ref)."""
+        if is_peft_adapter(side_network):
+            return TailClassifier.load(side_network, model, backbone, match_training_precision)
         config = read_side_network_config(side_network)
         if backbone is None:
             if model is None:
@@ -121,3 +128,96 @@ class LocalClassifier:
         n = len(examples)
         return {"accuracy": correct / n, "zero_shot_accuracy": zs_correct / n if self._verbalizers else float("nan"),
                 "samples": n, "seconds": time.perf_counter() - start_t}
+
+
+class TailClassifier(LocalClassifier):
+    """The device's own backbone with a delivered pretrained-tail adapter on its upper blocks.
+
+    The LoRA weights are applied to the device's blocks ``cut ..`` by forward hooks that add
+    ``(alpha / r) x A^T B^T`` to each target projection's output, so it works on every weight
+    precision and on the lean forward (a quantized projection is never dequantized whole) and holds
+    nothing but the adapter beyond inference itself. By default the cut block's output passes the
+    same quantize/dequantize round trip training saw. Call :meth:`close` to take the hooks off.
+    """
+
+    def __init__(self, backbone: Backbone, config: SideNetworkConfig, tensors: dict[str, torch.Tensor],
+                 match_training_precision: bool = True):
+        total = int(config.backbone_config["num_hidden_layers"])
+        if backbone.num_layers != total or backbone.hidden_size != config.hidden_size:
+            raise SideNetworkError(f"this adapter runs on blocks {tail_cut(config)}..{total - 1} of a {total}-block "
+                                   f"backbone of width {config.hidden_size}; this device's backbone has "
+                                   f"{backbone.num_layers} blocks of width {backbone.hidden_size}: run it on the "
+                                   "whole model it was trained for")
+        deltas, head = lora_deltas(config, tensors)
+        self.config = config
+        self.backbone = backbone
+        self.backbone_tag = ""
+        self.layers = [total - 1]
+        self.match_training_precision = match_training_precision
+        self._verbalizers = None  # the adapter changes the final state: no zero-shot answer from it
+        self.head = head
+        scale = config.lora_alpha / config.lora_rank
+        self._hooks = []
+        for (block, name), (a, b) in sorted(deltas.items()):
+            module = backbone.blocks[block].get_submodule(name)
+
+            def add_delta(_module, inputs, output, a=a, b=b):
+                x = inputs[0]
+                return output + scale * F.linear(F.linear(x.to(a.dtype), a), b).to(output.dtype)
+
+            self._hooks.append(module.register_forward_hook(add_delta))
+        if match_training_precision and config.bits < 16:
+            self._hooks.append(backbone.blocks[tail_cut(config) - 1].register_forward_hook(self._round_trip))
+
+    @classmethod
+    def load(cls, adapter: str | Path, model: str | None = None, backbone: Backbone | None = None,
+             match_training_precision: bool = True) -> "TailClassifier":
+        """The adapter folder :func:`save_peft_adapter` wrote, on ``backbone`` (or ``model``, by default
+        the one the adapter names, at the precision it was trained with)."""
+        config, tensors = read_peft_adapter(adapter)
+        if backbone is None:
+            model = model or config.extra.get("model")
+            if not model:
+                raise SideNetworkError(f"{adapter} does not name its backbone: pass --model")
+            precision = precision_from_fingerprint(config.fingerprint)
+            backbone = Backbone.load(model, layers=[int(config.backbone_config["num_hidden_layers"]) - 1],
+                                     weights=None if precision in (None, "fp32") else precision)
+        return cls(backbone, config, tensors, match_training_precision)
+
+    def _round_trip(self, _module, _inputs, output):
+        """The cut block's output as the server saw it: through the codec at the training bit-width."""
+        cfg = self.config
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        rows = dequantize(quantize(hidden.reshape(-1, hidden.shape[-1]).float(), cfg.bits, cfg.group_size,
+                                   cfg.rotation)).reshape(hidden.shape).to(hidden.dtype)
+        return (rows, *output[1:]) if isinstance(output, (tuple, list)) else rows
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    @torch.inference_mode()
+    def logits(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        enc = self.backbone.tokenize(prompts)
+        mask = enc["attention_mask"]
+        final = self.backbone.forward_taps(enc["input_ids"], mask, lambda _layer, _hidden: None, layers=self.layers,
+                                           need_final=True)
+        positions = self.backbone.feature_positions(mask)
+        feature = final[torch.arange(final.shape[0]), positions].float()
+        return F.linear(feature, self.head), None
+
+
+def installed_classifier(backbone: Backbone, config: SideNetworkConfig, state: dict[str, torch.Tensor],
+                         match_training_precision: bool = True) -> LocalClassifier:
+    """The classifier a device runs from a sent side network (its config and trainable state)."""
+    if config.family == "tail":
+        return TailClassifier(backbone, config, {k: v.float() for k, v in stock_state(config, state).items()},
+                              match_training_precision)
+    if not config.serves(backbone.fingerprint):
+        raise SideNetworkError(f"the side network was trained for {config.fingerprint}, this device runs "
+                               f"{backbone.fingerprint}: use a side network trained for this backbone")
+    frozen = backbone.frozen_head_state(lm_head=config.head == "lm")
+    net = build_side_network(config, frozen, {backbone.fingerprint: frozen})
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return LocalClassifier(backbone, net.eval(), match_training_precision)

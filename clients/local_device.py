@@ -19,7 +19,6 @@ from mobiflower.clients.inference import LocalClassifier
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.data import task_samples
-from mobiflower.platform.side_networks import load_side_network, read_side_network_config
 
 
 @dataclass(frozen=True)
@@ -82,10 +81,8 @@ def _run(conn, config: LocalDeviceConfig) -> None:
     message = conn.recv()
     if message.get("type") != "deliver":
         return
-    head = read_side_network_config(message["path"]).head
-    net = load_side_network(message["path"], backbone.frozen_head_state(lm_head=head == "lm"),
-                            fingerprint=backbone.fingerprint)
-    classifier = LocalClassifier(backbone, net, match_training_precision=message.get("match_precision", True))
+    classifier = LocalClassifier.load(message["path"], backbone=backbone,
+                                      match_training_precision=message.get("match_precision", True))
     done = 0
 
     def progress(n: int) -> None:

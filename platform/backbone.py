@@ -281,7 +281,8 @@ class Backbone:
         layers = [int(i) for i in layers]
         if not layers or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= self.num_layers:
             raise BackboneError(f"tapped layers {layers} must be strictly increasing block ids in "
-                                f"0..{self.num_layers - 1}")
+                                f"0..{self.num_layers - 1} (this model has {self.num_layers} blocks): choose layers "
+                                f"(or a tail-cut of at most {self.num_layers - 1}) within it")
         return layers
 
     @property

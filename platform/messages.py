@@ -61,28 +61,34 @@ def frame_bytes(record: ArrayRecord) -> bytes:
     return bytes(array.data)
 
 
-def network_records(net: SideNetwork) -> tuple[ArrayRecord, ConfigRecord]:
-    """A side network as (weights, config) records: what a device needs to rebuild it."""
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+def network_records(net: SideNetwork, dtype: torch.dtype | None = torch.float16) -> tuple[ArrayRecord, ConfigRecord]:
+    """A side network as (weights, config) records: what a device needs to rebuild it. Floating-point
+    tensors travel in ``dtype`` (half precision by default: half the bytes down; None keeps them)."""
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in net.state_dict().items()}
     return ArrayRecord(torch_state_dict=state), ConfigRecord({"json": net.config.to_json()})
+
+
+def records_digest(weights: ArrayRecord, config: ConfigRecord) -> str:
+    """A short digest of a sent side network (its config and weights as they travel): the server's and
+    the device's agree when a delivery arrived intact."""
+    h = hashlib.sha256(str(config["json"]).encode())
+    update_digest(h, weights.to_torch_state_dict())
+    return h.hexdigest()[:16]
 
 
 def network_from_records(weights: ArrayRecord, config: ConfigRecord,
                          frozen: Mapping[str, torch.Tensor] | None = None, fingerprint: str = "") -> SideNetwork:
     """Rebuild a side network sent by :func:`network_records` (eval mode); ``frozen`` is the frozen
-    head state of the receiving device's backbone (``fingerprint``, one of the network's backbones)."""
+    head state of the receiving device's backbone (``fingerprint``, one of the network's backbones).
+    A pretrained tail needs its upper blocks: the device runs it with
+    :class:`mobiflower.clients.inference.TailClassifier` instead."""
     frozen = dict(frozen or {})
     net = build_side_network(SideNetworkConfig.from_json(str(config["json"])), frozen,
                              {fingerprint: frozen} if fingerprint else None)
-    net.load_state_dict(weights.to_torch_state_dict())
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v
+                         for k, v in weights.to_torch_state_dict().items()})
     return net.eval()
-
-
-def network_digest(net: SideNetwork) -> str:
-    """A short digest of a side network's weights and config: proves a delivery arrived intact."""
-    h = hashlib.sha256(net.config.to_json().encode())
-    update_digest(h, net.state_dict())
-    return h.hexdigest()[:16]
 
 
 def array_bytes(record: ArrayRecord) -> int:

@@ -1,6 +1,7 @@
 """Side networks: the small, trainable bypass that learns from a frozen backbone's tapped states.
 
-Two families (DESIGN.md section 1):
+Three families (DESIGN.md section 1); the third, the pretrained tail, lives in
+:mod:`mobiflower.platform.pretrained_tail`:
 
 * ``ladder`` (Ladder Side-Tuning / QST): per tapped layer, a down-projection d -> d/r of the
   backbone state is fused into the running side state by a learned sigmoid gate, then a small
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-FAMILIES = ("ladder", "adapter")
+FAMILIES = ("ladder", "adapter", "tail")
 HEADS = ("classification", "lm")
 
 
@@ -64,6 +65,13 @@ class SideNetworkConfig:
     # fingerprint -> their tapped layers, slot by slot aligned with ``layers`` (evenly spaced over
     # each backbone's own depth). Each gets its own input norms and projections to the side width.
     backbones: dict[str, list[int]] = field(default_factory=dict)
+    # The pretrained tail (family "tail"): LoRA on the backbone's blocks above the cut (``layers[0] + 1``),
+    # and the backbone's transformers config, which the server rebuilds those blocks from.
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    backbone_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -79,6 +87,9 @@ class SideNetworkConfig:
                 raise SideNetworkError(
                     f"backbone {fingerprint} taps {layers}: each further backbone needs as many strictly increasing "
                     f"tapped layers as the side network has slots ({len(self.layers)}), and a fingerprint of its own")
+        if self.family == "tail" and not self.backbone_config:
+            raise SideNetworkError("a pretrained tail needs the backbone's config (backbone_config): build it with "
+                                   "mobiflower.platform.pretrained_tail.load_tail_weights")
         if self.head == "lm" and self.token_policy == "last":
             raise SideNetworkError("an LM head needs every token: use token_policy 'nonpad' or 'all'")
 
@@ -364,6 +375,10 @@ def build_side_network(config: SideNetworkConfig, frozen: dict[str, torch.Tensor
     """A fresh side network of ``config.family``; ``frozen`` holds the backbone's final norm / LM head
     (``frozen_by_backbone``: a further backbone's own, by fingerprint; default ``frozen``)."""
     frozen = frozen or {}
+    if config.family == "tail":  # frozen: the public weights of blocks cut.. and the final norm
+        from mobiflower.platform.pretrained_tail import PretrainedTailNetwork
+
+        return PretrainedTailNetwork(config, frozen)  # type: ignore[return-value]
     cls = LadderSideNetwork if config.family == "ladder" else ParallelAdapterSideNetwork
     return cls(config, frozen, frozen_by_backbone)
 

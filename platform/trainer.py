@@ -53,8 +53,13 @@ class TrainConfig:
     device: str = "auto"  # "auto" = CUDA when present, else CPU
     cache_bytes: int = 2 << 30  # bound of the activation cache (quantized bytes)
     average_epochs: int = 5  # deliver the mean of the last k epochs' weights (tail averaging); 0 = the last
+    # "bf16": forward and backward under bfloat16 autocast (weights, optimizer and gradients stay fp32);
+    # about twice as fast where the CPU has native bf16 (the pretrained tail's default there)
+    mixed_precision: str = "none"
 
     def __post_init__(self) -> None:
+        if self.mixed_precision not in ("none", "bf16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} must be 'none' or 'bf16'")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule={self.schedule!r} must be 'linear', 'cosine' or 'constant'")
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
@@ -252,7 +257,8 @@ class SideTrainer:
         losses: list[tuple[float, int]] = []
         for part in parts:
             part = part.to(self.device)
-            logits = self.net(part)
+            with self._autocast():
+                logits = self.net(part).float()
             if part.targets is None and self.residuals is not None:
                 loss = self._residual_objective(logits, part)
                 if loss is None:
@@ -273,6 +279,9 @@ class SideTrainer:
             self.scheduler.step()
         self.step += 1
         return value
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16")
 
     def _residual_objective(self, logits: torch.Tensor, batch: SideBatch) -> torch.Tensor | None:
         """Label-private: a surrogate whose gradient is the mean cross-entropy's, from devices' residuals.
@@ -356,7 +365,8 @@ class SideTrainer:
             decoded = frame if isinstance(frame, DecodedFrame) else self.decode(frame)
             for _, idx in self._minibatches([decoded], shuffle=False):
                 batch = decoded.batch(idx).to(self.device)
-                logits = self.net(batch)
+                with self._autocast():
+                    logits = self.net(batch).float()
                 loss = side_network_loss(logits, batch)
                 if logits.dim() == 2:
                     n = len(idx)

@@ -139,21 +139,31 @@ def _add_local(sub) -> None:
     p.add_argument("--seed", type=int, default=d["seed"].default)
     p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=d["bits"].default)
     p.add_argument("--group-size", type=int, default=None, help="values per scale (default: 64 at 8 bits, 32 below)")
-    p.add_argument("--token-policy", choices=["last", "nonpad", "all"], default=d["token_policy"].default)
-    p.add_argument("--family", choices=["adapter", "ladder"], default=d["family"].default)
+    p.add_argument("--token-policy", choices=["last", "nonpad", "all"], default=None,
+                   help="tokens each frame carries (default: 'nonpad' for the tail, else 'last')")
+    p.add_argument("--family", choices=["tail", "ladder", "adapter"], default=d["family"].default,
+                   help="tail: the backbone's upper blocks with LoRA on the server; ladder / adapter: small side "
+                        "networks from random weights")
+    p.add_argument("--tail-cut", type=int, default=d["tail_cut"].default,
+                   help="tail: the device forwards blocks 0..cut-1, the server trains cut..")
+    p.add_argument("--lora-rank", type=int, default=d["lora_rank"].default, help="tail: LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=d["lora_alpha"].default, help="tail: LoRA alpha")
+    p.add_argument("--lora-targets", default=",".join(d["lora_targets"].default),
+                   help="tail: comma-separated module names LoRA wraps")
     p.add_argument("--num-taps", type=int, default=d["num_taps"].default)
     p.add_argument("--layers", type=_layers, default=None, help="tapped block ids (overrides --num-taps)")
     p.add_argument("--reduction", type=int, default=d["reduction"].default)
     p.add_argument("--dropout", type=float, default=d["dropout"].default)
-    p.add_argument("--epochs", type=int, default=d["epochs"].default)
-    p.add_argument("--average-epochs", type=int, default=d["average_epochs"].default,
-                   help="deliver the mean weights of the last k epochs (tail averaging); 0 = the last epoch's")
+    p.add_argument("--epochs", type=int, default=None, help="default: 2 tail, 20 ladder / adapter")
+    p.add_argument("--average-epochs", type=int, default=None,
+                   help="deliver the mean weights of the last k epochs (tail averaging); 0 = the last epoch's "
+                        "(default: 0 tail, 5 ladder / adapter)")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"default: {d['lr'].default:g} side network, 5e-4 LoRA, 2e-5 full fine-tuning")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"].default)
+                   help="default: 2e-3 tail, 3e-4 ladder / adapter, 5e-4 LoRA, 2e-5 full fine-tuning")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: 0 tail, 0.1 ladder / adapter")
     p.add_argument("--select", choices=["last", "best-val"], default=d["select"].default,
                    help="deliver the last epoch's side network or the best on validation")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"].default)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 16 tail, 32 ladder / adapter")
     p.add_argument("--chunk-size", type=int, default=d["chunk_size"].default, help="samples per frame")
     p.add_argument("--device-threads", type=int, default=d["device_threads"].default)
     p.add_argument("--workdir", default=d["workdir"].default)
@@ -180,8 +190,10 @@ def _cmd_local(args) -> int:
                                 validation_samples=args.validation_samples, test_samples=args.test_samples,
                                 seed=args.seed, bits=args.bits, group_size=args.group_size, token_policy=args.token_policy, family=args.family,
                                 num_taps=args.num_taps, layers=args.layers, reduction=args.reduction,
-                                dropout=args.dropout, epochs=args.epochs, average_epochs=args.average_epochs,
-                                lr=args.lr if args.lr is not None else LocalRunConfig.lr,
+                                dropout=args.dropout, tail_cut=args.tail_cut, lora_rank=args.lora_rank,
+                                lora_alpha=args.lora_alpha,
+                                lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+                                epochs=args.epochs, average_epochs=args.average_epochs, lr=args.lr,
                                 weight_decay=args.weight_decay, select=args.select,
                                 batch_size=args.batch_size, chunk_size=args.chunk_size,
                                 device_threads=args.device_threads, workdir=args.workdir)
@@ -195,7 +207,10 @@ def _cmd_local(args) -> int:
 def _add_infer(sub) -> None:
     p = sub.add_parser("infer", help="classify text on the device with backbone + side network")
     p.add_argument("texts", nargs="*", help="texts to classify (default: read lines from stdin)")
-    p.add_argument("--side-network", default="runs/local/side_network.safetensors")
+    p.add_argument("--side-network", default=None,
+                   help="a delivered side network: a pretrained tail's adapter folder or a .safetensors file "
+                        "(default: what the last `mobiflower local` delivered, runs/local/adapter or "
+                        "runs/local/side_network.safetensors)")
     p.add_argument("--model", default=None, help="backbone (default: the one the side network names)")
     p.add_argument("--full-precision", action="store_true",
                    help="feed unquantized states (default: the bit-width training saw)")
@@ -205,7 +220,10 @@ def _add_infer(sub) -> None:
 def _cmd_infer(args) -> int:
     from mobiflower.clients.inference import LocalClassifier
 
-    if not Path(args.side_network).is_file():
+    if args.side_network is None:
+        found = [p for p in ("runs/local/adapter", "runs/local/side_network.safetensors") if Path(p).exists()]
+        args.side_network = max(found, key=lambda p: Path(p).stat().st_mtime) if found else "runs/local/adapter"
+    if not Path(args.side_network).exists():
         print(f"error: no side network at {args.side_network}: run `mobiflower local` first or pass "
               "--side-network", file=sys.stderr)
         return 2

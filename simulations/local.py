@@ -30,9 +30,22 @@ from mobiflower.clients.local_device import LocalDeviceConfig, run_device
 from mobiflower.clients.runtime import ForwardConfig
 from mobiflower.platform.codec import default_group_size
 from mobiflower.platform.frames import decode_frame
-from mobiflower.platform.weights import normalize_precision
+from mobiflower.platform.weights import bf16_native, normalize_precision
+from mobiflower.platform.pretrained_tail import load_tail_weights, save_peft_adapter
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
 from mobiflower.platform.trainer import SideTrainer, TrainConfig, chunk_sizes, planned_steps
+
+
+# What each side-network family trains best with (chosen on validation, RESULTS.md); a field left
+# None takes its family's value.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ladder": {"token_policy": "last", "mixed_precision": "none", "epochs": 20, "average_epochs": 5, "lr": 3e-4, "weight_decay": 0.1,
+               "batch_size": 32},
+    "adapter": {"token_policy": "last", "mixed_precision": "none", "epochs": 20, "average_epochs": 5, "lr": 3e-4, "weight_decay": 0.1,
+                "batch_size": 32},
+    "tail": {"token_policy": "nonpad", "epochs": 2, "average_epochs": 0, "lr": 2e-3, "weight_decay": 0.0,
+             "batch_size": 16, "mixed_precision": "auto"},
+}
 
 
 @dataclass
@@ -48,18 +61,23 @@ class LocalRunConfig:
     bits: int = 8
     group_size: int | None = None  # None: 64 at 8 bits, 32 at 4 and 2 bits
     rotation: str = "hadamard"
-    token_policy: str = "last"
+    token_policy: str | None = None  # None: the family's ("nonpad" for the tail, else "last")
     num_taps: int = 8
     layers: tuple[int, ...] | None = None
-    family: str = "ladder"
+    family: str = "tail"
     reduction: int = 8
     dropout: float = 0.3
-    epochs: int = 20
-    average_epochs: int = 5  # deliver the mean weights of the last k epochs (0 = the last epoch's)
-    lr: float = 3e-4
-    weight_decay: float = 0.1
+    tail_cut: int = 15  # tail: the device forwards blocks 0..cut-1, the server trains blocks cut..
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    epochs: int | None = None
+    average_epochs: int | None = None  # deliver the mean weights of the last k epochs (0 = the last epoch's)
+    lr: float | None = None
+    weight_decay: float | None = None
     select: str = "last"  # deliver the last epoch's side network, or the one with the "best-val" accuracy
-    batch_size: int = 32
+    batch_size: int | None = None
+    mixed_precision: str | None = None  # server training: "none", "bf16", or "auto" (bf16 where the CPU has it natively)
     device_batch_size: int = 16
     chunk_size: int = 128
     device_threads: int = max(1, os.cpu_count() or 1)
@@ -69,13 +87,28 @@ class LocalRunConfig:
     train: TrainConfig = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILY_DEFAULTS:
+            raise ValueError(f"family={self.family!r} is unknown: choose one of {sorted(FAMILY_DEFAULTS)}")
+        for name, value in FAMILY_DEFAULTS[self.family].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.family == "tail":
+            if self.token_policy == "last":
+                raise ValueError("the pretrained tail reads every real token of the cut layer: use token policy "
+                                 "'nonpad' (the default for family 'tail')")
+            if self.tail_cut < 1:
+                raise ValueError(f"tail_cut={self.tail_cut} must be at least 1")
+            self.layers = (self.tail_cut - 1,)
+        if self.mixed_precision == "auto":
+            self.mixed_precision = "bf16" if (bf16_native() or torch.cuda.is_available()) else "none"
         self.weights = normalize_precision(self.weights)
         if self.group_size is None:
             self.group_size = default_group_size(self.bits)
         self.forward = ForwardConfig(bits=self.bits, group_size=self.group_size, rotation=self.rotation,
                                      token_policy=self.token_policy, batch_size=self.device_batch_size, seed=self.seed)
         self.train = TrainConfig(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
-                                 batch_size=self.batch_size, seed=self.seed, average_epochs=self.average_epochs)
+                                 batch_size=self.batch_size, seed=self.seed, average_epochs=self.average_epochs,
+                                 mixed_precision=self.mixed_precision)
         if self.select not in ("last", "best-val"):
             raise ValueError(f"select={self.select!r} must be 'last' or 'best-val'")
         for name in ("train_samples", "validation_samples", "test_samples", "chunk_size", "epochs"):
@@ -128,12 +161,21 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
     hello = _recv(conn, device)
     log(f"[server] device ready: {hello['fingerprint']}, taps {hello['layers']}, backbone loaded in "
         f"{hello['load_s']:.1f} s")
+    tail = {}
+    frozen = {k: torch.from_numpy(v) for k, v in hello["frozen"].items()}
+    if config.family == "tail":  # the server loads the public weights of blocks cut.. itself
+        public = load_tail_weights(config.model, config.tail_cut)
+        public.check_device(hello["fingerprint"])
+        frozen = public.weights
+        tail = {"backbone_config": public.backbone_config, "lora_rank": config.lora_rank,
+                "lora_alpha": config.lora_alpha, "lora_targets": list(config.lora_targets)}
+        log(f"[server] public weights of blocks {config.tail_cut}..{public.backbone_config['num_hidden_layers'] - 1} "
+            f"loaded ({public.fingerprint})")
     side_config = SideNetworkConfig(
         hidden_size=hello["hidden_size"], layers=list(hello["layers"]), fingerprint=hello["fingerprint"],
         family=config.family, reduction=config.reduction, dropout=config.dropout, norm_eps=hello["norm_eps"],
         feature_token="last" if hello["is_decoder"] else "first", bits=config.bits, group_size=config.group_size,
-        rotation=config.rotation, token_policy=config.token_policy, extra={"model": config.model})
-    frozen = {k: torch.from_numpy(v) for k, v in hello["frozen"].items()}
+        rotation=config.rotation, token_policy=config.token_policy, extra={"model": config.model}, **tail)
     torch.manual_seed(config.seed)  # the side network's initial weights are part of the run's seed
     net = build_side_network(side_config, frozen)
     total_steps = planned_steps(chunk_sizes(hello["train"], config.chunk_size), config.batch_size, config.epochs)
@@ -192,9 +234,12 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
         trainer.net.load_state_dict(best["state"])
     elif trainer.use_average():
         log(f"[server] delivering the mean of the last {trainer.averaged} epochs' weights (tail averaging)")
-    export = trainer.export(workdir / "side_network.safetensors")
+    if config.family == "tail":  # a PEFT adapter for the stock model, fp16
+        export = save_peft_adapter(side_config, trainer.net.state_dict(), workdir / "adapter", config.model)
+    else:
+        export = trainer.export(workdir / "side_network.safetensors")
     log(f"[server] delivering the epoch-{best['epoch']} side network (validation accuracy {best['accuracy']:.4f}, "
-        f"{export.stat().st_size / 1024:.0f} KiB) to the device for local inference")
+        f"{_size(export) / 1024:.0f} KiB) to the device for local inference")
     conn.send({"type": "deliver", "path": str(export.resolve()), "match_precision": config.match_precision})
 
     test_bar = tqdm(total=hello["test"], desc="device test inference", unit="sample", disable=not progress,
@@ -235,6 +280,7 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
         "wall_s": time.perf_counter() - wall0,
         "trainable_parameters": net.num_trainable(),
         "side_network": str(export),
+        "delivery_bytes": _size(export),
         "history": history,
         "config": {k: v for k, v in asdict(config).items() if k != "train"},
     }
@@ -242,6 +288,11 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _size(path: Path) -> int:
+    """Bytes of a delivered file, or of every file in a delivered folder."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def format_summary(result: dict[str, Any]) -> str:

@@ -19,14 +19,19 @@ class SideTuningConfig:
 
     # side networks and optimisation (server side)
     mode: str = "shared"  # shared | per-device | hybrid
-    family: str = "ladder"  # ladder | adapter
+    family: str = "tail"  # tail (pretrained upper blocks + LoRA) | ladder | adapter
+    tail_cut: int = 15  # tail: devices forward blocks 0..cut-1, the server trains blocks cut.. with LoRA
+    lora_rank: int = 8  # tail: LoRA rank, alpha and the modules it wraps (comma-separated)
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,v_proj"
+    mixed_precision: str = "auto"  # server training: none | bf16 | auto (bf16 for the tail where the CPU has it)
     reduction: int = 8
     dropout: float = 0.3
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    batch_size: int = 32
-    rounds: int = 20  # one round = one epoch over the fleet's training samples
-    average_epochs: int = 5  # deliver the mean weights of the last k rounds (tail averaging); 0 = the last
+    lr: float = 2e-3  # the tail's; ladder / adapter train best near 3e-4 (weight-decay 0.1, batch 32, 20 rounds)
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    rounds: int = 2  # one round = one epoch over the fleet's training samples
+    average_epochs: int = 0  # deliver the mean weights of the last k rounds (tail averaging); 0 = the last
     activation_cache: bool = True  # later rounds train from cached activations: devices forward once
     cache_mb: int = 2048
     side_memory_mb: float = 0.0  # per-device mode: side networks resident beyond this are paged to run-dir (0 = all in memory)
@@ -44,7 +49,7 @@ class SideTuningConfig:
     overlap: bool = True  # train on frames in a background thread while pulling; false = serial baseline
     device_batch_size: int = 16
     bits: int = 8
-    token_policy: str = "last"
+    token_policy: str = "auto"  # last | nonpad | all | auto (nonpad for the tail, last otherwise)
     # fleets: links, scheduling and adaptation
     fleet: str = ""  # simulation: a fleet (name or TOML path) whose links and speeds drive a virtual clock
     adapt: bool = False  # per device, pick bit-width and tapped layers to finish streaming by the deadline
@@ -66,8 +71,25 @@ class SideTuningConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is unknown: use one of {', '.join(MODES)}")
-        if self.family not in ("ladder", "adapter"):
-            raise ConfigError(f"family={self.family!r} is unknown: use 'ladder' or 'adapter'")
+        if self.family not in ("tail", "ladder", "adapter"):
+            raise ConfigError(f"family={self.family!r} is unknown: use 'tail', 'ladder' or 'adapter'")
+        if self.token_policy == "auto":
+            self.token_policy = "nonpad" if self.family == "tail" else "last"
+        if self.token_policy not in ("last", "nonpad", "all"):
+            raise ConfigError(f"token-policy={self.token_policy!r} is unknown: use 'last', 'nonpad', 'all' or 'auto'")
+        if self.family == "tail" and self.token_policy == "last":
+            raise ConfigError("family 'tail' reads every real token of the cut layer: set token-policy = 'nonpad' "
+                              "(or 'auto')")
+        if self.family == "tail" and (self.tail_cut < 1 or self.lora_rank < 1 or self.lora_alpha <= 0
+                                      or not self.lora_target_list):
+            raise ConfigError(f"tail-cut={self.tail_cut} and lora-rank={self.lora_rank} must be at least 1, "
+                              f"lora-alpha={self.lora_alpha} positive, lora-targets={self.lora_targets!r} non-empty")
+        if self.mixed_precision == "auto":
+            from mobiflower.platform.weights import bf16_native
+
+            self.mixed_precision = "bf16" if self.family == "tail" and bf16_native() else "none"
+        if self.mixed_precision not in ("none", "bf16"):
+            raise ConfigError(f"mixed-precision={self.mixed_precision!r} is unknown: use 'none', 'bf16' or 'auto'")
         for name in ("rounds", "chunk_size", "in_flight", "send_window", "batch_size", "device_batch_size", "reduction"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -107,6 +129,10 @@ class SideTuningConfig:
         if self.mode == "hybrid" and not self.activation_cache:
             raise ConfigError("mode 'hybrid' fine-tunes personal heads from the activation cache: set "
                               "activation-cache = true")
+
+    @property
+    def lora_target_list(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "SideTuningConfig":

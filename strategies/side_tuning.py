@@ -49,7 +49,8 @@ from mobiflower.platform import messages as m
 from mobiflower.platform.intake import FrameIntake
 from mobiflower.platform.process_memory import RssSampler, current_rss_mb
 from mobiflower.platform.run_summary import write_summary
-from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network, save_side_network
+from mobiflower.platform.pretrained_tail import load_tail_weights, save_peft_adapter
+from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, build_side_network, save_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.trainer import TrainConfig
 from mobiflower.strategies.config import SideTuningConfig
@@ -473,33 +474,22 @@ class SideTuningStrategy(Strategy):
         primary = min(by_fingerprint, key=lambda fp: (-len(by_fingerprint[fp]),
                                                       -int(by_fingerprint[fp][0].profile["num-layers"]), fp))
         first = by_fingerprint[primary][0].profile
-        others: dict[str, list[int]] = {}
-        for fp, devs in by_fingerprint.items():
-            if fp == primary:
-                continue
-            desc = devs[0].profile
-            if int(desc["hidden-size"]) != int(first["hidden-size"]) or len(desc["layers"]) != len(first["layers"]):
-                raise FleetError(
-                    f"the devices run backbones that one side network cannot serve: {primary} (width "
-                    f"{first['hidden-size']}, {len(first['layers'])} taps) and {fp} (width {desc['hidden-size']}, "
-                    f"{len(desc['layers'])} taps); a heterogeneous fleet needs one family: the same hidden size "
-                    f"and the same num-taps (set num-taps for every device)")
-            others[fp] = [int(x) for x in desc["layers"]]
-        if others:
-            log(INFO, "heterogeneous fleet: %s on %s; %s", primary, [d.device_id for d in by_fingerprint[primary]],
-                "; ".join(f"{fp} taps {layers} on {[d.device_id for d in by_fingerprint[fp]]}"
-                          for fp, layers in others.items()))
-        frozen = frozen_by[primary]
         cfg = self.config
+        if cfg.family == "tail":
+            frozen, others, tail_keys = self._public_tail(str(first["model"]), primary, by_fingerprint)
+            layers = [cfg.tail_cut - 1]
+        else:
+            frozen, others, tail_keys = frozen_by[primary], self._side_backbones(primary, by_fingerprint), {}
+            layers = [int(x) for x in first["layers"]]
         self.side_config = SideNetworkConfig(
-            hidden_size=int(first["hidden-size"]), layers=[int(x) for x in first["layers"]],
+            hidden_size=int(first["hidden-size"]), layers=layers,
             fingerprint=str(first["fingerprint"]), family=cfg.family, reduction=cfg.reduction, dropout=cfg.dropout,
             norm_eps=float(first["norm-eps"]), feature_token="last" if first["is-decoder"] else "first",
             bits=cfg.bits, group_size=64 if cfg.bits >= 8 else 32, token_policy=cfg.token_policy,
-            extra={"model": str(first["model"])}, backbones=others)
+            extra={"model": str(first["model"])}, backbones=others, **tail_keys)
         train = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.rounds, batch_size=cfg.batch_size,
                             seed=cfg.seed, cache_bytes=cfg.cache_mb << 20 if cfg.activation_cache else 0,
-                            average_epochs=cfg.average_epochs)
+                            average_epochs=cfg.average_epochs, mixed_precision=cfg.mixed_precision)
 
         def make_net():
             torch.manual_seed(cfg.seed)  # the side network's initial weights are part of the run's seed
@@ -540,6 +530,51 @@ class SideTuningStrategy(Strategy):
                     per_sample = 1.0 / rate
                     self.policy.seed(dev.device_id, self.clock.profiles[dev.device_id].compute_s(per_sample)
                                      if self.clock is not None else per_sample)
+
+    @staticmethod
+    def _side_backbones(primary: str, by_fingerprint: dict[str, list[DeviceState]]) -> dict[str, list[int]]:
+        """A ladder / adapter network's further backbones: their taps, slot by slot (one family only)."""
+        first = by_fingerprint[primary][0].profile
+        others: dict[str, list[int]] = {}
+        for fp, devs in by_fingerprint.items():
+            if fp == primary:
+                continue
+            desc = devs[0].profile
+            if int(desc["hidden-size"]) != int(first["hidden-size"]) or len(desc["layers"]) != len(first["layers"]):
+                raise FleetError(
+                    f"the devices run backbones that one side network cannot serve: {primary} (width "
+                    f"{first['hidden-size']}, {len(first['layers'])} taps) and {fp} (width {desc['hidden-size']}, "
+                    f"{len(desc['layers'])} taps); a heterogeneous fleet needs one family: the same hidden size "
+                    f"and the same num-taps (set num-taps for every device)")
+            others[fp] = [int(x) for x in desc["layers"]]
+        if others:
+            log(INFO, "heterogeneous fleet: %s on %s; %s", primary, [d.device_id for d in by_fingerprint[primary]],
+                "; ".join(f"{fp} taps {layers} on {[d.device_id for d in by_fingerprint[fp]]}"
+                          for fp, layers in others.items()))
+        return others
+
+    def _public_tail(self, model: str, primary: str, by_fingerprint: dict[str, list[DeviceState]]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, Any]]:
+        """The pretrained tail's public weights (loaded here, from ``model``), checked against every
+        device's backbone; every device sends block ``cut - 1``, whatever its depth or precision."""
+        cfg = self.config
+        try:
+            public = load_tail_weights(model, cfg.tail_cut)
+            for fp, devs in by_fingerprint.items():
+                try:
+                    public.check_device(fp)
+                except SideNetworkError as err:
+                    raise FleetError(f"devices {[d.device_id for d in devs]}: {err}") from None
+        except SideNetworkError as err:
+            raise FleetError(str(err)) from None
+        others = {fp: [cfg.tail_cut - 1] for fp in by_fingerprint if fp != primary}
+        total = int(public.backbone_config["num_hidden_layers"])
+        log(INFO, "pretrained tail: devices forward blocks 0..%d, the server trains blocks %d..%d of %s with LoRA "
+            "(r %d, %s)", cfg.tail_cut - 1, cfg.tail_cut, total - 1, public.fingerprint, cfg.lora_rank,
+            cfg.lora_targets)
+        keys = {"backbone_config": public.backbone_config, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+                "lora_targets": cfg.lora_target_list}
+        return public.weights, others, keys
 
     # ---- checkpoints --------------------------------------------------------------------------
     _RESUMED_FIELDS = ("next_offset", "bytes_up", "bytes_down", "frame_bytes", "frames", "samples_forwarded",
@@ -1013,7 +1048,10 @@ class SideTuningStrategy(Strategy):
         exported = self.run_dir / "side_networks"
 
         def export(device: str, net) -> None:
-            save_side_network(net, exported / f"{device}.safetensors")
+            if net.config.family == "tail":  # a PEFT adapter folder for the stock model
+                save_peft_adapter(net.config, net.state_dict(), exported / device)
+            else:
+                save_side_network(net, exported / f"{device}.safetensors")
 
         per_device = cfg.mode == "per-device"  # each device's own network: exported in the averaging pass
         if self.store.use_average(then=export if per_device else None):
@@ -1031,7 +1069,7 @@ class SideTuningStrategy(Strategy):
                     net = self.store.network_for(dev.device_id)
                     weights, net_cfg = m.network_records(net)
                     dev.bytes_down += m.array_bytes(weights) + _config_bytes(net_cfg)
-                    dev.delivered_digest = m.network_digest(net)
+                    dev.delivered_digest = m.records_digest(weights, net_cfg)
                     content = RecordDict({m.NETWORK_KEY: weights, m.NETWORK_CONFIG_KEY: net_cfg})
                     if node_id in self._backbone_keys:
                         content[m.CONFIG_KEY] = ConfigRecord(dict(self._backbone_keys[node_id]))

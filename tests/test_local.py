@@ -11,8 +11,8 @@ from mobiflower.simulations.local import LocalRunConfig, run_local
 
 def test_local_run_on_tiny_model(tiny_llama, tmp_path):
     out = tmp_path / "run.json"
-    config = LocalRunConfig(model=tiny_llama, train_samples=64, validation_samples=32, test_samples=32, epochs=2,
-                            bits=4, num_taps=2, chunk_size=32, device_threads=1, workdir=str(tmp_path / "work"))
+    config = LocalRunConfig(model=tiny_llama, family="ladder", train_samples=64, validation_samples=32,
+                            test_samples=32, epochs=2, bits=4, num_taps=2, chunk_size=32, device_threads=1, workdir=str(tmp_path / "work"))
     result = run_local(config, out=str(out), progress=False)
     written = json.loads(out.read_text())
     for key in ("test_accuracy", "zero_shot_accuracy", "bits", "token_policy", "train_samples", "bytes_sent"):
@@ -23,6 +23,21 @@ def test_local_run_on_tiny_model(tiny_llama, tmp_path):
     assert 96 * 2 * 64 * 4 / 8 < result["bytes_sent"] < 96 * 2 * 64 * 2
     assert (tmp_path / "work" / "side_network.safetensors").is_file()
     assert (tmp_path / "work" / "checkpoint" / "optimizer.safetensors").is_file()
+
+
+def test_local_tail_run_delivers_a_peft_adapter(tiny_llama, tmp_path):
+    """The default family: the device forwards blocks 0..cut-1, the server trains the rest with LoRA and
+    delivers a PEFT adapter folder, which the device then runs on its own upper blocks."""
+    config = LocalRunConfig(model=tiny_llama, tail_cut=2, train_samples=64, validation_samples=32, test_samples=32,
+                            epochs=2, chunk_size=32, device_threads=1, workdir=str(tmp_path / "work"))
+    assert config.family == "tail" and config.token_policy == "nonpad" and config.layers == (1,)
+    result = run_local(config, progress=False)
+    assert result["family"] == "tail" and result["layers"] == [1] and 0 <= result["test_accuracy"] <= 1
+    adapter = tmp_path / "work" / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert result["delivery_bytes"] < 100_000  # LoRA + head in fp16, no backbone weights
+    with pytest.raises(ValueError, match="nonpad"):
+        LocalRunConfig(model=tiny_llama, token_policy="last")
 
 
 def test_device_failure_is_reported(tmp_path):
@@ -38,7 +53,7 @@ def test_device_failure_is_reported(tmp_path):
 def test_side_tuning_learns_on_the_bundled_model(real_assets, tmp_path):
     """A short real run: 4-bit last-token frames of SmolLM2 beat the zero-shot prompt clearly."""
     out = tmp_path / "real.json"
-    cmd = [sys.executable, "-m", "mobiflower.simulations.cli", "local", "--train-samples", "256",
+    cmd = [sys.executable, "-m", "mobiflower.simulations.cli", "local", "--family", "ladder", "--train-samples", "256",
            "--validation-samples", "64", "--test-samples", "160", "--epochs", "10", "--lr", "1e-3", "--bits", "4",
            "--workdir", str(tmp_path / "work"), "--out", str(out), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
