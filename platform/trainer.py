@@ -30,6 +30,7 @@ from mobiflower.platform.frames import Frame
 from mobiflower.platform.side_networks import (
     SideBatch,
     SideNetwork,
+    SideNetworkConfig,
     SideNetworkError,
     make_side_batch,
     save_side_network,
@@ -195,20 +196,10 @@ class SideTrainer:
 
     # ---- data -------------------------------------------------------------------------------
     def check_frame(self, frame: Frame) -> None:
-        cfg = self.net.config
-        if not cfg.serves(frame.fingerprint):
-            raise SideNetworkError(f"frame from backbone {frame.fingerprint} cannot train a side network for "
-                                   f"{cfg.fingerprint}" + (f" and {sorted(cfg.backbones)}" if cfg.backbones else ""))
-        if not cfg.accepts_layers(frame.layers, frame.fingerprint):
-            raise SideNetworkError(f"frame taps layers {frame.layers}, the side network needs "
-                                   f"{cfg.layers_for(frame.fingerprint)} or a prefix of them")
-        if frame.hidden_size != cfg.hidden_size:
-            raise SideNetworkError(f"frame width {frame.hidden_size} != side network width {cfg.hidden_size}")
+        check_frame(self.net.config, frame)
 
     def decode(self, frame: Frame) -> DecodedFrame:
-        self.check_frame(frame)
-        cfg = self.net.config
-        return DecodedFrame(frame, cfg.feature_token, "" if frame.fingerprint == cfg.fingerprint else frame.fingerprint)
+        return decode_for(self.net.config, frame)
 
     def _minibatches(self, frames: Sequence[DecodedFrame], shuffle: bool) -> Iterator[tuple[DecodedFrame, list[int]]]:
         bs = self.config.batch_size
@@ -355,31 +346,10 @@ class SideTrainer:
         self.net.load_state_dict(self.average)
         return True
 
-    @torch.no_grad()
     def evaluate(self, frames: Sequence[Frame | DecodedFrame]) -> dict[str, float]:
         """Accuracy (classification) or token accuracy and loss (LM) on held-out frames."""
-        self.net.eval()
-        correct = total = 0
-        loss_sum = 0.0
-        for frame in frames:
-            decoded = frame if isinstance(frame, DecodedFrame) else self.decode(frame)
-            for _, idx in self._minibatches([decoded], shuffle=False):
-                batch = decoded.batch(idx).to(self.device)
-                with self._autocast():
-                    logits = self.net(batch).float()
-                loss = side_network_loss(logits, batch)
-                if logits.dim() == 2:
-                    n = len(idx)
-                    correct += int((logits.argmax(-1) == batch.targets).sum())
-                else:
-                    valid = batch.targets != -100
-                    n = int(valid.sum())
-                    correct += int(((logits.argmax(-1) == batch.targets) & valid).sum())
-                loss_sum += float(loss) * n
-                total += n
-        if total == 0:
-            raise SideNetworkError("nothing to evaluate: the frames hold no labelled samples")
-        return {"accuracy": correct / total, "loss": loss_sum / total, "count": total}
+        decoded = [f if isinstance(f, DecodedFrame) else self.decode(f) for f in frames]
+        return evaluate_network(self.net, decoded, self.device, self.config.batch_size, self.config.mixed_precision)
 
     # ---- persistence ------------------------------------------------------------------------
     def state_digest(self) -> str:
@@ -493,6 +463,53 @@ class SideTrainer:
     def export(self, path: str | Path) -> Path:
         """The side network alone, for a device to run locally."""
         return save_side_network(self.net, path)
+
+
+def check_frame(config: SideNetworkConfig, frame: Frame) -> None:
+    """Refuse a frame that cannot feed a side network of ``config`` (backbone, layers, width)."""
+    if not config.serves(frame.fingerprint):
+        raise SideNetworkError(f"frame from backbone {frame.fingerprint} cannot train a side network for "
+                               f"{config.fingerprint}" + (f" and {sorted(config.backbones)}" if config.backbones else ""))
+    if not config.accepts_layers(frame.layers, frame.fingerprint):
+        raise SideNetworkError(f"frame taps layers {frame.layers}, the side network needs "
+                               f"{config.layers_for(frame.fingerprint)} or a prefix of them")
+    if frame.hidden_size != config.hidden_size:
+        raise SideNetworkError(f"frame width {frame.hidden_size} != side network width {config.hidden_size}")
+
+
+def decode_for(config: SideNetworkConfig, frame: Frame) -> DecodedFrame:
+    """A checked frame, dequantized for a side network of ``config``."""
+    check_frame(config, frame)
+    return DecodedFrame(frame, config.feature_token, "" if frame.fingerprint == config.fingerprint else frame.fingerprint)
+
+
+@torch.no_grad()
+def evaluate_network(net: SideNetwork, frames: Sequence[DecodedFrame], device: torch.device | str = "cpu",
+                     batch_size: int = 32, mixed_precision: str = "none") -> dict[str, float]:
+    """Accuracy (classification) or token accuracy and loss (LM) of ``net`` on held-out frames."""
+    device = torch.device(device)
+    net.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for decoded in frames:
+        for start in range(0, len(decoded), batch_size):
+            idx = list(range(start, min(start + batch_size, len(decoded))))
+            batch = decoded.batch(idx).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+                logits = net(batch).float()
+            loss = side_network_loss(logits, batch)
+            if logits.dim() == 2:
+                n = len(idx)
+                correct += int((logits.argmax(-1) == batch.targets).sum())
+            else:
+                valid = batch.targets != -100
+                n = int(valid.sum())
+                correct += int(((logits.argmax(-1) == batch.targets) & valid).sum())
+            loss_sum += float(loss) * n
+            total += n
+    if total == 0:
+        raise SideNetworkError("nothing to evaluate: the frames hold no labelled samples")
+    return {"accuracy": correct / total, "loss": loss_sum / total, "count": total}
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -61,6 +61,9 @@ class SideTuningConfig:
     eval_every: int = 5  # on-device validation every k rounds (0 = only the final test)
     eval_samples: int = 64  # cap per device for periodic validation (0 = all); the final test uses all
     eval_split: str = "validation"  # what periodic evaluation scores: validation, or test (for time-to-accuracy curves)
+    # where periodic evaluation runs: "server" (devices forward those samples once, the server scores every
+    # later network on the kept frames, no network goes down) or "device" (the network is sent to each device)
+    eval_on: str = "server"
     deliver: bool = True
     request_timeout: float = 900.0  # seconds a device may take to answer one request
     max_retries: int = 1  # a failed forward request is retried this many times before the device is dropped
@@ -107,6 +110,8 @@ class SideTuningConfig:
         if self.side_memory_mb and self.mode != "per-device":
             raise ConfigError(f"side-memory-mb={self.side_memory_mb} pages per-device side networks to disk: set "
                               f"mode = 'per-device', or side-memory-mb = 0 (one shared network is always resident)")
+        if self.eval_on not in ("server", "device"):
+            raise ConfigError(f"eval-on={self.eval_on!r} is unknown: use 'server' or 'device'")
         if self.eval_split not in ("validation", "test"):
             raise ConfigError(f"eval-split={self.eval_split!r} is unknown: use 'validation' or 'test'")
         if self.adapt_min_bits not in (2, 4, 8) or self.adapt_min_bits > self.bits:

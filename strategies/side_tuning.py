@@ -52,7 +52,8 @@ from mobiflower.platform.run_summary import write_summary
 from mobiflower.platform.pretrained_tail import load_tail_weights, save_peft_adapter
 from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, build_side_network, save_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
-from mobiflower.platform.trainer import TrainConfig
+from mobiflower.platform.frames import FrameError, decode_frame
+from mobiflower.platform.trainer import DecodedFrame, TrainConfig, decode_for, evaluate_network
 from mobiflower.strategies.config import SideTuningConfig
 from mobiflower.strategies.fair_queue import FairQueue
 from mobiflower.strategies.frame_policy import FrameChoice, FramePolicy
@@ -183,6 +184,7 @@ class SideTuningStrategy(Strategy):
         self.events: list[str] = []
         self.initial: dict[str, Any] | None = None
         self._stream_totals = {"wall_s": 0.0, "device_s": 0.0, "slowest_device_s": 0.0, "train_s": 0.0}
+        self._eval_frames: dict[tuple[str, int], dict[str, list[DecodedFrame]]] = {}  # server-side evaluation
 
     # ---- Strategy hooks -------------------------------------------------------------------
     def summary(self) -> None:
@@ -671,14 +673,14 @@ class SideTuningStrategy(Strategy):
         return plans
 
     def _forward_message(self, node_id: int, request: dict[str, Any], rnd: int, extra: ConfigRecord,
-                         choice: FrameChoice | None = None) -> Message:
+                         choice: FrameChoice | None = None, split: str = "train") -> Message:
         """A forward request; ``choice`` (bandwidth adaptation) sets its bit-width and tapped-layer prefix."""
         cfg = self.config
         bits = choice.bits if choice else cfg.bits
         layers = self.side_config.layers_for(str(self.devices[node_id].profile["fingerprint"]))
         layers = layers[:choice.taps] if choice else layers
         extra = ConfigRecord({**self._backbone_keys.get(node_id, {}), **dict(extra)})
-        config = ConfigRecord({"split": "train", "offset": int(request["offset"]), "samples": int(request["samples"]),
+        config = ConfigRecord({"split": split, "offset": int(request["offset"]), "samples": int(request["samples"]),
                                "bits": bits, "token-policy": cfg.token_policy,
                                "batch-size": cfg.device_batch_size, "layers": layers,
                                "request": f"r{rnd}-o{request['offset']}-a{request['attempt']}", **dict(extra)})
@@ -1025,6 +1027,8 @@ class SideTuningStrategy(Strategy):
         return then_average
 
     def _evaluate(self, grid: Grid, rnd: int, config: dict[str, Any]) -> dict[str, Any]:
+        if self.config.eval_on == "server" and not self.config.label_private and not config.get("installed"):
+            return self._server_evaluate(grid, rnd, str(config["split"]), int(config.get("max-samples", 0)))
         messages = self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(config), grid)
         replies = self._request_all(grid, messages, self.config.request_timeout, window=self.config.send_window)
         per_device = {}
@@ -1040,6 +1044,70 @@ class SideTuningStrategy(Strategy):
         agg = self.aggregate_evaluate(rnd, [r for r in replies.values() if not isinstance(r, str)])
         result = {"accuracy": float(agg["accuracy"]) if agg else float("nan"), "per_device": per_device}
         log(INFO, "[round %d] on-device %s accuracy %.4f (%s)", rnd, config["split"], result["accuracy"],
+            ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in sorted(per_device.items())))
+        return result
+
+    def _eval_frames_for(self, grid: Grid, split: str, limit: int) -> dict[str, list[DecodedFrame]]:
+        """Each working device's ``split`` samples (at most ``limit``; 0 = all), forwarded once as one frame
+        each and kept: the server scores every later network on them, and no network travels down.
+
+        Their upload counts in each device's bytes up (``eval_bytes_up`` says how much of it), and on a fleet
+        clock the slowest device's forward and upload of them advance the virtual time, validation frames
+        only: a test split is the benchmark's own measurement, not the method's cost.
+        """
+        if (split, limit) in self._eval_frames:
+            return self._eval_frames[(split, limit)]
+        messages = []
+        for node_id, dev in self._working().items():
+            count = min(int(dev.profile.get(split, 0)), limit) if limit else int(dev.profile.get(split, 0))
+            if count > 0:
+                messages.append(self._forward_message(node_id, {"offset": 0, "samples": count, "attempt": 0}, 0,
+                                                      ConfigRecord(), split=split))
+        frames: dict[str, list[DecodedFrame]] = {}
+        slowest = 0.0
+        for node, reply in self._request_all(grid, messages, self.config.request_timeout,
+                                             window=self.config.send_window).items():
+            dev = self.devices[node]
+            try:
+                if isinstance(reply, str) or reply.has_error():
+                    raise ValueError(self._why(reply))
+                blob, stats = _forward_reply(reply)
+                decoded = decode_for(self.side_config, decode_frame(blob))
+            except (KeyError, ValueError, FrameError, SideNetworkError) as err:
+                dev.failures.append(f"forward ({split} frames for evaluation): {err}")
+                continue
+            frames[dev.device_id] = [decoded]
+            dev.bytes_up += len(blob)
+            dev.metrics["eval_bytes_up"] = dev.metrics.get("eval_bytes_up", 0) + len(blob)
+            busy = float(stats["busy-s"])
+            if split == "validation":
+                dev.busy_s += busy
+            if self.clock is not None:
+                profile = self.clock.profiles[dev.device_id]
+                slowest = max(slowest, profile.compute_s(busy) + profile.upload_s(len(blob)))
+        if split == "validation" and self.clock is not None:
+            self.vnow += slowest
+        log(INFO, "%s frames for server-side evaluation: %d samples from %d devices", split,
+            sum(len(f) for fs in frames.values() for f in fs), len(frames))
+        self._eval_frames[(split, limit)] = frames
+        return frames
+
+    def _server_evaluate(self, grid: Grid, rnd: int, split: str, limit: int) -> dict[str, Any]:
+        """Score each device's network on its kept ``split`` frames, on the server."""
+        frames = self._eval_frames_for(grid, split, limit)
+        per_device, correct, count = {}, 0.0, 0
+        for dev in self._working().values():
+            if dev.device_id not in frames:
+                continue
+            net = self.store.network_for(dev.device_id)
+            device = next(net.parameters()).device
+            stats = evaluate_network(net, frames[dev.device_id], device,
+                                     mixed_precision=self.config.mixed_precision)
+            per_device[dev.device_id] = {"accuracy": stats["accuracy"], "samples": stats["count"]}
+            correct += stats["accuracy"] * stats["count"]
+            count += stats["count"]
+        result = {"accuracy": correct / count if count else float("nan"), "per_device": per_device}
+        log(INFO, "[round %d] server-side %s accuracy %.4f (%s)", rnd, split, result["accuracy"],
             ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in sorted(per_device.items())))
         return result
 
