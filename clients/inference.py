@@ -116,6 +116,7 @@ class LocalClassifier:
         """Accuracy of the side network and of the zero-shot prompt on labelled examples."""
         correct = zs_correct = 0
         start_t = time.perf_counter()
+        examples = sorted(examples, key=lambda e: len(e.prompt))  # less padding per batch; accuracy is order-free
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
             side, zero_shot = self.logits([e.prompt for e in chunk])

@@ -99,14 +99,21 @@ class PublicTail:
         check_device_fingerprint(self, fingerprint)
 
 
-def load_tail_weights(ref: str, cut: int) -> PublicTail:
+def default_cut(num_layers: int) -> int:
+    """Where the tail starts when no cut is given: half the blocks on the device, half on the server."""
+    return max(1, num_layers // 2)
+
+
+def load_tail_weights(ref: str, cut: int = 0) -> PublicTail:
     """The public checkpoint of ``ref`` (the bundled name, a folder or a hub id) in float32: the tail's
-    blocks ``cut ..``, the final norm, the backbone config and the weights' fingerprint."""
+    blocks ``cut ..`` (0: :func:`default_cut`), the final norm, the backbone config and the weights'
+    fingerprint."""
     from mobiflower.platform.backbone import BackboneIdentity, load_checkpoint, weights_digest
 
     model, _ = load_checkpoint(ref, torch.float32)
     config = json.loads(json.dumps(model.config.to_dict(), default=str))  # as it reads back from any JSON
     total = int(config["num_hidden_layers"])
+    cut = cut or default_cut(total)
     if not 1 <= cut < total:
         raise SideNetworkError(f"tail cut {cut} leaves no block for the server of the {total}-block {ref}: "
                                f"choose a cut in 1..{total - 1}")

@@ -207,8 +207,11 @@ class SideTrainer:
             order = list(range(len(frame)))
             if shuffle:
                 self.rng.shuffle(order)
-            for start in range(0, len(order), bs):
-                yield frame, order[start:start + bs]
+            batches = [order[start:start + bs] for start in range(0, len(order), bs)]
+            if shuffle and frame.frame.token_policy != "last":  # similar lengths together: less padding
+                batches = _grouped_by_length(order, [frame.frame.token_counts[i] for i in range(len(frame))], bs,
+                                             self.rng)
+            yield from ((frame, idx) for idx in batches)
 
     def _epoch_batches(self, frames: Sequence[DecodedFrame]) -> Iterator[SideBatch | list[SideBatch]]:
         """Minibatches drawn across all frames in a random order.
@@ -222,8 +225,13 @@ class SideTrainer:
         pairs = [(f, i) for f in frames for i in range(len(f))]
         self.rng.shuffle(pairs)
         bs = self.config.batch_size
-        for start in range(0, len(pairs), bs):
-            chunk = pairs[start:start + bs]
+        if any(f.frame.token_policy != "last" for f in frames):  # token-level frames: similar lengths together
+            minibatches = _grouped_by_length(list(range(len(pairs))),
+                                             [f.frame.token_counts[i] for f, i in pairs], bs, self.rng)
+        else:
+            minibatches = [list(range(start, min(start + bs, len(pairs)))) for start in range(0, len(pairs), bs)]
+        for members in minibatches:
+            chunk = [pairs[j] for j in members]
             by_depth: dict[tuple[str, int], dict[int, tuple[DecodedFrame, list[int]]]] = {}
             for f, i in chunk:
                 by_depth.setdefault((f.backbone, -len(f.rows)), {}).setdefault(id(f), (f, []))[1].append(i)
@@ -510,6 +518,24 @@ def evaluate_network(net: SideNetwork, frames: Sequence[DecodedFrame], device: t
     if total == 0:
         raise SideNetworkError("nothing to evaluate: the frames hold no labelled samples")
     return {"accuracy": correct / total, "loss": loss_sum / total, "count": total}
+
+
+def _grouped_by_length(order: list[int], lengths: Sequence[int], batch_size: int, rng: random.Random,
+                       window: int = 32) -> list[list[int]]:
+    """Minibatches of ``order`` (already shuffled) whose samples have similar token counts.
+
+    Why: a minibatch of token-level states is padded to its longest sample, and the pretrained tail
+    runs its blocks over every padded position. Within windows of ``window`` batches the samples are
+    sorted by length and cut into batches, whose order is then shuffled (``group_by_length`` in
+    Hugging Face's Trainer does the same). ``lengths`` is indexed like ``order``'s values.
+    """
+    batches: list[list[int]] = []
+    span = batch_size * window
+    for start in range(0, len(order), span):
+        part = sorted(order[start:start + span], key=lambda i: lengths[i])
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -76,6 +76,11 @@ class BaselineConfig:
     lora_targets: tuple[str, ...] | None = None  # None: q_proj/v_proj (llama, qwen2, opt), c_attn (gpt2)
     max_length: int = 256
     threads: int | None = None
+    # Tuning on validation (the default for `mobiflower local --baseline`): every learning rate of ``lrs``
+    # trains ``epochs`` epochs (linear decay over all of them); after each epoch the validation accuracy
+    # is taken, and the (lr, epoch) with the best one is what is scored on test. Empty: ``lr`` alone, and
+    # the last epoch.
+    lrs: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -92,6 +97,9 @@ class BaselineConfig:
             raise ValueError(f"threads={self.threads} must be at least 1")
         if self.lora_targets is not None:
             self.lora_targets = tuple(self.lora_targets)
+        self.lrs = tuple(float(lr) for lr in self.lrs)
+        if any(not lr > 0 for lr in self.lrs):
+            raise ValueError(f"lrs={self.lrs}: every learning rate must be positive")
 
     @property
     def resolved_lr(self) -> float | None:
@@ -201,10 +209,49 @@ def run_baseline(config: BaselineConfig, progress: bool = True) -> dict:
     gc.collect()
 
     tokenizer = load_tokenizer(path)
+    grid = config.lrs or (lr,)
+    trials: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    train_s = 0.0
+    for trial_lr in grid:
+        model, trial, state, seconds = _train_trial(config, path, tokenizer, splits, trial_lr, progress,
+                                                    select=bool(config.lrs))
+        train_s += seconds
+        trials += trial
+        # tuned: the best epoch on validation; untuned: the last epoch, as trained
+        top = max(trial, key=lambda t: (t["validation_accuracy"], -t["epoch"])) if config.lrs else trial[-1]
+        if best is None or top["validation_accuracy"] > best["validation_accuracy"]:
+            best = {**top, "state": state, "model": model, "trainable": count_trainable(model)}
+        else:
+            del model
+        gc.collect()
+    assert best is not None
+    model = best["model"]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in best["state"]:
+                param.copy_(best["state"][name])
+    test = classifier_accuracy(model, tokenizer, splits.test, config.max_length)
+    result = _result(config, test_accuracy=test, zero_shot=zero_shot, validation=best["validation_accuracy"],
+                     trainable=best["trainable"], train_s=train_s,
+                     samples_seen=len(splits.train) * config.epochs * len(grid), lr=best["lr"], epochs=best["epoch"],
+                     train_samples=len(splits.train))
+    if config.lrs:
+        result["tuning"] = {"grid": {"lrs": list(config.lrs), "epochs": list(range(1, config.epochs + 1))},
+                            "trials": trials, "selected": {"lr": best["lr"], "epochs": best["epoch"]},
+                            "rule": "highest validation accuracy (ties: fewer epochs); test scored once, on it"}
+    return result
+
+
+def _train_trial(config: BaselineConfig, path: str, tokenizer, splits, lr: float, progress: bool, select: bool):
+    """Train ``config.method`` at ``lr`` for ``config.epochs`` epochs; the validation accuracy after each
+    epoch, and the trainable weights after the best one (``select``) or the last."""
+    import torch
+    from tqdm.auto import tqdm
+
     model = build_classifier(path, config.method, tokenizer, seed=config.seed, lora_r=config.lora_r,
                              lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                              lora_targets=config.lora_targets)
-    trainable = count_trainable(model)
     optimizer = make_optimizer(model, config.method, lr)
     train = list(splits.train)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
@@ -212,15 +259,13 @@ def run_baseline(config: BaselineConfig, progress: bool = True) -> dict:
     warmup = round(config.warmup_frac * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(total, warmup))
     params = [p for p in model.parameters() if p.requires_grad]
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=f"{config.method} ({Path(str(config.model)).name})", unit="step",
+    bar = tqdm(total=total, desc=f"{config.method} lr {lr:g} ({Path(str(config.model)).name})", unit="step",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
     torch.manual_seed(config.seed)  # dropout
     model.train()
-    t0 = time.perf_counter()
+    trials, state, seconds = [], None, 0.0
     for epoch in range(config.epochs):
+        t0 = time.perf_counter()
         order = list(train)
         random.Random(config.seed * 1000003 + epoch).shuffle(order)
         for start in range(0, len(order), config.batch_size):
@@ -228,14 +273,15 @@ def run_baseline(config: BaselineConfig, progress: bool = True) -> dict:
             loss = train_step(model, tokenizer, batch, params, optimizer, config.max_length, scheduler)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
-    train_s = time.perf_counter() - t0
+        seconds += time.perf_counter() - t0
+        validation = classifier_accuracy(model, tokenizer, splits.validation, config.max_length)
+        if state is None or not select or validation > max(t["validation_accuracy"] for t in trials):
+            state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        trials.append({"lr": lr, "epoch": epoch + 1, "validation_accuracy": validation, "loss": loss})
+        if progress:
+            bar.write(f"[{config.method}] lr {lr:g} epoch {epoch + 1}: validation accuracy {validation:.4f}")
     bar.close()
-
-    validation = classifier_accuracy(model, tokenizer, splits.validation, config.max_length)
-    test = classifier_accuracy(model, tokenizer, splits.test, config.max_length)
-    return _result(config, test_accuracy=test, zero_shot=zero_shot, validation=validation, trainable=trainable,
-                   train_s=train_s, samples_seen=len(train) * config.epochs, lr=lr, epochs=config.epochs,
-                   train_samples=len(train))
+    return model, trials, state, seconds
 
 
 def _result(config: BaselineConfig, *, test_accuracy: float, zero_shot: float | None, validation: float,

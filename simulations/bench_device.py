@@ -9,6 +9,8 @@ mobiflower.simulations.bench_device --child ...``), so that the peak RSS a child
 * ``mobiflower_device``: :class:`Backbone` + :meth:`DeviceRuntime.make_frame` per batch (forward
   under inference mode, stopping after the last tapped block, no logits; quantize and pack) and
   :func:`encode_frame` - what a MobiFlower device does.
+* ``tail_device``: the same device in the pretrained-tail family: it forwards blocks ``0..cut-1`` only
+  and sends the cut block's output for every real token (``nonpad``, 8-bit).
 * ``inference_forward``: a plain ``AutoModelForCausalLM`` forward with logits under inference mode
   (what a user pays for inference only).
 * ``lora_step``: PEFT LoRA (SEQ_CLS, r 8, alpha 16, q/v) forward + backward + AdamW step.
@@ -37,7 +39,8 @@ from typing import Any, Sequence
 from mobiflower.simulations.bench_common import (acceptance_lines, bars_with_values, bench_logger, fmt, ratio,
                                                   run_child, save_figure, write_outputs)
 
-METHODS = ("mobiflower_device", "inference_forward", "lora_step", "full_step")
+METHODS = ("mobiflower_device", "tail_device", "inference_forward", "lora_step", "full_step")
+TAIL_CUT = 0  # the pretrained tail's default cut: half the blocks (strategies.config.SideTuningConfig.tail_cut)
 WIRE_BITS = (16, 8, 4, 2)
 WIRE_POLICIES = ("all", "nonpad", "last")
 ACCEPTANCE = {
@@ -48,6 +51,8 @@ ACCEPTANCE = {
     "device_s_le_1.2x_inference": ("device_vs_inference_s", "<=", 1.2),
     "lora_s_ge_2.5x_device": ("lora_vs_device_s", ">=", 2.5),
     "fp32_all_ge_100x_4bit_last": ("fp32_all_vs_4bit_last_bytes", ">=", 100.0),
+    "tail_rss_le_1.0x_inference": ("tail_vs_inference_rss", "<=", 1.0),
+    "tail_s_le_0.7x_inference": ("tail_vs_inference_s", "<=", 0.7),
 }
 LORA_SETTINGS = {"r": 8, "alpha": 16, "dropout": 0.05}
 LR = {"lora_step": 5e-4, "full_step": 2e-5}
@@ -74,7 +79,8 @@ def bench_samples(batches: int, batch_size: int, seed: int = 0) -> list:
 
 def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: int = 16, bits: int = 8,
                      token_policy: str = "last", num_taps: int = 8, seed: int = 0, threads: int | None = None,
-                     out: str | None = None, plot: str | None = None, progress: bool = True) -> dict:
+                     out: str | None = None, plot: str | None = None, progress: bool = True,
+                     tail_cut: int = TAIL_CUT) -> dict:
     """Run all four methods in fresh processes, measure the wire sizes, and return the result JSON.
 
     Writes the JSON to ``out`` and a bar plot of peak RSS and seconds per sample to ``plot``
@@ -96,7 +102,7 @@ def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: 
 
     samples = bench_samples(batches, batch_size, seed)
     config = {"model": model, "batches": batches, "batch_size": batch_size, "samples": len(samples), "bits": bits,
-              "token_policy": token_policy, "num_taps": num_taps, "seed": seed, "threads": threads,
+              "token_policy": token_policy, "num_taps": num_taps, "seed": seed, "threads": threads, "tail_cut": tail_cut,
               "timed_batches": max(1, batches - 1), "warmup_batches": 1 if batches > 1 else 0,
               "lora": dict(LORA_SETTINGS), "lr": dict(LR)}
     _log(f"{len(samples)} samples ({batches} batches of {batch_size}) of {model}, each method in a fresh process",
@@ -106,13 +112,15 @@ def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: 
     extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mobiflower-bench-") as tmp:
         for method in METHODS:
-            spec = {"method": method, "model": model, "batch_size": batch_size, "bits": bits,
+            spec = {"method": method, "model": model, "tail_cut": tail_cut, "batch_size": batch_size, "bits": bits,
                     "token_policy": token_policy, "num_taps": num_taps, "seed": seed, "threads": threads,
                     "wire": method == "mobiflower_device",
                     "samples": [[e.id, e.text, e.label] for e in samples]}
             t0 = time.perf_counter()
             result = run_child("mobiflower.simulations.bench_device", spec, Path(tmp), method)
             wire += result.pop("wire", [])
+            if "tail_wire" in result:
+                extra["tail_wire"] = result.pop("tail_wire")
             for key in ("fp32_all_token_bytes_per_sample", "machine", "backbone"):
                 if key in result:
                     extra[key] = result.pop(key)
@@ -122,7 +130,8 @@ def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: 
                  f"[{time.perf_counter() - t0:.1f} s]", progress)
 
     fp32 = extra.get("fp32_all_token_bytes_per_sample")
-    result = {"config": config, "methods": methods, "wire": wire, "fp32_all_token_bytes_per_sample": fp32}
+    result = {"config": config, "methods": methods, "wire": wire, "fp32_all_token_bytes_per_sample": fp32,
+              "tail_wire": extra.get("tail_wire", [])}
     result["ratios"] = _ratios(methods, wire, fp32)
     result["acceptance"] = _acceptance(result["ratios"])
     machine = {"cpu_count": os.cpu_count(), **extra.get("machine", {})}
@@ -149,6 +158,10 @@ def _ratios(methods: dict, wire: list[dict], fp32: float | None) -> dict:
         "device_vs_inference_s": ratio(dev_s, get("inference_forward", "s_per_sample")),
         "lora_vs_device_s": ratio(get("lora_step", "s_per_sample"), dev_s),
         "fp32_all_vs_4bit_last_bytes": ratio(fp32, last4),
+        "tail_vs_inference_rss": ratio(get("tail_device", "peak_rss_mb"), get("inference_forward", "peak_rss_mb")),
+        "tail_vs_inference_s": ratio(get("tail_device", "s_per_sample"), get("inference_forward", "s_per_sample")),
+        "tail_vs_full_rss": ratio(get("tail_device", "peak_rss_mb"), get("full_step", "peak_rss_mb")),
+        "lora_vs_tail_s": ratio(get("lora_step", "s_per_sample"), get("tail_device", "s_per_sample")),
     }
 
 
@@ -192,16 +205,25 @@ def _measure(spec: dict) -> dict:
     extra: dict[str, Any] = {}
     _import_model_code(path, method)  # code is runtime: baseline_rss_mb and model_load_s cover the weights only
 
-    if method == "mobiflower_device":
+    if method in ("mobiflower_device", "tail_device"):
         from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
         from mobiflower.platform.backbone import Backbone
         from mobiflower.platform.frames import encode_frame
 
+        tail = method == "tail_device"
         gc.collect()
         baseline = current_rss_mb()
         t0 = time.perf_counter()
-        backbone = Backbone.load(spec["model"], num_taps=int(spec["num_taps"]))
-        runtime = DeviceRuntime(backbone, ForwardConfig(bits=int(spec["bits"]), token_policy=spec["token_policy"],
+        if tail:
+            from transformers import AutoConfig
+
+            from mobiflower.platform.pretrained_tail import default_cut
+
+            cut = int(spec.get("tail_cut", TAIL_CUT)) or default_cut(AutoConfig.from_pretrained(path).num_hidden_layers)
+            extra["tail_cut"] = cut
+        backbone = Backbone.load(spec["model"], num_taps=int(spec["num_taps"]), layers=[cut - 1] if tail else None)
+        runtime = DeviceRuntime(backbone, ForwardConfig(bits=8 if tail else int(spec["bits"]),
+                                                        token_policy="nonpad" if tail else spec["token_policy"],
                                                         batch_size=bs))
         load_s = time.perf_counter() - t0
 
@@ -263,6 +285,15 @@ def _measure(spec: dict) -> dict:
                          "threads": torch.get_num_threads()}
     if method == "mobiflower_device" and spec.get("wire"):
         result.update(_wire(runtime, backbone, examples, bs))
+    if method == "tail_device":  # the tail's all-token frames of the cut layer at each bit-width
+        from mobiflower.clients.runtime import ForwardConfig
+
+        result["tail_wire"] = []
+        for bits in (8, 4, 2):
+            frame, stats = runtime.make_frame(examples, config=ForwardConfig(bits=bits, token_policy="nonpad",
+                                                                             batch_size=bs))
+            result["tail_wire"].append({"bits": bits, "bytes_per_sample": len(encode_frame(frame)) / len(examples),
+                                        "tokens_per_sample": stats.tokens_sent / len(examples)})
     return result
 
 
@@ -345,6 +376,10 @@ def format_table(result: dict) -> str:
         lines.append(f"{bits:<6}" + "".join(f"{_fmt_bytes(table.get((bits, p))):>12}" for p in WIRE_POLICIES))
     lines.append(f"fp32, all tokens, all tapped layers: {_fmt_bytes(result.get('fp32_all_token_bytes_per_sample'))}"
                  "/sample")
+    if result.get("tail_wire"):
+        lines.append("pretrained tail (cut layer, every real token): " + ", ".join(
+            f"{w['bits']}-bit {_fmt_bytes(w['bytes_per_sample'])}" for w in result["tail_wire"])
+            + f" per sample ({result['tail_wire'][0]['tokens_per_sample']:.1f} tokens)")
     lines += ["", *acceptance_lines(result, ACCEPTANCE, width=30)]
     return "\n".join(lines)
 
@@ -359,7 +394,7 @@ def plot_result(result: dict, path: str) -> Path:
     methods = result["methods"]
     names = list(methods)
     labels = [n.replace("_", "\n") for n in names]
-    colors = ["#2a9d8f" if n == "mobiflower_device" else "#8d99ae" for n in names]
+    colors = ["#2a9d8f" if n in ("mobiflower_device", "tail_device") else "#8d99ae" for n in names]
     fig, (ax_rss, ax_s) = plt.subplots(1, 2, figsize=(10, 4))
     peaks = [methods[n]["peak_rss_mb"] for n in names]
     base = [methods[n]["baseline_rss_mb"] for n in names]

@@ -132,7 +132,9 @@ def _add_local(sub) -> None:
                    help="device backbone weight precision (a converted, memory-mapped copy is built once under "
                         "MOBIFLOWER_HOME/models)")
     p.add_argument("--baseline", choices=["lora", "full", "zero-shot"], default=None,
-                   help="train on the device instead (same samples), for comparison")
+                   help="train on the device instead (same samples), for comparison; lr and epochs are picked on "
+                        "validation (lora: lr 2e-4..2e-3, up to 3 epochs; full: 1e-5..5e-5, up to 2) unless --lr "
+                        "is given (then --epochs, default 1)")
     p.add_argument("--train-samples", type=int, default=d["train_samples"].default)
     p.add_argument("--validation-samples", type=int, default=d["validation_samples"].default)
     p.add_argument("--test-samples", type=int, default=d["test_samples"].default)
@@ -145,7 +147,7 @@ def _add_local(sub) -> None:
                    help="tail: the backbone's upper blocks with LoRA on the server; ladder / adapter: small side "
                         "networks from random weights")
     p.add_argument("--tail-cut", type=int, default=d["tail_cut"].default,
-                   help="tail: the device forwards blocks 0..cut-1, the server trains cut..")
+                   help="tail: the device forwards blocks 0..cut-1, the server trains cut.. (0 = half the blocks)")
     p.add_argument("--lora-rank", type=int, default=d["lora_rank"].default, help="tail: LoRA rank")
     p.add_argument("--lora-alpha", type=float, default=d["lora_alpha"].default, help="tail: LoRA alpha")
     p.add_argument("--lora-targets", default=",".join(d["lora_targets"].default),
@@ -172,16 +174,25 @@ def _add_local(sub) -> None:
     p.set_defaults(func=_cmd_local)
 
 
+# `local --baseline`: the grids the on-device baselines are tuned over on validation (unless --lr is given)
+BASELINE_LR_GRID = {"lora": (2e-4, 5e-4, 1e-3, 2e-3), "full": (1e-5, 2e-5, 5e-5)}
+BASELINE_MAX_EPOCHS = {"lora": 3, "full": 2}
+
+
 def _cmd_local(args) -> int:
     from mobiflower.simulations.local import LocalRunConfig, format_summary, run_local
 
     if args.baseline:
         from mobiflower.simulations.baselines import BaselineConfig, run_baseline
 
+        tuned = args.lr is None and args.baseline != "zero-shot"
+        grid = BASELINE_LR_GRID.get(args.baseline, ()) if tuned else ()
+        epochs = args.epochs or (BASELINE_MAX_EPOCHS.get(args.baseline, 1) if tuned else 1)
         result = run_baseline(BaselineConfig(method=args.baseline, model=args.model, train_samples=args.train_samples,
                                              validation_samples=args.validation_samples,
                                              test_samples=args.test_samples, seed=args.seed, lr=args.lr,
-                                             threads=args.device_threads), progress=not args.quiet)
+                                             epochs=epochs, lrs=grid, threads=args.device_threads),
+                              progress=not args.quiet)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2, default=str))

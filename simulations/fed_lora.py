@@ -145,8 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--client-cpus", type=int, default=1, help="CPUs per simulated device (Ray actor)")
     parser.add_argument("-c", "--run-config", type=_run_config_value, action="append", default=[],
                         metavar="KEY=VALUE", help="run-config key, e.g. -c rounds=5 -c lr=0.001 -c local-epochs=2")
-    parser.add_argument("--tune", action="store_true",
-                        help="first pick lr and local-epochs on validation over --lrs x --epochs, then run the best")
+    parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
+                        help="first pick lr and local-epochs on validation over --lrs x --epochs, then run the best "
+                             "(--no-tune: run -c lr / -c local-epochs as given)")
     parser.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LR_GRID))
     parser.add_argument("--epochs", type=int, nargs="+", default=list(DEFAULT_EPOCH_GRID))
     parser.add_argument("--workdir", default="runs/fed-lora")

@@ -67,7 +67,7 @@ class LocalRunConfig:
     family: str = "tail"
     reduction: int = 8
     dropout: float = 0.3
-    tail_cut: int = 15  # tail: the device forwards blocks 0..cut-1, the server trains blocks cut..
+    tail_cut: int = 0  # tail: the device forwards blocks 0..cut-1, the server trains blocks cut.. (0 = half)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
@@ -96,9 +96,8 @@ class LocalRunConfig:
             if self.token_policy == "last":
                 raise ValueError("the pretrained tail reads every real token of the cut layer: use token policy "
                                  "'nonpad' (the default for family 'tail')")
-            if self.tail_cut < 1:
-                raise ValueError(f"tail_cut={self.tail_cut} must be at least 1")
-            self.layers = (self.tail_cut - 1,)
+            if self.tail_cut < 0:
+                raise ValueError(f"tail_cut={self.tail_cut} must be >= 0 (0 = half the blocks)")
         if self.mixed_precision == "auto":
             self.mixed_precision = "bf16" if (bf16_native() or torch.cuda.is_available()) else "none"
         self.weights = normalize_precision(self.weights)
@@ -132,6 +131,9 @@ def _recv(conn, process) -> Any:
 
 def run_local(config: LocalRunConfig, out: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the device and the server, return (and optionally write) the measured figures."""
+    if config.family == "tail":  # the device taps the cut block: known from the model's depth
+        config.tail_cut = config.tail_cut or _default_cut(config.model)
+        config.layers = (config.tail_cut - 1,)
     torch.set_num_threads(config.server_threads)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -288,6 +290,19 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _default_cut(model: str) -> int:
+    from transformers import AutoConfig
+
+    from mobiflower.platform.assets import resolve_model
+    from mobiflower.platform.pretrained_tail import default_cut
+
+    try:
+        depth = int(AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers)
+    except (OSError, ValueError) as err:
+        raise DeviceFailed(f"cannot load model {model!r}: {err}") from err
+    return default_cut(depth)
 
 
 def _size(path: Path) -> int:

@@ -20,7 +20,7 @@ class SideTuningConfig:
     # side networks and optimisation (server side)
     mode: str = "shared"  # shared | per-device | hybrid
     family: str = "tail"  # tail (pretrained upper blocks + LoRA) | ladder | adapter
-    tail_cut: int = 15  # tail: devices forward blocks 0..cut-1, the server trains blocks cut.. with LoRA
+    tail_cut: int = 0  # tail: devices forward blocks 0..cut-1, the server trains blocks cut.. with LoRA (0 = half)
     lora_rank: int = 8  # tail: LoRA rank, alpha and the modules it wraps (comma-separated)
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,v_proj"
@@ -39,7 +39,8 @@ class SideTuningConfig:
     personal_epochs: int = 3  # hybrid mode: head-only epochs per personalisation
     personal_lr: float = 1e-3
     seed: int = 0
-    server_threads: int = 1
+    server_threads: int = 1  # torch threads of the server's training while devices stream (they share a simulation's cores)
+    cache_threads: int = 0  # ... and in cached rounds, when the devices are idle (0 = every core)
     label_private: bool = False  # labels stay on the devices; each step asks them for residuals p - onehot(y)
     label_epsilon: float = 0.0  # label-private: randomized-response epsilon per sample (0 = exact labels, no DP)
     # what devices send (the strategy may later adapt these per device)
@@ -83,9 +84,10 @@ class SideTuningConfig:
         if self.family == "tail" and self.token_policy == "last":
             raise ConfigError("family 'tail' reads every real token of the cut layer: set token-policy = 'nonpad' "
                               "(or 'auto')")
-        if self.family == "tail" and (self.tail_cut < 1 or self.lora_rank < 1 or self.lora_alpha <= 0
+        if self.family == "tail" and (self.tail_cut < 0 or self.lora_rank < 1 or self.lora_alpha <= 0
                                       or not self.lora_target_list):
-            raise ConfigError(f"tail-cut={self.tail_cut} and lora-rank={self.lora_rank} must be at least 1, "
+            raise ConfigError(f"tail-cut={self.tail_cut} must be >= 0 (0 = half the blocks), lora-rank={self.lora_rank} "
+                              f"at least 1, "
                               f"lora-alpha={self.lora_alpha} positive, lora-targets={self.lora_targets!r} non-empty")
         if self.mixed_precision == "auto":
             from mobiflower.platform.weights import bf16_native

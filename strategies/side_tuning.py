@@ -287,7 +287,11 @@ class SideTuningStrategy(Strategy):
                 if opted_out:  # devices outside the cache stream their samples again, trained on arrival
                     streamed = self._stream_round(grid, rnd, only=opted_out)
                 averaged = average and not aggregate
-                stats = self.store.train_epoch(then_average=averaged)
+                torch.set_num_threads(cfg.cache_threads or os.cpu_count() or 1)  # devices are idle now
+                try:
+                    stats = self.store.train_epoch(then_average=averaged)
+                finally:
+                    torch.set_num_threads(max(1, cfg.server_threads))
                 record.update({"loss": stats["loss"], "phase": "cache", "cache_train_s": stats["seconds"]})
                 if opted_out:
                     record.update({"phase": "cache+stream", "stream_loss": streamed["loss"],
@@ -479,7 +483,7 @@ class SideTuningStrategy(Strategy):
         cfg = self.config
         if cfg.family == "tail":
             frozen, others, tail_keys = self._public_tail(str(first["model"]), primary, by_fingerprint)
-            layers = [cfg.tail_cut - 1]
+            layers = [int(tail_keys.pop("cut")) - 1]
         else:
             frozen, others, tail_keys = frozen_by[primary], self._side_backbones(primary, by_fingerprint), {}
             layers = [int(x) for x in first["layers"]]
@@ -569,13 +573,13 @@ class SideTuningStrategy(Strategy):
                     raise FleetError(f"devices {[d.device_id for d in devs]}: {err}") from None
         except SideNetworkError as err:
             raise FleetError(str(err)) from None
-        others = {fp: [cfg.tail_cut - 1] for fp in by_fingerprint if fp != primary}
+        others = {fp: [public.cut - 1] for fp in by_fingerprint if fp != primary}
         total = int(public.backbone_config["num_hidden_layers"])
         log(INFO, "pretrained tail: devices forward blocks 0..%d, the server trains blocks %d..%d of %s with LoRA "
-            "(r %d, %s)", cfg.tail_cut - 1, cfg.tail_cut, total - 1, public.fingerprint, cfg.lora_rank,
+            "(r %d, %s)", public.cut - 1, public.cut, total - 1, public.fingerprint, cfg.lora_rank,
             cfg.lora_targets)
         keys = {"backbone_config": public.backbone_config, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-                "lora_targets": cfg.lora_target_list}
+                "lora_targets": cfg.lora_target_list, "cut": public.cut}
         return public.weights, others, keys
 
     # ---- checkpoints --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def bench(tmp_path_factory, real_assets):
     model = make_tiny_model("llama", root / "llama", hidden=64, layers=2)  # width = one codec group
     out = root / "out" / "bench.json"
     result = run_device_bench(model=str(model), batches=2, batch_size=4, num_taps=2, threads=1, out=str(out),
-                              progress=False)
+                              progress=False, tail_cut=1)
     return result, out
 
 
@@ -45,6 +45,15 @@ def test_wire_rows_shrink_with_bits(bench):
     fp32 = result["fp32_all_token_bytes_per_sample"]
     assert fp32 > rows[(16, "all")]
     assert result["ratios"]["fp32_all_vs_4bit_last_bytes"] == pytest.approx(fp32 / rows[(4, "last")])
+
+
+def test_tail_device_stops_at_the_cut_and_sends_every_real_token(bench):
+    result, _ = bench
+    tail = result["tail_wire"]
+    assert [w["bits"] for w in tail] == [8, 4, 2]
+    assert tail[0]["bytes_per_sample"] > tail[1]["bytes_per_sample"] > tail[2]["bytes_per_sample"] > 0
+    last8 = next(w["bytes_per_sample"] for w in result["wire"] if w["bits"] == 8 and w["token_policy"] == "last")
+    assert tail[0]["tokens_per_sample"] > 1 and tail[0]["bytes_per_sample"] > last8 / 2  # one layer, every token
 
 
 def test_ratios_acceptance_and_outputs(bench):

@@ -78,3 +78,24 @@ def test_cache_is_bounded():
     for i in range(3):
         trainer.ingest(_frame(32, i * 32, seed=i))
     assert trainer.cache.num_samples == 64 and trainer.cache.rejected == 1
+
+
+def test_length_grouping_keeps_every_sample_once_and_cuts_padding():
+    import random as _random
+
+    from mobiflower.platform.trainer import _grouped_by_length
+
+    rng = _random.Random(0)
+    lengths = [rng.randint(5, 80) for _ in range(1000)]
+    order = list(range(1000))
+    rng.shuffle(order)
+    batches = _grouped_by_length(order, lengths, 16, _random.Random(1))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert all(1 <= len(b) <= 16 for b in batches)
+
+    def padded(bs):
+        return sum(max(lengths[i] for i in b) * len(b) for b in bs)
+
+    plain = [order[k:k + 16] for k in range(0, 1000, 16)]
+    assert padded(batches) < 0.8 * padded(plain)
+    assert batches != sorted(batches, key=lambda b: lengths[b[0]])  # batch order is shuffled, not by length
