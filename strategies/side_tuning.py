@@ -53,6 +53,7 @@ from mobiflower.platform.pretrained_tail import load_tail_weights, save_peft_ada
 from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, build_side_network, save_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.frames import FrameError, decode_frame
+from mobiflower.platform.weights import release_free_heap
 from mobiflower.platform.trainer import DecodedFrame, TrainConfig, decode_for, evaluate_network
 from mobiflower.strategies.config import SideTuningConfig
 from mobiflower.strategies.fair_queue import FairQueue
@@ -302,6 +303,7 @@ class SideTuningStrategy(Strategy):
             if average and not averaged:
                 self.store.update_average()
             record["server_train_s"] = self.store.train_seconds - train0
+            release_free_heap()  # the trainer threads' freed activations: back to the OS, not kept per arena
             train_wall += time.perf_counter() - t0
             if self.clock is None:
                 self.vnow = train_wall
@@ -565,7 +567,8 @@ class SideTuningStrategy(Strategy):
         device's backbone; every device sends block ``cut - 1``, whatever its depth or precision."""
         cfg = self.config
         try:
-            public = load_tail_weights(model, cfg.tail_cut)
+            public = load_tail_weights(model, cfg.tail_cut,
+                                       torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
             for fp, devs in by_fingerprint.items():
                 try:
                     public.check_device(fp)
@@ -703,10 +706,14 @@ class SideTuningStrategy(Strategy):
         errors: list[BaseException] = []
         done_at = [0.0]
 
+        devices_idle = threading.Event()  # every frame has landed: the trainer may take every core
+
         def trainer_loop() -> None:
             torch.set_num_threads(max(1, cfg.server_threads))
             while True:
                 item = work.get()
+                if devices_idle.is_set():  # OpenMP thread counts are per thread: the trainer sets its own
+                    torch.set_num_threads(cfg.cache_threads or os.cpu_count() or 1)
                 if item is None:
                     work.task_done()
                     return
@@ -826,6 +833,7 @@ class SideTuningStrategy(Strategy):
                 last_log = time.perf_counter()
                 log(INFO, "[round %d] frames landed for %d/%d samples, %d training queued", rnd, received, total,
                     work.qsize())
+        devices_idle.set()
         work.put(None)
         worker.join()
         if errors:
