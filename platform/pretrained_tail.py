@@ -64,17 +64,17 @@ def check_tail_config(config: SideNetworkConfig) -> None:
         raise SideNetworkError(f"LoRA rank {config.lora_rank} and alpha {config.lora_alpha} must be positive")
 
 
-def tail_weights(model: nn.Module, cut: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def tail_weights(model: nn.Module, cut: int) -> dict[str, torch.Tensor]:
     """The public weights the server's tail needs: blocks ``cut ..`` and the final norm, keyed as in the
-    base model (``layers.15.self_attn.q_proj.weight``, ``norm.weight``), no copies kept alive of the rest
-    of ``model``. Weight matrices in ``dtype`` (bfloat16 for a bf16-autocast server: no cast per step,
-    half the memory), norms in float32; LoRA weights are float32 either way (PEFT upcasts them)."""
+    base model (``layers.15.self_attn.q_proj.weight``, ``norm.weight``), float32, no copies kept alive
+    of the rest of ``model``. (Stored in bfloat16 for a bf16-autocast server they trained slower in a
+    whole run here, though faster in isolation: RESULTS.md.)"""
     base = model.base_model
     keep = {}
     for name, tensor in base.state_dict().items():
         if name.startswith("layers."):
             if int(name.split(".")[1]) >= cut:
-                keep[name] = tensor.detach().to(dtype if tensor.dim() >= 2 else torch.float32).clone()
+                keep[name] = tensor.detach().float().clone()
         elif name.startswith("norm."):
             keep[name] = tensor.detach().float().clone()
     if not any(k.startswith("norm.") for k in keep):
@@ -105,10 +105,10 @@ def default_cut(num_layers: int) -> int:
     return max(1, num_layers // 2)
 
 
-def load_tail_weights(ref: str, cut: int = 0, dtype: torch.dtype = torch.float32) -> PublicTail:
+def load_tail_weights(ref: str, cut: int = 0) -> PublicTail:
     """The public checkpoint of ``ref`` (the bundled name, a folder or a hub id) in float32: the tail's
     blocks ``cut ..`` (0: :func:`default_cut`), the final norm, the backbone config and the weights'
-    fingerprint (always of the float32 weights; ``dtype``: see :func:`tail_weights`)."""
+    fingerprint."""
     from mobiflower.platform.backbone import BackboneIdentity, load_checkpoint, weights_digest
 
     model, _ = load_checkpoint(ref, torch.float32)
@@ -120,7 +120,7 @@ def load_tail_weights(ref: str, cut: int = 0, dtype: torch.dtype = torch.float32
                                f"choose a cut in 1..{total - 1}")
     identity = BackboneIdentity(str(config["model_type"]), int(config["hidden_size"]), total, "float32",
                                 weights_digest(model))
-    weights = tail_weights(model, cut, dtype)
+    weights = tail_weights(model, cut)
     del model
     return PublicTail(ref, cut, config, weights, identity.fingerprint)
 

@@ -166,8 +166,7 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
     tail = {}
     frozen = {k: torch.from_numpy(v) for k, v in hello["frozen"].items()}
     if config.family == "tail":  # the server loads the public weights of blocks cut.. itself
-        public = load_tail_weights(config.model, config.tail_cut,
-                                   torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32)
+        public = load_tail_weights(config.model, config.tail_cut)
         public.check_device(hello["fingerprint"])
         frozen = public.weights
         tail = {"backbone_config": public.backbone_config, "lora_rank": config.lora_rank,

@@ -567,8 +567,7 @@ class SideTuningStrategy(Strategy):
         device's backbone; every device sends block ``cut - 1``, whatever its depth or precision."""
         cfg = self.config
         try:
-            public = load_tail_weights(model, cfg.tail_cut,
-                                       torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
+            public = load_tail_weights(model, cfg.tail_cut)
             for fp, devs in by_fingerprint.items():
                 try:
                     public.check_device(fp)

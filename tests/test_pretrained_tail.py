@@ -55,7 +55,8 @@ def test_fresh_tail_continues_the_backbone_exactly(tail_setup):
     frame, _ = runtime.make_frame(_examples(6))
     trainer = SideTrainer(net, TrainConfig(device="cpu"))
     batch = trainer.decode(frame).batch(list(range(6)))
-    enc = backbone.tokenize([e.prompt for e in _examples(6)])
+    by_id = {e.id: e for e in _examples(6)}
+    enc = backbone.tokenize([by_id[i].prompt for i in batch.sample_ids])  # a frame lists samples by length
     with torch.no_grad():
         tail = net.tail(inputs_embeds=batch.states[0], attention_mask=batch.mask.long()).last_hidden_state
         full = backbone.base(**enc).last_hidden_state
@@ -150,8 +151,8 @@ def test_delivered_adapter_loads_with_peft_alone_and_matches_local_inference(tai
     runtime = DeviceRuntime(backbone, ForwardConfig(bits=16, token_policy="nonpad"))
     frame, _ = runtime.make_frame(_examples(5))
     batch = SideTrainer(net.eval(), TrainConfig(device="cpu")).decode(frame).batch(list(range(5)))
-    with torch.no_grad():
-        assert torch.allclose(net(batch), local, atol=2e-3)  # fp16 states in the frame
+    with torch.no_grad():  # fp16 states in the frame; the frame lists its samples by length
+        assert torch.allclose(net(batch), local[batch.sample_ids], atol=2e-3)
 
 
 def test_adapter_runs_on_quantized_backbones_and_comes_off(tail_setup, tmp_path):
