@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import msgpack
 import torch
 from safetensors.torch import load_file, save_file
 
+from mobiflower.platform.atomic import atomic_directory
 from mobiflower.platform.codec import dequantize
 from mobiflower.platform.frames import Frame
 from mobiflower.platform.side_networks import (
@@ -418,29 +418,21 @@ class SideTrainer:
         ``rng=False`` leaves out the process-wide torch RNG state (paging a trainer out must not
         rewind the generator every other trainer shares when it is paged back in)."""
         directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_side_network(self.net, tmp / "side_network.safetensors")
-        save_file(_flatten_optimizer(self.optimizer), str(tmp / "optimizer.safetensors"))
-        meta = {"step": self.step, "total_steps": self.total_steps, "scheduler": self.scheduler.state_dict(),
-                "train": asdict(self.config), "param_groups": _param_groups(self.optimizer),
-                "train_seconds": self.train_seconds, "history": self.history, "extra": extra or {}}
-        meta["rng"] = _jsonable(self.rng.getstate())  # the shuffles of later epochs continue where they were
-        meta["averaged"] = self.averaged
-        extra_tensors = {"torch_rng": torch.get_rng_state()} if rng else {}
-        if rng and self.device.type == "cuda":  # dropout on the GPU draws from the CUDA generator
-            extra_tensors["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        if self.average is not None:
-            extra_tensors.update({f"average.{k}": v.detach().cpu().contiguous() for k, v in self.average.items()})
-        save_file(extra_tensors, str(tmp / "state.safetensors"))
-        (tmp / "trainer.json").write_text(json.dumps(meta, default=str))
-        old = directory.with_name(directory.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_directory(directory) as tmp:
+            save_side_network(self.net, tmp / "side_network.safetensors")
+            save_file(_flatten_optimizer(self.optimizer), str(tmp / "optimizer.safetensors"))
+            meta = {"step": self.step, "total_steps": self.total_steps, "scheduler": self.scheduler.state_dict(),
+                    "train": asdict(self.config), "param_groups": _param_groups(self.optimizer),
+                    "train_seconds": self.train_seconds, "history": self.history, "extra": extra or {}}
+            meta["rng"] = _jsonable(self.rng.getstate())  # the shuffles of later epochs continue where they were
+            meta["averaged"] = self.averaged
+            extra_tensors = {"torch_rng": torch.get_rng_state()} if rng else {}
+            if rng and self.device.type == "cuda":  # dropout on the GPU draws from the CUDA generator
+                extra_tensors["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            if self.average is not None:
+                extra_tensors.update({f"average.{k}": v.detach().cpu().contiguous() for k, v in self.average.items()})
+            save_file(extra_tensors, str(tmp / "state.safetensors"))
+            (tmp / "trainer.json").write_text(json.dumps(meta, default=str))
         return directory
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:

@@ -72,7 +72,7 @@ class FleetBenchSettings:
     test_samples: int = 400
     seed: int = 0
     model: str = ""  # "" = the bundled model (both apps' default)
-    rounds: int = 20  # mobiflower rounds (epochs over the fleet's samples; the main job's 20)
+    rounds: int = 3  # mobiflower rounds (epochs over the fleet's samples; the pretrained tail's main job runs 2)
     eval_every: int = 1  # mobiflower: score the test split every k rounds (the curve's points)
     lora_rounds: int = 3  # federated LoRA rounds of the reported run
     tune_rounds: int = 2  # federated LoRA rounds of each tuning trial

@@ -37,7 +37,9 @@ DEFAULT_DEVICES = (8, 16, 32, 64)
 def load_run_config(model: str, devices: int, samples_per_device: int, rounds: int, reduction: int,
                     budget_mb: float) -> dict[str, Any]:
     """The run config of one load run: per-device side networks, cached rounds, FedAvg at the end."""
-    return {"model": model, "num-taps": 4, "reduction": reduction, "mode": "per-device", "rounds": rounds,
+    # the ladder, the family these figures were measured on (RESULTS.md), with its own optimizer settings
+    return {"model": model, "family": "ladder", "token-policy": "last", "lr": 3e-4, "weight-decay": 0.1,
+            "batch-size": 32, "num-taps": 4, "reduction": reduction, "mode": "per-device", "rounds": rounds,
             "aggregate-every": rounds, "train-samples": samples_per_device * devices,
             "validation-samples": 2 * devices, "test-samples": 8 * devices, "chunk-size": samples_per_device,
             "eval-every": 0, "average-epochs": min(2, rounds), "side-memory-mb": budget_mb, "dropout": 0.1,

@@ -146,6 +146,9 @@ def _add_local(sub) -> None:
     p.add_argument("--family", choices=["tail", "ladder", "adapter"], default=d["family"].default,
                    help="tail: the backbone's upper blocks with LoRA on the server; ladder / adapter: small side "
                         "networks from random weights")
+    p.add_argument("--baseline-lrs", type=float, nargs="+", default=None,
+                   help="--baseline lora/full: the learning rates tuned over (default: lora 2e-4 5e-4 1e-3 2e-3, "
+                        "full 1e-5 2e-5 5e-5); --epochs is the most epochs tried")
     p.add_argument("--tail-cut", type=int, default=d["tail_cut"].default,
                    help="tail: the device forwards blocks 0..cut-1, the server trains cut.. (0 = half the blocks)")
     p.add_argument("--lora-rank", type=int, default=d["lora_rank"].default, help="tail: LoRA rank")
@@ -186,7 +189,7 @@ def _cmd_local(args) -> int:
         from mobiflower.simulations.baselines import BaselineConfig, run_baseline
 
         tuned = args.lr is None and args.baseline != "zero-shot"
-        grid = BASELINE_LR_GRID.get(args.baseline, ()) if tuned else ()
+        grid = tuple(args.baseline_lrs or BASELINE_LR_GRID.get(args.baseline, ())) if tuned else ()
         epochs = args.epochs or (BASELINE_MAX_EPOCHS.get(args.baseline, 1) if tuned else 1)
         result = run_baseline(BaselineConfig(method=args.baseline, model=args.model, train_samples=args.train_samples,
                                              validation_samples=args.validation_samples,

@@ -120,6 +120,8 @@ def run_simulate(config: SimulateConfig, out: str | None = None, quiet: bool = F
             # Replies (device to SuperLink) are the frames plus small profile / evaluation replies,
             # so this bounds Flower's cost per frame byte from above.
             "inbound_per_frame_byte": traffic.get("inbound-bytes", 0) / frame_bytes,
+            # ... and per byte the devices sent, evaluation frames included (what Flower adds on top)
+            "inbound_per_up_byte": traffic.get("inbound-bytes", 0) / max(1, summary["bytes_up"]),
             "outbound_per_sent_byte": traffic.get("outbound-bytes", 0) / max(1, summary["bytes_down"]),
         }
     if out:

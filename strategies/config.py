@@ -77,9 +77,7 @@ class SideTuningConfig:
             raise ConfigError(f"mode={self.mode!r} is unknown: use one of {', '.join(MODES)}")
         if self.family not in ("tail", "ladder", "adapter"):
             raise ConfigError(f"family={self.family!r} is unknown: use 'tail', 'ladder' or 'adapter'")
-        if self.token_policy == "auto":
-            self.token_policy = "nonpad" if self.family == "tail" else "last"
-        if self.token_policy not in ("last", "nonpad", "all"):
+        if self.token_policy not in ("last", "nonpad", "all", "auto"):
             raise ConfigError(f"token-policy={self.token_policy!r} is unknown: use 'last', 'nonpad', 'all' or 'auto'")
         if self.family == "tail" and self.token_policy == "last":
             raise ConfigError("family 'tail' reads every real token of the cut layer: set token-policy = 'nonpad' "
@@ -89,11 +87,7 @@ class SideTuningConfig:
             raise ConfigError(f"tail-cut={self.tail_cut} must be >= 0 (0 = half the blocks), lora-rank={self.lora_rank} "
                               f"at least 1, "
                               f"lora-alpha={self.lora_alpha} positive, lora-targets={self.lora_targets!r} non-empty")
-        if self.mixed_precision == "auto":
-            from mobiflower.platform.weights import bf16_native
-
-            self.mixed_precision = "bf16" if self.family == "tail" and bf16_native() else "none"
-        if self.mixed_precision not in ("none", "bf16"):
+        if self.mixed_precision not in ("none", "bf16", "auto"):
             raise ConfigError(f"mixed-precision={self.mixed_precision!r} is unknown: use 'none', 'bf16' or 'auto'")
         for name in ("rounds", "chunk_size", "in_flight", "send_window", "batch_size", "device_batch_size", "reduction"):
             if getattr(self, name) < 1:
@@ -136,6 +130,22 @@ class SideTuningConfig:
         if self.mode == "hybrid" and not self.activation_cache:
             raise ConfigError("mode 'hybrid' fine-tunes personal heads from the activation cache: set "
                               "activation-cache = true")
+
+    @property
+    def frame_token_policy(self) -> str:
+        """The tokens frames carry: ``token-policy``, where ``auto`` is the family's own choice."""
+        if self.token_policy != "auto":
+            return self.token_policy
+        return "nonpad" if self.family == "tail" else "last"
+
+    @property
+    def train_precision(self) -> str:
+        """``mixed-precision`` resolved: ``auto`` is bf16 for the tail where the CPU computes bf16 natively."""
+        if self.mixed_precision != "auto":
+            return self.mixed_precision
+        from mobiflower.platform.weights import bf16_native
+
+        return "bf16" if self.family == "tail" and bf16_native() else "none"
 
     @property
     def lora_target_list(self) -> list[str]:

@@ -493,11 +493,11 @@ class SideTuningStrategy(Strategy):
             hidden_size=int(first["hidden-size"]), layers=layers,
             fingerprint=str(first["fingerprint"]), family=cfg.family, reduction=cfg.reduction, dropout=cfg.dropout,
             norm_eps=float(first["norm-eps"]), feature_token="last" if first["is-decoder"] else "first",
-            bits=cfg.bits, group_size=64 if cfg.bits >= 8 else 32, token_policy=cfg.token_policy,
+            bits=cfg.bits, group_size=64 if cfg.bits >= 8 else 32, token_policy=cfg.frame_token_policy,
             extra={"model": str(first["model"])}, backbones=others, **tail_keys)
         train = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.rounds, batch_size=cfg.batch_size,
                             seed=cfg.seed, cache_bytes=cfg.cache_mb << 20 if cfg.activation_cache else 0,
-                            average_epochs=cfg.average_epochs, mixed_precision=cfg.mixed_precision)
+                            average_epochs=cfg.average_epochs, mixed_precision=cfg.train_precision)
 
         def make_net():
             torch.manual_seed(cfg.seed)  # the side network's initial weights are part of the run's seed
@@ -577,6 +577,13 @@ class SideTuningStrategy(Strategy):
             raise FleetError(str(err)) from None
         others = {fp: [public.cut - 1] for fp in by_fingerprint if fp != primary}
         total = int(public.backbone_config["num_hidden_layers"])
+        shallow = {d.device_id: int(d.profile["num-layers"]) for devs in by_fingerprint.values() for d in devs
+                   if int(d.profile["num-layers"]) < total}
+        if shallow:
+            raise FleetError(f"devices {shallow} (id: blocks) run fewer than the model's {total} blocks: they could "
+                             f"feed the tail, but not run blocks {public.cut}..{total - 1} with the delivered adapter "
+                             "for their own inference. Use family 'ladder' or 'adapter' for a fleet of mixed depths, "
+                             "or give every device the whole model")
         log(INFO, "pretrained tail: devices forward blocks 0..%d, the server trains blocks %d..%d of %s with LoRA "
             "(r %d, %s)", public.cut - 1, public.cut, total - 1, public.fingerprint, cfg.lora_rank,
             cfg.lora_targets)
@@ -687,7 +694,7 @@ class SideTuningStrategy(Strategy):
         layers = layers[:choice.taps] if choice else layers
         extra = ConfigRecord({**self._backbone_keys.get(node_id, {}), **dict(extra)})
         config = ConfigRecord({"split": split, "offset": int(request["offset"]), "samples": int(request["samples"]),
-                               "bits": bits, "token-policy": cfg.token_policy,
+                               "bits": bits, "token-policy": cfg.frame_token_policy,
                                "batch-size": cfg.device_batch_size, "layers": layers,
                                "request": f"r{rnd}-o{request['offset']}-a{request['attempt']}", **dict(extra)})
         self.devices[node_id].bytes_down += _config_bytes(config)
@@ -1037,8 +1044,10 @@ class SideTuningStrategy(Strategy):
             sum(weights.values()))
         return then_average
 
-    def _evaluate(self, grid: Grid, rnd: int, config: dict[str, Any]) -> dict[str, Any]:
-        if self.config.eval_on == "server" and not self.config.label_private and not config.get("installed"):
+    def _evaluate(self, grid: Grid, rnd: int, config: dict[str, Any], final: bool = False) -> dict[str, Any]:
+        """Score the current networks on ``config``'s split: on the server from kept frames (``eval-on``),
+        or on the devices; the ``final`` test is always on the devices, with what they installed."""
+        if not final and self.config.eval_on == "server" and not self.config.label_private:
             return self._server_evaluate(grid, rnd, str(config["split"]), int(config.get("max-samples", 0)))
         messages = self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(config), grid)
         replies = self._request_all(grid, messages, self.config.request_timeout, window=self.config.send_window)
@@ -1113,7 +1122,7 @@ class SideTuningStrategy(Strategy):
             net = self.store.network_for(dev.device_id)
             device = next(net.parameters()).device
             stats = evaluate_network(net, frames[dev.device_id], device,
-                                     mixed_precision=self.config.mixed_precision)
+                                     mixed_precision=self.config.train_precision)
             per_device[dev.device_id] = {"accuracy": stats["accuracy"], "samples": stats["count"]}
             correct += stats["accuracy"] * stats["count"]
             count += stats["count"]
@@ -1171,7 +1180,7 @@ class SideTuningStrategy(Strategy):
             installed = True
             log(INFO, "delivered side networks to %d devices", sum(int(d.metrics.get("delivered", 0))
                                                                      for d in self.devices.values()))
-        result = self._evaluate(grid, cfg.rounds, {"split": "test", "installed": installed})
+        result = self._evaluate(grid, cfg.rounds, {"split": "test", "installed": installed}, final=True)
         for dev in self.devices.values():
             stats = result["per_device"].get(dev.device_id)
             if stats:

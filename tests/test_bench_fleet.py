@@ -167,7 +167,7 @@ def test_the_baseline_is_tuned_on_validation_and_every_method_gets_the_same_samp
     eight, ada = runners.side_configs
     assert (eight["adapt"], eight["bits"], ada["adapt"]) == (False, 8, True) and "bits" not in ada
     assert all(c["fleet"] == "mixed-phones" and c["eval-every"] == 1 and c["eval-split"] == "test"
-               and c["rounds"] == 20 for c in runners.side_configs)
+               and c["rounds"] == FleetBenchSettings().rounds for c in runners.side_configs)
 
 
 def test_a_given_pair_skips_tuning_and_says_so():

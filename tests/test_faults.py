@@ -11,13 +11,14 @@ import pytest
 
 from mobiflower.simulations.flower_run import LoopbackDeployment, app_dir_for_run
 from mobiflower.simulations.simulate import default_app_config
+from families import LADDER
 
 
 @pytest.mark.real_model
 def test_a_supernode_killed_mid_run_is_dropped_and_reported(real_assets, tiny_llama, tmp_path):
     scratch = (tmp_path / "faults").resolve()
     run_dir = scratch / "run"
-    run_config = {"model": tiny_llama, "num-taps": 2, "train-samples": 64, "validation-samples": 8,
+    run_config = {**LADDER, "model": tiny_llama, "num-taps": 2, "train-samples": 64, "validation-samples": 8,
                   "test-samples": 16, "rounds": 2, "chunk-size": 8, "eval-every": 0, "reduction": 4,
                   "request-timeout": 240.0, "run-dir": str(run_dir)}
     env = {"MOBIFLOWER_HOME": os.environ["MOBIFLOWER_HOME"]} if "MOBIFLOWER_HOME" in os.environ else {}

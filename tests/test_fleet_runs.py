@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from families import LADDER
 
 
 def _fleet_run(tiny_llama, tmp_path, **overrides):
     from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
-    run_config = {"model": tiny_llama, "num-taps": 4, "train-samples": 128, "validation-samples": 32,
+    run_config = {**LADDER, "model": tiny_llama, "num-taps": 4, "train-samples": 128, "validation-samples": 32,
                   "test-samples": 32, "rounds": 3, "chunk-size": 8, "eval-every": 1, "eval-split": "test",
                   "eval-samples": 0, "reduction": 4, **overrides}
     return run_simulate(SimulateConfig(devices=4, workdir=str(tmp_path / "sim"), timeout_s=600,

@@ -36,8 +36,9 @@ def test_killed_server_resumes_to_the_same_weights(real_assets, tiny_llama, tmp_
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4, 5, 6]  # the history survived
     assert resumed["devices"]["device-0"]["samples_forwarded"] == 48  # nothing forwarded twice
     assert resumed["devices"]["device-0"]["frames"] == 6
-    a = load_file(str(Path(whole["simulation"]["run_dir"]) / "side_networks" / "device-0.safetensors"))
-    b = load_file(str(run_dir / "side_networks" / "device-0.safetensors"))
+    # the default family's delivery: a PEFT adapter folder per device
+    a = load_file(str(Path(whole["simulation"]["run_dir"]) / "side_networks" / "device-0" / "adapter_model.safetensors"))
+    b = load_file(str(run_dir / "side_networks" / "device-0" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
