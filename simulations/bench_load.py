@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from mobiflower.strategies.config import FAMILY_SETTINGS
 from mobiflower.simulations.bench_common import save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
@@ -38,8 +39,8 @@ def load_run_config(model: str, devices: int, samples_per_device: int, rounds: i
                     budget_mb: float) -> dict[str, Any]:
     """The run config of one load run: per-device side networks, cached rounds, FedAvg at the end."""
     # the ladder, the family these figures were measured on (RESULTS.md), with its own optimizer settings
-    return {"model": model, "family": "ladder", "token-policy": "last", "lr": 3e-4, "weight-decay": 0.1,
-            "batch-size": 32, "num-taps": 4, "reduction": reduction, "mode": "per-device", "rounds": rounds,
+    return {**FAMILY_SETTINGS["ladder"], "model": model, "family": "ladder", "token-policy": "last",
+            "num-taps": 4, "reduction": reduction, "mode": "per-device", "rounds": rounds,
             "aggregate-every": rounds, "train-samples": samples_per_device * devices,
             "validation-samples": 2 * devices, "test-samples": 8 * devices, "chunk-size": samples_per_device,
             "eval-every": 0, "average-epochs": min(2, rounds), "side-memory-mb": budget_mb, "dropout": 0.1,

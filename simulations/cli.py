@@ -64,7 +64,10 @@ def _add_simulate(sub) -> None:
                         "(default: shared)")
     p.add_argument("--partitioning", choices=["iid", "dirichlet"], default=None, help="default: iid")
     p.add_argument("--alpha", type=float, default=None, help="Dirichlet alpha (default 0.1)")
-    p.add_argument("--rounds", type=int, default=None, help="epochs over the fleet's samples (default 20)")
+    p.add_argument("--family", choices=["tail", "ladder", "adapter"], default=None,
+                   help="side-network family, with its own lr / batch size / rounds (default: tail)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="epochs over the fleet's samples (default: 2 for the tail, 20 for ladder / adapter)")
     p.add_argument("--aggregate-every", type=int, default=None, help="per-device mode: FedAvg every k rounds")
     p.add_argument("--in-flight", type=int, default=None, help="forward requests in flight per device (default 2)")
     p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=None, help="activation bits (default 8)")
@@ -99,6 +102,10 @@ def _cmd_simulate(args) -> int:
                   f"{Path(args.resume) / 'checkpoint' / 'strategy.json'})", file=sys.stderr)
             return 2
         overrides.update({"resume": True, "run-dir": str(Path(args.resume).resolve())})
+    if args.family:
+        from mobiflower.strategies.config import FAMILY_SETTINGS
+
+        overrides = {**FAMILY_SETTINGS[args.family], "family": args.family, **overrides}
     for flag, key in (("mode", "mode"), ("partitioning", "partitioning"), ("alpha", "dirichlet-alpha"),
                       ("rounds", "rounds"), ("aggregate_every", "aggregate-every"), ("in_flight", "in-flight"),
                       ("bits", "bits"), ("fleet", "fleet"), ("adapt", "adapt")):

@@ -33,18 +33,17 @@ from mobiflower.platform.frames import decode_frame
 from mobiflower.platform.weights import bf16_native, normalize_precision
 from mobiflower.platform.pretrained_tail import load_tail_weights, save_peft_adapter
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
+from mobiflower.strategies.config import FAMILY_SETTINGS
 from mobiflower.platform.trainer import SideTrainer, TrainConfig, chunk_sizes, planned_steps
 
 
-# What each side-network family trains best with (chosen on validation, RESULTS.md); a field left
-# None takes its family's value.
+# What each side-network family trains best with: the fleet's settings (strategies.config), one
+# device's epochs being the fleet's rounds; a field left None takes its family's value.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ladder": {"token_policy": "last", "mixed_precision": "none", "epochs": 20, "average_epochs": 5, "lr": 3e-4, "weight_decay": 0.1,
-               "batch_size": 32},
-    "adapter": {"token_policy": "last", "mixed_precision": "none", "epochs": 20, "average_epochs": 5, "lr": 3e-4, "weight_decay": 0.1,
-                "batch_size": 32},
-    "tail": {"token_policy": "nonpad", "epochs": 2, "average_epochs": 0, "lr": 2e-3, "weight_decay": 0.0,
-             "batch_size": 16, "mixed_precision": "auto"},
+    family: {"token_policy": "nonpad" if family == "tail" else "last", "epochs": s["rounds"],
+             "average_epochs": s["average-epochs"], "lr": s["lr"], "weight_decay": s["weight-decay"],
+             "batch_size": s["batch-size"], "mixed_precision": "auto" if family == "tail" else "none"}
+    for family, s in FAMILY_SETTINGS.items()
 }
 
 

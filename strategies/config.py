@@ -9,6 +9,16 @@ from typing import Any, Mapping
 from mobiflower.platform.side_store import MODES
 
 
+# Each side-network family's optimisation settings, as run-config keys: the tail's are the declared
+# defaults; ladder and adapter train best with these (RESULTS.md). `mobiflower simulate --family`
+# applies them (a -c key still wins).
+FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
+    "tail": {"lr": 2e-3, "weight-decay": 0.0, "batch-size": 16, "rounds": 2, "average-epochs": 0},
+    "ladder": {"lr": 3e-4, "weight-decay": 0.1, "batch-size": 32, "rounds": 20, "average-epochs": 5},
+    "adapter": {"lr": 3e-4, "weight-decay": 0.1, "batch-size": 32, "rounds": 20, "average-epochs": 5},
+}
+
+
 class ConfigError(ValueError):
     """A run-config value is invalid; the message names the key and what is allowed."""
 
