@@ -48,6 +48,12 @@ class StoreConfig:
                                    f"network in memory)")
 
 
+def copy_network(net: SideNetwork) -> SideNetwork:
+    """A deep copy of ``net`` whose frozen parameters (a pretrained tail's public blocks) are shared with
+    it, not copied: many device networks then hold one copy of the backbone's upper blocks."""
+    return copy.deepcopy(net, memo={id(p): p for p in net.parameters() if not p.requires_grad})
+
+
 class SideNetworkStore:
     """Trainers keyed by ``shared`` or a device id, plus hybrid personal networks."""
 
@@ -70,7 +76,7 @@ class SideNetworkStore:
         if config.mode == "per-device":
             template = make_net()  # every device starts from the same weights, so FedAvg averages like with like
             def build(device: str) -> SideTrainer:
-                trainer = SideTrainer(copy.deepcopy(template), train, total_steps=steps([device]))
+                trainer = SideTrainer(copy_network(template), train, total_steps=steps([device]))
                 trainer.residuals = residuals
                 return trainer
 
@@ -222,7 +228,7 @@ class SideNetworkStore:
             frames = [f for f in shared.cache.frames if f.frame.meta.get("device_id") == device]
             if not frames:
                 continue
-            net = copy.deepcopy(shared.net)
+            net = copy_network(shared.net)
             if device in self.personal:  # keep what the head learned before; take the new trunk
                 own = {k: v for k, v in self.personal[device].state_dict().items() if self._is_personal(k)}
                 net.load_state_dict(own, strict=False)

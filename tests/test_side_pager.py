@@ -131,3 +131,65 @@ def test_checkpoint_of_a_paged_store_restores_every_device(six_devices, tmp_path
     restored = _store(six_devices, tmp_path / "b", budget_mb=6.0)
     restored.load(tmp_path / "ckpt")
     assert {k: t.state_digest() for k, t in restored.trainers.items()} == before
+
+
+@pytest.fixture(scope="module")
+def six_tail_devices(tiny_llama):
+    """The same six devices feeding a pretrained tail: block 1's output for every real token."""
+    from mobiflower.platform.pretrained_tail import load_tail_weights
+
+    backbone = Backbone.load(tiny_llama, layers=[1])
+    public = load_tail_weights(tiny_llama, 2)
+    frames: dict[str, list] = {}
+    for d in range(DEVICES):
+        runtime = DeviceRuntime(backbone, ForwardConfig(bits=8, token_policy="nonpad"), device_id=f"device-{d}")
+        frames[f"device-{d}"] = []
+        for part in range(2):
+            examples = [Example(id=1000 * d + 10 * part + i, text=("great fun " if (i + d) % 2 else "bad dull ") * 3,
+                                label=(i + d) % 2) for i in range(10)]
+            frame, _ = runtime.make_frame(examples)
+            frames[f"device-{d}"].append(decode_frame(runtime.encode(frame)))
+    config = SideNetworkConfig(hidden_size=backbone.hidden_size, layers=[1], fingerprint=backbone.fingerprint,
+                               family="tail", token_policy="nonpad", backbone_config=public.backbone_config,
+                               lora_rank=4)
+    return frames, config, public.weights
+
+
+def test_paged_tails_train_bit_identically_and_share_their_frozen_blocks(six_tail_devices, tmp_path):
+    frames = six_tail_devices[0]
+    torch.manual_seed(123)
+    unbounded = _store(six_tail_devices, tmp_path / "a")
+    _run(unbounded, frames)
+    reference, reference_store = _digests(unbounded), unbounded.state_digest()
+    blocks = {t.net.tail.base_model.model.layers[0].mlp.up_proj.weight.data_ptr() for t in unbounded.trainers.values()}
+    assert len(blocks) == 1  # six device networks, one copy of the public blocks
+
+    one = max(t.footprint_bytes() for t in unbounded.trainers.values())
+    torch.manual_seed(123)
+    paged = _store(six_tail_devices, tmp_path / "b", budget_mb=2.5 * one / 2**20)
+    _run(paged, frames)
+    assert paged.paging()["page_outs"] >= 20
+    assert _digests(paged) == reference and paged.state_digest() == reference_store
+
+
+def test_hybrid_tails_personalise_the_head_over_the_shared_adapter(six_tail_devices, tmp_path):
+    frames, config, frozen = six_tail_devices
+
+    def make():
+        torch.manual_seed(0)
+        return build_side_network(config, frozen)
+
+    store = SideNetworkStore(StoreConfig(mode="hybrid", personal_epochs=2), make,
+                             TrainConfig(lr=3e-3, epochs=2, batch_size=4, average_epochs=0),
+                             {d: 20 for d in frames}, chunk_size=10)
+    for device, device_frames in frames.items():
+        for frame in device_frames:
+            store.ingest(device, frame)
+    store.train_epoch()
+    store.personalize(["device-0", "device-1"])
+    shared = store.trainers["shared"].net.state_dict()
+    for device in ("device-0", "device-1"):
+        own = store.network_for(device).state_dict()
+        assert not torch.equal(own["head.weight"], shared["head.weight"])  # the personal head moved
+        lora = [k for k in own if "lora_" in k]
+        assert lora and all(torch.equal(own[k], shared[k]) for k in lora)  # over the shared trunk
