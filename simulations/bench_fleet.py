@@ -242,7 +242,11 @@ def side_tuning_figures(summary: Mapping[str, Any]) -> dict[str, Any]:
         "completed": status == "finished:completed" and summary.get("test_accuracy") is not None,
         "status": status,
         "final_accuracy": summary.get("test_accuracy"),
-        "bytes_up": summary.get("bytes_up"), "bytes_down": summary.get("bytes_down"),
+        # the test curve's frames (server-side evaluation on the test split) are the benchmark's measurement
+        "bytes_up": None if summary.get("bytes_up") is None else summary["bytes_up"] - sum(
+            int(d.get("test_curve_bytes_up", 0)) for d in summary.get("devices", {}).values()),
+        "test_curve_bytes_up": sum(int(d.get("test_curve_bytes_up", 0)) for d in summary.get("devices", {}).values()),
+        "bytes_down": summary.get("bytes_down"),
         "device_compute_s": float(virtual["device_compute_s"]),
         "device_compute_measured_s": summary.get("device_forward_s"),
         "virtual_total_s": float(virtual["total_s"]),
@@ -413,7 +417,9 @@ def _notes() -> list[str]:
         "device_compute_measured_s is the same work in seconds measured on this machine",
         "bytes_down of fed-lora is training traffic only (its evaluation broadcasts are bytes_down_eval); "
         "mobiflower's bytes_down is its summary's, which includes the side networks sent to be evaluated "
-        "and delivered (counted against mobiflower)",
+        "and delivered (counted against mobiflower); mobiflower's bytes_up leaves out the test-curve frames "
+        "its server-side evaluation asked for (test_curve_bytes_up: the benchmark's measurement, like "
+        "fed-lora's evaluation broadcasts), and counts its validation frames",
         "fed-lora's tuning trials are not counted in its time-to-target or compute",
         "time_to_target_s is null when the method never reached the target in its run",
     ]

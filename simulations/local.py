@@ -312,7 +312,10 @@ def _size(path: Path) -> int:
 def format_summary(result: dict[str, Any]) -> str:
     """The closing lines of a run: accuracy beside zero-shot, then what it cost."""
     lines = [f"method            {result['method']}" + (f" ({result.get('family')})" if result.get("family") else "")]
-    lines.append(f"test accuracy     {result['test_accuracy']:.4f}   (zero-shot prompt {result['zero_shot_accuracy']:.4f})")
+    zero_shot = result.get("zero_shot_accuracy")
+    measured = zero_shot is not None and zero_shot == zero_shot  # NaN: the tail's forward cannot give it
+    lines.append(f"test accuracy     {result['test_accuracy']:.4f}   "
+                 + (f"(zero-shot prompt {zero_shot:.4f})" if measured else "(zero-shot prompt: `--baseline zero-shot`)"))
     if result.get("bits") is not None and result.get("method") == "mobiflower":
         lines.append(f"wire              {result['bits']}-bit, token policy '{result['token_policy']}', "
                      f"{result['bytes_sent'] / 2**20:.2f} MiB sent ({result['bytes_per_sample']:.0f} B/sample)")
