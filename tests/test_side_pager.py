@@ -20,19 +20,25 @@ from mobiflower.platform.trainer import TrainConfig
 DEVICES = 6
 
 
-@pytest.fixture(scope="module")
-def six_devices(tiny_llama):
-    """Six devices' frames (two each) from one tiny backbone, and the side-network recipe."""
-    backbone = Backbone.load(tiny_llama, num_taps=2)
+def _device_frames(backbone: Backbone, forward: ForwardConfig) -> dict[str, list]:
+    """Two frames of 10 samples for each of the six devices."""
     frames: dict[str, list] = {}
     for d in range(DEVICES):
-        runtime = DeviceRuntime(backbone, ForwardConfig(bits=8), device_id=f"device-{d}")
+        runtime = DeviceRuntime(backbone, forward, device_id=f"device-{d}")
         frames[f"device-{d}"] = []
         for part in range(2):
             examples = [Example(id=1000 * d + 10 * part + i, text=("great fun " if (i + d) % 2 else "bad dull ") * 3,
                                 label=(i + d) % 2) for i in range(10)]
             frame, _ = runtime.make_frame(examples)
             frames[f"device-{d}"].append(decode_frame(runtime.encode(frame)))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def six_devices(tiny_llama):
+    """Six devices' frames (two each) from one tiny backbone, and the side-network recipe."""
+    backbone = Backbone.load(tiny_llama, num_taps=2)
+    frames = _device_frames(backbone, ForwardConfig(bits=8))
     config = SideNetworkConfig(hidden_size=backbone.hidden_size, layers=backbone.layers,
                                fingerprint=backbone.fingerprint, family="ladder", reduction=1, dropout=0.3)
     return frames, config, backbone.frozen_head_state(lm_head=False)
@@ -140,15 +146,7 @@ def six_tail_devices(tiny_llama):
 
     backbone = Backbone.load(tiny_llama, layers=[1])
     public = load_tail_weights(tiny_llama, 2)
-    frames: dict[str, list] = {}
-    for d in range(DEVICES):
-        runtime = DeviceRuntime(backbone, ForwardConfig(bits=8, token_policy="nonpad"), device_id=f"device-{d}")
-        frames[f"device-{d}"] = []
-        for part in range(2):
-            examples = [Example(id=1000 * d + 10 * part + i, text=("great fun " if (i + d) % 2 else "bad dull ") * 3,
-                                label=(i + d) % 2) for i in range(10)]
-            frame, _ = runtime.make_frame(examples)
-            frames[f"device-{d}"].append(decode_frame(runtime.encode(frame)))
+    frames = _device_frames(backbone, ForwardConfig(bits=8, token_policy="nonpad"))
     config = SideNetworkConfig(hidden_size=backbone.hidden_size, layers=[1], fingerprint=backbone.fingerprint,
                                family="tail", token_policy="nonpad", backbone_config=public.backbone_config,
                                lora_rank=4)
