@@ -105,6 +105,17 @@ def default_cut(num_layers: int) -> int:
     return max(1, num_layers // 2)
 
 
+def resolve_cut(ref: str, cut: int = 0) -> int:
+    """``cut``, or (0) :func:`default_cut` of model ``ref``'s depth, read from its config alone."""
+    if cut:
+        return cut
+    from transformers import AutoConfig
+
+    from mobiflower.platform.assets import resolve_model
+
+    return default_cut(int(AutoConfig.from_pretrained(resolve_model(ref)).num_hidden_layers))
+
+
 def load_tail_weights(ref: str, cut: int = 0) -> PublicTail:
     """The public checkpoint of ``ref`` (the bundled name, a folder or a hub id) in float32: the tail's
     blocks ``cut ..`` (0: :func:`default_cut`), the final norm, the backbone config and the weights'

@@ -215,12 +215,9 @@ def _measure(spec: dict) -> dict:
         baseline = current_rss_mb()
         t0 = time.perf_counter()
         if tail:
-            from transformers import AutoConfig
+            from mobiflower.platform.pretrained_tail import resolve_cut
 
-            from mobiflower.platform.pretrained_tail import default_cut
-
-            cut = int(spec.get("tail_cut", TAIL_CUT)) or default_cut(AutoConfig.from_pretrained(path).num_hidden_layers)
-            extra["tail_cut"] = cut
+            cut = extra["tail_cut"] = resolve_cut(spec["model"], int(spec.get("tail_cut", TAIL_CUT)))
         backbone = Backbone.load(spec["model"], num_taps=int(spec["num_taps"]), layers=[cut - 1] if tail else None)
         runtime = DeviceRuntime(backbone, ForwardConfig(bits=8 if tail else int(spec["bits"]),
                                                         token_policy="nonpad" if tail else spec["token_policy"],

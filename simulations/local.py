@@ -292,16 +292,12 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
 
 
 def _default_cut(model: str) -> int:
-    from transformers import AutoConfig
-
-    from mobiflower.platform.assets import resolve_model
-    from mobiflower.platform.pretrained_tail import default_cut
+    from mobiflower.platform.pretrained_tail import resolve_cut
 
     try:
-        depth = int(AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers)
+        return resolve_cut(model)
     except (OSError, ValueError) as err:
         raise DeviceFailed(f"cannot load model {model!r}: {err}") from err
-    return default_cut(depth)
 
 
 def _size(path: Path) -> int:
