@@ -411,6 +411,10 @@ def _add_bench_fleet(bsub) -> None:
                    help="use this federated LoRA lr and local epochs instead of tuning (recorded as given)")
     p.add_argument("--side-lrs", type=float, nargs="*", default=list(d["side_lrs"].default),
                    help="mobiflower learning rates to pick from on validation (none: the app's default lr)")
+    p.add_argument("--side-seeds", type=int, nargs="*", default=list(d["side_seeds"].default),
+                   help="mobiflower training seeds (train-seed: initial weights and shuffles, same data): each "
+                        "mobiflower method runs once per seed and reports the mean accuracy and the slowest "
+                        "time-to-target (none: one run)")
     p.add_argument("--max-retries", type=int, default=d["max_retries"].default,
                    help="mobiflower: retries of a failed forward request before a device is dropped")
     p.add_argument("--client-cpus", type=int, default=d["client_cpus"].default, help="CPUs per simulated device")
@@ -439,7 +443,8 @@ def _cmd_bench_fleet(args) -> int:
             fleet=args.fleet, devices=args.devices, train_samples=args.train_samples,
             validation_samples=args.validation_samples, test_samples=args.test_samples, seed=args.seed,
             model=args.model or "", rounds=args.rounds, eval_every=args.eval_every, lora_rounds=args.lora_rounds, tune_rounds=args.tune_rounds,
-            lrs=tuple(args.lrs), local_epochs=tuple(args.epochs), lora_pair=pair, side_lrs=tuple(args.side_lrs), max_retries=args.max_retries,
+            lrs=tuple(args.lrs), local_epochs=tuple(args.epochs), lora_pair=pair, side_lrs=tuple(args.side_lrs),
+            side_seeds=tuple(args.side_seeds), max_retries=args.max_retries,
             client_cpus=args.client_cpus, timeout_s=args.timeout, workdir=args.workdir)
         log = (lambda message: None) if args.quiet else _log
         result = run_fleet_bench(settings, quiet=args.quiet, log=log)

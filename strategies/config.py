@@ -48,7 +48,8 @@ class SideTuningConfig:
     aggregate_every: int = 0  # per-device mode: FedAvg of the device networks every k rounds (0 = never)
     personal_epochs: int = 3  # hybrid mode: head-only epochs per personalisation
     personal_lr: float = 1e-3
-    seed: int = 0
+    seed: int = 0  # the data split and partition (devices) and, unless train-seed is set, the training
+    train_seed: int = -1  # the side network's initial weights and the trainer's shuffles (-1 = seed)
     server_threads: int = 1  # torch threads of the server's training while devices stream (they share a simulation's cores)
     cache_threads: int = 0  # ... and in cached rounds, when the devices are idle (0 = every core)
     label_private: bool = False  # labels stay on the devices; each step asks them for residuals p - onehot(y)
@@ -156,6 +157,11 @@ class SideTuningConfig:
         from mobiflower.platform.weights import bf16_native
 
         return "bf16" if self.family == "tail" and bf16_native() else "none"
+
+    @property
+    def training_seed(self) -> int:
+        """``train-seed`` resolved: training's own randomness, so one data split can be trained several times."""
+        return self.seed if self.train_seed < 0 else self.train_seed
 
     @property
     def lora_target_list(self) -> list[str]:

@@ -496,11 +496,11 @@ class SideTuningStrategy(Strategy):
             bits=cfg.bits, group_size=64 if cfg.bits >= 8 else 32, token_policy=cfg.frame_token_policy,
             extra={"model": str(first["model"])}, backbones=others, **tail_keys)
         train = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.rounds, batch_size=cfg.batch_size,
-                            seed=cfg.seed, cache_bytes=cfg.cache_mb << 20 if cfg.activation_cache else 0,
+                            seed=cfg.training_seed, cache_bytes=cfg.cache_mb << 20 if cfg.activation_cache else 0,
                             average_epochs=cfg.average_epochs, mixed_precision=cfg.train_precision)
 
         def make_net():
-            torch.manual_seed(cfg.seed)  # the side network's initial weights are part of the run's seed
+            torch.manual_seed(cfg.training_seed)  # the side network's initial weights are part of the run's seed
             return build_side_network(self.side_config, frozen, frozen_by)
 
         pages = self.run_dir / "pages"

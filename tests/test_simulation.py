@@ -28,6 +28,15 @@ def test_pyproject_declares_the_apps_defaults():
     assert app["config"] == default_app_config()
 
 
+def test_train_seed_varies_training_alone():
+    """`train-seed` seeds the side network and the trainer; the data split stays `seed`'s."""
+    from mobiflower.strategies.config import SideTuningConfig
+
+    assert SideTuningConfig(seed=3).training_seed == 3
+    assert SideTuningConfig.from_run_config({"seed": 3, "train-seed": 5}).training_seed == 5
+    assert SimulateConfig(run_config={"train-seed": 5}).run_config["train-seed"] == 5  # a key the app reads
+
+
 def test_bad_run_config_fails_before_flower_starts():
     with pytest.raises(ValueError, match="unknown run-config key"):
         SimulateConfig(run_config={"learning-rate": 0.1})
