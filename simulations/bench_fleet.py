@@ -281,6 +281,9 @@ def fed_lora_figures(summary: Mapping[str, Any], profiles: Mapping[str, DevicePr
         "final_accuracy": summary.get("final_accuracy"),
         "bytes_up": summary.get("bytes_up"), "bytes_down": summary.get("bytes_down"),
         "bytes_down_eval": summary.get("bytes_down_eval"),
+        # the final adapter on every device: delivery, counted in the method's total bytes (it is a
+        # part of bytes_down_eval too: the bench scores the delivered adapter there)
+        "bytes_down_delivery": summary.get("bytes_down_delivery", 0),
         "device_compute_s": timeline["device_compute_s"],
         "device_compute_measured_s": summary.get("device_compute_s"),
         "virtual_total_s": timeline["total_s"],
@@ -457,7 +460,9 @@ def _notes() -> list[str]:
         "and delivered (counted against mobiflower); mobiflower's bytes_up leaves out the test-curve frames "
         "its server-side evaluation asked for (test_curve_bytes_up: the benchmark's measurement, like "
         "fed-lora's evaluation broadcasts), and counts its validation frames",
-        "fed-lora's tuning trials are not counted in its time-to-target or compute",
+        "fed-lora's tuning trials are not counted in its time-to-target, compute or bytes",
+        "total bytes (the bytes verdict) = up + down + delivery: fed-lora's bytes_down_delivery is its final "
+        "adapter sent to every device; mobiflower's deliveries are inside its bytes_down",
         "time_to_target_s is null when the method never reached the target in its run",
     ]
 
@@ -555,7 +560,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     both = ada["completed"] and lora["completed"]
 
     def total_bytes(f: Mapping[str, Any]) -> float | None:
-        return None if f.get("bytes_up") is None or f.get("bytes_down") is None else f["bytes_up"] + f["bytes_down"]
+        """Up + down, delivery included (mobiflower's bytes_down holds its deliveries already)."""
+        if f.get("bytes_up") is None or f.get("bytes_down") is None:
+            return None
+        return f["bytes_up"] + f["bytes_down"] + f.get("bytes_down_delivery", 0)
 
     ratios["adaptive_over_fed_lora_total_bytes"] = ratio(total_bytes(ada), total_bytes(lora))
     ratios["adaptive_over_fed_lora_device_compute"] = ratio(ada["device_compute_s"], lora["device_compute_s"])

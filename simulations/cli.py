@@ -70,7 +70,7 @@ def _add_simulate(sub) -> None:
                    help="epochs over the fleet's samples (default: 2 for the tail, 20 for ladder / adapter)")
     p.add_argument("--aggregate-every", type=int, default=None, help="per-device mode: FedAvg every k rounds")
     p.add_argument("--in-flight", type=int, default=None, help="forward requests in flight per device (default 2)")
-    p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=None, help="activation bits (default 8)")
+    p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=None, help="activation bits (default: the family's, 4 for the tail, 8 for ladder / adapter)")
     p.add_argument("--fleet", default=None,
                    help="a fleet model (uniform, mixed-phones, flaky, mixed-backbones, or a TOML path): links, speeds and availability "
                         "drive a virtual clock; the summary reports accuracy against virtual seconds")
@@ -146,7 +146,8 @@ def _add_local(sub) -> None:
     p.add_argument("--validation-samples", type=int, default=d["validation_samples"].default)
     p.add_argument("--test-samples", type=int, default=d["test_samples"].default)
     p.add_argument("--seed", type=int, default=d["seed"].default)
-    p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=d["bits"].default)
+    p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=None,
+                   help="activation bits (default: the family's, 4 for the tail, 8 for ladder / adapter)")
     p.add_argument("--group-size", type=int, default=None, help="values per scale (default: 64 at 8 bits, 32 below)")
     p.add_argument("--token-policy", choices=["last", "nonpad", "all"], default=None,
                    help="tokens each frame carries (default: 'nonpad' for the tail, else 'last')")
@@ -166,12 +167,12 @@ def _add_local(sub) -> None:
     p.add_argument("--layers", type=_layers, default=None, help="tapped block ids (overrides --num-taps)")
     p.add_argument("--reduction", type=int, default=d["reduction"].default)
     p.add_argument("--dropout", type=float, default=d["dropout"].default)
-    p.add_argument("--epochs", type=int, default=None, help="default: 2 tail, 20 ladder / adapter")
+    p.add_argument("--epochs", type=int, default=None, help="default: 1 tail, 20 ladder / adapter")
     p.add_argument("--average-epochs", type=int, default=None,
                    help="deliver the mean weights of the last k epochs (tail averaging); 0 = the last epoch's "
                         "(default: 0 tail, 5 ladder / adapter)")
     p.add_argument("--lr", type=float, default=None,
-                   help="default: 2e-3 tail, 3e-4 ladder / adapter, 5e-4 LoRA, 2e-5 full fine-tuning")
+                   help="default: 1e-3 tail, 3e-4 ladder / adapter, 5e-4 LoRA, 2e-5 full fine-tuning")
     p.add_argument("--weight-decay", type=float, default=None, help="default: 0 tail, 0.1 ladder / adapter")
     p.add_argument("--select", choices=["last", "best-val"], default=d["select"].default,
                    help="deliver the last epoch's side network or the best on validation")

@@ -42,7 +42,7 @@ from mobiflower.platform.trainer import SideTrainer, TrainConfig, chunk_sizes, p
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     family: {"token_policy": "nonpad" if family == "tail" else "last", "epochs": s["rounds"],
              "average_epochs": s["average-epochs"], "lr": s["lr"], "weight_decay": s["weight-decay"],
-             "batch_size": s["batch-size"], "mixed_precision": "auto" if family == "tail" else "none"}
+             "batch_size": s["batch-size"], "bits": s["bits"], "mixed_precision": "auto" if family == "tail" else "none"}
     for family, s in FAMILY_SETTINGS.items()
 }
 
@@ -57,7 +57,7 @@ class LocalRunConfig:
     validation_samples: int = 500
     test_samples: int = 1000
     seed: int = 0
-    bits: int = 8
+    bits: int | None = None  # None: the family's (4 for the tail's all-token frames, 8 for ladder / adapter)
     group_size: int | None = None  # None: 64 at 8 bits, 32 at 4 and 2 bits
     rotation: str = "hadamard"
     token_policy: str | None = None  # None: the family's ("nonpad" for the tail, else "last")

@@ -301,6 +301,8 @@ class FedLoraStrategy(FedAvg):
             # broadcasts are measurement, not method cost, and are listed apart.
             "bytes_down": bytes_down_train,
             "bytes_down_eval": bytes_down_eval,
+            # the final adapter sent to every device (here also scored there): the method's delivery
+            "bytes_down_delivery": (final or {}).get("bytes_down", 0),
             "device_compute_s": sum(r["device_compute_s"] for r in rounds),
             "device_compute_critical_s": sum(r["device_compute_max_s"] for r in rounds),
             "adapter_bytes": record_bytes(arrays),  # as it travels: each array's .npy bytes (header included)

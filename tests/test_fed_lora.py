@@ -156,6 +156,7 @@ def test_two_device_fed_lora_simulation(real_assets, tiny_llama, tmp_path):
     assert rounds[1]["global_probe"] == pytest.approx(rounds[0]["aggregate_probe"], rel=1e-6)  # round 2 starts there
     assert summary["bytes_up"] == summary["bytes_down"] == 4 * adapter
     assert summary["bytes_down_eval"] == 6 * adapter  # 2 validation rounds + the final test, 2 devices each
+    assert summary["bytes_down_delivery"] == 2 * adapter  # the final adapter, on each of the 2 devices
     assert summary["device_compute_s"] == pytest.approx(sum(r["device_compute_s"] for r in rounds))
 
     # each device trained on its own partition, the one the side-tuning ClientApp would give it
