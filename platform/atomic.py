@@ -1,4 +1,5 @@
-"""Write a folder so that readers see the old one or the whole new one, never half of it."""
+"""Write a folder so that readers see the old one or the whole new one, never half of it, and let
+processes that would build the same folder take turns (:func:`exclusive_lock`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,29 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+@contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` block.
+
+    Processes that would build the same shared folder (simulated devices preparing one weight
+    copy) check, build and rename under it one at a time, so none deletes a copy another has just
+    put in place. Where ``fcntl`` is missing (Windows) it does not lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on the platforms we run
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 @contextmanager

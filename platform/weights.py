@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mobiflower.platform.atomic import exclusive_lock
 from mobiflower.platform.backbone import DECODER_TYPES, BackboneError, _find_blocks, load_checkpoint, weights_digest
 
 WEIGHT_PRECISIONS = ("fp32", "bf16", "int8", "int4")
@@ -739,7 +740,10 @@ def ensure_prepared(ref: str, precision: str, cache_dir: str | Path | None = Non
     folder = prepared_dir(ref, precision, cache_dir, group_size)
     if manifest_problem(folder, ref, precision, group_size) is None:
         return folder
-    return prepare_quantized_backbone(ref, precision, folder, group_size=group_size, force=True, log=log)
+    # one process at a time rebuilds: the others wait, find the copy current and use it (a second
+    # rebuild would delete the first's copy under whoever is loading it)
+    with exclusive_lock(folder.with_name(f".{folder.name}.lock")):
+        return prepare_quantized_backbone(ref, precision, folder, group_size=group_size, log=log)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

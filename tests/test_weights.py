@@ -170,6 +170,34 @@ def test_stale_or_damaged_copies(tmp_path):
     assert manifest_problem(rebuilt, str(model), "int4") is None
 
 
+def test_rebuilds_of_a_stale_copy_take_turns(tmp_path):
+    """Devices that find the same copy stale rebuild it one at a time: the one that waited finds the
+    copy current and uses it, instead of deleting it under whoever is loading it (a fleet run's
+    int8 devices once failed on a vanished config.json that way)."""
+    import threading
+
+    from mobiflower.platform.atomic import exclusive_lock
+    from mobiflower.platform.tiny import make_tiny_model
+    from mobiflower.platform.weights import prepare_quantized_backbone
+
+    model = make_tiny_model("llama", tmp_path / "src", layers=2, seed=3)
+    folder = ensure_prepared(str(model), "int8", tmp_path / "w")
+    stamp = os.stat(model / "config.json")
+    os.utime(model / "config.json", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    assert "source model changed" in manifest_problem(folder, str(model), "int8")
+    got = []
+    with exclusive_lock(folder.with_name(f".{folder.name}.lock")):  # another device is rebuilding
+        waiter = threading.Thread(target=lambda: got.append(ensure_prepared(str(model), "int8", tmp_path / "w")))
+        waiter.start()
+        waiter.join(timeout=2.0)
+        assert waiter.is_alive() and not got  # it waits for the lock
+        prepare_quantized_backbone(str(model), "int8", folder, force=True)
+        built = (folder / MANIFEST).stat().st_mtime_ns
+    waiter.join(timeout=120)
+    assert got == [folder] and (folder / MANIFEST).stat().st_mtime_ns == built  # used, not rebuilt again
+    assert manifest_problem(folder, str(model), "int8") is None
+
+
 def test_unsupported_precisions_raise_clearly(tiny_llama):
     assert [normalize_precision(p) for p in ("float32", "BF16", "int8", "4bit")] == ["fp32", "bf16", "int8", "int4"]
     for bad, words in (("fp16", "bf16"), ("int2", "4-bit"), ("int3", "fp32, bf16, int8, int4")):
