@@ -515,6 +515,14 @@ def _set_time_to(figures: dict[str, Any], key: str, target: float | None) -> Non
     figures[key] = None if None in times else max(times)
 
 
+def _drop_verdict(drop: float | None, bound: float, other: str, reason: str = "") -> dict[str, Any]:
+    """Is adaptive's final accuracy at most ``bound`` below ``other``'s (``drop`` = adaptive - other)?"""
+    want = f">= -{bound:g} (adaptive - {other})"
+    if drop is None:
+        return _verdict(NA, None, want, "a method has no final accuracy")
+    return _verdict(PASS if drop >= -bound - _TOLERANCE else FAIL, drop, want, reason)
+
+
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Target, time-to-target per method, ratios and verdicts, from the methods' measured figures."""
     methods = result["methods"]
@@ -576,18 +584,12 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         verdicts[key] = (_verdict(NA, None, want, "a method did not complete or has no figure")
                          if measured is None or not both
                          else _verdict(PASS if measured <= bound + _TOLERANCE else FAIL, measured, want))
-    drop = ratios["adaptive_minus_fed_lora_accuracy"]
-    want = f">= -{a.max_accuracy_drop_vs_fed_lora:g} (adaptive - fed-lora)"
     seeds = len(ada.get("seed_runs") or [ada])
-    verdicts["adaptive_within_0.5pt_of_fed_lora_accuracy"] = (
-        _verdict(NA, None, want, "a method has no final accuracy") if drop is None
-        else _verdict(PASS if drop >= -a.max_accuracy_drop_vs_fed_lora - _TOLERANCE else FAIL, drop, want,
-                      f"adaptive's mean over {seeds} training seeds" if seeds > 1 else "one training seed"))
-    drop = ratios["adaptive_minus_8bit_accuracy"]
-    want = f">= -{a.max_accuracy_drop_vs_8bit:g} (adaptive - 8bit)"
-    verdicts["adaptive_within_1pt_of_8bit_accuracy"] = (
-        _verdict(NA, None, want, "a method has no final accuracy") if drop is None
-        else _verdict(PASS if drop >= -a.max_accuracy_drop_vs_8bit - _TOLERANCE else FAIL, drop, want))
+    verdicts["adaptive_within_0.5pt_of_fed_lora_accuracy"] = _drop_verdict(
+        ratios["adaptive_minus_fed_lora_accuracy"], a.max_accuracy_drop_vs_fed_lora, "fed-lora",
+        f"adaptive's mean over {seeds} training seeds" if seeds > 1 else "one training seed")
+    verdicts["adaptive_within_1pt_of_8bit_accuracy"] = _drop_verdict(
+        ratios["adaptive_minus_8bit_accuracy"], a.max_accuracy_drop_vs_8bit, "8bit")
     for verdict in verdicts.values():
         verdict["applies_to"] = "mixed-phones"
     incomplete = [n for n, f in methods.items() if not f.get("completed")]
@@ -644,7 +646,8 @@ def format_table(result: dict[str, Any]) -> str:
         frames = ("-" if f.get("frames") is None
                   else f"{f['frames']} ({_num(f.get('frames_accepted'), 'd')}/{_num(f.get('frames_refused'), 'd')})")
         common = _num(f.get("time_to_common_target_s"), ".1f")
-        lines.append(f"{name + (' (mean)' if f.get('seed_runs') else ''):<26} {_num(f['final_accuracy'], '.4f'):>9} {ttt:>12} {common:>12} "
+        label = name + (" (mean)" if f.get("seed_runs") else "")
+        lines.append(f"{label:<26} {_num(f['final_accuracy'], '.4f'):>9} {ttt:>12} {common:>12} "
                      f"{_num(f['virtual_total_s'], '.1f'):>10} "
                      f"{_num(f['device_compute_s'], '.1f'):>10} {_num(f['device_compute_measured_s'], '.1f'):>10} "
                      f"{_num(f['bytes_up'] and f['bytes_up'] / 1e6, '.2f'):>8} "

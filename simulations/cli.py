@@ -67,10 +67,11 @@ def _add_simulate(sub) -> None:
     p.add_argument("--family", choices=["tail", "ladder", "adapter"], default=None,
                    help="side-network family, with its own lr / batch size / rounds (default: tail)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="epochs over the fleet's samples (default: 2 for the tail, 20 for ladder / adapter)")
+                   help="epochs over the fleet's samples (default: 1 for the tail, 20 for ladder / adapter)")
     p.add_argument("--aggregate-every", type=int, default=None, help="per-device mode: FedAvg every k rounds")
     p.add_argument("--in-flight", type=int, default=None, help="forward requests in flight per device (default 2)")
-    p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=None, help="activation bits (default: the family's, 4 for the tail, 8 for ladder / adapter)")
+    p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=None,
+                   help="activation bits (default: the family's, 4 for the tail, 8 for ladder / adapter)")
     p.add_argument("--fleet", default=None,
                    help="a fleet model (uniform, mixed-phones, flaky, mixed-backbones, or a TOML path): links, speeds and availability "
                         "drive a virtual clock; the summary reports accuracy against virtual seconds")
