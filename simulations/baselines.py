@@ -65,7 +65,8 @@ class BaselineConfig:
     train_samples: int = 2000
     validation_samples: int = 500
     test_samples: int = 1000
-    seed: int = 0
+    seed: int = 0  # the data split (and everything else unless train_seed is given)
+    train_seed: int | None = None  # LoRA's initial weights, dropout and batch order; None: seed
     lr: float | None = None  # default: lora 5e-4, full 2e-5
     epochs: int = 1
     batch_size: int = 16
@@ -97,6 +98,8 @@ class BaselineConfig:
             raise ValueError(f"threads={self.threads} must be at least 1")
         if self.lora_targets is not None:
             self.lora_targets = tuple(self.lora_targets)
+        if self.train_seed is None:
+            self.train_seed = self.seed
         self.lrs = tuple(float(lr) for lr in self.lrs)
         if any(not lr > 0 for lr in self.lrs):
             raise ValueError(f"lrs={self.lrs}: every learning rate must be positive")
@@ -249,7 +252,7 @@ def _train_trial(config: BaselineConfig, path: str, tokenizer, splits, lr: float
     import torch
     from tqdm.auto import tqdm
 
-    model = build_classifier(path, config.method, tokenizer, seed=config.seed, lora_r=config.lora_r,
+    model = build_classifier(path, config.method, tokenizer, seed=config.train_seed, lora_r=config.lora_r,
                              lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                              lora_targets=config.lora_targets)
     optimizer = make_optimizer(model, config.method, lr)
@@ -261,13 +264,13 @@ def _train_trial(config: BaselineConfig, path: str, tokenizer, splits, lr: float
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=total, desc=f"{config.method} lr {lr:g} ({Path(str(config.model)).name})", unit="step",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    torch.manual_seed(config.seed)  # dropout
+    torch.manual_seed(config.train_seed)  # dropout
     model.train()
     trials, state, seconds = [], None, 0.0
     for epoch in range(config.epochs):
         t0 = time.perf_counter()
         order = list(train)
-        random.Random(config.seed * 1000003 + epoch).shuffle(order)
+        random.Random(config.train_seed * 1000003 + epoch).shuffle(order)
         for start in range(0, len(order), config.batch_size):
             batch = order[start:start + config.batch_size]
             loss = train_step(model, tokenizer, batch, params, optimizer, config.max_length, scheduler)
@@ -323,6 +326,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--validation-samples", type=int, default=d.validation_samples)
     parser.add_argument("--test-samples", type=int, default=d.test_samples)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--train-seed", type=int, default=None, help="training randomness, the split kept; default: --seed")
     parser.add_argument("--lr", type=float, default=None, help="default: lora 5e-4, full 2e-5")
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -341,7 +345,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> BaselineConfig:
     return BaselineConfig(method=args.method, model=args.model, train_samples=args.train_samples,
                           validation_samples=args.validation_samples, test_samples=args.test_samples,
-                          seed=args.seed, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                          seed=args.seed, train_seed=args.train_seed, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                           warmup_frac=args.warmup_frac, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                           lora_dropout=args.lora_dropout,
                           lora_targets=tuple(args.lora_targets) if args.lora_targets else None,

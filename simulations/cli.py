@@ -146,7 +146,11 @@ def _add_local(sub) -> None:
     p.add_argument("--train-samples", type=int, default=d["train_samples"].default)
     p.add_argument("--validation-samples", type=int, default=d["validation_samples"].default)
     p.add_argument("--test-samples", type=int, default=d["test_samples"].default)
-    p.add_argument("--seed", type=int, default=d["seed"].default)
+    p.add_argument("--seed", type=int, default=d["seed"].default, help="the data split (and training unless "
+                   "--train-seed is given)")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="the trained weights' initialisation, dropout and batch order, the split kept (repeat runs "
+                        "over training seeds to see the noise of one run); default: --seed")
     p.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=None,
                    help="activation bits (default: the family's, 4 for the tail, 8 for ladder / adapter)")
     p.add_argument("--group-size", type=int, default=None, help="values per scale (default: 64 at 8 bits, 32 below)")
@@ -202,7 +206,8 @@ def _cmd_local(args) -> int:
         epochs = args.epochs or (BASELINE_MAX_EPOCHS.get(args.baseline, 1) if tuned else 1)
         result = run_baseline(BaselineConfig(method=args.baseline, model=args.model, train_samples=args.train_samples,
                                              validation_samples=args.validation_samples,
-                                             test_samples=args.test_samples, seed=args.seed, lr=args.lr,
+                                             test_samples=args.test_samples, seed=args.seed,
+                                             train_seed=args.train_seed, lr=args.lr,
                                              epochs=epochs, lrs=grid, threads=args.device_threads),
                               progress=not args.quiet)
         if args.out:
@@ -211,7 +216,8 @@ def _cmd_local(args) -> int:
     else:
         config = LocalRunConfig(model=args.model, weights=args.weights, train_samples=args.train_samples,
                                 validation_samples=args.validation_samples, test_samples=args.test_samples,
-                                seed=args.seed, bits=args.bits, group_size=args.group_size, token_policy=args.token_policy, family=args.family,
+                                seed=args.seed, train_seed=args.train_seed, bits=args.bits,
+                                group_size=args.group_size, token_policy=args.token_policy, family=args.family,
                                 num_taps=args.num_taps, layers=args.layers, reduction=args.reduction,
                                 dropout=args.dropout, tail_cut=args.tail_cut, lora_rank=args.lora_rank,
                                 lora_alpha=args.lora_alpha,
@@ -469,25 +475,68 @@ def _add_compare(sub) -> None:
 
 
 def _cmd_compare(args) -> int:
-    rows = []
+    results = []
     for name in args.files:
         try:
-            r = json.loads(Path(name).read_text())
+            results.append((Path(name).name, json.loads(Path(name).read_text())))
         except (OSError, ValueError) as err:
             print(f"error: cannot read {name}: {err}", file=sys.stderr)
             return 2
-        label = r.get("method", "?") + (f"/{r['family']}" if r.get("family") else "")
+    rows = []
+    for name, r in results:
         wire = f"{r['bits']}-bit {r['token_policy']}" if r.get("token_policy") else "-"
         device_s = r.get("device_s_per_sample", r.get("s_per_sample"))
         rss = r.get("device_peak_rss_mb", r.get("peak_rss_mb"))
-        rows.append((Path(name).name, label, f"{r['test_accuracy']:.4f}", f"{r['zero_shot_accuracy']:.4f}", wire,
+        rows.append((name, _run_label(r), f"{r['test_accuracy']:.4f}", f"{r['zero_shot_accuracy']:.4f}", wire,
                      f"{r.get('bytes_per_sample') or 0:.0f}", f"{device_s * 1000:.0f}" if device_s else "-",
                      f"{rss:.0f}" if rss else "-"))
-    header = ("file", "method", "test acc", "zero-shot", "wire", "B/sample sent", "device ms/sample", "peak RSS MB")
+    _print_table(("file", "method", "test acc", "zero-shot", "wire", "B/sample sent", "device ms/sample",
+                  "peak RSS MB"), rows)
+    groups = seed_groups(results)
+    if any(len(g["files"]) > 1 for g in groups):
+        print("\nruns that differ only in their training seed:")
+        _print_table(("method", "runs", "mean test acc", "sd", "min", "max", "files"),
+                     [(g["label"], len(g["files"]), f"{g['mean']:.4f}", f"{g['sd']:.4f}", f"{g['min']:.4f}",
+                       f"{g['max']:.4f}", " ".join(g["files"])) for g in groups])
+    return 0
+
+
+def _run_label(result: dict) -> str:
+    return result.get("method", "?") + (f"/{result['family']}" if result.get("family") else "")
+
+
+# what a training seed may change between runs compared as one configuration (with where the run wrote)
+_SEED_KEYS = frozenset({"seed", "train_seed", "workdir", "out", "threads", "device_threads", "server_threads"})
+
+
+def seed_groups(results: list[tuple[str, dict]]) -> list[dict]:
+    """Group ``(file name, result)`` pairs whose run configurations differ only in the training seed (same
+    data split): each group's label, files and test accuracy mean / sample sd / min / max, in first-seen order.
+    Runs with a different split seed are different groups (their test sets differ)."""
+    groups: dict[str, dict] = {}
+    for name, r in results:
+        config = r.get("config")
+        if isinstance(config, dict):
+            split = config.get("seed")
+            key = json.dumps({"method": r.get("method"), "split": split,
+                              **{k: v for k, v in config.items() if k not in _SEED_KEYS}}, sort_keys=True, default=str)
+        else:  # no recorded configuration: a group of its own
+            key = f"file:{name}"
+        group = groups.setdefault(key, {"label": _run_label(r), "files": [], "accuracies": []})
+        group["files"].append(name)
+        group["accuracies"].append(float(r["test_accuracy"]))
+    for group in groups.values():
+        acc = group.pop("accuracies")
+        mean = sum(acc) / len(acc)
+        group.update(mean=mean, min=min(acc), max=max(acc),
+                     sd=(sum((a - mean) ** 2 for a in acc) / (len(acc) - 1)) ** 0.5 if len(acc) > 1 else 0.0)
+    return list(groups.values())
+
+
+def _print_table(header: tuple, rows: list[tuple]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in (header, *rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
-    return 0
 
 
 # ---- fed-lora (issue 4, item 6): the federated on-device LoRA baseline; all of it lives in simulations/fed_lora.py

@@ -56,7 +56,8 @@ class LocalRunConfig:
     train_samples: int = 2000
     validation_samples: int = 500
     test_samples: int = 1000
-    seed: int = 0
+    seed: int = 0  # the data split (and everything else unless train_seed is given)
+    train_seed: int | None = None  # the side network's initial weights and batch order; None: seed
     bits: int | None = None  # None: the family's (4 for the tail's all-token frames, 8 for ladder / adapter)
     group_size: int | None = None  # None: 64 at 8 bits, 32 at 4 and 2 bits
     rotation: str = "hadamard"
@@ -104,8 +105,10 @@ class LocalRunConfig:
             self.group_size = default_group_size(self.bits)
         self.forward = ForwardConfig(bits=self.bits, group_size=self.group_size, rotation=self.rotation,
                                      token_policy=self.token_policy, batch_size=self.device_batch_size, seed=self.seed)
+        if self.train_seed is None:
+            self.train_seed = self.seed
         self.train = TrainConfig(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
-                                 batch_size=self.batch_size, seed=self.seed, average_epochs=self.average_epochs,
+                                 batch_size=self.batch_size, seed=self.train_seed, average_epochs=self.average_epochs,
                                  mixed_precision=self.mixed_precision)
         if self.select not in ("last", "best-val"):
             raise ValueError(f"select={self.select!r} must be 'last' or 'best-val'")
@@ -177,7 +180,7 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
         family=config.family, reduction=config.reduction, dropout=config.dropout, norm_eps=hello["norm_eps"],
         feature_token="last" if hello["is_decoder"] else "first", bits=config.bits, group_size=config.group_size,
         rotation=config.rotation, token_policy=config.token_policy, extra={"model": config.model}, **tail)
-    torch.manual_seed(config.seed)  # the side network's initial weights are part of the run's seed
+    torch.manual_seed(config.train_seed)  # the side network's initial weights are part of the training seed
     net = build_side_network(side_config, frozen)
     total_steps = planned_steps(chunk_sizes(hello["train"], config.chunk_size), config.batch_size, config.epochs)
     trainer = SideTrainer(net, config.train, total_steps=total_steps)
