@@ -22,7 +22,11 @@ Wire layout (all integers little-endian)::
 * ``targets``: ``{"kind": "class", "values": [label per sample], "num_classes": k}`` (labels in
   ``[0, k)``), ``{"kind": "tokens", "values": [target per sent token]}`` (``>= 0`` or ``-100`` =
   ignored; an optional ``"vocab_size"`` bounds them) or ``{"kind": "none"}``; other keys are
-  carried along unchecked.
+  free-form, like ``meta``.
+* ``meta`` and the extra keys of ``targets`` are free-form msgpack values, bounded together by
+  :class:`FrameLimits` (encoded bytes, keys, entries per map or array, nesting depth).
+* Maps are strict: a key that appears twice is an error naming it (two readers that kept the
+  first or the last value would otherwise see two different frames in the same bytes).
 * token policies: ``"last"`` sends one token per sample (``token_counts`` all 1,
   ``seq_lengths >= 1``); ``"nonpad"`` sends real tokens only (``token_counts <= seq_lengths``);
   ``"all"`` sends every (padded) position (``seq_lengths <= token_counts``).
@@ -37,6 +41,7 @@ dequantize lazily with :func:`~mobiflower.platform.codec.dequantize`.
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +87,7 @@ _HEADER_FIELDS = (
     "seq_lengths", "targets", "meta", "payload_bytes", "tensors",
 )
 _TENSOR_FIELDS = ("bits", "group_size", "rotation", "seed", "shape", "packed", "scales")
+_TARGET_FIELDS = ("kind", "values", "num_classes", "vocab_size")  # any other key is free-form content
 
 
 class FrameError(ValueError):
@@ -125,6 +131,17 @@ class Frame:
         """Payload bytes (sum of the activations' packed + scales), what the uplink pays for."""
         return sum(q.nbytes() for q in self.activations)
 
+    def kept_nbytes(self) -> int:
+        """Memory a server holds to keep this frame: the payload plus its header's content as Python
+        objects (what a cache budget must count, or free-form header content would go uncounted)."""
+        lists = [self.layers, self.sample_ids, self.token_counts, self.seq_lengths]
+        targets = self.targets if isinstance(self.targets, dict) else {}
+        if "values" in targets:
+            lists.append(targets["values"])
+        rest = {k: v for k, v in targets.items() if k != "values"}
+        return self.nbytes() + sum(_list_nbytes(v) for v in lists) + _content_nbytes(rest) + \
+            _content_nbytes(self.meta)
+
 
 @dataclass(frozen=True)
 class FrameLimits:
@@ -135,6 +152,11 @@ class FrameLimits:
     max_layers: int = 256
     max_hidden: int = 65536
     max_tokens: int = 1 << 22  # rows of each activation (sum of token_counts)
+    # free-form header content: ``meta`` and the extra keys of ``targets``, together
+    max_meta_bytes: int = 1 << 14  # encoded size
+    max_meta_keys: int = 64  # keys of meta, and extra keys of targets
+    max_meta_len: int = 256  # entries of any one map or array inside them
+    max_meta_depth: int = 4  # nesting of maps and arrays (a map or array value itself is level 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +217,40 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+_INT_OBJECT_BYTES = 32  # a Python int of up to 60 bits; the list holds an 8-byte pointer to each
+
+
+def _list_nbytes(v: object) -> int:
+    """Memory of a list of integers (or an array) as a decoded header holds it."""
+    if isinstance(v, np.ndarray):
+        return sys.getsizeof(v) + (0 if v.base is None else v.nbytes)
+    if isinstance(v, (list, tuple)):
+        return sys.getsizeof(v) + _INT_OBJECT_BYTES * len(v)
+    return sys.getsizeof(v)
+
+
+def _content_nbytes(value: object) -> int:
+    """Deep memory of decoded msgpack content (maps, arrays and scalars), each object once."""
+    seen: set[int] = set()
+    todo = [value]
+    total = 0
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            total += _list_nbytes(obj)
+            continue
+        total += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            todo.extend(obj.keys())
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            todo.extend(obj)
+    return total
+
+
 # --------------------------------------------------------------------------------------------
 # semantic validation (shared by decode_frame, validate_frame and encode_frame)
 
@@ -208,6 +264,29 @@ def _check_version(v: object) -> int:
             "run the same mobiflower release on devices and server",
         )
     return version
+
+
+def _check_free(value: object, name: str, limits: FrameLimits) -> None:
+    """Free-form content (``meta``, an extra key of ``targets``) within the limits: entries per map or
+    array, nesting depth, string keys. Its encoded size is bounded where it is read or written."""
+    todo = [(value, 1)]
+    while todo:
+        obj, level = todo.pop()
+        if isinstance(obj, dict):
+            if not all(isinstance(k, str) for k in obj):
+                raise FrameError(name, "map keys must be strings")
+            children: Any = obj.values()
+        elif isinstance(obj, (list, tuple)):
+            children = obj
+        else:
+            continue
+        if level > limits.max_meta_depth:
+            raise FrameError(name, f"nests maps and arrays more than {limits.max_meta_depth} deep, the limit")
+        if obj is not value or name != "meta":  # meta's own keys are bounded by max_meta_keys
+            if len(obj) > limits.max_meta_len:
+                raise FrameError(name, f"holds a map or array of {len(obj)} entries, more than the limit "
+                                       f"{limits.max_meta_len}")
+        todo.extend((child, level + 1) for child in children)
 
 
 def _check_fields(
@@ -298,6 +377,9 @@ def _check_fields(
     _check_targets(targets, n, rows, limits)
     if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
         raise FrameError("meta", "must be a map with string keys")
+    if len(meta) > limits.max_meta_keys:
+        raise FrameError("meta", f"has {len(meta)} keys, more than the limit {limits.max_meta_keys}")
+    _check_free(meta, "meta", limits)
     return int(lay.size), rows
 
 
@@ -356,6 +438,12 @@ def _check_targets(targets: object, n: int, rows: int, limits: FrameLimits) -> N
         raise FrameError("targets", f"must be a map, got {type(targets).__name__}")
     if not all(isinstance(k, str) for k in targets):
         raise FrameError("targets", "keys must be strings")
+    extras = [k for k in targets if k not in _TARGET_FIELDS]
+    if len(extras) > limits.max_meta_keys:
+        raise FrameError("targets", f"has {len(extras)} keys besides {list(_TARGET_FIELDS)}, more than the "
+                                    f"limit {limits.max_meta_keys}")
+    for k in extras:
+        _check_free(targets[k], f"targets.{k}", limits)
     kind = targets.get("kind")
     if not isinstance(kind, str) or kind not in TARGET_KINDS:
         raise FrameError("targets.kind", f"must be one of {TARGET_KINDS}, got {kind!r}")
@@ -396,6 +484,17 @@ def _check_targets(targets: object, n: int, rows: int, limits: FrameLimits) -> N
             )
 
 
+def _check_free_size(targets: dict[str, Any], meta: dict[str, Any], limits: FrameLimits) -> None:
+    """The encoded size of the extra target keys and meta (in the order a decoder reads them)."""
+    size = 0
+    parts = [(f"targets.{k}", v) for k, v in targets.items() if k not in _TARGET_FIELDS] + [("meta", meta)]
+    for name, value in parts:
+        size += len(_packb(value, name))
+        if size > limits.max_meta_bytes:
+            raise FrameError(name, f"meta and the extra keys of targets take {size}+ bytes encoded, more than the "
+                                   f"limit {limits.max_meta_bytes}")
+
+
 def validate_frame(
     frame: Frame, *, expected_fingerprint: str | None = None, limits: FrameLimits = FrameLimits()
 ) -> None:
@@ -408,6 +507,7 @@ def validate_frame(
         sample_ids=frame.sample_ids, token_counts=frame.token_counts, seq_lengths=frame.seq_lengths,
         targets=frame.targets, meta=frame.meta, expected_fingerprint=expected_fingerprint, limits=limits,
     )
+    _check_free_size(frame.targets, frame.meta, limits)
     acts = frame.activations
     if not isinstance(acts, (list, tuple)):
         raise FrameError("activations", f"must be a list, got {type(acts).__name__}")
@@ -503,15 +603,228 @@ def encode_frame(frame: Frame) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------
+# reading the header: every field within its own caps, enforced while msgpack builds it
+#
+# A header is read field by field. Each value gets a window of the header no longer than the
+# field can need within the limits, and msgpack builds it with that field's bounds on strings,
+# arrays and maps (and, through its hooks, on how many maps and arrays, how deep, and no key twice).
+# So whatever a header holds, decoding it builds at most a few objects per byte of those windows.
+
+_INT_BYTES = 9  # the longest msgpack integer
+_SHORT_STR = 64  # bytes of a key, a token policy or a rotation name
+
+
+@dataclass(frozen=True)
+class _Caps:
+    """What msgpack may build for one header field: the bytes it may span, the longest string, binary,
+    array and map, how many maps and arrays in all, and (free-form content) how deep they nest."""
+
+    nbytes: int
+    str_len: int = _SHORT_STR
+    bin_len: int = 0
+    array_len: int = 0
+    map_len: int = 0
+    containers: int = 1
+    depth: int | None = None
+
+
+def _ints(n: int) -> _Caps:
+    """A flat list of at most ``n`` integers."""
+    return _Caps(5 + _INT_BYTES * n, array_len=n)
+
+
+def _field_caps(limits: FrameLimits) -> dict[str, _Caps]:
+    """The caps of every field but the free-form ones (``meta``, extra keys of ``targets``)."""
+    column = 3 + _SHORT_STR + 5  # a tensor column's key and list header
+    entry = 3 * _INT_BYTES + 3 + _SHORT_STR + 3 * (1 + 2 * _INT_BYTES)  # one layer's entry in every column
+    return {
+        "version": _Caps(_INT_BYTES),
+        "payload_bytes": _Caps(_INT_BYTES),
+        "fingerprint": _Caps(5 + 4 * _MAX_FINGERPRINT_LEN, str_len=4 * _MAX_FINGERPRINT_LEN),
+        "token_policy": _Caps(3 + _SHORT_STR),
+        "layers": _ints(limits.max_layers),
+        "sample_ids": _ints(limits.max_samples),
+        "token_counts": _ints(limits.max_samples),
+        "seq_lengths": _ints(limits.max_samples),
+        "tensors": _Caps(5 + len(_TENSOR_FIELDS) * column + limits.max_layers * entry,
+                         array_len=limits.max_layers, map_len=len(_TENSOR_FIELDS) + 1,
+                         containers=1 + len(_TENSOR_FIELDS) + 3 * limits.max_layers),
+        "targets.kind": _Caps(3 + _SHORT_STR),
+        "targets.values": _ints(max(limits.max_samples, limits.max_tokens)),
+        "targets.num_classes": _Caps(_INT_BYTES),
+        "targets.vocab_size": _Caps(_INT_BYTES),
+    }
+
+
+def _free_caps(limits: FrameLimits, nbytes: int) -> _Caps:
+    """Free-form content in what is left (``nbytes``) of the budget meta and extra target keys share."""
+    longest = max(limits.max_meta_len, limits.max_meta_keys)
+    return _Caps(nbytes, str_len=limits.max_meta_bytes, bin_len=limits.max_meta_bytes, array_len=longest,
+                 map_len=longest, containers=limits.max_meta_bytes, depth=limits.max_meta_depth)
+
+
+class _Hooks:
+    """msgpack's hooks while it builds one field: strict maps, and the caps on maps and arrays."""
+
+    def __init__(self, name: str, caps: _Caps):
+        self.name = name
+        self.caps = caps
+        self.left = caps.containers
+        self.levels: dict[int, int] = {}  # free-form content: nesting level of each map and array built
+
+    def _built(self, obj: Any, children: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            if self.caps.containers == 1:
+                raise FrameError(self.name, "must not hold maps or arrays inside it")
+            raise FrameError(self.name, f"holds more than {self.caps.containers} maps and arrays, the most its "
+                                        f"layout allows within the limits")
+        if self.caps.depth is not None:
+            level = 1 + max((self.levels.get(id(c), 0) for c in children), default=0)
+            if level > self.caps.depth:
+                raise FrameError(self.name, f"nests maps and arrays more than {self.caps.depth} deep, the limit")
+            self.levels[id(obj)] = level
+        return obj
+
+    def array(self, items: list) -> list:
+        return self._built(items, items)
+
+    def map(self, pairs: list[tuple[Any, Any]]) -> dict:
+        out: dict = {}
+        for key, value in pairs:
+            if key in out:
+                raise FrameError(f"{self.name}.{key}" if isinstance(key, str) else self.name,
+                                 f"key {key!r} appears twice in one map; a frame must read the same to every reader")
+            out[key] = value
+        return self._built(out, out.values())
+
+
+_READ_SIZE = 1 << 14  # msgpack reads a field's window in pieces this size: no copy of a whole window
+
+
+class _Window:
+    """A read-only file over part of the header, for msgpack to read a field from."""
+
+    def __init__(self, view: memoryview):
+        self.view = view
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.view) if n is None or n < 0 else min(len(self.view), self.pos + n)
+        chunk = bytes(self.view[self.pos:end])
+        self.pos = end
+        return chunk
+
+
+def _unpack(raw: memoryview, pos: int, caps: _Caps, name: str) -> tuple[Any, int]:
+    """The msgpack value at ``raw[pos:]``, built within ``caps``; returns it and the position after it."""
+    window = _Window(raw[pos:pos + caps.nbytes])
+    hooks = _Hooks(name, caps)
+    unpacker = msgpack.Unpacker(
+        window, read_size=min(_READ_SIZE, max(1, len(window.view))), max_buffer_size=max(1, len(window.view)),
+        raw=False, strict_map_key=True, use_list=True,
+        max_str_len=caps.str_len, max_bin_len=caps.bin_len, max_array_len=caps.array_len,
+        max_map_len=caps.map_len, max_ext_len=0, list_hook=hooks.array, object_pairs_hook=hooks.map,
+    )
+    try:
+        value = unpacker.unpack()
+    except FrameError:
+        raise
+    except msgpack.OutOfData:
+        if len(window.view) < caps.nbytes:
+            raise FrameError(name, "truncated: the header ends inside this field") from None
+        raise FrameError(name, f"takes more than the {caps.nbytes} bytes of header the limits leave it") from None
+    except Exception as exc:  # msgpack refused it: a bound exceeded, a bad type byte or UTF-8, nesting
+        raise FrameError(name, f"not valid msgpack within the limits ({type(exc).__name__}: {exc})") from None
+    return value, pos + unpacker.tell()
+
+
+def _map_len(raw: memoryview, pos: int, name: str) -> tuple[int, int]:
+    """The number of entries of the map at ``raw[pos:]`` and the position of its first key."""
+    unpacker = msgpack.Unpacker(max_buffer_size=8)
+    unpacker.feed(raw[pos:pos + 5])
+    try:
+        n = unpacker.read_map_header()
+    except msgpack.OutOfData:
+        raise FrameError(name, "truncated: the header ends inside this field") from None
+    except Exception:  # another type
+        raise FrameError(name, "must be a msgpack map") from None
+    return n, pos + unpacker.tell()
+
+
+def _key(raw: memoryview, pos: int, name: str) -> tuple[str, int]:
+    key, pos = _unpack(raw, pos, _Caps(3 + _SHORT_STR), name)
+    if not isinstance(key, str):
+        raise FrameError(name, f"keys must be strings, got {type(key).__name__}")
+    return key, pos
+
+
+def _read_free(raw: memoryview, pos: int, name: str, limits: FrameLimits, left: list[int]) -> tuple[Any, int]:
+    """Free-form content within what is ``left`` of the byte budget meta and extra target keys share."""
+    try:
+        value, end = _unpack(raw, pos, _free_caps(limits, left[0]), name)
+    except FrameError as err:
+        if "bytes of header the limits leave it" in err.message:
+            raise FrameError(name, f"meta and the extra keys of targets take more than {limits.max_meta_bytes} "
+                                   f"bytes encoded, the limit") from None
+        raise
+    left[0] -= end - pos
+    return value, end
+
+
+def _read_targets(raw: memoryview, pos: int, caps: dict[str, _Caps], limits: FrameLimits,
+                  left: list[int]) -> tuple[dict[str, Any], int]:
+    n, pos = _map_len(raw, pos, "targets")
+    if n > len(_TARGET_FIELDS) + limits.max_meta_keys:
+        raise FrameError("targets", f"has {n} keys, more than its {len(_TARGET_FIELDS)} fields and "
+                                    f"{limits.max_meta_keys} others (the limit)")
+    targets: dict[str, Any] = {}
+    for _ in range(n):
+        key, pos = _key(raw, pos, "targets")
+        name = f"targets.{key}"
+        if key in targets:
+            raise FrameError(name, "appears twice in targets; a frame must read the same to every reader")
+        if key in _TARGET_FIELDS:
+            targets[key], pos = _unpack(raw, pos, caps[name], name)
+        else:
+            targets[key], pos = _read_free(raw, pos, name, limits, left)
+    return targets, pos
+
+
+def _read_header(raw: memoryview, limits: FrameLimits) -> dict[str, Any]:
+    """The header map, each field built within its caps; a repeated or unknown field is refused."""
+    caps = _field_caps(limits)
+    left = [limits.max_meta_bytes]  # free-form bytes left, shared by meta and the extra target keys
+    n, pos = _map_len(raw, 0, "header")
+    header: dict[str, Any] = {}
+    for _ in range(n):
+        key, pos = _key(raw, pos, "header")
+        if key in header:
+            raise FrameError(key, "appears twice in the header; a frame must read the same to every reader")
+        if key not in _HEADER_FIELDS:
+            raise FrameError(key, f"unknown header field for frame version {header.get('version', FRAME_VERSION)}")
+        if key == "targets":
+            header[key], pos = _read_targets(raw, pos, caps, limits, left)
+        elif key == "meta":
+            header[key], pos = _read_free(raw, pos, key, limits, left)
+        else:
+            header[key], pos = _unpack(raw, pos, caps[key], key)
+        if key == "version":  # a newer frame is named as such before its new fields are
+            _check_version(header[key])
+    if pos != len(raw):
+        raise FrameError("header", f"{len(raw) - pos} bytes follow the header map; frame corrupted")
+    return header
+
+
+# --------------------------------------------------------------------------------------------
 # decode
 
 
 def _max_header_bytes(limits: FrameLimits) -> int:
-    """Largest header a frame within ``limits`` can need (ids/counts/lengths/labels/token targets
-    at <= 9 bytes per int, 256 bytes per tensor entry) plus 1 MiB for fingerprint and meta; bounds
-    what msgpack may allocate."""
-    ints = 4 * limits.max_samples + limits.max_layers + limits.max_tokens
-    return (1 << 20) + 9 * ints + 256 * limits.max_layers
+    """Largest header a frame within ``limits`` can need: every field at its caps, every key at its
+    longest, and the free-form budget."""
+    keys = (len(_HEADER_FIELDS) + len(_TARGET_FIELDS) + limits.max_meta_keys) * (3 + _SHORT_STR)
+    return 5 + keys + sum(c.nbytes for c in _field_caps(limits).values()) + limits.max_meta_bytes
 
 
 def _as_buffer(data: object) -> memoryview:
@@ -559,23 +872,11 @@ def decode_frame(
         raise FrameError("data", f"malformed frame ({type(exc).__name__}: {exc})") from None
 
 
-def _unpack_header(buf: memoryview, hend: int, limits: FrameLimits) -> Any:
-    max_list = max(limits.max_tokens, limits.max_samples, limits.max_layers)
-    try:
-        return msgpack.unpackb(
-            buf[_PREFIX.size:hend], raw=False, strict_map_key=True, use_list=True,
-            max_array_len=max_list, max_map_len=max_list,
-        )
-    except Exception as exc:
-        raise FrameError("header", f"not valid msgpack ({type(exc).__name__}: {exc}); frame corrupted") from None
-
-
 def _declared_size(buf: memoryview, hend: int, limits: FrameLimits) -> int | None:
     """Best-effort total size a (possibly damaged) header declares; None if it cannot tell."""
     try:
-        header = _unpack_header(buf, hend, limits)
-        payload_bytes = header["payload_bytes"]
-    except Exception:
+        payload_bytes = _read_header(buf[_PREFIX.size:hend], limits)["payload_bytes"]
+    except (FrameError, KeyError):
         return None
     if not _is_int(payload_bytes) or payload_bytes < 0:
         return None
@@ -611,18 +912,13 @@ def _decode(data: object, expected_fingerprint: str | None, limits: FrameLimits)
             "crc", f"checksum mismatch (stored {crc:#010x}, computed {actual:#010x}); frame corrupted in transit"
         )
 
-    header = _unpack_header(buf, hend, limits)
-    if not isinstance(header, dict):
-        raise FrameError("header", f"must be a msgpack map, got {type(header).__name__}")
+    header = _read_header(buf[_PREFIX.size:hend], limits)
     if "version" not in header:
         raise FrameError("version", "missing from the header")
     version = _check_version(header["version"])
     for k in _HEADER_FIELDS:
         if k not in header:
             raise FrameError(k, "missing from the header")
-    for k in header:
-        if k not in _HEADER_FIELDS:
-            raise FrameError(str(k), f"unknown header field for frame version {version}")
     payload_bytes = _int(header["payload_bytes"], "payload_bytes", 0)
     want = hend + payload_bytes + _TRAILER.size
     if size != want:

@@ -549,3 +549,95 @@ def test_frame_defaults():
     assert f.version == FRAME_VERSION
     assert f.num_samples == 4 and f.hidden_size == 64
     assert f.nbytes() == sum(q.nbytes() for q in f.activations)
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile header content: free-form content bounded, maps strict (each refusal names its field)
+
+
+def _raw_map(pairs: list[tuple[Any, Any]]) -> bytes:
+    """A msgpack map written pair by pair (a dict cannot hold a key twice)."""
+    body = b"".join(msgpack.packb(k, use_bin_type=True) + msgpack.packb(v, use_bin_type=True) for k, v in pairs)
+    return b"\xde" + struct.pack(">H", len(pairs)) + body
+
+
+@pytest.mark.parametrize("key", ["fingerprint", "payload_bytes", "version", "sample_ids", "targets", "meta"])
+def test_a_header_field_given_twice_is_refused_naming_it(base, key):
+    h, p = split(base)
+    for value in (h[key], "other"):  # the same value twice is refused too: the map is strict
+        data = join(None, p, raw_header=_raw_map([*h.items(), (key, value)]))
+        with pytest.raises(FrameError) as e:
+            decode_frame(data)
+        assert e.value.field == key and "appears twice" in e.value.message, str(e.value)
+
+
+@pytest.mark.parametrize("where,field", [("targets", "targets.values"), ("tensors", "tensors.bits"),
+                                         ("meta", "meta.chunk")])
+def test_a_nested_key_given_twice_is_refused_naming_it(base, where, field):
+    h, p = split(base)
+    key = field.split(".")[1]
+    inner = _raw_map([*h[where].items(), (key, h[where][key])])
+    raw = _raw_map([(k, v) for k, v in h.items() if k != where])
+    raw = raw[:1] + struct.pack(">H", len(h)) + raw[3:] + msgpack.packb(where) + inner
+    with pytest.raises(FrameError) as e:
+        decode_frame(join(None, p, raw_header=raw))
+    assert e.value.field == field and "appears twice" in e.value.message, str(e.value)
+
+
+LIMITS = FrameLimits()
+FREE_CASES: list[tuple[str, Callable, str, str]] = [
+    ("meta-keys", _set("meta", {f"k{i}": i for i in range(LIMITS.max_meta_keys + 1)}), "meta",
+     f"has {LIMITS.max_meta_keys + 1} keys, more than the limit"),
+    ("meta-huge-map", _set("meta", {f"k{i}": i for i in range(100_000)}), "meta", "exceeds max_map_len"),
+    ("meta-long-array", _set("meta", {"x": [0] * (LIMITS.max_meta_len + 1)}), "meta", "exceeds max_array_len"),
+    ("meta-deep", _set("meta", {"x": [[[[1]]]]}), "meta", "more than 4 deep"),
+    ("meta-bytes", _set("meta", {"x": "y" * LIMITS.max_meta_bytes}), "meta", "bytes encoded, the limit"),
+    ("meta-many-empties", _set("meta", {f"k{i}": [[]] * 250 for i in range(64)}), "meta", "bytes encoded"),
+    ("meta-int-key", _set("meta", {"x": {1: 2}}), "meta", "not allowed for map key"),
+    ("meta-ext", _set("meta", {"x": msgpack.ExtType(1, b"abc")}), "meta", "max_ext_len"),
+    ("targets-extra-deep", _set("targets.note", [[[[[0]]]]]), "targets.note", "more than 4 deep"),
+    ("targets-extra-keys", lambda h, p: h["targets"].update({f"k{i}": 0 for i in range(LIMITS.max_meta_keys + 1)}),
+     "targets", f"keys besides {['kind', 'values', 'num_classes', 'vocab_size']}, more than the limit"),
+    ("targets-many-keys", lambda h, p: h["targets"].update({f"k{i}": 0 for i in range(10_000)}),
+     "targets", "more than its 4 fields"),
+    ("targets-extra-bytes", lambda h, p: h["targets"].update(a="x" * 9000, b="y" * 9000), "targets.b",
+     "bytes encoded, the limit"),
+    ("values-nested", _set("targets.values", [[0, 1], [1, 0]]), "targets.values", "must not hold maps or arrays"),
+    ("values-empty-lists", _set("targets.values", [[]] * 100_000), "targets.values", "must not hold maps or arrays"),
+    ("ids-of-maps", _set("sample_ids", [{}, {}, {}, {}]), "sample_ids", "must not hold maps or arrays"),
+    ("fingerprint-huge", _set("fingerprint", "f" * 5000), "fingerprint", "bytes of header the limits leave it"),
+    ("version-list", _set("version", list(range(100))), "version", "exceeds max_array_len(0)"),
+]
+
+
+@pytest.mark.parametrize("mutate,field,reason", [c[1:] for c in FREE_CASES], ids=[c[0] for c in FREE_CASES])
+def test_header_content_beyond_the_limits_is_refused_naming_field_and_reason(base, mutate, field, reason):
+    """Each check fires by name: a decoder that wrapped every exception as 'malformed' would fail here."""
+    h, p = split(base)
+    mutate(h, p)
+    with pytest.raises(FrameError) as e:
+        decode_frame(join(h, p))
+    assert (e.value.field, reason in e.value.message) == (field, True), str(e.value)
+    assert "malformed frame" not in e.value.message
+
+
+def test_free_form_content_within_the_limits_round_trips_and_is_counted_as_kept():
+    f = make_frame()
+    f.meta = {"note": "x" * 1000, "tags": list(range(200)), "nested": {"a": {"b": [1, 2]}}}
+    f.targets = {**f.targets, "source": {"split": "train"}}
+    out = decode_frame(encode_frame(f))
+    assert out.meta == f.meta and out.targets["source"] == {"split": "train"}
+    assert out.kept_nbytes() > out.nbytes() + 1000 + 200 * 8  # the header's content counts as kept
+    f.meta = {"note": "x" * LIMITS.max_meta_bytes}
+    with pytest.raises(FrameError) as e:
+        encode_frame(f)  # what the decoder would refuse is never written
+    assert e.value.field == "meta" and "bytes encoded" in e.value.message
+
+
+def test_the_header_cap_follows_the_limits():
+    small = FrameLimits(max_samples=64, max_layers=2, max_tokens=64 * 512)
+    data = encode_frame(make_frame(n=4))
+    assert decode_frame(data, limits=small).num_samples == 4
+    from mobiflower.platform.frames import _max_header_bytes
+
+    assert _max_header_bytes(small) < 400_000 and _max_header_bytes(FrameLimits()) > 30_000_000
