@@ -52,7 +52,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when present, else CPU
-    cache_bytes: int = 2 << 30  # bound of the activation cache (quantized bytes)
+    cache_bytes: int = 2 << 30  # bound of the activation cache (quantized payload and header content kept)
     average_epochs: int = 5  # deliver the mean of the last k epochs' weights (tail averaging); 0 = the last
     # "bf16": forward and backward under bfloat16 autocast (weights, optimizer and gradients stay fp32);
     # about twice as fast where the CPU has native bf16 (the pretrained tail's default there)
@@ -85,7 +85,7 @@ class DecodedFrame:
         kind = frame.targets.get("kind")
         self.targets = torch.as_tensor(frame.targets["values"], dtype=torch.long) if kind in ("class", "tokens") else None
         self.per_token_targets = kind == "tokens"
-        self.resident_bytes = frame.nbytes() + sum(r.numel() * r.element_size() for r in self.rows)
+        self.resident_bytes = frame.kept_nbytes() + sum(r.numel() * r.element_size() for r in self.rows)
 
     def __len__(self) -> int:
         return self.frame.num_samples
@@ -109,7 +109,8 @@ class DecodedFrame:
 
 
 class ActivationCache:
-    """Frames kept for later epochs, bounded by their quantized size in bytes."""
+    """Frames kept for later epochs, bounded by what keeping them holds: the quantized payload and the
+    header's content (:meth:`Frame.kept_nbytes`), so free-form header content cannot go uncounted."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -118,7 +119,7 @@ class ActivationCache:
         self.rejected = 0
 
     def add(self, decoded: DecodedFrame) -> bool:
-        size = decoded.frame.nbytes()
+        size = decoded.frame.kept_nbytes()
         if self.nbytes + size > self.max_bytes:
             self.rejected += 1
             return False

@@ -74,7 +74,7 @@ def test_rejects_frames_of_another_backbone():
 
 def test_cache_is_bounded():
     trainer = _trainer()
-    trainer.cache.max_bytes = _frame(32, 0).nbytes() * 2
+    trainer.cache.max_bytes = _frame(32, 0).kept_nbytes() * 2  # payload and header content, as kept
     for i in range(3):
         trainer.ingest(_frame(32, i * 32, seed=i))
     assert trainer.cache.num_samples == 64 and trainer.cache.rejected == 1
