@@ -66,6 +66,7 @@ __all__ = [
     "FrameError",
     "Frame",
     "FrameLimits",
+    "FIELD_NAMES",
     "encode_frame",
     "decode_frame",
     "validate_frame",
@@ -88,6 +89,13 @@ _HEADER_FIELDS = (
 )
 _TENSOR_FIELDS = ("bits", "group_size", "rotation", "seed", "shape", "packed", "scales")
 _TARGET_FIELDS = ("kind", "values", "num_classes", "vocab_size")  # any other key is free-form content
+# What a FrameError's ``field`` is made of, list indices written ``[i]``. A field the frame names
+# itself (an unknown key, a key of meta given twice) is not among these.
+FIELD_NAMES = frozenset((
+    "data", "magic", "header_length", "header", "crc", "frame", "activations", *_HEADER_FIELDS,
+    *(f"targets.{k}" for k in _TARGET_FIELDS), *(f"tensors.{k}" for k in _TENSOR_FIELDS),
+    "layers[i]", *(f"layers[i].{k}" for k in _TENSOR_FIELDS),
+))
 
 
 class FrameError(ValueError):
@@ -157,6 +165,11 @@ class FrameLimits:
     max_meta_keys: int = 64  # keys of meta, and extra keys of targets
     max_meta_len: int = 256  # entries of any one map or array inside them
     max_meta_depth: int = 4  # nesting of maps and arrays (a map or array value itself is level 1)
+
+    @property
+    def max_header_bytes(self) -> int:
+        """The longest header a frame within these limits can need (longer ones are refused unread)."""
+        return _max_header_bytes(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,7 +661,7 @@ def _field_caps(limits: FrameLimits) -> dict[str, _Caps]:
         "seq_lengths": _ints(limits.max_samples),
         "tensors": _Caps(5 + len(_TENSOR_FIELDS) * column + limits.max_layers * entry,
                          array_len=limits.max_layers, map_len=len(_TENSOR_FIELDS) + 1,
-                         containers=1 + len(_TENSOR_FIELDS) + 3 * limits.max_layers),
+                         containers=1 + (len(_TENSOR_FIELDS) + 1) * (1 + limits.max_layers)),
         "targets.kind": _Caps(3 + _SHORT_STR),
         "targets.values": _ints(max(limits.max_samples, limits.max_tokens)),
         "targets.num_classes": _Caps(_INT_BYTES),

@@ -107,8 +107,18 @@ class SideNetworkStore:
         return self.trainers[SHARED]
 
     def ingest(self, device: str, frame: Frame, keep: bool = True) -> dict[str, float]:
-        """A device's frame landed: cache it (``keep``) and take one training pass over it."""
-        stats = self.trainer_for(device).ingest(frame, keep=keep)
+        """A device's frame landed: cache it (``keep``) and take one training pass over it.
+
+        If training on it fails, the frame leaves the cache again: later epochs would fail on it too."""
+        trainer = self.trainer_for(device)
+        kept = len(trainer.cache.frames)
+        try:
+            stats = trainer.ingest(frame, keep=keep)
+        except BaseException:
+            for decoded in trainer.cache.frames[kept:]:
+                trainer.cache.nbytes -= decoded.frame.kept_nbytes()
+            del trainer.cache.frames[kept:]
+            raise
         if isinstance(self.trainers, PagedTrainers):
             self.trainers.settle()  # its cache grew: page others out if the budget no longer holds
         return stats
