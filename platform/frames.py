@@ -660,7 +660,7 @@ def _field_caps(limits: FrameLimits) -> dict[str, _Caps]:
         "token_counts": _ints(limits.max_samples),
         "seq_lengths": _ints(limits.max_samples),
         "tensors": _Caps(5 + len(_TENSOR_FIELDS) * column + limits.max_layers * entry,
-                         array_len=limits.max_layers, map_len=len(_TENSOR_FIELDS) + 1,
+                         array_len=max(2, limits.max_layers), map_len=len(_TENSOR_FIELDS) + 1,
                          containers=1 + (len(_TENSOR_FIELDS) + 1) * (1 + limits.max_layers)),
         "targets.kind": _Caps(3 + _SHORT_STR),
         "targets.values": _ints(max(limits.max_samples, limits.max_tokens)),

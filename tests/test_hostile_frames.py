@@ -82,6 +82,21 @@ def lm(device):
     return intake, frame
 
 
+@pytest.mark.parametrize("layers, policy, bits", [((5,), "nonpad", 4), ((5,), "nonpad", 2), ((1, 3), "last", 8),
+                                                  (tuple(range(0, 24, 3)), "last", 8), ((2,), "all", 16)])
+def test_honest_frames_pass_the_limits_of_their_run(layers, policy, bits):
+    """A run's limits (one tapped layer for a pretrained tail, several for a ladder) admit what its devices send."""
+    from test_frames import make_frame
+
+    frame = make_frame(n=8, layers=layers, bits=bits, policy=policy,
+                       counts=[1] * 8 if policy == "last" else None, lengths=[256] * 8 if policy == "last" else None)
+    config = SideNetworkConfig(hidden_size=frame.hidden_size, layers=list(layers), fingerprint=frame.fingerprint,
+                               family="ladder", reduction=4, bits=bits, token_policy=policy)
+    from mobiflower.platform.frames import decode_frame
+
+    assert decode_frame(encode_frame(frame), limits=run_limits(config, 8)).num_samples == 8
+
+
 def _refused(intake: FrameIntake, blob, field: str, reason: str, text: str = "", device: str = "device-0"):
     """Offer ``blob``: it must be refused at ``field`` for ``reason`` (``text`` in the message), quickly,
     and leave the store's digest as it was."""
