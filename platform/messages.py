@@ -55,6 +55,8 @@ def frame_bytes(record: ArrayRecord) -> bytes:
     """The encoded frame carried by :func:`frame_record` (what ``decode_frame`` validates)."""
     if FRAME_ARRAY not in record:
         raise ValueError(f"the reply's '{FRAME_KEY}' record has no '{FRAME_ARRAY}' array")
+    if len(record) != 1:
+        raise ValueError(f"the reply's '{FRAME_KEY}' record holds {len(record)} arrays; a frame travels alone")
     array = record[FRAME_ARRAY]
     if array.dtype != "uint8" or len(array.shape) != 1 or array.stype != RAW_STYPE:
         raise ValueError(f"a frame travels as a raw 1-D uint8 array, got {array.stype} {array.dtype} {array.shape}")

@@ -19,7 +19,9 @@ A Flower :class:`~flwr.serverapp.strategy.Strategy` whose ``start`` runs the Mob
 
 Failures: a device's error reply or a frame that fails validation is recorded, never lost
 silently; a forward request is retried ``max-retries`` times, then the device is dropped for the
-rest of the run and the run goes on with the others.
+rest of the run and the run goes on with the others. Every reply is checked before it is used
+(:mod:`~mobiflower.strategies.reply_checks`); one that fails is a failed request, counted per
+device and reason in the summary (``replies_refused``), and never stops the round.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -46,18 +47,19 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from mobiflower.platform import messages as m
-from mobiflower.platform.intake import FrameIntake
+from mobiflower.platform.intake import FrameIntake, Refusal, run_limits
 from mobiflower.platform.process_memory import RssSampler, current_rss_mb
 from mobiflower.platform.run_summary import write_summary
 from mobiflower.platform.pretrained_tail import load_tail_weights, save_peft_adapter
 from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, build_side_network, save_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
-from mobiflower.platform.frames import FrameError, decode_frame
 from mobiflower.platform.weights import release_free_heap
 from mobiflower.platform.trainer import DecodedFrame, TrainConfig, decode_for, evaluate_network
 from mobiflower.strategies.config import SideTuningConfig
 from mobiflower.strategies.fair_queue import FairQueue
 from mobiflower.strategies.frame_policy import FrameChoice, FramePolicy
+from mobiflower.strategies.reply_checks import (ReplyError, delivery_receipt, evaluate_reply, forward_reply,
+                                                 profile_reply, residual_reply)
 
 
 class LinkProfile(Protocol):
@@ -113,6 +115,17 @@ class DeviceState:
     dropped: bool = False
     delivered_digest: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    replies_refused: dict[str, int] = field(default_factory=dict)  # replies that failed their checks, by reason
+
+    def refuse(self, err: Exception, what: str, record: bool = True) -> str:
+        """Count a reply that failed its checks (any other error reading it counts as 'unreadable') and,
+        with ``record``, add why to the failures; returns why."""
+        reason = err.reason if isinstance(err, ReplyError) else f"{what}: unreadable"
+        self.replies_refused[reason] = self.replies_refused.get(reason, 0) + 1
+        why = str(err) if isinstance(err, ReplyError) else f"unreadable reply ({type(err).__name__}: {err})"
+        if record:
+            self.failures.append(f"{what}: {why}")
+        return why
 
     def account(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "fingerprint": self.profile.get("fingerprint"), "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
@@ -123,6 +136,7 @@ class DeviceState:
                 # device forward passes per training sample: 1 with the activation cache, the rounds without
                 "forward_passes_per_sample": self.samples_forwarded / self.train_samples if self.train_samples else 0.0,
                 "activation_cache": bool(self.profile.get("activation-cache", True)),
+                "replies_refused": dict(self.replies_refused),
                 **self.metrics}
 
 
@@ -130,25 +144,18 @@ def _config_bytes(record: ConfigRecord) -> int:
     return len(json.dumps({k: v if not isinstance(v, bytes) else len(v) for k, v in record.items()}, default=str))
 
 
-def _forward_reply(reply: Message) -> tuple[bytes, MetricRecord]:
-    """The frame and cost record of a forward reply; ValueError/KeyError when either is missing."""
-    if not reply.has_content() or m.FRAME_KEY not in reply.content or m.STATS_KEY not in reply.content:
-        raise ValueError(f"a forward reply needs '{m.FRAME_KEY}' and '{m.STATS_KEY}' records")
-    stats = reply.content[m.STATS_KEY]
-    for key in ("samples", "forward-s", "busy-s"):
-        if key not in stats:
-            raise ValueError(f"the '{m.STATS_KEY}' record has no '{key}'")
-    return m.frame_bytes(reply.content[m.FRAME_KEY]), stats
+def _forward_reply(reply: Message, samples: int | None = None) -> tuple[bytes, dict[str, Any]]:
+    """The frame and checked cost metrics of a forward reply (``samples``: what the request asked for);
+    raises :class:`ReplyError` (a ValueError) for a reply the strategy must not use."""
+    return forward_reply(reply, samples)
 
 
 def _evaluate_reply(reply: Message) -> dict[str, float] | None:
-    """An evaluate reply's metrics, or None for an error or a reply without accuracy and samples."""
-    if reply.has_error() or not reply.has_content() or m.STATS_KEY not in reply.content:
+    """An evaluate reply's checked metrics, or None for an error or a reply that fails its checks."""
+    try:
+        return evaluate_reply(reply)
+    except ReplyError:
         return None
-    stats = dict(reply.content[m.STATS_KEY])
-    if "accuracy" not in stats or "samples" not in stats or not 0 <= float(stats["accuracy"]) <= 1:
-        return None
-    return stats
 
 
 class SideTuningStrategy(Strategy):
@@ -186,6 +193,7 @@ class SideTuningStrategy(Strategy):
         self.initial: dict[str, Any] | None = None
         self._stream_totals = {"wall_s": 0.0, "device_s": 0.0, "slowest_device_s": 0.0, "train_s": 0.0}
         self._eval_frames: dict[tuple[str, int], dict[str, list[DecodedFrame]]] = {}  # server-side evaluation
+        self.profiles_refused: dict[str, dict[str, int]] = {}  # profile replies that failed their checks, by node
 
     # ---- Strategy hooks -------------------------------------------------------------------
     def summary(self) -> None:
@@ -423,25 +431,26 @@ class SideTuningStrategy(Strategy):
         for node, reply in sorted(replies.items()):
             try:
                 if isinstance(reply, str) or reply.has_error():
-                    raise ValueError(self._why(reply))
-                desc = dict(reply.content[m.PROFILE_KEY])
-                stats = dict(reply.content[m.STATS_KEY])
-                if reply.content.array_records.get(m.FROZEN_KEY) is None:
-                    raise ValueError(f"the profile reply has no '{m.FROZEN_KEY}' record")
-            except (KeyError, ValueError) as err:
+                    raise RuntimeError(self._why(reply))
+                profile, frozen = profile_reply(reply)
+            except Exception as err:  # noqa: BLE001 - a device that cannot describe itself is left out
+                if not isinstance(err, RuntimeError):  # a reply that failed its checks: counted
+                    reason = err.reason if isinstance(err, ReplyError) else "profile: unreadable"
+                    counts = self.profiles_refused.setdefault(f"node {node}", {})
+                    counts[reason] = counts.get(reason, 0) + 1
                 self.events.append(f"profile of node {node} failed: {err}")
                 log(WARNING, "node %s failed its profile and is left out: %s", node, err)
                 continue
-            if str(desc["device-id"]) in {d.device_id for n, d in self.devices.items() if n != node}:
-                raise FleetError(f"two SuperNodes claim {desc['device-id']}: give each its own partition-id "
+            if profile["device-id"] in {d.device_id for n, d in self.devices.items() if n != node}:
+                raise FleetError(f"two SuperNodes claim {profile['device-id']}: give each its own partition-id "
                                  f"(--node-config 'partition-id=<i> num-partitions=<n>')")
-            dev = DeviceState(node_id=node, device_id=str(desc["device-id"]), profile={**desc, **stats},
-                              train_samples=int(stats["train"]))
+            dev = DeviceState(node_id=node, device_id=profile["device-id"], profile=profile,
+                              train_samples=int(profile["train"]))
             self.devices[node] = dev
-            frozen_by.setdefault(str(desc["fingerprint"]), reply.content[m.FROZEN_KEY].to_torch_state_dict())
+            frozen_by.setdefault(profile["fingerprint"], frozen)
             log(INFO, "device %s (node %s): %s, %d train / %d validation / %d test samples, %.1f samples/s, "
-                "%.0f MB", dev.device_id, node, desc["fingerprint"], stats["train"], stats["validation"],
-                stats["test"], stats["forward-samples-per-s"], stats["rss-mb"])
+                "%.0f MB", dev.device_id, node, profile["fingerprint"], profile["train"], profile["validation"],
+                profile["test"], profile["forward-samples-per-s"], profile["rss-mb"])
 
     def _profile(self, grid: Grid) -> None:
         node_ids = sorted(grid.get_node_ids())
@@ -513,7 +522,7 @@ class SideTuningStrategy(Strategy):
         cache_dir = self.run_dir / "cache"
         if not cfg.resume:
             shutil.rmtree(cache_dir, ignore_errors=True)  # a fresh run starts from an empty cache
-        self.intake = FrameIntake(self.store, self.side_config,
+        self.intake = FrameIntake(self.store, self.side_config, run_limits(self.side_config, cfg.chunk_size),
                                   persist_dir=cache_dir if cfg.activation_cache else None,
                                   label_private=cfg.label_private)
         net = self.store.network_for(next(iter(self.devices.values())).device_id)
@@ -593,7 +602,7 @@ class SideTuningStrategy(Strategy):
 
     # ---- checkpoints --------------------------------------------------------------------------
     _RESUMED_FIELDS = ("next_offset", "bytes_up", "bytes_down", "frame_bytes", "frames", "samples_forwarded",
-                       "samples_lost", "forward_s", "busy_s", "failures", "dropped")
+                       "samples_lost", "forward_s", "busy_s", "failures", "dropped", "replies_refused")
 
     def _checkpoint(self, rnd: int, train_wall: float) -> None:
         """Everything a resumed run needs, written to a temp folder and swapped in whole.
@@ -606,6 +615,7 @@ class SideTuningStrategy(Strategy):
         tmp, old = final.with_name("checkpoint.tmp"), final.with_name("checkpoint.old")
         shutil.rmtree(tmp, ignore_errors=True)
         self.store.save(tmp, extra={"round": rnd})
+        self.intake.save_digests(tmp / "accepted_frames.sha256")  # replays stay refused after a resume
         state = {"round": rnd, "train_wall_s": train_wall, "config": self._run_defining(), "rounds": self.rounds, "events": self.events,
                  "initial": self.initial, "stream_totals": self._stream_totals,
                  "virtual": {"now": self.vnow, "curve": self.curve, "late_frames": self.late_frames,
@@ -645,6 +655,8 @@ class SideTuningStrategy(Strategy):
                 f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())))
         self.store.load(directory)
         restored = self.intake.restore(state["cached_frames"])
+        if (directory / "accepted_frames.sha256").exists():
+            self.intake.load_digests(directory / "accepted_frames.sha256")
         for device, counts in state.get("refused", {}).items():
             self.intake.refused[device].update(counts)
         by_id = {d.device_id: d for d in self.devices.values()}
@@ -815,9 +827,10 @@ class SideTuningStrategy(Strategy):
                     self._forward_failed(dev, request, f"error {reply.error.code}: {reply.error.reason}", plans)
                 else:
                     try:
-                        blob, stats = _forward_reply(reply)
-                    except (KeyError, TypeError, ValueError) as err:
-                        self._forward_failed(dev, request, f"malformed reply: {err}", plans)
+                        blob, stats = _forward_reply(reply, int(request["samples"]))
+                    except Exception as err:  # noqa: BLE001 - a reply that fails its checks is a failed request
+                        why = dev.refuse(err, "forward", record=False)  # _forward_failed records it
+                        self._forward_failed(dev, request, f"malformed reply: {why}", plans)
                         blob = None
                 if blob is not None:
                     dev.bytes_up += len(blob) + 8 * len(stats)
@@ -910,7 +923,7 @@ class SideTuningStrategy(Strategy):
                                            f"{self.clock.profiles[dev.device_id].availability:g})", plans)
         return False
 
-    def _landed(self, dev: DeviceState, mid: str, request: dict[str, Any], stats: MetricRecord, frame_bytes: int,
+    def _landed(self, dev: DeviceState, mid: str, request: dict[str, Any], stats: Mapping[str, Any], frame_bytes: int,
                 reply_bytes: int, sent_real: float) -> float:
         """A frame landed: when (virtual seconds with a fleet clock, wall seconds without), and what the
         bandwidth policy learns from it (compute from the device's own busy time, the upload from the
@@ -1005,14 +1018,13 @@ class SideTuningStrategy(Strategy):
                                     message_type=m.RESIDUAL, ttl=self.config.request_timeout))
         for node_id, reply in self._request_all(self._grid, messages, self.config.request_timeout).items():
             dev, rows = self.devices[node_id], by_node[node_id]
+            if isinstance(reply, str) or reply.has_error():
+                dev.failures.append(f"residual: {self._why(reply)}")
+                continue
             try:
-                if isinstance(reply, str) or reply.has_error():
-                    raise ValueError(self._why(reply))
-                residual = reply.content[m.RESIDUAL_KEY][m.RESIDUAL_KEY].numpy()
-                if residual.shape != (len(rows), probs.shape[1]) or not np.isfinite(residual).all():
-                    raise ValueError(f"a residual of shape {residual.shape} (or not finite) for {len(rows)} samples")
-            except (KeyError, TypeError, ValueError) as err:
-                dev.failures.append(f"residual: {err}")
+                residual = residual_reply(reply, len(rows), int(probs.shape[1]))
+            except Exception as err:  # noqa: BLE001 - its rows stay NaN: left out of the step
+                dev.refuse(err, "residual")
                 continue
             dev.bytes_up += residual.nbytes
             dev.metrics["residual_requests"] = dev.metrics.get("residual_requests", 0) + 1
@@ -1051,17 +1063,22 @@ class SideTuningStrategy(Strategy):
             return self._server_evaluate(grid, rnd, str(config["split"]), int(config.get("max-samples", 0)))
         messages = self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(config), grid)
         replies = self._request_all(grid, messages, self.config.request_timeout, window=self.config.send_window)
-        per_device = {}
+        per_device, answered = {}, []
         for node, reply in replies.items():
             dev = self.devices[node]
-            stats = None if isinstance(reply, str) else _evaluate_reply(reply)
-            if stats is None:
-                why = self._why(reply) if isinstance(reply, str) or reply.has_error() else \
-                    "a reply without accuracy and samples"
-                dev.failures.append(f"evaluate ({config['split']}): {why}")
+            if isinstance(reply, str) or reply.has_error():
+                dev.failures.append(f"evaluate ({config['split']}): {self._why(reply)}")
+                continue
+            held = int(dev.profile.get(str(config["split"]), 0))  # the most samples the device can score
+            limit = int(config.get("max-samples", 0) or 0)
+            try:
+                stats = evaluate_reply(reply, min(held, limit) if limit else held)
+            except Exception as err:  # noqa: BLE001 - a reply that fails its checks counts for nothing
+                dev.refuse(err, f"evaluate ({config['split']})")
                 continue
             per_device[dev.device_id] = stats
-        agg = self.aggregate_evaluate(rnd, [r for r in replies.values() if not isinstance(r, str)])
+            answered.append(reply)
+        agg = self.aggregate_evaluate(rnd, answered)
         result = {"accuracy": float(agg["accuracy"]) if agg else float("nan"), "per_device": per_device}
         log(INFO, "[round %d] on-device %s accuracy %.4f (%s)", rnd, config["split"], result["accuracy"],
             ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in sorted(per_device.items())))
@@ -1077,10 +1094,11 @@ class SideTuningStrategy(Strategy):
         """
         if (split, limit) in self._eval_frames:
             return self._eval_frames[(split, limit)]
-        messages = []
+        messages, counts = [], {}
         for node_id, dev in self._working().items():
             count = min(int(dev.profile.get(split, 0)), limit) if limit else int(dev.profile.get(split, 0))
             if count > 0:
+                counts[node_id] = count
                 messages.append(self._forward_message(node_id, {"offset": 0, "samples": count, "attempt": 0}, 0,
                                                       ConfigRecord(), split=split))
         frames: dict[str, list[DecodedFrame]] = {}
@@ -1088,13 +1106,21 @@ class SideTuningStrategy(Strategy):
         for node, reply in self._request_all(grid, messages, self.config.request_timeout,
                                              window=self.config.send_window).items():
             dev = self.devices[node]
-            try:
-                if isinstance(reply, str) or reply.has_error():
-                    raise ValueError(self._why(reply))
-                blob, stats = _forward_reply(reply)
-                decoded = decode_for(self.side_config, decode_frame(blob))
-            except (KeyError, ValueError, FrameError, SideNetworkError) as err:
-                dev.failures.append(f"forward ({split} frames for evaluation): {err}")
+            what = f"forward ({split} frames for evaluation)"
+            if isinstance(reply, str) or reply.has_error():
+                dev.failures.append(f"{what}: {self._why(reply)}")
+                continue
+            try:  # the frame passes the intake's checks (not its replay and repeat checks: it trains nothing)
+                blob, stats = _forward_reply(reply, counts[node])
+                frame = self.intake.inspect(blob, run_limits(self.side_config, counts[node]))
+                decoded = decode_for(self.side_config, frame)
+            except Refusal as refusal:
+                reason = f"evaluation frame: {refusal.reason}"
+                dev.replies_refused[reason] = dev.replies_refused.get(reason, 0) + 1
+                dev.failures.append(f"{what}: refused ({refusal.reason}): {refusal.message}")
+                continue
+            except Exception as err:  # noqa: BLE001 - a reply that fails its checks is a failed request
+                dev.refuse(err, what)
                 continue
             frames[dev.device_id] = [decoded]
             dev.bytes_up += len(blob)
@@ -1172,13 +1198,14 @@ class SideTuningStrategy(Strategy):
                     dev.failures.append(f"delivery: {self._why(reply)}")
                     dev.metrics["delivered"] = 0
                     continue
-                receipt = reply.content.config_records.get(m.CONFIG_KEY) if reply.has_content() else None
-                if receipt is None or "digest" not in receipt:
-                    dev.failures.append("delivery: the device's reply has no digest of what it installed")
+                try:
+                    digest, path = delivery_receipt(reply)
+                except Exception as err:  # noqa: BLE001 - no receipt to trust: not delivered
+                    dev.refuse(err, "delivery")
                     dev.metrics["delivered"] = 0
                     continue
-                dev.metrics["delivered"] = int(str(receipt["digest"]) == dev.delivered_digest)
-                dev.metrics["delivered_path"] = str(receipt.get("path", ""))
+                dev.metrics["delivered"] = int(digest == dev.delivered_digest)
+                dev.metrics["delivered_path"] = path
             installed = True
             log(INFO, "delivered side networks to %d devices", sum(int(d.metrics.get("delivered", 0))
                                                                      for d in self.devices.values()))
@@ -1254,6 +1281,8 @@ class SideTuningStrategy(Strategy):
             "frames": sum(d.frames for d in self.devices.values()),
             "frames_accepted": self._frames_accepted,
             "frames_refused": sum(sum(c.values()) for c in self.intake.refused.values()),
+            "replies_refused": sum(sum(d.replies_refused.values()) for d in self.devices.values()),
+            "profiles_refused": self.profiles_refused,
             "virtual": self._virtual_summary(),
             "rounds": self.rounds,
             "config": self.config.as_dict(),

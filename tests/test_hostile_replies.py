@@ -1,0 +1,278 @@
+"""Hostile device replies: profile, forward metrics, evaluation, residuals and delivery receipts are checked
+before the strategy uses them. Whatever values Flower lets a device send, a check either returns values
+inside their documented bounds or raises ReplyError naming the message and field; the strategy counts
+it per device and goes on (profiles and residuals through the strategy itself, with a stand-in grid)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mobiflower.platform import messages as m
+from mobiflower.strategies import reply_checks as rc
+from mobiflower.strategies.reply_checks import ReplyError
+
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+# every kind of value a Flower record lets a device send
+numbers = st.one_of(st.integers(-2**63, 2**63 - 1), st.floats(), st.sampled_from([0, -1, 2**40, math.nan, math.inf]))
+metric_values = st.one_of(numbers, st.lists(st.integers(-10, 10), max_size=3), st.lists(st.floats(), max_size=3))
+config_values = st.one_of(metric_values, st.booleans(), st.text(max_size=8), st.binary(max_size=8),
+                          st.lists(st.text(max_size=3), max_size=3), st.text(min_size=5000, max_size=5000))
+
+
+class _Reply:
+    """What the checks read of a Flower reply Message."""
+
+    def __init__(self, content: RecordDict | None = None, error: str | None = None):
+        self.content, self.error = content, error
+
+    def has_content(self) -> bool:
+        return self.content is not None
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+
+def _profile(**changes) -> _Reply:
+    desc = {"device-id": "device-0", "fingerprint": "llama-d64-L4", "model": "tiny", "layers": [1, 3],
+            "is-decoder": True, "hidden-size": 64, "num-layers": 4, "norm-eps": 1e-5, "activation-cache": True}
+    stats = {"train": 32, "validation": 8, "test": 8, "positive-share": 0.5, "forward-samples-per-s": 90.0,
+             "load-s": 0.1, "rss-mb": 300.0, "peak-rss-mb": 310.0, "cpu-count": 2, "threads": 1}
+    frozen = {"final_norm.weight": torch.ones(64)}
+    for key, value in changes.items():
+        target = desc if key in desc else stats if key in stats else frozen
+        if value is _DROP:
+            target.pop(key, None)
+        else:
+            target[key] = value
+    return _Reply(RecordDict({m.PROFILE_KEY: ConfigRecord(desc), m.STATS_KEY: MetricRecord(stats),
+                              m.FROZEN_KEY: ArrayRecord(torch_state_dict=frozen)}))
+
+
+_DROP = object()
+PROFILE_KEYS = ["device-id", "fingerprint", "model", "layers", "is-decoder", "hidden-size", "num-layers", "norm-eps",
+                "activation-cache"]
+PROFILE_STATS = ["train", "validation", "test", "positive-share", "forward-samples-per-s", "load-s", "rss-mb",
+                 "peak-rss-mb", "cpu-count", "threads"]
+
+
+def test_an_honest_profile_passes_as_plain_values():
+    profile, frozen = rc.profile_reply(_profile())
+    assert profile["layers"] == [1, 3] and profile["train"] == 32 and profile["hidden-size"] == 64
+    assert set(frozen) == {"final_norm.weight"} and frozen["final_norm.weight"].shape == (64,)
+
+
+@PROPERTY
+@given(key=st.sampled_from(PROFILE_KEYS), value=st.one_of(config_values, st.just(_DROP)))
+def test_any_profile_description_is_checked_or_refused_by_field(key, value):
+    try:
+        reply = _profile(**{key: value})
+    except (TypeError, ValueError):
+        return  # a value Flower itself refuses to carry
+    try:
+        profile, _ = rc.profile_reply(reply)
+    except ReplyError as err:
+        assert err.kind == "profile" and err.field == key, err
+        return
+    assert 1 <= profile["hidden-size"] <= 65536 and 1 <= profile["num-layers"] <= rc.MAX_LAYERS
+    assert profile["layers"] == sorted(set(profile["layers"])) and profile["layers"][-1] < profile["num-layers"]
+    assert 0 < profile["norm-eps"] <= 1 and isinstance(profile["is-decoder"], bool)
+    assert all(isinstance(profile[k], str) and profile[k] for k in ("device-id", "fingerprint", "model"))
+
+
+@PROPERTY
+@given(key=st.sampled_from(PROFILE_STATS), value=st.one_of(metric_values, st.just(_DROP)))
+def test_any_profile_measurement_is_checked_or_refused_by_field(key, value):
+    try:
+        reply = _profile(**{key: value})
+    except (TypeError, ValueError):
+        return
+    try:
+        profile, _ = rc.profile_reply(reply)
+    except ReplyError as err:
+        assert err.kind == "profile" and err.field in (key, m.STATS_KEY), err
+        return
+    for split in ("train", "validation", "test"):
+        assert isinstance(profile[split], int) and 0 <= profile[split] <= rc.MAX_SPLIT_SAMPLES
+    assert all(math.isfinite(v) and v >= 0 for k, v in profile.items() if k in PROFILE_STATS)
+
+
+@pytest.mark.parametrize("frozen, text", [
+    ({"final_norm.weight": torch.full((64,), float("nan"))}, "NaN"),
+    ({"final_norm.weight": torch.ones(32)}, "64 wide"),
+    ({"final_norm.weight": torch.ones(64, dtype=torch.int64)}, "floating point"),
+    ({"backbone.layers.0.weight": torch.ones(64)}, "a frozen head is"),
+    ({"lm_head.weight": torch.ones(64)}, "2-D"),
+])
+def test_a_frozen_head_that_would_poison_the_network_is_refused(frozen, text):
+    reply = _profile()
+    reply.content[m.FROZEN_KEY] = ArrayRecord(torch_state_dict=frozen)
+    with pytest.raises(ReplyError) as e:
+        rc.profile_reply(reply)
+    assert (e.value.field, text in e.value.message) == (m.FROZEN_KEY, True), e.value
+
+
+def _forward(**stats) -> _Reply:
+    values = {"samples": 4, "forward-s": 0.1, "busy-s": 0.2, "frame-bytes": 10, **stats}
+    return _Reply(RecordDict({m.FRAME_KEY: m.frame_record(b"MBFL" + bytes(8)),
+                              m.STATS_KEY: MetricRecord({k: v for k, v in values.items() if v is not _DROP})}))
+
+
+@PROPERTY
+@given(key=st.sampled_from(["samples", "forward-s", "busy-s", "tokens"]), value=st.one_of(metric_values, st.just(_DROP)))
+def test_any_forward_metric_is_checked_or_refused_by_field(key, value):
+    try:
+        reply = _forward(**{key: value})
+    except (TypeError, ValueError):
+        return
+    try:
+        blob, stats = rc.forward_reply(reply, samples=4)
+    except ReplyError as err:
+        assert err.kind == "forward" and err.field in (key, m.STATS_KEY), err
+        return
+    assert blob.startswith(b"MBFL") and stats["samples"] == 4
+    assert all(0 <= stats[k] <= rc.MAX_SECONDS for k in ("forward-s", "busy-s"))
+
+
+def test_a_forward_reply_must_say_it_forwarded_what_was_asked():
+    with pytest.raises(ReplyError, match="the request asked for 8") as e:
+        rc.forward_reply(_forward(samples=4), samples=8)
+    assert e.value.reason == "forward: samples"
+    extra = _forward()
+    extra.content[m.FRAME_KEY]["smuggled"] = Array(np.zeros(1000, np.uint8))
+    with pytest.raises(ReplyError, match="a frame travels alone"):
+        rc.forward_reply(extra, samples=4)
+    many = _forward(**{f"k{i}": i for i in range(rc.MAX_ENTRIES)})
+    with pytest.raises(ReplyError, match="entries, more than"):
+        rc.forward_reply(many, samples=4)
+
+
+@PROPERTY
+@given(key=st.sampled_from(["accuracy", "samples", "zero-shot-accuracy", "peak-rss-mb", "seconds"]),
+       value=st.one_of(metric_values, st.just(_DROP)))
+def test_any_evaluation_metric_is_checked_or_refused_by_field(key, value):
+    values = {"accuracy": 0.75, "samples": 8, "zero-shot-accuracy": 0.5, "seconds": 1.0, "peak-rss-mb": 300.0,
+              key: value}
+    try:
+        reply = _Reply(RecordDict({m.STATS_KEY: MetricRecord({k: v for k, v in values.items() if v is not _DROP})}))
+    except (TypeError, ValueError):
+        return
+    try:
+        stats = rc.evaluate_reply(reply, max_samples=8)
+    except ReplyError as err:
+        assert err.kind == "evaluate" and err.field in (key, m.STATS_KEY), err
+        return
+    assert 0 <= stats["accuracy"] <= 1 and 1 <= stats["samples"] <= 8  # what weights the fleet's accuracy
+    assert math.isnan(stats["zero-shot-accuracy"]) or 0 <= stats["zero-shot-accuracy"] <= 1
+    assert all(math.isfinite(v) for k, v in stats.items() if k != "zero-shot-accuracy" and k != "peak-rss-mb")
+
+
+@PROPERTY
+@given(rows=st.integers(0, 5), classes=st.integers(1, 4), dtype=st.sampled_from(["float32", "float64", "int64", "float16"]),
+       fill=st.one_of(st.floats(), st.sampled_from([0.3, -0.7, 1.0, -1.0, 1.5, math.nan])),
+       extra=st.booleans())
+def test_any_residual_reply_is_checked_or_refused(rows, classes, dtype, fill, extra):
+    with np.errstate(all="ignore"):  # NaN and huge fills cast to integers and half floats as they do
+        array = np.full((rows, classes), fill).astype(dtype)
+    record = ArrayRecord({m.RESIDUAL_KEY: Array(array)})
+    if extra:
+        record["more"] = Array(np.zeros(3, np.float32))
+    try:
+        residual = rc.residual_reply(_Reply(RecordDict({m.RESIDUAL_KEY: record})), 3, 2)
+    except ReplyError as err:
+        assert err.reason == f"residual: {m.RESIDUAL_KEY}", err
+        return
+    assert residual.shape == (3, 2) and residual.dtype == np.float32 and np.isfinite(residual).all()
+    assert np.abs(residual).max() <= 1 + 1e-3 and not extra
+
+
+@pytest.mark.parametrize("receipt, field", [({}, "digest"), ({"digest": 5}, "digest"), ({"digest": "x" * 200}, "digest"),
+                                            ({"digest": "ab", "path": 3}, "path"),
+                                            ({"digest": "ab", "path": "p" * 5000}, "path")])
+def test_a_delivery_receipt_that_cannot_be_trusted_is_refused(receipt, field):
+    with pytest.raises(ReplyError) as e:
+        rc.delivery_receipt(_Reply(RecordDict({m.CONFIG_KEY: ConfigRecord(receipt)})))
+    assert e.value.reason == f"deliver: {field}"
+    assert rc.delivery_receipt(_Reply(RecordDict({m.CONFIG_KEY: ConfigRecord({"digest": "ab"})}))) == ("ab", "")
+
+
+# ---- through the strategy ------------------------------------------------------------------------------
+@pytest.fixture
+def strategy(tmp_path, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from mobiflower.strategies.config import SideTuningConfig
+    from mobiflower.strategies.side_tuning import SideTuningStrategy
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # Messages can be built outside a Flower run
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    return SideTuningStrategy(SideTuningConfig(), tmp_path)
+
+
+def test_hostile_profiles_leave_their_device_out_counted_by_reason(strategy):
+    replies = {1: _profile(), 2: _profile(**{"device-id": "device-1", "hidden-size": -3}),
+               3: _profile(**{"device-id": "device-2", "layers": [3, 1]}), 4: _profile(**{"device-id": "device-3",
+                                                                                          "train": math.inf})}
+    frozen_by: dict = {}
+    strategy._take_profiles(replies, frozen_by)
+    assert [d.device_id for d in strategy.devices.values()] == ["device-0"]
+    assert strategy.profiles_refused == {"node 2": {"profile: hidden-size": 1}, "node 3": {"profile: layers": 1},
+                                         "node 4": {"profile: train": 1}}
+    assert len([e for e in strategy.events if "failed" in e]) == 3
+
+
+class _Grid:
+    """A stand-in Grid: each pushed message is answered at once by ``answer(message)``."""
+
+    def __init__(self, answer):
+        self.answer, self.pending = answer, {}
+
+    def push_messages(self, messages):
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.pending)}-{i}"
+            self.pending[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.answer(self.pending.pop(i)) for i in list(ids) if i in self.pending]
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (lambda probs: probs * np.nan, "residual: residual"),
+    (lambda probs: probs * 50, "residual: residual"),
+    (lambda probs: probs[:, :1], "residual: residual"),
+    (lambda probs: probs.astype(np.int64), "residual: residual"),
+])
+def test_hostile_residuals_leave_their_rows_out_and_are_counted(strategy, answer, reason):
+    from mobiflower.strategies.side_tuning import DeviceState
+
+    class _Intake:
+        owner = {10: "device-0", 11: "device-0", 20: "device-1"}
+
+    strategy.intake = _Intake()
+    strategy.devices = {1: DeviceState(1, "device-0", {}, 2), 2: DeviceState(2, "device-1", {}, 1)}
+
+    def reply(msg: Message) -> Message:
+        probs = msg.content[m.PROBS_KEY][m.PROBS_KEY].numpy()
+        honest = probs - np.eye(probs.shape[1], dtype=np.float32)[[0] * len(probs)]
+        out = answer(probs) if msg.metadata.dst_node_id == 1 else honest
+        return Message(RecordDict({m.RESIDUAL_KEY: ArrayRecord({m.RESIDUAL_KEY: Array(np.ascontiguousarray(out))})}),
+                       reply_to=msg)
+
+    strategy._grid = _Grid(reply)
+    probs = torch.softmax(torch.randn(3, 2), -1)
+    out = strategy._residuals([10, 20, 11], probs)
+    assert torch.isnan(out[[0, 2]]).all() and torch.isfinite(out[1]).all()  # the hostile device's rows are out
+    hostile, honest = strategy.devices[1], strategy.devices[2]
+    assert hostile.replies_refused == {reason: 1} and hostile.failures and hostile.bytes_up == 0
+    assert honest.replies_refused == {} and honest.metrics["residual_requests"] == 1
