@@ -20,9 +20,11 @@ layers) and on the bundled SmolLM2. What differs is only where memory goes: the 
 residual adds, the norms' scaling and the rotary sums are done in place (the same products and
 sums, bit for bit), so a layer holds fewer full-size temporaries.
 
-Anything else (another family, a rope scaling, an activation other than SiLU, a tokenizer whose
-transformers class adds tokens of its own) is refused by :func:`lean_problem` /
-:func:`tokenizer_problem`, and the caller falls back to transformers.
+OPT has its own lean forward (:mod:`mobiflower.platform.lean_opt`, built from the same pieces;
+:func:`lean_problem` and :func:`build_lean_model` dispatch on ``model_type``). Anything else
+(another family, a rope scaling, an activation other than SiLU, a tokenizer whose transformers class
+adds tokens of its own) is refused by :func:`lean_problem` / :func:`tokenizer_problem`, and the
+caller falls back to transformers.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LEAN_MODEL_TYPES = ("llama",)
+LEAN_MODEL_TYPES = ("llama", "opt")
+"""Families with a lean forward: llama here, OPT in :mod:`mobiflower.platform.lean_opt`."""
 
 
 class LeanConfig(SimpleNamespace):
@@ -67,6 +70,10 @@ def lean_problem(config: dict) -> str | None:
     model_type = config.get("model_type")
     if model_type not in LEAN_MODEL_TYPES:
         return f"model type {model_type!r} (lean forward: {', '.join(LEAN_MODEL_TYPES)})"
+    if model_type == "opt":
+        from mobiflower.platform.lean_opt import opt_problem
+
+        return opt_problem(config)
     if config.get("hidden_act", "silu") != "silu":
         return f"activation {config.get('hidden_act')!r}"
     rope = _rope_parameters(config)
@@ -280,14 +287,21 @@ def read_config(folder: str | Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
 
 
-def build_lean_model(config: dict | LeanConfig, dtype: torch.dtype = torch.float32) -> LeanLlamaForCausalLM:
-    """The lean module tree, uninitialised (build it under ``torch.device('meta')`` to allocate
-    nothing before the weights are assigned, or load a state dict into it)."""
+def build_lean_model(config: dict | LeanConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The lean module tree of the config's family (:class:`LeanLlamaForCausalLM`, or
+    :class:`~mobiflower.platform.lean_opt.LeanOPTForCausalLM`), uninitialised (build it under
+    ``torch.device('meta')`` to allocate nothing before the weights are assigned, or load a state
+    dict into it)."""
     config = config if isinstance(config, LeanConfig) else LeanConfig(config)
     problem = lean_problem(vars(config))
     if problem is not None:
         raise ValueError(f"the lean forward cannot run this model: {problem}")
-    model = LeanLlamaForCausalLM(config)
+    if config.model_type == "opt":
+        from mobiflower.platform.lean_opt import LeanOPTForCausalLM
+
+        model: nn.Module = LeanOPTForCausalLM(config)
+    else:
+        model = LeanLlamaForCausalLM(config)
     for param in model.parameters():
         if param.dtype != dtype and not param.is_meta:  # (meta parameters are replaced by the checkpoint's)
             param.data = param.data.to(dtype)

@@ -773,7 +773,8 @@ def _share(model: nn.Module, name: str, target: str) -> None:
 
 
 FORWARD_IMPLEMENTATIONS = ("auto", "lean", "transformers")
-"""How a prepared copy is run: ``lean`` (:mod:`mobiflower.platform.lean_llama`, llama family only,
+"""How a prepared copy is run: ``lean`` (:mod:`mobiflower.platform.lean_llama` for the llama family,
+:mod:`mobiflower.platform.lean_opt` for OPT,
 no transformers import), ``transformers``, or ``auto`` (lean where it applies, else transformers).
 The environment variable ``MOBIFLOWER_DEVICE_FORWARD`` sets the default."""
 
@@ -811,7 +812,8 @@ def load_prepared_tokenizer(folder: str | Path, forward: str = "lean"):
 def load_prepared_backbone(folder: str | Path, precision: str | None = None, implementation: str | None = None):
     """``(model, tokenizer, manifest)`` from a prepared folder, the weights memory-mapped, not copied.
 
-    A llama-family copy runs on the lean forward (:mod:`mobiflower.platform.lean_llama`: same names,
+    A llama-family or OPT copy runs on the lean forward (:mod:`mobiflower.platform.lean_llama`,
+    :mod:`mobiflower.platform.lean_opt`: same names,
     same arithmetic, no transformers import) unless ``implementation`` (or
     ``MOBIFLOWER_DEVICE_FORWARD``) says ``transformers``; the manifest returned names the one used
     (``forward``).

@@ -97,7 +97,7 @@ def test_lean_tokenizer_gives_transformers_ids(gqa_llama, tmp_path):
 
 
 def test_other_families_fall_back_to_transformers(tiny_models, tmp_path):
-    for family in ("gpt2", "qwen2", "opt"):
+    for family in ("gpt2", "qwen2"):  # (OPT has its own lean forward: tests/test_billion_shapes.py)
         folder = ensure_prepared(tiny_models[family], "int8", tmp_path)
         assert forward_implementation(folder) == "transformers"
         with pytest.raises(BackboneError, match="lean"):
