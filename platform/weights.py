@@ -545,9 +545,11 @@ def _home() -> Path:
 
 
 def _source_path(ref: str) -> str:
+    """Where ``ref``'s checkpoint is, without building a shipped shape's (a device that has only the
+    prepared copy keeps using it)."""
     from mobiflower.platform.assets import resolve_model
 
-    return resolve_model(ref)
+    return resolve_model(ref, materialize=False)
 
 
 def prepared_dir(ref: str, precision: str, cache_dir: str | Path | None = None,

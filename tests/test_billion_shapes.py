@@ -1,5 +1,6 @@
-"""Billion-sized backbones (issue 16): the device's lean OPT forward gives transformers' states at every
-precision, and a device process running it never imports transformers (tiny random models)."""
+"""Billion-sized backbones without a hub (issue 16): shipped shapes, random checkpoints built once, the
+lean OPT forward and low-precision OPT, all on tiny configurations of the same code path (the
+1B-class measurements themselves are in RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,23 @@ import torch
 
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.lean_opt import LeanOPTForCausalLM, opt_problem
-from mobiflower.platform.weights import ensure_prepared
+from mobiflower.platform.shapes import (MARKER, OPT_1_3B, SHAPES, SMOLLM2_1_7B, ModelShape, ShapeError,
+                                        materialize_shape, shape_problem)
+from mobiflower.platform.weights import Int4Linear, Int8Linear, ensure_prepared, forward_implementation
 
 TEXTS = ["a gripping, beautiful film", "two hours I will never get back", "fine",
          "an odd, long, winding story about nothing at all, told twice"]
 SAME_LENGTH = ["abcd", "efgh"]  # no padding: the causal-flag path of SDPA
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300,
+        "max_position_embeddings": 256}
+
+
+def _tiny_shape(base: ModelShape, tokenizer_from: str, name: str | None = None) -> ModelShape:
+    """The shipped configuration with tiny sizes: every other key (and the build path) as shipped."""
+    extra = {"ffn_dim": 128, "word_embed_proj_dim": 64} if base.model_type == "opt" else \
+        {"intermediate_size": 128, "num_key_value_heads": 4}
+    return ModelShape(name or f"tiny-{base.name}", base.hub_id, {**base.config, **TINY, **extra},
+                      base.checkpoint_dtype, tokenizer_from=tokenizer_from)
 
 
 def _states(backbone: Backbone, texts) -> dict:
@@ -27,6 +40,114 @@ def _states(backbone: Backbone, texts) -> dict:
                                   lambda i, h: seen.__setitem__(i, h.float().clone()), need_final=True)
     seen["final"] = final.float()
     return {k: v[enc["attention_mask"].bool()] for k, v in seen.items()}  # real tokens only
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---- the shipped shapes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,params", [(OPT_1_3B, 1.316e9), (SMOLLM2_1_7B, 1.711e9)])
+def test_shipped_shapes_have_the_published_sizes(shape, params):
+    from transformers import LlamaConfig, OPTConfig
+
+    config = shape.transformers_config()
+    assert isinstance(config, OPTConfig if shape.model_type == "opt" else LlamaConfig)
+    assert (config.hidden_size, config.num_hidden_layers) == (2048, 24)
+    assert (config.ffn_dim if shape.model_type == "opt" else config.intermediate_size) == 8192
+    assert config.vocab_size == (50272 if shape.model_type == "opt" else 49152)
+    assert config.num_attention_heads == 32
+    if shape.model_type == "llama":
+        assert config.num_key_value_heads == 32 and config.tie_word_embeddings
+    assert shape.num_parameters() == pytest.approx(params, rel=1e-3)  # tied head counted once
+    assert shape.hub_id in ("facebook/opt-1.3b", "HuggingFaceTB/SmolLM2-1.7B") and SHAPES[shape.name] is shape
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_a_shape_builds_once_seeded_and_loads_like_any_checkpoint(family, tiny_models, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    shape = _tiny_shape(OPT_1_3B if family == "opt" else SMOLLM2_1_7B, tiny_models[family])
+    folder = materialize_shape(shape, tmp_path / "a")
+    assert shape_problem(shape, folder) is None
+    marker = json.loads((folder / MARKER).read_text())
+    assert marker["random_weights"] is True and marker["hub_id"] == shape.hub_id
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert materialize_shape(shape, folder) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    again = materialize_shape(shape, tmp_path / "b")  # the same seed: the same bytes
+    assert (folder / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"F16" if family == "opt" else "BF16"}  # as the hub ships them
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # no missing or random-init weights
+    weights = {k: v.detach() for k, v in model.named_parameters()}
+    matrix = next(v for k, v in weights.items() if k.endswith("q_proj.weight"))
+    assert 0.015 < float(matrix.std()) < 0.025  # normal(0, 0.02), as transformers initialises them
+    assert all(float(v.abs().max()) == 0 for k, v in weights.items() if k.endswith(".bias"))
+    other = ModelShape(shape.name, shape.hub_id, {**shape.config, "num_hidden_layers": 3}, shape.checkpoint_dtype,
+                       tokenizer_from=shape.tokenizer_from)
+    assert shape_problem(other, folder) == "built from another configuration"
+
+
+def test_a_shape_without_its_tokenizer_says_what_to_run(tmp_path):
+    shape = _tiny_shape(OPT_1_3B, str(tmp_path / "nowhere"))
+    with pytest.raises(ShapeError, match="tokenizer"):
+        materialize_shape(shape, tmp_path / "x")
+    with pytest.raises(ShapeError, match="shipped ones are"):
+        materialize_shape("opt-7b-shape", tmp_path / "y")
+
+
+def test_a_shape_name_goes_wherever_a_model_name_goes(tiny_models, tmp_path, monkeypatch):
+    """resolve_model builds the shape on first use; prepared copies, the lean device and its
+    fingerprint follow; a device holding only its prepared copy never rebuilds the source."""
+    from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
+    from mobiflower.platform import shapes
+    from mobiflower.platform.assets import resolve_model
+    from mobiflower.platform.data import Example
+    from mobiflower.platform.weights import manifest_problem, prepared_dir
+
+    monkeypatch.setenv("MOBIFLOWER_HOME", str(tmp_path / "home"))
+    shape = _tiny_shape(OPT_1_3B, tiny_models["opt"], name="tiny-opt-shape")
+    monkeypatch.setitem(shapes.SHAPES, shape.name, shape)
+    assert resolve_model(shape.name, materialize=False) == str(tmp_path / "home" / "shapes" / shape.name)
+    assert not (tmp_path / "home" / "shapes" / shape.name).exists()
+    backbone = Backbone.load(shape.name, num_taps=2, weights="int4")  # builds the shape, then the int4 copy
+    folder = prepared_dir(shape.name, "int4")
+    assert folder == tmp_path / "home" / "models" / "tiny-opt-shape-int4" and backbone.weights_path == str(folder)
+    assert type(backbone.model) is LeanOPTForCausalLM and "-int4-" in backbone.fingerprint
+    frame, _ = DeviceRuntime(backbone, ForwardConfig(batch_size=2)).make_frame([Example(0, "good", 1),
+                                                                                Example(1, "bad", 0)])
+    assert frame.fingerprint == backbone.fingerprint
+    import shutil
+
+    shutil.rmtree(tmp_path / "home" / "shapes")  # a device shipped only the prepared copy
+    assert manifest_problem(folder, shape.name, "int4") is None
+    assert not (tmp_path / "home" / "shapes").exists()
+
+
+# ---- the same code path for a hub-like folder of each family ----------------------------------------
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_hub_like_folders_of_both_families_prepare_load_and_tap(family, tiny_models, tmp_path):
+    """A tiny checkpoint folder (what a hub id downloads to): every precision goes through the same
+    prepare / memory-mapped load / lean forward, and the low-precision taps stay close to fp32's."""
+    ref = tiny_models[family]
+    reference = _states(Backbone.load(ref, num_taps=2), TEXTS)  # transformers, from the checkpoint
+    for precision, tol in (("fp32", 1e-6), ("bf16", 0.02), ("int8", 0.03), ("int4", 0.2)):
+        backbone = Backbone.load(ref, num_taps=2, weights=precision, weights_dir=str(tmp_path))
+        assert backbone.precision == precision and forward_implementation(backbone.weights_path) == "lean"
+        got = _states(backbone, TEXTS)
+        errors = {k: _rel(got[k], reference[k]) for k in reference}
+        assert max(errors.values()) <= tol, (family, precision, errors)
+        if precision in ("int8", "int4"):
+            kind = Int8Linear if precision == "int8" else Int4Linear
+            linears = [m for n, m in backbone.model.named_modules() if n.endswith(("fc1", "down_proj"))]
+            assert linears and all(isinstance(m, kind) for m in linears)
+            assert max(errors.values()) > 0  # really quantized
 
 
 # ---- the lean OPT forward ----------------------------------------------------------------------------
