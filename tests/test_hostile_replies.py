@@ -126,7 +126,8 @@ def _forward(**stats) -> _Reply:
 
 
 @PROPERTY
-@given(key=st.sampled_from(["samples", "forward-s", "busy-s", "tokens"]), value=st.one_of(metric_values, st.just(_DROP)))
+@given(key=st.sampled_from(["samples", "forward-s", "busy-s", "tokens"]),
+       value=st.one_of(metric_values, st.just(_DROP)))
 def test_any_forward_metric_is_checked_or_refused_by_field(key, value):
     try:
         reply = _forward(**{key: value})
@@ -175,7 +176,8 @@ def test_any_evaluation_metric_is_checked_or_refused_by_field(key, value):
 
 
 @PROPERTY
-@given(rows=st.integers(0, 5), classes=st.integers(1, 4), dtype=st.sampled_from(["float32", "float64", "int64", "float16"]),
+@given(rows=st.integers(0, 5), classes=st.integers(1, 4),
+       dtype=st.sampled_from(["float32", "float64", "int64", "float16"]),
        fill=st.one_of(st.floats(), st.sampled_from([0.3, -0.7, 1.0, -1.0, 1.5, math.nan])),
        extra=st.booleans())
 def test_any_residual_reply_is_checked_or_refused(rows, classes, dtype, fill, extra):
@@ -193,8 +195,8 @@ def test_any_residual_reply_is_checked_or_refused(rows, classes, dtype, fill, ex
     assert np.abs(residual).max() <= 1 + 1e-3 and not extra
 
 
-@pytest.mark.parametrize("receipt, field", [({}, "digest"), ({"digest": 5}, "digest"), ({"digest": "x" * 200}, "digest"),
-                                            ({"digest": "ab", "path": 3}, "path"),
+@pytest.mark.parametrize("receipt, field", [({}, "digest"), ({"digest": 5}, "digest"),
+                                            ({"digest": "x" * 200}, "digest"), ({"digest": "ab", "path": 3}, "path"),
                                             ({"digest": "ab", "path": "p" * 5000}, "path")])
 def test_a_delivery_receipt_that_cannot_be_trusted_is_refused(receipt, field):
     with pytest.raises(ReplyError) as e:

@@ -29,6 +29,8 @@ def test_killed_server_resumes_to_the_same_weights(real_assets, tiny_llama, tmp_
     assert not crashed.ok and not (run_dir / "summary.json").exists()
     state = json.loads((run_dir / "checkpoint" / "strategy.json").read_text())
     assert state["round"] == 3 and state["cached_frames"] == {"shared": 6}
+    # every accepted frame's digest is in the checkpoint: a replay stays refused after the resume
+    assert (run_dir / "checkpoint" / "accepted_frames.sha256").stat().st_size == 32 * 6
 
     resumed = run_simulate(SimulateConfig(devices=1, client_cpus=2, workdir=str(tmp_path / "c"),
                                           run_config=_config(tiny_llama, run_dir, resume=True)), quiet=True)
