@@ -130,7 +130,7 @@ def profile_reply(reply: Message) -> tuple[dict[str, Any], dict[str, torch.Tenso
         "is-decoder": _flag(desc, "is-decoder", kind),
         "hidden-size": _number(desc, "hidden-size", kind, 1, _LIMITS.max_hidden, integer=True),
         "num-layers": num_layers,
-        "norm-eps": _number(desc, "norm-eps", kind, 1e-12, 1.0),
+        "norm-eps": _number(desc, "norm-eps", kind, 1e-30, 1.0),
         "activation-cache": _flag(desc, "activation-cache", kind, default=True),
     }
     for split in ("train", "validation", "test"):
