@@ -1,10 +1,10 @@
 """``mobiflower bench device``: what one device pays per sample, MobiFlower vs. on-device alternatives.
 
-Four methods run the SAME batches (the first ``batches * batch_size`` training samples of
+Five methods run the SAME batches (the first ``batches * batch_size`` training samples of
 :func:`~mobiflower.platform.data.task_samples`, i.e. the first samples a side-tuning run with the
 same seed trains on), each in its own fresh Python process (``sys.executable -m
 mobiflower.simulations.bench_device --child ...``), so that the peak RSS a child reports
-(``ru_maxrss``) is that method's alone:
+(``VmHWM``) is that method's alone:
 
 * ``mobiflower_device``: :class:`Backbone` + :meth:`DeviceRuntime.make_frame` per batch (forward
   under inference mode, stopping after the last tapped block, no logits; quantize and pack) and
@@ -17,10 +17,24 @@ mobiflower.simulations.bench_device --child ...``), so that the peak RSS a child
 * ``full_step``: full fine-tuning forward + backward + AdamW step.
 
 Each child also records ``baseline_rss_mb`` (its RSS right before the model is loaded: the Python,
-PyTorch and transformers runtime) and ``model_load_s``. Seconds per sample time every batch after
+PyTorch and transformers runtime), ``model_load_s`` and ``startup_s`` (process launch to ready for
+the first batch). Seconds per sample time every batch after
 one warm-up batch. Then, in the device child after its own measurements, one frame of all the
 samples is built at each bit-width (16/8/4/2) and token policy (all/nonpad/last) and its encoded
 size recorded, next to what fp32 states of all (padded) tokens of every tapped layer would weigh.
+
+Billion-sized backbones (issue 16). With ``weights`` (backbone precisions) the device methods run
+as a fleet device does, once per precision: the prepared, memory-mapped copy of the backbone
+(:mod:`mobiflower.platform.weights`, built once in its own process first), its data tokenized and
+the tokenizer dropped before the forward, pieces of at most 256 tokens (``mobiflower_device_int4``
+and so on). With ``train_configs`` (:class:`TrainingConfig`: batch size, sequence length, LoRA
+rank) the fp32 device methods, the LoRA step and the full fine-tuning step run again per
+configuration, to show whose memory moves. Every child runs under a memory cap
+(:mod:`mobiflower.simulations.memory_cap`: an address-space limit in the child and a watchdog on
+its resident memory in the parent); a method over the cap is reported as *out of memory* with the
+reason, not raised. ``mobiflower bench device --model opt-1.3b-shape`` (a shipped shape,
+:mod:`mobiflower.platform.shapes`: random weights, so cost figures only) turns all of this on
+with :data:`BILLION_DEFAULTS` and judges :data:`BILLION_ACCEPTANCE`.
 
 The acceptance thresholds of the benchmark are evaluated and reported as booleans, never asserted.
 """
@@ -33,13 +47,16 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from mobiflower.simulations.bench_common import (acceptance_lines, bars_with_values, bench_logger, fmt, ratio,
-                                                  run_child, save_figure, write_outputs)
+                                                  save_figure, write_outputs)
 
 METHODS = ("mobiflower_device", "tail_device", "inference_forward", "lora_step", "full_step")
+DEVICE_KINDS = ("mobiflower_device", "tail_device")
+TRAINING_METHODS = ("lora_step", "full_step")
 TAIL_CUT = 0  # the pretrained tail's default cut: half the blocks (strategies.config.SideTuningConfig.tail_cut)
 WIRE_BITS = (16, 8, 4, 2)
 WIRE_POLICIES = ("all", "nonpad", "last")
@@ -54,23 +71,123 @@ ACCEPTANCE = {
     "tail_rss_le_1.0x_inference": ("tail_vs_inference_rss", "<=", 1.0),
     "tail_s_le_0.7x_inference": ("tail_vs_inference_s", "<=", 0.7),
 }
+BILLION_ACCEPTANCE = {
+    # issue 16, on a billion-sized backbone: the fp32 device against the on-device methods, the
+    # low-precision devices' whole-process peak, and the device's memory across training configurations
+    "device_rss_le_1.1x_inference": ("device_vs_inference_rss", "<=", 1.1),
+    "device_rss_le_0.3x_full": ("device_vs_full_rss", "<=", 0.3),
+    "device_s_le_0.4x_lora": ("device_vs_lora_s", "<=", 0.4),
+    "tail_rss_le_1.1x_inference": ("tail_vs_inference_rss", "<=", 1.1),
+    "tail_rss_le_0.3x_full": ("tail_vs_full_rss", "<=", 0.3),
+    "tail_s_le_0.4x_lora": ("tail_vs_lora_s", "<=", 0.4),
+    "int4_device_peak_le_1.3GB": ("int4_device_peak_rss_gb", "<=", 1.3),
+    "int4_device_rss_le_0.2x_lora": ("int4_device_vs_lora_rss", "<=", 0.2),
+    "int8_device_peak_le_2.0GB": ("int8_device_peak_rss_gb", "<=", 2.0),
+    "device_rss_spread_le_10pct": ("device_rss_spread", "<=", 0.10),
+    "tail_rss_spread_le_10pct": ("tail_rss_spread", "<=", 0.10),
+}
 LORA_SETTINGS = {"r": 8, "alpha": 16, "dropout": 0.05}
 LR = {"lora_step": 5e-4, "full_step": 2e-5}
+MAX_LENGTH = 256  # tokens: Backbone's and the baselines' truncation
 
 
-def _log(message: str, progress: bool) -> None:
-    bench_logger("device", progress)(message)
+@dataclass(frozen=True)
+class TrainingConfig:
+    """One training configuration the on-device methods are measured in: batch size, sequence length
+    (``seq_len`` tokens per sample, texts lengthened to fill it; 0 = the samples as they are) and
+    LoRA rank (alpha = 2 x rank). The device's forward does not depend on the rank; LoRA's does."""
+
+    batch_size: int
+    seq_len: int = 0
+    lora_rank: int = LORA_SETTINGS["r"]
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.seq_len < 0 or self.lora_rank < 1:
+            raise ValueError(f"training config {self}: batch size and LoRA rank must be >= 1, sequence length >= 0")
+
+    @property
+    def label(self) -> str:
+        return f"batch {self.batch_size}, {f'{self.seq_len} tokens' if self.seq_len else 'own length'}, r {self.lora_rank}"
+
+    @classmethod
+    def parse(cls, text: str) -> "TrainingConfig":
+        """``B``, ``B,S`` or ``B,S,R`` (batch size, sequence length with 0 = the samples' own, LoRA rank)."""
+        try:
+            parts = [int(x) for x in str(text).split(",")]
+            return cls(*parts)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"training config {text!r}: write BATCH[,SEQ_LEN[,LORA_RANK]], e.g. 8,256,64 ({err})") \
+                from None
 
 
-def bench_samples(batches: int, batch_size: int, seed: int = 0) -> list:
-    """The first ``batches * batch_size`` training samples (of at least the default 2000 drawn)."""
-    from mobiflower.platform.data import task_samples
+BILLION_DEFAULTS: dict[str, Any] = {
+    "batches": 4, "batch_size": 8, "weights": ("fp32", "bf16", "int8", "int4"),
+    "train_configs": (TrainingConfig(8), TrainingConfig(32), TrainingConfig(8, 256, 64)),
+}
+"""What ``bench device`` measures on a shipped billion-sized shape unless told otherwise: fewer, smaller
+batches (a 1.3B LoRA step takes seconds per sample here), every weight precision, three training
+configurations (the base one, 4x the batch, 256-token sequences with a rank-64 LoRA)."""
+
+
+def bench_settings(model: str, batches: int | None = None, batch_size: int | None = None,
+                   weights: Sequence[str] | None = None,
+                   train_configs: Sequence[TrainingConfig] | None = None) -> dict[str, Any]:
+    """The settings to run with: what was given, else :data:`BILLION_DEFAULTS` on a shipped shape
+    (:mod:`mobiflower.platform.shapes`), else the bundled model's defaults (6 x 16, the checkpoint
+    as loaded, no training configurations)."""
+    from mobiflower.platform.shapes import is_shape
+
+    big = is_shape(model)
+    return {"batches": batches if batches is not None else (BILLION_DEFAULTS["batches"] if big else 6),
+            "batch_size": batch_size if batch_size is not None else (BILLION_DEFAULTS["batch_size"] if big else 16),
+            "weights": list(weights) if weights else (list(BILLION_DEFAULTS["weights"]) if big else None),
+            "train_configs": list(train_configs) if train_configs else
+            (list(BILLION_DEFAULTS["train_configs"]) if big else None)}
+
+
+def add_billion_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of billion-sized runs (also on ``mobiflower bench device``)."""
+    parser.add_argument("--weights", default=None,
+                        help="run the mobiflower device at each of these backbone precisions (comma-separated, from "
+                             "fp32,bf16,int8,int4: prepared, memory-mapped copies; default on a shipped shape: all)")
+    parser.add_argument("--train-configs", nargs="+", type=TrainingConfig.parse, default=None,
+                        metavar="B[,S[,R]]",
+                        help="training configurations (batch size, sequence length in tokens with 0 = the samples' "
+                             "own, LoRA rank) to measure the device, LoRA and full fine-tuning in; default on a "
+                             "shipped shape: 8 32 8,256,64")
+    parser.add_argument("--memory-cap-gb", type=float, default=None,
+                        help="memory cap of every measured process (default: 20 GB or 85%% of this machine's memory); "
+                             "a method over it is reported as out of memory")
+    return parser
+
+
+def device_method(kind: str, precision: str | None) -> str:
+    """The method's name: ``mobiflower_device`` (the checkpoint as loaded) or ``mobiflower_device_int4``."""
+    return kind if precision is None else f"{kind}_{precision}"
+
+
+def bench_samples(batches: int, batch_size: int, seed: int = 0, seq_len: int = 0) -> list:
+    """The first ``batches * batch_size`` training samples (of at least the default 2000 drawn).
+
+    ``seq_len`` > 0 lengthens each text with the snippets after it until it has at least that many
+    words (so at least that many tokens: truncated to exactly ``seq_len`` where it is read).
+    """
+    from mobiflower.platform.data import Example, task_samples
 
     n = batches * batch_size
     train = task_samples(max(2000, n), 2, 2, seed).train
     if len(train) < n:
         raise ValueError(f"only {len(train)} training samples exist, the bench needs {n}")
-    return train[:n]
+    if not seq_len:
+        return train[:n]
+    samples = []
+    for i, e in enumerate(train[:n]):
+        words, j = e.text.split(), i + 1
+        while len(words) < seq_len:
+            words += train[j % len(train)].text.split()
+            j += 1
+        samples.append(Example(e.id, " ".join(words), e.label))
+    return samples
 
 
 # ------------------------------------------------------------------------------------------
@@ -80,14 +197,21 @@ def bench_samples(batches: int, batch_size: int, seed: int = 0) -> list:
 def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: int = 16, bits: int = 8,
                      token_policy: str = "last", num_taps: int = 8, seed: int = 0, threads: int | None = None,
                      out: str | None = None, plot: str | None = None, progress: bool = True,
-                     tail_cut: int = TAIL_CUT) -> dict:
-    """Run all four methods in fresh processes, measure the wire sizes, and return the result JSON.
+                     tail_cut: int = TAIL_CUT, *, weights: Sequence[str] | None = None,
+                     train_configs: Sequence[TrainingConfig] | None = None,
+                     memory_cap_gb: float | None = None) -> dict:
+    """Run every method in fresh, memory-capped processes, measure the wire sizes, and return the result JSON.
 
-    Writes the JSON to ``out`` and a bar plot of peak RSS and seconds per sample to ``plot``
-    (default: ``out`` with a ``.png`` suffix; no plot when neither is given).
+    ``weights`` runs the device methods from prepared copies at each of these precisions (see the
+    module docstring); ``train_configs`` measures the fp32 device, LoRA and full fine-tuning again in
+    each :class:`TrainingConfig`. ``memory_cap_gb`` caps every child (default: 20 GB or 85% of this
+    machine's memory). Writes the JSON to ``out`` and a bar plot of peak RSS and seconds per sample
+    to ``plot`` (default: ``out`` with a ``.png`` suffix; no plot when neither is given).
     """
     from mobiflower.platform.codec import SUPPORTED_BITS
     from mobiflower.platform.frames import TOKEN_POLICIES
+    from mobiflower.platform.weights import normalize_precision
+    from mobiflower.simulations.memory_cap import default_cap_mb
 
     if batches < 1 or batch_size < 1:
         raise ValueError(f"batches={batches} and batch_size={batch_size} must be at least 1")
@@ -99,55 +223,181 @@ def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: 
         raise ValueError(f"threads={threads} must be at least 1")
     if num_taps < 1:
         raise ValueError(f"num_taps={num_taps} must be at least 1")
+    if memory_cap_gb is not None and memory_cap_gb <= 0:
+        raise ValueError(f"memory_cap_gb={memory_cap_gb} must be positive")
+    precisions = list(dict.fromkeys(normalize_precision(w) for w in weights)) if weights else [None]
+    primary = "fp32" if "fp32" in precisions else precisions[0]
+    configs = list(train_configs or [])
+    base_config = TrainingConfig(batch_size)
+    cap_mb = memory_cap_gb * 1024 if memory_cap_gb else default_cap_mb()
+    billion = bool(weights) or bool(configs)
 
     samples = bench_samples(batches, batch_size, seed)
     config = {"model": model, "batches": batches, "batch_size": batch_size, "samples": len(samples), "bits": bits,
               "token_policy": token_policy, "num_taps": num_taps, "seed": seed, "threads": threads, "tail_cut": tail_cut,
               "timed_batches": max(1, batches - 1), "warmup_batches": 1 if batches > 1 else 0,
-              "lora": dict(LORA_SETTINGS), "lr": dict(LR)}
-    _log(f"{len(samples)} samples ({batches} batches of {batch_size}) of {model}, each method in a fresh process",
-         progress)
-    methods: dict[str, dict] = {}
-    wire: list[dict] = []
+              "lora": dict(LORA_SETTINGS), "lr": dict(LR), "weights": [p for p in precisions if p],
+              "train_configs": [asdict(c) for c in configs], "memory_cap_mb": cap_mb, "max_length": MAX_LENGTH,
+              "random_weights": _random_weights(model)}
+    log = bench_logger("device", progress)
+    log(f"{len(samples)} samples ({batches} batches of {batch_size}) of {model}, each method in a fresh process "
+        f"capped at {cap_mb / 1024:.1f} GB" + (" (random weights: cost figures only)" if config["random_weights"] else ""))
+    common = {"model": model, "tail_cut": tail_cut, "bits": bits, "token_policy": token_policy, "num_taps": num_taps,
+              "seed": seed, "threads": threads, "max_length": MAX_LENGTH}
+    result: dict[str, Any] = {"config": config, "methods": {}, "wire": [], "tail_wire": []}
     extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mobiflower-bench-") as tmp:
-        for method in METHODS:
-            spec = {"method": method, "model": model, "tail_cut": tail_cut, "batch_size": batch_size, "bits": bits,
-                    "token_policy": token_policy, "num_taps": num_taps, "seed": seed, "threads": threads,
-                    "wire": method == "mobiflower_device",
-                    "samples": [[e.id, e.text, e.label] for e in samples]}
-            t0 = time.perf_counter()
-            result = run_child("mobiflower.simulations.bench_device", spec, Path(tmp), method)
-            wire += result.pop("wire", [])
-            if "tail_wire" in result:
-                extra["tail_wire"] = result.pop("tail_wire")
+        runner = _Runner(Path(tmp), cap_mb, log)
+        if weights:
+            result["prepared"] = {p: runner.run({**common, "method": "prepare", "precision": p}, f"prepare-{p}")
+                                  for p in precisions}
+        base = _config_specs(common, base_config, samples, MAX_LENGTH)
+        for precision in precisions:
+            for kind in DEVICE_KINDS:
+                name = device_method(kind, precision)
+                if weights and result["prepared"][precision].get("out_of_memory"):
+                    result["methods"][name] = {**result["prepared"][precision], "stage": "prepare"}
+                    continue
+                wire = precision == primary
+                spec = {**base, "method": kind, "precision": precision, "wire": wire and kind == "mobiflower_device",
+                        "tail_wire": wire and kind == "tail_device",
+                        # billion-sized: the wire sizes of one batch (each row is another forward)
+                        "wire_samples": batch_size if billion else len(samples)}
+                result["methods"][name] = runner.run(spec, name)
+        for method in ("inference_forward", *TRAINING_METHODS):
+            result["methods"][method] = runner.run({**base, "method": method}, method)
+        for name, m in result["methods"].items():
+            result["wire"] += m.pop("wire", [])
+            if "tail_wire" in m:
+                result["tail_wire"] = m.pop("tail_wire")
             for key in ("fp32_all_token_bytes_per_sample", "machine", "backbone"):
-                if key in result:
-                    extra[key] = result.pop(key)
-            methods[method] = result
-            _log(f"{method}: peak RSS {result['peak_rss_mb']:.0f} MB (runtime {result['baseline_rss_mb']:.0f} MB), "
-                 f"{result['s_per_sample'] * 1000:.1f} ms/sample, load {result['model_load_s']:.2f} s "
-                 f"[{time.perf_counter() - t0:.1f} s]", progress)
+                if key in m:
+                    extra[key] = m.pop(key)
+        if configs:
+            result["train_configs"] = _run_configs(runner, common, configs, base_config, result["methods"], primary,
+                                                   batches, seed)
 
     fp32 = extra.get("fp32_all_token_bytes_per_sample")
-    result = {"config": config, "methods": methods, "wire": wire, "fp32_all_token_bytes_per_sample": fp32,
-              "tail_wire": extra.get("tail_wire", [])}
-    result["ratios"] = _ratios(methods, wire, fp32)
-    result["acceptance"] = _acceptance(result["ratios"])
+    result["fp32_all_token_bytes_per_sample"] = fp32
+    result["ratios"] = _ratios(result["methods"], result["wire"], fp32)
+    if billion:
+        result["ratios"].update(_billion_ratios(result, cap_mb))
+    acceptance = BILLION_ACCEPTANCE if billion else ACCEPTANCE
+    result["acceptance_set"] = "billion" if billion else "default"
+    result["acceptance"] = _acceptance(result["ratios"], acceptance)
     machine = {"cpu_count": os.cpu_count(), **extra.get("machine", {})}
     machine["arch"] = os.uname().machine if hasattr(os, "uname") else sys.platform
     machine["python"] = ".".join(map(str, sys.version_info[:3]))
+    machine["memory_mb"] = _memory_total_mb()
     result["machine"] = machine
     if "backbone" in extra:
         result["backbone"] = extra["backbone"]
 
-    write_outputs(result, out, plot, plot_result, lambda msg: _log(msg, progress))
+    write_outputs(result, out, plot, plot_result, log)
     return result
+
+
+def _random_weights(model: str) -> bool:
+    from mobiflower.platform.shapes import is_shape
+
+    return is_shape(model)
+
+
+def _memory_total_mb() -> float | None:
+    from mobiflower.simulations.memory_cap import _meminfo_mb
+
+    return _meminfo_mb().get("MemTotal")
+
+
+def _config_specs(common: dict, config: TrainingConfig, samples: list, max_length: int) -> dict:
+    return {**common, "batch_size": config.batch_size, "lora_rank": config.lora_rank,
+            "max_length": config.seq_len or max_length, "samples": [[e.id, e.text, e.label] for e in samples]}
+
+
+def _run_configs(runner: "_Runner", common: dict, configs: Sequence[TrainingConfig], base_config: TrainingConfig,
+                 base_methods: dict, primary: str | None, batches: int, seed: int) -> dict:
+    """The primary-precision device methods, LoRA and full fine-tuning in each training configuration
+    (the base configuration's figures are reused, not measured twice)."""
+    names = [device_method(k, primary) for k in DEVICE_KINDS] + list(TRAINING_METHODS)
+    rows = []
+    for config in configs:
+        if config == base_config:
+            rows.append({"config": asdict(config), "label": config.label, "base": True,
+                         "methods": {n: base_methods[n] for n in names if n in base_methods}})
+            continue
+        samples = bench_samples(batches, config.batch_size, seed, config.seq_len)
+        spec = _config_specs(common, config, samples, MAX_LENGTH)
+        methods = {}
+        for kind in (*DEVICE_KINDS, *TRAINING_METHODS):
+            name = device_method(kind, primary) if kind in DEVICE_KINDS else kind
+            tag = f"{name}-b{config.batch_size}-s{config.seq_len}-r{config.lora_rank}"
+            methods[name] = runner.run({**spec, "method": kind, "precision": primary if kind in DEVICE_KINDS else None},
+                                       tag, label=f"{name} [{config.label}]")
+        rows.append({"config": asdict(config), "label": config.label, "base": False, "methods": methods})
+    spread = {}
+    for name in names:
+        peaks = [r["methods"].get(name, {}) for r in rows]
+        measured = [m["peak_rss_mb"] for m in peaks if m and not m.get("out_of_memory")]
+        spread[name] = {"min_mb": min(measured) if measured else None, "max_mb": max(measured) if measured else None,
+                        "spread": (max(measured) - min(measured)) / min(measured) if len(measured) == len(rows) else None,
+                        "out_of_memory": sum(bool(m.get("out_of_memory")) for m in peaks)}
+    return {"rows": rows, "spread": spread, "device_precision": primary}
+
+
+class _Runner:
+    """Runs one method per fresh child process under the memory cap; an out-of-memory child is a result."""
+
+    def __init__(self, tmp: Path, cap_mb: float, log):
+        self.tmp, self.cap_mb, self.log = tmp, cap_mb, log
+
+    def run(self, spec: dict, tag: str, label: str | None = None) -> dict:
+        from mobiflower.simulations.memory_cap import run_capped
+
+        spec_path, result_path = self.tmp / f"{tag}.spec.json", self.tmp / f"{tag}.result.json"
+        spec_path.write_text(json.dumps(spec))
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "mobiflower.simulations.bench_device", "--child", str(spec_path), str(result_path),
+               repr(time.time())]
+        run = run_capped(cmd, self.cap_mb)
+        if result_path.is_file():
+            result = json.loads(result_path.read_text())
+        elif run.out_of_memory or any(text in run.stderr for text in _OOM_TEXTS):
+            result = {"out_of_memory": True, "reason": run.reason or _last_line(run.stderr),
+                      "peak_rss_mb": run.peak_rss_mb, "stage": "unknown (the process was stopped)"}
+        else:
+            tail = "\n".join(run.stderr.strip().splitlines()[-25:])
+            raise RuntimeError(f"bench device child {tag!r} failed in its process (exit {run.returncode}):\n{tail}")
+        result["cap_mb"] = self.cap_mb
+        name = label or tag
+        if result.get("out_of_memory"):
+            self.log(f"{name}: OUT OF MEMORY under the {self.cap_mb / 1024:.1f} GB cap ({result.get('reason')}) "
+                     f"[{time.perf_counter() - t0:.1f} s]")
+        elif spec["method"] == "prepare":
+            self.log(f"{name}: {result['folder']} ({result['weights_file_mb']:.0f} MB) [{time.perf_counter() - t0:.1f} s]")
+        else:
+            self.log(f"{name}: peak RSS {result['peak_rss_mb']:.0f} MB (runtime {result['baseline_rss_mb']:.0f} MB), "
+                     f"{result['s_per_sample'] * 1000:.1f} ms/sample, start-up {result['startup_s']:.2f} s "
+                     f"[{time.perf_counter() - t0:.1f} s]")
+        return result
+
+
+_OOM_TEXTS = ("MemoryError", "can't allocate memory", "Cannot allocate memory", "std::bad_alloc")
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _pick(methods: dict, kind: str) -> dict:
+    """The device method the ratios use: the checkpoint run, else the fp32 copy's."""
+    return methods.get(kind) or methods.get(device_method(kind, "fp32")) or {}
 
 
 def _ratios(methods: dict, wire: list[dict], fp32: float | None) -> dict:
     def get(method: str, key: str) -> float | None:
-        return methods.get(method, {}).get(key)
+        m = _pick(methods, method) if method in DEVICE_KINDS else methods.get(method, {})
+        return None if m.get("out_of_memory") else m.get(key)
 
     dev_rss, dev_s = get("mobiflower_device", "peak_rss_mb"), get("mobiflower_device", "s_per_sample")
     last4 = next((w["bytes_per_sample"] for w in wire if w["bits"] == 4 and w["token_policy"] == "last"), None)
@@ -165,9 +415,41 @@ def _ratios(methods: dict, wire: list[dict], fp32: float | None) -> dict:
     }
 
 
-def _acceptance(ratios: dict) -> dict:
+def _billion_ratios(result: dict, cap_mb: float) -> dict:
+    """Issue 16's figures: against a full fine-tuning step that ran out of memory the ratio is taken
+    against the cap (the step needs more, so the true ratio is lower) and flagged."""
+    methods = result["methods"]
+
+    def peak(m: dict) -> float | None:
+        return None if not m or m.get("out_of_memory") else m.get("peak_rss_mb")
+
+    full, lora = methods.get("full_step", {}), methods.get("lora_step", {})
+    full_peak = cap_mb if full.get("out_of_memory") else peak(full)
+    lora_peak, lora_s = peak(lora), None if lora.get("out_of_memory") else lora.get("s_per_sample")
+    out: dict[str, Any] = {"full_step_out_of_memory": bool(full.get("out_of_memory")),
+                           "lora_step_out_of_memory": bool(lora.get("out_of_memory"))}
+    for kind, prefix in (("mobiflower_device", "device"), ("tail_device", "tail")):
+        dev = _pick(methods, kind)
+        out[f"{prefix}_vs_full_rss"] = ratio(peak(dev), full_peak)
+        out[f"{prefix}_vs_lora_rss"] = ratio(peak(dev), lora_peak)
+        out[f"{prefix}_vs_lora_s"] = ratio(None if dev.get("out_of_memory") else dev.get("s_per_sample"), lora_s)
+        for precision in ("int8", "int4"):
+            m = methods.get(device_method(kind, precision), {})
+            name = f"{precision}_{'device' if prefix == 'device' else 'tail'}"
+            out[f"{name}_peak_rss_gb"] = None if peak(m) is None else peak(m) / 1024
+            out[f"{name}_vs_lora_rss"] = ratio(peak(m), lora_peak)
+    spread = (result.get("train_configs") or {}).get("spread", {})
+    primary = (result.get("train_configs") or {}).get("device_precision")
+    out["device_rss_spread"] = spread.get(device_method("mobiflower_device", primary), {}).get("spread")
+    out["tail_rss_spread"] = spread.get(device_method("tail_device", primary), {}).get("spread")
+    out["lora_rss_spread"] = spread.get("lora_step", {}).get("spread")
+    out["full_rss_spread"] = spread.get("full_step", {}).get("spread")
+    return out
+
+
+def _acceptance(ratios: dict, acceptance: dict | None = None) -> dict:
     verdict = {}
-    for name, (key, op, threshold) in ACCEPTANCE.items():
+    for name, (key, op, threshold) in (acceptance or ACCEPTANCE).items():
         value = ratios.get(key)
         verdict[name] = None if value is None else bool(value <= threshold if op == "<=" else value >= threshold)
     return verdict
@@ -176,41 +458,109 @@ def _acceptance(ratios: dict) -> dict:
 # ------------------------------------------------------------------------------------------
 # child: one method in this fresh process
 
+_STAGE = {"now": "start"}
 
-def _child_main(spec_path: str, result_path: str) -> None:
+
+def _child_main(spec_path: str, result_path: str, launched: str | None = None) -> None:
+    from mobiflower.simulations.memory_cap import apply_address_space_cap, is_out_of_memory
+
+    apply_address_space_cap()  # the parent's cap ($MOBIFLOWER_MEMORY_CAP_MB), before anything large
     spec = json.loads(Path(spec_path).read_text())
-    result = _measure(spec)
+    try:
+        if spec["method"] == "prepare":
+            result = _prepare(spec)
+        else:
+            result = _measure(spec, float(launched) if launched else time.time())
+    except Exception as err:  # noqa: BLE001 - a failed allocation is this method's result; anything else is a bug
+        if not is_out_of_memory(err):
+            raise
+        import gc
+
+        gc.collect()
+        result = {"out_of_memory": True, "stage": _STAGE["now"], "peak_rss_mb": _peak_rss_mb(),
+                  "reason": f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:240]}"}
     Path(result_path).write_text(json.dumps(result))
 
 
-def _measure(spec: dict) -> dict:
+def _peak_rss_mb() -> float:
+    """This process's own peak (``VmHWM``: ``ru_maxrss`` would start at the parent's; see
+    :func:`mobiflower.simulations.bench_precision._peak_rss_mb`)."""
+    from mobiflower.simulations.bench_precision import _peak_rss_mb as own_peak
+
+    return own_peak()
+
+
+def _prepare(spec: dict) -> dict:
+    """Build (once) the prepared, memory-mapped copy at ``spec['precision']``, in this process."""
+    from mobiflower.platform.weights import WEIGHTS_FILE, ensure_prepared
+
+    _STAGE["now"] = "prepare"
+    t0 = time.perf_counter()
+    folder = ensure_prepared(spec["model"], spec["precision"], log=lambda m: print(m, file=sys.stderr, flush=True))
+    return {"folder": str(folder), "prepare_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb(),
+            "weights_file_mb": (folder / WEIGHTS_FILE).stat().st_size / 2**20}
+
+
+def _import_device_code(spec: dict) -> str:
+    """Import what the device's forward runs (the lean forward imports no transformers); which one."""
+    from mobiflower.platform.weights import forward_implementation, prepared_dir
+
+    if spec.get("precision") is None:  # the checkpoint through transformers, as before
+        import transformers  # noqa: F401
+
+        from mobiflower.platform.assets import resolve_model
+
+        _import_model_code(resolve_model(spec["model"]), spec["method"])
+        return "transformers"
+    forward = forward_implementation(prepared_dir(spec["model"], spec["precision"]))
+    if forward == "transformers":
+        import transformers  # noqa: F401
+
+        _import_model_code(str(prepared_dir(spec["model"], spec["precision"])), spec["method"])
+    import mobiflower.clients.runtime  # noqa: F401
+    import mobiflower.platform.lean_llama  # noqa: F401
+    import mobiflower.platform.lean_opt  # noqa: F401
+    return forward
+
+
+def _measure(spec: dict, launched: float) -> dict:
     import gc
 
     import torch
-    import transformers  # noqa: F401  (part of the runtime every method pays for)
 
-    from mobiflower.platform.assets import resolve_model
     from mobiflower.platform.data import Example
-    from mobiflower.simulations.baselines import (build_classifier, current_rss_mb, encode, load_tokenizer,
-                                                  make_optimizer, peak_rss_mb, quiet_transformers, train_step)
+    from mobiflower.platform.process_memory import current_rss_mb
 
     method = spec["method"]
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    quiet_transformers()
     examples = [Example(int(i), str(text), int(label)) for i, text, label in spec["samples"]]
     bs = int(spec["batch_size"])
+    max_length = int(spec.get("max_length") or MAX_LENGTH)
     batches = [examples[i:i + bs] for i in range(0, len(examples), bs)]
-    path = resolve_model(spec["model"])
     extra: dict[str, Any] = {}
-    _import_model_code(path, method)  # code is runtime: baseline_rss_mb and model_load_s cover the weights only
+    _STAGE["now"] = "imports"
+    if method in DEVICE_KINDS:
+        extra["forward"] = _import_device_code(spec)  # code is runtime: baseline and load cover the weights only
+    else:
+        import transformers  # noqa: F401  (part of the runtime every method pays for)
 
-    if method in ("mobiflower_device", "tail_device"):
+        from mobiflower.platform.assets import resolve_model
+        from mobiflower.platform.classifier import quiet_transformers
+
+        quiet_transformers()
+        path = resolve_model(spec["model"])
+        _import_model_code(path, method)
+    imported = time.time()
+
+    _STAGE["now"] = "load"
+    if method in DEVICE_KINDS:
         from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
         from mobiflower.platform.backbone import Backbone
         from mobiflower.platform.frames import encode_frame
 
         tail = method == "tail_device"
+        precision = spec.get("precision")
         gc.collect()
         baseline = current_rss_mb()
         t0 = time.perf_counter()
@@ -218,10 +568,14 @@ def _measure(spec: dict) -> dict:
             from mobiflower.platform.pretrained_tail import resolve_cut
 
             cut = extra["tail_cut"] = resolve_cut(spec["model"], int(spec.get("tail_cut", TAIL_CUT)))
-        backbone = Backbone.load(spec["model"], num_taps=int(spec["num_taps"]), layers=[cut - 1] if tail else None)
+        backbone = Backbone.load(spec["model"], num_taps=int(spec["num_taps"]), layers=[cut - 1] if tail else None,
+                                 weights=precision, max_length=max_length)
         runtime = DeviceRuntime(backbone, ForwardConfig(bits=8 if tail else int(spec["bits"]),
                                                         token_policy="nonpad" if tail else spec["token_policy"],
                                                         batch_size=bs))
+        if precision is not None:  # as a fleet device: tokenize its data, drop the tokenizer, then forward
+            runtime.pretokenize(examples)
+            extra["tokens_per_sample"] = sum(len(x) for x in runtime.token_ids(examples)) / len(examples)
         load_s = time.perf_counter() - t0
 
         def step(batch: list) -> None:
@@ -232,6 +586,7 @@ def _measure(spec: dict) -> dict:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         from mobiflower.platform.backbone import DECODER_TYPES
+        from mobiflower.platform.classifier import encode, load_tokenizer
 
         gc.collect()
         baseline = current_rss_mb()
@@ -242,56 +597,79 @@ def _measure(spec: dict) -> dict:
         load_s = time.perf_counter() - t0
 
         def step(batch: list) -> None:
-            enc = encode(tokenizer, [e.prompt for e in batch])
+            enc = encode(tokenizer, [e.prompt for e in batch], max_length)
             with torch.inference_mode():
                 model(**enc, use_cache=False)  # eager: the logits are materialized
 
-    elif method in ("lora_step", "full_step"):
+    elif method in TRAINING_METHODS:
         import peft  # noqa: F401
         from transformers import AutoModelForSequenceClassification  # noqa: F401
 
+        from mobiflower.platform.classifier import build_classifier, load_tokenizer, make_optimizer, train_step
+
         kind = "lora" if method == "lora_step" else "full"
+        rank = int(spec.get("lora_rank") or LORA_SETTINGS["r"])
         gc.collect()
         baseline = current_rss_mb()
         t0 = time.perf_counter()
         tokenizer = load_tokenizer(path)
-        model = build_classifier(path, kind, tokenizer, seed=int(spec["seed"]), lora_r=LORA_SETTINGS["r"],
-                                 lora_alpha=LORA_SETTINGS["alpha"], lora_dropout=LORA_SETTINGS["dropout"])
+        model = build_classifier(path, kind, tokenizer, seed=int(spec["seed"]), lora_r=rank,
+                                 lora_alpha=2 * rank, lora_dropout=LORA_SETTINGS["dropout"])
         optimizer = make_optimizer(model, kind, LR[method])
         params = [p for p in model.parameters() if p.requires_grad]
         load_s = time.perf_counter() - t0
         extra["trainable_parameters"] = sum(p.numel() for p in params)
+        if kind == "lora":
+            extra["lora_rank"] = rank
 
         def step(batch: list) -> None:
-            train_step(model, tokenizer, batch, params, optimizer)
+            train_step(model, tokenizer, batch, params, optimizer, max_length=max_length)
 
     else:
         raise ValueError(f"unknown bench method {method!r}: choose one of {', '.join(METHODS)}")
 
+    ready = time.time()
+    _STAGE["now"] = "step"
     timed = batches[1:] if len(batches) > 1 else batches
+    first_s = None
     if len(batches) > 1:
+        t0 = time.perf_counter()
         step(batches[0])  # warm-up: allocator, lazy init, optimizer state
+        first_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for batch in timed:
         step(batch)
     elapsed = time.perf_counter() - t0
     n_timed = sum(len(b) for b in timed)
-    result = {"peak_rss_mb": peak_rss_mb(), "s_per_sample": elapsed / n_timed, "baseline_rss_mb": baseline,
-              "model_load_s": load_s, "samples": n_timed, **extra}
-    result["machine"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+    result = {"peak_rss_mb": _peak_rss_mb(), "s_per_sample": elapsed / n_timed, "baseline_rss_mb": baseline,
+              "model_load_s": load_s, "samples": n_timed, "precision": spec.get("precision"),
+              # start-up: process launch to ready for the first batch (imports, load; a device also tokenizes)
+              "startup_s": ready - launched, "imports_s": imported - launched, "first_batch_s": first_s, **extra}
+    result["machine"] = {"torch": torch.__version__, "transformers": _version("transformers"),
                          "threads": torch.get_num_threads()}
+    _STAGE["now"] = "wire"
+    wire_examples = examples[:int(spec.get("wire_samples") or len(examples))]
     if method == "mobiflower_device" and spec.get("wire"):
-        result.update(_wire(runtime, backbone, examples, bs))
-    if method == "tail_device":  # the tail's all-token frames of the cut layer at each bit-width
+        result.update(_wire(runtime, backbone, wire_examples, bs))
+    if method == "tail_device" and spec.get("tail_wire", True):  # the cut layer's all-token frames per bit-width
         from mobiflower.clients.runtime import ForwardConfig
 
         result["tail_wire"] = []
         for bits in (8, 4, 2):
-            frame, stats = runtime.make_frame(examples, config=ForwardConfig(bits=bits, token_policy="nonpad",
-                                                                             batch_size=bs))
-            result["tail_wire"].append({"bits": bits, "bytes_per_sample": len(encode_frame(frame)) / len(examples),
-                                        "tokens_per_sample": stats.tokens_sent / len(examples)})
+            frame, stats = runtime.make_frame(wire_examples, config=ForwardConfig(bits=bits, token_policy="nonpad",
+                                                                                  batch_size=bs))
+            result["tail_wire"].append({"bits": bits, "bytes_per_sample": len(encode_frame(frame)) / len(wire_examples),
+                                        "tokens_per_sample": stats.tokens_sent / len(wire_examples)})
     return result
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _import_model_code(path: str, method: str) -> None:
@@ -353,19 +731,38 @@ def _fmt_bytes(value: float | None) -> str:
 
 
 def format_table(result: dict) -> str:
-    """A readable table of the per-method costs, the wire sizes, the ratios and the acceptance checks."""
+    """A readable table of the per-method costs, the training configurations, the wire sizes, the
+    ratios and the acceptance checks."""
     cfg = result.get("config", {})
+    cap = cfg.get("memory_cap_mb")
     lines = [f"Device cost per sample: {cfg.get('model')} - {cfg.get('batches')} batches x {cfg.get('batch_size')} "
              f"(1 warm-up), device frames {cfg.get('bits')}-bit / {cfg.get('token_policy')}, "
-             f"{cfg.get('num_taps')} taps, threads {result.get('machine', {}).get('threads')}",
-             ""]
-    header = f"{'method':<20}{'peak RSS MB':>13}{'runtime MB':>12}{'model MB':>10}{'load s':>9}{'ms/sample':>11}"
+             f"{cfg.get('num_taps')} taps, threads {result.get('machine', {}).get('threads')}"
+             + (f", each process capped at {cap / 1024:.1f} GB" if cap else ""),
+             *(["random weights (a shipped shape): cost figures only"] if cfg.get("random_weights") else []), ""]
+    header = (f"{'method':<24}{'peak RSS MB':>13}{'runtime MB':>12}{'model MB':>10}{'start s':>9}{'load s':>9}"
+              f"{'ms/sample':>11}")
     lines += [header, "-" * len(header)]
     for name, m in result.get("methods", {}).items():
-        model_mb = m["peak_rss_mb"] - m["baseline_rss_mb"]
-        lines.append(f"{name:<20}{m['peak_rss_mb']:>13.0f}{m['baseline_rss_mb']:>12.0f}{model_mb:>10.0f}"
-                     f"{m['model_load_s']:>9.2f}{m['s_per_sample'] * 1000:>11.1f}")
-    lines += ["", "Uplink bytes per sample (one encoded frame of all samples)"]
+        lines.append(_method_row(name, m, 24))
+    configs = result.get("train_configs")
+    if configs:
+        names = list(dict.fromkeys(n for row in configs["rows"] for n in row["methods"]))
+        lines += ["", f"Peak RSS MB (ms/sample) per training configuration (device at "
+                      f"{configs.get('device_precision') or 'the checkpoint precision'})"]
+        header = f"{'configuration':<32}" + "".join(f"{n:>24}" for n in names)
+        lines += [header, "-" * len(header)]
+        for row in configs["rows"]:
+            cells = []
+            for n in names:
+                m = row["methods"].get(n, {})
+                cells.append("OOM" if m.get("out_of_memory") else
+                             f"{_fmt(m.get('peak_rss_mb'), '.0f')} ({_fmt(m.get('s_per_sample') and m['s_per_sample'] * 1000, '.0f')})")
+            lines.append(f"{row['label']:<32}" + "".join(f"{c:>24}" for c in cells))
+        lines.append(f"{'spread (max - min) / min':<32}" + "".join(
+            f"{_spread(configs['spread'].get(n, {})):>24}" for n in names))
+    lines += ["", "Uplink bytes per sample (one encoded frame" + (" of the first batch)" if cfg.get("weights") else
+                                                                 " of all samples)")]
     header = f"{'bits':<6}" + "".join(f"{p:>12}" for p in WIRE_POLICIES)
     lines += [header, "-" * len(header)]
     table = {(w["bits"], w["token_policy"]): w["bytes_per_sample"] for w in result.get("wire", [])}
@@ -377,12 +774,35 @@ def format_table(result: dict) -> str:
         lines.append("pretrained tail (cut layer, every real token): " + ", ".join(
             f"{w['bits']}-bit {_fmt_bytes(w['bytes_per_sample'])}" for w in result["tail_wire"])
             + f" per sample ({result['tail_wire'][0]['tokens_per_sample']:.1f} tokens)")
-    lines += ["", *acceptance_lines(result, ACCEPTANCE, width=30)]
+    acceptance = BILLION_ACCEPTANCE if result.get("acceptance_set") == "billion" else ACCEPTANCE
+    lines += ["", *acceptance_lines(result, acceptance, width=30)]
+    if result.get("ratios", {}).get("full_step_out_of_memory"):
+        lines.append("  (full fine-tuning ran out of memory: its ratios are taken against the cap, an upper bound)")
     return "\n".join(lines)
 
 
+def _method_row(name: str, m: dict, width: int) -> str:
+    if m.get("out_of_memory"):
+        return (f"{name:<{width}}{'OUT OF MEMORY':>13}  under the {m.get('cap_mb', 0) / 1024:.1f} GB cap at "
+                f"{m.get('stage')}: {m.get('reason')}")
+    startup = m.get("startup_s")
+    return (f"{name:<{width}}{m['peak_rss_mb']:>13.0f}{m['baseline_rss_mb']:>12.0f}"
+            f"{m['peak_rss_mb'] - m['baseline_rss_mb']:>10.0f}{_fmt(startup, '.2f'):>9}{m['model_load_s']:>9.2f}"
+            f"{m['s_per_sample'] * 1000:>11.1f}")
+
+
+def _spread(entry: dict) -> str:
+    if entry.get("spread") is not None:
+        return f"{entry['spread'] * 100:.1f}%"
+    if entry.get("out_of_memory"):
+        return f"OOM in {entry['out_of_memory']}"
+    return "n/a"
+
+
 def plot_result(result: dict, path: str) -> Path:
-    """Bar plot of peak RSS (runtime share marked) and milliseconds per sample for each method."""
+    """Bars of peak RSS (runtime share marked; a method out of memory drawn at the cap) and
+    milliseconds per sample for each method; with training configurations, a third panel of each
+    method's peak RSS per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,23 +811,48 @@ def plot_result(result: dict, path: str) -> Path:
     methods = result["methods"]
     names = list(methods)
     labels = [n.replace("_", "\n") for n in names]
-    colors = ["#2a9d8f" if n in ("mobiflower_device", "tail_device") else "#8d99ae" for n in names]
-    fig, (ax_rss, ax_s) = plt.subplots(1, 2, figsize=(10, 4))
-    peaks = [methods[n]["peak_rss_mb"] for n in names]
-    base = [methods[n]["baseline_rss_mb"] for n in names]
-    ax_rss.bar(labels, peaks, color=colors)
+    colors = ["#2a9d8f" if n.startswith(DEVICE_KINDS) else "#8d99ae" for n in names]
+    configs = result.get("train_configs")
+    fig, axes = plt.subplots(1, 3 if configs else 2, figsize=(16 if configs else max(10, len(names) * 1.1), 4.5))
+    ax_rss, ax_s = axes[0], axes[1]
+    cap = result.get("config", {}).get("memory_cap_mb")
+    oom = [bool(methods[n].get("out_of_memory")) for n in names]
+    peaks = [cap if o else methods[n]["peak_rss_mb"] for n, o in zip(names, oom)]
+    base = [0 if o else methods[n]["baseline_rss_mb"] for n, o in zip(names, oom)]
+    ax_rss.bar(labels, peaks, color=["#e76f51" if o else c for o, c in zip(oom, colors)])
     ax_rss.bar(labels, base, color="none", edgecolor="black", hatch="//", linewidth=0.5,
                label="runtime before model load")
-    for i, v in enumerate(peaks):
-        ax_rss.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    for i, (v, o) in enumerate(zip(peaks, oom)):
+        ax_rss.text(i, v, "OOM\n(cap)" if o else f"{v:.0f}", ha="center", va="bottom", fontsize=7)
     ax_rss.set_ylabel("peak RSS (MB)")
     ax_rss.set_title("Device memory")
     ax_rss.legend(fontsize=8, loc="upper left")
-    ms = [methods[n]["s_per_sample"] * 1000 for n in names]
+    ms = [0.0 if o else methods[n]["s_per_sample"] * 1000 for n, o in zip(names, oom)]
     bars_with_values(ax_s, labels, ms, colors, ".1f")
     ax_s.set_ylabel("ms per sample")
     ax_s.set_title("Device time")
-    return save_figure(fig, result, path)
+    for ax in (ax_rss, ax_s):
+        ax.tick_params(axis="x", labelsize=7)
+    if configs:
+        ax_c = axes[2]
+        kinds = list(dict.fromkeys(n for row in configs["rows"] for n in row["methods"]))
+        width = 0.8 / max(1, len(kinds))
+        for j, kind in enumerate(kinds):
+            xs = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(configs["rows"]))]
+            values = [cap if r["methods"].get(kind, {}).get("out_of_memory") else
+                      r["methods"].get(kind, {}).get("peak_rss_mb", 0) for r in configs["rows"]]
+            ax_c.bar(xs, values, width=width, label=kind + (" (OOM at cap)" if any(
+                r["methods"].get(kind, {}).get("out_of_memory") for r in configs["rows"]) else ""))
+        ax_c.set_xticks(range(len(configs["rows"])), [r["label"].replace(", ", "\n") for r in configs["rows"]],
+                        fontsize=7)
+        ax_c.set_ylabel("peak RSS (MB)")
+        ax_c.set_title("Whose memory moves with the training configuration")
+        ax_c.legend(fontsize=7)
+    title = None
+    if result.get("config", {}).get("random_weights"):
+        cfg = result["config"]
+        title = f"{cfg['model']} (random weights: cost only): {cfg['samples']} samples, batch {cfg['batch_size']}"
+    return save_figure(fig, result, path, title=title)
 
 
 # ------------------------------------------------------------------------------------------
@@ -415,9 +860,10 @@ def plot_result(result: dict, path: str) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="the bundled model, a shipped shape (opt-1.3b-shape, smollm2-1.7b-shape), a folder or a hub id")
+    parser.add_argument("--batches", type=int, default=None, help="default 6 (4 on a shipped shape)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 16 (8 on a shipped shape)")
     parser.add_argument("--bits", type=int, default=8)
     parser.add_argument("--token-policy", default="last", choices=WIRE_POLICIES)
     parser.add_argument("--num-taps", type=int, default=8)
@@ -426,13 +872,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="write the result JSON here (and the plot next to it)")
     parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     parser.add_argument("--no-progress", action="store_true")
-    return parser
+    return add_billion_arguments(parser)
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
-    result = run_device_bench(model=args.model, batches=args.batches, batch_size=args.batch_size, bits=args.bits,
-                              token_policy=args.token_policy, num_taps=args.num_taps, seed=args.seed,
-                              threads=args.threads, out=args.out, plot=args.plot, progress=not args.no_progress)
+    settings = bench_settings(args.model, args.batches, args.batch_size,
+                              [w for w in (args.weights or "").split(",") if w.strip()], args.train_configs)
+    result = run_device_bench(model=args.model, bits=args.bits, token_policy=args.token_policy, num_taps=args.num_taps,
+                              seed=args.seed, threads=args.threads, out=args.out, plot=args.plot,
+                              progress=not args.no_progress, memory_cap_gb=args.memory_cap_gb, **settings)
     print(format_table(result))
     return result
 
@@ -440,7 +888,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
-        _child_main(argv[1], argv[2])
+        _child_main(argv[1], argv[2], argv[3] if len(argv) > 3 else None)
         return None
     parser = add_arguments(argparse.ArgumentParser(prog="mobiflower bench device",
                                                    description="Per-device cost: MobiFlower forward vs. "
@@ -448,8 +896,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     return run_from_args(parser.parse_args(argv))
 
 
-__all__ = ["run_device_bench", "format_table", "plot_result", "bench_samples", "add_arguments", "run_from_args",
-           "main", "METHODS", "ACCEPTANCE"]
+__all__ = ["run_device_bench", "format_table", "plot_result", "bench_samples", "bench_settings", "add_arguments",
+           "add_billion_arguments", "run_from_args", "main", "device_method", "TrainingConfig", "METHODS",
+           "DEVICE_KINDS", "ACCEPTANCE", "BILLION_ACCEPTANCE", "BILLION_DEFAULTS"]
 
 if __name__ == "__main__":
     main()

@@ -272,9 +272,11 @@ def _add_bench(sub) -> None:
     bsub = p.add_subparsers(dest="bench", required=True)
     d = bsub.add_parser("device", help="device memory, speed and wire size against inference, LoRA and full FT",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--batches", type=int, default=6)
-    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--model", default="smollm2-135m",
+                   help="the bundled model, a shipped shape (opt-1.3b-shape, smollm2-1.7b-shape: random weights), "
+                        "a folder or a hub id")
+    d.add_argument("--batches", type=int, default=None, help="default 6 (4 on a shipped shape)")
+    d.add_argument("--batch-size", type=int, default=None, help="default 16 (8 on a shipped shape)")
     d.add_argument("--bits", type=int, choices=[16, 8, 4, 2], default=8)
     d.add_argument("--token-policy", choices=["last", "nonpad", "all"], default="last")
     d.add_argument("--num-taps", type=int, default=8)
@@ -287,6 +289,9 @@ def _add_bench(sub) -> None:
                         "`weight_precisions`")
     d.add_argument("--accuracy", action="store_true",
                    help="with --precisions: also the side-tuned accuracy of each (minutes each)")
+    from mobiflower.simulations.bench_device import add_billion_arguments
+
+    add_billion_arguments(d)
     d.set_defaults(func=_cmd_bench_device)
     from mobiflower.simulations.bench_precision import add_arguments as add_precision_arguments
 
@@ -357,11 +362,14 @@ def _cmd_bench_load(args) -> int:
 
 
 def _cmd_bench_device(args) -> int:
-    from mobiflower.simulations.bench_device import format_table, run_device_bench
+    from mobiflower.simulations.bench_device import bench_settings, format_table, run_device_bench
 
-    result = run_device_bench(model=args.model, batches=args.batches, batch_size=args.batch_size, bits=args.bits,
-                              token_policy=args.token_policy, num_taps=args.num_taps, threads=args.threads,
-                              out=args.out, plot=args.plot)
+    settings = bench_settings(args.model, args.batches, args.batch_size,
+                              [w for w in (args.weights or "").split(",") if w.strip()], args.train_configs)
+    result = run_device_bench(model=args.model, bits=args.bits, token_policy=args.token_policy, num_taps=args.num_taps,
+                              threads=args.threads, out=args.out, plot=args.plot, memory_cap_gb=args.memory_cap_gb,
+                              **settings)
+    args.batches, args.batch_size = settings["batches"], settings["batch_size"]
     print(format_table(result))
     if args.precisions:
         from mobiflower.simulations.bench_common import write_outputs
