@@ -133,13 +133,15 @@ def run_simulate(config: SimulateConfig, out: str | None = None, quiet: bool = F
 def format_summary(summary: dict[str, Any]) -> str:
     """The figures a user reads at the end of a run: accuracy per device and what it cost."""
     lines = [f"{'device':<10} {'test acc':>9} {'zero-shot':>9} {'samples':>8} {'MB up':>8} {'MB down':>8} "
-             f"{'fwd s':>7}"]
+             f"{'fwd s':>7} {'peak MB':>8}"]
     for name, d in sorted(summary["devices"].items()):
         acc = d.get("test_accuracy")
         zs = d.get("zero_shot_accuracy")
+        peak = d.get("device_peak_rss_mb")  # the device process's peak resident memory (its own report)
         lines.append(f"{name:<10} {acc if acc is not None else float('nan'):>9.4f} "
                      f"{zs if zs is not None else float('nan'):>9.4f} {d.get('test_samples', 0):>8} "
-                     f"{d['bytes_up'] / 1e6:>8.2f} {d['bytes_down'] / 1e6:>8.2f} {d['device_forward_s']:>7.1f}")
+                     f"{d['bytes_up'] / 1e6:>8.2f} {d['bytes_down'] / 1e6:>8.2f} {d['device_forward_s']:>7.1f} "
+                     f"{'n/a' if peak is None else format(peak, '.0f'):>8}")
     sim = summary.get("simulation", {})
     cfg = summary.get("config", {})
     def num(value, fmt: str) -> str:

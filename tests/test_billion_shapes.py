@@ -216,3 +216,19 @@ print(json.dumps({{"transformers": any(m == "transformers" or m.startswith("tran
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["transformers"] is False and result["fingerprint"].startswith("opt-d64-L4-int4-")
+
+
+def test_the_simulation_summary_shows_each_devices_peak_memory():
+    """`mobiflower simulate` prints the peak resident memory each device reported (its final test reply)."""
+    from mobiflower.simulations.simulate import format_summary
+
+    device = {"bytes_up": 1e6, "bytes_down": 2e5, "device_forward_s": 3.0, "test_samples": 4, "test_accuracy": 0.5,
+              "zero_shot_accuracy": 0.5}
+    summary = {"devices": {"device-0": {**device, "device_peak_rss_mb": 1187.4}, "device-1": device},
+               "test_accuracy": 0.5, "bytes_up": 1e6, "bytes_down": 2e5, "frames": 2, "frame_bytes": 9e5,
+               "device_forward_s": 6.0, "server_train_s": 1.0, "train_wall_s": 2.0, "pipeline_efficiency": 0.8,
+               "run_wall_s": 60.0, "config": {"mode": "shared", "rounds": 1, "bits": 8}}
+    table = format_summary(summary).splitlines()
+    assert "peak MB" in table[0]
+    assert table[1].split()[0] == "device-0" and table[1].split()[-1] == "1187"
+    assert table[2].split()[-1] == "n/a"  # a device that reported none (it failed its final test)
