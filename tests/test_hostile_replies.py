@@ -278,3 +278,45 @@ def test_hostile_residuals_leave_their_rows_out_and_are_counted(strategy, answer
     hostile, honest = strategy.devices[1], strategy.devices[2]
     assert hostile.replies_refused == {reason: 1} and hostile.failures and hostile.bytes_up == 0
     assert honest.replies_refused == {} and honest.metrics["residual_requests"] == 1
+
+
+def test_frames_kept_for_evaluation_pass_the_intakes_checks(strategy, tiny_llama):
+    """Server-side evaluation keeps each device's frame of the split: an honest one is kept and scored, a
+    hostile one (targets of another head) is refused, counted, and leaves the others' figures alone."""
+    from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
+    from mobiflower.platform.backbone import Backbone
+    from mobiflower.platform.data import Example
+    from mobiflower.platform.intake import FrameIntake, run_limits
+    from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
+    from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
+    from mobiflower.platform.trainer import TrainConfig
+    from mobiflower.strategies.side_tuning import DeviceState
+
+    backbone = Backbone.load(tiny_llama, num_taps=2)
+    runtime = DeviceRuntime(backbone, ForwardConfig(bits=8))
+    config = SideNetworkConfig(hidden_size=backbone.hidden_size, layers=backbone.layers, bits=8,
+                               fingerprint=backbone.fingerprint, family="ladder", reduction=4, dropout=0.0)
+    frozen = backbone.frozen_head_state(lm_head=False)
+    store = SideNetworkStore(StoreConfig("shared"), lambda: build_side_network(config, frozen), TrainConfig(epochs=1),
+                             {"device-0": 8, "device-1": 8}, chunk_size=8)
+    strategy.side_config, strategy.store = config, store
+    strategy.intake = FrameIntake(store, config, run_limits(config, 8))
+    profile = {"fingerprint": backbone.fingerprint, "validation": 4}
+    strategy.devices = {1: DeviceState(1, "device-0", dict(profile), 8),
+                        2: DeviceState(2, "device-1", dict(profile), 8)}
+
+    def reply(msg: Message) -> Message:
+        cfg = msg.content[m.CONFIG_KEY]
+        examples = [Example(id=1000 + i, text=f"held out {i}", label=i % 2) for i in range(int(cfg["samples"]))]
+        frame, _ = runtime.make_frame(examples)
+        if msg.metadata.dst_node_id == 2:
+            frame.targets = {"kind": "tokens", "values": [1] * len(examples)}
+        stats = MetricRecord({"samples": len(examples), "forward-s": 0.1, "busy-s": 0.1})
+        return Message(RecordDict({m.FRAME_KEY: m.frame_record(runtime.encode(frame)), m.STATS_KEY: stats}),
+                       reply_to=msg)
+
+    result = strategy._server_evaluate(_Grid(reply), 1, "validation", 0)
+    assert set(result["per_device"]) == {"device-0"} and result["per_device"]["device-0"]["samples"] == 4
+    hostile = strategy.devices[2]
+    assert hostile.replies_refused == {"evaluation frame: wrong targets": 1} and hostile.failures
+    assert not strategy.devices[1].failures and strategy.devices[1].metrics["eval_bytes_up"] > 0
