@@ -40,11 +40,13 @@ dequantize lazily with :func:`~mobiflower.platform.codec.dequantize`.
 
 from __future__ import annotations
 
+import gc
 import struct
 import sys
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import msgpack
 import numpy as np
@@ -739,16 +741,21 @@ def _unpack(raw: memoryview, pos: int, caps: _Caps, name: str) -> tuple[Any, int
         max_str_len=caps.str_len, max_bin_len=caps.bin_len, max_array_len=caps.array_len,
         max_map_len=caps.map_len, max_ext_len=0, list_hook=hooks.array, object_pairs_hook=hooks.map,
     )
+    error = None
     try:
         value = unpacker.unpack()
-    except FrameError:
-        raise
+    except FrameError as err:
+        error = FrameError(err.field, err.message)
     except msgpack.OutOfData:
         if len(window.view) < caps.nbytes:
-            raise FrameError(name, "truncated: the header ends inside this field") from None
-        raise FrameError(name, f"takes more than the {caps.nbytes} bytes of header the limits leave it") from None
+            error = FrameError(name, "truncated: the header ends inside this field")
+        else:
+            error = FrameError(name, f"takes more than the {caps.nbytes} bytes of header the limits leave it")
     except Exception as exc:  # msgpack refused it: a bound exceeded, a bad type byte or UTF-8, nesting
-        raise FrameError(name, f"not valid msgpack within the limits ({type(exc).__name__}: {exc})") from None
+        error = FrameError(name, f"not valid msgpack within the limits ({type(exc).__name__}: {exc})")
+    if error is not None:
+        del unpacker  # what it built so far goes now, not with the traceback of a refusal
+        raise error
     return value, pos + unpacker.tell()
 
 
@@ -804,8 +811,27 @@ def _read_targets(raw: memoryview, pos: int, caps: dict[str, _Caps], limits: Fra
     return targets, pos
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while msgpack builds a header: the many small containers it may
+    build would start a pass over every object of the process (hundreds of ms in a server holding
+    a model), for objects that cannot form cycles. Only the thread that paused it resumes it."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
 def _read_header(raw: memoryview, limits: FrameLimits) -> dict[str, Any]:
     """The header map, each field built within its caps; a repeated or unknown field is refused."""
+    with _gc_paused():
+        return _read_fields(raw, limits)
+
+
+def _read_fields(raw: memoryview, limits: FrameLimits) -> dict[str, Any]:
     caps = _field_caps(limits)
     left = [limits.max_meta_bytes]  # free-form bytes left, shared by meta and the extra target keys
     n, pos = _map_len(raw, 0, "header")
