@@ -50,7 +50,9 @@ def run_limits(config: SideNetworkConfig, samples: int, sequence_tokens: int = S
     packed, scales = expected_nbytes((rows, config.hidden_size), config.bits, default_group_size(config.bits))
     limits = FrameLimits(max_samples=samples, max_layers=len(config.layers), max_hidden=config.hidden_size,
                          max_tokens=tokens)
-    return dataclasses.replace(limits, max_bytes=len(config.layers) * (packed + scales) + limits.max_header_bytes + 12)
+    framing = 12  # magic, header length and checksum
+    return dataclasses.replace(limits, max_bytes=len(config.layers) * (packed + scales) + limits.max_header_bytes
+                               + framing)
 
 
 class Refusal(Exception):
@@ -133,7 +135,7 @@ class FrameIntake:
         self.refused[device][reason] += 1
         return IntakeResult(False, reason, field, message)
 
-    def offer(self, device: str, blob: bytes) -> IntakeResult:
+    def offer(self, device: str, blob: object) -> IntakeResult:
         """Take one encoded frame from ``device``: train on it, or refuse it with the reason.
 
         Never raises: a frame that fails any check, and anything that goes wrong while checking
