@@ -138,7 +138,7 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def run_capped(cmd: Sequence[str], cap_mb: float, *, reserve_mb: float = 512.0, poll_s: float = 0.05,
+def run_capped(cmd: Sequence[str], cap_mb: float, *, reserve_mb: float = 1024.0, poll_s: float = 0.05,
                env: dict | None = None, timeout_s: float | None = None, capture: bool = True,
                address_cap: bool = True) -> CappedRun:
     """Run ``cmd`` under a ``cap_mb`` resident-memory cap on its whole process tree (see the module).
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = argv.index("--")
     parser = argparse.ArgumentParser(prog="python -m mobiflower.simulations.memory_cap")
     parser.add_argument("--cap-gb", type=float, default=None, help="default: 20 GB or 85%% of this machine's memory")
-    parser.add_argument("--reserve-mb", type=float, default=512.0)
+    parser.add_argument("--reserve-mb", type=float, default=1024.0)
     parser.add_argument("--timeout-s", type=float, default=None)
     args = parser.parse_args(argv[:split])
     cap_mb = args.cap_gb * 1024 if args.cap_gb else default_cap_mb()
