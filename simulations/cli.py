@@ -172,7 +172,7 @@ def _add_local(sub) -> None:
     p.add_argument("--layers", type=_layers, default=None, help="tapped block ids (overrides --num-taps)")
     p.add_argument("--reduction", type=int, default=d["reduction"].default)
     p.add_argument("--dropout", type=float, default=d["dropout"].default)
-    p.add_argument("--epochs", type=int, default=None, help="default: 1 tail, 20 ladder / adapter")
+    p.add_argument("--epochs", type=int, default=None, help="default: 2 tail, 20 ladder / adapter")
     p.add_argument("--average-epochs", type=int, default=None,
                    help="deliver the mean weights of the last k epochs (tail averaging); 0 = the last epoch's "
                         "(default: 0 tail, 5 ladder / adapter)")
