@@ -243,6 +243,8 @@ def materialize_shape(shape: ModelShape | str, folder: str | Path | None = None,
     with exclusive_lock(folder.with_name(f".{folder.name}.lock")):
         if shape_problem(shape, folder) is None:
             return folder
+        for stale in folder.parent.glob(f".{folder.name}.*.part"):  # a builder killed mid-write (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         start = time.perf_counter()
         (log or (lambda _m: None))(f"[shapes] building {shape.name} ({shape.hub_id}'s configuration, random weights, "
                                    f"{shape.checkpoint_dtype}) at {folder} (once)...")

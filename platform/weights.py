@@ -745,6 +745,8 @@ def ensure_prepared(ref: str, precision: str, cache_dir: str | Path | None = Non
     # one process at a time rebuilds: the others wait, find the copy current and use it (a second
     # rebuild would delete the first's copy under whoever is loading it)
     with exclusive_lock(folder.with_name(f".{folder.name}.lock")):
+        for stale in folder.parent.glob(f".{folder.name}.*.part"):  # a build killed mid-write (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         return prepare_quantized_backbone(ref, precision, folder, group_size=group_size, log=log)
 
 

@@ -92,6 +92,26 @@ def test_a_shape_builds_once_seeded_and_loads_like_any_checkpoint(family, tiny_m
     assert shape_problem(other, folder) == "built from another configuration"
 
 
+def test_a_build_killed_mid_write_is_cleaned_up_by_the_next(tiny_models, tmp_path, monkeypatch):
+    """A builder killed while writing leaves its private folder; the next build (under the lock) removes
+    it, and so does the next prepare of a weight copy (gigabytes each at 1B scale)."""
+    from mobiflower.platform import weights
+
+    shape = _tiny_shape(OPT_1_3B, tiny_models["opt"])
+    stale = tmp_path / f".{shape.name}.99999.part"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    folder = materialize_shape(shape, tmp_path / shape.name)
+    assert not stale.exists() and shape_problem(shape, folder) is None
+    copy = tmp_path / "models" / "x-int4"
+    stale_copy = copy.with_name(f".{copy.name}.4242.part")
+    stale_copy.mkdir(parents=True)
+    monkeypatch.setattr(weights, "prepared_dir", lambda *a, **k: copy)
+    monkeypatch.setattr(weights, "prepare_quantized_backbone", lambda *a, **k: copy)
+    assert weights.ensure_prepared("x", "int4") == copy
+    assert not stale_copy.exists()
+
+
 def test_a_shape_without_its_tokenizer_says_what_to_run(tmp_path):
     shape = _tiny_shape(OPT_1_3B, str(tmp_path / "nowhere"))
     with pytest.raises(ShapeError, match="tokenizer"):
