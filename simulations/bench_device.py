@@ -367,7 +367,7 @@ class _Runner:
             result = json.loads(result_path.read_text())
         elif run.out_of_memory or any(text in run.stderr for text in _OOM_TEXTS):
             result = {"out_of_memory": True, "reason": run.reason or _last_line(run.stderr),
-                      "peak_rss_mb": run.peak_rss_mb, "stage": "unknown (the process was stopped)"}
+                      "peak_rss_mb": run.peak_rss_mb, "stage": "the watchdog stopped it"}
         else:
             tail = "\n".join(run.stderr.strip().splitlines()[-25:])
             raise RuntimeError(f"bench device child {tag!r} failed in its process (exit {run.returncode}):\n{tail}")
@@ -527,6 +527,13 @@ def _import_device_code(spec: dict) -> str:
     return forward
 
 
+def _loadavg() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+_loadavg_at_start = _loadavg()
+
+
 def _measure(spec: dict, launched: float) -> dict:
     import gc
 
@@ -640,12 +647,19 @@ def _measure(spec: dict, launched: float) -> dict:
         t0 = time.perf_counter()
         step(batches[0])  # warm-up: allocator, lazy init, optimizer state
         first_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for batch in timed:
         step(batch)
     elapsed = time.perf_counter() - t0
+    extra["cpu_share"] = (time.process_time() - cpu0) / (elapsed * torch.get_num_threads())  # < 1: waits or sharing
     n_timed = sum(len(b) for b in timed)
+    from mobiflower.platform.process_memory import rss_parts_mb
+
     result = {"peak_rss_mb": _peak_rss_mb(), "s_per_sample": elapsed / n_timed, "baseline_rss_mb": baseline,
+              # where the memory is at the end: anonymous (tensors, heap) vs file-backed (mapped weights, code)
+              "rss_end_parts_mb": rss_parts_mb(),
+              # other work on the machine slows the timed steps: how busy it was (1-minute load average)
+              "load_average": [_loadavg_at_start, _loadavg()],
               "model_load_s": load_s, "samples": n_timed, "precision": spec.get("precision"),
               # start-up: process launch to ready for the first batch (imports, load; a device also tokenizes)
               "startup_s": ready - launched, "imports_s": imported - launched, "first_batch_s": first_s, **extra}
@@ -745,10 +759,12 @@ def format_table(result: dict) -> str:
              + (f", each process capped at {cap / 1024:.1f} GB" if cap else ""),
              *(["random weights (a shipped shape): cost figures only"] if cfg.get("random_weights") else []), ""]
     header = (f"{'method':<24}{'peak RSS MB':>13}{'runtime MB':>12}{'model MB':>10}{'start s':>9}{'load s':>9}"
-              f"{'ms/sample':>11}")
+              f"{'ms/sample':>11}{'cpu load':>10}")
     lines += [header, "-" * len(header)]
     for name, m in result.get("methods", {}).items():
         lines.append(_method_row(name, m, 24))
+    lines.append(f"(cpu load: the machine's 1-minute load average around the run, {os.cpu_count()} cores: above "
+                 "the threads used, other work shared the CPU and the ms/sample are inflated)")
     configs = result.get("train_configs")
     if configs:
         names = list(dict.fromkeys(n for row in configs["rows"] for n in row["methods"]))
@@ -780,25 +796,26 @@ def format_table(result: dict) -> str:
             + f" per sample ({result['tail_wire'][0]['tokens_per_sample']:.1f} tokens)")
     acceptance = BILLION_ACCEPTANCE if result.get("acceptance_set") == "billion" else ACCEPTANCE
     lines += ["", *acceptance_lines(result, acceptance, width=30)]
+    if result.get("ratios", {}).get("full_step_out_of_memory"):
+        lines.append("  (full fine-tuning ran out of memory: its ratios are taken against the cap, an upper bound)")
     if result.get("acceptance_set") == "billion":
         ratios = result.get("ratios", {})
         lines.append("Reported as measured (no bound)")
         for key in REPORTED_RATIOS:
             if ratios.get(key) is not None:
                 lines.append(f"  {key:<30}{ratios[key]:>10.3g}")
-    if result.get("ratios", {}).get("full_step_out_of_memory"):
-        lines.append("  (full fine-tuning ran out of memory: its ratios are taken against the cap, an upper bound)")
     return "\n".join(lines)
 
 
 def _method_row(name: str, m: dict, width: int) -> str:
     if m.get("out_of_memory"):
-        return (f"{name:<{width}}{'OUT OF MEMORY':>13}  under the {m.get('cap_mb', 0) / 1024:.1f} GB cap at "
-                f"{m.get('stage')}: {m.get('reason')}")
+        seen = f", {m['peak_rss_mb'] / 1024:.1f} GB seen" if m.get("peak_rss_mb") else ""
+        return (f"{name:<{width}}{'OUT OF MEMORY':>13}  under the {m.get('cap_mb', 0) / 1024:.1f} GB cap "
+                f"({m.get('stage')}{seen}): {m.get('reason')}")
     startup = m.get("startup_s")
     return (f"{name:<{width}}{m['peak_rss_mb']:>13.0f}{m['baseline_rss_mb']:>12.0f}"
             f"{m['peak_rss_mb'] - m['baseline_rss_mb']:>10.0f}{_fmt(startup, '.2f'):>9}{m['model_load_s']:>9.2f}"
-            f"{m['s_per_sample'] * 1000:>11.1f}")
+            f"{m['s_per_sample'] * 1000:>11.1f}{_fmt(max(m.get('load_average') or [None], key=lambda v: v or 0), '.1f'):>10}")
 
 
 def _spread(entry: dict) -> str:
