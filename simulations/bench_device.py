@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.bench_common import (acceptance_lines, bars_with_values, bench_logger, fmt, ratio,
+from mobiflower.simulations.bench_common import (acceptance_lines, bench_logger, fmt, ratio,
                                                   save_figure, write_outputs)
 
 METHODS = ("mobiflower_device", "tail_device", "inference_forward", "lora_step", "full_step")
@@ -855,7 +855,9 @@ def plot_result(result: dict, path: str) -> Path:
     ax_rss.set_title("Device memory")
     ax_rss.legend(fontsize=8, loc="upper left")
     ms = [0.0 if o else methods[n]["s_per_sample"] * 1000 for n, o in zip(names, oom)]
-    bars_with_values(ax_s, labels, ms, colors, ".1f")
+    ax_s.bar(labels, ms, color=colors)
+    for i, (v, o) in enumerate(zip(ms, oom)):
+        ax_s.text(i, v, "OOM" if o else f"{v:.1f}", ha="center", va="bottom", fontsize=8)
     ax_s.set_ylabel("ms per sample")
     ax_s.set_title("Device time")
     for ax in (ax_rss, ax_s):
