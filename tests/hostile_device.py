@@ -28,6 +28,7 @@ from mobiflower.platform import messages as m
 FORWARD_KINDS = ("meta bomb", "samples lie", "key twice", "wrong targets", "nan busy", "replay", "truncated",
                  "smuggled array", "garbage", "nested values", "deep meta", "many target keys")
 _turn = itertools.count()
+_forward_turn = itertools.count()  # per worker process: which kinds a run meets depends on how requests spread
 _first_frame: list[bytes] = []
 
 
@@ -72,9 +73,6 @@ def _hostile_frame(kind: str, blob: bytes) -> bytes:
 def _forward(reply: Message, kind: str) -> RecordDict:
     blob = m.frame_bytes(reply.content[m.FRAME_KEY])
     stats = dict(reply.content[m.STATS_KEY])
-    if not _first_frame:  # the very first frame goes out honest: later ones replay it
-        _first_frame.append(blob)
-        return reply.content
     if kind == "samples lie":
         stats["samples"] = int(stats["samples"]) * 1000
     elif kind == "nan busy":
@@ -94,7 +92,10 @@ def hostile(msg: Message, context: Context, call_next) -> Message:
     turn = next(_turn)
     kind = msg.metadata.message_type
     if kind == m.FORWARD:
-        content = _forward(reply, FORWARD_KINDS[turn % len(FORWARD_KINDS)])
+        if not _first_frame:  # the very first frame goes out honest (later ones replay it) and uses no kind
+            _first_frame.append(m.frame_bytes(reply.content[m.FRAME_KEY]))
+            return reply
+        content = _forward(reply, FORWARD_KINDS[next(_forward_turn) % len(FORWARD_KINDS)])
     elif kind == m.EVALUATE:
         content = RecordDict({m.STATS_KEY: MetricRecord({"accuracy": [7.0, math.nan][turn % 2], "samples": -3})})
     elif kind == m.DELIVER:
