@@ -30,7 +30,7 @@ from mobiflower.platform import messages as m
 from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
 from mobiflower.platform.pretrained_tail import save_peft_adapter
 from mobiflower.platform.side_networks import SideNetworkConfig, save_side_network
-from mobiflower.platform.weights import normalize_precision
+from mobiflower.platform.precision import normalize_precision
 
 
 

@@ -88,7 +88,7 @@ class DeviceSetup:
         for key, value in (("num-taps", setup.num_taps), ("device-threads", setup.threads)):
             if value < 1:
                 raise DeviceSetupError(f"{key}={value} must be at least 1")
-        from mobiflower.platform.weights import WeightPrecisionError, normalize_precision
+        from mobiflower.platform.precision import WeightPrecisionError, normalize_precision
 
         try:
             setup = dataclasses.replace(setup, weights=normalize_precision(setup.weights))

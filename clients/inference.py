@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mobiflower.clients.runtime import select_tokens
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import dequantize, quantize
-from mobiflower.platform.weights import precision_from_fingerprint
+from mobiflower.platform.precision import precision_from_fingerprint
 from mobiflower.platform.data import LABEL_NAMES, VERBALIZERS, Example, format_prompt
 from mobiflower.platform.pretrained_tail import is_peft_adapter, lora_deltas, read_peft_adapter, stock_state, tail_cut
 from mobiflower.platform.side_networks import (

@@ -20,7 +20,7 @@ from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import SUPPORTED_BITS, QuantizedTensor, concatenate, default_group_size, quantize
 from mobiflower.platform.data import Example
 from mobiflower.platform.frames import TOKEN_POLICIES, Frame, encode_frame
-from mobiflower.platform.weights import release_free_heap
+from mobiflower.platform.process_memory import release_free_heap
 
 
 @dataclass(frozen=True)

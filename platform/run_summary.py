@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from mobiflower.platform.atomic import atomic_file
 
 
 def _clean(value: Any) -> Any:
@@ -25,9 +26,8 @@ def write_summary(summary: dict[str, Any], run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "summary.json"
-    tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(_clean(summary), indent=2, default=str))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(_clean(summary), indent=2, default=str))
     plot_rounds(summary, run_dir / "summary.png")
     return path
 

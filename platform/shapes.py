@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from mobiflower.platform.atomic import atomic_directory, exclusive_lock, remove_partial
 
 MARKER = "mobiflower-shape.json"
 """Written last into a built shape folder: which shape, which seed, that the weights are random."""
@@ -231,8 +232,6 @@ def materialize_shape(shape: ModelShape | str, folder: str | Path | None = None,
     Several processes may ask at once (simulated devices and the server): they take turns under a
     lock, and the folder appears whole (built beside it, then renamed) or not at all.
     """
-    from mobiflower.platform.atomic import exclusive_lock
-
     if isinstance(shape, str):
         if shape not in SHAPES:
             raise ShapeError(f"unknown model shape {shape!r}: the shipped ones are {', '.join(SHAPES)}")
@@ -243,18 +242,14 @@ def materialize_shape(shape: ModelShape | str, folder: str | Path | None = None,
     with exclusive_lock(folder.with_name(f".{folder.name}.lock")):
         if shape_problem(shape, folder) is None:
             return folder
-        for stale in folder.parent.glob(f".{folder.name}.*.part"):  # a builder killed mid-write (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_partial(folder)  # what a builder killed mid-write left (we hold the lock)
         start = time.perf_counter()
         (log or (lambda _m: None))(f"[shapes] building {shape.name} ({shape.hub_id}'s configuration, random weights, "
                                    f"{shape.checkpoint_dtype}) at {folder} (once)...")
         tokenizer = _tokenizer_source(shape)
         tensors = shape.parameter_names()
         std = float(shape.config.get("initializer_range", shape.config.get("init_std", 0.02)))
-        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.part")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_directory(folder, private=True) as tmp:
             size = write_random_safetensors(tmp / "model.safetensors", tensors, shape.checkpoint_dtype, std, shape.seed)
             (tmp / "config.json").write_text(json.dumps(dict(shape.config), indent=2))
             for name in _TOKENIZER_FILES:
@@ -267,10 +262,6 @@ def materialize_shape(shape: ModelShape | str, folder: str | Path | None = None,
                       "parameters": sum(_numel(s) for s in tensors.values()),
                       "build_s": round(time.perf_counter() - start, 1)}
             (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         (log or (lambda _m: None))(f"[shapes] {shape.name} ready in {time.perf_counter() - start:.0f} s "
                                    f"({size / 2**30:.2f} GiB)")
     return folder

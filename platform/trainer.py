@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ import msgpack
 import torch
 from safetensors.torch import load_file, save_file
 
-from mobiflower.platform.atomic import atomic_directory
+from mobiflower.platform.atomic import atomic_directory, atomic_file
 from mobiflower.platform.codec import dequantize
 from mobiflower.platform.frames import Frame
 from mobiflower.platform.side_networks import (
@@ -394,10 +393,9 @@ class SideTrainer:
         from mobiflower.platform.frames import encode_frame
 
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         blobs = [encode_frame(f.frame) for f in self.cache.frames]
-        tmp.write_bytes(msgpack.packb({"rejected": self.cache.rejected, "frames": blobs}, use_bin_type=True))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(msgpack.packb({"rejected": self.cache.rejected, "frames": blobs}, use_bin_type=True))
         return path
 
     def load_cache(self, path: str | Path) -> int:

@@ -25,7 +25,7 @@ size recorded, next to what fp32 states of all (padded) tokens of every tapped l
 
 Billion-sized backbones (issue 16). With ``weights`` (backbone precisions) the device methods run
 as a fleet device does, once per precision: the prepared, memory-mapped copy of the backbone
-(:mod:`mobiflower.platform.weights`, built once in its own process first), its data tokenized and
+(:mod:`mobiflower.platform.prepared_weights`, built once in its own process first), its data tokenized and
 the tokenizer dropped before the forward, pieces of at most 256 tokens (``mobiflower_device_int4``
 and so on). With ``train_configs`` (:class:`TrainingConfig`: batch size, sequence length, LoRA
 rank) the fp32 device methods, the LoRA step and the full fine-tuning step run again per
@@ -214,7 +214,7 @@ def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: 
     """
     from mobiflower.platform.codec import SUPPORTED_BITS
     from mobiflower.platform.frames import TOKEN_POLICIES
-    from mobiflower.platform.weights import normalize_precision
+    from mobiflower.platform.precision import normalize_precision
     from mobiflower.simulations.memory_cap import default_cap_mb
 
     if batches < 1 or batch_size < 1:
@@ -496,7 +496,7 @@ def _peak_rss_mb() -> float:
 
 def _prepare(spec: dict) -> dict:
     """Build (once) the prepared, memory-mapped copy at ``spec['precision']``, in this process."""
-    from mobiflower.platform.weights import WEIGHTS_FILE, ensure_prepared
+    from mobiflower.platform.prepared_weights import WEIGHTS_FILE, ensure_prepared
 
     _STAGE["now"] = "prepare"
     t0 = time.perf_counter()
@@ -507,7 +507,8 @@ def _prepare(spec: dict) -> dict:
 
 def _import_device_code(spec: dict) -> str:
     """Import what the device's forward runs (the lean forward imports no transformers); which one."""
-    from mobiflower.platform.weights import forward_implementation, prepared_dir
+    from mobiflower.platform.device_forward import forward_implementation
+    from mobiflower.platform.prepared_weights import prepared_dir
 
     if spec.get("precision") is None:  # the checkpoint through transformers, as before
         import transformers  # noqa: F401
@@ -596,7 +597,7 @@ def _measure(spec: dict, launched: float) -> dict:
     elif method == "inference_forward":
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-        from mobiflower.platform.backbone import DECODER_TYPES
+        from mobiflower.platform.checkpoint import DECODER_TYPES
         from mobiflower.platform.classifier import encode, load_tokenizer
 
         gc.collect()
@@ -694,7 +695,7 @@ def _import_model_code(path: str, method: str) -> None:
     """Import the architecture's modeling module (transformers imports it lazily on first load)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from mobiflower.platform.backbone import DECODER_TYPES
+    from mobiflower.platform.checkpoint import DECODER_TYPES
 
     config = AutoConfig.from_pretrained(path)
     if method in ("lora_step", "full_step"):

@@ -1,6 +1,6 @@
 """``mobiflower bench precision``: what the device's backbone weight precision costs and saves.
 
-For each weight precision (:data:`~mobiflower.platform.weights.WEIGHT_PRECISIONS`: fp32, bf16
+For each weight precision (:data:`~mobiflower.platform.precision.WEIGHT_PRECISIONS`: fp32, bf16
 where this CPU computes it natively, int8, int4) the benchmark first prepares the converted,
 memory-mapped copy of the backbone (once, in this process: :func:`ensure_prepared`), then starts
 fresh Python processes (``sys.executable -m mobiflower.simulations.bench_precision --child ...``),
@@ -87,8 +87,8 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
     """
     from mobiflower.clients.runtime import ForwardConfig
 
-    from mobiflower.platform.weights import (DEFAULT_INT4_GROUP_SIZE, ensure_prepared, normalize_precision,
-                                             precision_support)
+    from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE, normalize_precision, precision_support
+    from mobiflower.platform.prepared_weights import ensure_prepared
     from mobiflower.simulations.bench_device import bench_samples
 
     if batches < 1 or batch_size < 1:
@@ -137,7 +137,7 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
                                      # other work on the machine inflates wall-clock starts: say how busy it was
                                      "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
             if cold:
-                from mobiflower.platform.weights import evict_from_page_cache
+                from mobiflower.platform.process_memory import evict_from_page_cache
 
                 evict_from_page_cache([folder])
                 run_cold = _run_child({**spec, "mode": "start"}, tmp_path, f"{precision}-cold")
@@ -182,7 +182,7 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
 
 
 def _folder_weights_mb(folder: Path) -> float:
-    from mobiflower.platform.weights import WEIGHTS_FILE
+    from mobiflower.platform.prepared_weights import WEIGHTS_FILE
 
     return (Path(folder) / WEIGHTS_FILE).stat().st_size / 2**20
 
@@ -429,7 +429,9 @@ def _import_runtime_code(ref: str, precision: str, weights_dir: str | None, grou
     ``tokenizers`` only); anything else needs the architecture's transformers modeling module and
     tokenizer classes (lazy in transformers), imported here so that the baseline covers them.
     """
-    from mobiflower.platform.weights import DEFAULT_INT4_GROUP_SIZE, forward_implementation, prepared_dir
+    from mobiflower.platform.device_forward import forward_implementation
+    from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE
+    from mobiflower.platform.prepared_weights import prepared_dir
 
     folder = prepared_dir(ref, precision, weights_dir, group_size or DEFAULT_INT4_GROUP_SIZE)
     try:
@@ -445,7 +447,7 @@ def _import_runtime_code(ref: str, precision: str, weights_dir: str | None, grou
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
 
     from mobiflower.platform.assets import resolve_model
-    from mobiflower.platform.backbone import DECODER_TYPES
+    from mobiflower.platform.checkpoint import DECODER_TYPES
     from mobiflower.simulations.baselines import quiet_transformers
 
     quiet_transformers()

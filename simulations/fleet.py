@@ -183,7 +183,7 @@ def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
             raise FleetError(f"{where}: backbone must be a model ref string, got {backbone!r}")
         weights = tier.get("weights", "") or ""
         if weights:
-            from mobiflower.platform.weights import WeightPrecisionError, normalize_precision
+            from mobiflower.platform.precision import WeightPrecisionError, normalize_precision
 
             try:
                 weights = normalize_precision(str(weights))

@@ -30,7 +30,7 @@ from mobiflower.clients.local_device import LocalDeviceConfig, run_device
 from mobiflower.clients.runtime import ForwardConfig
 from mobiflower.platform.codec import default_group_size
 from mobiflower.platform.frames import decode_frame
-from mobiflower.platform.weights import bf16_native, normalize_precision
+from mobiflower.platform.precision import bf16_native, normalize_precision
 from mobiflower.platform.pretrained_tail import load_tail_weights, save_peft_adapter
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
 from mobiflower.strategies.config import FAMILY_SETTINGS

@@ -154,7 +154,7 @@ class SideTuningConfig:
         """``mixed-precision`` resolved: ``auto`` is bf16 for the tail where the CPU computes bf16 natively."""
         if self.mixed_precision != "auto":
             return self.mixed_precision
-        from mobiflower.platform.weights import bf16_native
+        from mobiflower.platform.precision import bf16_native
 
         return "bf16" if self.family == "tail" and bf16_native() else "none"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from mobiflower.platform.atomic import atomic_file
 from mobiflower.strategies.fed_lora import FedLoraConfig, FedLoraStrategy
 
 app = ServerApp()
@@ -45,9 +46,8 @@ def write_json(summary: dict, run_dir: Path) -> Path:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "summary.json"
-    tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(_clean(summary), indent=2, default=str))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(_clean(summary), indent=2, default=str))
     return path
 
 

@@ -47,13 +47,13 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from mobiflower.platform import messages as m
+from mobiflower.platform.atomic import atomic_directory
 from mobiflower.platform.intake import FrameIntake, Refusal, run_limits
-from mobiflower.platform.process_memory import RssSampler, current_rss_mb
+from mobiflower.platform.process_memory import RssSampler, current_rss_mb, release_free_heap
 from mobiflower.platform.run_summary import write_summary
 from mobiflower.platform.pretrained_tail import load_tail_weights, save_peft_adapter
 from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, build_side_network, save_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
-from mobiflower.platform.weights import release_free_heap
 from mobiflower.platform.trainer import DecodedFrame, TrainConfig, decode_for, evaluate_network
 from mobiflower.strategies.config import SideTuningConfig
 from mobiflower.strategies.fair_queue import FairQueue
@@ -611,25 +611,18 @@ class SideTuningStrategy(Strategy):
         cache index (how many persisted frames each trainer's cache holds), per-device cursors
         and accounting, and the metrics history. A crash mid-write leaves the previous one.
         """
-        final = self.run_dir / "checkpoint"
-        tmp, old = final.with_name("checkpoint.tmp"), final.with_name("checkpoint.old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.store.save(tmp, extra={"round": rnd})
-        self.intake.save_digests(tmp / "accepted_frames.sha256")  # replays stay refused after a resume
-        state = {"round": rnd, "train_wall_s": train_wall, "config": self._run_defining(), "rounds": self.rounds, "events": self.events,
-                 "initial": self.initial, "stream_totals": self._stream_totals,
-                 "virtual": {"now": self.vnow, "curve": self.curve, "late_frames": self.late_frames,
-                             "frames_accepted": self._frames_accepted},
-                 "cached_frames": self.intake.cached_counts(),
-                 "refused": {d: dict(c) for d, c in self.intake.refused.items()},
-                 "devices": {d.device_id: {k: getattr(d, k) for k in self._RESUMED_FIELDS}
-                             for d in self.devices.values()}}
-        (tmp / "strategy.json").write_text(json.dumps(state, default=str))
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_directory(self.run_dir / "checkpoint") as tmp:  # a crash between its renames leaves checkpoint.old
+            self.store.save(tmp, extra={"round": rnd})
+            self.intake.save_digests(tmp / "accepted_frames.sha256")  # replays stay refused after a resume
+            state = {"round": rnd, "train_wall_s": train_wall, "config": self._run_defining(), "rounds": self.rounds, "events": self.events,
+                     "initial": self.initial, "stream_totals": self._stream_totals,
+                     "virtual": {"now": self.vnow, "curve": self.curve, "late_frames": self.late_frames,
+                                 "frames_accepted": self._frames_accepted},
+                     "cached_frames": self.intake.cached_counts(),
+                     "refused": {d: dict(c) for d, c in self.intake.refused.items()},
+                     "devices": {d.device_id: {k: getattr(d, k) for k in self._RESUMED_FIELDS}
+                                 for d in self.devices.values()}}
+            (tmp / "strategy.json").write_text(json.dumps(state, default=str))
 
     def _run_defining(self) -> dict[str, Any]:
         """Settings a resumed run must share with the original (what was trained, and how)."""

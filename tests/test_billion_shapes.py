@@ -16,7 +16,9 @@ from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.lean_opt import LeanOPTForCausalLM, opt_problem
 from mobiflower.platform.shapes import (MARKER, OPT_1_3B, SHAPES, SMOLLM2_1_7B, ModelShape, ShapeError,
                                         materialize_shape, shape_problem)
-from mobiflower.platform.weights import Int4Linear, Int8Linear, ensure_prepared, forward_implementation
+from mobiflower.platform.device_forward import forward_implementation
+from mobiflower.platform.prepared_weights import ensure_prepared
+from mobiflower.platform.quantized_layers import Int4Linear, Int8Linear
 
 TEXTS = ["a gripping, beautiful film", "two hours I will never get back", "fine",
          "an odd, long, winding story about nothing at all, told twice"]
@@ -95,7 +97,7 @@ def test_a_shape_builds_once_seeded_and_loads_like_any_checkpoint(family, tiny_m
 def test_a_build_killed_mid_write_is_cleaned_up_by_the_next(tiny_models, tmp_path, monkeypatch):
     """A builder killed while writing leaves its private folder; the next build (under the lock) removes
     it, and so does the next prepare of a weight copy (gigabytes each at 1B scale)."""
-    from mobiflower.platform import weights
+    from mobiflower.platform import prepared_weights
 
     shape = _tiny_shape(OPT_1_3B, tiny_models["opt"])
     stale = tmp_path / f".{shape.name}.99999.part"
@@ -106,9 +108,9 @@ def test_a_build_killed_mid_write_is_cleaned_up_by_the_next(tiny_models, tmp_pat
     copy = tmp_path / "models" / "x-int4"
     stale_copy = copy.with_name(f".{copy.name}.4242.part")
     stale_copy.mkdir(parents=True)
-    monkeypatch.setattr(weights, "prepared_dir", lambda *a, **k: copy)
-    monkeypatch.setattr(weights, "prepare_quantized_backbone", lambda *a, **k: copy)
-    assert weights.ensure_prepared("x", "int4") == copy
+    monkeypatch.setattr(prepared_weights, "prepared_dir", lambda *a, **k: copy)
+    monkeypatch.setattr(prepared_weights, "prepare_quantized_backbone", lambda *a, **k: copy)
+    assert prepared_weights.ensure_prepared("x", "int4") == copy
     assert not stale_copy.exists()
 
 
@@ -127,7 +129,7 @@ def test_a_shape_name_goes_wherever_a_model_name_goes(tiny_models, tmp_path, mon
     from mobiflower.platform import shapes
     from mobiflower.platform.assets import resolve_model
     from mobiflower.platform.data import Example
-    from mobiflower.platform.weights import manifest_problem, prepared_dir
+    from mobiflower.platform.prepared_weights import manifest_problem, prepared_dir
 
     monkeypatch.setenv("MOBIFLOWER_HOME", str(tmp_path / "home"))
     shape = _tiny_shape(OPT_1_3B, tiny_models["opt"], name="tiny-opt-shape")

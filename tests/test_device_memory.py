@@ -11,14 +11,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import mobiflower.platform.weights as weights
+import mobiflower.platform.quantized_layers as quantized_layers
 from mobiflower.clients.device_setup import DeviceSetup, DeviceSetupError
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import dequantize
 from mobiflower.platform.data import Example
 from mobiflower.platform.file_rows import FileRows, tensor_locations
-from mobiflower.platform.weights import WEIGHTS_FILE, Int4Linear, Int8Linear, ensure_prepared, load_prepared_backbone
+from mobiflower.platform.prepared_weights import WEIGHTS_FILE, ensure_prepared, load_prepared_backbone
+from mobiflower.platform.quantized_layers import Int4Linear, Int8Linear
 
 TEXTS = ["a gripping, beautiful film", "two hours I will never get back", "fine", "an odd, long, winding story",
          "not bad at all", "the plot, sadly, goes nowhere and takes its time getting there"]
@@ -107,15 +108,15 @@ def test_tiled_dequantization_matches_the_whole_weight(layer_cls, monkeypatch):
     layer = layer_cls.from_float(w, b) if layer_cls is Int8Linear else layer_cls.from_float(w, b, group_size=16)
     x = torch.randn(3, 7, 64)
     ref = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
-    monkeypatch.setattr(weights, "DEQUANT_TILE_ELEMENTS", 64 * 30)  # 4 tiles of 25 rows
-    weights.release_workspaces()
+    monkeypatch.setattr(quantized_layers, "DEQUANT_TILE_ELEMENTS", 64 * 30)  # 4 tiles of 25 rows
+    quantized_layers.release_workspaces()
     with torch.inference_mode():
         out = layer(x)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    pool = weights._WORKSPACES.pool
+    pool = quantized_layers._WORKSPACES.pool
     assert max(buf.numel() for (role, *_), buf in pool.items() if role == "w") == 25 * 64
-    weights.release_workspaces()
+    quantized_layers.release_workspaces()
 
 
 # ---- forward pieces bounded in tokens ---------------------------------------------------------------

@@ -11,8 +11,9 @@ import torch
 
 from mobiflower.platform.backbone import Backbone, BackboneError
 from mobiflower.platform.lean_llama import LeanLlamaForCausalLM, LeanTokenizer, lean_problem, tokenizer_problem
-from mobiflower.platform.weights import (Int4Linear, Int8Linear, ensure_prepared, forward_implementation,
-                                         load_prepared_backbone)
+from mobiflower.platform.device_forward import forward_implementation
+from mobiflower.platform.prepared_weights import ensure_prepared, load_prepared_backbone
+from mobiflower.platform.quantized_layers import Int4Linear, Int8Linear
 
 TEXTS = ["a gripping, beautiful film", "two hours I will never get back", "fine",
          "an odd, long, winding story about nothing at all, told twice - déjà vu 🎬"]

@@ -10,26 +10,25 @@ import pytest
 import torch
 
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
-from mobiflower.platform.backbone import Backbone, BackboneError, weights_digest
+from mobiflower.platform.backbone import Backbone, BackboneError
+from mobiflower.platform.checkpoint import weights_digest
 from mobiflower.platform.data import Example
 from mobiflower.platform.frames import decode_frame
-from mobiflower.platform.weights import (
-    MANIFEST,
+from mobiflower.platform.precision import (
     WEIGHT_PRECISIONS,
-    WEIGHTS_FILE,
-    Int4Linear,
-    Int8Embedding,
-    Int8Linear,
     WeightPrecisionError,
-    block_linears,
+    normalize_precision,
+    precision_from_fingerprint,
+)
+from mobiflower.platform.prepared_weights import (
+    MANIFEST,
+    WEIGHTS_FILE,
     ensure_prepared,
     load_prepared_backbone,
     manifest_problem,
-    normalize_precision,
-    precision_from_fingerprint,
-    quantize_backbone_weights,
-    weight_bytes,
 )
+from mobiflower.platform.quantized_layers import Int4Linear, Int8Embedding, Int8Linear
+from mobiflower.platform.weight_conversion import block_linears, quantize_backbone_weights, weight_bytes
 
 TEXTS = ["a gripping, beautiful film", "two hours I will never get back", "fine", "an odd, long, winding story"]
 
@@ -178,7 +177,7 @@ def test_rebuilds_of_a_stale_copy_take_turns(tmp_path):
 
     from mobiflower.platform.atomic import exclusive_lock
     from mobiflower.platform.tiny import make_tiny_model
-    from mobiflower.platform.weights import prepare_quantized_backbone
+    from mobiflower.platform.prepared_weights import prepare_quantized_backbone
 
     model = make_tiny_model("llama", tmp_path / "src", layers=2, seed=3)
     folder = ensure_prepared(str(model), "int8", tmp_path / "w")
