@@ -3,10 +3,47 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from mobiflower.platform.assets import assets_ready
+from mobiflower.platform.assets import BUNDLED_MODEL, assets_ready, bundled_model_dir, corpus_path
+from mobiflower.platform.precision import WEIGHT_PRECISIONS
+from mobiflower.platform.prepared_weights import prepared_dir
+
+
+def _bundled_assets() -> list[Path]:
+    """Where the bundled model, its prepared copies and the corpus sit under the current home."""
+    return [bundled_model_dir(), corpus_path(), *(prepared_dir(BUNDLED_MODEL, p) for p in WEIGHT_PRECISIONS)]
+
+
+def pytest_configure(config):
+    """The session's ``MOBIFLOWER_HOME`` is a temporary folder (subprocesses inherit it), so what tests
+    build - prepared copies of tiny models, shapes, run folders - never piles up in the user's home.
+    The bundled model and data (``mobiflower assets``) and the bundled model's prepared copies are
+    linked in from the real home and read there: nothing is downloaded or converted again."""
+    real = _bundled_assets()
+    test_home = Path(tempfile.mkdtemp(prefix="mobiflower-test-home-"))
+    config._mobiflower_home = (os.environ.get("MOBIFLOWER_HOME"), test_home)
+    os.environ["MOBIFLOWER_HOME"] = str(test_home)
+    for source, link in zip(real, _bundled_assets()):
+        if source.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source, target_is_directory=source.is_dir())
+
+
+def pytest_unconfigure(config):
+    saved = getattr(config, "_mobiflower_home", None)
+    if saved is None:
+        return
+    previous, test_home = saved
+    if previous is None:
+        os.environ.pop("MOBIFLOWER_HOME", None)
+    else:
+        os.environ["MOBIFLOWER_HOME"] = previous
+    shutil.rmtree(test_home, ignore_errors=True)  # removes the links, never what they point to
 
 
 @pytest.fixture(autouse=True, scope="session")
