@@ -107,6 +107,7 @@ def _refused(intake: FrameIntake, blob, field: str, reason: str, text: str = "",
     assert not result.accepted, result
     assert (result.field, result.reason) == (field, reason), result
     assert text in result.message, result
+    assert "malformed frame" not in result.message, f"the decoder's catch-all, not a check, refused it: {result}"
     assert intake.store.state_digest() == before, f"{reason} changed the store"
     assert seconds < SLOW_S, (reason, seconds)
     return result
