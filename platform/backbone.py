@@ -150,10 +150,10 @@ class Backbone:
     def release_tokenizer(self) -> bool:
         """Drop the tokenizer and hand its memory back, if it can be loaded again (prepared copies).
 
-        Why: a tokenizer is a large set of small heap objects (SmolLM2's: about 13 MB), needed
-        only to turn text into ids (:meth:`mobiflower.clients.runtime.DeviceRuntime.pretokenize`
-        drops it once the device's data is tokenized). Loading it again, for a text not seen
-        before, costs well under 0.1 s (lean tokenizer). Returns whether it was released.
+        Why: a tokenizer is a large set of small heap objects, needed only to turn text into ids
+        (:meth:`mobiflower.clients.runtime.DeviceRuntime.pretokenize` drops it once the device's
+        data is tokenized). Loading it again, for a text not seen before, is quick (lean
+        tokenizer). Returns whether it was released.
         """
         if self._tokenizer_loader is None:
             return False

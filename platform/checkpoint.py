@@ -54,8 +54,8 @@ def _state_leaves(name: str, value) -> list[tuple[str, object]]:
 def weights_digest(model: nn.Module, sample: int = 65536) -> str:
     """A stable digest of the weights: names, shapes, dtypes and a strided sample of every tensor.
 
-    Hashing every byte of a 0.5 GB model would cost about a second on each device start; a strided
-    sample of up to ``sample`` values per tensor tells different checkpoints apart just as well.
+    Hashing every byte of a model would slow every device start; a strided sample of up to
+    ``sample`` values per tensor tells different checkpoints apart just as well.
     Quantized layers are digested through their stored tensors (int8 / packed uint8 values and
     their scales; a torch.ao packed-params object through the tensors it unpacks to). A backbone
     loaded from a prepared copy (:mod:`mobiflower.platform.prepared_weights`) takes the digest recorded

@@ -2,7 +2,7 @@
 
 Why this exists: a device sends the hidden states of its tapped layers to the server, and the
 uplink is the bottleneck of server-assisted side-tuning. LLM hidden states carry a few huge
-outlier channels, so naive 4-bit group quantization loses ~20% of the signal. Before
+outlier channels, so naive 4-bit group quantization loses much of the signal. Before
 quantizing, each block of ``group_size`` values along the last dimension is rotated by an
 orthonormal random-sign Walsh-Hadamard transform ``y = H (s * x) / sqrt(G)``; this spreads an
 outlier over the whole block and makes the block roughly Gaussian, which a uniform quantizer
@@ -16,17 +16,16 @@ Quantization scheme (chosen per bit-width to minimise error, see ``_REFINE_STEPS
   float16 range raise :class:`CodecError` instead of becoming ``inf``.
 * ``bits in (8, 4, 2)``: asymmetric (affine) round-to-nearest per group,
   ``x_hat = code * scale + offset`` with ``code in [0, 2**bits - 1]``. Asymmetric beat
-  symmetric absmax on rotated Gaussian/outlier data (6-12% lower error at 8 bits, 10-17% at
-  4 bits) and the extra float16 per group costs 3% of the wire size at 8 bits (group 64),
-  less below; one layout for all widths keeps the decoder simple. Scale and offset are stored
-  as float16 and the codes are computed *with the rounded float16 values*, so encoder and
-  decoder agree exactly. At 8 and 4 bits the range is the group's min/max. At 2 bits it
+  symmetric absmax on rotated Gaussian/outlier data at 8 and 4 bits, and the extra float16
+  per group is a small part of the wire (2 bytes per 64 at 8 bits, group 64); one layout for
+  all widths keeps the decoder simple. Scale and offset are stored as float16 and the codes
+  are computed *with the rounded float16 values*, so encoder and decoder agree exactly. At 8 and 4 bits the range is the group's min/max. At 2 bits it
   starts at the Gaussian-optimal clip (mean +- 1.494 std, clamped to min/max; min/max
   without rotation, where outlier groups are bimodal) and is refined
   by one least-squares step (codes fixed -> best scale/offset by linear regression ->
-  re-round), which lowers the 2-bit error by 25-40% against plain min/max. More steps buy
-  1-3% at 4 bits and ~5% at 2 bits per step, for ~3 ms each on a [16, 88, 576] tensor on one
-  CPU core, so they are off; tune ``_REFINE_STEPS`` where compute is cheap and the uplink
+  re-round), which lowers the 2-bit error clearly against plain min/max. More steps buy
+  little per step at 4 and 2 bits for a forward's worth of extra compute on a device's CPU,
+  so they are off; tune ``_REFINE_STEPS`` where compute is cheap and the uplink
   is not. Constant groups (an all-zero block stays all-zero after rotation) get scale 0 and
   decode to their offset; no NaN can arise.
 
@@ -48,7 +47,7 @@ cached, sign-folded Hadamard matrix for group sizes <= 512: several times faster
 the memory-bound butterflies, and the same transform up to float32 rounding. Small inputs
 and larger groups use the fast Walsh-Hadamard butterflies (``log2(G)`` steps with reshapes),
 whose elementwise ops stay single-threaded: a threaded BLAS/VML call costs a scheduler time
-slice (~7 ms) when CPU cores are oversubscribed (many simulated clients on one machine), which
+slice when CPU cores are oversubscribed (many simulated clients on one machine), which
 is also why rounding is done with a uint8 cast rather than ``torch.round``.
 """
 
@@ -163,9 +162,9 @@ def _geometry(shape: tuple[int, ...], group_size: int) -> tuple[int, int, int, i
 
 
 DEFAULT_GROUP_SIZE = {16: 64, 8: 64, 4: 32, 2: 32}
-"""Group size per bit-width when none is given. At 4 bits, groups of 32 cost 11% more bytes than
-64 (one more fp16 scale/offset pair per 32 values) and bought about 1 accuracy point on the bundled
-task (side-tuned test accuracy 0.836 vs 0.824, mean of 3-4 seeds); at 8 bits 64 loses nothing."""
+"""Group size per bit-width when none is given. At 4 bits, groups of 32 cost more bytes than 64
+(one more fp16 scale/offset pair per 32 values) and bought accuracy on the bundled task (RESULTS.md);
+at 8 bits 64 loses nothing."""
 
 
 def default_group_size(bits: int) -> int:
@@ -324,7 +323,7 @@ def _round_codes(g: torch.Tensor, offset: torch.Tensor, inv: torch.Tensor, level
 
     Round-to-nearest as ``trunc(clamped + 0.5)`` via the uint8 cast (ties round up): on CPU
     ``torch.round``/``floor`` go through a threaded VML path that costs a scheduler time slice
-    (~7 ms) per call when the cores are oversubscribed, as in a simulation with many clients.
+    per call when the cores are oversubscribed, as in a simulation with many clients.
     (A broadcast ``addcmul`` is also several times slower than sub + mul_ here.)
     """
     return (g - offset).mul_(inv).clamp_(0, levels).add_(0.5).to(torch.uint8)
@@ -338,7 +337,7 @@ def _fit_affine(g: torch.Tensor, bits: int, rotated: bool) -> tuple[torch.Tensor
     """
     levels = (1 << bits) - 1
     n = g.shape[-1]
-    mn = g.amin(-1, keepdim=True)  # two reductions are ~5x faster than aminmax on CPU
+    mn = g.amin(-1, keepdim=True)  # two reductions are faster than aminmax on CPU
     mx = g.amax(-1, keepdim=True)
     clip = _INIT_CLIP_STD[bits] if rotated else None
     steps = _REFINE_STEPS[bits]

@@ -1,12 +1,11 @@
 """A token embedding table read from the prepared weights file row by row, never mapped.
 
-Why: the device looks up a few hundred of a vocabulary's rows per batch (SmolLM2: 49,152 rows of
-576 values). With the table memory-mapped, every row it touches makes the kernel map the 64 KB
-of file around it into the process ("fault-around", which ``madvise(MADV_RANDOM)`` does not turn
-off once the file is in the page cache), so a few batches leave a third of the table resident:
-36 MB of the fp32 table and 19 MB of the int8 one, on a device whose int8 blocks take 101 MB.
-Reading just the rows a batch needs with positional reads (``os.pread``) costs one system call
-per distinct token (well under a millisecond per batch) and leaves only those rows in memory.
+Why: the device looks up a few hundred of a vocabulary's rows per batch. With the table
+memory-mapped, every row it touches makes the kernel map the file around it into the process
+("fault-around", which ``madvise(MADV_RANDOM)`` does not turn off once the file is in the page
+cache), so a few batches leave a large share of the table resident, a sizeable part of a
+low-precision device's memory. Reading just the rows a batch needs with positional reads
+(``os.pread``) costs one system call per distinct token and leaves only those rows in memory.
 
 The table's bytes are located from the safetensors header (the format is an 8-byte header
 length, a JSON header of ``dtype``/``shape``/``data_offsets``, then the raw little-endian data),

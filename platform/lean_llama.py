@@ -1,8 +1,8 @@
 """A plain llama-family forward for the device, and a tokenizer read straight from ``tokenizer.json``.
 
 Why: in a Flower deployment every message starts a fresh ClientApp process, and importing
-transformers' model code (``transformers`` + ``modeling_llama``) costs about 1.5 s of a 3 s
-start-up budget on a small CPU - more than torch itself. The device only ever runs a frozen,
+transformers' model code (``transformers`` + ``modeling_llama``) costs a large share of its
+start-up on a small CPU - more than torch itself. The device only ever runs a frozen,
 forward-only backbone from a prepared copy (:mod:`mobiflower.platform.prepared_weights`), so for the llama
 family (Llama, SmolLM2, ...) it can use this small re-statement of the same computation instead
 (nanoGPT / litgpt spirit): RMSNorm, rotary position embeddings, grouped-query attention through
@@ -92,7 +92,7 @@ class Linear(nn.Linear):
     """``nn.Linear`` without the random initialisation: its weights always come from a checkpoint.
 
     (Initialising on the ``meta`` device still runs torch's init functions, and the first of them
-    imports ``torch._dynamo``: about a second of a device's start-up.)
+    imports ``torch._dynamo``: a large part of a device's start-up.)
     """
 
     def reset_parameters(self) -> None:
@@ -139,7 +139,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         # computed on the CPU even while the tree is built on ``meta`` (a checkpoint usually brings
-        # its own copy; arithmetic on meta tensors would import torch._dynamo, about a second)
+        # its own copy; arithmetic on meta tensors would import torch._dynamo, which is slow)
         steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").to(dtype=torch.float)
         inv_freq = 1.0 / (theta ** (steps / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)

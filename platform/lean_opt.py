@@ -1,9 +1,9 @@
 """A plain OPT forward for the device: the lean llama forward's counterpart for the OPT family.
 
 Why: OPT-1.3B is the method's headline backbone, and on a device every message may start a fresh
-process. Importing transformers' model code costs about 2 s and 110 MB of resident memory before a
-single weight is read (measured here: 338 MB for torch + transformers + ``modeling_opt`` against
-228 MB for torch + this module), which on a phone-sized int4 device is a tenth of its memory. So,
+process. Importing transformers' model code costs seconds and resident memory before a single
+weight is read (torch + transformers + ``modeling_opt`` against torch + this module), a
+noticeable share of a phone-sized int4 device's memory. So,
 as :mod:`mobiflower.platform.lean_llama` does for llama, this module re-states OPT's decoder in
 plain torch: learned positions (offset 2, counted over real tokens), pre- or post-LayerNorm blocks,
 multi-head attention through ``scaled_dot_product_attention`` with the query pre-scaled, a ReLU

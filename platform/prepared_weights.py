@@ -1,4 +1,4 @@
-"""The prepared copy on disk: a model converted once to a precision, loaded memory-mapped in milliseconds.
+"""The prepared copy on disk: a model converted once to a precision, then loaded memory-mapped, fast.
 
 In a Flower deployment every message starts a fresh ClientApp process, so the backbone is loaded
 again and again; it must load fast, and a low-precision backbone must not be converted each time.

@@ -54,7 +54,7 @@ class TrainConfig:
     cache_bytes: int = 2 << 30  # bound of the activation cache (quantized payload and header content kept)
     average_epochs: int = 5  # deliver the mean of the last k epochs' weights (tail averaging); 0 = the last
     # "bf16": forward and backward under bfloat16 autocast (weights, optimizer and gradients stay fp32);
-    # about twice as fast where the CPU has native bf16 (the pretrained tail's default there)
+    # faster where the CPU has native bf16 (the pretrained tail's default there)
     mixed_precision: str = "none"
 
     def __post_init__(self) -> None:
