@@ -78,8 +78,8 @@ def tail_weights(model: nn.Module, cut: int) -> dict[str, torch.Tensor]:
         elif name.startswith("norm."):
             keep[name] = tensor.detach().float().clone()
     if not any(k.startswith("norm.") for k in keep):
-        raise SideNetworkError(f"{type(base).__name__} has no final norm named 'norm': the pretrained tail needs a "
-                               "llama-family model")
+        raise SideNetworkError(f"{type(base).__name__} has no final norm named 'norm': the pretrained tail runs "
+                               f"llama-family backbones {TAIL_MODEL_TYPES}: use family 'ladder' or 'adapter' for this model")
     return keep
 
 
