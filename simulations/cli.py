@@ -199,7 +199,7 @@ def _cmd_local(args) -> int:
     from mobiflower.simulations.local import LocalRunConfig, format_summary, run_local
 
     if args.baseline:
-        from mobiflower.simulations.baselines import BaselineConfig, run_baseline
+        from mobiflower.simulations.baselines.on_device import BaselineConfig, run_baseline
 
         tuned = args.lr is None and args.baseline != "zero-shot"
         grid = tuple(args.baseline_lrs or BASELINE_LR_GRID.get(args.baseline, ())) if tuned else ()
@@ -289,11 +289,11 @@ def _add_bench(sub) -> None:
                         "`weight_precisions`")
     d.add_argument("--accuracy", action="store_true",
                    help="with --precisions: also the side-tuned accuracy of each (minutes each)")
-    from mobiflower.simulations.bench_device import add_billion_arguments
+    from mobiflower.simulations.bench.device import add_billion_arguments
 
     add_billion_arguments(d)
     d.set_defaults(func=_cmd_bench_device)
-    from mobiflower.simulations.bench_precision import add_arguments as add_precision_arguments
+    from mobiflower.simulations.bench.precision import add_arguments as add_precision_arguments
 
     pr = bsub.add_parser("precision", help="device backbone weight precision: memory, speed, start-up, accuracy",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -327,8 +327,8 @@ def _add_bench(sub) -> None:
 
 
 def _cmd_bench_pipeline(args) -> int:
-    from mobiflower.simulations.bench_common import write_outputs
-    from mobiflower.simulations.bench_pipeline import format_table, plot, run_pipeline_bench
+    from mobiflower.simulations.bench.common import write_outputs
+    from mobiflower.simulations.bench.pipeline import format_table, plot, run_pipeline_bench
 
     result = run_pipeline_bench(args.samples, args.reduction, args.chunk_size, log=_log)
     print(format_table(result))
@@ -337,8 +337,8 @@ def _cmd_bench_pipeline(args) -> int:
 
 
 def _cmd_bench_modes(args) -> int:
-    from mobiflower.simulations.bench_common import write_outputs
-    from mobiflower.simulations.bench_modes import format_table, plot, run_modes_bench
+    from mobiflower.simulations.bench.common import write_outputs
+    from mobiflower.simulations.bench.modes import format_table, plot, run_modes_bench
 
     result = run_modes_bench(args.devices, args.alpha, rounds=args.rounds, log=_log)
     print(format_table(result))
@@ -351,8 +351,8 @@ def _log(message: str) -> None:
 
 
 def _cmd_bench_load(args) -> int:
-    from mobiflower.simulations.bench_common import write_outputs
-    from mobiflower.simulations.bench_load import format_table, plot, run_load_bench
+    from mobiflower.simulations.bench.common import write_outputs
+    from mobiflower.simulations.bench.load import format_table, plot, run_load_bench
 
     result = run_load_bench(args.devices, args.budget_mb, args.samples_per_device, args.rounds,
                             unbounded=not args.paged_only, log=_log)
@@ -362,7 +362,7 @@ def _cmd_bench_load(args) -> int:
 
 
 def _cmd_bench_device(args) -> int:
-    from mobiflower.simulations.bench_device import bench_settings, format_table, run_device_bench
+    from mobiflower.simulations.bench.device import bench_settings, format_table, run_device_bench
 
     settings = bench_settings(args.model, args.batches, args.batch_size,
                               [w for w in (args.weights or "").split(",") if w.strip()], args.train_configs)
@@ -372,9 +372,9 @@ def _cmd_bench_device(args) -> int:
     args.batches, args.batch_size = settings["batches"], settings["batch_size"]
     print(format_table(result))
     if args.precisions:
-        from mobiflower.simulations.bench_common import write_outputs
-        from mobiflower.simulations.bench_precision import format_table as precision_table
-        from mobiflower.simulations.bench_precision import plot_result, run_precision_bench
+        from mobiflower.simulations.bench.common import write_outputs
+        from mobiflower.simulations.bench.precision import format_table as precision_table
+        from mobiflower.simulations.bench.precision import plot_result, run_precision_bench
 
         weights = run_precision_bench(model=args.model, precisions=[p for p in args.precisions.split(",") if p.strip()],
                                       batches=args.batches, batch_size=args.batch_size, threads=args.threads,
@@ -389,7 +389,7 @@ def _cmd_bench_device(args) -> int:
 
 
 def _cmd_bench_precision(args) -> int:
-    from mobiflower.simulations.bench_precision import run_from_args
+    from mobiflower.simulations.bench.precision import run_from_args
 
     run_from_args(args)
     return 0
@@ -397,7 +397,7 @@ def _cmd_bench_precision(args) -> int:
 
 # ---- bench fleet (issue 4, item 7): all of it lives in simulations/bench_fleet.py
 def _add_bench_fleet(bsub) -> None:
-    from mobiflower.simulations.bench_fleet import FleetBenchSettings
+    from mobiflower.simulations.bench.fleet import FleetBenchSettings
 
     d = FleetBenchSettings.__dataclass_fields__
     p = bsub.add_parser("fleet", help="time-to-target accuracy on a fleet model: mobiflower adaptive / 8-bit vs "
@@ -443,8 +443,8 @@ def _add_bench_fleet(bsub) -> None:
 
 
 def _cmd_bench_fleet(args) -> int:
-    from mobiflower.simulations.bench_common import write_outputs
-    from mobiflower.simulations.bench_fleet import FleetBenchSettings, format_table, plot, run_fleet_bench
+    from mobiflower.simulations.bench.common import write_outputs
+    from mobiflower.simulations.bench.fleet import FleetBenchSettings, format_table, plot, run_fleet_bench
 
     try:
         pair = None
@@ -549,7 +549,7 @@ def _print_table(header: tuple, rows: list[tuple]) -> None:
 
 # ---- fed-lora (issue 4, item 6): the federated on-device LoRA baseline; all of it lives in simulations/fed_lora.py
 def _add_fed_lora(sub) -> None:
-    from mobiflower.simulations.fed_lora import add_arguments
+    from mobiflower.simulations.baselines.fed_lora import add_arguments
 
     p = sub.add_parser("fed-lora", help="federated on-device LoRA (FedAvg of PEFT adapters) as a Flower simulation",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -557,7 +557,7 @@ def _add_fed_lora(sub) -> None:
 
 
 def _cmd_fed_lora(args) -> int:
-    from mobiflower.simulations.fed_lora import main_from_args
+    from mobiflower.simulations.baselines.fed_lora import main_from_args
 
     return main_from_args(args)
 # ---- end fed-lora

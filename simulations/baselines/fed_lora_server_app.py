@@ -16,7 +16,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from mobiflower.strategies.fed_lora import FedLoraConfig, FedLoraStrategy
+from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig, FedLoraStrategy
 
 app = ServerApp()
 
@@ -30,7 +30,7 @@ def run_dir_for(config: FedLoraConfig, run_id: int) -> Path:
 
 def initial_arrays(model: str, config: FedLoraConfig) -> tuple[ArrayRecord, int]:
     """The global adapters + head before round 1, and the trainable parameter count."""
-    from mobiflower.clients.lora_model import LoraShape, lora_model, trainable_state
+    from mobiflower.simulations.baselines.lora_model import LoraShape, lora_model, trainable_state
     from mobiflower.platform.assets import resolve_model
 
     shape = LoraShape.from_config(config.device_config())

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mobiflower.strategies.config import FAMILY_SETTINGS
-from mobiflower.simulations.bench_common import save_figure
+from mobiflower.simulations.bench.common import save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
 DEFAULT_DEVICES = (8, 16, 32, 64)

@@ -9,7 +9,7 @@ and its extra memory the peak tracemalloc sees above the start of one more offer
 cases are also decoded under the default :class:`FrameLimits` (sized for any frame: what a server
 that did not size its limits to its run would face).
 
-    python -m mobiflower.simulations.bench_hostile --out runs/bench_hostile.json
+    python -m mobiflower.simulations.bench.hostile --out runs/bench_hostile.json
 """
 
 from __future__ import annotations

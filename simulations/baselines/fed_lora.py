@@ -22,10 +22,10 @@ from typing import Any, Callable, Sequence
 
 from mobiflower.clients.device_setup import DeviceSetup
 from mobiflower.simulations.flower_run import RunConfigValue, run_simulation, write_app_dir
-from mobiflower.strategies.fed_lora import FedLoraConfig
+from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig
 
-SERVERAPP = "mobiflower.strategies.fed_lora_server_app:app"
-CLIENTAPP = "mobiflower.clients.lora_client_app:app"
+SERVERAPP = "mobiflower.simulations.baselines.fed_lora_server_app:app"
+CLIENTAPP = "mobiflower.simulations.baselines.fed_lora_client_app:app"
 _DEVICE_KEYS = {"model": "model", "train_samples": "train-samples", "validation_samples": "validation-samples",
                 "test_samples": "test-samples", "partitioning": "partitioning", "dirichlet_alpha": "dirichlet-alpha",
                 "threads": "device-threads"}

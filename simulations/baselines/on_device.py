@@ -315,7 +315,7 @@ def _result(config: BaselineConfig, *, test_accuracy: float, zero_shot: float | 
 
 
 # ------------------------------------------------------------------------------------------
-# command line (``python -m mobiflower.simulations.baselines``; the ``mobiflower`` CLI may reuse it)
+# command line (``python -m mobiflower.simulations.baselines.on_device``; the ``mobiflower`` CLI may reuse it)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

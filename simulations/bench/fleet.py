@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from mobiflower.simulations.bench_common import fmt as _num, ratio, save_figure
+from mobiflower.simulations.bench.common import fmt as _num, ratio, save_figure
 from mobiflower.simulations.fleet import DeviceProfile, load_fleet
 
 FED_LORA, EIGHT_BIT, ADAPTIVE = "fed-lora", "mobiflower-8bit", "mobiflower-adaptive"
@@ -337,7 +337,7 @@ def run_fleet_bench(settings: FleetBenchSettings, side_runner: SideRunner | None
     read fails in seconds, not after the baseline's hour. A run that fails is recorded as failed
     (its error in the JSON) and the others still run.
     """
-    from mobiflower.simulations.fed_lora import FedLoraRun, run_fed_lora, tune_fed_lora
+    from mobiflower.simulations.baselines.fed_lora import FedLoraRun, run_fed_lora, tune_fed_lora
 
     fleet = load_fleet(settings.fleet)
     profiles = fleet.profiles_for(settings.device_ids())

@@ -3,7 +3,7 @@
 Five methods run the SAME batches (the first ``batches * batch_size`` training samples of
 :func:`~mobiflower.platform.data.task_samples`, i.e. the first samples a side-tuning run with the
 same seed trains on), each in its own fresh Python process (``sys.executable -m
-mobiflower.simulations.bench_device --child ...``), so that the peak RSS a child reports
+mobiflower.simulations.bench.device --child ...``), so that the peak RSS a child reports
 (``VmHWM``) is that method's alone:
 
 * ``mobiflower_device``: :class:`Backbone` + :meth:`DeviceRuntime.make_frame` per batch (forward
@@ -30,7 +30,7 @@ the tokenizer dropped before the forward, pieces of at most 256 tokens (``mobifl
 and so on). With ``train_configs`` (:class:`TrainingConfig`: batch size, sequence length, LoRA
 rank) the fp32 device methods, the LoRA step and the full fine-tuning step run again per
 configuration, to show whose memory moves. Every child runs under a memory cap
-(:mod:`mobiflower.simulations.memory_cap`: an address-space limit in the child and a watchdog on
+(:mod:`mobiflower.simulations.bench.memory_cap`: an address-space limit in the child and a watchdog on
 its resident memory in the parent); a method over the cap is reported as *out of memory* with the
 reason, not raised. ``mobiflower bench device --model opt-1.3b-shape`` (a shipped shape,
 :mod:`mobiflower.platform.shapes`: random weights, so cost figures only) turns all of this on
@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.bench_common import (acceptance_lines, bench_logger, fmt, ratio,
+from mobiflower.simulations.bench.common import (acceptance_lines, bench_logger, fmt, ratio,
                                                   save_figure, write_outputs)
 
 METHODS = ("mobiflower_device", "tail_device", "inference_forward", "lora_step", "full_step")
@@ -215,7 +215,7 @@ def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: 
     from mobiflower.platform.codec import SUPPORTED_BITS
     from mobiflower.platform.frames import TOKEN_POLICIES
     from mobiflower.platform.weights import normalize_precision
-    from mobiflower.simulations.memory_cap import default_cap_mb
+    from mobiflower.simulations.bench.memory_cap import default_cap_mb
 
     if batches < 1 or batch_size < 1:
         raise ValueError(f"batches={batches} and batch_size={batch_size} must be at least 1")
@@ -308,7 +308,7 @@ def _random_weights(model: str) -> bool:
 
 
 def _memory_total_mb() -> float | None:
-    from mobiflower.simulations.memory_cap import _meminfo_mb
+    from mobiflower.simulations.bench.memory_cap import _meminfo_mb
 
     return _meminfo_mb().get("MemTotal")
 
@@ -355,12 +355,12 @@ class _Runner:
         self.tmp, self.cap_mb, self.log = tmp, cap_mb, log
 
     def run(self, spec: dict, tag: str, label: str | None = None) -> dict:
-        from mobiflower.simulations.memory_cap import run_capped
+        from mobiflower.simulations.bench.memory_cap import run_capped
 
         spec_path, result_path = self.tmp / f"{tag}.spec.json", self.tmp / f"{tag}.result.json"
         spec_path.write_text(json.dumps(spec))
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "mobiflower.simulations.bench_device", "--child", str(spec_path), str(result_path),
+        cmd = [sys.executable, "-m", "mobiflower.simulations.bench.device", "--child", str(spec_path), str(result_path),
                repr(time.time())]
         run = run_capped(cmd, self.cap_mb)
         if result_path.is_file():
@@ -466,7 +466,7 @@ _STAGE = {"now": "start"}
 
 
 def _child_main(spec_path: str, result_path: str, launched: str | None = None) -> None:
-    from mobiflower.simulations.memory_cap import apply_address_space_cap, is_out_of_memory
+    from mobiflower.simulations.bench.memory_cap import apply_address_space_cap, is_out_of_memory
 
     apply_address_space_cap()  # the parent's cap ($MOBIFLOWER_MEMORY_CAP_MB), before anything large
     spec = json.loads(Path(spec_path).read_text())
@@ -488,8 +488,8 @@ def _child_main(spec_path: str, result_path: str, launched: str | None = None) -
 
 def _peak_rss_mb() -> float:
     """This process's own peak (``VmHWM``: ``ru_maxrss`` would start at the parent's; see
-    :func:`mobiflower.simulations.bench_precision._peak_rss_mb`)."""
-    from mobiflower.simulations.bench_precision import _peak_rss_mb as own_peak
+    :func:`mobiflower.simulations.bench.precision._peak_rss_mb`)."""
+    from mobiflower.simulations.bench.precision import _peak_rss_mb as own_peak
 
     return own_peak()
 
@@ -885,7 +885,7 @@ def plot_result(result: dict, path: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------
-# command line (``python -m mobiflower.simulations.bench_device``; ``mobiflower bench device`` reuses it)
+# command line (``python -m mobiflower.simulations.bench.device``; ``mobiflower bench device`` reuses it)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

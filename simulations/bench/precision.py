@@ -3,7 +3,7 @@
 For each weight precision (:data:`~mobiflower.platform.weights.WEIGHT_PRECISIONS`: fp32, bf16
 where this CPU computes it natively, int8, int4) the benchmark first prepares the converted,
 memory-mapped copy of the backbone (once, in this process: :func:`ensure_prepared`), then starts
-fresh Python processes (``sys.executable -m mobiflower.simulations.bench_precision --child ...``),
+fresh Python processes (``sys.executable -m mobiflower.simulations.bench.precision --child ...``),
 as a Flower deployment does for every message:
 
 * ``cold`` start (optional): the prepared copy's files are evicted from the page cache
@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.bench_common import (acceptance_lines, bars_with_values, bench_logger, ratio,
+from mobiflower.simulations.bench.common import (acceptance_lines, bars_with_values, bench_logger, ratio,
                                                   fmt as _fmt,
                                                   run_child, save_figure, write_outputs)
 
@@ -89,7 +89,7 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
 
     from mobiflower.platform.weights import (DEFAULT_INT4_GROUP_SIZE, ensure_prepared, normalize_precision,
                                              precision_support)
-    from mobiflower.simulations.bench_device import bench_samples
+    from mobiflower.simulations.bench.device import bench_samples
 
     if batches < 1 or batch_size < 1:
         raise ValueError(f"batches={batches} and batch_size={batch_size} must be at least 1")
@@ -189,7 +189,7 @@ def _folder_weights_mb(folder: Path) -> float:
 
 def _run_child(spec: dict, tmp: Path, tag: str) -> dict:
     """A fresh child that also learns when it was launched (start-to-first-frame is timed from it)."""
-    return run_child("mobiflower.simulations.bench_precision", spec, tmp, tag, [repr(time.time())])
+    return run_child("mobiflower.simulations.bench.precision", spec, tmp, tag, [repr(time.time())])
 
 
 def _state_errors(entries: dict, tmp: Path) -> None:
@@ -306,7 +306,7 @@ def _peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass
-    from mobiflower.simulations.baselines import peak_rss_mb
+    from mobiflower.simulations.baselines.on_device import peak_rss_mb
 
     return peak_rss_mb()
 
@@ -333,7 +333,7 @@ def _measure(spec: dict, launched: float) -> dict:
     from mobiflower.platform.backbone import Backbone
     from mobiflower.platform.data import Example
     from mobiflower.platform.frames import encode_frame
-    from mobiflower.simulations.baselines import current_rss_mb
+    from mobiflower.simulations.baselines.on_device import current_rss_mb
 
     mode = spec["mode"]
     if spec.get("threads"):
@@ -446,7 +446,7 @@ def _import_runtime_code(ref: str, precision: str, weights_dir: str | None, grou
 
     from mobiflower.platform.assets import resolve_model
     from mobiflower.platform.backbone import DECODER_TYPES
-    from mobiflower.simulations.baselines import quiet_transformers
+    from mobiflower.simulations.baselines.on_device import quiet_transformers
 
     quiet_transformers()
     try:
@@ -546,7 +546,7 @@ def plot_result(result: dict, path: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------
-# command line (``python -m mobiflower.simulations.bench_precision``; ``mobiflower bench precision``)
+# command line (``python -m mobiflower.simulations.bench.precision``; ``mobiflower bench precision``)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
