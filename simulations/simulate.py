@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mobiflower.clients.device_setup import DeviceSetup
-from mobiflower.simulations.flower_run import LoopbackDeployment, RunConfigValue, app_dir_for_run, run_simulation
+from mobiflower.simulations.flower_config import RunConfigValue, app_dir_for_run
+from mobiflower.simulations.flower_run import run_simulation
+from mobiflower.simulations.loopback import LoopbackDeployment
 from mobiflower.strategies.config import SideTuningConfig
 
 _DEVICE_KEYS = {"model": "model", "weights": "weights", "num_taps": "num-taps", "train_samples": "train-samples",

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mobiflower.clients.device_setup import DeviceSetup
-from mobiflower.simulations.flower_run import RunConfigValue, run_simulation, write_app_dir
+from mobiflower.simulations.flower_config import RunConfigValue, write_app_dir
+from mobiflower.simulations.flower_run import run_simulation
 from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig
 
 SERVERAPP = "mobiflower.simulations.baselines.fed_lora_server_app:app"
