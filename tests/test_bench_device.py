@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from mobiflower.simulations.bench.device import ACCEPTANCE, METHODS, WIRE_BITS, WIRE_POLICIES, format_table, \
-    run_device_bench
+from mobiflower.simulations.bench.device import ACCEPTANCE, METHODS, WIRE_BITS, WIRE_POLICIES, run_device_bench
+from mobiflower.simulations.bench.device_report import format_table
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,8 @@ def test_out_of_memory_methods_are_reported_and_bound_the_ratios(billion, tmp_pa
     """A full fine-tuning step over the cap is a result: shown as such, its ratio taken against the cap."""
     import copy
 
-    from mobiflower.simulations.bench.device import _billion_ratios, plot_result
+    from mobiflower.simulations.bench.device import _billion_ratios
+    from mobiflower.simulations.bench.device_report import plot_result
 
     result = copy.deepcopy(billion[0])
     cap = result["config"]["memory_cap_mb"]

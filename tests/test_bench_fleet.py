@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from mobiflower.simulations.bench.fleet import (ADAPTIVE, EIGHT_BIT, FED_LORA, FleetBenchSettings,
-                                                fed_lora_virtual_timeline, format_table, run_fleet_bench,
-                                                summarize, time_to_target)
+                                                fed_lora_virtual_timeline, run_fleet_bench, time_to_target)
+from mobiflower.simulations.bench.fleet_report import format_table, summarize
 from mobiflower.simulations.fleet import DeviceProfile
 
 FAST = DeviceProfile("fast", uplink_mbps=8.0, downlink_mbps=80.0, latency_ms=0.0, speed=1.0)
@@ -271,7 +271,7 @@ def test_a_failed_run_is_recorded_and_the_rest_still_run():
 
 def test_json_shape_table_and_figure(tmp_path):
     from mobiflower.simulations.bench.common import write_outputs
-    from mobiflower.simulations.bench.fleet import plot
+    from mobiflower.simulations.bench.fleet_report import plot
 
     result = _bench(Runners(), fleet="flaky")
     out = tmp_path / "bench_fleet.json"
