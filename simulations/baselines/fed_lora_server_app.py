@@ -57,7 +57,7 @@ def main(grid: Grid, context: Context) -> None:
     config = FedLoraConfig.from_run_config(context.run_config)
     model = str(context.run_config.get("model", "smollm2-135m"))
     arrays, trainable = initial_arrays(model, config)
-    from mobiflower.clients import lora_model
+    from mobiflower.simulations.baselines import lora_model
 
     lora_model._MODELS.clear()  # the server only needed the initial weights: free the backbone
     strategy = FedLoraStrategy(config)
