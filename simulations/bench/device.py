@@ -127,7 +127,7 @@ BILLION_DEFAULTS: dict[str, Any] = {
     "train_configs": (TrainingConfig(8), TrainingConfig(32), TrainingConfig(8, 256, 64)),
 }
 """What ``bench device`` measures on a shipped billion-sized shape unless told otherwise: fewer, smaller
-batches (a 1.3B LoRA step takes seconds per sample here), every weight precision, three training
+batches (a billion-parameter LoRA step is slow on a CPU), every weight precision, three training
 configurations (the base one, 4x the batch, 256-token sequences with a rank-64 LoRA)."""
 
 

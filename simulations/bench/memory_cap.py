@@ -32,7 +32,7 @@ from typing import Sequence
 
 ADDRESS_SLACK_MB = 1024
 """Address space allowed beyond the cap: a process maps more than it touches (libraries, thread
-stacks, allocator arenas: about 0.8 GB for torch + transformers here), so a limit equal to the cap
+stacks, allocator arenas: most of a GB for torch + transformers), so a limit equal to the cap
 would stop it well below a resident cap."""
 CAP_ENV = "MOBIFLOWER_MEMORY_CAP_MB"
 
