@@ -1,8 +1,8 @@
 """Sequence classifiers trained on the device: tokenizer setup, LoRA or full models, optimizer, accuracy.
 
 What the on-device baselines share: the single-device LoRA / full fine-tuning baselines
-(:mod:`mobiflower.simulations.baselines`), the device cost benchmark, and the federated LoRA
-device (:mod:`mobiflower.clients.lora_model`). Tokenization matches
+(:mod:`mobiflower.simulations.baselines.on_device`), the device cost benchmark, and the federated LoRA
+device (:mod:`mobiflower.simulations.baselines.lora_model`). Tokenization matches
 :meth:`Backbone.tokenize <mobiflower.platform.backbone.Backbone.tokenize>` (right padding, dynamic
 padding per batch, truncation on the left). Heavy imports (torch, transformers, peft) happen inside
 the functions, so importing this module is cheap. No Flower here.

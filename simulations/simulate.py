@@ -5,8 +5,9 @@ It wraps ``flwr run`` with everything a run needs and nothing it leaves behind: 
 SuperLink, and that SuperLink (with Ray and every actor) stopped by pid at the end. The app folder
 it runs is written from the installed package's defaults (:func:`default_app_config`), so it works
 without the source tree; the repository's ``pyproject.toml`` declares the same defaults for
-``flwr run .``. The ServerApp's log lines stream to the terminal as progress; the run ends with the
-accuracy and cost figures, also written by ``--out FILE.json``.
+``flwr run .``. The ServerApp's log lines stream to the terminal, with live bars of rounds and
+streamed samples on the command line; the run ends with the accuracy and cost figures, also
+written by ``--out FILE.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mobiflower.clients.device_setup import DeviceSetup
-from mobiflower.simulations.flower_run import LoopbackDeployment, RunConfigValue, app_dir_for_run, run_simulation
+from mobiflower.simulations.flower_config import RunConfigValue, app_dir_for_run
+from mobiflower.simulations.flower_run import FlowerRunResult, run_simulation
+from mobiflower.simulations.loopback import LoopbackDeployment
+from mobiflower.simulations.progress import RunProgress, line_printer
 from mobiflower.strategies.config import SideTuningConfig
 
 _DEVICE_KEYS = {"model": "model", "weights": "weights", "num_taps": "num-taps", "train_samples": "train-samples",
@@ -65,22 +69,26 @@ class SimulateConfig:
             load_fleet(config.fleet)  # a FleetError (a ValueError) says which fleets there are
 
 
-_NOISE = ("FutureWarning", "warnings.warn", "RAY_ACCEL_ENV_VAR", "simulation-config", "To change federation size",
-          "Since flwr 1.32", "Manually terminating ClientAppActor")
-
-
-def _printer(quiet: bool) -> Callable[[str], None]:
-    def on_line(line: str) -> None:
-        if quiet or not line.strip() or any(n in line for n in _NOISE):
-            return
-        print(line.rstrip(), file=sys.stderr, flush=True)
-
-    return on_line
+def _run(config: SimulateConfig, scratch: Path, app_dir: Path, run_config: dict[str, RunConfigValue],
+         env: dict[str, str], on_line: Callable[[str], None],
+         loopback: bool) -> tuple[FlowerRunResult, dict[str, int] | None]:
+    """One Flower run of the app, on the simulation engine or a loopback deployment (with its traffic)."""
+    if loopback:
+        node_configs = [{"side-network-dir": str(scratch / "devices" / f"node-{i}")} for i in range(config.devices)]
+        with LoopbackDeployment(scratch, config.devices, node_configs=node_configs, extra_env=env) as deployment:
+            result = deployment.run(app_dir, run_config, on_line=on_line, timeout_s=config.timeout_s)
+            return result, deployment.traffic(result.run_id)
+    result = run_simulation(app_dir, run_config, num_supernodes=config.devices, client_cpus=config.client_cpus,
+                            scratch=scratch, on_line=on_line, timeout_s=config.timeout_s, extra_env=env)
+    return result, None
 
 
 def run_simulate(config: SimulateConfig, out: str | None = None, quiet: bool = False,
-                 loopback: bool = False) -> dict[str, Any]:
+                 loopback: bool = False, progress: bool = False) -> dict[str, Any]:
     """Run the fleet; return (and write to ``out``) the run summary with Flower's run record.
+
+    The ServerApp's log lines go to stderr unless ``quiet``; ``progress`` adds live bars of rounds
+    and streamed samples over them (:class:`mobiflower.simulations.progress.RunProgress`).
 
     ``loopback`` runs the same job on a real Flower deployment on 127.0.0.1 (a SuperLink and one
     SuperNode process per device, each installing its side network under the scratch folder)
@@ -97,15 +105,12 @@ def run_simulate(config: SimulateConfig, out: str | None = None, quiet: bool = F
         where = "loopback deployment (SuperLink + SuperNodes)" if loopback else "simulation"
         print(f"[simulate] {config.devices} devices, {where}; run folder {run_dir}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    traffic: dict[str, int] | None = None
-    if loopback:
-        node_configs = [{"side-network-dir": str(scratch / "devices" / f"node-{i}")} for i in range(config.devices)]
-        with LoopbackDeployment(scratch, config.devices, node_configs=node_configs, extra_env=env) as deployment:
-            result = deployment.run(app_dir, run_config, on_line=_printer(quiet), timeout_s=config.timeout_s)
-            traffic = deployment.traffic(result.run_id)
-    else:
-        result = run_simulation(app_dir, run_config, num_supernodes=config.devices, client_cpus=config.client_cpus,
-                                scratch=scratch, on_line=_printer(quiet), timeout_s=config.timeout_s, extra_env=env)
+    on_line = RunProgress() if progress and not quiet else line_printer(quiet)
+    try:
+        result, traffic = _run(config, scratch, app_dir, run_config, env, on_line, loopback)
+    finally:
+        if isinstance(on_line, RunProgress):
+            on_line.close()
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the run finished ({result.status}) but wrote no summary at {summary_path}")

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mobiflower.simulations import baselines
-from mobiflower.simulations.baselines import RESULT_KEYS, BaselineConfig, run_baseline
+from mobiflower.simulations.baselines import on_device as baselines
+from mobiflower.simulations.baselines.on_device import RESULT_KEYS, BaselineConfig, run_baseline
 
 SIZES = dict(train_samples=32, validation_samples=16, test_samples=16, batch_size=8)
 HIDDEN, LAYERS, R = 32, 2, 8

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from mobiflower.simulations.bench_device import ACCEPTANCE, METHODS, WIRE_BITS, WIRE_POLICIES, format_table, \
-    run_device_bench
+from mobiflower.simulations.bench.device import ACCEPTANCE, METHODS, WIRE_BITS, WIRE_POLICIES, run_device_bench
+from mobiflower.simulations.bench.device_report import format_table
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_bench_device_with_weight_precisions(tmp_path, real_assets):
 def billion(tmp_path_factory, real_assets):
     """The issue-16 mode on a tiny OPT: the device from its int4 copy, two training configurations."""
     from mobiflower.platform.tiny import make_tiny_model
-    from mobiflower.simulations.bench_device import TrainingConfig
+    from mobiflower.simulations.bench.device import TrainingConfig
 
     root = tmp_path_factory.mktemp("billion")
     model = make_tiny_model("opt", root / "opt", hidden=64, layers=2)
@@ -110,7 +110,7 @@ def billion(tmp_path_factory, real_assets):
 
 
 def test_billion_mode_measures_each_precision_and_configuration(billion):
-    from mobiflower.simulations.bench_device import BILLION_ACCEPTANCE
+    from mobiflower.simulations.bench.device import BILLION_ACCEPTANCE
 
     result, out = billion
     assert list(result["methods"]) == ["mobiflower_device_int4", "tail_device_int4", "inference_forward",
@@ -141,7 +141,8 @@ def test_out_of_memory_methods_are_reported_and_bound_the_ratios(billion, tmp_pa
     """A full fine-tuning step over the cap is a result: shown as such, its ratio taken against the cap."""
     import copy
 
-    from mobiflower.simulations.bench_device import _billion_ratios, plot_result
+    from mobiflower.simulations.bench.device import _billion_ratios
+    from mobiflower.simulations.bench.device_report import plot_result
 
     result = copy.deepcopy(billion[0])
     cap = result["config"]["memory_cap_mb"]
@@ -158,7 +159,7 @@ def test_out_of_memory_methods_are_reported_and_bound_the_ratios(billion, tmp_pa
 
 
 def test_training_configs_parse_and_shapes_get_billion_defaults():
-    from mobiflower.simulations.bench_device import BILLION_DEFAULTS, TrainingConfig, bench_settings
+    from mobiflower.simulations.bench.device import BILLION_DEFAULTS, TrainingConfig, bench_settings
 
     assert TrainingConfig.parse("8,256,64") == TrainingConfig(8, 256, 64)
     assert TrainingConfig.parse("32") == TrainingConfig(32, 0, 8)
@@ -175,14 +176,14 @@ def test_training_configs_parse_and_shapes_get_billion_defaults():
 
 
 def test_a_process_over_the_cap_is_reported_out_of_memory_not_crashed():
-    from mobiflower.simulations.memory_cap import is_out_of_memory, run_capped
+    from mobiflower.simulations.bench.memory_cap import is_out_of_memory, run_capped
 
     grow = "import time\nblocks = []\nwhile True:\n    blocks.append(bytearray(16 << 20))\n    time.sleep(0.005)\n"
     run = run_capped([sys.executable, "-c", grow], cap_mb=200, address_cap=False)
     assert run.out_of_memory and "cap" in run.reason and run.returncode == -9
     assert 150 < run.peak_rss_mb < 400
     # with the address-space limit the child's own allocation fails first, as a MemoryError it can report
-    probe = ("from mobiflower.simulations.memory_cap import apply_address_space_cap, is_out_of_memory\n"
+    probe = ("from mobiflower.simulations.bench.memory_cap import apply_address_space_cap, is_out_of_memory\n"
              "apply_address_space_cap()\n"
              "try:\n    bytearray(3 << 30)\nexcept MemoryError as e:\n    print('caught', is_out_of_memory(e))\n")
     run = run_capped([sys.executable, "-c", probe], cap_mb=300)

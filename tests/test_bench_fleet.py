@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from mobiflower.simulations.bench_fleet import (ADAPTIVE, EIGHT_BIT, FED_LORA, FleetBenchSettings,
-                                                fed_lora_virtual_timeline, format_table, run_fleet_bench,
-                                                summarize, time_to_target)
+from mobiflower.simulations.bench.fleet import (ADAPTIVE, EIGHT_BIT, FED_LORA, FleetBenchSettings,
+                                                fed_lora_virtual_timeline, run_fleet_bench, time_to_target)
+from mobiflower.simulations.bench.fleet_report import format_table, summarize
 from mobiflower.simulations.fleet import DeviceProfile
 
 FAST = DeviceProfile("fast", uplink_mbps=8.0, downlink_mbps=80.0, latency_ms=0.0, speed=1.0)
@@ -270,8 +270,8 @@ def test_a_failed_run_is_recorded_and_the_rest_still_run():
 
 
 def test_json_shape_table_and_figure(tmp_path):
-    from mobiflower.simulations.bench_common import write_outputs
-    from mobiflower.simulations.bench_fleet import plot
+    from mobiflower.simulations.bench.common import write_outputs
+    from mobiflower.simulations.bench.fleet_report import plot
 
     result = _bench(Runners(), fleet="flaky")
     out = tmp_path / "bench_fleet.json"
@@ -303,7 +303,7 @@ def test_cli_refuses_what_a_user_can_fix(argv, message, capsys):
 
 
 def test_cli_exits_1_when_a_tuning_run_fails(monkeypatch, capsys):
-    import mobiflower.simulations.bench_fleet as bench
+    import mobiflower.simulations.bench.fleet as bench
     from mobiflower.simulations.cli import main
 
     def broken(run) -> dict:
@@ -317,7 +317,7 @@ def test_cli_exits_1_when_a_tuning_run_fails(monkeypatch, capsys):
 
 
 def test_cli_writes_the_table_json_and_figure(tmp_path, monkeypatch, capsys):
-    import mobiflower.simulations.bench_fleet as bench
+    import mobiflower.simulations.bench.fleet as bench
     from mobiflower.simulations.cli import main
 
     runners, real = Runners(), bench.run_fleet_bench

@@ -2,7 +2,8 @@
 
 import json
 
-from mobiflower.simulations.cli import main, seed_groups
+from mobiflower.simulations.cli import main
+from mobiflower.simulations.compare import seed_groups
 
 
 def _run(acc: float, train_seed: int, seed: int = 0, lr: float = 1e-3, method: str = "mobiflower") -> dict:

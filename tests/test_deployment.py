@@ -18,7 +18,7 @@ from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
 
 def _marked(scratch_root) -> list[psutil.Process]:
-    """Processes still carrying this test's scratch marker (what flower_run uses to stop them)."""
+    """Processes still carrying this test's scratch marker (what simulations.flower_processes uses to stop them)."""
     left = []
     for proc in psutil.process_iter(["pid"]):
         try:

@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from mobiflower.simulations.flower_run import LoopbackDeployment, app_dir_for_run
+from mobiflower.simulations.flower_config import app_dir_for_run
+from mobiflower.simulations.loopback import LoopbackDeployment
 from mobiflower.simulations.simulate import default_app_config
 from families import LADDER
 

@@ -15,7 +15,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from mobiflower.clients.device_setup import DeviceSetup
-from mobiflower.strategies.fed_lora import FedLoraConfig, FedLoraConfigError, FedLoraStrategy, linear_probe, record_bytes
+from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig, FedLoraConfigError, FedLoraStrategy, linear_probe, record_bytes
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_learning_rate_schedule_and_config_errors():
     with pytest.raises(FedLoraConfigError, match="eval-split='train'"):
         FedLoraConfig(eval_split="train")
 
-    from mobiflower.simulations.fed_lora import FedLoraRun
+    from mobiflower.simulations.baselines.fed_lora import FedLoraRun
 
     with pytest.raises(ValueError, match="unknown run-config key.*learning-rate"):
         FedLoraRun(run_config={"learning-rate": 0.1})
@@ -101,7 +101,7 @@ def test_learning_rate_schedule_and_config_errors():
 
 
 def test_tuning_chooses_on_validation_only():
-    from mobiflower.simulations.fed_lora import FedLoraRun, tune_fed_lora
+    from mobiflower.simulations.baselines.fed_lora import FedLoraRun, tune_fed_lora
 
     seen = []
 
@@ -118,7 +118,7 @@ def test_tuning_chooses_on_validation_only():
 
 
 def test_device_refuses_an_adapter_of_another_shape(tiny_llama):
-    from mobiflower.clients.lora_model import LoraShape, load_trainable, lora_model, trainable_state
+    from mobiflower.simulations.baselines.lora_model import LoraShape, load_trainable, lora_model, trainable_state
 
     model, _ = lora_model(tiny_llama, LoraShape(r=4))
     state = trainable_state(model)
@@ -131,8 +131,8 @@ def test_device_refuses_an_adapter_of_another_shape(tiny_llama):
 
 
 def test_two_device_fed_lora_simulation(real_assets, tiny_llama, tmp_path):
-    from mobiflower.clients.lora_model import samples_digest
-    from mobiflower.simulations.fed_lora import FedLoraRun, run_fed_lora
+    from mobiflower.simulations.baselines.lora_model import samples_digest
+    from mobiflower.simulations.baselines.fed_lora import FedLoraRun, run_fed_lora
 
     run_config = {"model": tiny_llama, "train-samples": 32, "validation-samples": 16, "test-samples": 16,
                   "rounds": 2, "batch-size": 8, "lora-r": 4}

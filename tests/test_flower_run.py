@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from mobiflower.simulations import flower_run as fr
+from mobiflower.simulations import flower_config as fc
+from mobiflower.simulations.flower_processes import flower_env
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,14 +35,14 @@ def test_run_config_args_round_trip_through_flwr_parser() -> None:
         "whole-float": 2.0,
         "tiny": 1e-12,
     }
-    args = fr.run_config_args(config)
+    args = fc.run_config_args(config)
     assert args[0::2] == ["-c"] * len(config)
     assert parse_config_args(args[1::2]) == config
     assert parse_config_args([" ".join(args[1::2])]) == config  # also as one -c value
 
 
 def test_toml_values() -> None:
-    assert fr.run_config_args({"b": True, "i": 5, "f": 2.0, "s": "x"}) == [
+    assert fc.run_config_args({"b": True, "i": 5, "f": 2.0, "s": "x"}) == [
         "-c",
         "b=true",
         "-c",
@@ -51,24 +52,24 @@ def test_toml_values() -> None:
         "-c",
         's="x"',
     ]
-    assert fr.toml_value(False) == "false"
-    assert isinstance(tomllib.loads(f"v = {fr.toml_value(1e20)}")["v"], float)
-    assert fr.run_config_args({}) == []
+    assert fc.toml_value(False) == "false"
+    assert isinstance(tomllib.loads(f"v = {fc.toml_value(1e20)}")["v"], float)
+    assert fc.run_config_args({}) == []
 
 
 @pytest.mark.parametrize("bad", [{"a b": 1}, {"": 1}, {"a=b": 1}])
 def test_run_config_args_rejects_bad_keys(bad: dict[str, int]) -> None:
     with pytest.raises(ValueError):
-        fr.run_config_args(bad)
+        fc.run_config_args(bad)
 
 
 def test_run_config_args_rejects_bad_values() -> None:
     with pytest.raises(TypeError):
-        fr.run_config_args({"x": [1, 2]})  # type: ignore[dict-item]
+        fc.run_config_args({"x": [1, 2]})  # type: ignore[dict-item]
 
 
 def test_write_connections(tmp_path: Path) -> None:
-    path = fr.write_connections(
+    path = fc.write_connections(
         tmp_path / "home",
         num_supernodes=4,
         client_cpus=2,
@@ -90,7 +91,7 @@ def test_write_connections(tmp_path: Path) -> None:
 def test_write_connections_is_read_by_flwr(tmp_path: Path) -> None:
     from flwr.cli.flower_config import parse_superlink_connection
 
-    path = fr.write_connections(
+    path = fc.write_connections(
         tmp_path,
         num_supernodes=3,
         client_cpus=1,
@@ -105,7 +106,7 @@ def test_write_connections_is_read_by_flwr(tmp_path: Path) -> None:
 
 
 def test_write_connections_without_options(tmp_path: Path) -> None:
-    path = fr.write_connections(
+    path = fc.write_connections(
         tmp_path, num_supernodes=2, client_cpus=1, local_options=False
     )
     assert tomllib.loads(path.read_text())["superlink"]["local"] == {
@@ -115,15 +116,15 @@ def test_write_connections_without_options(tmp_path: Path) -> None:
 
 def test_write_connections_refuses_fractional_cpus(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="whole number"):
-        fr.write_connections(tmp_path, num_supernodes=2, client_cpus=0.5)
+        fc.write_connections(tmp_path, num_supernodes=2, client_cpus=0.5)
 
 
 def test_add_connection_keeps_others(tmp_path: Path) -> None:
-    fr.write_connections(
+    fc.write_connections(
         tmp_path, num_supernodes=2, client_cpus=1, deployments={"a": "127.0.0.1:1"}
     )
-    fr._add_connection(tmp_path, "b", "127.0.0.1:2")
-    fr._add_connection(tmp_path, "a", "127.0.0.1:3")  # replaced, not duplicated
+    fc.add_connection(tmp_path, "b", "127.0.0.1:2")
+    fc.add_connection(tmp_path, "a", "127.0.0.1:3")  # replaced, not duplicated
     links = tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]
     assert links["a"]["address"] == "127.0.0.1:3"
     assert links["b"]["address"] == "127.0.0.1:2"
@@ -132,7 +133,7 @@ def test_add_connection_keeps_others(tmp_path: Path) -> None:
 
 def test_write_app_dir(tmp_path: Path) -> None:
     app_config = {"model": "smollm2-135m", "rounds": 3, "lr": 0.0003, "shared": True}
-    target = fr.write_app_dir(
+    target = fc.write_app_dir(
         tmp_path / "app", app_config, "pkg.server:app", "pkg.client:app"
     )
     assert sorted(p.name for p in target.iterdir()) == ["LICENSE", "pyproject.toml"]
@@ -153,7 +154,7 @@ def test_write_app_dir_passes_flwr_validation(tmp_path: Path) -> None:
     from flwr.cli.build import build_fab_from_disk
     from flwr.common.config import validate_config
 
-    target = fr.write_app_dir(tmp_path / "app", {"x": 1})
+    target = fc.write_app_dir(tmp_path / "app", {"x": 1})
     data = tomllib.loads((target / "pyproject.toml").read_text())
     ok, errors, _ = validate_config(data, check_module=False)
     assert ok, errors
@@ -163,25 +164,25 @@ def test_write_app_dir_passes_flwr_validation(tmp_path: Path) -> None:
 
 
 def test_app_dir_for_run_uses_mobiflower_components(tmp_path: Path) -> None:
-    target = fr.app_dir_for_run(tmp_path, {"rounds": 1})
+    target = fc.app_dir_for_run(tmp_path, {"rounds": 1})
     components = tomllib.loads((target / "pyproject.toml").read_text())["tool"]["flwr"][
         "app"
     ]["components"]
     assert components == {
-        "serverapp": fr.DEFAULT_SERVERAPP,
-        "clientapp": fr.DEFAULT_CLIENTAPP,
+        "serverapp": fc.DEFAULT_SERVERAPP,
+        "clientapp": fc.DEFAULT_CLIENTAPP,
     }
 
 
 def test_check_run_config(tmp_path: Path) -> None:
-    target = fr.write_app_dir(tmp_path / "app", {"rounds": 1, "lr": 0.1})
-    fr.check_run_config(target, {"rounds": 2})
+    target = fc.write_app_dir(tmp_path / "app", {"rounds": 1, "lr": 0.1})
+    fc.check_run_config(target, {"rounds": 2})
     with pytest.raises(ValueError, match="bogus"):
-        fr.check_run_config(target, {"rounds": 2, "bogus": 1})
+        fc.check_run_config(target, {"rounds": 2, "bogus": 1})
 
 
 def test_flower_env(tmp_path: Path) -> None:
-    env = fr.flower_env(tmp_path)
+    env = flower_env(tmp_path)
     assert env["FLWR_HOME"] == str(tmp_path.resolve() / "flwr-home")
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert env["FLWR_TELEMETRY_ENABLED"] == "0"

@@ -16,7 +16,8 @@ HONEST = ("device-0", "device-1", "device-2")
 
 
 def _run(tiny_llama: str, scratch: Path, clientapp: str | None) -> dict:
-    from mobiflower.simulations.flower_run import run_simulation, write_app_dir
+    from mobiflower.simulations.flower_config import write_app_dir
+    from mobiflower.simulations.flower_run import run_simulation
     from mobiflower.simulations.simulate import default_app_config
 
     # per-device networks without dropout, one request in flight: each honest device's network trains on

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mobiflower.simulations.bench_load import CONSTANT_MB, load_run_config, measure
+from mobiflower.simulations.bench.load import CONSTANT_MB, load_run_config, measure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
 DEVICES = 64

@@ -79,4 +79,4 @@ def test_cli_errors_say_what_to_do(tmp_path):
     assert proc.returncode == 2 and "run `mobiflower local` first" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "mobiflower.simulations.cli", "local", "--bits", "3"],
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    assert proc.returncode == 2 and "'--bits': '3' is not one of" in proc.stderr

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mobiflower.simulations.flower_run import app_dir_for_run, run_simulation
+from mobiflower.simulations.flower_config import app_dir_for_run
+from mobiflower.simulations.flower_run import run_simulation
 from mobiflower.simulations.simulate import SimulateConfig, default_app_config, run_simulate
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mobiflower.simulations.flower_run import (flower_command, flower_env, free_ports, processes_of,
-                                                stop_flower_processes)
+from mobiflower.simulations.flower_processes import (flower_command, flower_env, free_ports, processes_of,
+                                                     stop_flower_processes)
 from mobiflower.simulations.tls import make_loopback_pki
 
 

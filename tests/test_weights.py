@@ -223,7 +223,7 @@ def test_weights_digest_opens_packed_params(fp32):
 
 def test_bench_precision_end_to_end(tmp_path, real_assets):
     from mobiflower.platform.tiny import make_tiny_model
-    from mobiflower.simulations.bench_precision import ACCEPTANCE, format_table, run_precision_bench
+    from mobiflower.simulations.bench.precision import ACCEPTANCE, format_table, run_precision_bench
 
     model = make_tiny_model("llama", tmp_path / "llama", hidden=64, layers=2)
     out = tmp_path / "out" / "bench.json"
@@ -248,7 +248,7 @@ def test_bench_precision_end_to_end(tmp_path, real_assets):
 
 
 def test_bench_precision_ratios_and_verdicts():
-    from mobiflower.simulations.bench_precision import _acceptance, _ratios
+    from mobiflower.simulations.bench.precision import _acceptance, _ratios
 
     entries = {"fp32": {"model_memory_mb": 600.0, "s_per_sample": 0.10, "test_accuracy": 0.836, "warm_start_s": 2.5,
                         "weights_resident_mb": 500.0},

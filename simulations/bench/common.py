@@ -11,13 +11,13 @@ from typing import Callable, Sequence
 
 
 def run_child(module: str, spec: dict, tmp: Path, tag: str, extra_args: Sequence[str] = ()) -> dict:
-    """Run ``python -m module --child spec.json result.json [extra]`` in a fresh process; its result dict.
+    """Run ``python -m module spec.json result.json [extra]`` in a fresh process; its result dict.
 
     A fresh process per measurement makes its peak RSS its own (nothing inherited from the parent).
     """
     spec_path, result_path = tmp / f"{tag}.spec.json", tmp / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", module, "--child", str(spec_path), str(result_path), *extra_args]
+    cmd = [sys.executable, "-m", module, str(spec_path), str(result_path), *extra_args]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     if proc.returncode != 0 or not result_path.is_file():
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-25:])

@@ -12,7 +12,7 @@ strategy may give a slow phone fewer epochs). What the device *is* (its backbone
 comes from the run and node config through :class:`DeviceSetup`, exactly as for the side-tuning
 ClientApp, so both methods see the same devices holding the same samples.
 
-The PEFT model (:mod:`mobiflower.clients.lora_model`) is cached per process, keyed by backbone and
+The PEFT model (:mod:`mobiflower.simulations.baselines.lora_model`) is cached per process, keyed by backbone and
 LoRA shape, never by node: one Ray actor serves many virtual devices, and every message overwrites
 all trainable weights.
 """
@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from mobiflower.clients.device_setup import DeviceSetup
-from mobiflower.clients.lora_model import LoraShape, load_trainable, lora_model, samples_digest, trainable_state, train_local
+from mobiflower.simulations.baselines.lora_model import LoraShape, load_trainable, lora_model, samples_digest, trainable_state, train_local
 from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
 from mobiflower.platform.classifier import classifier_accuracy
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mobiflower.simulations.bench_common import acceptance_lines, bars_with_values, save_figure
+from mobiflower.simulations.bench.common import acceptance_lines, bars_with_values, save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
 SCHEDULES = {"in-flight 2": {"in-flight": 2, "overlap": True},

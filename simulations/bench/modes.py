@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mobiflower.simulations.bench_common import acceptance_lines, save_figure
+from mobiflower.simulations.bench.common import acceptance_lines, save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
 MODES = {"shared": {"mode": "shared"},

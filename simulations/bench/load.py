@@ -18,7 +18,7 @@ stated up front (:data:`CONSTANT_MB`), and the table shows how "other" moves wit
 
 Delivery is off in these runs: in a Flower simulation every simulated device's ``Context`` lives
 in the server process, and delivery installs each device's network in it, which is device
-memory (about 1.7 MB per device here) that a deployment keeps on the devices. The final test
+memory (RESULTS.md has the figure) that a deployment keeps on the devices. The final test
 still sends every device its network in an evaluate message.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mobiflower.strategies.config import FAMILY_SETTINGS
-from mobiflower.simulations.bench_common import save_figure
+from mobiflower.simulations.bench.common import save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
 DEFAULT_DEVICES = (8, 16, 32, 64)
@@ -101,8 +101,8 @@ def run_load_bench(devices: Sequence[int] = DEFAULT_DEVICES, budget_mb: float = 
 CONSTANT_MB = 256.0
 """The stated constant: what a server process adds on top of its side networks whatever the fleet
 size. It covers the code the first round loads (torch's optimizer and autograd paths, safetensors),
-the frame intake and per-device accounting, Flower's message handling and the allocator's slack;
-measured at 8 devices it is about 180-210 MB of this benchmark's "other" column."""
+the frame intake and per-device accounting, Flower's message handling and the allocator's slack
+(this benchmark's "other" column at the smallest fleet; RESULTS.md, "Load: 64 devices")."""
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ waking the kernel's OOM killer on a shared machine. Two guards, both reported as
   falls under ``reserve_mb`` (whatever else is running), so a process tree with no address-space
   limit (a Flower simulation's Ray workers) is held too.
 
-``python -m mobiflower.simulations.memory_cap --cap-gb 16 -- CMD ...`` runs any command this way
+``python -m mobiflower.simulations.bench.memory_cap --cap-gb 16 -- CMD ...`` runs any command this way
 and prints what happened (peak resident memory of the whole tree, and whether it was stopped).
 """
 
@@ -32,7 +32,7 @@ from typing import Sequence
 
 ADDRESS_SLACK_MB = 1024
 """Address space allowed beyond the cap: a process maps more than it touches (libraries, thread
-stacks, allocator arenas: about 0.8 GB for torch + transformers here), so a limit equal to the cap
+stacks, allocator arenas: most of a GB for torch + transformers), so a limit equal to the cap
 would stop it well below a resident cap."""
 CAP_ENV = "MOBIFLOWER_MEMORY_CAP_MB"
 
@@ -193,11 +193,11 @@ def run_capped(cmd: Sequence[str], cap_mb: float, *, reserve_mb: float = 1024.0,
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
-        print("usage: python -m mobiflower.simulations.memory_cap [--cap-gb G] [--reserve-mb M] -- CMD ...",
+        print("usage: python -m mobiflower.simulations.bench.memory_cap [--cap-gb G] [--reserve-mb M] -- CMD ...",
               file=sys.stderr)
         return 2
     split = argv.index("--")
-    parser = argparse.ArgumentParser(prog="python -m mobiflower.simulations.memory_cap")
+    parser = argparse.ArgumentParser(prog="python -m mobiflower.simulations.bench.memory_cap")
     parser.add_argument("--cap-gb", type=float, default=None, help="default: 20 GB or 85%% of this machine's memory")
     parser.add_argument("--reserve-mb", type=float, default=1024.0)
     parser.add_argument("--timeout-s", type=float, default=None)

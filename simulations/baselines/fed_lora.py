@@ -10,7 +10,6 @@ read for the final figure of each trial and never drives the choice.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -21,11 +20,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mobiflower.clients.device_setup import DeviceSetup
-from mobiflower.simulations.flower_run import RunConfigValue, run_simulation, write_app_dir
-from mobiflower.strategies.fed_lora import FedLoraConfig
+from mobiflower.simulations.flower_config import RunConfigValue, write_app_dir
+from mobiflower.simulations.flower_run import run_simulation
+from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig
 
-SERVERAPP = "mobiflower.strategies.fed_lora_server_app:app"
-CLIENTAPP = "mobiflower.clients.lora_client_app:app"
+SERVERAPP = "mobiflower.simulations.baselines.fed_lora_server_app:app"
+CLIENTAPP = "mobiflower.simulations.baselines.fed_lora_client_app:app"
 _DEVICE_KEYS = {"model": "model", "train_samples": "train-samples", "validation_samples": "validation-samples",
                 "test_samples": "test-samples", "partitioning": "partitioning", "dirichlet_alpha": "dirichlet-alpha",
                 "threads": "device-threads"}
@@ -124,68 +124,8 @@ def tune_fed_lora(base: FedLoraRun, lrs: Sequence[float] = DEFAULT_LR_GRID,
     return {"best": best, "trials": trials}
 
 
-# ------------------------------------------------------------------------------------------
-# command line (``mobiflower fed-lora``)
-
-
-def _run_config_value(text: str) -> tuple[str, Any]:
-    import tomllib
-
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"-c takes KEY=VALUE, got {text!r}")
-    try:
-        return key.strip(), tomllib.loads(f"v = {value.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        return key.strip(), value.strip()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--devices", type=int, default=4, help="simulated devices (Flower SuperNodes)")
-    parser.add_argument("--client-cpus", type=int, default=1, help="CPUs per simulated device (Ray actor)")
-    parser.add_argument("-c", "--run-config", type=_run_config_value, action="append", default=[],
-                        metavar="KEY=VALUE", help="run-config key, e.g. -c rounds=5 -c lr=0.001 -c local-epochs=2")
-    parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
-                        help="first pick lr and local-epochs on validation over --lrs x --epochs, then run the best "
-                             "(--no-tune: run -c lr / -c local-epochs as given)")
-    parser.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LR_GRID))
-    parser.add_argument("--epochs", type=int, nargs="+", default=list(DEFAULT_EPOCH_GRID))
-    parser.add_argument("--workdir", default="runs/fed-lora")
-    parser.add_argument("--timeout", type=float, default=3600.0)
-    parser.add_argument("--out", default=None, help="write the summary JSON here")
-    parser.add_argument("--quiet", action="store_true")
-    return parser
-
-
-def main_from_args(args: argparse.Namespace) -> int:
-    from mobiflower.simulations.flower_run import FlowerRunError
-
-    try:
-        base = FedLoraRun(devices=args.devices, client_cpus=args.client_cpus, workdir=args.workdir,
-                          timeout_s=args.timeout, run_config=dict(args.run_config))
-    except ValueError as err:
-        print(f"mobiflower fed-lora: {err}", file=sys.stderr)
-        return 2
-    try:
-        tuning = None
-        if args.tune:
-            tuning = tune_fed_lora(base, args.lrs, args.epochs,
-                                   runner=lambda run: run_fed_lora(run, quiet=args.quiet))
-            base.run_config.update({"lr": tuning["best"]["lr"], "local-epochs": tuning["best"]["local-epochs"]})
-        summary = run_fed_lora(base, quiet=args.quiet)
-    except FlowerRunError as err:
-        print(f"mobiflower fed-lora: the Flower run failed: {err}", file=sys.stderr)
-        return 1
-    if tuning is not None:
-        summary["tuning"] = tuning
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=2))
-    print(format_summary(summary))
-    return 0
-
-
 def format_summary(summary: dict[str, Any]) -> str:
+    """The run's final accuracy, its settings, what went over the wire and what the devices computed."""
     cfg = summary.get("config", {})
     acc = summary.get("final_accuracy")
     lines = [f"fed-lora: {summary.get('final_accuracy_split')} accuracy "
@@ -198,5 +138,5 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FedLoraRun", "run_fed_lora", "tune_fed_lora", "default_fed_lora_app_config", "add_arguments",
-           "main_from_args", "format_summary", "SERVERAPP", "CLIENTAPP"]
+__all__ = ["FedLoraRun", "run_fed_lora", "tune_fed_lora", "default_fed_lora_app_config", "format_summary",
+           "DEFAULT_LR_GRID", "DEFAULT_EPOCH_GRID", "SERVERAPP", "CLIENTAPP"]

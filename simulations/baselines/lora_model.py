@@ -1,7 +1,7 @@
 """The federated LoRA baseline's on-device model: a PEFT LoRA classifier, what travels, local training.
 
 Flower-free, so the ServerApp (initial adapters) and the ClientApp (training) share it without the
-ServerApp importing the ClientApp module: in a simulation both run in one process, and flwr 1.41's
+ServerApp importing the ClientApp module: in a simulation both run in one process, and flwr's (1.41-1.42)
 ``load_app`` takes a module from ``sys.modules`` even while another thread is still importing it
 (``partially initialized module ... has no attribute 'app'``).
 

@@ -22,8 +22,6 @@ functions, so importing this module is cheap.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import sys
@@ -314,60 +312,6 @@ def _result(config: BaselineConfig, *, test_accuracy: float, zero_shot: float | 
     }
 
 
-# ------------------------------------------------------------------------------------------
-# command line (``python -m mobiflower.simulations.baselines``; the ``mobiflower`` CLI may reuse it)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    d = BaselineConfig(method="lora")
-    parser.add_argument("method", choices=METHODS)
-    parser.add_argument("--model", default=d.model)
-    parser.add_argument("--train-samples", type=int, default=d.train_samples)
-    parser.add_argument("--validation-samples", type=int, default=d.validation_samples)
-    parser.add_argument("--test-samples", type=int, default=d.test_samples)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--train-seed", type=int, default=None, help="training randomness, the split kept; default: --seed")
-    parser.add_argument("--lr", type=float, default=None, help="default: lora 5e-4, full 2e-5")
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--warmup-frac", type=float, default=d.warmup_frac)
-    parser.add_argument("--lora-r", type=int, default=d.lora_r)
-    parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
-    parser.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    parser.add_argument("--lora-targets", nargs="+", default=None)
-    parser.add_argument("--max-length", type=int, default=d.max_length)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=None, help="write the result JSON here")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> BaselineConfig:
-    return BaselineConfig(method=args.method, model=args.model, train_samples=args.train_samples,
-                          validation_samples=args.validation_samples, test_samples=args.test_samples,
-                          seed=args.seed, train_seed=args.train_seed, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                          warmup_frac=args.warmup_frac, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                          lora_dropout=args.lora_dropout,
-                          lora_targets=tuple(args.lora_targets) if args.lora_targets else None,
-                          max_length=args.max_length, threads=args.threads)
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = add_arguments(argparse.ArgumentParser(prog="mobiflower baseline",
-                                                   description="On-device baselines: zero-shot, LoRA, full FT"))
-    args = parser.parse_args(argv)
-    result = run_baseline(config_from_args(args), progress=not args.no_progress)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return result
-
-
 __all__ = ["BaselineConfig", "run_baseline", "RESULT_KEYS", "METHODS", "zero_shot_accuracy", "classifier_accuracy",
            "build_classifier", "load_tokenizer", "encode", "make_optimizer", "lora_targets_for", "peak_rss_mb",
-           "current_rss_mb", "main", "add_arguments", "config_from_args"]
-
-if __name__ == "__main__":
-    main()
+           "current_rss_mb"]

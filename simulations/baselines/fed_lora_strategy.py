@@ -1,7 +1,7 @@
 """Federated on-device LoRA (FlowerTune-style): Flower's FedAvg over PEFT LoRA adapters + head, with accounting.
 
 The baseline mobiflower is measured against: every device backpropagates through its own
-backbone (:mod:`mobiflower.clients.lora_client_app`), the server averages the trainable tensors
+backbone (:mod:`mobiflower.simulations.baselines.fed_lora_client_app`), the server averages the trainable tensors
 with Flower's own :class:`~flwr.serverapp.strategy.FedAvg` (weighted by ``num-examples``). This
 subclass changes no aggregation; it only
 
@@ -47,7 +47,7 @@ class FedLoraConfig:
     """The server's settings for one federated LoRA run (run-config keys in kebab case)."""
 
     rounds: int = 10
-    lr: float = 5e-4  # the single-device LoRA optimum; tune per fleet with simulations.fed_lora.tune_fed_lora
+    lr: float = 5e-4  # the single-device LoRA optimum; tune per fleet with simulations.baselines.fed_lora.tune_fed_lora
     lr_schedule: str = "cosine"  # cosine: round t gets lr * (1 + cos(pi (t-1) / rounds)) / 2
     local_epochs: int = 1
     batch_size: int = 16

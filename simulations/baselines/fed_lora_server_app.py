@@ -16,8 +16,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from mobiflower.platform.assets import home as mobiflower_home
 from mobiflower.platform.atomic import atomic_file
-from mobiflower.strategies.fed_lora import FedLoraConfig, FedLoraStrategy
+from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig, FedLoraStrategy
 
 app = ServerApp()
 
@@ -25,13 +26,13 @@ app = ServerApp()
 def run_dir_for(config: FedLoraConfig, run_id: int) -> Path:
     if config.run_dir:
         return Path(config.run_dir).expanduser()
-    home = Path(os.environ.get("MOBIFLOWER_HOME", Path.home() / ".cache" / "mobiflower")).expanduser()
+    home = mobiflower_home()
     return home / "runs" / f"fed-lora-{run_id}"
 
 
 def initial_arrays(model: str, config: FedLoraConfig) -> tuple[ArrayRecord, int]:
     """The global adapters + head before round 1, and the trainable parameter count."""
-    from mobiflower.clients.lora_model import LoraShape, lora_model, trainable_state
+    from mobiflower.simulations.baselines.lora_model import LoraShape, lora_model, trainable_state
     from mobiflower.platform.assets import resolve_model
 
     shape = LoraShape.from_config(config.device_config())
@@ -57,7 +58,7 @@ def main(grid: Grid, context: Context) -> None:
     config = FedLoraConfig.from_run_config(context.run_config)
     model = str(context.run_config.get("model", "smollm2-135m"))
     arrays, trainable = initial_arrays(model, config)
-    from mobiflower.clients import lora_model
+    from mobiflower.simulations.baselines import lora_model
 
     lora_model._MODELS.clear()  # the server only needed the initial weights: free the backbone
     strategy = FedLoraStrategy(config)

@@ -9,20 +9,17 @@ and its extra memory the peak tracemalloc sees above the start of one more offer
 cases are also decoded under the default :class:`FrameLimits` (sized for any frame: what a server
 that did not size its limits to its run would face).
 
-    python -m mobiflower.simulations.bench_hostile --out runs/bench_hostile.json
+    mobiflower bench hostile --out runs/bench_hostile.json
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import struct
 import sys
 import time
 import tracemalloc
 import zlib
-from pathlib import Path
 from typing import Any, Callable
 
 import msgpack
@@ -170,31 +167,24 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=64, help="samples per request (the run's chunk-size)")
-    parser.add_argument("--hidden", type=int, default=576, help="the backbone's width (SmolLM2-135M: 576)")
-    parser.add_argument("--bits", type=int, default=4, help="the run's bit-width")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--no-default-limits", action="store_true", help="skip the FrameLimits() comparison")
-    parser.add_argument("--out", default=None, help="write the result JSON here")
-    args = parser.parse_args(argv)
-    report = run(args.samples, args.hidden, args.bits, args.repeat, not args.no_default_limits)
-    print(f"run limits: {args.samples} samples x {SEQUENCE_TOKENS} tokens, width {args.hidden}, {args.bits} bits; "
-          f"header cap {report['header_cap_bytes'] / 2**20:.2f} MB, "
-          f"frame cap {report['limits']['max_bytes'] / 2**20:.1f} MB")
-    print(_table(report["run"]))
+def format_report(report: dict[str, Any], samples: int, hidden: int, bits: int) -> str:
+    """The run limits, one row per refused case, the slowest and largest refusal, and the same header
+    cases under the default :class:`FrameLimits` when they were measured."""
+    lines = [f"run limits: {samples} samples x {SEQUENCE_TOKENS} tokens, width {hidden}, {bits} bits; "
+             f"header cap {report['header_cap_bytes'] / 2**20:.2f} MB, "
+             f"frame cap {report['limits']['max_bytes'] / 2**20:.1f} MB",
+             _table(report["run"])]
     slow = max(report["run"], key=lambda r: r["ms"])
     large = max(report["run"], key=lambda r: r["extra_mb"])
-    print(f"slowest refusal: {slow['case']} {slow['ms']:.1f} ms; largest: {large['case']} {large['extra_mb']:.2f} MB")
+    lines.append(f"slowest refusal: {slow['case']} {slow['ms']:.1f} ms; largest: {large['case']} "
+                 f"{large['extra_mb']:.2f} MB")
     if "default_limits" in report:
-        print("\nthe same header content under the default FrameLimits() (not a run's):")
-        print(_table(report["default_limits"]))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-    return 0
+        lines += ["", "the same header content under the default FrameLimits() (not a run's):",
+                  _table(report["default_limits"])]
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the command is `mobiflower bench hostile`; this spelling is kept for RESULTS.md
+    from mobiflower.simulations.cli import main
+
+    sys.exit(main(["bench", "hostile", *sys.argv[1:]]))
