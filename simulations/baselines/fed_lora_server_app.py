@@ -9,7 +9,6 @@ writes the run summary to ``run-dir`` (default ``$MOBIFLOWER_HOME/runs/fed-lora-
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
