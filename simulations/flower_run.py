@@ -64,7 +64,7 @@ LOCAL_CONNECTION = "local"
 COMPLETED = "finished:completed"
 """Run status of a run whose ServerApp returned normally."""
 
-DEFAULT_SERVERAPP = "mobiflower.platform.server_app:app"
+DEFAULT_SERVERAPP = "mobiflower.strategies.server_app:app"
 DEFAULT_CLIENTAPP = "mobiflower.clients.client_app:app"
 
 # Marks every process we start (children inherit it), so cleanup finds exactly our processes,

@@ -23,7 +23,7 @@ def test_pyproject_declares_the_apps_defaults():
     import tomllib
 
     app = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "mobiflower.platform.server_app:app",
+    assert app["components"] == {"serverapp": "mobiflower.strategies.server_app:app",
                                  "clientapp": "mobiflower.clients.client_app:app"}
     assert app["config"] == default_app_config()
 
