@@ -66,14 +66,13 @@ def _setup(context: Context, msg: Message | None = None) -> DeviceSetup:
     backbone a device runs (request keys ``model`` / ``backbone-layers`` / ``weights``); a real
     device's own node config (``--node-config 'backbone-layers=15 weights="int8"'``) always wins."""
     setup = DeviceSetup.from_configs(context.run_config, context.node_config)
-    cfg = msg.content.config_records.get(m.CONFIG_KEY) if msg is not None and msg.has_content() else None
-    if cfg is not None:
-        if "backbone-layers" in cfg and "backbone-layers" not in context.node_config:
-            setup = dataclasses.replace(setup, backbone_layers=int(cfg["backbone-layers"]))
-        if str(cfg.get("model", "") or "") and "model" not in context.node_config:
-            setup = dataclasses.replace(setup, model=str(cfg["model"]))
-        if str(cfg.get("weights", "") or "") and "weights" not in context.node_config:
-            setup = dataclasses.replace(setup, weights=normalize_precision(str(cfg["weights"])))
+    choice = m.backbone_choice(msg.content if msg is not None and msg.has_content() else None)
+    if choice.backbone_layers and "backbone-layers" not in context.node_config:
+        setup = dataclasses.replace(setup, backbone_layers=choice.backbone_layers)
+    if choice.model and "model" not in context.node_config:
+        setup = dataclasses.replace(setup, model=choice.model)
+    if choice.weights and "weights" not in context.node_config:
+        setup = dataclasses.replace(setup, weights=normalize_precision(choice.weights))
     return setup
 
 
@@ -95,7 +94,7 @@ def profile(msg: Message, context: Context) -> Message:
     backbone = setup.backbone()
     load_s = time.perf_counter() - t0
     data = setup.data()
-    probe = int(msg.content[m.CONFIG_KEY].get("probe-samples", 8)) if m.CONFIG_KEY in msg.content else 8
+    probe = m.ProfileRequest.from_content(msg.content).probe_samples
     runtime = setup.runtime(ForwardConfig(batch_size=max(1, probe)))
     speed = 0.0
     if probe > 0 and data.train:
@@ -126,25 +125,24 @@ def profile(msg: Message, context: Context) -> Message:
 def forward(msg: Message, context: Context) -> Message:
     """Forward a chunk of this device's samples and reply with one activation frame."""
     setup = _setup(context, msg)
-    cfg = msg.content[m.CONFIG_KEY]
-    split = str(cfg.get("split", "train"))
+    request = m.ForwardRequest.from_content(msg.content)
+    split = request.split
     examples = _split(setup, split)
     cursor = context.state.config_records.get(CURSOR_KEY, ConfigRecord({"train": 0, "forwarded": 0}))
-    offset = int(cfg["offset"]) if "offset" in cfg else int(cursor["train"] if split == "train" else 0)
-    count = int(cfg.get("samples", 64))
+    offset = request.offset if request.offset is not None else int(cursor["train"] if split == "train" else 0)
+    count = request.samples
     if count < 1:
         raise ValueError(f"samples={count}: a forward request needs at least one sample")
     forward_config = ForwardConfig(
-        bits=int(cfg.get("bits", 8)), group_size=int(cfg["group-size"]) if "group-size" in cfg else None,
-        rotation=str(cfg.get("rotation", "hadamard")), token_policy=str(cfg.get("token-policy", "last")),
-        batch_size=int(cfg.get("batch-size", 16)), seed=int(cfg.get("codec-seed", 0)),
+        bits=request.bits, group_size=request.group_size, rotation=request.rotation,
+        token_policy=request.token_policy, batch_size=request.batch_size, seed=request.codec_seed,
         targets="none" if _label_private(context) else "class")
-    layers = [int(x) for x in cfg["layers"]] if "layers" in cfg else None
+    layers = list(request.layers) if request.layers is not None else None
     runtime = setup.runtime(forward_config)
     t0 = time.perf_counter()
     chunk = examples_at(examples, offset, count)
     frame, stats = runtime.make_frame(chunk, layers=layers, meta={"split": split, "offset": offset,
-                                                                   "request": str(cfg.get("request", ""))})
+                                                                   "request": request.request_id})
     blob = runtime.encode(frame)
     busy_s = time.perf_counter() - t0
     if split == "train":
@@ -198,16 +196,15 @@ def residual(msg: Message, context: Context) -> Message:
     from mobiflower.platform import label_private as lp
 
     setup = _setup(context, msg)
-    cfg = msg.content[m.CONFIG_KEY]
-    ids = [int(i) for i in cfg["sample-ids"]]
+    request = m.ResidualRequest.from_content(msg.content)
+    ids = list(request.sample_ids)
     labels, secret = _own_labels(setup.data().train)
     unknown = [i for i in ids if i not in labels]
     if unknown:
         raise lp.ResidualError(f"{len(unknown)} sample id(s) are not this device's training samples, e.g. "
                                f"{unknown[0]}")
-    probs = msg.content[m.PROBS_KEY][m.PROBS_KEY].numpy()
-    num_classes = int(cfg["num-classes"])
-    r = lp.residuals(probs, [labels[i] for i in ids], ids, num_classes, _label_epsilon(context), secret)
+    r = lp.residuals(request.probs, [labels[i] for i in ids], ids, request.num_classes, _label_epsilon(context),
+                     secret)
     reply = RecordDict({m.RESIDUAL_KEY: m.ArrayRecord({m.RESIDUAL_KEY: m.Array(r)}),
                         m.STATS_KEY: m.metrics({"samples": len(ids)})})
     return Message(reply, reply_to=msg)
@@ -223,14 +220,12 @@ def _installed(context: Context):
 def evaluate(msg: Message, context: Context) -> Message:
     """Score a side network on this device's own held-out split with backbone + side network."""
     setup = _setup(context, msg)
-    cfg = msg.content[m.CONFIG_KEY] if m.CONFIG_KEY in msg.content else ConfigRecord()
-    split = str(cfg.get("split", "validation"))
-    examples = _split(setup, split)
-    limit = int(cfg.get("max-samples", 0))
-    if limit > 0:
-        examples = examples[:limit]
-    if m.NETWORK_KEY in msg.content:
-        weights, net_config = msg.content[m.NETWORK_KEY], msg.content[m.NETWORK_CONFIG_KEY]
+    request = m.EvaluateRequest.from_content(msg.content)
+    examples = _split(setup, request.split)
+    if request.max_samples:
+        examples = examples[:request.max_samples]
+    if request.network is not None:
+        weights, net_config = request.network
         source = "sent"
     else:
         weights, net_config = _installed(context)
@@ -238,7 +233,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     classifier = installed_classifier(setup.backbone(), SideNetworkConfig.from_json(str(net_config["json"])),
                                       weights.to_torch_state_dict())
     try:
-        result = classifier.evaluate(examples, batch_size=int(cfg.get("batch-size", 16)))
+        result = classifier.evaluate(examples, batch_size=request.batch_size)
     finally:
         if isinstance(classifier, TailClassifier):
             classifier.close()  # the adapter's hooks come off the cached backbone
@@ -253,7 +248,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def deliver(msg: Message, context: Context) -> Message:
     """Install the final side network on this device (context.state, and a file if configured)."""
     setup = _setup(context, msg)
-    weights, net_config = msg.content[m.NETWORK_KEY], msg.content[m.NETWORK_CONFIG_KEY]
+    weights, net_config = m.DeliverRequest.from_content(msg.content).network
     config, state = SideNetworkConfig.from_json(str(net_config["json"])), weights.to_torch_state_dict()
     classifier = installed_classifier(setup.backbone(), config, state)  # refuses a network for another backbone
     if isinstance(classifier, TailClassifier):
