@@ -24,8 +24,8 @@ class ServerKilled(Exception):
 
 def _config(tiny_llama: str, run_dir: Path, **extra) -> dict:
     # One device: frames land in one order, so an uninterrupted run is exactly reproducible.
-    return {"model": tiny_llama, "num-taps": 2, "train-samples": 48, "validation-samples": 8, "test-samples": 8,
-            "rounds": 6, "chunk-size": 8, "eval-every": 0, "reduction": 4, "run-dir": str(run_dir), **extra}
+    return {"model": tiny_llama, "num-taps": 2, "train-samples": 32, "validation-samples": 8, "test-samples": 8,
+            "rounds": 4, "chunk-size": 8, "eval-every": 0, "reduction": 4, "run-dir": str(run_dir), **extra}
 
 
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -46,31 +46,31 @@ def sigkill_raises(monkeypatch):
     monkeypatch.setattr(os, "kill", kill)
 
 
-def _check_checkpoint_after_round_3(run_dir: Path) -> None:
+def _check_checkpoint_after_round_2(run_dir: Path) -> None:
     assert not (run_dir / "summary.json").exists()
     state = json.loads((run_dir / "checkpoint" / "strategy.json").read_text())
-    assert state["round"] == 3 and state["cached_frames"] == {"shared": 6}
+    assert state["round"] == 2 and state["cached_frames"] == {"shared": 4}
     # every accepted frame's digest is in the checkpoint: a replay stays refused after the resume
-    assert (run_dir / "checkpoint" / "accepted_frames.sha256").stat().st_size == 32 * 6
+    assert (run_dir / "checkpoint" / "accepted_frames.sha256").stat().st_size == 32 * 4
 
 
 def _check_resumed(resumed: dict) -> None:
-    assert resumed["events"] == ["resumed after round 3"]
-    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4, 5, 6]  # the history survived
-    assert resumed["devices"]["device-0"]["samples_forwarded"] == 48  # nothing forwarded twice
-    assert resumed["devices"]["device-0"]["frames"] == 6
+    assert resumed["events"] == ["resumed after round 2"]
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]  # the history survived
+    assert resumed["devices"]["device-0"]["samples_forwarded"] == 32  # nothing forwarded twice
+    assert resumed["devices"]["device-0"]["frames"] == 4
 
 
 def test_a_killed_server_resumes_to_the_same_weights(real_assets, tiny_llama, tmp_path, sigkill_raises):
     whole, _ = run_fleet(tmp_path / "a", 1, _config(tiny_llama, tmp_path / "a" / "run"))
     run_dir = tmp_path / "b" / "run"
     with pytest.raises(ServerKilled):
-        run_fleet(tmp_path / "b", 1, _config(tiny_llama, run_dir, **{"crash-after-round": 3}))
-    _check_checkpoint_after_round_3(run_dir)
+        run_fleet(tmp_path / "b", 1, _config(tiny_llama, run_dir, **{"crash-after-round": 2}))
+    _check_checkpoint_after_round_2(run_dir)
 
     resumed, grid = run_fleet(tmp_path / "c", 1, _config(tiny_llama, run_dir, resume=True))
     _check_resumed(resumed)
-    assert grid.nodes[grid.node_id(0)].handled.count("train.forward") == 0  # rounds 4-6 train from the cache
+    assert grid.nodes[grid.node_id(0)].handled.count("train.forward") == 0  # rounds 3-4 train from the cache
     a, b = _adapter(tmp_path / "a" / "run"), _adapter(run_dir)
     assert a.keys() == b.keys()
     for key in a:
@@ -93,16 +93,16 @@ def test_resume_refuses_changed_settings_and_a_missing_checkpoint(real_assets, t
 
 @pytest.mark.slow
 def test_a_killed_flwr_run_server_resumes_from_its_checkpoint(real_assets, tiny_llama, tmp_path):
-    """A real ServerApp process SIGKILLed after round 3, then a fresh ``flwr run`` with resume."""
+    """A real ServerApp process SIGKILLed after round 2, then a fresh ``flwr run`` with resume."""
     from mobiflower.simulations.flower_run import app_dir_for_run, run_simulation
     from mobiflower.simulations.simulate import SimulateConfig, default_app_config, run_simulate
 
     run_dir = tmp_path / "b" / "run"
     crashed = run_simulation(app_dir_for_run(tmp_path / "b", default_app_config()),
-                             _config(tiny_llama, run_dir, **{"crash-after-round": 3}), num_supernodes=1,
+                             _config(tiny_llama, run_dir, **{"crash-after-round": 2}), num_supernodes=1,
                              client_cpus=2, scratch=tmp_path / "b", timeout_s=600, check=False)
     assert not crashed.ok
-    _check_checkpoint_after_round_3(run_dir)
+    _check_checkpoint_after_round_2(run_dir)
     resumed = run_simulate(SimulateConfig(devices=1, client_cpus=2, workdir=str(tmp_path / "c"),
                                           run_config=_config(tiny_llama, run_dir, resume=True)), quiet=True)
     _check_resumed(resumed)
