@@ -28,6 +28,7 @@ from mobiflower.clients.inference import TailClassifier, installed_classifier
 from mobiflower.clients.runtime import ForwardConfig
 from mobiflower.platform import messages as m
 from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
+from mobiflower.platform.run_config import flag
 from mobiflower.platform.pretrained_tail import save_peft_adapter
 from mobiflower.platform.side_networks import SideNetworkConfig, save_side_network
 from mobiflower.platform.weights import normalize_precision
@@ -109,7 +110,7 @@ def profile(msg: Message, context: Context) -> Message:
         "norm-eps": float(getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", None) or 1e-5),
         # a device may opt out of the server's activation cache (--node-config 'activation-cache=false'):
         # the server then trains on its frames once and keeps none; it forwards again every round
-        "activation-cache": _flag(context.node_config.get("activation-cache", True)),
+        "activation-cache": flag(context.node_config.get("activation-cache", True)),
     })
     stats = m.metrics({"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
                        "positive-share": sum(e.label for e in data.train) / max(1, len(data.train)),
@@ -159,14 +160,10 @@ def forward(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-def _flag(value) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
 def _label_private(context: Context) -> bool:
     """Labels stay on this device when the run asks for it, or when this device's own node config does
     (``--node-config 'label-private=true'``), whatever the server asks."""
-    return _flag(context.run_config.get("label-private", False)) or _flag(context.node_config.get("label-private", False))
+    return flag(context.run_config.get("label-private", False)) or flag(context.node_config.get("label-private", False))
 
 
 def _label_epsilon(context: Context) -> float:
