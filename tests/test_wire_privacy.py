@@ -4,7 +4,6 @@ device's samples and no run of their token ids."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 from inprocess_grid import run_fleet
