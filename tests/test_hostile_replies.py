@@ -79,7 +79,9 @@ def test_any_profile_description_is_checked_or_refused_by_field(key, value):
     try:
         profile, _ = rc.profile_reply(reply)
     except ReplyError as err:
-        assert err.kind == "profile" and err.field == key, err
+        # a width in bounds that is not the frozen head's (64) is refused where they disagree: the frozen head
+        mismatch = key == "hidden-size" and err.field == m.FROZEN_KEY and "1-D and" in str(err)
+        assert err.kind == "profile" and (err.field == key or mismatch), err
         return
     assert 1 <= profile["hidden-size"] <= 65536 and 1 <= profile["num-layers"] <= rc.MAX_LAYERS
     assert profile["layers"] == sorted(set(profile["layers"])) and profile["layers"][-1] < profile["num-layers"]
