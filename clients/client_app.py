@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from mobiflower.clients.device_setup import DeviceSetup, examples_at
@@ -103,7 +103,7 @@ def profile(msg: Message, context: Context) -> Message:
         speed = probe / max(stats.forward_s + stats.quantize_s, 1e-9)
     rss, peak = _memory_mb()
     cfg = backbone.model.config
-    description = ConfigRecord({
+    description = {
         "device-id": setup.device_id, "fingerprint": backbone.fingerprint, "model": setup.model,
         "layers": [int(x) for x in backbone.layers], "is-decoder": bool(backbone.is_decoder),
         "hidden-size": int(backbone.hidden_size), "num-layers": int(backbone.num_layers),
@@ -111,15 +111,13 @@ def profile(msg: Message, context: Context) -> Message:
         # a device may opt out of the server's activation cache (--node-config 'activation-cache=false'):
         # the server then trains on its frames once and keeps none; it forwards again every round
         "activation-cache": flag(context.node_config.get("activation-cache", True)),
-    })
-    stats = m.metrics({"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
-                       "positive-share": sum(e.label for e in data.train) / max(1, len(data.train)),
-                       "forward-samples-per-s": speed, "load-s": load_s, "rss-mb": rss, "peak-rss-mb": peak,
-                       "cpu-count": os.cpu_count() or 1, "threads": torch.get_num_threads()})
+    }
+    measurements = {"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
+                    "positive-share": sum(e.label for e in data.train) / max(1, len(data.train)),
+                    "forward-samples-per-s": speed, "load-s": load_s, "rss-mb": rss, "peak-rss-mb": peak,
+                    "cpu-count": os.cpu_count() or 1, "threads": torch.get_num_threads()}
     frozen = {k: v.contiguous() for k, v in backbone.frozen_head_state(lm_head=False).items()}
-    content = RecordDict({m.PROFILE_KEY: description, m.STATS_KEY: stats,
-                          m.FROZEN_KEY: m.ArrayRecord(torch_state_dict=frozen)})
-    return Message(content, reply_to=msg)
+    return Message(m.ProfileReply(description, measurements, frozen).to_content(), reply_to=msg)
 
 
 @app.train("forward")
@@ -151,13 +149,9 @@ def forward(msg: Message, context: Context) -> Message:
                                "forwarded": int(cursor["forwarded"]) + count})
         context.state.config_records[CURSOR_KEY] = cursor
     rss, peak = _memory_mb()
-    reply = RecordDict({
-        m.FRAME_KEY: m.frame_record(blob),
-        m.STATS_KEY: m.metrics({"forward-s": stats.forward_s, "quantize-s": stats.quantize_s, "busy-s": busy_s,
-                                "frame-bytes": len(blob), "samples": stats.samples, "tokens": stats.tokens_sent,
-                                "offset": offset, "rss-mb": rss, "peak-rss-mb": peak}),
-    })
-    return Message(reply, reply_to=msg)
+    cost = {"forward-s": stats.forward_s, "quantize-s": stats.quantize_s, "busy-s": busy_s, "frame-bytes": len(blob),
+            "samples": stats.samples, "tokens": stats.tokens_sent, "offset": offset, "rss-mb": rss, "peak-rss-mb": peak}
+    return Message(m.ForwardReply(blob, cost).to_content(), reply_to=msg)
 
 
 def _label_private(context: Context) -> bool:
@@ -202,9 +196,7 @@ def residual(msg: Message, context: Context) -> Message:
                                f"{unknown[0]}")
     r = lp.residuals(request.probs, [labels[i] for i in ids], ids, request.num_classes, _label_epsilon(context),
                      secret)
-    reply = RecordDict({m.RESIDUAL_KEY: m.ArrayRecord({m.RESIDUAL_KEY: m.Array(r)}),
-                        m.STATS_KEY: m.metrics({"samples": len(ids)})})
-    return Message(reply, reply_to=msg)
+    return Message(m.ResidualReply(r).to_content(), reply_to=msg)
 
 
 def _installed(context: Context):
@@ -235,10 +227,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         if isinstance(classifier, TailClassifier):
             classifier.close()  # the adapter's hooks come off the cached backbone
     rss, peak = _memory_mb()
-    stats = m.metrics({"accuracy": result["accuracy"], "zero-shot-accuracy": result["zero_shot_accuracy"],
-                       "samples": result["samples"], "seconds": result["seconds"], "rss-mb": rss,
-                       "peak-rss-mb": peak, "installed": source == "installed"})
-    return Message(RecordDict({m.STATS_KEY: stats}), reply_to=msg)
+    stats = {"accuracy": result["accuracy"], "zero-shot-accuracy": result["zero_shot_accuracy"],
+             "samples": result["samples"], "seconds": result["seconds"], "rss-mb": rss, "peak-rss-mb": peak,
+             "installed": source == "installed"}
+    return Message(m.EvaluateReply(stats).to_content(), reply_to=msg)
 
 
 @app.train("deliver")
@@ -259,10 +251,7 @@ def deliver(msg: Message, context: Context) -> Message:
     elif folder:
         path = str(save_side_network(classifier.net, Path(str(folder)) / f"{setup.device_id}.safetensors",
                                      extra={"device_id": setup.device_id}))
-    reply = RecordDict({
-        m.STATS_KEY: m.metrics({"parameters": sum(v.numel() for v in state.values())}),
-        m.CONFIG_KEY: ConfigRecord({"digest": m.records_digest(weights, net_config), "path": path,
-                                    "device-id": setup.device_id}),
-    })
-    return Message(reply, reply_to=msg)
+    receipt = m.DeliveryReceipt(digest=m.records_digest(weights, net_config), path=path, device_id=setup.device_id,
+                                parameters=sum(v.numel() for v in state.values()))
+    return Message(receipt.to_content(), reply_to=msg)
 

@@ -21,8 +21,10 @@ through (``to_content`` / ``from_content``), so a key and its default are writte
 * ``train.deliver`` (:class:`DeliverRequest`): install the final side network on the device for
   local inference.
 
-The server reads replies through :mod:`mobiflower.strategies.reply_checks`, which checks every
-value before it is used.
+Replies are dataclasses too (:class:`ProfileReply`, :class:`ForwardReply`, :class:`ResidualReply`,
+:class:`EvaluateReply`, :class:`DeliveryReceipt`): the device writes them with ``to_content``; the
+server reads them through :mod:`mobiflower.strategies.reply_checks`, which checks every value
+before it is used (a device may lie).
 """
 
 from __future__ import annotations
@@ -343,3 +345,66 @@ class DeliverRequest(Request):
 def backbone_choice(content: RecordDict | None) -> BackboneChoice:
     """The backbone keys any request carries (what the device's setup reads before its handler runs)."""
     return BackboneChoice.from_config(_config_of(content)) if content is not None else BackboneChoice()
+
+
+# ---- replies (written by the device; the server reads them through strategies.reply_checks) -------------
+@dataclass(frozen=True)
+class ProfileReply:
+    """``query.profile``'s answer: the device's ``description`` (backbone, taps, width ...), its
+    ``measurements`` (data sizes, forward speed, memory) and its backbone's ``frozen`` head state."""
+
+    description: Mapping[str, Any]
+    measurements: Mapping[str, Any]
+    frozen: Mapping[str, torch.Tensor]
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({PROFILE_KEY: ConfigRecord(dict(self.description)), STATS_KEY: metrics(self.measurements),
+                           FROZEN_KEY: ArrayRecord(torch_state_dict=dict(self.frozen))})
+
+
+@dataclass(frozen=True)
+class ForwardReply:
+    """``train.forward``'s answer: one encoded frame and what it cost the device."""
+
+    frame: bytes
+    stats: Mapping[str, Any]
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({FRAME_KEY: frame_record(self.frame), STATS_KEY: metrics(self.stats)})
+
+
+@dataclass(frozen=True)
+class ResidualReply:
+    """``train.residual``'s answer: ``p - onehot(y)`` per requested sample."""
+
+    residual: np.ndarray
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({RESIDUAL_KEY: ArrayRecord({RESIDUAL_KEY: Array(self.residual)}),
+                           STATS_KEY: metrics({"samples": len(self.residual)})})
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """``evaluate``'s answer: accuracy, zero-shot accuracy, samples, seconds, memory, which network."""
+
+    stats: Mapping[str, Any]
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({STATS_KEY: metrics(self.stats)})
+
+
+@dataclass(frozen=True)
+class DeliveryReceipt:
+    """``train.deliver``'s answer: the digest of what the device installed (:func:`records_digest`),
+    where it saved it (empty: kept in memory only), the device and the network's parameter count."""
+
+    digest: str
+    path: str = ""
+    device_id: str = ""
+    parameters: int = 0
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({STATS_KEY: metrics({"parameters": self.parameters}),
+                           CONFIG_KEY: ConfigRecord({"digest": self.digest, "path": self.path,
+                                                     "device-id": self.device_id})})

@@ -195,12 +195,12 @@ def deliver(job: Job) -> None:
             dev.metrics["delivered"] = 0
             continue
         try:
-            digest, path = delivery_receipt(reply)
+            receipt = delivery_receipt(reply)
         except Exception as err:  # noqa: BLE001 - no receipt to trust: not delivered
             dev.refuse(err, "delivery")
             dev.metrics["delivered"] = 0
             continue
-        dev.metrics["delivered"] = int(digest == dev.delivered_digest)
-        dev.metrics["delivered_path"] = path
+        dev.metrics["delivered"] = int(receipt.digest == dev.delivered_digest)
+        dev.metrics["delivered_path"] = receipt.path
     log(INFO, "delivered side networks to %d devices", sum(int(d.metrics.get("delivered", 0))
                                                              for d in job.state.devices.values()))

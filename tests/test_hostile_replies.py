@@ -204,7 +204,8 @@ def test_a_delivery_receipt_that_cannot_be_trusted_is_refused(receipt, field):
     with pytest.raises(ReplyError) as e:
         rc.delivery_receipt(_Reply(RecordDict({m.CONFIG_KEY: ConfigRecord(receipt)})))
     assert e.value.reason == f"deliver: {field}"
-    assert rc.delivery_receipt(_Reply(RecordDict({m.CONFIG_KEY: ConfigRecord({"digest": "ab"})}))) == ("ab", "")
+    assert rc.delivery_receipt(_Reply(RecordDict({m.CONFIG_KEY: ConfigRecord({"digest": "ab"})}))) == \
+        m.DeliveryReceipt("ab", "")
 
 
 # ---- through the strategy's parts ------------------------------------------------------------------
