@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from mobiflower.clients.device_setup import DeviceSetup, examples_at
@@ -28,6 +28,7 @@ from mobiflower.clients.inference import TailClassifier, installed_classifier
 from mobiflower.clients.runtime import ForwardConfig
 from mobiflower.platform import messages as m
 from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
+from mobiflower.platform.run_config import flag
 from mobiflower.platform.pretrained_tail import save_peft_adapter
 from mobiflower.platform.side_networks import SideNetworkConfig, save_side_network
 from mobiflower.platform.precision import normalize_precision
@@ -66,14 +67,13 @@ def _setup(context: Context, msg: Message | None = None) -> DeviceSetup:
     backbone a device runs (request keys ``model`` / ``backbone-layers`` / ``weights``); a real
     device's own node config (``--node-config 'backbone-layers=15 weights="int8"'``) always wins."""
     setup = DeviceSetup.from_configs(context.run_config, context.node_config)
-    cfg = msg.content.config_records.get(m.CONFIG_KEY) if msg is not None and msg.has_content() else None
-    if cfg is not None:
-        if "backbone-layers" in cfg and "backbone-layers" not in context.node_config:
-            setup = dataclasses.replace(setup, backbone_layers=int(cfg["backbone-layers"]))
-        if str(cfg.get("model", "") or "") and "model" not in context.node_config:
-            setup = dataclasses.replace(setup, model=str(cfg["model"]))
-        if str(cfg.get("weights", "") or "") and "weights" not in context.node_config:
-            setup = dataclasses.replace(setup, weights=normalize_precision(str(cfg["weights"])))
+    choice = m.backbone_choice(msg.content if msg is not None and msg.has_content() else None)
+    if choice.backbone_layers and "backbone-layers" not in context.node_config:
+        setup = dataclasses.replace(setup, backbone_layers=choice.backbone_layers)
+    if choice.model and "model" not in context.node_config:
+        setup = dataclasses.replace(setup, model=choice.model)
+    if choice.weights and "weights" not in context.node_config:
+        setup = dataclasses.replace(setup, weights=normalize_precision(choice.weights))
     return setup
 
 
@@ -95,7 +95,7 @@ def profile(msg: Message, context: Context) -> Message:
     backbone = setup.backbone()
     load_s = time.perf_counter() - t0
     data = setup.data()
-    probe = int(msg.content[m.CONFIG_KEY].get("probe-samples", 8)) if m.CONFIG_KEY in msg.content else 8
+    probe = m.ProfileRequest.from_content(msg.content).probe_samples
     runtime = setup.runtime(ForwardConfig(batch_size=max(1, probe)))
     speed = 0.0
     if probe > 0 and data.train:
@@ -103,48 +103,45 @@ def profile(msg: Message, context: Context) -> Message:
         speed = probe / max(stats.forward_s + stats.quantize_s, 1e-9)
     rss, peak = _memory_mb()
     cfg = backbone.model.config
-    description = ConfigRecord({
+    description = {
         "device-id": setup.device_id, "fingerprint": backbone.fingerprint, "model": setup.model,
         "layers": [int(x) for x in backbone.layers], "is-decoder": bool(backbone.is_decoder),
         "hidden-size": int(backbone.hidden_size), "num-layers": int(backbone.num_layers),
         "norm-eps": float(getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", None) or 1e-5),
         # a device may opt out of the server's activation cache (--node-config 'activation-cache=false'):
         # the server then trains on its frames once and keeps none; it forwards again every round
-        "activation-cache": _flag(context.node_config.get("activation-cache", True)),
-    })
-    stats = m.metrics({"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
-                       "positive-share": sum(e.label for e in data.train) / max(1, len(data.train)),
-                       "forward-samples-per-s": speed, "load-s": load_s, "rss-mb": rss, "peak-rss-mb": peak,
-                       "cpu-count": os.cpu_count() or 1, "threads": torch.get_num_threads()})
+        "activation-cache": flag(context.node_config.get("activation-cache", True)),
+    }
+    measurements = {"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
+                    "positive-share": sum(e.label for e in data.train) / max(1, len(data.train)),
+                    "forward-samples-per-s": speed, "load-s": load_s, "rss-mb": rss, "peak-rss-mb": peak,
+                    "cpu-count": os.cpu_count() or 1, "threads": torch.get_num_threads()}
     frozen = {k: v.contiguous() for k, v in backbone.frozen_head_state(lm_head=False).items()}
-    content = RecordDict({m.PROFILE_KEY: description, m.STATS_KEY: stats,
-                          m.FROZEN_KEY: m.ArrayRecord(torch_state_dict=frozen)})
-    return Message(content, reply_to=msg)
+    return Message(m.ProfileReply(description, measurements, frozen).to_content(), reply_to=msg)
 
 
 @app.train("forward")
 def forward(msg: Message, context: Context) -> Message:
     """Forward a chunk of this device's samples and reply with one activation frame."""
     setup = _setup(context, msg)
-    cfg = msg.content[m.CONFIG_KEY]
-    split = str(cfg.get("split", "train"))
+    request = m.ForwardRequest.from_content(msg.content)
+    split = request.split
     examples = _split(setup, split)
     cursor = context.state.config_records.get(CURSOR_KEY, ConfigRecord({"train": 0, "forwarded": 0}))
-    offset = int(cfg["offset"]) if "offset" in cfg else int(cursor["train"] if split == "train" else 0)
-    count = int(cfg.get("samples", 64))
+    offset = request.offset if request.offset is not None else int(cursor["train"] if split == "train" else 0)
+    count = request.samples
     if count < 1:
         raise ValueError(f"samples={count}: a forward request needs at least one sample")
     forward_config = ForwardConfig(
-        bits=int(cfg.get("bits", 8)), group_size=int(cfg["group-size"]) if "group-size" in cfg else None,
-        rotation=str(cfg.get("rotation", "hadamard")), token_policy=str(cfg.get("token-policy", "last")),
-        batch_size=int(cfg.get("batch-size", 16)), seed=int(cfg.get("codec-seed", 0)),
+        bits=request.bits, group_size=request.group_size, rotation=request.rotation,
+        token_policy=request.token_policy, batch_size=request.batch_size, seed=request.codec_seed,
         targets="none" if _label_private(context) else "class")
-    layers = [int(x) for x in cfg["layers"]] if "layers" in cfg else None
+    layers = list(request.layers) if request.layers is not None else None
     runtime = setup.runtime(forward_config)
     t0 = time.perf_counter()
     chunk = examples_at(examples, offset, count)
     frame, stats = runtime.make_frame(chunk, layers=layers, meta={"split": split, "offset": offset,
-                                                                   "request": str(cfg.get("request", ""))})
+                                                                   "request": request.request_id})
     blob = runtime.encode(frame)
     busy_s = time.perf_counter() - t0
     if split == "train":
@@ -152,23 +149,15 @@ def forward(msg: Message, context: Context) -> Message:
                                "forwarded": int(cursor["forwarded"]) + count})
         context.state.config_records[CURSOR_KEY] = cursor
     rss, peak = _memory_mb()
-    reply = RecordDict({
-        m.FRAME_KEY: m.frame_record(blob),
-        m.STATS_KEY: m.metrics({"forward-s": stats.forward_s, "quantize-s": stats.quantize_s, "busy-s": busy_s,
-                                "frame-bytes": len(blob), "samples": stats.samples, "tokens": stats.tokens_sent,
-                                "offset": offset, "rss-mb": rss, "peak-rss-mb": peak}),
-    })
-    return Message(reply, reply_to=msg)
-
-
-def _flag(value) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
+    cost = {"forward-s": stats.forward_s, "quantize-s": stats.quantize_s, "busy-s": busy_s, "frame-bytes": len(blob),
+            "samples": stats.samples, "tokens": stats.tokens_sent, "offset": offset, "rss-mb": rss, "peak-rss-mb": peak}
+    return Message(m.ForwardReply(blob, cost).to_content(), reply_to=msg)
 
 
 def _label_private(context: Context) -> bool:
     """Labels stay on this device when the run asks for it, or when this device's own node config does
     (``--node-config 'label-private=true'``), whatever the server asks."""
-    return _flag(context.run_config.get("label-private", False)) or _flag(context.node_config.get("label-private", False))
+    return flag(context.run_config.get("label-private", False)) or flag(context.node_config.get("label-private", False))
 
 
 def _label_epsilon(context: Context) -> float:
@@ -198,19 +187,16 @@ def residual(msg: Message, context: Context) -> Message:
     from mobiflower.platform import label_private as lp
 
     setup = _setup(context, msg)
-    cfg = msg.content[m.CONFIG_KEY]
-    ids = [int(i) for i in cfg["sample-ids"]]
+    request = m.ResidualRequest.from_content(msg.content)
+    ids = list(request.sample_ids)
     labels, secret = _own_labels(setup.data().train)
     unknown = [i for i in ids if i not in labels]
     if unknown:
         raise lp.ResidualError(f"{len(unknown)} sample id(s) are not this device's training samples, e.g. "
                                f"{unknown[0]}")
-    probs = msg.content[m.PROBS_KEY][m.PROBS_KEY].numpy()
-    num_classes = int(cfg["num-classes"])
-    r = lp.residuals(probs, [labels[i] for i in ids], ids, num_classes, _label_epsilon(context), secret)
-    reply = RecordDict({m.RESIDUAL_KEY: m.ArrayRecord({m.RESIDUAL_KEY: m.Array(r)}),
-                        m.STATS_KEY: m.metrics({"samples": len(ids)})})
-    return Message(reply, reply_to=msg)
+    r = lp.residuals(request.probs, [labels[i] for i in ids], ids, request.num_classes, _label_epsilon(context),
+                     secret)
+    return Message(m.ResidualReply(r).to_content(), reply_to=msg)
 
 
 def _installed(context: Context):
@@ -223,14 +209,12 @@ def _installed(context: Context):
 def evaluate(msg: Message, context: Context) -> Message:
     """Score a side network on this device's own held-out split with backbone + side network."""
     setup = _setup(context, msg)
-    cfg = msg.content[m.CONFIG_KEY] if m.CONFIG_KEY in msg.content else ConfigRecord()
-    split = str(cfg.get("split", "validation"))
-    examples = _split(setup, split)
-    limit = int(cfg.get("max-samples", 0))
-    if limit > 0:
-        examples = examples[:limit]
-    if m.NETWORK_KEY in msg.content:
-        weights, net_config = msg.content[m.NETWORK_KEY], msg.content[m.NETWORK_CONFIG_KEY]
+    request = m.EvaluateRequest.from_content(msg.content)
+    examples = _split(setup, request.split)
+    if request.max_samples:
+        examples = examples[:request.max_samples]
+    if request.network is not None:
+        weights, net_config = request.network
         source = "sent"
     else:
         weights, net_config = _installed(context)
@@ -238,22 +222,22 @@ def evaluate(msg: Message, context: Context) -> Message:
     classifier = installed_classifier(setup.backbone(), SideNetworkConfig.from_json(str(net_config["json"])),
                                       weights.to_torch_state_dict())
     try:
-        result = classifier.evaluate(examples, batch_size=int(cfg.get("batch-size", 16)))
+        result = classifier.evaluate(examples, batch_size=request.batch_size)
     finally:
         if isinstance(classifier, TailClassifier):
             classifier.close()  # the adapter's hooks come off the cached backbone
     rss, peak = _memory_mb()
-    stats = m.metrics({"accuracy": result["accuracy"], "zero-shot-accuracy": result["zero_shot_accuracy"],
-                       "samples": result["samples"], "seconds": result["seconds"], "rss-mb": rss,
-                       "peak-rss-mb": peak, "installed": source == "installed"})
-    return Message(RecordDict({m.STATS_KEY: stats}), reply_to=msg)
+    stats = {"accuracy": result["accuracy"], "zero-shot-accuracy": result["zero_shot_accuracy"],
+             "samples": result["samples"], "seconds": result["seconds"], "rss-mb": rss, "peak-rss-mb": peak,
+             "installed": source == "installed"}
+    return Message(m.EvaluateReply(stats).to_content(), reply_to=msg)
 
 
 @app.train("deliver")
 def deliver(msg: Message, context: Context) -> Message:
     """Install the final side network on this device (context.state, and a file if configured)."""
     setup = _setup(context, msg)
-    weights, net_config = msg.content[m.NETWORK_KEY], msg.content[m.NETWORK_CONFIG_KEY]
+    weights, net_config = m.DeliverRequest.from_content(msg.content).network
     config, state = SideNetworkConfig.from_json(str(net_config["json"])), weights.to_torch_state_dict()
     classifier = installed_classifier(setup.backbone(), config, state)  # refuses a network for another backbone
     if isinstance(classifier, TailClassifier):
@@ -267,10 +251,7 @@ def deliver(msg: Message, context: Context) -> Message:
     elif folder:
         path = str(save_side_network(classifier.net, Path(str(folder)) / f"{setup.device_id}.safetensors",
                                      extra={"device_id": setup.device_id}))
-    reply = RecordDict({
-        m.STATS_KEY: m.metrics({"parameters": sum(v.numel() for v in state.values())}),
-        m.CONFIG_KEY: ConfigRecord({"digest": m.records_digest(weights, net_config), "path": path,
-                                    "device-id": setup.device_id}),
-    })
-    return Message(reply, reply_to=msg)
+    receipt = m.DeliveryReceipt(digest=m.records_digest(weights, net_config), path=path, device_id=setup.device_id,
+                                parameters=sum(v.numel() for v in state.values()))
+    return Message(receipt.to_content(), reply_to=msg)
 

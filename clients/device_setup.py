@@ -20,6 +20,7 @@ import torch
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.data import Example, Splits, partition, partition_like, task_samples
+from mobiflower.platform.run_config import typed_fields
 
 _BACKBONES: dict[tuple, Backbone] = {}
 _SPLITS: dict[tuple, Splits] = {}
@@ -31,9 +32,12 @@ class DeviceSetupError(ValueError):
     """The run config or node config does not describe a usable device."""
 
 
-def _get(config: Mapping[str, Any], key: str, default: Any) -> Any:
-    value = config.get(key, default)
-    return default if value is None else value
+# the run-config key of each field the run config sets (the same on every device)
+RUN_CONFIG_KEYS = {"model": "model", "weights": "weights", "num_taps": "num-taps", "train_samples": "train-samples",
+                   "validation_samples": "validation-samples", "test_samples": "test-samples",
+                   "partitioning": "partitioning", "dirichlet_alpha": "dirichlet-alpha", "seed": "seed",
+                   "threads": "device-threads"}
+NODE_CONFIG_FIELDS = ("partition_id", "num_partitions", "weights", "backbone_layers", "max_tokens")
 
 
 @dataclass(frozen=True)
@@ -63,23 +67,12 @@ class DeviceSetup:
             raise DeviceSetupError(
                 "this node has no partition: start the SuperNode with --node-config "
                 "'partition-id=<i> num-partitions=<n>' (the simulation engine sets both itself)")
-        setup = cls(
-            model=str(_get(run_config, "model", cls.model)),
-            # a device's own node config may choose its weight precision (a phone with little memory)
-            weights=str(node_config.get("weights") or _get(run_config, "weights", cls.weights)),
-            num_taps=int(_get(run_config, "num-taps", cls.num_taps)),
-            train_samples=int(_get(run_config, "train-samples", cls.train_samples)),
-            validation_samples=int(_get(run_config, "validation-samples", cls.validation_samples)),
-            test_samples=int(_get(run_config, "test-samples", cls.test_samples)),
-            partitioning=str(_get(run_config, "partitioning", cls.partitioning)),
-            dirichlet_alpha=float(_get(run_config, "dirichlet-alpha", cls.dirichlet_alpha)),
-            seed=int(_get(run_config, "seed", cls.seed)),
-            partition_id=int(node_config["partition-id"]),
-            num_partitions=int(node_config["num-partitions"]),
-            threads=int(_get(run_config, "device-threads", cls.threads)),
-            backbone_layers=int(node_config.get("backbone-layers", 0) or 0),
-            max_tokens=int(node_config.get("max-tokens", cls.max_tokens) or 0),
-        )
+        shared = typed_fields(cls, run_config, keys=RUN_CONFIG_KEYS, only=RUN_CONFIG_KEYS, error=DeviceSetupError)
+        # a device's own node config: its partition, and it may choose its weight precision (a phone with
+        # little memory), run fewer blocks or cap its forward's tokens (an empty value leaves the run's)
+        own = typed_fields(cls, node_config, only=NODE_CONFIG_FIELDS, error=DeviceSetupError)
+        own = {k: v for k, v in own.items() if v != ""}
+        setup = cls(**{**shared, **own})
         if not 0 <= setup.partition_id < setup.num_partitions:
             raise DeviceSetupError(f"partition-id={setup.partition_id} must be in [0, num-partitions="
                                    f"{setup.num_partitions})")

@@ -32,7 +32,7 @@ LOCAL_CONNECTION = "local"
 COMPLETED = "finished:completed"
 """Run status of a run whose ServerApp returned normally."""
 
-DEFAULT_SERVERAPP = "mobiflower.platform.server_app:app"
+DEFAULT_SERVERAPP = "mobiflower.strategies.server_app:app"
 DEFAULT_CLIENTAPP = "mobiflower.clients.client_app:app"
 
 _KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")

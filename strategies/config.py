@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
+from mobiflower.platform.run_config import as_config, typed_fields
 from mobiflower.platform.side_store import MODES
 
 
@@ -170,27 +170,7 @@ class SideTuningConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "SideTuningConfig":
         """Pick this config's keys out of the run config (other keys belong to the devices)."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key not in run_config:
-                continue
-            default = f.default
-            raw = run_config[key]
-            try:
-                if isinstance(default, bool):
-                    if isinstance(raw, str):
-                        raw = raw.strip().lower() in ("1", "true", "yes", "on")
-                    values[f.name] = bool(raw)
-                elif isinstance(default, int):
-                    values[f.name] = int(raw)
-                elif isinstance(default, float):
-                    values[f.name] = float(raw)
-                else:
-                    values[f.name] = str(raw)
-            except (TypeError, ValueError) as err:
-                raise ConfigError(f"run config {key}={raw!r} is not a valid {type(default).__name__}") from err
-        return cls(**values)
+        return cls(**typed_fields(cls, run_config, error=ConfigError))
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): v for f, v in zip(fields(self), dataclasses.astuple(self))}
+        return as_config(self)

@@ -252,8 +252,8 @@ def residual_reply(reply: Message, rows: int, classes: int) -> np.ndarray:
 
 
 # ---- delivery -----------------------------------------------------------------------------------
-def delivery_receipt(reply: Message) -> tuple[str, str]:
-    """A ``train.deliver`` reply's receipt: (digest of what the device installed, where it saved it)."""
+def delivery_receipt(reply: Message) -> m.DeliveryReceipt:
+    """A ``train.deliver`` reply's receipt: the digest of what the device installed, where it saved it."""
     kind = "deliver"
     receipt = _content(reply, kind).config_records.get(m.CONFIG_KEY)
     if receipt is None:
@@ -262,4 +262,4 @@ def delivery_receipt(reply: Message) -> tuple[str, str]:
     path = receipt.get("path", "")
     if not isinstance(path, str) or len(path) > MAX_TEXT:
         raise ReplyError(kind, "path", f"must be a string of at most {MAX_TEXT} characters")
-    return digest, path
+    return m.DeliveryReceipt(digest=digest, path=path)

@@ -30,6 +30,7 @@ def _marked(scratch_root) -> list[psutil.Process]:
     return left
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_loopback_deployment_side_tunes_and_delivers(real_assets, tmp_path):
     workdir = (tmp_path / "deploy").resolve()

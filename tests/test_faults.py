@@ -15,6 +15,7 @@ from mobiflower.simulations.simulate import default_app_config
 from families import LADDER
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_a_supernode_killed_mid_run_is_dropped_and_reported(real_assets, tiny_llama, tmp_path):
     scratch = (tmp_path / "faults").resolve()

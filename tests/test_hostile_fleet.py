@@ -1,41 +1,30 @@
-"""A 4-device Flower simulation in which the last device is hostile (tests/hostile_device.py): every reply
+"""A 4-device fleet (in-process, tests/inprocess_grid.py) in which the last device is hostile
+(tests/hostile_device.py): every reply
 after its profile is a hostile frame or a lying reply. The run finishes, the three honest devices train
 to the accuracy of a clean run of the same fleet, and the summary reports the hostile device's refusals
 by reason."""
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 from families import LADDER
+from inprocess_grid import run_fleet
 
 HONEST = ("device-0", "device-1", "device-2")
 
 
-def _run(tiny_llama: str, scratch: Path, clientapp: str | None) -> dict:
-    from mobiflower.simulations.flower_config import write_app_dir
-    from mobiflower.simulations.flower_run import run_simulation
-    from mobiflower.simulations.simulate import default_app_config
+def _run(tiny_llama: str, scratch: Path, hostile: bool) -> dict:
+    import hostile_device
 
     # per-device networks without dropout, one request in flight: each honest device's network trains on
     # its own frames in its own order, whatever the hostile device does
-    run_config = {**LADDER, "model": tiny_llama, "num-taps": 2, "train-samples": 96, "validation-samples": 8,
+    run_config = {**LADDER, "model": tiny_llama, "num-taps": 2, "train-samples": 48, "validation-samples": 8,
                   "test-samples": 32, "rounds": 2, "chunk-size": 4, "eval-every": 0, "reduction": 4,
                   "mode": "per-device", "dropout": 0.0, "in-flight": 1, "activation-cache": False,
-                  "max-retries": 4, "run-dir": str(scratch / "run")}
-    extra = {"clientapp": clientapp} if clientapp else {}
-    app_dir = write_app_dir(scratch / "flower-app", default_app_config(), **extra)
-    tests = str(Path(__file__).parent)
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)}
-    if "MOBIFLOWER_HOME" in os.environ:
-        env["MOBIFLOWER_HOME"] = os.environ["MOBIFLOWER_HOME"]
-    result = run_simulation(app_dir, run_config, num_supernodes=4, client_cpus=1, scratch=scratch, timeout_s=600,
-                            extra_env=env)
-    assert result.ok, result.details
-    return json.loads((scratch / "run" / "summary.json").read_text())
+                  "max-retries": 4}
+    return run_fleet(scratch, 4, run_config, apps={3: hostile_device.app} if hostile else None)[0]
 
 
 HOSTILE_FRAME_REASONS = {"invalid meta", "invalid fingerprint", "wrong targets", "invalid targets.values",
@@ -46,9 +35,9 @@ HOSTILE_FRAME_REASONS = {"invalid meta", "invalid fingerprint", "wrong targets",
 def test_a_hostile_device_is_refused_alone_and_the_honest_ones_train_as_in_a_clean_run(real_assets, tiny_llama,
                                                                                           tmp_path):
     t0 = time.perf_counter()
-    clean = _run(tiny_llama, tmp_path / "clean", None)
+    clean = _run(tiny_llama, tmp_path / "clean", False)
     t1 = time.perf_counter()
-    hostile = _run(tiny_llama, tmp_path / "hostile", "hostile_device:app")
+    hostile = _run(tiny_llama, tmp_path / "hostile", True)
     t2 = time.perf_counter()
     bad = hostile["devices"]["device-3"]
     print(f"\nclean run {t1 - t0:.1f} s, hostile run {t2 - t1:.1f} s")
@@ -61,7 +50,7 @@ def test_a_hostile_device_is_refused_alone_and_the_honest_ones_train_as_in_a_cle
     for device in HONEST:  # the honest devices: untouched by it
         account = hostile["devices"][device]
         assert not account["failures"] and not account["frames_refused"] and not account["replies_refused"]
-        assert account["samples_trained"] == clean["devices"][device]["samples_trained"] == 48
+        assert account["samples_trained"] == clean["devices"][device]["samples_trained"] == 24
         assert abs(account["test_accuracy"] - clean["devices"][device]["test_accuracy"]) <= 0.125  # one sample
         assert account["delivered"] == 1
     assert abs(sum(hostile["devices"][d]["test_accuracy"] for d in HONEST)

@@ -146,21 +146,18 @@ def test_without_an_oracle_a_labelless_frame_cannot_train(tiny_llama):
         SideTrainer(make(), TrainConfig(), total_steps=3).ingest(frames["none"])
 
 
-# ---- a real Flower simulation ------------------------------------------------------------------
+# ---- a fleet run (in-process: tests/inprocess_grid.py) --------------------------------------------
 
 def test_label_private_fleet_trains_without_labels_reaching_the_server(real_assets, tiny_llama, tmp_path):
-    from pathlib import Path
+    from inprocess_grid import run_fleet
 
     from mobiflower.platform.frames import decode_frame
-    from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
     capture = tmp_path / "capture"
     run_config = {"model": tiny_llama, "num-taps": 2, "train-samples": 32, "validation-samples": 8,
                   "test-samples": 16, "rounds": 2, "chunk-size": 8, "batch-size": 8, "eval-every": 1,
                   "reduction": 4, "label-private": True, "label-epsilon": 1.0, "capture-dir": str(capture)}
-    summary = run_simulate(SimulateConfig(devices=2, workdir=str(tmp_path / "sim"), timeout_s=600,
-                                          run_config=run_config), quiet=True)
-    assert summary["simulation"]["status"] == "finished:completed"
+    summary, _ = run_fleet(tmp_path / "sim", 2, run_config)
     for device in summary["devices"].values():
         assert not device["failures"] and device["samples_trained"] == 16
         # shared mode: 32 samples in batches of 8 for 2 epochs = 8 steps; each asks the devices it touches
@@ -170,7 +167,7 @@ def test_label_private_fleet_trains_without_labels_reaching_the_server(real_asse
         kinds = {f.name.split("-", 1)[1].removesuffix(".bin") for f in (capture / f"partition-{partition}").glob("*.bin")}
         assert "train-residual" in kinds
     # what the server kept of every frame (its activation cache on disk): no labels anywhere
-    cached = sorted(Path(summary["simulation"]["run_dir"]).glob("cache/*/*.frame"))
+    cached = sorted((tmp_path / "sim" / "run").glob("cache/*/*.frame"))
     assert len(cached) == 4
     for path in cached:
         assert decode_frame(path.read_bytes()).targets == {"kind": "none"}

@@ -1,21 +1,23 @@
-"""Load: a 64-device Flower simulation with per-device side networks paged to disk under a budget."""
+"""Load: a 64-device fleet (in-process, tests/inprocess_grid.py) with per-device side networks paged to
+disk under a budget. Slow tier: the fleet is large, not the logic (tests/test_side_pager.py)."""
 
 from __future__ import annotations
 
+import pytest
+from inprocess_grid import run_fleet
+
 from mobiflower.simulations.bench.load import CONSTANT_MB, load_run_config, measure
-from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
 DEVICES = 64
 BUDGET_MB = 1.0
 
 
+@pytest.mark.slow
 def test_64_devices_run_with_side_networks_paged_under_the_budget(real_assets, tiny_llama, tmp_path):
     run_config = load_run_config(tiny_llama, DEVICES, samples_per_device=8, rounds=2, reduction=4,
                                  budget_mb=BUDGET_MB)
     run_config.update({"chunk-size": 8, "test-samples": 4 * DEVICES})
-    summary = run_simulate(SimulateConfig(devices=DEVICES, workdir=str(tmp_path / "sim"), timeout_s=900,
-                                          run_config=run_config), quiet=True)
-    assert summary["simulation"]["status"] == "finished:completed"
+    summary, _ = run_fleet(tmp_path / "sim", DEVICES, run_config)
     assert len(summary["devices"]) == DEVICES
     for device in summary["devices"].values():
         assert not device["failures"] and device["samples_trained"] == 8 and device["test_samples"] > 0

@@ -193,20 +193,20 @@ def test_adapter_folder_round_trips(tail_setup, tmp_path):
 
 def test_the_strategy_refuses_a_fleet_the_tail_cannot_serve(tail_setup, tiny_models, tmp_path):
     from mobiflower.strategies.config import SideTuningConfig
-    from mobiflower.strategies.side_tuning import DeviceState, FleetError, SideTuningStrategy
+    from mobiflower.strategies.fleet_profile import public_tail
+    from mobiflower.strategies.run_state import DeviceState, FleetError
 
     backbone, _, config = tail_setup
     model, fp = config.extra["model"], backbone.fingerprint
-    strategy = SideTuningStrategy(SideTuningConfig(), tmp_path)
     whole = DeviceState(1, "device-0", {"fingerprint": fp, "num-layers": 4}, 8)
-    weights, others, keys = strategy._public_tail(model, fp, {fp: [whole]})
+    weights, others, keys = public_tail(SideTuningConfig(), model, fp, {fp: [whole]})
     assert keys["cut"] == 2 and others == {} and "layers.2.self_attn.q_proj.weight" in weights
 
     shallow_fp = fp.replace("-L4-", "-L2-")  # a layer-truncated copy: it can feed block 1's output, not run 2..3
     shallow = DeviceState(2, "device-1", {"fingerprint": shallow_fp, "num-layers": 2}, 8)
     with pytest.raises(FleetError, match="fewer than the model's 4 blocks.*family 'ladder'"):
-        strategy._public_tail(model, fp, {fp: [whole], shallow_fp: [shallow]})
+        public_tail(SideTuningConfig(), model, fp, {fp: [whole], shallow_fp: [shallow]})
     other_fp = Backbone.load(tiny_models["qwen2"]).fingerprint
     other = DeviceState(3, "device-2", {"fingerprint": other_fp, "num-layers": 4}, 8)
     with pytest.raises(FleetError, match="device-2.*must run that model"):
-        strategy._public_tail(model, fp, {fp: [whole], other_fp: [other]})
+        public_tail(SideTuningConfig(), model, fp, {fp: [whole], other_fp: [other]})

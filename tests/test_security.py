@@ -30,6 +30,7 @@ def _nodes(env: dict) -> list[dict]:
     return json.loads(out.stdout).get("nodes") or [] if out.stdout.strip().startswith("{") else []
 
 
+@pytest.mark.slow
 def test_tls_deployment_admits_registered_supernodes_only(tmp_path):
     scratch = tmp_path.resolve()
     pki = make_loopback_pki(scratch / "pki", nodes=2)

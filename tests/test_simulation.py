@@ -23,7 +23,7 @@ def test_pyproject_declares_the_apps_defaults():
     import tomllib
 
     app = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "mobiflower.platform.server_app:app",
+    assert app["components"] == {"serverapp": "mobiflower.strategies.server_app:app",
                                  "clientapp": "mobiflower.clients.client_app:app"}
     assert app["config"] == default_app_config()
 
@@ -49,6 +49,7 @@ def test_bad_run_config_fails_before_flower_starts():
     assert proc.returncode == 2 and "mode='federated' is unknown" in proc.stderr
 
 
+@pytest.mark.slow
 def test_simulated_fleet_per_device_with_fedavg(real_assets, tiny_llama, tmp_path):
     config = SimulateConfig(devices=2, client_cpus=1, workdir=str(tmp_path / "sim"), timeout_s=600, run_config={
         "model": tiny_llama, "num-taps": 2, "train-samples": 48, "validation-samples": 16, "test-samples": 16,

@@ -6,7 +6,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from mobiflower.platform import messages as m
-from mobiflower.strategies.side_tuning import _evaluate_reply, _forward_reply
+from mobiflower.strategies.evaluation import weighted_accuracy
+from mobiflower.strategies.reply_checks import forward_reply
 
 
 class _Reply:
@@ -28,7 +29,7 @@ def _stats(**kw) -> MetricRecord:
 
 def test_a_complete_forward_reply_yields_its_frame_bytes():
     blob = b"MBFL" + bytes(100)
-    frame, stats = _forward_reply(_Reply(RecordDict({m.FRAME_KEY: m.frame_record(blob), m.STATS_KEY: _stats()})))
+    frame, stats = forward_reply(_Reply(RecordDict({m.FRAME_KEY: m.frame_record(blob), m.STATS_KEY: _stats()})))
     assert frame == blob and stats["samples"] == 4
 
 
@@ -43,12 +44,15 @@ def test_a_complete_forward_reply_yields_its_frame_bytes():
 ])
 def test_malformed_forward_replies_are_refused_with_a_reason(content, why):
     with pytest.raises((ValueError, KeyError), match=why):
-        _forward_reply(_Reply(content))
+        forward_reply(_Reply(content))
 
 
 def test_evaluate_replies_without_valid_metrics_are_skipped():
     good = _Reply(RecordDict({m.STATS_KEY: MetricRecord({"accuracy": 0.75, "samples": 8})}))
-    assert _evaluate_reply(good)["accuracy"] == 0.75
-    assert _evaluate_reply(_Reply(error="device crashed")) is None
-    assert _evaluate_reply(_Reply(RecordDict({}))) is None
-    assert _evaluate_reply(_Reply(RecordDict({m.STATS_KEY: MetricRecord({"accuracy": 3.0, "samples": 8})}))) is None
+    other = _Reply(RecordDict({m.STATS_KEY: MetricRecord({"accuracy": 0.25, "samples": 24})}))
+    assert weighted_accuracy([good])["accuracy"] == 0.75
+    assert weighted_accuracy([good, other])["accuracy"] == 0.375  # weighted by samples
+    bad = [_Reply(error="device crashed"), _Reply(RecordDict({})),
+           _Reply(RecordDict({m.STATS_KEY: MetricRecord({"accuracy": 3.0, "samples": 8})}))]
+    assert weighted_accuracy(bad) is None
+    assert weighted_accuracy([good, *bad]) == weighted_accuracy([good])

@@ -1,15 +1,15 @@
-"""What leaves a device: every reply of a real simulated run, captured as Flower serializes it, holds
-no text of the device's samples and no run of their token ids."""
+"""What leaves a device: every reply of a fleet run, captured as Flower serializes it (the ClientApp's
+capture mod, run in-process by tests/inprocess_grid.py as a SuperNode runs it), holds no text of the
+device's samples and no run of their token ids."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
+from inprocess_grid import run_fleet
 
 from mobiflower.clients.device_setup import DeviceSetup
 from mobiflower.platform.backbone import Backbone
-from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
 WINDOW = 6  # consecutive token ids that would count as a leak
 
@@ -46,9 +46,7 @@ def test_no_text_or_token_ids_leave_a_device(real_assets, tiny_llama, tmp_path):
     run_config = {"model": tiny_llama, "num-taps": 2, "train-samples": 24, "validation-samples": 8,
                   "test-samples": 8, "rounds": 2, "chunk-size": 8, "eval-every": 1, "reduction": 4,
                   "token-policy": "nonpad", "capture-dir": str(capture)}
-    summary = run_simulate(SimulateConfig(devices=2, workdir=str(tmp_path / "sim"), timeout_s=600,
-                                          run_config=run_config), quiet=True)
-    assert summary["simulation"]["status"] == "finished:completed"
+    summary, _ = run_fleet(tmp_path / "sim", 2, run_config)
 
     backbone = Backbone.load(tiny_llama, num_taps=2)
     for partition in (0, 1):

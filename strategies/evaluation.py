@@ -1,0 +1,206 @@
+"""Scoring the side networks, and delivering them.
+
+Periodic validation runs on the server from frames each device forwarded once and the server kept
+(``eval-on = "server"``: no network travels down), or on the devices, each sent its network. The
+final test is always on the devices, with the network they installed: delivery sends each device its
+network (``train.deliver``) and keeps the device's receipt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from logging import INFO
+from typing import Any, Iterable
+
+from flwr.app import Message, MetricRecord
+from flwr.common.logger import log
+
+from mobiflower.platform import messages as m
+from mobiflower.platform.intake import Refusal, run_limits
+from mobiflower.platform.messages import DeliverRequest, EvaluateRequest, ForwardRequest
+from mobiflower.platform.trainer import DecodedFrame, decode_for, evaluate_network
+from mobiflower.strategies.grid_requests import Reply, config_bytes, failed, request_all, why
+from mobiflower.strategies.job import Job
+from mobiflower.strategies.reply_checks import ReplyError, delivery_receipt, evaluate_reply, forward_reply
+from mobiflower.strategies.streaming import forward_message, forward_request
+
+
+def weighted_accuracy(replies: Iterable[Message]) -> MetricRecord | None:
+    """Sample-weighted accuracy over the evaluate replies that pass their checks (None: none did)."""
+    correct = count = 0.0
+    for reply in replies:
+        try:
+            stats = evaluate_reply(reply)
+        except ReplyError:
+            continue
+        correct += float(stats["accuracy"]) * float(stats["samples"])
+        count += float(stats["samples"])
+    if count == 0:
+        return None
+    return MetricRecord({"accuracy": correct / count, "samples": count})
+
+
+def evaluate_requests(job: Job, rnd: int, request: EvaluateRequest) -> Iterable[Message]:
+    """One evaluate request per working device, carrying that device's side network unless the device
+    scores what it installed (built lazily, as the send window frees)."""
+    for node_id, dev in list(job.state.working().items()):
+        network = None if request.installed else m.network_records(job.store.network_for(dev.device_id))
+        msg = dataclasses.replace(request, network=network, backbone=job.backbone(node_id)).to_message(
+            node_id, job.config.request_timeout, group_id=str(rnd))
+        sent_network = msg.content.array_records.get(m.NETWORK_KEY)
+        dev.bytes_down += (m.array_bytes(sent_network) if sent_network is not None else 0) + config_bytes(
+            msg.content[m.CONFIG_KEY])
+        yield msg
+
+
+class Evaluator:
+    """Scores the current networks; keeps each device's server-side evaluation frames once forwarded."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self._frames: dict[tuple[str, int], dict[str, list[DecodedFrame]]] = {}
+
+    def evaluate(self, rnd: int, split: str, max_samples: int | None = None, installed: bool | None = None,
+                 final: bool = False) -> dict[str, Any]:
+        """Score the networks on ``split`` (at most ``max_samples`` per device; 0 or None = all): on the
+        server from kept frames (``eval-on``), or on the devices; the ``final`` test always on the devices."""
+        cfg = self.job.config
+        if not final and cfg.eval_on == "server" and not cfg.label_private:
+            return self._on_server(rnd, split, int(max_samples or 0))
+        request = EvaluateRequest(split=split, max_samples=max_samples, installed=installed)
+        replies = request_all(self.job.grid, evaluate_requests(self.job, rnd, request), cfg.request_timeout,
+                              window=cfg.send_window)
+        per_device, answered = {}, []
+        for node, reply in replies.items():
+            dev = self.job.state.devices[node]
+            if failed(reply):
+                dev.failures.append(f"evaluate ({split}): {why(reply)}")
+                continue
+            held = int(dev.profile.get(split, 0))  # the most samples the device can score
+            limit = int(max_samples or 0)
+            try:
+                stats = evaluate_reply(reply, min(held, limit) if limit else held)
+            except Exception as err:  # noqa: BLE001 - a reply that fails its checks counts for nothing
+                dev.refuse(err, f"evaluate ({split})")
+                continue
+            per_device[dev.device_id] = stats
+            answered.append(reply)
+        agg = weighted_accuracy(answered)
+        result = {"accuracy": float(agg["accuracy"]) if agg else float("nan"), "per_device": per_device}
+        log(INFO, "[round %d] on-device %s accuracy %.4f (%s)", rnd, split, result["accuracy"],
+            ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in sorted(per_device.items())))
+        return result
+
+    def _frames_for(self, split: str, limit: int) -> dict[str, list[DecodedFrame]]:
+        """Each working device's ``split`` samples (at most ``limit``; 0 = all), forwarded once as one frame
+        each and kept: the server scores every later network on them, and no network travels down.
+
+        Their upload counts in each device's bytes up (``eval_bytes_up`` says how much of it), and on a fleet
+        clock the slowest device's forward and upload of them advance the virtual time, validation frames
+        only: a test split is the benchmark's own measurement, not the method's cost.
+        """
+        if (split, limit) in self._frames:
+            return self._frames[(split, limit)]
+        job = self.job
+        messages, counts = [], {}
+        for node_id, dev in job.state.working().items():
+            count = min(int(dev.profile.get(split, 0)), limit) if limit else int(dev.profile.get(split, 0))
+            if count > 0:
+                counts[node_id] = count
+                request = forward_request(job, node_id, ForwardRequest(samples=count, offset=0, split=split))
+                messages.append(forward_message(job, node_id, request))
+        frames: dict[str, list[DecodedFrame]] = {}
+        slowest = 0.0
+        for node, reply in request_all(job.grid, messages, job.config.request_timeout,
+                                       window=job.config.send_window).items():
+            decoded = self._eval_frame(node, reply, split, counts[node])
+            if decoded is None:
+                continue
+            dev, (frame, blob_bytes, busy) = job.state.devices[node], decoded
+            frames[dev.device_id] = [frame]
+            if job.clock.fleet is not None:
+                profile = job.clock.fleet.profiles[dev.device_id]
+                slowest = max(slowest, profile.compute_s(busy) + profile.upload_s(blob_bytes))
+        if split == "validation" and job.clock.virtual:
+            job.clock.advance(slowest)
+        log(INFO, "%s frames for server-side evaluation: %d samples from %d devices", split,
+            sum(len(f) for fs in frames.values() for f in fs), len(frames))
+        self._frames[(split, limit)] = frames
+        return frames
+
+    def _eval_frame(self, node: int, reply: Reply, split: str, count: int) -> tuple[DecodedFrame, int, float] | None:
+        """A device's evaluation frame, checked by the intake (not its replay and repeat checks: it trains
+        nothing) and counted; None when it failed."""
+        job = self.job
+        dev = job.state.devices[node]
+        what = f"forward ({split} frames for evaluation)"
+        if failed(reply):
+            dev.failures.append(f"{what}: {why(reply)}")
+            return None
+        try:
+            blob, stats = forward_reply(reply, count)
+            frame = job.intake.inspect(blob, run_limits(job.side_config, count))
+            decoded = decode_for(job.side_config, frame)
+        except Refusal as refusal:
+            reason = f"evaluation frame: {refusal.reason}"
+            dev.replies_refused[reason] = dev.replies_refused.get(reason, 0) + 1
+            dev.failures.append(f"{what}: refused ({refusal.reason}): {refusal.message}")
+            return None
+        except Exception as err:  # noqa: BLE001 - a reply that fails its checks is a failed request
+            dev.refuse(err, what)
+            return None
+        dev.bytes_up += len(blob)
+        dev.count("eval_bytes_up", len(blob))
+        if split == "test":  # a test curve is the benchmark's measurement, not the method's cost
+            dev.count("test_curve_bytes_up", len(blob))
+        busy = float(stats["busy-s"])
+        if split == "validation":
+            dev.busy_s += busy
+        return decoded, len(blob), busy
+
+    def _on_server(self, rnd: int, split: str, limit: int) -> dict[str, Any]:
+        """Score each device's network on its kept ``split`` frames, on the server."""
+        frames = self._frames_for(split, limit)
+        per_device, correct, count = {}, 0.0, 0
+        for dev in self.job.state.working().values():
+            if dev.device_id not in frames:
+                continue
+            net = self.job.store.network_for(dev.device_id)
+            stats = evaluate_network(net, frames[dev.device_id], next(net.parameters()).device,
+                                     mixed_precision=self.job.config.train_precision)
+            per_device[dev.device_id] = {"accuracy": stats["accuracy"], "samples": stats["count"]}
+            correct += stats["accuracy"] * stats["count"]
+            count += stats["count"]
+        result = {"accuracy": correct / count if count else float("nan"), "per_device": per_device}
+        log(INFO, "[round %d] server-side %s accuracy %.4f (%s)", rnd, split, result["accuracy"],
+            ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in sorted(per_device.items())))
+        return result
+
+
+def deliver(job: Job) -> None:
+    """Send each working device its side network and check its receipt (``delivered`` per device)."""
+    def deliveries() -> Iterable[Message]:  # built one by one as the send window frees
+        for node_id, dev in list(job.state.working().items()):
+            weights, net_cfg = m.network_records(job.store.network_for(dev.device_id))
+            dev.bytes_down += m.array_bytes(weights) + config_bytes(net_cfg)
+            dev.delivered_digest = m.records_digest(weights, net_cfg)
+            yield DeliverRequest((weights, net_cfg), job.backbone(node_id)).to_message(node_id,
+                                                                                     job.config.request_timeout)
+
+    for node, reply in request_all(job.grid, deliveries(), job.config.request_timeout,
+                                   window=job.config.send_window).items():
+        dev = job.state.devices[node]
+        if failed(reply):
+            dev.failures.append(f"delivery: {why(reply)}")
+            dev.metrics["delivered"] = 0
+            continue
+        try:
+            receipt = delivery_receipt(reply)
+        except Exception as err:  # noqa: BLE001 - no receipt to trust: not delivered
+            dev.refuse(err, "delivery")
+            dev.metrics["delivered"] = 0
+            continue
+        dev.metrics["delivered"] = int(receipt.digest == dev.delivered_digest)
+        dev.metrics["delivered_path"] = receipt.path
+    log(INFO, "delivered side networks to %d devices", sum(int(d.metrics.get("delivered", 0))
+                                                             for d in job.state.devices.values()))
