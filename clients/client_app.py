@@ -27,12 +27,11 @@ from mobiflower.clients.device_setup import DeviceSetup, examples_at
 from mobiflower.clients.inference import TailClassifier, installed_classifier
 from mobiflower.clients.runtime import ForwardConfig
 from mobiflower.platform import messages as m
+from mobiflower.platform.precision import normalize_precision
+from mobiflower.platform.pretrained_tail import save_peft_adapter
 from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
 from mobiflower.platform.run_config import flag
-from mobiflower.platform.pretrained_tail import save_peft_adapter
 from mobiflower.platform.side_networks import SideNetworkConfig, save_side_network
-from mobiflower.platform.precision import normalize_precision
-
 
 
 def capture_replies(msg: Message, context: Context, call_next) -> Message:
@@ -104,18 +103,30 @@ def profile(msg: Message, context: Context) -> Message:
     rss, peak = _memory_mb()
     cfg = backbone.model.config
     description = {
-        "device-id": setup.device_id, "fingerprint": backbone.fingerprint, "model": setup.model,
-        "layers": [int(x) for x in backbone.layers], "is-decoder": bool(backbone.is_decoder),
-        "hidden-size": int(backbone.hidden_size), "num-layers": int(backbone.num_layers),
+        "device-id": setup.device_id,
+        "fingerprint": backbone.fingerprint,
+        "model": setup.model,
+        "layers": [int(x) for x in backbone.layers],
+        "is-decoder": bool(backbone.is_decoder),
+        "hidden-size": int(backbone.hidden_size),
+        "num-layers": int(backbone.num_layers),
         "norm-eps": float(getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", None) or 1e-5),
         # a device may opt out of the server's activation cache (--node-config 'activation-cache=false'):
         # the server then trains on its frames once and keeps none; it forwards again every round
         "activation-cache": flag(context.node_config.get("activation-cache", True)),
     }
-    measurements = {"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
-                    "positive-share": sum(e.label for e in data.train) / max(1, len(data.train)),
-                    "forward-samples-per-s": speed, "load-s": load_s, "rss-mb": rss, "peak-rss-mb": peak,
-                    "cpu-count": os.cpu_count() or 1, "threads": torch.get_num_threads()}
+    measurements = {
+        "train": len(data.train),
+        "validation": len(data.validation),
+        "test": len(data.test),
+        "positive-share": sum(e.label for e in data.train) / max(1, len(data.train)),
+        "forward-samples-per-s": speed,
+        "load-s": load_s,
+        "rss-mb": rss,
+        "peak-rss-mb": peak,
+        "cpu-count": os.cpu_count() or 1,
+        "threads": torch.get_num_threads(),
+    }
     frozen = {k: v.contiguous() for k, v in backbone.frozen_head_state(lm_head=False).items()}
     return Message(m.ProfileReply(description, measurements, frozen).to_content(), reply_to=msg)
 
@@ -133,24 +144,40 @@ def forward(msg: Message, context: Context) -> Message:
     if count < 1:
         raise ValueError(f"samples={count}: a forward request needs at least one sample")
     forward_config = ForwardConfig(
-        bits=request.bits, group_size=request.group_size, rotation=request.rotation,
-        token_policy=request.token_policy, batch_size=request.batch_size, seed=request.codec_seed,
-        targets="none" if _label_private(context) else "class")
+        bits=request.bits,
+        group_size=request.group_size,
+        rotation=request.rotation,
+        token_policy=request.token_policy,
+        batch_size=request.batch_size,
+        seed=request.codec_seed,
+        targets="none" if _label_private(context) else "class",
+    )
     layers = list(request.layers) if request.layers is not None else None
     runtime = setup.runtime(forward_config)
     t0 = time.perf_counter()
     chunk = examples_at(examples, offset, count)
-    frame, stats = runtime.make_frame(chunk, layers=layers, meta={"split": split, "offset": offset,
-                                                                   "request": request.request_id})
+    frame, stats = runtime.make_frame(
+        chunk, layers=layers, meta={"split": split, "offset": offset, "request": request.request_id}
+    )
     blob = runtime.encode(frame)
     busy_s = time.perf_counter() - t0
     if split == "train":
-        cursor = ConfigRecord({"train": (offset + count) % len(examples),
-                               "forwarded": int(cursor["forwarded"]) + count})
+        cursor = ConfigRecord(
+            {"train": (offset + count) % len(examples), "forwarded": int(cursor["forwarded"]) + count}
+        )
         context.state.config_records[CURSOR_KEY] = cursor
     rss, peak = _memory_mb()
-    cost = {"forward-s": stats.forward_s, "quantize-s": stats.quantize_s, "busy-s": busy_s, "frame-bytes": len(blob),
-            "samples": stats.samples, "tokens": stats.tokens_sent, "offset": offset, "rss-mb": rss, "peak-rss-mb": peak}
+    cost = {
+        "forward-s": stats.forward_s,
+        "quantize-s": stats.quantize_s,
+        "busy-s": busy_s,
+        "frame-bytes": len(blob),
+        "samples": stats.samples,
+        "tokens": stats.tokens_sent,
+        "offset": offset,
+        "rss-mb": rss,
+        "peak-rss-mb": peak,
+    }
     return Message(m.ForwardReply(blob, cost).to_content(), reply_to=msg)
 
 
@@ -192,10 +219,8 @@ def residual(msg: Message, context: Context) -> Message:
     labels, secret = _own_labels(setup.data().train)
     unknown = [i for i in ids if i not in labels]
     if unknown:
-        raise lp.ResidualError(f"{len(unknown)} sample id(s) are not this device's training samples, e.g. "
-                               f"{unknown[0]}")
-    r = lp.residuals(request.probs, [labels[i] for i in ids], ids, request.num_classes, _label_epsilon(context),
-                     secret)
+        raise lp.ResidualError(f"{len(unknown)} sample id(s) are not this device's training samples, e.g. {unknown[0]}")
+    r = lp.residuals(request.probs, [labels[i] for i in ids], ids, request.num_classes, _label_epsilon(context), secret)
     return Message(m.ResidualReply(r).to_content(), reply_to=msg)
 
 
@@ -212,24 +237,31 @@ def evaluate(msg: Message, context: Context) -> Message:
     request = m.EvaluateRequest.from_content(msg.content)
     examples = _split(setup, request.split)
     if request.max_samples:
-        examples = examples[:request.max_samples]
+        examples = examples[: request.max_samples]
     if request.network is not None:
         weights, net_config = request.network
         source = "sent"
     else:
         weights, net_config = _installed(context)
         source = "installed"
-    classifier = installed_classifier(setup.backbone(), SideNetworkConfig.from_json(str(net_config["json"])),
-                                      weights.to_torch_state_dict())
+    classifier = installed_classifier(
+        setup.backbone(), SideNetworkConfig.from_json(str(net_config["json"])), weights.to_torch_state_dict()
+    )
     try:
         result = classifier.evaluate(examples, batch_size=request.batch_size)
     finally:
         if isinstance(classifier, TailClassifier):
             classifier.close()  # the adapter's hooks come off the cached backbone
     rss, peak = _memory_mb()
-    stats = {"accuracy": result["accuracy"], "zero-shot-accuracy": result["zero_shot_accuracy"],
-             "samples": result["samples"], "seconds": result["seconds"], "rss-mb": rss, "peak-rss-mb": peak,
-             "installed": source == "installed"}
+    stats = {
+        "accuracy": result["accuracy"],
+        "zero-shot-accuracy": result["zero_shot_accuracy"],
+        "samples": result["samples"],
+        "seconds": result["seconds"],
+        "rss-mb": rss,
+        "peak-rss-mb": peak,
+        "installed": source == "installed",
+    }
     return Message(m.EvaluateReply(stats).to_content(), reply_to=msg)
 
 
@@ -249,9 +281,17 @@ def deliver(msg: Message, context: Context) -> Message:
     if folder and config.family == "tail":  # a PEFT adapter folder for the stock model
         path = str(save_peft_adapter(config, state, Path(str(folder)) / setup.device_id))
     elif folder:
-        path = str(save_side_network(classifier.net, Path(str(folder)) / f"{setup.device_id}.safetensors",
-                                     extra={"device_id": setup.device_id}))
-    receipt = m.DeliveryReceipt(digest=m.records_digest(weights, net_config), path=path, device_id=setup.device_id,
-                                parameters=sum(v.numel() for v in state.values()))
+        path = str(
+            save_side_network(
+                classifier.net,
+                Path(str(folder)) / f"{setup.device_id}.safetensors",
+                extra={"device_id": setup.device_id},
+            )
+        )
+    receipt = m.DeliveryReceipt(
+        digest=m.records_digest(weights, net_config),
+        path=path,
+        device_id=setup.device_id,
+        parameters=sum(v.numel() for v in state.values()),
+    )
     return Message(receipt.to_content(), reply_to=msg)
-

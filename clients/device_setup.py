@@ -33,10 +33,18 @@ class DeviceSetupError(ValueError):
 
 
 # the run-config key of each field the run config sets (the same on every device)
-RUN_CONFIG_KEYS = {"model": "model", "weights": "weights", "num_taps": "num-taps", "train_samples": "train-samples",
-                   "validation_samples": "validation-samples", "test_samples": "test-samples",
-                   "partitioning": "partitioning", "dirichlet_alpha": "dirichlet-alpha", "seed": "seed",
-                   "threads": "device-threads"}
+RUN_CONFIG_KEYS = {
+    "model": "model",
+    "weights": "weights",
+    "num_taps": "num-taps",
+    "train_samples": "train-samples",
+    "validation_samples": "validation-samples",
+    "test_samples": "test-samples",
+    "partitioning": "partitioning",
+    "dirichlet_alpha": "dirichlet-alpha",
+    "seed": "seed",
+    "threads": "device-threads",
+}
 NODE_CONFIG_FIELDS = ("partition_id", "num_partitions", "weights", "backbone_layers", "max_tokens")
 
 
@@ -66,7 +74,8 @@ class DeviceSetup:
         if "partition-id" not in node_config or "num-partitions" not in node_config:
             raise DeviceSetupError(
                 "this node has no partition: start the SuperNode with --node-config "
-                "'partition-id=<i> num-partitions=<n>' (the simulation engine sets both itself)")
+                "'partition-id=<i> num-partitions=<n>' (the simulation engine sets both itself)"
+            )
         shared = typed_fields(cls, run_config, keys=RUN_CONFIG_KEYS, only=RUN_CONFIG_KEYS, error=DeviceSetupError)
         # a device's own node config: its partition, and it may choose its weight precision (a phone with
         # little memory), run fewer blocks or cap its forward's tokens (an empty value leaves the run's)
@@ -74,8 +83,9 @@ class DeviceSetup:
         own = {k: v for k, v in own.items() if v != ""}
         setup = cls(**{**shared, **own})
         if not 0 <= setup.partition_id < setup.num_partitions:
-            raise DeviceSetupError(f"partition-id={setup.partition_id} must be in [0, num-partitions="
-                                   f"{setup.num_partitions})")
+            raise DeviceSetupError(
+                f"partition-id={setup.partition_id} must be in [0, num-partitions={setup.num_partitions})"
+            )
         if setup.partitioning not in ("iid", "dirichlet"):
             raise DeviceSetupError(f"partitioning={setup.partitioning!r} must be 'iid' or 'dirichlet'")
         for key, value in (("num-taps", setup.num_taps), ("device-threads", setup.threads)):
@@ -102,9 +112,12 @@ class DeviceSetup:
         key = (self.model, self.weights, self.num_taps, self.backbone_layers)
         if key not in _BACKBONES:
             torch.set_num_threads(max(1, self.threads))
-            _BACKBONES[key] = Backbone.load(self.model, num_taps=self.num_taps,
-                                            weights=None if self.weights == "fp32" else self.weights,
-                                            keep_layers=self.backbone_layers)
+            _BACKBONES[key] = Backbone.load(
+                self.model,
+                num_taps=self.num_taps,
+                weights=None if self.weights == "fp32" else self.weights,
+                keep_layers=self.backbone_layers,
+            )
         return _BACKBONES[key]
 
     def runtime(self, config: ForwardConfig | None = None) -> DeviceRuntime:
@@ -125,8 +138,16 @@ class DeviceSetup:
         return runtime
 
     def _data_key(self) -> tuple:
-        return (self.train_samples, self.validation_samples, self.test_samples, self.partitioning,
-                self.dirichlet_alpha, self.seed, self.partition_id, self.num_partitions)
+        return (
+            self.train_samples,
+            self.validation_samples,
+            self.test_samples,
+            self.partitioning,
+            self.dirichlet_alpha,
+            self.seed,
+            self.partition_id,
+            self.num_partitions,
+        )
 
     def data(self) -> Splits:
         """This device's train / validation / test samples (deterministic from the run config)."""
@@ -134,15 +155,23 @@ class DeviceSetup:
         if key not in _DEVICE_DATA:
             split_key = (self.train_samples, self.validation_samples, self.test_samples, self.seed)
             if split_key not in _SPLITS:
-                _SPLITS[split_key] = task_samples(self.train_samples, self.validation_samples, self.test_samples,
-                                                  self.seed)
-            _DEVICE_DATA[key] = device_share(_SPLITS[split_key], self.partition_id, self.num_partitions,
-                                             self.partitioning, self.dirichlet_alpha, self.seed)
+                _SPLITS[split_key] = task_samples(
+                    self.train_samples, self.validation_samples, self.test_samples, self.seed
+                )
+            _DEVICE_DATA[key] = device_share(
+                _SPLITS[split_key],
+                self.partition_id,
+                self.num_partitions,
+                self.partitioning,
+                self.dirichlet_alpha,
+                self.seed,
+            )
         return _DEVICE_DATA[key]
 
 
-def device_share(splits: Splits, partition_id: int, num_partitions: int, scheme: str, alpha: float,
-                 seed: int) -> Splits:
+def device_share(
+    splits: Splits, partition_id: int, num_partitions: int, scheme: str, alpha: float, seed: int
+) -> Splits:
     """Device ``partition_id``'s share: its training samples, and held-out samples with its label mix."""
     train_parts = partition(splits.train, num_partitions, scheme, alpha, seed)
     if scheme == "iid":

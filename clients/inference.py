@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from mobiflower.clients.runtime import select_tokens
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import dequantize, quantize
-from mobiflower.platform.precision import precision_from_fingerprint
 from mobiflower.platform.data import LABEL_NAMES, VERBALIZERS, Example, format_prompt
+from mobiflower.platform.precision import precision_from_fingerprint
 from mobiflower.platform.pretrained_tail import is_peft_adapter, lora_deltas, read_peft_adapter, stock_state, tail_cut
 from mobiflower.platform.side_networks import (
     SideNetwork,
@@ -50,8 +50,13 @@ class LocalClassifier:
         self._verbalizers = backbone.verbalizer_ids(VERBALIZERS) if backbone.is_decoder else None
 
     @classmethod
-    def load(cls, side_network: str | Path, model: str | None = None, backbone: Backbone | None = None,
-             match_training_precision: bool = True) -> "LocalClassifier":
+    def load(
+        cls,
+        side_network: str | Path,
+        model: str | None = None,
+        backbone: Backbone | None = None,
+        match_training_precision: bool = True,
+    ) -> "LocalClassifier":
         """Load the delivered side network (a side-network file, or a pretrained tail's PEFT adapter
         folder) and the backbone it was trained on (``model`` ref)."""
         if is_peft_adapter(side_network):
@@ -64,8 +69,9 @@ class LocalClassifier:
                 raise SideNetworkError(f"{side_network} does not name its backbone: pass --model")
             precision = precision_from_fingerprint(config.fingerprint)
             backbone = Backbone.load(model, layers=config.layers, weights=None if precision == "fp32" else precision)
-        net = load_side_network(side_network, backbone.frozen_head_state(lm_head=config.head == "lm"),
-                                fingerprint=backbone.fingerprint)
+        net = load_side_network(
+            side_network, backbone.frozen_head_state(lm_head=config.head == "lm"), fingerprint=backbone.fingerprint
+        )
         return cls(backbone, net, match_training_precision)
 
     def _features(self, rows: torch.Tensor) -> torch.Tensor:
@@ -86,25 +92,32 @@ class LocalClassifier:
         def on_layer(layer_id: int, hidden: torch.Tensor) -> None:
             rows[layer_id] = self._features(select_tokens(hidden, mask, positions, cfg.token_policy))
 
-        final = self.backbone.forward_taps(enc["input_ids"], mask, on_layer, layers=self.layers,
-                                           need_final=self._verbalizers is not None)
+        final = self.backbone.forward_taps(
+            enc["input_ids"], mask, on_layer, layers=self.layers, need_final=self._verbalizers is not None
+        )
         lengths = mask.sum(dim=1).tolist()
-        counts = [1] * len(lengths) if cfg.token_policy == "last" else (
-            lengths if cfg.token_policy == "nonpad" else [mask.shape[1]] * len(lengths))
-        batch = make_side_batch([rows[layer] for layer in self.layers], counts, lengths, cfg.token_policy,
-                                cfg.feature_token)
+        counts = (
+            [1] * len(lengths)
+            if cfg.token_policy == "last"
+            else (lengths if cfg.token_policy == "nonpad" else [mask.shape[1]] * len(lengths))
+        )
+        batch = make_side_batch(
+            [rows[layer] for layer in self.layers], counts, lengths, cfg.token_policy, cfg.feature_token
+        )
         batch.backbone = self.backbone_tag
         side = self.net(batch)
         zero_shot = None
         if final is not None:
-            zero_shot = self.backbone.zero_shot_logits(final[torch.arange(final.shape[0]), positions], self._verbalizers)
+            zero_shot = self.backbone.zero_shot_logits(
+                final[torch.arange(final.shape[0]), positions], self._verbalizers
+            )
         return side, zero_shot
 
     def classify(self, texts: Sequence[str], batch_size: int = 16) -> list[dict]:
         """Label and probability for each raw text (the task prompt is applied here)."""
         results = []
         for start in range(0, len(texts), batch_size):
-            chunk = texts[start:start + batch_size]
+            chunk = texts[start : start + batch_size]
             side, _ = self.logits([format_prompt(t) for t in chunk])
             probs = side.softmax(-1)
             for text, p in zip(chunk, probs):
@@ -118,7 +131,7 @@ class LocalClassifier:
         start_t = time.perf_counter()
         examples = sorted(examples, key=lambda e: len(e.prompt))  # less padding per batch; accuracy is order-free
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
+            chunk = examples[start : start + batch_size]
             side, zero_shot = self.logits([e.prompt for e in chunk])
             labels = torch.as_tensor([e.label for e in chunk])
             correct += int((side.argmax(-1) == labels).sum())
@@ -127,8 +140,12 @@ class LocalClassifier:
             if progress is not None:
                 progress(len(chunk))
         n = len(examples)
-        return {"accuracy": correct / n, "zero_shot_accuracy": zs_correct / n if self._verbalizers else float("nan"),
-                "samples": n, "seconds": time.perf_counter() - start_t}
+        return {
+            "accuracy": correct / n,
+            "zero_shot_accuracy": zs_correct / n if self._verbalizers else float("nan"),
+            "samples": n,
+            "seconds": time.perf_counter() - start_t,
+        }
 
 
 class TailClassifier(LocalClassifier):
@@ -141,14 +158,21 @@ class TailClassifier(LocalClassifier):
     same quantize/dequantize round trip training saw. Call :meth:`close` to take the hooks off.
     """
 
-    def __init__(self, backbone: Backbone, config: SideNetworkConfig, tensors: dict[str, torch.Tensor],
-                 match_training_precision: bool = True):
+    def __init__(
+        self,
+        backbone: Backbone,
+        config: SideNetworkConfig,
+        tensors: dict[str, torch.Tensor],
+        match_training_precision: bool = True,
+    ):
         total = int(config.backbone_config["num_hidden_layers"])
         if backbone.num_layers != total or backbone.hidden_size != config.hidden_size:
-            raise SideNetworkError(f"this adapter runs on blocks {tail_cut(config)}..{total - 1} of a {total}-block "
-                                   f"backbone of width {config.hidden_size}; this device's backbone has "
-                                   f"{backbone.num_layers} blocks of width {backbone.hidden_size}: run it on the "
-                                   "whole model it was trained for")
+            raise SideNetworkError(
+                f"this adapter runs on blocks {tail_cut(config)}..{total - 1} of a {total}-block "
+                f"backbone of width {config.hidden_size}; this device's backbone has "
+                f"{backbone.num_layers} blocks of width {backbone.hidden_size}: run it on the "
+                "whole model it was trained for"
+            )
         deltas, head = lora_deltas(config, tensors)
         self.config = config
         self.backbone = backbone
@@ -171,8 +195,13 @@ class TailClassifier(LocalClassifier):
             self._hooks.append(backbone.blocks[tail_cut(config) - 1].register_forward_hook(self._round_trip))
 
     @classmethod
-    def load(cls, adapter: str | Path, model: str | None = None, backbone: Backbone | None = None,
-             match_training_precision: bool = True) -> "TailClassifier":
+    def load(
+        cls,
+        adapter: str | Path,
+        model: str | None = None,
+        backbone: Backbone | None = None,
+        match_training_precision: bool = True,
+    ) -> "TailClassifier":
         """The adapter folder :func:`save_peft_adapter` wrote, on ``backbone`` (or ``model``, by default
         the one the adapter names, at the precision it was trained with)."""
         config, tensors = read_peft_adapter(adapter)
@@ -181,16 +210,22 @@ class TailClassifier(LocalClassifier):
             if not model:
                 raise SideNetworkError(f"{adapter} does not name its backbone: pass --model")
             precision = precision_from_fingerprint(config.fingerprint)
-            backbone = Backbone.load(model, layers=[int(config.backbone_config["num_hidden_layers"]) - 1],
-                                     weights=None if precision in (None, "fp32") else precision)
+            backbone = Backbone.load(
+                model,
+                layers=[int(config.backbone_config["num_hidden_layers"]) - 1],
+                weights=None if precision in (None, "fp32") else precision,
+            )
         return cls(backbone, config, tensors, match_training_precision)
 
     def _round_trip(self, _module, _inputs, output):
         """The cut block's output as the server saw it: through the codec at the training bit-width."""
         cfg = self.config
         hidden = output[0] if isinstance(output, (tuple, list)) else output
-        rows = dequantize(quantize(hidden.reshape(-1, hidden.shape[-1]).float(), cfg.bits, cfg.group_size,
-                                   cfg.rotation)).reshape(hidden.shape).to(hidden.dtype)
+        rows = (
+            dequantize(quantize(hidden.reshape(-1, hidden.shape[-1]).float(), cfg.bits, cfg.group_size, cfg.rotation))
+            .reshape(hidden.shape)
+            .to(hidden.dtype)
+        )
         return (rows, *output[1:]) if isinstance(output, (tuple, list)) else rows
 
     def close(self) -> None:
@@ -202,22 +237,27 @@ class TailClassifier(LocalClassifier):
     def logits(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         enc = self.backbone.tokenize(prompts)
         mask = enc["attention_mask"]
-        final = self.backbone.forward_taps(enc["input_ids"], mask, lambda _layer, _hidden: None, layers=self.layers,
-                                           need_final=True)
+        final = self.backbone.forward_taps(
+            enc["input_ids"], mask, lambda _layer, _hidden: None, layers=self.layers, need_final=True
+        )
         positions = self.backbone.feature_positions(mask)
         feature = final[torch.arange(final.shape[0]), positions].float()
         return F.linear(feature, self.head), None
 
 
-def installed_classifier(backbone: Backbone, config: SideNetworkConfig, state: dict[str, torch.Tensor],
-                         match_training_precision: bool = True) -> LocalClassifier:
+def installed_classifier(
+    backbone: Backbone, config: SideNetworkConfig, state: dict[str, torch.Tensor], match_training_precision: bool = True
+) -> LocalClassifier:
     """The classifier a device runs from a sent side network (its config and trainable state)."""
     if config.family == "tail":
-        return TailClassifier(backbone, config, {k: v.float() for k, v in stock_state(config, state).items()},
-                              match_training_precision)
+        return TailClassifier(
+            backbone, config, {k: v.float() for k, v in stock_state(config, state).items()}, match_training_precision
+        )
     if not config.serves(backbone.fingerprint):
-        raise SideNetworkError(f"the side network was trained for {config.fingerprint}, this device runs "
-                               f"{backbone.fingerprint}: use a side network trained for this backbone")
+        raise SideNetworkError(
+            f"the side network was trained for {config.fingerprint}, this device runs "
+            f"{backbone.fingerprint}: use a side network trained for this backbone"
+        )
     frozen = backbone.frozen_head_state(lm_head=config.head == "lm")
     net = build_side_network(config, frozen, {backbone.fingerprint: frozen})
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

@@ -13,6 +13,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass
+
 import torch
 
 from mobiflower.clients.inference import LocalClassifier
@@ -63,16 +64,30 @@ def _run(conn, config: LocalDeviceConfig) -> None:
     data = task_samples(config.train_samples, config.validation_samples, config.test_samples, config.seed)
     runtime = DeviceRuntime(backbone, config.forward)
     frozen = {k: v.numpy() for k, v in backbone.frozen_head_state(lm_head=False).items()}
-    conn.send({"type": "hello", "fingerprint": backbone.fingerprint, "layers": backbone.layers,
-               "hidden_size": backbone.hidden_size, "is_decoder": backbone.is_decoder,
-               "norm_eps": float(getattr(backbone.model.config, "rms_norm_eps", None)
-                                 or getattr(backbone.model.config, "layer_norm_eps", None) or 1e-5),
-               "frozen": frozen, "load_s": load_s, "train": len(data.train), "validation": len(data.validation),
-               "test": len(data.test), "rss_mb": _rss_mb()})
+    conn.send(
+        {
+            "type": "hello",
+            "fingerprint": backbone.fingerprint,
+            "layers": backbone.layers,
+            "hidden_size": backbone.hidden_size,
+            "is_decoder": backbone.is_decoder,
+            "norm_eps": float(
+                getattr(backbone.model.config, "rms_norm_eps", None)
+                or getattr(backbone.model.config, "layer_norm_eps", None)
+                or 1e-5
+            ),
+            "frozen": frozen,
+            "load_s": load_s,
+            "train": len(data.train),
+            "validation": len(data.validation),
+            "test": len(data.test),
+            "rss_mb": _rss_mb(),
+        }
+    )
     chunk = config.chunk_size
     for split, examples in (("train", data.train), ("validation", data.validation)):
         for index, start in enumerate(range(0, len(examples), chunk)):
-            frame, stats = runtime.make_frame(examples[start:start + chunk], meta={"split": split, "chunk": index})
+            frame, stats = runtime.make_frame(examples[start : start + chunk], meta={"split": split, "chunk": index})
             blob = runtime.encode(frame)
             conn.send({"type": "frame", "split": split, "stats": stats.as_dict(), "nbytes": len(blob)})
             conn.send_bytes(blob)
@@ -81,8 +96,9 @@ def _run(conn, config: LocalDeviceConfig) -> None:
     message = conn.recv()
     if message.get("type") != "deliver":
         return
-    classifier = LocalClassifier.load(message["path"], backbone=backbone,
-                                      match_training_precision=message.get("match_precision", True))
+    classifier = LocalClassifier.load(
+        message["path"], backbone=backbone, match_training_precision=message.get("match_precision", True)
+    )
     done = 0
 
     def progress(n: int) -> None:
@@ -98,4 +114,3 @@ def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-

@@ -76,8 +76,9 @@ class ForwardStats:
         return asdict(self)
 
 
-def select_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                  policy: str) -> torch.Tensor:
+def select_tokens(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, policy: str
+) -> torch.Tensor:
     """Rows of ``hidden`` [B, T, d] that ``policy`` sends, sample by sample: [rows, d]."""
     if policy == "last":
         return hidden[torch.arange(hidden.shape[0]), positions]
@@ -89,8 +90,13 @@ def select_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, positions:
 class DeviceRuntime:
     """Forward passes and frame packing for one device's backbone."""
 
-    def __init__(self, backbone: Backbone, config: ForwardConfig | None = None, device_id: str = "device-0",
-                 tokens: dict[str, list[int]] | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        config: ForwardConfig | None = None,
+        device_id: str = "device-0",
+        tokens: dict[str, list[int]] | None = None,
+    ):
         self.backbone = backbone
         self.config = config or ForwardConfig()
         self.device_id = device_id
@@ -100,8 +106,14 @@ class DeviceRuntime:
         for p in backbone.model.parameters():
             assert not p.requires_grad, "the device backbone must be frozen"
 
-    def make_frame(self, examples: Sequence[Example], *, layers: Sequence[int] | None = None,
-                   config: ForwardConfig | None = None, meta: dict[str, Any] | None = None) -> tuple[Frame, ForwardStats]:
+    def make_frame(
+        self,
+        examples: Sequence[Example],
+        *,
+        layers: Sequence[int] | None = None,
+        config: ForwardConfig | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> tuple[Frame, ForwardStats]:
         """Forward ``examples`` in batches and pack every tapped layer's selected tokens into one frame
         (samples in order of length)."""
         cfg = config or self.config
@@ -118,8 +130,11 @@ class DeviceRuntime:
         # forward positions (the frame lists its samples in this order; sample ids say which is which)
         order = sorted(range(len(examples)), key=lambda i: len(ids[i]))
         examples, ids = [examples[i] for i in order], [ids[i] for i in order]
-        pieces = [piece for start in range(0, len(examples), cfg.batch_size)
-                  for piece in self._pieces(ids[start:start + cfg.batch_size], cfg.max_tokens)]
+        pieces = [
+            piece
+            for start in range(0, len(examples), cfg.batch_size)
+            for piece in self._pieces(ids[start : start + cfg.batch_size], cfg.max_tokens)
+        ]
         for input_ids, mask in pieces:
             lengths = mask.sum(dim=1)
             positions = self.backbone.feature_positions(mask)
@@ -150,7 +165,7 @@ class DeviceRuntime:
             token_counts += counts
             if cfg.targets == "tokens":
                 for i in range(len(mask)):
-                    nxt = input_ids[i, 1:counts[i]].tolist() + [-100]
+                    nxt = input_ids[i, 1 : counts[i]].tolist() + [-100]
                     real = int(lengths[i])
                     token_targets += [t if j < real - 1 else -100 for j, t in enumerate(nxt)]
         if cfg.targets == "class":
@@ -206,7 +221,9 @@ class DeviceRuntime:
         spans, start = [], 0
         while start < len(ids):
             end, longest = start + 1, lengths[start]
-            while end < len(ids) and (max_tokens is None or (end + 1 - start) * max(longest, lengths[end]) <= max_tokens):
+            while end < len(ids) and (
+                max_tokens is None or (end + 1 - start) * max(longest, lengths[end]) <= max_tokens
+            ):
                 longest = max(longest, lengths[end])
                 end += 1
             spans.append((start, end, longest))
@@ -216,8 +233,8 @@ class DeviceRuntime:
             input_ids = torch.full((end - start, longest), self.backbone.pad_token_id, dtype=torch.long)
             mask = torch.zeros((end - start, longest), dtype=torch.long)
             for row, x in enumerate(ids[start:end]):
-                input_ids[row, :len(x)] = torch.tensor(x, dtype=torch.long)
-                mask[row, :len(x)] = 1
+                input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+                mask[row, : len(x)] = 1
             pieces.append((input_ids, mask))
         return pieces
 

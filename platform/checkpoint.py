@@ -93,7 +93,9 @@ def load_checkpoint(ref: str, dtype: torch.dtype = torch.float32):
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as err:
-        raise BackboneError(f"cannot load model {ref!r}: {err}. Pass `smollm2-135m` (after "
-                            "`mobiflower assets`), a local model folder, or a Hugging Face model id.") from err
+        raise BackboneError(
+            f"cannot load model {ref!r}: {err}. Pass `smollm2-135m` (after "
+            "`mobiflower assets`), a local model folder, or a Hugging Face model id."
+        ) from err
     auto = AutoModelForCausalLM if config.model_type in DECODER_TYPES else AutoModel
     return auto.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)

@@ -68,8 +68,17 @@ def lora_targets_for(model_type: str, explicit: Sequence[str] | None = None) -> 
     raise ValueError(f"no default LoRA targets for model type {model_type!r}: pass lora_targets")
 
 
-def build_classifier(path: str, method: str, tokenizer, *, seed: int = 0, lora_r: int = 8, lora_alpha: int = 16,
-                     lora_dropout: float = 0.05, lora_targets: Sequence[str] | None = None):
+def build_classifier(
+    path: str,
+    method: str,
+    tokenizer,
+    *,
+    seed: int = 0,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_targets: Sequence[str] | None = None,
+):
     """``AutoModelForSequenceClassification`` (2 labels) ready to train: LoRA-wrapped or fully trainable."""
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -81,8 +90,13 @@ def build_classifier(path: str, method: str, tokenizer, *, seed: int = 0, lora_r
     if method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
-        lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          target_modules=lora_targets_for(model.config.model_type, lora_targets))
+        lora = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=lora_targets_for(model.config.model_type, lora_targets),
+        )
         with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 API deprecated for v6
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
             model = get_peft_model(model, lora)
@@ -102,8 +116,10 @@ def make_optimizer(model, method: str, lr: float):
     for _name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": DEFAULT_WEIGHT_DECAY[method]},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": DEFAULT_WEIGHT_DECAY[method]},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
@@ -111,8 +127,9 @@ def count_trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def classifier_accuracy(model, tokenizer, examples: Sequence, max_length: int = 256,
-                        batch_size: int = EVAL_BATCH_SIZE) -> float:
+def classifier_accuracy(
+    model, tokenizer, examples: Sequence, max_length: int = 256, batch_size: int = EVAL_BATCH_SIZE
+) -> float:
     """Accuracy of a sequence classifier on ``examples`` (inference mode, batches of ``batch_size``)."""
     import torch
 
@@ -125,7 +142,7 @@ def classifier_accuracy(model, tokenizer, examples: Sequence, max_length: int = 
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(ordered), batch_size):
-            batch = ordered[start:start + batch_size]
+            batch = ordered[start : start + batch_size]
             enc = encode(tokenizer, [e.prompt for e in batch], max_length)
             logits = model(**enc).logits
             labels = torch.tensor([int(e.label) for e in batch])
@@ -134,8 +151,7 @@ def classifier_accuracy(model, tokenizer, examples: Sequence, max_length: int = 
     return correct / len(examples)
 
 
-def train_step(model, tokenizer, batch: Sequence, params, optimizer, max_length: int = 256,
-               scheduler=None) -> float:
+def train_step(model, tokenizer, batch: Sequence, params, optimizer, max_length: int = 256, scheduler=None) -> float:
     """One supervised step on ``batch``: forward with labels, backward, clip at 1.0, step; the loss."""
     import torch
 

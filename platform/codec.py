@@ -133,12 +133,12 @@ def _is_int(v: object) -> bool:
 def _check_params(bits: object, group_size: object, rotation: object = "none", seed: object = 0) -> None:
     if not _is_int(bits) or int(bits) not in SUPPORTED_BITS:
         raise CodecError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    if not _is_int(group_size) or not (1 <= int(group_size) <= MAX_GROUP_SIZE) or (
-        int(group_size) & (int(group_size) - 1)
+    if (
+        not _is_int(group_size)
+        or not (1 <= int(group_size) <= MAX_GROUP_SIZE)
+        or (int(group_size) & (int(group_size) - 1))
     ):
-        raise CodecError(
-            f"group_size must be a power of two in [1, {MAX_GROUP_SIZE}], got {group_size!r}"
-        )
+        raise CodecError(f"group_size must be a power of two in [1, {MAX_GROUP_SIZE}], got {group_size!r}")
     if rotation not in ROTATIONS:
         raise CodecError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
     if not _is_int(seed) or not (0 <= int(seed) <= _MAX_SEED):
@@ -399,13 +399,15 @@ def quantize(
                 "use bits=8/4/2 or rescale the activations"
             )
         packed = h.reshape(-1).cpu().numpy().view(np.uint8)
-        return QuantizedTensor(16, group_size, shape, "none", seed, _frozen(packed),
-                               _frozen(np.zeros(0, dtype=np.float16)))
+        return QuantizedTensor(
+            16, group_size, shape, "none", seed, _frozen(packed), _frozen(np.zeros(0, dtype=np.float16))
+        )
 
     rows, last, padded, n_groups = _geometry(shape, group_size)
     if n_groups == 0:
-        return QuantizedTensor(bits, group_size, shape, rotation, seed,
-                               _frozen(np.zeros(0, np.uint8)), _frozen(np.zeros(0, np.float16)))
+        return QuantizedTensor(
+            bits, group_size, shape, rotation, seed, _frozen(np.zeros(0, np.uint8)), _frozen(np.zeros(0, np.float16))
+        )
     xf = x.to(torch.float32).reshape(rows, last)
     if padded != last:
         xf = torch.nn.functional.pad(xf, (0, padded - last))
@@ -422,8 +424,7 @@ def quantize(
     params = torch.cat([scale, offset], dim=1).to(torch.float16)  # [n_groups, 2] interleaved
     if not bool(torch.isfinite(params).all()):
         raise CodecError(
-            f"a group's scale/offset is beyond the float16 range (+-{FLOAT16_MAX:g}); "
-            "rescale the activations"
+            f"a group's scale/offset is beyond the float16 range (+-{FLOAT16_MAX:g}); rescale the activations"
         )
     p32 = params.to(torch.float32)
     s32, o32 = p32[:, :1], p32[:, 1:]
@@ -510,5 +511,6 @@ def concatenate(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
     else:  # a part ends mid-byte (tiny groups at 2/4 bits): unpack the codes and pack them again
         codes = np.concatenate([_unpack(q.packed, q.bits, n) for q, n in zip(parts, n_codes)])
         packed = _pack(torch.from_numpy(codes).to(torch.uint8), first.bits)
-    return QuantizedTensor(first.bits, first.group_size, shape, first.rotation, first.seed,
-                           _frozen(packed), _frozen(scales))
+    return QuantizedTensor(
+        first.bits, first.group_size, shape, first.rotation, first.seed, _frozen(packed), _frozen(scales)
+    )

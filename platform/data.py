@@ -62,8 +62,7 @@ def load_corpus(path: str | Path | None = None) -> list[Example]:
     return examples
 
 
-def split_corpus(examples: Sequence[Example], val_frac: float = 0.1, test_frac: float = 0.1,
-                 seed: int = 0) -> Splits:
+def split_corpus(examples: Sequence[Example], val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0) -> Splits:
     """Stratified train / validation / test split, the same for a given seed on every machine."""
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and sum below 1")
@@ -74,8 +73,8 @@ def split_corpus(examples: Sequence[Example], val_frac: float = 0.1, test_frac: 
         rng.shuffle(group)
         n_test, n_val = round(len(group) * test_frac), round(len(group) * val_frac)
         test += group[:n_test]
-        val += group[n_test:n_test + n_val]
-        train += group[n_test + n_val:]
+        val += group[n_test : n_test + n_val]
+        train += group[n_test + n_val :]
     for part in (train, val, test):
         part.sort(key=lambda e: e.id)
     return Splits(train=train, validation=val, test=test)
@@ -104,8 +103,9 @@ def subsample(examples: Sequence[Example], n: int | None, seed: int = 0, balance
     return picked
 
 
-def partition(examples: Sequence[Example], num_devices: int, scheme: str = "iid", alpha: float = 0.5,
-              seed: int = 0) -> list[list[Example]]:
+def partition(
+    examples: Sequence[Example], num_devices: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0
+) -> list[list[Example]]:
     """Split ``examples`` across devices: ``iid`` (shuffled, equal sizes) or ``dirichlet`` by label.
 
     The Dirichlet scheme draws, for each label, the share each device gets from Dir(alpha): small
@@ -139,8 +139,9 @@ def partition(examples: Sequence[Example], num_devices: int, scheme: str = "iid"
     return [[examples[i] for i in sorted(p)] for p in parts]
 
 
-def partition_like(examples: Sequence[Example], reference: Sequence[Sequence[Example]],
-                   seed: int = 0) -> list[list[Example]]:
+def partition_like(
+    examples: Sequence[Example], reference: Sequence[Sequence[Example]], seed: int = 0
+) -> list[list[Example]]:
     """Split held-out ``examples`` across devices with the label mix each device has in ``reference``.
 
     A device's validation and test samples must look like its own training data (that is what
@@ -161,14 +162,21 @@ def partition_like(examples: Sequence[Example], reference: Sequence[Sequence[Exa
     return [sorted(p, key=lambda e: e.id) for p in parts]
 
 
-def task_samples(train: int | None = 2000, validation: int | None = 500, test: int | None = 1000,
-                 seed: int = 0, path: str | Path | None = None) -> Splits:
+def task_samples(
+    train: int | None = 2000,
+    validation: int | None = 500,
+    test: int | None = 1000,
+    seed: int = 0,
+    path: str | Path | None = None,
+) -> Splits:
     """The samples every method of one comparison uses: balanced draws from the fixed splits.
 
     The split itself is fixed (seed 0); ``seed`` only picks which samples of each split are used,
     so every method with the same arguments trains and is scored on exactly the same snippets.
     """
     splits = split_corpus(load_corpus(path))
-    return Splits(train=subsample(splits.train, train, seed=seed),
-                  validation=subsample(splits.validation, validation, seed=seed),
-                  test=subsample(splits.test, test, seed=seed))
+    return Splits(
+        train=subsample(splits.train, train, seed=seed),
+        validation=subsample(splits.validation, validation, seed=seed),
+        test=subsample(splits.test, test, seed=seed),
+    )

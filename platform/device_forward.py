@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from mobiflower.platform.checkpoint import BackboneError
-from mobiflower.platform.lean_llama import (LeanTokenizer, build_lean_model, lean_problem, read_config,
-                                            tokenizer_problem)
+from mobiflower.platform.lean_llama import LeanTokenizer, build_lean_model, lean_problem, read_config, tokenizer_problem
 
 FORWARD_IMPLEMENTATIONS = ("auto", "lean", "transformers")
 """How a prepared copy is run: ``lean`` (:mod:`mobiflower.platform.lean_llama` for the llama family,

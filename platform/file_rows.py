@@ -65,9 +65,12 @@ class FileRows:
             got = os.pread(fd, size, offset + row * size)
             if len(got) != size:
                 raise OSError(f"{self.path} is shorter than its header says (row {row}): prepare the copy again")
-            view[i * size:(i + 1) * size] = got
-        return torch.frombuffer(buf, dtype=self.dtype).view(len(ids), self.dim) if buf else \
-            torch.empty(0, self.dim, dtype=self.dtype)
+            view[i * size : (i + 1) * size] = got
+        return (
+            torch.frombuffer(buf, dtype=self.dtype).view(len(ids), self.dim)
+            if buf
+            else torch.empty(0, self.dim, dtype=self.dtype)
+        )
 
     def lookup(self, input_ids: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """What ``F.embedding(input_ids, table)`` gives (times the per-row ``scale`` of an int8

@@ -15,8 +15,16 @@ import msgpack
 import numpy as np
 
 from mobiflower.platform.codec import MAX_GROUP_SIZE, ROTATIONS, SUPPORTED_BITS, expected_nbytes
-from mobiflower.platform.frame_format import (IGNORE_INDEX, MAX_FINGERPRINT_LEN, SUPPORTED_VERSIONS, TARGET_FIELDS,
-                                              TARGET_KINDS, TOKEN_POLICIES, FrameError, FrameLimits)
+from mobiflower.platform.frame_format import (
+    IGNORE_INDEX,
+    MAX_FINGERPRINT_LEN,
+    SUPPORTED_VERSIONS,
+    TARGET_FIELDS,
+    TARGET_KINDS,
+    TOKEN_POLICIES,
+    FrameError,
+    FrameLimits,
+)
 
 _MAX_INT64 = (1 << 63) - 1
 
@@ -112,8 +120,9 @@ def check_free(value: object, name: str, limits: FrameLimits) -> None:
             raise FrameError(name, f"nests maps and arrays more than {limits.max_meta_depth} deep, the limit")
         if obj is not value or name != "meta":  # meta's own keys are bounded by max_meta_keys
             if len(obj) > limits.max_meta_len:
-                raise FrameError(name, f"holds a map or array of {len(obj)} entries, more than the limit "
-                                       f"{limits.max_meta_len}")
+                raise FrameError(
+                    name, f"holds a map or array of {len(obj)} entries, more than the limit {limits.max_meta_len}"
+                )
         todo.extend((child, level + 1) for child in children)
 
 
@@ -212,8 +221,15 @@ def check_fields(
 
 
 def check_tensor_params(
-    pre: str, bits: object, gs: object, rotation: object, seed: object, shape: object,
-    rows: int, hidden: int | None, limits: FrameLimits,
+    pre: str,
+    bits: object,
+    gs: object,
+    rotation: object,
+    seed: object,
+    shape: object,
+    rows: int,
+    hidden: int | None,
+    limits: FrameLimits,
 ) -> tuple[int, int, tuple[int, int], int, int]:
     """Checks one layer's quantization header; returns (bits, group_size, shape, packed bytes, scale bytes)."""
     bits = int_field(bits, f"{pre}.bits")
@@ -268,8 +284,10 @@ def _check_targets(targets: object, n: int, rows: int, limits: FrameLimits) -> N
         raise FrameError("targets", "keys must be strings")
     extras = [k for k in targets if k not in TARGET_FIELDS]
     if len(extras) > limits.max_meta_keys:
-        raise FrameError("targets", f"has {len(extras)} keys besides {list(TARGET_FIELDS)}, more than the "
-                                    f"limit {limits.max_meta_keys}")
+        raise FrameError(
+            "targets",
+            f"has {len(extras)} keys besides {list(TARGET_FIELDS)}, more than the limit {limits.max_meta_keys}",
+        )
     for k in extras:
         check_free(targets[k], f"targets.{k}", limits)
     kind = targets.get("kind")
@@ -319,8 +337,11 @@ def check_free_size(targets: dict[str, Any], meta: dict[str, Any], limits: Frame
     for name, value in parts:
         size += len(packb(value, name))
         if size > limits.max_meta_bytes:
-            raise FrameError(name, f"meta and the extra keys of targets take {size}+ bytes encoded, more than the "
-                                   f"limit {limits.max_meta_bytes}")
+            raise FrameError(
+                name,
+                f"meta and the extra keys of targets take {size}+ bytes encoded, more than the "
+                f"limit {limits.max_meta_bytes}",
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,5 +364,18 @@ def packb(obj: Any, name: str) -> bytes:
         raise FrameError(name, f"is not msgpack-serialisable ({type(exc).__name__}: {exc})") from None
 
 
-__all__ = ["is_int", "int_field", "str_field", "int_array", "first_index", "check_version", "check_free",
-           "check_fields", "check_tensor_params", "size_error", "check_finite", "check_free_size", "packb"]
+__all__ = [
+    "is_int",
+    "int_field",
+    "str_field",
+    "int_array",
+    "first_index",
+    "check_version",
+    "check_free",
+    "check_fields",
+    "check_tensor_params",
+    "size_error",
+    "check_finite",
+    "check_free_size",
+    "packb",
+]

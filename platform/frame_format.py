@@ -19,18 +19,38 @@ IGNORE_INDEX = -100  # token targets: position not used by the loss
 MAX_FINGERPRINT_LEN = 1024
 
 HEADER_FIELDS = (
-    "version", "fingerprint", "layers", "token_policy", "sample_ids", "token_counts",
-    "seq_lengths", "targets", "meta", "payload_bytes", "tensors",
+    "version",
+    "fingerprint",
+    "layers",
+    "token_policy",
+    "sample_ids",
+    "token_counts",
+    "seq_lengths",
+    "targets",
+    "meta",
+    "payload_bytes",
+    "tensors",
 )
 TENSOR_FIELDS = ("bits", "group_size", "rotation", "seed", "shape", "packed", "scales")
 TARGET_FIELDS = ("kind", "values", "num_classes", "vocab_size")  # any other key is free-form content
 # What a FrameError's ``field`` is made of, list indices written ``[i]``. A field the frame names
 # itself (an unknown key, a key of meta given twice) is not among these.
-FIELD_NAMES = frozenset((
-    "data", "magic", "header_length", "header", "crc", "frame", "activations", *HEADER_FIELDS,
-    *(f"targets.{k}" for k in TARGET_FIELDS), *(f"tensors.{k}" for k in TENSOR_FIELDS),
-    "layers[i]", *(f"layers[i].{k}" for k in TENSOR_FIELDS),
-))
+FIELD_NAMES = frozenset(
+    (
+        "data",
+        "magic",
+        "header_length",
+        "header",
+        "crc",
+        "frame",
+        "activations",
+        *HEADER_FIELDS,
+        *(f"targets.{k}" for k in TARGET_FIELDS),
+        *(f"tensors.{k}" for k in TENSOR_FIELDS),
+        "layers[i]",
+        *(f"layers[i].{k}" for k in TENSOR_FIELDS),
+    )
+)
 
 
 class FrameError(ValueError):
@@ -106,9 +126,12 @@ def field_caps(limits: FrameLimits) -> dict[str, FieldCaps]:
         "sample_ids": _ints(limits.max_samples),
         "token_counts": _ints(limits.max_samples),
         "seq_lengths": _ints(limits.max_samples),
-        "tensors": FieldCaps(5 + len(TENSOR_FIELDS) * column + limits.max_layers * entry,
-                             array_len=max(2, limits.max_layers), map_len=len(TENSOR_FIELDS) + 1,
-                             containers=1 + (len(TENSOR_FIELDS) + 1) * (1 + limits.max_layers)),
+        "tensors": FieldCaps(
+            5 + len(TENSOR_FIELDS) * column + limits.max_layers * entry,
+            array_len=max(2, limits.max_layers),
+            map_len=len(TENSOR_FIELDS) + 1,
+            containers=1 + (len(TENSOR_FIELDS) + 1) * (1 + limits.max_layers),
+        ),
         "targets.kind": FieldCaps(3 + SHORT_STR),
         "targets.values": _ints(max(limits.max_samples, limits.max_tokens)),
         "targets.num_classes": FieldCaps(INT_BYTES),
@@ -119,8 +142,15 @@ def field_caps(limits: FrameLimits) -> dict[str, FieldCaps]:
 def free_caps(limits: FrameLimits, nbytes: int) -> FieldCaps:
     """Free-form content in what is left (``nbytes``) of the budget meta and extra target keys share."""
     longest = max(limits.max_meta_len, limits.max_meta_keys)
-    return FieldCaps(nbytes, str_len=limits.max_meta_bytes, bin_len=limits.max_meta_bytes, array_len=longest,
-                     map_len=longest, containers=limits.max_meta_bytes, depth=limits.max_meta_depth)
+    return FieldCaps(
+        nbytes,
+        str_len=limits.max_meta_bytes,
+        bin_len=limits.max_meta_bytes,
+        array_len=longest,
+        map_len=longest,
+        containers=limits.max_meta_bytes,
+        depth=limits.max_meta_depth,
+    )
 
 
 def max_header_bytes(limits: FrameLimits) -> int:
@@ -130,6 +160,24 @@ def max_header_bytes(limits: FrameLimits) -> int:
     return 5 + keys + sum(c.nbytes for c in field_caps(limits).values()) + limits.max_meta_bytes
 
 
-__all__ = ["FRAME_VERSION", "SUPPORTED_VERSIONS", "TOKEN_POLICIES", "TARGET_KINDS", "MAGIC", "IGNORE_INDEX",
-           "HEADER_FIELDS", "TENSOR_FIELDS", "TARGET_FIELDS", "FIELD_NAMES", "MAX_FINGERPRINT_LEN", "INT_BYTES",
-           "SHORT_STR", "FrameError", "FrameLimits", "FieldCaps", "field_caps", "free_caps", "max_header_bytes"]
+__all__ = [
+    "FRAME_VERSION",
+    "SUPPORTED_VERSIONS",
+    "TOKEN_POLICIES",
+    "TARGET_KINDS",
+    "MAGIC",
+    "IGNORE_INDEX",
+    "HEADER_FIELDS",
+    "TENSOR_FIELDS",
+    "TARGET_FIELDS",
+    "FIELD_NAMES",
+    "MAX_FINGERPRINT_LEN",
+    "INT_BYTES",
+    "SHORT_STR",
+    "FrameError",
+    "FrameLimits",
+    "FieldCaps",
+    "field_caps",
+    "free_caps",
+    "max_header_bytes",
+]

@@ -17,8 +17,17 @@ from typing import Any, Iterator
 import msgpack
 
 from mobiflower.platform.frame_checks import check_version
-from mobiflower.platform.frame_format import (FRAME_VERSION, HEADER_FIELDS, SHORT_STR, TARGET_FIELDS, FieldCaps,
-                                              FrameError, FrameLimits, field_caps, free_caps)
+from mobiflower.platform.frame_format import (
+    FRAME_VERSION,
+    HEADER_FIELDS,
+    SHORT_STR,
+    TARGET_FIELDS,
+    FieldCaps,
+    FrameError,
+    FrameLimits,
+    field_caps,
+    free_caps,
+)
 
 
 class _Hooks:
@@ -35,8 +44,10 @@ class _Hooks:
         if self.left < 0:
             if self.caps.containers == 1:
                 raise FrameError(self.name, "must not hold maps or arrays inside it")
-            raise FrameError(self.name, f"holds more than {self.caps.containers} maps and arrays, the most its "
-                                        f"layout allows within the limits")
+            raise FrameError(
+                self.name,
+                f"holds more than {self.caps.containers} maps and arrays, the most its layout allows within the limits",
+            )
         if self.caps.depth is not None:
             level = 1 + max((self.levels.get(id(c), 0) for c in children), default=0)
             if level > self.caps.depth:
@@ -51,8 +62,10 @@ class _Hooks:
         out: dict = {}
         for key, value in pairs:
             if key in out:
-                raise FrameError(f"{self.name}.{key}" if isinstance(key, str) else self.name,
-                                 f"key {key!r} appears twice in one map; a frame must read the same to every reader")
+                raise FrameError(
+                    f"{self.name}.{key}" if isinstance(key, str) else self.name,
+                    f"key {key!r} appears twice in one map; a frame must read the same to every reader",
+                )
             out[key] = value
         return self._built(out, out.values())
 
@@ -69,20 +82,29 @@ class _Window:
 
     def read(self, n: int = -1) -> bytes:
         end = len(self.view) if n is None or n < 0 else min(len(self.view), self.pos + n)
-        chunk = bytes(self.view[self.pos:end])
+        chunk = bytes(self.view[self.pos : end])
         self.pos = end
         return chunk
 
 
 def _unpack(raw: memoryview, pos: int, caps: FieldCaps, name: str) -> tuple[Any, int]:
     """The msgpack value at ``raw[pos:]``, built within ``caps``; returns it and the position after it."""
-    window = _Window(raw[pos:pos + caps.nbytes])
+    window = _Window(raw[pos : pos + caps.nbytes])
     hooks = _Hooks(name, caps)
     unpacker = msgpack.Unpacker(
-        window, read_size=min(_READ_SIZE, max(1, len(window.view))), max_buffer_size=max(1, len(window.view)),
-        raw=False, strict_map_key=True, use_list=True,
-        max_str_len=caps.str_len, max_bin_len=caps.bin_len, max_array_len=caps.array_len,
-        max_map_len=caps.map_len, max_ext_len=0, list_hook=hooks.array, object_pairs_hook=hooks.map,
+        window,
+        read_size=min(_READ_SIZE, max(1, len(window.view))),
+        max_buffer_size=max(1, len(window.view)),
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        max_str_len=caps.str_len,
+        max_bin_len=caps.bin_len,
+        max_array_len=caps.array_len,
+        max_map_len=caps.map_len,
+        max_ext_len=0,
+        list_hook=hooks.array,
+        object_pairs_hook=hooks.map,
     )
     error = None
     try:
@@ -105,7 +127,7 @@ def _unpack(raw: memoryview, pos: int, caps: FieldCaps, name: str) -> tuple[Any,
 def _map_len(raw: memoryview, pos: int, name: str) -> tuple[int, int]:
     """The number of entries of the map at ``raw[pos:]`` and the position of its first key."""
     unpacker = msgpack.Unpacker(max_buffer_size=8)
-    unpacker.feed(raw[pos:pos + 5])
+    unpacker.feed(raw[pos : pos + 5])
     try:
         n = unpacker.read_map_header()
     except msgpack.OutOfData:
@@ -128,19 +150,24 @@ def _read_free(raw: memoryview, pos: int, name: str, limits: FrameLimits, left: 
         value, end = _unpack(raw, pos, free_caps(limits, left[0]), name)
     except FrameError as err:
         if "bytes of header the limits leave it" in err.message:
-            raise FrameError(name, f"meta and the extra keys of targets take more than {limits.max_meta_bytes} "
-                                   f"bytes encoded, the limit") from None
+            raise FrameError(
+                name,
+                f"meta and the extra keys of targets take more than {limits.max_meta_bytes} bytes encoded, the limit",
+            ) from None
         raise
     left[0] -= end - pos
     return value, end
 
 
-def _read_targets(raw: memoryview, pos: int, caps: dict[str, FieldCaps], limits: FrameLimits,
-                  left: list[int]) -> tuple[dict[str, Any], int]:
+def _read_targets(
+    raw: memoryview, pos: int, caps: dict[str, FieldCaps], limits: FrameLimits, left: list[int]
+) -> tuple[dict[str, Any], int]:
     n, pos = _map_len(raw, pos, "targets")
     if n > len(TARGET_FIELDS) + limits.max_meta_keys:
-        raise FrameError("targets", f"has {n} keys, more than its {len(TARGET_FIELDS)} fields and "
-                                    f"{limits.max_meta_keys} others (the limit)")
+        raise FrameError(
+            "targets",
+            f"has {n} keys, more than its {len(TARGET_FIELDS)} fields and {limits.max_meta_keys} others (the limit)",
+        )
     targets: dict[str, Any] = {}
     for _ in range(n):
         key, pos = _key(raw, pos, "targets")

@@ -54,11 +54,30 @@ from typing import Any
 import numpy as np
 
 from mobiflower.platform.codec import QuantizedTensor
-from mobiflower.platform.frame_checks import (check_fields, check_finite, check_free_size, check_tensor_params,
-                                              check_version, int_field, is_int, packb, size_error)
-from mobiflower.platform.frame_format import (FIELD_NAMES, FRAME_VERSION, HEADER_FIELDS, MAGIC, SUPPORTED_VERSIONS,
-                                              TARGET_KINDS, TENSOR_FIELDS, TOKEN_POLICIES, FrameError, FrameLimits,
-                                              max_header_bytes)
+from mobiflower.platform.frame_checks import (
+    check_fields,
+    check_finite,
+    check_free_size,
+    check_tensor_params,
+    check_version,
+    int_field,
+    is_int,
+    packb,
+    size_error,
+)
+from mobiflower.platform.frame_format import (
+    FIELD_NAMES,
+    FRAME_VERSION,
+    HEADER_FIELDS,
+    MAGIC,
+    SUPPORTED_VERSIONS,
+    TARGET_KINDS,
+    TENSOR_FIELDS,
+    TOKEN_POLICIES,
+    FrameError,
+    FrameLimits,
+    max_header_bytes,
+)
 from mobiflower.platform.frame_header import read_header
 
 __all__ = [
@@ -117,8 +136,7 @@ class Frame:
         if "values" in targets:
             lists.append(targets["values"])
         rest = {k: v for k, v in targets.items() if k != "values"}
-        return self.nbytes() + sum(_list_nbytes(v) for v in lists) + _content_nbytes(rest) + \
-            _content_nbytes(self.meta)
+        return self.nbytes() + sum(_list_nbytes(v) for v in lists) + _content_nbytes(rest) + _content_nbytes(self.meta)
 
 
 _INT_OBJECT_BYTES = 32  # a Python int of up to 60 bits; the list holds an 8-byte pointer to each
@@ -163,9 +181,16 @@ def validate_frame(
         raise FrameError("frame", f"expected a Frame, got {type(frame).__name__}")
     check_version(frame.version)
     n_layers, rows = check_fields(
-        fingerprint=frame.fingerprint, token_policy=frame.token_policy, layers=frame.layers,
-        sample_ids=frame.sample_ids, token_counts=frame.token_counts, seq_lengths=frame.seq_lengths,
-        targets=frame.targets, meta=frame.meta, expected_fingerprint=expected_fingerprint, limits=limits,
+        fingerprint=frame.fingerprint,
+        token_policy=frame.token_policy,
+        layers=frame.layers,
+        sample_ids=frame.sample_ids,
+        token_counts=frame.token_counts,
+        seq_lengths=frame.seq_lengths,
+        targets=frame.targets,
+        meta=frame.meta,
+        expected_fingerprint=expected_fingerprint,
+        limits=limits,
     )
     check_free_size(frame.targets, frame.meta, limits)
     acts = frame.activations
@@ -294,7 +319,7 @@ def decode_frame(
 def _declared_size(buf: memoryview, hend: int, limits: FrameLimits) -> int | None:
     """Best-effort total size a (possibly damaged) header declares; None if it cannot tell."""
     try:
-        payload_bytes = read_header(buf[_PREFIX.size:hend], limits)["payload_bytes"]
+        payload_bytes = read_header(buf[_PREFIX.size : hend], limits)["payload_bytes"]
     except (FrameError, KeyError):
         return None
     if not is_int(payload_bytes) or payload_bytes < 0:
@@ -331,7 +356,7 @@ def _decode(data: object, expected_fingerprint: str | None, limits: FrameLimits)
             "crc", f"checksum mismatch (stored {crc:#010x}, computed {actual:#010x}); frame corrupted in transit"
         )
 
-    header = read_header(buf[_PREFIX.size:hend], limits)
+    header = read_header(buf[_PREFIX.size : hend], limits)
     if "version" not in header:
         raise FrameError("version", "missing from the header")
     version = check_version(header["version"])
@@ -345,10 +370,16 @@ def _decode(data: object, expected_fingerprint: str | None, limits: FrameLimits)
         raise FrameError("payload_bytes", f"{what}: frame is {size} bytes, its header says {want}")
 
     n_layers, rows = check_fields(
-        fingerprint=header["fingerprint"], token_policy=header["token_policy"], layers=header["layers"],
-        sample_ids=header["sample_ids"], token_counts=header["token_counts"],
-        seq_lengths=header["seq_lengths"], targets=header["targets"], meta=header["meta"],
-        expected_fingerprint=expected_fingerprint, limits=limits,
+        fingerprint=header["fingerprint"],
+        token_policy=header["token_policy"],
+        layers=header["layers"],
+        sample_ids=header["sample_ids"],
+        token_counts=header["token_counts"],
+        seq_lengths=header["seq_lengths"],
+        targets=header["targets"],
+        meta=header["meta"],
+        expected_fingerprint=expected_fingerprint,
+        limits=limits,
     )
     tensors = header["tensors"]
     if not isinstance(tensors, dict):

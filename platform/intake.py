@@ -48,11 +48,13 @@ def run_limits(config: SideNetworkConfig, samples: int, sequence_tokens: int = S
     tokens = samples * sequence_tokens
     rows = samples if config.token_policy == "last" else tokens
     packed, scales = expected_nbytes((rows, config.hidden_size), config.bits, default_group_size(config.bits))
-    limits = FrameLimits(max_samples=samples, max_layers=len(config.layers), max_hidden=config.hidden_size,
-                         max_tokens=tokens)
+    limits = FrameLimits(
+        max_samples=samples, max_layers=len(config.layers), max_hidden=config.hidden_size, max_tokens=tokens
+    )
     framing = 12  # magic, header length and checksum
-    return dataclasses.replace(limits, max_bytes=len(config.layers) * (packed + scales) + limits.max_header_bytes
-                               + framing)
+    return dataclasses.replace(
+        limits, max_bytes=len(config.layers) * (packed + scales) + limits.max_header_bytes + framing
+    )
 
 
 class Refusal(Exception):
@@ -100,10 +102,16 @@ class IntakeResult:
 class FrameIntake:
     """Decodes and checks frames for a :class:`SideNetworkStore`, and keeps the refusal counts."""
 
-    def __init__(self, store: SideNetworkStore, side_config: SideNetworkConfig,
-                 limits: FrameLimits = FrameLimits(), persist_dir: str | Path | None = None,
-                 label_private: bool = False, vocab_size: int | None = None,
-                 sequence_tokens: int = SEQUENCE_TOKENS):
+    def __init__(
+        self,
+        store: SideNetworkStore,
+        side_config: SideNetworkConfig,
+        limits: FrameLimits = FrameLimits(),
+        persist_dir: str | Path | None = None,
+        label_private: bool = False,
+        vocab_size: int | None = None,
+        sequence_tokens: int = SEQUENCE_TOKENS,
+    ):
         """``vocab_size``: the frozen LM head's vocabulary (read from the store's network when None)."""
         self.store = store
         self.label_private = label_private
@@ -145,14 +153,19 @@ class FrameIntake:
         except Refusal as refusal:
             return self._refuse(device, refusal.reason, refusal.field, refusal.message)
         except Exception as err:  # noqa: BLE001 - nothing but a refusal leaves offer
-            return self._refuse(device, "unexpected error", "frame",
-                                f"checking the frame raised {type(err).__name__}: {err}")
+            return self._refuse(
+                device, "unexpected error", "frame", f"checking the frame raised {type(err).__name__}: {err}"
+            )
         try:
             stats = self._train(device, frame, blob)
         except Exception as err:  # noqa: BLE001 - a frame that passed every check: the server's failure
-            return self._refuse(device, "training failed", "frame",
-                                f"the side network's trainer raised {type(err).__name__}: {err} (the frame is "
-                                f"not kept; steps it took before that stay)")
+            return self._refuse(
+                device,
+                "training failed",
+                "frame",
+                f"the side network's trainer raised {type(err).__name__}: {err} (the frame is "
+                f"not kept; steps it took before that stay)",
+            )
         self.digests.add(digest)
         self.seen[device].update(frame.sample_ids)
         self.accepted[device] += 1
@@ -163,34 +176,55 @@ class FrameIntake:
         raises :class:`Refusal`. Frames kept for evaluation pass here too."""
         cfg = self.side_config
         try:
-            frame = decode_frame(_buffer(blob), limits=limits or self.limits,
-                                 expected_fingerprint=None if cfg.backbones else cfg.fingerprint)
+            frame = decode_frame(
+                _buffer(blob),
+                limits=limits or self.limits,
+                expected_fingerprint=None if cfg.backbones else cfg.fingerprint,
+            )
         except FrameError as err:
             raise Refusal(_reason(err.field), err.field, str(err)) from None
         if not cfg.serves(frame.fingerprint):  # a heterogeneous fleet: one of the network's backbones
-            raise Refusal("invalid fingerprint", "fingerprint",
-                          f"frame comes from backbone {frame.fingerprint!r}; the side network trains on "
-                          f"{[cfg.fingerprint, *sorted(cfg.backbones)]}")
+            raise Refusal(
+                "invalid fingerprint",
+                "fingerprint",
+                f"frame comes from backbone {frame.fingerprint!r}; the side network trains on "
+                f"{[cfg.fingerprint, *sorted(cfg.backbones)]}",
+            )
         if frame.num_samples == 0:
             raise Refusal("empty frame", "sample_ids", "the frame holds no samples")
         if frame.token_policy != "last" and min(frame.token_counts) < 1:
-            raise Refusal("sample without tokens", "token_counts",
-                          f"sample #{list(frame.token_counts).index(min(frame.token_counts))} sends no token")
+            raise Refusal(
+                "sample without tokens",
+                "token_counts",
+                f"sample #{list(frame.token_counts).index(min(frame.token_counts))} sends no token",
+            )
         if frame.token_policy != "last" and max(frame.token_counts) > self.sequence_tokens:
             j = list(frame.token_counts).index(max(frame.token_counts))
-            raise Refusal("sample too long", "token_counts",
-                          f"sample #{j} sends {frame.token_counts[j]} tokens, more than the "
-                          f"{self.sequence_tokens} a sample of this run may have")
+            raise Refusal(
+                "sample too long",
+                "token_counts",
+                f"sample #{j} sends {frame.token_counts[j]} tokens, more than the "
+                f"{self.sequence_tokens} a sample of this run may have",
+            )
         if not cfg.accepts_layers(frame.layers, frame.fingerprint):
-            raise Refusal("wrong layers", "layers",
-                          f"frame taps {frame.layers}, the side network needs {cfg.layers_for(frame.fingerprint)} "
-                          f"or a prefix of them")
+            raise Refusal(
+                "wrong layers",
+                "layers",
+                f"frame taps {frame.layers}, the side network needs {cfg.layers_for(frame.fingerprint)} "
+                f"or a prefix of them",
+            )
         if frame.hidden_size != cfg.hidden_size:
-            raise Refusal("wrong width", "activations",
-                          f"frame width {frame.hidden_size}, the side network's is {cfg.hidden_size}")
+            raise Refusal(
+                "wrong width",
+                "activations",
+                f"frame width {frame.hidden_size}, the side network's is {cfg.hidden_size}",
+            )
         if frame.token_policy != cfg.token_policy:
-            raise Refusal("wrong token policy", "token_policy",
-                          f"frame sends {frame.token_policy!r} tokens, the side network trains on {cfg.token_policy!r}")
+            raise Refusal(
+                "wrong token policy",
+                "token_policy",
+                f"frame sends {frame.token_policy!r} tokens, the side network trains on {cfg.token_policy!r}",
+            )
         self._check_targets(frame)
         return frame
 
@@ -200,34 +234,52 @@ class FrameIntake:
         kind = targets.get("kind")
         if self.label_private:
             if kind != "none":
-                raise Refusal("labels in a label-private run", "targets",
-                              f"the frame carries targets of kind {kind!r}; in a label-private run labels stay on "
-                              f"the device (targets kind 'none')")
+                raise Refusal(
+                    "labels in a label-private run",
+                    "targets",
+                    f"the frame carries targets of kind {kind!r}; in a label-private run labels stay on "
+                    f"the device (targets kind 'none')",
+                )
         elif kind == "none" and cfg.head == "classification":
-            raise Refusal("labels withheld", "targets",
-                          "the device sends no labels (it is label-private): run with label-private = true")
+            raise Refusal(
+                "labels withheld",
+                "targets",
+                "the device sends no labels (it is label-private): run with label-private = true",
+            )
         elif cfg.head == "classification" and (kind != "class" or targets.get("num_classes") != cfg.num_classes):
-            raise Refusal("wrong targets", "targets",
-                          f"the side network classifies into {cfg.num_classes} classes; the frame has kind {kind!r} "
-                          f"with {targets.get('num_classes')} classes")
+            raise Refusal(
+                "wrong targets",
+                "targets",
+                f"the side network classifies into {cfg.num_classes} classes; the frame has kind {kind!r} "
+                f"with {targets.get('num_classes')} classes",
+            )
         elif cfg.head == "lm":
             if kind != "tokens":
-                raise Refusal("wrong targets", "targets",
-                              f"the side network trains the backbone's frozen LM head on token targets; the frame "
-                              f"has kind {kind!r}")
+                raise Refusal(
+                    "wrong targets",
+                    "targets",
+                    f"the side network trains the backbone's frozen LM head on token targets; the frame "
+                    f"has kind {kind!r}",
+                )
             values = np.asarray(targets["values"], dtype=np.int64)
             bad = values >= self.vocab_size
             if bad.any():
                 j = int(np.flatnonzero(bad)[0])
-                raise Refusal("token outside the vocabulary", "targets.values",
-                              f"token target {int(values[j])} at row {j} is outside the LM head's vocabulary of "
-                              f"{self.vocab_size}")
+                raise Refusal(
+                    "token outside the vocabulary",
+                    "targets.values",
+                    f"token target {int(values[j])} at row {j} is outside the LM head's vocabulary of "
+                    f"{self.vocab_size}",
+                )
 
     def _admit(self, device: str, blob: object) -> tuple[Frame, bytes]:
         """Every check, in order: the sender, the frame, a replay, then what depends on earlier frames."""
         if device not in self.store.device_samples:
-            raise Refusal("unknown device", "device", f"{device!r} has no side network in this run; it serves "
-                                                      f"{len(self.store.device_samples)} known devices")
+            raise Refusal(
+                "unknown device",
+                "device",
+                f"{device!r} has no side network in this run; it serves {len(self.store.device_samples)} known devices",
+            )
         frame = self.inspect(blob)
         digest = hashlib.sha256(_buffer(blob)).digest()
         if digest in self.digests:
@@ -236,14 +288,19 @@ class FrameIntake:
             claimed = {i: self.owner[i] for i in frame.sample_ids if self.owner.get(i, device) != device}
             if claimed:
                 sample_id, other = next(iter(claimed.items()))
-                raise Refusal("sample ids of another device", "sample_ids",
-                              f"{len(claimed)} sample id(s) already came from another device, e.g. {sample_id} "
-                              f"from {other}: residuals for them would be asked of the wrong device")
+                raise Refusal(
+                    "sample ids of another device",
+                    "sample_ids",
+                    f"{len(claimed)} sample id(s) already came from another device, e.g. {sample_id} "
+                    f"from {other}: residuals for them would be asked of the wrong device",
+                )
         repeated = self.seen[device].intersection(frame.sample_ids)
         if repeated:
-            raise Refusal("repeated samples", "sample_ids",
-                          f"{len(repeated)} sample(s) already arrived from {device} in this pass, e.g. id "
-                          f"{min(repeated)}")
+            raise Refusal(
+                "repeated samples",
+                "sample_ids",
+                f"{len(repeated)} sample(s) already arrived from {device} in this pass, e.g. id {min(repeated)}",
+            )
         return frame, digest
 
     def _train(self, device: str, frame: Frame, blob: object) -> dict[str, float]:
@@ -291,15 +348,20 @@ class FrameIntake:
             trainer = self.store.trainers[key]
             files = sorted((self.persist_dir / key).glob("*.frame"))[:count]
             if len(files) < count:
-                raise FileNotFoundError(f"the checkpoint expects {count} cached frames for {key}, "
-                                        f"{self.persist_dir / key} holds {len(files)}")
+                raise FileNotFoundError(
+                    f"the checkpoint expects {count} cached frames for {key}, "
+                    f"{self.persist_dir / key} holds {len(files)}"
+                )
             trainer.cache.frames.clear()
             trainer.cache.nbytes = 0
             for path in files:
                 device = path.name.split(".")[1]
                 blob = path.read_bytes()
-                frame = decode_frame(blob, limits=self.limits, expected_fingerprint=None if self.side_config.backbones
-                                     else self.side_config.fingerprint)
+                frame = decode_frame(
+                    blob,
+                    limits=self.limits,
+                    expected_fingerprint=None if self.side_config.backbones else self.side_config.fingerprint,
+                )
                 frame.meta["device_id"] = device
                 trainer.cache.add(trainer.decode(frame))
                 if self.label_private:
@@ -323,9 +385,11 @@ class FrameIntake:
         """Add :meth:`save_digests`'s digests to the replay check; returns how many the file holds."""
         data = Path(path).read_bytes()
         if len(data) % _DIGEST_BYTES:
-            raise ValueError(f"{path} holds {len(data)} bytes, not whole {_DIGEST_BYTES}-byte frame digests: "
-                             f"the checkpoint is damaged")
-        self.digests.update(data[i:i + _DIGEST_BYTES] for i in range(0, len(data), _DIGEST_BYTES))
+            raise ValueError(
+                f"{path} holds {len(data)} bytes, not whole {_DIGEST_BYTES}-byte frame digests: "
+                f"the checkpoint is damaged"
+            )
+        self.digests.update(data[i : i + _DIGEST_BYTES] for i in range(0, len(data), _DIGEST_BYTES))
         return len(data) // _DIGEST_BYTES
 
     def report(self) -> dict[str, dict[str, int]]:

@@ -71,8 +71,9 @@ def check_probabilities(probs: np.ndarray, n: int, num_classes: int) -> np.ndarr
     if probs.dtype.kind != "f":
         raise ResidualError(f"probabilities must be floating point, got dtype {probs.dtype}")
     if probs.shape != (n, num_classes):
-        raise ResidualError(f"probabilities have shape {tuple(probs.shape)}; {n} samples x {num_classes} classes "
-                            f"were asked for")
+        raise ResidualError(
+            f"probabilities have shape {tuple(probs.shape)}; {n} samples x {num_classes} classes were asked for"
+        )
     if not np.isfinite(probs).all() or (probs < 0).any() or (probs > 1).any():
         raise ResidualError("probabilities must be finite and in [0, 1]")
     if n and np.abs(probs.sum(axis=1) - 1).max() > 1e-3:
@@ -80,8 +81,9 @@ def check_probabilities(probs: np.ndarray, n: int, num_classes: int) -> np.ndarr
     return probs.astype(np.float32)
 
 
-def residuals(probs: np.ndarray, labels: Sequence[int], sample_ids: Sequence[int], num_classes: int,
-              epsilon: float, secret: bytes) -> np.ndarray:
+def residuals(
+    probs: np.ndarray, labels: Sequence[int], sample_ids: Sequence[int], num_classes: int, epsilon: float, secret: bytes
+) -> np.ndarray:
     """``p - onehot(y~)`` per sample: the cross-entropy gradient the server backpropagates."""
     probs = check_probabilities(probs, len(labels), num_classes)
     out = probs.copy()

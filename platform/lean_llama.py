@@ -77,12 +77,18 @@ def lean_problem(config: dict) -> str | None:
     if config.get("hidden_act", "silu") != "silu":
         return f"activation {config.get('hidden_act')!r}"
     rope = _rope_parameters(config)
-    if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_theta", "rope_type", "partial_rotary_factor"} \
-            or rope.get("partial_rotary_factor", 1.0) != 1.0:
+    if (
+        rope.get("rope_type", "default") != "default"
+        or set(rope) - {"rope_theta", "rope_type", "partial_rotary_factor"}
+        or rope.get("partial_rotary_factor", 1.0) != 1.0
+    ):
         return f"rope {rope}"
     if int(config.get("pretraining_tp", 1) or 1) != 1:
         return "pretraining_tp > 1"
-    heads, kv = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    heads, kv = (
+        int(config["num_attention_heads"]),
+        int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+    )
     if heads % kv:
         return f"{heads} heads are not a multiple of {kv} key/value heads"
     return None
@@ -182,10 +188,19 @@ class Attention(nn.Module):
         k = (k * cos).add_(_rotate_half(k).mul_(sin))
         groups = self.heads // self.kv_heads
         if groups > 1:  # as transformers does with a mask on CPU: repeat the key/value heads
-            k = k[:, :, None].expand(b, self.kv_heads, groups, t, self.head_dim).reshape(b, self.heads, t, self.head_dim)
-            v = v[:, :, None].expand(b, self.kv_heads, groups, t, self.head_dim).reshape(b, self.heads, t, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                                             scale=self.head_dim ** -0.5)
+            k = (
+                k[:, :, None]
+                .expand(b, self.kv_heads, groups, t, self.head_dim)
+                .reshape(b, self.heads, t, self.head_dim)
+            )
+            v = (
+                v[:, :, None]
+                .expand(b, self.kv_heads, groups, t, self.head_dim)
+                .reshape(b, self.heads, t, self.head_dim)
+            )
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=self.head_dim**-0.5
+        )
         del q, k, v
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -240,8 +255,9 @@ class LeanLlamaModel(nn.Module):
         head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // heads)
         self.rotary_emb = RotaryEmbedding(head_dim, float(_rope_parameters(vars(config))["rope_theta"]))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, use_cache: bool = False,
-                **_: Any) -> LeanOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, use_cache: bool = False, **_: Any
+    ) -> LeanOutput:
         h = self.embed_tokens(input_ids)
         b, t = input_ids.shape
         positions = torch.arange(t).unsqueeze(0)
@@ -386,9 +402,15 @@ class LeanTokenizer:
     def __len__(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def __call__(self, text: str | Sequence[str], padding: bool = False, truncation: bool = False,
-                 max_length: int | None = None, return_tensors: str | None = None,
-                 add_special_tokens: bool = True) -> dict:
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        padding: bool = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> dict:
         tok = self._tokenizer
         if truncation and max_length is not None:
             tok.enable_truncation(int(max_length), stride=0, strategy="longest_first", direction=self.truncation_side)
@@ -397,8 +419,9 @@ class LeanTokenizer:
         if padding:
             if self.pad_token_id is None:
                 raise ValueError("padding needs a pad token: set tokenizer.pad_token")
-            tok.enable_padding(direction=self.padding_side, pad_id=self.pad_token_id, pad_type_id=0,
-                               pad_token=self.pad_token)
+            tok.enable_padding(
+                direction=self.padding_side, pad_id=self.pad_token_id, pad_type_id=0, pad_token=self.pad_token
+            )
         elif tok.padding is not None:
             tok.no_padding()
         single = isinstance(text, str)
@@ -406,7 +429,10 @@ class LeanTokenizer:
         ids = [e.ids for e in encodings]
         mask = [e.attention_mask for e in encodings]
         if return_tensors == "pt":
-            return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+            return {
+                "input_ids": torch.tensor(ids, dtype=torch.long),
+                "attention_mask": torch.tensor(mask, dtype=torch.long),
+            }
         if return_tensors is not None:
             raise ValueError(f"return_tensors={return_tensors!r}: the lean tokenizer returns 'pt' or lists")
         if single:
@@ -417,5 +443,14 @@ class LeanTokenizer:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
-__all__ = ["LEAN_MODEL_TYPES", "LeanConfig", "LeanLlamaModel", "LeanLlamaForCausalLM", "LeanTokenizer",
-           "build_lean_model", "lean_problem", "read_config", "tokenizer_problem"]
+__all__ = [
+    "LEAN_MODEL_TYPES",
+    "LeanConfig",
+    "LeanLlamaModel",
+    "LeanLlamaForCausalLM",
+    "LeanTokenizer",
+    "build_lean_model",
+    "lean_problem",
+    "read_config",
+    "tokenizer_problem",
+]

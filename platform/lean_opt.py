@@ -29,9 +29,16 @@ from torch import nn
 from mobiflower.platform.lean_llama import Embedding, LeanConfig, LeanOutput, Linear
 
 # OPTConfig's defaults, for a config.json that leaves a key out
-_DEFAULTS = {"enable_bias": True, "do_layer_norm_before": True, "layer_norm_elementwise_affine": True,
-             "_remove_final_layer_norm": False, "activation_function": "relu", "tie_word_embeddings": True,
-             "word_embed_proj_dim": None, "pad_token_id": 1}
+_DEFAULTS = {
+    "enable_bias": True,
+    "do_layer_norm_before": True,
+    "layer_norm_elementwise_affine": True,
+    "_remove_final_layer_norm": False,
+    "activation_function": "relu",
+    "tie_word_embeddings": True,
+    "word_embed_proj_dim": None,
+    "pad_token_id": 1,
+}
 _POSITION_OFFSET = 2  # OPT's learned positions start at row 2 (fairseq's padding convention)
 
 
@@ -76,7 +83,7 @@ class Attention(nn.Module):
         super().__init__()
         d, heads = int(config.hidden_size), int(config.num_attention_heads)
         self.heads, self.head_dim = heads, d // heads
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim**-0.5
         bias = bool(_get(config, "enable_bias"))
         self.k_proj = Linear(d, d, bias=bias)
         self.v_proj = Linear(d, d, bias=bias)
@@ -161,8 +168,9 @@ class LeanOPTModel(nn.Module):
         self.config = config
         self.decoder = LeanOPTDecoder(config)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, use_cache: bool = False,
-                **_: Any) -> LeanOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, use_cache: bool = False, **_: Any
+    ) -> LeanOutput:
         return LeanOutput(last_hidden_state=self.decoder(input_ids, attention_mask))
 
 

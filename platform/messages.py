@@ -82,8 +82,10 @@ def frame_bytes(record: ArrayRecord) -> bytes:
 def network_records(net: SideNetwork, dtype: torch.dtype | None = torch.float16) -> tuple[ArrayRecord, ConfigRecord]:
     """A side network as (weights, config) records: what a device needs to rebuild it. Floating-point
     tensors travel in ``dtype`` (half precision by default: half the bytes down; None keeps them)."""
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in net.state_dict().items()}
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in net.state_dict().items()
+    }
     return ArrayRecord(torch_state_dict=state), ConfigRecord({"json": net.config.to_json()})
 
 
@@ -95,17 +97,20 @@ def records_digest(weights: ArrayRecord, config: ConfigRecord) -> str:
     return h.hexdigest()[:16]
 
 
-def network_from_records(weights: ArrayRecord, config: ConfigRecord,
-                         frozen: Mapping[str, torch.Tensor] | None = None, fingerprint: str = "") -> SideNetwork:
+def network_from_records(
+    weights: ArrayRecord, config: ConfigRecord, frozen: Mapping[str, torch.Tensor] | None = None, fingerprint: str = ""
+) -> SideNetwork:
     """Rebuild a side network sent by :func:`network_records` (eval mode); ``frozen`` is the frozen
     head state of the receiving device's backbone (``fingerprint``, one of the network's backbones).
     A pretrained tail needs its upper blocks: the device runs it with
     :class:`mobiflower.clients.inference.TailClassifier` instead."""
     frozen = dict(frozen or {})
-    net = build_side_network(SideNetworkConfig.from_json(str(config["json"])), frozen,
-                             {fingerprint: frozen} if fingerprint else None)
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v
-                         for k, v in weights.to_torch_state_dict().items()})
+    net = build_side_network(
+        SideNetworkConfig.from_json(str(config["json"])), frozen, {fingerprint: frozen} if fingerprint else None
+    )
+    net.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in weights.to_torch_state_dict().items()}
+    )
     return net.eval()
 
 
@@ -154,9 +159,11 @@ class BackboneChoice:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "BackboneChoice":
-        return cls(model=str(config.get("model", "") or ""),
-                   backbone_layers=int(config.get("backbone-layers", 0) or 0),
-                   weights=str(config.get("weights", "") or ""))
+        return cls(
+            model=str(config.get("model", "") or ""),
+            backbone_layers=int(config.get("backbone-layers", 0) or 0),
+            weights=str(config.get("weights", "") or ""),
+        )
 
 
 class Request(ABC):
@@ -169,8 +176,9 @@ class Request(ABC):
         """The request's records, as they travel."""
 
     def to_message(self, node_id: int, ttl: float, group_id: str = "") -> Message:
-        return Message(self.to_content(), dst_node_id=node_id, message_type=self.message_type, group_id=group_id,
-                       ttl=ttl)
+        return Message(
+            self.to_content(), dst_node_id=node_id, message_type=self.message_type, group_id=group_id, ttl=ttl
+        )
 
 
 def _config_of(content: RecordDict) -> ConfigRecord:
@@ -186,14 +194,17 @@ class ProfileRequest(Request):
     backbone: BackboneChoice = BackboneChoice()
 
     def to_content(self) -> RecordDict:
-        return RecordDict({CONFIG_KEY: ConfigRecord({"probe-samples": self.probe_samples,
-                                                     **self.backbone.to_config()})})
+        return RecordDict(
+            {CONFIG_KEY: ConfigRecord({"probe-samples": self.probe_samples, **self.backbone.to_config()})}
+        )
 
     @classmethod
     def from_content(cls, content: RecordDict) -> "ProfileRequest":
         config = _config_of(content)
-        return cls(probe_samples=int(config.get("probe-samples", cls.probe_samples)),
-                   backbone=BackboneChoice.from_config(config))
+        return cls(
+            probe_samples=int(config.get("probe-samples", cls.probe_samples)),
+            backbone=BackboneChoice.from_config(config),
+        )
 
 
 @dataclass(frozen=True)
@@ -231,8 +242,14 @@ class ForwardRequest(Request):
         config: dict[str, Any] = {"split": self.split}
         if self.offset is not None:
             config["offset"] = self.offset
-        config.update({"samples": self.samples, "bits": self.bits, "token-policy": self.token_policy,
-                       "batch-size": self.batch_size})
+        config.update(
+            {
+                "samples": self.samples,
+                "bits": self.bits,
+                "token-policy": self.token_policy,
+                "batch-size": self.batch_size,
+            }
+        )
         if self.layers is not None:
             config["layers"] = list(self.layers)
         config["request"] = self.request_id
@@ -251,17 +268,21 @@ class ForwardRequest(Request):
         named = _REQUEST_ID.fullmatch(str(config.get("request", "r0-o0-a0")))
         if named is None:
             raise ValueError(f"request={config.get('request')!r} is not a request id 'r<round>-o<offset>-a<attempt>'")
-        return cls(samples=int(config.get("samples", cls.samples)),
-                   offset=int(config["offset"]) if "offset" in config else None,
-                   split=str(config.get("split", cls.split)), round=int(named[1]), attempt=int(named[3]),
-                   bits=int(config.get("bits", cls.bits)),
-                   layers=tuple(int(x) for x in config["layers"]) if "layers" in config else None,
-                   token_policy=str(config.get("token-policy", cls.token_policy)),
-                   batch_size=int(config.get("batch-size", cls.batch_size)),
-                   group_size=int(config["group-size"]) if "group-size" in config else None,
-                   rotation=str(config.get("rotation", cls.rotation)),
-                   codec_seed=int(config.get("codec-seed", cls.codec_seed)),
-                   backbone=BackboneChoice.from_config(config))
+        return cls(
+            samples=int(config.get("samples", cls.samples)),
+            offset=int(config["offset"]) if "offset" in config else None,
+            split=str(config.get("split", cls.split)),
+            round=int(named[1]),
+            attempt=int(named[3]),
+            bits=int(config.get("bits", cls.bits)),
+            layers=tuple(int(x) for x in config["layers"]) if "layers" in config else None,
+            token_policy=str(config.get("token-policy", cls.token_policy)),
+            batch_size=int(config.get("batch-size", cls.batch_size)),
+            group_size=int(config["group-size"]) if "group-size" in config else None,
+            rotation=str(config.get("rotation", cls.rotation)),
+            codec_seed=int(config.get("codec-seed", cls.codec_seed)),
+            backbone=BackboneChoice.from_config(config),
+        )
 
 
 @dataclass(frozen=True)
@@ -276,15 +297,24 @@ class ResidualRequest(Request):
     backbone: BackboneChoice = BackboneChoice()
 
     def to_content(self) -> RecordDict:
-        config = ConfigRecord({"sample-ids": [int(i) for i in self.sample_ids], "num-classes": self.num_classes,
-                               **self.backbone.to_config()})
+        config = ConfigRecord(
+            {
+                "sample-ids": [int(i) for i in self.sample_ids],
+                "num-classes": self.num_classes,
+                **self.backbone.to_config(),
+            }
+        )
         return RecordDict({CONFIG_KEY: config, PROBS_KEY: ArrayRecord({PROBS_KEY: Array(self.probs)})})
 
     @classmethod
     def from_content(cls, content: RecordDict) -> "ResidualRequest":
         config = content[CONFIG_KEY]
-        return cls(sample_ids=tuple(int(i) for i in config["sample-ids"]), num_classes=int(config["num-classes"]),
-                   probs=content[PROBS_KEY][PROBS_KEY].numpy(), backbone=BackboneChoice.from_config(config))
+        return cls(
+            sample_ids=tuple(int(i) for i in config["sample-ids"]),
+            num_classes=int(config["num-classes"]),
+            probs=content[PROBS_KEY][PROBS_KEY].numpy(),
+            backbone=BackboneChoice.from_config(config),
+        )
 
 
 @dataclass(frozen=True)
@@ -303,8 +333,11 @@ class EvaluateRequest(Request):
 
     def to_content(self) -> RecordDict:
         config: dict[str, Any] = {"split": self.split}
-        for key, value in (("max-samples", self.max_samples), ("installed", self.installed),
-                           ("batch-size", self.batch_size)):
+        for key, value in (
+            ("max-samples", self.max_samples),
+            ("installed", self.installed),
+            ("batch-size", self.batch_size),
+        ):
             if value is not None:
                 config[key] = value
         content = RecordDict({CONFIG_KEY: ConfigRecord({**config, **self.backbone.to_config()})})
@@ -316,10 +349,14 @@ class EvaluateRequest(Request):
     def from_content(cls, content: RecordDict) -> "EvaluateRequest":
         config = _config_of(content)
         network = (content[NETWORK_KEY], content[NETWORK_CONFIG_KEY]) if NETWORK_KEY in content else None
-        return cls(split=str(config.get("split", cls.split)), max_samples=int(config.get("max-samples", 0)),
-                   installed=bool(config["installed"]) if "installed" in config else None,
-                   batch_size=int(config.get("batch-size", 16)), network=network,
-                   backbone=BackboneChoice.from_config(config))
+        return cls(
+            split=str(config.get("split", cls.split)),
+            max_samples=int(config.get("max-samples", 0)),
+            installed=bool(config["installed"]) if "installed" in config else None,
+            batch_size=int(config.get("batch-size", 16)),
+            network=network,
+            backbone=BackboneChoice.from_config(config),
+        )
 
 
 @dataclass(frozen=True)
@@ -338,8 +375,10 @@ class DeliverRequest(Request):
 
     @classmethod
     def from_content(cls, content: RecordDict) -> "DeliverRequest":
-        return cls(network=(content[NETWORK_KEY], content[NETWORK_CONFIG_KEY]),
-                   backbone=BackboneChoice.from_config(_config_of(content)))
+        return cls(
+            network=(content[NETWORK_KEY], content[NETWORK_CONFIG_KEY]),
+            backbone=BackboneChoice.from_config(_config_of(content)),
+        )
 
 
 def backbone_choice(content: RecordDict | None) -> BackboneChoice:
@@ -358,8 +397,13 @@ class ProfileReply:
     frozen: Mapping[str, torch.Tensor]
 
     def to_content(self) -> RecordDict:
-        return RecordDict({PROFILE_KEY: ConfigRecord(dict(self.description)), STATS_KEY: metrics(self.measurements),
-                           FROZEN_KEY: ArrayRecord(torch_state_dict=dict(self.frozen))})
+        return RecordDict(
+            {
+                PROFILE_KEY: ConfigRecord(dict(self.description)),
+                STATS_KEY: metrics(self.measurements),
+                FROZEN_KEY: ArrayRecord(torch_state_dict=dict(self.frozen)),
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -380,8 +424,12 @@ class ResidualReply:
     residual: np.ndarray
 
     def to_content(self) -> RecordDict:
-        return RecordDict({RESIDUAL_KEY: ArrayRecord({RESIDUAL_KEY: Array(self.residual)}),
-                           STATS_KEY: metrics({"samples": len(self.residual)})})
+        return RecordDict(
+            {
+                RESIDUAL_KEY: ArrayRecord({RESIDUAL_KEY: Array(self.residual)}),
+                STATS_KEY: metrics({"samples": len(self.residual)}),
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -405,6 +453,9 @@ class DeliveryReceipt:
     parameters: int = 0
 
     def to_content(self) -> RecordDict:
-        return RecordDict({STATS_KEY: metrics({"parameters": self.parameters}),
-                           CONFIG_KEY: ConfigRecord({"digest": self.digest, "path": self.path,
-                                                     "device-id": self.device_id})})
+        return RecordDict(
+            {
+                STATS_KEY: metrics({"parameters": self.parameters}),
+                CONFIG_KEY: ConfigRecord({"digest": self.digest, "path": self.path, "device-id": self.device_id}),
+            }
+        )

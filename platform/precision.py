@@ -45,10 +45,20 @@ DEFAULT_INT4_GROUP_SIZE = 32
 """Input values per int4 scale and minimum (llama.cpp's Q4_1 group)."""
 
 _ALIASES = {
-    "fp32": "fp32", "float32": "fp32", "float": "fp32", "f32": "fp32",
-    "bf16": "bf16", "bfloat16": "bf16",
-    "int8": "int8", "w8": "int8", "8bit": "int8", "8-bit": "int8",
-    "int4": "int4", "w4": "int4", "4bit": "int4", "4-bit": "int4",
+    "fp32": "fp32",
+    "float32": "fp32",
+    "float": "fp32",
+    "f32": "fp32",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "int8": "int8",
+    "w8": "int8",
+    "8bit": "int8",
+    "8-bit": "int8",
+    "int4": "int4",
+    "w4": "int4",
+    "4bit": "int4",
+    "4-bit": "int4",
 }
 _NOT_ON_CPU = {
     "fp16": "float16 GEMM on CPU is slow and loses range; use bf16 (native on AVX512-BF16/AMX CPUs) or int8",
@@ -71,7 +81,8 @@ def normalize_precision(precision: str) -> str:
     reason = _NOT_ON_CPU.get(key)
     raise WeightPrecisionError(
         f"weight precision {precision!r} is not supported{': ' + reason if reason else ''}. "
-        f"Choose one of {', '.join(WEIGHT_PRECISIONS)}.")
+        f"Choose one of {', '.join(WEIGHT_PRECISIONS)}."
+    )
 
 
 def precision_of_dtype(dtype: torch.dtype) -> str:
@@ -102,13 +113,22 @@ def precision_support() -> dict[str, dict[str, Any]]:
     native_bf16 = bf16_native()
     return {
         "fp32": {"supported": True, "native": True, "path": "ATen fp32 GEMM"},
-        "bf16": {"supported": True, "native": native_bf16,
-                 "path": "ATen bf16 GEMM (oneDNN)" + ("" if native_bf16 else
-                                                      "; this CPU has no native bf16: it runs, slowly")},
-        "int8": {"supported": True, "native": True,
-                 "path": "weight-only int8 (per-channel scales), dequantized per layer + ATen fp32 GEMM"},
-        "int4": {"supported": True, "native": True,
-                 "path": "weight-only 4-bit (per-group scale and minimum), dequantized per layer + ATen fp32 GEMM"},
+        "bf16": {
+            "supported": True,
+            "native": native_bf16,
+            "path": "ATen bf16 GEMM (oneDNN)"
+            + ("" if native_bf16 else "; this CPU has no native bf16: it runs, slowly"),
+        },
+        "int8": {
+            "supported": True,
+            "native": True,
+            "path": "weight-only int8 (per-channel scales), dequantized per layer + ATen fp32 GEMM",
+        },
+        "int4": {
+            "supported": True,
+            "native": True,
+            "path": "weight-only 4-bit (per-group scale and minimum), dequantized per layer + ATen fp32 GEMM",
+        },
     }
 
 
@@ -120,6 +140,14 @@ def precision_from_fingerprint(fingerprint: str) -> str | None:
     return _ALIASES.get(parts[-2])
 
 
-__all__ = ["WEIGHT_PRECISIONS", "PRECISION_DTYPE_NAMES", "DEFAULT_INT4_GROUP_SIZE", "WeightPrecisionError",
-           "normalize_precision", "precision_of_dtype", "bf16_native", "precision_support",
-           "precision_from_fingerprint"]
+__all__ = [
+    "WEIGHT_PRECISIONS",
+    "PRECISION_DTYPE_NAMES",
+    "DEFAULT_INT4_GROUP_SIZE",
+    "WeightPrecisionError",
+    "normalize_precision",
+    "precision_of_dtype",
+    "bf16_native",
+    "precision_support",
+    "precision_from_fingerprint",
+]

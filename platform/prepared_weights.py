@@ -31,8 +31,13 @@ from mobiflower.platform.atomic import atomic_directory, exclusive_lock, remove_
 from mobiflower.platform.checkpoint import DECODER_TYPES, BackboneError, load_checkpoint, weights_digest
 from mobiflower.platform.device_forward import build_empty_model, forward_implementation, load_prepared_tokenizer
 from mobiflower.platform.file_rows import read_rows_from_file
-from mobiflower.platform.precision import (DEFAULT_INT4_GROUP_SIZE, PRECISION_DTYPE_NAMES, WEIGHT_PRECISIONS,
-                                           WeightPrecisionError, normalize_precision)
+from mobiflower.platform.precision import (
+    DEFAULT_INT4_GROUP_SIZE,
+    PRECISION_DTYPE_NAMES,
+    WEIGHT_PRECISIONS,
+    WeightPrecisionError,
+    normalize_precision,
+)
 from mobiflower.platform.process_memory import release_free_heap
 from mobiflower.platform.quantized_layers import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
 from mobiflower.platform.weight_conversion import quantize_backbone_weights, set_module, weight_bytes
@@ -48,8 +53,9 @@ def _source_path(ref: str) -> str:
     return resolve_model(ref, materialize=False)
 
 
-def prepared_dir(ref: str, precision: str, cache_dir: str | Path | None = None,
-                 group_size: int = DEFAULT_INT4_GROUP_SIZE) -> Path:
+def prepared_dir(
+    ref: str, precision: str, cache_dir: str | Path | None = None, group_size: int = DEFAULT_INT4_GROUP_SIZE
+) -> Path:
     """Where the prepared copy of ``ref`` at ``precision`` lives (``<cache>/<name>-<precision>``).
 
     ``cache`` is ``cache_dir`` or ``$MOBIFLOWER_HOME/models``. A local folder's name carries a
@@ -74,8 +80,11 @@ def _source_stamp(path: str) -> list | None:
     folder = Path(path)
     if not folder.is_dir():
         return None
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (
-        p.suffix in (".safetensors", ".bin", ".gguf") or p.name == "config.json"))
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and (p.suffix in (".safetensors", ".bin", ".gguf") or p.name == "config.json")
+    )
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
@@ -91,8 +100,9 @@ def read_manifest(folder: str | Path) -> dict | None:
         return None
 
 
-def manifest_problem(folder: str | Path, ref: str | None = None, precision: str | None = None,
-                     group_size: int | None = None) -> str | None:
+def manifest_problem(
+    folder: str | Path, ref: str | None = None, precision: str | None = None, group_size: int | None = None
+) -> str | None:
     """Why the prepared copy at ``folder`` cannot be used (None when it can)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -147,9 +157,16 @@ def _disk_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, aliases, sorted(non_persistent)
 
 
-def prepare_quantized_backbone(ref: str, precision: str, out_dir: str | Path | None = None, *,
-                               cache_dir: str | Path | None = None, group_size: int = DEFAULT_INT4_GROUP_SIZE,
-                               force: bool = False, log=None) -> Path:
+def prepare_quantized_backbone(
+    ref: str,
+    precision: str,
+    out_dir: str | Path | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    group_size: int = DEFAULT_INT4_GROUP_SIZE,
+    force: bool = False,
+    log=None,
+) -> Path:
     """Convert ``ref`` once into a ready-to-map folder at ``precision``; return the folder.
 
     Idempotent: a current copy (same precision, format, and unchanged source files) is reused.
@@ -174,11 +191,20 @@ def prepare_quantized_backbone(ref: str, precision: str, out_dir: str | Path | N
     quantized = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
-            quantized[name] = {"kind": m.precision, "in": m.in_features, "out": m.out_features,
-                               "bias": m.bias is not None, **({"group_size": m.group_size} if m.precision == "int4" else {})}
+            quantized[name] = {
+                "kind": m.precision,
+                "in": m.in_features,
+                "out": m.out_features,
+                "bias": m.bias is not None,
+                **({"group_size": m.group_size} if m.precision == "int4" else {}),
+            }
         elif isinstance(m, Int8Embedding):
-            quantized[name] = {"kind": "int8-embedding", "num": m.num_embeddings, "dim": m.embedding_dim,
-                               "padding_idx": m.padding_idx}
+            quantized[name] = {
+                "kind": "int8-embedding",
+                "num": m.num_embeddings,
+                "dim": m.embedding_dim,
+                "padding_idx": m.padding_idx,
+            }
     sizes = weight_bytes(model)
 
     try:
@@ -210,8 +236,10 @@ def prepare_quantized_backbone(ref: str, precision: str, out_dir: str | Path | N
         if manifest_problem(out, None, precision, group_size) is not None:
             raise
     del model
-    log(f"[weights] {precision} copy ready in {time.perf_counter() - start:.1f} s: "
-        f"{sizes['total'] / 2**20:.0f} MiB of weights")
+    log(
+        f"[weights] {precision} copy ready in {time.perf_counter() - start:.1f} s: "
+        f"{sizes['total'] / 2**20:.0f} MiB of weights"
+    )
     return out
 
 
@@ -221,8 +249,9 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def ensure_prepared(ref: str, precision: str, cache_dir: str | Path | None = None,
-                    group_size: int = DEFAULT_INT4_GROUP_SIZE, log=None) -> Path:
+def ensure_prepared(
+    ref: str, precision: str, cache_dir: str | Path | None = None, group_size: int = DEFAULT_INT4_GROUP_SIZE, log=None
+) -> Path:
     """The prepared copy's folder, building (or rebuilding a stale) one first."""
     folder = prepared_dir(ref, precision, cache_dir, group_size)
     if manifest_problem(folder, ref, precision, group_size) is None:
@@ -274,8 +303,9 @@ def load_prepared_backbone(folder: str | Path, precision: str | None = None, imp
     folder = Path(folder)
     problem = manifest_problem(folder, None, precision)
     if problem is not None:
-        raise BackboneError(f"{folder} is not a usable prepared backbone ({problem}): prepare it with "
-                            "prepare_quantized_backbone()")
+        raise BackboneError(
+            f"{folder} is not a usable prepared backbone ({problem}): prepare it with prepare_quantized_backbone()"
+        )
     manifest = read_manifest(folder)
     forward = forward_implementation(folder, implementation)
     dtype = torch.bfloat16 if manifest["precision"] == "bf16" else torch.float32
@@ -307,8 +337,10 @@ def load_prepared_backbone(folder: str | Path, precision: str | None = None, imp
                 _share(model, name, loaded[0])
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if missing:
-        raise BackboneError(f"the prepared weights at {folder} lack {', '.join(missing[:5])}"
-                            f"{' ...' if len(missing) > 5 else ''}: prepare the copy again")
+        raise BackboneError(
+            f"the prepared weights at {folder} lack {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}: prepare the copy again"
+        )
     model.eval().requires_grad_(False)
     # the few table rows a batch looks up are read from the file, not faulted in a read-ahead window at a time
     embedding = "file rows" if read_rows_from_file(model, folder / WEIGHTS_FILE, manifest["aliases"]) else "mapped"
@@ -316,20 +348,27 @@ def load_prepared_backbone(folder: str | Path, precision: str | None = None, imp
     return model, tokenizer, {**manifest, "forward": forward, "embedding": embedding}
 
 
-def load_backbone_weights(ref: str, precision: str | None, cache_dir: str | Path | None = None,
-                          group_size: int = DEFAULT_INT4_GROUP_SIZE, log=None):
+def load_backbone_weights(
+    ref: str,
+    precision: str | None,
+    cache_dir: str | Path | None = None,
+    group_size: int = DEFAULT_INT4_GROUP_SIZE,
+    log=None,
+):
     """``(model, tokenizer, manifest)`` of ``ref`` at ``precision``, preparing the copy once if needed.
 
     ``ref`` may also be a prepared folder itself (``precision`` None or the folder's).
     """
     if is_prepared_folder(ref):
         folder = Path(ref).expanduser()
-        model, tokenizer, manifest = load_prepared_backbone(folder, None if precision is None else
-                                                            normalize_precision(precision))
+        model, tokenizer, manifest = load_prepared_backbone(
+            folder, None if precision is None else normalize_precision(precision)
+        )
         return model, tokenizer, {**manifest, "path": str(folder)}
     if precision is None:
-        raise WeightPrecisionError(f"{ref!r} is not a prepared copy: name a weight precision "
-                                   f"({', '.join(WEIGHT_PRECISIONS)})")
+        raise WeightPrecisionError(
+            f"{ref!r} is not a prepared copy: name a weight precision ({', '.join(WEIGHT_PRECISIONS)})"
+        )
     precision = normalize_precision(precision)
     folder = ensure_prepared(ref, precision, cache_dir, group_size, log=log)
     model, tokenizer, manifest = load_prepared_backbone(folder, precision)
@@ -337,6 +376,16 @@ def load_backbone_weights(ref: str, precision: str | None, cache_dir: str | Path
     return model, tokenizer, manifest
 
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "WEIGHTS_FILE", "prepared_dir", "read_manifest", "manifest_problem",
-           "is_prepared_folder", "prepare_quantized_backbone", "ensure_prepared", "load_prepared_backbone",
-           "load_backbone_weights"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "WEIGHTS_FILE",
+    "prepared_dir",
+    "read_manifest",
+    "manifest_problem",
+    "is_prepared_folder",
+    "prepare_quantized_backbone",
+    "ensure_prepared",
+    "load_prepared_backbone",
+    "load_backbone_weights",
+]

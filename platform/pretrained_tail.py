@@ -47,15 +47,21 @@ def check_tail_config(config: SideNetworkConfig) -> None:
     """Refuse a tail configuration that cannot be built, saying what to change."""
     model_type = config.backbone_config.get("model_type")
     if model_type not in TAIL_MODEL_TYPES:
-        raise SideNetworkError(f"the pretrained tail runs llama-family backbones {TAIL_MODEL_TYPES}, not "
-                               f"{model_type!r}: use family 'ladder' or 'adapter' for this model")
+        raise SideNetworkError(
+            f"the pretrained tail runs llama-family backbones {TAIL_MODEL_TYPES}, not "
+            f"{model_type!r}: use family 'ladder' or 'adapter' for this model"
+        )
     if len(config.layers) != 1:
-        raise SideNetworkError(f"the pretrained tail reads one cut layer, got taps {config.layers}: set the cut "
-                               "(tail-cut) instead of num-taps / layers")
+        raise SideNetworkError(
+            f"the pretrained tail reads one cut layer, got taps {config.layers}: set the cut "
+            "(tail-cut) instead of num-taps / layers"
+        )
     total = _total_layers(config)
     if not 1 <= tail_cut(config) < total:
-        raise SideNetworkError(f"cut {tail_cut(config)} leaves no block for the server of a {total}-block backbone: "
-                               f"choose a cut in 1..{total - 1}")
+        raise SideNetworkError(
+            f"cut {tail_cut(config)} leaves no block for the server of a {total}-block backbone: "
+            f"choose a cut in 1..{total - 1}"
+        )
     if config.token_policy not in ("nonpad", "all"):
         raise SideNetworkError("the pretrained tail's attention reads every real token: use token policy 'nonpad'")
     if config.head != "classification":
@@ -78,8 +84,10 @@ def tail_weights(model: nn.Module, cut: int) -> dict[str, torch.Tensor]:
         elif name.startswith("norm."):
             keep[name] = tensor.detach().float().clone()
     if not any(k.startswith("norm.") for k in keep):
-        raise SideNetworkError(f"{type(base).__name__} has no final norm named 'norm': the pretrained tail runs "
-                               f"llama-family backbones {TAIL_MODEL_TYPES}: use family 'ladder' or 'adapter' for this model")
+        raise SideNetworkError(
+            f"{type(base).__name__} has no final norm named 'norm': the pretrained tail runs "
+            f"llama-family backbones {TAIL_MODEL_TYPES}: use family 'ladder' or 'adapter' for this model"
+        )
     return keep
 
 
@@ -128,10 +136,12 @@ def load_tail_weights(ref: str, cut: int = 0) -> PublicTail:
     total = int(config["num_hidden_layers"])
     cut = cut or default_cut(total)
     if not 1 <= cut < total:
-        raise SideNetworkError(f"tail cut {cut} leaves no block for the server of the {total}-block {ref}: "
-                               f"choose a cut in 1..{total - 1}")
-    identity = BackboneIdentity(str(config["model_type"]), int(config["hidden_size"]), total, "float32",
-                                weights_digest(model))
+        raise SideNetworkError(
+            f"tail cut {cut} leaves no block for the server of the {total}-block {ref}: choose a cut in 1..{total - 1}"
+        )
+    identity = BackboneIdentity(
+        str(config["model_type"]), int(config["hidden_size"]), total, "float32", weights_digest(model)
+    )
     weights = tail_weights(model, cut)
     del model
     return PublicTail(ref, cut, config, weights, identity.fingerprint)
@@ -155,11 +165,15 @@ def check_device_fingerprint(public: PublicTail, fingerprint: str) -> None:
     model_type, width, depth, dtype, digest = _fingerprint_parts(fingerprint)
     p_type, p_width, p_depth, _, p_digest = _fingerprint_parts(public.fingerprint)
     if (model_type, width) != (p_type, p_width):
-        raise SideNetworkError(f"device backbone {fingerprint} is not {public.ref} ({public.fingerprint}): every "
-                               "device of a pretrained-tail run must run that model (at any precision)")
+        raise SideNetworkError(
+            f"device backbone {fingerprint} is not {public.ref} ({public.fingerprint}): every "
+            "device of a pretrained-tail run must run that model (at any precision)"
+        )
     if depth < public.cut:
-        raise SideNetworkError(f"device backbone {fingerprint} has {depth} blocks, fewer than the tail cut "
-                               f"{public.cut}: lower tail-cut to at most {depth}, or use family 'ladder'")
+        raise SideNetworkError(
+            f"device backbone {fingerprint} has {depth} blocks, fewer than the tail cut "
+            f"{public.cut}: lower tail-cut to at most {depth}, or use family 'ladder'"
+        )
     if digest == p_digest:
         return
     from mobiflower.platform.precision import precision_from_fingerprint
@@ -170,9 +184,11 @@ def check_device_fingerprint(public: PublicTail, fingerprint: str) -> None:
         manifest = read_manifest(ensure_prepared(public.ref, precision))
         if manifest and manifest.get("digest") == digest:
             return
-    raise SideNetworkError(f"device backbone {fingerprint} does not carry the public weights of {public.ref} "
-                           f"({public.fingerprint}): the server's tail must start from the device's own weights; "
-                           "give the server the device's model")
+    raise SideNetworkError(
+        f"device backbone {fingerprint} does not carry the public weights of {public.ref} "
+        f"({public.fingerprint}): the server's tail must start from the device's own weights; "
+        "give the server the device's model"
+    )
 
 
 def _tail_base(config: SideNetworkConfig, frozen: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -184,8 +200,14 @@ def _tail_base(config: SideNetworkConfig, frozen: Mapping[str, torch.Tensor]) ->
     cut, total = tail_cut(config), _total_layers(config)
     values = dict(config.backbone_config)
     model_type = values.pop("model_type")
-    hf_config = AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if k not in (
-        "architectures", "transformers_version", "_name_or_path", "auto_map")})
+    hf_config = AutoConfig.for_model(
+        model_type,
+        **{
+            k: v
+            for k, v in values.items()
+            if k not in ("architectures", "transformers_version", "_name_or_path", "auto_map")
+        },
+    )
     hf_config.num_hidden_layers = total - cut
     if isinstance(getattr(hf_config, "layer_types", None), list):
         hf_config.layer_types = hf_config.layer_types[cut:]
@@ -203,9 +225,11 @@ def _tail_base(config: SideNetworkConfig, frozen: Mapping[str, torch.Tensor]) ->
     result = base.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not k.startswith("embed_tokens.")]
     if missing or result.unexpected_keys:
-        raise SideNetworkError(f"the tail weights do not fit blocks {cut}..{total - 1} of this backbone "
-                               f"({len(missing)} missing, e.g. {missing[:1]}; {len(result.unexpected_keys)} unexpected, "
-                               f"e.g. {result.unexpected_keys[:1]}): load them with load_tail_weights(ref, cut)")
+        raise SideNetworkError(
+            f"the tail weights do not fit blocks {cut}..{total - 1} of this backbone "
+            f"({len(missing)} missing, e.g. {missing[:1]}; {len(result.unexpected_keys)} unexpected, "
+            f"e.g. {result.unexpected_keys[:1]}): load them with load_tail_weights(ref, cut)"
+        )
     return base.eval().requires_grad_(False)
 
 
@@ -223,18 +247,26 @@ class PretrainedTailNetwork(nn.Module):
         check_tail_config(config)
         self.config = config
         base = _tail_base(config, frozen)
-        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=list(config.lora_targets), bias="none")
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_targets),
+            bias="none",
+        )
         self.tail = get_peft_model(base, lora)
         self.head = nn.Linear(config.hidden_size, config.num_classes, bias=False)
         self._trainable = {n for n, p in self.named_parameters() if p.requires_grad}
 
     def check(self, batch: SideBatch) -> None:
         if len(batch.states) != 1:
-            raise SideNetworkError(f"the pretrained tail reads one cut layer {self.config.layers}, got "
-                                   f"{len(batch.states)} tapped layers")
+            raise SideNetworkError(
+                f"the pretrained tail reads one cut layer {self.config.layers}, got {len(batch.states)} tapped layers"
+            )
         if batch.states[0].shape[-1] != self.config.hidden_size:
-            raise SideNetworkError(f"cut state width {batch.states[0].shape[-1]} != the tail's {self.config.hidden_size}")
+            raise SideNetworkError(
+                f"cut state width {batch.states[0].shape[-1]} != the tail's {self.config.hidden_size}"
+            )
 
     def forward(self, batch: SideBatch) -> torch.Tensor:
         self.check(batch)
@@ -248,7 +280,7 @@ class PretrainedTailNetwork(nn.Module):
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):  # noqa: D102
         full = super().state_dict(*args, prefix=prefix, keep_vars=keep_vars)
-        kept = OrderedDict((k, v) for k, v in full.items() if k[len(prefix):] in self._trainable)
+        kept = OrderedDict((k, v) for k, v in full.items() if k[len(prefix) :] in self._trainable)
         if destination is not None:
             destination.update(kept)
             return destination
@@ -258,9 +290,11 @@ class PretrainedTailNetwork(nn.Module):
         unexpected = sorted(set(state_dict) - self._trainable)
         missing = sorted(self._trainable - set(state_dict))
         if unexpected or (strict and missing):
-            raise SideNetworkError(f"the state does not fit this pretrained tail ({len(missing)} missing, e.g. "
-                                   f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}): it was "
-                                   "trained with another cut, rank or LoRA targets")
+            raise SideNetworkError(
+                f"the state does not fit this pretrained tail ({len(missing)} missing, e.g. "
+                f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}): it was "
+                "trained with another cut, rank or LoRA targets"
+            )
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
 
@@ -285,8 +319,13 @@ def stock_state(config: SideNetworkConfig, state: Mapping[str, torch.Tensor]) ->
     return {_stock_key(k, cut): v for k, v in state.items()}
 
 
-def save_peft_adapter(config: SideNetworkConfig, state: Mapping[str, torch.Tensor], directory: str | Path,
-                      base_model: str = "", dtype: torch.dtype = torch.float16) -> Path:
+def save_peft_adapter(
+    config: SideNetworkConfig,
+    state: Mapping[str, torch.Tensor],
+    directory: str | Path,
+    base_model: str = "",
+    dtype: torch.dtype = torch.float16,
+) -> Path:
     """Write the trained tail as a PEFT adapter folder for ``AutoModelForSequenceClassification``.
 
     ``adapter_config.json`` + ``adapter_model.safetensors`` (LoRA on blocks ``cut ..`` with the whole
@@ -302,10 +341,17 @@ def save_peft_adapter(config: SideNetworkConfig, state: Mapping[str, torch.Tenso
     check_tail_config(config)
     cut, total = tail_cut(config), _total_layers(config)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in stock_state(config, state).items()}
-    lora = LoraConfig(task_type="SEQ_CLS", r=config.lora_rank, lora_alpha=config.lora_alpha,
-                      lora_dropout=config.lora_dropout, target_modules=list(config.lora_targets),
-                      layers_to_transform=list(range(cut, total)), layers_pattern="layers", bias="none",
-                      base_model_name_or_path=base_model or str(config.extra.get("model", "")))
+    lora = LoraConfig(
+        task_type="SEQ_CLS",
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_targets),
+        layers_to_transform=list(range(cut, total)),
+        layers_pattern="layers",
+        bias="none",
+        base_model_name_or_path=base_model or str(config.extra.get("model", "")),
+    )
     with atomic_directory(directory) as tmp:
         lora.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"))
@@ -324,16 +370,18 @@ def read_peft_adapter(directory: str | Path) -> tuple[SideNetworkConfig, dict[st
 
     directory = Path(directory)
     if not is_peft_adapter(directory):
-        raise SideNetworkError(f"{directory} is not a delivered pretrained-tail adapter (adapter_config.json and "
-                               f"{HEAD_FILE} expected)")
+        raise SideNetworkError(
+            f"{directory} is not a delivered pretrained-tail adapter (adapter_config.json and {HEAD_FILE} expected)"
+        )
     meta = json.loads((directory / HEAD_FILE).read_text())
     config = SideNetworkConfig(**meta["side_network"])
     tensors = {k: v.float() for k, v in load_file(str(directory / "adapter_model.safetensors")).items()}
     return config, tensors
 
 
-def lora_deltas(config: SideNetworkConfig, tensors: Mapping[str, torch.Tensor]
-                ) -> tuple[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+def lora_deltas(
+    config: SideNetworkConfig, tensors: Mapping[str, torch.Tensor]
+) -> tuple[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """From an adapter's stock-named tensors: ``{(block, 'self_attn.q_proj'): (A, B)}`` and the head weight.
 
     What a device needs to apply the adapter to its own upper blocks (any weight precision):

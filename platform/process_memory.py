@@ -89,9 +89,13 @@ class RssSampler:
         if self._thread.is_alive():
             self._thread.join()
         end = self._sample()
-        return {"start_mb": self.start_mb, "peak_mb": self.peak_mb, "end_mb": end,
-                **{f"start_{k}_mb": v for k, v in self.start_parts.items()},
-                **{f"peak_{k}_mb": v for k, v in self.peak_parts.items()}}
+        return {
+            "start_mb": self.start_mb,
+            "peak_mb": self.peak_mb,
+            "end_mb": end,
+            **{f"start_{k}_mb": v for k, v in self.start_parts.items()},
+            **{f"peak_{k}_mb": v for k, v in self.peak_parts.items()},
+        }
 
 
 _LIBC = None  # glibc once loaded (False where there is none)

@@ -117,7 +117,7 @@ class QuantizedLinear(nn.Module):
         y = torch.empty(x2.shape[0], n, dtype=x.dtype)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            w = self.dequantize_into(buf[:(r1 - r0) * k].view(r1 - r0, k), r0)
+            w = self.dequantize_into(buf[: (r1 - r0) * k].view(r1 - r0, k), r0)
             torch.mm(x2, w.t(), out=y[:, r0:r1])  # strided output: BLAS writes the columns in place
         if bias is not None:
             y.add_(bias)
@@ -193,12 +193,14 @@ class Int4Linear(QuantizedLinear):
 
     precision = "int4"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 group_size: int = DEFAULT_INT4_GROUP_SIZE):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, group_size: int = DEFAULT_INT4_GROUP_SIZE
+    ):
         super().__init__(in_features, out_features, bias)
         if in_features % group_size or group_size % 2:
-            raise WeightPrecisionError(f"int4 needs in_features ({in_features}) divisible by an even "
-                                       f"group_size ({group_size})")
+            raise WeightPrecisionError(
+                f"int4 needs in_features ({in_features}) divisible by an even group_size ({group_size})"
+            )
         self.group_size = int(group_size)
         groups = in_features // group_size
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
@@ -206,8 +208,9 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("minimum", torch.empty(out_features, groups, dtype=torch.float16))
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None,
-                   group_size: int = DEFAULT_INT4_GROUP_SIZE) -> "Int4Linear":
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = DEFAULT_INT4_GROUP_SIZE
+    ) -> "Int4Linear":
         w = weight.detach().float()
         out_f, in_f = w.shape
         layer = cls(in_f, out_f, bias is not None, group_size)
@@ -303,5 +306,11 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
 
 
-__all__ = ["DEQUANT_TILE_ELEMENTS", "QuantizedLinear", "Int8Linear", "Int4Linear", "Int8Embedding",
-           "release_workspaces"]
+__all__ = [
+    "DEQUANT_TILE_ELEMENTS",
+    "QuantizedLinear",
+    "Int8Linear",
+    "Int4Linear",
+    "Int8Embedding",
+    "release_workspaces",
+]

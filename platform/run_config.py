@@ -25,8 +25,14 @@ def key_of(name: str, keys: Mapping[str, str] | None = None) -> str:
     return (keys or {}).get(name, name.replace("_", "-"))
 
 
-def typed_fields(cls: type, config: Mapping[str, Any], *, keys: Mapping[str, str] | None = None,
-                 only: Iterable[str] | None = None, error: type[Exception] = ValueError) -> dict[str, Any]:
+def typed_fields(
+    cls: type,
+    config: Mapping[str, Any],
+    *,
+    keys: Mapping[str, str] | None = None,
+    only: Iterable[str] | None = None,
+    error: type[Exception] = ValueError,
+) -> dict[str, Any]:
     """The fields of dataclass ``cls`` that ``config`` sets (a None value sets nothing), each converted to
     its default's type; ``only`` limits the fields read, ``keys`` renames their keys. A value that does
     not convert raises ``error`` naming the key, the value and the type it needs."""

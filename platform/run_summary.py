@@ -52,8 +52,12 @@ def plot_rounds(summary: dict[str, Any], path: str | Path) -> Path:
     axes[1].set_title("accuracy")
     axes[1].legend(fontsize=8)
     axes[2].bar(xs, [r.get("bytes_up", 0) / 1e6 for r in rounds], label="up")
-    axes[2].bar(xs, [r.get("bytes_down", 0) / 1e6 for r in rounds], bottom=[r.get("bytes_up", 0) / 1e6 for r in rounds],
-                label="down")
+    axes[2].bar(
+        xs,
+        [r.get("bytes_down", 0) / 1e6 for r in rounds],
+        bottom=[r.get("bytes_up", 0) / 1e6 for r in rounds],
+        label="down",
+    )
     axes[2].set_title("MB per round")
     axes[2].legend(fontsize=8)
     axes[3].plot(xs, [r.get("wall_s") for r in rounds], marker="o", label="wall")
@@ -63,9 +67,11 @@ def plot_rounds(summary: dict[str, Any], path: str | Path) -> Path:
     axes[3].legend(fontsize=8)
     for ax in axes:
         ax.set_xlabel("round")
-    fig.suptitle(f"mode {summary.get('config', {}).get('mode', '?')}: test accuracy "
-                 f"{summary.get('test_accuracy') or float('nan'):.4f}, pipeline efficiency "
-                 f"{summary.get('pipeline_efficiency') or float('nan'):.2f}")
+    fig.suptitle(
+        f"mode {summary.get('config', {}).get('mode', '?')}: test accuracy "
+        f"{summary.get('test_accuracy') or float('nan'):.4f}, pipeline efficiency "
+        f"{summary.get('pipeline_efficiency') or float('nan'):.2f}"
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

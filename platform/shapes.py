@@ -94,12 +94,29 @@ OPT_1_3B = ModelShape(
     hub_id="facebook/opt-1.3b",
     checkpoint_dtype="float16",
     config={
-        "_name_or_path": "facebook/opt-1.3b", "activation_dropout": 0.0, "activation_function": "relu",
-        "architectures": ["OPTForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 2,
-        "do_layer_norm_before": True, "dropout": 0.1, "eos_token_id": 2, "ffn_dim": 8192, "hidden_size": 2048,
-        "init_std": 0.02, "layerdrop": 0.0, "max_position_embeddings": 2048, "model_type": "opt",
-        "num_attention_heads": 32, "num_hidden_layers": 24, "pad_token_id": 1, "prefix": "</s>",
-        "torch_dtype": "float16", "use_cache": True, "vocab_size": 50272, "word_embed_proj_dim": 2048,
+        "_name_or_path": "facebook/opt-1.3b",
+        "activation_dropout": 0.0,
+        "activation_function": "relu",
+        "architectures": ["OPTForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 2,
+        "do_layer_norm_before": True,
+        "dropout": 0.1,
+        "eos_token_id": 2,
+        "ffn_dim": 8192,
+        "hidden_size": 2048,
+        "init_std": 0.02,
+        "layerdrop": 0.0,
+        "max_position_embeddings": 2048,
+        "model_type": "opt",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 24,
+        "pad_token_id": 1,
+        "prefix": "</s>",
+        "torch_dtype": "float16",
+        "use_cache": True,
+        "vocab_size": 50272,
+        "word_embed_proj_dim": 2048,
     },
     notes=("OPT's GPT-2 tokenizer is not available offline: the bundled SmolLM2 tokenizer stands in",),
 )
@@ -108,12 +125,29 @@ SMOLLM2_1_7B = ModelShape(
     hub_id="HuggingFaceTB/SmolLM2-1.7B",
     checkpoint_dtype="bfloat16",
     config={
-        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-        "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 2048,
-        "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 8192, "mlp_bias": False,
-        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 24, "num_key_value_heads": 32,
-        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 130000,
-        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 49152,
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "initializer_range": 0.02,
+        "intermediate_size": 8192,
+        "max_position_embeddings": 8192,
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 32,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 130000,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": 49152,
     },
 )
 SHAPES: dict[str, ModelShape] = {s.name: s for s in (OPT_1_3B, SMOLLM2_1_7B)}
@@ -140,8 +174,12 @@ def shape_problem(shape: ModelShape, folder: str | Path) -> str | None:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return "not built"
-    if marker.get("shape") != shape.name or marker.get("config") != dict(shape.config) \
-            or marker.get("seed") != shape.seed or marker.get("checkpoint_dtype") != shape.checkpoint_dtype:
+    if (
+        marker.get("shape") != shape.name
+        or marker.get("config") != dict(shape.config)
+        or marker.get("seed") != shape.seed
+        or marker.get("checkpoint_dtype") != shape.checkpoint_dtype
+    ):
         return "built from another configuration"
     weights = folder / "model.safetensors"
     if not weights.is_file() or weights.stat().st_size != marker.get("bytes"):
@@ -180,8 +218,9 @@ def _random_rows(name: str, shape: tuple[int, ...], std: float, seed: int, dtype
         yield piece.to(dtype).view(torch.uint8).numpy().tobytes()
 
 
-def write_random_safetensors(path: str | Path, tensors: Mapping[str, tuple[int, ...]], dtype_name: str, std: float,
-                             seed: int) -> int:
+def write_random_safetensors(
+    path: str | Path, tensors: Mapping[str, tuple[int, ...]], dtype_name: str, std: float, seed: int
+) -> int:
     """Write ``tensors`` (name -> shape) with seeded random values to a safetensors file, streaming
     (memory: one piece, not the model); return the file's size in bytes.
 
@@ -199,8 +238,11 @@ def write_random_safetensors(path: str | Path, tensors: Mapping[str, tuple[int, 
     names = sorted(tensors)
     for name in names:
         n = _numel(tensors[name])
-        header[name] = {"dtype": _ST_DTYPES[dtype_name], "shape": list(tensors[name]),
-                        "data_offsets": [offset, offset + n * size]}
+        header[name] = {
+            "dtype": _ST_DTYPES[dtype_name],
+            "shape": list(tensors[name]),
+            "data_offsets": [offset, offset + n * size],
+        }
         offset += n * size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -220,13 +262,16 @@ def _tokenizer_source(shape: ModelShape) -> Path:
 
     folder = bundled_model_dir()
     if not (folder / "tokenizer.json").is_file():
-        raise ShapeError(f"{shape.name} borrows the tokenizer of the bundled {BUNDLED_MODEL}, which is not "
-                         f"prepared at {folder}: run `mobiflower assets` first")
+        raise ShapeError(
+            f"{shape.name} borrows the tokenizer of the bundled {BUNDLED_MODEL}, which is not "
+            f"prepared at {folder}: run `mobiflower assets` first"
+        )
     return folder
 
 
-def materialize_shape(shape: ModelShape | str, folder: str | Path | None = None,
-                      log: Callable[[str], None] | None = None) -> Path:
+def materialize_shape(
+    shape: ModelShape | str, folder: str | Path | None = None, log: Callable[[str], None] | None = None
+) -> Path:
     """Build ``shape``'s random checkpoint folder once (idempotent) and return it.
 
     Several processes may ask at once (simulated devices and the server): they take turns under a
@@ -244,8 +289,10 @@ def materialize_shape(shape: ModelShape | str, folder: str | Path | None = None,
             return folder
         remove_partial(folder)  # what a builder killed mid-write left (we hold the lock)
         start = time.perf_counter()
-        (log or (lambda _m: None))(f"[shapes] building {shape.name} ({shape.hub_id}'s configuration, random weights, "
-                                   f"{shape.checkpoint_dtype}) at {folder} (once)...")
+        (log or (lambda _m: None))(
+            f"[shapes] building {shape.name} ({shape.hub_id}'s configuration, random weights, "
+            f"{shape.checkpoint_dtype}) at {folder} (once)..."
+        )
         tokenizer = _tokenizer_source(shape)
         tensors = shape.parameter_names()
         std = float(shape.config.get("initializer_range", shape.config.get("init_std", 0.02)))
@@ -254,16 +301,27 @@ def materialize_shape(shape: ModelShape | str, folder: str | Path | None = None,
             (tmp / "config.json").write_text(json.dumps(dict(shape.config), indent=2))
             for name in _TOKENIZER_FILES:
                 if not (tokenizer / name).is_file():
-                    raise ShapeError(f"{tokenizer} has no {name}: a shape's tokenizer needs {', '.join(_TOKENIZER_FILES)}")
+                    raise ShapeError(
+                        f"{tokenizer} has no {name}: a shape's tokenizer needs {', '.join(_TOKENIZER_FILES)}"
+                    )
                 shutil.copyfile(tokenizer / name, tmp / name)
-            marker = {"shape": shape.name, "hub_id": shape.hub_id, "config": dict(shape.config), "seed": shape.seed,
-                      "checkpoint_dtype": shape.checkpoint_dtype, "bytes": size, "random_weights": True,
-                      "tokenizer_from": str(tokenizer), "notes": list(shape.notes),
-                      "parameters": sum(_numel(s) for s in tensors.values()),
-                      "build_s": round(time.perf_counter() - start, 1)}
+            marker = {
+                "shape": shape.name,
+                "hub_id": shape.hub_id,
+                "config": dict(shape.config),
+                "seed": shape.seed,
+                "checkpoint_dtype": shape.checkpoint_dtype,
+                "bytes": size,
+                "random_weights": True,
+                "tokenizer_from": str(tokenizer),
+                "notes": list(shape.notes),
+                "parameters": sum(_numel(s) for s in tensors.values()),
+                "build_s": round(time.perf_counter() - start, 1),
+            }
             (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-        (log or (lambda _m: None))(f"[shapes] {shape.name} ready in {time.perf_counter() - start:.0f} s "
-                                   f"({size / 2**30:.2f} GiB)")
+        (log or (lambda _m: None))(
+            f"[shapes] {shape.name} ready in {time.perf_counter() - start:.0f} s ({size / 2**30:.2f} GiB)"
+        )
     return folder
 
 
@@ -274,5 +332,16 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-__all__ = ["ModelShape", "ShapeError", "SHAPES", "OPT_1_3B", "SMOLLM2_1_7B", "MARKER", "is_shape", "shape_dir",
-           "shape_problem", "materialize_shape", "write_random_safetensors"]
+__all__ = [
+    "ModelShape",
+    "ShapeError",
+    "SHAPES",
+    "OPT_1_3B",
+    "SMOLLM2_1_7B",
+    "MARKER",
+    "is_shape",
+    "shape_dir",
+    "shape_problem",
+    "materialize_shape",
+    "write_random_safetensors",
+]

@@ -83,13 +83,20 @@ class SideNetworkConfig:
         if not self.layers:
             raise SideNetworkError("a side network needs at least one tapped layer")
         for fingerprint, layers in self.backbones.items():
-            if fingerprint == self.fingerprint or len(layers) != len(self.layers) or list(layers) != sorted(set(layers)):
+            if (
+                fingerprint == self.fingerprint
+                or len(layers) != len(self.layers)
+                or list(layers) != sorted(set(layers))
+            ):
                 raise SideNetworkError(
                     f"backbone {fingerprint} taps {layers}: each further backbone needs as many strictly increasing "
-                    f"tapped layers as the side network has slots ({len(self.layers)}), and a fingerprint of its own")
+                    f"tapped layers as the side network has slots ({len(self.layers)}), and a fingerprint of its own"
+                )
         if self.family == "tail" and not self.backbone_config:
-            raise SideNetworkError("a pretrained tail needs the backbone's config (backbone_config): build it with "
-                                   "mobiflower.platform.pretrained_tail.load_tail_weights")
+            raise SideNetworkError(
+                "a pretrained tail needs the backbone's config (backbone_config): build it with "
+                "mobiflower.platform.pretrained_tail.load_tail_weights"
+            )
         if self.head == "lm" and self.token_policy == "last":
             raise SideNetworkError("an LM head needs every token: use token_policy 'nonpad' or 'all'")
 
@@ -103,9 +110,11 @@ class SideNetworkConfig:
             return list(self.layers)
         if fingerprint in self.backbones:
             return list(self.backbones[fingerprint])
-        raise SideNetworkError(f"this side network was trained for {self.fingerprint}"
-                               + (f" and {sorted(self.backbones)}" if self.backbones else "")
-                               + f", not for {fingerprint}: use a side network trained for this backbone")
+        raise SideNetworkError(
+            f"this side network was trained for {self.fingerprint}"
+            + (f" and {sorted(self.backbones)}" if self.backbones else "")
+            + f", not for {fingerprint}: use a side network trained for this backbone"
+        )
 
     def serves(self, fingerprint: str) -> bool:
         """Whether a device running ``fingerprint`` can feed (and use) this network."""
@@ -121,7 +130,7 @@ class SideNetworkConfig:
         """Whether a frame tapping ``layers`` can train this network: all of its backbone's layers, or a
         prefix (the lowest k), which is what a device sends when it stops its forward early to save time."""
         own = self.layers_for(fingerprint or self.fingerprint) if self.serves(fingerprint or self.fingerprint) else []
-        return 1 <= len(layers) <= len(own) and list(layers) == own[:len(layers)]
+        return 1 <= len(layers) <= len(own) and list(layers) == own[: len(layers)]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -143,8 +152,14 @@ class SideBatch:
     backbone: str = ""  # the fingerprint of the backbone the states come from ("" = the network's first)
 
     def to(self, device: torch.device | str) -> "SideBatch":
-        return SideBatch([s.to(device) for s in self.states], self.mask.to(device), self.feature_index.to(device),
-                         None if self.targets is None else self.targets.to(device), self.sample_ids, self.backbone)
+        return SideBatch(
+            [s.to(device) for s in self.states],
+            self.mask.to(device),
+            self.feature_index.to(device),
+            None if self.targets is None else self.targets.to(device),
+            self.sample_ids,
+            self.backbone,
+        )
 
     def __len__(self) -> int:
         return self.mask.shape[0]
@@ -162,9 +177,15 @@ def pad_rows(rows: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor, t
     return out, mask
 
 
-def make_side_batch(layer_rows: Sequence[torch.Tensor], token_counts: Sequence[int], seq_lengths: Sequence[int],
-                    token_policy: str, feature_token: str = "last", targets: torch.Tensor | None = None,
-                    sample_ids: Sequence[int] = ()) -> SideBatch:
+def make_side_batch(
+    layer_rows: Sequence[torch.Tensor],
+    token_counts: Sequence[int],
+    seq_lengths: Sequence[int],
+    token_policy: str,
+    feature_token: str = "last",
+    targets: torch.Tensor | None = None,
+    sample_ids: Sequence[int] = (),
+) -> SideBatch:
     """Build a :class:`SideBatch` from per-layer rows as a frame (or the device) lays them out."""
     states, mask = [], None
     for rows in layer_rows:
@@ -255,7 +276,7 @@ class SideBlock(nn.Module):
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
             x = x + self.dropout(self.proj(att.transpose(1, 2).reshape(b, t, w)))
         else:  # one token attends only to itself: attention reduces to its value projection
-            v = self.qkv(self.norm1(x))[..., 2 * w:]
+            v = self.qkv(self.norm1(x))[..., 2 * w :]
             x = x + self.dropout(self.proj(v))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
@@ -263,8 +284,12 @@ class SideBlock(nn.Module):
 class SideNetwork(nn.Module):
     """Common base: input norms per tapped layer, the head, and the input checks."""
 
-    def __init__(self, config: SideNetworkConfig, frozen: dict[str, torch.Tensor],
-                 frozen_by_backbone: dict[str, dict[str, torch.Tensor]] | None = None):
+    def __init__(
+        self,
+        config: SideNetworkConfig,
+        frozen: dict[str, torch.Tensor],
+        frozen_by_backbone: dict[str, dict[str, torch.Tensor]] | None = None,
+    ):
         super().__init__()
         self.config = config
         d = config.hidden_size
@@ -272,10 +297,12 @@ class SideNetwork(nn.Module):
         self.final_norm = FrozenNorm(frozen, config.norm_eps)
         # further backbones of a heterogeneous fleet: their own input norms and frozen final norm
         others = {config.backbone_key(fp): fp for fp in config.backbones}
-        self.extra_norms = nn.ModuleDict({k: nn.ModuleList(nn.RMSNorm(d, eps=1e-6) for _ in config.layers)
-                                          for k in others})
-        self.extra_final_norms = nn.ModuleDict({k: FrozenNorm((frozen_by_backbone or {}).get(fp, frozen),
-                                                              config.norm_eps) for k, fp in others.items()})
+        self.extra_norms = nn.ModuleDict(
+            {k: nn.ModuleList(nn.RMSNorm(d, eps=1e-6) for _ in config.layers) for k in others}
+        )
+        self.extra_final_norms = nn.ModuleDict(
+            {k: FrozenNorm((frozen_by_backbone or {}).get(fp, frozen), config.norm_eps) for k, fp in others.items()}
+        )
         if config.head == "classification":
             self.head: nn.Module = ClassificationHead(d, config.num_classes, config.dropout)
         else:
@@ -292,26 +319,34 @@ class SideNetwork(nn.Module):
         """Batches carry every tapped layer, or a prefix of them: a slow device may tap only the lower
         layers (its forward stops early) and the network then reads what it got (``accepts_layers``)."""
         if not 1 <= len(batch.states) <= len(self.config.layers):
-            raise SideNetworkError(f"the side network takes 1 to {len(self.config.layers)} tapped layers (a prefix "
-                                   f"of {self.config.layers}), got {len(batch.states)}")
+            raise SideNetworkError(
+                f"the side network takes 1 to {len(self.config.layers)} tapped layers (a prefix "
+                f"of {self.config.layers}), got {len(batch.states)}"
+            )
         for state in batch.states:
             if state.shape[-1] != self.config.hidden_size:
-                raise SideNetworkError(f"tapped state width {state.shape[-1]} != side network's "
-                                       f"{self.config.hidden_size}")
+                raise SideNetworkError(
+                    f"tapped state width {state.shape[-1]} != side network's {self.config.hidden_size}"
+                )
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
 class LadderSideNetwork(SideNetwork):
-    def __init__(self, config: SideNetworkConfig, frozen: dict[str, torch.Tensor],
-                 frozen_by_backbone: dict[str, dict[str, torch.Tensor]] | None = None):
+    def __init__(
+        self,
+        config: SideNetworkConfig,
+        frozen: dict[str, torch.Tensor],
+        frozen_by_backbone: dict[str, dict[str, torch.Tensor]] | None = None,
+    ):
         super().__init__(config, frozen, frozen_by_backbone)
         d, w, n = config.hidden_size, config.width, len(config.layers)
         self.downs = nn.ModuleList(nn.Linear(d, w) for _ in range(n))
         # per-backbone projections to the side width; blocks, gates and head are shared
-        self.extra_downs = nn.ModuleDict({k: nn.ModuleList(nn.Linear(d, w) for _ in range(n))
-                                          for k in self.extra_norms})
+        self.extra_downs = nn.ModuleDict(
+            {k: nn.ModuleList(nn.Linear(d, w) for _ in range(n)) for k in self.extra_norms}
+        )
         self.gates = nn.Parameter(torch.zeros(n))  # sigmoid(0) = 0.5, the LST/QST init
         causal = config.head == "lm"
         self.blocks = nn.ModuleList(SideBlock(w, config.attention_heads, config.dropout, causal) for _ in range(n))
@@ -336,8 +371,12 @@ class LadderSideNetwork(SideNetwork):
 
 
 class ParallelAdapterSideNetwork(SideNetwork):
-    def __init__(self, config: SideNetworkConfig, frozen: dict[str, torch.Tensor],
-                 frozen_by_backbone: dict[str, dict[str, torch.Tensor]] | None = None):
+    def __init__(
+        self,
+        config: SideNetworkConfig,
+        frozen: dict[str, torch.Tensor],
+        frozen_by_backbone: dict[str, dict[str, torch.Tensor]] | None = None,
+    ):
         super().__init__(config, frozen, frozen_by_backbone)
         d, w, n = config.hidden_size, config.width, len(config.layers)
         self.downs = nn.ModuleList(nn.Linear(d, w) for _ in range(n))
@@ -370,8 +409,11 @@ def update_digest(h, tensors: dict[str, torch.Tensor]) -> None:
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 
 
-def build_side_network(config: SideNetworkConfig, frozen: dict[str, torch.Tensor] | None = None,
-                       frozen_by_backbone: dict[str, dict[str, torch.Tensor]] | None = None) -> SideNetwork:
+def build_side_network(
+    config: SideNetworkConfig,
+    frozen: dict[str, torch.Tensor] | None = None,
+    frozen_by_backbone: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> SideNetwork:
     """A fresh side network of ``config.family``; ``frozen`` holds the backbone's final norm / LM head
     (``frozen_by_backbone``: a further backbone's own, by fingerprint; default ``frozen``)."""
     frozen = frozen or {}
@@ -416,13 +458,16 @@ def read_side_network_config(path: str | Path) -> SideNetworkConfig:
     return SideNetworkConfig.from_json(meta["mobiflower_side_network"])
 
 
-def load_side_network(path: str | Path, frozen: dict[str, torch.Tensor] | None = None,
-                      fingerprint: str | None = None) -> SideNetwork:
+def load_side_network(
+    path: str | Path, frozen: dict[str, torch.Tensor] | None = None, fingerprint: str | None = None
+) -> SideNetwork:
     """Rebuild a saved side network; ``fingerprint`` (the device's backbone) must match when given."""
     config = read_side_network_config(path)
     if fingerprint is not None and not config.serves(fingerprint):
-        raise SideNetworkError(f"side network {path} was trained on backbone {config.fingerprint}, "
-                               f"but this device runs {fingerprint}: use a side network trained for this backbone")
+        raise SideNetworkError(
+            f"side network {path} was trained on backbone {config.fingerprint}, "
+            f"but this device runs {fingerprint}: use a side network trained for this backbone"
+        )
     net = build_side_network(config, frozen, {fingerprint: frozen or {}} if fingerprint else None)
     net.load_state_dict(load_file(str(path)))
     return net.eval()
@@ -430,4 +475,3 @@ def load_side_network(path: str | Path, frozen: dict[str, torch.Tensor] | None =
 
 def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
-

@@ -37,8 +37,13 @@ class PagedTrainers(Mapping):
     is an error that names the budget to raise.
     """
 
-    def __init__(self, keys: list[str], build: Callable[[str], SideTrainer], budget_bytes: int = 0,
-                 directory: str | Path | None = None):
+    def __init__(
+        self,
+        keys: list[str],
+        build: Callable[[str], SideTrainer],
+        budget_bytes: int = 0,
+        directory: str | Path | None = None,
+    ):
         if budget_bytes < 0:
             raise SideNetworkError(f"the side-network memory budget must be >= 0 bytes, not {budget_bytes}")
         if budget_bytes and directory is None:
@@ -110,7 +115,8 @@ class PagedTrainers(Mapping):
                 raise SideNetworkError(
                     f"one side network ({key}: {total / 2**20:.1f} MB with its optimizer state and activation "
                     f"cache) is larger than the side-network memory budget ({self.budget_bytes / 2**20:.1f} MB): "
-                    f"raise side-memory-mb, or shrink the side network (reduction) or the cache (cache-mb)")
+                    f"raise side-memory-mb, or shrink the side network (reduction) or the cache (cache-mb)"
+                )
 
     def _bring_in(self, key: str) -> SideTrainer:
         # A trainer's cache grows as frames land: make room for the largest trainer seen so far.
@@ -165,8 +171,12 @@ class PagedTrainers(Mapping):
     def train_seconds(self) -> float:
         """Seconds every trainer has spent training, without paging anything in."""
         with self._lock:
-            return sum(self._resident[key].train_seconds if key in self._resident
-                       else self._paged_meta.get(key, {}).get("train_seconds", 0.0) for key in self._keys)
+            return sum(
+                self._resident[key].train_seconds
+                if key in self._resident
+                else self._paged_meta.get(key, {}).get("train_seconds", 0.0)
+                for key in self._keys
+            )
 
     def save_all(self, directory: str | Path, extra: dict | None = None) -> None:
         """A checkpoint of every trainer under ``directory/<key>``: resident ones are saved, paged ones
@@ -185,9 +195,15 @@ class PagedTrainers(Mapping):
 
     def stats(self) -> dict[str, float]:
         """Paging figures for a run summary."""
-        return {"budget_mb": self.budget_bytes / 2**20, "peak_resident_mb": self.peak_resident_bytes / 2**20,
-                "resident": len(self._resident), "paged_out": len(self._on_disk - set(self._resident)),
-                "page_ins": self.page_ins, "page_outs": self.page_outs, "page_seconds": self.page_seconds}
+        return {
+            "budget_mb": self.budget_bytes / 2**20,
+            "peak_resident_mb": self.peak_resident_bytes / 2**20,
+            "resident": len(self._resident),
+            "paged_out": len(self._on_disk - set(self._resident)),
+            "page_ins": self.page_ins,
+            "page_outs": self.page_outs,
+            "page_seconds": self.page_seconds,
+        }
 
     def clear_disk(self) -> None:
         """Remove the paged copies (the trainers on disk are lost: only for a run that is over)."""

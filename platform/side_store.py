@@ -38,14 +38,17 @@ class StoreConfig:
     personal_epochs: int = 3  # hybrid: head-only epochs over a device's cache per personalisation
     personal_lr: float = 1e-3
     personal_parts: tuple[str, ...] = ("head.",)  # parameter-name prefixes that are personal in hybrid mode
-    memory_budget_mb: float = 0.0  # per-device mode: resident side networks beyond this are paged to disk; 0 = all in memory
+    memory_budget_mb: float = (
+        0.0  # per-device mode: resident side networks beyond this are paged to disk; 0 = all in memory
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise SideNetworkError(f"side-network mode {self.mode!r} is unknown: choose one of {MODES}")
         if self.memory_budget_mb < 0:
-            raise SideNetworkError(f"side-memory-mb={self.memory_budget_mb} must be >= 0 (0 keeps every side "
-                                   f"network in memory)")
+            raise SideNetworkError(
+                f"side-memory-mb={self.memory_budget_mb} must be >= 0 (0 keeps every side network in memory)"
+            )
 
 
 def copy_network(net: SideNetwork) -> SideNetwork:
@@ -57,9 +60,16 @@ def copy_network(net: SideNetwork) -> SideNetwork:
 class SideNetworkStore:
     """Trainers keyed by ``shared`` or a device id, plus hybrid personal networks."""
 
-    def __init__(self, config: StoreConfig, make_net: Callable[[], SideNetwork], train: TrainConfig,
-                 device_samples: Mapping[str, int], chunk_size: int, page_dir: str | Path | None = None,
-                 residuals: Callable[[list[int], torch.Tensor], Any] | None = None):
+    def __init__(
+        self,
+        config: StoreConfig,
+        make_net: Callable[[], SideNetwork],
+        train: TrainConfig,
+        device_samples: Mapping[str, int],
+        chunk_size: int,
+        page_dir: str | Path | None = None,
+        residuals: Callable[[list[int], torch.Tensor], Any] | None = None,
+    ):
         self.config = config
         self.train_config = train
         self.device_samples = dict(device_samples)
@@ -75,23 +85,29 @@ class SideNetworkStore:
 
         if config.mode == "per-device":
             template = make_net()  # every device starts from the same weights, so FedAvg averages like with like
+
             def build(device: str) -> SideTrainer:
                 trainer = SideTrainer(copy_network(template), train, total_steps=steps([device]))
                 trainer.residuals = residuals
                 return trainer
 
-            self.trainers = PagedTrainers(list(self.device_samples), build,
-                                          budget_bytes=int(config.memory_budget_mb * 2**20), directory=page_dir)
+            self.trainers = PagedTrainers(
+                list(self.device_samples), build, budget_bytes=int(config.memory_budget_mb * 2**20), directory=page_dir
+            )
             torch.manual_seed(train.seed)  # where building the trainers left the generator before paging existed
         else:
             self.trainers = {SHARED: SideTrainer(make_net(), train, total_steps=steps(list(self.device_samples)))}
             self.trainers[SHARED].residuals = residuals
         if residuals is not None and config.mode == "hybrid":
-            raise SideNetworkError("hybrid mode fine-tunes personal heads on the server, which needs labels: use "
-                                   "mode 'shared' or 'per-device' in a label-private run")
+            raise SideNetworkError(
+                "hybrid mode fine-tunes personal heads on the server, which needs labels: use "
+                "mode 'shared' or 'per-device' in a label-private run"
+            )
         if config.mode == "hybrid" and train.cache_bytes <= 0:
-            raise SideNetworkError("hybrid mode fine-tunes personal heads from the activation cache: turn the "
-                                   "cache on (activation-cache = true) or use mode 'shared' / 'per-device'")
+            raise SideNetworkError(
+                "hybrid mode fine-tunes personal heads from the activation cache: turn the "
+                "cache on (activation-cache = true) or use mode 'shared' / 'per-device'"
+            )
 
     # ---- training ---------------------------------------------------------------------------
     def trainer_key(self, device: str) -> str:
@@ -101,8 +117,9 @@ class SideNetworkStore:
     def trainer_for(self, device: str) -> SideTrainer:
         if self.config.mode == "per-device":
             if device not in self.trainers:
-                raise SideNetworkError(f"no side network for device {device!r}: known devices are "
-                                       f"{sorted(self.trainers)}")
+                raise SideNetworkError(
+                    f"no side network for device {device!r}: known devices are {sorted(self.trainers)}"
+                )
             return self.trainers[device]
         return self.trainers[SHARED]
 
@@ -244,8 +261,14 @@ class SideNetworkStore:
                 net.load_state_dict(own, strict=False)
             for name, p in net.named_parameters():
                 p.requires_grad_(self._is_personal(name))
-            cfg = replace(self.train_config, lr=self.config.personal_lr, epochs=self.config.personal_epochs,
-                          schedule="constant", warmup_frac=0.0, cache_bytes=1 << 62)
+            cfg = replace(
+                self.train_config,
+                lr=self.config.personal_lr,
+                epochs=self.config.personal_epochs,
+                schedule="constant",
+                warmup_frac=0.0,
+                cache_bytes=1 << 62,
+            )
             trainer = SideTrainer(net, cfg, total_steps=1)
             for f in frames:
                 trainer.cache.add(f)
@@ -267,8 +290,10 @@ class SideNetworkStore:
         if self.config.mode != "per-device":
             raise SideNetworkError("device networks exist only in per-device mode")
         if self.config.memory_budget_mb:
-            raise SideNetworkError("a paged store cannot hold every device network at once: use average_networks "
-                                   "or take them one at a time from store.trainers")
+            raise SideNetworkError(
+                "a paged store cannot hold every device network at once: use average_networks "
+                "or take them one at a time from store.trainers"
+            )
         return {d: t.net for d, t in self.trainers.items()}
 
     def load_all(self, state: Mapping[str, torch.Tensor], then_average: bool = False) -> None:
@@ -297,8 +322,9 @@ class SideNetworkStore:
         if torch.cuda.is_available():
             rng["cuda_rng"] = torch.cuda.get_rng_state()
         save_file(rng, str(directory / "rng.safetensors"))
-        (directory / "store.json").write_text(json.dumps({"config": asdict(self.config),
-                                                          "devices": self.device_samples, **(extra or {})}))
+        (directory / "store.json").write_text(
+            json.dumps({"config": asdict(self.config), "devices": self.device_samples, **(extra or {})})
+        )
         return directory
 
     def load(self, directory: str | Path) -> None:
@@ -307,9 +333,11 @@ class SideNetworkStore:
         directory = Path(directory)
         saved = json.loads((directory / "store.json").read_text())
         if saved["config"]["mode"] != self.config.mode or set(saved["devices"]) != set(self.device_samples):
-            raise SideNetworkError(f"the checkpoint in {directory} is for mode {saved['config']['mode']!r} and "
-                                   f"devices {sorted(saved['devices'])}; this run has mode {self.config.mode!r} "
-                                   f"and devices {sorted(self.device_samples)}: resume with the same fleet and mode")
+            raise SideNetworkError(
+                f"the checkpoint in {directory} is for mode {saved['config']['mode']!r} and "
+                f"devices {sorted(saved['devices'])}; this run has mode {self.config.mode!r} "
+                f"and devices {sorted(self.device_samples)}: resume with the same fleet and mode"
+            )
         for name, trainer in self.trainers.items():
             trainer.load_checkpoint(directory / name)
         if (directory / "rng.safetensors").exists():  # trainers' own RNG states are older than the store's

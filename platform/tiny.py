@@ -23,10 +23,12 @@ def _byte_tokenizer(decoder: bool):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     if decoder:
-        return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                       eos_token="</s>", unk_token="<unk>")
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", unk_token="[UNK]")
+        return PreTrainedTokenizerFast(
+            tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", unk_token="[UNK]"
+    )
 
 
 def tiny_config(family: str, hidden: int = 64, layers: int = 4, vocab: int = 260):
@@ -35,26 +37,67 @@ def tiny_config(family: str, hidden: int = 64, layers: int = 4, vocab: int = 260
 
     heads = max(1, hidden // 16)
     if family == "llama":
-        return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
-                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                           max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                           tie_word_embeddings=True)
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=True,
+        )
     if family == "qwen2":
-        return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
-                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                           max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                           tie_word_embeddings=True)
+        return Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=True,
+        )
     if family == "opt":
-        return OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=layers,
-                         num_attention_heads=heads, max_position_embeddings=512, word_embed_proj_dim=hidden,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return OPTConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            ffn_dim=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=512,
+            word_embed_proj_dim=hidden,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512,
-                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        return GPT2Config(
+            vocab_size=vocab,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
     if family == "bert":
-        return BertConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
-                          num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=512,
-                          pad_token_id=0)
+        return BertConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=512,
+            pad_token_id=0,
+        )
     raise ValueError(f"unknown tiny family {family!r}: choose one of {', '.join(TINY_FAMILIES)}")
 
 

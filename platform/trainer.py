@@ -25,7 +25,14 @@ from safetensors.torch import load_file, save_file
 
 from mobiflower.platform.atomic import atomic_directory, atomic_file
 from mobiflower.platform.codec import dequantize
-from mobiflower.platform.frames import Frame
+from mobiflower.platform.frames import Frame, decode_frame, encode_frame
+from mobiflower.platform.optimizer_state import (
+    flatten_optimizer,
+    param_groups,
+    rng_state_from_json,
+    rng_state_to_json,
+    unflatten_optimizer,
+)
 from mobiflower.platform.side_networks import (
     SideBatch,
     SideNetwork,
@@ -82,7 +89,9 @@ class DecodedFrame:
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
         self.feature_token = feature_token
         kind = frame.targets.get("kind")
-        self.targets = torch.as_tensor(frame.targets["values"], dtype=torch.long) if kind in ("class", "tokens") else None
+        self.targets = (
+            torch.as_tensor(frame.targets["values"], dtype=torch.long) if kind in ("class", "tokens") else None
+        )
         self.per_token_targets = kind == "tokens"
         self.resident_bytes = frame.kept_nbytes() + sum(r.numel() * r.element_size() for r in self.rows)
 
@@ -101,8 +110,15 @@ class DecodedFrame:
         targets = None
         if self.targets is not None:
             targets = self.targets[row_index] if self.per_token_targets else self.targets[torch.as_tensor(list(idx))]
-        batch = make_side_batch(rows, [f.token_counts[i] for i in idx], [f.seq_lengths[i] for i in idx],
-                                f.token_policy, self.feature_token, targets, [f.sample_ids[i] for i in idx])
+        batch = make_side_batch(
+            rows,
+            [f.token_counts[i] for i in idx],
+            [f.seq_lengths[i] for i in idx],
+            f.token_policy,
+            self.feature_token,
+            targets,
+            [f.sample_ids[i] for i in idx],
+        )
         batch.backbone = self.backbone
         return batch
 
@@ -177,11 +193,13 @@ class SideTrainer:
         no_decay = [p for n, p in net.named_parameters() if p.requires_grad and p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.config.lr)
+            lr=self.config.lr,
+        )
         self.total_steps = total_steps or 1000
         warmup = int(self.config.warmup_frac * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(self.total_steps, warmup, self.config.schedule))
+            self.optimizer, _lr_lambda(self.total_steps, warmup, self.config.schedule)
+        )
         self.step = 0
         self.cache = ActivationCache(self.config.cache_bytes)
         self.train_seconds = 0.0
@@ -203,14 +221,15 @@ class SideTrainer:
 
     def _minibatches(self, frames: Sequence[DecodedFrame], shuffle: bool) -> Iterator[tuple[DecodedFrame, list[int]]]:
         bs = self.config.batch_size
-        for frame in (self.rng.sample(list(frames), len(frames)) if shuffle else frames):
+        for frame in self.rng.sample(list(frames), len(frames)) if shuffle else frames:
             order = list(range(len(frame)))
             if shuffle:
                 self.rng.shuffle(order)
-            batches = [order[start:start + bs] for start in range(0, len(order), bs)]
+            batches = [order[start : start + bs] for start in range(0, len(order), bs)]
             if shuffle and frame.frame.token_policy != "last":  # similar lengths together: less padding
-                batches = _grouped_by_length(order, [frame.frame.token_counts[i] for i in range(len(frame))], bs,
-                                             self.rng)
+                batches = _grouped_by_length(
+                    order, [frame.frame.token_counts[i] for i in range(len(frame))], bs, self.rng
+                )
             yield from ((frame, idx) for idx in batches)
 
     def _epoch_batches(self, frames: Sequence[DecodedFrame]) -> Iterator[SideBatch | list[SideBatch]]:
@@ -226,8 +245,9 @@ class SideTrainer:
         self.rng.shuffle(pairs)
         bs = self.config.batch_size
         if any(f.frame.token_policy != "last" for f in frames):  # token-level frames: similar lengths together
-            minibatches = _grouped_by_length(list(range(len(pairs))),
-                                             [f.frame.token_counts[i] for f, i in pairs], bs, self.rng)
+            minibatches = _grouped_by_length(
+                list(range(len(pairs))), [f.frame.token_counts[i] for f, i in pairs], bs, self.rng
+            )
         else:
             minibatches = [list(range(start, min(start + bs, len(pairs)))) for start in range(0, len(pairs), bs)]
         for members in minibatches:
@@ -283,21 +303,12 @@ class SideTrainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16")
 
     def _residual_objective(self, logits: torch.Tensor, batch: SideBatch) -> torch.Tensor | None:
-        """Label-private: a surrogate whose gradient is the mean cross-entropy's, from devices' residuals.
-
-        The devices answer ``p - onehot(y)`` for their own samples
-        (:mod:`mobiflower.platform.label_private`); ``sum(logits * r) / n`` then backpropagates
-        exactly what ``cross_entropy(logits, y)`` would. Rows no device answered (NaN) are left
-        out; a batch nobody answered takes no step (counted in ``skipped_steps``).
-        """
+        """Label-private: :func:`residual_surrogate` of the devices' residuals for this batch's samples;
+        a batch nobody answered takes no step (counted in ``skipped_steps``)."""
         probs = logits.detach().float().softmax(-1).cpu()
-        r = torch.as_tensor(self.residuals(list(batch.sample_ids), probs), dtype=torch.float32)
-        valid = torch.isfinite(r).all(dim=1)
-        if not bool(valid.any()):
-            self.skipped_steps += 1
-            return None
-        r = torch.where(valid[:, None], r, torch.zeros_like(r)).to(logits.device, logits.dtype)
-        return (logits * r).sum() / valid.sum()
+        loss = residual_surrogate(logits, torch.as_tensor(self.residuals(list(batch.sample_ids), probs)))
+        self.skipped_steps += loss is None
+        return loss
 
     def ingest(self, frame: Frame, train: bool = True, keep: bool = True) -> dict[str, float]:
         """A frame landed: cache it (unless ``keep`` is False: its device opted out of the activation
@@ -364,7 +375,7 @@ class SideTrainer:
         """A digest of side-network and optimizer tensors (to prove a state unchanged)."""
         h = hashlib.sha256()
         update_digest(h, self.net.state_dict())
-        update_digest(h, _flatten_optimizer(self.optimizer))
+        update_digest(h, flatten_optimizer(self.optimizer))
         return h.hexdigest()
 
     def resident_bytes(self) -> int:
@@ -390,8 +401,6 @@ class SideTrainer:
 
     def save_cache(self, path: str | Path) -> Path:
         """The activation cache as its frames' encoded bytes (compact: the quantized payload)."""
-        from mobiflower.platform.frames import encode_frame
-
         path = Path(path)
         blobs = [encode_frame(f.frame) for f in self.cache.frames]
         with atomic_file(path) as tmp:
@@ -400,8 +409,6 @@ class SideTrainer:
 
     def load_cache(self, path: str | Path) -> int:
         """Refill the activation cache from :meth:`save_cache`'s file; returns the frames loaded."""
-        from mobiflower.platform.frames import decode_frame
-
         saved = msgpack.unpackb(Path(path).read_bytes(), raw=False)
         self.cache.frames.clear()
         self.cache.nbytes = 0
@@ -410,8 +417,7 @@ class SideTrainer:
         self.cache.rejected = int(saved["rejected"])
         return len(self.cache.frames)
 
-    def save_checkpoint(self, directory: str | Path, extra: dict[str, Any] | None = None,
-                        rng: bool = True) -> Path:
+    def save_checkpoint(self, directory: str | Path, extra: dict[str, Any] | None = None, rng: bool = True) -> Path:
         """Side network + optimizer + schedule, written to a temp folder and renamed into place.
 
         ``rng=False`` leaves out the process-wide torch RNG state (paging a trainer out must not
@@ -419,11 +425,20 @@ class SideTrainer:
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
             save_side_network(self.net, tmp / "side_network.safetensors")
-            save_file(_flatten_optimizer(self.optimizer), str(tmp / "optimizer.safetensors"))
-            meta = {"step": self.step, "total_steps": self.total_steps, "scheduler": self.scheduler.state_dict(),
-                    "train": asdict(self.config), "param_groups": _param_groups(self.optimizer),
-                    "train_seconds": self.train_seconds, "history": self.history, "extra": extra or {}}
-            meta["rng"] = _jsonable(self.rng.getstate())  # the shuffles of later epochs continue where they were
+            save_file(flatten_optimizer(self.optimizer), str(tmp / "optimizer.safetensors"))
+            meta = {
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "scheduler": self.scheduler.state_dict(),
+                "train": asdict(self.config),
+                "param_groups": param_groups(self.optimizer),
+                "train_seconds": self.train_seconds,
+                "history": self.history,
+                "extra": extra or {},
+            }
+            meta["rng"] = rng_state_to_json(
+                self.rng.getstate()
+            )  # the shuffles of later epochs continue where they were
             meta["averaged"] = self.averaged
             extra_tensors = {"torch_rng": torch.get_rng_state()} if rng else {}
             if rng and self.device.type == "cuda":  # dropout on the GPU draws from the CUDA generator
@@ -440,12 +455,12 @@ class SideTrainer:
         self.net.load_state_dict(load_file(str(directory / "side_network.safetensors")))
         meta = json.loads((directory / "trainer.json").read_text())
         flat = load_file(str(directory / "optimizer.safetensors"))
-        self.optimizer.load_state_dict(_unflatten_optimizer(flat, meta["param_groups"]))
+        self.optimizer.load_state_dict(unflatten_optimizer(flat, meta["param_groups"]))
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step, self.total_steps = meta["step"], meta["total_steps"]
         self.train_seconds, self.history = meta["train_seconds"], meta["history"]
         if "rng" in meta:
-            self.rng.setstate(_tupled(meta["rng"]))
+            self.rng.setstate(rng_state_from_json(meta["rng"]))
         state_path = directory / "state.safetensors"
         if state_path.exists():
             tensors = load_file(str(state_path))
@@ -464,14 +479,33 @@ class SideTrainer:
         return save_side_network(self.net, path)
 
 
+def residual_surrogate(logits: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor | None:
+    """A surrogate loss whose gradient is the mean cross-entropy's, from residuals ``p - onehot(y)``.
+
+    The devices answer the residuals for their own samples (:mod:`mobiflower.platform.label_private`);
+    ``sum(logits * r) / n`` then backpropagates exactly what ``cross_entropy(logits, y)`` would. Rows
+    no device answered (NaN) are left out; None when no row was answered.
+    """
+    r = residuals.float()
+    valid = torch.isfinite(r).all(dim=1)
+    if not bool(valid.any()):
+        return None
+    r = torch.where(valid[:, None], r, torch.zeros_like(r)).to(logits.device, logits.dtype)
+    return (logits * r).sum() / valid.sum()
+
+
 def check_frame(config: SideNetworkConfig, frame: Frame) -> None:
     """Refuse a frame that cannot feed a side network of ``config`` (backbone, layers, width)."""
     if not config.serves(frame.fingerprint):
-        raise SideNetworkError(f"frame from backbone {frame.fingerprint} cannot train a side network for "
-                               f"{config.fingerprint}" + (f" and {sorted(config.backbones)}" if config.backbones else ""))
+        raise SideNetworkError(
+            f"frame from backbone {frame.fingerprint} cannot train a side network for "
+            f"{config.fingerprint}" + (f" and {sorted(config.backbones)}" if config.backbones else "")
+        )
     if not config.accepts_layers(frame.layers, frame.fingerprint):
-        raise SideNetworkError(f"frame taps layers {frame.layers}, the side network needs "
-                               f"{config.layers_for(frame.fingerprint)} or a prefix of them")
+        raise SideNetworkError(
+            f"frame taps layers {frame.layers}, the side network needs "
+            f"{config.layers_for(frame.fingerprint)} or a prefix of them"
+        )
     if frame.hidden_size != config.hidden_size:
         raise SideNetworkError(f"frame width {frame.hidden_size} != side network width {config.hidden_size}")
 
@@ -479,12 +513,19 @@ def check_frame(config: SideNetworkConfig, frame: Frame) -> None:
 def decode_for(config: SideNetworkConfig, frame: Frame) -> DecodedFrame:
     """A checked frame, dequantized for a side network of ``config``."""
     check_frame(config, frame)
-    return DecodedFrame(frame, config.feature_token, "" if frame.fingerprint == config.fingerprint else frame.fingerprint)
+    return DecodedFrame(
+        frame, config.feature_token, "" if frame.fingerprint == config.fingerprint else frame.fingerprint
+    )
 
 
 @torch.no_grad()
-def evaluate_network(net: SideNetwork, frames: Sequence[DecodedFrame], device: torch.device | str = "cpu",
-                     batch_size: int = 32, mixed_precision: str = "none") -> dict[str, float]:
+def evaluate_network(
+    net: SideNetwork,
+    frames: Sequence[DecodedFrame],
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    mixed_precision: str = "none",
+) -> dict[str, float]:
     """Accuracy (classification) or token accuracy and loss (LM) of ``net`` on held-out frames."""
     device = torch.device(device)
     net.eval()
@@ -511,8 +552,9 @@ def evaluate_network(net: SideNetwork, frames: Sequence[DecodedFrame], device: t
     return {"accuracy": correct / total, "loss": loss_sum / total, "count": total}
 
 
-def _grouped_by_length(order: list[int], lengths: Sequence[int], batch_size: int, rng: random.Random,
-                       window: int = 32) -> list[list[int]]:
+def _grouped_by_length(
+    order: list[int], lengths: Sequence[int], batch_size: int, rng: random.Random, window: int = 32
+) -> list[list[int]]:
     """Minibatches of ``order`` (already shuffled) whose samples have similar token counts.
 
     Why: a minibatch of token-level states is padded to its longest sample, and the pretrained tail
@@ -523,22 +565,14 @@ def _grouped_by_length(order: list[int], lengths: Sequence[int], batch_size: int
     batches: list[list[int]] = []
     span = batch_size * window
     for start in range(0, len(order), span):
-        part = sorted(order[start:start + span], key=lambda i: lengths[i])
-        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+        part = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [part[k : k + batch_size] for k in range(0, len(part), batch_size)]
     rng.shuffle(batches)
     return batches
 
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
-
-
-def _jsonable(value: Any) -> Any:
-    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
-def _tupled(value: Any) -> Any:
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
 def _concat_batches(parts: Sequence[SideBatch]) -> SideBatch:
@@ -559,24 +593,3 @@ def _concat_batches(parts: Sequence[SideBatch]) -> SideBatch:
     if parts[0].targets is not None:
         targets = torch.cat([pad(p.targets, -100) if p.targets.dim() == 2 else p.targets for p in parts])
     return SideBatch(states, mask, feature, targets, [s for p in parts for s in p.sample_ids], parts[0].backbone)
-
-
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    flat = {}
-    for pid, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            tensor = value if torch.is_tensor(value) else torch.tensor(value)
-            flat[f"{pid}.{key}"] = tensor.detach().cpu().contiguous()
-    return flat
-
-
-def _param_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    return optimizer.state_dict()["param_groups"]
-
-
-def _unflatten_optimizer(flat: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, tensor in flat.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = tensor
-    return {"state": state, "param_groups": groups}

@@ -13,6 +13,7 @@ from mobiflower.platform.checkpoint import find_blocks
 from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE, WeightPrecisionError, normalize_precision
 from mobiflower.platform.quantized_layers import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
 
+
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 ``Conv1D`` (a linear layer with a transposed weight ``[in, out]``)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
@@ -42,8 +43,9 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def quantize_backbone_weights(model: nn.Module, precision: str,
-                              group_size: int = DEFAULT_INT4_GROUP_SIZE, embeddings: bool = True) -> nn.Module:
+def quantize_backbone_weights(
+    model: nn.Module, precision: str, group_size: int = DEFAULT_INT4_GROUP_SIZE, embeddings: bool = True
+) -> nn.Module:
     """Convert a frozen model in place to ``precision`` and return it.
 
     ``fp32``/``bf16`` cast every parameter (buffers such as rotary frequencies keep their
@@ -70,15 +72,18 @@ def quantize_backbone_weights(model: nn.Module, precision: str,
             param.data = param.data.float()
     for name, module in block_linears(model):
         if isinstance(module, QuantizedLinear):
-            raise WeightPrecisionError(f"{name} is already quantized ({module.precision}): quantize the "
-                                       "fp32 checkpoint instead")
+            raise WeightPrecisionError(
+                f"{name} is already quantized ({module.precision}): quantize the fp32 checkpoint instead"
+            )
         weight, bias = _linear_weight(module), getattr(module, "bias", None)
         if precision == "int8":
             new = Int8Linear.from_float(weight, bias)
         else:
             if weight.shape[1] % group_size:
-                raise WeightPrecisionError(f"int4 group_size {group_size} does not divide {name}'s "
-                                           f"{weight.shape[1]} inputs: choose a group size that does (e.g. 32)")
+                raise WeightPrecisionError(
+                    f"int4 group_size {group_size} does not divide {name}'s "
+                    f"{weight.shape[1]} inputs: choose a group size that does (e.g. 32)"
+                )
             new = Int4Linear.from_float(weight, bias, group_size)
         set_module(model, name, new)
         del module, weight, bias
@@ -94,8 +99,11 @@ def _quantize_embeddings(model: nn.Module) -> None:
     if not isinstance(emb, nn.Embedding):
         return
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = isinstance(head, nn.Linear) and head.weight.data_ptr() == emb.weight.data_ptr() and \
-        head.weight.shape == emb.weight.shape
+    tied = (
+        isinstance(head, nn.Linear)
+        and head.weight.data_ptr() == emb.weight.data_ptr()
+        and head.weight.shape == emb.weight.shape
+    )
     names = {id(m): n for n, m in model.named_modules()}
     table = Int8Embedding.from_float(emb)
     set_module(model, names[id(emb)], table)

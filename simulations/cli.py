@@ -36,17 +36,27 @@ TOKEN_POLICIES = click.Choice(["last", "nonpad", "all"])
 BASELINE_LR_GRID = {"lora": (2e-4, 5e-4, 1e-3, 2e-3), "full": (1e-5, 2e-5, 5e-5)}
 BASELINE_MAX_EPOCHS = {"lora": 3, "full": 2}
 
-app = typer.Typer(name="mobiflower", help="Server-assisted side-tuning of LLMs across fleets of small devices, on "
-                                           "Flower: simulations, one-device runs, baselines and benchmarks.",
-                  no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = typer.Typer(
+    name="mobiflower",
+    help="Server-assisted side-tuning of LLMs across fleets of small devices, on "
+    "Flower: simulations, one-device runs, baselines and benchmarks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 app.add_typer(bench, name="bench")
 
-RunConfigOption = Annotated[Optional[list[str]], typer.Option(
-    "-c", "--run-config", metavar="KEY=VALUE",
-    help="any other run-config key (VALUE read as TOML: numbers, true/false, quoted strings; else a plain "
-         "string), e.g. -c train-samples=500 -c family=adapter")]
+RunConfigOption = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "-c",
+        "--run-config",
+        metavar="KEY=VALUE",
+        help="any other run-config key (VALUE read as TOML: numbers, true/false, quoted strings; else a plain "
+        "string), e.g. -c train-samples=500 -c family=adapter",
+    ),
+]
 
 
 def run_config_items(items: Sequence[str] | None) -> dict[str, Any]:
@@ -84,41 +94,79 @@ def assets() -> int:
     return 0
 
 
-@app.command(help="A Flower simulation of a device fleet side-tuning the bundled model, with live progress bars "
-                  "of rounds and streamed samples.")
+@app.command(
+    help="A Flower simulation of a device fleet side-tuning the bundled model, with live progress bars "
+    "of rounds and streamed samples."
+)
 def simulate(
     devices: Annotated[int, typer.Option(help="simulated devices (Flower SuperNodes)")] = 4,
-    mode: Annotated[Optional[str], typer.Option(
-        click_type=click.Choice(["shared", "per-device", "hybrid"]), show_default=False,
-        help="side networks: one shared, one per device, or a shared trunk with personal heads (default: shared)")] = None,
-    partitioning: Annotated[Optional[str], typer.Option(click_type=click.Choice(["iid", "dirichlet"]),
-                                                        help="default: iid")] = None,
+    mode: Annotated[
+        Optional[str],
+        typer.Option(
+            click_type=click.Choice(["shared", "per-device", "hybrid"]),
+            show_default=False,
+            help="side networks: one shared, one per device, or a shared trunk with personal heads (default: shared)",
+        ),
+    ] = None,
+    partitioning: Annotated[
+        Optional[str], typer.Option(click_type=click.Choice(["iid", "dirichlet"]), help="default: iid")
+    ] = None,
     alpha: Annotated[Optional[float], typer.Option(help="Dirichlet alpha (default 0.1)")] = None,
-    family: Annotated[Optional[str], typer.Option(
-        click_type=FAMILIES, help="side-network family, with its own lr / batch size / rounds (default: tail)")] = None,
-    rounds: Annotated[Optional[int], typer.Option(
-        help="epochs over the fleet's samples (default: 1 for the tail, 20 for ladder / adapter)")] = None,
+    family: Annotated[
+        Optional[str],
+        typer.Option(
+            click_type=FAMILIES, help="side-network family, with its own lr / batch size / rounds (default: tail)"
+        ),
+    ] = None,
+    rounds: Annotated[
+        Optional[int],
+        typer.Option(help="epochs over the fleet's samples (default: 1 for the tail, 20 for ladder / adapter)"),
+    ] = None,
     aggregate_every: Annotated[Optional[int], typer.Option(help="per-device mode: FedAvg every k rounds")] = None,
     in_flight: Annotated[Optional[int], typer.Option(help="forward requests in flight per device (default 2)")] = None,
-    bits: Annotated[Optional[int], typer.Option(
-        click_type=BITS, help="activation bits (default: the family's, 4 for the tail, 8 for ladder / adapter)")] = None,
-    fleet: Annotated[Optional[str], typer.Option(
-        help="a fleet model (uniform, mixed-phones, flaky, mixed-backbones, or a TOML path): links, speeds and "
-             "availability drive a virtual clock; the summary reports accuracy against virtual seconds")] = None,
-    adapt: Annotated[bool, typer.Option(
-        "--adapt", help="bandwidth adaptation: per device, bits and tapped layers chosen to meet the streaming "
-                        "deadline")] = False,
+    bits: Annotated[
+        Optional[int],
+        typer.Option(
+            click_type=BITS, help="activation bits (default: the family's, 4 for the tail, 8 for ladder / adapter)"
+        ),
+    ] = None,
+    fleet: Annotated[
+        Optional[str],
+        typer.Option(
+            help="a fleet model (uniform, mixed-phones, flaky, mixed-backbones, or a TOML path): links, speeds and "
+            "availability drive a virtual clock; the summary reports accuracy against virtual seconds"
+        ),
+    ] = None,
+    adapt: Annotated[
+        bool,
+        typer.Option(
+            "--adapt",
+            help="bandwidth adaptation: per device, bits and tapped layers chosen to meet the streaming deadline",
+        ),
+    ] = False,
     client_cpus: Annotated[int, typer.Option(help="CPUs per simulated device (Ray actor)")] = 1,
-    loopback: Annotated[bool, typer.Option(
-        "--loopback", help="run on a real Flower deployment on 127.0.0.1 (SuperLink + one SuperNode per device) "
-                           "instead of the simulation engine; adds Flower's own traffic figures")] = False,
+    loopback: Annotated[
+        bool,
+        typer.Option(
+            "--loopback",
+            help="run on a real Flower deployment on 127.0.0.1 (SuperLink + one SuperNode per device) "
+            "instead of the simulation engine; adds Flower's own traffic figures",
+        ),
+    ] = False,
     run_config: RunConfigOption = None,
     workdir: Annotated[str, typer.Option(help="scratch folder (Flower home, checkpoints, summary)")] = "runs/simulate",
-    resume: Annotated[Optional[str], typer.Option(
-        metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint (its run folder, printed at "
-                                "start and holding summary.json / checkpoint/); pass the same fleet and settings")] = None,
+    resume: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="RUN_DIR",
+            help="continue an interrupted run from its last checkpoint (its run folder, printed at "
+            "start and holding summary.json / checkpoint/); pass the same fleet and settings",
+        ),
+    ] = None,
     timeout: Annotated[float, typer.Option(help="seconds before the run is stopped")] = 3600.0,
-    out: Annotated[Optional[str], typer.Option(help="write the summary (accuracy and cost figures) as JSON here")] = None,
+    out: Annotated[
+        Optional[str], typer.Option(help="write the summary (accuracy and cost figures) as JSON here")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="print only the final figures")] = False,
 ) -> int:
     from mobiflower.simulations.flower_run import FlowerRunError
@@ -134,13 +182,22 @@ def simulate(
         from mobiflower.strategies.config import FAMILY_SETTINGS
 
         overrides = {**FAMILY_SETTINGS[family], "family": family, **overrides}
-    given = {"mode": mode, "partitioning": partitioning, "dirichlet-alpha": alpha, "rounds": rounds,
-             "aggregate-every": aggregate_every, "in-flight": in_flight, "bits": bits, "fleet": fleet,
-             "adapt": True if adapt else None}
+    given = {
+        "mode": mode,
+        "partitioning": partitioning,
+        "dirichlet-alpha": alpha,
+        "rounds": rounds,
+        "aggregate-every": aggregate_every,
+        "in-flight": in_flight,
+        "bits": bits,
+        "fleet": fleet,
+        "adapt": True if adapt else None,
+    }
     overrides.update({key: value for key, value in given.items() if value is not None})
     try:
-        config = SimulateConfig(devices=devices, client_cpus=client_cpus, workdir=workdir, timeout_s=timeout,
-                                run_config=overrides)
+        config = SimulateConfig(
+            devices=devices, client_cpus=client_cpus, workdir=workdir, timeout_s=timeout, run_config=overrides
+        )
     except ValueError as err:
         return fail("simulate", str(err))
     try:
@@ -158,62 +215,109 @@ def _local_default(name: str) -> Any:
     return _LOCAL[name].default
 
 
-@app.command(help="Side-tune on one device + the server as two local processes (no Flower), or with --baseline "
-                  "train on the device instead.")
+@app.command(
+    help="Side-tune on one device + the server as two local processes (no Flower), or with --baseline "
+    "train on the device instead."
+)
 def local(
     model: Annotated[str, typer.Option(help="smollm2-135m, a local folder or a HF model id")] = _local_default("model"),
-    weights: Annotated[str, typer.Option(
-        click_type=click.Choice(["fp32", "bf16", "int8", "int4"]),
-        help="device backbone weight precision (a converted, memory-mapped copy is built once under "
-             "MOBIFLOWER_HOME/models)")] = _local_default("weights"),
-    baseline: Annotated[Optional[str], typer.Option(
-        click_type=click.Choice(["lora", "full", "zero-shot"]),
-        help="train on the device instead (same samples), for comparison; lr and epochs are picked on validation "
-             "(lora: lr 2e-4..2e-3, up to 3 epochs; full: 1e-5..5e-5, up to 2) unless --lr is given (then "
-             "--epochs, default 1)")] = None,
+    weights: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(["fp32", "bf16", "int8", "int4"]),
+            help="device backbone weight precision (a converted, memory-mapped copy is built once under "
+            "MOBIFLOWER_HOME/models)",
+        ),
+    ] = _local_default("weights"),
+    baseline: Annotated[
+        Optional[str],
+        typer.Option(
+            click_type=click.Choice(["lora", "full", "zero-shot"]),
+            help="train on the device instead (same samples), for comparison; lr and epochs are picked on validation "
+            "(lora: lr 2e-4..2e-3, up to 3 epochs; full: 1e-5..5e-5, up to 2) unless --lr is given (then "
+            "--epochs, default 1)",
+        ),
+    ] = None,
     train_samples: Annotated[int, typer.Option()] = _local_default("train_samples"),
     validation_samples: Annotated[int, typer.Option()] = _local_default("validation_samples"),
     test_samples: Annotated[int, typer.Option()] = _local_default("test_samples"),
-    seed: Annotated[int, typer.Option(help="the data split (and training unless --train-seed is given)")]
-    = _local_default("seed"),
-    train_seed: Annotated[Optional[int], typer.Option(
-        help="the trained weights' initialisation, dropout and batch order, the split kept (repeat runs over "
-             "training seeds to see the noise of one run); default: --seed")] = None,
-    bits: Annotated[Optional[int], typer.Option(
-        click_type=BITS, help="activation bits (default: the family's, 4 for the tail, 8 for ladder / adapter)")] = None,
-    group_size: Annotated[Optional[int], typer.Option(help="values per scale (default: 64 at 8 bits, 32 below)")]
-    = None,
-    token_policy: Annotated[Optional[str], typer.Option(
-        click_type=TOKEN_POLICIES, help="tokens each frame carries (default: 'nonpad' for the tail, else 'last')")]
-    = None,
-    family: Annotated[str, typer.Option(
-        click_type=FAMILIES, help="tail: the backbone's upper blocks with LoRA on the server; ladder / adapter: "
-                                  "small side networks from random weights")] = _local_default("family"),
-    baseline_lrs: Annotated[Optional[list[float]], typer.Option(
-        metavar="LR ...", help="--baseline lora/full: the learning rates tuned over (default: lora 2e-4 5e-4 1e-3 "
-                               "2e-3, full 1e-5 2e-5 5e-5); --epochs is the most epochs tried")] = None,
-    tail_cut: Annotated[int, typer.Option(
-        help="tail: the device forwards blocks 0..cut-1, the server trains cut.. (0 = half the blocks)")]
-    = _local_default("tail_cut"),
+    seed: Annotated[
+        int, typer.Option(help="the data split (and training unless --train-seed is given)")
+    ] = _local_default("seed"),
+    train_seed: Annotated[
+        Optional[int],
+        typer.Option(
+            help="the trained weights' initialisation, dropout and batch order, the split kept (repeat runs over "
+            "training seeds to see the noise of one run); default: --seed"
+        ),
+    ] = None,
+    bits: Annotated[
+        Optional[int],
+        typer.Option(
+            click_type=BITS, help="activation bits (default: the family's, 4 for the tail, 8 for ladder / adapter)"
+        ),
+    ] = None,
+    group_size: Annotated[
+        Optional[int], typer.Option(help="values per scale (default: 64 at 8 bits, 32 below)")
+    ] = None,
+    token_policy: Annotated[
+        Optional[str],
+        typer.Option(
+            click_type=TOKEN_POLICIES, help="tokens each frame carries (default: 'nonpad' for the tail, else 'last')"
+        ),
+    ] = None,
+    family: Annotated[
+        str,
+        typer.Option(
+            click_type=FAMILIES,
+            help="tail: the backbone's upper blocks with LoRA on the server; ladder / adapter: "
+            "small side networks from random weights",
+        ),
+    ] = _local_default("family"),
+    baseline_lrs: Annotated[
+        Optional[list[float]],
+        typer.Option(
+            metavar="LR ...",
+            help="--baseline lora/full: the learning rates tuned over (default: lora 2e-4 5e-4 1e-3 "
+            "2e-3, full 1e-5 2e-5 5e-5); --epochs is the most epochs tried",
+        ),
+    ] = None,
+    tail_cut: Annotated[
+        int,
+        typer.Option(help="tail: the device forwards blocks 0..cut-1, the server trains cut.. (0 = half the blocks)"),
+    ] = _local_default("tail_cut"),
     lora_rank: Annotated[int, typer.Option(help="tail: LoRA rank")] = _local_default("lora_rank"),
     lora_alpha: Annotated[float, typer.Option(help="tail: LoRA alpha")] = _local_default("lora_alpha"),
-    lora_targets: Annotated[str, typer.Option(help="tail: comma-separated module names LoRA wraps")]
-    = ",".join(_local_default("lora_targets")),
+    lora_targets: Annotated[str, typer.Option(help="tail: comma-separated module names LoRA wraps")] = ",".join(
+        _local_default("lora_targets")
+    ),
     num_taps: Annotated[int, typer.Option()] = _local_default("num_taps"),
-    layers: Annotated[Optional[str], typer.Option(
-        metavar="IDS", help="tapped block ids, comma-separated like 3,7,11 (overrides --num-taps)")] = None,
+    layers: Annotated[
+        Optional[str],
+        typer.Option(metavar="IDS", help="tapped block ids, comma-separated like 3,7,11 (overrides --num-taps)"),
+    ] = None,
     reduction: Annotated[int, typer.Option()] = _local_default("reduction"),
     dropout: Annotated[float, typer.Option()] = _local_default("dropout"),
     epochs: Annotated[Optional[int], typer.Option(help="default: 2 tail, 20 ladder / adapter")] = None,
-    average_epochs: Annotated[Optional[int], typer.Option(
-        help="deliver the mean weights of the last k epochs (tail averaging); 0 = the last epoch's (default: 0 "
-             "tail, 5 ladder / adapter)")] = None,
-    lr: Annotated[Optional[float], typer.Option(
-        help="default: 1e-3 tail, 3e-4 ladder / adapter, 5e-4 LoRA, 2e-5 full fine-tuning")] = None,
+    average_epochs: Annotated[
+        Optional[int],
+        typer.Option(
+            help="deliver the mean weights of the last k epochs (tail averaging); 0 = the last epoch's (default: 0 "
+            "tail, 5 ladder / adapter)"
+        ),
+    ] = None,
+    lr: Annotated[
+        Optional[float],
+        typer.Option(help="default: 1e-3 tail, 3e-4 ladder / adapter, 5e-4 LoRA, 2e-5 full fine-tuning"),
+    ] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="default: 0 tail, 0.1 ladder / adapter")] = None,
-    select: Annotated[str, typer.Option(
-        click_type=click.Choice(["last", "best-val"]),
-        help="deliver the last epoch's side network or the best on validation")] = _local_default("select"),
+    select: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(["last", "best-val"]),
+            help="deliver the last epoch's side network or the best on validation",
+        ),
+    ] = _local_default("select"),
     batch_size: Annotated[Optional[int], typer.Option(help="default: 16 tail, 32 ladder / adapter")] = None,
     chunk_size: Annotated[int, typer.Option(help="samples per frame")] = _local_default("chunk_size"),
     device_threads: Annotated[int, typer.Option()] = _local_default("device_threads"),
@@ -229,26 +333,60 @@ def local(
         tuned = lr is None and baseline != "zero-shot"
         grid = tuple(baseline_lrs or BASELINE_LR_GRID.get(baseline, ())) if tuned else ()
         max_epochs = epochs or (BASELINE_MAX_EPOCHS.get(baseline, 1) if tuned else 1)
-        result = run_baseline(BaselineConfig(method=baseline, model=model, train_samples=train_samples,
-                                             validation_samples=validation_samples, test_samples=test_samples,
-                                             seed=seed, train_seed=train_seed, lr=lr, epochs=max_epochs, lrs=grid,
-                                             threads=device_threads), progress=not quiet)
+        result = run_baseline(
+            BaselineConfig(
+                method=baseline,
+                model=model,
+                train_samples=train_samples,
+                validation_samples=validation_samples,
+                test_samples=test_samples,
+                seed=seed,
+                train_seed=train_seed,
+                lr=lr,
+                epochs=max_epochs,
+                lrs=grid,
+                threads=device_threads,
+            ),
+            progress=not quiet,
+        )
         write_json(result, out)
     else:
         try:
             taps = tuple(int(x) for x in layers.split(",") if x.strip()) if layers is not None else None
         except ValueError as err:
-            raise typer.BadParameter(f"takes comma-separated block ids like 3,7,11: {err}",
-                                     param_hint="'--layers'") from None
-        config = LocalRunConfig(model=model, weights=weights, train_samples=train_samples,
-                                validation_samples=validation_samples, test_samples=test_samples, seed=seed,
-                                train_seed=train_seed, bits=bits, group_size=group_size, token_policy=token_policy,
-                                family=family, num_taps=num_taps, layers=taps, reduction=reduction, dropout=dropout,
-                                tail_cut=tail_cut, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                                lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),
-                                epochs=epochs, average_epochs=average_epochs, lr=lr, weight_decay=weight_decay,
-                                select=select, batch_size=batch_size, chunk_size=chunk_size,
-                                device_threads=device_threads, workdir=workdir)
+            raise typer.BadParameter(
+                f"takes comma-separated block ids like 3,7,11: {err}", param_hint="'--layers'"
+            ) from None
+        config = LocalRunConfig(
+            model=model,
+            weights=weights,
+            train_samples=train_samples,
+            validation_samples=validation_samples,
+            test_samples=test_samples,
+            seed=seed,
+            train_seed=train_seed,
+            bits=bits,
+            group_size=group_size,
+            token_policy=token_policy,
+            family=family,
+            num_taps=num_taps,
+            layers=taps,
+            reduction=reduction,
+            dropout=dropout,
+            tail_cut=tail_cut,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),
+            epochs=epochs,
+            average_epochs=average_epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            select=select,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            device_threads=device_threads,
+            workdir=workdir,
+        )
         result = run_local(config, out=out, progress=not quiet)
     print(format_summary(result))
     if out:
@@ -258,15 +396,21 @@ def local(
 
 @app.command(help="Classify text on the device with backbone + side network (no server).")
 def infer(
-    texts: Annotated[Optional[list[str]], typer.Argument(
-        help="texts to classify (default: read lines from stdin)", show_default=False)] = None,
-    side_network: Annotated[Optional[str], typer.Option(
-        help="a delivered side network: a pretrained tail's adapter folder or a .safetensors file (default: what "
-             "the last `mobiflower local` delivered, runs/local/adapter or runs/local/side_network.safetensors)")]
-    = None,
+    texts: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="texts to classify (default: read lines from stdin)", show_default=False),
+    ] = None,
+    side_network: Annotated[
+        Optional[str],
+        typer.Option(
+            help="a delivered side network: a pretrained tail's adapter folder or a .safetensors file (default: what "
+            "the last `mobiflower local` delivered, runs/local/adapter or runs/local/side_network.safetensors)"
+        ),
+    ] = None,
     model: Annotated[Optional[str], typer.Option(help="backbone (default: the one the side network names)")] = None,
-    full_precision: Annotated[bool, typer.Option(
-        "--full-precision", help="feed unquantized states (default: the bit-width training saw)")] = False,
+    full_precision: Annotated[
+        bool, typer.Option("--full-precision", help="feed unquantized states (default: the bit-width training saw)")
+    ] = False,
 ) -> int:
     from mobiflower.clients.inference import LocalClassifier
 
@@ -274,8 +418,10 @@ def infer(
         found = [p for p in ("runs/local/adapter", "runs/local/side_network.safetensors") if Path(p).exists()]
         side_network = max(found, key=lambda p: Path(p).stat().st_mtime) if found else "runs/local/adapter"
     if not Path(side_network).exists():
-        print(f"error: no side network at {side_network}: run `mobiflower local` first or pass --side-network",
-              file=sys.stderr)
+        print(
+            f"error: no side network at {side_network}: run `mobiflower local` first or pass --side-network",
+            file=sys.stderr,
+        )
         return 2
     texts = list(texts or []) or [line.strip() for line in sys.stdin if line.strip()]
     if not texts:
@@ -287,8 +433,10 @@ def infer(
     return 0
 
 
-@app.command(help="One table of several --out JSON files (side-tuning and baselines); runs that differ only in "
-                  "their training seed summarized together.")
+@app.command(
+    help="One table of several --out JSON files (side-tuning and baselines); runs that differ only in "
+    "their training seed summarized together."
+)
 def compare(files: Annotated[list[str], typer.Argument(help="result JSON files")]) -> int:
     from mobiflower.simulations.compare import format_comparison, read_results
 
@@ -301,38 +449,64 @@ def compare(files: Annotated[list[str], typer.Argument(help="result JSON files")
     return 0
 
 
-@app.command("fed-lora", help="Federated on-device LoRA (FedAvg of PEFT adapters) as a Flower simulation: the "
-                              "baseline, lr and local epochs picked on validation first.")
+@app.command(
+    "fed-lora",
+    help="Federated on-device LoRA (FedAvg of PEFT adapters) as a Flower simulation: the "
+    "baseline, lr and local epochs picked on validation first.",
+)
 def fed_lora(
     devices: Annotated[int, typer.Option(help="simulated devices (Flower SuperNodes)")] = 4,
     client_cpus: Annotated[int, typer.Option(help="CPUs per simulated device (Ray actor)")] = 1,
     run_config: RunConfigOption = None,
-    tune: Annotated[bool, typer.Option(
-        "--tune/--no-tune", help="first pick lr and local-epochs on validation over --lrs x --epochs, then run the "
-                                 "best (--no-tune: run -c lr / -c local-epochs as given)")] = True,
-    lrs: Annotated[Optional[list[float]], typer.Option(metavar="LR ...", help="tuning grid: learning rates "
-                                                                               "(default 5e-4 1e-3 2e-3)")] = None,
-    epochs: Annotated[Optional[list[int]], typer.Option(metavar="N ...", help="tuning grid: local epochs "
-                                                                              "(default 1 2)")] = None,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            "--tune/--no-tune",
+            help="first pick lr and local-epochs on validation over --lrs x --epochs, then run the "
+            "best (--no-tune: run -c lr / -c local-epochs as given)",
+        ),
+    ] = True,
+    lrs: Annotated[
+        Optional[list[float]],
+        typer.Option(metavar="LR ...", help="tuning grid: learning rates (default 5e-4 1e-3 2e-3)"),
+    ] = None,
+    epochs: Annotated[
+        Optional[list[int]], typer.Option(metavar="N ...", help="tuning grid: local epochs (default 1 2)")
+    ] = None,
     workdir: Annotated[str, typer.Option(help="scratch folder of the Flower runs")] = "runs/fed-lora",
     timeout: Annotated[float, typer.Option(help="seconds per Flower run")] = 3600.0,
     out: Annotated[Optional[str], typer.Option(help="write the summary JSON here")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no per-run output")] = False,
 ) -> int:
-    from mobiflower.simulations.baselines.fed_lora import (DEFAULT_EPOCH_GRID, DEFAULT_LR_GRID, FedLoraRun,
-                                                           format_summary, run_fed_lora, tune_fed_lora)
+    from mobiflower.simulations.baselines.fed_lora import (
+        DEFAULT_EPOCH_GRID,
+        DEFAULT_LR_GRID,
+        FedLoraRun,
+        format_summary,
+        run_fed_lora,
+        tune_fed_lora,
+    )
     from mobiflower.simulations.flower_run import FlowerRunError
 
     try:
-        base = FedLoraRun(devices=devices, client_cpus=client_cpus, workdir=workdir, timeout_s=timeout,
-                          run_config=run_config_items(run_config))
+        base = FedLoraRun(
+            devices=devices,
+            client_cpus=client_cpus,
+            workdir=workdir,
+            timeout_s=timeout,
+            run_config=run_config_items(run_config),
+        )
     except ValueError as err:
         return fail("fed-lora", str(err))
     try:
         tuning = None
         if tune:
-            tuning = tune_fed_lora(base, lrs or list(DEFAULT_LR_GRID), epochs or list(DEFAULT_EPOCH_GRID),
-                                   runner=lambda run: run_fed_lora(run, quiet=quiet))
+            tuning = tune_fed_lora(
+                base,
+                lrs or list(DEFAULT_LR_GRID),
+                epochs or list(DEFAULT_EPOCH_GRID),
+                runner=lambda run: run_fed_lora(run, quiet=quiet),
+            )
             base.run_config.update({"lr": tuning["best"]["lr"], "local-epochs": tuning["best"]["local-epochs"]})
         summary = run_fed_lora(base, quiet=quiet)
     except FlowerRunError as err:

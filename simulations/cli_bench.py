@@ -13,8 +13,9 @@ BITS = click.Choice([16, 8, 4, 2])
 TOKEN_POLICIES = click.Choice(["last", "nonpad", "all"])
 PRECISIONS = "fp32,bf16,int8,int4"
 
-bench = typer.Typer(help="Benchmarks (code under simulations/bench/); each writes a JSON and a PNG next to it.",
-                    no_args_is_help=True)
+bench = typer.Typer(
+    help="Benchmarks (code under simulations/bench/); each writes a JSON and a PNG next to it.", no_args_is_help=True
+)
 
 # Options that take several values, per bench command (see cli.spell_out_variadic).
 VARIADIC: dict[tuple[str, ...], frozenset[str]] = {
@@ -34,9 +35,13 @@ def _names(text: str | None) -> list[str]:
 
 @bench.command(help="Device memory, speed and wire size against inference, LoRA and full fine-tuning.")
 def device(
-    model: Annotated[str, typer.Option(
-        help="the bundled model, a shipped shape (opt-1.3b-shape, smollm2-1.7b-shape: random weights), a folder or "
-             "a hub id")] = "smollm2-135m",
+    model: Annotated[
+        str,
+        typer.Option(
+            help="the bundled model, a shipped shape (opt-1.3b-shape, smollm2-1.7b-shape: random weights), a folder or "
+            "a hub id"
+        ),
+    ] = "smollm2-135m",
     batches: Annotated[Optional[int], typer.Option(help="default 6 (4 on a shipped shape)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="default 16 (8 on a shipped shape)")] = None,
     bits: Annotated[int, typer.Option(click_type=BITS)] = 8,
@@ -46,22 +51,39 @@ def device(
     threads: Annotated[Optional[int], typer.Option()] = None,
     out: Annotated[str, typer.Option(help="the result JSON (and the plot next to it)")] = "runs/bench_device.json",
     plot: Annotated[Optional[str], typer.Option(help="PNG path (default: next to --out)")] = None,
-    precisions: Annotated[Optional[str], typer.Option(
-        help="also measure these backbone weight precisions (comma-separated, from fp32,bf16,int8,int4: model "
-             "memory, speed, start-up; what `bench precision` runs), added to the JSON as `weight_precisions`")] = None,
-    accuracy: Annotated[bool, typer.Option(
-        "--accuracy", help="with --precisions: also the side-tuned accuracy of each (minutes each)")] = False,
-    weights: Annotated[Optional[str], typer.Option(
-        help="run the mobiflower device at each of these backbone precisions (comma-separated, from "
-             "fp32,bf16,int8,int4: prepared, memory-mapped copies; default on a shipped shape: all)")] = None,
-    train_configs: Annotated[Optional[list[str]], typer.Option(
-        metavar="B[,S[,R]] ...",
-        help="training configurations (batch size, sequence length in tokens with 0 = the samples' own, LoRA "
-             "rank) to measure the device, LoRA and full fine-tuning in; default on a shipped shape: 8 32 "
-             "8,256,64")] = None,
-    memory_cap_gb: Annotated[Optional[float], typer.Option(
-        help="memory cap of every measured process (default: 20 GB or 85% of this machine's memory); a method "
-             "over it is reported as out of memory")] = None,
+    precisions: Annotated[
+        Optional[str],
+        typer.Option(
+            help="also measure these backbone weight precisions (comma-separated, from fp32,bf16,int8,int4: model "
+            "memory, speed, start-up; what `bench precision` runs), added to the JSON as `weight_precisions`"
+        ),
+    ] = None,
+    accuracy: Annotated[
+        bool, typer.Option("--accuracy", help="with --precisions: also the side-tuned accuracy of each (minutes each)")
+    ] = False,
+    weights: Annotated[
+        Optional[str],
+        typer.Option(
+            help="run the mobiflower device at each of these backbone precisions (comma-separated, from "
+            "fp32,bf16,int8,int4: prepared, memory-mapped copies; default on a shipped shape: all)"
+        ),
+    ] = None,
+    train_configs: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            metavar="B[,S[,R]] ...",
+            help="training configurations (batch size, sequence length in tokens with 0 = the samples' own, LoRA "
+            "rank) to measure the device, LoRA and full fine-tuning in; default on a shipped shape: 8 32 "
+            "8,256,64",
+        ),
+    ] = None,
+    memory_cap_gb: Annotated[
+        Optional[float],
+        typer.Option(
+            help="memory cap of every measured process (default: 20 GB or 85% of this machine's memory); a method "
+            "over it is reported as out of memory"
+        ),
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no per-method progress lines")] = False,
 ) -> int:
     from mobiflower.simulations.bench.device import TrainingConfig, bench_settings, run_device_bench
@@ -72,44 +94,71 @@ def device(
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="'--train-configs'") from None
     settings = bench_settings(model, batches, batch_size, _names(weights), configs)
-    result = run_device_bench(model=model, bits=bits, token_policy=token_policy, num_taps=num_taps, seed=seed,
-                              threads=threads, out=out, plot=plot, progress=not no_progress,
-                              memory_cap_gb=memory_cap_gb, **settings)
+    result = run_device_bench(
+        model=model,
+        bits=bits,
+        token_policy=token_policy,
+        num_taps=num_taps,
+        seed=seed,
+        threads=threads,
+        out=out,
+        plot=plot,
+        progress=not no_progress,
+        memory_cap_gb=memory_cap_gb,
+        **settings,
+    )
     print(format_table(result))
     if precisions:
         from mobiflower.simulations.bench.common import write_outputs
         from mobiflower.simulations.bench.precision import format_table as precision_table
         from mobiflower.simulations.bench.precision import plot_result, run_precision_bench
 
-        measured = run_precision_bench(model=model, precisions=_names(precisions), batches=settings["batches"],
-                                       batch_size=settings["batch_size"], threads=threads, accuracy=accuracy,
-                                       num_taps=num_taps)
+        measured = run_precision_bench(
+            model=model,
+            precisions=_names(precisions),
+            batches=settings["batches"],
+            batch_size=settings["batch_size"],
+            threads=threads,
+            accuracy=accuracy,
+            num_taps=num_taps,
+        )
         print(precision_table(measured))
         result["weight_precisions"] = measured
         path = Path(out)
-        write_outputs(result, out, str(path.with_name(path.stem + "_precisions.png")),
-                      lambda _merged, png: plot_result(measured, png), _log)
+        write_outputs(
+            result,
+            out,
+            str(path.with_name(path.stem + "_precisions.png")),
+            lambda _merged, png: plot_result(measured, png),
+            _log,
+        )
     return 0
 
 
-@bench.command(help="Device backbone weight precision: memory, speed, start-up and accuracy for fp32, bf16, int8, "
-                    "int4.")
+@bench.command(
+    help="Device backbone weight precision: memory, speed, start-up and accuracy for fp32, bf16, int8, int4."
+)
 def precision(
     model: Annotated[str, typer.Option()] = "smollm2-135m",
-    precisions: Annotated[str, typer.Option(
-        help="comma-separated, from fp32,bf16,int8,int4 (bf16 only where the CPU has it natively)")] = PRECISIONS,
+    precisions: Annotated[
+        str, typer.Option(help="comma-separated, from fp32,bf16,int8,int4 (bf16 only where the CPU has it natively)")
+    ] = PRECISIONS,
     batches: Annotated[int, typer.Option()] = 6,
     batch_size: Annotated[int, typer.Option()] = 16,
     num_taps: Annotated[int, typer.Option()] = 8,
-    max_tokens: Annotated[int, typer.Option(
-        help="the device's forward budget in padded tokens (-1: the device's, 256; 0: whole batches)")] = -1,
+    max_tokens: Annotated[
+        int, typer.Option(help="the device's forward budget in padded tokens (-1: the device's, 256; 0: whole batches)")
+    ] = -1,
     threads: Annotated[Optional[int], typer.Option()] = None,
     starts: Annotated[int, typer.Option(help="warm start-only processes per precision")] = 2,
     no_cold: Annotated[bool, typer.Option("--no-cold", help="skip the cold-file start")] = False,
     group_size: Annotated[Optional[int], typer.Option(help="int4 group size (default 32)")] = None,
-    accuracy: Annotated[bool, typer.Option(
-        "--accuracy", help="also side-tune on the bundled task per precision (mobiflower local; minutes each)")]
-    = False,
+    accuracy: Annotated[
+        bool,
+        typer.Option(
+            "--accuracy", help="also side-tune on the bundled task per precision (mobiflower local; minutes each)"
+        ),
+    ] = False,
     train_samples: Annotated[Optional[int], typer.Option(help="accuracy runs: training samples")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="accuracy runs: epochs")] = None,
     out: Annotated[str, typer.Option(help="result JSON (and the plot next to it)")] = "runs/bench_precision.json",
@@ -119,10 +168,23 @@ def precision(
     from mobiflower.simulations.bench.precision import format_table, run_precision_bench
 
     overrides = {k: v for k, v in (("train_samples", train_samples), ("epochs", epochs)) if v is not None}
-    result = run_precision_bench(model=model, precisions=_names(precisions), batches=batches, batch_size=batch_size,
-                                 threads=threads, out=out, plot=plot, accuracy=accuracy, progress=not no_progress,
-                                 num_taps=num_taps, starts=starts, cold=not no_cold, group_size=group_size,
-                                 accuracy_config=overrides, max_tokens=None if max_tokens == 0 else max_tokens)
+    result = run_precision_bench(
+        model=model,
+        precisions=_names(precisions),
+        batches=batches,
+        batch_size=batch_size,
+        threads=threads,
+        out=out,
+        plot=plot,
+        accuracy=accuracy,
+        progress=not no_progress,
+        num_taps=num_taps,
+        starts=starts,
+        cold=not no_cold,
+        group_size=group_size,
+        accuracy_config=overrides,
+        max_tokens=None if max_tokens == 0 else max_tokens,
+    )
     print(format_table(result))
     return 0
 
@@ -159,9 +221,11 @@ def modes(
     return 0
 
 
-@bench.command(help="Server memory and throughput at 8-64 devices, side networks paged to disk: per-device side "
-                    "networks on a tiny random Llama, each fleet size run paged (--budget-mb) and all in memory, as "
-                    "real Flower simulations.")
+@bench.command(
+    help="Server memory and throughput at 8-64 devices, side networks paged to disk: per-device side "
+    "networks on a tiny random Llama, each fleet size run paged (--budget-mb) and all in memory, as "
+    "real Flower simulations."
+)
 def load(
     devices: Annotated[list[int], typer.Option(metavar="N ...", help="fleet sizes")] = [8, 16, 32, 64],  # noqa: B006
     budget_mb: Annotated[float, typer.Option(help="side-memory-mb of the paged runs")] = 24.0,
@@ -190,42 +254,61 @@ def _numbers(values: list[str] | None, kind: type, flag: str) -> tuple:
         raise typer.BadParameter(str(err), param_hint=f"'{flag}'") from None
 
 
-@bench.command(help="Time-to-target accuracy on a fleet model: mobiflower adaptive / 8-bit vs federated LoRA "
-                    "(tuned on validation). Runs federated LoRA (lr and local epochs tuned on validation first), "
-                    "mobiflower with fixed 8-bit frames and mobiflower adaptive on the same fleet and samples; "
-                    "times in virtual seconds of the fleet's devices (training only).")
+@bench.command(
+    help="Time-to-target accuracy on a fleet model: mobiflower adaptive / 8-bit vs federated LoRA "
+    "(tuned on validation). Runs federated LoRA (lr and local epochs tuned on validation first), "
+    "mobiflower with fixed 8-bit frames and mobiflower adaptive on the same fleet and samples; "
+    "times in virtual seconds of the fleet's devices (training only)."
+)
 def fleet(
-    fleet: Annotated[str, typer.Option(
-        help="a bundled fleet (uniform, mixed-phones, flaky, mixed-backbones) or a TOML path")] = _FLEET.fleet,
+    fleet: Annotated[
+        str, typer.Option(help="a bundled fleet (uniform, mixed-phones, flaky, mixed-backbones) or a TOML path")
+    ] = _FLEET.fleet,
     devices: Annotated[int, typer.Option(help="simulated devices, dealt the fleet's tiers")] = _FLEET.devices,
     train_samples: Annotated[int, typer.Option(help="over the whole fleet")] = _FLEET.train_samples,
-    validation_samples: Annotated[int, typer.Option(
-        help="over the whole fleet (federated LoRA is tuned on them)")] = _FLEET.validation_samples,
+    validation_samples: Annotated[
+        int, typer.Option(help="over the whole fleet (federated LoRA is tuned on them)")
+    ] = _FLEET.validation_samples,
     test_samples: Annotated[int, typer.Option(help="over the whole fleet")] = _FLEET.test_samples,
     seed: Annotated[int, typer.Option(help="data split and training seed, every method")] = _FLEET.seed,
     model: Annotated[Optional[str], typer.Option(help="backbone for every method (default: the bundled one)")] = None,
     rounds: Annotated[int, typer.Option(help="mobiflower rounds")] = _FLEET.rounds,
-    eval_every: Annotated[int, typer.Option(
-        help="mobiflower: score the test split every k rounds (the points of its curve)")] = _FLEET.eval_every,
+    eval_every: Annotated[
+        int, typer.Option(help="mobiflower: score the test split every k rounds (the points of its curve)")
+    ] = _FLEET.eval_every,
     lora_rounds: Annotated[int, typer.Option(help="federated LoRA rounds")] = _FLEET.lora_rounds,
     tune_rounds: Annotated[int, typer.Option(help="federated LoRA rounds of each tuning trial")] = _FLEET.tune_rounds,
-    lrs: Annotated[list[str], typer.Option(metavar="LR ...", help="tuning grid: learning rates")]
-    = [str(x) for x in _FLEET.lrs],  # noqa: B006
-    epochs: Annotated[list[str], typer.Option(metavar="N ...", help="tuning grid: local epochs")]
-    = [str(x) for x in _FLEET.local_epochs],  # noqa: B006
-    skip_tuning: Annotated[Optional[tuple[str, str]], typer.Option(
-        metavar="LR EPOCHS", help="use this federated LoRA lr and local epochs instead of tuning (recorded as "
-                                  "given)")] = None,
-    side_lrs: Annotated[list[str], typer.Option(
-        metavar="LR ...", help="mobiflower learning rates to pick from on validation (none: the app's default lr)")]
-    = [str(x) for x in _FLEET.side_lrs],  # noqa: B006
-    side_seeds: Annotated[list[str], typer.Option(
-        metavar="SEED ...", help="mobiflower training seeds (train-seed: initial weights and shuffles, same data): "
-                                 "each mobiflower method runs once per seed and reports the mean accuracy and the "
-                                 "slowest time-to-target (none: one run)")]
-    = [str(x) for x in _FLEET.side_seeds],  # noqa: B006
-    max_retries: Annotated[int, typer.Option(
-        help="mobiflower: retries of a failed forward request before a device is dropped")] = _FLEET.max_retries,
+    lrs: Annotated[list[str], typer.Option(metavar="LR ...", help="tuning grid: learning rates")] = [
+        str(x) for x in _FLEET.lrs
+    ],  # noqa: B006
+    epochs: Annotated[list[str], typer.Option(metavar="N ...", help="tuning grid: local epochs")] = [
+        str(x) for x in _FLEET.local_epochs
+    ],  # noqa: B006
+    skip_tuning: Annotated[
+        Optional[tuple[str, str]],
+        typer.Option(
+            metavar="LR EPOCHS",
+            help="use this federated LoRA lr and local epochs instead of tuning (recorded as given)",
+        ),
+    ] = None,
+    side_lrs: Annotated[
+        list[str],
+        typer.Option(
+            metavar="LR ...", help="mobiflower learning rates to pick from on validation (none: the app's default lr)"
+        ),
+    ] = [str(x) for x in _FLEET.side_lrs],  # noqa: B006
+    side_seeds: Annotated[
+        list[str],
+        typer.Option(
+            metavar="SEED ...",
+            help="mobiflower training seeds (train-seed: initial weights and shuffles, same data): "
+            "each mobiflower method runs once per seed and reports the mean accuracy and the "
+            "slowest time-to-target (none: one run)",
+        ),
+    ] = [str(x) for x in _FLEET.side_seeds],  # noqa: B006
+    max_retries: Annotated[
+        int, typer.Option(help="mobiflower: retries of a failed forward request before a device is dropped")
+    ] = _FLEET.max_retries,
     client_cpus: Annotated[int, typer.Option(help="CPUs per simulated device")] = _FLEET.client_cpus,
     timeout: Annotated[float, typer.Option(help="seconds per Flower run")] = _FLEET.timeout_s,
     workdir: Annotated[str, typer.Option(help="scratch folder of the Flower runs")] = _FLEET.workdir,
@@ -245,15 +328,32 @@ def fleet(
             try:
                 pair = (float(lr), int(local_epochs))
             except ValueError:
-                raise ValueError(f"--skip-tuning takes a learning rate and a whole number of local epochs, "
-                                 f"e.g. --skip-tuning 1e-3 2; got {lr} {local_epochs}") from None
+                raise ValueError(
+                    f"--skip-tuning takes a learning rate and a whole number of local epochs, "
+                    f"e.g. --skip-tuning 1e-3 2; got {lr} {local_epochs}"
+                ) from None
         settings = FleetBenchSettings(
-            fleet=fleet, devices=devices, train_samples=train_samples, validation_samples=validation_samples,
-            test_samples=test_samples, seed=seed, model=model or "", rounds=rounds, eval_every=eval_every,
-            lora_rounds=lora_rounds, tune_rounds=tune_rounds, lrs=_numbers(lrs, float, "--lrs"),
-            local_epochs=_numbers(epochs, int, "--epochs"), lora_pair=pair,
-            side_lrs=_numbers(side_lrs, float, "--side-lrs"), side_seeds=_numbers(side_seeds, int, "--side-seeds"),
-            max_retries=max_retries, client_cpus=client_cpus, timeout_s=timeout, workdir=workdir)
+            fleet=fleet,
+            devices=devices,
+            train_samples=train_samples,
+            validation_samples=validation_samples,
+            test_samples=test_samples,
+            seed=seed,
+            model=model or "",
+            rounds=rounds,
+            eval_every=eval_every,
+            lora_rounds=lora_rounds,
+            tune_rounds=tune_rounds,
+            lrs=_numbers(lrs, float, "--lrs"),
+            local_epochs=_numbers(epochs, int, "--epochs"),
+            lora_pair=pair,
+            side_lrs=_numbers(side_lrs, float, "--side-lrs"),
+            side_seeds=_numbers(side_seeds, int, "--side-seeds"),
+            max_retries=max_retries,
+            client_cpus=client_cpus,
+            timeout_s=timeout,
+            workdir=workdir,
+        )
         log = (lambda message: None) if quiet else _log
         result = fleet_bench.run_fleet_bench(settings, quiet=quiet, log=log)
     except ValueError as err:  # a fleet, number or run-config key the user can fix (FleetError is one)
@@ -267,15 +367,17 @@ def fleet(
     return 0 if all(m["completed"] for m in result["methods"].values()) else 1
 
 
-@bench.command(help="The slowest and largest refusals of hostile frames at a run's limits: time and extra memory "
-                    "of each.")
+@bench.command(
+    help="The slowest and largest refusals of hostile frames at a run's limits: time and extra memory of each."
+)
 def hostile(
     samples: Annotated[int, typer.Option(help="samples per request (the run's chunk-size)")] = 64,
     hidden: Annotated[int, typer.Option(help="the backbone's width (SmolLM2-135M: 576)")] = 576,
     bits: Annotated[int, typer.Option(help="the run's bit-width")] = 4,
     repeat: Annotated[int, typer.Option(help="offers per case; its time is the fastest")] = 3,
-    no_default_limits: Annotated[bool, typer.Option(
-        "--no-default-limits", help="skip the FrameLimits() comparison")] = False,
+    no_default_limits: Annotated[
+        bool, typer.Option("--no-default-limits", help="skip the FrameLimits() comparison")
+    ] = False,
     out: Annotated[Optional[str], typer.Option(help="write the result JSON here")] = None,
 ) -> int:
     import json

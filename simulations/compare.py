@@ -37,8 +37,11 @@ def seed_groups(results: list[tuple[str, dict]]) -> list[dict]:
         config = r.get("config")
         if isinstance(config, dict):
             split = config.get("seed")
-            key = json.dumps({"method": r.get("method"), "split": split,
-                              **{k: v for k, v in config.items() if k not in _SEED_KEYS}}, sort_keys=True, default=str)
+            key = json.dumps(
+                {"method": r.get("method"), "split": split, **{k: v for k, v in config.items() if k not in _SEED_KEYS}},
+                sort_keys=True,
+                default=str,
+            )
         else:  # no recorded configuration: a group of its own
             key = f"file:{name}"
         group = groups.setdefault(key, {"label": run_label(r), "files": [], "accuracies": []})
@@ -47,8 +50,12 @@ def seed_groups(results: list[tuple[str, dict]]) -> list[dict]:
     for group in groups.values():
         acc = group.pop("accuracies")
         mean = sum(acc) / len(acc)
-        group.update(mean=mean, min=min(acc), max=max(acc),
-                     sd=(sum((a - mean) ** 2 for a in acc) / (len(acc) - 1)) ** 0.5 if len(acc) > 1 else 0.0)
+        group.update(
+            mean=mean,
+            min=min(acc),
+            max=max(acc),
+            sd=(sum((a - mean) ** 2 for a in acc) / (len(acc) - 1)) ** 0.5 if len(acc) > 1 else 0.0,
+        )
     return list(groups.values())
 
 
@@ -64,17 +71,39 @@ def format_comparison(results: list[tuple[str, dict[str, Any]]]) -> str:
         wire = f"{r['bits']}-bit {r['token_policy']}" if r.get("token_policy") else "-"
         device_s = r.get("device_s_per_sample", r.get("s_per_sample"))
         rss = r.get("device_peak_rss_mb", r.get("peak_rss_mb"))
-        rows.append((name, run_label(r), f"{r['test_accuracy']:.4f}", f"{r['zero_shot_accuracy']:.4f}", wire,
-                     f"{r.get('bytes_per_sample') or 0:.0f}", f"{device_s * 1000:.0f}" if device_s else "-",
-                     f"{rss:.0f}" if rss else "-"))
-    lines = _table(("file", "method", "test acc", "zero-shot", "wire", "B/sample sent", "device ms/sample",
-                    "peak RSS MB"), rows)
+        rows.append(
+            (
+                name,
+                run_label(r),
+                f"{r['test_accuracy']:.4f}",
+                f"{r['zero_shot_accuracy']:.4f}",
+                wire,
+                f"{r.get('bytes_per_sample') or 0:.0f}",
+                f"{device_s * 1000:.0f}" if device_s else "-",
+                f"{rss:.0f}" if rss else "-",
+            )
+        )
+    lines = _table(
+        ("file", "method", "test acc", "zero-shot", "wire", "B/sample sent", "device ms/sample", "peak RSS MB"), rows
+    )
     groups = seed_groups(results)
     if any(len(g["files"]) > 1 for g in groups):
         lines += ["", "runs that differ only in their training seed:"]
-        lines += _table(("method", "runs", "mean test acc", "sd", "min", "max", "files"),
-                        [(g["label"], len(g["files"]), f"{g['mean']:.4f}", f"{g['sd']:.4f}", f"{g['min']:.4f}",
-                          f"{g['max']:.4f}", " ".join(g["files"])) for g in groups])
+        lines += _table(
+            ("method", "runs", "mean test acc", "sd", "min", "max", "files"),
+            [
+                (
+                    g["label"],
+                    len(g["files"]),
+                    f"{g['mean']:.4f}",
+                    f"{g['sd']:.4f}",
+                    f"{g['min']:.4f}",
+                    f"{g['max']:.4f}",
+                    " ".join(g["files"]),
+                )
+                for g in groups
+            ],
+        )
     return "\n".join(lines)
 
 

@@ -41,8 +41,21 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 FLEETS_DIR = Path(__file__).resolve().parent / "fleets"
-TIER_KEYS = {"name", "share", "count", "uplink-mbps", "downlink-mbps", "latency-ms", "speed", "memory-mb",
-             "availability", "backbone", "backbone-layers", "weights", "activation-cache"}
+TIER_KEYS = {
+    "name",
+    "share",
+    "count",
+    "uplink-mbps",
+    "downlink-mbps",
+    "latency-ms",
+    "speed",
+    "memory-mb",
+    "availability",
+    "backbone",
+    "backbone-layers",
+    "weights",
+    "activation-cache",
+}
 
 
 class FleetError(ValueError):
@@ -95,8 +108,10 @@ class Fleet:
         counted = {i: int(w) for i, (_, w) in enumerate(self.tiers) if isinstance(w, int)}
         fixed = sum(counted.values())
         if fixed > n:
-            raise FleetError(f"fleet {self.name!r}: its tiers' counts add up to {fixed}, more than the {n} devices "
-                             f"asked for: ask for at least {fixed} devices, or give tiers a share instead")
+            raise FleetError(
+                f"fleet {self.name!r}: its tiers' counts add up to {fixed}, more than the {n} devices "
+                f"asked for: ask for at least {fixed} devices, or give tiers a share instead"
+            )
         shared = {i: float(w) for i, (_, w) in enumerate(self.tiers) if not isinstance(w, int)}
         total = sum(shared.values())
         rest = n - fixed
@@ -116,6 +131,7 @@ class Fleet:
         """Each device id its profile: ids sorted by the number they end with (``device-3`` -> 3),
         then dealt the tiers as :meth:`devices` does, so the same fleet gives the same device the
         same profile in every method of a benchmark."""
+
         def key(device_id: str) -> tuple[int, str]:
             digits = re.search(r"(\d+)$", device_id)
             return (int(digits.group(1)) if digits else -1, device_id)
@@ -134,14 +150,16 @@ def _number(value: Any, where: str, key: str, low: float, high: float = math.inf
         raise FleetError(f"{where}: {key} must be a number, got {value!r}")
     if (value <= low if low_open else value < low) or value > high:
         bound = f"> {low:g}" if low_open else f">= {low:g}"
-        raise FleetError(f"{where}: {key} = {value!r} must be {bound}" + (f" and <= {high:g}" if high < math.inf else ""))
+        raise FleetError(
+            f"{where}: {key} = {value!r} must be {bound}" + (f" and <= {high:g}" if high < math.inf else "")
+        )
     return float(value)
 
 
 def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
     """A :class:`Fleet` from a parsed TOML table; :class:`FleetError` says what to fix."""
     if not isinstance(table.get("name"), str) or not table["name"]:
-        raise FleetError(f"{source}: a fleet needs a name (name = \"...\")")
+        raise FleetError(f'{source}: a fleet needs a name (name = "...")')
     tiers = table.get("tier")
     if not isinstance(tiers, list) or not tiers:
         raise FleetError(f"{source}: a fleet needs at least one [[tier]]")
@@ -190,13 +208,18 @@ def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
             except WeightPrecisionError as exc:
                 raise FleetError(f"{where}: weights: {exc}") from None
         profile = DeviceProfile(
-            tier=name, uplink_mbps=_number(tier["uplink-mbps"], where, "uplink-mbps", 0.0),
+            tier=name,
+            uplink_mbps=_number(tier["uplink-mbps"], where, "uplink-mbps", 0.0),
             downlink_mbps=_number(tier["downlink-mbps"], where, "downlink-mbps", 0.0),
             latency_ms=_number(tier.get("latency-ms", 30.0), where, "latency-ms", 0.0, low_open=False),
             speed=_number(tier.get("speed", 1.0), where, "speed", 0.0),
             memory_mb=_number(tier.get("memory-mb", 4096.0), where, "memory-mb", 0.0),
             availability=_number(tier.get("availability", 1.0), where, "availability", 0.0, 1.0),
-            backbone=backbone, backbone_layers=keep, activation_cache=cache, weights=weights)
+            backbone=backbone,
+            backbone_layers=keep,
+            activation_cache=cache,
+            weights=weights,
+        )
         out.append((profile, weight))
     return Fleet(str(table["name"]), str(table.get("description", "")), out, source)
 
@@ -233,8 +256,7 @@ class VirtualClock:
     server_free: float = 0.0
     device_busy: dict[str, float] = field(default_factory=dict)
 
-    def forward(self, device: str, sent_at: float, request_bytes: int, compute_s: float,
-                reply_bytes: int) -> float:
+    def forward(self, device: str, sent_at: float, request_bytes: int, compute_s: float, reply_bytes: int) -> float:
         """When the reply to a forward request lands at the server, in virtual seconds."""
         profile = self.profiles[device]
         arrives = sent_at + profile.download_s(request_bytes)

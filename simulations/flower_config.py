@@ -64,17 +64,12 @@ def toml_value(value: RunConfigValue) -> str:
         return text if any(c in text for c in ".eE") else text + ".0"
     if isinstance(value, str):
         return _toml_string(value)
-    raise TypeError(
-        f"run config values must be bool, int, float or str, got {type(value).__name__}"
-    )
-
+    raise TypeError(f"run config values must be bool, int, float or str, got {type(value).__name__}")
 
 
 def check_key(key: str) -> str:
     if not _KEY.match(key):
-        raise ValueError(
-            f"run config key {key!r} is not a bare TOML key (letters, digits, - and _)"
-        )
+        raise ValueError(f"run config key {key!r} is not a bare TOML key (letters, digits, - and _)")
     return key
 
 
@@ -130,9 +125,7 @@ def write_connections(
     if local_options:
         local["options"] = {
             "num-supernodes": int(num_supernodes),
-            "backend": {
-                "client-resources": {"num-cpus": cpus, "num-gpus": float(client_gpus)}
-            },
+            "backend": {"client-resources": {"num-cpus": cpus, "num-gpus": float(client_gpus)}},
         }
     links: dict[str, Any] = {"default": LOCAL_CONNECTION, "local": local}
     for name, address in deployments.items():
@@ -154,9 +147,7 @@ def _dotted(table: Mapping[str, Any], prefix: str = "") -> list[str]:
 def _write_flower_config(flwr_home: Path, links: Mapping[str, Any]) -> Path:
     """Write ``[superlink]`` (default + one table per connection) to config.toml."""
     lines = ["[superlink]"]
-    lines += [
-        f"{k} = {toml_value(v)}" for k, v in links.items() if not isinstance(v, Mapping)
-    ]
+    lines += [f"{k} = {toml_value(v)}" for k, v in links.items() if not isinstance(v, Mapping)]
     for name, conn in links.items():
         if isinstance(conn, Mapping):
             lines += ["", f"[superlink.{name}]", *_dotted(conn)]
@@ -216,14 +207,10 @@ def write_app_dir(
     ``[tool.flwr.app.config]``: the run config defaults, which ``-c`` may override.
     """
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,31}", name):
-        raise ValueError(
-            f"Flower app name {name!r} must be a letter then letters/digits/-, <= 32 chars"
-        )
+        raise ValueError(f"Flower app name {name!r} must be a letter then letters/digits/-, <= 32 chars")
     for ref in (serverapp, clientapp):
         if ":" not in ref:
-            raise ValueError(
-                f"component {ref!r} must look like 'package.module:attribute'"
-            )
+            raise ValueError(f"component {ref!r} must look like 'package.module:attribute'")
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     flwr_target = _flwr_version()

@@ -35,9 +35,7 @@ def free_ports(n: int) -> list[int]:
     with ExitStack() as stack:
         ports = []
         for _ in range(n):
-            sock = stack.enter_context(
-                socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            )
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             sock.bind(("127.0.0.1", 0))
             ports.append(int(sock.getsockname()[1]))
         return ports
@@ -70,9 +68,7 @@ def flower_env(scratch: Path, base: Mapping[str, str] | None = None) -> dict[str
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
             "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
             "PYTHONUNBUFFERED": "1",
-            "PATH": os.pathsep.join(
-                [str(Path(sys.executable).parent), env.get("PATH", os.defpath)]
-            ),
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)]),
             MARKER_VAR: str(scratch),
         }
     )

@@ -144,9 +144,7 @@ def _stream(
         reader.join(timeout=5)
 
 
-def flwr_json(
-    args: list[str], env: Mapping[str, str], timeout_s: float = 60.0
-) -> dict[str, Any]:
+def flwr_json(args: list[str], env: Mapping[str, str], timeout_s: float = 60.0) -> dict[str, Any]:
     """Run a ``flwr ... --format json`` command and return its JSON (errors included)."""
     res = subprocess.run(
         [flower_command("flwr"), *args, "--format", "json"],
@@ -170,9 +168,7 @@ def run_info(connection: str, run_id: int, env: Mapping[str, str]) -> dict[str, 
     data = flwr_json(["ls", connection, "--run-id", str(run_id)], env)
     runs = data.get("runs") or []
     if not data.get("success") or not runs:
-        raise FlowerRunError(
-            f"could not read run {run_id} from {connection!r}: {data.get('error-message', data)}"
-        )
+        raise FlowerRunError(f"could not read run {run_id} from {connection!r}: {data.get('error-message', data)}")
     return dict(runs[0])
 
 
@@ -228,9 +224,7 @@ def run_and_stream(
         elif run_id is None:
             why = f"did not start (flwr exited with {code})"
         else:
-            why = f"ended with status {status!r}" + (
-                f": {result.details}" if result.details else ""
-            )
+            why = f"ended with status {status!r}" + (f": {result.details}" if result.details else "")
         name = f"Flower run {run_id}" if run_id is not None else "Flower run"
         raise FlowerRunError(
             f"{name} on {connection!r} {why}.\n--- last output ---\n{output_tail(output)}",

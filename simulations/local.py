@@ -33,16 +33,22 @@ from mobiflower.platform.frames import decode_frame
 from mobiflower.platform.precision import bf16_native, normalize_precision
 from mobiflower.platform.pretrained_tail import load_tail_weights, save_peft_adapter
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
-from mobiflower.strategies.config import FAMILY_SETTINGS
 from mobiflower.platform.trainer import SideTrainer, TrainConfig, chunk_sizes, planned_steps
-
+from mobiflower.strategies.config import FAMILY_SETTINGS
 
 # What each side-network family trains best with: the fleet's settings (strategies.config), one
 # device's epochs being the fleet's rounds; a field left None takes its family's value.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    family: {"token_policy": "nonpad" if family == "tail" else "last", "epochs": s["rounds"],
-             "average_epochs": s["average-epochs"], "lr": s["lr"], "weight_decay": s["weight-decay"],
-             "batch_size": s["batch-size"], "bits": s["bits"], "mixed_precision": "auto" if family == "tail" else "none"}
+    family: {
+        "token_policy": "nonpad" if family == "tail" else "last",
+        "epochs": s["rounds"],
+        "average_epochs": s["average-epochs"],
+        "lr": s["lr"],
+        "weight_decay": s["weight-decay"],
+        "batch_size": s["batch-size"],
+        "bits": s["bits"],
+        "mixed_precision": "auto" if family == "tail" else "none",
+    }
     for family, s in FAMILY_SETTINGS.items()
 }
 # One device has no fleet round budget to fit: the tail trains two epochs here (over three training seeds
@@ -80,7 +86,9 @@ class LocalRunConfig:
     weight_decay: float | None = None
     select: str = "last"  # deliver the last epoch's side network, or the one with the "best-val" accuracy
     batch_size: int | None = None
-    mixed_precision: str | None = None  # server training: "none", "bf16", or "auto" (bf16 where the CPU has it natively)
+    mixed_precision: str | None = (
+        None  # server training: "none", "bf16", or "auto" (bf16 where the CPU has it natively)
+    )
     device_batch_size: int = 16
     chunk_size: int = 128
     device_threads: int = max(1, os.cpu_count() or 1)
@@ -97,8 +105,10 @@ class LocalRunConfig:
                 setattr(self, name, value)
         if self.family == "tail":
             if self.token_policy == "last":
-                raise ValueError("the pretrained tail reads every real token of the cut layer: use token policy "
-                                 "'nonpad' (the default for family 'tail')")
+                raise ValueError(
+                    "the pretrained tail reads every real token of the cut layer: use token policy "
+                    "'nonpad' (the default for family 'tail')"
+                )
             if self.tail_cut < 0:
                 raise ValueError(f"tail_cut={self.tail_cut} must be >= 0 (0 = half the blocks)")
         if self.mixed_precision == "auto":
@@ -106,13 +116,25 @@ class LocalRunConfig:
         self.weights = normalize_precision(self.weights)
         if self.group_size is None:
             self.group_size = default_group_size(self.bits)
-        self.forward = ForwardConfig(bits=self.bits, group_size=self.group_size, rotation=self.rotation,
-                                     token_policy=self.token_policy, batch_size=self.device_batch_size, seed=self.seed)
+        self.forward = ForwardConfig(
+            bits=self.bits,
+            group_size=self.group_size,
+            rotation=self.rotation,
+            token_policy=self.token_policy,
+            batch_size=self.device_batch_size,
+            seed=self.seed,
+        )
         if self.train_seed is None:
             self.train_seed = self.seed
-        self.train = TrainConfig(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
-                                 batch_size=self.batch_size, seed=self.train_seed, average_epochs=self.average_epochs,
-                                 mixed_precision=self.mixed_precision)
+        self.train = TrainConfig(
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=self.train_seed,
+            average_epochs=self.average_epochs,
+            mixed_precision=self.mixed_precision,
+        )
         if self.select not in ("last", "best-val"):
             raise ValueError(f"select={self.select!r} must be 'last' or 'best-val'")
         for name in ("train_samples", "validation_samples", "test_samples", "chunk_size", "epochs"):
@@ -145,10 +167,19 @@ def run_local(config: LocalRunConfig, out: str | None = None, progress: bool = T
     ctx = mp.get_context("spawn")
     server_conn, device_conn = ctx.Pipe()
     device_config = LocalDeviceConfig(
-        model=config.model, weights=None if config.weights == "fp32" else config.weights, layers=config.layers, num_taps=config.num_taps, forward=config.forward,
-        train_samples=config.train_samples, validation_samples=config.validation_samples,
-        test_samples=config.test_samples, chunk_size=config.chunk_size, seed=config.seed,
-        threads=config.device_threads, mobiflower_home=os.environ.get("MOBIFLOWER_HOME"))
+        model=config.model,
+        weights=None if config.weights == "fp32" else config.weights,
+        layers=config.layers,
+        num_taps=config.num_taps,
+        forward=config.forward,
+        train_samples=config.train_samples,
+        validation_samples=config.validation_samples,
+        test_samples=config.test_samples,
+        chunk_size=config.chunk_size,
+        seed=config.seed,
+        threads=config.device_threads,
+        mobiflower_home=os.environ.get("MOBIFLOWER_HOME"),
+    )
     wall0 = time.perf_counter()
     device = ctx.Process(target=run_device, args=(device_conn, device_config), name="mobiflower-device", daemon=True)
     device.start()
@@ -163,36 +194,63 @@ def run_local(config: LocalRunConfig, out: str | None = None, progress: bool = T
             device.terminate()
 
 
-def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None, wall0: float, log,
-           progress: bool) -> dict[str, Any]:
+def _serve(
+    config: LocalRunConfig, conn, device, workdir: Path, out: str | None, wall0: float, log, progress: bool
+) -> dict[str, Any]:
     hello = _recv(conn, device)
-    log(f"[server] device ready: {hello['fingerprint']}, taps {hello['layers']}, backbone loaded in "
-        f"{hello['load_s']:.1f} s")
+    log(
+        f"[server] device ready: {hello['fingerprint']}, taps {hello['layers']}, backbone loaded in "
+        f"{hello['load_s']:.1f} s"
+    )
     tail = {}
     frozen = {k: torch.from_numpy(v) for k, v in hello["frozen"].items()}
     if config.family == "tail":  # the server loads the public weights of blocks cut.. itself
         public = load_tail_weights(config.model, config.tail_cut)
         public.check_device(hello["fingerprint"])
         frozen = public.weights
-        tail = {"backbone_config": public.backbone_config, "lora_rank": config.lora_rank,
-                "lora_alpha": config.lora_alpha, "lora_targets": list(config.lora_targets)}
-        log(f"[server] public weights of blocks {config.tail_cut}..{public.backbone_config['num_hidden_layers'] - 1} "
-            f"loaded ({public.fingerprint})")
+        tail = {
+            "backbone_config": public.backbone_config,
+            "lora_rank": config.lora_rank,
+            "lora_alpha": config.lora_alpha,
+            "lora_targets": list(config.lora_targets),
+        }
+        log(
+            f"[server] public weights of blocks {config.tail_cut}..{public.backbone_config['num_hidden_layers'] - 1} "
+            f"loaded ({public.fingerprint})"
+        )
     side_config = SideNetworkConfig(
-        hidden_size=hello["hidden_size"], layers=list(hello["layers"]), fingerprint=hello["fingerprint"],
-        family=config.family, reduction=config.reduction, dropout=config.dropout, norm_eps=hello["norm_eps"],
-        feature_token="last" if hello["is_decoder"] else "first", bits=config.bits, group_size=config.group_size,
-        rotation=config.rotation, token_policy=config.token_policy, extra={"model": config.model}, **tail)
+        hidden_size=hello["hidden_size"],
+        layers=list(hello["layers"]),
+        fingerprint=hello["fingerprint"],
+        family=config.family,
+        reduction=config.reduction,
+        dropout=config.dropout,
+        norm_eps=hello["norm_eps"],
+        feature_token="last" if hello["is_decoder"] else "first",
+        bits=config.bits,
+        group_size=config.group_size,
+        rotation=config.rotation,
+        token_policy=config.token_policy,
+        extra={"model": config.model},
+        **tail,
+    )
     torch.manual_seed(config.train_seed)  # the side network's initial weights are part of the training seed
     net = build_side_network(side_config, frozen)
     total_steps = planned_steps(chunk_sizes(hello["train"], config.chunk_size), config.batch_size, config.epochs)
     trainer = SideTrainer(net, config.train, total_steps=total_steps)
-    log(f"[server] {config.family} side network, {net.num_trainable():,} trainable parameters, "
-        f"training on {trainer.device}")
+    log(
+        f"[server] {config.family} side network, {net.num_trainable():,} trainable parameters, "
+        f"training on {trainer.device}"
+    )
 
     n_chunks = math.ceil(hello["train"] / config.chunk_size) + math.ceil(hello["validation"] / config.chunk_size)
-    bar = tqdm(total=hello["train"] + hello["validation"], desc="frames received", unit="sample",
-               disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=hello["train"] + hello["validation"],
+        desc="frames received",
+        unit="sample",
+        disable=not progress,
+        file=sys.stderr,
+    )
     bytes_sent = forward_s = quantize_s = 0.0
     val_frames = []
     first_loss = None
@@ -220,8 +278,11 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
     val = trainer.evaluate(val_frames)
     history.append({"epoch": 1, "loss": first_loss, "validation_accuracy": val["accuracy"]})
     keep_best = config.select == "best-val"  # "last" needs no snapshots: the final weights are delivered
-    best = {"accuracy": val["accuracy"], "epoch": 1,
-            "state": copy.deepcopy(trainer.net.state_dict()) if keep_best else None}
+    best = {
+        "accuracy": val["accuracy"],
+        "epoch": 1,
+        "state": copy.deepcopy(trainer.net.state_dict()) if keep_best else None,
+    }
     if trainer.averaging(1):
         trainer.update_average()
     log(f"[server] epoch 1 (streamed): validation accuracy {val['accuracy']:.4f}")
@@ -233,8 +294,11 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
         history.append({"epoch": epoch, "loss": stats["loss"], "validation_accuracy": val["accuracy"]})
         log(f"[server] epoch {epoch}: loss {stats['loss']:.4f}, validation accuracy {val['accuracy']:.4f}")
         if val["accuracy"] > best["accuracy"] or not keep_best:
-            best = {"accuracy": val["accuracy"], "epoch": epoch,
-                    "state": copy.deepcopy(trainer.net.state_dict()) if keep_best else None}
+            best = {
+                "accuracy": val["accuracy"],
+                "epoch": epoch,
+                "state": copy.deepcopy(trainer.net.state_dict()) if keep_best else None,
+            }
     trainer.history = history
     trainer.save_checkpoint(workdir / "checkpoint", extra={"best_epoch": best["epoch"]})  # the last epoch's state
     if best["state"] is not None:
@@ -245,12 +309,15 @@ def _serve(config: LocalRunConfig, conn, device, workdir: Path, out: str | None,
         export = save_peft_adapter(side_config, trainer.net.state_dict(), workdir / "adapter", config.model)
     else:
         export = trainer.export(workdir / "side_network.safetensors")
-    log(f"[server] delivering the epoch-{best['epoch']} side network (validation accuracy {best['accuracy']:.4f}, "
-        f"{_size(export) / 1024:.0f} KiB) to the device for local inference")
+    log(
+        f"[server] delivering the epoch-{best['epoch']} side network (validation accuracy {best['accuracy']:.4f}, "
+        f"{_size(export) / 1024:.0f} KiB) to the device for local inference"
+    )
     conn.send({"type": "deliver", "path": str(export.resolve()), "match_precision": config.match_precision})
 
-    test_bar = tqdm(total=hello["test"], desc="device test inference", unit="sample", disable=not progress,
-                    file=sys.stderr)
+    test_bar = tqdm(
+        total=hello["test"], desc="device test inference", unit="sample", disable=not progress, file=sys.stderr
+    )
     while True:
         message = _recv(conn, device)
         if message["type"] == "progress":
@@ -316,15 +383,23 @@ def format_summary(result: dict[str, Any]) -> str:
     lines = [f"method            {result['method']}" + (f" ({result.get('family')})" if result.get("family") else "")]
     zero_shot = result.get("zero_shot_accuracy")
     measured = zero_shot is not None and zero_shot == zero_shot  # NaN: the tail's forward cannot give it
-    lines.append(f"test accuracy     {result['test_accuracy']:.4f}   "
-                 + (f"(zero-shot prompt {zero_shot:.4f})" if measured else "(zero-shot prompt: `--baseline zero-shot`)"))
+    lines.append(
+        f"test accuracy     {result['test_accuracy']:.4f}   "
+        + (f"(zero-shot prompt {zero_shot:.4f})" if measured else "(zero-shot prompt: `--baseline zero-shot`)")
+    )
     if result.get("bits") is not None and result.get("method") == "mobiflower":
-        lines.append(f"wire              {result['bits']}-bit, token policy '{result['token_policy']}', "
-                     f"{result['bytes_sent'] / 2**20:.2f} MiB sent ({result['bytes_per_sample']:.0f} B/sample)")
-        lines.append(f"device            {result['device_s_per_sample'] * 1000:.1f} ms/sample forward+pack, "
-                     f"peak RSS {result['device_peak_rss_mb']:.0f} MB")
-        lines.append(f"server            {result['server_train_s']:.1f} s training, best epoch {result['best_epoch']} "
-                     f"(validation {result['validation_accuracy']:.4f})")
+        lines.append(
+            f"wire              {result['bits']}-bit, token policy '{result['token_policy']}', "
+            f"{result['bytes_sent'] / 2**20:.2f} MiB sent ({result['bytes_per_sample']:.0f} B/sample)"
+        )
+        lines.append(
+            f"device            {result['device_s_per_sample'] * 1000:.1f} ms/sample forward+pack, "
+            f"peak RSS {result['device_peak_rss_mb']:.0f} MB"
+        )
+        lines.append(
+            f"server            {result['server_train_s']:.1f} s training, best epoch {result['best_epoch']} "
+            f"(validation {result['validation_accuracy']:.4f})"
+        )
         lines.append(f"wall time         {result['wall_s']:.1f} s")
     else:
         for key in ("train_s", "s_per_sample", "peak_rss_mb", "trainable_parameters"):

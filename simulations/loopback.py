@@ -101,9 +101,7 @@ class LoopbackDeployment:
     ) -> None:
         self.stop()
 
-    def _spawn(
-        self, cmd: list[str], log_name: str, env: Mapping[str, str]
-    ) -> subprocess.Popen[bytes]:
+    def _spawn(self, cmd: list[str], log_name: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / log_name).open("wb")
         self._logs.append(log)
@@ -159,9 +157,7 @@ class LoopbackDeployment:
         )
         while not _http_ok(f"http://{self.address}/health"):
             if self.superlink.poll() is not None:
-                raise self._fail(
-                    f"flower-superlink exited with {self.superlink.returncode}"
-                )
+                raise self._fail(f"flower-superlink exited with {self.superlink.returncode}")
             if time.monotonic() > deadline:
                 raise self._fail("SuperLink did not answer on /health in time")
             time.sleep(0.2)
@@ -187,9 +183,7 @@ class LoopbackDeployment:
                         "--port",
                         str(port),
                         "--node-config",
-                        " ".join(
-                            f"{check_key(k)}={toml_value(v)}" for k, v in cfg.items()
-                        ),
+                        " ".join(f"{check_key(k)}={toml_value(v)}" for k, v in cfg.items()),
                     ],
                     f"supernode-{i}.log",
                     node_env,
@@ -200,17 +194,13 @@ class LoopbackDeployment:
         while True:
             for i, node in enumerate(self.supernodes):
                 if node.poll() is not None:
-                    raise self._fail(
-                        f"flower-supernode {i} exited with {node.returncode}"
-                    )
+                    raise self._fail(f"flower-supernode {i} exited with {node.returncode}")
             nodes = self.nodes()
             online = sum(1 for n in nodes if n.get("status") == "online")
             if online >= self.num_supernodes:
                 return
             if time.monotonic() > deadline:
-                raise self._fail(
-                    f"only {online}/{self.num_supernodes} SuperNodes online in time"
-                )
+                raise self._fail(f"only {online}/{self.num_supernodes} SuperNodes online in time")
             time.sleep(0.5)
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -231,9 +221,7 @@ class LoopbackDeployment:
         :func:`run_simulation`."""
         if self.superlink is None:
             raise RuntimeError("deployment not started")
-        return run_and_stream(
-            self.name, app_dir, run_config, self.env, on_line, timeout_s, [], check
-        )
+        return run_and_stream(self.name, app_dir, run_config, self.env, on_line, timeout_s, [], check)
 
     def run_info(self, run_id: int) -> dict[str, Any]:
         """Flower's full record of a run on this deployment."""
@@ -243,19 +231,14 @@ class LoopbackDeployment:
         """Flower's own byte counts for a run: ``inbound-bytes`` (replies, node to
         SuperLink), ``outbound-bytes`` (messages, SuperLink to nodes) and ``total-bytes``.
         Objects are content-addressed: identical arrays are sent only once."""
-        return {
-            k: int(v)
-            for k, v in self.run_info(run_id).get("network-traffic", {}).items()
-        }
+        return {k: int(v) for k, v in self.run_info(run_id).get("network-traffic", {}).items()}
 
     def stop(self) -> None:
         """Stop SuperNodes, then the SuperLink (terminate, wait, kill), then any process
         they left behind; idempotent."""
 
         stop_processes(processes_of(self.supernodes))
-        stop_flower_processes(
-            self.scratch, first=processes_of([self.superlink] if self.superlink else [])
-        )
+        stop_flower_processes(self.scratch, first=processes_of([self.superlink] if self.superlink else []))
         for popen in [*self.supernodes, *([self.superlink] if self.superlink else [])]:
             try:
                 popen.wait(timeout=5)

@@ -20,8 +20,15 @@ ROUNDS_DECLARED = re.compile(r"SideTuningStrategy: .*\brounds=(\d+)")
 ROUND_DONE = re.compile(r"\[round (\d+)/(\d+)\]")
 FRAMES_LANDED = re.compile(r"\[round (\d+)\] frames landed for (\d+)/(\d+) samples")
 
-NOISE = ("FutureWarning", "warnings.warn", "RAY_ACCEL_ENV_VAR", "simulation-config", "To change federation size",
-         "Since flwr 1.32", "Manually terminating ClientAppActor")
+NOISE = (
+    "FutureWarning",
+    "warnings.warn",
+    "RAY_ACCEL_ENV_VAR",
+    "simulation-config",
+    "To change federation size",
+    "Since flwr 1.32",
+    "Manually terminating ClientAppActor",
+)
 """Lines of Flower's and Ray's own chatter that say nothing about this run."""
 
 
@@ -38,8 +45,7 @@ class RunProgress:
 
     def _rounds_bar(self, total: int) -> tqdm:
         if self.rounds is None:
-            self.rounds = tqdm(total=total, desc="rounds", unit="round", file=self.file, position=0,
-                               dynamic_ncols=True)
+            self.rounds = tqdm(total=total, desc="rounds", unit="round", file=self.file, position=0, dynamic_ncols=True)
         elif self.rounds.total != total:
             self.rounds.total = total
             self.rounds.refresh()
@@ -55,8 +61,15 @@ class RunProgress:
             if self.samples is None or rnd != self.round:
                 if self.samples is not None:
                     self.samples.close()
-                self.samples = tqdm(total=total, desc=f"round {rnd} samples streamed", unit="sample",
-                                    file=self.file, position=1, leave=False, dynamic_ncols=True)
+                self.samples = tqdm(
+                    total=total,
+                    desc=f"round {rnd} samples streamed",
+                    unit="sample",
+                    file=self.file,
+                    position=1,
+                    leave=False,
+                    dynamic_ncols=True,
+                )
                 self.round = rnd
             self.samples.update(max(0, landed - self.samples.n))
         elif m := ROUND_DONE.search(line):

@@ -27,9 +27,17 @@ from mobiflower.simulations.loopback import LoopbackDeployment
 from mobiflower.simulations.progress import RunProgress, line_printer
 from mobiflower.strategies.config import SideTuningConfig
 
-_DEVICE_KEYS = {"model": "model", "weights": "weights", "num_taps": "num-taps", "train_samples": "train-samples",
-                "validation_samples": "validation-samples", "test_samples": "test-samples",
-                "partitioning": "partitioning", "dirichlet_alpha": "dirichlet-alpha", "threads": "device-threads"}
+_DEVICE_KEYS = {
+    "model": "model",
+    "weights": "weights",
+    "num_taps": "num-taps",
+    "train_samples": "train-samples",
+    "validation_samples": "validation-samples",
+    "test_samples": "test-samples",
+    "partitioning": "partitioning",
+    "dirichlet_alpha": "dirichlet-alpha",
+    "threads": "device-threads",
+}
 
 
 def default_app_config() -> dict[str, RunConfigValue]:
@@ -69,22 +77,37 @@ class SimulateConfig:
             load_fleet(config.fleet)  # a FleetError (a ValueError) says which fleets there are
 
 
-def _run(config: SimulateConfig, scratch: Path, app_dir: Path, run_config: dict[str, RunConfigValue],
-         env: dict[str, str], on_line: Callable[[str], None],
-         loopback: bool) -> tuple[FlowerRunResult, dict[str, int] | None]:
+def _run(
+    config: SimulateConfig,
+    scratch: Path,
+    app_dir: Path,
+    run_config: dict[str, RunConfigValue],
+    env: dict[str, str],
+    on_line: Callable[[str], None],
+    loopback: bool,
+) -> tuple[FlowerRunResult, dict[str, int] | None]:
     """One Flower run of the app, on the simulation engine or a loopback deployment (with its traffic)."""
     if loopback:
         node_configs = [{"side-network-dir": str(scratch / "devices" / f"node-{i}")} for i in range(config.devices)]
         with LoopbackDeployment(scratch, config.devices, node_configs=node_configs, extra_env=env) as deployment:
             result = deployment.run(app_dir, run_config, on_line=on_line, timeout_s=config.timeout_s)
             return result, deployment.traffic(result.run_id)
-    result = run_simulation(app_dir, run_config, num_supernodes=config.devices, client_cpus=config.client_cpus,
-                            scratch=scratch, on_line=on_line, timeout_s=config.timeout_s, extra_env=env)
+    result = run_simulation(
+        app_dir,
+        run_config,
+        num_supernodes=config.devices,
+        client_cpus=config.client_cpus,
+        scratch=scratch,
+        on_line=on_line,
+        timeout_s=config.timeout_s,
+        extra_env=env,
+    )
     return result, None
 
 
-def run_simulate(config: SimulateConfig, out: str | None = None, quiet: bool = False,
-                 loopback: bool = False, progress: bool = False) -> dict[str, Any]:
+def run_simulate(
+    config: SimulateConfig, out: str | None = None, quiet: bool = False, loopback: bool = False, progress: bool = False
+) -> dict[str, Any]:
     """Run the fleet; return (and write to ``out``) the run summary with Flower's run record.
 
     The ServerApp's log lines go to stderr unless ``quiet``; ``progress`` adds live bars of rounds
@@ -115,9 +138,16 @@ def run_simulate(config: SimulateConfig, out: str | None = None, quiet: bool = F
     if not summary_path.exists():
         raise RuntimeError(f"the run finished ({result.status}) but wrote no summary at {summary_path}")
     summary = json.loads(summary_path.read_text())
-    summary["simulation"] = {"devices": config.devices, "client_cpus": config.client_cpus, "loopback": loopback,
-                             "run_id": result.run_id, "status": result.status, "wall_s": time.perf_counter() - t0,
-                             "run_dir": str(run_dir), "plot": str(run_dir / "summary.png")}
+    summary["simulation"] = {
+        "devices": config.devices,
+        "client_cpus": config.client_cpus,
+        "loopback": loopback,
+        "run_id": result.run_id,
+        "status": result.status,
+        "wall_s": time.perf_counter() - t0,
+        "run_dir": str(run_dir),
+        "plot": str(run_dir / "summary.png"),
+    }
     if traffic is not None:
         frame_bytes = max(1, summary["frame_bytes"])
         summary["flower_traffic"] = {
@@ -137,18 +167,23 @@ def run_simulate(config: SimulateConfig, out: str | None = None, quiet: bool = F
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The figures a user reads at the end of a run: accuracy per device and what it cost."""
-    lines = [f"{'device':<10} {'test acc':>9} {'zero-shot':>9} {'samples':>8} {'MB up':>8} {'MB down':>8} "
-             f"{'fwd s':>7} {'peak MB':>8}"]
+    lines = [
+        f"{'device':<10} {'test acc':>9} {'zero-shot':>9} {'samples':>8} {'MB up':>8} {'MB down':>8} "
+        f"{'fwd s':>7} {'peak MB':>8}"
+    ]
     for name, d in sorted(summary["devices"].items()):
         acc = d.get("test_accuracy")
         zs = d.get("zero_shot_accuracy")
         peak = d.get("device_peak_rss_mb")  # the device process's peak resident memory (its own report)
-        lines.append(f"{name:<10} {acc if acc is not None else float('nan'):>9.4f} "
-                     f"{zs if zs is not None else float('nan'):>9.4f} {d.get('test_samples', 0):>8} "
-                     f"{d['bytes_up'] / 1e6:>8.2f} {d['bytes_down'] / 1e6:>8.2f} {d['device_forward_s']:>7.1f} "
-                     f"{'n/a' if peak is None else format(peak, '.0f'):>8}")
+        lines.append(
+            f"{name:<10} {acc if acc is not None else float('nan'):>9.4f} "
+            f"{zs if zs is not None else float('nan'):>9.4f} {d.get('test_samples', 0):>8} "
+            f"{d['bytes_up'] / 1e6:>8.2f} {d['bytes_down'] / 1e6:>8.2f} {d['device_forward_s']:>7.1f} "
+            f"{'n/a' if peak is None else format(peak, '.0f'):>8}"
+        )
     sim = summary.get("simulation", {})
     cfg = summary.get("config", {})
+
     def num(value, fmt: str) -> str:
         return "n/a" if value is None else format(value, fmt)
 
@@ -166,17 +201,25 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     if "flower_traffic" in summary:
         t = summary["flower_traffic"]
-        lines.insert(-1, f"Flower moved {t.get('inbound-bytes', 0) / 1e6:.2f} MB up / {t.get('outbound-bytes', 0) / 1e6:.2f} "
-                         f"MB down: {t['inbound_per_frame_byte']:.3f} bytes up per frame byte")
+        lines.insert(
+            -1,
+            f"Flower moved {t.get('inbound-bytes', 0) / 1e6:.2f} MB up / {t.get('outbound-bytes', 0) / 1e6:.2f} "
+            f"MB down: {t['inbound_per_frame_byte']:.3f} bytes up per frame byte",
+        )
     virtual = summary.get("virtual") or {}
     if virtual.get("clock") == "virtual":
         adapted = {d: e["final_choice"] for d, e in virtual["devices"].items() if e.get("decisions")}
-        lines.insert(-1, f"fleet {virtual['fleet']}: {virtual['total_s']:.1f} virtual s of training, device compute "
-                         f"{virtual['device_compute_s']:.1f} virtual s"
-                         + (f"; adapted ({virtual['deadline_s']:.1f} s deadline): " + ", ".join(
-                             f"{d} {c['bits']}-bit {c['taps']} layers" for d, c in sorted(adapted.items()))
-                            if virtual.get("adapt") else ""))
+        lines.insert(
+            -1,
+            f"fleet {virtual['fleet']}: {virtual['total_s']:.1f} virtual s of training, device compute "
+            f"{virtual['device_compute_s']:.1f} virtual s"
+            + (
+                f"; adapted ({virtual['deadline_s']:.1f} s deadline): "
+                + ", ".join(f"{d} {c['bits']}-bit {c['taps']} layers" for d, c in sorted(adapted.items()))
+                if virtual.get("adapt")
+                else ""
+            ),
+        )
     if summary.get("initial_test_accuracy") is not None:
         lines.insert(len(lines) - 4, f"untrained side network (round 0): {summary['initial_test_accuracy']:.4f}")
     return "\n".join(lines)
-

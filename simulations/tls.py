@@ -40,30 +40,53 @@ def make_loopback_pki(folder: str | Path, nodes: int, valid_days: int = 1) -> Lo
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca = (x509.CertificateBuilder().subject_name(name("mobiflower loopback CA")).issuer_name(name("mobiflower loopback CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(start).not_valid_after(end)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("mobiflower loopback CA"))
+        .issuer_name(name("mobiflower loopback CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
-    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end).add_extension(san, critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = LoopbackPKI(folder / "ca.crt", folder / "server.pem", folder / "server.key", tuple(
-        (folder / f"supernode-{i}", folder / f"supernode-{i}.pub") for i in range(nodes)))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(san, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = LoopbackPKI(
+        folder / "ca.crt",
+        folder / "server.pem",
+        folder / "server.key",
+        tuple((folder / f"supernode-{i}", folder / f"supernode-{i}.pub") for i in range(nodes)),
+    )
     paths.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths.server_key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                   serialization.PrivateFormat.TraditionalOpenSSL,
-                                                   serialization.NoEncryption()))
+    paths.server_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    )
     paths.server_key.chmod(0o600)
     for private, public in paths.node_keys:
         node_key = ec.generate_private_key(ec.SECP384R1())
-        private.write_bytes(node_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                   serialization.NoEncryption()))
+        private.write_bytes(
+            node_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            )
+        )
         private.chmod(0o600)
-        public.write_bytes(node_key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                              serialization.PublicFormat.OpenSSH))
+        public.write_bytes(
+            node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        )
     return paths

@@ -8,7 +8,6 @@ from typing import Any, Mapping
 from mobiflower.platform.run_config import as_config, typed_fields
 from mobiflower.platform.side_store import MODES
 
-
 # Each side-network family's optimisation settings, as run-config keys: the tail's are the declared
 # defaults; ladder and adapter train best with these (RESULTS.md). `mobiflower simulate --family`
 # applies them (a -c key still wins).
@@ -44,13 +43,17 @@ class SideTuningConfig:
     average_epochs: int = 0  # deliver the mean weights of the last k rounds (tail averaging); 0 = the last
     activation_cache: bool = True  # later rounds train from cached activations: devices forward once
     cache_mb: int = 2048
-    side_memory_mb: float = 0.0  # per-device mode: side networks resident beyond this are paged to run-dir (0 = all in memory)
+    side_memory_mb: float = (
+        0.0  # per-device mode: side networks resident beyond this are paged to run-dir (0 = all in memory)
+    )
     aggregate_every: int = 0  # per-device mode: FedAvg of the device networks every k rounds (0 = never)
     personal_epochs: int = 3  # hybrid mode: head-only epochs per personalisation
     personal_lr: float = 1e-3
     seed: int = 0  # the data split and partition (devices) and, unless train-seed is set, the training
     train_seed: int = -1  # the side network's initial weights and the trainer's shuffles (-1 = seed)
-    server_threads: int = 1  # torch threads of the server's training while devices stream (they share a simulation's cores)
+    server_threads: int = (
+        1  # torch threads of the server's training while devices stream (they share a simulation's cores)
+    )
     cache_threads: int = 0  # ... and in cached rounds, when the devices are idle (0 = every core)
     label_private: bool = False  # labels stay on the devices; each step asks them for residuals p - onehot(y)
     label_epsilon: float = 0.0  # label-private: randomized-response epsilon per sample (0 = exact labels, no DP)
@@ -91,32 +94,51 @@ class SideTuningConfig:
         if self.token_policy not in ("last", "nonpad", "all", "auto"):
             raise ConfigError(f"token-policy={self.token_policy!r} is unknown: use 'last', 'nonpad', 'all' or 'auto'")
         if self.family == "tail" and self.token_policy == "last":
-            raise ConfigError("family 'tail' reads every real token of the cut layer: set token-policy = 'nonpad' "
-                              "(or 'auto')")
-        if self.family == "tail" and (self.tail_cut < 0 or self.lora_rank < 1 or self.lora_alpha <= 0
-                                      or not self.lora_target_list):
-            raise ConfigError(f"tail-cut={self.tail_cut} must be >= 0 (0 = half the blocks), lora-rank={self.lora_rank} "
-                              f"at least 1, "
-                              f"lora-alpha={self.lora_alpha} positive, lora-targets={self.lora_targets!r} non-empty")
+            raise ConfigError(
+                "family 'tail' reads every real token of the cut layer: set token-policy = 'nonpad' (or 'auto')"
+            )
+        if self.family == "tail" and (
+            self.tail_cut < 0 or self.lora_rank < 1 or self.lora_alpha <= 0 or not self.lora_target_list
+        ):
+            raise ConfigError(
+                f"tail-cut={self.tail_cut} must be >= 0 (0 = half the blocks), lora-rank={self.lora_rank} "
+                f"at least 1, "
+                f"lora-alpha={self.lora_alpha} positive, lora-targets={self.lora_targets!r} non-empty"
+            )
         if self.mixed_precision not in ("none", "bf16", "auto"):
             raise ConfigError(f"mixed-precision={self.mixed_precision!r} is unknown: use 'none', 'bf16' or 'auto'")
-        for name in ("rounds", "chunk_size", "in_flight", "send_window", "batch_size", "device_batch_size", "reduction"):
+        for name in (
+            "rounds",
+            "chunk_size",
+            "in_flight",
+            "send_window",
+            "batch_size",
+            "device_batch_size",
+            "reduction",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("aggregate_every", "eval_every", "eval_samples", "max_retries", "personal_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if self.aggregate_every and self.mode != "per-device":
-            raise ConfigError(f"aggregate-every={self.aggregate_every} averages per-device side networks: "
-                              f"set mode = 'per-device' or aggregate-every = 0")
+            raise ConfigError(
+                f"aggregate-every={self.aggregate_every} averages per-device side networks: "
+                f"set mode = 'per-device' or aggregate-every = 0"
+            )
         if self.activation_cache and self.cache_mb < 1:
-            raise ConfigError(f"cache-mb={self.cache_mb}: the activation cache needs at least 1 MB, or set "
-                              f"activation-cache = false")
+            raise ConfigError(
+                f"cache-mb={self.cache_mb}: the activation cache needs at least 1 MB, or set activation-cache = false"
+            )
         if self.side_memory_mb < 0:
-            raise ConfigError(f"side-memory-mb={self.side_memory_mb} must be >= 0 (0 keeps every side network in memory)")
+            raise ConfigError(
+                f"side-memory-mb={self.side_memory_mb} must be >= 0 (0 keeps every side network in memory)"
+            )
         if self.side_memory_mb and self.mode != "per-device":
-            raise ConfigError(f"side-memory-mb={self.side_memory_mb} pages per-device side networks to disk: set "
-                              f"mode = 'per-device', or side-memory-mb = 0 (one shared network is always resident)")
+            raise ConfigError(
+                f"side-memory-mb={self.side_memory_mb} pages per-device side networks to disk: set "
+                f"mode = 'per-device', or side-memory-mb = 0 (one shared network is always resident)"
+            )
         if self.eval_on not in ("server", "device"):
             raise ConfigError(f"eval-on={self.eval_on!r} is unknown: use 'server' or 'device'")
         if self.eval_split not in ("validation", "test"):
@@ -128,19 +150,26 @@ class SideTuningConfig:
         if self.deadline_s < 0:
             raise ConfigError(f"deadline-s={self.deadline_s} must be >= 0 (0 = set from the median device)")
         if self.adapt and self.bits not in (8, 4, 2):
-            raise ConfigError(f"adapt = true starts from bits={self.bits}: use bits = 8 (or 4), the codec's "
-                              f"quantized widths the policy steps down through")
+            raise ConfigError(
+                f"adapt = true starts from bits={self.bits}: use bits = 8 (or 4), the codec's "
+                f"quantized widths the policy steps down through"
+            )
         if self.label_epsilon < 0:
             raise ConfigError(f"label-epsilon={self.label_epsilon} must be >= 0 (0 = no randomized response)")
         if self.label_epsilon and not self.label_private:
-            raise ConfigError(f"label-epsilon={self.label_epsilon} only applies to a label-private run: set "
-                              f"label-private = true, or label-epsilon = 0")
+            raise ConfigError(
+                f"label-epsilon={self.label_epsilon} only applies to a label-private run: set "
+                f"label-private = true, or label-epsilon = 0"
+            )
         if self.label_private and self.mode == "hybrid":
-            raise ConfigError("label-private = true cannot run mode 'hybrid': its personal heads are fine-tuned on "
-                              "the server, which would need labels. Use mode 'shared' or 'per-device'")
+            raise ConfigError(
+                "label-private = true cannot run mode 'hybrid': its personal heads are fine-tuned on "
+                "the server, which would need labels. Use mode 'shared' or 'per-device'"
+            )
         if self.mode == "hybrid" and not self.activation_cache:
-            raise ConfigError("mode 'hybrid' fine-tunes personal heads from the activation cache: set "
-                              "activation-cache = true")
+            raise ConfigError(
+                "mode 'hybrid' fine-tunes personal heads from the activation cache: set activation-cache = true"
+            )
 
     @property
     def frame_token_policy(self) -> str:

@@ -46,10 +46,12 @@ def evaluate_requests(job: Job, rnd: int, request: EvaluateRequest) -> Iterable[
     for node_id, dev in list(job.state.working().items()):
         network = None if request.installed else m.network_records(job.store.network_for(dev.device_id))
         msg = dataclasses.replace(request, network=network, backbone=job.backbone(node_id)).to_message(
-            node_id, job.config.request_timeout, group_id=str(rnd))
+            node_id, job.config.request_timeout, group_id=str(rnd)
+        )
         sent_network = msg.content.array_records.get(m.NETWORK_KEY)
         dev.bytes_down += (m.array_bytes(sent_network) if sent_network is not None else 0) + config_bytes(
-            msg.content[m.CONFIG_KEY])
+            msg.content[m.CONFIG_KEY]
+        )
         yield msg
 
 
@@ -60,16 +62,18 @@ class Evaluator:
         self.job = job
         self._frames: dict[tuple[str, int], dict[str, list[DecodedFrame]]] = {}
 
-    def evaluate(self, rnd: int, split: str, max_samples: int | None = None, installed: bool | None = None,
-                 final: bool = False) -> dict[str, Any]:
+    def evaluate(
+        self, rnd: int, split: str, max_samples: int | None = None, installed: bool | None = None, final: bool = False
+    ) -> dict[str, Any]:
         """Score the networks on ``split`` (at most ``max_samples`` per device; 0 or None = all): on the
         server from kept frames (``eval-on``), or on the devices; the ``final`` test always on the devices."""
         cfg = self.job.config
         if not final and cfg.eval_on == "server" and not cfg.label_private:
             return self._on_server(rnd, split, int(max_samples or 0))
         request = EvaluateRequest(split=split, max_samples=max_samples, installed=installed)
-        replies = request_all(self.job.grid, evaluate_requests(self.job, rnd, request), cfg.request_timeout,
-                              window=cfg.send_window)
+        replies = request_all(
+            self.job.grid, evaluate_requests(self.job, rnd, request), cfg.request_timeout, window=cfg.send_window
+        )
         per_device, answered = {}, []
         for node, reply in replies.items():
             dev = self.job.state.devices[node]
@@ -87,8 +91,14 @@ class Evaluator:
             answered.append(reply)
         agg = weighted_accuracy(answered)
         result = {"accuracy": float(agg["accuracy"]) if agg else float("nan"), "per_device": per_device}
-        log(INFO, "[round %d] on-device %s accuracy %.4f (%s)", rnd, split, result["accuracy"],
-            ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in sorted(per_device.items())))
+        log(
+            INFO,
+            "[round %d] on-device %s accuracy %.4f (%s)",
+            rnd,
+            split,
+            result["accuracy"],
+            ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in sorted(per_device.items())),
+        )
         return result
 
     def _frames_for(self, split: str, limit: int) -> dict[str, list[DecodedFrame]]:
@@ -111,8 +121,9 @@ class Evaluator:
                 messages.append(forward_message(job, node_id, request))
         frames: dict[str, list[DecodedFrame]] = {}
         slowest = 0.0
-        for node, reply in request_all(job.grid, messages, job.config.request_timeout,
-                                       window=job.config.send_window).items():
+        for node, reply in request_all(
+            job.grid, messages, job.config.request_timeout, window=job.config.send_window
+        ).items():
             decoded = self._eval_frame(node, reply, split, counts[node])
             if decoded is None:
                 continue
@@ -123,8 +134,13 @@ class Evaluator:
                 slowest = max(slowest, profile.compute_s(busy) + profile.upload_s(blob_bytes))
         if split == "validation" and job.clock.virtual:
             job.clock.advance(slowest)
-        log(INFO, "%s frames for server-side evaluation: %d samples from %d devices", split,
-            sum(len(f) for fs in frames.values() for f in fs), len(frames))
+        log(
+            INFO,
+            "%s frames for server-side evaluation: %d samples from %d devices",
+            split,
+            sum(len(f) for fs in frames.values() for f in fs),
+            len(frames),
+        )
         self._frames[(split, limit)] = frames
         return frames
 
@@ -166,29 +182,42 @@ class Evaluator:
             if dev.device_id not in frames:
                 continue
             net = self.job.store.network_for(dev.device_id)
-            stats = evaluate_network(net, frames[dev.device_id], next(net.parameters()).device,
-                                     mixed_precision=self.job.config.train_precision)
+            stats = evaluate_network(
+                net,
+                frames[dev.device_id],
+                next(net.parameters()).device,
+                mixed_precision=self.job.config.train_precision,
+            )
             per_device[dev.device_id] = {"accuracy": stats["accuracy"], "samples": stats["count"]}
             correct += stats["accuracy"] * stats["count"]
             count += stats["count"]
         result = {"accuracy": correct / count if count else float("nan"), "per_device": per_device}
-        log(INFO, "[round %d] server-side %s accuracy %.4f (%s)", rnd, split, result["accuracy"],
-            ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in sorted(per_device.items())))
+        log(
+            INFO,
+            "[round %d] server-side %s accuracy %.4f (%s)",
+            rnd,
+            split,
+            result["accuracy"],
+            ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in sorted(per_device.items())),
+        )
         return result
 
 
 def deliver(job: Job) -> None:
     """Send each working device its side network and check its receipt (``delivered`` per device)."""
+
     def deliveries() -> Iterable[Message]:  # built one by one as the send window frees
         for node_id, dev in list(job.state.working().items()):
             weights, net_cfg = m.network_records(job.store.network_for(dev.device_id))
             dev.bytes_down += m.array_bytes(weights) + config_bytes(net_cfg)
             dev.delivered_digest = m.records_digest(weights, net_cfg)
-            yield DeliverRequest((weights, net_cfg), job.backbone(node_id)).to_message(node_id,
-                                                                                     job.config.request_timeout)
+            yield DeliverRequest((weights, net_cfg), job.backbone(node_id)).to_message(
+                node_id, job.config.request_timeout
+            )
 
-    for node, reply in request_all(job.grid, deliveries(), job.config.request_timeout,
-                                   window=job.config.send_window).items():
+    for node, reply in request_all(
+        job.grid, deliveries(), job.config.request_timeout, window=job.config.send_window
+    ).items():
         dev = job.state.devices[node]
         if failed(reply):
             dev.failures.append(f"delivery: {why(reply)}")
@@ -202,5 +231,8 @@ def deliver(job: Job) -> None:
             continue
         dev.metrics["delivered"] = int(receipt.digest == dev.delivered_digest)
         dev.metrics["delivered_path"] = receipt.path
-    log(INFO, "delivered side networks to %d devices", sum(int(d.metrics.get("delivered", 0))
-                                                             for d in job.state.devices.values()))
+    log(
+        INFO,
+        "delivered side networks to %d devices",
+        sum(int(d.metrics.get("delivered", 0)) for d in job.state.devices.values()),
+    )

@@ -39,8 +39,7 @@ class Fleet:
     fleet_clock: FleetClock | None = None
 
 
-def take_profiles(replies: dict[int, Reply], state: RunState,
-                   frozen_by: dict[str, dict[str, torch.Tensor]]) -> None:
+def take_profiles(replies: dict[int, Reply], state: RunState, frozen_by: dict[str, dict[str, torch.Tensor]]) -> None:
     """Record each device that described itself; a device whose profile failed is left out."""
     for node, reply in sorted(replies.items()):
         try:
@@ -56,15 +55,27 @@ def take_profiles(replies: dict[int, Reply], state: RunState,
             log(WARNING, "node %s failed its profile and is left out: %s", node, err)
             continue
         if profile["device-id"] in {d.device_id for n, d in state.devices.items() if n != node}:
-            raise FleetError(f"two SuperNodes claim {profile['device-id']}: give each its own partition-id "
-                             f"(--node-config 'partition-id=<i> num-partitions=<n>')")
-        dev = DeviceState(node_id=node, device_id=profile["device-id"], profile=profile,
-                          train_samples=int(profile["train"]))
+            raise FleetError(
+                f"two SuperNodes claim {profile['device-id']}: give each its own partition-id "
+                f"(--node-config 'partition-id=<i> num-partitions=<n>')"
+            )
+        dev = DeviceState(
+            node_id=node, device_id=profile["device-id"], profile=profile, train_samples=int(profile["train"])
+        )
         state.devices[node] = dev
         frozen_by.setdefault(profile["fingerprint"], frozen)
-        log(INFO, "device %s (node %s): %s, %d train / %d validation / %d test samples, %.1f samples/s, "
-            "%.0f MB", dev.device_id, node, profile["fingerprint"], profile["train"], profile["validation"],
-            profile["test"], profile["forward-samples-per-s"], profile["rss-mb"])
+        log(
+            INFO,
+            "device %s (node %s): %s, %d train / %d validation / %d test samples, %.1f samples/s, %.0f MB",
+            dev.device_id,
+            node,
+            profile["fingerprint"],
+            profile["train"],
+            profile["validation"],
+            profile["test"],
+            profile["forward-samples-per-s"],
+            profile["rss-mb"],
+        )
 
 
 def _ask(grid: Grid, nodes: list[int], backbones: dict[int, BackboneChoice], timeout: float) -> dict[int, Reply]:
@@ -77,16 +88,19 @@ def _fleet_backbones(fleet_clock: FleetClock, state: RunState) -> dict[int, Back
     out = {}
     for node, dev in state.devices.items():
         p = fleet_clock.profiles[dev.device_id]
-        choice = BackboneChoice(model=getattr(p, "backbone", "") or "",
-                                backbone_layers=int(getattr(p, "backbone_layers", 0) or 0),
-                                weights=getattr(p, "weights", "") or "")
+        choice = BackboneChoice(
+            model=getattr(p, "backbone", "") or "",
+            backbone_layers=int(getattr(p, "backbone_layers", 0) or 0),
+            weights=getattr(p, "weights", "") or "",
+        )
         if choice.to_config():
             out[node] = choice
     return out
 
 
-def profile_fleet(grid: Grid, config: SideTuningConfig, state: RunState,
-                  clock_for: Callable[[list[str]], FleetClock] | None) -> Fleet:
+def profile_fleet(
+    grid: Grid, config: SideTuningConfig, state: RunState, clock_for: Callable[[list[str]], FleetClock] | None
+) -> Fleet:
     """Profile every connected device into ``state`` and choose the side network they feed."""
     node_ids = sorted(grid.get_node_ids())
     if not node_ids:
@@ -104,26 +118,36 @@ def profile_fleet(grid: Grid, config: SideTuningConfig, state: RunState,
             profiled, state.devices = sorted(state.devices), {}  # one that fails now is left out
             take_profiles(_ask(grid, profiled, backbones, config.request_timeout), state, frozen_by)
             if not state.devices:
-                raise FleetError(f"none of the {len(profiled)} devices could be profiled on the fleet's "
-                                 f"backbones: {state.events}")
+                raise FleetError(
+                    f"none of the {len(profiled)} devices could be profiled on the fleet's backbones: {state.events}"
+                )
         for dev in state.devices.values():
             p = fleet_clock.profiles[dev.device_id]
-            log(INFO, "fleet %s: %s is a %s device (uplink %s Mbit/s, speed %s, availability %s)",
-                config.fleet, dev.device_id, p.tier, getattr(p, "uplink_mbps", "?"), getattr(p, "speed", "?"),
-                p.availability)
+            log(
+                INFO,
+                "fleet %s: %s is a %s device (uplink %s Mbit/s, speed %s, availability %s)",
+                config.fleet,
+                dev.device_id,
+                p.tier,
+                getattr(p, "uplink_mbps", "?"),
+                getattr(p, "speed", "?"),
+                p.availability,
+            )
     side_config, frozen = _side_network(config, state, frozen_by)
     return Fleet(side_config, frozen, frozen_by, backbones, fleet_clock)
 
 
-def _side_network(cfg: SideTuningConfig, state: RunState, frozen_by: dict[str, dict[str, torch.Tensor]]
-                  ) -> tuple[SideNetworkConfig, dict[str, torch.Tensor]]:
+def _side_network(
+    cfg: SideTuningConfig, state: RunState, frozen_by: dict[str, dict[str, torch.Tensor]]
+) -> tuple[SideNetworkConfig, dict[str, torch.Tensor]]:
     """The side network's config for this fleet, and the frozen head state it is built on."""
     by_fingerprint: dict[str, list[DeviceState]] = {}
     for dev in state.devices.values():
         by_fingerprint.setdefault(dev.fingerprint, []).append(dev)
     # the backbone most devices run (on a tie, the deepest) comes first
-    primary = min(by_fingerprint, key=lambda fp: (-len(by_fingerprint[fp]),
-                                                  -int(by_fingerprint[fp][0].profile["num-layers"]), fp))
+    primary = min(
+        by_fingerprint, key=lambda fp: (-len(by_fingerprint[fp]), -int(by_fingerprint[fp][0].profile["num-layers"]), fp)
+    )
     first = by_fingerprint[primary][0].profile
     if cfg.family == "tail":
         frozen, others, tail_keys = public_tail(cfg, str(first["model"]), primary, by_fingerprint)
@@ -132,11 +156,21 @@ def _side_network(cfg: SideTuningConfig, state: RunState, frozen_by: dict[str, d
         frozen, others, tail_keys = frozen_by[primary], _side_backbones(primary, by_fingerprint), {}
         layers = [int(x) for x in first["layers"]]
     side_config = SideNetworkConfig(
-        hidden_size=int(first["hidden-size"]), layers=layers,
-        fingerprint=str(first["fingerprint"]), family=cfg.family, reduction=cfg.reduction, dropout=cfg.dropout,
-        norm_eps=float(first["norm-eps"]), feature_token="last" if first["is-decoder"] else "first",
-        bits=cfg.bits, group_size=64 if cfg.bits >= 8 else 32, token_policy=cfg.frame_token_policy,
-        extra={"model": str(first["model"])}, backbones=others, **tail_keys)
+        hidden_size=int(first["hidden-size"]),
+        layers=layers,
+        fingerprint=str(first["fingerprint"]),
+        family=cfg.family,
+        reduction=cfg.reduction,
+        dropout=cfg.dropout,
+        norm_eps=float(first["norm-eps"]),
+        feature_token="last" if first["is-decoder"] else "first",
+        bits=cfg.bits,
+        group_size=64 if cfg.bits >= 8 else 32,
+        token_policy=cfg.frame_token_policy,
+        extra={"model": str(first["model"])},
+        backbones=others,
+        **tail_keys,
+    )
     return side_config, frozen
 
 
@@ -153,17 +187,25 @@ def _side_backbones(primary: str, by_fingerprint: dict[str, list[DeviceState]]) 
                 f"the devices run backbones that one side network cannot serve: {primary} (width "
                 f"{first['hidden-size']}, {len(first['layers'])} taps) and {fp} (width {desc['hidden-size']}, "
                 f"{len(desc['layers'])} taps); a heterogeneous fleet needs one family: the same hidden size "
-                f"and the same num-taps (set num-taps for every device)")
+                f"and the same num-taps (set num-taps for every device)"
+            )
         others[fp] = [int(x) for x in desc["layers"]]
     if others:
-        log(INFO, "heterogeneous fleet: %s on %s; %s", primary, [d.device_id for d in by_fingerprint[primary]],
-            "; ".join(f"{fp} taps {layers} on {[d.device_id for d in by_fingerprint[fp]]}"
-                      for fp, layers in others.items()))
+        log(
+            INFO,
+            "heterogeneous fleet: %s on %s; %s",
+            primary,
+            [d.device_id for d in by_fingerprint[primary]],
+            "; ".join(
+                f"{fp} taps {layers} on {[d.device_id for d in by_fingerprint[fp]]}" for fp, layers in others.items()
+            ),
+        )
     return others
 
 
-def public_tail(cfg: SideTuningConfig, model: str, primary: str, by_fingerprint: dict[str, list[DeviceState]]
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, Any]]:
+def public_tail(
+    cfg: SideTuningConfig, model: str, primary: str, by_fingerprint: dict[str, list[DeviceState]]
+) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, Any]]:
     """The pretrained tail's public weights (loaded here, from ``model``), checked against every
     device's backbone; every device sends block ``cut - 1``, whatever its depth or precision."""
     try:
@@ -177,16 +219,34 @@ def public_tail(cfg: SideTuningConfig, model: str, primary: str, by_fingerprint:
         raise FleetError(str(err)) from None
     others = {fp: [public.cut - 1] for fp in by_fingerprint if fp != primary}
     total = int(public.backbone_config["num_hidden_layers"])
-    shallow = {d.device_id: int(d.profile["num-layers"]) for devs in by_fingerprint.values() for d in devs
-               if int(d.profile["num-layers"]) < total}
+    shallow = {
+        d.device_id: int(d.profile["num-layers"])
+        for devs in by_fingerprint.values()
+        for d in devs
+        if int(d.profile["num-layers"]) < total
+    }
     if shallow:
-        raise FleetError(f"devices {shallow} (id: blocks) run fewer than the model's {total} blocks: they could "
-                         f"feed the tail, but not run blocks {public.cut}..{total - 1} with the delivered adapter "
-                         "for their own inference. Use family 'ladder' or 'adapter' for a fleet of mixed depths, "
-                         "or give every device the whole model")
-    log(INFO, "pretrained tail: devices forward blocks 0..%d, the server trains blocks %d..%d of %s with LoRA "
-        "(r %d, %s)", public.cut - 1, public.cut, total - 1, public.fingerprint, cfg.lora_rank,
-        cfg.lora_targets)
-    keys = {"backbone_config": public.backbone_config, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-            "lora_targets": cfg.lora_target_list, "cut": public.cut}
+        raise FleetError(
+            f"devices {shallow} (id: blocks) run fewer than the model's {total} blocks: they could "
+            f"feed the tail, but not run blocks {public.cut}..{total - 1} with the delivered adapter "
+            "for their own inference. Use family 'ladder' or 'adapter' for a fleet of mixed depths, "
+            "or give every device the whole model"
+        )
+    log(
+        INFO,
+        "pretrained tail: devices forward blocks 0..%d, the server trains blocks %d..%d of %s with LoRA (r %d, %s)",
+        public.cut - 1,
+        public.cut,
+        total - 1,
+        public.fingerprint,
+        cfg.lora_rank,
+        cfg.lora_targets,
+    )
+    keys = {
+        "backbone_config": public.backbone_config,
+        "lora_rank": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_targets": cfg.lora_target_list,
+        "cut": public.cut,
+    }
     return public.weights, others, keys

@@ -69,8 +69,13 @@ class Decision:
     reason: str
 
     def as_dict(self, layers: Sequence[int]) -> dict:
-        return {"at_s": round(self.at_s, 3), "bits": self.choice.bits, "taps": self.choice.taps,
-                "layers": list(layers[:self.choice.taps]), "reason": self.reason}
+        return {
+            "at_s": round(self.at_s, 3),
+            "bits": self.choice.bits,
+            "taps": self.choice.taps,
+            "layers": list(layers[: self.choice.taps]),
+            "reason": self.reason,
+        }
 
 
 @dataclass
@@ -112,16 +117,26 @@ class FramePolicy:
     def choice(self, device: str) -> FrameChoice:
         return self.current.get(device, self.full)
 
-    def observe(self, device: str, choice: FrameChoice, samples: int, compute_s: float, upload_s: float,
-                frame_bytes: int, latency_s: float = 0.0) -> None:
+    def observe(
+        self,
+        device: str,
+        choice: FrameChoice,
+        samples: int,
+        compute_s: float,
+        upload_s: float,
+        frame_bytes: int,
+        latency_s: float = 0.0,
+    ) -> None:
         """A frame landed: ``compute_s`` on the device, ``upload_s`` to send its ``frame_bytes``."""
         if samples < 1:
             return
         transfer = upload_s - latency_s
         rate = frame_bytes / transfer if transfer > 0 else math.nan
         self.estimates.setdefault(device, DeviceEstimate()).update(
-            compute_s / samples / self.depth(choice.taps, device), frame_bytes / samples / (choice.taps * choice.bits),
-            rate)
+            compute_s / samples / self.depth(choice.taps, device),
+            frame_bytes / samples / (choice.taps * choice.bits),
+            rate,
+        )
 
     def seed(self, device: str, compute_s_per_sample: float) -> None:
         """A first compute estimate before any frame (the device's profile probe: a measured forward of
@@ -146,8 +161,10 @@ class FramePolicy:
             return
         need = {d: n * self.seconds_per_sample(d, self.full) for d, n in remaining.items()}
         self.deadline_s = statistics.median(need.values())
-        self.deadline_reason = (f"the median device's estimated time for its samples at full fidelity "
-                                f"({', '.join(f'{d} {s:.1f} s' for d, s in sorted(need.items()))})")
+        self.deadline_reason = (
+            f"the median device's estimated time for its samples at full fidelity "
+            f"({', '.join(f'{d} {s:.1f} s' for d, s in sorted(need.items()))})"
+        )
 
     def decide(self, device: str, remaining_samples: int, elapsed_s: float) -> FrameChoice:
         """The choice for ``device``'s next request; a change is logged in ``decisions`` with its reason."""
@@ -161,14 +178,18 @@ class FramePolicy:
             need = remaining_samples * self.seconds_per_sample(device, c)
             if need <= left:
                 pick = c
-                reason = (f"{remaining_samples} samples left need {need:.1f} s at {c.describe(layers)}, "
-                          f"{left:.1f} s left before the {self.deadline_s:.1f} s deadline")
+                reason = (
+                    f"{remaining_samples} samples left need {need:.1f} s at {c.describe(layers)}, "
+                    f"{left:.1f} s left before the {self.deadline_s:.1f} s deadline"
+                )
                 break
         if pick is None:
             pick = self.choices[-1]
             need = remaining_samples * self.seconds_per_sample(device, pick)
-            reason = (f"cannot make the {self.deadline_s:.1f} s deadline ({left:.1f} s left, {need:.1f} s needed "
-                      f"even at {pick.describe(layers)}): cheapest choice, late frames still trained")
+            reason = (
+                f"cannot make the {self.deadline_s:.1f} s deadline ({left:.1f} s left, {need:.1f} s needed "
+                f"even at {pick.describe(layers)}): cheapest choice, late frames still trained"
+            )
         if pick != old:
             self.current[device] = pick
             self.decisions.append(Decision(device, elapsed_s, pick, reason))

@@ -52,9 +52,16 @@ def build_job(config: SideTuningConfig, grid: Grid, run_dir: Path, state: RunSta
     """The side networks, their trainers and the frame intake for a profiled fleet (a fresh run starts from
     an empty activation cache; a resume loads the checkpoint into them afterwards)."""
     cfg = config
-    train = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.rounds, batch_size=cfg.batch_size,
-                        seed=cfg.training_seed, cache_bytes=cfg.cache_mb << 20 if cfg.activation_cache else 0,
-                        average_epochs=cfg.average_epochs, mixed_precision=cfg.train_precision)
+    train = TrainConfig(
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        epochs=cfg.rounds,
+        batch_size=cfg.batch_size,
+        seed=cfg.training_seed,
+        cache_bytes=cfg.cache_mb << 20 if cfg.activation_cache else 0,
+        average_epochs=cfg.average_epochs,
+        mixed_precision=cfg.train_precision,
+    )
 
     def make_net():
         torch.manual_seed(cfg.training_seed)  # the side network's initial weights are part of the run's seed
@@ -64,22 +71,51 @@ def build_job(config: SideTuningConfig, grid: Grid, run_dir: Path, state: RunSta
     pages = run_dir / "pages"
     shutil.rmtree(pages, ignore_errors=True)  # paged trainers of an earlier process; a resume loads the checkpoint
     store = SideNetworkStore(
-        StoreConfig(mode=cfg.mode, personal_epochs=cfg.personal_epochs, personal_lr=cfg.personal_lr,
-                    memory_budget_mb=cfg.side_memory_mb),
-        make_net, train, {d.device_id: d.train_samples for d in state.devices.values()}, cfg.chunk_size,
-        page_dir=pages, residuals=oracle)
+        StoreConfig(
+            mode=cfg.mode,
+            personal_epochs=cfg.personal_epochs,
+            personal_lr=cfg.personal_lr,
+            memory_budget_mb=cfg.side_memory_mb,
+        ),
+        make_net,
+        train,
+        {d.device_id: d.train_samples for d in state.devices.values()},
+        cfg.chunk_size,
+        page_dir=pages,
+        residuals=oracle,
+    )
     cache_dir = run_dir / "cache"
     if not cfg.resume:
         shutil.rmtree(cache_dir, ignore_errors=True)  # a fresh run starts from an empty cache
-    intake = FrameIntake(store, fleet.side_config, run_limits(fleet.side_config, cfg.chunk_size),
-                         persist_dir=cache_dir if cfg.activation_cache else None, label_private=cfg.label_private)
+    intake = FrameIntake(
+        store,
+        fleet.side_config,
+        run_limits(fleet.side_config, cfg.chunk_size),
+        persist_dir=cache_dir if cfg.activation_cache else None,
+        label_private=cfg.label_private,
+    )
     if oracle is not None:
         oracle.owner = intake.owner
     net = store.network_for(next(iter(state.devices.values())).device_id)
-    log(INFO, "%s side network(s), mode %s: %s trainable parameters each, training on %s", cfg.family, cfg.mode,
-        f"{net.num_trainable():,}", next(iter(store.trainers.values())).device)
-    job = Job(cfg, grid, run_dir, state, fleet.side_config, store, intake, RoundClock(fleet.fleet_clock),
-              backbones=fleet.backbones)
+    log(
+        INFO,
+        "%s side network(s), mode %s: %s trainable parameters each, training on %s",
+        cfg.family,
+        cfg.mode,
+        f"{net.num_trainable():,}",
+        next(iter(store.trainers.values())).device,
+    )
+    job = Job(
+        cfg,
+        grid,
+        run_dir,
+        state,
+        fleet.side_config,
+        store,
+        intake,
+        RoundClock(fleet.fleet_clock),
+        backbones=fleet.backbones,
+    )
     _opt_outs(job)
     if cfg.adapt:
         job.policy = _policy(job)
@@ -89,27 +125,40 @@ def build_job(config: SideTuningConfig, grid: Grid, run_dir: Path, state: RunSta
 def _opt_outs(job: Job) -> None:
     """Devices outside the activation cache (their own choice, or their tier's): trained on, not kept."""
     fleet = job.clock.fleet
-    uncached = sorted(d.device_id for d in job.state.devices.values()
-                      if not bool(d.profile.get("activation-cache", True))
-                      or (fleet is not None and not fleet.profiles[d.device_id].activation_cache))
+    uncached = sorted(
+        d.device_id
+        for d in job.state.devices.values()
+        if not bool(d.profile.get("activation-cache", True))
+        or (fleet is not None and not fleet.profiles[d.device_id].activation_cache)
+    )
     for dev in job.state.devices.values():
         dev.profile["activation-cache"] = dev.device_id not in uncached
     if uncached and job.config.activation_cache:
         job.intake.uncached = set(uncached)
-        log(INFO, "devices %s opted out of the activation cache: their frames are trained on and not kept, and "
-            "they forward their samples again every round", ", ".join(uncached))
+        log(
+            INFO,
+            "devices %s opted out of the activation cache: their frames are trained on and not kept, and "
+            "they forward their samples again every round",
+            ", ".join(uncached),
+        )
 
 
 def _policy(job: Job) -> FramePolicy:
     """The bandwidth policy, seeded with each device's profiled forward speed (compute known before any frame)."""
     cfg, fleet = job.config, job.clock.fleet
-    policy = FramePolicy(job.side_config.layers, full_bits=cfg.bits, min_bits=cfg.adapt_min_bits,
-                         min_taps=cfg.adapt_min_taps, deadline_s=cfg.deadline_s,
-                         layers_of={d.device_id: job.layers(d) for d in job.state.devices.values()})
+    policy = FramePolicy(
+        job.side_config.layers,
+        full_bits=cfg.bits,
+        min_bits=cfg.adapt_min_bits,
+        min_taps=cfg.adapt_min_taps,
+        deadline_s=cfg.deadline_s,
+        layers_of={d.device_id: job.layers(d) for d in job.state.devices.values()},
+    )
     for dev in job.state.devices.values():
         rate = float(dev.profile.get("forward-samples-per-s", 0.0))
         if rate > 0:
             per_sample = 1.0 / rate
-            policy.seed(dev.device_id, fleet.profiles[dev.device_id].compute_s(per_sample)
-                        if fleet is not None else per_sample)
+            policy.seed(
+                dev.device_id, fleet.profiles[dev.device_id].compute_s(per_sample) if fleet is not None else per_sample
+            )
     return policy

@@ -64,8 +64,17 @@ def _value(record: Any, key: str, kind: str, field: str) -> Any:
     return record[key]
 
 
-def _number(record: Any, key: str, kind: str, lo: float, hi: float, *, integer: bool = False,
-            default: float | None = None, nan: bool = False) -> float | int:
+def _number(
+    record: Any,
+    key: str,
+    kind: str,
+    lo: float,
+    hi: float,
+    *,
+    integer: bool = False,
+    default: float | None = None,
+    nan: bool = False,
+) -> float | int:
     """A scalar in ``[lo, hi]`` (an integer where ``integer``); ``default`` when absent, if given."""
     if default is not None and key not in record:
         return default
@@ -153,8 +162,9 @@ def _layers(desc: Any, kind: str, num_layers: int) -> list[int]:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise ReplyError(kind, "layers", "layer ids must be integers")
     if value != sorted(set(value)) or value[0] < 0 or value[-1] >= num_layers:
-        raise ReplyError(kind, "layers", f"{value[:8]}... must be strictly increasing ids of the backbone's "
-                                         f"{num_layers} blocks")
+        raise ReplyError(
+            kind, "layers", f"{value[:8]}... must be strictly increasing ids of the backbone's {num_layers} blocks"
+        )
     return list(value)
 
 
@@ -168,10 +178,17 @@ def _frozen(content: RecordDict, kind: str, hidden: int) -> dict[str, torch.Tens
         if rank is None:
             raise ReplyError(kind, m.FROZEN_KEY, f"holds {name[:64]!r}; a frozen head is {sorted(_FROZEN_RANK)}")
         shape = tuple(array.shape)
-        if array.dtype not in _FLOATS or len(shape) != rank or shape[-1] != hidden or \
-                (rank == 2 and not 1 <= shape[0] <= MAX_VOCAB):
-            raise ReplyError(kind, m.FROZEN_KEY, f"{name} is {array.dtype} {list(shape)}; it must be floating "
-                                                 f"point, {rank}-D and {hidden} wide")
+        if (
+            array.dtype not in _FLOATS
+            or len(shape) != rank
+            or shape[-1] != hidden
+            or (rank == 2 and not 1 <= shape[0] <= MAX_VOCAB)
+        ):
+            raise ReplyError(
+                kind,
+                m.FROZEN_KEY,
+                f"{name} is {array.dtype} {list(shape)}; it must be floating point, {rank}-D and {hidden} wide",
+            )
     try:
         state = record.to_torch_state_dict()
     except Exception as err:  # noqa: BLE001 - arrays whose bytes do not match their shape and type
@@ -187,8 +204,12 @@ def forward_reply(reply: Message, samples: int | None = None) -> tuple[bytes, di
     """A ``train.forward`` reply as (the frame's bytes, its metrics). ``samples``: what the request
     asked for, which the reply must say it forwarded; the frame itself is checked by the intake."""
     kind = "forward"
-    if reply.has_error() or not reply.has_content() or m.FRAME_KEY not in reply.content \
-            or m.STATS_KEY not in reply.content:
+    if (
+        reply.has_error()
+        or not reply.has_content()
+        or m.FRAME_KEY not in reply.content
+        or m.STATS_KEY not in reply.content
+    ):
         raise ReplyError(kind, "content", f"a forward reply needs '{m.FRAME_KEY}' and '{m.STATS_KEY}' records")
     stats = _metrics(reply.content, kind)
     for key in ("samples", "forward-s", "busy-s"):
@@ -238,8 +259,11 @@ def residual_reply(reply: Message, rows: int, classes: int) -> np.ndarray:
         raise ReplyError(kind, m.RESIDUAL_KEY, f"the record holds {len(record)} arrays; one is expected")
     array = record[m.RESIDUAL_KEY]
     if array.dtype not in _FLOATS or tuple(array.shape) != (rows, classes):
-        raise ReplyError(kind, m.RESIDUAL_KEY, f"is {array.dtype} {list(array.shape)}; {rows} samples x "
-                                               f"{classes} classes of floats were asked for")
+        raise ReplyError(
+            kind,
+            m.RESIDUAL_KEY,
+            f"is {array.dtype} {list(array.shape)}; {rows} samples x {classes} classes of floats were asked for",
+        )
     try:
         residual = np.asarray(array.numpy(), dtype=np.float32)
     except Exception as err:  # noqa: BLE001 - bytes that do not match the declared shape and type

@@ -41,12 +41,16 @@ class ResidualOracle:
         out = torch.full_like(probs, float("nan"), dtype=torch.float32)
         messages = []
         for node_id, rows in by_node.items():
-            request = ResidualRequest(sample_ids=tuple(int(sample_ids[r]) for r in rows),
-                                      num_classes=int(probs.shape[1]), probs=probs[rows].float().numpy(),
-                                      backbone=self.backbones.get(node_id, BackboneChoice()))
+            request = ResidualRequest(
+                sample_ids=tuple(int(sample_ids[r]) for r in rows),
+                num_classes=int(probs.shape[1]),
+                probs=probs[rows].float().numpy(),
+                backbone=self.backbones.get(node_id, BackboneChoice()),
+            )
             content = request.to_content()
-            self.state.devices[node_id].bytes_down += (m.array_bytes(content[m.PROBS_KEY])
-                                                       + config_bytes(content[m.CONFIG_KEY]))
+            self.state.devices[node_id].bytes_down += m.array_bytes(content[m.PROBS_KEY]) + config_bytes(
+                content[m.CONFIG_KEY]
+            )
             messages.append(request.to_message(node_id, self.timeout))
         for node_id, reply in request_all(self.grid, messages, self.timeout).items():
             dev, rows = self.state.devices[node_id], by_node[node_id]

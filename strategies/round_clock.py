@@ -31,8 +31,7 @@ class FleetClock(Protocol):
     profiles: Mapping[str, LinkProfile]
     device_busy: dict[str, float]
 
-    def forward(self, device: str, sent_at: float, request_bytes: int, compute_s: float,
-                reply_bytes: int) -> float: ...
+    def forward(self, device: str, sent_at: float, request_bytes: int, compute_s: float, reply_bytes: int) -> float: ...
 
     def answers(self, device: str, request: str) -> bool: ...
 
@@ -87,8 +86,9 @@ class RoundClock:
         """A request the device will not answer: it costs the device ``wait_s`` before the next one."""
         self._ready[node_id] = self._ready.get(node_id, self._v0) + wait_s
 
-    def landed(self, device: str, node_id: int, message_id: str, busy_s: float, reply_bytes: int,
-               sent_wall: float) -> Landing:
+    def landed(
+        self, device: str, node_id: int, message_id: str, busy_s: float, reply_bytes: int, sent_wall: float
+    ) -> Landing:
         """A frame landed: when, and its compute and upload (from the profile's link in a simulation, or
         the wall time around the device's work in a deployment)."""
         v_sent, request_bytes = self._sent.pop(message_id, (self._v0, 0))

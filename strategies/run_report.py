@@ -20,40 +20,60 @@ def time_report(job: Job) -> dict[str, Any]:
     state, fleet, policy = job.state, job.clock.fleet, job.policy
     devices: dict[str, dict[str, Any]] = {}
     for dev in state.devices.values():
-        entry: dict[str, Any] = {"late_frames": state.late_frames.get(dev.device_id, 0),
-                                 "unanswered": int(dev.metrics.get("unanswered", 0))}
+        entry: dict[str, Any] = {
+            "late_frames": state.late_frames.get(dev.device_id, 0),
+            "unanswered": int(dev.metrics.get("unanswered", 0)),
+        }
         if fleet is not None:
-            entry.update(tier=fleet.profiles[dev.device_id].tier,
-                         compute_s=fleet.device_busy.get(dev.device_id, 0.0),
-                         upload_s=job.clock.upload_s.get(dev.device_id, 0.0))
+            entry.update(
+                tier=fleet.profiles[dev.device_id].tier,
+                compute_s=fleet.device_busy.get(dev.device_id, 0.0),
+                upload_s=job.clock.upload_s.get(dev.device_id, 0.0),
+            )
         if policy is not None:
             layers = job.layers(dev)
             entry["decisions"] = [d.as_dict(layers) for d in policy.decisions if d.device == dev.device_id]
-            entry["final_choice"] = {"bits": policy.choice(dev.device_id).bits,
-                                     "taps": policy.choice(dev.device_id).taps}
+            entry["final_choice"] = {
+                "bits": policy.choice(dev.device_id).bits,
+                "taps": policy.choice(dev.device_id).taps,
+            }
         devices[dev.device_id] = entry
-    return {"fleet": job.config.fleet, "adapt": job.config.adapt, "clock": "virtual" if fleet else "wall",
-            "curve": state.curve, "total_s": job.clock.now,
-            "device_compute_s": (sum(fleet.device_busy.values()) if fleet
-                                 else sum(d.busy_s for d in state.devices.values())),
-            "deadline_s": policy.deadline_s if policy else None,
-            "deadline_reason": policy.deadline_reason if policy else "",
-            "devices": devices}
+    return {
+        "fleet": job.config.fleet,
+        "adapt": job.config.adapt,
+        "clock": "virtual" if fleet else "wall",
+        "curve": state.curve,
+        "total_s": job.clock.now,
+        "device_compute_s": (
+            sum(fleet.device_busy.values()) if fleet else sum(d.busy_s for d in state.devices.values())
+        ),
+        "deadline_s": policy.deadline_s if policy else None,
+        "deadline_reason": policy.deadline_reason if policy else "",
+        "devices": devices,
+    }
 
 
-def run_report(job: Job, final: dict[str, Any], train_wall: float, run_wall: float,
-               run_config: dict[str, Any]) -> dict[str, Any]:
+def run_report(
+    job: Job, final: dict[str, Any], train_wall: float, run_wall: float, run_config: dict[str, Any]
+) -> dict[str, Any]:
     """The whole run's summary (what ``summary.json`` holds)."""
     state, store, intake = job.state, job.store, job.intake
     totals = state.stream
     device_s = sum(d.busy_s for d in state.devices.values())
-    per_device = {d.device_id: {**d.account(), "frames_refused": dict(intake.refused.get(d.device_id, {})),
-                                "samples_trained": int(intake.accepted_samples.get(d.device_id, 0))}
-                  for d in state.devices.values()}
+    per_device = {
+        d.device_id: {
+            **d.account(),
+            "frames_refused": dict(intake.refused.get(d.device_id, {})),
+            "samples_trained": int(intake.accepted_samples.get(d.device_id, 0)),
+        }
+        for d in state.devices.values()
+    }
     overflow = {k: c["rejected"] for k, c in store.cache_counts().items() if c["rejected"]}
     if overflow:
-        state.events.append(f"activation cache full (cache-mb={job.config.cache_mb}): frames trained once and "
-                            f"not kept for later rounds: {overflow}")
+        state.events.append(
+            f"activation cache full (cache-mb={job.config.cache_mb}): frames trained once and "
+            f"not kept for later rounds: {overflow}"
+        )
         log(WARNING, "%s", state.events[-1])
     # Devices work in parallel, so the device side's critical path is the slowest device's
     # forward time; 1.0 means the streaming wall time equals the slower of the two sides.
@@ -64,14 +84,18 @@ def run_report(job: Job, final: dict[str, Any], train_wall: float, run_wall: flo
     return {
         "test_accuracy": final["accuracy"],
         "initial_test_accuracy": state.initial["accuracy"] if state.initial else None,
-        "mean_device_test_accuracy": (sum(d.metrics["test_accuracy"] for d in tested) / len(tested)
-                                      if tested else float("nan")),
+        "mean_device_test_accuracy": (
+            sum(d.metrics["test_accuracy"] for d in tested) / len(tested) if tested else float("nan")
+        ),
         "devices": per_device,
         "pipeline_efficiency": efficiency,
-        "stream_wall_s": totals.wall_s, "stream_device_forward_s": totals.device_s,
+        "stream_wall_s": totals.wall_s,
+        "stream_device_forward_s": totals.device_s,
         "stream_slowest_device_forward_s": slowest,
         "stream_server_train_s": totals.train_s,
-        "device_forward_s": device_s, "server_train_s": store.train_seconds, "train_wall_s": train_wall,
+        "device_forward_s": device_s,
+        "server_train_s": store.train_seconds,
+        "train_wall_s": train_wall,
         "run_wall_s": run_wall,
         "bytes_up": sum(d.bytes_up for d in state.devices.values()),
         "bytes_down": sum(d.bytes_down for d in state.devices.values()),
@@ -91,5 +115,3 @@ def run_report(job: Job, final: dict[str, Any], train_wall: float, run_wall: flo
         "server_device": str(trainer.device),
         "cpu_count": os.cpu_count(),
     }
-
-

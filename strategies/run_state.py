@@ -37,8 +37,12 @@ class Usage:
         return Usage(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
     def as_round(self) -> dict[str, Any]:
-        return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "device_forward_s": self.busy_s,
-                "frame_bytes": self.frame_bytes}
+        return {
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "device_forward_s": self.busy_s,
+            "frame_bytes": self.frame_bytes,
+        }
 
 
 @dataclass
@@ -64,8 +68,20 @@ class DeviceState:
     metrics: dict[str, float] = field(default_factory=dict)
     replies_refused: dict[str, int] = field(default_factory=dict)  # replies that failed their checks, by reason
 
-    RESUMED: ClassVar[tuple[str, ...]] = ("next_offset", "bytes_up", "bytes_down", "frame_bytes", "frames", "samples_forwarded",
-                                "samples_lost", "forward_s", "busy_s", "failures", "dropped", "replies_refused")
+    RESUMED: ClassVar[tuple[str, ...]] = (
+        "next_offset",
+        "bytes_up",
+        "bytes_down",
+        "frame_bytes",
+        "frames",
+        "samples_forwarded",
+        "samples_lost",
+        "forward_s",
+        "busy_s",
+        "failures",
+        "dropped",
+        "replies_refused",
+    )
 
     @property
     def fingerprint(self) -> str:
@@ -89,17 +105,26 @@ class DeviceState:
         return why
 
     def account(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "fingerprint": self.profile.get("fingerprint"), "bytes_up": self.bytes_up,
-                "bytes_down": self.bytes_down, "frame_bytes": self.frame_bytes, "frames": self.frames,
-                "samples_forwarded": self.samples_forwarded, "samples_lost": self.samples_lost,
-                "device_forward_s": self.busy_s, "backbone_forward_s": self.forward_s,
-                "failures": self.failures, "dropped": self.dropped,
-                "positive_share": self.profile.get("positive-share"),
-                # device forward passes per training sample: 1 with the activation cache, the rounds without
-                "forward_passes_per_sample": self.samples_forwarded / self.train_samples if self.train_samples else 0.0,
-                "activation_cache": bool(self.profile.get("activation-cache", True)),
-                "replies_refused": dict(self.replies_refused),
-                **self.metrics}
+        return {
+            "node_id": self.node_id,
+            "fingerprint": self.profile.get("fingerprint"),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "frame_bytes": self.frame_bytes,
+            "frames": self.frames,
+            "samples_forwarded": self.samples_forwarded,
+            "samples_lost": self.samples_lost,
+            "device_forward_s": self.busy_s,
+            "backbone_forward_s": self.forward_s,
+            "failures": self.failures,
+            "dropped": self.dropped,
+            "positive_share": self.profile.get("positive-share"),
+            # device forward passes per training sample: 1 with the activation cache, the rounds without
+            "forward_passes_per_sample": self.samples_forwarded / self.train_samples if self.train_samples else 0.0,
+            "activation_cache": bool(self.profile.get("activation-cache", True)),
+            "replies_refused": dict(self.replies_refused),
+            **self.metrics,
+        }
 
 
 @dataclass
@@ -134,9 +159,28 @@ class RunState:
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
-RUN_DEFINING = ("mode", "family", "reduction", "dropout", "lr", "weight-decay", "batch-size", "rounds",
-                "average-epochs", "activation-cache", "cache-mb", "aggregate-every", "personal-epochs",
-                "personal-lr", "seed", "chunk-size", "bits", "token-policy", "label-private", "label-epsilon")
+RUN_DEFINING = (
+    "mode",
+    "family",
+    "reduction",
+    "dropout",
+    "lr",
+    "weight-decay",
+    "batch-size",
+    "rounds",
+    "average-epochs",
+    "activation-cache",
+    "cache-mb",
+    "aggregate-every",
+    "personal-epochs",
+    "personal-lr",
+    "seed",
+    "chunk-size",
+    "bits",
+    "token-policy",
+    "label-private",
+    "label-epsilon",
+)
 
 
 def run_defining(config: SideTuningConfig) -> dict[str, Any]:
@@ -145,8 +189,16 @@ def run_defining(config: SideTuningConfig) -> dict[str, Any]:
     return {k: values[k] for k in RUN_DEFINING}
 
 
-def save_checkpoint(run_dir: Path, rnd: int, train_wall: float, virtual_now: float, state: RunState,
-                    store: SideNetworkStore, intake: FrameIntake, config: SideTuningConfig) -> None:
+def save_checkpoint(
+    run_dir: Path,
+    rnd: int,
+    train_wall: float,
+    virtual_now: float,
+    state: RunState,
+    store: SideNetworkStore,
+    intake: FrameIntake,
+    config: SideTuningConfig,
+) -> None:
     """Everything a resumed run needs, written to a temp folder and swapped in whole.
 
     Side networks, optimizer state, schedules, RNG states and tail averages (per trainer), the
@@ -156,13 +208,24 @@ def save_checkpoint(run_dir: Path, rnd: int, train_wall: float, virtual_now: flo
     with atomic_directory(run_dir / "checkpoint") as tmp:  # a crash between its renames leaves checkpoint.old
         store.save(tmp, extra={"round": rnd})
         intake.save_digests(tmp / "accepted_frames.sha256")  # replays stay refused after a resume
-        saved = {"round": rnd, "train_wall_s": train_wall, "config": run_defining(config), "rounds": state.rounds,
-                 "events": state.events, "initial": state.initial, "stream_totals": dataclasses.asdict(state.stream),
-                 "virtual": {"now": virtual_now, "curve": state.curve, "late_frames": state.late_frames,
-                             "frames_accepted": state.frames_accepted},
-                 "cached_frames": intake.cached_counts(),
-                 "refused": {d: dict(c) for d, c in intake.refused.items()},
-                 "devices": {d.device_id: {k: getattr(d, k) for k in DeviceState.RESUMED} for d in state.devices.values()}}
+        saved = {
+            "round": rnd,
+            "train_wall_s": train_wall,
+            "config": run_defining(config),
+            "rounds": state.rounds,
+            "events": state.events,
+            "initial": state.initial,
+            "stream_totals": dataclasses.asdict(state.stream),
+            "virtual": {
+                "now": virtual_now,
+                "curve": state.curve,
+                "late_frames": state.late_frames,
+                "frames_accepted": state.frames_accepted,
+            },
+            "cached_frames": intake.cached_counts(),
+            "refused": {d: dict(c) for d, c in intake.refused.items()},
+            "devices": {d.device_id: {k: getattr(d, k) for k in DeviceState.RESUMED} for d in state.devices.values()},
+        }
         (tmp / "strategy.json").write_text(json.dumps(saved, default=str))
 
 
@@ -178,21 +241,26 @@ class Restored:
     virtual_now: float
 
 
-def restore_checkpoint(run_dir: Path, state: RunState, store: SideNetworkStore, intake: FrameIntake,
-                       config: SideTuningConfig) -> Restored:
+def restore_checkpoint(
+    run_dir: Path, state: RunState, store: SideNetworkStore, intake: FrameIntake, config: SideTuningConfig
+) -> Restored:
     """Continue the run in ``run_dir`` from its last checkpoint: fills ``state``, ``store`` and ``intake``."""
     directory = run_dir / "checkpoint"
     if not (directory / "strategy.json").exists() and (run_dir / "checkpoint.old" / "strategy.json").exists():
         directory = run_dir / "checkpoint.old"  # the crash hit between the two renames of a checkpoint
     if not (directory / "strategy.json").exists():
-        raise FleetError(f"resume = true but {directory} holds no checkpoint: point run-dir at the folder of "
-                         f"the run to continue (its summary and checkpoint live there), or drop resume")
+        raise FleetError(
+            f"resume = true but {directory} holds no checkpoint: point run-dir at the folder of "
+            f"the run to continue (its summary and checkpoint live there), or drop resume"
+        )
     saved = json.loads((directory / "strategy.json").read_text())
     now = run_defining(config)
     changed = {k: (v, now.get(k)) for k, v in saved.get("config", {}).items() if now.get(k) != v}
     if changed:
-        raise FleetError("resume needs the settings the run started with; changed: " + ", ".join(
-            f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())))
+        raise FleetError(
+            "resume needs the settings the run started with; changed: "
+            + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        )
     store.load(directory)
     restored = intake.restore(saved["cached_frames"])
     if (directory / "accepted_frames.sha256").exists():

@@ -41,6 +41,7 @@ def fleet_clock(config: SideTuningConfig):
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = SideTuningConfig.from_run_config(context.run_config)
-    strategy = SideTuningStrategy(config, run_dir_for(config, grid.run.run_id), dict(context.run_config),
-                                  clock_for=fleet_clock(config))
+    strategy = SideTuningStrategy(
+        config, run_dir_for(config, grid.run.run_id), dict(context.run_config), clock_for=fleet_clock(config)
+    )
     strategy.start(grid)

@@ -40,8 +40,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from mobiflower.platform import messages as m
 from mobiflower.platform.messages import EvaluateRequest, ForwardRequest
-from mobiflower.platform.process_memory import RssSampler, current_rss_mb, release_free_heap
 from mobiflower.platform.pretrained_tail import save_peft_adapter
+from mobiflower.platform.process_memory import RssSampler, current_rss_mb, release_free_heap
 from mobiflower.platform.run_summary import write_summary
 from mobiflower.platform.side_networks import save_side_network
 from mobiflower.strategies.config import SideTuningConfig
@@ -50,8 +50,15 @@ from mobiflower.strategies.fleet_profile import profile_fleet
 from mobiflower.strategies.job import Job, build_job
 from mobiflower.strategies.round_clock import FleetClock
 from mobiflower.strategies.run_report import run_report
-from mobiflower.strategies.run_state import (DeviceState, FleetError, RunState, Usage, discard_checkpoint,
-                                             restore_checkpoint, save_checkpoint)
+from mobiflower.strategies.run_state import (
+    DeviceState,
+    FleetError,
+    RunState,
+    Usage,
+    discard_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from mobiflower.strategies.streaming import StreamingRound, forward_message, forward_request
 
 __all__ = ["DeviceState", "FleetError", "SideTuningStrategy"]
@@ -60,8 +67,13 @@ __all__ = ["DeviceState", "FleetError", "SideTuningStrategy"]
 class SideTuningStrategy(Strategy):
     """MobiLLM side-tuning over a Flower ``Grid`` (see the module docstring for the loop)."""
 
-    def __init__(self, config: SideTuningConfig, run_dir: Path, run_config: dict[str, Any] | None = None,
-                 clock_for: Callable[[list[str]], FleetClock] | None = None):
+    def __init__(
+        self,
+        config: SideTuningConfig,
+        run_dir: Path,
+        run_config: dict[str, Any] | None = None,
+        clock_for: Callable[[list[str]], FleetClock] | None = None,
+    ):
         """``clock_for`` builds a fleet's virtual clock for the profiled device ids (a simulation with a
         ``fleet``); without it, times are the ones measured (a deployment)."""
         self.config = config
@@ -72,8 +84,14 @@ class SideTuningStrategy(Strategy):
         self.job: Job | None = None  # built by start, once the fleet is profiled
 
     # ---- the run ----------------------------------------------------------------------------
-    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
-              timeout: float | None = None, **_: Any) -> dict[str, Any]:  # type: ignore[override]
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        **_: Any,
+    ) -> dict[str, Any]:  # type: ignore[override]
         """Run the whole side-tuning job on ``grid``; returns (and writes) the run summary."""
         cfg = self.config
         if num_rounds is not None:
@@ -85,16 +103,20 @@ class SideTuningStrategy(Strategy):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         t_run = time.perf_counter()
         memory = RssSampler().start()  # the server process's RSS, sampled through the run
-        job = self.job = build_job(cfg, grid, self.run_dir, self.state,
-                                   profile_fleet(grid, cfg, self.state, self.clock_for))
+        job = self.job = build_job(
+            cfg, grid, self.run_dir, self.state, profile_fleet(grid, cfg, self.state, self.clock_for)
+        )
         evaluator = Evaluator(job)
         first_round, train_wall = 1, 0.0
         if cfg.resume:
             restored = restore_checkpoint(self.run_dir, self.state, job.store, job.intake, cfg)
             first_round, train_wall, job.clock.now = restored.next_round, restored.train_wall, restored.virtual_now
         elif (self.run_dir / "checkpoint").exists():
-            log(WARNING, "%s holds an earlier run's checkpoint; starting over (set resume = true to continue it)",
-                self.run_dir)
+            log(
+                WARNING,
+                "%s holds an earlier run's checkpoint; starting over (set resume = true to continue it)",
+                self.run_dir,
+            )
             discard_checkpoint(self.run_dir)
         if cfg.eval_initial and first_round == 1:
             self.state.initial = evaluator.evaluate(0, "test")
@@ -106,13 +128,19 @@ class SideTuningStrategy(Strategy):
             self._validate(job, evaluator, rnd, record)
             self._close_round(job, rnd, record, t0, usage, train_wall)
         final = self._finish(job, evaluator)
-        self.state.curve.append({"round": "final", "virtual_s": job.clock.now, "accuracy": final["accuracy"],
-                                 "split": "test"})
+        self.state.curve.append(
+            {"round": "final", "virtual_s": job.clock.now, "accuracy": final["accuracy"], "split": "test"}
+        )
         summary = run_report(job, final, train_wall, time.perf_counter() - t_run, self.run_config)
         summary["server_memory"] = {**memory.stop(), "paging": job.store.paging()}
         write_summary(summary, self.run_dir)
-        log(INFO, "test accuracy %.4f over %d devices; summary in %s", summary["test_accuracy"],
-            len(summary["devices"]), self.run_dir / "summary.json")
+        log(
+            INFO,
+            "test accuracy %.4f over %d devices; summary in %s",
+            summary["test_accuracy"],
+            len(summary["devices"]),
+            self.run_dir / "summary.json",
+        )
         return summary
 
     def _train_round(self, job: Job, rnd: int) -> dict[str, Any]:
@@ -136,8 +164,9 @@ class SideTuningStrategy(Strategy):
                 torch.set_num_threads(max(1, cfg.server_threads))
             record.update({"loss": stats["loss"], "phase": "cache", "cache_train_s": stats["seconds"]})
             if streamed is not None:  # devices outside the cache streamed their samples again, trained on arrival
-                record.update({"phase": "cache+stream", "stream_loss": streamed["loss"],
-                               "samples": streamed["samples"]})
+                record.update(
+                    {"phase": "cache+stream", "stream_loss": streamed["loss"], "samples": streamed["samples"]}
+                )
         if aggregate:  # FedAvg, and (in the same pass over the devices) the tail average
             averaged = self._fedavg(job, rnd, then_average=average) or averaged
             record["aggregated"] = True
@@ -164,11 +193,13 @@ class SideTuningStrategy(Strategy):
             job.store.personalize([d.device_id for d in self.state.working().values()])
         result = evaluator.evaluate(rnd, cfg.eval_split, max_samples=cfg.eval_samples)
         record[f"{cfg.eval_split}_accuracy"] = result.get("accuracy")
-        self.state.curve.append({"round": rnd, "virtual_s": job.clock.now, "accuracy": result.get("accuracy"),
-                                 "split": cfg.eval_split})
+        self.state.curve.append(
+            {"round": rnd, "virtual_s": job.clock.now, "accuracy": result.get("accuracy"), "split": cfg.eval_split}
+        )
 
-    def _close_round(self, job: Job, rnd: int, record: dict[str, Any], t0: float, usage: dict[int, Usage],
-                     train_wall: float) -> None:
+    def _close_round(
+        self, job: Job, rnd: int, record: dict[str, Any], t0: float, usage: dict[int, Usage], train_wall: float
+    ) -> None:
         """The round's traffic and times (``usage``: the devices' at its start), per device too; then its
         checkpoint."""
         cfg, state = self.config, self.state
@@ -185,11 +216,20 @@ class SideTuningStrategy(Strategy):
             os.kill(os.getpid(), signal.SIGKILL)
         val = record.get(f"{cfg.eval_split}_accuracy")
         record["server_rss_mb"] = current_rss_mb()
-        log(INFO, "[round %d/%d] %s loss %.4f%s, server train %.1f s, wall %.1f s, up %.2f MB, server RSS %.0f MB%s",
-            rnd, cfg.rounds, record.get("phase", "stream"), record.get("loss", float("nan")),
-            f", {cfg.eval_split} accuracy {val:.4f}" if val is not None else "", record["server_train_s"],
-            record["wall_s"], record["bytes_up"] / 1e6, record["server_rss_mb"],
-            f", virtual {job.clock.now:.1f} s" if job.clock.virtual else "")
+        log(
+            INFO,
+            "[round %d/%d] %s loss %.4f%s, server train %.1f s, wall %.1f s, up %.2f MB, server RSS %.0f MB%s",
+            rnd,
+            cfg.rounds,
+            record.get("phase", "stream"),
+            record.get("loss", float("nan")),
+            f", {cfg.eval_split} accuracy {val:.4f}" if val is not None else "",
+            record["server_train_s"],
+            record["wall_s"],
+            record["bytes_up"] / 1e6,
+            record["server_rss_mb"],
+            f", virtual {job.clock.now:.1f} s" if job.clock.virtual else "",
+        )
 
     def _fedavg(self, job: Job, rnd: int, then_average: bool = False) -> bool:
         """FedAvg of the per-device networks; True when ``then_average`` added them to the tail average."""
@@ -206,14 +246,20 @@ class SideTuningStrategy(Strategy):
             records = []
             for device, trained in weights.items():
                 net = job.store.trainers[device].net
-                records.append(RecordDict({
-                    "net": ArrayRecord(torch_state_dict={k: v.detach().cpu().clone() for k, v in net.state_dict().items()}),
-                    m.STATS_KEY: MetricRecord({"num-examples": trained})}))
+                records.append(
+                    RecordDict(
+                        {
+                            "net": ArrayRecord(
+                                torch_state_dict={k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+                            ),
+                            m.STATS_KEY: MetricRecord({"num-examples": trained}),
+                        }
+                    )
+                )
             averaged, _ = self._aggregate(records)
             state = averaged.to_torch_state_dict()
         job.store.load_all(state, then_average=then_average)
-        log(INFO, "[round %d] FedAvg of %d device side networks (%d samples)", rnd, len(weights),
-            sum(weights.values()))
+        log(INFO, "[round %d] FedAvg of %d device side networks (%d samples)", rnd, len(weights), sum(weights.values()))
         return then_average
 
     def _finish(self, job: Job, evaluator: Evaluator) -> dict[str, Any]:
@@ -229,8 +275,11 @@ class SideTuningStrategy(Strategy):
 
         per_device = cfg.mode == "per-device"  # each device's own network: exported in the averaging pass
         if store.use_average(then=export if per_device else None):
-            log(INFO, "delivering the mean weights of the last %d rounds (tail averaging)",
-                min(cfg.average_epochs, cfg.rounds))
+            log(
+                INFO,
+                "delivering the mean weights of the last %d rounds (tail averaging)",
+                min(cfg.average_epochs, cfg.rounds),
+            )
         if cfg.mode == "hybrid":  # personal heads over the delivered trunk
             store.personalize([d.device_id for d in self.state.working().values()])
         if not per_device:
@@ -251,23 +300,36 @@ class SideTuningStrategy(Strategy):
     # ---- Flower's Strategy hooks (the loop above calls the typed functions they wrap) ---------------
     def summary(self) -> None:
         cfg = self.config
-        log(INFO, "SideTuningStrategy: mode=%s family=%s r=%d rounds=%d chunk=%d in-flight=%d bits=%d cache=%s%s",
-            cfg.mode, cfg.family, cfg.reduction, cfg.rounds, cfg.chunk_size, cfg.in_flight, cfg.bits,
-            cfg.activation_cache, f" label-private (epsilon {cfg.label_epsilon:g})" if cfg.label_private else "")
+        log(
+            INFO,
+            "SideTuningStrategy: mode=%s family=%s r=%d rounds=%d chunk=%d in-flight=%d bits=%d cache=%s%s",
+            cfg.mode,
+            cfg.family,
+            cfg.reduction,
+            cfg.rounds,
+            cfg.chunk_size,
+            cfg.in_flight,
+            cfg.bits,
+            cfg.activation_cache,
+            f" label-private (epsilon {cfg.label_epsilon:g})" if cfg.label_private else "",
+        )
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """One forward request per working device for its next chunk (the device's cursor does not move:
         the streaming loop plans its own rounds)."""
         if self.job is None:
             raise FleetError("configure_train needs a profiled fleet: call start first")
         for node_id, dev in self.state.working().items():
-            planned = ForwardRequest(samples=min(self.config.chunk_size, dev.train_samples), offset=dev.next_offset,
-                                     round=server_round)
+            planned = ForwardRequest(
+                samples=min(self.config.chunk_size, dev.train_samples), offset=dev.next_offset, round=server_round
+            )
             yield forward_message(self.job, node_id, forward_request(self.job, node_id, planned))
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg of per-device side networks, weighted by the samples each was trained on."""
         return self._aggregate([r.content for r in replies if r.has_content()])
 
@@ -279,14 +341,17 @@ class SideTuningStrategy(Strategy):
         total = sum(int(r[m.STATS_KEY]["num-examples"]) for r in records)
         return averaged, MetricRecord({"num-examples": total, "devices": len(records)})
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """One evaluate request per working device (``config``: split, max-samples, installed)."""
         if self.job is None:
             raise FleetError("configure_evaluate needs a profiled fleet: call start first")
-        request = EvaluateRequest(split=str(config.get("split", "validation")),
-                                  max_samples=int(config["max-samples"]) if "max-samples" in config else None,
-                                  installed=bool(config["installed"]) if "installed" in config else None)
+        request = EvaluateRequest(
+            split=str(config.get("split", "validation")),
+            max_samples=int(config["max-samples"]) if "max-samples" in config else None,
+            installed=bool(config["installed"]) if "installed" in config else None,
+        )
         return evaluate_requests(self.job, server_round, request)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -32,15 +32,20 @@ from mobiflower.strategies.reply_checks import forward_reply
 from mobiflower.strategies.run_state import DeviceState, FleetError
 
 
-def forward_request(job: Job, node_id: int, planned: ForwardRequest, choice: FrameChoice | None = None
-                    ) -> ForwardRequest:
+def forward_request(
+    job: Job, node_id: int, planned: ForwardRequest, choice: FrameChoice | None = None
+) -> ForwardRequest:
     """A planned chunk as it is sent: ``choice`` (bandwidth adaptation) sets its bit-width and tapped-layer
     prefix; otherwise the run's bits and every layer the device taps."""
     layers = job.layers(job.state.devices[node_id])
-    return dataclasses.replace(planned, bits=choice.bits if choice else job.config.bits,
-                               layers=tuple(layers[:choice.taps] if choice else layers),
-                               token_policy=job.config.frame_token_policy,
-                               batch_size=job.config.device_batch_size, backbone=job.backbone(node_id))
+    return dataclasses.replace(
+        planned,
+        bits=choice.bits if choice else job.config.bits,
+        layers=tuple(layers[: choice.taps] if choice else layers),
+        token_policy=job.config.frame_token_policy,
+        batch_size=job.config.device_batch_size,
+        backbone=job.backbone(node_id),
+    )
 
 
 def forward_message(job: Job, node_id: int, request: ForwardRequest) -> Message:
@@ -114,8 +119,13 @@ class FrameTrainer:
             self.train_s += result.stats["seconds"]
         else:
             dev.failures.append(f"round {self.rnd}: frame refused ({result.reason}): {result.message}")
-            log(WARNING, "frame from %s refused (%s), nothing trained on it: %s", dev.device_id, result.reason,
-                result.message)
+            log(
+                WARNING,
+                "frame from %s refused (%s), nothing trained on it: %s",
+                dev.device_id,
+                result.reason,
+                result.message,
+            )
 
 
 @dataclass
@@ -180,8 +190,14 @@ class StreamingRound:
             self._top_up()
             if time.perf_counter() - last_log > 10:
                 last_log = time.perf_counter()
-                log(INFO, "[round %d] frames landed for %d/%d samples, %d training queued", self.rnd, self.received,
-                    total, self.trainer.work.qsize())
+                log(
+                    INFO,
+                    "[round %d] frames landed for %d/%d samples, %d training queued",
+                    self.rnd,
+                    self.received,
+                    total,
+                    self.trainer.work.qsize(),
+                )
         self.trainer.finish()
         return self._record(t0, device_s0)
 
@@ -190,8 +206,9 @@ class StreamingRound:
         if not state.working():
             raise FleetError(f"every device failed in round {self.rnd}: {[d.failures for d in state.devices.values()]}")
         if not trainer.losses:
-            raise FleetError(f"no frame of round {self.rnd} could be trained on; refusals per device: "
-                             f"{job.intake.report()}")
+            raise FleetError(
+                f"no frame of round {self.rnd} could be trained on; refusals per device: {job.intake.report()}"
+            )
         wall = max(trainer.done_at, t0) - t0
         per_device_s = {n: d.busy_s - device_s0[n] for n, d in state.devices.items()}
         device_s = sum(per_device_s.values())
@@ -200,10 +217,16 @@ class StreamingRound:
         state.stream.slowest_device_s += max(per_device_s.values())
         state.stream.train_s += trainer.train_s
         n = sum(c for _, c in trainer.losses)
-        loss = sum(l * c for l, c in trainer.losses) / n if n else float("nan")
+        loss = sum(value * count for value, count in trainer.losses) / n if n else float("nan")
         job.clock.end_round()
-        return {"loss": loss, "phase": "stream", "stream_wall_s": wall, "stream_device_s": device_s,
-                "stream_train_s": trainer.train_s, "samples": self.received}
+        return {
+            "loss": loss,
+            "phase": "stream",
+            "stream_wall_s": wall,
+            "stream_device_s": device_s,
+            "stream_train_s": trainer.train_s,
+            "samples": self.received,
+        }
 
     def _work_left(self) -> bool:
         return any(plan and not self.job.state.devices[n].dropped for n, plan in self.plans.items())
@@ -243,8 +266,11 @@ class StreamingRound:
             self.pending[mid] = _Pending(node_id, by_message[id(msg)], now)
             self.job.clock.sent(mid, node_id, config_bytes(msg.content[CONFIG_KEY]))
         for msg in refused:
-            self._failed(self.job.state.devices[msg.metadata.dst_node_id], by_message[id(msg)],
-                         "Flower refused the request (push failed)")
+            self._failed(
+                self.job.state.devices[msg.metadata.dst_node_id],
+                by_message[id(msg)],
+                "Flower refused the request (push failed)",
+            )
 
     def _choose(self, node_id: int, remaining: int) -> FrameChoice | None:
         """The bandwidth policy's choice for a device's next request (None: the run's fixed bits, all layers)."""
@@ -259,8 +285,13 @@ class StreamingRound:
         before = len(policy.decisions)
         choice = policy.decide(dev.device_id, remaining, self.job.clock.elapsed(node_id))
         if len(policy.decisions) > before:
-            log(INFO, "[adapt] %s -> %s: %s", dev.device_id, choice.describe(self.job.layers(dev)),
-                policy.decisions[-1].reason)
+            log(
+                INFO,
+                "[adapt] %s -> %s: %s",
+                dev.device_id,
+                choice.describe(self.job.layers(dev)),
+                policy.decisions[-1].reason,
+            )
         return choice
 
     def _answered(self, node_id: int, request: ForwardRequest) -> bool:
@@ -277,8 +308,12 @@ class StreamingRound:
         wait = min(3.0 * expected + 1.0, self.config.request_timeout)
         self.job.clock.missed(node_id, wait)
         dev.count("unanswered")
-        self._failed(dev, request, f"no reply within the {wait:.1f} s virtual timeout (availability "
-                                   f"{fleet.profiles[dev.device_id].availability:g})")
+        self._failed(
+            dev,
+            request,
+            f"no reply within the {wait:.1f} s virtual timeout (availability "
+            f"{fleet.profiles[dev.device_id].availability:g})",
+        )
         return False
 
     # ---- receiving ----------------------------------------------------------------------------------
@@ -311,17 +346,26 @@ class StreamingRound:
         if not self.config.overlap:
             self.trainer.wait_idle()
 
-    def _landed(self, dev: DeviceState, mid: str, entry: _Pending, stats: dict[str, Any], frame_bytes: int,
-                reply_bytes: int) -> float:
+    def _landed(
+        self, dev: DeviceState, mid: str, entry: _Pending, stats: dict[str, Any], frame_bytes: int, reply_bytes: int
+    ) -> float:
         """A frame landed: when (clock seconds), and what the bandwidth policy learns from it."""
-        landing = self.job.clock.landed(dev.device_id, dev.node_id, mid, float(stats["busy-s"]), reply_bytes,
-                                        entry.sent_wall)
+        landing = self.job.clock.landed(
+            dev.device_id, dev.node_id, mid, float(stats["busy-s"]), reply_bytes, entry.sent_wall
+        )
         policy = self.job.policy
         if policy is not None:
             request = entry.request
             choice = FrameChoice(len(request.layers or ()), request.bits)
-            policy.observe(dev.device_id, choice, int(stats["samples"]), landing.compute_s, landing.upload_s,
-                           frame_bytes, landing.latency_s)
+            policy.observe(
+                dev.device_id,
+                choice,
+                int(stats["samples"]),
+                landing.compute_s,
+                landing.upload_s,
+                frame_bytes,
+                landing.latency_s,
+            )
             if policy.deadline_s > 0 and self.job.clock.since_round_start(landing.at) > policy.deadline_s:
                 self.job.state.late_frames[dev.device_id] = self.job.state.late_frames.get(dev.device_id, 0) + 1
         return landing.at
@@ -331,8 +375,11 @@ class StreamingRound:
         for mid, entry in list(self.pending.items()):
             if now - entry.sent_wall > self.config.request_timeout:
                 del self.pending[mid]
-                self._failed(self.job.state.devices[entry.node_id], entry.request,
-                             f"no reply within {self.config.request_timeout:.0f} s")
+                self._failed(
+                    self.job.state.devices[entry.node_id],
+                    entry.request,
+                    f"no reply within {self.config.request_timeout:.0f} s",
+                )
 
     def _failed(self, dev: DeviceState, request: ForwardRequest, why: str) -> None:
         dev.failures.append(f"forward offset {request.offset}: {why}")
@@ -346,5 +393,10 @@ class StreamingRound:
             dev.dropped = True
             unsent = self.plans.pop(dev.node_id, None) or []
             dev.samples_lost += request.samples + sum(r.samples for r in unsent)
-            log(WARNING, "device %s dropped for the rest of the run after: %s (%d of its samples lost so far)",
-                dev.device_id, why, dev.samples_lost)
+            log(
+                WARNING,
+                "device %s dropped for the rest of the run after: %s (%d of its samples lost so far)",
+                dev.device_id,
+                why,
+                dev.samples_lost,
+            )

@@ -25,8 +25,20 @@ from mobiflower.clients import client_app as stock
 from mobiflower.platform import messages as m
 
 # a lying reply is retried: the kinds between them are frames, so a retry meets a frame kind
-FORWARD_KINDS = ("meta bomb", "samples lie", "key twice", "wrong targets", "nan busy", "replay", "truncated",
-                 "smuggled array", "garbage", "nested values", "deep meta", "many target keys")
+FORWARD_KINDS = (
+    "meta bomb",
+    "samples lie",
+    "key twice",
+    "wrong targets",
+    "nan busy",
+    "replay",
+    "truncated",
+    "smuggled array",
+    "garbage",
+    "nested values",
+    "deep meta",
+    "many target keys",
+)
 _turn = itertools.count()
 _forward_turn = itertools.count()  # per worker process: which kinds a run meets depends on how requests spread
 _first_frame: list[bytes] = []
@@ -34,7 +46,7 @@ _first_frame: list[bytes] = []
 
 def _split(blob: bytes) -> tuple[dict, bytes]:
     (hlen,) = struct.unpack_from("<I", blob, 4)
-    return msgpack.unpackb(blob[8:8 + hlen], raw=False), blob[8 + hlen:-4]
+    return msgpack.unpackb(blob[8 : 8 + hlen], raw=False), blob[8 + hlen : -4]
 
 
 def _join(header: dict | None, payload: bytes, raw: bytes | None = None) -> bytes:

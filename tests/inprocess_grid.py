@@ -52,8 +52,9 @@ def over_the_wire(message: Message) -> Message:
 
 def of_type(message_type: str, node_id: int | None = None) -> Match:
     """A request matcher: its message type (e.g. ``train.forward``), and its node when given."""
-    return lambda msg: (msg.metadata.message_type == message_type
-                        and (node_id is None or msg.metadata.dst_node_id == node_id))
+    return lambda msg: (
+        msg.metadata.message_type == message_type and (node_id is None or msg.metadata.dst_node_id == node_id)
+    )
 
 
 @dataclass
@@ -79,8 +80,13 @@ class Node:
 class InProcessGrid(Grid):
     """A ``Grid`` whose nodes are ClientApps called in this process (see the module docstring)."""
 
-    def __init__(self, run_config: Mapping[str, Any], node_configs: list[dict[str, Any]],
-                 apps: Mapping[int, ClientApp] | None = None, run_id: int = 1) -> None:
+    def __init__(
+        self,
+        run_config: Mapping[str, Any],
+        node_configs: list[dict[str, Any]],
+        apps: Mapping[int, ClientApp] | None = None,
+        run_id: int = 1,
+    ) -> None:
         """``node_configs[i]`` is device i's node config (``partition-id`` / ``num-partitions`` are added
         when absent); ``apps`` replaces the stock ClientApp on some partitions."""
         from mobiflower.clients.client_app import app as stock
@@ -93,8 +99,9 @@ class InProcessGrid(Grid):
         for i, extra in enumerate(node_configs):
             node_id = 7001 + 13 * i  # not 0..n-1: the strategy must not confuse node ids with partitions
             node_config = {"partition-id": i, "num-partitions": len(node_configs), **extra}
-            context = Context(run_id=run_id, node_id=node_id, node_config=node_config, state=RecordDict(),
-                              run_config=dict(run_config))
+            context = Context(
+                run_id=run_id, node_id=node_id, node_config=node_config, state=RecordDict(), run_config=dict(run_config)
+            )
             self.nodes[node_id] = Node(app=(apps or {}).get(i, stock), context=context)
         self._lock = threading.RLock()  # the strategy's trainer thread asks for residuals while the main one pulls
         self._queued: dict[str, Message] = {}  # pushed, not run yet
@@ -134,8 +141,9 @@ class InProcessGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -194,16 +202,21 @@ class InProcessGrid(Grid):
         rule = next((r for r in self._rules if r.times > 0 and r.match(request)), None)
         if not node.alive:
             if not node.silent:
-                self._land(request, node, Message(Error(ErrorCode.NODE_UNAVAILABLE, "node unavailable"),
-                                                  reply_to=request), delay=False)
+                self._land(
+                    request,
+                    node,
+                    Message(Error(ErrorCode.NODE_UNAVAILABLE, "node unavailable"), reply_to=request),
+                    delay=False,
+                )
             return
         received = over_the_wire(request)
         node.handled.append(received.metadata.message_type)
         try:
             reply = node.app(received, node.context)
         except Exception as err:  # noqa: BLE001 - as Flower does: the exception becomes an error reply
-            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"),
-                            reply_to=received)
+            reply = Message(
+                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=received
+            )
         if node.dies_after is not None:
             node.dies_after -= 1
             if node.dies_after < 0:  # it died while handling this one: no reply leaves it
@@ -225,9 +238,15 @@ class InProcessGrid(Grid):
         self._ready[request.metadata.message_id] = (landed_at, over_the_wire(reply))
 
 
-def run_fleet(tmp_path: Path, devices: int, run_config: Mapping[str, Any], *,
-              node_configs: list[dict[str, Any]] | None = None, apps: Mapping[int, ClientApp] | None = None,
-              faults: Callable[[InProcessGrid], None] | None = None) -> tuple[dict[str, Any], InProcessGrid]:
+def run_fleet(
+    tmp_path: Path,
+    devices: int,
+    run_config: Mapping[str, Any],
+    *,
+    node_configs: list[dict[str, Any]] | None = None,
+    apps: Mapping[int, ClientApp] | None = None,
+    faults: Callable[[InProcessGrid], None] | None = None,
+) -> tuple[dict[str, Any], InProcessGrid]:
     """Run the side-tuning ServerApp over ``devices`` in-process devices; returns (summary, grid).
 
     The run config is pyproject's declared one with ``run_config`` over it (as ``flwr run . -c``
@@ -242,7 +261,8 @@ def run_fleet(tmp_path: Path, devices: int, run_config: Mapping[str, Any], *,
     grid = InProcessGrid(config, node_configs or [{} for _ in range(devices)], apps)
     if faults is not None:
         faults(grid)
-    context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
-                      run_config=config)
+    context = Context(
+        run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=config
+    )
     server_app(grid, context)
     return json.loads((Path(config["run-dir"]) / "summary.json").read_text()), grid

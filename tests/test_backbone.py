@@ -21,8 +21,9 @@ def test_taps_every_family(tiny_models, family):
     assert not any(p.requires_grad for p in backbone.model.parameters())
     enc = backbone.tokenize(["a short one", "a somewhat longer text here"])
     seen = {}
-    final = backbone.forward_taps(enc["input_ids"], enc["attention_mask"], lambda i, h: seen.__setitem__(i, h),
-                                  need_final=True)
+    final = backbone.forward_taps(
+        enc["input_ids"], enc["attention_mask"], lambda i, h: seen.__setitem__(i, h), need_final=True
+    )
     assert set(seen) == {1, 3}
     assert seen[3].shape == (2, enc["input_ids"].shape[1], backbone.hidden_size)
     assert final.shape == seen[3].shape
@@ -54,6 +55,7 @@ def test_fingerprint_is_stable_and_tells_models_apart(tiny_models):
     with torch.no_grad():
         b.model.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
     from mobiflower.platform.checkpoint import weights_digest
+
     assert weights_digest(b.model) != a.identity.digest
 
 

@@ -97,14 +97,18 @@ def test_tuning_picks_lr_and_epochs_on_validation_and_scores_test_once(small_lla
         return accuracy
 
     monkeypatch.setattr(baselines, "classifier_accuracy", spy)
-    result = run_baseline(BaselineConfig("lora", model=small_llama, epochs=2, lrs=(1e-4, 3e-3), **SIZES),
-                          progress=False)
+    result = run_baseline(
+        BaselineConfig("lora", model=small_llama, epochs=2, lrs=(1e-4, 3e-3), **SIZES), progress=False
+    )
     tuning = result["tuning"]
     assert [(t["lr"], t["epoch"]) for t in tuning["trials"]] == [(1e-4, 1), (1e-4, 2), (3e-3, 1), (3e-3, 2)]
     best = max(tuning["trials"], key=lambda t: (t["validation_accuracy"], -t["epoch"]))
     assert tuning["selected"] == {"lr": best["lr"], "epochs": best["epoch"]}
-    assert (result["lr"], result["epochs"], result["validation_accuracy"]) == \
-        (best["lr"], best["epoch"], best["validation_accuracy"])
+    assert (result["lr"], result["epochs"], result["validation_accuracy"]) == (
+        best["lr"],
+        best["epoch"],
+        best["validation_accuracy"],
+    )
     # four validation scorings (one per trial), then the test split exactly once, on the selected weights
     assert [n for n, _ in scored] == [16, 16, 16, 16, 16] and scored[-1][1] == result["test_accuracy"]
     with pytest.raises(ValueError, match="positive"):

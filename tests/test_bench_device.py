@@ -19,8 +19,9 @@ def bench(tmp_path_factory, real_assets):
     root = tmp_path_factory.mktemp("bench")
     model = make_tiny_model("llama", root / "llama", hidden=64, layers=2)  # width = one codec group
     out = root / "out" / "bench.json"
-    result = run_device_bench(model=str(model), batches=2, batch_size=4, num_taps=2, threads=1, out=str(out),
-                              progress=False, tail_cut=1)
+    result = run_device_bench(
+        model=str(model), batches=2, batch_size=4, num_taps=2, threads=1, out=str(out), progress=False, tail_cut=1
+    )
     return result, out
 
 
@@ -80,8 +81,29 @@ def test_bench_device_with_weight_precisions(tmp_path, real_assets):
 
     model = make_tiny_model("llama", tmp_path / "llama", hidden=64, layers=2)
     out = tmp_path / "out" / "bench.json"
-    assert main(["bench", "device", "--model", str(model), "--batches", "2", "--batch-size", "4", "--num-taps", "2",
-                 "--threads", "1", "--precisions", "fp32,int8", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "device",
+                "--model",
+                str(model),
+                "--batches",
+                "2",
+                "--batch-size",
+                "4",
+                "--num-taps",
+                "2",
+                "--threads",
+                "1",
+                "--precisions",
+                "fp32,int8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert set(result["methods"]) == set(METHODS)
     weights = result["weight_precisions"]
@@ -94,6 +116,7 @@ def test_bench_device_with_weight_precisions(tmp_path, real_assets):
 
 # ---- billion-sized runs (issue 16): weight precisions, training configurations, a memory cap ----------
 
+
 @pytest.fixture(scope="module")
 def billion(tmp_path_factory, real_assets):
     """The issue-16 mode on a tiny OPT: the device from its int4 copy, two training configurations."""
@@ -103,9 +126,19 @@ def billion(tmp_path_factory, real_assets):
     root = tmp_path_factory.mktemp("billion")
     model = make_tiny_model("opt", root / "opt", hidden=64, layers=2)
     out = root / "out" / "bench.json"
-    result = run_device_bench(model=str(model), batches=2, batch_size=4, num_taps=2, threads=1, out=str(out),
-                              progress=False, tail_cut=1, weights=["int4"],
-                              train_configs=[TrainingConfig(4), TrainingConfig(2, 24, 16)], memory_cap_gb=8)
+    result = run_device_bench(
+        model=str(model),
+        batches=2,
+        batch_size=4,
+        num_taps=2,
+        threads=1,
+        out=str(out),
+        progress=False,
+        tail_cut=1,
+        weights=["int4"],
+        train_configs=[TrainingConfig(4), TrainingConfig(2, 24, 16)],
+        memory_cap_gb=8,
+    )
     return result, out
 
 
@@ -113,8 +146,13 @@ def test_billion_mode_measures_each_precision_and_configuration(billion):
     from mobiflower.simulations.bench.device import BILLION_ACCEPTANCE
 
     result, out = billion
-    assert list(result["methods"]) == ["mobiflower_device_int4", "tail_device_int4", "inference_forward",
-                                       "lora_step", "full_step"]
+    assert list(result["methods"]) == [
+        "mobiflower_device_int4",
+        "tail_device_int4",
+        "inference_forward",
+        "lora_step",
+        "full_step",
+    ]
     assert result["prepared"]["int4"]["weights_file_mb"] > 0
     for name in ("mobiflower_device_int4", "tail_device_int4"):
         m = result["methods"][name]
@@ -124,14 +162,17 @@ def test_billion_mode_measures_each_precision_and_configuration(billion):
     assert [r["base"] for r in rows] == [True, False]  # the base configuration is reused, not run twice
     assert rows[0]["methods"]["lora_step"] == result["methods"]["lora_step"]
     assert rows[1]["methods"]["lora_step"]["lora_rank"] == 16
-    assert rows[1]["methods"]["lora_step"]["trainable_parameters"] > rows[0]["methods"]["lora_step"][
-        "trainable_parameters"]
+    assert (
+        rows[1]["methods"]["lora_step"]["trainable_parameters"]
+        > rows[0]["methods"]["lora_step"]["trainable_parameters"]
+    )
     assert rows[1]["methods"]["tail_device_int4"]["tokens_per_sample"] == 24  # lengthened, then truncated
     spread = result["train_configs"]["spread"]
     assert all(spread[n]["spread"] is not None and spread[n]["spread"] >= 0 for n in spread)
     assert result["acceptance_set"] == "billion" and set(result["acceptance"]) == set(BILLION_ACCEPTANCE)
     assert result["ratios"]["int4_device_peak_rss_gb"] == pytest.approx(
-        result["methods"]["mobiflower_device_int4"]["peak_rss_mb"] / 1024)
+        result["methods"]["mobiflower_device_int4"]["peak_rss_mb"] / 1024
+    )
     table = format_table(result)
     assert "per training configuration" in table and "int4_device_peak_rss_gb" in table
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -146,8 +187,12 @@ def test_out_of_memory_methods_are_reported_and_bound_the_ratios(billion, tmp_pa
 
     result = copy.deepcopy(billion[0])
     cap = result["config"]["memory_cap_mb"]
-    result["methods"]["full_step"] = {"out_of_memory": True, "stage": "step", "cap_mb": cap,
-                                      "reason": "RuntimeError: DefaultCPUAllocator: can't allocate memory"}
+    result["methods"]["full_step"] = {
+        "out_of_memory": True,
+        "stage": "step",
+        "cap_mb": cap,
+        "reason": "RuntimeError: DefaultCPUAllocator: can't allocate memory",
+    }
     ratios = _billion_ratios(result, cap)
     assert ratios["full_step_out_of_memory"] is True
     device = result["methods"]["mobiflower_device_int4"]["peak_rss_mb"]
@@ -173,8 +218,6 @@ def test_training_configs_parse_and_shapes_get_billion_defaults():
     assert bench_settings("opt-1.3b-shape", batch_size=2, weights=["int4"])["weights"] == ["int4"]
 
 
-
-
 def test_a_process_over_the_cap_is_reported_out_of_memory_not_crashed():
     from mobiflower.simulations.bench.memory_cap import is_out_of_memory, run_capped
 
@@ -183,9 +226,11 @@ def test_a_process_over_the_cap_is_reported_out_of_memory_not_crashed():
     assert run.out_of_memory and "cap" in run.reason and run.returncode == -9
     assert 150 < run.peak_rss_mb < 400
     # with the address-space limit the child's own allocation fails first, as a MemoryError it can report
-    probe = ("from mobiflower.simulations.bench.memory_cap import apply_address_space_cap, is_out_of_memory\n"
-             "apply_address_space_cap()\n"
-             "try:\n    bytearray(3 << 30)\nexcept MemoryError as e:\n    print('caught', is_out_of_memory(e))\n")
+    probe = (
+        "from mobiflower.simulations.bench.memory_cap import apply_address_space_cap, is_out_of_memory\n"
+        "apply_address_space_cap()\n"
+        "try:\n    bytearray(3 << 30)\nexcept MemoryError as e:\n    print('caught', is_out_of_memory(e))\n"
+    )
     run = run_capped([sys.executable, "-c", probe], cap_mb=300)
     assert not run.out_of_memory and run.returncode == 0 and "caught True" in run.stdout
     ok = run_capped([sys.executable, "-c", "print('fine')"], cap_mb=300)

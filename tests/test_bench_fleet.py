@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from mobiflower.simulations.bench.fleet import (ADAPTIVE, EIGHT_BIT, FED_LORA, FleetBenchSettings,
-                                                fed_lora_virtual_timeline, run_fleet_bench, time_to_target)
+from mobiflower.simulations.bench.fleet import (
+    ADAPTIVE,
+    EIGHT_BIT,
+    FED_LORA,
+    FleetBenchSettings,
+    fed_lora_virtual_timeline,
+    run_fleet_bench,
+    time_to_target,
+)
 from mobiflower.simulations.bench.fleet_report import format_table, summarize
 from mobiflower.simulations.fleet import DeviceProfile
 
@@ -28,14 +35,21 @@ def _device(train_s: float, up: int = MB, down: int = MB) -> dict:
 
 
 def test_fed_lora_round_lasts_as_long_as_its_slowest_device():
-    summary = {"final_accuracy": 0.8, "final_accuracy_split": "test", "rounds": [
-        # fast: 8 Mbit down at 80 Mbps = 0.1 s, 2 s compute, 8 Mbit up at 8 Mbps = 1 s -> 3.1 s
-        # slow: 0.1 + 1.0 s down, 2 / 0.5 = 4 s compute, 0.1 + 8 s up -> 13.2 s (critical)
-        {"round": 1, "accuracy": 0.6, "devices": {"a": _device(2.0), "b": _device(2.0)}},
-        # fast: 0.1 + 10 + 1 = 11.1 s; slow: 1.1 + 1 / 0.5 + 8.1 = 11.2 s (critical, barely)
-        {"round": 2, "accuracy": 0.8, "devices": {"a": _device(10.0), "b": _device(1.0),
-                                                  "c": {"test_accuracy": 0.9}}},  # scored only: not training
-    ]}
+    summary = {
+        "final_accuracy": 0.8,
+        "final_accuracy_split": "test",
+        "rounds": [
+            # fast: 8 Mbit down at 80 Mbps = 0.1 s, 2 s compute, 8 Mbit up at 8 Mbps = 1 s -> 3.1 s
+            # slow: 0.1 + 1.0 s down, 2 / 0.5 = 4 s compute, 0.1 + 8 s up -> 13.2 s (critical)
+            {"round": 1, "accuracy": 0.6, "devices": {"a": _device(2.0), "b": _device(2.0)}},
+            # fast: 0.1 + 10 + 1 = 11.1 s; slow: 1.1 + 1 / 0.5 + 8.1 = 11.2 s (critical, barely)
+            {
+                "round": 2,
+                "accuracy": 0.8,
+                "devices": {"a": _device(10.0), "b": _device(1.0), "c": {"test_accuracy": 0.9}},
+            },  # scored only: not training
+        ],
+    }
     timeline = fed_lora_virtual_timeline(summary, {"a": FAST, "b": SLOW})
     assert [r["virtual_s"] for r in timeline["rounds"]] == pytest.approx([13.2, 11.2])
     assert [r["critical_device"] for r in timeline["rounds"]] == ["b", "b"]
@@ -49,8 +63,12 @@ def test_fed_lora_round_lasts_as_long_as_its_slowest_device():
 
 
 def test_time_to_target_is_the_first_point_at_or_above_it():
-    curve = [{"round": 1, "virtual_s": 5.0, "accuracy": 0.7}, {"round": 2, "virtual_s": 9.0, "accuracy": 0.65},
-             {"round": 3, "virtual_s": 12.0, "accuracy": 0.81}, {"round": "final", "virtual_s": 14.0, "accuracy": 0.8}]
+    curve = [
+        {"round": 1, "virtual_s": 5.0, "accuracy": 0.7},
+        {"round": 2, "virtual_s": 9.0, "accuracy": 0.65},
+        {"round": 3, "virtual_s": 12.0, "accuracy": 0.81},
+        {"round": "final", "virtual_s": 14.0, "accuracy": 0.8},
+    ]
     assert time_to_target(curve, 0.7) == 5.0
     assert time_to_target(curve, 0.8) == 12.0
     assert time_to_target(curve, 0.7 + 0.1) == 12.0  # 0.7999999999999999: float noise is not a miss
@@ -74,25 +92,51 @@ def _fed_lora_summary(run_config: dict) -> dict:
     if run_config["eval-split"] == "validation":  # a tuning trial: lr 1e-3 with 2 epochs wins
         score = 0.8 if (run_config["lr"], run_config["local-epochs"]) == (1e-3, 2) else 0.7
         return {"final_validation_accuracy": score, "device_compute_s": 1.0}
-    rounds = [{"round": r + 1, "accuracy": acc, "test_accuracy": acc,
-               "devices": {f"device-{i}": _device(30.0, 2 * MB, 2 * MB) for i in range(4)}}
-              for r, acc in enumerate(LORA_ACCURACY)]
-    return {"method": "fed-lora", "final_accuracy": LORA_ACCURACY[-1], "final_accuracy_split": "test",
-            "rounds": rounds, "bytes_up": 24 * MB, "bytes_down": 24 * MB, "bytes_down_eval": 36 * MB,
-            "bytes_down_delivery": 8 * MB,
-            "device_compute_s": 360.0, "adapter_bytes": 2 * MB,
-            "config": {"lr": run_config["lr"], "local_epochs": run_config["local-epochs"]},
-            "simulation": {"status": "finished:completed", "run_dir": "/tmp/x", "wall_s": 1.0}}
+    rounds = [
+        {
+            "round": r + 1,
+            "accuracy": acc,
+            "test_accuracy": acc,
+            "devices": {f"device-{i}": _device(30.0, 2 * MB, 2 * MB) for i in range(4)},
+        }
+        for r, acc in enumerate(LORA_ACCURACY)
+    ]
+    return {
+        "method": "fed-lora",
+        "final_accuracy": LORA_ACCURACY[-1],
+        "final_accuracy_split": "test",
+        "rounds": rounds,
+        "bytes_up": 24 * MB,
+        "bytes_down": 24 * MB,
+        "bytes_down_eval": 36 * MB,
+        "bytes_down_delivery": 8 * MB,
+        "device_compute_s": 360.0,
+        "adapter_bytes": 2 * MB,
+        "config": {"lr": run_config["lr"], "local_epochs": run_config["local-epochs"]},
+        "simulation": {"status": "finished:completed", "run_dir": "/tmp/x", "wall_s": 1.0},
+    }
 
 
 def _side_summary(curve, compute_s: float, frames=(10, 9, 1), adapt: bool = True) -> dict:
     points = [{"round": r, "virtual_s": t, "accuracy": a} for r, t, a in curve]
-    return {"test_accuracy": points[-1]["accuracy"], "bytes_up": 3 * MB, "bytes_down": 2 * MB,
-            "device_forward_s": compute_s / 2, "frames": frames[0], "frames_accepted": frames[1],
-            "frames_refused": frames[2],
-            "virtual": {"fleet": "mixed-phones", "adapt": adapt, "curve": points, "total_s": points[-1]["virtual_s"],
-                        "device_compute_s": compute_s, "devices": {}},
-            "simulation": {"status": "finished:completed", "run_dir": "/tmp/y", "wall_s": 1.0}}
+    return {
+        "test_accuracy": points[-1]["accuracy"],
+        "bytes_up": 3 * MB,
+        "bytes_down": 2 * MB,
+        "device_forward_s": compute_s / 2,
+        "frames": frames[0],
+        "frames_accepted": frames[1],
+        "frames_refused": frames[2],
+        "virtual": {
+            "fleet": "mixed-phones",
+            "adapt": adapt,
+            "curve": points,
+            "total_s": points[-1]["virtual_s"],
+            "device_compute_s": compute_s,
+            "devices": {},
+        },
+        "simulation": {"status": "finished:completed", "run_dir": "/tmp/y", "wall_s": 1.0},
+    }
 
 
 ADAPTIVE_CURVE = [(1, 20.0, 0.75), (2, 40.0, 0.795), ("final", 50.0, 0.81)]  # target at 40 s
@@ -102,8 +146,7 @@ EIGHT_BIT_CURVE = [(1, 50.0, 0.70), (2, 100.0, 0.80), ("final", 120.0, 0.815)]  
 class Runners:
     """Synthetic runs keyed on the run config, remembering every config they were given."""
 
-    def __init__(self, adaptive=ADAPTIVE_CURVE, eight_bit=EIGHT_BIT_CURVE, adaptive_frames=(10, 9, 1),
-                 fail=None):
+    def __init__(self, adaptive=ADAPTIVE_CURVE, eight_bit=EIGHT_BIT_CURVE, adaptive_frames=(10, 9, 1), fail=None):
         self.adaptive, self.eight_bit, self.adaptive_frames, self.fail = adaptive, eight_bit, adaptive_frames, fail
         self.side_configs: list[dict] = []
         self.lora_configs: list[dict] = []
@@ -123,8 +166,12 @@ class Runners:
 
 
 def _bench(runners: Runners, **settings) -> dict:
-    return run_fleet_bench(FleetBenchSettings(workdir="/nonexistent-never-written", **settings),
-                           side_runner=runners.side, fed_lora_runner=runners.lora, log=lambda message: None)
+    return run_fleet_bench(
+        FleetBenchSettings(workdir="/nonexistent-never-written", **settings),
+        side_runner=runners.side,
+        fed_lora_runner=runners.lora,
+        log=lambda message: None,
+    )
 
 
 def test_every_verdict_passes_on_figures_that_meet_the_issue():
@@ -132,8 +179,12 @@ def test_every_verdict_passes_on_figures_that_meet_the_issue():
     result = _bench(runners)
     lora, ada, eight = (result["methods"][n] for n in (FED_LORA, ADAPTIVE, EIGHT_BIT))
     assert result["target_accuracy"] == pytest.approx(0.79)
-    assert result["settings"]["profiles"] == {"device-0": "flagship", "device-1": "mid-range", "device-2": "mid-range",
-                                         "device-3": "budget"}
+    assert result["settings"]["profiles"] == {
+        "device-0": "flagship",
+        "device-1": "mid-range",
+        "device-2": "mid-range",
+        "device-3": "budget",
+    }
     assert lora["virtual_total_s"] == pytest.approx(3 * ROUND_S)
     assert lora["time_to_target_s"] == pytest.approx(3 * ROUND_S)
     assert lora["device_compute_s"] == pytest.approx(3 * ROUND_COMPUTE_S)
@@ -145,14 +196,23 @@ def test_every_verdict_passes_on_figures_that_meet_the_issue():
     assert ratios["fed_lora_over_adaptive_device_compute"] == pytest.approx(3 * ROUND_COMPUTE_S / 100.0)
     assert ratios["adaptive_minus_8bit_accuracy"] == pytest.approx(-0.005)
     assert {k: v["verdict"] for k, v in result["verdicts"].items()} == {
-        "adaptive_3x_sooner_than_fed_lora": "PASS", "adaptive_1.5x_sooner_than_8bit": "PASS",
-        "adaptive_device_compute_le_0.2x_fed_lora": "PASS", "adaptive_total_bytes_le_0.5x_fed_lora": "PASS",
-        "adaptive_within_0.5pt_of_fed_lora_accuracy": "PASS", "adaptive_within_1pt_of_8bit_accuracy": "PASS",
-        "runs_completed": "PASS", "no_arrived_frame_lost": "PASS"}
+        "adaptive_3x_sooner_than_fed_lora": "PASS",
+        "adaptive_1.5x_sooner_than_8bit": "PASS",
+        "adaptive_device_compute_le_0.2x_fed_lora": "PASS",
+        "adaptive_total_bytes_le_0.5x_fed_lora": "PASS",
+        "adaptive_within_0.5pt_of_fed_lora_accuracy": "PASS",
+        "adaptive_within_1pt_of_8bit_accuracy": "PASS",
+        "runs_completed": "PASS",
+        "no_arrived_frame_lost": "PASS",
+    }
     assert ratios["adaptive_over_fed_lora_total_bytes"] == pytest.approx(5 / 56)  # fed-lora: 48 MB + 8 delivered
     assert ratios["adaptive_over_fed_lora_device_compute"] == pytest.approx(100.0 / (3 * ROUND_COMPUTE_S))
-    assert result["verdicts"]["no_arrived_frame_lost"]["measured"][ADAPTIVE] == {"frames": 10, "accepted": 9,
-                                                                                   "refused": 1, "unaccounted": 0}
+    assert result["verdicts"]["no_arrived_frame_lost"]["measured"][ADAPTIVE] == {
+        "frames": 10,
+        "accepted": 9,
+        "refused": 1,
+        "unaccounted": 0,
+    }
 
 
 def test_the_baseline_is_tuned_on_validation_and_every_method_gets_the_same_samples():
@@ -170,8 +230,13 @@ def test_the_baseline_is_tuned_on_validation_and_every_method_gets_the_same_samp
         assert {k: config[k] for k in same} == same
     eight, ada = runners.side_configs
     assert (eight["adapt"], eight["bits"], ada["adapt"]) == (False, 8, True) and "bits" not in ada
-    assert all(c["fleet"] == "mixed-phones" and c["eval-every"] == 1 and c["eval-split"] == "test"
-               and c["rounds"] == FleetBenchSettings().rounds for c in runners.side_configs)
+    assert all(
+        c["fleet"] == "mixed-phones"
+        and c["eval-every"] == 1
+        and c["eval-split"] == "test"
+        and c["rounds"] == FleetBenchSettings().rounds
+        for c in runners.side_configs
+    )
 
 
 def test_a_given_pair_skips_tuning_and_says_so():
@@ -213,8 +278,10 @@ def test_accuracy_compute_and_bytes_against_fed_lora_fail_when_they_miss():
 
 
 def test_training_seeds_give_the_mean_accuracy_and_the_slowest_time_to_target():
-    curves = {1: [(1, 20.0, 0.75), (2, 40.0, 0.795), ("final", 50.0, 0.81)],   # target (0.79) at 40 s
-              2: [(1, 20.0, 0.75), (2, 45.0, 0.78), ("final", 60.0, 0.79)]}     # ... at 60 s
+    curves = {
+        1: [(1, 20.0, 0.75), (2, 40.0, 0.795), ("final", 50.0, 0.81)],  # target (0.79) at 40 s
+        2: [(1, 20.0, 0.75), (2, 45.0, 0.78), ("final", 60.0, 0.79)],
+    }  # ... at 60 s
 
     class Seeded(Runners):
         def side(self, run_config):
@@ -223,8 +290,12 @@ def test_training_seeds_give_the_mean_accuracy_and_the_slowest_time_to_target():
 
     runners = Seeded()
     result = _bench(runners, side_seeds=(1, 2))
-    assert [(c["adapt"], c["train-seed"]) for c in runners.side_configs] == [(False, 1), (False, 2), (True, 1),
-                                                                               (True, 2)]
+    assert [(c["adapt"], c["train-seed"]) for c in runners.side_configs] == [
+        (False, 1),
+        (False, 2),
+        (True, 1),
+        (True, 2),
+    ]
     ada = result["methods"][ADAPTIVE]
     assert ada["final_accuracy"] == pytest.approx(0.80)
     assert [r["final_accuracy"] for r in ada["seed_runs"]] == [0.81, 0.79]
@@ -280,21 +351,36 @@ def test_json_shape_table_and_figure(tmp_path):
     assert set(data) >= {"fleet", "target_accuracy", "methods", "ratios", "verdicts", "tuning", "settings", "notes"}
     assert data["fleet"] == "flaky" and list(data["methods"]) == [ADAPTIVE, EIGHT_BIT, FED_LORA]
     for method in data["methods"].values():
-        assert set(method) >= {"time_to_target_s", "final_accuracy", "bytes_up", "bytes_down", "device_compute_s",
-                               "device_compute_measured_s", "virtual_total_s", "curve", "frames",
-                               "frames_accepted", "frames_refused", "completed", "run_config"}
+        assert set(method) >= {
+            "time_to_target_s",
+            "final_accuracy",
+            "bytes_up",
+            "bytes_down",
+            "device_compute_s",
+            "device_compute_measured_s",
+            "virtual_total_s",
+            "curve",
+            "frames",
+            "frames_accepted",
+            "frames_refused",
+            "completed",
+            "run_config",
+        }
     assert all(v["verdict"] in ("PASS", "FAIL", "n/a") for v in data["verdicts"].values())
     assert any("evaluation" in note for note in data["notes"])
     assert (tmp_path / "bench_fleet.png").stat().st_size > 0
     assert "no_arrived_frame_lost" in format_table(result)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--fleet", "no-such-fleet"], "no fleet 'no-such-fleet'.*mixed-phones"),
-    (["--devices", "0"], "--devices must be at least 1"),
-    (["--lrs", "-1"], "--lrs must be positive"),
-    (["--skip-tuning", "1e-3", "two"], "--skip-tuning takes a learning rate"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--fleet", "no-such-fleet"], "no fleet 'no-such-fleet'.*mixed-phones"),
+        (["--devices", "0"], "--devices must be at least 1"),
+        (["--lrs", "-1"], "--lrs must be positive"),
+        (["--skip-tuning", "1e-3", "two"], "--skip-tuning takes a learning rate"),
+    ],
+)
 def test_cli_refuses_what_a_user_can_fix(argv, message, capsys):
     from mobiflower.simulations.cli import main
 
@@ -310,8 +396,13 @@ def test_cli_exits_1_when_a_tuning_run_fails(monkeypatch, capsys):
         raise RuntimeError("Flower run 3 on 'local' timed out after 3600s")
 
     real = bench.run_fleet_bench
-    monkeypatch.setattr(bench, "run_fleet_bench", lambda settings, quiet=True, log=print: real(
-        settings, side_runner=Runners().side, fed_lora_runner=broken, log=log))
+    monkeypatch.setattr(
+        bench,
+        "run_fleet_bench",
+        lambda settings, quiet=True, log=print: real(
+            settings, side_runner=Runners().side, fed_lora_runner=broken, log=log
+        ),
+    )
     assert main(["bench", "fleet", "--quiet", "--out", ""]) == 1
     assert "tuning run failed: Flower run 3" in capsys.readouterr().err
 
@@ -340,17 +431,32 @@ def test_a_real_fed_lora_run_on_the_fleet_clock(real_assets, tiny_llama, tmp_pat
     per-round, per-device record is what the timeline reads, under the ids the fleet maps."""
     from mobiflower.simulations.fleet import load_fleet
 
-    settings = FleetBenchSettings(devices=2, train_samples=32, validation_samples=16, test_samples=16,
-                                  model=tiny_llama, lora_rounds=2, lora_pair=(1e-3, 1),
-                                  workdir=str(tmp_path), timeout_s=300)
+    settings = FleetBenchSettings(
+        devices=2,
+        train_samples=32,
+        validation_samples=16,
+        test_samples=16,
+        model=tiny_llama,
+        lora_rounds=2,
+        lora_pair=(1e-3, 1),
+        workdir=str(tmp_path),
+        timeout_s=300,
+    )
     runners = Runners()
     result = run_fleet_bench(settings, side_runner=runners.side, log=lambda message: None)
     lora = result["methods"][FED_LORA]
     assert lora["completed"] and lora["status"] == "finished:completed"
     profiles = load_fleet("mixed-phones").profiles_for(["device-0", "device-1"])
     summary = json.loads((Path(lora["run_dir"]) / "summary.json").read_text())
-    spans = [max(profiles[d].download_s(v["bytes_down"]) + profiles[d].compute_s(v["train_s"])
-                 + profiles[d].upload_s(v["bytes_up"]) for d, v in r["devices"].items()) for r in summary["rounds"]]
+    spans = [
+        max(
+            profiles[d].download_s(v["bytes_down"])
+            + profiles[d].compute_s(v["train_s"])
+            + profiles[d].upload_s(v["bytes_up"])
+            for d, v in r["devices"].items()
+        )
+        for r in summary["rounds"]
+    ]
     assert len(spans) == 2 and all(len(r["devices"]) == 2 for r in summary["rounds"])
     assert lora["virtual_total_s"] == pytest.approx(sum(spans))
     assert [p["round"] for p in lora["curve"]] == [1, 2, "final"]
@@ -370,9 +476,12 @@ def test_mobiflower_can_have_its_learning_rate_picked_on_validation_too():
             return {"rounds": [{"round": 19, "validation_accuracy": scores[run_config["lr"]]}, {"round": 20}]}
         return real_side(run_config)
 
-    result = run_fleet_bench(FleetBenchSettings(side_lrs=(1e-3, 3e-3), lora_pair=(1e-3, 1), workdir="/nonexistent"),
-                             side_runner=side,
-                             fed_lora_runner=runners.lora, log=lambda _: None)
+    result = run_fleet_bench(
+        FleetBenchSettings(side_lrs=(1e-3, 3e-3), lora_pair=(1e-3, 1), workdir="/nonexistent"),
+        side_runner=side,
+        fed_lora_runner=runners.lora,
+        log=lambda _: None,
+    )
     assert result["side_tuning"]["mode"] == "validation-grid" and result["side_tuning"]["lr"] == 3e-3
     trials = [c for c in runners.side_configs if c.get("eval-split") == "validation"]
     assert [t["lr"] for t in trials] == [1e-3, 3e-3] and all("fleet" not in t for t in trials)
@@ -381,16 +490,40 @@ def test_mobiflower_can_have_its_learning_rate_picked_on_validation_too():
 
 
 def test_a_common_target_compares_speed_when_a_method_never_reaches_the_issues_target():
-    result = summarize({"methods": {
-        ADAPTIVE: {"completed": True, "final_accuracy": 0.82, "curve": [{"virtual_s": 40.0, "accuracy": 0.7},
-                                                                        {"virtual_s": 50.0, "accuracy": 0.82}],
-                   "device_compute_s": 1.0, "device_compute_measured_s": 1.0, "bytes_up": 1, "virtual_total_s": 50.0},
-        EIGHT_BIT: {"completed": True, "final_accuracy": 0.83, "curve": [{"virtual_s": 90.0, "accuracy": 0.83}],
-                    "device_compute_s": 2.0, "device_compute_measured_s": 2.0, "bytes_up": 2, "virtual_total_s": 90.0},
-        FED_LORA: {"completed": True, "final_accuracy": 0.865, "curve": [{"virtual_s": 400.0, "accuracy": 0.845},
-                                                                         {"virtual_s": 800.0, "accuracy": 0.865}],
-                   "device_compute_s": 9.0, "device_compute_measured_s": 9.0, "bytes_up": 9, "virtual_total_s": 800.0},
-    }, "fleet": "mixed-phones"})
+    result = summarize(
+        {
+            "methods": {
+                ADAPTIVE: {
+                    "completed": True,
+                    "final_accuracy": 0.82,
+                    "curve": [{"virtual_s": 40.0, "accuracy": 0.7}, {"virtual_s": 50.0, "accuracy": 0.82}],
+                    "device_compute_s": 1.0,
+                    "device_compute_measured_s": 1.0,
+                    "bytes_up": 1,
+                    "virtual_total_s": 50.0,
+                },
+                EIGHT_BIT: {
+                    "completed": True,
+                    "final_accuracy": 0.83,
+                    "curve": [{"virtual_s": 90.0, "accuracy": 0.83}],
+                    "device_compute_s": 2.0,
+                    "device_compute_measured_s": 2.0,
+                    "bytes_up": 2,
+                    "virtual_total_s": 90.0,
+                },
+                FED_LORA: {
+                    "completed": True,
+                    "final_accuracy": 0.865,
+                    "curve": [{"virtual_s": 400.0, "accuracy": 0.845}, {"virtual_s": 800.0, "accuracy": 0.865}],
+                    "device_compute_s": 9.0,
+                    "device_compute_measured_s": 9.0,
+                    "bytes_up": 9,
+                    "virtual_total_s": 800.0,
+                },
+            },
+            "fleet": "mixed-phones",
+        }
+    )
     assert result["target_accuracy"] == pytest.approx(0.855) and result["methods"][ADAPTIVE]["time_to_target_s"] is None
     assert result["verdicts"]["adaptive_3x_sooner_than_fed_lora"]["verdict"] == "FAIL"
     assert result["common_target_accuracy"] == pytest.approx(0.81)

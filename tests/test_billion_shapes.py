@@ -13,33 +13,59 @@ import pytest
 import torch
 
 from mobiflower.platform.backbone import Backbone
-from mobiflower.platform.lean_opt import LeanOPTForCausalLM, opt_problem
-from mobiflower.platform.shapes import (MARKER, OPT_1_3B, SHAPES, SMOLLM2_1_7B, ModelShape, ShapeError,
-                                        materialize_shape, shape_problem)
 from mobiflower.platform.device_forward import forward_implementation
+from mobiflower.platform.lean_opt import LeanOPTForCausalLM, opt_problem
 from mobiflower.platform.prepared_weights import ensure_prepared
 from mobiflower.platform.quantized_layers import Int4Linear, Int8Linear
+from mobiflower.platform.shapes import (
+    MARKER,
+    OPT_1_3B,
+    SHAPES,
+    SMOLLM2_1_7B,
+    ModelShape,
+    ShapeError,
+    materialize_shape,
+    shape_problem,
+)
 
-TEXTS = ["a gripping, beautiful film", "two hours I will never get back", "fine",
-         "an odd, long, winding story about nothing at all, told twice"]
+TEXTS = [
+    "a gripping, beautiful film",
+    "two hours I will never get back",
+    "fine",
+    "an odd, long, winding story about nothing at all, told twice",
+]
 SAME_LENGTH = ["abcd", "efgh"]  # no padding: the causal-flag path of SDPA
-TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300,
-        "max_position_embeddings": 256}
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 300,
+    "max_position_embeddings": 256,
+}
 
 
 def _tiny_shape(base: ModelShape, tokenizer_from: str, name: str | None = None) -> ModelShape:
     """The shipped configuration with tiny sizes: every other key (and the build path) as shipped."""
-    extra = {"ffn_dim": 128, "word_embed_proj_dim": 64} if base.model_type == "opt" else \
-        {"intermediate_size": 128, "num_key_value_heads": 4}
-    return ModelShape(name or f"tiny-{base.name}", base.hub_id, {**base.config, **TINY, **extra},
-                      base.checkpoint_dtype, tokenizer_from=tokenizer_from)
+    extra = (
+        {"ffn_dim": 128, "word_embed_proj_dim": 64}
+        if base.model_type == "opt"
+        else {"intermediate_size": 128, "num_key_value_heads": 4}
+    )
+    return ModelShape(
+        name or f"tiny-{base.name}",
+        base.hub_id,
+        {**base.config, **TINY, **extra},
+        base.checkpoint_dtype,
+        tokenizer_from=tokenizer_from,
+    )
 
 
 def _states(backbone: Backbone, texts) -> dict:
     enc = backbone.tokenize(texts)
     seen: dict = {}
-    final = backbone.forward_taps(enc["input_ids"], enc["attention_mask"],
-                                  lambda i, h: seen.__setitem__(i, h.float().clone()), need_final=True)
+    final = backbone.forward_taps(
+        enc["input_ids"], enc["attention_mask"], lambda i, h: seen.__setitem__(i, h.float().clone()), need_final=True
+    )
     seen["final"] = final.float()
     return {k: v[enc["attention_mask"].bool()] for k, v in seen.items()}  # real tokens only
 
@@ -89,8 +115,13 @@ def test_a_shape_builds_once_seeded_and_loads_like_any_checkpoint(family, tiny_m
     matrix = next(v for k, v in weights.items() if k.endswith("q_proj.weight"))
     assert 0.015 < float(matrix.std()) < 0.025  # normal(0, 0.02), as transformers initialises them
     assert all(float(v.abs().max()) == 0 for k, v in weights.items() if k.endswith(".bias"))
-    other = ModelShape(shape.name, shape.hub_id, {**shape.config, "num_hidden_layers": 3}, shape.checkpoint_dtype,
-                       tokenizer_from=shape.tokenizer_from)
+    other = ModelShape(
+        shape.name,
+        shape.hub_id,
+        {**shape.config, "num_hidden_layers": 3},
+        shape.checkpoint_dtype,
+        tokenizer_from=shape.tokenizer_from,
+    )
     assert shape_problem(other, folder) == "built from another configuration"
 
 
@@ -140,8 +171,9 @@ def test_a_shape_name_goes_wherever_a_model_name_goes(tiny_models, tmp_path, mon
     folder = prepared_dir(shape.name, "int4")
     assert folder == tmp_path / "home" / "models" / "tiny-opt-shape-int4" and backbone.weights_path == str(folder)
     assert type(backbone.model) is LeanOPTForCausalLM and "-int4-" in backbone.fingerprint
-    frame, _ = DeviceRuntime(backbone, ForwardConfig(batch_size=2)).make_frame([Example(0, "good", 1),
-                                                                                Example(1, "bad", 0)])
+    frame, _ = DeviceRuntime(backbone, ForwardConfig(batch_size=2)).make_frame(
+        [Example(0, "good", 1), Example(1, "bad", 0)]
+    )
     assert frame.fingerprint == backbone.fingerprint
     import shutil
 
@@ -183,9 +215,19 @@ def post_ln_opt(tmp_path_factory):
     from mobiflower.platform.tiny import _byte_tokenizer
 
     path = tmp_path_factory.mktemp("post-ln-opt")
-    config = OPTConfig(vocab_size=260, hidden_size=64, ffn_dim=96, num_hidden_layers=3, num_attention_heads=4,
-                       word_embed_proj_dim=32, do_layer_norm_before=False, max_position_embeddings=256,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = OPTConfig(
+        vocab_size=260,
+        hidden_size=64,
+        ffn_dim=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        do_layer_norm_before=False,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # non-trivial norms and biases
@@ -244,12 +286,28 @@ def test_the_simulation_summary_shows_each_devices_peak_memory():
     """`mobiflower simulate` prints the peak resident memory each device reported (its final test reply)."""
     from mobiflower.simulations.simulate import format_summary
 
-    device = {"bytes_up": 1e6, "bytes_down": 2e5, "device_forward_s": 3.0, "test_samples": 4, "test_accuracy": 0.5,
-              "zero_shot_accuracy": 0.5}
-    summary = {"devices": {"device-0": {**device, "device_peak_rss_mb": 1187.4}, "device-1": device},
-               "test_accuracy": 0.5, "bytes_up": 1e6, "bytes_down": 2e5, "frames": 2, "frame_bytes": 9e5,
-               "device_forward_s": 6.0, "server_train_s": 1.0, "train_wall_s": 2.0, "pipeline_efficiency": 0.8,
-               "run_wall_s": 60.0, "config": {"mode": "shared", "rounds": 1, "bits": 8}}
+    device = {
+        "bytes_up": 1e6,
+        "bytes_down": 2e5,
+        "device_forward_s": 3.0,
+        "test_samples": 4,
+        "test_accuracy": 0.5,
+        "zero_shot_accuracy": 0.5,
+    }
+    summary = {
+        "devices": {"device-0": {**device, "device_peak_rss_mb": 1187.4}, "device-1": device},
+        "test_accuracy": 0.5,
+        "bytes_up": 1e6,
+        "bytes_down": 2e5,
+        "frames": 2,
+        "frame_bytes": 9e5,
+        "device_forward_s": 6.0,
+        "server_train_s": 1.0,
+        "train_wall_s": 2.0,
+        "pipeline_efficiency": 0.8,
+        "run_wall_s": 60.0,
+        "config": {"mode": "shared", "rounds": 1, "bits": 8},
+    }
     table = format_summary(summary).splitlines()
     assert "peak MB" in table[0]
     assert table[1].split()[0] == "device-0" and table[1].split()[-1] == "1187"

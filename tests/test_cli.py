@@ -71,8 +71,12 @@ def test_every_documented_command_line_parses(line):
 
 
 def test_values_keep_their_meaning():
-    kw = _parse(shlex.split("bench fleet --fleet mixed-phones --test-samples 1000 --skip-tuning 0.002 2 "
-                            "--lora-rounds 2 --side-seeds 1 2 --lrs 5e-4 1e-3 --epochs 1 2 --out f.json"))
+    kw = _parse(
+        shlex.split(
+            "bench fleet --fleet mixed-phones --test-samples 1000 --skip-tuning 0.002 2 "
+            "--lora-rounds 2 --side-seeds 1 2 --lrs 5e-4 1e-3 --epochs 1 2 --out f.json"
+        )
+    )
     assert kw["command"] == ("bench", "fleet") and kw["test_samples"] == 1000 and kw["skip_tuning"] == ("0.002", "2")
     assert kw["side_seeds"] == ("1", "2") and kw["lrs"] == ("5e-4", "1e-3") and kw["epochs"] == ("1", "2")
     assert kw["lora_rounds"] == 2 and kw["out"] == "f.json" and kw["side_lrs"] == ()
@@ -93,7 +97,12 @@ def test_values_keep_their_meaning():
 
 def test_negative_numbers_are_values_not_flags():
     assert spell_out_variadic(["bench", "fleet", "--lrs", "-1", "2", "--quiet"]) == [
-        "bench", "fleet", "--lrs=-1", "--lrs=2", "--quiet"]
+        "bench",
+        "fleet",
+        "--lrs=-1",
+        "--lrs=2",
+        "--quiet",
+    ]
     assert spell_out_variadic(["simulate", "--lrs", "1"]) == ["simulate", "--lrs", "1"]  # not a list there
 
 
@@ -106,15 +115,18 @@ def test_help_of_every_command(path, capsys):
         assert "--devices" in out and "[default: 4]" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["simulate", "--no-such-flag"], "No such option"),
-    (["local", "--bits", "3"], "'--bits': '3' is not one of"),
-    (["simulate", "--mode", "federated"], "'--mode': 'federated' is not one of"),
-    (["simulate", "-c", "oops"], "-c takes KEY=VALUE, got 'oops'"),
-    (["bench", "device", "--train-configs", "8,x"], "write BATCH[,SEQ_LEN[,LORA_RANK]]"),
-    (["bench", "no-such-bench"], "No such command"),
-    (["fed-lora", "--devices", "two"], "'--devices': 'two' is not a valid integer"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["simulate", "--no-such-flag"], "No such option"),
+        (["local", "--bits", "3"], "'--bits': '3' is not one of"),
+        (["simulate", "--mode", "federated"], "'--mode': 'federated' is not one of"),
+        (["simulate", "-c", "oops"], "-c takes KEY=VALUE, got 'oops'"),
+        (["bench", "device", "--train-configs", "8,x"], "write BATCH[,SEQ_LEN[,LORA_RANK]]"),
+        (["bench", "no-such-bench"], "No such command"),
+        (["fed-lora", "--devices", "two"], "'--devices': 'two' is not a valid integer"),
+    ],
+)
 def test_a_wrong_flag_or_value_is_a_usage_error(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -125,13 +137,20 @@ def test_run_config_values_are_read_as_toml():
     from mobiflower.simulations.cli import run_config_items
 
     assert run_config_items(["rounds=3", "lr=1e-3", "adapt=true", "fleet=mixed-phones", 'model="a b"']) == {
-        "rounds": 3, "lr": 1e-3, "adapt": True, "fleet": "mixed-phones", "model": "a b"}
+        "rounds": 3,
+        "lr": 1e-3,
+        "adapt": True,
+        "fleet": "mixed-phones",
+        "model": "a b",
+    }
 
 
 def test_simulate_progress_follows_the_server_log():
     out = io.StringIO()
     progress = RunProgress(file=out)
-    progress("INFO :      SideTuningStrategy: mode=shared family=tail r=8 rounds=3 chunk=64 in-flight=2 bits=4 cache=True")
+    progress(
+        "INFO :      SideTuningStrategy: mode=shared family=tail r=8 rounds=3 chunk=64 in-flight=2 bits=4 cache=True"
+    )
     assert progress.rounds is not None and progress.rounds.total == 3 and progress.rounds.n == 0
     progress("INFO :      [round 1] frames landed for 128/500 samples, 2 training queued")
     assert progress.samples.total == 500 and progress.samples.n == 128

@@ -25,8 +25,6 @@ from mobiflower.platform.codec import (
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-
-
 def outlier_data(shape: tuple[int, ...], seed: int = 0, n_outliers: int = 6, magnitude: float = 30.0) -> torch.Tensor:
     """Gaussian hidden states with a few huge outlier channels, like an LLM's residual stream."""
     g = torch.Generator().manual_seed(seed)
@@ -280,9 +278,16 @@ def test_hadamard_spreads_an_outlier():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(bits=3), dict(bits=32), dict(bits=4.0), dict(bits=True),
-        dict(group_size=48), dict(group_size=0), dict(group_size=1 << 13),
-        dict(rotation="fourier"), dict(seed=-1), dict(seed=2**64),
+        dict(bits=3),
+        dict(bits=32),
+        dict(bits=4.0),
+        dict(bits=True),
+        dict(group_size=48),
+        dict(group_size=0),
+        dict(group_size=1 << 13),
+        dict(rotation="fourier"),
+        dict(seed=-1),
+        dict(seed=2**64),
     ],
 )
 def test_bad_parameters_raise(kwargs):

@@ -7,8 +7,13 @@ from mobiflower.simulations.compare import seed_groups
 
 
 def _run(acc: float, train_seed: int, seed: int = 0, lr: float = 1e-3, method: str = "mobiflower") -> dict:
-    return {"method": method, "family": "tail", "test_accuracy": acc, "zero_shot_accuracy": float("nan"),
-            "config": {"seed": seed, "train_seed": train_seed, "lr": lr, "workdir": f"runs/w{train_seed}"}}
+    return {
+        "method": method,
+        "family": "tail",
+        "test_accuracy": acc,
+        "zero_shot_accuracy": float("nan"),
+        "config": {"seed": seed, "train_seed": train_seed, "lr": lr, "workdir": f"runs/w{train_seed}"},
+    }
 
 
 def test_training_seeds_of_one_configuration_form_one_group():
@@ -21,8 +26,15 @@ def test_training_seeds_of_one_configuration_form_one_group():
 
 
 def test_another_split_learning_rate_or_method_is_another_group():
-    groups = seed_groups([("a", _run(0.85, 0)), ("b", _run(0.86, 0, seed=1)), ("c", _run(0.87, 0, lr=2e-3)),
-                          ("d", _run(0.88, 0, method="lora")), ("e", {"method": "x", "test_accuracy": 0.5})])
+    groups = seed_groups(
+        [
+            ("a", _run(0.85, 0)),
+            ("b", _run(0.86, 0, seed=1)),
+            ("c", _run(0.87, 0, lr=2e-3)),
+            ("d", _run(0.88, 0, method="lora")),
+            ("e", {"method": "x", "test_accuracy": 0.5}),
+        ]
+    )
     assert [g["files"] for g in groups] == [["a"], ["b"], ["c"], ["d"], ["e"]]
     assert all(g["sd"] == 0.0 for g in groups)
 

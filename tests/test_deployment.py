@@ -34,9 +34,21 @@ def _marked(scratch_root) -> list[psutil.Process]:
 @pytest.mark.real_model
 def test_loopback_deployment_side_tunes_and_delivers(real_assets, tmp_path):
     workdir = (tmp_path / "deploy").resolve()
-    config = SimulateConfig(devices=2, workdir=str(workdir), timeout_s=1200, run_config={
-        "train-samples": 256, "validation-samples": 32, "test-samples": 128, "rounds": 4,  # the default family: the tail
-        "chunk-size": 64, "eval-every": 0, "eval-initial": True, "bits": 8})
+    config = SimulateConfig(
+        devices=2,
+        workdir=str(workdir),
+        timeout_s=1200,
+        run_config={
+            "train-samples": 256,
+            "validation-samples": 32,
+            "test-samples": 128,
+            "rounds": 4,  # the default family: the tail
+            "chunk-size": 64,
+            "eval-every": 0,
+            "eval-initial": True,
+            "bits": 8,
+        },
+    )
     try:
         summary = run_simulate(config, out=str(tmp_path / "deploy.json"), quiet=True, loopback=True)
     finally:

@@ -21,8 +21,14 @@ from mobiflower.platform.file_rows import FileRows, tensor_locations
 from mobiflower.platform.prepared_weights import WEIGHTS_FILE, ensure_prepared, load_prepared_backbone
 from mobiflower.platform.quantized_layers import Int4Linear, Int8Linear
 
-TEXTS = ["a gripping, beautiful film", "two hours I will never get back", "fine", "an odd, long, winding story",
-         "not bad at all", "the plot, sadly, goes nowhere and takes its time getting there"]
+TEXTS = [
+    "a gripping, beautiful film",
+    "two hours I will never get back",
+    "fine",
+    "an odd, long, winding story",
+    "not bad at all",
+    "the plot, sadly, goes nowhere and takes its time getting there",
+]
 EXAMPLES = [Example(i, t, i % 2) for i, t in enumerate(TEXTS)]
 
 
@@ -45,8 +51,12 @@ _SAFETENSORS_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 7), st.integers(1, 9), st.sampled_from(_SAFETENSORS_DTYPES)),
-                min_size=1, max_size=5), st.integers(0, 2**31 - 1))
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 7), st.integers(1, 9), st.sampled_from(_SAFETENSORS_DTYPES)), min_size=1, max_size=5
+    ),
+    st.integers(0, 2**31 - 1),
+)
 def test_tensor_locations_find_every_tensors_bytes(tmp_path_factory, shapes, seed):
     """Property: for any set of 2-D tensors saved with safetensors, the located bytes read back
     (row by row, with FileRows) equal the tensors."""
@@ -138,10 +148,15 @@ def test_pieces_respect_the_token_budget(tiny_llama):
 @pytest.mark.parametrize("policy", ["last", "nonpad"])
 def test_frames_do_not_depend_on_the_token_budget(prepared, policy):
     backbone = Backbone.load(str(prepared["fp32"]), num_taps=2)
-    whole, _ = DeviceRuntime(backbone, ForwardConfig(token_policy=policy, max_tokens=None, bits=16)).make_frame(EXAMPLES)
+    whole, _ = DeviceRuntime(backbone, ForwardConfig(token_policy=policy, max_tokens=None, bits=16)).make_frame(
+        EXAMPLES
+    )
     small, _ = DeviceRuntime(backbone, ForwardConfig(token_policy=policy, max_tokens=12, bits=16)).make_frame(EXAMPLES)
-    assert (small.sample_ids, small.seq_lengths, small.token_counts) == \
-        (whole.sample_ids, whole.seq_lengths, whole.token_counts)
+    assert (small.sample_ids, small.seq_lengths, small.token_counts) == (
+        whole.sample_ids,
+        whole.seq_lengths,
+        whole.token_counts,
+    )
     for a, b in zip(whole.activations, small.activations):
         torch.testing.assert_close(dequantize(a), dequantize(b), rtol=1e-3, atol=1e-3)
 

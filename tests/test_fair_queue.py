@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mobiflower.strategies.fair_queue import FairQueue
 
@@ -38,9 +39,9 @@ def test_every_item_is_served_once_in_its_device_order(items):
     # no device waits behind two frames of another: between two of a device's frames, each other device at most once
     keys = [k for k, _ in served]
     for i, key in enumerate(keys):
-        nxt = keys.index(key, i + 1) if key in keys[i + 1:] else None
+        nxt = keys.index(key, i + 1) if key in keys[i + 1 :] else None
         if nxt is not None:
-            between = keys[i + 1:nxt]
+            between = keys[i + 1 : nxt]
             assert len(between) == len(set(between))
 
 

@@ -8,11 +8,11 @@ import signal
 import threading
 
 import pytest
+from families import LADDER
 
 from mobiflower.simulations.flower_config import app_dir_for_run
 from mobiflower.simulations.loopback import LoopbackDeployment
 from mobiflower.simulations.simulate import default_app_config
-from families import LADDER
 
 
 @pytest.mark.slow
@@ -20,9 +20,20 @@ from families import LADDER
 def test_a_supernode_killed_mid_run_is_dropped_and_reported(real_assets, tiny_llama, tmp_path):
     scratch = (tmp_path / "faults").resolve()
     run_dir = scratch / "run"
-    run_config = {**LADDER, "model": tiny_llama, "num-taps": 2, "train-samples": 64, "validation-samples": 8,
-                  "test-samples": 16, "rounds": 2, "chunk-size": 8, "eval-every": 0, "reduction": 4,
-                  "request-timeout": 240.0, "run-dir": str(run_dir)}
+    run_config = {
+        **LADDER,
+        "model": tiny_llama,
+        "num-taps": 2,
+        "train-samples": 64,
+        "validation-samples": 8,
+        "test-samples": 16,
+        "rounds": 2,
+        "chunk-size": 8,
+        "eval-every": 0,
+        "reduction": 4,
+        "request-timeout": 240.0,
+        "run-dir": str(run_dir),
+    }
     env = {"MOBIFLOWER_HOME": os.environ["MOBIFLOWER_HOME"]} if "MOBIFLOWER_HOME" in os.environ else {}
     killed = threading.Event()
     with LoopbackDeployment(scratch, 2, extra_env=env) as deployment:
@@ -33,8 +44,9 @@ def test_a_supernode_killed_mid_run_is_dropped_and_reported(real_assets, tiny_ll
                 os.kill(victim.pid, signal.SIGKILL)
                 killed.set()
 
-        result = deployment.run(app_dir_for_run(scratch, default_app_config()), run_config, on_line=on_line,
-                                timeout_s=600)
+        result = deployment.run(
+            app_dir_for_run(scratch, default_app_config()), run_config, on_line=on_line, timeout_s=600
+        )
     assert killed.is_set()
     assert result.ok, result.details
     summary = json.loads((run_dir / "summary.json").read_text())

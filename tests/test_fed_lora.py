@@ -15,7 +15,13 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from mobiflower.clients.device_setup import DeviceSetup
-from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig, FedLoraConfigError, FedLoraStrategy, linear_probe, record_bytes
+from mobiflower.simulations.baselines.fed_lora_strategy import (
+    FedLoraConfig,
+    FedLoraConfigError,
+    FedLoraStrategy,
+    linear_probe,
+    record_bytes,
+)
 
 
 @pytest.fixture
@@ -37,15 +43,30 @@ class _Grid:
 
 def _arrays(seed: int) -> ArrayRecord:
     rng = np.random.default_rng(seed)
-    return ArrayRecord({"lora_A": Array(rng.standard_normal((4, 8)).astype(np.float32)),
-                        "score": Array(rng.standard_normal((2, 8)).astype(np.float32))})
+    return ArrayRecord(
+        {
+            "lora_A": Array(rng.standard_normal((4, 8)).astype(np.float32)),
+            "score": Array(rng.standard_normal((2, 8)).astype(np.float32)),
+        }
+    )
 
 
 def _train_reply(request: Message, seed: int, examples: int, train_s: float, device: str) -> Message:
     arrays = _arrays(seed)
-    metrics = MetricRecord({"num-examples": examples, "train-s": train_s, "train-cpu-s": train_s, "load-s": 0.0,
-                            "loss": 0.5, "steps": 1, "adapter-bytes": record_bytes(arrays), "peak-rss-mb": 1.0,
-                            "samples-seen": examples, "rss-mb": 1.0})
+    metrics = MetricRecord(
+        {
+            "num-examples": examples,
+            "train-s": train_s,
+            "train-cpu-s": train_s,
+            "load-s": 0.0,
+            "loss": 0.5,
+            "steps": 1,
+            "adapter-bytes": record_bytes(arrays),
+            "peak-rss-mb": 1.0,
+            "samples-seen": examples,
+            "rss-mb": 1.0,
+        }
+    )
     info = ConfigRecord({"device-id": device, "partition-id": int(device[-1]), "samples-digest": "x"})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "device": info}), reply_to=request)
 
@@ -57,8 +78,11 @@ def test_fedavg_is_the_sample_weighted_mean_and_bytes_are_the_records(task_ident
     assert len(requests) == 2
     sent = requests[0].content["config"]
     assert sent["lr"] == pytest.approx(1e-3) and sent["local-epochs"] == 1 and sent["lora-r"] == 8
-    replies = [_train_reply(requests[0], 1, 30, 2.0, "device-0"), _train_reply(requests[1], 2, 10, 5.0, "device-1"),
-               Message(Error(code=0, reason="out of memory"), reply_to=requests[1])]
+    replies = [
+        _train_reply(requests[0], 1, 30, 2.0, "device-0"),
+        _train_reply(requests[1], 2, 10, 5.0, "device-1"),
+        Message(Error(code=0, reason="out of memory"), reply_to=requests[1]),
+    ]
     arrays, _ = strategy.aggregate_train(1, replies)
 
     for key in ("lora_A", "score"):
@@ -75,8 +99,10 @@ def test_fedavg_is_the_sample_weighted_mean_and_bytes_are_the_records(task_ident
 
     evals = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), _Grid([11, 22])))
     assert evals[0].content["config"]["split"] == "validation"
-    replies = [Message(RecordDict({"metrics": MetricRecord({"accuracy": acc, "num-examples": n})}), reply_to=req)
-               for req, acc, n in ((evals[0], 1.0, 3), (evals[1], 0.0, 1))]
+    replies = [
+        Message(RecordDict({"metrics": MetricRecord({"accuracy": acc, "num-examples": n})}), reply_to=req)
+        for req, acc, n in ((evals[0], 1.0, 3), (evals[1], 0.0, 1))
+    ]
     assert strategy.aggregate_evaluate(1, replies)["accuracy"] == pytest.approx(0.75)  # 3 of 4 samples, not 0.5
     assert strategy.history[1]["bytes_down_eval"] == 2 * size
 
@@ -131,13 +157,22 @@ def test_device_refuses_an_adapter_of_another_shape(tiny_llama):
 
 
 def test_two_device_fed_lora_simulation(real_assets, tiny_llama, tmp_path):
-    from mobiflower.simulations.baselines.lora_model import samples_digest
     from mobiflower.simulations.baselines.fed_lora import FedLoraRun, run_fed_lora
+    from mobiflower.simulations.baselines.lora_model import samples_digest
 
-    run_config = {"model": tiny_llama, "train-samples": 32, "validation-samples": 16, "test-samples": 16,
-                  "rounds": 2, "batch-size": 8, "lora-r": 4}
-    summary = run_fed_lora(FedLoraRun(devices=2, workdir=str(tmp_path), timeout_s=300, run_config=run_config),
-                           out=str(tmp_path / "fed.json"))
+    run_config = {
+        "model": tiny_llama,
+        "train-samples": 32,
+        "validation-samples": 16,
+        "test-samples": 16,
+        "rounds": 2,
+        "batch-size": 8,
+        "lora-r": 4,
+    }
+    summary = run_fed_lora(
+        FedLoraRun(devices=2, workdir=str(tmp_path), timeout_s=300, run_config=run_config),
+        out=str(tmp_path / "fed.json"),
+    )
     assert summary["simulation"]["status"] == "finished:completed"
     assert json.loads((tmp_path / "fed.json").read_text())["final_accuracy"] == summary["final_accuracy"]
     assert 0.0 <= summary["final_accuracy"] <= 1.0 and summary["final_accuracy_split"] == "test"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mobiflower.simulations.fleet import DeviceProfile, FleetError, VirtualClock, load_fleet, parse_fleet
 
@@ -32,22 +33,25 @@ def _tier(**overrides):
     return {"name": "t", "share": 1.0, "uplink-mbps": 10.0, "downlink-mbps": 50.0, **overrides}
 
 
-@pytest.mark.parametrize("table, match", [
-    ({"tier": [_tier()]}, "needs a name"),
-    ({"name": "f"}, "at least one \\[\\[tier\\]\\]"),
-    ({"name": "f", "tier": [_tier(uplink=3)]}, "unknown key"),
-    ({"name": "f", "tier": [_tier(**{"uplink-mbps": 0})]}, "uplink-mbps = 0 must be > 0"),
-    ({"name": "f", "tier": [_tier(**{"uplink-mbps": "fast"})]}, "must be a number"),
-    ({"name": "f", "tier": [_tier(availability=1.5)]}, "availability = 1.5 must be > 0 and <= 1"),
-    ({"name": "f", "tier": [_tier(count=2)]}, "exactly one of share"),
-    ({"name": "f", "tier": [{k: v for k, v in _tier().items() if k != "downlink-mbps"}]}, "needs downlink-mbps"),
-    ({"name": "f", "tier": [_tier(), _tier()]}, "two tiers have this name"),
-    ({"name": "f", "tier": [_tier(speed=-1)]}, "speed = -1 must be > 0"),
-    ({"name": "f", "tier": [_tier(**{"backbone-layers": 1.5})]}, "backbone-layers must be a whole number"),
-    ({"name": "f", "tier": [_tier(**{"activation-cache": "no"})]}, "activation-cache must be true or false"),
-    ({"name": "f", "tier": [_tier(weights="fp16")]}, "weights: .*float16 GEMM on CPU"),
-    ({"name": "f", "tier": [_tier(weights="int3")]}, "weights: .*int3"),
-])
+@pytest.mark.parametrize(
+    "table, match",
+    [
+        ({"tier": [_tier()]}, "needs a name"),
+        ({"name": "f"}, "at least one \\[\\[tier\\]\\]"),
+        ({"name": "f", "tier": [_tier(uplink=3)]}, "unknown key"),
+        ({"name": "f", "tier": [_tier(**{"uplink-mbps": 0})]}, "uplink-mbps = 0 must be > 0"),
+        ({"name": "f", "tier": [_tier(**{"uplink-mbps": "fast"})]}, "must be a number"),
+        ({"name": "f", "tier": [_tier(availability=1.5)]}, "availability = 1.5 must be > 0 and <= 1"),
+        ({"name": "f", "tier": [_tier(count=2)]}, "exactly one of share"),
+        ({"name": "f", "tier": [{k: v for k, v in _tier().items() if k != "downlink-mbps"}]}, "needs downlink-mbps"),
+        ({"name": "f", "tier": [_tier(), _tier()]}, "two tiers have this name"),
+        ({"name": "f", "tier": [_tier(speed=-1)]}, "speed = -1 must be > 0"),
+        ({"name": "f", "tier": [_tier(**{"backbone-layers": 1.5})]}, "backbone-layers must be a whole number"),
+        ({"name": "f", "tier": [_tier(**{"activation-cache": "no"})]}, "activation-cache must be true or false"),
+        ({"name": "f", "tier": [_tier(weights="fp16")]}, "weights: .*float16 GEMM on CPU"),
+        ({"name": "f", "tier": [_tier(weights="int3")]}, "weights: .*int3"),
+    ],
+)
 def test_bad_fleet_files_say_what_to_fix(table, match):
     with pytest.raises(FleetError, match=match):
         parse_fleet(table, "fleet.toml")
@@ -56,8 +60,10 @@ def test_bad_fleet_files_say_what_to_fix(table, match):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(st.floats(0.01, 1.0), st.integers(1, 5)), min_size=1, max_size=5), st.integers(1, 200))
 def test_devices_deal_every_tier_its_count_or_share(weights, n):
-    tiers = [_tier(name=f"t{i}", **({"count": w, "share": None} if isinstance(w, int) else {"share": w}))
-             for i, w in enumerate(weights)]
+    tiers = [
+        _tier(name=f"t{i}", **({"count": w, "share": None} if isinstance(w, int) else {"share": w}))
+        for i, w in enumerate(weights)
+    ]
     for tier in tiers:
         if tier["share"] is None:
             del tier["share"]
@@ -81,8 +87,11 @@ def test_devices_deal_every_tier_its_count_or_share(weights, n):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.dictionaries(st.text(min_size=1, max_size=8), st.one_of(st.integers(), st.floats(), st.text(), st.booleans()),
-                       max_size=6))
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=8), st.one_of(st.integers(), st.floats(), st.text(), st.booleans()), max_size=6
+    )
+)
 def test_the_parser_never_fails_with_anything_but_a_fleet_error(tier):
     try:
         parse_fleet({"name": "f", "tier": [tier]})
@@ -118,8 +127,9 @@ def test_availability_is_drawn_repeatably():
 
 def test_profiles_follow_the_device_number_and_carry_backbone_and_cache_choices():
     big = {k: v for k, v in _tier(name="big", count=1).items() if k != "share"}
-    fleet = parse_fleet({"name": "f", "tier": [big,
-                                               _tier(name="small", **{"backbone-layers": 15, "activation-cache": False})]})
+    fleet = parse_fleet(
+        {"name": "f", "tier": [big, _tier(name="small", **{"backbone-layers": 15, "activation-cache": False})]}
+    )
     profiles = fleet.profiles_for(["device-10", "device-2", "device-1"])
     assert [profiles[d].tier for d in ("device-1", "device-2", "device-10")] == ["big", "small", "small"]
     assert profiles["device-10"].backbone_layers == 15 and not profiles["device-10"].activation_cache
@@ -127,7 +137,8 @@ def test_profiles_follow_the_device_number_and_carry_backbone_and_cache_choices(
 
 
 def test_a_tier_may_choose_its_weight_precision():
-    fleet = parse_fleet({"name": "f", "tier": [_tier(name="small", share=0.5, weights="8bit"),
-                                                _tier(name="big", share=0.5)]})
+    fleet = parse_fleet(
+        {"name": "f", "tier": [_tier(name="small", share=0.5, weights="8bit"), _tier(name="big", share=0.5)]}
+    )
     small, big = fleet.devices(2)
     assert (small.weights, big.weights) == ("int8", "")

@@ -17,9 +17,21 @@ from inprocess_grid import run_fleet
 
 
 def _fleet_run(tiny_llama, tmp_path, **overrides):
-    run_config = {**LADDER, "model": tiny_llama, "num-taps": 4, "train-samples": 128, "validation-samples": 32,
-                  "test-samples": 32, "rounds": 3, "chunk-size": 8, "eval-every": 1, "eval-split": "test",
-                  "eval-samples": 0, "reduction": 4, **overrides}
+    run_config = {
+        **LADDER,
+        "model": tiny_llama,
+        "num-taps": 4,
+        "train-samples": 128,
+        "validation-samples": 32,
+        "test-samples": 32,
+        "rounds": 3,
+        "chunk-size": 8,
+        "eval-every": 1,
+        "eval-split": "test",
+        "eval-samples": 0,
+        "reduction": 4,
+        **overrides,
+    }
     return run_fleet(tmp_path / "sim", 4, run_config)[0]
 
 
@@ -57,10 +69,12 @@ def test_a_flaky_fleet_completes_and_no_frame_that_arrived_is_lost(real_assets, 
 
 def test_a_device_outside_the_activation_cache_forwards_every_round(real_assets, tiny_llama, tmp_path):
     fleet = tmp_path / "private.toml"
-    fleet.write_text('name = "private"\n'
-                     '[[tier]]\nname = "kept"\ncount = 3\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
-                     '[[tier]]\nname = "private"\ncount = 1\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
-                     'activation-cache = false\n')
+    fleet.write_text(
+        'name = "private"\n'
+        '[[tier]]\nname = "kept"\ncount = 3\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
+        '[[tier]]\nname = "private"\ncount = 1\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
+        "activation-cache = false\n"
+    )
     summary = _fleet_run(tiny_llama, tmp_path, fleet=str(fleet), **{"eval-every": 0})
     devices = summary["devices"]
     assert [devices[f"device-{i}"]["activation_cache"] for i in range(4)] == [True, True, True, False]
@@ -70,8 +84,10 @@ def test_a_device_outside_the_activation_cache_forwards_every_round(real_assets,
     assert private["forward_passes_per_sample"] == 3.0 and private["samples_trained"] == 3 * 32
     assert private["frames"] == 12 and not private["failures"]
     assert [r["phase"] for r in summary["rounds"]] == ["stream", "cache+stream", "cache+stream"]
-    assert all(r["devices"]["device-3"]["bytes_up"] > 0 and r["devices"]["device-0"]["bytes_up"] == 0
-               for r in summary["rounds"][1:])
+    assert all(
+        r["devices"]["device-3"]["bytes_up"] > 0 and r["devices"]["device-0"]["bytes_up"] == 0
+        for r in summary["rounds"][1:]
+    )
     # the server kept nothing of the private device: its cache folder holds only the others' frames
     cache = list((tmp_path / "sim").rglob("cache/*/*.frame"))
     assert cache and not [p for p in cache if ".device-3." in p.name]
@@ -82,10 +98,12 @@ def test_a_heterogeneous_fleet_trains_one_side_network_on_two_backbones(real_ass
     """Half the fleet runs the first 2 of the tiny model's 4 blocks: their taps are spread evenly over
     their own depth, their frames get their own input norms and projections, the rest is shared."""
     fleet = tmp_path / "mixed-models.toml"
-    fleet.write_text('name = "mixed-models"\n'
-                     '[[tier]]\nname = "full"\ncount = 2\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
-                     '[[tier]]\nname = "small"\ncount = 2\nuplink-mbps = 5.0\ndownlink-mbps = 50.0\nspeed = 0.5\n'
-                     'backbone-layers = 2\n')
+    fleet.write_text(
+        'name = "mixed-models"\n'
+        '[[tier]]\nname = "full"\ncount = 2\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
+        '[[tier]]\nname = "small"\ncount = 2\nuplink-mbps = 5.0\ndownlink-mbps = 50.0\nspeed = 0.5\n'
+        "backbone-layers = 2\n"
+    )
     summary = _fleet_run(tiny_llama, tmp_path, fleet=str(fleet), adapt=True, **{"num-taps": 2, "eval-every": 0})
     devices = summary["devices"]
     full, small = devices["device-0"]["fingerprint"], devices["device-2"]["fingerprint"]
@@ -112,10 +130,12 @@ def test_a_fleet_mixing_weight_precisions_trains_one_side_network(real_assets, t
     """Half the fleet keeps its backbone in int8 (tier key ``weights``): those frames carry the int8
     fingerprint, get their own input norms and projections, and are all trained on."""
     fleet = tmp_path / "mixed-precision.toml"
-    fleet.write_text('name = "mixed-precision"\n'
-                     '[[tier]]\nname = "fp32"\ncount = 2\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
-                     '[[tier]]\nname = "int8"\ncount = 2\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
-                     'weights = "int8"\n')
+    fleet.write_text(
+        'name = "mixed-precision"\n'
+        '[[tier]]\nname = "fp32"\ncount = 2\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
+        '[[tier]]\nname = "int8"\ncount = 2\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
+        'weights = "int8"\n'
+    )
     summary = _fleet_run(tiny_llama, tmp_path, fleet=str(fleet), **{"num-taps": 2, "eval-every": 0, "rounds": 2})
     devices = summary["devices"]
     full, small = devices["device-0"]["fingerprint"], devices["device-2"]["fingerprint"]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from mobiflower.simulations import flower_config as fc
 from mobiflower.simulations.flower_processes import flower_env
 
@@ -106,12 +107,8 @@ def test_write_connections_is_read_by_flwr(tmp_path: Path) -> None:
 
 
 def test_write_connections_without_options(tmp_path: Path) -> None:
-    path = fc.write_connections(
-        tmp_path, num_supernodes=2, client_cpus=1, local_options=False
-    )
-    assert tomllib.loads(path.read_text())["superlink"]["local"] == {
-        "address": ":local:"
-    }
+    path = fc.write_connections(tmp_path, num_supernodes=2, client_cpus=1, local_options=False)
+    assert tomllib.loads(path.read_text())["superlink"]["local"] == {"address": ":local:"}
 
 
 def test_write_connections_refuses_fractional_cpus(tmp_path: Path) -> None:
@@ -120,9 +117,7 @@ def test_write_connections_refuses_fractional_cpus(tmp_path: Path) -> None:
 
 
 def test_add_connection_keeps_others(tmp_path: Path) -> None:
-    fc.write_connections(
-        tmp_path, num_supernodes=2, client_cpus=1, deployments={"a": "127.0.0.1:1"}
-    )
+    fc.write_connections(tmp_path, num_supernodes=2, client_cpus=1, deployments={"a": "127.0.0.1:1"})
     fc.add_connection(tmp_path, "b", "127.0.0.1:2")
     fc.add_connection(tmp_path, "a", "127.0.0.1:3")  # replaced, not duplicated
     links = tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]
@@ -133,9 +128,7 @@ def test_add_connection_keeps_others(tmp_path: Path) -> None:
 
 def test_write_app_dir(tmp_path: Path) -> None:
     app_config = {"model": "smollm2-135m", "rounds": 3, "lr": 0.0003, "shared": True}
-    target = fc.write_app_dir(
-        tmp_path / "app", app_config, "pkg.server:app", "pkg.client:app"
-    )
+    target = fc.write_app_dir(tmp_path / "app", app_config, "pkg.server:app", "pkg.client:app")
     assert sorted(p.name for p in target.iterdir()) == ["LICENSE", "pyproject.toml"]
     data = tomllib.loads((target / "pyproject.toml").read_text())
     assert data["project"]["license"] == {"file": "LICENSE"}
@@ -158,16 +151,12 @@ def test_write_app_dir_passes_flwr_validation(tmp_path: Path) -> None:
     data = tomllib.loads((target / "pyproject.toml").read_text())
     ok, errors, _ = validate_config(data, check_module=False)
     assert ok, errors
-    assert build_fab_from_disk(
-        target
-    )  # the FAB packs (LICENSE present, format 1 satisfied)
+    assert build_fab_from_disk(target)  # the FAB packs (LICENSE present, format 1 satisfied)
 
 
 def test_app_dir_for_run_uses_mobiflower_components(tmp_path: Path) -> None:
     target = fc.app_dir_for_run(tmp_path, {"rounds": 1})
-    components = tomllib.loads((target / "pyproject.toml").read_text())["tool"]["flwr"][
-        "app"
-    ]["components"]
+    components = tomllib.loads((target / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
     assert components == {
         "serverapp": fc.DEFAULT_SERVERAPP,
         "clientapp": fc.DEFAULT_CLIENTAPP,

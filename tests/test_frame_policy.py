@@ -27,8 +27,14 @@ def _policy(**kw) -> FramePolicy:
 def test_choices_run_from_full_fidelity_down_to_the_floor():
     policy = _policy()
     assert policy.full == FrameChoice(4, 8)
-    assert policy.choices == [FrameChoice(4, 8), FrameChoice(4, 4), FrameChoice(3, 8), FrameChoice(3, 4),
-                              FrameChoice(2, 8), FrameChoice(2, 4)]  # min taps: half of 4; min bits 4
+    assert policy.choices == [
+        FrameChoice(4, 8),
+        FrameChoice(4, 4),
+        FrameChoice(3, 8),
+        FrameChoice(3, 4),
+        FrameChoice(2, 8),
+        FrameChoice(2, 4),
+    ]  # min taps: half of 4; min bits 4
     assert policy.depth(2) == 0.5 and policy.depth(4) == 1.0
     assert [c.bits for c in _policy(min_bits=2).choices[:3]] == [8, 4, 2]
     with pytest.raises(ValueError, match="adapt-min-taps=5"):
@@ -85,7 +91,10 @@ def test_a_side_network_reads_a_prefix_of_its_layers_and_refuses_more():
     assert not cfg.accepts_layers([7, 11]) and not cfg.accepts_layers([]) and not cfg.accepts_layers(LAYERS + [19])
     net = build_side_network(cfg)
     states = [torch.randn(2, 1, 16) for _ in LAYERS]
-    batch = lambda k: SideBatch(states[:k], torch.ones(2, 1, dtype=torch.bool), torch.zeros(2, dtype=torch.long))
+
+    def batch(k):
+        return SideBatch(states[:k], torch.ones(2, 1, dtype=torch.bool), torch.zeros(2, dtype=torch.long))
+
     assert net(batch(2)).shape == (2, 2) and net(batch(4)).shape == (2, 2)
     assert not torch.allclose(net.eval()(batch(2)), net.eval()(batch(4)))  # the upper layers matter
     with pytest.raises(SideNetworkError, match="1 to 4 tapped layers"):
@@ -105,8 +114,9 @@ def test_cached_epochs_mix_full_and_prefix_frames(tiny_llama):
     full, _ = runtime.make_frame(examples[:12])
     prefix, _ = runtime.make_frame(examples[12:], layers=layers[:2], config=ForwardConfig(bits=4, batch_size=8))
     assert prefix.layers == layers[:2] and prefix.nbytes() < full.nbytes() / 3
-    cfg = SideNetworkConfig(hidden_size=backbone.hidden_size, layers=layers, fingerprint=backbone.fingerprint,
-                            family="ladder", reduction=4)
+    cfg = SideNetworkConfig(
+        hidden_size=backbone.hidden_size, layers=layers, fingerprint=backbone.fingerprint, family="ladder", reduction=4
+    )
     trainer = SideTrainer(build_side_network(cfg), TrainConfig(batch_size=8, epochs=2, lr=1e-3))
     trainer.ingest(full)
     trainer.ingest(prefix)
@@ -122,8 +132,15 @@ def test_a_step_over_parts_is_the_step_over_the_whole_batch():
     torch.manual_seed(0)
     nets = [build_side_network(cfg) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
-    make = lambda n: SideBatch([torch.randn(n, 1, 16) for _ in LAYERS], torch.ones(n, 1, dtype=torch.bool),
-                               torch.zeros(n, dtype=torch.long), torch.randint(0, 2, (n,)))
+
+    def make(n):
+        return SideBatch(
+            [torch.randn(n, 1, 16) for _ in LAYERS],
+            torch.ones(n, 1, dtype=torch.bool),
+            torch.zeros(n, dtype=torch.long),
+            torch.randint(0, 2, (n,)),
+        )
+
     a, b = make(5), make(3)
     whole, parts = (SideTrainer(net, TrainConfig(batch_size=8, epochs=1, lr=1e-2, device="cpu")) for net in nets)
     loss_whole = whole.train_batch(_concat_batches([a, b]))
@@ -131,4 +148,3 @@ def test_a_step_over_parts_is_the_step_over_the_whole_batch():
     assert loss_parts == pytest.approx(loss_whole, rel=1e-5)
     for (name, p), q in zip(nets[0].named_parameters(), nets[1].parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
-

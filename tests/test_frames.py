@@ -35,8 +35,6 @@ FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 FP = "smollm2-135m:sha256:0123abcd"
 
 
-
-
 def make_frame(
     *,
     n: int = 4,
@@ -55,8 +53,9 @@ def make_frame(
         lengths = {"last": [5] * n, "nonpad": [3, 3, 2, 5] * (n // 4) + [4] * (n % 4), "all": [3] * n}[policy]
     rows = sum(counts)
     g = torch.Generator().manual_seed(seed)
-    acts = [quantize(torch.randn(rows, hidden, generator=g), bits, 64, "hadamard", seed + i)
-            for i in range(len(layers))]
+    acts = [
+        quantize(torch.randn(rows, hidden, generator=g), bits, 64, "hadamard", seed + i) for i in range(len(layers))
+    ]
     if targets is None:
         targets = {"kind": "class", "values": [i % 3 for i in range(n)], "num_classes": 3}
     return Frame(
@@ -75,7 +74,7 @@ def make_frame(
 def split(data: bytes) -> tuple[dict, bytes]:
     """(header dict, payload) of an encoded frame."""
     (hlen,) = struct.unpack_from("<I", data, 4)
-    return msgpack.unpackb(data[8:8 + hlen], raw=False), data[8 + hlen:-4]
+    return msgpack.unpackb(data[8 : 8 + hlen], raw=False), data[8 + hlen : -4]
 
 
 def join(header: Any, payload: bytes, *, raw_header: bytes | None = None) -> bytes:
@@ -86,8 +85,17 @@ def join(header: Any, payload: bytes, *, raw_header: bytes | None = None) -> byt
 
 
 def assert_same(a: Frame, b: Frame) -> None:
-    for name in ("fingerprint", "layers", "token_policy", "sample_ids", "token_counts", "seq_lengths",
-                 "targets", "meta", "version"):
+    for name in (
+        "fingerprint",
+        "layers",
+        "token_policy",
+        "sample_ids",
+        "token_counts",
+        "seq_lengths",
+        "targets",
+        "meta",
+        "version",
+    ):
         va, vb = getattr(a, name), getattr(b, name)
         if isinstance(va, np.ndarray):
             va = va.tolist()
@@ -95,7 +103,12 @@ def assert_same(a: Frame, b: Frame) -> None:
     assert len(a.activations) == len(b.activations)
     for qa, qb in zip(a.activations, b.activations):
         assert (qa.bits, qa.group_size, tuple(qa.shape), qa.rotation, qa.seed) == (
-            qb.bits, qb.group_size, tuple(qb.shape), qb.rotation, qb.seed)
+            qb.bits,
+            qb.group_size,
+            tuple(qb.shape),
+            qb.rotation,
+            qb.seed,
+        )
         assert np.array_equal(qa.packed, qb.packed)
         assert np.array_equal(qa.scales.view(np.uint16), qb.scales.view(np.uint16))
         assert torch.equal(dequantize(qa), dequantize(qb))
@@ -112,8 +125,9 @@ def refused(data: Any, **kwargs: Any) -> FrameError:
     err = e.value
     assert "malformed frame" not in err.message, f"no check named the problem: {err}"
     name = re.sub(r"\[\d+\]", "[i]", err.field)  # an entry of a list field is named after the field
-    assert {name, name.removesuffix("[i]")} & FIELD_NAMES or name.startswith(("meta", "targets.")), \
+    assert {name, name.removesuffix("[i]")} & FIELD_NAMES or name.startswith(("meta", "targets.")), (
         f"unknown field in {err}"
+    )
     return err
 
 
@@ -152,19 +166,33 @@ def frames(draw) -> Frame:
     kind = draw(st.sampled_from(TARGET_KINDS))
     if kind == "class":
         k = draw(st.integers(1, 5))
-        targets = {"kind": "class", "values": draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n)),
-                   "num_classes": k}
+        targets = {
+            "kind": "class",
+            "values": draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n)),
+            "num_classes": k,
+        }
     elif kind == "tokens":
-        targets = {"kind": "tokens",
-                   "values": draw(st.lists(st.sampled_from([-100, 0, 1, 7, 49151]), min_size=rows, max_size=rows))}
+        targets = {
+            "kind": "tokens",
+            "values": draw(st.lists(st.sampled_from([-100, 0, 1, 7, 49151]), min_size=rows, max_size=rows)),
+        }
     else:
         targets = {"kind": "none"}
-    meta = draw(st.dictionaries(
-        st.text(max_size=6),
-        st.one_of(st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=False), st.text(max_size=8),
-                  st.binary(max_size=8), st.booleans(), st.none(), st.lists(st.integers(0, 9), max_size=3)),
-        max_size=4,
-    ))
+    meta = draw(
+        st.dictionaries(
+            st.text(max_size=6),
+            st.one_of(
+                st.integers(-(2**63), 2**64 - 1),
+                st.floats(allow_nan=False),
+                st.text(max_size=8),
+                st.binary(max_size=8),
+                st.booleans(),
+                st.none(),
+                st.lists(st.integers(0, 9), max_size=3),
+            ),
+            max_size=4,
+        )
+    )
     return Frame(
         fingerprint=draw(st.text(min_size=1, max_size=40)),
         layers=layers,
@@ -286,6 +314,7 @@ def test_payload_corruption_is_caught_by_the_crc(base):
 
 def _set(path: str, value: Any) -> Callable[[dict, bytes], None]:
     """Mutator setting header[path] (dotted; ints index lists) to value."""
+
     def mutate(h: dict, p: bytes) -> None:
         *parents, last = path.split(".")
         obj: Any = h
@@ -295,12 +324,14 @@ def _set(path: str, value: Any) -> Callable[[dict, bytes], None]:
             obj[int(last)] = value
         else:
             obj[last] = value
+
     return mutate
 
 
 def _del(key: str) -> Callable[[dict, bytes], None]:
     def mutate(h: dict, p: bytes) -> None:
         del h[key]
+
     return mutate
 
 
@@ -308,8 +339,9 @@ def _nan_scale(value: float) -> Callable[[dict, bytes], bytes]:
     def mutate(h: dict, p: bytes) -> bytes:
         off = h["tensors"]["scales"][1][0] + 2 * 3  # layer 1, 4th float16
         b = bytearray(p)
-        b[off:off + 2] = np.array([value], dtype="<f2").tobytes()
+        b[off : off + 2] = np.array([value], dtype="<f2").tobytes()
         return bytes(b)
+
     return mutate
 
 
@@ -377,8 +409,11 @@ CASES: list[tuple[str, Callable, str]] = [
     ("targets-type", _set("targets", [1]), "targets"),
     ("tokens-count", _set("targets", {"kind": "tokens", "values": [1] * 7}), "targets.values"),
     ("tokens-negative", _set("targets", {"kind": "tokens", "values": [1, -5, 1, 1, 1, 1, 1, 1]}), "targets.values"),
-    ("tokens-over-vocab", _set("targets", {"kind": "tokens", "values": [1] * 7 + [10], "vocab_size": 10}),
-     "targets.values"),
+    (
+        "tokens-over-vocab",
+        _set("targets", {"kind": "tokens", "values": [1] * 7 + [10], "vocab_size": 10}),
+        "targets.values",
+    ),
     ("none-with-values", _set("targets", {"kind": "none", "values": [1]}), "targets.values"),
     ("meta-type", _set("meta", [1, 2]), "meta"),
 ]
@@ -400,7 +435,7 @@ def test_non_finite_float16_passthrough_values_are_rejected():
     off = h["tensors"]["packed"][0][0] + 2 * 5
     for value in (float("nan"), float("inf")):
         b = bytearray(p)
-        b[off:off + 2] = np.array([value], dtype="<f2").tobytes()
+        b[off : off + 2] = np.array([value], dtype="<f2").tobytes()
         with pytest.raises(FrameError) as e:
             decode_frame(join(h, bytes(b)))
         assert e.value.field == "layers[0].packed", str(e.value)
@@ -459,19 +494,47 @@ def test_limits(base, limits, field):
 
 
 msgpack_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64 - 1), st.floats(), st.text(max_size=5),
-              st.binary(max_size=5)),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**64), 2**64 - 1),
+        st.floats(),
+        st.text(max_size=5),
+        st.binary(max_size=5),
+    ),
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=4), inner, max_size=4)),
     max_leaves=12,
 )
 
 
 @settings(max_examples=150, deadline=None)
-@given(key=st.sampled_from(["version", "fingerprint", "layers", "token_policy", "sample_ids", "token_counts",
-                            "seq_lengths", "targets", "meta", "payload_bytes", "tensors", "tensors.bits",
-                            "tensors.shape", "tensors.packed", "tensors.scales", "tensors.seed", "targets.values",
-                            "targets.num_classes", "tensors.shape.0", "tensors.packed.1"]),
-       value=msgpack_values)
+@given(
+    key=st.sampled_from(
+        [
+            "version",
+            "fingerprint",
+            "layers",
+            "token_policy",
+            "sample_ids",
+            "token_counts",
+            "seq_lengths",
+            "targets",
+            "meta",
+            "payload_bytes",
+            "tensors",
+            "tensors.bits",
+            "tensors.shape",
+            "tensors.packed",
+            "tensors.scales",
+            "tensors.seed",
+            "targets.values",
+            "targets.num_classes",
+            "tensors.shape.0",
+            "tensors.packed.1",
+        ]
+    ),
+    value=msgpack_values,
+)
 def test_a_fuzzed_header_field_is_refused_by_its_check_or_decodes_to_what_was_sent(key, value):
     """A refusal names its field (never the decoder's catch-all); a frame accepted with a fuzzed field
     validates in memory, survives re-encoding, and holds exactly the value sent."""
@@ -588,8 +651,9 @@ def test_a_header_field_given_twice_is_refused_naming_it(base, key):
         assert e.value.field == key and "appears twice" in e.value.message, str(e.value)
 
 
-@pytest.mark.parametrize("where,field", [("targets", "targets.values"), ("tensors", "tensors.bits"),
-                                         ("meta", "meta.chunk")])
+@pytest.mark.parametrize(
+    "where,field", [("targets", "targets.values"), ("tensors", "tensors.bits"), ("meta", "meta.chunk")]
+)
 def test_a_nested_key_given_twice_is_refused_naming_it(base, where, field):
     h, p = split(base)
     key = field.split(".")[1]
@@ -603,8 +667,12 @@ def test_a_nested_key_given_twice_is_refused_naming_it(base, where, field):
 
 LIMITS = FrameLimits()
 FREE_CASES: list[tuple[str, Callable, str, str]] = [
-    ("meta-keys", _set("meta", {f"k{i}": i for i in range(LIMITS.max_meta_keys + 1)}), "meta",
-     f"has {LIMITS.max_meta_keys + 1} keys, more than the limit"),
+    (
+        "meta-keys",
+        _set("meta", {f"k{i}": i for i in range(LIMITS.max_meta_keys + 1)}),
+        "meta",
+        f"has {LIMITS.max_meta_keys + 1} keys, more than the limit",
+    ),
     ("meta-huge-map", _set("meta", {f"k{i}": i for i in range(100_000)}), "meta", "exceeds max_map_len"),
     ("meta-long-array", _set("meta", {"x": [0] * (LIMITS.max_meta_len + 1)}), "meta", "exceeds max_array_len"),
     ("meta-deep", _set("meta", {"x": [[[[1]]]]}), "meta", "more than 4 deep"),
@@ -613,12 +681,24 @@ FREE_CASES: list[tuple[str, Callable, str, str]] = [
     ("meta-int-key", _set("meta", {"x": {1: 2}}), "meta", "not allowed for map key"),
     ("meta-ext", _set("meta", {"x": msgpack.ExtType(1, b"abc")}), "meta", "max_ext_len"),
     ("targets-extra-deep", _set("targets.note", [[[[[0]]]]]), "targets.note", "more than 4 deep"),
-    ("targets-extra-keys", lambda h, p: h["targets"].update({f"k{i}": 0 for i in range(LIMITS.max_meta_keys + 1)}),
-     "targets", f"keys besides {['kind', 'values', 'num_classes', 'vocab_size']}, more than the limit"),
-    ("targets-many-keys", lambda h, p: h["targets"].update({f"k{i}": 0 for i in range(10_000)}),
-     "targets", "more than its 4 fields"),
-    ("targets-extra-bytes", lambda h, p: h["targets"].update(a="x" * 9000, b="y" * 9000), "targets.b",
-     "bytes encoded, the limit"),
+    (
+        "targets-extra-keys",
+        lambda h, p: h["targets"].update({f"k{i}": 0 for i in range(LIMITS.max_meta_keys + 1)}),
+        "targets",
+        f"keys besides {['kind', 'values', 'num_classes', 'vocab_size']}, more than the limit",
+    ),
+    (
+        "targets-many-keys",
+        lambda h, p: h["targets"].update({f"k{i}": 0 for i in range(10_000)}),
+        "targets",
+        "more than its 4 fields",
+    ),
+    (
+        "targets-extra-bytes",
+        lambda h, p: h["targets"].update(a="x" * 9000, b="y" * 9000),
+        "targets.b",
+        "bytes encoded, the limit",
+    ),
     ("values-nested", _set("targets.values", [[0, 1], [1, 0]]), "targets.values", "must not hold maps or arrays"),
     ("values-empty-lists", _set("targets.values", [[]] * 100_000), "targets.values", "must not hold maps or arrays"),
     ("ids-of-maps", _set("sample_ids", [{}, {}, {}, {}]), "sample_ids", "must not hold maps or arrays"),

@@ -20,20 +20,44 @@ def _run(tiny_llama: str, scratch: Path, hostile: bool) -> dict:
 
     # per-device networks without dropout, one request in flight: each honest device's network trains on
     # its own frames in its own order, whatever the hostile device does
-    run_config = {**LADDER, "model": tiny_llama, "num-taps": 2, "train-samples": 48, "validation-samples": 8,
-                  "test-samples": 32, "rounds": 2, "chunk-size": 4, "eval-every": 0, "reduction": 4,
-                  "mode": "per-device", "dropout": 0.0, "in-flight": 1, "activation-cache": False,
-                  "max-retries": 4}
+    run_config = {
+        **LADDER,
+        "model": tiny_llama,
+        "num-taps": 2,
+        "train-samples": 48,
+        "validation-samples": 8,
+        "test-samples": 32,
+        "rounds": 2,
+        "chunk-size": 4,
+        "eval-every": 0,
+        "reduction": 4,
+        "mode": "per-device",
+        "dropout": 0.0,
+        "in-flight": 1,
+        "activation-cache": False,
+        "max-retries": 4,
+    }
     return run_fleet(scratch, 4, run_config, apps={3: hostile_device.app} if hostile else None)[0]
 
 
-HOSTILE_FRAME_REASONS = {"invalid meta", "invalid fingerprint", "wrong targets", "invalid targets.values",
-                         "replayed frame", "invalid payload_bytes", "invalid magic", "invalid crc", "invalid header",
-                         "invalid targets", "invalid data"}
+HOSTILE_FRAME_REASONS = {
+    "invalid meta",
+    "invalid fingerprint",
+    "wrong targets",
+    "invalid targets.values",
+    "replayed frame",
+    "invalid payload_bytes",
+    "invalid magic",
+    "invalid crc",
+    "invalid header",
+    "invalid targets",
+    "invalid data",
+}
 
 
-def test_a_hostile_device_is_refused_alone_and_the_honest_ones_train_as_in_a_clean_run(real_assets, tiny_llama,
-                                                                                          tmp_path):
+def test_a_hostile_device_is_refused_alone_and_the_honest_ones_train_as_in_a_clean_run(
+    real_assets, tiny_llama, tmp_path
+):
     t0 = time.perf_counter()
     clean = _run(tiny_llama, tmp_path / "clean", False)
     t1 = time.perf_counter()
@@ -41,20 +65,36 @@ def test_a_hostile_device_is_refused_alone_and_the_honest_ones_train_as_in_a_cle
     t2 = time.perf_counter()
     bad = hostile["devices"]["device-3"]
     print(f"\nclean run {t1 - t0:.1f} s, hostile run {t2 - t1:.1f} s")
-    print("honest test accuracy, clean vs hostile run:",
-          {d: (clean["devices"][d]["test_accuracy"], hostile["devices"][d]["test_accuracy"]) for d in HONEST})
+    print(
+        "honest test accuracy, clean vs hostile run:",
+        {d: (clean["devices"][d]["test_accuracy"], hostile["devices"][d]["test_accuracy"]) for d in HONEST},
+    )
     print("device-3 frames refused by reason:", bad["frames_refused"])
     print("device-3 replies refused by reason:", bad["replies_refused"])
-    print("device-3 frames", bad["frames"], "accepted frames in the run", hostile["frames_accepted"],
-          "refused", hostile["frames_refused"], "dropped", bad["dropped"])
+    print(
+        "device-3 frames",
+        bad["frames"],
+        "accepted frames in the run",
+        hostile["frames_accepted"],
+        "refused",
+        hostile["frames_refused"],
+        "dropped",
+        bad["dropped"],
+    )
     for device in HONEST:  # the honest devices: untouched by it
         account = hostile["devices"][device]
         assert not account["failures"] and not account["frames_refused"] and not account["replies_refused"]
         assert account["samples_trained"] == clean["devices"][device]["samples_trained"] == 24
         assert abs(account["test_accuracy"] - clean["devices"][device]["test_accuracy"]) <= 0.125  # one sample
         assert account["delivered"] == 1
-    assert abs(sum(hostile["devices"][d]["test_accuracy"] for d in HONEST)
-               - sum(clean["devices"][d]["test_accuracy"] for d in HONEST)) / 3 <= 0.05
+    assert (
+        abs(
+            sum(hostile["devices"][d]["test_accuracy"] for d in HONEST)
+            - sum(clean["devices"][d]["test_accuracy"] for d in HONEST)
+        )
+        / 3
+        <= 0.05
+    )
     # the hostile device: every kind refused alone, counted by reason, and reported
     # which hostile kinds a run meets depends on how Flower spreads requests over worker processes (each
     # cycles through them on its own), so this asks for several of them; tests/test_hostile_frames.py and

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_frames import _raw_map, join, split
 
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
@@ -28,10 +29,10 @@ from mobiflower.platform.intake import FrameIntake, run_limits
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.trainer import TrainConfig
-from test_frames import _raw_map, join, split
 
-PROPERTY = settings(max_examples=25, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 LIMITS = FrameLimits()
 SLOW_S = 2.0  # a generous bound on one refusal on a loaded 2-core machine (the figures are far lower)
 
@@ -39,9 +40,12 @@ SLOW_S = 2.0  # a generous bound on one refusal on a loaded 2-core machine (the 
 @pytest.fixture(scope="module")
 def device(tiny_llama):
     backbone = Backbone.load(tiny_llama, num_taps=2)
-    runtimes = {policy: DeviceRuntime(backbone, ForwardConfig(bits=8, token_policy=policy,
-                                                              targets="tokens" if policy == "nonpad" else "class"))
-                for policy in ("last", "nonpad")}
+    runtimes = {
+        policy: DeviceRuntime(
+            backbone, ForwardConfig(bits=8, token_policy=policy, targets="tokens" if policy == "nonpad" else "class")
+        )
+        for policy in ("last", "nonpad")
+    }
 
     def frame(ids, policy: str = "last", **changes):
         examples = [Example(id=i, text=f"sample {i} was {'great' if i % 2 else 'dull'}", label=i % 2) for i in ids]
@@ -52,12 +56,24 @@ def device(tiny_llama):
 
 
 def _store(backbone, head: str = "classification") -> tuple[SideNetworkStore, SideNetworkConfig]:
-    config = SideNetworkConfig(hidden_size=backbone.hidden_size, layers=backbone.layers,
-                               fingerprint=backbone.fingerprint, family="ladder", reduction=4, dropout=0.0,
-                               head=head, token_policy="last" if head == "classification" else "nonpad")
+    config = SideNetworkConfig(
+        hidden_size=backbone.hidden_size,
+        layers=backbone.layers,
+        fingerprint=backbone.fingerprint,
+        family="ladder",
+        reduction=4,
+        dropout=0.0,
+        head=head,
+        token_policy="last" if head == "classification" else "nonpad",
+    )
     frozen = backbone.frozen_head_state(lm_head=head == "lm")
-    store = SideNetworkStore(StoreConfig("shared"), lambda: build_side_network(config, frozen),
-                             TrainConfig(epochs=2, batch_size=4), {"device-0": 64, "device-1": 64}, chunk_size=8)
+    store = SideNetworkStore(
+        StoreConfig("shared"),
+        lambda: build_side_network(config, frozen),
+        TrainConfig(epochs=2, batch_size=4),
+        {"device-0": 64, "device-1": 64},
+        chunk_size=8,
+    )
     return store, config
 
 
@@ -82,16 +98,37 @@ def lm(device):
     return intake, frame
 
 
-@pytest.mark.parametrize("layers, policy, bits", [((5,), "nonpad", 4), ((5,), "nonpad", 2), ((1, 3), "last", 8),
-                                                  (tuple(range(0, 24, 3)), "last", 8), ((2,), "all", 16)])
+@pytest.mark.parametrize(
+    "layers, policy, bits",
+    [
+        ((5,), "nonpad", 4),
+        ((5,), "nonpad", 2),
+        ((1, 3), "last", 8),
+        (tuple(range(0, 24, 3)), "last", 8),
+        ((2,), "all", 16),
+    ],
+)
 def test_honest_frames_pass_the_limits_of_their_run(layers, policy, bits):
     """A run's limits (one tapped layer for a pretrained tail, several for a ladder) admit what its devices send."""
     from test_frames import make_frame
 
-    frame = make_frame(n=8, layers=layers, bits=bits, policy=policy,
-                       counts=[1] * 8 if policy == "last" else None, lengths=[256] * 8 if policy == "last" else None)
-    config = SideNetworkConfig(hidden_size=frame.hidden_size, layers=list(layers), fingerprint=frame.fingerprint,
-                               family="ladder", reduction=4, bits=bits, token_policy=policy)
+    frame = make_frame(
+        n=8,
+        layers=layers,
+        bits=bits,
+        policy=policy,
+        counts=[1] * 8 if policy == "last" else None,
+        lengths=[256] * 8 if policy == "last" else None,
+    )
+    config = SideNetworkConfig(
+        hidden_size=frame.hidden_size,
+        layers=list(layers),
+        fingerprint=frame.fingerprint,
+        family="ladder",
+        reduction=4,
+        bits=bits,
+        token_policy=policy,
+    )
     from mobiflower.platform.frames import decode_frame
 
     assert decode_frame(encode_frame(frame), limits=run_limits(config, 8)).num_samples == 8
@@ -115,8 +152,14 @@ def _refused(intake: FrameIntake, blob, field: str, reason: str, text: str = "",
 
 # ---- 1. free-form header content beyond its bounds ---------------------------------------------------
 free_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False),
-              st.text(max_size=6), st.binary(max_size=6)),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.floats(allow_nan=False),
+        st.text(max_size=6),
+        st.binary(max_size=6),
+    ),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
     max_leaves=6,
 )
@@ -139,8 +182,12 @@ def _overflow(kind: str, size: int, value):
 
 
 @PROPERTY
-@given(kind=st.sampled_from(["keys", "length", "depth", "bytes"]), size=st.integers(1, 2000),
-       value=free_values, where=st.sampled_from(["meta", "targets"]))
+@given(
+    kind=st.sampled_from(["keys", "length", "depth", "bytes"]),
+    size=st.integers(1, 2000),
+    value=free_values,
+    where=st.sampled_from(["meta", "targets"]),
+)
 def test_free_form_content_beyond_its_bounds_is_refused(live, kind, size, value, where):
     intake, good = live
     content, field, text = _overflow(kind, size, value)
@@ -159,8 +206,19 @@ def test_free_form_content_beyond_its_bounds_is_refused(live, kind, size, value,
 
 
 # ---- 2. a key given twice -----------------------------------------------------------------------
-FIELDS = ["version", "fingerprint", "layers", "token_policy", "sample_ids", "token_counts", "seq_lengths", "targets",
-          "meta", "payload_bytes", "tensors"]
+FIELDS = [
+    "version",
+    "fingerprint",
+    "layers",
+    "token_policy",
+    "sample_ids",
+    "token_counts",
+    "seq_lengths",
+    "targets",
+    "meta",
+    "payload_bytes",
+    "tensors",
+]
 
 
 @PROPERTY
@@ -187,8 +245,13 @@ def test_a_nested_key_given_twice_is_refused_naming_it(live, where, index):
     inner = _raw_map([*h[where].items(), (key, h[where][key])])
     raw = _raw_map([(k, v) for k, v in h.items() if k != where])
     raw = raw[:1] + len(h).to_bytes(2, "big") + raw[3:] + msgpack.packb(where) + inner
-    _refused(intake, join(None, p, raw_header=raw), f"{where}.{key}",
-             "invalid meta" if where == "meta" else f"invalid {where}.{key}", "appears twice")
+    _refused(
+        intake,
+        join(None, p, raw_header=raw),
+        f"{where}.{key}",
+        "invalid meta" if where == "meta" else f"invalid {where}.{key}",
+        "appears twice",
+    )
 
 
 # ---- 3. targets the head cannot train on ----------------------------------------------------------
@@ -223,8 +286,13 @@ def test_the_lm_head_refuses_targets_outside_its_vocabulary_or_of_another_kind(l
         row %= len(values)
         values[row] = intake.vocab_size + over
         f.targets = {"kind": "tokens", "values": values}
-        result = _refused(intake, encode_frame(f), "targets.values", "token outside the vocabulary",
-                          f"vocabulary of {intake.vocab_size}")
+        result = _refused(
+            intake,
+            encode_frame(f),
+            "targets.values",
+            "token outside the vocabulary",
+            f"vocabulary of {intake.vocab_size}",
+        )
         assert f"at row {row}" in result.message
 
 
@@ -275,10 +343,16 @@ def test_a_resumed_intake_refuses_every_frame_accepted_before(device, tmp_path):
 
 
 # ---- 5. what used to raise out of offer ----------------------------------------------------------
-not_frames = st.one_of(st.none(), st.integers(), st.floats(), st.text(), st.lists(st.integers(0, 255), max_size=8),
-                       st.dictionaries(st.text(max_size=3), st.integers(), max_size=3),
-                       st.builds(lambda n: np.zeros(n, np.float32), st.integers(0, 16)),
-                       st.builds(lambda n: np.zeros((n, 4), np.uint8)[:, ::2], st.integers(1, 8)))
+not_frames = st.one_of(
+    st.none(),
+    st.integers(),
+    st.floats(),
+    st.text(),
+    st.lists(st.integers(0, 255), max_size=8),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=3),
+    st.builds(lambda n: np.zeros(n, np.float32), st.integers(0, 16)),
+    st.builds(lambda n: np.zeros((n, 4), np.uint8)[:, ::2], st.integers(1, 8)),
+)
 
 
 @PROPERTY
@@ -377,9 +451,13 @@ def test_a_thousand_hostile_frames_leave_a_live_store_untouched(device, capsys):
     assert store.state_digest() == before
     assert total < 600 and max(slowest.values()) < 10 * SLOW_S and max(largest.values()) < 200 and rss < 500
     with capsys.disabled():
-        print(f"\n1,000 hostile frames: {total:.2f} s in all, RSS {rss:+.1f} MB; slowest and largest refusal per "
-              "kind (ms / MB): " + ", ".join(f"{k} {slowest[k] * 1e3:.1f} / {largest[k]:.2f}"
-                                           for k in sorted(names, key=lambda k: -slowest[k])))
+        print(
+            f"\n1,000 hostile frames: {total:.2f} s in all, RSS {rss:+.1f} MB; slowest and largest refusal per "
+            "kind (ms / MB): "
+            + ", ".join(
+                f"{k} {slowest[k] * 1e3:.1f} / {largest[k]:.2f}" for k in sorted(names, key=lambda k: -slowest[k])
+            )
+        )
         print("refusals by reason:", dict(intake.refused["device-0"]))
     # the store still trains on honest frames
     assert intake.offer("device-0", encode_frame(frame(range(500, 508)))).accepted

@@ -21,10 +21,16 @@ from mobiflower.strategies.reply_checks import ReplyError
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # every kind of value a Flower record lets a device send
-numbers = st.one_of(st.integers(-2**63, 2**63 - 1), st.floats(), st.sampled_from([0, -1, 2**40, math.nan, math.inf]))
+numbers = st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats(), st.sampled_from([0, -1, 2**40, math.nan, math.inf]))
 metric_values = st.one_of(numbers, st.lists(st.integers(-10, 10), max_size=3), st.lists(st.floats(), max_size=3))
-config_values = st.one_of(metric_values, st.booleans(), st.text(max_size=8), st.binary(max_size=8),
-                          st.lists(st.text(max_size=3), max_size=3), st.text(min_size=5000, max_size=5000))
+config_values = st.one_of(
+    metric_values,
+    st.booleans(),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+    st.lists(st.text(max_size=3), max_size=3),
+    st.text(min_size=5000, max_size=5000),
+)
 
 
 class _Reply:
@@ -41,10 +47,29 @@ class _Reply:
 
 
 def _profile(**changes) -> _Reply:
-    desc = {"device-id": "device-0", "fingerprint": "llama-d64-L4", "model": "tiny", "layers": [1, 3],
-            "is-decoder": True, "hidden-size": 64, "num-layers": 4, "norm-eps": 1e-5, "activation-cache": True}
-    stats = {"train": 32, "validation": 8, "test": 8, "positive-share": 0.5, "forward-samples-per-s": 90.0,
-             "load-s": 0.1, "rss-mb": 300.0, "peak-rss-mb": 310.0, "cpu-count": 2, "threads": 1}
+    desc = {
+        "device-id": "device-0",
+        "fingerprint": "llama-d64-L4",
+        "model": "tiny",
+        "layers": [1, 3],
+        "is-decoder": True,
+        "hidden-size": 64,
+        "num-layers": 4,
+        "norm-eps": 1e-5,
+        "activation-cache": True,
+    }
+    stats = {
+        "train": 32,
+        "validation": 8,
+        "test": 8,
+        "positive-share": 0.5,
+        "forward-samples-per-s": 90.0,
+        "load-s": 0.1,
+        "rss-mb": 300.0,
+        "peak-rss-mb": 310.0,
+        "cpu-count": 2,
+        "threads": 1,
+    }
     frozen = {"final_norm.weight": torch.ones(64)}
     for key, value in changes.items():
         target = desc if key in desc else stats if key in stats else frozen
@@ -52,15 +77,41 @@ def _profile(**changes) -> _Reply:
             target.pop(key, None)
         else:
             target[key] = value
-    return _Reply(RecordDict({m.PROFILE_KEY: ConfigRecord(desc), m.STATS_KEY: MetricRecord(stats),
-                              m.FROZEN_KEY: ArrayRecord(torch_state_dict=frozen)}))
+    return _Reply(
+        RecordDict(
+            {
+                m.PROFILE_KEY: ConfigRecord(desc),
+                m.STATS_KEY: MetricRecord(stats),
+                m.FROZEN_KEY: ArrayRecord(torch_state_dict=frozen),
+            }
+        )
+    )
 
 
 _DROP = object()
-PROFILE_KEYS = ["device-id", "fingerprint", "model", "layers", "is-decoder", "hidden-size", "num-layers", "norm-eps",
-                "activation-cache"]
-PROFILE_STATS = ["train", "validation", "test", "positive-share", "forward-samples-per-s", "load-s", "rss-mb",
-                 "peak-rss-mb", "cpu-count", "threads"]
+PROFILE_KEYS = [
+    "device-id",
+    "fingerprint",
+    "model",
+    "layers",
+    "is-decoder",
+    "hidden-size",
+    "num-layers",
+    "norm-eps",
+    "activation-cache",
+]
+PROFILE_STATS = [
+    "train",
+    "validation",
+    "test",
+    "positive-share",
+    "forward-samples-per-s",
+    "load-s",
+    "rss-mb",
+    "peak-rss-mb",
+    "cpu-count",
+    "threads",
+]
 
 
 def test_an_honest_profile_passes_as_plain_values():
@@ -106,13 +157,16 @@ def test_any_profile_measurement_is_checked_or_refused_by_field(key, value):
     assert all(math.isfinite(v) and v >= 0 for k, v in profile.items() if k in PROFILE_STATS)
 
 
-@pytest.mark.parametrize("frozen, text", [
-    ({"final_norm.weight": torch.full((64,), float("nan"))}, "NaN"),
-    ({"final_norm.weight": torch.ones(32)}, "64 wide"),
-    ({"final_norm.weight": torch.ones(64, dtype=torch.int64)}, "floating point"),
-    ({"backbone.layers.0.weight": torch.ones(64)}, "a frozen head is"),
-    ({"lm_head.weight": torch.ones(64)}, "2-D"),
-])
+@pytest.mark.parametrize(
+    "frozen, text",
+    [
+        ({"final_norm.weight": torch.full((64,), float("nan"))}, "NaN"),
+        ({"final_norm.weight": torch.ones(32)}, "64 wide"),
+        ({"final_norm.weight": torch.ones(64, dtype=torch.int64)}, "floating point"),
+        ({"backbone.layers.0.weight": torch.ones(64)}, "a frozen head is"),
+        ({"lm_head.weight": torch.ones(64)}, "2-D"),
+    ],
+)
 def test_a_frozen_head_that_would_poison_the_network_is_refused(frozen, text):
     reply = _profile()
     reply.content[m.FROZEN_KEY] = ArrayRecord(torch_state_dict=frozen)
@@ -123,13 +177,20 @@ def test_a_frozen_head_that_would_poison_the_network_is_refused(frozen, text):
 
 def _forward(**stats) -> _Reply:
     values = {"samples": 4, "forward-s": 0.1, "busy-s": 0.2, "frame-bytes": 10, **stats}
-    return _Reply(RecordDict({m.FRAME_KEY: m.frame_record(b"MBFL" + bytes(8)),
-                              m.STATS_KEY: MetricRecord({k: v for k, v in values.items() if v is not _DROP})}))
+    return _Reply(
+        RecordDict(
+            {
+                m.FRAME_KEY: m.frame_record(b"MBFL" + bytes(8)),
+                m.STATS_KEY: MetricRecord({k: v for k, v in values.items() if v is not _DROP}),
+            }
+        )
+    )
 
 
 @PROPERTY
-@given(key=st.sampled_from(["samples", "forward-s", "busy-s", "tokens"]),
-       value=st.one_of(metric_values, st.just(_DROP)))
+@given(
+    key=st.sampled_from(["samples", "forward-s", "busy-s", "tokens"]), value=st.one_of(metric_values, st.just(_DROP))
+)
 def test_any_forward_metric_is_checked_or_refused_by_field(key, value):
     try:
         reply = _forward(**{key: value})
@@ -158,11 +219,19 @@ def test_a_forward_reply_must_say_it_forwarded_what_was_asked():
 
 
 @PROPERTY
-@given(key=st.sampled_from(["accuracy", "samples", "zero-shot-accuracy", "peak-rss-mb", "seconds"]),
-       value=st.one_of(metric_values, st.just(_DROP)))
+@given(
+    key=st.sampled_from(["accuracy", "samples", "zero-shot-accuracy", "peak-rss-mb", "seconds"]),
+    value=st.one_of(metric_values, st.just(_DROP)),
+)
 def test_any_evaluation_metric_is_checked_or_refused_by_field(key, value):
-    values = {"accuracy": 0.75, "samples": 8, "zero-shot-accuracy": 0.5, "seconds": 1.0, "peak-rss-mb": 300.0,
-              key: value}
+    values = {
+        "accuracy": 0.75,
+        "samples": 8,
+        "zero-shot-accuracy": 0.5,
+        "seconds": 1.0,
+        "peak-rss-mb": 300.0,
+        key: value,
+    }
     try:
         reply = _Reply(RecordDict({m.STATS_KEY: MetricRecord({k: v for k, v in values.items() if v is not _DROP})}))
     except (TypeError, ValueError):
@@ -178,10 +247,13 @@ def test_any_evaluation_metric_is_checked_or_refused_by_field(key, value):
 
 
 @PROPERTY
-@given(rows=st.integers(0, 5), classes=st.integers(1, 4),
-       dtype=st.sampled_from(["float32", "float64", "int64", "float16"]),
-       fill=st.one_of(st.floats(), st.sampled_from([0.3, -0.7, 1.0, -1.0, 1.5, math.nan])),
-       extra=st.booleans())
+@given(
+    rows=st.integers(0, 5),
+    classes=st.integers(1, 4),
+    dtype=st.sampled_from(["float32", "float64", "int64", "float16"]),
+    fill=st.one_of(st.floats(), st.sampled_from([0.3, -0.7, 1.0, -1.0, 1.5, math.nan])),
+    extra=st.booleans(),
+)
 def test_any_residual_reply_is_checked_or_refused(rows, classes, dtype, fill, extra):
     with np.errstate(all="ignore"):  # NaN and huge fills cast to integers and half floats as they do
         array = np.full((rows, classes), fill).astype(dtype)
@@ -197,15 +269,23 @@ def test_any_residual_reply_is_checked_or_refused(rows, classes, dtype, fill, ex
     assert np.abs(residual).max() <= 1 + 1e-3 and not extra
 
 
-@pytest.mark.parametrize("receipt, field", [({}, "digest"), ({"digest": 5}, "digest"),
-                                            ({"digest": "x" * 200}, "digest"), ({"digest": "ab", "path": 3}, "path"),
-                                            ({"digest": "ab", "path": "p" * 5000}, "path")])
+@pytest.mark.parametrize(
+    "receipt, field",
+    [
+        ({}, "digest"),
+        ({"digest": 5}, "digest"),
+        ({"digest": "x" * 200}, "digest"),
+        ({"digest": "ab", "path": 3}, "path"),
+        ({"digest": "ab", "path": "p" * 5000}, "path"),
+    ],
+)
 def test_a_delivery_receipt_that_cannot_be_trusted_is_refused(receipt, field):
     with pytest.raises(ReplyError) as e:
         rc.delivery_receipt(_Reply(RecordDict({m.CONFIG_KEY: ConfigRecord(receipt)})))
     assert e.value.reason == f"deliver: {field}"
-    assert rc.delivery_receipt(_Reply(RecordDict({m.CONFIG_KEY: ConfigRecord({"digest": "ab"})}))) == \
-        m.DeliveryReceipt("ab", "")
+    assert rc.delivery_receipt(_Reply(RecordDict({m.CONFIG_KEY: ConfigRecord({"digest": "ab"})}))) == m.DeliveryReceipt(
+        "ab", ""
+    )
 
 
 # ---- through the strategy's parts ------------------------------------------------------------------
@@ -222,14 +302,20 @@ def test_hostile_profiles_leave_their_device_out_counted_by_reason():
     from mobiflower.strategies.fleet_profile import take_profiles
     from mobiflower.strategies.run_state import RunState
 
-    replies = {1: _profile(), 2: _profile(**{"device-id": "device-1", "hidden-size": -3}),
-               3: _profile(**{"device-id": "device-2", "layers": [3, 1]}), 4: _profile(**{"device-id": "device-3",
-                                                                                          "train": math.inf})}
+    replies = {
+        1: _profile(),
+        2: _profile(**{"device-id": "device-1", "hidden-size": -3}),
+        3: _profile(**{"device-id": "device-2", "layers": [3, 1]}),
+        4: _profile(**{"device-id": "device-3", "train": math.inf}),
+    }
     state, frozen_by = RunState(), {}
     take_profiles(replies, state, frozen_by)
     assert [d.device_id for d in state.devices.values()] == ["device-0"]
-    assert state.profiles_refused == {"node 2": {"profile: hidden-size": 1}, "node 3": {"profile: layers": 1},
-                                      "node 4": {"profile: train": 1}}
+    assert state.profiles_refused == {
+        "node 2": {"profile: hidden-size": 1},
+        "node 3": {"profile: layers": 1},
+        "node 4": {"profile: train": 1},
+    }
     assert len([e for e in state.events if "failed" in e]) == 3
 
 
@@ -251,12 +337,15 @@ class _Grid:
         return [self.answer(self.pending.pop(i)) for i in list(ids) if i in self.pending]
 
 
-@pytest.mark.parametrize("answer, reason", [
-    (lambda probs: probs * np.nan, "residual: residual"),
-    (lambda probs: probs * 50, "residual: residual"),
-    (lambda probs: probs[:, :1], "residual: residual"),
-    (lambda probs: probs.astype(np.int64), "residual: residual"),
-])
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        (lambda probs: probs * np.nan, "residual: residual"),
+        (lambda probs: probs * 50, "residual: residual"),
+        (lambda probs: probs[:, :1], "residual: residual"),
+        (lambda probs: probs.astype(np.int64), "residual: residual"),
+    ],
+)
 def test_hostile_residuals_leave_their_rows_out_and_are_counted(task_identity, answer, reason):
     from mobiflower.strategies.residuals import ResidualOracle
     from mobiflower.strategies.run_state import DeviceState, RunState
@@ -267,8 +356,9 @@ def test_hostile_residuals_leave_their_rows_out_and_are_counted(task_identity, a
         probs = msg.content[m.PROBS_KEY][m.PROBS_KEY].numpy()
         honest = probs - np.eye(probs.shape[1], dtype=np.float32)[[0] * len(probs)]
         out = answer(probs) if msg.metadata.dst_node_id == 1 else honest
-        return Message(RecordDict({m.RESIDUAL_KEY: ArrayRecord({m.RESIDUAL_KEY: Array(np.ascontiguousarray(out))})}),
-                       reply_to=msg)
+        return Message(
+            RecordDict({m.RESIDUAL_KEY: ArrayRecord({m.RESIDUAL_KEY: Array(np.ascontiguousarray(out))})}), reply_to=msg
+        )
 
     oracle = ResidualOracle(_Grid(reply), state, {}, timeout=10.0)
     oracle.owner = {10: "device-0", 11: "device-0", 20: "device-1"}
@@ -298,14 +388,27 @@ def test_frames_kept_for_evaluation_pass_the_intakes_checks(task_identity, tiny_
 
     backbone = Backbone.load(tiny_llama, num_taps=2)
     runtime = DeviceRuntime(backbone, ForwardConfig(bits=8))
-    config = SideNetworkConfig(hidden_size=backbone.hidden_size, layers=backbone.layers, bits=8,
-                               fingerprint=backbone.fingerprint, family="ladder", reduction=4, dropout=0.0)
+    config = SideNetworkConfig(
+        hidden_size=backbone.hidden_size,
+        layers=backbone.layers,
+        bits=8,
+        fingerprint=backbone.fingerprint,
+        family="ladder",
+        reduction=4,
+        dropout=0.0,
+    )
     frozen = backbone.frozen_head_state(lm_head=False)
-    store = SideNetworkStore(StoreConfig("shared"), lambda: build_side_network(config, frozen), TrainConfig(epochs=1),
-                             {"device-0": 8, "device-1": 8}, chunk_size=8)
+    store = SideNetworkStore(
+        StoreConfig("shared"),
+        lambda: build_side_network(config, frozen),
+        TrainConfig(epochs=1),
+        {"device-0": 8, "device-1": 8},
+        chunk_size=8,
+    )
     profile = {"fingerprint": backbone.fingerprint, "validation": 4}
-    state = RunState(devices={1: DeviceState(1, "device-0", dict(profile), 8),
-                              2: DeviceState(2, "device-1", dict(profile), 8)})
+    state = RunState(
+        devices={1: DeviceState(1, "device-0", dict(profile), 8), 2: DeviceState(2, "device-1", dict(profile), 8)}
+    )
 
     def reply(msg: Message) -> Message:
         cfg = msg.content[m.CONFIG_KEY]
@@ -314,11 +417,20 @@ def test_frames_kept_for_evaluation_pass_the_intakes_checks(task_identity, tiny_
         if msg.metadata.dst_node_id == 2:
             frame.targets = {"kind": "tokens", "values": [1] * len(examples)}
         stats = MetricRecord({"samples": len(examples), "forward-s": 0.1, "busy-s": 0.1})
-        return Message(RecordDict({m.FRAME_KEY: m.frame_record(runtime.encode(frame)), m.STATS_KEY: stats}),
-                       reply_to=msg)
+        return Message(
+            RecordDict({m.FRAME_KEY: m.frame_record(runtime.encode(frame)), m.STATS_KEY: stats}), reply_to=msg
+        )
 
-    job = Job(SideTuningConfig(), _Grid(reply), tmp_path, state, config, store,
-              FrameIntake(store, config, run_limits(config, 8)), RoundClock())
+    job = Job(
+        SideTuningConfig(),
+        _Grid(reply),
+        tmp_path,
+        state,
+        config,
+        store,
+        FrameIntake(store, config, run_limits(config, 8)),
+        RoundClock(),
+    )
     result = Evaluator(job).evaluate(1, "validation", max_samples=0)
     assert set(result["per_device"]) == {"device-0"} and result["per_device"]["device-0"]["samples"] == 4
     hostile = state.devices[2]

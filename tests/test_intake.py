@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import torch
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_frames import join, split  # the frame tests' header surgery (re-encodes with a valid CRC)
 
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
@@ -19,7 +20,6 @@ from mobiflower.platform.intake import FrameIntake
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.trainer import TrainConfig
-from test_frames import join, split  # the frame tests' header surgery (re-encodes with a valid CRC)
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +28,33 @@ def setup(tiny_llama):
     runtime = DeviceRuntime(backbone, ForwardConfig(bits=8), device_id="device-0")
 
     def frame(ids, labels=None, **forward):
-        examples = [Example(id=i, text=f"sample {i} was {'great' if i % 2 else 'dull'}",
-                            label=(labels or {}).get(i, i % 2)) for i in ids]
+        examples = [
+            Example(id=i, text=f"sample {i} was {'great' if i % 2 else 'dull'}", label=(labels or {}).get(i, i % 2))
+            for i in ids
+        ]
         cfg = dataclasses.replace(runtime.config, **forward) if forward else None
         return runtime.make_frame(examples, config=cfg)[0]
 
-    config = SideNetworkConfig(hidden_size=backbone.hidden_size, layers=backbone.layers,
-                               fingerprint=backbone.fingerprint, family="ladder", reduction=4, dropout=0.0)
+    config = SideNetworkConfig(
+        hidden_size=backbone.hidden_size,
+        layers=backbone.layers,
+        fingerprint=backbone.fingerprint,
+        family="ladder",
+        reduction=4,
+        dropout=0.0,
+    )
     return backbone, frame, config, backbone.frozen_head_state(lm_head=False)
 
 
 def _intake(setup, limits=FrameLimits()):
     _, frame, config, frozen = setup
-    store = SideNetworkStore(StoreConfig("shared"), lambda: build_side_network(config, frozen),
-                             TrainConfig(epochs=2, batch_size=4), {"device-0": 64}, chunk_size=8)
+    store = SideNetworkStore(
+        StoreConfig("shared"),
+        lambda: build_side_network(config, frozen),
+        TrainConfig(epochs=2, batch_size=4),
+        {"device-0": 64},
+        chunk_size=8,
+    )
     intake = FrameIntake(store, config, limits)
     assert intake.offer("device-0", encode_frame(frame(range(8)))).accepted  # a state worth protecting
     return intake
@@ -56,7 +69,7 @@ def _header(blob: bytes, mutate) -> bytes:
 def _nan_scale(h, p):
     off = h["tensors"]["scales"][0][0]
     b = bytearray(p)
-    b[off:off + 2] = np.array([np.nan], dtype="<f2").tobytes()
+    b[off : off + 2] = np.array([np.nan], dtype="<f2").tobytes()
     return bytes(b)
 
 
@@ -76,17 +89,25 @@ def _bad_inputs(setup) -> dict[str, bytes]:
         "label count disagrees": _header(good, lambda h, p: h["targets"]["values"].pop()),
         "duplicated sample ids": _header(good, lambda h, p: h["sample_ids"].__setitem__(1, h["sample_ids"][0])),
         "missing header field": _header(good, lambda h, p: h.pop("seq_lengths")),
-        "unsupported bit-width": _header(good, lambda h, p: h["tensors"].__setitem__("bits",
-                                                                                    [3] * len(h["tensors"]["bits"]))),
-        "wrong layers": _header(good, lambda h, p: h.update(layers=[0, 1][:len(h["layers"])])),
+        "unsupported bit-width": _header(
+            good, lambda h, p: h["tensors"].__setitem__("bits", [3] * len(h["tensors"]["bits"]))
+        ),
+        "wrong layers": _header(good, lambda h, p: h.update(layers=[0, 1][: len(h["layers"])])),
         "wrong token policy": encode_frame(frame(range(400, 404), token_policy="nonpad")),
         "wrong number of classes": _header(good, lambda h, p: h["targets"].update(num_classes=5)),
         "garbage": b"\x00" * 64,
-        "empty frame": encode_frame(dataclasses.replace(
-            frame(range(800, 801)), sample_ids=[], token_counts=[], seq_lengths=[],
-            targets={"kind": "class", "values": [], "num_classes": 2},
-            activations=[quantize(torch.zeros(0, backbone.hidden_size), 8, 64, "hadamard", 0)
-                         for _ in config.layers])),
+        "empty frame": encode_frame(
+            dataclasses.replace(
+                frame(range(800, 801)),
+                sample_ids=[],
+                token_counts=[],
+                seq_lengths=[],
+                targets={"kind": "class", "values": [], "num_classes": 2},
+                activations=[
+                    quantize(torch.zeros(0, backbone.hidden_size), 8, 64, "hadamard", 0) for _ in config.layers
+                ],
+            )
+        ),
     }
 
 
@@ -140,7 +161,7 @@ def test_fuzzed_frames_are_refused_or_taken_whole(setup, data):
             pos = data.draw(st.integers(0, len(blob) - 1))
             blob[pos] ^= data.draw(st.integers(1, 255))
         elif op == "cut":
-            blob = blob[:data.draw(st.integers(0, len(blob) - 1))]
+            blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
         else:
             blob += data.draw(st.binary(min_size=1, max_size=16))
         if not blob:

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mobiflower.platform.label_private import (
     ResidualError,
@@ -68,19 +69,23 @@ def test_noisy_labels_are_fixed_per_sample_and_keyed_by_the_devices_secret():
     assert first != [noisy_label(1, i, 2, 1.0, other) for i in range(200)]
 
 
-@pytest.mark.parametrize("probs, match", [
-    (np.full((2, 3), 1 / 3), "shape"),
-    (np.array([[0.5, 0.6], [0.5, 0.5]]), "in \\[0, 1\\]|sum to 1"),
-    (np.array([[np.nan, 1.0], [0.5, 0.5]]), "finite"),
-    (np.array([[0.2, 0.2], [0.5, 0.5]]), "sum to 1"),
-    (np.array([[1, 0], [0, 1]]), "floating point"),
-])
+@pytest.mark.parametrize(
+    "probs, match",
+    [
+        (np.full((2, 3), 1 / 3), "shape"),
+        (np.array([[0.5, 0.6], [0.5, 0.5]]), "in \\[0, 1\\]|sum to 1"),
+        (np.array([[np.nan, 1.0], [0.5, 0.5]]), "finite"),
+        (np.array([[0.2, 0.2], [0.5, 0.5]]), "sum to 1"),
+        (np.array([[1, 0], [0, 1]]), "floating point"),
+    ],
+)
 def test_malformed_probabilities_are_refused(probs, match):
     with pytest.raises(ResidualError, match=match):
         check_probabilities(probs, 2, 2)
 
 
 # ---- the trainer: residual steps train exactly as labelled ones ------------------------------
+
 
 def _frames_and_net(tiny_llama):
     from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
@@ -90,15 +95,22 @@ def _frames_and_net(tiny_llama):
     from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
 
     backbone = Backbone.load(tiny_llama, num_taps=2)
-    examples = [Example(id=i, text=("great fun " if i % 3 else "bad dull ") * 3, label=int(i % 3 > 0))
-                for i in range(24)]
+    examples = [
+        Example(id=i, text=("great fun " if i % 3 else "bad dull ") * 3, label=int(i % 3 > 0)) for i in range(24)
+    ]
     frames = {}
     for targets in ("class", "none"):
         runtime = DeviceRuntime(backbone, ForwardConfig(bits=8, targets=targets), device_id="device-0")
         frame, _ = runtime.make_frame(examples)
         frames[targets] = decode_frame(runtime.encode(frame))
-    config = SideNetworkConfig(hidden_size=backbone.hidden_size, layers=backbone.layers,
-                               fingerprint=backbone.fingerprint, family="ladder", reduction=4, dropout=0.3)
+    config = SideNetworkConfig(
+        hidden_size=backbone.hidden_size,
+        layers=backbone.layers,
+        fingerprint=backbone.fingerprint,
+        family="ladder",
+        reduction=4,
+        dropout=0.3,
+    )
     frozen = backbone.frozen_head_state(lm_head=False)
 
     def make():
@@ -148,15 +160,28 @@ def test_without_an_oracle_a_labelless_frame_cannot_train(tiny_llama):
 
 # ---- a fleet run (in-process: tests/inprocess_grid.py) --------------------------------------------
 
+
 def test_label_private_fleet_trains_without_labels_reaching_the_server(real_assets, tiny_llama, tmp_path):
     from inprocess_grid import run_fleet
 
     from mobiflower.platform.frames import decode_frame
 
     capture = tmp_path / "capture"
-    run_config = {"model": tiny_llama, "num-taps": 2, "train-samples": 32, "validation-samples": 8,
-                  "test-samples": 16, "rounds": 2, "chunk-size": 8, "batch-size": 8, "eval-every": 1,
-                  "reduction": 4, "label-private": True, "label-epsilon": 1.0, "capture-dir": str(capture)}
+    run_config = {
+        "model": tiny_llama,
+        "num-taps": 2,
+        "train-samples": 32,
+        "validation-samples": 8,
+        "test-samples": 16,
+        "rounds": 2,
+        "chunk-size": 8,
+        "batch-size": 8,
+        "eval-every": 1,
+        "reduction": 4,
+        "label-private": True,
+        "label-epsilon": 1.0,
+        "capture-dir": str(capture),
+    }
     summary, _ = run_fleet(tmp_path / "sim", 2, run_config)
     for device in summary["devices"].values():
         assert not device["failures"] and device["samples_trained"] == 16
@@ -164,7 +189,9 @@ def test_label_private_fleet_trains_without_labels_reaching_the_server(real_asse
         assert 4 <= device["residual_requests"] <= 8
         assert device["test_samples"] == 8
     for partition in (0, 1):
-        kinds = {f.name.split("-", 1)[1].removesuffix(".bin") for f in (capture / f"partition-{partition}").glob("*.bin")}
+        kinds = {
+            f.name.split("-", 1)[1].removesuffix(".bin") for f in (capture / f"partition-{partition}").glob("*.bin")
+        }
         assert "train-residual" in kinds
     # what the server kept of every frame (its activation cache on disk): no labels anywhere
     cached = sorted((tmp_path / "sim" / "run").glob("cache/*/*.frame"))
@@ -193,8 +220,14 @@ def test_the_intake_refuses_labels_in_a_private_run_and_labelless_frames_in_a_no
     _, frames, make = _frames_and_net(tiny_llama)
     config = make().config
     for private, sent, reason in ((True, "class", "labels in a label-private run"), (False, "none", "labels withheld")):
-        store = SideNetworkStore(StoreConfig(), make, TrainConfig(), {"device-0": 24}, chunk_size=24,
-                                 residuals=(lambda ids, p: p) if private else None)
+        store = SideNetworkStore(
+            StoreConfig(),
+            make,
+            TrainConfig(),
+            {"device-0": 24},
+            chunk_size=24,
+            residuals=(lambda ids, p: p) if private else None,
+        )
         intake = FrameIntake(store, config, label_private=private)
         before = store.state_digest()
         result = intake.offer("device-0", encode_frame(frames[sent]))

@@ -47,8 +47,9 @@ def test_import_directions():
             if path.name in flower_speaking:
                 continue
             assert not name.startswith("flwr"), f"{path.name} imports {name}: the core must not speak Flower"
-            assert name != "mobiflower.platform.messages" and not name.startswith("mobiflower.strategies"), \
+            assert name != "mobiflower.platform.messages" and not name.startswith("mobiflower.strategies"), (
                 f"core module {path.name} imports {name}"
+            )
     training = ("mobiflower.platform.trainer", "mobiflower.platform.side_store", "torch.optim")
     for path in (ROOT / "clients").glob("*.py"):
         for name in _imports(path):
@@ -60,3 +61,33 @@ def test_import_directions():
             for name in _imports(path):
                 top = name.split(".")[0]
                 assert top not in ("platform", "clients", "strategies", "simulations"), f"{path} imports bare {name}"
+
+
+def _sizes() -> list[str]:
+    """Modules over 600 lines and classes over 300 outside tests (issue 15's bounds)."""
+    offenders = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", ".venv", "runs", "build") or rel.parts[0].startswith("."):
+            continue
+        source = path.read_text()
+        if source.count("\n") > 600:
+            offenders.append(f"{rel}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 300:
+                offenders.append(f"{rel}: class {node.name} {node.end_lineno - node.lineno + 1} lines")
+    return offenders
+
+
+def test_modules_and_classes_stay_small():
+    """One concept per module: no module over 600 lines, no class over 300 (tests aside)."""
+    assert _sizes() == []
+
+
+def test_the_tree_is_formatted_and_linted():
+    """`ruff format` and `ruff check` (pyproject's [tool.ruff]) leave the whole tree unchanged."""
+    ruff = [sys.executable, "-m", "ruff"]
+    fmt = subprocess.run([*ruff, "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert fmt.returncode == 0, f"run `ruff format .`:\n{fmt.stdout}{fmt.stderr}"
+    lint = subprocess.run([*ruff, "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert lint.returncode == 0, f"run `ruff check --fix .`:\n{lint.stdout}{lint.stderr}"

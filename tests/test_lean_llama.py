@@ -10,13 +10,17 @@ import pytest
 import torch
 
 from mobiflower.platform.backbone import Backbone, BackboneError
-from mobiflower.platform.lean_llama import LeanLlamaForCausalLM, LeanTokenizer, lean_problem, tokenizer_problem
 from mobiflower.platform.device_forward import forward_implementation
+from mobiflower.platform.lean_llama import LeanLlamaForCausalLM, LeanTokenizer, lean_problem, tokenizer_problem
 from mobiflower.platform.prepared_weights import ensure_prepared, load_prepared_backbone
 from mobiflower.platform.quantized_layers import Int4Linear, Int8Linear
 
-TEXTS = ["a gripping, beautiful film", "two hours I will never get back", "fine",
-         "an odd, long, winding story about nothing at all, told twice - déjà vu 🎬"]
+TEXTS = [
+    "a gripping, beautiful film",
+    "two hours I will never get back",
+    "fine",
+    "an odd, long, winding story about nothing at all, told twice - déjà vu 🎬",
+]
 SAME_LENGTH = ["abcd", "efgh"]  # no padding: the causal-flag path of SDPA
 
 
@@ -28,10 +32,24 @@ def gqa_llama(tmp_path_factory):
     from mobiflower.platform.tiny import _byte_tokenizer
 
     path = tmp_path_factory.mktemp("gqa-llama")
-    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                         rope_theta=5000.0, attention_bias=True, mlp_bias=True, rms_norm_eps=1e-5,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=260,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rope_theta=5000.0,
+        attention_bias=True,
+        mlp_bias=True,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # non-trivial norms and biases
@@ -46,8 +64,9 @@ def gqa_llama(tmp_path_factory):
 def _states(backbone: Backbone, texts) -> dict:
     enc = backbone.tokenize(texts)
     seen: dict = {}
-    final = backbone.forward_taps(enc["input_ids"], enc["attention_mask"],
-                                  lambda i, h: seen.__setitem__(i, h.float().clone()), need_final=True)
+    final = backbone.forward_taps(
+        enc["input_ids"], enc["attention_mask"], lambda i, h: seen.__setitem__(i, h.float().clone()), need_final=True
+    )
     seen["final"] = final.float()
     return {k: v[enc["attention_mask"].bool()] for k, v in seen.items()}  # real tokens only
 
@@ -105,8 +124,9 @@ def test_other_families_fall_back_to_transformers(tiny_models, tmp_path):
             forward_implementation(folder, "lean")
         model, tokenizer, manifest = load_prepared_backbone(folder)
         assert manifest["forward"] == "transformers" and not isinstance(model, LeanLlamaForCausalLM)
-    assert "rope" in lean_problem({"model_type": "llama", "num_attention_heads": 4,
-                                   "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    assert "rope" in lean_problem(
+        {"model_type": "llama", "num_attention_heads": 4, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    )
     assert lean_problem({"model_type": "llama", "num_attention_heads": 4, "hidden_act": "gelu"})
     with pytest.raises(BackboneError, match="unknown"):
         forward_implementation(folder, "onnx")

@@ -14,8 +14,7 @@ BUDGET_MB = 1.0
 
 @pytest.mark.slow
 def test_64_devices_run_with_side_networks_paged_under_the_budget(real_assets, tiny_llama, tmp_path):
-    run_config = load_run_config(tiny_llama, DEVICES, samples_per_device=8, rounds=2, reduction=4,
-                                 budget_mb=BUDGET_MB)
+    run_config = load_run_config(tiny_llama, DEVICES, samples_per_device=8, rounds=2, reduction=4, budget_mb=BUDGET_MB)
     run_config.update({"chunk-size": 8, "test-samples": 4 * DEVICES})
     summary, _ = run_fleet(tmp_path / "sim", DEVICES, run_config)
     assert len(summary["devices"]) == DEVICES

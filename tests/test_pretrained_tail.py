@@ -31,9 +31,18 @@ def _examples(n: int) -> list[Example]:
 def tail_setup(tiny_llama):
     backbone = Backbone.load(tiny_llama, layers=[CUT - 1])
     public = load_tail_weights(tiny_llama, CUT)
-    config = SideNetworkConfig(hidden_size=backbone.hidden_size, layers=[CUT - 1], fingerprint=backbone.fingerprint,
-                               family="tail", token_policy="nonpad", bits=16, backbone_config=public.backbone_config,
-                               lora_rank=4, lora_alpha=8.0, extra={"model": tiny_llama})
+    config = SideNetworkConfig(
+        hidden_size=backbone.hidden_size,
+        layers=[CUT - 1],
+        fingerprint=backbone.fingerprint,
+        family="tail",
+        token_policy="nonpad",
+        bits=16,
+        backbone_config=public.backbone_config,
+        lora_rank=4,
+        lora_alpha=8.0,
+        extra={"model": tiny_llama},
+    )
     return backbone, public, config
 
 
@@ -81,8 +90,10 @@ def test_state_holds_only_the_trainable_part(tail_setup):
 def test_tail_trains_and_checkpoints(tail_setup, tmp_path):
     backbone, public, config = tail_setup
     torch.manual_seed(0)
-    trainer = SideTrainer(build_side_network(config, public.weights),
-                          TrainConfig(lr=1e-2, epochs=6, batch_size=8, device="cpu", average_epochs=0))
+    trainer = SideTrainer(
+        build_side_network(config, public.weights),
+        TrainConfig(lr=1e-2, epochs=6, batch_size=8, device="cpu", average_epochs=0),
+    )
     runtime = DeviceRuntime(backbone, ForwardConfig(bits=8, token_policy="nonpad"))
     frame, _ = runtime.make_frame(_examples(32))
     first = trainer.ingest(frame)["loss"]

@@ -24,8 +24,19 @@ class ServerKilled(Exception):
 
 def _config(tiny_llama: str, run_dir: Path, **extra) -> dict:
     # One device: frames land in one order, so an uninterrupted run is exactly reproducible.
-    return {"model": tiny_llama, "num-taps": 2, "train-samples": 32, "validation-samples": 8, "test-samples": 8,
-            "rounds": 4, "chunk-size": 8, "eval-every": 0, "reduction": 4, "run-dir": str(run_dir), **extra}
+    return {
+        "model": tiny_llama,
+        "num-taps": 2,
+        "train-samples": 32,
+        "validation-samples": 8,
+        "test-samples": 8,
+        "rounds": 4,
+        "chunk-size": 8,
+        "eval-every": 0,
+        "reduction": 4,
+        "run-dir": str(run_dir),
+        **extra,
+    }
 
 
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -78,8 +89,7 @@ def test_a_killed_server_resumes_to_the_same_weights(real_assets, tiny_llama, tm
     assert resumed["test_accuracy"] == whole["test_accuracy"]
 
 
-def test_resume_refuses_changed_settings_and_a_missing_checkpoint(real_assets, tiny_llama, tmp_path,
-                                                                   sigkill_raises):
+def test_resume_refuses_changed_settings_and_a_missing_checkpoint(real_assets, tiny_llama, tmp_path, sigkill_raises):
     from mobiflower.strategies.side_tuning import FleetError
 
     run_dir = tmp_path / "run"
@@ -99,12 +109,22 @@ def test_a_killed_flwr_run_server_resumes_from_its_checkpoint(real_assets, tiny_
     from mobiflower.simulations.simulate import SimulateConfig, default_app_config, run_simulate
 
     run_dir = tmp_path / "b" / "run"
-    crashed = run_simulation(app_dir_for_run(tmp_path / "b", default_app_config()),
-                             _config(tiny_llama, run_dir, **{"crash-after-round": 2}), num_supernodes=1,
-                             client_cpus=2, scratch=tmp_path / "b", timeout_s=600, check=False)
+    crashed = run_simulation(
+        app_dir_for_run(tmp_path / "b", default_app_config()),
+        _config(tiny_llama, run_dir, **{"crash-after-round": 2}),
+        num_supernodes=1,
+        client_cpus=2,
+        scratch=tmp_path / "b",
+        timeout_s=600,
+        check=False,
+    )
     assert not crashed.ok
     _check_checkpoint_after_round_2(run_dir)
-    resumed = run_simulate(SimulateConfig(devices=1, client_cpus=2, workdir=str(tmp_path / "c"),
-                                          run_config=_config(tiny_llama, run_dir, resume=True)), quiet=True)
+    resumed = run_simulate(
+        SimulateConfig(
+            devices=1, client_cpus=2, workdir=str(tmp_path / "c"), run_config=_config(tiny_llama, run_dir, resume=True)
+        ),
+        quiet=True,
+    )
     _check_resumed(resumed)
     assert _adapter(run_dir)  # delivered

@@ -25,8 +25,9 @@ def test_pyproject_declares_every_key_the_apps_read_with_their_defaults():
 
 
 def test_values_convert_to_their_fields_types_and_bad_ones_name_the_key():
-    cfg = SideTuningConfig.from_run_config({"rounds": "3", "lr": 1, "overlap": "no", "adapt": "TRUE", "fleet": 5,
-                                            "model": "not a strategy key"})
+    cfg = SideTuningConfig.from_run_config(
+        {"rounds": "3", "lr": 1, "overlap": "no", "adapt": "TRUE", "fleet": 5, "model": "not a strategy key"}
+    )
     assert (cfg.rounds, cfg.lr, cfg.overlap, cfg.adapt, cfg.fleet) == (3, 1.0, False, True, "5")
     with pytest.raises(ConfigError, match=r"run config rounds='many' is not a valid int"):
         SideTuningConfig.from_run_config({"rounds": "many"})
@@ -38,12 +39,16 @@ def test_values_convert_to_their_fields_types_and_bad_ones_name_the_key():
 
 
 def test_the_device_reads_its_run_keys_and_its_own_node_config():
-    setup = DeviceSetup.from_configs({"num-taps": 4, "device-threads": 2, "weights": "fp32", "seed": 3},
-                                     {"partition-id": 2, "num-partitions": 3, "weights": "int8", "backbone-layers": 2})
+    setup = DeviceSetup.from_configs(
+        {"num-taps": 4, "device-threads": 2, "weights": "fp32", "seed": 3},
+        {"partition-id": 2, "num-partitions": 3, "weights": "int8", "backbone-layers": 2},
+    )
     assert (setup.num_taps, setup.threads, setup.seed, setup.partition_id, setup.num_partitions) == (4, 2, 3, 2, 3)
     assert (setup.weights, setup.backbone_layers) == ("int8", 2)  # the node's own choice wins
-    assert DeviceSetup.from_configs({"weights": "int8"}, {"partition-id": 0, "num-partitions": 1,
-                                                          "weights": ""}).weights == "int8"
+    assert (
+        DeviceSetup.from_configs({"weights": "int8"}, {"partition-id": 0, "num-partitions": 1, "weights": ""}).weights
+        == "int8"
+    )
     with pytest.raises(DeviceSetupError, match=r"partition-id=0 must be in \[0, num-partitions=0\)"):
         DeviceSetup.from_configs({}, {"partition-id": 0, "num-partitions": 0})
     assert typed_fields(DeviceSetup, {"num-taps": None}) == {}  # None sets nothing

@@ -43,7 +43,7 @@ def test_last_token_rows_match_unbatched_forward(backbone):
     for i, example in enumerate(EXAMPLES):
         enc = backbone.tokenize([example.prompt])
         seen = {}
-        backbone.forward_taps(enc["input_ids"], enc["attention_mask"], lambda l, h: seen.__setitem__(l, h))
+        backbone.forward_taps(enc["input_ids"], enc["attention_mask"], lambda layer, h: seen.__setitem__(layer, h))
         for layer, q in zip(frame.layers, frame.activations):
             torch.testing.assert_close(dequantize(q)[i], seen[layer][0, -1], atol=2e-2, rtol=1e-3)
 
@@ -53,7 +53,7 @@ def test_device_builds_no_autograd_graph(backbone):
     assert not any(p.requires_grad for p in backbone.model.parameters())
     seen = []
     enc = backbone.tokenize(["a"])
-    backbone.forward_taps(enc["input_ids"], enc["attention_mask"], lambda l, h: seen.append(h))
+    backbone.forward_taps(enc["input_ids"], enc["attention_mask"], lambda _layer, h: seen.append(h))
     for h in seen:
         assert h.grad_fn is None and not h.requires_grad and h.is_inference()
     with torch.enable_grad():  # even with grad mode forced on around it

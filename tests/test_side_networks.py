@@ -27,8 +27,9 @@ def _batch(policy="last", n=6, lengths=(3, 5, 2, 4, 1, 5), layers=2, targets=Non
 @pytest.mark.parametrize("family", ["ladder", "adapter"])
 @pytest.mark.parametrize("policy", ["last", "nonpad"])
 def test_classification_forward_and_backward(family, policy):
-    cfg = SideNetworkConfig(hidden_size=D, layers=[1, 3], fingerprint="fp", family=family, reduction=4,
-                            token_policy=policy)
+    cfg = SideNetworkConfig(
+        hidden_size=D, layers=[1, 3], fingerprint="fp", family=family, reduction=4, token_policy=policy
+    )
     net = build_side_network(cfg, FROZEN)
     batch = _batch(policy, targets=torch.tensor([0, 1, 0, 1, 1, 0]))
     logits = net(batch)
@@ -39,8 +40,9 @@ def test_classification_forward_and_backward(family, policy):
 
 def test_padding_does_not_change_a_sample():
     """A sample's logits are the same alone or batched with longer ones (masking works)."""
-    cfg = SideNetworkConfig(hidden_size=D, layers=[0, 1], fingerprint="fp", family="ladder", reduction=4,
-                            token_policy="nonpad")
+    cfg = SideNetworkConfig(
+        hidden_size=D, layers=[0, 1], fingerprint="fp", family="ladder", reduction=4, token_policy="nonpad"
+    )
     net = build_side_network(cfg, FROZEN).eval()
     batch = _batch("nonpad")
     single = make_side_batch([s[0, :3] for s in batch.states], [3], [3], "nonpad")
@@ -48,8 +50,9 @@ def test_padding_does_not_change_a_sample():
 
 
 def test_lm_head_is_frozen_and_causal():
-    cfg = SideNetworkConfig(hidden_size=D, layers=[0, 1], fingerprint="fp", family="ladder", reduction=4,
-                            head="lm", token_policy="nonpad")
+    cfg = SideNetworkConfig(
+        hidden_size=D, layers=[0, 1], fingerprint="fp", family="ladder", reduction=4, head="lm", token_policy="nonpad"
+    )
     net = build_side_network(cfg, FROZEN)
     batch = _batch("nonpad", targets=torch.randint(0, 50, (20,)))
     logits = net(batch)

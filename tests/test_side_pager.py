@@ -27,8 +27,14 @@ def _device_frames(backbone: Backbone, forward: ForwardConfig) -> dict[str, list
         runtime = DeviceRuntime(backbone, forward, device_id=f"device-{d}")
         frames[f"device-{d}"] = []
         for part in range(2):
-            examples = [Example(id=1000 * d + 10 * part + i, text=("great fun " if (i + d) % 2 else "bad dull ") * 3,
-                                label=(i + d) % 2) for i in range(10)]
+            examples = [
+                Example(
+                    id=1000 * d + 10 * part + i,
+                    text=("great fun " if (i + d) % 2 else "bad dull ") * 3,
+                    label=(i + d) % 2,
+                )
+                for i in range(10)
+            ]
             frame, _ = runtime.make_frame(examples)
             frames[f"device-{d}"].append(decode_frame(runtime.encode(frame)))
     return frames
@@ -39,8 +45,14 @@ def six_devices(tiny_llama):
     """Six devices' frames (two each) from one tiny backbone, and the side-network recipe."""
     backbone = Backbone.load(tiny_llama, num_taps=2)
     frames = _device_frames(backbone, ForwardConfig(bits=8))
-    config = SideNetworkConfig(hidden_size=backbone.hidden_size, layers=backbone.layers,
-                               fingerprint=backbone.fingerprint, family="ladder", reduction=1, dropout=0.3)
+    config = SideNetworkConfig(
+        hidden_size=backbone.hidden_size,
+        layers=backbone.layers,
+        fingerprint=backbone.fingerprint,
+        family="ladder",
+        reduction=1,
+        dropout=0.3,
+    )
     return frames, config, backbone.frozen_head_state(lm_head=False)
 
 
@@ -51,10 +63,14 @@ def _store(six_devices, tmp_path, budget_mb: float = 0.0) -> SideNetworkStore:
         torch.manual_seed(0)
         return build_side_network(config, frozen)
 
-    return SideNetworkStore(StoreConfig(mode="per-device", memory_budget_mb=budget_mb), make,
-                            TrainConfig(lr=3e-3, epochs=3, batch_size=4, average_epochs=2),
-                            {d: sum(f.num_samples for f in fs) for d, fs in frames.items()}, chunk_size=10,
-                            page_dir=tmp_path / "pages")
+    return SideNetworkStore(
+        StoreConfig(mode="per-device", memory_budget_mb=budget_mb),
+        make,
+        TrainConfig(lr=3e-3, epochs=3, batch_size=4, average_epochs=2),
+        {d: sum(f.num_samples for f in fs) for d, fs in frames.items()},
+        chunk_size=10,
+        page_dir=tmp_path / "pages",
+    )
 
 
 def _run(store: SideNetworkStore, frames) -> None:
@@ -107,9 +123,17 @@ def test_streamed_average_equals_flowers_fedavg(six_devices, tmp_path):
     for device, device_frames in frames.items():
         store.ingest(device, device_frames[0])
     weights = {d: 10 + i for i, d in enumerate(frames)}
-    records = [RecordDict({"net": ArrayRecord(torch_state_dict={k: v.clone() for k, v in
-                                                                store.trainers[d].net.state_dict().items()}),
-                           "stats": MetricRecord({"num-examples": w})}) for d, w in weights.items()]
+    records = [
+        RecordDict(
+            {
+                "net": ArrayRecord(
+                    torch_state_dict={k: v.clone() for k, v in store.trainers[d].net.state_dict().items()}
+                ),
+                "stats": MetricRecord({"num-examples": w}),
+            }
+        )
+        for d, w in weights.items()
+    ]
     flower = aggregate_arrayrecords(records, "num-examples").to_torch_state_dict()
     ours = store.average_networks(weights)
     assert set(ours) == set(flower)
@@ -147,9 +171,15 @@ def six_tail_devices(tiny_llama):
     backbone = Backbone.load(tiny_llama, layers=[1])
     public = load_tail_weights(tiny_llama, 2)
     frames = _device_frames(backbone, ForwardConfig(bits=8, token_policy="nonpad"))
-    config = SideNetworkConfig(hidden_size=backbone.hidden_size, layers=[1], fingerprint=backbone.fingerprint,
-                               family="tail", token_policy="nonpad", backbone_config=public.backbone_config,
-                               lora_rank=4)
+    config = SideNetworkConfig(
+        hidden_size=backbone.hidden_size,
+        layers=[1],
+        fingerprint=backbone.fingerprint,
+        family="tail",
+        token_policy="nonpad",
+        backbone_config=public.backbone_config,
+        lora_rank=4,
+    )
     return frames, config, public.weights
 
 
@@ -177,9 +207,13 @@ def test_hybrid_tails_personalise_the_head_over_the_shared_adapter(six_tail_devi
         torch.manual_seed(0)
         return build_side_network(config, frozen)
 
-    store = SideNetworkStore(StoreConfig(mode="hybrid", personal_epochs=2), make,
-                             TrainConfig(lr=3e-3, epochs=2, batch_size=4, average_epochs=0),
-                             {d: 20 for d in frames}, chunk_size=10)
+    store = SideNetworkStore(
+        StoreConfig(mode="hybrid", personal_epochs=2),
+        make,
+        TrainConfig(lr=3e-3, epochs=2, batch_size=4, average_epochs=0),
+        {d: 20 for d in frames},
+        chunk_size=10,
+    )
     for device, device_frames in frames.items():
         for frame in device_frames:
             store.ingest(device, frame)

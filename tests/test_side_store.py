@@ -19,8 +19,10 @@ from mobiflower.strategies.side_tuning import SideTuningStrategy
 
 
 def _examples(n: int, offset: int = 0) -> list[Example]:
-    return [Example(id=offset + i, text=("good fun " if i % 2 else "dull bad ") * (1 + i % 3), label=i % 2)
-            for i in range(n)]
+    return [
+        Example(id=offset + i, text=("good fun " if i % 2 else "dull bad ") * (1 + i % 3), label=i % 2)
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +32,21 @@ def fleet_frames(tiny_llama):
     frames = {}
     for d in (0, 1):  # device d holds mostly label d (every sixth sample the other label)
         labels = [d if i % 6 else 1 - d for i in range(24)]
-        examples = [Example(id=100 * d + i, text=("great fun " if y else "bad dull ") * 3, label=y)
-                    for i, y in enumerate(labels)]
+        examples = [
+            Example(id=100 * d + i, text=("great fun " if y else "bad dull ") * 3, label=y)
+            for i, y in enumerate(labels)
+        ]
         runtime = DeviceRuntime(backbone, ForwardConfig(bits=8), device_id=f"device-{d}")
         frame, _ = runtime.make_frame(examples)
         frames[f"device-{d}"] = decode_frame(runtime.encode(frame))
-    config = SideNetworkConfig(hidden_size=backbone.hidden_size, layers=backbone.layers,
-                               fingerprint=backbone.fingerprint, family="ladder", reduction=4, dropout=0.0)
+    config = SideNetworkConfig(
+        hidden_size=backbone.hidden_size,
+        layers=backbone.layers,
+        fingerprint=backbone.fingerprint,
+        family="ladder",
+        reduction=4,
+        dropout=0.0,
+    )
     frozen = backbone.frozen_head_state(lm_head=False)
     return frames, config, frozen
 
@@ -48,8 +58,13 @@ def _store(mode: str, fleet_frames, **kw) -> SideNetworkStore:
         torch.manual_seed(0)
         return build_side_network(config, frozen)
 
-    return SideNetworkStore(StoreConfig(mode=mode, **kw), make, TrainConfig(lr=3e-3, epochs=4, batch_size=8),
-                            {d: f.num_samples for d, f in frames.items()}, chunk_size=24)
+    return SideNetworkStore(
+        StoreConfig(mode=mode, **kw),
+        make,
+        TrainConfig(lr=3e-3, epochs=4, batch_size=8),
+        {d: f.num_samples for d, f in frames.items()},
+        chunk_size=24,
+    )
 
 
 def test_shared_store_trains_one_network_on_every_device(fleet_frames):
@@ -75,8 +90,15 @@ def test_per_device_store_keeps_networks_apart_and_fedavg_weights_by_samples(fle
     w0, w1 = (nets[d].state_dict()["up.weight"].clone() for d in ("device-0", "device-1"))
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-    records = [RecordDict({"net": ArrayRecord(torch_state_dict={k: v.detach() for k, v in nets[d].state_dict().items()}),
-                           m.STATS_KEY: MetricRecord({"num-examples": n})}) for d, n in (("device-0", 30), ("device-1", 10))]
+    records = [
+        RecordDict(
+            {
+                "net": ArrayRecord(torch_state_dict={k: v.detach() for k, v in nets[d].state_dict().items()}),
+                m.STATS_KEY: MetricRecord({"num-examples": n}),
+            }
+        )
+        for d, n in (("device-0", 30), ("device-1", 10))
+    ]
     averaged, stats = SideTuningStrategy._aggregate(records)
     store.load_all(averaged.to_torch_state_dict())
     expected = 0.75 * w0 + 0.25 * w1
@@ -103,8 +125,13 @@ def test_hybrid_personal_heads_differ_but_share_the_trunk(fleet_frames):
 def test_hybrid_needs_the_cache(fleet_frames):
     frames, config, frozen = fleet_frames
     with pytest.raises(SideNetworkError, match="activation cache"):
-        SideNetworkStore(StoreConfig(mode="hybrid"), lambda: build_side_network(config, frozen),
-                         TrainConfig(cache_bytes=0), {"device-0": 1}, chunk_size=8)
+        SideNetworkStore(
+            StoreConfig(mode="hybrid"),
+            lambda: build_side_network(config, frozen),
+            TrainConfig(cache_bytes=0),
+            {"device-0": 1},
+            chunk_size=8,
+        )
 
 
 def test_unknown_mode_is_a_clear_error():
@@ -113,8 +140,9 @@ def test_unknown_mode_is_a_clear_error():
 
 
 def test_run_config_parsing_and_errors():
-    cfg = SideTuningConfig.from_run_config({"mode": "per-device", "aggregate-every": 2, "activation-cache": False,
-                                            "lr": 1, "unrelated-device-key": "x"})
+    cfg = SideTuningConfig.from_run_config(
+        {"mode": "per-device", "aggregate-every": 2, "activation-cache": False, "lr": 1, "unrelated-device-key": "x"}
+    )
     assert (cfg.mode, cfg.aggregate_every, cfg.activation_cache, cfg.lr) == ("per-device", 2, False, 1.0)
     assert cfg.as_dict()["aggregate-every"] == 2
     with pytest.raises(ConfigError, match="aggregate-every"):
@@ -160,8 +188,9 @@ def test_device_setup_from_flower_configs():
         DeviceSetup.from_configs({}, {"partition-id": 3, "num-partitions": 2})
     with pytest.raises(DeviceSetupError, match="partitioning"):
         DeviceSetup.from_configs({"partitioning": "random"}, {"partition-id": 0, "num-partitions": 2})
-    setup = DeviceSetup.from_configs({"train-samples": 10, "partitioning": "dirichlet"},
-                                     {"partition-id": 1, "num-partitions": 2})
+    setup = DeviceSetup.from_configs(
+        {"train-samples": 10, "partitioning": "dirichlet"}, {"partition-id": 1, "num-partitions": 2}
+    )
     assert (setup.train_samples, setup.partitioning, setup.device_id) == (10, "dirichlet", "device-1")
 
 
@@ -171,8 +200,10 @@ def test_device_shares_are_disjoint_and_cover_the_splits():
     for name in ("train", "validation", "test"):
         ids = [e.id for s in shares for e in getattr(s, name)]
         assert sorted(ids) == sorted(e.id for e in getattr(splits, name))
-    assert [e.id for e in examples_at(shares[0].train, len(shares[0].train) - 1, 2)] == \
-        [shares[0].train[-1].id, shares[0].train[0].id]  # the cursor wraps into the next epoch
+    assert [e.id for e in examples_at(shares[0].train, len(shares[0].train) - 1, 2)] == [
+        shares[0].train[-1].id,
+        shares[0].train[0].id,
+    ]  # the cursor wraps into the next epoch
 
 
 @pytest.mark.parametrize("mode", ["shared", "per-device"])

@@ -23,8 +23,10 @@ def test_pyproject_declares_the_apps_defaults():
     import tomllib
 
     app = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "mobiflower.strategies.server_app:app",
-                                 "clientapp": "mobiflower.clients.client_app:app"}
+    assert app["components"] == {
+        "serverapp": "mobiflower.strategies.server_app:app",
+        "clientapp": "mobiflower.clients.client_app:app",
+    }
     assert app["config"] == default_app_config()
 
 
@@ -44,17 +46,37 @@ def test_bad_run_config_fails_before_flower_starts():
         SimulateConfig(run_config={"aggregate-every": 2})  # shared mode has nothing to average
     with pytest.raises(ValueError, match="num-taps=0 must be at least 1"):
         SimulateConfig(run_config={"num-taps": 0})  # a device key: caught before Flower starts too
-    proc = subprocess.run([sys.executable, "-m", "mobiflower.simulations.cli", "simulate", "-c", "mode=federated"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mobiflower.simulations.cli", "simulate", "-c", "mode=federated"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "mode='federated' is unknown" in proc.stderr
 
 
 @pytest.mark.slow
 def test_simulated_fleet_per_device_with_fedavg(real_assets, tiny_llama, tmp_path):
-    config = SimulateConfig(devices=2, client_cpus=1, workdir=str(tmp_path / "sim"), timeout_s=600, run_config={
-        "model": tiny_llama, "num-taps": 2, "train-samples": 48, "validation-samples": 16, "test-samples": 16,
-        "mode": "per-device", "aggregate-every": 2, "rounds": 3, "chunk-size": 8, "eval-every": 2,
-        "reduction": 4, "bits": 4})
+    config = SimulateConfig(
+        devices=2,
+        client_cpus=1,
+        workdir=str(tmp_path / "sim"),
+        timeout_s=600,
+        run_config={
+            "model": tiny_llama,
+            "num-taps": 2,
+            "train-samples": 48,
+            "validation-samples": 16,
+            "test-samples": 16,
+            "mode": "per-device",
+            "aggregate-every": 2,
+            "rounds": 3,
+            "chunk-size": 8,
+            "eval-every": 2,
+            "reduction": 4,
+            "bits": 4,
+        },
+    )
     summary = run_simulate(config, out=str(tmp_path / "sim.json"), quiet=True)
     assert summary["simulation"]["status"] == "finished:completed"
     assert json.loads((tmp_path / "sim.json").read_text())["test_accuracy"] == summary["test_accuracy"]

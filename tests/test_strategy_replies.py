@@ -33,15 +33,24 @@ def test_a_complete_forward_reply_yields_its_frame_bytes():
     assert frame == blob and stats["samples"] == 4
 
 
-@pytest.mark.parametrize("content, why", [
-    (RecordDict({m.STATS_KEY: _stats()}), "needs 'frame'"),
-    (RecordDict({m.FRAME_KEY: m.frame_record(b"x")}), "needs 'frame' and 'stats'"),
-    (RecordDict({m.FRAME_KEY: m.frame_record(b"x"), m.STATS_KEY: MetricRecord({"samples": 1})}), "no 'forward-s'"),
-    (RecordDict({m.FRAME_KEY: ArrayRecord({"frame": Array(dtype="float32", shape=(1,), stype="raw",
-                                                              data=bytes(4))}), m.STATS_KEY: _stats()}),
-     "raw 1-D uint8"),
-    (None, "needs"),
-])
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (RecordDict({m.STATS_KEY: _stats()}), "needs 'frame'"),
+        (RecordDict({m.FRAME_KEY: m.frame_record(b"x")}), "needs 'frame' and 'stats'"),
+        (RecordDict({m.FRAME_KEY: m.frame_record(b"x"), m.STATS_KEY: MetricRecord({"samples": 1})}), "no 'forward-s'"),
+        (
+            RecordDict(
+                {
+                    m.FRAME_KEY: ArrayRecord({"frame": Array(dtype="float32", shape=(1,), stype="raw", data=bytes(4))}),
+                    m.STATS_KEY: _stats(),
+                }
+            ),
+            "raw 1-D uint8",
+        ),
+        (None, "needs"),
+    ],
+)
 def test_malformed_forward_replies_are_refused_with_a_reason(content, why):
     with pytest.raises((ValueError, KeyError), match=why):
         forward_reply(_Reply(content))
@@ -52,7 +61,10 @@ def test_evaluate_replies_without_valid_metrics_are_skipped():
     other = _Reply(RecordDict({m.STATS_KEY: MetricRecord({"accuracy": 0.25, "samples": 24})}))
     assert weighted_accuracy([good])["accuracy"] == 0.75
     assert weighted_accuracy([good, other])["accuracy"] == 0.375  # weighted by samples
-    bad = [_Reply(error="device crashed"), _Reply(RecordDict({})),
-           _Reply(RecordDict({m.STATS_KEY: MetricRecord({"accuracy": 3.0, "samples": 8})}))]
+    bad = [
+        _Reply(error="device crashed"),
+        _Reply(RecordDict({})),
+        _Reply(RecordDict({m.STATS_KEY: MetricRecord({"accuracy": 3.0, "samples": 8})})),
+    ]
     assert weighted_accuracy(bad) is None
     assert weighted_accuracy([good, *bad]) == weighted_accuracy([good])

@@ -15,13 +15,29 @@ from inprocess_grid import of_type, run_fleet
 
 def _config(tiny_llama: str, **overrides) -> dict:
     # 2 devices x 16 training samples in chunks of 4: four forward requests per device and round
-    return {**LADDER, "model": tiny_llama, "num-taps": 2, "train-samples": 32, "validation-samples": 8,
-            "test-samples": 16, "rounds": 2, "chunk-size": 4, "eval-every": 0, "reduction": 4, **overrides}
+    return {
+        **LADDER,
+        "model": tiny_llama,
+        "num-taps": 2,
+        "train-samples": 32,
+        "validation-samples": 8,
+        "test-samples": 16,
+        "rounds": 2,
+        "chunk-size": 4,
+        "eval-every": 0,
+        "reduction": 4,
+        **overrides,
+    }
 
 
 def test_a_round_streams_in_flight_requests_and_accounts_for_every_frame(real_assets, tiny_llama, tmp_path):
-    summary, grid = run_fleet(tmp_path, 2, _config(tiny_llama, **{
-        "mode": "per-device", "aggregate-every": 2, "rounds": 3, "eval-every": 2, "in-flight": 3}))
+    summary, grid = run_fleet(
+        tmp_path,
+        2,
+        _config(
+            tiny_llama, **{"mode": "per-device", "aggregate-every": 2, "rounds": 3, "eval-every": 2, "in-flight": 3}
+        ),
+    )
     # streaming: the strategy kept in-flight forward requests per device queued, never more
     assert set(grid.peak_in_flight.values()) == {3}
     devices = summary["devices"]
@@ -47,8 +63,9 @@ def test_a_failed_or_lost_forward_reply_is_retried_and_nothing_is_lost(real_asse
         grid.fail_replies(of_type("train.forward", grid.node_id(0)), times=1)  # an error reply
         grid.drop_replies(of_type("train.forward", grid.node_id(1)), times=1)  # no reply: the timeout notices
 
-    summary, grid = run_fleet(tmp_path, 2, _config(tiny_llama, **{"request-timeout": 1.0, "max-retries": 1}),
-                              faults=faults)
+    summary, grid = run_fleet(
+        tmp_path, 2, _config(tiny_llama, **{"request-timeout": 1.0, "max-retries": 1}), faults=faults
+    )
     assert len(grid.dropped) == 1
     for name, why in (("device-0", "injected failure"), ("device-1", "no reply within 1 s")):
         device = summary["devices"][name]
@@ -74,8 +91,9 @@ def test_a_device_that_keeps_failing_is_dropped_and_its_samples_counted_lost(rea
 def test_a_device_killed_mid_round_is_dropped_and_the_run_goes_on(real_assets, tiny_llama, tmp_path):
     """The logic of tests/test_faults.py's killed SuperNode, without the deployment: after its profile
     and two frames the device is gone, and Flower answers for it that the node is unavailable."""
-    summary, grid = run_fleet(tmp_path, 2, _config(tiny_llama, **{"in-flight": 1}),
-                              faults=lambda grid: grid.kill(1, after=3))
+    summary, grid = run_fleet(
+        tmp_path, 2, _config(tiny_llama, **{"in-flight": 1}), faults=lambda grid: grid.kill(1, after=3)
+    )
     dead, alive = summary["devices"]["device-1"], summary["devices"]["device-0"]
     assert dead["dropped"] and dead["frames"] == 2
     assert dead["samples_forwarded"] == 8 and dead["samples_lost"] == 8

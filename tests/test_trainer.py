@@ -19,9 +19,16 @@ def _frame(n, start, bits=8, seed=0, fingerprint="fp"):
     for _ in LAYERS:
         x = torch.randn(n, D, generator=g) + 1.5 * (2 * labels[:, None] - 1) * direction
         acts.append(quantize(x, bits))
-    return Frame(fingerprint=fingerprint, layers=LAYERS, token_policy="last", sample_ids=list(range(start, start + n)),
-                 token_counts=[1] * n, seq_lengths=[5] * n,
-                 targets={"kind": "class", "values": labels.tolist(), "num_classes": 2}, activations=acts)
+    return Frame(
+        fingerprint=fingerprint,
+        layers=LAYERS,
+        token_policy="last",
+        sample_ids=list(range(start, start + n)),
+        token_counts=[1] * n,
+        seq_lengths=[5] * n,
+        targets={"kind": "class", "values": labels.tolist(), "num_classes": 2},
+        activations=acts,
+    )
 
 
 def _trainer(seed=0, epochs=3):
@@ -96,6 +103,6 @@ def test_length_grouping_keeps_every_sample_once_and_cuts_padding():
     def padded(bs):
         return sum(max(lengths[i] for i in b) * len(b) for b in bs)
 
-    plain = [order[k:k + 16] for k in range(0, 1000, 16)]
+    plain = [order[k : k + 16] for k in range(0, 1000, 16)]
     assert padded(batches) < 0.8 * padded(plain)
     assert batches != sorted(batches, key=lambda b: lengths[b[0]])  # batch order is shuffled, not by length

@@ -126,8 +126,11 @@ def test_prepared_copy_reloads_identically(tiny_llama, weights_dir):
     assert all(torch.equal(ta[k], tc[k]) for k in ta)
     # the weights are memory-mapped from the prepared file, not copied
     if os.path.exists("/proc/self/maps"):
-        mapped = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in open("/proc/self/maps")
-                  if line.rstrip().endswith(os.path.join(b.weights_path, WEIGHTS_FILE))]
+        mapped = [
+            tuple(int(x, 16) for x in line.split()[0].split("-"))
+            for line in open("/proc/self/maps")
+            if line.rstrip().endswith(os.path.join(b.weights_path, WEIGHTS_FILE))
+        ]
         for _, layer in block_linears(b.model)[:3]:
             assert any(lo <= layer.qweight.data_ptr() < hi for lo, hi in mapped)
     # zero-shot reads two rows of the (int8, tied) head; the server's head state comes back as float32
@@ -176,8 +179,8 @@ def test_rebuilds_of_a_stale_copy_take_turns(tmp_path):
     import threading
 
     from mobiflower.platform.atomic import exclusive_lock
-    from mobiflower.platform.tiny import make_tiny_model
     from mobiflower.platform.prepared_weights import prepare_quantized_backbone
+    from mobiflower.platform.tiny import make_tiny_model
 
     model = make_tiny_model("llama", tmp_path / "src", layers=2, seed=3)
     folder = ensure_prepared(str(model), "int8", tmp_path / "w")
@@ -214,8 +217,7 @@ def test_weights_digest_opens_packed_params(fp32):
     """torch.ao's dynamic int8 Linear keeps a packed-params object in its state dict."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        packed = torch.ao.quantization.quantize_dynamic(fp32.model, {torch.nn.Linear}, dtype=torch.qint8,
-                                                        inplace=False)
+        packed = torch.ao.quantization.quantize_dynamic(fp32.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
     assert any(not isinstance(v, torch.Tensor) for v in packed.state_dict().values())
     digest = weights_digest(packed)
     assert digest == weights_digest(packed) and digest != fp32.identity.digest
@@ -227,9 +229,19 @@ def test_bench_precision_end_to_end(tmp_path, real_assets):
 
     model = make_tiny_model("llama", tmp_path / "llama", hidden=64, layers=2)
     out = tmp_path / "out" / "bench.json"
-    result = run_precision_bench(model=str(model), precisions=("int8", "fp32"), batches=2, batch_size=4, threads=1,
-                                 out=str(out), progress=False, num_taps=2, starts=0, cold=True,
-                                 weights_dir=str(tmp_path / "w"))
+    result = run_precision_bench(
+        model=str(model),
+        precisions=("int8", "fp32"),
+        batches=2,
+        batch_size=4,
+        threads=1,
+        out=str(out),
+        progress=False,
+        num_taps=2,
+        starts=0,
+        cold=True,
+        weights_dir=str(tmp_path / "w"),
+    )
     assert list(result["precisions"]) == ["fp32", "int8"]  # fp32 first: the reference
     for name, e in result["precisions"].items():
         assert e["precision"] == name and e["samples"] == 4
@@ -250,11 +262,23 @@ def test_bench_precision_end_to_end(tmp_path, real_assets):
 def test_bench_precision_ratios_and_verdicts():
     from mobiflower.simulations.bench.precision import _acceptance, _ratios
 
-    entries = {"fp32": {"model_memory_mb": 600.0, "s_per_sample": 0.10, "test_accuracy": 0.836, "warm_start_s": 2.5,
-                        "weights_resident_mb": 500.0},
-               "int8": {"model_memory_mb": 200.0, "s_per_sample": 0.12, "test_accuracy": 0.829, "warm_start_s": 3.2,
-                        "weights_resident_mb": 130.0},
-               "int4": {"model_memory_mb": 160.0, "s_per_sample": 0.13}}
+    entries = {
+        "fp32": {
+            "model_memory_mb": 600.0,
+            "s_per_sample": 0.10,
+            "test_accuracy": 0.836,
+            "warm_start_s": 2.5,
+            "weights_resident_mb": 500.0,
+        },
+        "int8": {
+            "model_memory_mb": 200.0,
+            "s_per_sample": 0.12,
+            "test_accuracy": 0.829,
+            "warm_start_s": 3.2,
+            "weights_resident_mb": 130.0,
+        },
+        "int4": {"model_memory_mb": 160.0, "s_per_sample": 0.13},
+    }
     ratios = _ratios(entries)
     assert ratios["int8_vs_fp32_model_memory"] == pytest.approx(1 / 3)
     assert ratios["int8_vs_fp32_accuracy_points"] == pytest.approx(-0.7)

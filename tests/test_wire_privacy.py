@@ -4,7 +4,6 @@ device's samples and no run of their token ids."""
 
 from __future__ import annotations
 
-
 import numpy as np
 from inprocess_grid import run_fleet
 
@@ -23,7 +22,7 @@ def _needles(texts: list[str], token_ids: list[list[int]]) -> list[tuple[str, by
         out.append(("text", raw[-32:]))
     for ids in token_ids:
         for start in range(0, max(1, len(ids) - WINDOW), WINDOW):
-            window = np.asarray(ids[start:start + WINDOW])
+            window = np.asarray(ids[start : start + WINDOW])
             if len(window) == WINDOW:
                 out += [(f"token ids as {dt}", window.astype(dt).tobytes()) for dt in ("<i8", "<i4")]
     return out
@@ -43,9 +42,19 @@ def test_the_scanner_finds_a_planted_leak():
 
 def test_no_text_or_token_ids_leave_a_device(real_assets, tiny_llama, tmp_path):
     capture = tmp_path / "capture"
-    run_config = {"model": tiny_llama, "num-taps": 2, "train-samples": 24, "validation-samples": 8,
-                  "test-samples": 8, "rounds": 2, "chunk-size": 8, "eval-every": 1, "reduction": 4,
-                  "token-policy": "nonpad", "capture-dir": str(capture)}
+    run_config = {
+        "model": tiny_llama,
+        "num-taps": 2,
+        "train-samples": 24,
+        "validation-samples": 8,
+        "test-samples": 8,
+        "rounds": 2,
+        "chunk-size": 8,
+        "eval-every": 1,
+        "reduction": 4,
+        "token-policy": "nonpad",
+        "capture-dir": str(capture),
+    }
     summary, _ = run_fleet(tmp_path / "sim", 2, run_config)
 
     backbone = Backbone.load(tiny_llama, num_taps=2)

@@ -20,15 +20,21 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mobiflower.clients.device_setup import DeviceSetup
+from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig
 from mobiflower.simulations.flower_config import RunConfigValue, write_app_dir
 from mobiflower.simulations.flower_run import run_simulation
-from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig
 
 SERVERAPP = "mobiflower.simulations.baselines.fed_lora_server_app:app"
 CLIENTAPP = "mobiflower.simulations.baselines.fed_lora_client_app:app"
-_DEVICE_KEYS = {"model": "model", "train_samples": "train-samples", "validation_samples": "validation-samples",
-                "test_samples": "test-samples", "partitioning": "partitioning", "dirichlet_alpha": "dirichlet-alpha",
-                "threads": "device-threads"}
+_DEVICE_KEYS = {
+    "model": "model",
+    "train_samples": "train-samples",
+    "validation_samples": "validation-samples",
+    "test_samples": "test-samples",
+    "partitioning": "partitioning",
+    "dirichlet_alpha": "dirichlet-alpha",
+    "threads": "device-threads",
+}
 DEFAULT_LR_GRID = (1e-4, 5e-4, 1e-3, 2e-3)
 DEFAULT_EPOCH_GRID = (1, 2)
 
@@ -69,8 +75,13 @@ def run_fed_lora(config: FedLoraRun, out: str | None = None, quiet: bool = True)
     scratch = (Path(config.workdir) / f"{stamp}-{os.getpid()}-{time.monotonic_ns() % 10**6}").resolve()
     given = str(config.run_config.get("run-dir") or "")
     run_dir = Path(given).resolve() if given else scratch / "run"
-    app_dir = write_app_dir(scratch / "flower-app", default_fed_lora_app_config(), serverapp=SERVERAPP,
-                            clientapp=CLIENTAPP, name="mobiflower-fed-lora")
+    app_dir = write_app_dir(
+        scratch / "flower-app",
+        default_fed_lora_app_config(),
+        serverapp=SERVERAPP,
+        clientapp=CLIENTAPP,
+        name="mobiflower-fed-lora",
+    )
     run_config = {**config.run_config, "run-dir": str(run_dir), "devices": config.devices}
     env = {"MOBIFLOWER_HOME": os.environ["MOBIFLOWER_HOME"]} if "MOBIFLOWER_HOME" in os.environ else {}
 
@@ -79,23 +90,40 @@ def run_fed_lora(config: FedLoraRun, out: str | None = None, quiet: bool = True)
             print(line.rstrip(), file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    result = run_simulation(app_dir, run_config, num_supernodes=config.devices, client_cpus=config.client_cpus,
-                            scratch=scratch, on_line=on_line, timeout_s=config.timeout_s, extra_env=env)
+    result = run_simulation(
+        app_dir,
+        run_config,
+        num_supernodes=config.devices,
+        client_cpus=config.client_cpus,
+        scratch=scratch,
+        on_line=on_line,
+        timeout_s=config.timeout_s,
+        extra_env=env,
+    )
     path = run_dir / "summary.json"
     if not path.exists():
         raise RuntimeError(f"the fed-LoRA run finished ({result.status}) but wrote no summary at {path}")
     summary = json.loads(path.read_text())
-    summary["simulation"] = {"devices": config.devices, "client_cpus": config.client_cpus, "run_id": result.run_id,
-                             "status": result.status, "wall_s": time.perf_counter() - t0, "run_dir": str(run_dir)}
+    summary["simulation"] = {
+        "devices": config.devices,
+        "client_cpus": config.client_cpus,
+        "run_id": result.run_id,
+        "status": result.status,
+        "wall_s": time.perf_counter() - t0,
+        "run_dir": str(run_dir),
+    }
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def tune_fed_lora(base: FedLoraRun, lrs: Sequence[float] = DEFAULT_LR_GRID,
-                  local_epochs: Sequence[int] = DEFAULT_EPOCH_GRID,
-                  runner: Callable[[FedLoraRun], dict[str, Any]] = run_fed_lora) -> dict[str, Any]:
+def tune_fed_lora(
+    base: FedLoraRun,
+    lrs: Sequence[float] = DEFAULT_LR_GRID,
+    local_epochs: Sequence[int] = DEFAULT_EPOCH_GRID,
+    runner: Callable[[FedLoraRun], dict[str, Any]] = run_fed_lora,
+) -> dict[str, Any]:
     """Try every (lr, local-epochs) pair on the devices' validation splits; keep the best.
 
     Each trial is a full federated run (same fleet, rounds and data as ``base``) scored on
@@ -108,15 +136,30 @@ def tune_fed_lora(base: FedLoraRun, lrs: Sequence[float] = DEFAULT_LR_GRID,
         raise ValueError("tune_fed_lora needs at least one learning rate and one local-epochs value")
     trials = []
     for lr, epochs in itertools.product(lrs, local_epochs):
-        run = FedLoraRun(devices=base.devices, client_cpus=base.client_cpus, workdir=base.workdir,
-                         timeout_s=base.timeout_s,
-                         run_config={**base.run_config, "lr": float(lr), "local-epochs": int(epochs),
-                                     "eval-split": "validation", "final-eval": False, "run-dir": ""})
+        run = FedLoraRun(
+            devices=base.devices,
+            client_cpus=base.client_cpus,
+            workdir=base.workdir,
+            timeout_s=base.timeout_s,
+            run_config={
+                **base.run_config,
+                "lr": float(lr),
+                "local-epochs": int(epochs),
+                "eval-split": "validation",
+                "final-eval": False,
+                "run-dir": "",
+            },
+        )
         summary = runner(run)
-        trials.append({"lr": float(lr), "local-epochs": int(epochs),
-                       "validation_accuracy": summary.get("final_validation_accuracy"),
-                       "device_compute_s": summary.get("device_compute_s"),
-                       "run_dir": summary.get("simulation", {}).get("run_dir")})
+        trials.append(
+            {
+                "lr": float(lr),
+                "local-epochs": int(epochs),
+                "validation_accuracy": summary.get("final_validation_accuracy"),
+                "device_compute_s": summary.get("device_compute_s"),
+                "run_dir": summary.get("simulation", {}).get("run_dir"),
+            }
+        )
     scored = [t for t in trials if t["validation_accuracy"] is not None]
     if not scored:
         raise RuntimeError("no tuning trial produced a validation accuracy: check the devices' validation splits")
@@ -128,15 +171,26 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The run's final accuracy, its settings, what went over the wire and what the devices computed."""
     cfg = summary.get("config", {})
     acc = summary.get("final_accuracy")
-    lines = [f"fed-lora: {summary.get('final_accuracy_split')} accuracy "
-             f"{'n/a' if acc is None else format(acc, '.4f')} after {cfg.get('rounds')} rounds "
-             f"(lr {cfg.get('lr')}, {cfg.get('lr_schedule')}, {cfg.get('local_epochs')} local epochs, r {cfg.get('lora_r')})",
-             f"wire: {summary['bytes_up'] / 1e6:.2f} MB up, {summary['bytes_down'] / 1e6:.2f} MB down "
-             f"(+{summary['bytes_down_eval'] / 1e6:.2f} MB for evaluation); adapter {summary['adapter_bytes'] / 1e6:.2f} MB",
-             f"device compute: {summary['device_compute_s']:.1f} s over all devices, "
-             f"{summary['device_compute_critical_s']:.1f} s on the slowest device per round (summed)"]
+    lines = [
+        f"fed-lora: {summary.get('final_accuracy_split')} accuracy "
+        f"{'n/a' if acc is None else format(acc, '.4f')} after {cfg.get('rounds')} rounds "
+        f"(lr {cfg.get('lr')}, {cfg.get('lr_schedule')}, {cfg.get('local_epochs')} local epochs, r {cfg.get('lora_r')})",
+        f"wire: {summary['bytes_up'] / 1e6:.2f} MB up, {summary['bytes_down'] / 1e6:.2f} MB down "
+        f"(+{summary['bytes_down_eval'] / 1e6:.2f} MB for evaluation); adapter {summary['adapter_bytes'] / 1e6:.2f} MB",
+        f"device compute: {summary['device_compute_s']:.1f} s over all devices, "
+        f"{summary['device_compute_critical_s']:.1f} s on the slowest device per round (summed)",
+    ]
     return "\n".join(lines)
 
 
-__all__ = ["FedLoraRun", "run_fed_lora", "tune_fed_lora", "default_fed_lora_app_config", "format_summary",
-           "DEFAULT_LR_GRID", "DEFAULT_EPOCH_GRID", "SERVERAPP", "CLIENTAPP"]
+__all__ = [
+    "FedLoraRun",
+    "run_fed_lora",
+    "tune_fed_lora",
+    "default_fed_lora_app_config",
+    "format_summary",
+    "DEFAULT_LR_GRID",
+    "DEFAULT_EPOCH_GRID",
+    "SERVERAPP",
+    "CLIENTAPP",
+]

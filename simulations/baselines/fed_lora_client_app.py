@@ -27,9 +27,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from mobiflower.clients.device_setup import DeviceSetup
-from mobiflower.simulations.baselines.lora_model import LoraShape, load_trainable, lora_model, samples_digest, trainable_state, train_local
-from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
 from mobiflower.platform.classifier import classifier_accuracy
+from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
+from mobiflower.simulations.baselines.lora_model import (
+    LoraShape,
+    load_trainable,
+    lora_model,
+    samples_digest,
+    train_local,
+    trainable_state,
+)
 
 ARRAYS_KEY = "arrays"  # the adapters + head (FedAvg's default arrayrecord_key)
 CONFIG_KEY = "config"  # the request's settings (FedAvg's default configrecord_key)
@@ -53,8 +60,9 @@ def _request(msg: Message, context: Context) -> tuple[DeviceSetup, ConfigRecord,
     torch.set_num_threads(max(1, setup.threads))
     from mobiflower.platform.assets import resolve_model
 
-    model, tokenizer = lora_model(resolve_model(setup.model), LoraShape.from_config(cfg),
-                                  int(cfg.get("seed", setup.seed)))
+    model, tokenizer = lora_model(
+        resolve_model(setup.model), LoraShape.from_config(cfg), int(cfg.get("seed", setup.seed))
+    )
     load_trainable(model, msg.content[ARRAYS_KEY].to_torch_state_dict())
     return setup, cfg, model, tokenizer
 
@@ -72,18 +80,35 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(cfg.get("server-round", 1))
     seed = int(cfg.get("seed", setup.seed)) * 7919 + server_round * 131 + setup.partition_id
     t0, c0 = time.perf_counter(), time.process_time()
-    result = train_local(model, tokenizer, examples, lr=float(cfg["lr"]), epochs=int(cfg["local-epochs"]),
-                         batch_size=int(cfg["batch-size"]), max_length=LoraShape.from_config(cfg).max_length,
-                         seed=seed)
+    result = train_local(
+        model,
+        tokenizer,
+        examples,
+        lr=float(cfg["lr"]),
+        epochs=int(cfg["local-epochs"]),
+        batch_size=int(cfg["batch-size"]),
+        max_length=LoraShape.from_config(cfg).max_length,
+        seed=seed,
+    )
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     arrays = ArrayRecord(torch_state_dict=trainable_state(model))
-    metrics = MetricRecord({
-        "num-examples": len(examples), "samples-seen": len(examples) * int(cfg["local-epochs"]),
-        "train-s": train_s, "train-cpu-s": train_cpu_s, "load-s": load_s, "loss": float(result["loss"]),
-        "steps": int(result["steps"]), "adapter-bytes": record_bytes(arrays), "rss-mb": current_rss_mb(),
-        "peak-rss-mb": peak_rss_mb()})
-    device = ConfigRecord({"device-id": setup.device_id, "partition-id": setup.partition_id,
-                           "samples-digest": samples_digest(examples)})
+    metrics = MetricRecord(
+        {
+            "num-examples": len(examples),
+            "samples-seen": len(examples) * int(cfg["local-epochs"]),
+            "train-s": train_s,
+            "train-cpu-s": train_cpu_s,
+            "load-s": load_s,
+            "loss": float(result["loss"]),
+            "steps": int(result["steps"]),
+            "adapter-bytes": record_bytes(arrays),
+            "rss-mb": current_rss_mb(),
+            "peak-rss-mb": peak_rss_mb(),
+        }
+    )
+    device = ConfigRecord(
+        {"device-id": setup.device_id, "partition-id": setup.partition_id, "samples-digest": samples_digest(examples)}
+    )
     return Message(RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics, DEVICE_KEY: device}), reply_to=msg)
 
 
@@ -99,9 +124,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     if limit > 0:
         examples = examples[:limit]
     t0 = time.perf_counter()
-    accuracy = classifier_accuracy(model, tokenizer, examples, LoraShape.from_config(cfg).max_length) if examples else 0.0
-    metrics = MetricRecord({"accuracy": float(accuracy), "num-examples": len(examples),
-                            "eval-s": time.perf_counter() - t0, "peak-rss-mb": peak_rss_mb()})
+    accuracy = (
+        classifier_accuracy(model, tokenizer, examples, LoraShape.from_config(cfg).max_length) if examples else 0.0
+    )
+    metrics = MetricRecord(
+        {
+            "accuracy": float(accuracy),
+            "num-examples": len(examples),
+            "eval-s": time.perf_counter() - t0,
+            "peak-rss-mb": peak_rss_mb(),
+        }
+    )
     device = ConfigRecord({"device-id": setup.device_id, "partition-id": setup.partition_id, "split": split})
     return Message(RecordDict({METRICS_KEY: metrics, DEVICE_KEY: device}), reply_to=msg)
 

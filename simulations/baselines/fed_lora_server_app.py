@@ -31,8 +31,8 @@ def run_dir_for(config: FedLoraConfig, run_id: int) -> Path:
 
 def initial_arrays(model: str, config: FedLoraConfig) -> tuple[ArrayRecord, int]:
     """The global adapters + head before round 1, and the trainable parameter count."""
-    from mobiflower.simulations.baselines.lora_model import LoraShape, lora_model, trainable_state
     from mobiflower.platform.assets import resolve_model
+    from mobiflower.simulations.baselines.lora_model import LoraShape, lora_model, trainable_state
 
     shape = LoraShape.from_config(config.device_config())
     net, _ = lora_model(resolve_model(model), shape, config.seed)
@@ -61,8 +61,14 @@ def main(grid: Grid, context: Context) -> None:
 
     lora_model._MODELS.clear()  # the server only needed the initial weights: free the backbone
     strategy = FedLoraStrategy(config)
-    result = strategy.start(grid, arrays, num_rounds=config.rounds, timeout=config.request_timeout,
-                            train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    result = strategy.start(
+        grid,
+        arrays,
+        num_rounds=config.rounds,
+        timeout=config.request_timeout,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+    )
     final_arrays = result.arrays if len(result.arrays) else arrays  # no round aggregated: the initial ones
     final = strategy.evaluate_final(grid, final_arrays) if config.final_eval else None
     summary = strategy.summary_record(final, final_arrays, trainable, time.perf_counter() - t0)

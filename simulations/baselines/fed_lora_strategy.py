@@ -90,8 +90,11 @@ class FedLoraConfig:
             key = f.name.replace("_", "-")
             if key in run_config and run_config[key] is not None:
                 default = getattr(cls, f.name)
-                values[f.name] = type(default)(run_config[key]) if not isinstance(default, bool) else \
-                    str(run_config[key]).strip().lower() in ("1", "true", "yes", "on")
+                values[f.name] = (
+                    type(default)(run_config[key])
+                    if not isinstance(default, bool)
+                    else str(run_config[key]).strip().lower() in ("1", "true", "yes", "on")
+                )
         return cls(**values)
 
     def as_dict(self) -> dict[str, bool | int | float | str]:
@@ -105,8 +108,14 @@ class FedLoraConfig:
 
     def device_config(self) -> dict[str, bool | int | float | str]:
         """What a device needs to rebuild the same LoRA model and train it (sent in every request)."""
-        return {"lora-r": self.lora_r, "lora-alpha": self.lora_alpha, "lora-dropout": self.lora_dropout,
-                "lora-targets": self.lora_targets, "max-length": self.max_length, "seed": self.seed}
+        return {
+            "lora-r": self.lora_r,
+            "lora-alpha": self.lora_alpha,
+            "lora-dropout": self.lora_dropout,
+            "lora-targets": self.lora_targets,
+            "max-length": self.max_length,
+            "seed": self.seed,
+        }
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -140,8 +149,15 @@ class FedLoraStrategy(FedAvg):
 
     def __init__(self, config: FedLoraConfig) -> None:
         nodes = max(1, config.devices)
-        super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=nodes, min_evaluate_nodes=nodes,
-                         min_available_nodes=nodes, arrayrecord_key=ARRAYS_KEY, configrecord_key=CONFIG_KEY)
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=nodes,
+            min_evaluate_nodes=nodes,
+            min_available_nodes=nodes,
+            arrayrecord_key=ARRAYS_KEY,
+            configrecord_key=CONFIG_KEY,
+        )
         self.config = config
         self.history: dict[int, dict[str, Any]] = {}
         self.devices: dict[str, dict[str, Any]] = {}
@@ -152,40 +168,78 @@ class FedLoraStrategy(FedAvg):
     # ---- accounting helpers ------------------------------------------------------------------
 
     def _round(self, server_round: int) -> dict[str, Any]:
-        return self.history.setdefault(server_round, {
-            "round": server_round, "bytes_up": 0, "bytes_down": 0, "bytes_down_eval": 0, "device_compute_s": 0.0,
-            "device_compute_max_s": 0.0, "devices": {}})
+        return self.history.setdefault(
+            server_round,
+            {
+                "round": server_round,
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "bytes_down_eval": 0,
+                "device_compute_s": 0.0,
+                "device_compute_max_s": 0.0,
+                "devices": {},
+            },
+        )
 
     def _device(self, name: str) -> dict[str, Any]:
-        return self.devices.setdefault(name, {"bytes_up": 0, "bytes_down": 0, "bytes_down_eval": 0,
-                                              "device_compute_s": 0.0, "rounds_trained": 0, "failures": 0})
+        return self.devices.setdefault(
+            name,
+            {
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "bytes_down_eval": 0,
+                "device_compute_s": 0.0,
+                "rounds_trained": 0,
+                "failures": 0,
+            },
+        )
 
     def _failed(self, server_round: int, phase: str, replies: Iterable[Message]) -> None:
         for reply in replies:
             if reply.has_error():
-                self.failures.append({"round": server_round, "phase": phase, "node_id": reply.metadata.src_node_id,
-                                      "reason": reply.error.reason})
-                log(WARNING, "fed-lora round %d %s: node %d failed: %s", server_round, phase,
-                    reply.metadata.src_node_id, reply.error.reason)
+                self.failures.append(
+                    {
+                        "round": server_round,
+                        "phase": phase,
+                        "node_id": reply.metadata.src_node_id,
+                        "reason": reply.error.reason,
+                    }
+                )
+                log(
+                    WARNING,
+                    "fed-lora round %d %s: node %d failed: %s",
+                    server_round,
+                    phase,
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
 
     # ---- FedAvg hooks ------------------------------------------------------------------------
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         config["lr"] = self.config.lr_at(server_round)
         config["local-epochs"] = self.config.local_epochs
         config["batch-size"] = self.config.batch_size
         config.update(self.config.device_config())
         messages = list(super().configure_train(server_round, arrays, config, grid))
         rec = self._round(server_round)
-        rec.update({"lr": config["lr"], "t0": time.perf_counter(), "nodes": len(messages),
-                    "global_probe": linear_probe(arrays)})
+        rec.update(
+            {
+                "lr": config["lr"],
+                "t0": time.perf_counter(),
+                "nodes": len(messages),
+                "global_probe": linear_probe(arrays),
+            }
+        )
         rec["bytes_down"] += record_bytes(arrays) * len(messages)
         self._down_per_node = record_bytes(arrays)
         return messages
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._failed(server_round, "train", replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
@@ -202,13 +256,21 @@ class FedLoraStrategy(FedAvg):
             train_s = float(stats["train-s"])
             n = float(stats["num-examples"])
             probe = linear_probe(reply.content[ARRAYS_KEY])
-            rec["devices"][name] = {"bytes_up": up, "bytes_down": self._down_per_node, "train_s": train_s,
-                                    "train_cpu_s": float(stats["train-cpu-s"]), "load_s": float(stats["load-s"]),
-                                    "num_examples": int(n), "loss": float(stats["loss"]),
-                                    "steps": int(stats["steps"]), "peak_rss_mb": float(stats["peak-rss-mb"]),
-                                    "adapter_bytes": int(stats["adapter-bytes"]), "probe": probe,
-                                    "samples_digest": str(reply.content[DEVICE_KEY]["samples-digest"]),
-                                    "partition_id": int(reply.content[DEVICE_KEY]["partition-id"])}
+            rec["devices"][name] = {
+                "bytes_up": up,
+                "bytes_down": self._down_per_node,
+                "train_s": train_s,
+                "train_cpu_s": float(stats["train-cpu-s"]),
+                "load_s": float(stats["load-s"]),
+                "num_examples": int(n),
+                "loss": float(stats["loss"]),
+                "steps": int(stats["steps"]),
+                "peak_rss_mb": float(stats["peak-rss-mb"]),
+                "adapter_bytes": int(stats["adapter-bytes"]),
+                "probe": probe,
+                "samples_digest": str(reply.content[DEVICE_KEY]["samples-digest"]),
+                "partition_id": int(reply.content[DEVICE_KEY]["partition-id"]),
+            }
             dev = self._device(name)
             dev["bytes_up"] += up
             dev["bytes_down"] += self._down_per_node
@@ -230,8 +292,9 @@ class FedLoraStrategy(FedAvg):
             rec["expected_probe"] = sum(n * p for n, p in weights_probes) / sum(n for n, _ in weights_probes)
         return arrays, metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         config["split"] = self.config.eval_split
         config["max-samples"] = self.config.eval_samples
         config.update(self.config.device_config())
@@ -255,9 +318,17 @@ class FedLoraStrategy(FedAvg):
         rec[f"{self.config.eval_split}_accuracy"] = accuracy
         rec["accuracy"] = accuracy
         rec["wall_s"] = time.perf_counter() - rec.pop("t0", time.perf_counter())
-        log(INFO, "fed-lora round %d: %s accuracy %s, %d B up, %d B down, device compute %.1f s (max %.1f s)",
-            server_round, self.config.eval_split, "n/a" if accuracy is None else f"{accuracy:.4f}", rec["bytes_up"],
-            rec["bytes_down"], rec["device_compute_s"], rec["device_compute_max_s"])
+        log(
+            INFO,
+            "fed-lora round %d: %s accuracy %s, %d B up, %d B down, device compute %.1f s (max %.1f s)",
+            server_round,
+            self.config.eval_split,
+            "n/a" if accuracy is None else f"{accuracy:.4f}",
+            rec["bytes_up"],
+            rec["bytes_down"],
+            rec["device_compute_s"],
+            rec["device_compute_max_s"],
+        )
         return None if accuracy is None else MetricRecord({"accuracy": accuracy})
 
     # ---- after the rounds --------------------------------------------------------------------
@@ -266,22 +337,29 @@ class FedLoraStrategy(FedAvg):
         """Score the final adapters on every device's test split (sample-weighted over devices)."""
         config = ConfigRecord({"split": "test", "max-samples": 0, **self.config.device_config()})
         node_ids = list(grid.get_node_ids())
-        messages = self._construct_messages(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), node_ids,
-                                            MessageType.EVALUATE)
+        messages = self._construct_messages(
+            RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), node_ids, MessageType.EVALUATE
+        )
         replies = list(grid.send_and_receive(messages, timeout=self.config.request_timeout))
         self._failed(self.config.rounds + 1, "test", replies)
         per_device = {}
         for reply in replies:
             if not reply.has_error():
                 stats = reply.content[METRICS_KEY]
-                per_device[_reply_device(reply)] = {"test_accuracy": float(stats["accuracy"]),
-                                                    "test_samples": int(stats["num-examples"])}
+                per_device[_reply_device(reply)] = {
+                    "test_accuracy": float(stats["accuracy"]),
+                    "test_samples": int(stats["num-examples"]),
+                }
                 self._device(_reply_device(reply))["bytes_down_eval"] += record_bytes(arrays)
-        return {"test_accuracy": _weighted_accuracy(replies), "devices": per_device,
-                "bytes_down": record_bytes(arrays) * len(node_ids)}
+        return {
+            "test_accuracy": _weighted_accuracy(replies),
+            "devices": per_device,
+            "bytes_down": record_bytes(arrays) * len(node_ids),
+        }
 
-    def summary_record(self, final: dict[str, Any] | None, arrays: ArrayRecord, trainable: int,
-                       wall_s: float) -> dict[str, Any]:
+    def summary_record(
+        self, final: dict[str, Any] | None, arrays: ArrayRecord, trainable: int, wall_s: float
+    ) -> dict[str, Any]:
         """Everything ``summary.json`` holds: the harness's figures, per round and per device."""
         rounds = [self.history[r] for r in sorted(self.history)]
         split = f"{self.config.eval_split}_accuracy"

@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from mobiflower.platform.data import Example
 from mobiflower.platform.classifier import build_classifier, load_tokenizer, make_optimizer, train_step
+from mobiflower.platform.data import Example
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,13 @@ class LoraShape:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "LoraShape":
         targets = str(cfg.get("lora-targets", "") or "")
-        return cls(r=int(cfg.get("lora-r", cls.r)), alpha=int(cfg.get("lora-alpha", cls.alpha)),
-                   dropout=float(cfg.get("lora-dropout", cls.dropout)),
-                   targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
-                   max_length=int(cfg.get("max-length", cls.max_length)))
+        return cls(
+            r=int(cfg.get("lora-r", cls.r)),
+            alpha=int(cfg.get("lora-alpha", cls.alpha)),
+            dropout=float(cfg.get("lora-dropout", cls.dropout)),
+            targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+            max_length=int(cfg.get("max-length", cls.max_length)),
+        )
 
 
 _MODELS: dict[tuple, tuple[Any, Any]] = {}
@@ -50,8 +53,16 @@ def lora_model(model_path: str, shape: LoraShape, seed: int = 0):
     key = (model_path, shape, seed)
     if key not in _MODELS:
         tokenizer = load_tokenizer(model_path)
-        model = build_classifier(model_path, "lora", tokenizer, seed=seed, lora_r=shape.r, lora_alpha=shape.alpha,
-                                 lora_dropout=shape.dropout, lora_targets=shape.targets or None)
+        model = build_classifier(
+            model_path,
+            "lora",
+            tokenizer,
+            seed=seed,
+            lora_r=shape.r,
+            lora_alpha=shape.alpha,
+            lora_dropout=shape.dropout,
+            lora_targets=shape.targets or None,
+        )
         _MODELS.clear()  # one backbone resident at a time: a device holds one model
         _MODELS[key] = (model, tokenizer)
     return _MODELS[key]
@@ -67,19 +78,32 @@ def load_trainable(model, state: Mapping[str, torch.Tensor]) -> None:
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or extra:
-        raise ValueError(f"the sent adapter does not fit this device's LoRA model ({len(missing)} tensors missing, "
-                         f"e.g. {missing[:1]}; {len(extra)} unexpected, e.g. {extra[:1]}): server and devices must "
-                         "use the same model, lora-r and lora-targets")
+        raise ValueError(
+            f"the sent adapter does not fit this device's LoRA model ({len(missing)} tensors missing, "
+            f"e.g. {missing[:1]}; {len(extra)} unexpected, e.g. {extra[:1]}): server and devices must "
+            "use the same model, lora-r and lora-targets"
+        )
     with torch.no_grad():
         for name, param in params.items():
             if tuple(state[name].shape) != tuple(param.shape):
-                raise ValueError(f"tensor {name} has shape {tuple(state[name].shape)}, this device's model expects "
-                                 f"{tuple(param.shape)}: check lora-r and the model")
+                raise ValueError(
+                    f"tensor {name} has shape {tuple(state[name].shape)}, this device's model expects "
+                    f"{tuple(param.shape)}: check lora-r and the model"
+                )
             param.copy_(state[name])
 
 
-def train_local(model, tokenizer, examples: Sequence[Example], *, lr: float, epochs: int, batch_size: int,
-                max_length: int, seed: int) -> dict[str, float]:
+def train_local(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+) -> dict[str, float]:
     """Local training as the single-device LoRA baseline does it, with a fresh AdamW per round
     (a device keeps no optimizer state between rounds) and a constant learning rate within the
     round (the strategy schedules it across rounds). Returns the mean loss and the step count."""
@@ -94,7 +118,7 @@ def train_local(model, tokenizer, examples: Sequence[Example], *, lr: float, epo
         order = list(examples)
         random.Random(seed * 1000003 + epoch).shuffle(order)
         for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             losses.append(train_step(model, tokenizer, batch, params, optimizer, max_length))
     return {"loss": sum(losses) / len(losses) if losses else math.nan, "steps": len(losses)}
 

@@ -48,9 +48,23 @@ from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb  # no
 METHODS = ("lora", "full", "zero-shot")
 DEFAULT_LR = {"lora": 5e-4, "full": 2e-5}
 
-RESULT_KEYS = ("method", "test_accuracy", "zero_shot_accuracy", "validation_accuracy", "bits", "token_policy",
-               "train_samples", "bytes_sent", "trainable_parameters", "train_s", "s_per_sample", "peak_rss_mb",
-               "lr", "epochs", "model")
+RESULT_KEYS = (
+    "method",
+    "test_accuracy",
+    "zero_shot_accuracy",
+    "validation_accuracy",
+    "bits",
+    "token_policy",
+    "train_samples",
+    "bytes_sent",
+    "trainable_parameters",
+    "train_s",
+    "s_per_sample",
+    "peak_rss_mb",
+    "lr",
+    "epochs",
+    "model",
+)
 """The keys of :func:`run_baseline`'s result (the same keys ``mobiflower local --out`` writes)."""
 
 
@@ -130,11 +144,12 @@ def zero_shot_accuracy(backbone, examples: Sequence, batch_size: int = EVAL_BATC
     ordered = sorted(examples, key=lambda e: len(e.prompt))
     correct = 0
     for start in range(0, len(ordered), batch_size):
-        batch = ordered[start:start + batch_size]
+        batch = ordered[start : start + batch_size]
         enc = backbone.tokenize([e.prompt for e in batch])
         mask = enc["attention_mask"]
-        final = backbone.forward_taps(enc["input_ids"], mask, lambda _layer, _hidden: None,
-                                      layers=[backbone.num_layers - 1], need_final=True)
+        final = backbone.forward_taps(
+            enc["input_ids"], mask, lambda _layer, _hidden: None, layers=[backbone.num_layers - 1], need_final=True
+        )
         positions = backbone.feature_positions(mask)
         with torch.inference_mode():
             logits = backbone.zero_shot_logits(final[torch.arange(len(batch)), positions], ids)
@@ -203,8 +218,17 @@ def run_baseline(config: BaselineConfig, progress: bool = True) -> dict:
         if test is None:
             test = _ZERO_SHOT_CACHE[key] = zero_shot_accuracy(backbone, splits.test)
         del backbone
-        return _result(config, test_accuracy=test, zero_shot=test, validation=validation, trainable=0,
-                       train_s=0.0, samples_seen=0, lr=None, epochs=0)
+        return _result(
+            config,
+            test_accuracy=test,
+            zero_shot=test,
+            validation=validation,
+            trainable=0,
+            train_s=0.0,
+            samples_seen=0,
+            lr=None,
+            epochs=0,
+        )
 
     zero_shot = _zero_shot_cached(config.model, path, splits.test, config.max_length)
     gc.collect()
@@ -215,8 +239,9 @@ def run_baseline(config: BaselineConfig, progress: bool = True) -> dict:
     best: dict[str, Any] | None = None
     train_s = 0.0
     for trial_lr in grid:
-        model, trial, state, seconds = _train_trial(config, path, tokenizer, splits, trial_lr, progress,
-                                                    select=bool(config.lrs))
+        model, trial, state, seconds = _train_trial(
+            config, path, tokenizer, splits, trial_lr, progress, select=bool(config.lrs)
+        )
         train_s += seconds
         trials += trial
         # tuned: the best epoch on validation; untuned: the last epoch, as trained
@@ -233,14 +258,25 @@ def run_baseline(config: BaselineConfig, progress: bool = True) -> dict:
             if name in best["state"]:
                 param.copy_(best["state"][name])
     test = classifier_accuracy(model, tokenizer, splits.test, config.max_length)
-    result = _result(config, test_accuracy=test, zero_shot=zero_shot, validation=best["validation_accuracy"],
-                     trainable=best["trainable"], train_s=train_s,
-                     samples_seen=len(splits.train) * config.epochs * len(grid), lr=best["lr"], epochs=best["epoch"],
-                     train_samples=len(splits.train))
+    result = _result(
+        config,
+        test_accuracy=test,
+        zero_shot=zero_shot,
+        validation=best["validation_accuracy"],
+        trainable=best["trainable"],
+        train_s=train_s,
+        samples_seen=len(splits.train) * config.epochs * len(grid),
+        lr=best["lr"],
+        epochs=best["epoch"],
+        train_samples=len(splits.train),
+    )
     if config.lrs:
-        result["tuning"] = {"grid": {"lrs": list(config.lrs), "epochs": list(range(1, config.epochs + 1))},
-                            "trials": trials, "selected": {"lr": best["lr"], "epochs": best["epoch"]},
-                            "rule": "highest validation accuracy (ties: fewer epochs); test scored once, on it"}
+        result["tuning"] = {
+            "grid": {"lrs": list(config.lrs), "epochs": list(range(1, config.epochs + 1))},
+            "trials": trials,
+            "selected": {"lr": best["lr"], "epochs": best["epoch"]},
+            "rule": "highest validation accuracy (ties: fewer epochs); test scored once, on it",
+        }
     return result
 
 
@@ -250,9 +286,16 @@ def _train_trial(config: BaselineConfig, path: str, tokenizer, splits, lr: float
     import torch
     from tqdm.auto import tqdm
 
-    model = build_classifier(path, config.method, tokenizer, seed=config.train_seed, lora_r=config.lora_r,
-                             lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                             lora_targets=config.lora_targets)
+    model = build_classifier(
+        path,
+        config.method,
+        tokenizer,
+        seed=config.train_seed,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        lora_targets=config.lora_targets,
+    )
     optimizer = make_optimizer(model, config.method, lr)
     train = list(splits.train)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
@@ -260,8 +303,14 @@ def _train_trial(config: BaselineConfig, path: str, tokenizer, splits, lr: float
     warmup = round(config.warmup_frac * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(total, warmup))
     params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=total, desc=f"{config.method} lr {lr:g} ({Path(str(config.model)).name})", unit="step",
-               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        desc=f"{config.method} lr {lr:g} ({Path(str(config.model)).name})",
+        unit="step",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     torch.manual_seed(config.train_seed)  # dropout
     model.train()
     trials, state, seconds = [], None, 0.0
@@ -270,7 +319,7 @@ def _train_trial(config: BaselineConfig, path: str, tokenizer, splits, lr: float
         order = list(train)
         random.Random(config.train_seed * 1000003 + epoch).shuffle(order)
         for start in range(0, len(order), config.batch_size):
-            batch = order[start:start + config.batch_size]
+            batch = order[start : start + config.batch_size]
             loss = train_step(model, tokenizer, batch, params, optimizer, config.max_length, scheduler)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
@@ -285,9 +334,19 @@ def _train_trial(config: BaselineConfig, path: str, tokenizer, splits, lr: float
     return model, trials, state, seconds
 
 
-def _result(config: BaselineConfig, *, test_accuracy: float, zero_shot: float | None, validation: float,
-            trainable: int, train_s: float, samples_seen: int, lr: float | None, epochs: int,
-            train_samples: int | None = None) -> dict[str, Any]:
+def _result(
+    config: BaselineConfig,
+    *,
+    test_accuracy: float,
+    zero_shot: float | None,
+    validation: float,
+    trainable: int,
+    train_s: float,
+    samples_seen: int,
+    lr: float | None,
+    epochs: int,
+    train_samples: int | None = None,
+) -> dict[str, Any]:
     return {
         "method": config.method,
         "test_accuracy": test_accuracy,
@@ -312,6 +371,18 @@ def _result(config: BaselineConfig, *, test_accuracy: float, zero_shot: float | 
     }
 
 
-__all__ = ["BaselineConfig", "run_baseline", "RESULT_KEYS", "METHODS", "zero_shot_accuracy", "classifier_accuracy",
-           "build_classifier", "load_tokenizer", "encode", "make_optimizer", "lora_targets_for", "peak_rss_mb",
-           "current_rss_mb"]
+__all__ = [
+    "BaselineConfig",
+    "run_baseline",
+    "RESULT_KEYS",
+    "METHODS",
+    "zero_shot_accuracy",
+    "classifier_accuracy",
+    "build_classifier",
+    "load_tokenizer",
+    "encode",
+    "make_optimizer",
+    "lora_targets_for",
+    "peak_rss_mb",
+    "current_rss_mb",
+]

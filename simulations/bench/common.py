@@ -37,8 +37,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def write_outputs(result: dict, out: str | None, plot: str | None, plot_fn: Callable[[dict, str], Path],
-                  log: Callable[[str], None]) -> None:
+def write_outputs(
+    result: dict, out: str | None, plot: str | None, plot_fn: Callable[[dict, str], Path], log: Callable[[str], None]
+) -> None:
     """Write the result JSON to ``out`` and the figure to ``plot`` (default: ``out`` with .png)."""
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,7 @@ def bars_with_values(ax, labels, values, colors, fmt: str = ".0f") -> None:
 
 def bench_logger(name: str, progress: bool = True) -> Callable[[str], None]:
     """``log(message)`` printing ``[bench NAME] message`` to stderr, or nothing without progress."""
+
     def log(message: str) -> None:
         if progress:
             print(f"[bench {name}] {message}", file=sys.stderr, flush=True)
@@ -89,8 +91,10 @@ def save_figure(fig, result: dict, path, title: str | None = None):
     import matplotlib.pyplot as plt
 
     cfg = result.get("config", {})
-    fig.suptitle(title or f"{Path(str(cfg.get('model'))).name}: {cfg.get('samples')} samples, batch "
-                 f"{cfg.get('batch_size')}", fontsize=10)
+    fig.suptitle(
+        title or f"{Path(str(cfg.get('model'))).name}: {cfg.get('samples')} samples, batch {cfg.get('batch_size')}",
+        fontsize=10,
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

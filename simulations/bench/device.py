@@ -84,8 +84,16 @@ BILLION_ACCEPTANCE = {
     "device_rss_spread_le_10pct": ("device_rss_spread", "<=", 0.10),
     "tail_rss_spread_le_10pct": ("tail_rss_spread", "<=", 0.10),
 }
-REPORTED_RATIOS = ("device_vs_lora_rss", "tail_vs_lora_rss", "device_vs_inference_s", "tail_vs_inference_s",
-                   "int4_tail_peak_rss_gb", "int8_tail_peak_rss_gb", "lora_rss_spread", "full_rss_spread")
+REPORTED_RATIOS = (
+    "device_vs_lora_rss",
+    "tail_vs_lora_rss",
+    "device_vs_inference_s",
+    "tail_vs_inference_s",
+    "int4_tail_peak_rss_gb",
+    "int8_tail_peak_rss_gb",
+    "lora_rss_spread",
+    "full_rss_spread",
+)
 """Issue 16's figures printed beside the verdicts: LoRA's memory against the device's, and how far
 LoRA's and full fine-tuning's peaks move across the training configurations."""
 LORA_SETTINGS = {"r": 8, "alpha": 16, "dropout": 0.05}
@@ -109,7 +117,9 @@ class TrainingConfig:
 
     @property
     def label(self) -> str:
-        return f"batch {self.batch_size}, {f'{self.seq_len} tokens' if self.seq_len else 'own length'}, r {self.lora_rank}"
+        return (
+            f"batch {self.batch_size}, {f'{self.seq_len} tokens' if self.seq_len else 'own length'}, r {self.lora_rank}"
+        )
 
     @classmethod
     def parse(cls, text: str) -> "TrainingConfig":
@@ -118,12 +128,15 @@ class TrainingConfig:
             parts = [int(x) for x in str(text).split(",")]
             return cls(*parts)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"training config {text!r}: write BATCH[,SEQ_LEN[,LORA_RANK]], e.g. 8,256,64 ({err})") \
-                from None
+            raise ValueError(
+                f"training config {text!r}: write BATCH[,SEQ_LEN[,LORA_RANK]], e.g. 8,256,64 ({err})"
+            ) from None
 
 
 BILLION_DEFAULTS: dict[str, Any] = {
-    "batches": 4, "batch_size": 8, "weights": ("fp32", "bf16", "int8", "int4"),
+    "batches": 4,
+    "batch_size": 8,
+    "weights": ("fp32", "bf16", "int8", "int4"),
     "train_configs": (TrainingConfig(8), TrainingConfig(32), TrainingConfig(8, 256, 64)),
 }
 """What ``bench device`` measures on a shipped billion-sized shape unless told otherwise: fewer, smaller
@@ -131,20 +144,27 @@ batches (a billion-parameter LoRA step is slow on a CPU), every weight precision
 configurations (the base one, 4x the batch, 256-token sequences with a rank-64 LoRA)."""
 
 
-def bench_settings(model: str, batches: int | None = None, batch_size: int | None = None,
-                   weights: Sequence[str] | None = None,
-                   train_configs: Sequence[TrainingConfig] | None = None) -> dict[str, Any]:
+def bench_settings(
+    model: str,
+    batches: int | None = None,
+    batch_size: int | None = None,
+    weights: Sequence[str] | None = None,
+    train_configs: Sequence[TrainingConfig] | None = None,
+) -> dict[str, Any]:
     """The settings to run with: what was given, else :data:`BILLION_DEFAULTS` on a shipped shape
     (:mod:`mobiflower.platform.shapes`), else the bundled model's defaults (6 x 16, the checkpoint
     as loaded, no training configurations)."""
     from mobiflower.platform.shapes import is_shape
 
     big = is_shape(model)
-    return {"batches": batches if batches is not None else (BILLION_DEFAULTS["batches"] if big else 6),
-            "batch_size": batch_size if batch_size is not None else (BILLION_DEFAULTS["batch_size"] if big else 16),
-            "weights": list(weights) if weights else (list(BILLION_DEFAULTS["weights"]) if big else None),
-            "train_configs": list(train_configs) if train_configs else
-            (list(BILLION_DEFAULTS["train_configs"]) if big else None)}
+    return {
+        "batches": batches if batches is not None else (BILLION_DEFAULTS["batches"] if big else 6),
+        "batch_size": batch_size if batch_size is not None else (BILLION_DEFAULTS["batch_size"] if big else 16),
+        "weights": list(weights) if weights else (list(BILLION_DEFAULTS["weights"]) if big else None),
+        "train_configs": list(train_configs)
+        if train_configs
+        else (list(BILLION_DEFAULTS["train_configs"]) if big else None),
+    }
 
 
 def device_method(kind: str, precision: str | None) -> str:
@@ -180,12 +200,24 @@ def bench_samples(batches: int, batch_size: int, seed: int = 0, seq_len: int = 0
 # parent
 
 
-def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: int = 16, bits: int = 8,
-                     token_policy: str = "last", num_taps: int = 8, seed: int = 0, threads: int | None = None,
-                     out: str | None = None, plot: str | None = None, progress: bool = True,
-                     tail_cut: int = TAIL_CUT, *, weights: Sequence[str] | None = None,
-                     train_configs: Sequence[TrainingConfig] | None = None,
-                     memory_cap_gb: float | None = None) -> dict:
+def run_device_bench(
+    model: str = "smollm2-135m",
+    batches: int = 6,
+    batch_size: int = 16,
+    bits: int = 8,
+    token_policy: str = "last",
+    num_taps: int = 8,
+    seed: int = 0,
+    threads: int | None = None,
+    out: str | None = None,
+    plot: str | None = None,
+    progress: bool = True,
+    tail_cut: int = TAIL_CUT,
+    *,
+    weights: Sequence[str] | None = None,
+    train_configs: Sequence[TrainingConfig] | None = None,
+    memory_cap_gb: float | None = None,
+) -> dict:
     """Run every method in fresh, memory-capped processes, measure the wire sizes, and return the result JSON.
 
     ``weights`` runs the device methods from prepared copies at each of these precisions (see the
@@ -219,24 +251,51 @@ def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: 
     billion = bool(weights) or bool(configs)
 
     samples = bench_samples(batches, batch_size, seed)
-    config = {"model": model, "batches": batches, "batch_size": batch_size, "samples": len(samples), "bits": bits,
-              "token_policy": token_policy, "num_taps": num_taps, "seed": seed, "threads": threads, "tail_cut": tail_cut,
-              "timed_batches": max(1, batches - 1), "warmup_batches": 1 if batches > 1 else 0,
-              "lora": dict(LORA_SETTINGS), "lr": dict(LR), "weights": [p for p in precisions if p],
-              "train_configs": [asdict(c) for c in configs], "memory_cap_mb": cap_mb, "max_length": MAX_LENGTH,
-              "random_weights": _random_weights(model)}
+    config = {
+        "model": model,
+        "batches": batches,
+        "batch_size": batch_size,
+        "samples": len(samples),
+        "bits": bits,
+        "token_policy": token_policy,
+        "num_taps": num_taps,
+        "seed": seed,
+        "threads": threads,
+        "tail_cut": tail_cut,
+        "timed_batches": max(1, batches - 1),
+        "warmup_batches": 1 if batches > 1 else 0,
+        "lora": dict(LORA_SETTINGS),
+        "lr": dict(LR),
+        "weights": [p for p in precisions if p],
+        "train_configs": [asdict(c) for c in configs],
+        "memory_cap_mb": cap_mb,
+        "max_length": MAX_LENGTH,
+        "random_weights": _random_weights(model),
+    }
     log = bench_logger("device", progress)
-    log(f"{len(samples)} samples ({batches} batches of {batch_size}) of {model}, each method in a fresh process "
-        f"capped at {cap_mb / 1024:.1f} GB" + (" (random weights: cost figures only)" if config["random_weights"] else ""))
-    common = {"model": model, "tail_cut": tail_cut, "bits": bits, "token_policy": token_policy, "num_taps": num_taps,
-              "seed": seed, "threads": threads, "max_length": MAX_LENGTH}
+    log(
+        f"{len(samples)} samples ({batches} batches of {batch_size}) of {model}, each method in a fresh process "
+        f"capped at {cap_mb / 1024:.1f} GB"
+        + (" (random weights: cost figures only)" if config["random_weights"] else "")
+    )
+    common = {
+        "model": model,
+        "tail_cut": tail_cut,
+        "bits": bits,
+        "token_policy": token_policy,
+        "num_taps": num_taps,
+        "seed": seed,
+        "threads": threads,
+        "max_length": MAX_LENGTH,
+    }
     result: dict[str, Any] = {"config": config, "methods": {}, "wire": [], "tail_wire": []}
     extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mobiflower-bench-") as tmp:
         runner = _Runner(Path(tmp), cap_mb, log)
         if weights:
-            result["prepared"] = {p: runner.run({**common, "method": "prepare", "precision": p}, f"prepare-{p}")
-                                  for p in precisions}
+            result["prepared"] = {
+                p: runner.run({**common, "method": "prepare", "precision": p}, f"prepare-{p}") for p in precisions
+            }
         base = _config_specs(common, base_config, samples, MAX_LENGTH)
         for precision in precisions:
             for kind in DEVICE_KINDS:
@@ -245,10 +304,15 @@ def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: 
                     result["methods"][name] = {**result["prepared"][precision], "stage": "prepare"}
                     continue
                 wire = precision == primary
-                spec = {**base, "method": kind, "precision": precision, "wire": wire and kind == "mobiflower_device",
-                        "tail_wire": wire and kind == "tail_device",
-                        # billion-sized: the wire sizes of one batch (each row is another forward)
-                        "wire_samples": batch_size if billion else len(samples)}
+                spec = {
+                    **base,
+                    "method": kind,
+                    "precision": precision,
+                    "wire": wire and kind == "mobiflower_device",
+                    "tail_wire": wire and kind == "tail_device",
+                    # billion-sized: the wire sizes of one batch (each row is another forward)
+                    "wire_samples": batch_size if billion else len(samples),
+                }
                 result["methods"][name] = runner.run(spec, name)
         for method in ("inference_forward", *TRAINING_METHODS):
             result["methods"][method] = runner.run({**base, "method": method}, method)
@@ -260,8 +324,9 @@ def run_device_bench(model: str = "smollm2-135m", batches: int = 6, batch_size: 
                 if key in m:
                     extra[key] = m.pop(key)
         if configs:
-            result["train_configs"] = _run_configs(runner, common, configs, base_config, result["methods"], primary,
-                                                   batches, seed)
+            result["train_configs"] = _run_configs(
+                runner, common, configs, base_config, result["methods"], primary, batches, seed
+            )
 
     fp32 = extra.get("fp32_all_token_bytes_per_sample")
     result["fp32_all_token_bytes_per_sample"] = fp32
@@ -298,20 +363,39 @@ def _memory_total_mb() -> float | None:
 
 
 def _config_specs(common: dict, config: TrainingConfig, samples: list, max_length: int) -> dict:
-    return {**common, "batch_size": config.batch_size, "lora_rank": config.lora_rank,
-            "max_length": config.seq_len or max_length, "samples": [[e.id, e.text, e.label] for e in samples]}
+    return {
+        **common,
+        "batch_size": config.batch_size,
+        "lora_rank": config.lora_rank,
+        "max_length": config.seq_len or max_length,
+        "samples": [[e.id, e.text, e.label] for e in samples],
+    }
 
 
-def _run_configs(runner: "_Runner", common: dict, configs: Sequence[TrainingConfig], base_config: TrainingConfig,
-                 base_methods: dict, primary: str | None, batches: int, seed: int) -> dict:
+def _run_configs(
+    runner: "_Runner",
+    common: dict,
+    configs: Sequence[TrainingConfig],
+    base_config: TrainingConfig,
+    base_methods: dict,
+    primary: str | None,
+    batches: int,
+    seed: int,
+) -> dict:
     """The primary-precision device methods, LoRA and full fine-tuning in each training configuration
     (the base configuration's figures are reused, not measured twice)."""
     names = [device_method(k, primary) for k in DEVICE_KINDS] + list(TRAINING_METHODS)
     rows = []
     for config in configs:
         if config == base_config:
-            rows.append({"config": asdict(config), "label": config.label, "base": True,
-                         "methods": {n: base_methods[n] for n in names if n in base_methods}})
+            rows.append(
+                {
+                    "config": asdict(config),
+                    "label": config.label,
+                    "base": True,
+                    "methods": {n: base_methods[n] for n in names if n in base_methods},
+                }
+            )
             continue
         samples = bench_samples(batches, config.batch_size, seed, config.seq_len)
         spec = _config_specs(common, config, samples, MAX_LENGTH)
@@ -319,16 +403,22 @@ def _run_configs(runner: "_Runner", common: dict, configs: Sequence[TrainingConf
         for kind in (*DEVICE_KINDS, *TRAINING_METHODS):
             name = device_method(kind, primary) if kind in DEVICE_KINDS else kind
             tag = f"{name}-b{config.batch_size}-s{config.seq_len}-r{config.lora_rank}"
-            methods[name] = runner.run({**spec, "method": kind, "precision": primary if kind in DEVICE_KINDS else None},
-                                       tag, label=f"{name} [{config.label}]")
+            methods[name] = runner.run(
+                {**spec, "method": kind, "precision": primary if kind in DEVICE_KINDS else None},
+                tag,
+                label=f"{name} [{config.label}]",
+            )
         rows.append({"config": asdict(config), "label": config.label, "base": False, "methods": methods})
     spread = {}
     for name in names:
         peaks = [r["methods"].get(name, {}) for r in rows]
         measured = [m["peak_rss_mb"] for m in peaks if m and not m.get("out_of_memory")]
-        spread[name] = {"min_mb": min(measured) if measured else None, "max_mb": max(measured) if measured else None,
-                        "spread": (max(measured) - min(measured)) / min(measured) if len(measured) == len(rows) else None,
-                        "out_of_memory": sum(bool(m.get("out_of_memory")) for m in peaks)}
+        spread[name] = {
+            "min_mb": min(measured) if measured else None,
+            "max_mb": max(measured) if measured else None,
+            "spread": (max(measured) - min(measured)) / min(measured) if len(measured) == len(rows) else None,
+            "out_of_memory": sum(bool(m.get("out_of_memory")) for m in peaks),
+        }
     return {"rows": rows, "spread": spread, "device_precision": primary}
 
 
@@ -344,28 +434,44 @@ class _Runner:
         spec_path, result_path = self.tmp / f"{tag}.spec.json", self.tmp / f"{tag}.result.json"
         spec_path.write_text(json.dumps(spec))
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "mobiflower.simulations.bench.device_child", str(spec_path), str(result_path),
-               repr(time.time())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mobiflower.simulations.bench.device_child",
+            str(spec_path),
+            str(result_path),
+            repr(time.time()),
+        ]
         run = run_capped(cmd, self.cap_mb)
         if result_path.is_file():
             result = json.loads(result_path.read_text())
         elif run.out_of_memory or any(text in run.stderr for text in _OOM_TEXTS):
-            result = {"out_of_memory": True, "reason": run.reason or _last_line(run.stderr),
-                      "peak_rss_mb": run.peak_rss_mb, "stage": "the watchdog stopped it"}
+            result = {
+                "out_of_memory": True,
+                "reason": run.reason or _last_line(run.stderr),
+                "peak_rss_mb": run.peak_rss_mb,
+                "stage": "the watchdog stopped it",
+            }
         else:
             tail = "\n".join(run.stderr.strip().splitlines()[-25:])
             raise RuntimeError(f"bench device child {tag!r} failed in its process (exit {run.returncode}):\n{tail}")
         result["cap_mb"] = self.cap_mb
         name = label or tag
         if result.get("out_of_memory"):
-            self.log(f"{name}: OUT OF MEMORY under the {self.cap_mb / 1024:.1f} GB cap ({result.get('reason')}) "
-                     f"[{time.perf_counter() - t0:.1f} s]")
+            self.log(
+                f"{name}: OUT OF MEMORY under the {self.cap_mb / 1024:.1f} GB cap ({result.get('reason')}) "
+                f"[{time.perf_counter() - t0:.1f} s]"
+            )
         elif spec["method"] == "prepare":
-            self.log(f"{name}: {result['folder']} ({result['weights_file_mb']:.0f} MB) [{time.perf_counter() - t0:.1f} s]")
+            self.log(
+                f"{name}: {result['folder']} ({result['weights_file_mb']:.0f} MB) [{time.perf_counter() - t0:.1f} s]"
+            )
         else:
-            self.log(f"{name}: peak RSS {result['peak_rss_mb']:.0f} MB (runtime {result['baseline_rss_mb']:.0f} MB), "
-                     f"{result['s_per_sample'] * 1000:.1f} ms/sample, start-up {result['startup_s']:.2f} s "
-                     f"[{time.perf_counter() - t0:.1f} s]")
+            self.log(
+                f"{name}: peak RSS {result['peak_rss_mb']:.0f} MB (runtime {result['baseline_rss_mb']:.0f} MB), "
+                f"{result['s_per_sample'] * 1000:.1f} ms/sample, start-up {result['startup_s']:.2f} s "
+                f"[{time.perf_counter() - t0:.1f} s]"
+            )
         return result
 
 
@@ -414,8 +520,10 @@ def _billion_ratios(result: dict, cap_mb: float) -> dict:
     full, lora = methods.get("full_step", {}), methods.get("lora_step", {})
     full_peak = cap_mb if full.get("out_of_memory") else peak(full)
     lora_peak, lora_s = peak(lora), None if lora.get("out_of_memory") else lora.get("s_per_sample")
-    out: dict[str, Any] = {"full_step_out_of_memory": bool(full.get("out_of_memory")),
-                           "lora_step_out_of_memory": bool(lora.get("out_of_memory"))}
+    out: dict[str, Any] = {
+        "full_step_out_of_memory": bool(full.get("out_of_memory")),
+        "lora_step_out_of_memory": bool(lora.get("out_of_memory")),
+    }
     for kind, prefix in (("mobiflower_device", "device"), ("tail_device", "tail")):
         dev = _pick(methods, kind)
         out[f"{prefix}_vs_full_rss"] = ratio(peak(dev), full_peak)
@@ -443,5 +551,17 @@ def _acceptance(ratios: dict, acceptance: dict | None = None) -> dict:
     return verdict
 
 
-__all__ = ["run_device_bench", "bench_samples", "bench_settings", "device_method", "TrainingConfig", "METHODS",
-           "DEVICE_KINDS", "ACCEPTANCE", "BILLION_ACCEPTANCE", "BILLION_DEFAULTS", "WIRE_BITS", "WIRE_POLICIES"]
+__all__ = [
+    "run_device_bench",
+    "bench_samples",
+    "bench_settings",
+    "device_method",
+    "TrainingConfig",
+    "METHODS",
+    "DEVICE_KINDS",
+    "ACCEPTANCE",
+    "BILLION_ACCEPTANCE",
+    "BILLION_DEFAULTS",
+    "WIRE_BITS",
+    "WIRE_POLICIES",
+]

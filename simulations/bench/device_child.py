@@ -16,9 +16,17 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.bench.device import (DEVICE_KINDS, LORA_SETTINGS, LR, MAX_LENGTH, METHODS, TAIL_CUT,
-                                                 TRAINING_METHODS, WIRE_BITS, WIRE_POLICIES)
-
+from mobiflower.simulations.bench.device import (
+    DEVICE_KINDS,
+    LORA_SETTINGS,
+    LR,
+    MAX_LENGTH,
+    METHODS,
+    TAIL_CUT,
+    TRAINING_METHODS,
+    WIRE_BITS,
+    WIRE_POLICIES,
+)
 
 _STAGE = {"now": "start"}
 
@@ -39,8 +47,12 @@ def _child_main(spec_path: str, result_path: str, launched: str | None = None) -
         import gc
 
         gc.collect()
-        result = {"out_of_memory": True, "stage": _STAGE["now"], "peak_rss_mb": _peak_rss_mb(),
-                  "reason": f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:240]}"}
+        result = {
+            "out_of_memory": True,
+            "stage": _STAGE["now"],
+            "peak_rss_mb": _peak_rss_mb(),
+            "reason": f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:240]}",
+        }
     Path(result_path).write_text(json.dumps(result))
 
 
@@ -59,8 +71,12 @@ def _prepare(spec: dict) -> dict:
     _STAGE["now"] = "prepare"
     t0 = time.perf_counter()
     folder = ensure_prepared(spec["model"], spec["precision"], log=lambda m: print(m, file=sys.stderr, flush=True))
-    return {"folder": str(folder), "prepare_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb(),
-            "weights_file_mb": (folder / WEIGHTS_FILE).stat().st_size / 2**20}
+    return {
+        "folder": str(folder),
+        "prepare_s": time.perf_counter() - t0,
+        "peak_rss_mb": _peak_rss_mb(),
+        "weights_file_mb": (folder / WEIGHTS_FILE).stat().st_size / 2**20,
+    }
 
 
 def _import_device_code(spec: dict) -> str:
@@ -83,6 +99,7 @@ def _import_device_code(spec: dict) -> str:
     import mobiflower.clients.runtime  # noqa: F401
     import mobiflower.platform.lean_llama  # noqa: F401
     import mobiflower.platform.lean_opt  # noqa: F401
+
     return forward
 
 
@@ -107,7 +124,7 @@ def _measure(spec: dict, launched: float) -> dict:
     examples = [Example(int(i), str(text), int(label)) for i, text, label in spec["samples"]]
     bs = int(spec["batch_size"])
     max_length = int(spec.get("max_length") or MAX_LENGTH)
-    batches = [examples[i:i + bs] for i in range(0, len(examples), bs)]
+    batches = [examples[i : i + bs] for i in range(0, len(examples), bs)]
     extra: dict[str, Any] = {}
     _STAGE["now"] = "imports"
     if method in DEVICE_KINDS:
@@ -138,11 +155,21 @@ def _measure(spec: dict, launched: float) -> dict:
             from mobiflower.platform.pretrained_tail import resolve_cut
 
             cut = extra["tail_cut"] = resolve_cut(spec["model"], int(spec.get("tail_cut", TAIL_CUT)))
-        backbone = Backbone.load(spec["model"], num_taps=int(spec["num_taps"]), layers=[cut - 1] if tail else None,
-                                 weights=precision, max_length=max_length)
-        runtime = DeviceRuntime(backbone, ForwardConfig(bits=8 if tail else int(spec["bits"]),
-                                                        token_policy="nonpad" if tail else spec["token_policy"],
-                                                        batch_size=bs))
+        backbone = Backbone.load(
+            spec["model"],
+            num_taps=int(spec["num_taps"]),
+            layers=[cut - 1] if tail else None,
+            weights=precision,
+            max_length=max_length,
+        )
+        runtime = DeviceRuntime(
+            backbone,
+            ForwardConfig(
+                bits=8 if tail else int(spec["bits"]),
+                token_policy="nonpad" if tail else spec["token_policy"],
+                batch_size=bs,
+            ),
+        )
         if precision is not None:  # as a fleet device: tokenize its data, drop the tokenizer, then forward
             runtime.pretokenize(examples)
             extra["tokens_per_sample"] = sum(len(x) for x in runtime.token_ids(examples)) / len(examples)
@@ -183,8 +210,15 @@ def _measure(spec: dict, launched: float) -> dict:
         baseline = current_rss_mb()
         t0 = time.perf_counter()
         tokenizer = load_tokenizer(path)
-        model = build_classifier(path, kind, tokenizer, seed=int(spec["seed"]), lora_r=rank,
-                                 lora_alpha=2 * rank, lora_dropout=LORA_SETTINGS["dropout"])
+        model = build_classifier(
+            path,
+            kind,
+            tokenizer,
+            seed=int(spec["seed"]),
+            lora_r=rank,
+            lora_alpha=2 * rank,
+            lora_dropout=LORA_SETTINGS["dropout"],
+        )
         optimizer = make_optimizer(model, kind, LR[method])
         params = [p for p in model.parameters() if p.requires_grad]
         load_s = time.perf_counter() - t0
@@ -214,18 +248,30 @@ def _measure(spec: dict, launched: float) -> dict:
     n_timed = sum(len(b) for b in timed)
     from mobiflower.platform.process_memory import rss_parts_mb
 
-    result = {"peak_rss_mb": _peak_rss_mb(), "s_per_sample": elapsed / n_timed, "baseline_rss_mb": baseline,
-              # where the memory is at the end: anonymous (tensors, heap) vs file-backed (mapped weights, code)
-              "rss_end_parts_mb": rss_parts_mb(),
-              # other work on the machine slows the timed steps: how busy it was (1-minute load average)
-              "load_average": [_loadavg_at_start, _loadavg()],
-              "model_load_s": load_s, "samples": n_timed, "precision": spec.get("precision"),
-              # start-up: process launch to ready for the first batch (imports, load; a device also tokenizes)
-              "startup_s": ready - launched, "imports_s": imported - launched, "first_batch_s": first_s, **extra}
-    result["machine"] = {"torch": torch.__version__, "transformers": _version("transformers"),
-                         "threads": torch.get_num_threads()}
+    result = {
+        "peak_rss_mb": _peak_rss_mb(),
+        "s_per_sample": elapsed / n_timed,
+        "baseline_rss_mb": baseline,
+        # where the memory is at the end: anonymous (tensors, heap) vs file-backed (mapped weights, code)
+        "rss_end_parts_mb": rss_parts_mb(),
+        # other work on the machine slows the timed steps: how busy it was (1-minute load average)
+        "load_average": [_loadavg_at_start, _loadavg()],
+        "model_load_s": load_s,
+        "samples": n_timed,
+        "precision": spec.get("precision"),
+        # start-up: process launch to ready for the first batch (imports, load; a device also tokenizes)
+        "startup_s": ready - launched,
+        "imports_s": imported - launched,
+        "first_batch_s": first_s,
+        **extra,
+    }
+    result["machine"] = {
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "threads": torch.get_num_threads(),
+    }
     _STAGE["now"] = "wire"
-    wire_examples = examples[:int(spec.get("wire_samples") or len(examples))]
+    wire_examples = examples[: int(spec.get("wire_samples") or len(examples))]
     if method == "mobiflower_device" and spec.get("wire"):
         result.update(_wire(runtime, backbone, wire_examples, bs))
     if method == "tail_device" and spec.get("tail_wire", True):  # the cut layer's all-token frames per bit-width
@@ -233,10 +279,16 @@ def _measure(spec: dict, launched: float) -> dict:
 
         result["tail_wire"] = []
         for bits in (8, 4, 2):
-            frame, stats = runtime.make_frame(wire_examples, config=ForwardConfig(bits=bits, token_policy="nonpad",
-                                                                                  batch_size=bs))
-            result["tail_wire"].append({"bits": bits, "bytes_per_sample": len(encode_frame(frame)) / len(wire_examples),
-                                        "tokens_per_sample": stats.tokens_sent / len(wire_examples)})
+            frame, stats = runtime.make_frame(
+                wire_examples, config=ForwardConfig(bits=bits, token_policy="nonpad", batch_size=bs)
+            )
+            result["tail_wire"].append(
+                {
+                    "bits": bits,
+                    "bytes_per_sample": len(encode_frame(frame)) / len(wire_examples),
+                    "tokens_per_sample": stats.tokens_sent / len(wire_examples),
+                }
+            )
     return result
 
 
@@ -276,18 +328,33 @@ def _wire(runtime, backbone, examples: Sequence, batch_size: int) -> dict:
     n = len(examples)
     for policy in WIRE_POLICIES:
         for bits in WIRE_BITS:
-            frame, stats = runtime.make_frame(examples, config=ForwardConfig(bits=bits, token_policy=policy,
-                                                                             batch_size=batch_size))
+            frame, stats = runtime.make_frame(
+                examples, config=ForwardConfig(bits=bits, token_policy=policy, batch_size=batch_size)
+            )
             data = encode_frame(frame)
-            rows.append({"bits": bits, "token_policy": policy, "bytes_per_sample": len(data) / n,
-                         "payload_bytes_per_sample": frame.nbytes() / n, "tokens_per_sample": stats.tokens_sent / n})
+            rows.append(
+                {
+                    "bits": bits,
+                    "token_policy": policy,
+                    "bytes_per_sample": len(data) / n,
+                    "payload_bytes_per_sample": frame.nbytes() / n,
+                    "tokens_per_sample": stats.tokens_sent / n,
+                }
+            )
             if policy == "all" and fp32 is None:
                 # fp32 states of every (padded) token of every tapped layer: what a naive uplink would send
                 fp32 = 4 * backbone.hidden_size * sum(frame.token_counts) * len(frame.layers) / n
     rows.sort(key=lambda r: (-r["bits"], WIRE_POLICIES.index(r["token_policy"])))
-    return {"wire": rows, "fp32_all_token_bytes_per_sample": fp32,
-            "backbone": {"fingerprint": backbone.fingerprint, "hidden_size": backbone.hidden_size,
-                         "num_layers": backbone.num_layers, "layers": list(backbone.layers)}}
+    return {
+        "wire": rows,
+        "fp32_all_token_bytes_per_sample": fp32,
+        "backbone": {
+            "fingerprint": backbone.fingerprint,
+            "hidden_size": backbone.hidden_size,
+            "num_layers": backbone.num_layers,
+            "layers": list(backbone.layers),
+        },
+    }
 
 
 if __name__ == "__main__":

@@ -7,9 +7,14 @@ import os
 from pathlib import Path
 
 from mobiflower.simulations.bench.common import acceptance_lines, fmt, save_figure
-from mobiflower.simulations.bench.device import (ACCEPTANCE, BILLION_ACCEPTANCE, DEVICE_KINDS, REPORTED_RATIOS,
-                                                 WIRE_BITS, WIRE_POLICIES)
-
+from mobiflower.simulations.bench.device import (
+    ACCEPTANCE,
+    BILLION_ACCEPTANCE,
+    DEVICE_KINDS,
+    REPORTED_RATIOS,
+    WIRE_BITS,
+    WIRE_POLICIES,
+)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -30,47 +35,67 @@ def format_table(result: dict) -> str:
     ratios and the acceptance checks."""
     cfg = result.get("config", {})
     cap = cfg.get("memory_cap_mb")
-    lines = [f"Device cost per sample: {cfg.get('model')} - {cfg.get('batches')} batches x {cfg.get('batch_size')} "
-             f"(1 warm-up), device frames {cfg.get('bits')}-bit / {cfg.get('token_policy')}, "
-             f"{cfg.get('num_taps')} taps, threads {result.get('machine', {}).get('threads')}"
-             + (f", each process capped at {cap / 1024:.1f} GB" if cap else ""),
-             *(["random weights (a shipped shape): cost figures only"] if cfg.get("random_weights") else []), ""]
-    header = (f"{'method':<24}{'peak RSS MB':>13}{'runtime MB':>12}{'model MB':>10}{'start s':>9}{'load s':>9}"
-              f"{'ms/sample':>11}{'cpu load':>10}")
+    lines = [
+        f"Device cost per sample: {cfg.get('model')} - {cfg.get('batches')} batches x {cfg.get('batch_size')} "
+        f"(1 warm-up), device frames {cfg.get('bits')}-bit / {cfg.get('token_policy')}, "
+        f"{cfg.get('num_taps')} taps, threads {result.get('machine', {}).get('threads')}"
+        + (f", each process capped at {cap / 1024:.1f} GB" if cap else ""),
+        *(["random weights (a shipped shape): cost figures only"] if cfg.get("random_weights") else []),
+        "",
+    ]
+    header = (
+        f"{'method':<24}{'peak RSS MB':>13}{'runtime MB':>12}{'model MB':>10}{'start s':>9}{'load s':>9}"
+        f"{'ms/sample':>11}{'cpu load':>10}"
+    )
     lines += [header, "-" * len(header)]
     for name, m in result.get("methods", {}).items():
         lines.append(_method_row(name, m, 24))
-    lines.append(f"(cpu load: the machine's 1-minute load average around the run, {os.cpu_count()} cores: above "
-                 "the threads used, other work shared the CPU and the ms/sample are inflated)")
+    lines.append(
+        f"(cpu load: the machine's 1-minute load average around the run, {os.cpu_count()} cores: above "
+        "the threads used, other work shared the CPU and the ms/sample are inflated)"
+    )
     configs = result.get("train_configs")
     if configs:
         names = list(dict.fromkeys(n for row in configs["rows"] for n in row["methods"]))
-        lines += ["", f"Peak RSS MB (ms/sample) per training configuration (device at "
-                      f"{configs.get('device_precision') or 'the checkpoint precision'})"]
+        lines += [
+            "",
+            f"Peak RSS MB (ms/sample) per training configuration (device at "
+            f"{configs.get('device_precision') or 'the checkpoint precision'})",
+        ]
         header = f"{'configuration':<32}" + "".join(f"{n:>24}" for n in names)
         lines += [header, "-" * len(header)]
         for row in configs["rows"]:
             cells = []
             for n in names:
                 m = row["methods"].get(n, {})
-                cells.append("OOM" if m.get("out_of_memory") else
-                             f"{_fmt(m.get('peak_rss_mb'), '.0f')} ({_fmt(m.get('s_per_sample') and m['s_per_sample'] * 1000, '.0f')})")
+                cells.append(
+                    "OOM"
+                    if m.get("out_of_memory")
+                    else f"{_fmt(m.get('peak_rss_mb'), '.0f')} ({_fmt(m.get('s_per_sample') and m['s_per_sample'] * 1000, '.0f')})"
+                )
             lines.append(f"{row['label']:<32}" + "".join(f"{c:>24}" for c in cells))
-        lines.append(f"{'spread (max - min) / min':<32}" + "".join(
-            f"{_spread(configs['spread'].get(n, {})):>24}" for n in names))
-    lines += ["", "Uplink bytes per sample (one encoded frame" + (" of the first batch)" if cfg.get("weights") else
-                                                                 " of all samples)")]
+        lines.append(
+            f"{'spread (max - min) / min':<32}" + "".join(f"{_spread(configs['spread'].get(n, {})):>24}" for n in names)
+        )
+    lines += [
+        "",
+        "Uplink bytes per sample (one encoded frame"
+        + (" of the first batch)" if cfg.get("weights") else " of all samples)"),
+    ]
     header = f"{'bits':<6}" + "".join(f"{p:>12}" for p in WIRE_POLICIES)
     lines += [header, "-" * len(header)]
     table = {(w["bits"], w["token_policy"]): w["bytes_per_sample"] for w in result.get("wire", [])}
     for bits in WIRE_BITS:
         lines.append(f"{bits:<6}" + "".join(f"{_fmt_bytes(table.get((bits, p))):>12}" for p in WIRE_POLICIES))
-    lines.append(f"fp32, all tokens, all tapped layers: {_fmt_bytes(result.get('fp32_all_token_bytes_per_sample'))}"
-                 "/sample")
+    lines.append(
+        f"fp32, all tokens, all tapped layers: {_fmt_bytes(result.get('fp32_all_token_bytes_per_sample'))}/sample"
+    )
     if result.get("tail_wire"):
-        lines.append("pretrained tail (cut layer, every real token): " + ", ".join(
-            f"{w['bits']}-bit {_fmt_bytes(w['bytes_per_sample'])}" for w in result["tail_wire"])
-            + f" per sample ({result['tail_wire'][0]['tokens_per_sample']:.1f} tokens)")
+        lines.append(
+            "pretrained tail (cut layer, every real token): "
+            + ", ".join(f"{w['bits']}-bit {_fmt_bytes(w['bytes_per_sample'])}" for w in result["tail_wire"])
+            + f" per sample ({result['tail_wire'][0]['tokens_per_sample']:.1f} tokens)"
+        )
     acceptance = BILLION_ACCEPTANCE if result.get("acceptance_set") == "billion" else ACCEPTANCE
     lines += ["", *acceptance_lines(result, acceptance, width=30)]
     if result.get("ratios", {}).get("full_step_out_of_memory"):
@@ -87,12 +112,16 @@ def format_table(result: dict) -> str:
 def _method_row(name: str, m: dict, width: int) -> str:
     if m.get("out_of_memory"):
         seen = f", {m['peak_rss_mb'] / 1024:.1f} GB seen" if m.get("peak_rss_mb") else ""
-        return (f"{name:<{width}}{'OUT OF MEMORY':>13}  under the {m.get('cap_mb', 0) / 1024:.1f} GB cap "
-                f"({m.get('stage')}{seen}): {m.get('reason')}")
+        return (
+            f"{name:<{width}}{'OUT OF MEMORY':>13}  under the {m.get('cap_mb', 0) / 1024:.1f} GB cap "
+            f"({m.get('stage')}{seen}): {m.get('reason')}"
+        )
     startup = m.get("startup_s")
-    return (f"{name:<{width}}{m['peak_rss_mb']:>13.0f}{m['baseline_rss_mb']:>12.0f}"
-            f"{m['peak_rss_mb'] - m['baseline_rss_mb']:>10.0f}{_fmt(startup, '.2f'):>9}{m['model_load_s']:>9.2f}"
-            f"{m['s_per_sample'] * 1000:>11.1f}{_fmt(max(m.get('load_average') or [None], key=lambda v: v or 0), '.1f'):>10}")
+    return (
+        f"{name:<{width}}{m['peak_rss_mb']:>13.0f}{m['baseline_rss_mb']:>12.0f}"
+        f"{m['peak_rss_mb'] - m['baseline_rss_mb']:>10.0f}{_fmt(startup, '.2f'):>9}{m['model_load_s']:>9.2f}"
+        f"{m['s_per_sample'] * 1000:>11.1f}{_fmt(max(m.get('load_average') or [None], key=lambda v: v or 0), '.1f'):>10}"
+    )
 
 
 def _spread(entry: dict) -> str:
@@ -124,8 +153,9 @@ def plot_result(result: dict, path: str) -> Path:
     peaks = [cap if o else methods[n]["peak_rss_mb"] for n, o in zip(names, oom)]
     base = [0 if o else methods[n]["baseline_rss_mb"] for n, o in zip(names, oom)]
     ax_rss.bar(labels, peaks, color=["#e76f51" if o else c for o, c in zip(oom, colors)])
-    ax_rss.bar(labels, base, color="none", edgecolor="black", hatch="//", linewidth=0.5,
-               label="runtime before model load")
+    ax_rss.bar(
+        labels, base, color="none", edgecolor="black", hatch="//", linewidth=0.5, label="runtime before model load"
+    )
     for i, (v, o) in enumerate(zip(peaks, oom)):
         ax_rss.text(i, v, "OOM\n(cap)" if o else f"{v:.0f}", ha="center", va="bottom", fontsize=7)
     ax_rss.set_ylabel("peak RSS (MB)")
@@ -145,12 +175,26 @@ def plot_result(result: dict, path: str) -> Path:
         width = 0.8 / max(1, len(kinds))
         for j, kind in enumerate(kinds):
             xs = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(configs["rows"]))]
-            values = [cap if r["methods"].get(kind, {}).get("out_of_memory") else
-                      r["methods"].get(kind, {}).get("peak_rss_mb", 0) for r in configs["rows"]]
-            ax_c.bar(xs, values, width=width, label=kind + (" (OOM at cap)" if any(
-                r["methods"].get(kind, {}).get("out_of_memory") for r in configs["rows"]) else ""))
-        ax_c.set_xticks(range(len(configs["rows"])), [r["label"].replace(", ", "\n") for r in configs["rows"]],
-                        fontsize=7)
+            values = [
+                cap
+                if r["methods"].get(kind, {}).get("out_of_memory")
+                else r["methods"].get(kind, {}).get("peak_rss_mb", 0)
+                for r in configs["rows"]
+            ]
+            ax_c.bar(
+                xs,
+                values,
+                width=width,
+                label=kind
+                + (
+                    " (OOM at cap)"
+                    if any(r["methods"].get(kind, {}).get("out_of_memory") for r in configs["rows"])
+                    else ""
+                ),
+            )
+        ax_c.set_xticks(
+            range(len(configs["rows"])), [r["label"].replace(", ", "\n") for r in configs["rows"]], fontsize=7
+        )
         ax_c.set_ylabel("peak RSS (MB)")
         ax_c.set_title("Whose memory moves with the training configuration")
         ax_c.legend(fontsize=7)

@@ -40,9 +40,11 @@ METHODS = (ADAPTIVE, EIGHT_BIT, FED_LORA)  # table and plot order
 PASS, FAIL, NA = "PASS", "FAIL", "n/a"
 TOLERANCE = 1e-9  # float slack for "at least" comparisons of accuracies and ratios
 
-EVALUATION_NOTE = ("virtual time and device compute count training only (forwards / local training and the "
-                   "transfers they need); the traffic and compute spent scoring accuracy are a measurement and "
-                   "are excluded for every method")
+EVALUATION_NOTE = (
+    "virtual time and device compute count training only (forwards / local training and the "
+    "transfers they need); the traffic and compute spent scoring accuracy are a measurement and "
+    "are excluded for every method"
+)
 
 SideRunner = Callable[[dict[str, Any]], dict[str, Any]]
 """Runs one side-tuning job from its run config; returns the run summary (``run_simulate``'s)."""
@@ -103,25 +105,39 @@ class FleetBenchSettings:
         self.side_seeds = tuple(int(x) for x in self.side_seeds)
         checks = [
             (self.devices >= 1, f"--devices must be at least 1, got {self.devices}"),
-            (self.train_samples >= self.devices,
-             f"--train-samples must be at least one per device ({self.devices}), got {self.train_samples}"),
-            (self.validation_samples >= self.devices,
-             f"--validation-samples must be at least one per device ({self.devices}) to tune federated LoRA, "
-             f"got {self.validation_samples}"),
-            (self.test_samples >= self.devices,
-             f"--test-samples must be at least one per device ({self.devices}), got {self.test_samples}"),
+            (
+                self.train_samples >= self.devices,
+                f"--train-samples must be at least one per device ({self.devices}), got {self.train_samples}",
+            ),
+            (
+                self.validation_samples >= self.devices,
+                f"--validation-samples must be at least one per device ({self.devices}) to tune federated LoRA, "
+                f"got {self.validation_samples}",
+            ),
+            (
+                self.test_samples >= self.devices,
+                f"--test-samples must be at least one per device ({self.devices}), got {self.test_samples}",
+            ),
             (self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}"),
             (self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
             (self.lora_rounds >= 1, f"--lora-rounds must be at least 1, got {self.lora_rounds}"),
             (self.tune_rounds >= 1, f"--tune-rounds must be at least 1, got {self.tune_rounds}"),
-            (bool(self.lrs) and all(math.isfinite(x) and x > 0 for x in self.lrs),
-             f"--lrs must be positive learning rates, got {list(self.lrs)}"),
-            (bool(self.local_epochs) and all(e >= 1 for e in self.local_epochs),
-             f"--epochs must be whole numbers >= 1, got {list(self.local_epochs)}"),
-            (all(math.isfinite(x) and x > 0 for x in self.side_lrs),
-             f"--side-lrs must be positive learning rates, got {list(self.side_lrs)}"),
-            (all(x >= 0 for x in self.side_seeds) and len(set(self.side_seeds)) == len(self.side_seeds),
-             f"--side-seeds must be distinct seeds >= 0, got {list(self.side_seeds)}"),
+            (
+                bool(self.lrs) and all(math.isfinite(x) and x > 0 for x in self.lrs),
+                f"--lrs must be positive learning rates, got {list(self.lrs)}",
+            ),
+            (
+                bool(self.local_epochs) and all(e >= 1 for e in self.local_epochs),
+                f"--epochs must be whole numbers >= 1, got {list(self.local_epochs)}",
+            ),
+            (
+                all(math.isfinite(x) and x > 0 for x in self.side_lrs),
+                f"--side-lrs must be positive learning rates, got {list(self.side_lrs)}",
+            ),
+            (
+                all(x >= 0 for x in self.side_seeds) and len(set(self.side_seeds)) == len(self.side_seeds),
+                f"--side-seeds must be distinct seeds >= 0, got {list(self.side_seeds)}",
+            ),
             (self.max_retries >= 0, f"--max-retries must be 0 or more, got {self.max_retries}"),
             (self.client_cpus >= 1, f"--client-cpus must be at least 1, got {self.client_cpus}"),
             (self.timeout_s > 0, f"--timeout must be positive, got {self.timeout_s}"),
@@ -129,8 +145,12 @@ class FleetBenchSettings:
         if self.lora_pair is not None:
             lr, epochs = float(self.lora_pair[0]), int(self.lora_pair[1])
             self.lora_pair = (lr, epochs)
-            checks.append((math.isfinite(lr) and lr > 0 and epochs >= 1,
-                           f"--skip-tuning takes a positive LR and EPOCHS >= 1, got {lr} {epochs}"))
+            checks.append(
+                (
+                    math.isfinite(lr) and lr > 0 and epochs >= 1,
+                    f"--skip-tuning takes a positive LR and EPOCHS >= 1, got {lr} {epochs}",
+                )
+            )
         for ok, why in checks:
             if not ok:
                 raise ValueError(why)
@@ -148,8 +168,12 @@ class FleetBenchSettings:
 
     def common_run_config(self) -> dict[str, Any]:
         """The keys every method shares, so every device holds the same samples in every method."""
-        config: dict[str, Any] = {"train-samples": self.train_samples, "validation-samples": self.validation_samples,
-                                  "test-samples": self.test_samples, "seed": self.seed}
+        config: dict[str, Any] = {
+            "train-samples": self.train_samples,
+            "validation-samples": self.validation_samples,
+            "test-samples": self.test_samples,
+            "seed": self.seed,
+        }
         if self.model:
             config["model"] = self.model
         return config
@@ -157,13 +181,29 @@ class FleetBenchSettings:
     def side_tuning_trial_config(self, lr: float) -> dict[str, Any]:
         """One mobiflower learning-rate trial: fixed 8-bit, no fleet clock (accuracy does not depend on
         it), the validation split scored once, the round before the last (the last scores test)."""
-        return {**self.common_run_config(), "rounds": self.rounds, "lr": lr, "bits": 8, "eval-split": "validation",
-                "eval-every": max(1, self.rounds - 1), "eval-samples": 0, "deliver": False}
+        return {
+            **self.common_run_config(),
+            "rounds": self.rounds,
+            "lr": lr,
+            "bits": 8,
+            "eval-split": "validation",
+            "eval-every": max(1, self.rounds - 1),
+            "eval-samples": 0,
+            "deliver": False,
+        }
 
     def side_run_config(self, adapt: bool, lr: float | None = None) -> dict[str, Any]:
         """A side-tuning run on the fleet's virtual clock, scored on the test split after every round."""
-        config = {**self.common_run_config(), "fleet": self.fleet_ref(), "adapt": adapt, "rounds": self.rounds,
-                  "eval-every": self.eval_every, "eval-split": "test", "eval-samples": 0, "max-retries": self.max_retries}
+        config = {
+            **self.common_run_config(),
+            "fleet": self.fleet_ref(),
+            "adapt": adapt,
+            "rounds": self.rounds,
+            "eval-every": self.eval_every,
+            "eval-split": "test",
+            "eval-samples": 0,
+            "max-retries": self.max_retries,
+        }
         if not adapt:
             config["bits"] = 8
         if lr is not None:
@@ -172,8 +212,15 @@ class FleetBenchSettings:
 
     def fed_lora_run_config(self, lr: float, local_epochs: int) -> dict[str, Any]:
         """The reported federated LoRA run: the chosen pair, test split scored after every round."""
-        return {**self.common_run_config(), "rounds": self.lora_rounds, "lr": lr, "local-epochs": local_epochs,
-                "eval-split": "test", "eval-samples": 0, "final-eval": True}
+        return {
+            **self.common_run_config(),
+            "rounds": self.lora_rounds,
+            "lr": lr,
+            "local-epochs": local_epochs,
+            "eval-split": "test",
+            "eval-samples": 0,
+            "final-eval": True,
+        }
 
 
 # ------------------------------------------------------------------------------------------
@@ -200,8 +247,10 @@ def fed_lora_virtual_timeline(summary: Mapping[str, Any], profiles: Mapping[str,
             if "train_s" not in d:  # evaluated but did not train this round
                 continue
             if device not in profiles:
-                raise ValueError(f"round {record.get('round')}: device {device!r} has no fleet profile "
-                                 f"(profiles for {sorted(profiles)})")
+                raise ValueError(
+                    f"round {record.get('round')}: device {device!r} has no fleet profile "
+                    f"(profiles for {sorted(profiles)})"
+                )
             p = profiles[device]
             work = p.compute_s(float(d["train_s"]))
             compute += work
@@ -245,23 +294,28 @@ def side_tuning_figures(summary: Mapping[str, Any]) -> dict[str, Any]:
     """The bench's figures of one side-tuning run (from its ``virtual`` record and counts)."""
     virtual = summary.get("virtual")
     if not virtual:
-        raise ValueError("the side-tuning summary has no 'virtual' record: the run was not given a fleet "
-                         "(run config key 'fleet'), or the side-tuning app predates fleet runs")
+        raise ValueError(
+            "the side-tuning summary has no 'virtual' record: the run was not given a fleet "
+            "(run config key 'fleet'), or the side-tuning app predates fleet runs"
+        )
     status = summary.get("simulation", {}).get("status", "finished:completed")
     return {
         "completed": status == "finished:completed" and summary.get("test_accuracy") is not None,
         "status": status,
         "final_accuracy": summary.get("test_accuracy"),
         # the test curve's frames (server-side evaluation on the test split) are the benchmark's measurement
-        "bytes_up": None if summary.get("bytes_up") is None else summary["bytes_up"] - sum(
-            int(d.get("test_curve_bytes_up", 0)) for d in summary.get("devices", {}).values()),
+        "bytes_up": None
+        if summary.get("bytes_up") is None
+        else summary["bytes_up"]
+        - sum(int(d.get("test_curve_bytes_up", 0)) for d in summary.get("devices", {}).values()),
         "test_curve_bytes_up": sum(int(d.get("test_curve_bytes_up", 0)) for d in summary.get("devices", {}).values()),
         "bytes_down": summary.get("bytes_down"),
         "device_compute_s": float(virtual["device_compute_s"]),
         "device_compute_measured_s": summary.get("device_forward_s"),
         "virtual_total_s": float(virtual["total_s"]),
         "curve": [dict(p) for p in virtual.get("curve", [])],
-        "frames": _count(summary.get("frames")), "frames_accepted": _count(summary.get("frames_accepted")),
+        "frames": _count(summary.get("frames")),
+        "frames_accepted": _count(summary.get("frames_accepted")),
         "frames_refused": _count(summary.get("frames_refused")),
         "adapt": virtual.get("adapt"),
         "devices": virtual.get("devices", {}),
@@ -279,7 +333,8 @@ def fed_lora_figures(summary: Mapping[str, Any], profiles: Mapping[str, DevicePr
         "completed": status == "finished:completed" and summary.get("final_accuracy") is not None,
         "status": status,
         "final_accuracy": summary.get("final_accuracy"),
-        "bytes_up": summary.get("bytes_up"), "bytes_down": summary.get("bytes_down"),
+        "bytes_up": summary.get("bytes_up"),
+        "bytes_down": summary.get("bytes_down"),
         "bytes_down_eval": summary.get("bytes_down_eval"),
         # the final adapter on every device: delivery, counted in the method's total bytes (it is a
         # part of bytes_down_eval too: the bench scores the delivered adapter there)
@@ -289,16 +344,25 @@ def fed_lora_figures(summary: Mapping[str, Any], profiles: Mapping[str, DevicePr
         "virtual_total_s": timeline["total_s"],
         "curve": timeline["curve"],
         "rounds": timeline["rounds"],
-        "frames": None, "frames_accepted": None, "frames_refused": None,  # adapters, not frames
-        "lr": cfg.get("lr"), "local_epochs": cfg.get("local_epochs"),
+        "frames": None,
+        "frames_accepted": None,
+        "frames_refused": None,  # adapters, not frames
+        "lr": cfg.get("lr"),
+        "local_epochs": cfg.get("local_epochs"),
         "adapter_bytes": summary.get("adapter_bytes"),
         "run_dir": summary.get("simulation", {}).get("run_dir"),
         "wall_s": summary.get("simulation", {}).get("wall_s", summary.get("run_wall_s")),
     }
 
 
-_SEED_MEANS = ("final_accuracy", "bytes_up", "bytes_down", "device_compute_s", "device_compute_measured_s",
-               "virtual_total_s")
+_SEED_MEANS = (
+    "final_accuracy",
+    "bytes_up",
+    "bytes_down",
+    "device_compute_s",
+    "device_compute_measured_s",
+    "virtual_total_s",
+)
 
 
 def over_seeds(runs: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
@@ -316,19 +380,34 @@ def over_seeds(runs: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> dict[
 
 def _failed(error: BaseException) -> dict[str, Any]:
     """A method whose run failed: recorded, so the other methods' figures still come out."""
-    return {"completed": False, "status": "failed", "error": f"{type(error).__name__}: {error}",
-            "final_accuracy": None, "bytes_up": None, "bytes_down": None, "device_compute_s": None,
-            "device_compute_measured_s": None, "virtual_total_s": None, "curve": [], "frames": None,
-            "frames_accepted": None, "frames_refused": None}
+    return {
+        "completed": False,
+        "status": "failed",
+        "error": f"{type(error).__name__}: {error}",
+        "final_accuracy": None,
+        "bytes_up": None,
+        "bytes_down": None,
+        "device_compute_s": None,
+        "device_compute_measured_s": None,
+        "virtual_total_s": None,
+        "curve": [],
+        "frames": None,
+        "frames_accepted": None,
+        "frames_refused": None,
+    }
 
 
 # ------------------------------------------------------------------------------------------
 # the run
 
 
-def run_fleet_bench(settings: FleetBenchSettings, side_runner: SideRunner | None = None,
-                    fed_lora_runner: Callable[[Any], dict[str, Any]] | None = None, quiet: bool = True,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_fleet_bench(
+    settings: FleetBenchSettings,
+    side_runner: SideRunner | None = None,
+    fed_lora_runner: Callable[[Any], dict[str, Any]] | None = None,
+    quiet: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Tune and run federated LoRA, then mobiflower fixed 8-bit and adaptive; the bench's result dict.
 
     ``side_runner(run_config) -> summary`` and ``fed_lora_runner(FedLoraRun) -> summary`` default
@@ -345,12 +424,18 @@ def run_fleet_bench(settings: FleetBenchSettings, side_runner: SideRunner | None
     if side_runner is None:
         side_runner = _simulate_runner(settings, quiet)
     if fed_lora_runner is None:
+
         def fed_lora_runner(run: FedLoraRun) -> dict[str, Any]:
             return run_fed_lora(run, quiet=quiet)
 
     def lora_run(run_config: dict[str, Any]) -> FedLoraRun:
-        return FedLoraRun(devices=settings.devices, client_cpus=settings.client_cpus,
-                          workdir=str(work / "fed-lora"), timeout_s=settings.timeout_s, run_config=run_config)
+        return FedLoraRun(
+            devices=settings.devices,
+            client_cpus=settings.client_cpus,
+            workdir=str(work / "fed-lora"),
+            timeout_s=settings.timeout_s,
+            run_config=run_config,
+        )
 
     methods: dict[str, dict[str, Any]] = {}
     side_tuning: dict[str, Any] = {"mode": "default", "lr": None}
@@ -359,17 +444,24 @@ def run_fleet_bench(settings: FleetBenchSettings, side_runner: SideRunner | None
         for lr in settings.side_lrs:
             log(f"[bench fleet] mobiflower learning-rate trial: lr {lr:g}, scored on validation ...")
             summary = side_runner(settings.side_tuning_trial_config(lr))
-            scored = [r["validation_accuracy"] for r in summary.get("rounds", []) if r.get("validation_accuracy") is not None]
+            scored = [
+                r["validation_accuracy"] for r in summary.get("rounds", []) if r.get("validation_accuracy") is not None
+            ]
             trials.append({"lr": lr, "validation_accuracy": scored[-1] if scored else None})
             log(f"  validation accuracy {_num(trials[-1]['validation_accuracy'], '.4f')}")
-        best = max((t for t in trials if t["validation_accuracy"] is not None),
-                   key=lambda t: t["validation_accuracy"], default=None)
+        best = max(
+            (t for t in trials if t["validation_accuracy"] is not None),
+            key=lambda t: t["validation_accuracy"],
+            default=None,
+        )
         if best is None:
             raise RuntimeError("no mobiflower learning-rate trial produced a validation accuracy")
         side_tuning = {"mode": "validation-grid", "lr": best["lr"], "trials": trials}
         log(f"  chose lr {best['lr']:g} for mobiflower (validation accuracy {best['validation_accuracy']:.4f})")
-    configs: dict[str, dict[str, Any]] = {EIGHT_BIT: settings.side_run_config(adapt=False, lr=side_tuning["lr"]),
-                                          ADAPTIVE: settings.side_run_config(adapt=True, lr=side_tuning["lr"])}
+    configs: dict[str, dict[str, Any]] = {
+        EIGHT_BIT: settings.side_run_config(adapt=False, lr=side_tuning["lr"]),
+        ADAPTIVE: settings.side_run_config(adapt=True, lr=side_tuning["lr"]),
+    }
 
     def run_method(name: str, run: Callable[[], dict[str, Any]]) -> None:
         log(f"[bench fleet] {name}: {settings.devices} devices on fleet {fleet.name!r} ...")
@@ -383,8 +475,10 @@ def run_fleet_bench(settings: FleetBenchSettings, side_runner: SideRunner | None
         figures["run_config"] = configs[name]
         methods[name] = figures
         if figures["completed"]:
-            log(f"  final accuracy {figures['final_accuracy']:.4f}, virtual {figures['virtual_total_s']:.1f} s, "
-                f"device compute {figures['device_compute_s']:.1f} s (virtual)")
+            log(
+                f"  final accuracy {figures['final_accuracy']:.4f}, virtual {figures['virtual_total_s']:.1f} s, "
+                f"device compute {figures['device_compute_s']:.1f} s (virtual)"
+            )
 
     def side_method(name: str) -> dict[str, Any]:
         if not settings.side_seeds:
@@ -401,29 +495,52 @@ def run_fleet_bench(settings: FleetBenchSettings, side_runner: SideRunner | None
         run_method(name, lambda name=name: side_method(name))
     if settings.lora_pair is not None:
         lr, epochs = settings.lora_pair
-        tuning: dict[str, Any] = {"mode": "given", "lr": lr, "local_epochs": epochs,
-                                  "note": "given on the command line (--skip-tuning), not tuned by this run"}
+        tuning: dict[str, Any] = {
+            "mode": "given",
+            "lr": lr,
+            "local_epochs": epochs,
+            "note": "given on the command line (--skip-tuning), not tuned by this run",
+        }
     else:
         grid = f"{len(settings.lrs)} lrs x {len(settings.local_epochs)} local-epochs"
         log(f"[bench fleet] fed-lora: tuning on validation, {grid}, {settings.tune_rounds} rounds each ...")
         base = lora_run({**settings.common_run_config(), "rounds": settings.tune_rounds, "eval-samples": 0})
         picked = tune_fed_lora(base, settings.lrs, settings.local_epochs, runner=fed_lora_runner)
         lr, epochs = picked["best"]["lr"], picked["best"]["local-epochs"]
-        tuning = {"mode": "validation-grid", "lr": lr, "local_epochs": epochs, "lrs_grid": list(settings.lrs),
-                  "local_epochs_grid": list(settings.local_epochs), "tune_rounds": settings.tune_rounds,
-                  "best": picked["best"], "trials": picked["trials"]}
-        log(f"  chose lr {lr:g}, {epochs} local epochs (validation accuracy "
-            f"{picked['best']['validation_accuracy']:.4f})")
+        tuning = {
+            "mode": "validation-grid",
+            "lr": lr,
+            "local_epochs": epochs,
+            "lrs_grid": list(settings.lrs),
+            "local_epochs_grid": list(settings.local_epochs),
+            "tune_rounds": settings.tune_rounds,
+            "best": picked["best"],
+            "trials": picked["trials"],
+        }
+        log(
+            f"  chose lr {lr:g}, {epochs} local epochs (validation accuracy "
+            f"{picked['best']['validation_accuracy']:.4f})"
+        )
     configs[FED_LORA] = settings.fed_lora_run_config(lr, epochs)
     run_method(FED_LORA, lambda: fed_lora_figures(fed_lora_runner(lora_run(configs[FED_LORA])), profiles))
     from mobiflower.simulations.bench.fleet_report import summarize
 
-    return summarize({"benchmark": "fleet", "fleet": fleet.name, "fleet_source": fleet.source,
-                      "methods": {name: methods[name] for name in METHODS}, "tuning": tuning,
-                      "side_tuning": side_tuning,
-                      "settings": {**asdict(settings), "acceptance": asdict(ACCEPTANCE),
-                                   "profiles": {d: p.tier for d, p in profiles.items()}},
-                      "notes": _notes()})
+    return summarize(
+        {
+            "benchmark": "fleet",
+            "fleet": fleet.name,
+            "fleet_source": fleet.source,
+            "methods": {name: methods[name] for name in METHODS},
+            "tuning": tuning,
+            "side_tuning": side_tuning,
+            "settings": {
+                **asdict(settings),
+                "acceptance": asdict(ACCEPTANCE),
+                "profiles": {d: p.tier for d, p in profiles.items()},
+            },
+            "notes": _notes(),
+        }
+    )
 
 
 def _simulate_runner(settings: FleetBenchSettings, quiet: bool) -> SideRunner:
@@ -431,9 +548,13 @@ def _simulate_runner(settings: FleetBenchSettings, quiet: bool) -> SideRunner:
     from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
     def config(run_config: dict[str, Any]) -> SimulateConfig:
-        return SimulateConfig(devices=settings.devices, client_cpus=settings.client_cpus,
-                              workdir=str(Path(settings.workdir) / "simulate"), timeout_s=settings.timeout_s,
-                              run_config=run_config)
+        return SimulateConfig(
+            devices=settings.devices,
+            client_cpus=settings.client_cpus,
+            workdir=str(Path(settings.workdir) / "simulate"),
+            timeout_s=settings.timeout_s,
+            run_config=run_config,
+        )
 
     for adapt in (False, True):
         try:
@@ -467,8 +588,3 @@ def _notes() -> list[str]:
         "adapter sent to every device; mobiflower's deliveries are inside its bytes_down",
         "time_to_target_s is null when the method never reached the target in its run",
     ]
-
-
-__all__ = ["FleetBenchSettings", "Acceptance", "ACCEPTANCE", "run_fleet_bench", "fed_lora_virtual_timeline",
-           "time_to_target", "side_tuning_figures", "fed_lora_figures", "over_seeds", "METHODS", "ADAPTIVE",
-           "EIGHT_BIT", "FED_LORA", "PASS", "FAIL", "NA", "TOLERANCE", "EVALUATION_NOTE"]

@@ -10,9 +10,17 @@ from typing import Any, Mapping
 
 from mobiflower.simulations.bench.common import fmt as _num
 from mobiflower.simulations.bench.common import ratio, save_figure
-from mobiflower.simulations.bench.fleet import (ACCEPTANCE, ADAPTIVE, EIGHT_BIT, FAIL, FED_LORA, NA, PASS, TOLERANCE,
-                                                time_to_target)
-
+from mobiflower.simulations.bench.fleet import (
+    ACCEPTANCE,
+    ADAPTIVE,
+    EIGHT_BIT,
+    FAIL,
+    FED_LORA,
+    NA,
+    PASS,
+    TOLERANCE,
+    time_to_target,
+)
 
 
 def _verdict(verdict: str, measured: Any, want: str, reason: str = "", applies_to: str = "") -> dict[str, Any]:
@@ -36,10 +44,20 @@ def _speedup_verdict(methods: Mapping[str, dict[str, Any]], slow: str, fast: str
     if s["time_to_target_s"] is None:
         floor = ratio(s["virtual_total_s"], f["time_to_target_s"])
         if floor is not None and floor >= bound - TOLERANCE:
-            return _verdict(PASS, floor, want, f"{slow} never reached the target in its {s['virtual_total_s']:.1f} "
-                                               f"virtual s; the speedup is at least {floor:.3g}x")
-        return _verdict(NA, floor, want, f"{slow} never reached the target; its run's length only bounds the "
-                                         f"speedup from below ({'-' if floor is None else format(floor, '.3g')}x)")
+            return _verdict(
+                PASS,
+                floor,
+                want,
+                f"{slow} never reached the target in its {s['virtual_total_s']:.1f} "
+                f"virtual s; the speedup is at least {floor:.3g}x",
+            )
+        return _verdict(
+            NA,
+            floor,
+            want,
+            f"{slow} never reached the target; its run's length only bounds the "
+            f"speedup from below ({'-' if floor is None else format(floor, '.3g')}x)",
+        )
     measured = ratio(s["time_to_target_s"], f["time_to_target_s"])
     if measured is None:  # the fast method was at the target at virtual time 0
         return _verdict(PASS if s["time_to_target_s"] > 0 else NA, None, want, f"{fast} reached the target at 0 s")
@@ -85,8 +103,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "fed_lora_over_adaptive_time_to_target": ratio(lora["time_to_target_s"], ada["time_to_target_s"]),
         "8bit_over_adaptive_time_to_target": ratio(eight["time_to_target_s"], ada["time_to_target_s"]),
         "fed_lora_over_adaptive_device_compute": ratio(lora["device_compute_s"], ada["device_compute_s"]),
-        "fed_lora_over_adaptive_device_compute_measured": ratio(lora["device_compute_measured_s"],
-                                                                ada["device_compute_measured_s"]),
+        "fed_lora_over_adaptive_device_compute_measured": ratio(
+            lora["device_compute_measured_s"], ada["device_compute_measured_s"]
+        ),
         "fed_lora_over_adaptive_bytes_up": ratio(lora["bytes_up"], ada["bytes_up"]),
         "8bit_over_adaptive_bytes_up": ratio(eight["bytes_up"], ada["bytes_up"]),
         "adaptive_minus_fed_lora_accuracy": gap(ada["final_accuracy"], lora["final_accuracy"]),
@@ -99,16 +118,23 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     for figures in methods.values():
         _set_time_to(figures, "time_to_common_target_s", common)
     result["common_target_accuracy"] = common
-    ratios["fed_lora_over_adaptive_time_to_common_target"] = ratio(lora["time_to_common_target_s"],
-                                                                   ada["time_to_common_target_s"])
-    ratios["8bit_over_adaptive_time_to_common_target"] = ratio(eight["time_to_common_target_s"],
-                                                               ada["time_to_common_target_s"])
+    ratios["fed_lora_over_adaptive_time_to_common_target"] = ratio(
+        lora["time_to_common_target_s"], ada["time_to_common_target_s"]
+    )
+    ratios["8bit_over_adaptive_time_to_common_target"] = ratio(
+        eight["time_to_common_target_s"], ada["time_to_common_target_s"]
+    )
     verdicts: dict[str, dict[str, Any]] = {}
     no_target = "fed-lora has no final accuracy, so there is no target"
-    for key, slow, bound in (("adaptive_3x_sooner_than_fed_lora", FED_LORA, a.speedup_vs_fed_lora),
-                             ("adaptive_1.5x_sooner_than_8bit", EIGHT_BIT, a.speedup_vs_8bit)):
-        verdicts[key] = (_verdict(NA, None, f">= {bound:g}x", no_target) if target is None
-                         else _speedup_verdict(methods, slow, ADAPTIVE, bound))
+    for key, slow, bound in (
+        ("adaptive_3x_sooner_than_fed_lora", FED_LORA, a.speedup_vs_fed_lora),
+        ("adaptive_1.5x_sooner_than_8bit", EIGHT_BIT, a.speedup_vs_8bit),
+    ):
+        verdicts[key] = (
+            _verdict(NA, None, f">= {bound:g}x", no_target)
+            if target is None
+            else _speedup_verdict(methods, slow, ADAPTIVE, bound)
+        )
     both = ada["completed"] and lora["completed"]
 
     def total_bytes(f: Mapping[str, Any]) -> float | None:
@@ -120,26 +146,43 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     ratios["adaptive_over_fed_lora_total_bytes"] = ratio(total_bytes(ada), total_bytes(lora))
     ratios["adaptive_over_fed_lora_device_compute"] = ratio(ada["device_compute_s"], lora["device_compute_s"])
     for key, measured, bound in (
-            (f"adaptive_device_compute_le_{a.max_compute_vs_fed_lora:g}x_fed_lora",
-             ratios["adaptive_over_fed_lora_device_compute"], a.max_compute_vs_fed_lora),
-            (f"adaptive_total_bytes_le_{a.max_bytes_vs_fed_lora:g}x_fed_lora",
-             ratios["adaptive_over_fed_lora_total_bytes"], a.max_bytes_vs_fed_lora)):
+        (
+            f"adaptive_device_compute_le_{a.max_compute_vs_fed_lora:g}x_fed_lora",
+            ratios["adaptive_over_fed_lora_device_compute"],
+            a.max_compute_vs_fed_lora,
+        ),
+        (
+            f"adaptive_total_bytes_le_{a.max_bytes_vs_fed_lora:g}x_fed_lora",
+            ratios["adaptive_over_fed_lora_total_bytes"],
+            a.max_bytes_vs_fed_lora,
+        ),
+    ):
         want = f"<= {bound:g} (adaptive / fed-lora)"
-        verdicts[key] = (_verdict(NA, None, want, "a method did not complete or has no figure")
-                         if measured is None or not both
-                         else _verdict(PASS if measured <= bound + TOLERANCE else FAIL, measured, want))
+        verdicts[key] = (
+            _verdict(NA, None, want, "a method did not complete or has no figure")
+            if measured is None or not both
+            else _verdict(PASS if measured <= bound + TOLERANCE else FAIL, measured, want)
+        )
     seeds = len(ada.get("seed_runs") or [ada])
     verdicts["adaptive_within_0.5pt_of_fed_lora_accuracy"] = _drop_verdict(
-        ratios["adaptive_minus_fed_lora_accuracy"], a.max_accuracy_drop_vs_fed_lora, "fed-lora",
-        f"adaptive's mean over {seeds} training seeds" if seeds > 1 else "one training seed")
+        ratios["adaptive_minus_fed_lora_accuracy"],
+        a.max_accuracy_drop_vs_fed_lora,
+        "fed-lora",
+        f"adaptive's mean over {seeds} training seeds" if seeds > 1 else "one training seed",
+    )
     verdicts["adaptive_within_1pt_of_8bit_accuracy"] = _drop_verdict(
-        ratios["adaptive_minus_8bit_accuracy"], a.max_accuracy_drop_vs_8bit, "8bit")
+        ratios["adaptive_minus_8bit_accuracy"], a.max_accuracy_drop_vs_8bit, "8bit"
+    )
     for verdict in verdicts.values():
         verdict["applies_to"] = "mixed-phones"
     incomplete = [n for n, f in methods.items() if not f.get("completed")]
-    verdicts["runs_completed"] = _verdict(PASS if not incomplete else FAIL, len(methods) - len(incomplete),
-                                          f"{len(methods)} of {len(methods)}",
-                                          f"did not complete: {', '.join(incomplete)}" if incomplete else "", "flaky")
+    verdicts["runs_completed"] = _verdict(
+        PASS if not incomplete else FAIL,
+        len(methods) - len(incomplete),
+        f"{len(methods)} of {len(methods)}",
+        f"did not complete: {', '.join(incomplete)}" if incomplete else "",
+        "flaky",
+    )
     verdicts["no_arrived_frame_lost"] = _frames_verdict(methods)
     return {**result, "target_accuracy": target, "ratios": ratios, "verdicts": verdicts}
 
@@ -154,15 +197,24 @@ def _frames_verdict(methods: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
             missing.append(name)
             continue
         unaccounted = f["frames"] - f["frames_accepted"] - f["frames_refused"]
-        counts[name] = {"frames": f["frames"], "accepted": f["frames_accepted"], "refused": f["frames_refused"],
-                        "unaccounted": unaccounted}
+        counts[name] = {
+            "frames": f["frames"],
+            "accepted": f["frames_accepted"],
+            "refused": f["frames_refused"],
+            "unaccounted": unaccounted,
+        }
         if unaccounted:
             lost.append(f"{name}: {unaccounted}")
     if lost:
         return _verdict(FAIL, counts, want, "frames unaccounted for: " + ", ".join(lost), "flaky")
     if missing:
-        return _verdict(NA, counts, want, f"no frame counts from {', '.join(missing)} (run failed or predates "
-                                          "frames_accepted)", "flaky")
+        return _verdict(
+            NA,
+            counts,
+            want,
+            f"no frame counts from {', '.join(missing)} (run failed or predates frames_accepted)",
+            "flaky",
+        )
     return _verdict(PASS, counts, want, "", "flaky")
 
 
@@ -177,45 +229,66 @@ def format_table(result: dict[str, Any]) -> str:
     for tier in settings["profiles"].values():
         tiers[tier] = tiers.get(tier, 0) + 1
     target = result["target_accuracy"]
-    lines = [f"fleet {result['fleet']}: {settings['devices']} devices ("
-             + ", ".join(f"{n} {t}" for t, n in tiers.items()) + f"); target accuracy {_num(target, '.4f')} "
-             f"(fed-lora final - {result['settings']['acceptance']['target_margin']:g})", "",
-             f"{'method':<26} {'final acc':>9} {'to target s':>12} {'to common s':>12} {'virtual s':>10} "
-             f"{'compute s':>10} {'measured s':>10} {'MB up':>8} {'MB down':>8} {'frames acc/ref':>15}"]
+    lines = [
+        f"fleet {result['fleet']}: {settings['devices']} devices ("
+        + ", ".join(f"{n} {t}" for t, n in tiers.items())
+        + f"); target accuracy {_num(target, '.4f')} "
+        f"(fed-lora final - {result['settings']['acceptance']['target_margin']:g})",
+        "",
+        f"{'method':<26} {'final acc':>9} {'to target s':>12} {'to common s':>12} {'virtual s':>10} "
+        f"{'compute s':>10} {'measured s':>10} {'MB up':>8} {'MB down':>8} {'frames acc/ref':>15}",
+    ]
     for name, f in result["methods"].items():
         if not f.get("completed") and f.get("error"):
             lines.append(f"{name:<20} failed: {f['error'].splitlines()[0]}")
             continue
         ttt = "never" if f["time_to_target_s"] is None and target is not None else _num(f["time_to_target_s"], ".1f")
-        frames = ("-" if f.get("frames") is None
-                  else f"{f['frames']} ({_num(f.get('frames_accepted'), 'd')}/{_num(f.get('frames_refused'), 'd')})")
+        frames = (
+            "-"
+            if f.get("frames") is None
+            else f"{f['frames']} ({_num(f.get('frames_accepted'), 'd')}/{_num(f.get('frames_refused'), 'd')})"
+        )
         common = _num(f.get("time_to_common_target_s"), ".1f")
         label = name + (" (mean)" if f.get("seed_runs") else "")
-        lines.append(f"{label:<26} {_num(f['final_accuracy'], '.4f'):>9} {ttt:>12} {common:>12} "
-                     f"{_num(f['virtual_total_s'], '.1f'):>10} "
-                     f"{_num(f['device_compute_s'], '.1f'):>10} {_num(f['device_compute_measured_s'], '.1f'):>10} "
-                     f"{_num(f['bytes_up'] and f['bytes_up'] / 1e6, '.2f'):>8} "
-                     f"{_num(f['bytes_down'] and f['bytes_down'] / 1e6, '.2f'):>8} {frames:>15}")
+        lines.append(
+            f"{label:<26} {_num(f['final_accuracy'], '.4f'):>9} {ttt:>12} {common:>12} "
+            f"{_num(f['virtual_total_s'], '.1f'):>10} "
+            f"{_num(f['device_compute_s'], '.1f'):>10} {_num(f['device_compute_measured_s'], '.1f'):>10} "
+            f"{_num(f['bytes_up'] and f['bytes_up'] / 1e6, '.2f'):>8} "
+            f"{_num(f['bytes_down'] and f['bytes_down'] / 1e6, '.2f'):>8} {frames:>15}"
+        )
         for run in f.get("seed_runs", []):
-            ttt = "never" if run.get("time_to_target_s") is None and target is not None else _num(
-                run.get("time_to_target_s"), ".1f")
-            lines.append(f"  train-seed {run['train_seed']:<14} {_num(run['final_accuracy'], '.4f'):>9} {ttt:>12} "
-                         f"{_num(run.get('time_to_common_target_s'), '.1f'):>12} {_num(run['virtual_total_s'], '.1f'):>10}")
-    lines += ["", f"to common s: virtual seconds to {_num(result.get('common_target_accuracy'), '.4f')}, the lowest "
-                  f"final accuracy minus the margin (not the issue's target; it compares speed where every method "
-                  f"gets there)"]
+            ttt = (
+                "never"
+                if run.get("time_to_target_s") is None and target is not None
+                else _num(run.get("time_to_target_s"), ".1f")
+            )
+            lines.append(
+                f"  train-seed {run['train_seed']:<14} {_num(run['final_accuracy'], '.4f'):>9} {ttt:>12} "
+                f"{_num(run.get('time_to_common_target_s'), '.1f'):>12} {_num(run['virtual_total_s'], '.1f'):>10}"
+            )
+    lines += [
+        "",
+        f"to common s: virtual seconds to {_num(result.get('common_target_accuracy'), '.4f')}, the lowest "
+        f"final accuracy minus the margin (not the issue's target; it compares speed where every method "
+        f"gets there)",
+    ]
     tuning = result["tuning"]
     side = result.get("side_tuning") or {"mode": "default", "lr": None}
-    lines += ["", f"fed-lora: lr {tuning['lr']:g}, {tuning['local_epochs']} "
-                  f"local epochs ({'given' if tuning['mode'] == 'given' else 'tuned on validation'}); mobiflower: "
-                  + ("the app's default lr" if side["mode"] == "default" else f"lr {side['lr']:g} (tuned on validation)"),
-              "(virtual seconds of training only: evaluation traffic and compute excluded; compute s = virtual "
-              "device compute, measured s = the same on this machine)", "", "Verdicts"]
+    lines += [
+        "",
+        f"fed-lora: lr {tuning['lr']:g}, {tuning['local_epochs']} "
+        f"local epochs ({'given' if tuning['mode'] == 'given' else 'tuned on validation'}); mobiflower: "
+        + ("the app's default lr" if side["mode"] == "default" else f"lr {side['lr']:g} (tuned on validation)"),
+        "(virtual seconds of training only: evaluation traffic and compute excluded; compute s = virtual "
+        "device compute, measured s = the same on this machine)",
+        "",
+        "Verdicts",
+    ]
     for key, v in result["verdicts"].items():
         measured = v["measured"]
         counts = measured if isinstance(measured, dict) else None
-        shown = (str(sum(c["unaccounted"] for c in counts.values())) if counts is not None
-                 else _num(measured, ".3g"))
+        shown = str(sum(c["unaccounted"] for c in counts.values())) if counts is not None else _num(measured, ".3g")
         reason = f"  ({v['reason']})" if v["reason"] else ""
         lines.append(f"  {key:<44} {shown:>9}   want {v['want']:<32} {v['verdict']}  [{v['applies_to']}]{reason}")
         for name, c in (counts or {}).items():
@@ -239,7 +312,7 @@ def plot(result: dict[str, Any], path: str) -> Path:
         xs, ys = [p["virtual_s"] for p in points], [p["accuracy"] for p in points]
         positive += [x for x in xs if x > 0]
         # steps: a method's accuracy is known at its evaluations and holds until the next one
-        line, = ax.plot(xs, ys, marker="o", markersize=3, drawstyle="steps-post", label=name)
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, drawstyle="steps-post", label=name)
         if f.get("time_to_target_s") is not None:
             ax.axvline(f["time_to_target_s"], color=line.get_color(), linestyle=":", linewidth=1)
     if result.get("target_accuracy") is not None:
@@ -250,8 +323,12 @@ def plot(result: dict[str, Any], path: str) -> Path:
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=8)
     s = result["settings"]
-    return save_figure(fig, result, path, title=f"fleet {result['fleet']}: {s['devices']} devices, "
-                                                f"{s['train_samples']} training samples")
+    return save_figure(
+        fig,
+        result,
+        path,
+        title=f"fleet {result['fleet']}: {s['devices']} devices, {s['train_samples']} training samples",
+    )
 
 
 __all__ = ["summarize", "format_table", "plot"]

@@ -40,15 +40,22 @@ def _frame(config: SideNetworkConfig, samples: int, tokens: int) -> Frame:
     counts = [tokens] * samples
     rows = sum(counts)
     acts = [quantize(torch.randn(rows, config.hidden_size), config.bits, 32, "hadamard", i) for i in config.layers]
-    return Frame(fingerprint=FP, layers=list(config.layers), token_policy=config.token_policy,
-                 sample_ids=list(range(samples)), token_counts=counts, seq_lengths=counts,
-                 targets={"kind": "class", "values": [i % 2 for i in range(samples)], "num_classes": 2},
-                 activations=acts, meta={"split": "train", "offset": 0})
+    return Frame(
+        fingerprint=FP,
+        layers=list(config.layers),
+        token_policy=config.token_policy,
+        sample_ids=list(range(samples)),
+        token_counts=counts,
+        seq_lengths=counts,
+        targets={"kind": "class", "values": [i % 2 for i in range(samples)], "num_classes": 2},
+        activations=acts,
+        meta={"split": "train", "offset": 0},
+    )
 
 
 def _split(blob: bytes) -> tuple[dict, bytes]:
     (hlen,) = struct.unpack_from("<I", blob, 4)
-    return msgpack.unpackb(blob[8:8 + hlen], raw=False), blob[8 + hlen:-4]
+    return msgpack.unpackb(blob[8 : 8 + hlen], raw=False), blob[8 + hlen : -4]
 
 
 def _join(header: dict | None, payload: bytes, raw: bytes | None = None) -> bytes:
@@ -66,8 +73,13 @@ def _values_header(header: dict, element: bytes, n: int) -> bytes:
     pairs = [(k, v) for k, v in header.items() if k != "targets"]
     values = b"\xdd" + n.to_bytes(4, "big") + element * n
     targets = b"\x82" + msgpack.packb("kind") + msgpack.packb("tokens") + msgpack.packb("values") + values
-    return _raw_map(pairs)[:1] + struct.pack(">H", len(pairs) + 1) + _raw_map(pairs)[3:] + msgpack.packb("targets") \
+    return (
+        _raw_map(pairs)[:1]
+        + struct.pack(">H", len(pairs) + 1)
+        + _raw_map(pairs)[3:]
+        + msgpack.packb("targets")
         + targets
+    )
 
 
 def cases(config: SideNetworkConfig, limits: FrameLimits, samples: int) -> dict[str, bytes]:
@@ -82,26 +94,34 @@ def cases(config: SideNetworkConfig, limits: FrameLimits, samples: int) -> dict[
     out["targets.values: max entries, uint16, wrong count"] = _join(None, p, _values_header(h, b"\xcd\x03\xe8", n))
     out["targets.values: max entries of empty arrays"] = _join(None, p, _values_header(h, b"\x90", n))
     budget = limits.max_meta_bytes
-    out["meta: byte budget of empty arrays + 1"] = _join({**h, "meta": {f"k{i}": [[]] * (budget // 64 - 3)
-                                                                        for i in range(64)}}, p)
+    out["meta: byte budget of empty arrays + 1"] = _join(
+        {**h, "meta": {f"k{i}": [[]] * (budget // 64 - 3) for i in range(64)}}, p
+    )
     out["meta: byte budget of 1-char strings"] = _join({**h, "meta": {f"k{i}": ["a"] * 255 for i in range(64)}}, p)
     out["meta: deep at the budget"] = _join({**h, "meta": {f"k{i}": [[[[0]]]] * 60 for i in range(64)}}, p)
-    out["targets: 10,000 extra keys"] = _join({**h, "targets": {**h["targets"], **{f"k{i}": i for i in range(10_000)}}},
-                                              p)
+    out["targets: 10,000 extra keys"] = _join(
+        {**h, "targets": {**h["targets"], **{f"k{i}": i for i in range(10_000)}}}, p
+    )
     pairs = list(h.items())
     out["key twice, last of the header"] = _join(None, p, _raw_map([*pairs, ("tensors", h["tensors"])]))
     fh, fp = _split(full)
     out["full payload, CRC wrong"] = full[:-1] + bytes([full[-1] ^ 1])
     nan = bytearray(fp)
     off, length = fh["tensors"]["scales"][-1]
-    nan[off + length - 2:off + length] = np.array([np.nan], dtype="<f2").tobytes()
+    nan[off + length - 2 : off + length] = np.array([np.nan], dtype="<f2").tobytes()
     out["full payload, NaN in the last scale"] = _join(fh, bytes(nan))
     out["full frame, token targets for a classifier"] = _join(
-        {**fh, "targets": {"kind": "tokens", "values": [1000] * sum(fh["token_counts"])}}, fp)
+        {**fh, "targets": {"kind": "tokens", "values": [1000] * sum(fh["token_counts"])}}, fp
+    )
     out["full frame, wrong fingerprint (1,024 chars)"] = _join({**fh, "fingerprint": "x" * 1024}, fp)
-    out["16-bit frame over the byte limit"] = encode_frame(dataclasses.replace(
-        _frame(dataclasses.replace(config, bits=16), samples, per_sample), activations=[quantize(
-            torch.randn(limits.max_tokens, config.hidden_size), 16, 32, "none", 0) for _ in config.layers]))
+    out["16-bit frame over the byte limit"] = encode_frame(
+        dataclasses.replace(
+            _frame(dataclasses.replace(config, bits=16), samples, per_sample),
+            activations=[
+                quantize(torch.randn(limits.max_tokens, config.hidden_size), 16, 32, "none", 0) for _ in config.layers
+            ],
+        )
+    )
     return out
 
 
@@ -119,68 +139,99 @@ def _measure(offer: Callable[[], Any], repeat: int) -> tuple[float, float, Any]:
     return best * 1e3, peak / 2**20, result
 
 
-def run(samples: int = 64, hidden: int = 576, bits: int = 4, repeat: int = 3, default_limits: bool = True
-        ) -> dict[str, Any]:
+def run(
+    samples: int = 64, hidden: int = 576, bits: int = 4, repeat: int = 3, default_limits: bool = True
+) -> dict[str, Any]:
     torch.manual_seed(0)
-    config = SideNetworkConfig(hidden_size=hidden, layers=[14], fingerprint=FP, family="ladder", reduction=8,
-                               dropout=0.0, bits=bits, token_policy="nonpad")
+    config = SideNetworkConfig(
+        hidden_size=hidden,
+        layers=[14],
+        fingerprint=FP,
+        family="ladder",
+        reduction=8,
+        dropout=0.0,
+        bits=bits,
+        token_policy="nonpad",
+    )
     limits = run_limits(config, samples)
-    store = SideNetworkStore(StoreConfig("shared"),
-                             lambda: build_side_network(config, {"final_norm.weight": torch.ones(hidden)}),
-                             TrainConfig(epochs=1, batch_size=16), {"device-0": samples}, chunk_size=samples)
+    store = SideNetworkStore(
+        StoreConfig("shared"),
+        lambda: build_side_network(config, {"final_norm.weight": torch.ones(hidden)}),
+        TrainConfig(epochs=1, batch_size=16),
+        {"device-0": samples},
+        chunk_size=samples,
+    )
     intake = FrameIntake(store, config, limits)
     before = store.state_digest()
     rows = []
     for name, blob in cases(config, limits, samples).items():
         ms, mb, result = _measure(lambda: intake.offer("device-0", blob), repeat)
         assert not result.accepted, name
-        rows.append({"case": name, "bytes": len(blob), "ms": ms, "extra_mb": mb, "field": result.field,
-                     "reason": result.reason})
+        rows.append(
+            {"case": name, "bytes": len(blob), "ms": ms, "extra_mb": mb, "field": result.field, "reason": result.reason}
+        )
     assert store.state_digest() == before
-    report: dict[str, Any] = {"limits": dataclasses.asdict(limits), "header_cap_bytes": limits.max_header_bytes,
-                              "sequence_tokens": SEQUENCE_TOKENS, "run": rows}
+    report: dict[str, Any] = {
+        "limits": dataclasses.asdict(limits),
+        "header_cap_bytes": limits.max_header_bytes,
+        "sequence_tokens": SEQUENCE_TOKENS,
+        "run": rows,
+    }
     if default_limits:  # what the same hostile header content costs when a server keeps FrameLimits()
         wide = FrameLimits()
         h, p = _split(encode_frame(_frame(config, samples, 4)))
         n = wide.max_tokens
-        heavy = {"targets.values: max entries, 2-char strings": _join(None, p, _values_header(h, b"\xa2ab", n)),
-                 "targets.values: max entries, uint16": _join(None, p, _values_header(h, b"\xcd\x03\xe8", n))}
+        heavy = {
+            "targets.values: max entries, 2-char strings": _join(None, p, _values_header(h, b"\xa2ab", n)),
+            "targets.values: max entries, uint16": _join(None, p, _values_header(h, b"\xcd\x03\xe8", n)),
+        }
         report["default_limits"] = []
         for name, blob in heavy.items():
+
             def decode() -> str:
                 try:
                     decode_frame(blob, limits=wide)
                 except FrameError as err:
                     return err.field
                 return "accepted"
+
             ms, mb, field = _measure(decode, 1)
-            report["default_limits"].append({"case": name, "bytes": len(blob), "ms": ms, "extra_mb": mb,
-                                             "field": field})
+            report["default_limits"].append(
+                {"case": name, "bytes": len(blob), "ms": ms, "extra_mb": mb, "field": field}
+            )
     return report
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'case':<48} {'MB in':>7} {'ms':>8} {'extra MB':>9}  refused as"]
     for r in rows:
-        lines.append(f"{r['case']:<48} {r['bytes'] / 2**20:>7.2f} {r['ms']:>8.1f} {r['extra_mb']:>9.2f}  "
-                     f"{r.get('reason', '')} ({r['field']})")
+        lines.append(
+            f"{r['case']:<48} {r['bytes'] / 2**20:>7.2f} {r['ms']:>8.1f} {r['extra_mb']:>9.2f}  "
+            f"{r.get('reason', '')} ({r['field']})"
+        )
     return "\n".join(lines)
 
 
 def format_report(report: dict[str, Any], samples: int, hidden: int, bits: int) -> str:
     """The run limits, one row per refused case, the slowest and largest refusal, and the same header
     cases under the default :class:`FrameLimits` when they were measured."""
-    lines = [f"run limits: {samples} samples x {SEQUENCE_TOKENS} tokens, width {hidden}, {bits} bits; "
-             f"header cap {report['header_cap_bytes'] / 2**20:.2f} MB, "
-             f"frame cap {report['limits']['max_bytes'] / 2**20:.1f} MB",
-             _table(report["run"])]
+    lines = [
+        f"run limits: {samples} samples x {SEQUENCE_TOKENS} tokens, width {hidden}, {bits} bits; "
+        f"header cap {report['header_cap_bytes'] / 2**20:.2f} MB, "
+        f"frame cap {report['limits']['max_bytes'] / 2**20:.1f} MB",
+        _table(report["run"]),
+    ]
     slow = max(report["run"], key=lambda r: r["ms"])
     large = max(report["run"], key=lambda r: r["extra_mb"])
-    lines.append(f"slowest refusal: {slow['case']} {slow['ms']:.1f} ms; largest: {large['case']} "
-                 f"{large['extra_mb']:.2f} MB")
+    lines.append(
+        f"slowest refusal: {slow['case']} {slow['ms']:.1f} ms; largest: {large['case']} {large['extra_mb']:.2f} MB"
+    )
     if "default_limits" in report:
-        lines += ["", "the same header content under the default FrameLimits() (not a run's):",
-                  _table(report["default_limits"])]
+        lines += [
+            "",
+            "the same header content under the default FrameLimits() (not a run's):",
+            _table(report["default_limits"]),
+        ]
     return "\n".join(lines)
 
 

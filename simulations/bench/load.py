@@ -28,26 +28,41 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.strategies.config import FAMILY_SETTINGS
 from mobiflower.simulations.bench.common import save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
+from mobiflower.strategies.config import FAMILY_SETTINGS
 
 DEFAULT_DEVICES = (8, 16, 32, 64)
 
 
-def load_run_config(model: str, devices: int, samples_per_device: int, rounds: int, reduction: int,
-                    budget_mb: float) -> dict[str, Any]:
+def load_run_config(
+    model: str, devices: int, samples_per_device: int, rounds: int, reduction: int, budget_mb: float
+) -> dict[str, Any]:
     """The run config of one load run: per-device side networks, cached rounds, FedAvg at the end."""
     # the ladder, the family these figures were measured on (RESULTS.md), with its own optimizer settings
-    return {**FAMILY_SETTINGS["ladder"], "model": model, "family": "ladder", "token-policy": "last",
-            "num-taps": 4, "reduction": reduction, "mode": "per-device", "rounds": rounds,
-            "aggregate-every": rounds, "train-samples": samples_per_device * devices,
-            "validation-samples": 2 * devices, "test-samples": 8 * devices, "chunk-size": samples_per_device,
-            "eval-every": 0, "average-epochs": min(2, rounds), "side-memory-mb": budget_mb, "dropout": 0.1,
-            # In a simulation every device's Context lives in the server process, and delivery installs
-            # the device's network there: device memory, not server memory. The final test still sends
-            # each device its network (in an evaluate message), so the server's traffic is the same.
-            "deliver": False}
+    return {
+        **FAMILY_SETTINGS["ladder"],
+        "model": model,
+        "family": "ladder",
+        "token-policy": "last",
+        "num-taps": 4,
+        "reduction": reduction,
+        "mode": "per-device",
+        "rounds": rounds,
+        "aggregate-every": rounds,
+        "train-samples": samples_per_device * devices,
+        "validation-samples": 2 * devices,
+        "test-samples": 8 * devices,
+        "chunk-size": samples_per_device,
+        "eval-every": 0,
+        "average-epochs": min(2, rounds),
+        "side-memory-mb": budget_mb,
+        "dropout": 0.1,
+        # In a simulation every device's Context lives in the server process, and delivery installs
+        # the device's network there: device memory, not server memory. The final test still sends
+        # each device its network (in an evaluate message), so the server's traffic is the same.
+        "deliver": False,
+    }
 
 
 def measure(summary: dict[str, Any], devices: int, budget_mb: float) -> dict[str, Any]:
@@ -55,24 +70,45 @@ def measure(summary: dict[str, Any], devices: int, budget_mb: float) -> dict[str
     memory = summary["server_memory"]
     paging = memory.get("paging") or {}
     trained = sum(r.get("samples", 0) for r in summary["rounds"] if r.get("phase") == "stream")
-    trained += sum(sum(d["samples_trained"] for d in summary["devices"].values())
-                   for r in summary["rounds"] if r.get("phase") == "cache")
+    trained += sum(
+        sum(d["samples_trained"] for d in summary["devices"].values())
+        for r in summary["rounds"]
+        if r.get("phase") == "cache"
+    )
     work_s = summary["server_train_s"] + paging.get("page_seconds", 0.0)
     growth = memory["peak_mb"] - memory["start_mb"]
-    return {"devices": devices, "budget_mb": budget_mb, "rss_start_mb": memory["start_mb"],
-            "rss_peak_mb": memory["peak_mb"], "rss_growth_mb": growth,
-            "side_peak_mb": paging.get("peak_resident_mb"), "other_mb": growth - paging.get("peak_resident_mb", 0.0),
-            "page_ins": paging.get("page_ins", 0), "page_outs": paging.get("page_outs", 0),
-            "page_s": paging.get("page_seconds", 0.0), "server_train_s": summary["server_train_s"],
-            "samples_trained": trained, "server_samples_per_s": trained / work_s if work_s else None,
-            "train_wall_s": summary["train_wall_s"], "run_wall_s": summary["run_wall_s"],
-            "test_accuracy": summary["test_accuracy"],
-            "failures": sum(len(d["failures"]) for d in summary["devices"].values())}
+    return {
+        "devices": devices,
+        "budget_mb": budget_mb,
+        "rss_start_mb": memory["start_mb"],
+        "rss_peak_mb": memory["peak_mb"],
+        "rss_growth_mb": growth,
+        "side_peak_mb": paging.get("peak_resident_mb"),
+        "other_mb": growth - paging.get("peak_resident_mb", 0.0),
+        "page_ins": paging.get("page_ins", 0),
+        "page_outs": paging.get("page_outs", 0),
+        "page_s": paging.get("page_seconds", 0.0),
+        "server_train_s": summary["server_train_s"],
+        "samples_trained": trained,
+        "server_samples_per_s": trained / work_s if work_s else None,
+        "train_wall_s": summary["train_wall_s"],
+        "run_wall_s": summary["run_wall_s"],
+        "test_accuracy": summary["test_accuracy"],
+        "failures": sum(len(d["failures"]) for d in summary["devices"].values()),
+    }
 
 
-def run_load_bench(devices: Sequence[int] = DEFAULT_DEVICES, budget_mb: float = 24.0, samples_per_device: int = 32,
-                   rounds: int = 3, hidden: int = 256, reduction: int = 4, unbounded: bool = True,
-                   workdir: str = "runs/bench-load", log=print) -> dict[str, Any]:
+def run_load_bench(
+    devices: Sequence[int] = DEFAULT_DEVICES,
+    budget_mb: float = 24.0,
+    samples_per_device: int = 32,
+    rounds: int = 3,
+    hidden: int = 256,
+    reduction: int = 4,
+    unbounded: bool = True,
+    workdir: str = "runs/bench-load",
+    log=print,
+) -> dict[str, Any]:
     """Run every fleet size paged (and in memory, with ``unbounded``); the table's rows and the verdict."""
     from mobiflower.platform.tiny import make_tiny_model
 
@@ -82,20 +118,36 @@ def run_load_bench(devices: Sequence[int] = DEFAULT_DEVICES, budget_mb: float = 
         make_tiny_model("llama", model, hidden=hidden, layers=4)
     rows: list[dict[str, Any]] = []
     for n in devices:
-        for budget in ([budget_mb, 0.0] if unbounded else [budget_mb]):
+        for budget in [budget_mb, 0.0] if unbounded else [budget_mb]:
             label = f"budget {budget:g} MB" if budget else "all in memory"
             log(f"[bench load] {n} devices, {label} ...")
             t0 = time.perf_counter()
-            config = SimulateConfig(devices=n, workdir=str(work / "sim"), run_config=load_run_config(
-                str(model), n, samples_per_device, rounds, reduction, budget))
+            config = SimulateConfig(
+                devices=n,
+                workdir=str(work / "sim"),
+                run_config=load_run_config(str(model), n, samples_per_device, rounds, reduction, budget),
+            )
             row = measure(run_simulate(config, quiet=True), n, budget)
             row["bench_s"] = time.perf_counter() - t0
             rows.append(row)
-            log(f"  RSS +{row['rss_growth_mb']:.0f} MB (side networks {row['side_peak_mb']:.1f} MB), "
-                f"{row['server_samples_per_s']:.0f} samples/s, {row['page_ins']} page-ins, run {row['run_wall_s']:.0f} s")
-    return summarize({"benchmark": "load", "config": {
-        "model": f"tiny random llama, hidden {hidden}, 4 layers", "samples_per_device": samples_per_device,
-        "rounds": rounds, "reduction": reduction, "budget_mb": budget_mb, "mode": "per-device"}, "rows": rows})
+            log(
+                f"  RSS +{row['rss_growth_mb']:.0f} MB (side networks {row['side_peak_mb']:.1f} MB), "
+                f"{row['server_samples_per_s']:.0f} samples/s, {row['page_ins']} page-ins, run {row['run_wall_s']:.0f} s"
+            )
+    return summarize(
+        {
+            "benchmark": "load",
+            "config": {
+                "model": f"tiny random llama, hidden {hidden}, 4 layers",
+                "samples_per_device": samples_per_device,
+                "rounds": rounds,
+                "reduction": reduction,
+                "budget_mb": budget_mb,
+                "mode": "per-device",
+            },
+            "rows": rows,
+        }
+    )
 
 
 CONSTANT_MB = 256.0
@@ -117,32 +169,47 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     smallest, largest = paged[0], paged[-1]
     result["constant_mb"] = CONSTANT_MB
     if largest["devices"] > smallest["devices"]:
-        result["other_mb_per_device"] = ((largest["other_mb"] - smallest["other_mb"])
-                                         / (largest["devices"] - smallest["devices"]))
+        result["other_mb_per_device"] = (largest["other_mb"] - smallest["other_mb"]) / (
+            largest["devices"] - smallest["devices"]
+        )
     result["acceptance"] = {
         f"{largest['devices']} devices: side networks' peak <= budget": largest["side_peak_mb"] <= budget,
-        f"{largest['devices']} devices: RSS growth <= budget + constant ({budget:g} + {CONSTANT_MB:g} MB)":
-            largest["rss_growth_mb"] <= budget + CONSTANT_MB,
-        "no device failed": all(r["failures"] == 0 for r in rows)}
+        f"{largest['devices']} devices: RSS growth <= budget + constant ({budget:g} + {CONSTANT_MB:g} MB)": largest[
+            "rss_growth_mb"
+        ]
+        <= budget + CONSTANT_MB,
+        "no device failed": all(r["failures"] == 0 for r in rows),
+    }
     return result
 
 
 def format_table(result: dict[str, Any]) -> str:
-    head = (f"{'devices':>7} {'side memory':>13} {'RSS start':>9} {'RSS peak':>9} {'growth':>7} {'side peak':>9} "
-            f"{'other':>6} {'page-ins':>8} {'page s':>7} {'samples/s':>9} {'train wall':>10} {'run s':>6}")
+    head = (
+        f"{'devices':>7} {'side memory':>13} {'RSS start':>9} {'RSS peak':>9} {'growth':>7} {'side peak':>9} "
+        f"{'other':>6} {'page-ins':>8} {'page s':>7} {'samples/s':>9} {'train wall':>10} {'run s':>6}"
+    )
     lines = [head]
     for r in result["rows"]:
         budget = f"{r['budget_mb']:g} MB" if r["budget_mb"] else "unbounded"
-        lines.append(f"{r['devices']:>7} {budget:>13} {r['rss_start_mb']:>9.0f} {r['rss_peak_mb']:>9.0f} "
-                     f"{r['rss_growth_mb']:>7.0f} {r['side_peak_mb']:>9.1f} {r['other_mb']:>6.0f} {r['page_ins']:>8} "
-                     f"{r['page_s']:>7.1f} {r['server_samples_per_s']:>9.0f} {r['train_wall_s']:>10.1f} "
-                     f"{r['run_wall_s']:>6.0f}")
-    lines += ["", "(MB are MiB of the server process; side peak = side networks resident at their peak, as the",
-              " pager measured them; other = growth - side peak; samples/s = samples trained per second of",
-              " server training + paging)", "", "Acceptance"]
+        lines.append(
+            f"{r['devices']:>7} {budget:>13} {r['rss_start_mb']:>9.0f} {r['rss_peak_mb']:>9.0f} "
+            f"{r['rss_growth_mb']:>7.0f} {r['side_peak_mb']:>9.1f} {r['other_mb']:>6.0f} {r['page_ins']:>8} "
+            f"{r['page_s']:>7.1f} {r['server_samples_per_s']:>9.0f} {r['train_wall_s']:>10.1f} "
+            f"{r['run_wall_s']:>6.0f}"
+        )
+    lines += [
+        "",
+        "(MB are MiB of the server process; side peak = side networks resident at their peak, as the",
+        " pager measured them; other = growth - side peak; samples/s = samples trained per second of",
+        " server training + paging)",
+        "",
+        "Acceptance",
+    ]
     if "other_mb_per_device" in result:
-        lines.append(f"  other grows by {result['other_mb_per_device']:.2f} MB per device between the smallest "
-                     f"and largest paged fleet")
+        lines.append(
+            f"  other grows by {result['other_mb_per_device']:.2f} MB per device between the smallest "
+            f"and largest paged fleet"
+        )
     lines += [f"  {name:<70} {'PASS' if ok else 'FAIL'}" for name, ok in result["acceptance"].items()]
     return "\n".join(lines)
 
@@ -172,5 +239,6 @@ def plot(result: dict[str, Any], path: str) -> Path:
     for ax in (mem, thr):
         ax.set_xscale("log", base=2)
     cfg = result["config"]
-    return save_figure(fig, result, path, title=f"per-device side networks, {cfg['model']}, budget "
-                                                f"{cfg['budget_mb']:g} MB")
+    return save_figure(
+        fig, result, path, title=f"per-device side networks, {cfg['model']}, budget {cfg['budget_mb']:g} MB"
+    )

@@ -100,9 +100,16 @@ def is_out_of_memory(error: BaseException) -> bool:
     text = str(error).lower()
     if isinstance(error, OSError) and getattr(error, "errno", None) == 12:  # ENOMEM
         return True
-    return isinstance(error, RuntimeError) and any(s in text for s in (
-        "can't allocate memory", "cannot allocate memory", "not enough memory", "out of memory",
-        "defaultcpuallocator"))
+    return isinstance(error, RuntimeError) and any(
+        s in text
+        for s in (
+            "can't allocate memory",
+            "cannot allocate memory",
+            "not enough memory",
+            "out of memory",
+            "defaultcpuallocator",
+        )
+    )
 
 
 def _tree_rss_mb(pid: int) -> float:
@@ -138,9 +145,17 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def run_capped(cmd: Sequence[str], cap_mb: float, *, reserve_mb: float = 1024.0, poll_s: float = 0.05,
-               env: dict | None = None, timeout_s: float | None = None, capture: bool = True,
-               address_cap: bool = True) -> CappedRun:
+def run_capped(
+    cmd: Sequence[str],
+    cap_mb: float,
+    *,
+    reserve_mb: float = 1024.0,
+    poll_s: float = 0.05,
+    env: dict | None = None,
+    timeout_s: float | None = None,
+    capture: bool = True,
+    address_cap: bool = True,
+) -> CappedRun:
     """Run ``cmd`` under a ``cap_mb`` resident-memory cap on its whole process tree (see the module).
 
     ``address_cap`` also passes the cap to the child in ``$MOBIFLOWER_MEMORY_CAP_MB`` for
@@ -165,8 +180,10 @@ def run_capped(cmd: Sequence[str], cap_mb: float, *, reserve_mb: float = 1024.0,
             if rss > cap_mb:
                 state["reason"] = f"resident memory reached the {cap_mb / 1024:.1f} GB cap"
             elif available is not None and available < reserve_mb:
-                state["reason"] = (f"the machine had {available:.0f} MB available (< {reserve_mb:.0f} MB reserve) "
-                                   f"at {rss / 1024:.1f} GB resident")
+                state["reason"] = (
+                    f"the machine had {available:.0f} MB available (< {reserve_mb:.0f} MB reserve) "
+                    f"at {rss / 1024:.1f} GB resident"
+                )
             elif timeout_s is not None and time.perf_counter() - start > timeout_s:
                 state["reason"] = "timeout"
             else:
@@ -185,16 +202,25 @@ def run_capped(cmd: Sequence[str], cap_mb: float, *, reserve_mb: float = 1024.0,
     killed_by_kernel = proc.returncode == -signal.SIGKILL and not reason
     if killed_by_kernel:
         reason = "killed by SIGKILL (the kernel's OOM killer, most likely)"
-    return CappedRun(returncode=proc.returncode, out_of_memory=bool(reason) and reason != "timeout",
-                     reason=reason, peak_rss_mb=state["peak"], cap_mb=cap_mb, wall_s=time.perf_counter() - start,
-                     stdout=stdout or "", stderr=stderr or "")
+    return CappedRun(
+        returncode=proc.returncode,
+        out_of_memory=bool(reason) and reason != "timeout",
+        reason=reason,
+        peak_rss_mb=state["peak"],
+        cap_mb=cap_mb,
+        wall_s=time.perf_counter() - start,
+        stdout=stdout or "",
+        stderr=stderr or "",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
-        print("usage: python -m mobiflower.simulations.bench.memory_cap [--cap-gb G] [--reserve-mb M] -- CMD ...",
-              file=sys.stderr)
+        print(
+            "usage: python -m mobiflower.simulations.bench.memory_cap [--cap-gb G] [--reserve-mb M] -- CMD ...",
+            file=sys.stderr,
+        )
         return 2
     split = argv.index("--")
     parser = argparse.ArgumentParser(prog="python -m mobiflower.simulations.bench.memory_cap")
@@ -203,16 +229,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=None)
     args = parser.parse_args(argv[:split])
     cap_mb = args.cap_gb * 1024 if args.cap_gb else default_cap_mb()
-    run = run_capped(argv[split + 1:], cap_mb, reserve_mb=args.reserve_mb, timeout_s=args.timeout_s, capture=False,
-                     address_cap=False)
+    run = run_capped(
+        argv[split + 1 :],
+        cap_mb,
+        reserve_mb=args.reserve_mb,
+        timeout_s=args.timeout_s,
+        capture=False,
+        address_cap=False,
+    )
     verdict = f"OUT OF MEMORY ({run.reason})" if run.out_of_memory else (run.reason or f"exit {run.returncode}")
-    print(f"[memory-cap] {verdict}; peak resident memory of the process tree {run.peak_rss_mb / 1024:.2f} GB "
-          f"(cap {cap_mb / 1024:.1f} GB), {run.wall_s:.0f} s", file=sys.stderr, flush=True)
+    print(
+        f"[memory-cap] {verdict}; peak resident memory of the process tree {run.peak_rss_mb / 1024:.2f} GB "
+        f"(cap {cap_mb / 1024:.1f} GB), {run.wall_s:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return 137 if run.out_of_memory else (run.returncode if run.returncode is not None else 1)
 
 
-__all__ = ["CappedRun", "run_capped", "apply_address_space_cap", "is_out_of_memory", "default_cap_mb",
-           "ADDRESS_SLACK_MB", "CAP_ENV", "main"]
+__all__ = [
+    "CappedRun",
+    "run_capped",
+    "apply_address_space_cap",
+    "is_out_of_memory",
+    "default_cap_mb",
+    "ADDRESS_SLACK_MB",
+    "CAP_ENV",
+    "main",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

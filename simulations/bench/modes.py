@@ -16,30 +16,54 @@ from typing import Any
 from mobiflower.simulations.bench.common import acceptance_lines, save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
-MODES = {"shared": {"mode": "shared"},
-         "per-device": {"mode": "per-device"},
-         "hybrid": {"mode": "hybrid"}}
-ACCEPTANCE = {"per-device beats shared (own test data, pooled)": ("per_device_minus_shared", ">", 0.0),
-              "hybrid beats shared (own test data, pooled)": ("hybrid_minus_shared", ">", 0.0)}
+MODES = {"shared": {"mode": "shared"}, "per-device": {"mode": "per-device"}, "hybrid": {"mode": "hybrid"}}
+ACCEPTANCE = {
+    "per-device beats shared (own test data, pooled)": ("per_device_minus_shared", ">", 0.0),
+    "hybrid beats shared (own test data, pooled)": ("hybrid_minus_shared", ">", 0.0),
+}
 
 
-def run_modes_bench(devices: int = 4, alpha: float = 0.1, train_samples: int = 2000, test_samples: int = 1000,
-                    rounds: int = 20, workdir: str = "runs/bench-modes", log=print) -> dict[str, Any]:
-    base = {"partitioning": "dirichlet", "dirichlet-alpha": alpha, "train-samples": train_samples,
-            "test-samples": test_samples, "rounds": rounds}
+def run_modes_bench(
+    devices: int = 4,
+    alpha: float = 0.1,
+    train_samples: int = 2000,
+    test_samples: int = 1000,
+    rounds: int = 20,
+    workdir: str = "runs/bench-modes",
+    log=print,
+) -> dict[str, Any]:
+    base = {
+        "partitioning": "dirichlet",
+        "dirichlet-alpha": alpha,
+        "train-samples": train_samples,
+        "test-samples": test_samples,
+        "rounds": rounds,
+    }
     runs: dict[str, dict[str, Any]] = {}
     for name, overrides in MODES.items():
         log(f"[bench modes] {name}: {devices} devices, Dirichlet alpha {alpha} ...")
         t0 = time.perf_counter()
-        summary = run_simulate(SimulateConfig(devices=devices, workdir=workdir, run_config={**base, **overrides}),
-                               quiet=True)
-        per_device = {d: {"test_accuracy": v.get("test_accuracy"), "test_samples": v.get("test_samples"),
-                          "positive_share": v.get("positive_share")} for d, v in summary["devices"].items()}
-        runs[name] = {"test_accuracy": summary["test_accuracy"],
-                      "mean_device_test_accuracy": summary["mean_device_test_accuracy"],
-                      "devices": per_device, "bytes_up": summary["bytes_up"], "bytes_down": summary["bytes_down"],
-                      "server_train_s": summary["server_train_s"], "run_s": time.perf_counter() - t0,
-                      "run_dir": summary["simulation"]["run_dir"]}
+        summary = run_simulate(
+            SimulateConfig(devices=devices, workdir=workdir, run_config={**base, **overrides}), quiet=True
+        )
+        per_device = {
+            d: {
+                "test_accuracy": v.get("test_accuracy"),
+                "test_samples": v.get("test_samples"),
+                "positive_share": v.get("positive_share"),
+            }
+            for d, v in summary["devices"].items()
+        }
+        runs[name] = {
+            "test_accuracy": summary["test_accuracy"],
+            "mean_device_test_accuracy": summary["mean_device_test_accuracy"],
+            "devices": per_device,
+            "bytes_up": summary["bytes_up"],
+            "bytes_down": summary["bytes_down"],
+            "server_train_s": summary["server_train_s"],
+            "run_s": time.perf_counter() - t0,
+            "run_dir": summary["simulation"]["run_dir"],
+        }
         log(f"  mean of devices {summary['mean_device_test_accuracy']:.4f}, pooled {summary['test_accuracy']:.4f}")
     return summarize({"benchmark": "modes", "config": {**base, "devices": devices}, "runs": runs})
 
@@ -52,14 +76,15 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """
     runs = result["runs"]
     shared = runs["shared"]["test_accuracy"]
-    ratios = {"per_device_minus_shared": runs["per-device"]["test_accuracy"] - shared,
-              "hybrid_minus_shared": runs["hybrid"]["test_accuracy"] - shared,
-              "per_device_minus_shared_mean_of_devices": runs["per-device"]["mean_device_test_accuracy"]
-              - runs["shared"]["mean_device_test_accuracy"],
-              "hybrid_minus_shared_mean_of_devices": runs["hybrid"]["mean_device_test_accuracy"]
-              - runs["shared"]["mean_device_test_accuracy"]}
-    return {**result, "ratios": ratios,
-            "acceptance": {n: ratios[k] > t for n, (k, _, t) in ACCEPTANCE.items()}}
+    ratios = {
+        "per_device_minus_shared": runs["per-device"]["test_accuracy"] - shared,
+        "hybrid_minus_shared": runs["hybrid"]["test_accuracy"] - shared,
+        "per_device_minus_shared_mean_of_devices": runs["per-device"]["mean_device_test_accuracy"]
+        - runs["shared"]["mean_device_test_accuracy"],
+        "hybrid_minus_shared_mean_of_devices": runs["hybrid"]["mean_device_test_accuracy"]
+        - runs["shared"]["mean_device_test_accuracy"],
+    }
+    return {**result, "ratios": ratios, "acceptance": {n: ratios[k] > t for n, (k, _, t) in ACCEPTANCE.items()}}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -70,12 +95,17 @@ def format_table(result: dict[str, Any]) -> str:
         first = result["runs"][names[0]]["devices"][d]
         share = first.get("positive_share")
         accs = [result["runs"][name]["devices"][d]["test_accuracy"] for name in names]
-        lines.append(f"{d:<10} {first['test_samples']:>7} {'' if share is None else f'{100 * share:.0f}':>6} "
-                     + " ".join(f"{a:>11.4f}" for a in accs))
-    lines.append(f"{'mean':<10} {'':>7} {'':>6} " + " ".join(
-        f"{result['runs'][n]['mean_device_test_accuracy']:>11.4f}" for n in names))
-    lines.append(f"{'pooled':<10} {'':>7} {'':>6} " + " ".join(
-        f"{result['runs'][n]['test_accuracy']:>11.4f}" for n in names))
+        lines.append(
+            f"{d:<10} {first['test_samples']:>7} {'' if share is None else f'{100 * share:.0f}':>6} "
+            + " ".join(f"{a:>11.4f}" for a in accs)
+        )
+    lines.append(
+        f"{'mean':<10} {'':>7} {'':>6} "
+        + " ".join(f"{result['runs'][n]['mean_device_test_accuracy']:>11.4f}" for n in names)
+    )
+    lines.append(
+        f"{'pooled':<10} {'':>7} {'':>6} " + " ".join(f"{result['runs'][n]['test_accuracy']:>11.4f}" for n in names)
+    )
     return "\n".join(lines + [""] + acceptance_lines(result, ACCEPTANCE, width=28))
 
 
@@ -97,5 +127,9 @@ def plot(result: dict[str, Any], path: str) -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     cfg = result["config"]
-    return save_figure(fig, result, path, title=f"{cfg['devices']} devices, Dirichlet alpha {cfg['dirichlet-alpha']}, {cfg['train-samples']} samples")
-
+    return save_figure(
+        fig,
+        result,
+        path,
+        title=f"{cfg['devices']} devices, Dirichlet alpha {cfg['dirichlet-alpha']}, {cfg['train-samples']} samples",
+    )

@@ -23,47 +23,84 @@ from typing import Any
 from mobiflower.simulations.bench.common import acceptance_lines, bars_with_values, save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
-SCHEDULES = {"in-flight 2": {"in-flight": 2, "overlap": True},
-             "in-flight 1": {"in-flight": 1, "overlap": True},
-             "serial": {"in-flight": 1, "overlap": False}}
+SCHEDULES = {
+    "in-flight 2": {"in-flight": 2, "overlap": True},
+    "in-flight 1": {"in-flight": 1, "overlap": True},
+    "serial": {"in-flight": 1, "overlap": False},
+}
 ACCEPTANCE = {"in-flight 2 wall <= 1.15 x max(device, server)": ("in_flight_2_wall_over_max", "<=", 1.15)}
 
 
-def run_pipeline_bench(samples: int = 256, reduction: int = 1, chunk_size: int = 32, token_policy: str = "nonpad",
-                       workdir: str = "runs/bench-pipeline", log=print) -> dict[str, Any]:
+def run_pipeline_bench(
+    samples: int = 256,
+    reduction: int = 1,
+    chunk_size: int = 32,
+    token_policy: str = "nonpad",
+    workdir: str = "runs/bench-pipeline",
+    log=print,
+) -> dict[str, Any]:
     """Run the three schedules and return the measured figures and ratios."""
-    base = {"train-samples": samples, "validation-samples": 16, "test-samples": 16, "rounds": 1, "eval-every": 0,
-            "token-policy": token_policy, "reduction": reduction, "chunk-size": chunk_size, "deliver": False}
+    base = {
+        "train-samples": samples,
+        "validation-samples": 16,
+        "test-samples": 16,
+        "rounds": 1,
+        "eval-every": 0,
+        "token-policy": token_policy,
+        "reduction": reduction,
+        "chunk-size": chunk_size,
+        "deliver": False,
+    }
     rows: dict[str, dict[str, float]] = {}
     for name, schedule in SCHEDULES.items():
         log(f"[bench pipeline] {name}: one device, {samples} samples in chunks of {chunk_size} ...")
         t0 = time.perf_counter()
         # client_cpus=2 on a 2-core machine: exactly one actor, so the device is one process.
-        summary = run_simulate(SimulateConfig(devices=1, client_cpus=2, workdir=workdir,
-                                              run_config={**base, **schedule}), quiet=True)
+        summary = run_simulate(
+            SimulateConfig(devices=1, client_cpus=2, workdir=workdir, run_config={**base, **schedule}), quiet=True
+        )
         device_s = summary["stream_device_forward_s"]
         train_s = summary["stream_server_train_s"]
         wall = summary["stream_wall_s"]
-        rows[name] = {"device_forward_s": device_s, "server_train_s": train_s, "wall_s": wall,
-                      "wall_over_max": wall / max(device_s, train_s), "wall_over_sum": wall / (device_s + train_s),
-                      "pipeline_efficiency": summary["pipeline_efficiency"], "frames": summary["frames"],
-                      "run_s": time.perf_counter() - t0}
+        rows[name] = {
+            "device_forward_s": device_s,
+            "server_train_s": train_s,
+            "wall_s": wall,
+            "wall_over_max": wall / max(device_s, train_s),
+            "wall_over_sum": wall / (device_s + train_s),
+            "pipeline_efficiency": summary["pipeline_efficiency"],
+            "frames": summary["frames"],
+            "run_s": time.perf_counter() - t0,
+        }
         log(f"  device {device_s:.1f} s, server {train_s:.1f} s, wall {wall:.1f} s")
-    ratios = {"in_flight_2_wall_over_max": rows["in-flight 2"]["wall_over_max"],
-              "in_flight_1_wall_over_max": rows["in-flight 1"]["wall_over_max"],
-              "serial_wall_over_sum": rows["serial"]["wall_over_sum"],
-              "serial_wall_over_in_flight_2_wall": rows["serial"]["wall_s"] / rows["in-flight 2"]["wall_s"]}
-    return {"benchmark": "pipeline", "config": {"samples": samples, "reduction": reduction, "chunk_size": chunk_size,
-                                                "token_policy": token_policy, "family": "ladder"},
-            "schedules": rows, "ratios": ratios,
-            "acceptance": {name: ratios[key] <= threshold for name, (key, _, threshold) in ACCEPTANCE.items()}}
+    ratios = {
+        "in_flight_2_wall_over_max": rows["in-flight 2"]["wall_over_max"],
+        "in_flight_1_wall_over_max": rows["in-flight 1"]["wall_over_max"],
+        "serial_wall_over_sum": rows["serial"]["wall_over_sum"],
+        "serial_wall_over_in_flight_2_wall": rows["serial"]["wall_s"] / rows["in-flight 2"]["wall_s"],
+    }
+    return {
+        "benchmark": "pipeline",
+        "config": {
+            "samples": samples,
+            "reduction": reduction,
+            "chunk_size": chunk_size,
+            "token_policy": token_policy,
+            "family": "ladder",
+        },
+        "schedules": rows,
+        "ratios": ratios,
+        "acceptance": {name: ratios[key] <= threshold for name, (key, _, threshold) in ACCEPTANCE.items()},
+    }
 
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"{'schedule':<12} {'device s':>9} {'server s':>9} {'wall s':>8} {'wall/max':>9} {'wall/sum':>9}"]
     for name, r in result["schedules"].items():
-        lines.append(f"{name:<12} {r['device_forward_s']:>9.1f} {r['server_train_s']:>9.1f} {r['wall_s']:>8.1f} "
-                     f"{r['wall_over_max']:>9.2f} {r['wall_over_sum']:>9.2f}")
+        lines.append(
+            f"{name:<12} {r['device_forward_s']:>9.1f} {r['server_train_s']:>9.1f} {r['wall_s']:>8.1f} "
+            f"{r['wall_over_max']:>9.2f} {r['wall_over_sum']:>9.2f}"
+        )
     return "\n".join(lines + [""] + acceptance_lines(result, ACCEPTANCE, width=34))
 
 
@@ -78,8 +115,9 @@ def plot(result: dict[str, Any], path: str) -> Path:
     rows = result["schedules"]
     width = 0.27
     xs = range(len(names))
-    for i, (key, label) in enumerate((("device_forward_s", "device forward"), ("server_train_s", "server training"),
-                                      ("wall_s", "wall"))):
+    for i, (key, label) in enumerate(
+        (("device_forward_s", "device forward"), ("server_train_s", "server training"), ("wall_s", "wall"))
+    ):
         ax[0].bar([x + (i - 1) * width for x in xs], [rows[n][key] for n in names], width, label=label)
     ax[0].set_xticks(list(xs), names)
     ax[0].set_ylabel("seconds")
@@ -88,5 +126,9 @@ def plot(result: dict[str, Any], path: str) -> Path:
     ax[1].axhline(1.15, color="k", ls="--", lw=1)
     ax[1].set_ylabel("wall / max(device, server)")
     cfg = result["config"]
-    return save_figure(fig, result, path, title=f"one device, {cfg['samples']} samples, ladder r={cfg['reduction']} on {cfg['token_policy']} tokens")
-
+    return save_figure(
+        fig,
+        result,
+        path,
+        title=f"one device, {cfg['samples']} samples, ladder r={cfg['reduction']} on {cfg['token_policy']} tokens",
+    )

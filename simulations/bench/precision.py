@@ -43,9 +43,18 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.bench.common import (acceptance_lines, bars_with_values, bench_logger, ratio,
-                                                  fmt as _fmt,
-                                                  run_child, save_figure, write_outputs)
+from mobiflower.simulations.bench.common import (
+    acceptance_lines,
+    bars_with_values,
+    bench_logger,
+    ratio,
+    run_child,
+    save_figure,
+    write_outputs,
+)
+from mobiflower.simulations.bench.common import (
+    fmt as _fmt,
+)
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 ACCEPTANCE = {
@@ -67,13 +76,27 @@ def _log(message: str, progress: bool) -> None:
 # parent
 
 
-def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] = PRECISIONS, batches: int = 6,
-                        batch_size: int = 16, threads: int | None = None, out: str | None = None,
-                        plot: str | None = None, accuracy: bool = False, progress: bool = True, *,
-                        num_taps: int = 8, seed: int = 0, starts: int = 2, cold: bool = True,
-                        weights_dir: str | None = None, group_size: int | None = None,
-                        accuracy_config: dict | None = None, include_unsupported: bool = False,
-                        max_tokens: int | None = -1) -> dict:
+def run_precision_bench(
+    model: str = "smollm2-135m",
+    precisions: Sequence[str] = PRECISIONS,
+    batches: int = 6,
+    batch_size: int = 16,
+    threads: int | None = None,
+    out: str | None = None,
+    plot: str | None = None,
+    accuracy: bool = False,
+    progress: bool = True,
+    *,
+    num_taps: int = 8,
+    seed: int = 0,
+    starts: int = 2,
+    cold: bool = True,
+    weights_dir: str | None = None,
+    group_size: int | None = None,
+    accuracy_config: dict | None = None,
+    include_unsupported: bool = False,
+    max_tokens: int | None = -1,
+) -> dict:
     """Measure every precision in fresh processes; return (and optionally write) the result JSON.
 
     ``precisions`` are run in the order given, fp32 first if present (the reference). bf16 is
@@ -85,7 +108,6 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
     (:attr:`ForwardConfig.max_tokens`; -1: its default, None: whole batches).
     """
     from mobiflower.clients.runtime import ForwardConfig
-
     from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE, normalize_precision, precision_support
     from mobiflower.platform.prepared_weights import ensure_prepared
     from mobiflower.simulations.bench.device import bench_samples
@@ -112,29 +134,56 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
 
     samples = bench_samples(batches, batch_size, seed)
     max_tokens = ForwardConfig.max_tokens if max_tokens == -1 else max_tokens
-    config = {"max_tokens": max_tokens, "model": model, "precisions": run, "batches": batches, "batch_size": batch_size,
-              "samples": len(samples), "timed_batches": max(1, batches - 1),
-              "warmup_batches": 1 if batches > 1 else 0, "num_taps": num_taps, "seed": seed, "threads": threads,
-              "starts": starts, "cold": cold, "group_size": group_size, "weights_dir": weights_dir}
-    _log(f"{', '.join(run)} of {model}: {len(samples)} samples ({batches} batches of {batch_size}), every "
-         "measurement in a fresh process", progress)
+    config = {
+        "max_tokens": max_tokens,
+        "model": model,
+        "precisions": run,
+        "batches": batches,
+        "batch_size": batch_size,
+        "samples": len(samples),
+        "timed_batches": max(1, batches - 1),
+        "warmup_batches": 1 if batches > 1 else 0,
+        "num_taps": num_taps,
+        "seed": seed,
+        "threads": threads,
+        "starts": starts,
+        "cold": cold,
+        "group_size": group_size,
+        "weights_dir": weights_dir,
+    }
+    _log(
+        f"{', '.join(run)} of {model}: {len(samples)} samples ({batches} batches of {batch_size}), every "
+        "measurement in a fresh process",
+        progress,
+    )
     result: dict[str, Any] = {"config": config, "precisions": {}, "skipped": skipped}
     with tempfile.TemporaryDirectory(prefix="mobiflower-bench-precision-") as tmp:
         tmp_path = Path(tmp)
         for precision in run:
             t0 = time.perf_counter()
-            folder = ensure_prepared(model, precision, weights_dir, group_size,
-                                     log=(lambda m: _log(m, progress)) if progress else None)
+            folder = ensure_prepared(
+                model, precision, weights_dir, group_size, log=(lambda m: _log(m, progress)) if progress else None
+            )
             prepare_s = time.perf_counter() - t0
-            spec = {"model": model, "precision": precision, "batch_size": batch_size, "num_taps": num_taps,
-                    "max_tokens": max_tokens,
-                    "threads": threads, "weights_dir": weights_dir, "group_size": group_size,
-                    "samples": [[e.id, e.text, e.label] for e in samples],
-                    "states_path": str(tmp_path / f"{precision}.states.pt")}
-            entry: dict[str, Any] = {"prepared": str(folder), "prepare_s": prepare_s,
-                                     "weights_file_mb": _folder_weights_mb(folder),
-                                     # other work on the machine inflates wall-clock starts: say how busy it was
-                                     "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            spec = {
+                "model": model,
+                "precision": precision,
+                "batch_size": batch_size,
+                "num_taps": num_taps,
+                "max_tokens": max_tokens,
+                "threads": threads,
+                "weights_dir": weights_dir,
+                "group_size": group_size,
+                "samples": [[e.id, e.text, e.label] for e in samples],
+                "states_path": str(tmp_path / f"{precision}.states.pt"),
+            }
+            entry: dict[str, Any] = {
+                "prepared": str(folder),
+                "prepare_s": prepare_s,
+                "weights_file_mb": _folder_weights_mb(folder),
+                # other work on the machine inflates wall-clock starts: say how busy it was
+                "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            }
             if cold:
                 from mobiflower.platform.process_memory import evict_from_page_cache
 
@@ -150,11 +199,14 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
             entry["warm_start_s"] = statistics.median(w["start_to_first_frame_s"] for w in warm)
             entry["warm_start_cpu_s"] = statistics.median(w["start_cpu_s"] for w in warm)
             result["precisions"][precision] = entry
-            _log(f"{precision}: model memory {entry['model_memory_mb']:.0f} MB (peak {entry['peak_rss_mb']:.0f}, "
-                 f"runtime {entry['baseline_rss_mb']:.0f}), {entry['s_per_sample'] * 1000:.1f} ms/sample, "
-                 f"start to first frame {entry['warm_start_s']:.2f} s warm"
-                 + (f", {entry['cold_start_s']:.2f} s cold" if cold else "")
-                 + f" [{time.perf_counter() - t0:.1f} s]", progress)
+            _log(
+                f"{precision}: model memory {entry['model_memory_mb']:.0f} MB (peak {entry['peak_rss_mb']:.0f}, "
+                f"runtime {entry['baseline_rss_mb']:.0f}), {entry['s_per_sample'] * 1000:.1f} ms/sample, "
+                f"start to first frame {entry['warm_start_s']:.2f} s warm"
+                + (f", {entry['cold_start_s']:.2f} s cold" if cold else "")
+                + f" [{time.perf_counter() - t0:.1f} s]",
+                progress,
+            )
         _state_errors(result["precisions"], tmp_path)
         machine = {}
         for entry in result["precisions"].values():
@@ -169,10 +221,15 @@ def run_precision_bench(model: str = "smollm2-135m", precisions: Sequence[str] =
                 result["precisions"][precision]["test_accuracy"] = acc["test_accuracy"]
     result["ratios"] = _ratios(result["precisions"])
     result["acceptance"] = _acceptance(result["ratios"])
-    machine.update({"cpu_count": os.cpu_count(), "bf16_native": support["bf16"]["native"],
-                    "arch": os.uname().machine if hasattr(os, "uname") else sys.platform,
-                    "python": ".".join(map(str, sys.version_info[:3])),
-                    "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None})
+    machine.update(
+        {
+            "cpu_count": os.cpu_count(),
+            "bf16_native": support["bf16"]["native"],
+            "arch": os.uname().machine if hasattr(os, "uname") else sys.platform,
+            "python": ".".join(map(str, sys.version_info[:3])),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        }
+    )
     result["machine"] = machine
     result["support"] = support
 
@@ -228,11 +285,22 @@ def _accuracy(model: str, precisions: Sequence[str], threads: int | None, overri
                 kwargs.setdefault("device_threads", threads)
             t0 = time.perf_counter()
             r = run_local(LocalRunConfig(**kwargs), progress=False)
-            results[precision] = {k: r.get(k) for k in ("test_accuracy", "zero_shot_accuracy", "validation_accuracy",
-                                                        "fingerprint", "device_s_per_sample", "device_peak_rss_mb",
-                                                        "wall_s")}
-            _log(f"{precision}: side-tuned test accuracy {r['test_accuracy']:.4f} "
-                 f"[{time.perf_counter() - t0:.0f} s]", progress)
+            results[precision] = {
+                k: r.get(k)
+                for k in (
+                    "test_accuracy",
+                    "zero_shot_accuracy",
+                    "validation_accuracy",
+                    "fingerprint",
+                    "device_s_per_sample",
+                    "device_peak_rss_mb",
+                    "wall_s",
+                )
+            }
+            _log(
+                f"{precision}: side-tuned test accuracy {r['test_accuracy']:.4f} [{time.perf_counter() - t0:.0f} s]",
+                progress,
+            )
     return results
 
 
@@ -243,7 +311,9 @@ def _ratios(entries: dict) -> dict:
     ratios: dict[str, float | None] = {}
     for p in ("bf16", "int8", "int4"):
         ratios[f"{p}_vs_fp32_model_memory"] = ratio(get(p, "model_memory_mb"), get("fp32", "model_memory_mb"))
-        ratios[f"{p}_vs_fp32_weights_resident"] = ratio(get(p, "weights_resident_mb"), get("fp32", "weights_resident_mb"))
+        ratios[f"{p}_vs_fp32_weights_resident"] = ratio(
+            get(p, "weights_resident_mb"), get("fp32", "weights_resident_mb")
+        )
         ratios[f"{p}_vs_fp32_s"] = ratio(get(p, "s_per_sample"), get("fp32", "s_per_sample"))
     a8, a32 = get("int8", "test_accuracy"), get("fp32", "test_accuracy")
     ratios["int8_vs_fp32_accuracy_points"] = None if a8 is None or a32 is None else (a8 - a32) * 100
@@ -270,26 +340,36 @@ def format_table(result: dict) -> str:
     """A readable table of each precision's memory, speed, start-up and error, then the acceptance checks."""
     cfg = result.get("config", {})
     machine = result.get("machine", {})
-    lines = [f"Backbone weight precision on the device: {cfg.get('model')} - {cfg.get('batches')} batches x "
-             f"{cfg.get('batch_size')} (1 warm-up), at most {cfg.get('max_tokens') or 'all'} tokens per forward, "
-             f"threads {machine.get('threads')}, "
-             f"bf16 native: {machine.get('bf16_native')}", ""]
-    header = (f"{'precision':<10}{'file MB':>9}{'runtime MB':>12}{'peak MB':>9}{'model MB':>10}{'weights res':>13}"
-              f"{'ms/sample':>11}{'start warm':>12}{'cold':>7}{'start cpu':>11}{'state err':>11}{'test acc':>10}"
-              f"  {'forward':<13}")
+    lines = [
+        f"Backbone weight precision on the device: {cfg.get('model')} - {cfg.get('batches')} batches x "
+        f"{cfg.get('batch_size')} (1 warm-up), at most {cfg.get('max_tokens') or 'all'} tokens per forward, "
+        f"threads {machine.get('threads')}, "
+        f"bf16 native: {machine.get('bf16_native')}",
+        "",
+    ]
+    header = (
+        f"{'precision':<10}{'file MB':>9}{'runtime MB':>12}{'peak MB':>9}{'model MB':>10}{'weights res':>13}"
+        f"{'ms/sample':>11}{'start warm':>12}{'cold':>7}{'start cpu':>11}{'state err':>11}{'test acc':>10}"
+        f"  {'forward':<13}"
+    )
     lines += [header, "-" * len(header)]
     for name, e in result.get("precisions", {}).items():
-        lines.append(f"{name:<10}{_fmt(e.get('weights_file_mb'), '.0f'):>9}{_fmt(e.get('baseline_rss_mb'), '.0f'):>12}"
-                     f"{_fmt(e.get('peak_rss_mb'), '.0f'):>9}{_fmt(e.get('model_memory_mb'), '.0f'):>10}"
-                     f"{_fmt(e.get('weights_resident_mb'), '.0f'):>13}"
-                     f"{_fmt(e.get('s_per_sample') and e['s_per_sample'] * 1000, '.1f'):>11}"
-                     f"{_fmt(e.get('warm_start_s')):>12}{_fmt(e.get('cold_start_s')):>7}"
-                     f"{_fmt(e.get('warm_start_cpu_s')):>11}"
-                     f"{_fmt(e.get('state_rel_error_mean'), '.4f'):>11}{_fmt(e.get('test_accuracy'), '.4f'):>10}"
-                     f"  {e.get('forward') or '-':<13}")
-    breakdown = ["", "where model memory goes (MB, at the end of the run) and where the warm start goes (s, median):",
-                 f"{'precision':<10}{'weights':>9}{'code+files':>12}{'anon':>7}{'transient':>11}"
-                 f"{'imports':>10}{'load':>7}{'1st frame':>11}"]
+        lines.append(
+            f"{name:<10}{_fmt(e.get('weights_file_mb'), '.0f'):>9}{_fmt(e.get('baseline_rss_mb'), '.0f'):>12}"
+            f"{_fmt(e.get('peak_rss_mb'), '.0f'):>9}{_fmt(e.get('model_memory_mb'), '.0f'):>10}"
+            f"{_fmt(e.get('weights_resident_mb'), '.0f'):>13}"
+            f"{_fmt(e.get('s_per_sample') and e['s_per_sample'] * 1000, '.1f'):>11}"
+            f"{_fmt(e.get('warm_start_s')):>12}{_fmt(e.get('cold_start_s')):>7}"
+            f"{_fmt(e.get('warm_start_cpu_s')):>11}"
+            f"{_fmt(e.get('state_rel_error_mean'), '.4f'):>11}{_fmt(e.get('test_accuracy'), '.4f'):>10}"
+            f"  {e.get('forward') or '-':<13}"
+        )
+    breakdown = [
+        "",
+        "where model memory goes (MB, at the end of the run) and where the warm start goes (s, median):",
+        f"{'precision':<10}{'weights':>9}{'code+files':>12}{'anon':>7}{'transient':>11}"
+        f"{'imports':>10}{'load':>7}{'1st frame':>11}",
+    ]
     for name, e in result.get("precisions", {}).items():
         b = e.get("memory_breakdown_mb") or {}
         warm = e.get("warm_starts") or []
@@ -298,16 +378,24 @@ def format_table(result: dict) -> str:
             values = [w[key] for w in warm if w.get(key) is not None]
             return statistics.median(values) if values else None
 
-        breakdown.append(f"{name:<10}{_fmt(b.get('weights_resident'), '.0f'):>9}"
-                         f"{_fmt(b.get('code_and_other_files'), '.0f'):>12}{_fmt(b.get('anonymous'), '.0f'):>7}"
-                         f"{_fmt(b.get('transient_at_peak'), '.0f'):>11}{_fmt(med('imports_s')):>10}"
-                         f"{_fmt(med('model_load_s')):>7}{_fmt(med('first_frame_s')):>11}")
+        breakdown.append(
+            f"{name:<10}{_fmt(b.get('weights_resident'), '.0f'):>9}"
+            f"{_fmt(b.get('code_and_other_files'), '.0f'):>12}{_fmt(b.get('anonymous'), '.0f'):>7}"
+            f"{_fmt(b.get('transient_at_peak'), '.0f'):>11}{_fmt(med('imports_s')):>10}"
+            f"{_fmt(med('model_load_s')):>7}{_fmt(med('first_frame_s')):>11}"
+        )
     for name, reason in result.get("skipped", {}).items():
         lines.append(f"{name:<10}skipped: {reason}")
-    lines += ["", "model MB = peak RSS - RSS just before the backbone is loaded; weights res = resident part of the "
-              "memory-mapped weights file;", "start = process spawn to first encoded frame (warm: median, cold: "
-              "backbone files evicted from the page cache); start cpu = CPU seconds the warm start used",
-              *breakdown, "", *acceptance_lines(result, ACCEPTANCE, width=36)]
+    lines += [
+        "",
+        "model MB = peak RSS - RSS just before the backbone is loaded; weights res = resident part of the "
+        "memory-mapped weights file;",
+        "start = process spawn to first encoded frame (warm: median, cold: "
+        "backbone files evicted from the page cache); start cpu = CPU seconds the warm start used",
+        *breakdown,
+        "",
+        *acceptance_lines(result, ACCEPTANCE, width=36),
+    ]
     return "\n".join(lines)
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def _child_main(spec_path: str, result_path: str, launched: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     result = _measure(spec, float(launched))
@@ -86,7 +85,7 @@ def _measure(spec: dict, launched: float) -> dict:
         torch.set_num_threads(int(spec["threads"]))
     examples = [Example(int(i), str(text), int(label)) for i, text, label in spec["samples"]]
     bs = int(spec["batch_size"])
-    batches = [examples[i:i + bs] for i in range(0, len(examples), bs)]
+    batches = [examples[i : i + bs] for i in range(0, len(examples), bs)]
     # as a device app's imports would: the baseline covers the code the device's forward runs
     forward = _import_runtime_code(spec["model"], spec["precision"], spec.get("weights_dir"), spec.get("group_size"))
     imported_at = time.time()
@@ -94,8 +93,13 @@ def _measure(spec: dict, launched: float) -> dict:
     baseline = current_rss_mb()
     parts0 = _rss_parts_mb()
     t0 = time.perf_counter()
-    backbone = Backbone.load(spec["model"], num_taps=int(spec["num_taps"]), weights=spec["precision"],
-                             weights_dir=spec.get("weights_dir"), group_size=spec.get("group_size"))
+    backbone = Backbone.load(
+        spec["model"],
+        num_taps=int(spec["num_taps"]),
+        weights=spec["precision"],
+        weights_dir=spec.get("weights_dir"),
+        group_size=spec.get("group_size"),
+    )
     runtime = DeviceRuntime(backbone, ForwardConfig(batch_size=bs, max_tokens=spec.get("max_tokens")))
     # as a device does with its local data (DeviceSetup.runtime): tokenize it all, then drop the
     # tokenizer before the forward pages the weights in
@@ -111,9 +115,13 @@ def _measure(spec: dict, launched: float) -> dict:
         # CPU seconds of this process up to the first frame: with one thread, about what the start
         # takes on an idle machine (wall time above includes waiting for a busy CPU)
         "start_cpu_s": time.process_time(),
-        "imports_s": imported_at - launched, "model_load_s": load_s, "first_frame_s": time.perf_counter() - t0,
-        "forward": forward, "transformers_imported": "transformers" in sys.modules,
-        "fingerprint": backbone.fingerprint}
+        "imports_s": imported_at - launched,
+        "model_load_s": load_s,
+        "first_frame_s": time.perf_counter() - t0,
+        "forward": forward,
+        "transformers_imported": "transformers" in sys.modules,
+        "fingerprint": backbone.fingerprint,
+    }
     if mode == "start":
         return result
 
@@ -136,16 +144,27 @@ def _measure(spec: dict, launched: float) -> dict:
             "weights_resident": weights_resident,
             "code_and_other_files": parts1["RssFile"] - parts0["RssFile"] - (weights_resident or 0.0),
             "anonymous": parts1["RssAnon"] - parts0["RssAnon"],
-            "transient_at_peak": peak - end_rss}
-    result.update({
-        "baseline_rss_mb": baseline, "rss_after_load_mb": after_load, "rss_after_first_frame_mb": after_first,
-        "peak_rss_mb": peak, "model_memory_mb": peak - baseline,
-        "weights_resident_mb": weights_resident,
-        "s_per_sample": elapsed / n_timed, "samples": n_timed, "precision": backbone.precision,
-        "parameters": backbone.describe()["parameters"],
-        "machine": {"torch": torch.__version__, "transformers": _version("transformers"),
-                    "threads": torch.get_num_threads()},
-    })
+            "transient_at_peak": peak - end_rss,
+        }
+    result.update(
+        {
+            "baseline_rss_mb": baseline,
+            "rss_after_load_mb": after_load,
+            "rss_after_first_frame_mb": after_first,
+            "peak_rss_mb": peak,
+            "model_memory_mb": peak - baseline,
+            "weights_resident_mb": weights_resident,
+            "s_per_sample": elapsed / n_timed,
+            "samples": n_timed,
+            "precision": backbone.precision,
+            "parameters": backbone.describe()["parameters"],
+            "machine": {
+                "torch": torch.__version__,
+                "transformers": _version("transformers"),
+                "threads": torch.get_num_threads(),
+            },
+        }
+    )
     # The tapped states (last real token of every sample, every tapped layer) of the first batch.
     enc = backbone.tokenize([e.prompt for e in batches[0]])
     positions = backbone.feature_positions(enc["attention_mask"])
@@ -189,6 +208,7 @@ def _import_runtime_code(ref: str, precision: str, weights_dir: str | None, grou
         import tokenizers  # noqa: F401
 
         import mobiflower.platform.lean_llama  # noqa: F401
+
         return forward
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
 
