@@ -36,9 +36,8 @@ class ForwardConfig:
     seed: int = 0
     # Memory: at most this many (padded) tokens go through the backbone at once; a batch is
     # forwarded in consecutive pieces, each padded to its own longest text (None: whole batches).
-    # Activations and the heap they leave behind grow with it: on SmolLM2, 256 tokens (about 4-6
-    # short texts) keep the forward's heap near 20 MB (40-70 MB with whole 16-sample batches), at
-    # about 1.1x their time in fp32 / int8 and 1.3x in int4 (which dequantizes per piece).
+    # Activations and the heap they leave behind grow with it; smaller pieces cost some speed,
+    # more in int4 (which dequantizes per piece). RESULTS.md has the measured trade-off.
     # Frames are the same, except that `all` sends each piece's padding.
     max_tokens: int | None = 256
 
@@ -151,7 +150,7 @@ class DeviceRuntime:
             self.backbone.forward_taps(input_ids, mask, on_layer, layers=layers)
             if cfg.max_tokens is not None:
                 # hand the piece's freed activations back: pieces differ in shape, and a heap that
-                # keeps every piece's blocks grows by up to ~10 MB over a frame (measured)
+                # keeps every piece's blocks grows over a frame
                 release_free_heap()
             stats.forward_s += time.perf_counter() - t0
             stats.quantize_s += quantize_s
@@ -203,8 +202,8 @@ class DeviceRuntime:
         """Tokenize all of ``examples`` (e.g. the device's whole partition) now, then drop the
         tokenizer; return how many distinct texts are cached.
 
-        Why: a tokenizer is a large set of small heap objects (SmolLM2's: about 13 MB, and about
-        45 MB more while ``tokenizer.json`` is parsed), needed only to turn text into ids. A
+        Why: a tokenizer is a large set of small heap objects (more while ``tokenizer.json`` is
+        parsed), needed only to turn text into ids. A
         device that tokenizes its local data before the backbone's weights are paged in, and
         then lets the tokenizer go, never holds it next to the weights and the activations.
         """
