@@ -237,3 +237,15 @@ def test_a_process_over_the_cap_is_reported_out_of_memory_not_crashed():
     assert not ok.out_of_memory and ok.returncode == 0 and ok.reason == ""
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_full_step_out_of_memory_at_20gb_passes_the_full_memory_lines():
+    """Issue 16: "<= 0.3x a full fine-tuning step (or full fine-tuning out of memory under a 20 GB cap)"."""
+    from mobiflower.simulations.bench.device import BILLION_ACCEPTANCE, _acceptance
+
+    over = {"device_vs_full_rss": 0.35, "tail_vs_full_rss": 0.2}
+    assert (
+        _acceptance({**over, "full_step_oom_under_20gb": False}, BILLION_ACCEPTANCE)["device_rss_le_0.3x_full"] is False
+    )
+    verdict = _acceptance({**over, "full_step_oom_under_20gb": True}, BILLION_ACCEPTANCE)
+    assert verdict["device_rss_le_0.3x_full"] is True and verdict["tail_rss_le_0.3x_full"] is True
