@@ -38,6 +38,9 @@ class RunProgress:
 
     def __init__(self, file: TextIO | None = None, enabled: bool = True) -> None:
         self.file = file if file is not None else sys.stderr
+        # on stderr, bars only when it is a terminal (a log file or CI gets the lines alone); a file
+        # given explicitly always gets them
+        self.disable = None if file is None else False
         self.enabled = enabled
         self.rounds: tqdm | None = None
         self.samples: tqdm | None = None
@@ -45,7 +48,15 @@ class RunProgress:
 
     def _rounds_bar(self, total: int) -> tqdm:
         if self.rounds is None:
-            self.rounds = tqdm(total=total, desc="rounds", unit="round", file=self.file, position=0, dynamic_ncols=True)
+            self.rounds = tqdm(
+                total=total,
+                desc="rounds",
+                unit="round",
+                file=self.file,
+                position=0,
+                dynamic_ncols=True,
+                disable=self.disable,
+            )
         elif self.rounds.total != total:
             self.rounds.total = total
             self.rounds.refresh()
@@ -69,10 +80,14 @@ class RunProgress:
                     position=1,
                     leave=False,
                     dynamic_ncols=True,
+                    disable=self.disable,
                 )
                 self.round = rnd
             self.samples.update(max(0, landed - self.samples.n))
         elif m := ROUND_DONE.search(line):
+            if self.samples is not None:  # the round's frames have all landed: its samples bar is done
+                self.samples.close()
+                self.samples = None
             bar = self._rounds_bar(int(m.group(2)))
             bar.update(max(0, int(m.group(1)) - bar.n))
         tqdm.write(line.rstrip(), file=self.file)

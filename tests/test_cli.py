@@ -157,7 +157,7 @@ def test_simulate_progress_follows_the_server_log():
     progress("INFO :      [round 1] frames landed for 384/500 samples, 0 training queued")
     assert progress.samples.n == 384
     progress("INFO :      [round 1/3] stream loss 0.6931, server train 3.0 s, wall 9.0 s, up 1.00 MB")
-    assert progress.rounds.n == 1
+    assert progress.rounds.n == 1 and progress.samples is None  # the round is done: its samples bar goes
     progress("INFO :      [round 2] frames landed for 10/500 samples, 0 training queued")
     assert progress.samples.n == 10 and progress.round == 2  # a new round, a new bar
     progress("INFO :      [round 3/3] cache loss 0.40, server train 1.0 s")
@@ -166,6 +166,17 @@ def test_simulate_progress_follows_the_server_log():
     progress.close()
     text = out.getvalue()
     assert "[round 1/3] stream loss" in text and "RAY_ACCEL" not in text
+
+
+def test_progress_bars_only_on_a_terminal_by_default(monkeypatch):
+    """On stderr that is not a terminal (a log file, CI) the lines are printed without bars."""
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    progress = RunProgress()
+    progress("INFO :      SideTuningStrategy: mode=shared family=tail r=8 rounds=3 chunk=64")
+    progress("INFO :      [round 1] frames landed for 128/500 samples, 2 training queued")
+    progress.close()
+    assert "rounds:" not in err.getvalue() and "frames landed for 128/500" in err.getvalue()
 
 
 def test_quiet_progress_prints_nothing():
