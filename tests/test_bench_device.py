@@ -249,3 +249,8 @@ def test_full_step_out_of_memory_at_20gb_passes_the_full_memory_lines():
     )
     verdict = _acceptance({**over, "full_step_oom_under_20gb": True}, BILLION_ACCEPTANCE)
     assert verdict["device_rss_le_0.3x_full"] is True and verdict["tail_rss_le_0.3x_full"] is True
+    from mobiflower.simulations.bench.common import acceptance_lines
+
+    result = {"ratios": {**over, "full_step_oom_under_20gb": True}, "acceptance": verdict}
+    shown = [line for line in acceptance_lines(result, BILLION_ACCEPTANCE) if "device_vs_full_rss" in line]
+    assert shown and shown[0].endswith("PASS (full_step_oom_under_20gb)")

@@ -55,14 +55,18 @@ def write_outputs(
 def acceptance_lines(result: dict, acceptance: dict, width: int = 30) -> list[str]:
     """One line per acceptance check: the measured ratio, the wanted bound, and PASS / FAIL / n/a.
 
-    ``acceptance`` maps a check's name to ``(ratio key, operator, threshold)``; the verdicts are the
-    booleans the benchmark stored under ``result["acceptance"]`` (measured, never asserted).
+    ``acceptance`` maps a check's name to ``(ratio key, operator, threshold)``, optionally with a
+    fourth item: a flag in the ratios that also passes the check (named beside the verdict when it
+    did); the verdicts are the booleans the benchmark stored under ``result["acceptance"]``
+    (measured, never asserted).
     """
     ratios, verdicts = result.get("ratios", {}), result.get("acceptance", {})
     lines = ["Ratios and acceptance"]
-    for name, (key, op, threshold) in acceptance.items():
+    for name, (key, op, threshold, *alternative) in acceptance.items():
         verdict = verdicts.get(name)
         mark = "n/a" if verdict is None else ("PASS" if verdict else "FAIL")
+        if verdict and alternative and ratios.get(alternative[0]):
+            mark += f" ({alternative[0]})"
         value = ratios.get(key)
         shown = "-" if value is None else format(value, ".3g")
         lines.append(f"  {key:<{width}}{shown:>10}   want {op} {threshold:<6g} {mark}")
