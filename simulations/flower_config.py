@@ -86,6 +86,21 @@ def run_config_args(config: Mapping[str, RunConfigValue]) -> list[str]:
     return args
 
 
+def fleet_run_config(
+    devices: int, client_cpus: int, run_config: Mapping[str, RunConfigValue], known: Mapping[str, Any], reader: str
+) -> dict[str, Any]:
+    """The checks every Flower fleet run shares (fleet size, CPUs per device, run-config keys the app
+    declares, ``reader`` naming who reads them); returns the app's defaults with ``run_config`` over them."""
+    if devices < 1:
+        raise ValueError(f"--devices must be at least 1, got {devices}")
+    if client_cpus < 1:
+        raise ValueError(f"--client-cpus must be a whole number >= 1, got {client_cpus}")
+    unknown = sorted(set(run_config) - set(known))
+    if unknown:
+        raise ValueError(f"unknown run-config key(s) {unknown}: {reader} {', '.join(sorted(known))}")
+    return {**known, **run_config}
+
+
 def whole_cpus(client_cpus: float) -> int:
     if client_cpus < 1 or float(client_cpus) != int(client_cpus):
         raise ValueError(

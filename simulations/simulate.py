@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mobiflower.clients.device_setup import DeviceSetup
-from mobiflower.simulations.flower_config import RunConfigValue, app_dir_for_run
+from mobiflower.simulations.flower_config import RunConfigValue, app_dir_for_run, fleet_run_config
 from mobiflower.simulations.flower_run import FlowerRunResult, run_simulation
 from mobiflower.simulations.loopback import LoopbackDeployment
 from mobiflower.simulations.progress import RunProgress, line_printer
@@ -61,16 +61,11 @@ class SimulateConfig:
     run_config: dict[str, RunConfigValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.devices < 1:
-            raise ValueError(f"--devices must be at least 1, got {self.devices}")
-        if self.client_cpus < 1:
-            raise ValueError(f"--client-cpus must be a whole number >= 1, got {self.client_cpus}")
-        known = default_app_config()
-        unknown = sorted(set(self.run_config) - set(known))
-        if unknown:
-            raise ValueError(f"unknown run-config key(s) {unknown}: the app reads {', '.join(sorted(known))}")
-        config = SideTuningConfig.from_run_config({**known, **self.run_config})  # fail here, not inside the ServerApp
-        DeviceSetup.from_configs({**known, **self.run_config}, {"partition-id": 0, "num-partitions": self.devices})
+        merged = fleet_run_config(
+            self.devices, self.client_cpus, self.run_config, default_app_config(), "the app reads"
+        )
+        config = SideTuningConfig.from_run_config(merged)  # fail here, not inside the ServerApp
+        DeviceSetup.from_configs(merged, {"partition-id": 0, "num-partitions": self.devices})
         if config.fleet:
             from mobiflower.simulations.fleet import load_fleet
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from mobiflower.clients.device_setup import DeviceSetup
 from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig
-from mobiflower.simulations.flower_config import RunConfigValue, write_app_dir
+from mobiflower.simulations.flower_config import RunConfigValue, fleet_run_config, write_app_dir
 from mobiflower.simulations.flower_run import run_simulation
 
 SERVERAPP = "mobiflower.simulations.baselines.fed_lora_server_app:app"
@@ -58,15 +58,10 @@ class FedLoraRun:
     run_config: dict[str, RunConfigValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.devices < 1:
-            raise ValueError(f"devices must be at least 1, got {self.devices}")
-        if self.client_cpus < 1:
-            raise ValueError(f"client_cpus must be a whole number >= 1, got {self.client_cpus}")
-        known = default_fed_lora_app_config()
-        unknown = sorted(set(self.run_config) - set(known))
-        if unknown:
-            raise ValueError(f"unknown run-config key(s) {unknown}: the fed-LoRA apps read {', '.join(sorted(known))}")
-        FedLoraConfig.from_run_config({**known, **self.run_config})  # fail here, not inside the ServerApp
+        merged = fleet_run_config(
+            self.devices, self.client_cpus, self.run_config, default_fed_lora_app_config(), "the fed-LoRA apps read"
+        )
+        FedLoraConfig.from_run_config(merged)  # fail here, not inside the ServerApp
 
 
 def run_fed_lora(config: FedLoraRun, out: str | None = None, quiet: bool = True) -> dict[str, Any]:
