@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mobiflower.platform.codec import SUPPORTED_BITS, QuantizedTensor, dequantize, quantize
+from mobiflower.platform.frame_format import HEADER_FIELDS
 from mobiflower.platform.frames import (
     FIELD_NAMES,
     FRAME_VERSION,
@@ -511,17 +512,7 @@ msgpack_values = st.recursive(
 @given(
     key=st.sampled_from(
         [
-            "version",
-            "fingerprint",
-            "layers",
-            "token_policy",
-            "sample_ids",
-            "token_counts",
-            "seq_lengths",
-            "targets",
-            "meta",
-            "payload_bytes",
-            "tensors",
+            *HEADER_FIELDS,
             "tensors.bits",
             "tensors.shape",
             "tensors.packed",

@@ -24,6 +24,7 @@ from test_frames import _raw_map, join, split
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.data import Example
+from mobiflower.platform.frame_format import HEADER_FIELDS
 from mobiflower.platform.frames import FrameLimits, encode_frame
 from mobiflower.platform.intake import FrameIntake, run_limits
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
@@ -206,19 +207,7 @@ def test_free_form_content_beyond_its_bounds_is_refused(live, kind, size, value,
 
 
 # ---- 2. a key given twice -----------------------------------------------------------------------
-FIELDS = [
-    "version",
-    "fingerprint",
-    "layers",
-    "token_policy",
-    "sample_ids",
-    "token_counts",
-    "seq_lengths",
-    "targets",
-    "meta",
-    "payload_bytes",
-    "tensors",
-]
+FIELDS = list(HEADER_FIELDS)  # every top-level header field the format declares
 
 
 @PROPERTY
