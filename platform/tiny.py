@@ -36,22 +36,8 @@ def tiny_config(family: str, hidden: int = 64, layers: int = 4, vocab: int = 260
     from transformers import BertConfig, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
     heads = max(1, hidden // 16)
-    if family == "llama":
-        return LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            max_position_embeddings=512,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=True,
-        )
-    if family == "qwen2":
-        return Qwen2Config(
+    if family in ("llama", "qwen2"):  # the same decoder settings, two config classes
+        return (LlamaConfig if family == "llama" else Qwen2Config)(
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=hidden * 2,
