@@ -13,6 +13,9 @@ arrives; the strategy's timeout must notice), answer it with an error, delay a n
 kill a node (after some more messages: later requests get Flower's ``NODE_UNAVAILABLE`` error
 reply, or nothing when ``silent``).
 
+Any other Flower app runs the same way (:func:`run_app`): the federated LoRA baseline's ServerApp
+with its ClientApp (:func:`run_fed_lora_in_process`, a drop-in for ``run_fed_lora``).
+
 This lives in ``tests/`` and not in the package: it is test scaffolding for the server half and
 nothing a run ships with.
 """
@@ -86,10 +89,13 @@ class InProcessGrid(Grid):
         node_configs: list[dict[str, Any]],
         apps: Mapping[int, ClientApp] | None = None,
         run_id: int = 1,
+        client_app: ClientApp | None = None,
     ) -> None:
         """``node_configs[i]`` is device i's node config (``partition-id`` / ``num-partitions`` are added
-        when absent); ``apps`` replaces the stock ClientApp on some partitions."""
-        from mobiflower.clients.client_app import app as stock
+        when absent); every node runs ``client_app`` (the stock side-tuning one when None), except the
+        partitions ``apps`` gives another."""
+        if client_app is None:
+            from mobiflower.clients.client_app import app as client_app
 
         self._run = Run.create_empty(run_id)
         # Flower stamps every new Message with the process's task identity, as its ServerApp runtime sets it
@@ -102,7 +108,7 @@ class InProcessGrid(Grid):
             context = Context(
                 run_id=run_id, node_id=node_id, node_config=node_config, state=RecordDict(), run_config=dict(run_config)
             )
-            self.nodes[node_id] = Node(app=(apps or {}).get(i, stock), context=context)
+            self.nodes[node_id] = Node(app=(apps or {}).get(i, client_app), context=context)
         self._lock = threading.RLock()  # the strategy's trainer thread asks for residuals while the main one pulls
         self._queued: dict[str, Message] = {}  # pushed, not run yet
         self._ready: dict[str, tuple[float, Message]] = {}  # request id -> (lands at, reply)
@@ -238,6 +244,37 @@ class InProcessGrid(Grid):
         self._ready[request.metadata.message_id] = (landed_at, over_the_wire(reply))
 
 
+def run_app(
+    tmp_path: Path,
+    devices: int,
+    run_config: Mapping[str, Any],
+    *,
+    declared: Mapping[str, Any],
+    server_app: Callable[[Grid, Context], None],
+    client_app: ClientApp | None = None,
+    node_configs: list[dict[str, Any]] | None = None,
+    apps: Mapping[int, ClientApp] | None = None,
+    faults: Callable[[InProcessGrid], None] | None = None,
+) -> tuple[dict[str, Any], InProcessGrid]:
+    """Run ``server_app`` over ``devices`` in-process nodes running ``client_app``; returns (summary, grid).
+
+    The run config is the app's ``declared`` one with ``run_config`` over it (as ``flwr run . -c``
+    would have it); the run folder, where the ServerApp must write ``summary.json``, is
+    ``tmp_path / "run"`` unless ``run-dir`` is given.
+    """
+    import json
+
+    config = {**declared, "run-dir": str(tmp_path / "run"), **run_config}
+    grid = InProcessGrid(config, node_configs or [{} for _ in range(devices)], apps, client_app=client_app)
+    if faults is not None:
+        faults(grid)
+    context = Context(
+        run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=config
+    )
+    server_app(grid, context)
+    return json.loads((Path(config["run-dir"]) / "summary.json").read_text()), grid
+
+
 def run_fleet(
     tmp_path: Path,
     devices: int,
@@ -252,17 +289,54 @@ def run_fleet(
     The run config is pyproject's declared one with ``run_config`` over it (as ``flwr run . -c``
     would have it); the run folder is ``tmp_path / "run"`` unless ``run-dir`` is given.
     """
-    import json
-
     from mobiflower.strategies.server_app import app as server_app
 
     # one torch thread in cached rounds too: the test process shares its cores with the devices it hosts
-    config = {**declared_run_config(), "run-dir": str(tmp_path / "run"), "cache-threads": 1, **run_config}
-    grid = InProcessGrid(config, node_configs or [{} for _ in range(devices)], apps)
-    if faults is not None:
-        faults(grid)
-    context = Context(
-        run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=config
+    declared = {**declared_run_config(), "cache-threads": 1}
+    return run_app(
+        tmp_path,
+        devices,
+        run_config,
+        declared=declared,
+        server_app=server_app,
+        node_configs=node_configs,
+        apps=apps,
+        faults=faults,
     )
-    server_app(grid, context)
-    return json.loads((Path(config["run-dir"]) / "summary.json").read_text()), grid
+
+
+def run_fed_lora_in_process(run: Any) -> dict[str, Any]:
+    """``run_fed_lora`` without ``flwr run``: the fed-LoRA ServerApp over ``run.devices`` in-process
+    fed-LoRA ClientApps, the run config the one ``run_fed_lora`` passes (the apps' declared defaults,
+    the run's values, its run folder and fleet size); returns the summary with the same ``simulation``
+    record. ``run`` is a ``FedLoraRun`` (checked on construction, as for the real runner)."""
+    import tempfile
+
+    from mobiflower.simulations.baselines.fed_lora import default_fed_lora_app_config
+    from mobiflower.simulations.baselines.fed_lora_client_app import app as client_app
+    from mobiflower.simulations.baselines.fed_lora_server_app import app as server_app
+    from mobiflower.simulations.flower_config import COMPLETED
+
+    Path(run.workdir).mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="inprocess-", dir=run.workdir)).resolve()
+    given = str(run.run_config.get("run-dir") or "")
+    run_dir = Path(given).resolve() if given else scratch / "run"
+    t0 = time.perf_counter()
+    summary, grid = run_app(
+        scratch,
+        run.devices,
+        {**run.run_config, "run-dir": str(run_dir), "devices": run.devices},
+        declared=default_fed_lora_app_config(),
+        server_app=server_app,
+        client_app=client_app,
+    )
+    summary["simulation"] = {
+        "devices": run.devices,
+        "client_cpus": run.client_cpus,
+        "run_id": grid.run.run_id,
+        "status": COMPLETED,  # the ServerApp returned: what Flower reports for such a run
+        "wall_s": time.perf_counter() - t0,
+        "run_dir": str(run_dir),
+        "in_process": True,
+    }
+    return summary

@@ -1,8 +1,8 @@
 """``mobiflower bench fleet``: virtual-time arithmetic, time-to-target, verdicts, JSON, CLI errors.
 
-No model runs here: the Flower runs are replaced by injected runners returning synthetic
-summaries shaped like the real ones (the fed-LoRA strategy's and the side-tuning run's), so every
-figure and verdict below is hand-computable.
+The Flower runs are replaced by injected runners returning synthetic summaries shaped like the
+real ones (the fed-LoRA strategy's and the side-tuning run's), so every figure and verdict below is
+hand-computable; one test runs the real fed-LoRA apps (in-process) to check that shape.
 """
 
 from __future__ import annotations
@@ -427,8 +427,11 @@ def test_cli_writes_the_table_json_and_figure(tmp_path, monkeypatch, capsys):
 
 
 def test_a_real_fed_lora_run_on_the_fleet_clock(real_assets, tiny_llama, tmp_path):
-    """The baseline's half for real (tiny random Llama, 2 devices, the pair given): its summary's
-    per-round, per-device record is what the timeline reads, under the ids the fleet maps."""
+    """The baseline's half for real (its ServerApp and ClientApp, in-process: tests/inprocess_grid.py;
+    tiny random Llama, 2 devices, the pair given): its summary's per-round, per-device record is what
+    the timeline reads, under the ids the fleet maps."""
+    from inprocess_grid import run_fed_lora_in_process
+
     from mobiflower.simulations.fleet import load_fleet
 
     settings = FleetBenchSettings(
@@ -443,9 +446,12 @@ def test_a_real_fed_lora_run_on_the_fleet_clock(real_assets, tiny_llama, tmp_pat
         timeout_s=300,
     )
     runners = Runners()
-    result = run_fleet_bench(settings, side_runner=runners.side, log=lambda message: None)
+    result = run_fleet_bench(
+        settings, side_runner=runners.side, fed_lora_runner=run_fed_lora_in_process, log=lambda message: None
+    )
     lora = result["methods"][FED_LORA]
     assert lora["completed"] and lora["status"] == "finished:completed"
+    assert Path(lora["run_dir"]).is_relative_to(tmp_path)  # the bench's workdir, not $MOBIFLOWER_HOME
     profiles = load_fleet("mixed-phones").profiles_for(["device-0", "device-1"])
     summary = json.loads((Path(lora["run_dir"]) / "summary.json").read_text())
     spans = [

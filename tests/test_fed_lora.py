@@ -1,9 +1,10 @@
 """The federated on-device LoRA baseline: Flower's FedAvg over PEFT adapters, in the side-tuning harness.
 
 Unit tests check the strategy's averaging and accounting on hand-made replies and the tuning
-helper's choice; one real Flower simulation (tiny random Llama, bundled data, 2 devices) checks the
-whole app: it completes, averages what the devices sent, counts exactly the bytes that travelled,
-and each device trains on its own, disjoint partition. Accuracy is not the point (random backbone).
+helper's choice; a 2-device run (tiny random Llama, bundled data), in-process and once as a real
+Flower simulation (``slow``), checks the whole app: it completes, averages what the devices sent,
+counts exactly the bytes that travelled, and each device trains on its own, disjoint partition.
+Accuracy is not the point (random backbone).
 """
 
 from __future__ import annotations
@@ -156,7 +157,12 @@ def test_device_refuses_an_adapter_of_another_shape(tiny_llama):
         load_trainable(model, wrong)
 
 
-def test_two_device_fed_lora_simulation(real_assets, tiny_llama, tmp_path):
+@pytest.mark.parametrize("flower", ["in-process", pytest.param("flwr-run", marks=pytest.mark.slow)])
+def test_two_device_fed_lora_simulation(flower, real_assets, tiny_llama, tmp_path):
+    """The whole app, twice: its ServerApp and ClientApp in-process (tests/inprocess_grid.py, seconds),
+    and once for real through ``flwr run`` (the baseline's only one: packaging, run config, Ray)."""
+    from inprocess_grid import run_fed_lora_in_process
+
     from mobiflower.simulations.baselines.fed_lora import FedLoraRun, run_fed_lora
     from mobiflower.simulations.baselines.lora_model import samples_digest
 
@@ -169,12 +175,13 @@ def test_two_device_fed_lora_simulation(real_assets, tiny_llama, tmp_path):
         "batch-size": 8,
         "lora-r": 4,
     }
-    summary = run_fed_lora(
-        FedLoraRun(devices=2, workdir=str(tmp_path), timeout_s=300, run_config=run_config),
-        out=str(tmp_path / "fed.json"),
-    )
-    assert summary["simulation"]["status"] == "finished:completed"
-    assert json.loads((tmp_path / "fed.json").read_text())["final_accuracy"] == summary["final_accuracy"]
+    run = FedLoraRun(devices=2, workdir=str(tmp_path), timeout_s=300, run_config=run_config)
+    if flower == "flwr-run":
+        summary = run_fed_lora(run, out=str(tmp_path / "fed.json"))
+        assert summary["simulation"]["status"] == "finished:completed"
+        assert json.loads((tmp_path / "fed.json").read_text())["final_accuracy"] == summary["final_accuracy"]
+    else:
+        summary = run_fed_lora_in_process(run)
     assert 0.0 <= summary["final_accuracy"] <= 1.0 and summary["final_accuracy_split"] == "test"
 
     adapter = summary["adapter_bytes"]
