@@ -1,20 +1,31 @@
-"""A real Flower deployment on 127.0.0.1: one SuperLink, two SuperNodes, the bundled model and data.
+"""A real Flower deployment on 127.0.0.1: one SuperLink, three SuperNodes, one of them killed mid-run.
 
 Each SuperNode gets its own partition through ``--node-config`` and starts a fresh ClientApp
-process per message, as on a real fleet. The run side-tunes, delivers, and each device scores
-its test split with the side network it installed. Every process is stopped by pid when the
-deployment's context exits, also when an assertion fails.
+process per message, as on a real fleet. Once the fleet is profiled the third SuperNode is
+SIGKILLed: its work must be reported lost, never silently gone, and the other two must side-tune,
+install what the server delivered and score their test splits. One deployment serves every test
+here (starting one costs most of a minute, and Flower takes about as long to notice the dead node);
+every process is stopped by pid when it ends, also when an assertion fails. The backbone is a tiny
+random Llama: what is measured is the deployment, not accuracy (``test_local`` and the benchmarks
+measure that on the bundled model).
 """
 
 from __future__ import annotations
 
-import json
+import os
+import signal
+import threading
 
 import psutil
 import pytest
 
 from mobiflower.platform.pretrained_tail import read_peft_adapter
-from mobiflower.simulations.simulate import SimulateConfig, run_simulate
+from mobiflower.simulations.flower_config import app_dir_for_run
+from mobiflower.simulations.loopback import LoopbackDeployment
+from mobiflower.simulations.simulate import default_app_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_model]
+DEVICES, TRAIN_PER_DEVICE, TEST_PER_DEVICE, CHUNK = 3, 16, 8, 8
 
 
 def _marked(scratch_root) -> list[psutil.Process]:
@@ -30,49 +41,93 @@ def _marked(scratch_root) -> list[psutil.Process]:
     return left
 
 
-@pytest.mark.slow
-@pytest.mark.real_model
-def test_loopback_deployment_side_tunes_and_delivers(real_assets, tmp_path):
-    workdir = (tmp_path / "deploy").resolve()
-    config = SimulateConfig(
-        devices=2,
-        workdir=str(workdir),
-        timeout_s=1200,
-        run_config={
-            "train-samples": 256,
-            "validation-samples": 32,
-            "test-samples": 128,
-            "rounds": 4,  # the default family: the tail
-            "chunk-size": 64,
-            "eval-every": 0,
-            "eval-initial": True,
-            "bits": 8,
-        },
-    )
+@pytest.fixture(scope="module")
+def deployment(real_assets, tiny_llama, tmp_path_factory):
+    """Run the default job (the pretrained tail) once; returns (summary, Flower's traffic, processes left)."""
+    import json
+
+    scratch = tmp_path_factory.mktemp("deploy").resolve()
+    run_dir = scratch / "run"
+    run_config = {
+        "model": tiny_llama,
+        "num-taps": 2,
+        "train-samples": DEVICES * TRAIN_PER_DEVICE,
+        "validation-samples": DEVICES * 4,
+        "test-samples": DEVICES * TEST_PER_DEVICE,
+        "rounds": 2,
+        "chunk-size": CHUNK,
+        "eval-every": 0,
+        "reduction": 4,
+        "bits": 8,
+        "request-timeout": 240.0,
+        "run-dir": str(run_dir),
+    }
+    env = {"MOBIFLOWER_HOME": os.environ["MOBIFLOWER_HOME"]} if "MOBIFLOWER_HOME" in os.environ else {}
+    node_configs = [{"side-network-dir": str(scratch / "devices" / f"node-{i}")} for i in range(DEVICES)]
+    killed = threading.Event()
     try:
-        summary = run_simulate(config, out=str(tmp_path / "deploy.json"), quiet=True, loopback=True)
+        with LoopbackDeployment(scratch, DEVICES, node_configs=node_configs, extra_env=env) as flower:
+            victim = flower.supernodes[-1]
+
+            def on_line(line: str) -> None:  # once the fleet is profiled, the last device dies
+                if "side network(s), mode" in line and not killed.is_set():
+                    os.kill(victim.pid, signal.SIGKILL)
+                    killed.set()
+
+            result = flower.run(
+                app_dir_for_run(scratch, default_app_config()), run_config, on_line=on_line, timeout_s=600
+            )
+            traffic = flower.traffic(result.run_id)
     finally:
-        left = _marked(workdir)
+        left = _marked(scratch)
         for proc in left:
             proc.kill()
+    assert killed.is_set() and result.ok, result.details
+    return json.loads((run_dir / "summary.json").read_text()), traffic, left
+
+
+def _split(summary) -> tuple[list[dict], list[dict]]:
+    devices = list(summary["devices"].values())
+    return [d for d in devices if not d["dropped"]], [d for d in devices if d["dropped"]]
+
+
+def test_every_process_is_stopped_when_the_deployment_ends(deployment):
+    _, _, left = deployment
     assert not left, f"processes left running after the deployment: {[p.pid for p in left]}"
 
-    assert summary["simulation"]["status"] == "finished:completed"
-    devices = summary["devices"]
-    assert len(devices) == 2
-    # Every device installed the network the server sent (same digest), and wrote it to its folder.
-    for name, device in devices.items():
-        assert device["delivered"] == 1, device
-        config, _ = read_peft_adapter(device["delivered_path"])  # a PEFT adapter folder for the stock model
-        assert config.family == "tail" and config.fingerprint.startswith("llama-d576-L30")
-        assert device["test_samples"] == 64 and device["frames"] == 2 and not device["failures"]
-    # Accuracy improved over the untrained side network on the same test samples.
-    assert summary["test_accuracy"] >= summary["initial_test_accuracy"] + 0.1, summary
-    assert summary["test_accuracy"] >= 0.62, summary
-    # Flower's own traffic: the replies it moved (training frames, the test frames the server-side
-    # initial evaluation asked for, small profile/evaluate replies) cost at most 5% more than what the
-    # devices sent.
-    traffic = summary["flower_traffic"]
-    assert traffic["inbound-bytes"] >= summary["bytes_up"] > summary["frame_bytes"]
-    assert traffic["inbound_per_up_byte"] <= 1.05, traffic
-    assert json.loads((tmp_path / "deploy.json").read_text())["flower_traffic"] == traffic
+
+def test_the_live_devices_side_tune_install_the_delivery_and_score_it(deployment):
+    summary, _, _ = deployment
+    alive, _ = _split(summary)
+    assert len(summary["devices"]) == DEVICES and len(alive) == DEVICES - 1
+    for device in alive:  # streamed everything, installed the server's PEFT adapter folder, scored its test split
+        assert device["samples_forwarded"] == TRAIN_PER_DEVICE and device["frames"] == TRAIN_PER_DEVICE // CHUNK
+        assert not device["failures"] and not device["frames_refused"]
+        assert device["delivered"] == 1 and device["test_samples"] == TEST_PER_DEVICE
+        config, _ = read_peft_adapter(device["delivered_path"])
+        assert config.family == "tail" and config.fingerprint.startswith("llama-d64-L4")
+        assert 0.0 <= device["test_accuracy"] <= 1.0
+    assert [r["round"] for r in summary["rounds"]] == [1, 2] and summary["rounds"][1]["phase"] == "cache"
+
+
+def test_a_supernode_killed_mid_run_is_dropped_and_its_work_reported(deployment):
+    summary, _, _ = deployment
+    alive, lost = _split(summary)
+    assert len(lost) == 1
+    dead = lost[0]
+    # every sample it was asked for is forwarded or counted lost; nothing was delivered to it
+    assert dead["samples_forwarded"] + dead["samples_lost"] == TRAIN_PER_DEVICE
+    assert dead["samples_lost"] > 0 and dead["failures"]
+    assert dead.get("delivered", 0) == 0
+    assert summary["frames"] == sum(d["frames"] for d in alive) + dead["frames"]
+
+
+def test_flowers_own_traffic_adds_little_to_what_the_devices_sent(deployment):
+    """What Flower moved from the nodes (training frames, small profile, delivery and evaluate replies) is
+    what the devices sent plus an envelope of at most 2 KB per reply. Each device answers at most a
+    profile, its forward requests, a delivery and a test: on the bundled model's frames that envelope is
+    under 5% of the bytes (RESULTS.md); the tiny model's frames are too small for a ratio to say much."""
+    summary, traffic, _ = deployment
+    replies = DEVICES * (1 + TRAIN_PER_DEVICE // CHUNK + 2)
+    assert traffic["inbound-bytes"] >= summary["bytes_up"] > summary["frame_bytes"] > 0
+    assert traffic["inbound-bytes"] - summary["bytes_up"] <= 2048 * replies, (traffic, summary["bytes_up"])

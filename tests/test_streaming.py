@@ -89,7 +89,7 @@ def test_a_device_that_keeps_failing_is_dropped_and_its_samples_counted_lost(rea
 
 
 def test_a_device_killed_mid_round_is_dropped_and_the_run_goes_on(real_assets, tiny_llama, tmp_path):
-    """The logic of tests/test_faults.py's killed SuperNode, without the deployment: after its profile
+    """The logic of tests/test_deployment.py's killed SuperNode, without the deployment: after its profile
     and two frames the device is gone, and Flower answers for it that the node is unavailable."""
     summary, grid = run_fleet(
         tmp_path, 2, _config(tiny_llama, **{"in-flight": 1}), faults=lambda grid: grid.kill(1, after=3)
