@@ -81,6 +81,7 @@ class DeviceState:
         "failures",
         "dropped",
         "replies_refused",
+        "metrics",  # evaluation bytes, residual requests ...: counted over the whole run
     )
 
     @property

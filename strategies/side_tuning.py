@@ -209,13 +209,13 @@ class SideTuningStrategy(Strategy):
         record["bytes_down"] = sum(u.bytes_down for u in spent.values())
         record["device_forward_s"] = sum(u.busy_s for u in spent.values())
         record["devices"] = {state.devices[n].device_id: u.as_round() for n, u in spent.items()}
+        record["server_rss_mb"] = current_rss_mb()
         state.rounds.append(record)
         save_checkpoint(self.run_dir, rnd, train_wall, job.clock.now, state, job.store, job.intake, cfg)
         if cfg.crash_after_round == rnd:  # fault injection: die as a killed server would, no cleanup
             log(WARNING, "crash-after-round=%d: killing the server process now", rnd)
             os.kill(os.getpid(), signal.SIGKILL)
         val = record.get(f"{cfg.eval_split}_accuracy")
-        record["server_rss_mb"] = current_rss_mb()
         log(
             INFO,
             "[round %d/%d] %s loss %.4f%s, server train %.1f s, wall %.1f s, up %.2f MB, server RSS %.0f MB%s",

@@ -2,7 +2,8 @@
 
 In-process (tests/inprocess_grid.py), the kill is the strategy's own ``crash-after-round`` fault with
 the SIGKILL turned into an exception, so the resumed run can be compared weight by weight with an
-uninterrupted one; the slow test kills a real ``flwr run`` ServerApp process and resumes it.
+uninterrupted one; tests/test_simulation.py's slow test kills a real ``flwr run`` ServerApp process and
+resumes it.
 """
 
 from __future__ import annotations
@@ -89,6 +90,36 @@ def test_a_killed_server_resumes_to_the_same_weights(real_assets, tiny_llama, tm
     assert resumed["test_accuracy"] == whole["test_accuracy"]
 
 
+def _accounting(summary: dict) -> dict:
+    """What a run counted, without what it timed or weighed (seconds, megabytes) or where it ran."""
+
+    def kept(record: dict) -> dict:
+        return {k: v for k, v in record.items() if not k.endswith(("_s", "_mb")) and k not in ("node_id", "devices")}
+
+    return {
+        "devices": {d: kept(v) for d, v in summary["devices"].items()},
+        "rounds": [kept(r) for r in summary["rounds"]],
+        **{k: summary[k] for k in ("test_accuracy", "frames", "frame_bytes", "bytes_up", "bytes_down")},
+    }
+
+
+def test_a_resumed_per_device_run_counts_what_the_uninterrupted_one_does(
+    real_assets, tiny_llama, tmp_path, sigkill_raises
+):
+    """Per-device side networks averaged every 2 rounds, validated on the devices: killed after the averaging
+    round, the resumed run ends with the same accuracy and the same per-device and per-round accounting
+    (evaluation bytes and the other counters a device accrues included)."""
+    per_device = {"mode": "per-device", "aggregate-every": 2, "rounds": 3, "eval-every": 2, "train-samples": 48}
+    whole, _ = run_fleet(tmp_path / "a", 2, _config(tiny_llama, tmp_path / "a" / "run", **per_device))
+    run_dir = tmp_path / "b" / "run"
+    with pytest.raises(ServerKilled):
+        run_fleet(tmp_path / "b", 2, _config(tiny_llama, run_dir, **per_device, **{"crash-after-round": 2}))
+    resumed, _ = run_fleet(tmp_path / "c", 2, _config(tiny_llama, run_dir, **per_device, resume=True))
+    assert resumed["events"] == ["resumed after round 2"] and not whole["events"]
+    assert all(d["eval_bytes_up"] > 0 for d in whole["devices"].values())
+    assert _accounting(resumed) == _accounting(whole)
+
+
 def test_resume_refuses_changed_settings_and_a_missing_checkpoint(real_assets, tiny_llama, tmp_path, sigkill_raises):
     from mobiflower.strategies.side_tuning import FleetError
 
@@ -99,61 +130,3 @@ def test_resume_refuses_changed_settings_and_a_missing_checkpoint(real_assets, t
         run_fleet(tmp_path, 1, _config(tiny_llama, run_dir, **{"crash-after-round": 1, "rounds": 2}))
     with pytest.raises(FleetError, match="lr 0.001 -> 0.002"):
         run_fleet(tmp_path, 1, _config(tiny_llama, run_dir, resume=True, rounds=2, lr=0.002))
-
-
-@pytest.mark.slow
-def test_a_killed_flwr_run_server_resumes_from_its_checkpoint(real_assets, tiny_llama, tmp_path):
-    """A real ServerApp process SIGKILLed after round 2, then a fresh ``flwr run`` with resume.
-
-    Flower marks a run whose ServerApp died as failed only when its heartbeat lapses (30 s, twice), and
-    the dying process's last log lines never reach the stream; an operator who saw the server die stops
-    the run, and so does this test once the round-2 checkpoint is on disk (the kill follows it at once)."""
-    import re
-    import threading
-    import time
-
-    from mobiflower.simulations.flower_config import LOCAL_CONNECTION, app_dir_for_run
-    from mobiflower.simulations.flower_processes import flower_env, free_ports
-    from mobiflower.simulations.flower_run import flwr_json, run_simulation
-    from mobiflower.simulations.simulate import SimulateConfig, default_app_config, run_simulate
-
-    scratch = (tmp_path / "b").resolve()
-    run_dir = scratch / "run"
-    ports = dict(zip(("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"), map(str, free_ports(2))))
-    started: list[str] = []
-    finished = threading.Event()
-
-    def stop_after_the_kill() -> None:
-        state = run_dir / "checkpoint" / "strategy.json"
-        while not finished.wait(0.2):
-            if started and state.exists() and json.loads(state.read_text() or "{}").get("round") == 2:
-                time.sleep(2.0)
-                flwr_json(["stop", started[-1], LOCAL_CONNECTION], {**flower_env(scratch), **ports})
-                return
-
-    watcher = threading.Thread(target=stop_after_the_kill, daemon=True)
-    watcher.start()
-    try:
-        crashed = run_simulation(
-            app_dir_for_run(scratch, default_app_config()),
-            _config(tiny_llama, run_dir, **{"crash-after-round": 2}),
-            num_supernodes=1,
-            client_cpus=2,
-            scratch=scratch,
-            on_line=lambda line: started.extend(re.findall(r"Successfully started run (\d+)", line)),
-            extra_env=ports,  # the same local SuperLink for `flwr stop`
-            timeout_s=600,
-            check=False,
-        )
-    finally:
-        finished.set()
-    assert started and not crashed.ok, crashed.status
-    _check_checkpoint_after_round_2(run_dir)
-    resumed = run_simulate(
-        SimulateConfig(
-            devices=1, client_cpus=2, workdir=str(tmp_path / "c"), run_config=_config(tiny_llama, run_dir, resume=True)
-        ),
-        quiet=True,
-    )
-    _check_resumed(resumed)
-    assert _adapter(run_dir)  # delivered
