@@ -1,9 +1,9 @@
 """A real Flower simulation (``flwr run`` with the Ray engine) of a two-device fleet, and its CLI errors.
 
 The backbone is a tiny random Llama (fast); the data is the bundled corpus. Accuracy is not the
-point here (the deployment test and the benchmarks measure it on the real model): the run must
-complete, train per-device side networks, average them, evaluate on the devices, deliver, and
-account for every byte and second it reports.
+point here (test_local and the benchmarks measure it on the real model): the run must survive its
+ServerApp being killed, resume, train per-device side networks, average them, evaluate on the
+devices, deliver, and account for every byte and second it reports.
 """
 
 from __future__ import annotations
@@ -55,32 +55,86 @@ def test_bad_run_config_fails_before_flower_starts():
     assert proc.returncode == 2 and "mode='federated' is unknown" in proc.stderr
 
 
+def _killed_after_round_2(scratch: Path, run_config: dict) -> None:
+    """A real ``flwr run`` whose ServerApp process SIGKILLs itself after round 2's checkpoint.
+
+    Flower marks a run whose ServerApp died as failed only when its heartbeat lapses (30 s, twice), and
+    the dying process's last log lines never reach the stream; an operator who saw the server die stops
+    the run, and so does this once the round-2 checkpoint is on disk (the kill follows it at once)."""
+    import re
+    import threading
+    import time
+
+    from mobiflower.simulations.flower_config import LOCAL_CONNECTION, app_dir_for_run
+    from mobiflower.simulations.flower_processes import flower_env, free_ports
+    from mobiflower.simulations.flower_run import flwr_json, run_simulation
+
+    state = Path(run_config["run-dir"]) / "checkpoint" / "strategy.json"
+    ports = dict(zip(("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"), map(str, free_ports(2))))
+    started: list[str] = []
+    finished = threading.Event()
+
+    def stop_after_the_kill() -> None:
+        while not finished.wait(0.2):
+            if started and state.exists() and json.loads(state.read_text() or "{}").get("round") == 2:
+                time.sleep(2.0)
+                flwr_json(["stop", started[-1], LOCAL_CONNECTION], {**flower_env(scratch), **ports})
+                return
+
+    threading.Thread(target=stop_after_the_kill, daemon=True).start()
+    try:
+        crashed = run_simulation(
+            app_dir_for_run(scratch, default_app_config()),
+            {**run_config, "crash-after-round": 2},
+            num_supernodes=2,
+            client_cpus=1,
+            scratch=scratch,
+            on_line=lambda line: started.extend(re.findall(r"Successfully started run (\d+)", line)),
+            extra_env=ports,  # the same local SuperLink for `flwr stop`
+            timeout_s=600,
+            check=False,
+        )
+    finally:
+        finished.set()
+    assert started and not crashed.ok, crashed.status
+
+
 @pytest.mark.slow
-def test_simulated_fleet_per_device_with_fedavg(real_assets, tiny_llama, tmp_path):
+def test_simulated_fleet_per_device_with_fedavg_survives_a_killed_server(real_assets, tiny_llama, tmp_path):
+    """Two real ``flwr run`` simulations: the first's ServerApp process is SIGKILLed after round 2 (an
+    averaging round), the second resumes from its checkpoint and finishes. The resumed run must account
+    for every byte, frame and round as an uninterrupted one would (tests/test_resume.py compares the two
+    in-process), so the whole run is checked here on the resumed summary."""
+    run_dir = (tmp_path / "run").resolve()
+    run_config = {
+        "model": tiny_llama,
+        "num-taps": 2,
+        "train-samples": 48,
+        "validation-samples": 16,
+        "test-samples": 16,
+        "mode": "per-device",
+        "aggregate-every": 2,
+        "rounds": 3,
+        "chunk-size": 8,
+        "eval-every": 2,
+        "reduction": 4,
+        "bits": 4,
+        "run-dir": str(run_dir),
+    }
+    _killed_after_round_2((tmp_path / "killed").resolve(), run_config)
+    saved = json.loads((run_dir / "checkpoint" / "strategy.json").read_text())
+    assert not (run_dir / "summary.json").exists() and saved["cached_frames"] == {"device-0": 3, "device-1": 3}
     config = SimulateConfig(
         devices=2,
         client_cpus=1,
         workdir=str(tmp_path / "sim"),
         timeout_s=600,
-        run_config={
-            "model": tiny_llama,
-            "num-taps": 2,
-            "train-samples": 48,
-            "validation-samples": 16,
-            "test-samples": 16,
-            "mode": "per-device",
-            "aggregate-every": 2,
-            "rounds": 3,
-            "chunk-size": 8,
-            "eval-every": 2,
-            "reduction": 4,
-            "bits": 4,
-        },
+        run_config={**run_config, "resume": True},
     )
     summary = run_simulate(config, out=str(tmp_path / "sim.json"), quiet=True)
     assert summary["simulation"]["status"] == "finished:completed"
+    assert summary["events"] == ["resumed after round 2"]
     assert json.loads((tmp_path / "sim.json").read_text())["test_accuracy"] == summary["test_accuracy"]
-    run_dir = Path(summary["simulation"]["run_dir"])
     assert (run_dir / "summary.png").stat().st_size > 0
     assert {p.name for p in (run_dir / "checkpoint").iterdir()} >= {"device-0", "device-1", "store.json"}
 
