@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -190,3 +190,10 @@ def examples_at(examples: list[Example], offset: int, count: int) -> list[Exampl
     if not examples:
         raise DeviceSetupError("this device holds no samples of the requested split")
     return [examples[(offset + i) % len(examples)] for i in range(count)]
+
+
+def device_run_config(names: Iterable[str] | None = None) -> dict[str, Any]:
+    """The run-config keys a device reads (those of fields ``names``, or all), with their defaults: what
+    an app that runs this device declares in ``[tool.flwr.app.config]``."""
+    device = DeviceSetup()
+    return {key: getattr(device, name) for name, key in RUN_CONFIG_KEYS.items() if names is None or name in names}

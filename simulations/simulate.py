@@ -20,30 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mobiflower.clients.device_setup import DeviceSetup
+from mobiflower.clients.device_setup import DeviceSetup, device_run_config
 from mobiflower.simulations.flower_config import RunConfigValue, app_dir_for_run, fleet_run_config
 from mobiflower.simulations.flower_run import FlowerRunResult, run_simulation
 from mobiflower.simulations.loopback import LoopbackDeployment
 from mobiflower.simulations.progress import RunProgress, line_printer
 from mobiflower.strategies.config import SideTuningConfig
 
-_DEVICE_KEYS = {
-    "model": "model",
-    "weights": "weights",
-    "num_taps": "num-taps",
-    "train_samples": "train-samples",
-    "validation_samples": "validation-samples",
-    "test_samples": "test-samples",
-    "partitioning": "partitioning",
-    "dirichlet_alpha": "dirichlet-alpha",
-    "threads": "device-threads",
-}
-
 
 def default_app_config() -> dict[str, RunConfigValue]:
     """Every run-config key the app reads, with its default (devices' and the strategy's)."""
-    device = DeviceSetup()
-    config: dict[str, RunConfigValue] = {key: getattr(device, name) for name, key in _DEVICE_KEYS.items()}
+    config: dict[str, RunConfigValue] = device_run_config()
     config.update(SideTuningConfig().as_dict())
     config["delivery-dir"] = ""
     config["capture-dir"] = ""  # audit: write every reply as it leaves the device (clients.client_app)

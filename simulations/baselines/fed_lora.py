@@ -19,30 +19,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mobiflower.clients.device_setup import DeviceSetup
+from mobiflower.clients.device_setup import device_run_config
 from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig
 from mobiflower.simulations.flower_config import RunConfigValue, fleet_run_config, write_app_dir
 from mobiflower.simulations.flower_run import run_simulation
 
 SERVERAPP = "mobiflower.simulations.baselines.fed_lora_server_app:app"
 CLIENTAPP = "mobiflower.simulations.baselines.fed_lora_client_app:app"
-_DEVICE_KEYS = {
-    "model": "model",
-    "train_samples": "train-samples",
-    "validation_samples": "validation-samples",
-    "test_samples": "test-samples",
-    "partitioning": "partitioning",
-    "dirichlet_alpha": "dirichlet-alpha",
-    "threads": "device-threads",
-}
+# the device fields the fed-LoRA ClientApp reads (it trains the whole fp32 model: no taps, no precision)
+_DEVICE_FIELDS = (
+    "model",
+    "train_samples",
+    "validation_samples",
+    "test_samples",
+    "partitioning",
+    "dirichlet_alpha",
+    "threads",
+)
 DEFAULT_LR_GRID = (1e-4, 5e-4, 1e-3, 2e-3)
 DEFAULT_EPOCH_GRID = (1, 2)
 
 
 def default_fed_lora_app_config() -> dict[str, RunConfigValue]:
     """Every run-config key the fed-LoRA apps read, with its default (devices' keys as in ``simulate``)."""
-    device = DeviceSetup()
-    config: dict[str, RunConfigValue] = {key: getattr(device, name) for name, key in _DEVICE_KEYS.items()}
+    config: dict[str, RunConfigValue] = device_run_config(_DEVICE_FIELDS)
     config.update(FedLoraConfig().as_dict())  # includes seed, batch-size, lr, rounds, run-dir
     return config
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from logging import INFO, WARNING
 from typing import Any, Iterable, Mapping
 
@@ -29,6 +29,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+
+from mobiflower.platform.run_config import as_config, typed_fields
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
@@ -85,20 +87,10 @@ class FedLoraConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedLoraConfig":
         """Read the keys this class declares (kebab case) and ignore the devices' keys."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key in run_config and run_config[key] is not None:
-                default = getattr(cls, f.name)
-                values[f.name] = (
-                    type(default)(run_config[key])
-                    if not isinstance(default, bool)
-                    else str(run_config[key]).strip().lower() in ("1", "true", "yes", "on")
-                )
-        return cls(**values)
+        return cls(**typed_fields(cls, run_config, error=FedLoraConfigError))
 
     def as_dict(self) -> dict[str, bool | int | float | str]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        return as_config(self)
 
     def lr_at(self, server_round: int) -> float:
         """The round's learning rate: cosine from ``lr`` (round 1) towards 0, never reaching it."""
