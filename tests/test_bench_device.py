@@ -4,29 +4,46 @@ the billion-sized mode (weight precisions, training configurations, out-of-memor
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
 
-from mobiflower.simulations.bench.device import ACCEPTANCE, METHODS, WIRE_BITS, WIRE_POLICIES, run_device_bench
+from mobiflower.simulations.bench.device import ACCEPTANCE, METHODS, WIRE_BITS, WIRE_POLICIES
 from mobiflower.simulations.bench.device_report import format_table
+
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory, real_assets):
+    """ONE `mobiflower bench device --precisions fp32,int8` through the CLI for every default-mode test: each
+    run costs a fresh process per method. The precision part skips its start-only processes (warm, cold:
+    `bench precision`'s own test in test_weights.py measures those); what it was called with is kept."""
     from mobiflower.platform.tiny import make_tiny_model
+    from mobiflower.simulations.bench import precision
+    from mobiflower.simulations.cli import main
 
     root = tmp_path_factory.mktemp("bench")
     model = make_tiny_model("llama", root / "llama", hidden=64, layers=2)  # width = one codec group
     out = root / "out" / "bench.json"
-    result = run_device_bench(
-        model=str(model), batches=2, batch_size=4, num_taps=2, threads=1, out=str(out), progress=False, tail_cut=1
-    )
-    return result, out
+    calls = []
+    run_precision_bench = precision.run_precision_bench
+
+    def measure_only(**kwargs):
+        calls.append(kwargs)
+        return run_precision_bench(**{**kwargs, "starts": 0, "cold": False})
+
+    argv = ["bench", "device", "--model", str(model), "--batches", "2", "--batch-size", "4", "--num-taps", "2"]
+    argv += ["--threads", "1", "--precisions", "fp32,int8", "--out", str(out), "--no-progress"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision, "run_precision_bench", measure_only)
+        assert main(argv) == 0
+    return json.loads(out.read_text()), out, calls
 
 
 def test_every_method_measured(bench):
-    result, _ = bench
+    result, _, _ = bench
     assert set(result["methods"]) == set(METHODS)
     for name, m in result["methods"].items():
         assert m["peak_rss_mb"] > 0 and m["s_per_sample"] > 0, name
@@ -37,7 +54,7 @@ def test_every_method_measured(bench):
 
 
 def test_wire_rows_shrink_with_bits(bench):
-    result, _ = bench
+    result, _, _ = bench
     rows = {(w["bits"], w["token_policy"]): w["bytes_per_sample"] for w in result["wire"]}
     assert set(rows) == {(b, p) for b in WIRE_BITS for p in WIRE_POLICIES}
     for policy in WIRE_POLICIES:
@@ -51,7 +68,8 @@ def test_wire_rows_shrink_with_bits(bench):
 
 
 def test_tail_device_stops_at_the_cut_and_sends_every_real_token(bench):
-    result, _ = bench
+    result, _, _ = bench
+    assert result["methods"]["tail_device"]["tail_cut"] == 1  # the default cut: half of the 2 blocks
     tail = result["tail_wire"]
     assert [w["bits"] for w in tail] == [8, 4, 2]
     assert tail[0]["bytes_per_sample"] > tail[1]["bytes_per_sample"] > tail[2]["bytes_per_sample"] > 0
@@ -60,58 +78,32 @@ def test_tail_device_stops_at_the_cut_and_sends_every_real_token(bench):
 
 
 def test_ratios_acceptance_and_outputs(bench):
-    result, out = bench
+    result, out, _ = bench
     assert all(v is not None and v > 0 for v in result["ratios"].values())
     assert set(result["acceptance"]) == set(ACCEPTANCE)
     assert all(isinstance(v, bool) for v in result["acceptance"].values())  # reported, never asserted
-    assert json.loads(out.read_text())["methods"].keys() == result["methods"].keys()
+    assert result["acceptance_set"] == "default"
     png = out.with_suffix(".png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = format_table(result)
+    assert png.read_bytes()[:8] == PNG
+    table = format_table(result)  # from the JSON as written: what a reader of the file gets
     for name in (*METHODS, "fp32", "lora_vs_device_s"):
         assert name in table
 
 
-def test_bench_device_with_weight_precisions(tmp_path, real_assets):
-    """`mobiflower bench device --precisions ...` adds each precision's model memory, speed and start-up."""
-    import json
-
-    from mobiflower.platform.tiny import make_tiny_model
-    from mobiflower.simulations.cli import main
-
-    model = make_tiny_model("llama", tmp_path / "llama", hidden=64, layers=2)
-    out = tmp_path / "out" / "bench.json"
-    assert (
-        main(
-            [
-                "bench",
-                "device",
-                "--model",
-                str(model),
-                "--batches",
-                "2",
-                "--batch-size",
-                "4",
-                "--num-taps",
-                "2",
-                "--threads",
-                "1",
-                "--precisions",
-                "fp32,int8",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    result = json.loads(out.read_text())
-    assert set(result["methods"]) == set(METHODS)
+def test_bench_device_with_weight_precisions(bench):
+    """`--precisions` adds each precision's model memory, speed and start-up to the same JSON, and a PNG."""
+    result, out, calls = bench
+    assert len(calls) == 1 and calls[0]["precisions"] == ["fp32", "int8"]
+    settings = [calls[0][k] for k in ("batches", "batch_size", "num_taps", "threads")]
+    assert settings == [2, 4, 2, 1]  # the device bench's own settings, passed on
+    assert set(result["methods"]) == set(METHODS)  # merged into the device result, not written over it
     weights = result["weight_precisions"]
+    assert list(weights["precisions"]) == ["fp32", "int8"]
     for precision in ("fp32", "int8"):
         e = weights["precisions"][precision]
         assert e["model_memory_mb"] > 0 and e["s_per_sample"] > 0 and e["warm_start_s"] > 0
     assert weights["ratios"]["int8_vs_fp32_model_memory"] > 0
-    assert (tmp_path / "out" / "bench_precisions.png").is_file()
+    assert (out.parent / "bench_precisions.png").read_bytes()[:8] == PNG
 
 
 # ---- billion-sized runs (issue 16): weight precisions, training configurations, a memory cap ----------
@@ -119,33 +111,25 @@ def test_bench_device_with_weight_precisions(tmp_path, real_assets):
 
 @pytest.fixture(scope="module")
 def billion(tmp_path_factory, real_assets):
-    """The issue-16 mode on a tiny OPT: the device from its int4 copy, two training configurations."""
+    """The issue-16 mode on a tiny OPT through the CLI: the device from its int4 copy, two training
+    configurations, a memory cap."""
     from mobiflower.platform.tiny import make_tiny_model
-    from mobiflower.simulations.bench.device import TrainingConfig
 
     root = tmp_path_factory.mktemp("billion")
     model = make_tiny_model("opt", root / "opt", hidden=64, layers=2)
     out = root / "out" / "bench.json"
-    result = run_device_bench(
-        model=str(model),
-        batches=2,
-        batch_size=4,
-        num_taps=2,
-        threads=1,
-        out=str(out),
-        progress=False,
-        tail_cut=1,
-        weights=["int4"],
-        train_configs=[TrainingConfig(4), TrainingConfig(2, 24, 16)],
-        memory_cap_gb=8,
-    )
-    return result, out
+    argv = ["-m", "mobiflower.simulations.cli", "bench", "device", "--model", str(model), "--batches", "2"]
+    argv += ["--batch-size", "4", "--num-taps", "2", "--threads", "1", "--weights", "int4"]
+    argv += ["--train-configs", "4", "2,24,16", "--memory-cap-gb", "8", "--out", str(out), "--no-progress"]
+    run = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    return json.loads(out.read_text()), out, run.stdout
 
 
 def test_billion_mode_measures_each_precision_and_configuration(billion):
     from mobiflower.simulations.bench.device import BILLION_ACCEPTANCE
 
-    result, out = billion
+    result, out, printed = billion
     assert list(result["methods"]) == [
         "mobiflower_device_int4",
         "tail_device_int4",
@@ -175,7 +159,8 @@ def test_billion_mode_measures_each_precision_and_configuration(billion):
     )
     table = format_table(result)
     assert "per training configuration" in table and "int4_device_peak_rss_gb" in table
-    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "per training configuration" in printed  # what the command printed
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG
 
 
 def test_out_of_memory_methods_are_reported_and_bound_the_ratios(billion, tmp_path):
