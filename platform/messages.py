@@ -405,6 +405,18 @@ class ProfileReply:
             }
         )
 
+    @property
+    def device_id(self) -> str:
+        return str(self.description["device-id"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.description["fingerprint"])
+
+    def profile(self) -> dict[str, Any]:
+        """The description and the measurements in one dict (what the server keeps of a device)."""
+        return {**self.description, **self.measurements}
+
 
 @dataclass(frozen=True)
 class ForwardReply:
@@ -415,6 +427,20 @@ class ForwardReply:
 
     def to_content(self) -> RecordDict:
         return RecordDict({FRAME_KEY: frame_record(self.frame), STATS_KEY: metrics(self.stats)})
+
+    @property
+    def samples(self) -> int:
+        return int(self.stats["samples"])
+
+    @property
+    def forward_s(self) -> float:
+        """The backbone's forward alone."""
+        return float(self.stats["forward-s"])
+
+    @property
+    def busy_s(self) -> float:
+        """What the chunk took the device: its forward, quantization and encoding."""
+        return float(self.stats["busy-s"])
 
 
 @dataclass(frozen=True)
@@ -440,6 +466,14 @@ class EvaluateReply:
 
     def to_content(self) -> RecordDict:
         return RecordDict({STATS_KEY: metrics(self.stats)})
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.stats["accuracy"])
+
+    @property
+    def samples(self) -> int:
+        return int(self.stats["samples"])
 
 
 @dataclass(frozen=True)

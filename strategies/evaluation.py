@@ -30,11 +30,11 @@ def weighted_accuracy(replies: Iterable[Message]) -> MetricRecord | None:
     correct = count = 0.0
     for reply in replies:
         try:
-            stats = evaluate_reply(reply)
+            scored = evaluate_reply(reply)
         except ReplyError:
             continue
-        correct += float(stats["accuracy"]) * float(stats["samples"])
-        count += float(stats["samples"])
+        correct += scored.accuracy * float(scored.samples)
+        count += float(scored.samples)
     if count == 0:
         return None
     return MetricRecord({"accuracy": correct / count, "samples": count})
@@ -83,11 +83,11 @@ class Evaluator:
             held = int(dev.profile.get(split, 0))  # the most samples the device can score
             limit = int(max_samples or 0)
             try:
-                stats = evaluate_reply(reply, min(held, limit) if limit else held)
+                scored = evaluate_reply(reply, min(held, limit) if limit else held)
             except Exception as err:  # noqa: BLE001 - a reply that fails its checks counts for nothing
                 dev.refuse(err, f"evaluate ({split})")
                 continue
-            per_device[dev.device_id] = stats
+            per_device[dev.device_id] = dict(scored.stats)
             answered.append(reply)
         agg = weighted_accuracy(answered)
         result = {"accuracy": float(agg["accuracy"]) if agg else float("nan"), "per_device": per_device}
@@ -154,7 +154,8 @@ class Evaluator:
             dev.failures.append(f"{what}: {why(reply)}")
             return None
         try:
-            blob, stats = forward_reply(reply, count)
+            forwarded = forward_reply(reply, count)
+            blob = forwarded.frame
             frame = job.intake.inspect(blob, run_limits(job.side_config, count))
             decoded = decode_for(job.side_config, frame)
         except Refusal as refusal:
@@ -169,7 +170,7 @@ class Evaluator:
         dev.count("eval_bytes_up", len(blob))
         if split == "test":  # a test curve is the benchmark's measurement, not the method's cost
             dev.count("test_curve_bytes_up", len(blob))
-        busy = float(stats["busy-s"])
+        busy = forwarded.busy_s
         if split == "validation":
             dev.busy_s += busy
         return decoded, len(blob), busy

@@ -45,7 +45,7 @@ def take_profiles(replies: dict[int, Reply], state: RunState, frozen_by: dict[st
         try:
             if failed(reply):
                 raise RuntimeError(why(reply))
-            profile, frozen = profile_reply(reply)
+            described = profile_reply(reply)
         except Exception as err:  # noqa: BLE001 - a device that cannot describe itself is left out
             if not isinstance(err, RuntimeError):  # a reply that failed its checks: counted
                 reason = err.reason if isinstance(err, ReplyError) else "profile: unreadable"
@@ -54,16 +54,17 @@ def take_profiles(replies: dict[int, Reply], state: RunState, frozen_by: dict[st
             state.events.append(f"profile of node {node} failed: {err}")
             log(WARNING, "node %s failed its profile and is left out: %s", node, err)
             continue
-        if profile["device-id"] in {d.device_id for n, d in state.devices.items() if n != node}:
+        if described.device_id in {d.device_id for n, d in state.devices.items() if n != node}:
             raise FleetError(
-                f"two SuperNodes claim {profile['device-id']}: give each its own partition-id "
+                f"two SuperNodes claim {described.device_id}: give each its own partition-id "
                 f"(--node-config 'partition-id=<i> num-partitions=<n>')"
             )
+        profile = described.profile()
         dev = DeviceState(
-            node_id=node, device_id=profile["device-id"], profile=profile, train_samples=int(profile["train"])
+            node_id=node, device_id=described.device_id, profile=profile, train_samples=int(profile["train"])
         )
         state.devices[node] = dev
-        frozen_by.setdefault(profile["fingerprint"], frozen)
+        frozen_by.setdefault(described.fingerprint, dict(described.frozen))
         log(
             INFO,
             "device %s (node %s): %s, %d train / %d validation / %d test samples, %.1f samples/s, %.0f MB",

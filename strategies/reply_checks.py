@@ -4,10 +4,11 @@ A device may be buggy or hostile, and its replies steer the run: a profile sizes
 and plans the requests, forward metrics feed the accounting, the virtual clock and the bandwidth
 policy, evaluation metrics weight the fleet's accuracy, residuals become gradients. So every value
 the strategy reads of a reply is checked here for type, range, size and finiteness, and comes back
-as plain Python (or a checked array). A reply that fails raises :class:`ReplyError` naming the
-message and the field; the strategy marks that request failed, counts it per device and reason in
-the run summary, and goes on. Frames themselves are checked by
-:class:`~mobiflower.platform.intake.FrameIntake`.
+as the reply's own dataclass (:class:`~mobiflower.platform.messages.ProfileReply`,
+:class:`~mobiflower.platform.messages.ForwardReply` ...) holding checked values only. A reply that
+fails raises :class:`ReplyError` naming the message and the field; the strategy marks that request
+failed, counts it per device and reason in the run summary, and goes on. Frames themselves are
+checked by :class:`~mobiflower.platform.intake.FrameIntake`.
 """
 
 from __future__ import annotations
@@ -122,8 +123,9 @@ def _metrics(content: RecordDict, kind: str) -> Any:
 
 
 # ---- profile ----------------------------------------------------------------------------------
-def profile_reply(reply: Message) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A ``query.profile`` reply as (the device's description and measurements, its frozen head state)."""
+def profile_reply(reply: Message) -> m.ProfileReply:
+    """A ``query.profile`` reply: the device's checked description and measurements (the entries the
+    strategy reads, as plain values), and its checked frozen head state."""
     kind = "profile"
     content = _content(reply, kind)
     desc = content.config_records.get(m.PROFILE_KEY)
@@ -131,7 +133,7 @@ def profile_reply(reply: Message) -> tuple[dict[str, Any], dict[str, torch.Tenso
         raise ReplyError(kind, m.PROFILE_KEY, f"the reply has no '{m.PROFILE_KEY}' config record")
     stats = _metrics(content, kind)
     num_layers = _number(desc, "num-layers", kind, 1, MAX_LAYERS, integer=True)
-    profile: dict[str, Any] = {
+    description: dict[str, Any] = {
         "device-id": _text(desc, "device-id", kind, 128),
         "fingerprint": _text(desc, "fingerprint", kind, 1024),
         "model": _text(desc, "model", kind),
@@ -142,17 +144,20 @@ def profile_reply(reply: Message) -> tuple[dict[str, Any], dict[str, torch.Tenso
         "norm-eps": _number(desc, "norm-eps", kind, 1e-30, 1.0),
         "activation-cache": _flag(desc, "activation-cache", kind, default=True),
     }
-    for split in ("train", "validation", "test"):
-        profile[split] = _number(stats, split, kind, 0, MAX_SPLIT_SAMPLES, integer=True)
-    profile["forward-samples-per-s"] = _number(stats, "forward-samples-per-s", kind, 0, 1e9)
-    profile["rss-mb"] = _number(stats, "rss-mb", kind, 0, MAX_MB)
+    measurements: dict[str, Any] = {
+        split: _number(stats, split, kind, 0, MAX_SPLIT_SAMPLES, integer=True)
+        for split in ("train", "validation", "test")
+    }
+    measurements["forward-samples-per-s"] = _number(stats, "forward-samples-per-s", kind, 0, 1e9)
+    measurements["rss-mb"] = _number(stats, "rss-mb", kind, 0, MAX_MB)
     for key, hi in (("positive-share", 1.0), ("load-s", MAX_SECONDS), ("peak-rss-mb", MAX_MB)):
         if key in stats:
-            profile[key] = _number(stats, key, kind, 0, hi)
+            measurements[key] = _number(stats, key, kind, 0, hi)
     for key in ("cpu-count", "threads"):
         if key in stats:
-            profile[key] = _number(stats, key, kind, 0, 1 << 20, integer=True)
-    return profile, _frozen(content, kind, int(profile["hidden-size"]))
+            measurements[key] = _number(stats, key, kind, 0, 1 << 20, integer=True)
+    frozen = _frozen(content, kind, int(description["hidden-size"]))
+    return m.ProfileReply(description=description, measurements=measurements, frozen=frozen)
 
 
 def _layers(desc: Any, kind: str, num_layers: int) -> list[int]:
@@ -200,9 +205,10 @@ def _frozen(content: RecordDict, kind: str, hidden: int) -> dict[str, torch.Tens
 
 
 # ---- forward ----------------------------------------------------------------------------------
-def forward_reply(reply: Message, samples: int | None = None) -> tuple[bytes, dict[str, Any]]:
-    """A ``train.forward`` reply as (the frame's bytes, its metrics). ``samples``: what the request
-    asked for, which the reply must say it forwarded; the frame itself is checked by the intake."""
+def forward_reply(reply: Message, samples: int | None = None) -> m.ForwardReply:
+    """A ``train.forward`` reply: the frame's bytes and its metrics (every entry; ``samples``,
+    ``forward-s`` and ``busy-s`` checked). ``samples``: what the request asked for, which the reply
+    must say it forwarded; the frame itself is checked by the intake."""
     kind = "forward"
     if (
         reply.has_error()
@@ -228,28 +234,30 @@ def forward_reply(reply: Message, samples: int | None = None) -> tuple[bytes, di
         blob = m.frame_bytes(record)
     except ValueError as err:
         raise ReplyError(kind, m.FRAME_KEY, str(err)) from None
-    return blob, clean
+    return m.ForwardReply(frame=blob, stats=clean)
 
 
 # ---- evaluate -----------------------------------------------------------------------------------
-def evaluate_reply(reply: Message, max_samples: int = MAX_SPLIT_SAMPLES) -> dict[str, float]:
-    """An ``evaluate`` reply's metrics: accuracy in [0, 1] over 1 to ``max_samples`` samples (what the
-    device holds of the split), and the zero-shot accuracy and peak memory it may add."""
+def evaluate_reply(reply: Message, max_samples: int = MAX_SPLIT_SAMPLES) -> m.EvaluateReply:
+    """An ``evaluate`` reply with checked metrics only: accuracy in [0, 1] over 1 to ``max_samples``
+    samples (what the device holds of the split), the zero-shot accuracy and peak memory it may add
+    (NaN when absent), and the seconds, memory and installed flag it passes along when finite."""
     kind = "evaluate"
     stats = _metrics(_content(reply, kind), kind)
     extra = {k: float(stats[k]) for k in _EVALUATE_EXTRAS if k in stats and math.isfinite(stats[k])}
-    return {
+    checked = {
         **extra,
         "accuracy": _number(stats, "accuracy", kind, 0.0, 1.0),
         "samples": _number(stats, "samples", kind, 1, max(1, max_samples), integer=True),
         "zero-shot-accuracy": _number(stats, "zero-shot-accuracy", kind, 0.0, 1.0, default=math.nan, nan=True),
         "peak-rss-mb": _number(stats, "peak-rss-mb", kind, 0.0, MAX_MB, default=math.nan),
     }
+    return m.EvaluateReply(stats=checked)
 
 
 # ---- residuals (label-private) ------------------------------------------------------------------
-def residual_reply(reply: Message, rows: int, classes: int) -> np.ndarray:
-    """A ``train.residual`` reply's ``p - onehot(y)``: ``[rows, classes]`` floats in [-1, 1], checked
+def residual_reply(reply: Message, rows: int, classes: int) -> m.ResidualReply:
+    """A ``train.residual`` reply's ``p - onehot(y)``: ``[rows, classes]`` float32 in [-1, 1], checked
     before its bytes become an array."""
     kind = "residual"
     record = _content(reply, kind).array_records.get(m.RESIDUAL_KEY)
@@ -272,7 +280,7 @@ def residual_reply(reply: Message, rows: int, classes: int) -> np.ndarray:
         raise ReplyError(kind, m.RESIDUAL_KEY, "holds NaN or infinite values")
     if np.abs(residual).max(initial=0.0) > 1.0 + _RESIDUAL_SLACK:
         raise ReplyError(kind, m.RESIDUAL_KEY, "holds values outside [-1, 1]; a residual is p - onehot(y)")
-    return residual
+    return m.ResidualReply(residual=residual)
 
 
 # ---- delivery -----------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class ResidualOracle:
                 dev.failures.append(f"residual: {why(reply)}")
                 continue
             try:
-                residual = residual_reply(reply, len(rows), int(probs.shape[1]))
+                residual = residual_reply(reply, len(rows), int(probs.shape[1])).residual
             except Exception as err:  # noqa: BLE001 - its rows stay NaN: left out of the step
                 dev.refuse(err, "residual")
                 continue

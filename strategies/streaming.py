@@ -23,7 +23,7 @@ import torch
 from flwr.app import Message
 from flwr.common.logger import log
 
-from mobiflower.platform.messages import CONFIG_KEY, ForwardRequest
+from mobiflower.platform.messages import CONFIG_KEY, ForwardReply, ForwardRequest
 from mobiflower.strategies.fair_queue import FairQueue
 from mobiflower.strategies.frame_policy import FrameChoice
 from mobiflower.strategies.grid_requests import config_bytes, push_tracked
@@ -327,32 +327,29 @@ class StreamingRound:
             self._failed(dev, entry.request, f"error {reply.error.code}: {reply.error.reason}")
             return
         try:
-            blob, stats = forward_reply(reply, entry.request.samples)
+            forwarded = forward_reply(reply, entry.request.samples)
         except Exception as err:  # noqa: BLE001 - a reply that fails its checks is a failed request
             why = dev.refuse(err, "forward", record=False)  # _failed records it
             self._failed(dev, entry.request, f"malformed reply: {why}")
             return
-        reply_bytes = len(blob) + 8 * len(stats)
+        blob = forwarded.frame
+        reply_bytes = len(blob) + 8 * len(forwarded.stats)
         dev.bytes_up += reply_bytes
         dev.frame_bytes += len(blob)
         dev.frames += 1
-        dev.samples_forwarded += int(stats["samples"])
-        dev.forward_s += float(stats["forward-s"])
-        dev.busy_s += float(stats["busy-s"])
-        self.received += int(stats["samples"])
-        landed = self._landed(dev, mid, entry, stats, len(blob), reply_bytes)
+        dev.samples_forwarded += forwarded.samples
+        dev.forward_s += forwarded.forward_s
+        dev.busy_s += forwarded.busy_s
+        self.received += forwarded.samples
+        landed = self._landed(dev, mid, entry, forwarded, reply_bytes)
         self.trainer.raise_failure()
         self.trainer.put(entry.node_id, blob, landed)
         if not self.config.overlap:
             self.trainer.wait_idle()
 
-    def _landed(
-        self, dev: DeviceState, mid: str, entry: _Pending, stats: dict[str, Any], frame_bytes: int, reply_bytes: int
-    ) -> float:
+    def _landed(self, dev: DeviceState, mid: str, entry: _Pending, forwarded: ForwardReply, reply_bytes: int) -> float:
         """A frame landed: when (clock seconds), and what the bandwidth policy learns from it."""
-        landing = self.job.clock.landed(
-            dev.device_id, dev.node_id, mid, float(stats["busy-s"]), reply_bytes, entry.sent_wall
-        )
+        landing = self.job.clock.landed(dev.device_id, dev.node_id, mid, forwarded.busy_s, reply_bytes, entry.sent_wall)
         policy = self.job.policy
         if policy is not None:
             request = entry.request
@@ -360,10 +357,10 @@ class StreamingRound:
             policy.observe(
                 dev.device_id,
                 choice,
-                int(stats["samples"]),
+                forwarded.samples,
                 landing.compute_s,
                 landing.upload_s,
-                frame_bytes,
+                len(forwarded.frame),
                 landing.latency_s,
             )
             if policy.deadline_s > 0 and self.job.clock.since_round_start(landing.at) > policy.deadline_s:

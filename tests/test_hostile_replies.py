@@ -115,8 +115,11 @@ PROFILE_STATS = [
 
 
 def test_an_honest_profile_passes_as_plain_values():
-    profile, frozen = rc.profile_reply(_profile())
-    assert profile["layers"] == [1, 3] and profile["train"] == 32 and profile["hidden-size"] == 64
+    checked = rc.profile_reply(_profile())
+    assert isinstance(checked, m.ProfileReply)
+    desc, measured, frozen = checked.description, checked.measurements, checked.frozen
+    assert desc["layers"] == [1, 3] and measured["train"] == 32 and desc["hidden-size"] == 64
+    assert checked.profile() == {**desc, **measured} and checked.device_id == desc["device-id"]
     assert set(frozen) == {"final_norm.weight"} and frozen["final_norm.weight"].shape == (64,)
 
 
@@ -128,7 +131,7 @@ def test_any_profile_description_is_checked_or_refused_by_field(key, value):
     except (TypeError, ValueError):
         return  # a value Flower itself refuses to carry
     try:
-        profile, _ = rc.profile_reply(reply)
+        profile = rc.profile_reply(reply).description
     except ReplyError as err:
         # a width in bounds that is not the frozen head's (64) is refused where they disagree: the frozen head
         mismatch = key == "hidden-size" and err.field == m.FROZEN_KEY and "1-D and" in str(err)
@@ -148,7 +151,7 @@ def test_any_profile_measurement_is_checked_or_refused_by_field(key, value):
     except (TypeError, ValueError):
         return
     try:
-        profile, _ = rc.profile_reply(reply)
+        profile = rc.profile_reply(reply).measurements
     except ReplyError as err:
         assert err.kind == "profile" and err.field in (key, m.STATS_KEY), err
         return
@@ -197,11 +200,12 @@ def test_any_forward_metric_is_checked_or_refused_by_field(key, value):
     except (TypeError, ValueError):
         return
     try:
-        blob, stats = rc.forward_reply(reply, samples=4)
+        forwarded = rc.forward_reply(reply, samples=4)
+        blob, stats = forwarded.frame, forwarded.stats
     except ReplyError as err:
         assert err.kind == "forward" and err.field in (key, m.STATS_KEY), err
         return
-    assert blob.startswith(b"MBFL") and stats["samples"] == 4
+    assert blob.startswith(b"MBFL") and stats["samples"] == 4 == forwarded.samples
     assert all(0 <= stats[k] <= rc.MAX_SECONDS for k in ("forward-s", "busy-s"))
 
 
@@ -237,7 +241,7 @@ def test_any_evaluation_metric_is_checked_or_refused_by_field(key, value):
     except (TypeError, ValueError):
         return
     try:
-        stats = rc.evaluate_reply(reply, max_samples=8)
+        stats = rc.evaluate_reply(reply, max_samples=8).stats
     except ReplyError as err:
         assert err.kind == "evaluate" and err.field in (key, m.STATS_KEY), err
         return
@@ -261,7 +265,7 @@ def test_any_residual_reply_is_checked_or_refused(rows, classes, dtype, fill, ex
     if extra:
         record["more"] = Array(np.zeros(3, np.float32))
     try:
-        residual = rc.residual_reply(_Reply(RecordDict({m.RESIDUAL_KEY: record})), 3, 2)
+        residual = rc.residual_reply(_Reply(RecordDict({m.RESIDUAL_KEY: record})), 3, 2).residual
     except ReplyError as err:
         assert err.reason == f"residual: {m.RESIDUAL_KEY}", err
         return

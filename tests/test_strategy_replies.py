@@ -29,8 +29,9 @@ def _stats(**kw) -> MetricRecord:
 
 def test_a_complete_forward_reply_yields_its_frame_bytes():
     blob = b"MBFL" + bytes(100)
-    frame, stats = forward_reply(_Reply(RecordDict({m.FRAME_KEY: m.frame_record(blob), m.STATS_KEY: _stats()})))
-    assert frame == blob and stats["samples"] == 4
+    forwarded = forward_reply(_Reply(RecordDict({m.FRAME_KEY: m.frame_record(blob), m.STATS_KEY: _stats()})))
+    assert isinstance(forwarded, m.ForwardReply) and forwarded.frame == blob and forwarded.samples == 4
+    assert (forwarded.forward_s, forwarded.busy_s) == (0.1, 0.2)
 
 
 @pytest.mark.parametrize(
