@@ -13,8 +13,8 @@ arrives; the strategy's timeout must notice), answer it with an error, delay a n
 kill a node (after some more messages: later requests get Flower's ``NODE_UNAVAILABLE`` error
 reply, or nothing when ``silent``).
 
-Any other Flower app runs the same way (:func:`run_app`): the federated LoRA baseline's ServerApp
-with its ClientApp (:func:`run_fed_lora_in_process`, a drop-in for ``run_fed_lora``).
+Any other Flower app runs the same way (:func:`run_app`), and :func:`run_simulation_in_process` stands
+in for ``flwr run`` itself: the federated LoRA baseline's runner, for one, runs its app in-process.
 
 This lives in ``tests/`` and not in the package: it is test scaffolding for the server half and
 nothing a run ships with.
@@ -22,6 +22,7 @@ nothing a run ships with.
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 import tomllib
@@ -305,38 +306,35 @@ def run_fleet(
     )
 
 
-def run_fed_lora_in_process(run: Any) -> dict[str, Any]:
-    """``run_fed_lora`` without ``flwr run``: the fed-LoRA ServerApp over ``run.devices`` in-process
-    fed-LoRA ClientApps, the run config the one ``run_fed_lora`` passes (the apps' declared defaults,
-    the run's values, its run folder and fleet size); returns the summary with the same ``simulation``
-    record. ``run`` is a ``FedLoraRun`` (checked on construction, as for the real runner)."""
-    import tempfile
+def _component(ref: str) -> Any:
+    """``package.module:attribute``, the object it names (what ``flwr run`` loads)."""
+    module, _, attribute = ref.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
-    from mobiflower.simulations.baselines.fed_lora import default_fed_lora_app_config
-    from mobiflower.simulations.baselines.fed_lora_client_app import app as client_app
-    from mobiflower.simulations.baselines.fed_lora_server_app import app as server_app
-    from mobiflower.simulations.flower_config import COMPLETED
 
-    Path(run.workdir).mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="inprocess-", dir=run.workdir)).resolve()
-    given = str(run.run_config.get("run-dir") or "")
-    run_dir = Path(given).resolve() if given else scratch / "run"
+def run_simulation_in_process(
+    app_dir: Path, run_config: Mapping[str, Any], *, num_supernodes: int, scratch: Path, **_: Any
+) -> Any:
+    """A stand-in for ``simulations.flower_run.run_simulation`` (``flwr run`` on the simulation engine):
+    the components the app folder names, resolved as Flower resolves them, over ``num_supernodes``
+    in-process nodes; the folder's declared config with ``run_config`` over it, whose keys must be
+    declared. Returns a completed ``FlowerRunResult``; the ServerApp wrote its summary in ``run-dir``.
+    For any app a runner starts through ``run_simulation`` (monkeypatch it where the runner looks it up)."""
+    from mobiflower.simulations.flower_config import check_run_config
+    from mobiflower.simulations.flower_run import COMPLETED, FlowerRunResult
+
+    check_run_config(app_dir, run_config)
+    app = tomllib.loads((Path(app_dir) / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    server_app, client_app = (_component(app["components"][kind]) for kind in ("serverapp", "clientapp"))
     t0 = time.perf_counter()
-    summary, grid = run_app(
-        scratch,
-        run.devices,
-        {**run.run_config, "run-dir": str(run_dir), "devices": run.devices},
-        declared=default_fed_lora_app_config(),
+    _, grid = run_app(
+        Path(scratch),
+        num_supernodes,
+        run_config,
+        declared=app["config"],
         server_app=server_app,
         client_app=client_app,
     )
-    summary["simulation"] = {
-        "devices": run.devices,
-        "client_cpus": run.client_cpus,
-        "run_id": grid.run.run_id,
-        "status": COMPLETED,  # the ServerApp returned: what Flower reports for such a run
-        "wall_s": time.perf_counter() - t0,
-        "run_dir": str(run_dir),
-        "in_process": True,
-    }
-    return summary
+    return FlowerRunResult(
+        run_id=grid.run.run_id, status=COMPLETED, ok=True, output="", wall_s=time.perf_counter() - t0
+    )

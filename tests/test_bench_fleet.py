@@ -426,12 +426,13 @@ def test_cli_writes_the_table_json_and_figure(tmp_path, monkeypatch, capsys):
     assert json.loads(out.read_text())["tuning"]["mode"] == "given" and out.with_suffix(".png").exists()
 
 
-def test_a_real_fed_lora_run_on_the_fleet_clock(real_assets, tiny_llama, tmp_path):
-    """The baseline's half for real (its ServerApp and ClientApp, in-process: tests/inprocess_grid.py;
-    tiny random Llama, 2 devices, the pair given): its summary's per-round, per-device record is what
-    the timeline reads, under the ids the fleet maps."""
-    from inprocess_grid import run_fed_lora_in_process
+def test_a_real_fed_lora_run_on_the_fleet_clock(real_assets, tiny_llama, tmp_path, monkeypatch):
+    """The baseline's half for real through its own runner (its ServerApp and ClientApp; ``flwr run`` is
+    the in-process stand-in of tests/inprocess_grid.py; tiny random Llama, 2 devices, the pair given): its
+    summary's per-round, per-device record is what the timeline reads, under the ids the fleet maps."""
+    from inprocess_grid import run_simulation_in_process
 
+    from mobiflower.simulations.baselines import fed_lora
     from mobiflower.simulations.fleet import load_fleet
 
     settings = FleetBenchSettings(
@@ -445,10 +446,9 @@ def test_a_real_fed_lora_run_on_the_fleet_clock(real_assets, tiny_llama, tmp_pat
         workdir=str(tmp_path),
         timeout_s=300,
     )
+    monkeypatch.setattr(fed_lora, "run_simulation", run_simulation_in_process)
     runners = Runners()
-    result = run_fleet_bench(
-        settings, side_runner=runners.side, fed_lora_runner=run_fed_lora_in_process, log=lambda message: None
-    )
+    result = run_fleet_bench(settings, side_runner=runners.side, log=lambda message: None)
     lora = result["methods"][FED_LORA]
     assert lora["completed"] and lora["status"] == "finished:completed"
     assert Path(lora["run_dir"]).is_relative_to(tmp_path)  # the bench's workdir, not $MOBIFLOWER_HOME

@@ -157,13 +157,13 @@ def test_device_refuses_an_adapter_of_another_shape(tiny_llama):
         load_trainable(model, wrong)
 
 
-@pytest.mark.parametrize("flower", ["in-process", pytest.param("flwr-run", marks=pytest.mark.slow)])
-def test_two_device_fed_lora_simulation(flower, real_assets, tiny_llama, tmp_path):
-    """The whole app, twice: its ServerApp and ClientApp in-process (tests/inprocess_grid.py, seconds),
-    and once for real through ``flwr run`` (the baseline's only one: packaging, run config, Ray)."""
-    from inprocess_grid import run_fed_lora_in_process
+def test_two_device_fed_lora_simulation(real_assets, tiny_llama, tmp_path, monkeypatch):
+    """The whole baseline through its runner, ``run_fed_lora``: the app folder it writes, the run config it
+    passes, the summary it reads back and writes out; ``flwr run`` itself is the in-process stand-in
+    (tests/inprocess_grid.py), the side-tuning app's tests run the real one."""
+    from inprocess_grid import run_simulation_in_process
 
-    from mobiflower.simulations.baselines.fed_lora import FedLoraRun, run_fed_lora
+    from mobiflower.simulations.baselines import fed_lora
     from mobiflower.simulations.baselines.lora_model import samples_digest
 
     run_config = {
@@ -175,13 +175,11 @@ def test_two_device_fed_lora_simulation(flower, real_assets, tiny_llama, tmp_pat
         "batch-size": 8,
         "lora-r": 4,
     }
-    run = FedLoraRun(devices=2, workdir=str(tmp_path), timeout_s=300, run_config=run_config)
-    if flower == "flwr-run":
-        summary = run_fed_lora(run, out=str(tmp_path / "fed.json"))
-        assert summary["simulation"]["status"] == "finished:completed"
-        assert json.loads((tmp_path / "fed.json").read_text())["final_accuracy"] == summary["final_accuracy"]
-    else:
-        summary = run_fed_lora_in_process(run)
+    monkeypatch.setattr(fed_lora, "run_simulation", run_simulation_in_process)
+    run = fed_lora.FedLoraRun(devices=2, workdir=str(tmp_path), timeout_s=300, run_config=run_config)
+    summary = fed_lora.run_fed_lora(run, out=str(tmp_path / "fed.json"))
+    assert summary["simulation"]["status"] == "finished:completed"
+    assert json.loads((tmp_path / "fed.json").read_text())["final_accuracy"] == summary["final_accuracy"]
     assert 0.0 <= summary["final_accuracy"] <= 1.0 and summary["final_accuracy_split"] == "test"
 
     adapter = summary["adapter_bytes"]
