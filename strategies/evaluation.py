@@ -17,7 +17,7 @@ from flwr.common.logger import log
 
 from mobiflower.platform import messages as m
 from mobiflower.platform.intake import Refusal, run_limits
-from mobiflower.platform.messages import DeliverRequest, EvaluateRequest, ForwardRequest
+from mobiflower.platform.messages import DeliverRequest, EvaluateReply, EvaluateRequest, ForwardRequest
 from mobiflower.platform.trainer import DecodedFrame, decode_for, evaluate_network
 from mobiflower.strategies.grid_requests import Reply, config_bytes, failed, request_all, why
 from mobiflower.strategies.job import Job
@@ -27,14 +27,21 @@ from mobiflower.strategies.streaming import forward_message, forward_request
 
 def weighted_accuracy(replies: Iterable[Message]) -> MetricRecord | None:
     """Sample-weighted accuracy over the evaluate replies that pass their checks (None: none did)."""
-    correct = count = 0.0
+    scored = []
     for reply in replies:
         try:
-            scored = evaluate_reply(reply)
+            scored.append(evaluate_reply(reply))
         except ReplyError:
             continue
-        correct += scored.accuracy * float(scored.samples)
-        count += float(scored.samples)
+    return _weighted(scored)
+
+
+def _weighted(scored: Iterable[EvaluateReply]) -> MetricRecord | None:
+    """Sample-weighted accuracy of checked evaluate replies (None: there are none)."""
+    correct = count = 0.0
+    for reply in scored:
+        correct += reply.accuracy * float(reply.samples)
+        count += float(reply.samples)
     if count == 0:
         return None
     return MetricRecord({"accuracy": correct / count, "samples": count})
@@ -88,8 +95,8 @@ class Evaluator:
                 dev.refuse(err, f"evaluate ({split})")
                 continue
             per_device[dev.device_id] = dict(scored.stats)
-            answered.append(reply)
-        agg = weighted_accuracy(answered)
+            answered.append(scored)
+        agg = _weighted(answered)  # each reply checked once, against what its device holds
         result = {"accuracy": float(agg["accuracy"]) if agg else float("nan"), "per_device": per_device}
         log(
             INFO,
