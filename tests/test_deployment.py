@@ -21,6 +21,7 @@ import pytest
 
 from mobiflower.platform.pretrained_tail import read_peft_adapter
 from mobiflower.simulations.flower_config import app_dir_for_run
+from mobiflower.simulations.flower_processes import MARKER_VAR
 from mobiflower.simulations.loopback import LoopbackDeployment
 from mobiflower.simulations.simulate import default_app_config
 
@@ -33,7 +34,7 @@ def _marked(scratch_root) -> list[psutil.Process]:
     left = []
     for proc in psutil.process_iter(["pid"]):
         try:
-            marker = proc.environ().get("MOBIFLOWER_FLOWER_SCRATCH", "")
+            marker = proc.environ().get(MARKER_VAR, "")
         except (psutil.Error, OSError):
             continue
         if marker.startswith(str(scratch_root)) and proc.status() != psutil.STATUS_ZOMBIE:
