@@ -11,6 +11,7 @@ misses) is retried ``max-retries`` times, then the device is dropped for the res
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 import time
@@ -217,7 +218,9 @@ class StreamingRound:
         state.stream.slowest_device_s += max(per_device_s.values())
         state.stream.train_s += trainer.train_s
         n = sum(c for _, c in trainer.losses)
-        loss = sum(value * count for value, count in trainer.losses) / n if n else float("nan")
+        # fsum: exactly rounded whatever order the devices' frames were trained in, so a rerun or a resumed
+        # run reports the same loss
+        loss = math.fsum(value * count for value, count in trainer.losses) / n if n else float("nan")
         job.clock.end_round()
         return {
             "loss": loss,
