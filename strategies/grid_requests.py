@@ -32,6 +32,24 @@ def failed(reply: Reply) -> bool:
     return isinstance(reply, str) or reply.has_error()
 
 
+class PollBackoff:
+    """How long to sleep between pulls: ``first`` right after a reply landed, doubling while none does, up
+    to ``cap``. Each pull is a call to the SuperLink, so waiting on a slow or dead device must not poll
+    it hard; after a reply the next may follow at once (a label-private step waits on this)."""
+
+    def __init__(self, first: float = 0.001, cap: float = 0.05) -> None:
+        self.first, self.cap, self.current = first, cap, first
+
+    def reset(self) -> None:
+        """A reply landed: the next wait is short again."""
+        self.current = self.first
+
+    def sleep(self, landed: bool) -> None:
+        """Sleep before the next pull; ``landed``: whether the last pull brought a reply."""
+        self.current = self.first if landed else min(self.cap, self.current * 2)
+        time.sleep(self.current)
+
+
 def push_tracked(grid: Grid, messages: list[Message]) -> tuple[dict[str, Message], list[Message]]:
     """Push; return ({message id: message} for those Flower took, [messages it refused])."""
     if not messages:
@@ -71,7 +89,7 @@ def request_all(grid: Grid, messages: Iterable[Message], timeout: float, window:
         sent_at.update({mid: now for mid in pushed})
 
     fill()
-    wait = 0.001  # poll fast at first (a label-private step waits on this), then back off to 50 ms
+    backoff = PollBackoff()
     while taken:
         landed = False
         for reply in grid.pull_messages(list(taken)):
@@ -84,6 +102,5 @@ def request_all(grid: Grid, messages: Iterable[Message], timeout: float, window:
             out[taken.pop(mid).metadata.dst_node_id] = f"no reply within {timeout:.0f} s"
         fill()
         if taken:
-            wait = 0.001 if landed else min(0.05, wait * 2)
-            time.sleep(wait)
+            backoff.sleep(landed)
     return out

@@ -27,7 +27,7 @@ from flwr.common.logger import log
 from mobiflower.platform.messages import CONFIG_KEY, ForwardReply, ForwardRequest
 from mobiflower.strategies.fair_queue import FairQueue
 from mobiflower.strategies.frame_policy import FrameChoice
-from mobiflower.strategies.grid_requests import config_bytes, push_tracked
+from mobiflower.strategies.grid_requests import PollBackoff, config_bytes, push_tracked
 from mobiflower.strategies.job import Job
 from mobiflower.strategies.reply_checks import forward_reply
 from mobiflower.strategies.run_state import DeviceState, FleetError
@@ -175,6 +175,7 @@ class StreamingRound:
         total = sum(r.samples for plan in self.plans.values() for r in plan)
         self.trainer.start()
         last_log = time.perf_counter()
+        backoff = PollBackoff(first=0.002, cap=0.2)  # a device's forward takes seconds: 0.2 s late is little
         while self.pending or self._work_left():
             self.trainer.raise_failure()
             if not self.pending:
@@ -184,8 +185,9 @@ class StreamingRound:
             if not replies:
                 self._expire()
                 self._top_up()
-                time.sleep(0.02)
+                backoff.sleep(landed=False)
                 continue
+            backoff.reset()
             for reply in replies:
                 self._take(reply)
             self._top_up()
