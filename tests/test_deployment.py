@@ -47,7 +47,12 @@ def deployment(real_assets, tiny_llama, tmp_path_factory):
     """Run the default job (the pretrained tail) once; returns (summary, Flower's traffic, processes left)."""
     import json
 
+    from mobiflower.platform.prepared_weights import ensure_prepared
+
     scratch = tmp_path_factory.mktemp("deploy").resolve()
+    # int8 devices read a prepared, memory-mapped copy (built here once, as `mobiflower assets` does for the
+    # bundled model): each message's fresh ClientApp process then starts without importing transformers
+    ensure_prepared(tiny_llama, "int8")
     run_dir = scratch / "run"
     run_config = {
         "model": tiny_llama,
@@ -60,6 +65,7 @@ def deployment(real_assets, tiny_llama, tmp_path_factory):
         "eval-every": 0,
         "reduction": 4,
         "bits": 8,
+        "weights": "int8",
         "request-timeout": 240.0,
         "run-dir": str(run_dir),
     }
@@ -106,7 +112,7 @@ def test_the_live_devices_side_tune_install_the_delivery_and_score_it(deployment
         assert not device["failures"] and not device["frames_refused"]
         assert device["delivered"] == 1 and device["test_samples"] == TEST_PER_DEVICE
         config, _ = read_peft_adapter(device["delivered_path"])
-        assert config.family == "tail" and config.fingerprint.startswith("llama-d64-L4")
+        assert config.family == "tail" and config.fingerprint.startswith("llama-d64-L4-int8-")
         assert 0.0 <= device["test_accuracy"] <= 1.0
     assert [r["round"] for r in summary["rounds"]] == [1, 2] and summary["rounds"][1]["phase"] == "cache"
 
