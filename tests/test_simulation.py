@@ -18,6 +18,15 @@ import pytest
 from mobiflower.simulations.simulate import SimulateConfig, default_app_config, run_simulate
 
 
+def _one_actor() -> int:
+    """Every CPU Ray will see (its own count, cgroup quotas included) to each virtual device: Ray starts
+    one ClientApp actor, which serves both devices in turn as a few actors serve a large simulated fleet
+    (each actor costs a process start and its imports)."""
+    from ray._private.utils import get_num_cpus
+
+    return int(get_num_cpus())
+
+
 def test_pyproject_declares_the_apps_defaults():
     """`flwr run .` (pyproject) and `mobiflower simulate` (package defaults) run the same job."""
     import tomllib
@@ -87,7 +96,7 @@ def _killed_after_round_2(scratch: Path, run_config: dict) -> None:
             app_dir_for_run(scratch, default_app_config()),
             {**run_config, "crash-after-round": 2},
             num_supernodes=2,
-            client_cpus=1,
+            client_cpus=_one_actor(),
             scratch=scratch,
             on_line=lambda line: started.extend(re.findall(r"Successfully started run (\d+)", line)),
             extra_env=ports,  # the same local SuperLink for `flwr stop`
@@ -126,7 +135,7 @@ def test_simulated_fleet_per_device_with_fedavg_survives_a_killed_server(real_as
     assert not (run_dir / "summary.json").exists() and saved["cached_frames"] == {"device-0": 3, "device-1": 3}
     config = SimulateConfig(
         devices=2,
-        client_cpus=1,
+        client_cpus=_one_actor(),
         workdir=str(tmp_path / "sim"),
         timeout_s=600,
         run_config={**run_config, "resume": True},
