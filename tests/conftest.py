@@ -34,12 +34,6 @@ def pytest_configure(config):
             link.symlink_to(source, target_is_directory=source.is_dir())
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """Slow and real-model tests first (stable otherwise): their files go to the workers first, so the
-    longest runs, mostly waiting on Flower processes, overlap the fast tier instead of trailing it."""
-    items.sort(key=lambda item: not any(item.get_closest_marker(m) for m in ("slow", "real_model")))
-
-
 def pytest_unconfigure(config):
     saved = getattr(config, "_mobiflower_home", None)
     if saved is None:
