@@ -190,7 +190,7 @@ def _overflow(kind: str, size: int, value):
     value=free_values,
     where=st.sampled_from(["meta", "targets"]),
 )
-# found by a CI run: a filler that keeps the header under its bound but pushes the whole frame past its own
+# found under `pytest -n 3`: a filler that keeps the header under its bound but pushes the whole frame past its own
 @example(
     kind="length", size=1778, value={"\U00010000": None, "": -2147483649, "0": "00\x80\x80\x80\U00010000"}, where="meta"
 )
