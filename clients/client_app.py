@@ -150,7 +150,7 @@ def forward(msg: Message, context: Context) -> Message:
         token_policy=request.token_policy,
         batch_size=request.batch_size,
         seed=request.codec_seed,
-        targets="none" if _label_private(context) else "class",
+        targets="none" if _label_private(context) else "task",
     )
     layers = list(request.layers) if request.layers is not None else None
     runtime = setup.runtime(forward_config)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -21,6 +21,7 @@ from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.data import Example, Splits, partition, partition_like, task_samples
 from mobiflower.platform.run_config import typed_fields
+from mobiflower.platform.tasks import Task, TaskConfig
 
 _BACKBONES: dict[tuple, Backbone] = {}
 _SPLITS: dict[tuple, Splits] = {}
@@ -68,6 +69,7 @@ class DeviceSetup:
     # most padded tokens one forward pass runs: the device's activation memory (node config
     # ``max-tokens``; 0 = whole request batches); see ForwardConfig.max_tokens
     max_tokens: int = ForwardConfig.max_tokens or 0
+    task_config: TaskConfig = field(default_factory=TaskConfig)  # the run config's task keys
 
     @classmethod
     def from_configs(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> "DeviceSetup":
@@ -81,7 +83,7 @@ class DeviceSetup:
         # little memory), run fewer blocks or cap its forward's tokens (an empty value leaves the run's)
         own = typed_fields(cls, node_config, only=NODE_CONFIG_FIELDS, error=DeviceSetupError)
         own = {k: v for k, v in own.items() if v != ""}
-        setup = cls(**{**shared, **own})
+        setup = cls(**{**shared, **own}, task_config=TaskConfig.from_run_config(run_config))
         if not 0 <= setup.partition_id < setup.num_partitions:
             raise DeviceSetupError(
                 f"partition-id={setup.partition_id} must be in [0, num-partitions={setup.num_partitions})"
@@ -102,6 +104,10 @@ class DeviceSetup:
         if setup.backbone_layers < 0:
             raise DeviceSetupError(f"backbone-layers={setup.backbone_layers} must be >= 1 (0 = the whole model)")
         return setup
+
+    @property
+    def task(self) -> Task:
+        return self.task_config.build()
 
     @property
     def device_id(self) -> str:
@@ -129,8 +135,8 @@ class DeviceSetup:
         key = (self.model, self.weights, self.num_taps, self.backbone_layers)
         cache, done = _TOKENS.setdefault(key, ({}, set()))
         config = dataclasses.replace(config or ForwardConfig(), max_tokens=self.max_tokens or None)
-        runtime = DeviceRuntime(backbone, config, device_id=self.device_id, tokens=cache)
-        data_key = self._data_key()
+        runtime = DeviceRuntime(backbone, config, device_id=self.device_id, tokens=cache, task=self.task)
+        data_key = (self._data_key(), self.task_config)
         if data_key not in done:
             data = self.data()
             runtime.pretokenize(list(data.train) + list(data.validation) + list(data.test))

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from mobiflower.clients.runtime import select_tokens
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import dequantize, quantize
-from mobiflower.platform.data import LABEL_NAMES, VERBALIZERS, Example, format_prompt
 from mobiflower.platform.precision import precision_from_fingerprint
 from mobiflower.platform.pretrained_tail import is_peft_adapter, lora_deltas, read_peft_adapter, stock_state, tail_cut
 from mobiflower.platform.side_networks import (
@@ -31,6 +30,7 @@ from mobiflower.platform.side_networks import (
     make_side_batch,
     read_side_network_config,
 )
+from mobiflower.platform.tasks import Example, task_of_config
 
 
 class LocalClassifier:
@@ -47,7 +47,8 @@ class LocalClassifier:
         self.backbone = backbone
         self.net = net.eval()
         self.match_training_precision = match_training_precision
-        self._verbalizers = backbone.verbalizer_ids(VERBALIZERS) if backbone.is_decoder else None
+        self.task = task_of_config(cfg.extra)
+        self._verbalizers = backbone.verbalizer_ids(self.task.verbalizers) if backbone.is_decoder else None
 
     @classmethod
     def load(
@@ -118,21 +119,21 @@ class LocalClassifier:
         results = []
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
-            side, _ = self.logits([format_prompt(t) for t in chunk])
+            side, _ = self.logits([self.task.render(t) for t in chunk])
             probs = side.softmax(-1)
             for text, p in zip(chunk, probs):
                 label = int(p.argmax())
-                results.append({"text": text, "label": LABEL_NAMES[label], "probability": float(p[label])})
+                results.append({"text": text, "label": self.task.labels[label], "probability": float(p[label])})
         return results
 
     def evaluate(self, examples: Sequence[Example], batch_size: int = 16, progress=None) -> dict[str, float]:
         """Accuracy of the side network and of the zero-shot prompt on labelled examples."""
         correct = zs_correct = 0
         start_t = time.perf_counter()
-        examples = sorted(examples, key=lambda e: len(e.prompt))  # less padding per batch; accuracy is order-free
+        examples = sorted(examples, key=lambda e: len(e.text))  # less padding per batch; accuracy is order-free
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            side, zero_shot = self.logits([e.prompt for e in chunk])
+            side, zero_shot = self.logits([self.task.render(e.text) for e in chunk])
             labels = torch.as_tensor([e.label for e in chunk])
             correct += int((side.argmax(-1) == labels).sum())
             if zero_shot is not None:
@@ -175,6 +176,7 @@ class TailClassifier(LocalClassifier):
             )
         deltas, head = lora_deltas(config, tensors)
         self.config = config
+        self.task = task_of_config(config.extra)
         self.backbone = backbone
         self.backbone_tag = ""
         self.layers = [total - 1]

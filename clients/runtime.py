@@ -5,7 +5,9 @@ forward runs under ``torch.inference_mode``. Each tapped block's output is reduc
 the loss needs and quantized inside the block's forward hook, so the full-width state of a layer
 is dropped as soon as the next block starts, and the forward stops after the last tapped block
 (no final norm, no vocabulary logits). Raw text and token ids never leave: a frame carries
-quantized states, sample ids and the loss targets only.
+quantized states, sample ids and the loss targets the task needs (a class id per sample, or for
+causal-LM the next token id of every scored position: those ids are the sample's own text, see
+the README's wire table).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import torch
 
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import SUPPORTED_BITS, QuantizedTensor, concatenate, default_group_size, quantize
-from mobiflower.platform.data import Example
 from mobiflower.platform.frames import TOKEN_POLICIES, Frame, encode_frame
 from mobiflower.platform.process_memory import release_free_heap
+from mobiflower.platform.tasks import ClassificationTask, Encoded, Example, Task, join_segments
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class ForwardConfig:
     rotation: str = "hadamard"
     token_policy: str = "last"
     batch_size: int = 16
-    targets: str = "class"  # "class" (label per sample), "tokens" (next-token ids) or "none"
+    targets: str = "task"  # "task" (what the device's task trains on) or "none" (label-private: kept on the device)
     seed: int = 0
     # Memory: at most this many (padded) tokens go through the backbone at once; a batch is
     # forwarded in consecutive pieces, each padded to its own longest text (None: whole batches).
@@ -54,10 +56,8 @@ class ForwardConfig:
             raise ValueError(f"batch_size={self.batch_size} must be at least 1")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be at least 1 (or None for whole batches)")
-        if self.targets not in ("class", "tokens", "none"):
-            raise ValueError(f"targets={self.targets!r} must be 'class', 'tokens' or 'none'")
-        if self.targets == "tokens" and self.token_policy == "last":
-            raise ValueError("next-token targets need token_policy 'nonpad' or 'all', not 'last'")
+        if self.targets not in ("task", "none"):
+            raise ValueError(f"targets={self.targets!r} must be 'task' or 'none'")
 
 
 @dataclass
@@ -95,10 +95,12 @@ class DeviceRuntime:
         config: ForwardConfig | None = None,
         device_id: str = "device-0",
         tokens: dict[str, list[int]] | None = None,
+        task: Task | None = None,
     ):
         self.backbone = backbone
         self.config = config or ForwardConfig()
         self.device_id = device_id
+        self.task: Task = task or ClassificationTask()
         # token ids by text (Backbone.token_ids): what the device needs of its tokenizer once its
         # data is tokenized; the runtimes of one device (one per message) may share one
         self.tokens: dict[str, list[int]] = tokens if tokens is not None else {}
@@ -119,20 +121,21 @@ class DeviceRuntime:
         layers = list(layers) if layers is not None else list(self.backbone.layers)
         if not examples:
             raise ValueError("a frame needs at least one sample")
+        if cfg.targets == "task" and self.task.targets == "tokens" and cfg.token_policy == "last":
+            raise ValueError("next-token targets need token_policy 'nonpad' or 'all', not 'last'")
         parts: dict[int, list[QuantizedTensor]] = {layer: [] for layer in layers}
         token_counts: list[int] = []
         seq_lengths: list[int] = []
-        token_targets: list[int] = []
         stats = ForwardStats()
-        ids = self.token_ids(examples)
+        encoded = self.encode_samples(examples)
         # shortest first: a batch is padded to its longest text, so similar lengths together waste fewer
         # forward positions (the frame lists its samples in this order; sample ids say which is which)
-        order = sorted(range(len(examples)), key=lambda i: len(ids[i]))
-        examples, ids = [examples[i] for i in order], [ids[i] for i in order]
+        order = sorted(range(len(examples)), key=lambda i: len(encoded[i].ids))
+        examples, encoded = [examples[i] for i in order], [encoded[i] for i in order]
         pieces = [
             piece
             for start in range(0, len(examples), cfg.batch_size)
-            for piece in self._pieces(ids[start : start + cfg.batch_size], cfg.max_tokens)
+            for piece in self._pieces([e.ids for e in encoded[start : start + cfg.batch_size]], cfg.max_tokens)
         ]
         for input_ids, mask in pieces:
             lengths = mask.sum(dim=1)
@@ -156,21 +159,13 @@ class DeviceRuntime:
             stats.quantize_s += quantize_s
             seq_lengths += lengths.tolist()
             if cfg.token_policy == "last":
-                counts = [1] * len(mask)
+                token_counts += [1] * len(mask)
             elif cfg.token_policy == "nonpad":
-                counts = lengths.tolist()
+                token_counts += lengths.tolist()
             else:
-                counts = [mask.shape[1]] * len(mask)
-            token_counts += counts
-            if cfg.targets == "tokens":
-                for i in range(len(mask)):
-                    nxt = input_ids[i, 1 : counts[i]].tolist() + [-100]
-                    real = int(lengths[i])
-                    token_targets += [t if j < real - 1 else -100 for j, t in enumerate(nxt)]
-        if cfg.targets == "class":
-            targets: dict[str, Any] = {"kind": "class", "values": [int(e.label) for e in examples], "num_classes": 2}
-        elif cfg.targets == "tokens":
-            targets = {"kind": "tokens", "values": token_targets}
+                token_counts += [mask.shape[1]] * len(mask)
+        if cfg.targets == "task":
+            targets: dict[str, Any] = self.task.frame_targets(examples, encoded, token_counts)
         else:
             targets = {"kind": "none"}
         frame = Frame(
@@ -189,14 +184,34 @@ class DeviceRuntime:
         stats.frame_bytes = frame.nbytes()
         return frame, stats
 
-    def token_ids(self, examples: Sequence[Example]) -> list[list[int]]:
-        """Each example's token ids (:meth:`Backbone.token_ids`), from this runtime's cache; texts
-        not seen before are tokenized (loading the tokenizer if it was released) and kept."""
+    def encode_samples(self, examples: Sequence[Example]) -> list[Encoded]:
+        """Each example as the task makes it: token ids (and which the loss scores), from this runtime's
+        cache of segment ids; texts not seen before are tokenized (loading the tokenizer if it was
+        released) and kept."""
+        task = self.task
+        if task.name == "classification":  # one prompt, truncated on the left to the backbone's length
+            texts = [task.render(e.text) for e in examples]
+            ids = self._cached_ids(texts, self.backbone.token_ids, "")
+            return [Encoded(x[: task.max_length]) for x in ids]
+        render_chat = self.backbone.chat_renderer() if any(e.messages for e in examples) else None
+        segments = [task.segments(e, render_chat) for e in examples]
+        ids = self._cached_ids(
+            [text for segs in segments for text, _ in segs], self.backbone.segment_ids, "\x00segment:"
+        )
+        out, at = [], 0
+        for segs in segments:
+            out.append(join_segments([(ids[at + i], scored) for i, (_, scored) in enumerate(segs)], task.max_length))
+            at += len(segs)
+        return out
+
+    def _cached_ids(self, texts: Sequence[str], tokenize, kind: str) -> list[list[int]]:
+        """Ids of ``texts`` by ``tokenize``, cached under ``kind + text`` (a prompt truncated as a whole and
+        an untruncated segment of the same text are different entries)."""
         cache = self.tokens
-        missing = list(dict.fromkeys(e.prompt for e in examples if e.prompt not in cache))
+        missing = list(dict.fromkeys(t for t in texts if kind + t not in cache))
         if missing:
-            cache.update(zip(missing, self.backbone.token_ids(missing)))
-        return [cache[e.prompt] for e in examples]
+            cache.update(zip([kind + t for t in missing], tokenize(missing)))
+        return [cache[kind + t] for t in texts]
 
     def pretokenize(self, examples: Sequence[Example], release_tokenizer: bool = True) -> int:
         """Tokenize all of ``examples`` (e.g. the device's whole partition) now, then drop the
@@ -208,7 +223,7 @@ class DeviceRuntime:
         then lets the tokenizer go, never holds it next to the weights and the activations.
         """
         if examples:
-            self.token_ids(examples)
+            self.encode_samples(examples)
         if release_tokenizer:
             self.backbone.release_tokenizer()
         return len(self.tokens)

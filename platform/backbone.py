@@ -16,6 +16,7 @@ import gc
 import json
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -260,6 +261,30 @@ class Backbone:
         """Each text's ids, truncated as :meth:`tokenize` truncates them, unpadded (pad with
         :attr:`pad_token_id` on the right to get :meth:`tokenize`'s rows)."""
         return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def segment_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's ids with no special tokens and no truncation: the pieces a causal-LM sample is
+        joined from (:func:`mobiflower.platform.tasks.join_segments` cuts the whole)."""
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def chat_renderer(self):
+        """The tokenizer's chat template as ``(messages, add_generation_prompt) -> text`` (None: it has
+        none). Rendered by transformers' own ``apply_chat_template`` (loaded from the model folder)."""
+        from transformers import AutoTokenizer  # only for chat samples: the lean path never needs it
+
+        folder = Path(self.weights_path or getattr(self.model, "name_or_path", "") or self.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder.parent if folder.is_file() else folder))
+        except (OSError, ValueError):
+            return None
+        if not getattr(tokenizer, "chat_template", None):
+            return None
+
+        def render(messages, add_generation_prompt: bool) -> str:
+            chat = [{"role": role, "content": content} for role, content in messages]
+            return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+        return render
 
     def feature_positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Index of the token a classifier reads: the last real token (decoders) or the first (encoders)."""

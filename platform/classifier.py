@@ -14,6 +14,8 @@ import logging
 import warnings
 from typing import Sequence
 
+from mobiflower.platform.tasks import BUNDLED_TASK
+
 DEFAULT_WEIGHT_DECAY = {"lora": 0.0, "full": 0.01}
 EVAL_BATCH_SIZE = 32
 
@@ -138,12 +140,12 @@ def classifier_accuracy(
     was_training = model.training
     model.eval()
     # Sorting by length wastes less padding; accuracy does not depend on the order.
-    ordered = sorted(examples, key=lambda e: len(e.prompt))
+    ordered = sorted(examples, key=lambda e: len(e.text))
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(ordered), batch_size):
             batch = ordered[start : start + batch_size]
-            enc = encode(tokenizer, [e.prompt for e in batch], max_length)
+            enc = encode(tokenizer, [BUNDLED_TASK.render(e.text) for e in batch], max_length)
             logits = model(**enc).logits
             labels = torch.tensor([int(e.label) for e in batch])
             correct += int((logits.argmax(dim=-1) == labels).sum())
@@ -155,7 +157,7 @@ def train_step(model, tokenizer, batch: Sequence, params, optimizer, max_length:
     """One supervised step on ``batch``: forward with labels, backward, clip at 1.0, step; the loss."""
     import torch
 
-    enc = encode(tokenizer, [e.prompt for e in batch], max_length)
+    enc = encode(tokenizer, [BUNDLED_TASK.render(e.text) for e in batch], max_length)
     labels = torch.tensor([int(e.label) for e in batch])
     loss = model(**enc, labels=labels).loss
     loss.backward()

@@ -1,4 +1,4 @@
-"""The bundled classification task: Rotten Tomatoes snippets, splits and device partitions.
+"""The bundled sentiment data: Rotten Tomatoes snippets, splits and device partitions.
 
 Labels: 0 = negative ("rotten"), 1 = positive ("fresh"). Every example keeps a stable integer id
 (its row among the labelled rows of the corpus), so frames can name samples without carrying text.
@@ -17,27 +17,10 @@ from typing import Sequence
 
 import numpy as np
 
-PROMPT = "Review: {text}\nSentiment (positive or negative):"
-"""Prompt every method shares, so zero-shot, side-tuning and baselines see the same input."""
+from mobiflower.platform.tasks import Example
+
 LABEL_NAMES = ("negative", "positive")
-VERBALIZERS = (" negative", " positive")
-"""Continuations whose next-token logits give the zero-shot prediction."""
 _CATEGORY_TO_LABEL = {"rotten": 0, "fresh": 1}
-
-
-@dataclass(frozen=True)
-class Example:
-    id: int
-    text: str
-    label: int
-
-    @property
-    def prompt(self) -> str:
-        return format_prompt(self.text)
-
-
-def format_prompt(text: str) -> str:
-    return PROMPT.format(text=text.strip())
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,16 @@
 The device forwards its frozen blocks below a *cut* and sends the output of block ``cut - 1`` for
 every real token (token policy ``nonpad``). The server holds a copy of blocks ``cut ..`` and the
 final norm, loaded from the same public weights, wraps them with PEFT LoRA and trains the LoRA
-weights plus a linear head on the last real token. Unlike the ladder and adapter families it
+weights plus, for classification, a linear head on the last real token; for causal-LM the tail ends
+in the backbone's frozen LM head (public weights too, tied to the embeddings in SmolLM2), scored on
+the positions the frame's targets name. Unlike the ladder and adapter families it
 starts from pretrained knowledge (DESIGN.md section 1).
 
 What travels and what is saved is only the trainable part (LoRA A/B and the head): the frozen
 blocks are the public weights, which the server loads itself and the device already has. The
 delivered form is a PEFT adapter for the stock ``AutoModelForSequenceClassification`` (layer
-indices of the whole model, the head as ``score``): :func:`save_peft_adapter`.
+indices of the whole model, the head as ``score``), or for ``AutoModelForCausalLM`` (LoRA only):
+:func:`save_peft_adapter`.
 
 Flower-free, like the rest of the core; the device uses only the export helpers and
 :func:`lora_deltas` (its local inference applies the adapter to its own upper blocks).
@@ -24,14 +27,17 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from mobiflower.platform.frame_format import IGNORE_INDEX
 from mobiflower.platform.side_networks import SideBatch, SideNetworkConfig, SideNetworkError
 
 TAIL_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3")
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix of the stock sequence classifier's modules
 HEAD_FILE = "mobiflower_tail.json"  # beside the PEFT files: what mobiflower needs to run the adapter
+LM_HEAD_KEY = "lm_head.weight"  # the public weights' output embeddings, for a causal-LM tail
 
 
 def tail_cut(config: SideNetworkConfig) -> int:
@@ -64,16 +70,15 @@ def check_tail_config(config: SideNetworkConfig) -> None:
         )
     if config.token_policy not in ("nonpad", "all"):
         raise SideNetworkError("the pretrained tail's attention reads every real token: use token policy 'nonpad'")
-    if config.head != "classification":
-        raise SideNetworkError("the pretrained tail trains a classification head: use head 'classification'")
     if config.lora_rank < 1 or config.lora_alpha <= 0:
         raise SideNetworkError(f"LoRA rank {config.lora_rank} and alpha {config.lora_alpha} must be positive")
 
 
-def tail_weights(model: nn.Module, cut: int) -> dict[str, torch.Tensor]:
+def tail_weights(model: nn.Module, cut: int, lm_head: bool = False) -> dict[str, torch.Tensor]:
     """The public weights the server's tail needs: blocks ``cut ..`` and the final norm, keyed as in the
-    base model (``layers.15.self_attn.q_proj.weight``, ``norm.weight``), float32, no copies kept alive
-    of the rest of ``model``. (Stored in bfloat16 for a bf16-autocast server they trained slower in a
+    base model (``layers.15.self_attn.q_proj.weight``, ``norm.weight``), plus ``lm_head.weight`` (the
+    output embeddings) when ``lm_head``; float32, no copies kept alive of the rest of ``model``. (Stored
+    in bfloat16 for a bf16-autocast server they trained slower in a
     whole run here, though faster in isolation: RESULTS.md.)"""
     base = model.base_model
     keep = {}
@@ -83,6 +88,8 @@ def tail_weights(model: nn.Module, cut: int) -> dict[str, torch.Tensor]:
                 keep[name] = tensor.detach().float().clone()
         elif name.startswith("norm."):
             keep[name] = tensor.detach().float().clone()
+    if lm_head:
+        keep[LM_HEAD_KEY] = model.get_output_embeddings().weight.detach().float().clone()
     if not any(k.startswith("norm.") for k in keep):
         raise SideNetworkError(
             f"{type(base).__name__} has no final norm named 'norm': the pretrained tail runs "
@@ -124,10 +131,10 @@ def resolve_cut(ref: str, cut: int = 0) -> int:
     return default_cut(int(AutoConfig.from_pretrained(resolve_model(ref)).num_hidden_layers))
 
 
-def load_tail_weights(ref: str, cut: int = 0) -> PublicTail:
+def load_tail_weights(ref: str, cut: int = 0, lm_head: bool = False) -> PublicTail:
     """The public checkpoint of ``ref`` (the bundled name, a folder or a hub id) in float32: the tail's
-    blocks ``cut ..`` (0: :func:`default_cut`), the final norm, the backbone config and the weights'
-    fingerprint."""
+    blocks ``cut ..`` (0: :func:`default_cut`), the final norm (and with ``lm_head`` the LM head), the
+    backbone config and the weights' fingerprint."""
     from mobiflower.platform.backbone import BackboneIdentity
     from mobiflower.platform.checkpoint import load_checkpoint, weights_digest
 
@@ -142,7 +149,7 @@ def load_tail_weights(ref: str, cut: int = 0) -> PublicTail:
     identity = BackboneIdentity(
         str(config["model_type"]), int(config["hidden_size"]), total, "float32", weights_digest(model)
     )
-    weights = tail_weights(model, cut)
+    weights = tail_weights(model, cut, lm_head)
     del model
     return PublicTail(ref, cut, config, weights, identity.fingerprint)
 
@@ -234,10 +241,11 @@ def _tail_base(config: SideNetworkConfig, frozen: Mapping[str, torch.Tensor]) ->
 
 
 class PretrainedTailNetwork(nn.Module):
-    """Blocks ``cut ..`` of the backbone with PEFT LoRA, the frozen final norm, a linear head.
+    """Blocks ``cut ..`` of the backbone with PEFT LoRA, the frozen final norm, and a linear head
+    (classification) or the frozen LM head (causal-LM).
 
     Its ``state_dict`` holds the trainable tensors only (LoRA A/B, ``head.weight``): checkpoints, tail
-    averages, FedAvg and delivery move those; the frozen blocks come from the public weights.
+    averages, FedAvg and delivery move those; the frozen blocks and LM head come from the public weights.
     """
 
     def __init__(self, config: SideNetworkConfig, frozen: Mapping[str, torch.Tensor]):
@@ -255,7 +263,16 @@ class PretrainedTailNetwork(nn.Module):
             bias="none",
         )
         self.tail = get_peft_model(base, lora)
-        self.head = nn.Linear(config.hidden_size, config.num_classes, bias=False)
+        if config.head == "lm":
+            if LM_HEAD_KEY not in frozen:
+                raise SideNetworkError(
+                    "a causal-LM tail needs the backbone's LM head: load the public weights with "
+                    "load_tail_weights(ref, cut, lm_head=True)"
+                )
+            self.head = None
+            self.register_buffer("lm_head", frozen[LM_HEAD_KEY], persistent=False)  # shared, never copied
+        else:
+            self.head = nn.Linear(config.hidden_size, config.num_classes, bias=False)
         self._trainable = {n for n, p in self.named_parameters() if p.requires_grad}
 
     def check(self, batch: SideBatch) -> None:
@@ -272,6 +289,10 @@ class PretrainedTailNetwork(nn.Module):
         self.check(batch)
         out = self.tail(inputs_embeds=batch.states[0], attention_mask=batch.mask.long(), use_cache=False)
         hidden = out.last_hidden_state
+        if self.head is None:  # causal-LM: vocabulary logits of the scored positions only ([N, vocab])
+            if batch.targets is not None:
+                hidden = hidden[batch.targets != IGNORE_INDEX]
+            return F.linear(hidden, self.lm_head.to(hidden.dtype))
         feature = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.feature_index]
         return self.head(feature)
 
@@ -326,11 +347,12 @@ def save_peft_adapter(
     base_model: str = "",
     dtype: torch.dtype = torch.float16,
 ) -> Path:
-    """Write the trained tail as a PEFT adapter folder for ``AutoModelForSequenceClassification``.
+    """Write the trained tail as a PEFT adapter folder for ``AutoModelForSequenceClassification`` (head
+    ``classification``) or ``AutoModelForCausalLM`` (head ``lm``).
 
     ``adapter_config.json`` + ``adapter_model.safetensors`` (LoRA on blocks ``cut ..`` with the whole
-    model's layer indices, the head as ``score``) load with ``PeftModel.from_pretrained`` onto the stock
-    transformers model; ``mobiflower_tail.json`` adds the side-network config. ``dtype`` (fp16 by
+    model's layer indices, a classifier's head as ``score``) load with ``PeftModel.from_pretrained`` onto
+    the stock transformers model; ``mobiflower_tail.json`` adds the side-network config. ``dtype`` (fp16 by
     default) is what travels: the adapter is tiny, and half precision halves it again.
     """
     from peft import LoraConfig
@@ -342,7 +364,7 @@ def save_peft_adapter(
     cut, total = tail_cut(config), _total_layers(config)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in stock_state(config, state).items()}
     lora = LoraConfig(
-        task_type="SEQ_CLS",
+        task_type="CAUSAL_LM" if config.head == "lm" else "SEQ_CLS",
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
@@ -381,8 +403,9 @@ def read_peft_adapter(directory: str | Path) -> tuple[SideNetworkConfig, dict[st
 
 def lora_deltas(
     config: SideNetworkConfig, tensors: Mapping[str, torch.Tensor]
-) -> tuple[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """From an adapter's stock-named tensors: ``{(block, 'self_attn.q_proj'): (A, B)}`` and the head weight.
+) -> tuple[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """From an adapter's stock-named tensors: ``{(block, 'self_attn.q_proj'): (A, B)}`` and the head weight
+    (None for a causal-LM adapter: its head is the backbone's own LM head).
 
     What a device needs to apply the adapter to its own upper blocks (any weight precision):
     ``y = base(x) + (alpha / r) * x A^T B^T``.
@@ -399,7 +422,7 @@ def lora_deltas(
             raise SideNetworkError(f"unexpected adapter tensor {key!r}")
         module = ".".join(parts[2:-2])
         pairs.setdefault((int(parts[1]), module), {})[parts[-2]] = tensor
-    if head is None:
+    if head is None and config.head != "lm":
         raise SideNetworkError("the adapter has no head ('score.weight'): was it written by save_peft_adapter?")
     out = {}
     for where, pair in pairs.items():

@@ -426,12 +426,12 @@ def build_side_network(
 
 
 def side_network_loss(logits: torch.Tensor, batch: SideBatch) -> torch.Tensor:
+    """The task's loss (:func:`mobiflower.platform.tasks.task_loss`) of a network's output on ``batch``."""
     if batch.targets is None:
         raise SideNetworkError("this batch has no targets: a frame for training needs labels")
-    if logits.dim() == 2:
-        return F.cross_entropy(logits, batch.targets)
-    # causal LM: targets already hold the next token for each position
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1), ignore_index=-100)
+    from mobiflower.platform.tasks import task_loss
+
+    return task_loss(logits, batch.targets)
 
 
 def save_side_network(net: SideNetwork, path: str | Path, extra: dict[str, str] | None = None) -> Path:

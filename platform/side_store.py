@@ -38,6 +38,10 @@ class StoreConfig:
     personal_epochs: int = 3  # hybrid: head-only epochs over a device's cache per personalisation
     personal_lr: float = 1e-3
     personal_parts: tuple[str, ...] = ("head.",)  # parameter-name prefixes that are personal in hybrid mode
+    # hybrid: each personalisation starts from the current shared network (a causal-LM tail, whose personal
+    # part is its whole LoRA: a copy of the shared LoRA fine-tuned on the device's own frames), instead of
+    # keeping what the personal part learned before
+    personal_restart: bool = False
     memory_budget_mb: float = (
         0.0  # per-device mode: resident side networks beyond this are paged to disk; 0 = all in memory
     )
@@ -256,7 +260,7 @@ class SideNetworkStore:
             if not frames:
                 continue
             net = copy_network(shared.net)
-            if device in self.personal:  # keep what the head learned before; take the new trunk
+            if device in self.personal and not self.config.personal_restart:  # keep the head; take the new trunk
                 own = {k: v for k, v in self.personal[device].state_dict().items() if self._is_personal(k)}
                 net.load_state_dict(own, strict=False)
             for name, p in net.named_parameters():

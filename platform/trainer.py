@@ -43,6 +43,7 @@ from mobiflower.platform.side_networks import (
     side_network_loss,
     update_digest,
 )
+from mobiflower.platform.tasks import ClassScores, TokenScores
 
 
 @dataclass
@@ -526,30 +527,26 @@ def evaluate_network(
     batch_size: int = 32,
     mixed_precision: str = "none",
 ) -> dict[str, float]:
-    """Accuracy (classification) or token accuracy and loss (LM) of ``net`` on held-out frames."""
+    """The task's metrics of ``net`` on held-out frames (accuracy and macro-F1 for a classifier;
+    perplexity, loss and token accuracy for an LM head) and ``count``: samples, or scored tokens."""
     device = torch.device(device)
     net.eval()
-    correct = total = 0
-    loss_sum = 0.0
+    scores: ClassScores | TokenScores | None = None
     for decoded in frames:
         for start in range(0, len(decoded), batch_size):
             idx = list(range(start, min(start + batch_size, len(decoded))))
             batch = decoded.batch(idx).to(device)
+            if batch.targets is None:
+                continue
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
                 logits = net(batch).float()
-            loss = side_network_loss(logits, batch)
-            if logits.dim() == 2:
-                n = len(idx)
-                correct += int((logits.argmax(-1) == batch.targets).sum())
-            else:
-                valid = batch.targets != -100
-                n = int(valid.sum())
-                correct += int(((logits.argmax(-1) == batch.targets) & valid).sum())
-            loss_sum += float(loss) * n
-            total += n
-    if total == 0:
+            if scores is None:
+                lm = net.config.head == "lm"
+                scores = TokenScores() if lm else ClassScores(net.config.num_classes)
+            scores.add(logits, batch.targets)
+    if scores is None or scores.count == 0:
         raise SideNetworkError("nothing to evaluate: the frames hold no labelled samples")
-    return {"accuracy": correct / total, "loss": loss_sum / total, "count": total}
+    return {**scores.result(), "count": scores.count}
 
 
 def _grouped_by_length(

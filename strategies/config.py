@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from mobiflower.platform.run_config import as_config, typed_fields
 from mobiflower.platform.side_store import MODES
+from mobiflower.platform.tasks import TaskConfig
 
 # Each side-network family's optimisation settings, as run-config keys: the tail's are the declared
 # defaults; ladder and adapter train best with these (RESULTS.md). `mobiflower simulate --family`
@@ -85,8 +87,11 @@ class SideTuningConfig:
     resume: bool = False  # continue the run in run-dir from its last checkpoint
     crash_after_round: int = 0  # fault injection for tests: SIGKILL the server right after round k's checkpoint
     run_dir: str = ""  # where checkpoints and the summary go ("" = $MOBIFLOWER_HOME/runs/<run id>)
+    # what the fleet fine-tunes for (run-config keys task, labels, prompt-template, max-length; read by devices too)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:
+        self._check_task()
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is unknown: use one of {', '.join(MODES)}")
         if self.family not in ("tail", "ladder", "adapter"):
@@ -171,6 +176,26 @@ class SideTuningConfig:
                 "mode 'hybrid' fine-tunes personal heads from the activation cache: set activation-cache = true"
             )
 
+    def _check_task(self) -> None:
+        if self.task.task != "causal-lm":
+            return
+        if self.family != "tail":
+            raise ConfigError(
+                f"task 'causal-lm' trains the pretrained tail with the backbone's LM head; family "
+                f"{self.family!r} has no on-device generation path: use family = 'tail'"
+            )
+        if self.label_private:
+            raise ConfigError(
+                "label-private = true cannot run task 'causal-lm': its targets are the next tokens of the "
+                "device's own text, and a label-private residual over a 49k-token vocabulary (and its "
+                "gradient) would name each token anyway. Run causal-lm without label-private"
+            )
+
+    @property
+    def head(self) -> str:
+        """The side network's head for the task: ``classification`` or ``lm``."""
+        return self.task.build().head
+
     @property
     def frame_token_policy(self) -> str:
         """The tokens frames carry: ``token-policy``, where ``auto`` is the family's own choice."""
@@ -199,7 +224,13 @@ class SideTuningConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "SideTuningConfig":
         """Pick this config's keys out of the run config (other keys belong to the devices)."""
-        return cls(**typed_fields(cls, run_config, error=ConfigError))
+        own = [f.name for f in dataclasses.fields(cls) if f.name != "task"]
+        return cls(
+            **typed_fields(cls, run_config, only=own, error=ConfigError),
+            task=TaskConfig.from_run_config(run_config),
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return as_config(self)
+        """Every run-config key this config reads, the task's included (what from_run_config reads back)."""
+        values = {k: v for k, v in as_config(self).items() if k != "task"}
+        return {**values, **as_config(self.task)}

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from mobiflower.platform.messages import BackboneChoice, ProfileRequest
 from mobiflower.platform.pretrained_tail import load_tail_weights
+from mobiflower.platform.run_config import as_config
 from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError
 from mobiflower.strategies.config import SideTuningConfig
 from mobiflower.strategies.grid_requests import Reply, failed, request_all, why
@@ -161,6 +162,8 @@ def _side_network(
         layers=layers,
         fingerprint=str(first["fingerprint"]),
         family=cfg.family,
+        head=cfg.head,
+        num_classes=max(1, cfg.task.build().num_classes),
         reduction=cfg.reduction,
         dropout=cfg.dropout,
         norm_eps=float(first["norm-eps"]),
@@ -168,7 +171,7 @@ def _side_network(
         bits=cfg.bits,
         group_size=64 if cfg.bits >= 8 else 32,
         token_policy=cfg.frame_token_policy,
-        extra={"model": str(first["model"])},
+        extra={"model": str(first["model"]), "task": as_config(cfg.task)},
         backbones=others,
         **tail_keys,
     )
@@ -210,7 +213,7 @@ def public_tail(
     """The pretrained tail's public weights (loaded here, from ``model``), checked against every
     device's backbone; every device sends block ``cut - 1``, whatever its depth or precision."""
     try:
-        public = load_tail_weights(model, cfg.tail_cut)
+        public = load_tail_weights(model, cfg.tail_cut, lm_head=cfg.head == "lm")
         for fp, devs in by_fingerprint.items():
             try:
                 public.check_device(fp)

@@ -76,6 +76,8 @@ def build_job(config: SideTuningConfig, grid: Grid, run_dir: Path, state: RunSta
             personal_epochs=cfg.personal_epochs,
             personal_lr=cfg.personal_lr,
             memory_budget_mb=cfg.side_memory_mb,
+            # causal-LM has no trainable head: a device's personal part is a fine-tuned copy of the shared LoRA
+            **({"personal_parts": ("tail.",), "personal_restart": True} if cfg.head == "lm" else {}),
         ),
         make_net,
         train,

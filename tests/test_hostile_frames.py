@@ -30,6 +30,7 @@ from mobiflower.platform.frames import FrameLimits, encode_frame
 from mobiflower.platform.intake import FrameIntake, run_limits
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
+from mobiflower.platform.tasks import CausalLMTask, ClassificationTask
 from mobiflower.platform.trainer import TrainConfig
 
 PROPERTY = settings(
@@ -44,7 +45,9 @@ def device(tiny_llama):
     backbone = Backbone.load(tiny_llama, num_taps=2)
     runtimes = {
         policy: DeviceRuntime(
-            backbone, ForwardConfig(bits=8, token_policy=policy, targets="tokens" if policy == "nonpad" else "class")
+            backbone,
+            ForwardConfig(bits=8, token_policy=policy),
+            task=CausalLMTask() if policy == "nonpad" else ClassificationTask(),
         )
         for policy in ("last", "nonpad")
     }

@@ -17,6 +17,7 @@ from mobiflower.platform.pretrained_tail import (
     save_peft_adapter,
 )
 from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, build_side_network
+from mobiflower.platform.tasks import BUNDLED_TASK
 from mobiflower.platform.trainer import SideTrainer, TrainConfig
 
 CUT = 2  # the tiny llama has 4 blocks: the device runs 0..1, the server 2..3
@@ -65,7 +66,9 @@ def test_fresh_tail_continues_the_backbone_exactly(tail_setup):
     trainer = SideTrainer(net, TrainConfig(device="cpu"))
     batch = trainer.decode(frame).batch(list(range(6)))
     by_id = {e.id: e for e in _examples(6)}
-    enc = backbone.tokenize([by_id[i].prompt for i in batch.sample_ids])  # a frame lists samples by length
+    enc = backbone.tokenize(
+        [BUNDLED_TASK.render(by_id[i].text) for i in batch.sample_ids]
+    )  # a frame lists samples by length
     with torch.no_grad():
         tail = net.tail(inputs_embeds=batch.states[0], attention_mask=batch.mask.long()).last_hidden_state
         full = backbone.base(**enc).last_hidden_state
@@ -142,7 +145,7 @@ def test_delivered_adapter_loads_with_peft_alone_and_matches_local_inference(tai
     folder = save_peft_adapter(config, net.state_dict(), tmp_path / "adapter", dtype=torch.float32)
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
 
-    prompts = [e.prompt for e in _examples(5)]
+    prompts = [BUNDLED_TASK.render(e.text) for e in _examples(5)]
     ours = TailClassifier.load(folder, backbone=backbone, match_training_precision=False)
     try:
         local, _ = ours.logits(prompts)
@@ -169,7 +172,7 @@ def test_delivered_adapter_loads_with_peft_alone_and_matches_local_inference(tai
 def test_adapter_runs_on_quantized_backbones_and_comes_off(tail_setup, tmp_path):
     backbone, public, config = tail_setup
     net = _randomized(build_side_network(config, public.weights))
-    prompts = [e.prompt for e in _examples(4)]
+    prompts = [BUNDLED_TASK.render(e.text) for e in _examples(4)]
     enc = backbone.tokenize(prompts)
     with torch.no_grad():
         before = backbone.base(**enc).last_hidden_state

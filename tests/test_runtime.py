@@ -8,6 +8,7 @@ from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import dequantize
 from mobiflower.platform.data import Example
 from mobiflower.platform.frames import decode_frame
+from mobiflower.platform.tasks import BUNDLED_TASK, CausalLMTask
 
 EXAMPLES = [Example(i, "x" * (3 + 5 * i), i % 2) for i in range(5)]
 
@@ -21,7 +22,7 @@ def backbone(tiny_llama):
 def test_frame_per_policy(backbone, policy):
     runtime = DeviceRuntime(backbone, ForwardConfig(bits=8, token_policy=policy, batch_size=2))
     frame, stats = runtime.make_frame(EXAMPLES)
-    lengths = [len(backbone.tokenize([e.prompt])["input_ids"][0]) for e in EXAMPLES]
+    lengths = [len(backbone.tokenize([BUNDLED_TASK.render(e.text)])["input_ids"][0]) for e in EXAMPLES]
     assert frame.seq_lengths == lengths
     if policy == "last":
         assert frame.token_counts == [1] * 5
@@ -41,7 +42,7 @@ def test_last_token_rows_match_unbatched_forward(backbone):
     runtime = DeviceRuntime(backbone, ForwardConfig(bits=16, token_policy="last", batch_size=4))
     frame, _ = runtime.make_frame(EXAMPLES)
     for i, example in enumerate(EXAMPLES):
-        enc = backbone.tokenize([example.prompt])
+        enc = backbone.tokenize([BUNDLED_TASK.render(example.text)])
         seen = {}
         backbone.forward_taps(enc["input_ids"], enc["attention_mask"], lambda layer, h: seen.__setitem__(layer, h))
         for layer, q in zip(frame.layers, frame.activations):
@@ -63,7 +64,7 @@ def test_device_builds_no_autograd_graph(backbone):
 
 
 def test_token_targets_and_config_errors(backbone):
-    runtime = DeviceRuntime(backbone, ForwardConfig(token_policy="nonpad", targets="tokens"))
+    runtime = DeviceRuntime(backbone, ForwardConfig(token_policy="nonpad"), task=CausalLMTask())
     frame, _ = runtime.make_frame(EXAMPLES[:2])
     assert len(frame.targets["values"]) == sum(frame.token_counts)
     assert frame.targets["values"][frame.token_counts[0] - 1] == -100
@@ -72,4 +73,4 @@ def test_token_targets_and_config_errors(backbone):
     with pytest.raises(ValueError, match="token_policy"):
         ForwardConfig(token_policy="first")
     with pytest.raises(ValueError, match="next-token targets"):
-        ForwardConfig(token_policy="last", targets="tokens")
+        DeviceRuntime(backbone, ForwardConfig(token_policy="last"), task=CausalLMTask()).make_frame(EXAMPLES[:1])

@@ -9,6 +9,7 @@ from inprocess_grid import run_fleet
 
 from mobiflower.clients.device_setup import DeviceSetup
 from mobiflower.platform.backbone import Backbone
+from mobiflower.platform.tasks import BUNDLED_TASK
 
 WINDOW = 6  # consecutive token ids that would count as a leak
 
@@ -66,7 +67,7 @@ def test_no_text_or_token_ids_leave_a_device(real_assets, tiny_llama, tmp_path):
         assert len(blob) > summary["devices"][f"device-{partition}"]["frame_bytes"]  # the frames are in it
         data = DeviceSetup.from_configs(run_config, {"partition-id": partition, "num-partitions": 2}).data()
         examples = data.train + data.validation + data.test
-        ids = [backbone.tokenize([e.prompt])["input_ids"][0].tolist() for e in examples]
+        ids = [backbone.tokenize([BUNDLED_TASK.render(e.text)])["input_ids"][0].tolist() for e in examples]
         needles = _needles([e.text for e in examples], ids)
         assert len(needles) > 100
         assert _leaks(blob, needles) == [], f"device {partition} sent its data"

@@ -136,16 +136,16 @@ def zero_shot_accuracy(backbone, examples: Sequence, batch_size: int = EVAL_BATC
     """Prompted accuracy: argmax over the verbalizers' first-token logits at the last real token."""
     import torch
 
-    from mobiflower.platform.data import VERBALIZERS
+    from mobiflower.platform.tasks import BUNDLED_TASK
 
     if not examples:
         return float("nan")
-    ids = backbone.verbalizer_ids(VERBALIZERS)
-    ordered = sorted(examples, key=lambda e: len(e.prompt))
+    ids = backbone.verbalizer_ids(BUNDLED_TASK.verbalizers)
+    ordered = sorted(examples, key=lambda e: len(e.text))
     correct = 0
     for start in range(0, len(ordered), batch_size):
         batch = ordered[start : start + batch_size]
-        enc = backbone.tokenize([e.prompt for e in batch])
+        enc = backbone.tokenize([BUNDLED_TASK.render(e.text) for e in batch])
         mask = enc["attention_mask"]
         final = backbone.forward_taps(
             enc["input_ids"], mask, lambda _layer, _hidden: None, layers=[backbone.num_layers - 1], need_final=True

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from mobiflower.platform.tasks import BUNDLED_TASK
 from mobiflower.simulations.bench.device import (
     DEVICE_KINDS,
     LORA_SETTINGS,
@@ -194,7 +195,7 @@ def _measure(spec: dict, launched: float) -> dict:
         load_s = time.perf_counter() - t0
 
         def step(batch: list) -> None:
-            enc = encode(tokenizer, [e.prompt for e in batch], max_length)
+            enc = encode(tokenizer, [BUNDLED_TASK.render(e.text) for e in batch], max_length)
             with torch.inference_mode():
                 model(**enc, use_cache=False)  # eager: the logits are materialized
 

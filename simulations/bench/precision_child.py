@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mobiflower.platform.tasks import BUNDLED_TASK
+
 
 def _child_main(spec_path: str, result_path: str, launched: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
@@ -166,7 +168,7 @@ def _measure(spec: dict, launched: float) -> dict:
         }
     )
     # The tapped states (last real token of every sample, every tapped layer) of the first batch.
-    enc = backbone.tokenize([e.prompt for e in batches[0]])
+    enc = backbone.tokenize([BUNDLED_TASK.render(e.text) for e in batches[0]])
     positions = backbone.feature_positions(enc["attention_mask"])
     states: dict[int, torch.Tensor] = {}
 
