@@ -30,6 +30,7 @@ from typing import Iterable
 import numpy as np
 
 from mobiflower.platform.codec import default_group_size, expected_nbytes
+from mobiflower.platform.frame_format import IGNORE_INDEX
 from mobiflower.platform.frames import FIELD_NAMES, Frame, FrameError, FrameLimits, decode_frame
 from mobiflower.platform.side_networks import SideNetworkConfig
 from mobiflower.platform.side_store import SideNetworkStore
@@ -122,8 +123,9 @@ class FrameIntake:
         self.sequence_tokens = sequence_tokens
         self.vocab_size = vocab_size
         if side_config.head == "lm" and vocab_size is None:
-            head = store.network_for(next(iter(store.device_samples))).head
-            self.vocab_size = int(head.weight.shape[0])
+            net = store.network_for(next(iter(store.device_samples)))
+            weight = net.head.weight if net.head is not None else net.lm_head  # a tail keeps its LM head as a buffer
+            self.vocab_size = int(weight.shape[0])
         self.digests: set[bytes] = set()  # every accepted frame's, cached or not (kept in checkpoints)
         self.seen: dict[str, set[int]] = defaultdict(set)
         self.refused: dict[str, Counter] = defaultdict(Counter)
@@ -262,6 +264,12 @@ class FrameIntake:
                     f"has kind {kind!r}",
                 )
             values = np.asarray(targets["values"], dtype=np.int64)
+            if not (values != IGNORE_INDEX).any():
+                raise Refusal(
+                    "nothing to score",
+                    "targets.values",
+                    "every token target is -100 (ignored): the frame gives the loss nothing to learn from",
+                )
             bad = values >= self.vocab_size
             if bad.any():
                 j = int(np.flatnonzero(bad)[0])

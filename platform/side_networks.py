@@ -185,8 +185,13 @@ def make_side_batch(
     feature_token: str = "last",
     targets: torch.Tensor | None = None,
     sample_ids: Sequence[int] = (),
+    per_token_targets: bool | None = None,
 ) -> SideBatch:
-    """Build a :class:`SideBatch` from per-layer rows as a frame (or the device) lays them out."""
+    """Build a :class:`SideBatch` from per-layer rows as a frame (or the device) lays them out.
+
+    ``per_token_targets``: whether ``targets`` hold one value per sent row (next-token targets, laid
+    out to ``[B, T]``) or one per sample (class ids); None guesses from their count, which cannot tell
+    the two apart when every sample sends one row."""
     states, mask = [], None
     for rows in layer_rows:
         padded, mask = pad_rows(rows, token_counts)
@@ -198,7 +203,9 @@ def make_side_batch(
         feature = torch.zeros(len(token_counts), dtype=torch.long)
     else:
         feature = mask.sum(dim=1).long() - 1
-    if targets is not None and targets.dim() == 1 and len(targets) != len(token_counts):
+    if per_token_targets is None:
+        per_token_targets = targets is not None and len(targets) != len(token_counts)
+    if targets is not None and targets.dim() == 1 and per_token_targets:
         targets, _ = pad_rows(targets[:, None], token_counts)
         targets = targets[..., 0].masked_fill(~mask, -100)
     return SideBatch(states, mask, feature, targets, list(sample_ids))

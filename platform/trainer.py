@@ -119,6 +119,7 @@ class DecodedFrame:
             self.feature_token,
             targets,
             [f.sample_ids[i] for i in idx],
+            per_token_targets=self.per_token_targets,
         )
         batch.backbone = self.backbone
         return batch
