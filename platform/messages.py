@@ -120,12 +120,15 @@ def array_bytes(record: ArrayRecord) -> int:
 
 
 def metrics(values: Mapping[str, Any]) -> MetricRecord:
-    """A ``MetricRecord`` from plain numbers (numpy scalars and bools converted, None dropped)."""
-    out: dict[str, int | float] = {}
+    """A ``MetricRecord`` from plain numbers (numpy scalars and bools converted, None dropped); a list or
+    tuple of numbers (a profile's label shares) travels as a list of floats."""
+    out: dict[str, int | float | list[float]] = {}
     for key, value in values.items():
         if value is None:
             continue
-        if isinstance(value, (bool, np.bool_)):
+        if isinstance(value, (list, tuple, np.ndarray)):
+            out[key] = [float(v) for v in value]
+        elif isinstance(value, (bool, np.bool_)):
             out[key] = int(value)
         elif isinstance(value, (int, np.integer)):
             out[key] = int(value)
@@ -460,16 +463,28 @@ class ResidualReply:
 
 @dataclass(frozen=True)
 class EvaluateReply:
-    """``evaluate``'s answer: accuracy, zero-shot accuracy, samples, seconds, memory, which network."""
+    """``evaluate``'s answer, the same for every task: for each of the task's metrics ``m`` (named by the
+    task: ``accuracy``, ``macro-f1``; ``perplexity``, ``loss``, ``token-accuracy``) its value under ``m``
+    and the zero-shot backbone's under ``zero-shot-<m>`` (NaN: none); ``count``, what the metrics are
+    averaged over (samples, or scored tokens: a fleet weighs its devices by it); ``samples``, ``seconds``,
+    ``rss-mb``, ``peak-rss-mb`` and ``installed`` (which network was scored)."""
 
     stats: Mapping[str, Any]
 
     def to_content(self) -> RecordDict:
         return RecordDict({STATS_KEY: metrics(self.stats)})
 
+    def metric(self, name: str) -> float:
+        """The scored network's value of the task metric ``name``."""
+        return float(self.stats[name])
+
+    def zero_shot(self, name: str) -> float:
+        """The zero-shot backbone's value of the task metric ``name`` (NaN when the device has none)."""
+        return float(self.stats.get(f"zero-shot-{name}", float("nan")))
+
     @property
-    def accuracy(self) -> float:
-        return float(self.stats["accuracy"])
+    def count(self) -> int:
+        return int(self.stats["count"])
 
     @property
     def samples(self) -> int:

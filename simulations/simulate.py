@@ -6,8 +6,8 @@ SuperLink, and that SuperLink (with Ray and every actor) stopped by pid at the e
 it runs is written from the installed package's defaults (:func:`default_app_config`), so it works
 without the source tree; the repository's ``pyproject.toml`` declares the same defaults for
 ``flwr run .``. The ServerApp's log lines stream to the terminal, with live bars of rounds and
-streamed samples on the command line; the run ends with the accuracy and cost figures, also
-written by ``--out FILE.json``.
+streamed samples on the command line; the run ends with the task's figures (accuracy and macro-F1,
+or perplexity, loss and token accuracy) and the costs, also written by ``--out FILE.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mobiflower.clients.device_setup import DeviceSetup, device_run_config
+from mobiflower.platform.run_summary import figure, format_metric, metric_key, summary_metrics
 from mobiflower.simulations.flower_config import RunConfigValue, app_dir_for_run, fleet_run_config
 from mobiflower.simulations.flower_run import FlowerRunResult, run_simulation
 from mobiflower.simulations.loopback import LoopbackDeployment
@@ -147,32 +148,76 @@ def run_simulate(
     return summary
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """The figures a user reads at the end of a run: accuracy per device and what it cost."""
-    lines = [
-        f"{'device':<10} {'test acc':>9} {'zero-shot':>9} {'samples':>8} {'MB up':>8} {'MB down':>8} "
-        f"{'fwd s':>7} {'peak MB':>8}"
-    ]
-    for name, d in sorted(summary["devices"].items()):
-        acc = d.get("test_accuracy")
-        zs = d.get("zero_shot_accuracy")
-        peak = d.get("device_peak_rss_mb")  # the device process's peak resident memory (its own report)
-        lines.append(
-            f"{name:<10} {acc if acc is not None else float('nan'):>9.4f} "
-            f"{zs if zs is not None else float('nan'):>9.4f} {d.get('test_samples', 0):>8} "
-            f"{d['bytes_up'] / 1e6:>8.2f} {d['bytes_down'] / 1e6:>8.2f} {d['device_forward_s']:>7.1f} "
-            f"{'n/a' if peak is None else format(peak, '.0f'):>8}"
+SHORT = {"accuracy": "acc", "macro-f1": "F1", "perplexity": "ppl", "token-accuracy": "tok acc"}
+"""Column headings of the task metrics (a metric not named here: its own name)."""
+
+
+def _device_columns(summary: dict[str, Any]) -> list[tuple[str, int, Callable[[dict[str, Any]], str]]]:
+    """The per-device table's columns (heading, width, cell): the task's test metrics, their zero-shot
+    figures, the samples (and scored count where it differs) and the costs; a column empty for every
+    device is left out (a zero-shot figure no device has, a count equal to the samples)."""
+    names = summary_metrics(summary)["names"]
+
+    def metric(prefix: str, name: str) -> Callable[[dict[str, Any]], str]:
+        return lambda d: (
+            ""
+            if figure(d.get(f"{prefix}{metric_key(name)}")) is None
+            else format_metric(name, d[f"{prefix}{metric_key(name)}"])
         )
+
+    columns = [(f"test {SHORT.get(n, n)}", 9, metric("test_", n)) for n in names]
+    columns += [(f"zero-shot {SHORT.get(n, n)}", 9, metric("zero_shot_", n)) for n in names]
+    peak = "device_peak_rss_mb"  # the device process's peak resident memory (its own report)
+    columns += [
+        ("samples", 8, lambda d: str(d.get("test_samples", 0))),
+        ("scored", 8, lambda d: str(d.get("test_count", ""))),
+        ("MB up", 8, lambda d: f"{d['bytes_up'] / 1e6:.2f}"),
+        ("MB down", 8, lambda d: f"{d['bytes_down'] / 1e6:.2f}"),
+        ("fwd s", 7, lambda d: f"{d['device_forward_s']:.1f}"),
+        ("peak MB", 8, lambda d: "n/a" if d.get(peak) is None else format(d[peak], ".0f")),
+    ]
+    devices = list(summary["devices"].values())
+    counted = any(d.get("test_count", d.get("test_samples")) != d.get("test_samples") for d in devices)
+    return [
+        c
+        for c in columns
+        if c[0].startswith("test ")
+        or (c[0] == "scored" and counted)
+        or (c[0] != "scored" and any(c[2](d) for d in devices))
+    ]
+
+
+def _device_table(summary: dict[str, Any]) -> list[str]:
+    columns = _device_columns(summary)
+    widths = [max(width, len(heading)) for heading, width, _ in columns]
+    lines = [f"{'device':<10} " + " ".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths))]
+    for name, d in sorted(summary["devices"].items()):
+        lines.append(f"{name:<10} " + " ".join(f"{cell(d) or 'n/a':>{w}}" for (_, _, cell), w in zip(columns, widths)))
+    return lines
+
+
+def _fleet_figures(summary: dict[str, Any], prefix: str) -> str:
+    """``accuracy 0.8537, macro-f1 0.8512``: the summary's ``<prefix><m>`` of every task metric it has."""
+    names = summary_metrics(summary)["names"]
+    shown = [(n, figure(summary.get(f"{prefix}{metric_key(n)}"))) for n in names]
+    return ", ".join(f"{n} {format_metric(n, v)}" for n, v in shown if v is not None)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The figures a user reads at the end of a run: the task's metrics per device and what it cost."""
+    lines = _device_table(summary)
     sim = summary.get("simulation", {})
     cfg = summary.get("config", {})
+    scored = "scored tokens" if summary.get("task") == "causal-lm" else "test samples"
 
     def num(value, fmt: str) -> str:
         return "n/a" if value is None else format(value, fmt)
 
     lines += [
         "",
-        f"test accuracy (all devices' test samples): {num(summary['test_accuracy'], '.4f')}   "
-        f"mode {cfg.get('mode')}, {cfg.get('rounds')} rounds, {cfg.get('bits')}-bit frames",
+        f"test {_fleet_figures(summary, 'test_') or 'n/a'} (all devices' {scored})   "
+        f"{summary.get('task', 'classification')}, mode {cfg.get('mode')}, {cfg.get('rounds')} rounds, "
+        f"{cfg.get('bits')}-bit frames",
         f"wire: {summary['bytes_up'] / 1e6:.2f} MB up ({summary['frames']} frames, "
         f"{summary['frame_bytes'] / max(1, summary['frames']) / 1024:.0f} KiB each), "
         f"{summary['bytes_down'] / 1e6:.2f} MB down",
@@ -181,6 +226,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"pipeline efficiency {num(summary['pipeline_efficiency'], '.2f')}, run {sim.get('wall_s', summary['run_wall_s']):.0f} s",
         f"summary: {sim.get('run_dir', '')}/summary.json and summary.png",
     ]
+    _insert_extras(summary, lines)
+    return "\n".join(lines)
+
+
+def _insert_extras(summary: dict[str, Any], lines: list[str]) -> None:
+    """Flower's traffic, the fleet clock, zero-shot and round-0 figures, where the run has them."""
     if "flower_traffic" in summary:
         t = summary["flower_traffic"]
         lines.insert(
@@ -202,6 +253,10 @@ def format_summary(summary: dict[str, Any]) -> str:
                 else ""
             ),
         )
-    if summary.get("initial_test_accuracy") is not None:
-        lines.insert(len(lines) - 4, f"untrained side network (round 0): {summary['initial_test_accuracy']:.4f}")
-    return "\n".join(lines)
+    at = lines.index("") + 2  # after the test figures
+    initial = _fleet_figures(summary, "initial_test_")
+    if initial:
+        lines.insert(at, f"untrained side network (round 0): {initial}")
+    zero_shot = _fleet_figures(summary, "zero_shot_")
+    if zero_shot:
+        lines.insert(at, f"zero-shot backbone: {zero_shot}")

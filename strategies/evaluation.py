@@ -4,20 +4,28 @@ Periodic validation runs on the server from frames each device forwarded once an
 (``eval-on = "server"``: no network travels down), or on the devices, each sent its network. The
 final test is always on the devices, with the network they installed: delivery sends each device its
 network (``train.deliver``) and keeps the device's receipt.
+
+Every figure is the run's task's (:mod:`mobiflower.platform.tasks`): each device reports the task's
+metrics by name with ``count``, what they are averaged over (samples, or scored tokens), and the fleet's
+figures combine the devices weighted by it (:func:`~mobiflower.platform.tasks.combine_metrics`: a
+perplexity is ``exp`` of the fleet's token-weighted loss, not a mean of perplexities).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from logging import INFO
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from flwr.app import Message, MetricRecord
 from flwr.common.logger import log
 
 from mobiflower.platform import messages as m
 from mobiflower.platform.intake import Refusal, run_limits
-from mobiflower.platform.messages import DeliverRequest, EvaluateReply, EvaluateRequest, ForwardRequest
+from mobiflower.platform.messages import DeliverRequest, EvaluateRequest, ForwardRequest
+from mobiflower.platform.run_summary import format_metric
+from mobiflower.platform.tasks import Task, combine_metrics
 from mobiflower.platform.trainer import DecodedFrame, decode_for, evaluate_network
 from mobiflower.strategies.grid_requests import Reply, config_bytes, failed, request_all, why
 from mobiflower.strategies.job import Job
@@ -25,26 +33,37 @@ from mobiflower.strategies.reply_checks import ReplyError, delivery_receipt, eva
 from mobiflower.strategies.streaming import forward_message, forward_request
 
 
-def weighted_accuracy(replies: Iterable[Message]) -> MetricRecord | None:
-    """Sample-weighted accuracy over the evaluate replies that pass their checks (None: none did)."""
-    scored = []
-    for reply in replies:
+def fleet_figures(task: Task, per_device: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The fleet's figures from its devices' checked ones: each task metric and its zero-shot figure
+    (``zero-shot-<m>``) combined over the devices weighted by their ``count``; ``samples`` and ``count``
+    summed. NaN for a metric no device has (no device at all: every metric NaN, counts 0)."""
+    parts = list(per_device.values())
+    weights = [float(p["count"]) for p in parts]
+    out: dict[str, float] = dict(combine_metrics(task, [(p, w) for p, w in zip(parts, weights)]))
+    zero_shot = [({n: p.get(f"zero-shot-{n}", math.nan) for n in task.metric_names}, w) for p, w in zip(parts, weights)]
+    out.update({f"zero-shot-{n}": v for n, v in combine_metrics(task, zero_shot).items()})
+    out["samples"] = sum(int(p.get("samples", 0)) for p in parts)
+    out["count"] = sum(int(w) for w in weights)
+    return out
+
+
+def fleet_metrics(replies: Iterable[Message], task: Task) -> MetricRecord | None:
+    """The fleet's figures (:func:`fleet_figures`) over the evaluate replies that pass their checks for
+    ``task`` (None: none did)."""
+    scored = {}
+    for i, reply in enumerate(replies):
         try:
-            scored.append(evaluate_reply(reply))
+            scored[str(i)] = evaluate_reply(reply, task).stats
         except ReplyError:
             continue
-    return _weighted(scored)
+    return MetricRecord(fleet_figures(task, scored)) if scored else None
 
 
-def _weighted(scored: Iterable[EvaluateReply]) -> MetricRecord | None:
-    """Sample-weighted accuracy of checked evaluate replies (None: there are none)."""
-    correct = count = 0.0
-    for reply in scored:
-        correct += reply.accuracy * float(reply.samples)
-        count += float(reply.samples)
-    if count == 0:
-        return None
-    return MetricRecord({"accuracy": correct / count, "samples": count})
+def describe(task: Task, result: Mapping[str, Any]) -> str:
+    """``perplexity 23.41 (device-0 22.10, device-1 24.90)``: the primary metric, fleet and per device."""
+    name = task.primary
+    devices = ", ".join(f"{d} {format_metric(name, s[name])}" for d, s in sorted(result["per_device"].items()))
+    return f"{name} {format_metric(name, result[name])} ({devices})"
 
 
 def evaluate_requests(job: Job, rnd: int, request: EvaluateRequest) -> Iterable[Message]:
@@ -67,6 +86,7 @@ class Evaluator:
 
     def __init__(self, job: Job) -> None:
         self.job = job
+        self.task = job.config.task.build()  # the run's task: what every reply is checked and scored for
         self._frames: dict[tuple[str, int], dict[str, list[DecodedFrame]]] = {}
 
     def evaluate(
@@ -81,7 +101,7 @@ class Evaluator:
         replies = request_all(
             self.job.grid, evaluate_requests(self.job, rnd, request), cfg.request_timeout, window=cfg.send_window
         )
-        per_device, answered = {}, []
+        per_device = {}
         for node, reply in replies.items():
             dev = self.job.state.devices[node]
             if failed(reply):
@@ -89,23 +109,14 @@ class Evaluator:
                 continue
             held = int(dev.profile.get(split, 0))  # the most samples the device can score
             limit = int(max_samples or 0)
-            try:
-                scored = evaluate_reply(reply, min(held, limit) if limit else held)
+            try:  # each reply checked once, against the run's task and what its device holds
+                scored = evaluate_reply(reply, self.task, min(held, limit) if limit else held)
             except Exception as err:  # noqa: BLE001 - a reply that fails its checks counts for nothing
                 dev.refuse(err, f"evaluate ({split})")
                 continue
             per_device[dev.device_id] = dict(scored.stats)
-            answered.append(scored)
-        agg = _weighted(answered)  # each reply checked once, against what its device holds
-        result = {"accuracy": float(agg["accuracy"]) if agg else float("nan"), "per_device": per_device}
-        log(
-            INFO,
-            "[round %d] on-device %s accuracy %.4f (%s)",
-            rnd,
-            split,
-            result["accuracy"],
-            ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in sorted(per_device.items())),
-        )
+        result = {**fleet_figures(self.task, per_device), "per_device": per_device}
+        log(INFO, "[round %d] on-device %s %s", rnd, split, describe(self.task, result))
         return result
 
     def _frames_for(self, split: str, limit: int) -> dict[str, list[DecodedFrame]]:
@@ -185,7 +196,7 @@ class Evaluator:
     def _on_server(self, rnd: int, split: str, limit: int) -> dict[str, Any]:
         """Score each device's network on its kept ``split`` frames, on the server."""
         frames = self._frames_for(split, limit)
-        per_device, correct, count = {}, 0.0, 0
+        per_device = {}
         for dev in self.job.state.working().values():
             if dev.device_id not in frames:
                 continue
@@ -196,18 +207,13 @@ class Evaluator:
                 next(net.parameters()).device,
                 mixed_precision=self.job.config.train_precision,
             )
-            per_device[dev.device_id] = {"accuracy": stats["accuracy"], "samples": stats["count"]}
-            correct += stats["accuracy"] * stats["count"]
-            count += stats["count"]
-        result = {"accuracy": correct / count if count else float("nan"), "per_device": per_device}
-        log(
-            INFO,
-            "[round %d] server-side %s accuracy %.4f (%s)",
-            rnd,
-            split,
-            result["accuracy"],
-            ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in sorted(per_device.items())),
-        )
+            per_device[dev.device_id] = {
+                **{name: float(stats[name]) for name in self.task.metric_names},
+                "count": int(stats["count"]),
+                "samples": sum(len(f) for f in frames[dev.device_id]),
+            }
+        result = {**fleet_figures(self.task, per_device), "per_device": per_device}
+        log(INFO, "[round %d] server-side %s %s", rnd, split, describe(self.task, result))
         return result
 
 

@@ -40,13 +40,19 @@ class Fleet:
     fleet_clock: FleetClock | None = None
 
 
-def take_profiles(replies: dict[int, Reply], state: RunState, frozen_by: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Record each device that described itself; a device whose profile failed is left out."""
+def take_profiles(
+    replies: dict[int, Reply],
+    state: RunState,
+    frozen_by: dict[str, dict[str, torch.Tensor]],
+    num_labels: int | None = None,
+) -> None:
+    """Record each device that described itself; a device whose profile failed is left out. ``num_labels``:
+    the task's label count, which a device's label shares must match (None: not checked)."""
     for node, reply in sorted(replies.items()):
         try:
             if failed(reply):
                 raise RuntimeError(why(reply))
-            described = profile_reply(reply)
+            described = profile_reply(reply, num_labels=num_labels)
         except Exception as err:  # noqa: BLE001 - a device that cannot describe itself is left out
             if not isinstance(err, RuntimeError):  # a reply that failed its checks: counted
                 reason = err.reason if isinstance(err, ReplyError) else "profile: unreadable"
@@ -108,7 +114,8 @@ def profile_fleet(
     if not node_ids:
         raise FleetError("no devices are connected: start SuperNodes (or set num-supernodes) first")
     frozen_by: dict[str, dict[str, torch.Tensor]] = {}
-    take_profiles(_ask(grid, node_ids, {}, config.request_timeout), state, frozen_by)
+    labels = config.task.build().num_classes
+    take_profiles(_ask(grid, node_ids, {}, config.request_timeout), state, frozen_by, labels)
     if not state.devices:
         raise FleetError(f"none of the {len(node_ids)} devices could be profiled: {state.events}")
     fleet_clock, backbones = None, {}
@@ -118,7 +125,7 @@ def profile_fleet(
         if backbones:  # every device describes itself again, those devices with their backbone
             frozen_by.clear()
             profiled, state.devices = sorted(state.devices), {}  # one that fails now is left out
-            take_profiles(_ask(grid, profiled, backbones, config.request_timeout), state, frozen_by)
+            take_profiles(_ask(grid, profiled, backbones, config.request_timeout), state, frozen_by, labels)
             if not state.devices:
                 raise FleetError(
                     f"none of the {len(profiled)} devices could be profiled on the fleet's backbones: {state.events}"

@@ -2,7 +2,7 @@
 
 A device may be buggy or hostile, and its replies steer the run: a profile sizes the side network
 and plans the requests, forward metrics feed the accounting, the virtual clock and the bandwidth
-policy, evaluation metrics weight the fleet's accuracy, residuals become gradients. So every value
+policy, evaluation metrics weight the fleet's figures, residuals become gradients. So every value
 the strategy reads of a reply is checked here for type, range, size and finiteness, and comes back
 as the reply's own dataclass (:class:`~mobiflower.platform.messages.ProfileReply`,
 :class:`~mobiflower.platform.messages.ForwardReply` ...) holding checked values only. A reply that
@@ -22,6 +22,7 @@ from flwr.app import Message, RecordDict
 
 from mobiflower.platform import messages as m
 from mobiflower.platform.frames import FrameLimits
+from mobiflower.platform.tasks import Task
 
 MAX_SPLIT_SAMPLES = 1 << 20  # samples of one split a device may hold (each is planned into requests)
 MAX_SECONDS = 1e6  # a measured time in a reply
@@ -30,11 +31,22 @@ MAX_ENTRIES = 64  # entries of a reply's metrics record (honest ones hold about 
 MAX_TEXT = 4096  # characters of a name or path in a reply
 MAX_LAYERS = 4096  # blocks of a backbone
 MAX_VOCAB = 1 << 22  # rows of a frozen LM head
+MAX_LABELS = 1024  # entries of a profile's label shares
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0),
+    "macro-f1": (0.0, 1.0),
+    "token-accuracy": (0.0, 1.0),
+    "loss": (0.0, math.inf),  # mean cross-entropy: finite, never negative
+    "perplexity": (1.0, math.inf),  # exp of a loss: finite, at least 1
+}
+"""What each task metric can be, by its meaning (a metric not named here: any finite number)."""
 _LIMITS = FrameLimits()
 _FROZEN_RANK = {"final_norm.weight": 1, "final_norm.bias": 1, "lm_head.weight": 2}  # frozen head tensors
 _FLOATS = ("float16", "float32", "float64")
 _EVALUATE_EXTRAS = ("seconds", "rss-mb", "installed")  # passed along to the summary when finite
 _RESIDUAL_SLACK = 1e-3  # residuals p - onehot(y) lie in [-1, 1]; float rounding aside
+_SHARE_SLACK = 1e-3  # label shares sum to at most 1; float rounding aside
+_PERPLEXITY_SLACK = 1e-4  # log(perplexity) is the loss (capped at 700), up to float rounding
 
 
 class ReplyError(ValueError):
@@ -109,29 +121,31 @@ def _flag(record: Any, key: str, kind: str, default: bool | None = None) -> bool
     return value
 
 
-def _metrics(content: RecordDict, kind: str) -> Any:
-    """The reply's metrics record: at most MAX_ENTRIES entries, each a single number."""
+def _metrics(content: RecordDict, kind: str, lists: tuple[str, ...] = ()) -> Any:
+    """The reply's metrics record: at most MAX_ENTRIES entries, each a single number (``lists`` name the
+    entries that may be lists, checked by their reader)."""
     stats = content.metric_records.get(m.STATS_KEY)
     if stats is None:
         raise ReplyError(kind, m.STATS_KEY, f"the reply has no '{m.STATS_KEY}' metrics record")
     if len(stats) > MAX_ENTRIES:
         raise ReplyError(kind, m.STATS_KEY, f"holds {len(stats)} entries, more than {MAX_ENTRIES}")
     for key, value in stats.items():
-        if isinstance(value, list):
+        if isinstance(value, list) and key not in lists:
             raise ReplyError(kind, m.STATS_KEY, f"entry {key[:64]!r} is a list; every entry is one number")
     return stats
 
 
 # ---- profile ----------------------------------------------------------------------------------
-def profile_reply(reply: Message) -> m.ProfileReply:
+def profile_reply(reply: Message, num_labels: int | None = None) -> m.ProfileReply:
     """A ``query.profile`` reply: the device's checked description and measurements (the entries the
-    strategy reads, as plain values), and its checked frozen head state."""
+    strategy reads, as plain values), and its checked frozen head state. ``num_labels``: the task's
+    label count, which the device's label shares must match (None: any count up to MAX_LABELS)."""
     kind = "profile"
     content = _content(reply, kind)
     desc = content.config_records.get(m.PROFILE_KEY)
     if desc is None:
         raise ReplyError(kind, m.PROFILE_KEY, f"the reply has no '{m.PROFILE_KEY}' config record")
-    stats = _metrics(content, kind)
+    stats = _metrics(content, kind, lists=("label-shares",))
     num_layers = _number(desc, "num-layers", kind, 1, MAX_LAYERS, integer=True)
     description: dict[str, Any] = {
         "device-id": _text(desc, "device-id", kind, 128),
@@ -150,7 +164,9 @@ def profile_reply(reply: Message) -> m.ProfileReply:
     }
     measurements["forward-samples-per-s"] = _number(stats, "forward-samples-per-s", kind, 0, 1e9)
     measurements["rss-mb"] = _number(stats, "rss-mb", kind, 0, MAX_MB)
-    for key, hi in (("positive-share", 1.0), ("load-s", MAX_SECONDS), ("peak-rss-mb", MAX_MB)):
+    if "label-shares" in stats:
+        measurements["label-shares"] = _shares(stats, kind, num_labels)
+    for key, hi in (("load-s", MAX_SECONDS), ("peak-rss-mb", MAX_MB)):
         if key in stats:
             measurements[key] = _number(stats, key, kind, 0, hi)
     for key in ("cpu-count", "threads"):
@@ -158,6 +174,22 @@ def profile_reply(reply: Message) -> m.ProfileReply:
             measurements[key] = _number(stats, key, kind, 0, 1 << 20, integer=True)
     frozen = _frozen(content, kind, int(description["hidden-size"]))
     return m.ProfileReply(description=description, measurements=measurements, frozen=frozen)
+
+
+def _shares(stats: Any, kind: str, num_labels: int | None) -> list[float]:
+    """The share of each label in the device's training samples: a list of numbers in [0, 1] summing to
+    at most 1, one per label of the task (empty: a task without labels, or no training samples)."""
+    key = "label-shares"
+    value = stats[key]
+    if not isinstance(value, list):
+        raise ReplyError(kind, key, f"must be a list of numbers, got {type(value).__name__}")
+    if len(value) > MAX_LABELS or (value and num_labels is not None and len(value) != num_labels):
+        expected = f"{num_labels} (the task's labels)" if num_labels is not None else f"at most {MAX_LABELS}"
+        raise ReplyError(kind, key, f"holds {len(value)} shares; {expected} or none are expected")
+    shares = [float(v) for v in value]  # Flower's lists hold ints or floats, never bools
+    if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in shares) or sum(shares) > 1.0 + _SHARE_SLACK:
+        raise ReplyError(kind, key, "each share must lie in [0, 1] and all of them sum to at most 1")
+    return shares
 
 
 def _layers(desc: Any, kind: str, num_layers: int) -> list[int]:
@@ -238,21 +270,42 @@ def forward_reply(reply: Message, samples: int | None = None) -> m.ForwardReply:
 
 
 # ---- evaluate -----------------------------------------------------------------------------------
-def evaluate_reply(reply: Message, max_samples: int = MAX_SPLIT_SAMPLES) -> m.EvaluateReply:
-    """An ``evaluate`` reply with checked metrics only: accuracy in [0, 1] over 1 to ``max_samples``
-    samples (what the device holds of the split), the zero-shot accuracy and peak memory it may add
-    (NaN when absent), and the seconds, memory and installed flag it passes along when finite."""
+def evaluate_reply(reply: Message, task: Task, max_samples: int = MAX_SPLIT_SAMPLES) -> m.EvaluateReply:
+    """An ``evaluate`` reply with checked metrics only, whatever the task: each of ``task``'s metrics (the
+    run's task, never what the reply says it holds) in its range (:data:`METRIC_RANGES`) and finite, its
+    zero-shot figure likewise or NaN (absent: NaN); ``samples`` 1 to ``max_samples`` (what the device holds
+    of the split), ``count`` 1 to the most those samples can score (themselves for class targets, their
+    tokens up to the task's max length for token targets); peak memory it may add (NaN when absent), and
+    the seconds, memory and installed flag it passes along when finite."""
     kind = "evaluate"
     stats = _metrics(_content(reply, kind), kind)
     extra = {k: float(stats[k]) for k in _EVALUATE_EXTRAS if k in stats and math.isfinite(stats[k])}
-    checked = {
+    samples = int(_number(stats, "samples", kind, 1, max(1, max_samples), integer=True))
+    per_sample = 1 if task.targets == "class" else task.max_length
+    checked: dict[str, Any] = {
         **extra,
-        "accuracy": _number(stats, "accuracy", kind, 0.0, 1.0),
-        "samples": _number(stats, "samples", kind, 1, max(1, max_samples), integer=True),
-        "zero-shot-accuracy": _number(stats, "zero-shot-accuracy", kind, 0.0, 1.0, default=math.nan, nan=True),
+        "samples": samples,
+        "count": _number(stats, "count", kind, 1, samples * per_sample, integer=True),
         "peak-rss-mb": _number(stats, "peak-rss-mb", kind, 0.0, MAX_MB, default=math.nan),
     }
+    for name in task.metric_names:
+        lo, hi = METRIC_RANGES.get(name, (-math.inf, math.inf))
+        checked[name] = _number(stats, name, kind, lo, hi)
+        zero_shot = f"zero-shot-{name}"
+        checked[zero_shot] = _number(stats, zero_shot, kind, lo, hi, default=math.nan, nan=True)
+    for prefix in ("", "zero-shot-"):
+        _perplexity_is_exp_loss(checked, prefix, kind)
     return m.EvaluateReply(stats=checked)
+
+
+def _perplexity_is_exp_loss(checked: dict[str, Any], prefix: str, kind: str) -> None:
+    """A perplexity must be ``exp`` of the loss beside it (capped at 700 nats, as the scores cap it)."""
+    ppl, loss = checked.get(f"{prefix}perplexity"), checked.get(f"{prefix}loss")
+    if ppl is None or loss is None or (math.isnan(ppl) and math.isnan(loss)):
+        return
+    capped = min(loss, 700.0)
+    if math.isnan(ppl) != math.isnan(loss) or abs(math.log(ppl) - capped) > _PERPLEXITY_SLACK * max(1.0, capped):
+        raise ReplyError(kind, f"{prefix}perplexity", f"{ppl!r} is not exp({prefix}loss {loss!r})")
 
 
 # ---- residuals (label-private) ------------------------------------------------------------------

@@ -1,22 +1,26 @@
-"""The run summary: per-device accounting, streaming efficiency, traffic, the accuracy curve against
-(virtual or wall) time, and every bandwidth decision with its reason."""
+"""The run summary: the task's figures, per-device accounting, streaming efficiency, traffic, the
+curve of the task's metrics against (virtual or wall) time, and every bandwidth decision with its reason."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from logging import WARNING
 from typing import Any
 
 from flwr.common.logger import log
 
+from mobiflower.platform.run_summary import metric_key
+from mobiflower.platform.tasks import Task
 from mobiflower.strategies.job import Job
+from mobiflower.strategies.run_state import RunState
 
 
 def time_report(job: Job) -> dict[str, Any]:
-    """Time-to-accuracy material: the accuracy curve against virtual seconds (a fleet simulation) or
-    training wall seconds (no fleet), device compute as the fleet would spend it, and every bandwidth
-    decision with its reason. Evaluation is a measurement: it costs no virtual time."""
+    """Time-to-quality material: the curve of the task's metrics against virtual seconds (a fleet
+    simulation) or training wall seconds (no fleet), device compute as the fleet would spend it, and every
+    bandwidth decision with its reason. Evaluation is a measurement: it costs no virtual time."""
     state, fleet, policy = job.state, job.clock.fleet, job.policy
     devices: dict[str, dict[str, Any]] = {}
     for dev in state.devices.values():
@@ -53,6 +57,32 @@ def time_report(job: Job) -> dict[str, Any]:
     }
 
 
+def task_report(task: Task, final: dict[str, Any], state: RunState) -> dict[str, Any]:
+    """The task's figures, under names that say which metric they are (``m`` with dashes as underscores):
+    ``test_<m>`` and ``zero_shot_<m>`` over every device's test split (the devices weighted by what each
+    scored), ``initial_test_<m>`` (the untrained network's, None when not measured),
+    ``mean_device_test_<m>`` (unweighted over the devices that reported), and the samples and count
+    the test scored."""
+    out: dict[str, Any] = {
+        "task": task.name,
+        "metrics": {
+            "primary": task.primary,
+            "names": list(task.metric_names),
+            "higher_is_better": task.higher_is_better,
+        },
+    }
+    keys = [(name, metric_key(name)) for name in task.metric_names]
+    out.update({f"test_{key}": final[name] for name, key in keys})
+    out.update({f"zero_shot_{key}": final.get(f"zero-shot-{name}", math.nan) for name, key in keys})
+    initial = state.initial or {}
+    out.update({f"initial_test_{key}": initial.get(name) for name, key in keys})
+    for _, key in keys:
+        tested = [d.metrics[f"test_{key}"] for d in state.devices.values() if f"test_{key}" in d.metrics]
+        out[f"mean_device_test_{key}"] = sum(tested) / len(tested) if tested else math.nan
+    out["test_samples"], out["test_count"] = final.get("samples", 0), final.get("count", 0)
+    return out
+
+
 def run_report(
     job: Job, final: dict[str, Any], train_wall: float, run_wall: float, run_config: dict[str, Any]
 ) -> dict[str, Any]:
@@ -79,14 +109,9 @@ def run_report(
     # forward time; 1.0 means the streaming wall time equals the slower of the two sides.
     slowest = totals.slowest_device_s
     efficiency = max(slowest, totals.train_s) / totals.wall_s if totals.wall_s else float("nan")
-    tested = [d for d in state.devices.values() if "test_accuracy" in d.metrics]
     trainer = next(iter(store.trainers.values()))
     return {
-        "test_accuracy": final["accuracy"],
-        "initial_test_accuracy": state.initial["accuracy"] if state.initial else None,
-        "mean_device_test_accuracy": (
-            sum(d.metrics["test_accuracy"] for d in tested) / len(tested) if tested else float("nan")
-        ),
+        **task_report(job.config.task.build(), final, state),
         "devices": per_device,
         "pipeline_efficiency": efficiency,
         "stream_wall_s": totals.wall_s,

@@ -119,7 +119,8 @@ class DeviceState:
             "backbone_forward_s": self.forward_s,
             "failures": self.failures,
             "dropped": self.dropped,
-            "positive_share": self.profile.get("positive-share"),
+            # the share of each label in its training samples (classification; empty for a task without labels)
+            "label_shares": self.profile.get("label-shares"),
             # device forward passes per training sample: 1 with the activation cache, the rounds without
             "forward_passes_per_sample": self.samples_forwarded / self.train_samples if self.train_samples else 0.0,
             "activation_cache": bool(self.profile.get("activation-cache", True)),
@@ -146,7 +147,7 @@ class RunState:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     initial: dict[str, Any] | None = None
-    curve: list[dict[str, Any]] = field(default_factory=list)  # (round, virtual seconds, accuracy) per evaluation
+    curve: list[dict[str, Any]] = field(default_factory=list)  # (round, virtual seconds, task metrics) per evaluation
     late_frames: dict[str, int] = field(default_factory=dict)
     frames_accepted: int = 0
     stream: StreamTotals = field(default_factory=StreamTotals)
@@ -161,6 +162,10 @@ class RunState:
 
 # ---- checkpoints ------------------------------------------------------------------------------------
 RUN_DEFINING = (
+    "task",
+    "labels",
+    "prompt-template",
+    "max-length",
     "mode",
     "family",
     "reduction",

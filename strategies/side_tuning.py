@@ -14,7 +14,8 @@ A Flower :class:`~flwr.serverapp.strategy.Strategy` whose ``start`` runs the Mob
    validation every ``eval-every`` rounds (:mod:`~mobiflower.strategies.evaluation`), and a
    checkpoint (:mod:`~mobiflower.strategies.run_state`).
 5. **Deliver** each device its side network, have each device score its own test split with the
-   installed network alone, and write the run summary (:mod:`~mobiflower.strategies.run_report`).
+   installed network alone (by the task's metrics: :mod:`mobiflower.platform.tasks`), and write the
+   run summary (:mod:`~mobiflower.strategies.run_report`).
 
 Time is the fleet's virtual clock in a simulation with a ``fleet``, wall time otherwise
 (:mod:`~mobiflower.strategies.round_clock`). Every reply is checked before it is used
@@ -42,10 +43,11 @@ from mobiflower.platform import messages as m
 from mobiflower.platform.messages import EvaluateRequest, ForwardRequest
 from mobiflower.platform.pretrained_tail import save_peft_adapter
 from mobiflower.platform.process_memory import RssSampler, current_rss_mb, release_free_heap
-from mobiflower.platform.run_summary import write_summary
+from mobiflower.platform.run_summary import format_metric, metric_key, write_summary
 from mobiflower.platform.side_networks import save_side_network
+from mobiflower.platform.tasks import Task
 from mobiflower.strategies.config import SideTuningConfig
-from mobiflower.strategies.evaluation import Evaluator, deliver, evaluate_requests, weighted_accuracy
+from mobiflower.strategies.evaluation import Evaluator, deliver, evaluate_requests, fleet_metrics
 from mobiflower.strategies.fleet_profile import profile_fleet
 from mobiflower.strategies.job import Job, build_job
 from mobiflower.strategies.round_clock import FleetClock
@@ -64,6 +66,24 @@ from mobiflower.strategies.streaming import StreamingRound, forward_message, for
 __all__ = ["DeviceState", "FleetError", "SideTuningStrategy"]
 
 
+def curve_point(task: Task, rnd: int | str, now: float, split: str, result: dict[str, Any]) -> dict[str, Any]:
+    """A point of the time-to-quality curve: the task's metrics (keys as in the summary) at ``now``."""
+    point: dict[str, Any] = {"round": rnd, "virtual_s": now, "split": split, "metric": task.primary}
+    point.update({metric_key(n): result.get(n) for n in task.metric_names})
+    return point
+
+
+def record_test(task: Task, dev: DeviceState, stats: dict[str, Any]) -> None:
+    """A device's final test of what it installed: ``test_<m>`` and ``zero_shot_<m>`` per task metric,
+    the samples and the count they were scored over, its peak memory."""
+    for name in task.metric_names:
+        dev.metrics[f"test_{metric_key(name)}"] = float(stats[name])
+        dev.metrics[f"zero_shot_{metric_key(name)}"] = float(stats[f"zero-shot-{name}"])
+    dev.metrics["test_samples"] = int(stats["samples"])
+    dev.metrics["test_count"] = int(stats["count"])
+    dev.metrics["device_peak_rss_mb"] = float(stats["peak-rss-mb"])
+
+
 class SideTuningStrategy(Strategy):
     """MobiLLM side-tuning over a Flower ``Grid`` (see the module docstring for the loop)."""
 
@@ -80,6 +100,7 @@ class SideTuningStrategy(Strategy):
         self.clock_for = clock_for
         self.run_dir = Path(run_dir)
         self.run_config = dict(run_config or {})
+        self.task = config.task.build()  # what the fleet fine-tunes for: its metrics name every figure
         self.state = RunState()
         self.job: Job | None = None  # built by start, once the fleet is profiled
 
@@ -128,16 +149,16 @@ class SideTuningStrategy(Strategy):
             self._validate(job, evaluator, rnd, record)
             self._close_round(job, rnd, record, t0, usage, train_wall)
         final = self._finish(job, evaluator)
-        self.state.curve.append(
-            {"round": "final", "virtual_s": job.clock.now, "accuracy": final["accuracy"], "split": "test"}
-        )
+        self.state.curve.append(curve_point(self.task, "final", job.clock.now, "test", final))
         summary = run_report(job, final, train_wall, time.perf_counter() - t_run, self.run_config)
         summary["server_memory"] = {**memory.stop(), "paging": job.store.paging()}
         write_summary(summary, self.run_dir)
+        primary = self.task.primary
         log(
             INFO,
-            "test accuracy %.4f over %d devices; summary in %s",
-            summary["test_accuracy"],
+            "test %s %s over %d devices; summary in %s",
+            primary,
+            format_metric(primary, summary[f"test_{metric_key(primary)}"]),
             len(summary["devices"]),
             self.run_dir / "summary.json",
         )
@@ -192,10 +213,9 @@ class SideTuningStrategy(Strategy):
         if cfg.mode == "hybrid":
             job.store.personalize([d.device_id for d in self.state.working().values()])
         result = evaluator.evaluate(rnd, cfg.eval_split, max_samples=cfg.eval_samples)
-        record[f"{cfg.eval_split}_accuracy"] = result.get("accuracy")
-        self.state.curve.append(
-            {"round": rnd, "virtual_s": job.clock.now, "accuracy": result.get("accuracy"), "split": cfg.eval_split}
-        )
+        for name in self.task.metric_names:
+            record[f"{cfg.eval_split}_{metric_key(name)}"] = result.get(name)
+        self.state.curve.append(curve_point(self.task, rnd, job.clock.now, cfg.eval_split, result))
 
     def _close_round(
         self, job: Job, rnd: int, record: dict[str, Any], t0: float, usage: dict[int, Usage], train_wall: float
@@ -215,7 +235,8 @@ class SideTuningStrategy(Strategy):
         if cfg.crash_after_round == rnd:  # fault injection: die as a killed server would, no cleanup
             log(WARNING, "crash-after-round=%d: killing the server process now", rnd)
             os.kill(os.getpid(), signal.SIGKILL)
-        val = record.get(f"{cfg.eval_split}_accuracy")
+        primary = self.task.primary
+        val = record.get(f"{cfg.eval_split}_{metric_key(primary)}")
         log(
             INFO,
             "[round %d/%d] %s loss %.4f%s, server train %.1f s, wall %.1f s, up %.2f MB, server RSS %.0f MB%s",
@@ -223,7 +244,7 @@ class SideTuningStrategy(Strategy):
             cfg.rounds,
             record.get("phase", "stream"),
             record.get("loss", float("nan")),
-            f", {cfg.eval_split} accuracy {val:.4f}" if val is not None else "",
+            f", {cfg.eval_split} {primary} {format_metric(primary, val)}" if val is not None else "",
             record["server_train_s"],
             record["wall_s"],
             record["bytes_up"] / 1e6,
@@ -291,10 +312,7 @@ class SideTuningStrategy(Strategy):
         for dev in self.state.devices.values():
             stats = result["per_device"].get(dev.device_id)
             if stats:
-                dev.metrics["test_accuracy"] = float(stats["accuracy"])
-                dev.metrics["test_samples"] = int(stats["samples"])
-                dev.metrics["zero_shot_accuracy"] = float(stats["zero-shot-accuracy"])
-                dev.metrics["device_peak_rss_mb"] = float(stats["peak-rss-mb"])
+                record_test(self.task, dev, stats)
         return result
 
     # ---- Flower's Strategy hooks (the loop above calls the typed functions they wrap) ---------------
@@ -302,7 +320,8 @@ class SideTuningStrategy(Strategy):
         cfg = self.config
         log(
             INFO,
-            "SideTuningStrategy: mode=%s family=%s r=%d rounds=%d chunk=%d in-flight=%d bits=%d cache=%s%s",
+            "SideTuningStrategy: task=%s mode=%s family=%s r=%d rounds=%d chunk=%d in-flight=%d bits=%d cache=%s%s",
+            self.task.name,
             cfg.mode,
             cfg.family,
             cfg.reduction,
@@ -355,5 +374,5 @@ class SideTuningStrategy(Strategy):
         return evaluate_requests(self.job, server_round, request)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Sample-weighted accuracy over the devices that answered."""
-        return weighted_accuracy(replies)
+        """The task's metrics over the devices whose replies pass their checks, weighted by their counts."""
+        return fleet_metrics(replies, self.task)

@@ -1,5 +1,5 @@
-"""Hostile device replies: profile, forward metrics, evaluation, residuals and delivery receipts are checked
-before the strategy uses them. Whatever values Flower lets a device send, a check either returns values
+"""Hostile device replies: profile, forward metrics, evaluation (any task's metrics), residuals and delivery
+receipts are checked before the strategy uses them. Whatever values Flower lets a device send, a check either returns values
 inside their documented bounds or raises ReplyError naming the message and field; the strategy counts
 it per device and goes on (profiles and residuals through the strategy itself, with a stand-in grid)."""
 
@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mobiflower.platform import messages as m
+from mobiflower.platform.tasks import CausalLMTask, ClassificationTask
 from mobiflower.strategies import reply_checks as rc
 from mobiflower.strategies.reply_checks import ReplyError
 
@@ -62,7 +63,7 @@ def _profile(**changes) -> _Reply:
         "train": 32,
         "validation": 8,
         "test": 8,
-        "positive-share": 0.5,
+        "label-shares": [0.25, 0.75],
         "forward-samples-per-s": 90.0,
         "load-s": 0.1,
         "rss-mb": 300.0,
@@ -104,7 +105,7 @@ PROFILE_STATS = [
     "train",
     "validation",
     "test",
-    "positive-share",
+    "label-shares",
     "forward-samples-per-s",
     "load-s",
     "rss-mb",
@@ -157,7 +158,28 @@ def test_any_profile_measurement_is_checked_or_refused_by_field(key, value):
         return
     for split in ("train", "validation", "test"):
         assert isinstance(profile[split], int) and 0 <= profile[split] <= rc.MAX_SPLIT_SAMPLES
+    shares = profile.pop("label-shares", [])
     assert all(math.isfinite(v) and v >= 0 for k, v in profile.items() if k in PROFILE_STATS)
+    assert all(isinstance(v, float) and 0 <= v <= 1 for v in shares) and sum(shares) <= 1 + 1e-3
+
+
+@pytest.mark.parametrize(
+    "shares, labels, text",
+    [
+        ([0.5, 0.6], None, "sum to at most 1"),
+        ([-0.1, 1.0], None, "each share must lie in [0, 1]"),
+        ([math.nan, 0.5], None, "each share must lie in [0, 1]"),
+        ([0.2, 0.3, 0.5], 2, "2 (the task's labels)"),
+        ([0.001] * (rc.MAX_LABELS + 1), None, f"at most {rc.MAX_LABELS}"),
+    ],
+)
+def test_label_shares_are_one_share_per_label_of_the_task(shares, labels, text):
+    with pytest.raises(ReplyError) as e:
+        rc.profile_reply(_profile(**{"label-shares": shares}), num_labels=labels)
+    assert e.value.field == "label-shares" and text in e.value.message, e.value
+    assert rc.profile_reply(_profile(), num_labels=2).measurements["label-shares"] == [0.25, 0.75]
+    assert rc.profile_reply(_profile(**{"label-shares": []}), num_labels=2).measurements["label-shares"] == []
+    assert "label-shares" not in rc.profile_reply(_profile(**{"label-shares": _DROP})).measurements
 
 
 @pytest.mark.parametrize(
@@ -222,32 +244,126 @@ def test_a_forward_reply_must_say_it_forwarded_what_was_asked():
         rc.forward_reply(many, samples=4)
 
 
-@PROPERTY
-@given(
-    key=st.sampled_from(["accuracy", "samples", "zero-shot-accuracy", "peak-rss-mb", "seconds"]),
-    value=st.one_of(metric_values, st.just(_DROP)),
-)
-def test_any_evaluation_metric_is_checked_or_refused_by_field(key, value):
-    values = {
+CLASSIFICATION, CAUSAL_LM = ClassificationTask(), CausalLMTask(max_length=64)
+HONEST_EVALUATIONS = {
+    "classification": {
         "accuracy": 0.75,
-        "samples": 8,
+        "macro-f1": 0.7,
         "zero-shot-accuracy": 0.5,
+        "zero-shot-macro-f1": 0.4,
+        "samples": 8,
+        "count": 8,
         "seconds": 1.0,
         "peak-rss-mb": 300.0,
-        key: value,
-    }
+    },
+    "causal-lm": {
+        "perplexity": math.exp(2.5),
+        "loss": 2.5,
+        "token-accuracy": 0.4,
+        "zero-shot-perplexity": math.exp(3.0),
+        "zero-shot-loss": 3.0,
+        "zero-shot-token-accuracy": 0.3,
+        "samples": 4,
+        "count": 200,
+        "seconds": 1.0,
+        "peak-rss-mb": 300.0,
+    },
+}
+
+
+def _evaluation(task: str, **changes) -> _Reply:
+    values = {**HONEST_EVALUATIONS[task], **changes}
+    return _Reply(RecordDict({m.STATS_KEY: MetricRecord({k: v for k, v in values.items() if v is not _DROP})}))
+
+
+@PROPERTY
+@given(
+    key=st.sampled_from(sorted(HONEST_EVALUATIONS["classification"])), value=st.one_of(metric_values, st.just(_DROP))
+)
+def test_any_evaluation_metric_is_checked_or_refused_by_field(key, value):
     try:
-        reply = _Reply(RecordDict({m.STATS_KEY: MetricRecord({k: v for k, v in values.items() if v is not _DROP})}))
+        reply = _evaluation("classification", **{key: value})
     except (TypeError, ValueError):
         return
     try:
-        stats = rc.evaluate_reply(reply, max_samples=8).stats
+        stats = rc.evaluate_reply(reply, CLASSIFICATION, max_samples=8).stats
     except ReplyError as err:
         assert err.kind == "evaluate" and err.field in (key, m.STATS_KEY), err
         return
-    assert 0 <= stats["accuracy"] <= 1 and 1 <= stats["samples"] <= 8  # what weights the fleet's accuracy
-    assert math.isnan(stats["zero-shot-accuracy"]) or 0 <= stats["zero-shot-accuracy"] <= 1
-    assert all(math.isfinite(v) for k, v in stats.items() if k != "zero-shot-accuracy" and k != "peak-rss-mb")
+    for name in ("accuracy", "macro-f1"):  # what the fleet's figures are made of
+        assert 0 <= stats[name] <= 1
+        assert math.isnan(stats[f"zero-shot-{name}"]) or 0 <= stats[f"zero-shot-{name}"] <= 1
+    assert 1 <= stats["count"] <= stats["samples"] <= 8  # what weights the fleet's figures
+    assert all(math.isfinite(v) for k, v in stats.items() if not k.startswith("zero-shot-") and k != "peak-rss-mb")
+
+
+@PROPERTY
+@given(key=st.sampled_from(sorted(HONEST_EVALUATIONS["causal-lm"])), value=st.one_of(metric_values, st.just(_DROP)))
+def test_any_causal_lm_evaluation_metric_is_checked_or_refused_by_field(key, value):
+    try:
+        reply = _evaluation("causal-lm", **{key: value})
+    except (TypeError, ValueError):
+        return
+    try:
+        stats = rc.evaluate_reply(reply, CAUSAL_LM, max_samples=4).stats
+    except ReplyError as err:
+        # a loss or perplexity in range that disagrees with the other is refused as a perplexity
+        agreement = err.field.endswith("perplexity") and key.endswith(("loss", "perplexity"))
+        assert err.kind == "evaluate" and (err.field in (key, m.STATS_KEY) or agreement), err
+        return
+    for prefix in ("", "zero-shot-"):
+        ppl, loss, acc = (stats[f"{prefix}{n}"] for n in ("perplexity", "loss", "token-accuracy"))
+        if prefix and math.isnan(ppl):
+            assert math.isnan(loss)
+            continue
+        assert math.isfinite(ppl) and ppl >= 1 and math.isfinite(loss) and loss >= 0
+        assert math.log(ppl) == pytest.approx(min(loss, 700.0), rel=1e-3)
+        assert 0 <= acc <= 1 or (prefix and math.isnan(acc))
+    assert 1 <= stats["samples"] <= 4 and 1 <= stats["count"] <= stats["samples"] * 64  # scored tokens bounded
+
+
+@pytest.mark.parametrize(
+    "task, change, key, text",
+    [
+        ("causal-lm", {"perplexity": 0.5, "loss": 0.0}, "perplexity", "outside [1, inf]"),
+        ("causal-lm", {"loss": math.nan}, "loss", "outside [0, inf]"),
+        ("causal-lm", {"loss": -0.5}, "loss", "outside [0, inf]"),
+        ("causal-lm", {"perplexity": math.inf}, "perplexity", "outside [1, inf]"),
+        ("causal-lm", {"perplexity": 5.0}, "perplexity", "is not exp(loss 2.5)"),
+        ("causal-lm", {"count": 4 * 64 + 1}, "count", "outside [1, 256]"),  # more tokens than 4 samples can hold
+        ("causal-lm", {"count": 0}, "count", "outside [1, 256]"),
+        ("causal-lm", {"count": 20.5}, "count", "whole number"),
+        ("causal-lm", {"token-accuracy": _DROP}, "token-accuracy", "missing"),
+        ("causal-lm", {"loss": _DROP}, "loss", "missing"),
+        ("causal-lm", {"zero-shot-token-accuracy": 1.5}, "zero-shot-token-accuracy", "outside [0, 1]"),
+        ("causal-lm", {"zero-shot-loss": math.nan}, "zero-shot-perplexity", "is not exp(zero-shot-loss nan)"),
+        ("classification", {"macro-f1": _DROP}, "macro-f1", "missing"),
+        ("classification", {"macro-f1": math.nan}, "macro-f1", "outside [0, 1]"),
+        ("classification", {"count": 9}, "count", "outside [1, 8]"),  # more scored samples than it scored
+        ("classification", {"count": _DROP}, "count", "missing"),
+    ],
+)
+def test_hostile_evaluations_are_refused_naming_the_key(task, change, key, text):
+    tasks = {"classification": CLASSIFICATION, "causal-lm": CAUSAL_LM}
+    with pytest.raises(ReplyError) as e:
+        rc.evaluate_reply(_evaluation(task, **change), tasks[task], max_samples=8)
+    assert (e.value.field, e.value.reason) == (key, f"evaluate: {key}") and text in e.value.message, e.value
+    assert f"evaluate reply, {key}:" in str(e.value)  # the message names the key
+
+
+def test_the_run_names_the_metrics_an_evaluation_must_hold_not_the_reply():
+    """A reply carrying another task's metrics (a device that thinks it runs classification in a causal-LM
+    run) is refused for the metric it lacks, and figures it adds are not passed along."""
+    classified = _evaluation("classification")
+    with pytest.raises(ReplyError, match="evaluate reply, perplexity: the 'perplexity' entry is missing"):
+        rc.evaluate_reply(classified, CAUSAL_LM)
+    stats = rc.evaluate_reply(_evaluation("causal-lm", accuracy=0.9, bogus=1.0), CAUSAL_LM).stats
+    assert "accuracy" not in stats and "bogus" not in stats
+    assert stats["count"] == 200 and stats["zero-shot-loss"] == 3.0
+    honest = rc.evaluate_reply(
+        _evaluation("causal-lm", **{"zero-shot-perplexity": _DROP, "zero-shot-loss": _DROP}), CAUSAL_LM
+    )
+    assert math.isnan(honest.zero_shot("perplexity")) and honest.metric("loss") == 2.5 and honest.count == 200
 
 
 @PROPERTY

@@ -88,6 +88,7 @@ def test_a_killed_server_resumes_to_the_same_weights(real_assets, tiny_llama, tm
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert resumed["test_accuracy"] == whole["test_accuracy"]
+    assert resumed["test_macro_f1"] == whole["test_macro_f1"]
 
 
 def _accounting(summary: dict) -> dict:
@@ -99,7 +100,10 @@ def _accounting(summary: dict) -> dict:
     return {
         "devices": {d: kept(v) for d, v in summary["devices"].items()},
         "rounds": [kept(r) for r in summary["rounds"]],
-        **{k: summary[k] for k in ("test_accuracy", "frames", "frame_bytes", "bytes_up", "bytes_down")},
+        **{
+            k: summary[k]
+            for k in ("test_accuracy", "test_macro_f1", "test_count", "frames", "frame_bytes", "bytes_up", "bytes_down")
+        },
     }
 
 
@@ -130,3 +134,5 @@ def test_resume_refuses_changed_settings_and_a_missing_checkpoint(real_assets, t
         run_fleet(tmp_path, 1, _config(tiny_llama, run_dir, **{"crash-after-round": 1, "rounds": 2}))
     with pytest.raises(FleetError, match="lr 0.001 -> 0.002"):
         run_fleet(tmp_path, 1, _config(tiny_llama, run_dir, resume=True, rounds=2, lr=0.002))
+    with pytest.raises(FleetError, match="labels 'negative,positive' -> 'rotten,fresh'"):  # the task is the run's too
+        run_fleet(tmp_path, 1, _config(tiny_llama, run_dir, resume=True, rounds=2, labels="rotten,fresh"))

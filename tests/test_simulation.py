@@ -1,4 +1,5 @@
-"""A real Flower simulation (``flwr run`` with the Ray engine) of a two-device fleet, and its CLI errors.
+"""A real Flower simulation (``flwr run`` with the Ray engine) of a two-device fleet, its CLI errors, and
+what a run prints and plots for its task (the table, the summary plot, ``compare``).
 
 The backbone is a tiny random Llama (fast); the data is the bundled corpus. Accuracy is not the
 point here (test_local and the benchmarks measure it on the real model): the run must survive its
@@ -141,7 +142,7 @@ def test_simulated_fleet_per_device_with_fedavg_survives_a_killed_server(real_as
         run_config={**run_config, "resume": True},
     )
     summary = run_simulate(config, out=str(tmp_path / "sim.json"), quiet=True)
-    assert summary["simulation"]["status"] == "finished:completed"
+    assert summary["simulation"]["status"] == "finished:completed" and summary["metrics"]["primary"] == "accuracy"
     assert summary["events"] == ["resumed after round 2"]
     assert json.loads((tmp_path / "sim.json").read_text())["test_accuracy"] == summary["test_accuracy"]
     assert (run_dir / "summary.png").stat().st_size > 0
@@ -151,7 +152,7 @@ def test_simulated_fleet_per_device_with_fedavg_survives_a_killed_server(real_as
     assert sorted(devices) == ["device-0", "device-1"]
     for device in devices.values():
         assert device["frames"] == 3 and device["samples_forwarded"] == 24  # 24 samples in chunks of 8, once
-        assert device["bytes_up"] >= device["frame_bytes"] > 0
+        assert device["bytes_up"] >= device["frame_bytes"] > 0 and 0.0 <= device["test_macro_f1"] <= 1.0
         assert device["bytes_down"] > 0 and device["delivered"] == 1 and device["test_samples"] == 8
         assert 0.0 <= device["test_accuracy"] <= 1.0 and not device["failures"]
     assert summary["frame_bytes"] == sum(d["frame_bytes"] for d in devices.values())
@@ -161,7 +162,7 @@ def test_simulated_fleet_per_device_with_fedavg_survives_a_killed_server(real_as
     # a cached round forwards nothing for training; round 2's validation (on the server) forwarded each device's
     # validation samples once, and they are all its bytes up
     assert rounds[1]["bytes_up"] == sum(d["eval_bytes_up"] for d in devices.values()) > 0
-    assert rounds[1].get("aggregated") and "validation_accuracy" in rounds[1]
+    assert rounds[1].get("aggregated") and "validation_accuracy" in rounds[1] and "validation_macro_f1" in rounds[1]
     assert summary["device_forward_s"] > 0 and summary["server_train_s"] > 0
     assert 0 < summary["pipeline_efficiency"] <= 1.05
     assert summary["side_network"]["bits"] == 4
@@ -169,3 +170,106 @@ def test_simulated_fleet_per_device_with_fedavg_survives_a_killed_server(real_as
     first = rounds[0]["devices"]
     assert sum(d["frame_bytes"] for d in first.values()) == summary["frame_bytes"]
     assert all(rounds[2]["devices"][d]["bytes_up"] == 0 for d in devices)
+
+
+# ---- what a run prints and plots, for any task ------------------------------------------------------
+def _lm_summary() -> dict:
+    """A causal-LM run's summary as the strategy writes it (two devices, a zero-shot figure on one)."""
+    device = {"bytes_up": 1e6, "bytes_down": 2e5, "device_forward_s": 3.0, "test_samples": 4, "test_count": 300}
+    lm = {"test_perplexity": 23.4137, "test_loss": 3.1533, "test_token_accuracy": 0.4012}
+    return {
+        "task": "causal-lm",
+        "metrics": {
+            "primary": "perplexity",
+            "names": ["perplexity", "loss", "token-accuracy"],
+            "higher_is_better": False,
+        },
+        "devices": {
+            "device-0": {**device, **lm, "zero_shot_perplexity": 61.2, "device_peak_rss_mb": 900.0},
+            "device-1": {**device, **lm, "zero_shot_perplexity": None, "zero_shot_macro_f1": None},
+        },
+        **lm,
+        "zero_shot_perplexity": 61.2,
+        "zero_shot_loss": 4.114,
+        "zero_shot_token_accuracy": None,
+        "initial_test_perplexity": 70.0,
+        "bytes_up": 2e6,
+        "bytes_down": 4e5,
+        "frames": 2,
+        "frame_bytes": 9e5,
+        "device_forward_s": 6.0,
+        "server_train_s": 1.0,
+        "train_wall_s": 2.0,
+        "pipeline_efficiency": 0.8,
+        "run_wall_s": 60.0,
+        "config": {"mode": "shared", "rounds": 2, "bits": 8, "eval-split": "validation"},
+        "rounds": [
+            {"round": 1, "loss": 4.0, "validation_perplexity": 40.0, "bytes_up": 1e6, "bytes_down": 0},
+            {"round": 2, "loss": 3.0, "validation_perplexity": None, "bytes_up": 1e6, "bytes_down": 4e5},
+        ],
+    }
+
+
+def test_the_printed_table_has_the_tasks_columns_and_leaves_empty_ones_out():
+    from mobiflower.simulations.simulate import format_summary
+
+    text = format_summary(_lm_summary())
+    header, first, second = text.splitlines()[:3]
+    assert header.split()[:6] == ["device", "test", "ppl", "test", "loss", "test"]
+    assert "zero-shot ppl" in header and "zero-shot loss" not in header and "zero-shot tok acc" not in header
+    assert "scored" in header and "acc" not in header.replace("tok acc", "")  # no classification column
+    assert first.split()[1:3] == ["23.41", "3.1533"] and "61.20" in first and "300" in first
+    assert second.split()[first.split().index("61.20")] == "n/a"  # device-1 has no zero-shot figure
+    assert "test perplexity 23.41, loss 3.1533, token-accuracy 0.4012 (all devices' scored tokens)" in text
+    assert "zero-shot backbone: perplexity 61.20, loss 4.1140" in text
+    assert "untrained side network (round 0): perplexity 70.00" in text
+
+
+def test_a_classification_table_keeps_its_columns():
+    from mobiflower.simulations.simulate import format_summary
+
+    device = {"bytes_up": 1e6, "bytes_down": 2e5, "device_forward_s": 3.0, "test_samples": 4, "test_count": 4}
+    summary = {
+        **{k: v for k, v in _lm_summary().items() if not k.startswith(("test_", "zero_shot_", "initial_"))},
+        "task": "classification",
+        "metrics": {"primary": "accuracy", "names": ["accuracy", "macro-f1"], "higher_is_better": True},
+        "devices": {"device-0": {**device, "test_accuracy": 0.75, "test_macro_f1": 0.7, "zero_shot_accuracy": 0.5}},
+        "test_accuracy": 0.75,
+        "test_macro_f1": 0.7,
+    }
+    header, row = format_summary(summary).splitlines()[:2]
+    assert header.split()[1:5] == ["test", "acc", "test", "F1"] and "zero-shot acc" in header
+    assert "zero-shot F1" not in header and "scored" not in header  # no F1 zero-shot; count = samples
+    assert row.split()[1:4] == ["0.7500", "0.7000", "0.5000"]
+    assert "test accuracy 0.7500, macro-f1 0.7000 (all devices' test samples)" in format_summary(summary)
+
+
+def test_the_summary_plot_shows_the_primary_metric_by_name(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from mobiflower.platform.run_summary import plot_rounds
+
+    titles, labels = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, t, *a, **k: titles.append(t))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda ax, t, *a, **k: labels.append(t))
+    path = plot_rounds(_lm_summary(), tmp_path / "summary.png")
+    assert path.stat().st_size > 0
+    assert "perplexity" in titles and labels == ["perplexity"] and "accuracy" not in titles
+
+
+def test_compare_shows_each_tasks_metrics_and_leaves_empty_columns_out():
+    from mobiflower.simulations.compare import format_comparison, seed_groups
+
+    cls = {"method": "lora", "test_accuracy": 0.85, "zero_shot_accuracy": float("nan"), "config": {"seed": 0}}
+    lm = {
+        "method": "mobiflower",
+        "family": "tail",
+        **{k: v for k, v in _lm_summary().items() if k in ("task", "metrics", "test_perplexity", "test_loss")},
+        "zero_shot_perplexity": 61.2,
+    }
+    header, *rows = format_comparison([("cls.json", cls), ("lm.json", lm)]).splitlines()
+    assert header.split("  ")[2:] and "test accuracy" in header and "test perplexity" in header
+    assert "zero-shot perplexity" in header and "zero-shot accuracy" not in header  # NaN everywhere: left out
+    assert "test token-accuracy" not in header and "wire" not in header
+    assert "23.41" in rows[1] and "61.20" in rows[1] and "0.8500" in rows[0]
+    assert [g["metric"] for g in seed_groups([("cls.json", cls), ("lm.json", lm)])] == ["accuracy", "perplexity"]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from mobiflower.platform import messages as m
-from mobiflower.strategies.evaluation import weighted_accuracy
+from mobiflower.platform.tasks import CausalLMTask, ClassificationTask
+from mobiflower.strategies.evaluation import fleet_figures, fleet_metrics
 from mobiflower.strategies.reply_checks import forward_reply
+
+CLASSIFICATION, CAUSAL_LM = ClassificationTask(), CausalLMTask(max_length=64)
 
 
 class _Reply:
@@ -57,15 +62,56 @@ def test_malformed_forward_replies_are_refused_with_a_reason(content, why):
         forward_reply(_Reply(content))
 
 
+def _scores(**stats) -> _Reply:
+    return _Reply(RecordDict({m.STATS_KEY: MetricRecord(stats)}))
+
+
+def _classified(accuracy: float, samples: int, f1: float = 0.5) -> _Reply:
+    return _scores(accuracy=accuracy, **{"macro-f1": f1}, samples=samples, count=samples)
+
+
 def test_evaluate_replies_without_valid_metrics_are_skipped():
-    good = _Reply(RecordDict({m.STATS_KEY: MetricRecord({"accuracy": 0.75, "samples": 8})}))
-    other = _Reply(RecordDict({m.STATS_KEY: MetricRecord({"accuracy": 0.25, "samples": 24})}))
-    assert weighted_accuracy([good])["accuracy"] == 0.75
-    assert weighted_accuracy([good, other])["accuracy"] == 0.375  # weighted by samples
+    good, other = _classified(0.75, 8, f1=0.7), _classified(0.25, 24, f1=0.2)
+    assert fleet_metrics([good], CLASSIFICATION)["accuracy"] == 0.75
+    both = fleet_metrics([good, other], CLASSIFICATION)
+    assert both["accuracy"] == 0.375 and both["macro-f1"] == pytest.approx(0.325)  # weighted by samples
+    assert (both["samples"], both["count"]) == (32, 32)
     bad = [
         _Reply(error="device crashed"),
         _Reply(RecordDict({})),
-        _Reply(RecordDict({m.STATS_KEY: MetricRecord({"accuracy": 3.0, "samples": 8})})),
+        _classified(3.0, 8),
+        _scores(accuracy=0.75, samples=8, count=8),  # no macro-f1: a metric of the task is missing
+        _scores(accuracy=0.75, **{"macro-f1": 0.5}, samples=8),  # no count to weigh it by
     ]
-    assert weighted_accuracy(bad) is None
-    assert weighted_accuracy([good, *bad]) == weighted_accuracy([good])
+    assert fleet_metrics(bad, CLASSIFICATION) is None
+    assert fleet_metrics([good, *bad], CLASSIFICATION) == fleet_metrics([good], CLASSIFICATION)
+
+
+def _lm(loss: float, tokens: int, samples: int = 8, accuracy: float = 0.5) -> _Reply:
+    return _scores(perplexity=math.exp(loss), loss=loss, **{"token-accuracy": accuracy}, samples=samples, count=tokens)
+
+
+def test_a_fleets_perplexity_is_exp_of_its_token_weighted_loss_not_a_mean_of_perplexities():
+    """Two devices: 100 scored tokens at loss 1 and 300 at loss 3. The fleet's loss is (100 + 900) / 400 =
+    2.5 and its perplexity exp(2.5), neither the mean of the two perplexities nor the per-device mean loss."""
+    fleet = fleet_metrics([_lm(1.0, 100, accuracy=0.8), _lm(3.0, 300, accuracy=0.4)], CAUSAL_LM)
+    assert fleet["loss"] == pytest.approx(2.5)
+    assert fleet["perplexity"] == pytest.approx(math.exp(2.5))
+    assert fleet["perplexity"] != pytest.approx((math.e + math.exp(3.0)) / 2)  # 11.4, not 12.2
+    assert fleet["token-accuracy"] == pytest.approx(0.5)  # (80 + 120) / 400 correct tokens
+    assert (fleet["count"], fleet["samples"]) == (400, 16)
+    assert math.isnan(fleet["zero-shot-perplexity"])  # neither device reported a zero-shot figure
+
+
+def test_zero_shot_figures_combine_over_the_devices_that_have_them():
+    per_device = {
+        "a": {"perplexity": math.e, "loss": 1.0, "token-accuracy": 0.5, "count": 100, "samples": 2,
+              "zero-shot-perplexity": math.exp(2.0), "zero-shot-loss": 2.0, "zero-shot-token-accuracy": 0.3},
+        "b": {"perplexity": math.e, "loss": 1.0, "token-accuracy": 0.5, "count": 300, "samples": 2,
+              "zero-shot-perplexity": math.nan, "zero-shot-loss": math.nan, "zero-shot-token-accuracy": math.nan},
+    }  # fmt: skip
+    fleet = fleet_figures(CAUSAL_LM, per_device)
+    assert fleet["zero-shot-loss"] == 2.0 and fleet["zero-shot-perplexity"] == pytest.approx(math.exp(2.0))
+    assert fleet["perplexity"] == pytest.approx(math.e)
+    nobody = fleet_figures(CAUSAL_LM, {})
+    assert math.isnan(nobody["perplexity"]) and (nobody["count"], nobody["samples"]) == (0, 0)

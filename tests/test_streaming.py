@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from families import LADDER
 from inprocess_grid import of_type, run_fleet
 
@@ -49,8 +50,19 @@ def test_a_round_streams_in_flight_requests_and_accounts_for_every_frame(real_as
     assert [r["phase"] for r in rounds] == ["stream", "cache", "cache"]
     # a cached round forwards nothing for training: round 2's bytes up are the validation frames alone
     assert rounds[1]["bytes_up"] == sum(d["eval_bytes_up"] for d in devices.values()) > 0
-    assert rounds[1].get("aggregated") and "validation_accuracy" in rounds[1]
+    assert rounds[1].get("aggregated") and "validation_accuracy" in rounds[1] and "validation_macro_f1" in rounds[1]
     assert sum(d["frame_bytes"] for d in rounds[0]["devices"].values()) == summary["frame_bytes"]
+    # the task's figures, by name: the bundled job is classification, scored by accuracy and macro-F1
+    assert summary["task"] == "classification"
+    assert summary["metrics"] == {"primary": "accuracy", "names": ["accuracy", "macro-f1"], "higher_is_better": True}
+    for device in devices.values():
+        assert 0 <= device["test_accuracy"] <= 1 and 0 <= device["test_macro_f1"] <= 1
+        assert device["test_count"] == device["test_samples"]  # a classifier scores samples
+        assert len(device["label_shares"]) == 2 and sum(device["label_shares"]) == pytest.approx(1.0)
+    assert summary["test_samples"] == summary["test_count"] == 16
+    assert summary["test_accuracy"] == pytest.approx(
+        sum(d["test_accuracy"] * d["test_samples"] for d in devices.values()) / 16
+    )
     assert summary["frames"] == summary["frames_accepted"] == 8
     assert {p.name for p in (tmp_path / "run" / "checkpoint").iterdir()} >= {"device-0", "device-1", "store.json"}
     # every device handled its requests in the order of the protocol
@@ -109,3 +121,44 @@ def test_without_overlap_the_serial_baseline_trains_the_same_frames(real_assets,
     assert serial["frames_accepted"] == overlapped["frames_accepted"] == 8
     assert serial["rounds"][0]["loss"] == overlapped["rounds"][0]["loss"]
     assert Path(tmp_path / "b" / "run" / "summary.json").exists()
+
+
+def test_a_causal_lm_fleet_is_scored_by_its_own_metrics(real_assets, tiny_llama, tmp_path):
+    """Task ``causal-lm`` on the pretrained tail: validation on the server and the final test on the devices
+    report perplexity, loss and token accuracy by name, the fleet's perplexity is exp of its token-weighted
+    loss, and nothing in the summary speaks of accuracy or labels."""
+    import math
+
+    from mobiflower.simulations.simulate import format_summary
+
+    config = {
+        "model": tiny_llama,
+        "task": "causal-lm",
+        "num-taps": 2,
+        "train-samples": 16,
+        "validation-samples": 8,
+        "test-samples": 8,
+        "rounds": 2,
+        "chunk-size": 8,
+        "eval-every": 1,
+        "max-length": 32,
+    }
+    summary, _ = run_fleet(tmp_path, 2, config)
+    assert summary["task"] == "causal-lm" and summary["metrics"]["primary"] == "perplexity"
+    assert not [k for k in summary if "accuracy" in k and "token_accuracy" not in k]
+    devices = summary["devices"].values()
+    for device in devices:
+        assert device["label_shares"] == [] and not device["failures"] and device["delivered"] == 1
+        assert device["test_perplexity"] == pytest.approx(math.exp(device["test_loss"]))
+        assert device["test_count"] > device["test_samples"] == 4  # scored tokens, not samples
+        assert math.isfinite(device["zero_shot_perplexity"]) and 0 <= device["test_token_accuracy"] <= 1
+    tokens = sum(d["test_count"] for d in devices)
+    assert summary["test_count"] == tokens and summary["test_samples"] == 8
+    loss = sum(d["test_loss"] * d["test_count"] for d in devices) / tokens  # the fleet: weighted by tokens
+    assert summary["test_loss"] == pytest.approx(loss)
+    assert summary["test_perplexity"] == pytest.approx(math.exp(loss)) and summary["zero_shot_perplexity"] >= 1
+    first = summary["rounds"][0]  # validation on the server, from kept frames
+    assert first["validation_perplexity"] == pytest.approx(math.exp(first["validation_loss"]))
+    curve = summary["virtual"]["curve"]
+    assert [p["metric"] for p in curve] == ["perplexity"] * 2 and curve[-1]["perplexity"] == summary["test_perplexity"]
+    assert "test perplexity" in format_summary(summary)

@@ -4,7 +4,8 @@ Devices get a Dirichlet(alpha) split by label (alpha = 0.1: most devices hold mo
 and each device's validation and test samples follow its own label mix, so "accuracy on the
 device's own held-out data" is what a user of that device sees. The same fleet, samples and seed
 run once per mode; the table reports every device's own test accuracy per mode, the pooled
-accuracy over all devices' own test samples (the verdict) and the unweighted mean over devices.
+accuracy over all devices' own test samples (the verdict) and the unweighted mean over devices, beside
+each device's label mix (its profile's label shares, in percent per label).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def run_modes_bench(
             d: {
                 "test_accuracy": v.get("test_accuracy"),
                 "test_samples": v.get("test_samples"),
-                "positive_share": v.get("positive_share"),
+                "label_shares": v.get("label_shares"),
             }
             for d, v in summary["devices"].items()
         }
@@ -90,23 +91,29 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 def format_table(result: dict[str, Any]) -> str:
     names = list(result["runs"])
     devices = sorted(next(iter(result["runs"].values()))["devices"])
-    lines = [f"{'device':<10} {'test n':>7} {'% pos':>6} " + " ".join(f"{n:>11}" for n in names)]
+    shares = {d: _shares(result["runs"][names[0]]["devices"][d].get("label_shares")) for d in devices}
+    width = max([9, *(len(s) for s in shares.values())])
+    lines = [f"{'device':<10} {'test n':>7} {'% labels':>{width}} " + " ".join(f"{n:>11}" for n in names)]
     for d in devices:
         first = result["runs"][names[0]]["devices"][d]
-        share = first.get("positive_share")
         accs = [result["runs"][name]["devices"][d]["test_accuracy"] for name in names]
         lines.append(
-            f"{d:<10} {first['test_samples']:>7} {'' if share is None else f'{100 * share:.0f}':>6} "
-            + " ".join(f"{a:>11.4f}" for a in accs)
+            f"{d:<10} {first['test_samples']:>7} {shares[d]:>{width}} " + " ".join(f"{a:>11.4f}" for a in accs)
         )
     lines.append(
-        f"{'mean':<10} {'':>7} {'':>6} "
+        f"{'mean':<10} {'':>7} {'':>{width}} "
         + " ".join(f"{result['runs'][n]['mean_device_test_accuracy']:>11.4f}" for n in names)
     )
     lines.append(
-        f"{'pooled':<10} {'':>7} {'':>6} " + " ".join(f"{result['runs'][n]['test_accuracy']:>11.4f}" for n in names)
+        f"{'pooled':<10} {'':>7} {'':>{width}} "
+        + " ".join(f"{result['runs'][n]['test_accuracy']:>11.4f}" for n in names)
     )
     return "\n".join(lines + [""] + acceptance_lines(result, ACCEPTANCE, width=28))
+
+
+def _shares(shares: list[float] | None) -> str:
+    """A device's label mix in percent, in label order (``12/88``); empty when it reported none."""
+    return "/".join(f"{100 * s:.0f}" for s in shares) if shares else ""
 
 
 def plot(result: dict[str, Any], path: str) -> Path:
