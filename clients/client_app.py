@@ -15,6 +15,7 @@ with its own copy of the context.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from mobiflower.clients.device_setup import DeviceSetup, examples_at
-from mobiflower.clients.inference import TailClassifier, installed_classifier
+from mobiflower.clients.inference import installed_model
 from mobiflower.clients.runtime import ForwardConfig
 from mobiflower.platform import messages as m
 from mobiflower.platform.precision import normalize_precision
@@ -86,6 +87,15 @@ def _memory_mb() -> tuple[float, float]:
     return current_rss_mb(), peak_rss_mb()
 
 
+def label_shares(num_classes: int, train: list) -> list[float]:
+    """The share of the training samples per label (empty for a task without labels: causal-LM)."""
+    counts = [0] * num_classes
+    for e in train:
+        if 0 <= e.label < num_classes:
+            counts[e.label] += 1
+    return [c / max(1, len(train)) for c in counts]
+
+
 @app.query("profile")
 def profile(msg: Message, context: Context) -> Message:
     """Describe this device: backbone, data sizes, measured forward speed and memory."""
@@ -95,7 +105,7 @@ def profile(msg: Message, context: Context) -> Message:
     load_s = time.perf_counter() - t0
     data = setup.data()
     probe = m.ProfileRequest.from_content(msg.content).probe_samples
-    runtime = setup.runtime(ForwardConfig(batch_size=max(1, probe)))
+    runtime = setup.runtime(ForwardConfig(batch_size=max(1, probe), token_policy=setup.task.token_policy))
     speed = 0.0
     if probe > 0 and data.train:
         _, stats = runtime.make_frame(examples_at(data.train, 0, probe))
@@ -119,7 +129,7 @@ def profile(msg: Message, context: Context) -> Message:
         "train": len(data.train),
         "validation": len(data.validation),
         "test": len(data.test),
-        "positive-share": sum(e.label for e in data.train) / max(1, len(data.train)),
+        "label-shares": label_shares(setup.task.num_classes, data.train),
         "forward-samples-per-s": speed,
         "load-s": load_s,
         "rss-mb": rss,
@@ -244,25 +254,29 @@ def evaluate(msg: Message, context: Context) -> Message:
     else:
         weights, net_config = _installed(context)
         source = "installed"
-    classifier = installed_classifier(
-        setup.backbone(), SideNetworkConfig.from_json(str(net_config["json"])), weights.to_torch_state_dict()
+    model = installed_model(
+        setup.backbone(),
+        SideNetworkConfig.from_json(str(net_config["json"])),
+        weights.to_torch_state_dict(),
+        tokens=setup.runtime().tokens,  # this device's samples, tokenized once per process
     )
     try:
-        result = classifier.evaluate(examples, batch_size=request.batch_size)
+        result = model.evaluate(examples, batch_size=request.batch_size)
     finally:
-        if isinstance(classifier, TailClassifier):
-            classifier.close()  # the adapter's hooks come off the cached backbone
+        model.close()  # an adapter's hooks come off the cached backbone
+    stats = evaluate_stats(result, model.task.metric_names)
     rss, peak = _memory_mb()
-    stats = {
-        "accuracy": result["accuracy"],
-        "zero-shot-accuracy": result["zero_shot_accuracy"],
-        "samples": result["samples"],
-        "seconds": result["seconds"],
-        "rss-mb": rss,
-        "peak-rss-mb": peak,
-        "installed": source == "installed",
-    }
+    stats.update({"rss-mb": rss, "peak-rss-mb": peak, "installed": source == "installed"})
     return Message(m.EvaluateReply(stats).to_content(), reply_to=msg)
+
+
+def evaluate_stats(result: dict, metric_names: tuple[str, ...]) -> dict:
+    """An evaluation's reply stats: each task metric, ``zero-shot-<metric>`` (NaN where the backbone alone
+    gives none), ``count`` (what the fleet weighs this device by: samples or scored tokens), samples, seconds."""
+    stats = {name: float(result["metrics"].get(name, math.nan)) for name in metric_names}
+    stats.update({f"zero-shot-{name}": float(result["zero_shot"].get(name, math.nan)) for name in metric_names})
+    stats.update({"count": int(result["count"]), "samples": int(result["samples"]), "seconds": result["seconds"]})
+    return stats
 
 
 @app.train("deliver")
@@ -271,9 +285,8 @@ def deliver(msg: Message, context: Context) -> Message:
     setup = _setup(context, msg)
     weights, net_config = m.DeliverRequest.from_content(msg.content).network
     config, state = SideNetworkConfig.from_json(str(net_config["json"])), weights.to_torch_state_dict()
-    classifier = installed_classifier(setup.backbone(), config, state)  # refuses a network for another backbone
-    if isinstance(classifier, TailClassifier):
-        classifier.close()
+    model = installed_model(setup.backbone(), config, state)  # refuses a network for another backbone
+    model.close()
     context.state.array_records[INSTALLED_KEY] = weights
     context.state.config_records[INSTALLED_CONFIG_KEY] = net_config
     path = ""
@@ -283,7 +296,7 @@ def deliver(msg: Message, context: Context) -> Message:
     elif folder:
         path = str(
             save_side_network(
-                classifier.net,
+                model.net,
                 Path(str(folder)) / f"{setup.device_id}.safetensors",
                 extra={"device_id": setup.device_id},
             )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mobiflower.clients.inference import LocalClassifier
+from mobiflower.clients.inference import load_local_model
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.data import task_samples
@@ -96,7 +96,7 @@ def _run(conn, config: LocalDeviceConfig) -> None:
     message = conn.recv()
     if message.get("type") != "deliver":
         return
-    classifier = LocalClassifier.load(
+    model = load_local_model(
         message["path"], backbone=backbone, match_training_precision=message.get("match_precision", True)
     )
     done = 0
@@ -106,8 +106,13 @@ def _run(conn, config: LocalDeviceConfig) -> None:
         done += n
         conn.send({"type": "progress", "done": done, "total": len(data.test)})
 
-    result = classifier.evaluate(data.test, batch_size=config.forward.batch_size, progress=progress)
-    conn.send({"type": "result", **result, "peak_rss_mb": _peak_rss_mb()})
+    try:
+        result = model.evaluate(data.test, batch_size=config.forward.batch_size, progress=progress)
+    finally:
+        model.close()
+    # the task's metrics at the top level (`accuracy`), and the zero-shot accuracy the summary reports
+    flat = {**result["metrics"], "zero_shot_accuracy": result["zero_shot"].get("accuracy", float("nan"))}
+    conn.send({"type": "result", **result, **flat, "peak_rss_mb": _peak_rss_mb()})
 
 
 def _peak_rss_mb() -> float:

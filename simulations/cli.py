@@ -5,6 +5,7 @@
     mobiflower local [--bits 4] [--out F]  side-tune on one device + server (two processes)
     mobiflower local --baseline lora       the same task trained on the device instead
     mobiflower infer --side-network F "a gripping, beautiful film"
+    mobiflower generate "Once upon a time" --adapter DIR [--temperature 0.7]   text from a causal-LM adapter
     mobiflower fed-lora [--tune] [--out F] the federated on-device LoRA baseline (Flower simulation)
     mobiflower compare runs/*.json         one table of the runs' accuracy and cost
     mobiflower bench device|precision|pipeline|modes|load|fleet|hostile   the benchmarks (cli_bench.py)
@@ -18,6 +19,7 @@ import re
 import sys
 import tomllib
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -31,6 +33,11 @@ from mobiflower.simulations.local import LocalRunConfig
 BITS = click.Choice([16, 8, 4, 2])
 FAMILIES = click.Choice(["tail", "ladder", "adapter"])
 TOKEN_POLICIES = click.Choice(["last", "nonpad", "all"])
+PRECISIONS = click.Choice(["fp32", "bf16", "int8", "int4"])
+_STREAM = partial(print, end="", flush=True)  # `generate`: each piece of text as soon as it is decoded
+FullPrecision = Annotated[
+    bool, typer.Option("--full-precision", help="feed unquantized states (default: the bit-width training saw)")
+]
 
 # `local --baseline`: the grids the on-device baselines are tuned over on validation (unless --lr is given)
 BASELINE_LR_GRID = {"lora": (2e-4, 5e-4, 1e-3, 2e-3), "full": (1e-5, 2e-5, 5e-5)}
@@ -224,7 +231,7 @@ def local(
     weights: Annotated[
         str,
         typer.Option(
-            click_type=click.Choice(["fp32", "bf16", "int8", "int4"]),
+            click_type=PRECISIONS,
             help="device backbone weight precision (a converted, memory-mapped copy is built once under "
             "MOBIFLOWER_HOME/models)",
         ),
@@ -408,28 +415,49 @@ def infer(
         ),
     ] = None,
     model: Annotated[Optional[str], typer.Option(help="backbone (default: the one the side network names)")] = None,
-    full_precision: Annotated[
-        bool, typer.Option("--full-precision", help="feed unquantized states (default: the bit-width training saw)")
-    ] = False,
+    full_precision: FullPrecision = False,
 ) -> int:
-    from mobiflower.clients.inference import LocalClassifier
+    from mobiflower.clients.inference import LocalClassifier, delivered_config
 
     if side_network is None:
         found = [p for p in ("runs/local/adapter", "runs/local/side_network.safetensors") if Path(p).exists()]
         side_network = max(found, key=lambda p: Path(p).stat().st_mtime) if found else "runs/local/adapter"
     if not Path(side_network).exists():
-        print(
-            f"error: no side network at {side_network}: run `mobiflower local` first or pass --side-network",
-            file=sys.stderr,
-        )
-        return 2
+        return fail("infer", f"no side network at {side_network}: run `mobiflower local` first or pass --side-network")
+    if delivered_config(side_network).head == "lm":
+        return fail("infer", f"{side_network}: this adapter generates text: use mobiflower generate")
     texts = list(texts or []) or [line.strip() for line in sys.stdin if line.strip()]
     if not texts:
-        print("error: give texts as arguments or on standard input", file=sys.stderr)
-        return 2
+        return fail("infer", "give texts as arguments or on standard input")
     classifier = LocalClassifier.load(side_network, model=model, match_training_precision=not full_precision)
     for row in classifier.classify(texts):
         print(f"{row['label']:<8} {row['probability']:.3f}  {row['text']}")
+    return 0
+
+
+@app.command(help="Generate text on the device with its backbone + a delivered causal-LM adapter, streamed.")
+def generate(
+    adapter: Annotated[str, typer.Option(metavar="DIR", help="a delivered causal-LM adapter folder")],
+    prompt: Annotated[Optional[str], typer.Argument(help="the text to continue (default: stdin)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="backbone (default: the one the adapter names)")] = None,
+    weights: Annotated[Optional[str], typer.Option(click_type=PRECISIONS, help="default: the adapter's")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="at most this many new tokens")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy, else sampling at this temperature")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="sampling: nucleus probability mass")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="sampling: a seed makes it repeatable")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="the prompt is a user turn of the chat template")] = False,
+    full_precision: FullPrecision = False,
+) -> int:
+    from mobiflower.clients.generation import LocalGenerator, SideNetworkError
+
+    try:
+        with LocalGenerator.load(adapter, model, weights, match_training_precision=not full_precision) as generator:
+            text = prompt if prompt is not None else sys.stdin.read()
+            out = generator.generate(text, max_new_tokens, temperature, top_p, seed, chat, on_text=_STREAM)
+    except SideNetworkError as err:
+        return fail("generate", str(err))
+    print()
+    print(f"[{len(out.token_ids)} tokens, {out.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 

@@ -67,7 +67,9 @@ def _node_loop(conn, app_ref: str, run_id: int, node_id: int, node_config: dict,
         try:
             reply = app(request, context)
         except Exception as err:  # noqa: BLE001 - as Flower does: the exception becomes an error reply
-            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=request)
+            reply = Message(
+                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=request
+            )
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         conn.send((message_id, to_bytes(reply)))
 

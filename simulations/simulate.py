@@ -13,6 +13,7 @@ or perplexity, loss and token accuracy) and the costs, also written by ``--out F
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -60,6 +61,13 @@ class SimulateConfig:
             load_fleet(config.fleet)  # a FleetError (a ValueError) says which fleets there are
 
 
+ENGINES = ("simulation", "loopback", "processes")
+"""Where the fleet runs: Flower's simulation engine (``flwr run``, Ray actors), a loopback deployment (a real
+SuperLink and one SuperNode process per device on 127.0.0.1), or one OS process per device over a pipe
+(:class:`mobiflower.simulations.device_grid.DeviceProcessGrid`: ``mobiflower local``). All three run the
+same ServerApp strategy and the same ClientApp."""
+
+
 def _run(
     config: SimulateConfig,
     scratch: Path,
@@ -67,10 +75,12 @@ def _run(
     run_config: dict[str, RunConfigValue],
     env: dict[str, str],
     on_line: Callable[[str], None],
-    loopback: bool,
+    engine: str,
 ) -> tuple[FlowerRunResult, dict[str, int] | None]:
-    """One Flower run of the app, on the simulation engine or a loopback deployment (with its traffic)."""
-    if loopback:
+    """One run of the app on ``engine`` (with Flower's traffic figures for a loopback deployment)."""
+    if engine == "processes":
+        return _run_in_processes(config, run_config, on_line), None
+    if engine == "loopback":
         node_configs = [{"side-network-dir": str(scratch / "devices" / f"node-{i}")} for i in range(config.devices)]
         with LoopbackDeployment(scratch, config.devices, node_configs=node_configs, extra_env=env) as deployment:
             result = deployment.run(app_dir, run_config, on_line=on_line, timeout_s=config.timeout_s)
@@ -88,18 +98,68 @@ def _run(
     return result, None
 
 
+class _LogLines(logging.Handler):
+    """The ServerApp's log records as the lines ``flwr run`` would print (for the progress display)."""
+
+    def __init__(self, on_line: Callable[[str], None]):
+        super().__init__(logging.INFO)
+        self.on_line = on_line
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.on_line(f"{record.levelname:<8}:  {record.getMessage()}")
+
+
+def _run_in_processes(
+    config: SimulateConfig, run_config: dict[str, RunConfigValue], on_line: Callable[[str], None]
+) -> FlowerRunResult:
+    """The ServerApp's strategy in this process over one device process per device (no Flower engine)."""
+    from flwr.common.logger import FLOWER_LOGGER
+
+    from mobiflower.simulations.device_grid import DeviceProcessGrid
+    from mobiflower.strategies.server_app import fleet_clock
+    from mobiflower.strategies.side_tuning import SideTuningStrategy
+
+    merged = {**default_app_config(), **run_config}
+    strategy_config = SideTuningConfig.from_run_config(merged)
+    nodes = [{"partition-id": i, "num-partitions": config.devices} for i in range(config.devices)]
+    logger = logging.getLogger(FLOWER_LOGGER)
+    handler, propagate_to_console = _LogLines(on_line), logger.handlers[:]
+    for console in propagate_to_console:
+        logger.removeHandler(console)  # the lines go through on_line, as flwr run's output does
+    logger.addHandler(handler)
+    t0 = time.perf_counter()
+    try:
+        with DeviceProcessGrid(merged, nodes) as grid:
+            strategy = SideTuningStrategy(
+                strategy_config, Path(str(merged["run-dir"])), merged, clock_for=fleet_clock(strategy_config)
+            )
+            strategy.start(grid)
+    finally:
+        logger.removeHandler(handler)
+        for console in propagate_to_console:
+            logger.addHandler(console)
+    return FlowerRunResult(1, "finished:completed", True, "", time.perf_counter() - t0)
+
+
 def run_simulate(
-    config: SimulateConfig, out: str | None = None, quiet: bool = False, loopback: bool = False, progress: bool = False
+    config: SimulateConfig,
+    out: str | None = None,
+    quiet: bool = False,
+    engine: str = "simulation",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run the fleet; return (and write to ``out``) the run summary with Flower's run record.
 
     The ServerApp's log lines go to stderr unless ``quiet``; ``progress`` adds live bars of rounds
     and streamed samples over them (:class:`mobiflower.simulations.progress.RunProgress`).
 
-    ``loopback`` runs the same job on a real Flower deployment on 127.0.0.1 (a SuperLink and one
-    SuperNode process per device, each installing its side network under the scratch folder)
-    instead of the simulation engine, and adds Flower's own traffic figures to the summary.
+    ``engine`` (:data:`ENGINES`): ``loopback`` runs the same job on a real Flower deployment on 127.0.0.1
+    (a SuperLink and one SuperNode process per device, each installing its side network under the
+    scratch folder) and adds Flower's own traffic figures to the summary; ``processes`` runs the
+    strategy here over one device process per device (``mobiflower local``).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is unknown: use one of {', '.join(ENGINES)}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     scratch = (Path(config.workdir) / f"{stamp}-{os.getpid()}").resolve()
     given = str(config.run_config.get("run-dir") or "")
@@ -108,12 +168,16 @@ def run_simulate(
     run_config = {**config.run_config, "run-dir": str(run_dir)}
     env = {"MOBIFLOWER_HOME": os.environ["MOBIFLOWER_HOME"]} if "MOBIFLOWER_HOME" in os.environ else {}
     if not quiet:
-        where = "loopback deployment (SuperLink + SuperNodes)" if loopback else "simulation"
+        where = {
+            "simulation": "simulation",
+            "loopback": "loopback deployment (SuperLink + SuperNodes)",
+            "processes": "device processes, no Flower engine",
+        }[engine]
         print(f"[simulate] {config.devices} devices, {where}; run folder {run_dir}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     on_line = RunProgress() if progress and not quiet else line_printer(quiet)
     try:
-        result, traffic = _run(config, scratch, app_dir, run_config, env, on_line, loopback)
+        result, traffic = _run(config, scratch, app_dir, run_config, env, on_line, engine)
     finally:
         if isinstance(on_line, RunProgress):
             on_line.close()
@@ -124,7 +188,8 @@ def run_simulate(
     summary["simulation"] = {
         "devices": config.devices,
         "client_cpus": config.client_cpus,
-        "loopback": loopback,
+        "engine": engine,
+        "loopback": engine == "loopback",
         "run_id": result.run_id,
         "status": result.status,
         "wall_s": time.perf_counter() - t0,

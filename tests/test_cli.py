@@ -17,7 +17,7 @@ from mobiflower.simulations.cli import app, main, spell_out_variadic
 from mobiflower.simulations.progress import RunProgress
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("assets", "simulate", "local", "infer", "compare", "fed-lora", "bench")
+COMMANDS = ("assets", "simulate", "local", "infer", "generate", "compare", "fed-lora", "bench")
 BENCH = ("device", "precision", "pipeline", "modes", "load", "fleet", "hostile")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mobiflower.clients.inference import LocalClassifier, TailClassifier, installed_classifier
+from mobiflower.clients.inference import LocalClassifier, TailClassifier, installed_model
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.data import Example
@@ -148,7 +148,7 @@ def test_delivered_adapter_loads_with_peft_alone_and_matches_local_inference(tai
     prompts = [BUNDLED_TASK.render(e.text) for e in _examples(5)]
     ours = TailClassifier.load(folder, backbone=backbone, match_training_precision=False)
     try:
-        local, _ = ours.logits(prompts)
+        local, _ = ours.logits([e.text for e in _examples(5)])  # the task's prompt is applied there
     finally:
         ours.close()
 
@@ -172,19 +172,19 @@ def test_delivered_adapter_loads_with_peft_alone_and_matches_local_inference(tai
 def test_adapter_runs_on_quantized_backbones_and_comes_off(tail_setup, tmp_path):
     backbone, public, config = tail_setup
     net = _randomized(build_side_network(config, public.weights))
-    prompts = [BUNDLED_TASK.render(e.text) for e in _examples(4)]
-    enc = backbone.tokenize(prompts)
+    texts = [e.text for e in _examples(4)]
+    enc = backbone.tokenize([BUNDLED_TASK.render(t) for t in texts])
     with torch.no_grad():
         before = backbone.base(**enc).last_hidden_state
-    reference = installed_classifier(backbone, config, net.state_dict(), match_training_precision=False)
-    want, _ = reference.logits(prompts)
+    reference = installed_model(backbone, config, net.state_dict(), match_training_precision=False)
+    want, _ = reference.logits(texts)
     reference.close()
     for precision in ("int8", "int4"):
         quantized = Backbone.load(config.extra["model"], weights=precision, weights_dir=str(tmp_path / "w"))
-        classifier = installed_classifier(quantized, config, net.state_dict(), match_training_precision=False)
-        got, _ = classifier.logits(prompts)
+        classifier = installed_model(quantized, config, net.state_dict(), match_training_precision=False)
+        got, _ = classifier.logits(texts)
         classifier.close()
-        assert classifier._hooks == []
+        assert classifier.adapter.handles == []
         # a tiny random model quantizes badly at 4 bits; what matters is that the adapter runs on it
         assert torch.allclose(got, want, atol=0.1 if precision == "int8" else 1.0), precision
     # the hooks came off: the plain backbone forward is what it was before the adapter went on
@@ -192,6 +192,40 @@ def test_adapter_runs_on_quantized_backbones_and_comes_off(tail_setup, tmp_path)
         after = backbone.base(**enc).last_hidden_state
     assert torch.equal(before, after)
     assert isinstance(reference, LocalClassifier)
+
+
+def test_device_evaluation_reports_the_task_metrics(tail_setup):
+    """Every installed model answers evaluate() with the same keys: the task's metrics, the backbone's
+    zero-shot answer where there is one (a decoder's verbalizers; none through a tail), count, samples."""
+    from transformers import AutoModelForCausalLM
+
+    backbone, public, config = tail_setup
+    examples = _examples(12)
+    tail = installed_model(backbone, config, _randomized(build_side_network(config, public.weights)).state_dict())
+    ladder_config = SideNetworkConfig(
+        hidden_size=backbone.hidden_size, layers=[1, 3], fingerprint=backbone.fingerprint, family="ladder"
+    )
+    frozen = backbone.frozen_head_state(lm_head=False)
+    ladder = installed_model(backbone, ladder_config, build_side_network(ladder_config, frozen).state_dict())
+    assert isinstance(tail, TailClassifier) and type(ladder) is LocalClassifier
+    results = []
+    for model in (tail, ladder):
+        side, _ = model.logits([e.text for e in examples])
+        result = model.evaluate(examples, batch_size=5)
+        model.close()
+        assert set(result) == {"metrics", "zero_shot", "count", "samples", "seconds"}
+        assert list(result["metrics"]) == ["accuracy", "macro-f1"] and result["count"] == result["samples"] == 12
+        labels = torch.tensor([e.label for e in examples])
+        assert result["metrics"]["accuracy"] == pytest.approx(float((side.argmax(-1) == labels).float().mean()))
+        results.append(result)
+    assert results[0]["zero_shot"] == {}  # the tail's forward ends in the adapter
+    stock = AutoModelForCausalLM.from_pretrained(config.extra["model"]).eval()
+    enc = backbone.tokenize([BUNDLED_TASK.render(e.text) for e in examples])
+    with torch.no_grad():
+        last = stock(**enc).logits[torch.arange(12), enc["attention_mask"].sum(1) - 1]
+    answer = last[:, backbone.verbalizer_ids(BUNDLED_TASK.verbalizers)].argmax(-1)
+    assert results[1]["zero_shot"]["accuracy"] == pytest.approx(float((answer == labels).float().mean()))
+    assert 0 <= results[1]["zero_shot"]["macro-f1"] <= 1
 
 
 def test_adapter_folder_round_trips(tail_setup, tmp_path):
