@@ -28,6 +28,7 @@ from mobiflower.clients.device_setup import DeviceSetup, examples_at
 from mobiflower.clients.inference import installed_model
 from mobiflower.clients.runtime import ForwardConfig
 from mobiflower.platform import messages as m
+from mobiflower.platform.data import DataError
 from mobiflower.platform.precision import normalize_precision
 from mobiflower.platform.pretrained_tail import save_peft_adapter
 from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
@@ -96,16 +97,31 @@ def label_shares(num_classes: int, train: list) -> list[float]:
     return [c / max(1, len(train)) for c in counts]
 
 
+def data_counts(report) -> dict[str, int]:
+    """What reading this device's data left out or cut, as profile measurements (counts only)."""
+    read = report.read.as_dict() if report.read is not None and report.read_scope == "device" else {}
+    return {
+        "data-empty": int(read.get("empty", 0)),
+        "data-refused": int(read.get("refused", 0)),
+        "data-truncated": int(report.truncated or 0),
+    }
+
+
 @app.query("profile")
 def profile(msg: Message, context: Context) -> Message:
-    """Describe this device: backbone, data sizes, measured forward speed and memory."""
+    """Describe this device: backbone, data sizes (and what reading its data skipped), measured forward
+    speed and memory. A device whose data gives it no training sample says why and is left out."""
     setup = _setup(context, msg)
+    report = setup.data_report()
+    if report.problem:
+        raise DataError(f"{setup.device_id} takes no part in this run: {report.problem}")
     t0 = time.perf_counter()
     backbone = setup.backbone()
     load_s = time.perf_counter() - t0
     data = setup.data()
     probe = m.ProfileRequest.from_content(msg.content).probe_samples
     runtime = setup.runtime(ForwardConfig(batch_size=max(1, probe), token_policy=setup.task.token_policy))
+    report = setup.data_report()  # now with the samples the tokenizer truncated
     speed = 0.0
     if probe > 0 and data.train:
         _, stats = runtime.make_frame(examples_at(data.train, 0, probe))
@@ -130,6 +146,7 @@ def profile(msg: Message, context: Context) -> Message:
         "validation": len(data.validation),
         "test": len(data.test),
         "label-shares": label_shares(setup.task.num_classes, data.train),
+        **data_counts(report),
         "forward-samples-per-s": speed,
         "load-s": load_s,
         "rss-mb": rss,

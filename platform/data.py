@@ -1,9 +1,14 @@
-"""The bundled sentiment data: Rotten Tomatoes snippets, splits and device partitions.
+"""Samples, splits and device partitions: the bundled Rotten Tomatoes pools, and how any data set is
+shared across a simulated fleet.
 
-Labels: 0 = negative ("rotten"), 1 = positive ("fresh"). Every example keeps a stable integer id
-(its row among the labelled rows of the corpus), so frames can name samples without carrying text.
-Splits are deterministic and stratified; partitions across devices are IID or Dirichlet non-IID by
-label, both seeded.
+Labels of the bundled corpus: 0 = negative ("rotten"), 1 = positive ("fresh"). Every example keeps a
+stable integer id (its row among the labelled rows of the corpus, or its row in a user's file), so
+frames can name samples without carrying text.
+
+Partitions come from ``flwr-datasets`` partitioners (what FlowerTune apps use), not from code of our
+own: ``iid`` (:class:`IidPartitioner`), ``dirichlet`` over labels (:class:`DirichletPartitioner`) and
+``natural``, one device per user (:class:`NaturalIdPartitioner`). Each is seeded, so every device of a
+run computes the same split on its own and no coordinator has to hand out samples.
 """
 
 from __future__ import annotations
@@ -11,16 +16,25 @@ from __future__ import annotations
 import bz2
 import csv
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-
-import numpy as np
 
 from mobiflower.platform.tasks import Example
 
 LABEL_NAMES = ("negative", "positive")
 _CATEGORY_TO_LABEL = {"rotten": 0, "fresh": 1}
+SCHEMES = ("iid", "dirichlet", "natural")
+
+
+class DataError(ValueError):
+    """Data that cannot become a device's samples; the message names the file, column or row and says
+    what to do about it."""
+
+
+class NoTrainingData(DataError):
+    """A device whose share of the data holds no training sample: it cannot take part in the run."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +44,7 @@ class Splits:
     test: list[Example]
 
 
+# ---- the bundled Rotten Tomatoes pools ----------------------------------------------------------------
 def load_corpus(path: str | Path | None = None) -> list[Example]:
     """All 12,808 labelled snippets (the corpus's plot summaries are skipped)."""
     if path is None:
@@ -86,65 +101,6 @@ def subsample(examples: Sequence[Example], n: int | None, seed: int = 0, balance
     return picked
 
 
-def partition(
-    examples: Sequence[Example], num_devices: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0
-) -> list[list[Example]]:
-    """Split ``examples`` across devices: ``iid`` (shuffled, equal sizes) or ``dirichlet`` by label.
-
-    The Dirichlet scheme draws, for each label, the share each device gets from Dir(alpha): small
-    alpha gives devices dominated by one label. Every device gets at least one example.
-    """
-    if num_devices < 1:
-        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
-    if len(examples) < num_devices:
-        raise ValueError(f"cannot give {num_devices} devices at least one example each from {len(examples)}")
-    rng = np.random.default_rng(seed)
-    if scheme == "iid":
-        order = rng.permutation(len(examples))
-        return [[examples[i] for i in sorted(chunk)] for chunk in np.array_split(order, num_devices)]
-    if scheme != "dirichlet":
-        raise ValueError(f"unknown partition scheme {scheme!r}: use 'iid' or 'dirichlet'")
-    if alpha <= 0:
-        raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
-    parts: list[list[int]] = [[] for _ in range(num_devices)]
-    for label in sorted({e.label for e in examples}):
-        idx = np.array([i for i, e in enumerate(examples) if e.label == label])
-        rng.shuffle(idx)
-        shares = rng.dirichlet([alpha] * num_devices)
-        cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
-        for device, chunk in enumerate(np.split(idx, cuts)):
-            parts[device] += chunk.tolist()
-    # No device may be empty: move one example from the largest partition to each empty one.
-    for device in range(num_devices):
-        if not parts[device]:
-            donor = max(range(num_devices), key=lambda d: len(parts[d]))
-            parts[device].append(parts[donor].pop())
-    return [[examples[i] for i in sorted(p)] for p in parts]
-
-
-def partition_like(
-    examples: Sequence[Example], reference: Sequence[Sequence[Example]], seed: int = 0
-) -> list[list[Example]]:
-    """Split held-out ``examples`` across devices with the label mix each device has in ``reference``.
-
-    A device's validation and test samples must look like its own training data (that is what
-    "its own held-out data" means under a non-IID split): each label's held-out examples are dealt
-    to devices in proportion to how many of that label each holds in ``reference``. A device with
-    none of a label gets none of it; with an empty reference a label is dealt evenly.
-    """
-    rng = np.random.default_rng(seed + 7919)
-    parts: list[list[Example]] = [[] for _ in reference]
-    for label in sorted({e.label for e in examples}):
-        pool = [e for e in examples if e.label == label]
-        rng.shuffle(pool)
-        counts = np.array([sum(1 for e in ref if e.label == label) for ref in reference], dtype=float)
-        shares = counts / counts.sum() if counts.sum() else np.full(len(reference), 1 / len(reference))
-        cuts = np.round(np.cumsum(shares)[:-1] * len(pool)).astype(int)
-        for device, chunk in enumerate(np.split(np.arange(len(pool)), cuts)):
-            parts[device] += [pool[i] for i in chunk]
-    return [sorted(p, key=lambda e: e.id) for p in parts]
-
-
 def task_samples(
     train: int | None = 2000,
     validation: int | None = 500,
@@ -163,3 +119,48 @@ def task_samples(
         validation=subsample(splits.validation, validation, seed=seed),
         test=subsample(splits.test, test, seed=seed),
     )
+
+
+# ---- a device's own held-out samples ------------------------------------------------------------------
+def held_out_count(n: int, fraction: float) -> int:
+    """How many of ``n`` samples a fraction holds out: rounded, and at least one when the fraction is
+    positive and ``n >= 3`` (so a small device still has something to be scored on, and trains on one)."""
+    count = round(n * fraction)
+    return 1 if count == 0 and fraction > 0 and n >= 3 else count
+
+
+def split_own(examples: Sequence[Example], validation: float = 0.1, test: float = 0.1, seed: int = 0) -> Splits:
+    """A device's own samples into train / validation / test by seeded fractions.
+
+    Labels are spread evenly over the three parts (each label's samples are shuffled and interleaved by
+    their rank within the label before the cut), so a small labelled device keeps its label mix in its
+    held-out parts. Training samples come in a seeded random order (streamed chunks mix labels);
+    held-out ones by id. The same samples and seed give the same split on every machine.
+    """
+    if not (0 <= validation < 1 and 0 <= test < 1 and validation + test < 1):
+        raise DataError(
+            f"validation-fraction={validation} and test-fraction={test} must each be in [0, 1) and sum below 1"
+        )
+    rng = random.Random(seed)
+    groups: dict[int, list[Example]] = {}
+    for e in sorted(examples, key=lambda e: e.id):
+        groups.setdefault(e.label, []).append(e)
+    keyed = []
+    for label, group in sorted(groups.items()):
+        rng.shuffle(group)
+        keyed += [((j + 0.5) / len(group), label, e) for j, e in enumerate(group)]
+    order = [e for *_, e in sorted(keyed, key=lambda k: (k[0], k[1]))]
+    n_test, n_val = held_out_count(len(order), test), held_out_count(len(order), validation)
+    while n_test + n_val >= len(order) and n_test + n_val:  # at least one sample is left to train on
+        n_val, n_test = (n_val - 1, n_test) if n_val >= n_test else (n_val, n_test - 1)
+    train = order[n_test + n_val :]
+    rng.shuffle(train)
+    by_id = lambda part: sorted(part, key=lambda e: e.id)  # noqa: E731
+    return Splits(train=train, validation=by_id(order[n_test : n_test + n_val]), test=by_id(order[:n_test]))
+
+
+def users_by_size(examples: Sequence[Example]) -> list[tuple[str, int]]:
+    """Every user with samples and how many, most samples first (ties by user id): the order devices of a
+    natural partition take (``num_devices = N``: the N users with most samples)."""
+    counts = Counter(e.user for e in examples if e.user)
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))

@@ -100,6 +100,55 @@ class IntakeResult:
     stats: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+def check_targets(cfg: SideNetworkConfig, frame: Frame, vocab_size: int | None, label_private: bool) -> None:
+    """The targets are what the side network's head trains on (the loss would fail on others)."""
+    targets = frame.targets
+    kind = targets.get("kind")
+    if label_private:
+        if kind != "none":
+            raise Refusal(
+                "labels in a label-private run",
+                "targets",
+                f"the frame carries targets of kind {kind!r}; in a label-private run labels stay on "
+                f"the device (targets kind 'none')",
+            )
+    elif kind == "none" and cfg.head == "classification":
+        raise Refusal(
+            "labels withheld",
+            "targets",
+            "the device sends no labels (it is label-private): run with label-private = true",
+        )
+    elif cfg.head == "classification" and (kind != "class" or targets.get("num_classes") != cfg.num_classes):
+        raise Refusal(
+            "wrong targets",
+            "targets",
+            f"the side network classifies into {cfg.num_classes} classes; the frame has kind {kind!r} "
+            f"with {targets.get('num_classes')} classes",
+        )
+    elif cfg.head == "lm":
+        if kind != "tokens":
+            raise Refusal(
+                "wrong targets",
+                "targets",
+                f"the side network trains the backbone's frozen LM head on token targets; the frame has kind {kind!r}",
+            )
+        values = np.asarray(targets["values"], dtype=np.int64)
+        if not (values != IGNORE_INDEX).any():
+            raise Refusal(
+                "nothing to score",
+                "targets.values",
+                "every token target is -100 (ignored): the frame gives the loss nothing to learn from",
+            )
+        bad = values >= vocab_size
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            raise Refusal(
+                "token outside the vocabulary",
+                "targets.values",
+                f"token target {int(values[j])} at row {j} is outside the LM head's vocabulary of {vocab_size}",
+            )
+
+
 class FrameIntake:
     """Decodes and checks frames for a :class:`SideNetworkStore`, and keeps the refusal counts."""
 
@@ -227,58 +276,8 @@ class FrameIntake:
                 "token_policy",
                 f"frame sends {frame.token_policy!r} tokens, the side network trains on {cfg.token_policy!r}",
             )
-        self._check_targets(frame)
+        check_targets(self.side_config, frame, self.vocab_size, self.label_private)
         return frame
-
-    def _check_targets(self, frame: Frame) -> None:
-        """The targets are what the side network's head trains on (the loss would fail on others)."""
-        cfg, targets = self.side_config, frame.targets
-        kind = targets.get("kind")
-        if self.label_private:
-            if kind != "none":
-                raise Refusal(
-                    "labels in a label-private run",
-                    "targets",
-                    f"the frame carries targets of kind {kind!r}; in a label-private run labels stay on "
-                    f"the device (targets kind 'none')",
-                )
-        elif kind == "none" and cfg.head == "classification":
-            raise Refusal(
-                "labels withheld",
-                "targets",
-                "the device sends no labels (it is label-private): run with label-private = true",
-            )
-        elif cfg.head == "classification" and (kind != "class" or targets.get("num_classes") != cfg.num_classes):
-            raise Refusal(
-                "wrong targets",
-                "targets",
-                f"the side network classifies into {cfg.num_classes} classes; the frame has kind {kind!r} "
-                f"with {targets.get('num_classes')} classes",
-            )
-        elif cfg.head == "lm":
-            if kind != "tokens":
-                raise Refusal(
-                    "wrong targets",
-                    "targets",
-                    f"the side network trains the backbone's frozen LM head on token targets; the frame "
-                    f"has kind {kind!r}",
-                )
-            values = np.asarray(targets["values"], dtype=np.int64)
-            if not (values != IGNORE_INDEX).any():
-                raise Refusal(
-                    "nothing to score",
-                    "targets.values",
-                    "every token target is -100 (ignored): the frame gives the loss nothing to learn from",
-                )
-            bad = values >= self.vocab_size
-            if bad.any():
-                j = int(np.flatnonzero(bad)[0])
-                raise Refusal(
-                    "token outside the vocabulary",
-                    "targets.values",
-                    f"token target {int(values[j])} at row {j} is outside the LM head's vocabulary of "
-                    f"{self.vocab_size}",
-                )
 
     def _admit(self, device: str, blob: object) -> tuple[Frame, bytes]:
         """Every check, in order: the sender, the frame, a replay, then what depends on earlier frames."""

@@ -2,7 +2,7 @@
 
     mobiflower assets                      prepare the bundled model and data (offline after this)
     mobiflower simulate [--devices 4]      a Flower simulation of a device fleet side-tuning the model
-    mobiflower local [--bits 4] [--out F]  side-tune on one device + server (two processes)
+    mobiflower local [--bits 4] [--out F]  side-tune one device (the same strategy, the device in its own process)
     mobiflower local --baseline lora       the same task trained on the device instead
     mobiflower infer --side-network F "a gripping, beautiful film"
     mobiflower generate "Once upon a time" --adapter DIR [--temperature 0.7]   text from a causal-LM adapter
@@ -28,7 +28,6 @@ import typer
 
 from mobiflower.simulations.cli_bench import VARIADIC as BENCH_VARIADIC
 from mobiflower.simulations.cli_bench import bench
-from mobiflower.simulations.local import LocalRunConfig
 
 BITS = click.Choice([16, 8, 4, 2])
 FAMILIES = click.Choice(["tail", "ladder", "adapter"])
@@ -62,6 +61,16 @@ RunConfigOption = Annotated[
         metavar="KEY=VALUE",
         help="any other run-config key (VALUE read as TOML: numbers, true/false, quoted strings; else a plain "
         "string), e.g. -c train-samples=500 -c family=adapter",
+    ),
+]
+
+
+DataOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help="the devices' data: bundled:rotten-tomatoes (default), bundled:convention-speeches, or a JSON Lines, "
+        "JSON, CSV or Parquet file or folder (columns: -c text-column=..., label-column, prompt-column, "
+        "completion-column, messages-column, user-column)"
     ),
 ]
 
@@ -106,7 +115,15 @@ def assets() -> int:
     "of rounds and streamed samples."
 )
 def simulate(
-    devices: Annotated[int, typer.Option(help="simulated devices (Flower SuperNodes)")] = 4,
+    devices: Annotated[
+        Optional[int],
+        typer.Option(
+            help="simulated devices (Flower SuperNodes); default 4, or with --partitioning natural one per user "
+            "(--devices N: the N users with most samples)",
+            show_default=False,
+        ),
+    ] = None,
+    data: DataOption = None,
     mode: Annotated[
         Optional[str],
         typer.Option(
@@ -116,7 +133,12 @@ def simulate(
         ),
     ] = None,
     partitioning: Annotated[
-        Optional[str], typer.Option(click_type=click.Choice(["iid", "dirichlet"]), help="default: iid")
+        Optional[str],
+        typer.Option(
+            click_type=click.Choice(["iid", "dirichlet", "natural"]),
+            help="how the data is split over devices: iid, dirichlet (over labels), natural (one device per "
+            "user-column value); default: iid",
+        ),
     ] = None,
     alpha: Annotated[Optional[float], typer.Option(help="Dirichlet alpha (default 0.1)")] = None,
     family: Annotated[
@@ -179,17 +201,8 @@ def simulate(
     from mobiflower.simulations.flower_run import FlowerRunError
     from mobiflower.simulations.simulate import SimulateConfig, format_summary, run_simulate
 
-    overrides = run_config_items(run_config)
-    if resume:
-        checkpoint = Path(resume) / "checkpoint" / "strategy.json"
-        if not checkpoint.exists():
-            return fail("simulate", f"{resume} holds no checkpoint to resume (expected {checkpoint})")
-        overrides.update({"resume": True, "run-dir": str(Path(resume).resolve())})
-    if family:
-        from mobiflower.strategies.config import FAMILY_SETTINGS
-
-        overrides = {**FAMILY_SETTINGS[family], "family": family, **overrides}
     given = {
+        "data": data,
         "mode": mode,
         "partitioning": partitioning,
         "dirichlet-alpha": alpha,
@@ -200,42 +213,64 @@ def simulate(
         "fleet": fleet,
         "adapt": True if adapt else None,
     }
-    overrides.update({key: value for key, value in given.items() if value is not None})
+    overrides = _fleet_overrides(run_config, family, given)
+    if resume:
+        checkpoint = Path(resume) / "checkpoint" / "strategy.json"
+        if not checkpoint.exists():
+            return fail("simulate", f"{resume} holds no checkpoint to resume (expected {checkpoint})")
+        overrides.update({"resume": True, "run-dir": str(Path(resume).resolve())})
     try:
         config = SimulateConfig(
-            devices=devices, client_cpus=client_cpus, workdir=workdir, timeout_s=timeout, run_config=overrides
+            devices=_fleet_size(devices, overrides),
+            client_cpus=client_cpus,
+            workdir=workdir,
+            timeout_s=timeout,
+            run_config=overrides,
         )
     except ValueError as err:
         return fail("simulate", str(err))
     try:
-        summary = run_simulate(config, out=out, quiet=quiet, loopback=loopback, progress=True)
+        engine = "loopback" if loopback else "simulation"
+        summary = run_simulate(config, out=out, quiet=quiet, engine=engine, progress=True)
     except FlowerRunError as err:
         return fail("simulate", f"the Flower run failed: {err}", 1)
     print(format_summary(summary))
     return 0
 
 
-_LOCAL = LocalRunConfig.__dataclass_fields__
+def _fleet_overrides(run_config: list[str] | None, family: str | None, given: dict[str, Any]) -> dict[str, Any]:
+    """The run-config overrides of ``simulate`` and ``local``: ``-c`` pairs, a family's own settings under them,
+    and the options given (an option left out takes the run config's value)."""
+    overrides = run_config_items(run_config)
+    if family:
+        from mobiflower.strategies.config import FAMILY_SETTINGS
+
+        overrides = {**FAMILY_SETTINGS[family], "family": family, **overrides}
+    overrides.update({key: value for key, value in given.items() if value is not None})
+    data = str(overrides.get("data") or "")
+    if data and not data.startswith("bundled:"):  # Ray actors and device processes may run elsewhere
+        overrides["data"] = str(Path(data).expanduser().resolve())
+    return overrides
 
 
-def _local_default(name: str) -> Any:
-    return _LOCAL[name].default
+def _fleet_size(devices: int | None, overrides: dict[str, Any]) -> int:
+    """``--devices``, else one device per user of the data with ``partitioning = natural``, else 4."""
+    if devices is not None:
+        return devices
+    from mobiflower.clients.device_setup import DeviceSetup
+    from mobiflower.simulations.simulate import default_app_config
+
+    merged = {**default_app_config(), **overrides}
+    if merged.get("partitioning") != "natural":
+        return 4
+    return len(DeviceSetup.from_configs(merged, {"partition-id": 0, "num-partitions": 1}).fleet_users())
 
 
 @app.command(
-    help="Side-tune on one device + the server as two local processes (no Flower), or with --baseline "
-    "train on the device instead."
+    help="Side-tune on one device: the strategy and ClientApp `simulate` runs, the device in its own process "
+    "(no Flower engine); or --baseline to train on the device instead."
 )
 def local(
-    model: Annotated[str, typer.Option(help="smollm2-135m, a local folder or a HF model id")] = _local_default("model"),
-    weights: Annotated[
-        str,
-        typer.Option(
-            click_type=PRECISIONS,
-            help="device backbone weight precision (a converted, memory-mapped copy is built once under "
-            "MOBIFLOWER_HOME/models)",
-        ),
-    ] = _local_default("weights"),
     baseline: Annotated[
         Optional[str],
         typer.Option(
@@ -245,160 +280,89 @@ def local(
             "--epochs, default 1)",
         ),
     ] = None,
-    train_samples: Annotated[int, typer.Option()] = _local_default("train_samples"),
-    validation_samples: Annotated[int, typer.Option()] = _local_default("validation_samples"),
-    test_samples: Annotated[int, typer.Option()] = _local_default("test_samples"),
-    seed: Annotated[
-        int, typer.Option(help="the data split (and training unless --train-seed is given)")
-    ] = _local_default("seed"),
-    train_seed: Annotated[
-        Optional[int],
-        typer.Option(
-            help="the trained weights' initialisation, dropout and batch order, the split kept (repeat runs over "
-            "training seeds to see the noise of one run); default: --seed"
-        ),
+    data: DataOption = None,
+    family: Annotated[
+        Optional[str], typer.Option(click_type=FAMILIES, help="side-network family (default: tail)")
     ] = None,
     bits: Annotated[
-        Optional[int],
-        typer.Option(
-            click_type=BITS, help="activation bits (default: the family's, 4 for the tail, 8 for ladder / adapter)"
-        ),
+        Optional[int], typer.Option(click_type=BITS, help="activation bits (default: the family's)")
     ] = None,
-    group_size: Annotated[
-        Optional[int], typer.Option(help="values per scale (default: 64 at 8 bits, 32 below)")
+    weights: Annotated[
+        Optional[str], typer.Option(click_type=PRECISIONS, help="device backbone weight precision (default: fp32)")
     ] = None,
-    token_policy: Annotated[
-        Optional[str],
-        typer.Option(
-            click_type=TOKEN_POLICIES, help="tokens each frame carries (default: 'nonpad' for the tail, else 'last')"
-        ),
+    rounds: Annotated[
+        Optional[int], typer.Option(help="epochs over the device's samples (default: the family's)")
     ] = None,
-    family: Annotated[
-        str,
-        typer.Option(
-            click_type=FAMILIES,
-            help="tail: the backbone's upper blocks with LoRA on the server; ladder / adapter: "
-            "small side networks from random weights",
-        ),
-    ] = _local_default("family"),
     baseline_lrs: Annotated[
         Optional[list[float]],
-        typer.Option(
-            metavar="LR ...",
-            help="--baseline lora/full: the learning rates tuned over (default: lora 2e-4 5e-4 1e-3 "
-            "2e-3, full 1e-5 2e-5 5e-5); --epochs is the most epochs tried",
-        ),
+        typer.Option(metavar="LR ...", help="--baseline lora/full: the learning rates tuned over"),
     ] = None,
-    tail_cut: Annotated[
-        int,
-        typer.Option(help="tail: the device forwards blocks 0..cut-1, the server trains cut.. (0 = half the blocks)"),
-    ] = _local_default("tail_cut"),
-    lora_rank: Annotated[int, typer.Option(help="tail: LoRA rank")] = _local_default("lora_rank"),
-    lora_alpha: Annotated[float, typer.Option(help="tail: LoRA alpha")] = _local_default("lora_alpha"),
-    lora_targets: Annotated[str, typer.Option(help="tail: comma-separated module names LoRA wraps")] = ",".join(
-        _local_default("lora_targets")
-    ),
-    num_taps: Annotated[int, typer.Option()] = _local_default("num_taps"),
-    layers: Annotated[
-        Optional[str],
-        typer.Option(metavar="IDS", help="tapped block ids, comma-separated like 3,7,11 (overrides --num-taps)"),
-    ] = None,
-    reduction: Annotated[int, typer.Option()] = _local_default("reduction"),
-    dropout: Annotated[float, typer.Option()] = _local_default("dropout"),
-    epochs: Annotated[Optional[int], typer.Option(help="default: 2 tail, 20 ladder / adapter")] = None,
-    average_epochs: Annotated[
-        Optional[int],
-        typer.Option(
-            help="deliver the mean weights of the last k epochs (tail averaging); 0 = the last epoch's (default: 0 "
-            "tail, 5 ladder / adapter)"
-        ),
-    ] = None,
-    lr: Annotated[
-        Optional[float],
-        typer.Option(help="default: 1e-3 tail, 3e-4 ladder / adapter, 5e-4 LoRA, 2e-5 full fine-tuning"),
-    ] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="default: 0 tail, 0.1 ladder / adapter")] = None,
-    select: Annotated[
-        str,
-        typer.Option(
-            click_type=click.Choice(["last", "best-val"]),
-            help="deliver the last epoch's side network or the best on validation",
-        ),
-    ] = _local_default("select"),
-    batch_size: Annotated[Optional[int], typer.Option(help="default: 16 tail, 32 ladder / adapter")] = None,
-    chunk_size: Annotated[int, typer.Option(help="samples per frame")] = _local_default("chunk_size"),
-    device_threads: Annotated[int, typer.Option()] = _local_default("device_threads"),
-    workdir: Annotated[str, typer.Option()] = _local_default("workdir"),
+    lr: Annotated[Optional[float], typer.Option(help="--baseline: train at this rate instead of tuning")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="--baseline: the most epochs tried")] = None,
+    run_config: RunConfigOption = None,
+    workdir: Annotated[
+        str, typer.Option(help="scratch folder (checkpoints, summary, delivered adapter)")
+    ] = "runs/local",
     out: Annotated[Optional[str], typer.Option(help="write the figures as JSON here")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="print only the final figures")] = False,
 ) -> int:
-    from mobiflower.simulations.local import format_summary, run_local
-
+    overrides = _fleet_overrides(run_config, family, {"data": data, "bits": bits, "weights": weights, "rounds": rounds})
     if baseline:
-        from mobiflower.simulations.baselines.on_device import BaselineConfig, run_baseline
-
-        tuned = lr is None and baseline != "zero-shot"
-        grid = tuple(baseline_lrs or BASELINE_LR_GRID.get(baseline, ())) if tuned else ()
-        max_epochs = epochs or (BASELINE_MAX_EPOCHS.get(baseline, 1) if tuned else 1)
-        result = run_baseline(
-            BaselineConfig(
-                method=baseline,
-                model=model,
-                train_samples=train_samples,
-                validation_samples=validation_samples,
-                test_samples=test_samples,
-                seed=seed,
-                train_seed=train_seed,
-                lr=lr,
-                epochs=max_epochs,
-                lrs=grid,
-                threads=device_threads,
-            ),
-            progress=not quiet,
-        )
+        result = _local_baseline(baseline, overrides, baseline_lrs, lr, epochs, quiet)
         write_json(result, out)
-    else:
-        try:
-            taps = tuple(int(x) for x in layers.split(",") if x.strip()) if layers is not None else None
-        except ValueError as err:
-            raise typer.BadParameter(
-                f"takes comma-separated block ids like 3,7,11: {err}", param_hint="'--layers'"
-            ) from None
-        config = LocalRunConfig(
-            model=model,
-            weights=weights,
-            train_samples=train_samples,
-            validation_samples=validation_samples,
-            test_samples=test_samples,
-            seed=seed,
-            train_seed=train_seed,
-            bits=bits,
-            group_size=group_size,
-            token_policy=token_policy,
-            family=family,
-            num_taps=num_taps,
-            layers=taps,
-            reduction=reduction,
-            dropout=dropout,
-            tail_cut=tail_cut,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),
-            epochs=epochs,
-            average_epochs=average_epochs,
-            lr=lr,
-            weight_decay=weight_decay,
-            select=select,
-            batch_size=batch_size,
-            chunk_size=chunk_size,
-            device_threads=device_threads,
-            workdir=workdir,
-        )
-        result = run_local(config, out=out, progress=not quiet)
-    print(format_summary(result))
-    if out:
-        print(f"figures written to {out}")
+        print(_format_baseline(result))
+        return 0
+    from mobiflower.simulations.simulate import SimulateConfig, format_summary, run_simulate
+
+    overrides.setdefault("delivery-dir", str(Path(workdir) / "delivered"))
+    try:
+        config = SimulateConfig(devices=1, workdir=workdir, run_config=overrides)
+    except ValueError as err:
+        return fail("local", str(err))
+    summary = run_simulate(config, out=out, quiet=quiet, engine="processes", progress=True)
+    print(format_summary(summary))
     return 0
+
+
+def _format_baseline(result: dict[str, Any]) -> str:
+    """The closing lines of an on-device baseline: its test and zero-shot figures, then what it cost."""
+    shown = [f"method            {result['method']}"]
+    for key, value in result.items():
+        if key.startswith(("test_", "zero_shot_", "validation_")) and isinstance(value, (int, float)):
+            shown.append(f"{key:<26}{value:.4f}")
+    for key in ("lr", "epochs", "train_s", "s_per_sample", "peak_rss_mb", "trainable_parameters"):
+        if key in result:
+            shown.append(f"{key:<26}{result[key]}")
+    return "\n".join(shown)
+
+
+def _local_baseline(
+    method: str, overrides: dict[str, Any], lrs: list[float] | None, lr: float | None, epochs: int | None, quiet: bool
+) -> dict[str, Any]:
+    """``local --baseline``: the on-device baseline on exactly the samples a one-device run of this run config
+    holds (its task, its data), trained on the device instead."""
+    from mobiflower.clients.device_setup import DeviceSetup
+    from mobiflower.simulations.baselines.on_device import BaselineConfig, run_baseline
+    from mobiflower.simulations.simulate import default_app_config
+
+    merged = {**default_app_config(), **overrides}
+    setup = DeviceSetup.from_configs(merged, {"partition-id": 0, "num-partitions": 1})
+    tuned = lr is None and method != "zero-shot"
+    config = BaselineConfig.with_task(
+        method,
+        merged,
+        model=setup.model,
+        train_samples=setup.train_samples,
+        validation_samples=setup.validation_samples,
+        test_samples=setup.test_samples,
+        seed=setup.seed,
+        train_seed=None if int(merged.get("train-seed", -1)) < 0 else int(merged["train-seed"]),
+        lr=lr,
+        epochs=epochs or (BASELINE_MAX_EPOCHS.get(method, 1) if tuned else 1),
+        lrs=tuple(lrs or BASELINE_LR_GRID.get(method, ())) if tuned else (),
+        threads=setup.threads,
+    )
+    return run_baseline(config, progress=not quiet, splits=setup.data())
 
 
 @app.command(help="Classify text on the device with backbone + side network (no server).")
@@ -484,6 +448,7 @@ def compare(files: Annotated[list[str], typer.Argument(help="result JSON files")
 )
 def fed_lora(
     devices: Annotated[int, typer.Option(help="simulated devices (Flower SuperNodes)")] = 4,
+    data: DataOption = None,
     client_cpus: Annotated[int, typer.Option(help="CPUs per simulated device (Ray actor)")] = 1,
     run_config: RunConfigOption = None,
     tune: Annotated[
@@ -522,7 +487,7 @@ def fed_lora(
             client_cpus=client_cpus,
             workdir=workdir,
             timeout_s=timeout,
-            run_config=run_config_items(run_config),
+            run_config=_fleet_overrides(run_config, None, {"data": data}),
         )
     except ValueError as err:
         return fail("fed-lora", str(err))

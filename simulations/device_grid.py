@@ -106,6 +106,7 @@ class DeviceProcessGrid(Grid):
             self._conns[node_id], self._procs[node_id] = parent, proc
         self._lock = threading.Lock()
         self._ready: dict[str, Message] = {}
+        self._pending: dict[int, dict[str, Message]] = {node_id: {} for node_id in self._conns}
         self._readers = [
             threading.Thread(target=self._read, args=(node_id,), daemon=True, name=f"grid-reader-{node_id}")
             for node_id in self._conns
@@ -114,14 +115,26 @@ class DeviceProcessGrid(Grid):
             reader.start()
 
     def _read(self, node_id: int) -> None:
+        """Collect a node's replies; when its process ends, every request it still held fails at once
+        (as Flower answers for a node that is gone) instead of waiting out the strategy's timeout."""
         conn = self._conns[node_id]
         while True:
             try:
                 message_id, blob = conn.recv()
             except (EOFError, OSError):
-                return
+                break
             with self._lock:
+                self._pending[node_id].pop(message_id, None)
                 self._ready[message_id] = from_bytes(blob)
+        proc = self._procs[node_id]
+        proc.join(5)
+        with self._lock:
+            for message_id, request in self._pending[node_id].items():
+                error = Error(ErrorCode.NODE_UNAVAILABLE, f"the device process ended (exit code {proc.exitcode})")
+                reply = Message(error, reply_to=request)
+                reply.metadata.__dict__["_message_id"] = str(uuid4())
+                self._ready[message_id] = reply
+            self._pending[node_id].clear()
 
     # ---- Grid ------------------------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -148,7 +161,12 @@ class DeviceProcessGrid(Grid):
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             msg.metadata.__dict__["_run_id"] = self._run.run_id
             msg.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
-            self._conns[node_id].send((msg.metadata.message_id, to_bytes(msg)))
+            with self._lock:
+                self._pending[node_id][msg.metadata.message_id] = msg
+            try:
+                self._conns[node_id].send((msg.metadata.message_id, to_bytes(msg)))
+            except (OSError, BrokenPipeError):
+                pass  # the process is gone: the reader answers the request with an error
             ids.append(msg.metadata.message_id)
         return ids
 

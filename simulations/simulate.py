@@ -122,7 +122,7 @@ def _run_in_processes(
     merged = {**default_app_config(), **run_config}
     strategy_config = SideTuningConfig.from_run_config(merged)
     nodes = [{"partition-id": i, "num-partitions": config.devices} for i in range(config.devices)]
-    logger = logging.getLogger(FLOWER_LOGGER)
+    logger = FLOWER_LOGGER
     handler, propagate_to_console = _LogLines(on_line), logger.handlers[:]
     for console in propagate_to_console:
         logger.removeHandler(console)  # the lines go through on_line, as flwr run's output does

@@ -169,7 +169,7 @@ def profile_reply(reply: Message, num_labels: int | None = None) -> m.ProfileRep
     for key, hi in (("load-s", MAX_SECONDS), ("peak-rss-mb", MAX_MB)):
         if key in stats:
             measurements[key] = _number(stats, key, kind, 0, hi)
-    for key in ("cpu-count", "threads"):
+    for key in ("cpu-count", "threads", "data-empty", "data-refused", "data-truncated"):
         if key in stats:
             measurements[key] = _number(stats, key, kind, 0, 1 << 20, integer=True)
     frozen = _frozen(content, kind, int(description["hidden-size"]))

@@ -121,6 +121,12 @@ class DeviceState:
             "dropped": self.dropped,
             # the share of each label in its training samples (classification; empty for a task without labels)
             "label_shares": self.profile.get("label-shares"),
+            # the device's own sample counts, and what reading its data skipped (empty texts, refused rows) or
+            # cut to max-length
+            "data": {
+                **{split: self.profile.get(split) for split in ("train", "validation", "test")},
+                **{k: self.profile.get(f"data-{k}", 0) for k in ("empty", "refused", "truncated")},
+            },
             # device forward passes per training sample: 1 with the activation cache, the rounds without
             "forward_passes_per_sample": self.samples_forwarded / self.train_samples if self.train_samples else 0.0,
             "activation_cache": bool(self.profile.get("activation-cache", True)),

@@ -9,14 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from mobiflower.platform.assets import BUNDLED_MODEL, assets_ready, bundled_model_dir, corpus_path
+from mobiflower.platform.assets import BUNDLED_MODEL, assets_ready, bundled_model_dir, corpus_path, speeches_path
 from mobiflower.platform.precision import WEIGHT_PRECISIONS
 from mobiflower.platform.prepared_weights import prepared_dir
 
 
 def _bundled_assets() -> list[Path]:
     """Where the bundled model, its prepared copies and the corpus sit under the current home."""
-    return [bundled_model_dir(), corpus_path(), *(prepared_dir(BUNDLED_MODEL, p) for p in WEIGHT_PRECISIONS)]
+    return [
+        bundled_model_dir(),
+        corpus_path(),
+        speeches_path(),
+        *(prepared_dir(BUNDLED_MODEL, p) for p in WEIGHT_PRECISIONS),
+    ]
 
 
 def pytest_configure(config):

@@ -80,9 +80,9 @@ def test_values_keep_their_meaning():
     assert kw["command"] == ("bench", "fleet") and kw["test_samples"] == 1000 and kw["skip_tuning"] == ("0.002", "2")
     assert kw["side_seeds"] == ("1", "2") and kw["lrs"] == ("5e-4", "1e-3") and kw["epochs"] == ("1", "2")
     assert kw["lora_rounds"] == 2 and kw["out"] == "f.json" and kw["side_lrs"] == ()
-    kw = _parse(shlex.split("local --baseline lora --baseline-lrs 1e-3 2e-3 --epochs 2 --bits 8 --quiet"))
+    kw = _parse(shlex.split("local --baseline lora --baseline-lrs 1e-3 2e-3 --epochs 2 --bits 8 --quiet -c seed=3"))
     assert kw["baseline_lrs"] == (1e-3, 2e-3) and kw["epochs"] == 2 and kw["bits"] == 8 and kw["quiet"] is True
-    assert kw["model"] == "smollm2-135m" and kw["lora_targets"] == "q_proj,v_proj"
+    assert kw["run_config"] == ("seed=3",) and kw["weights"] is None and kw["data"] is None
     kw = _parse(shlex.split("simulate --loopback --devices 2 -c rounds=10 -c lr=0.001 --adapt"))
     assert kw["devices"] == 2 and kw["loopback"] and kw["adapt"] and kw["run_config"] == ("rounds=10", "lr=0.001")
     assert kw["mode"] is None and kw["timeout"] == 3600.0
@@ -112,7 +112,7 @@ def test_help_of_every_command(path, capsys):
     out = capsys.readouterr().out
     assert "Usage: mobiflower" in out
     if path[:1] == ["simulate"]:
-        assert "--devices" in out and "[default: 4]" in out
+        assert "--devices" in out and "default 4" in out and "natural" in out
 
 
 @pytest.mark.parametrize(

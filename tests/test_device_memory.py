@@ -135,7 +135,7 @@ def test_tiled_dequantization_matches_the_whole_weight(layer_cls, monkeypatch):
 def test_pieces_respect_the_token_budget(tiny_llama):
     backbone = Backbone.load(tiny_llama, num_taps=2)
     runtime = DeviceRuntime(backbone)
-    ids = runtime.token_ids(EXAMPLES)
+    ids = [e.ids for e in runtime.encode_samples(EXAMPLES)]
     for budget in (1, 8, 20, 40, None):
         pieces = runtime._pieces(ids, budget)
         assert sum(len(mask) for _, mask in pieces) == len(ids)

@@ -1,10 +1,11 @@
 """The federated on-device LoRA baseline: Flower's FedAvg over PEFT adapters, in the side-tuning harness.
 
 Unit tests check the strategy's averaging and accounting on hand-made replies and the tuning
-helper's choice; a 2-device run (tiny random Llama, bundled data), in-process and once as a real
-Flower simulation (``slow``), checks the whole app: it completes, averages what the devices sent,
-counts exactly the bytes that travelled, and each device trains on its own, disjoint partition.
-Accuracy is not the point (random backbone).
+helper's choice; 2-device runs (tiny random Llama, bundled data) through the runner with the app
+in-process check the whole app for both tasks: it completes, averages what the devices sent,
+counts exactly the bytes that travelled, each device trains on its own, disjoint partition, and a
+causal-LM run trains adapters only and reports perplexity over the scored tokens. Accuracy is not
+the point (random backbone).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from mobiflower.clients.device_setup import DeviceSetup
+from mobiflower.platform.tasks import CausalLMTask
 from mobiflower.simulations.baselines.fed_lora_strategy import (
     FedLoraConfig,
     FedLoraConfigError,
     FedLoraStrategy,
+    combined_metrics,
     linear_probe,
     record_bytes,
 )
@@ -209,3 +212,77 @@ def test_two_device_fed_lora_simulation(real_assets, tiny_llama, tmp_path, monke
         assert recorded["samples_digest"] == samples_digest(share.train)
         assert recorded["num_examples"] == len(share.train)
     assert sum(d["test_samples"] for d in summary["devices"].values()) == 16
+
+
+def test_causal_lm_metrics_are_combined_over_scored_tokens(task_identity):
+    """Loss and token accuracy weighted by each device's scored tokens; perplexity exp of that loss."""
+    strategy = FedLoraStrategy(FedLoraConfig(devices=2), CausalLMTask())
+    evals = list(strategy.configure_evaluate(1, _arrays(0), ConfigRecord(), _Grid([11, 22])))
+    stats = [
+        {"perplexity": np.exp(2.0), "loss": 2.0, "token-accuracy": 0.5, "num-examples": 3, "count": 300},
+        {"perplexity": np.exp(4.0), "loss": 4.0, "token-accuracy": 0.1, "num-examples": 3, "count": 100},
+    ]
+    replies = [Message(RecordDict({"metrics": MetricRecord(m)}), reply_to=r) for r, m in zip(evals, stats)]
+    combined = strategy.aggregate_evaluate(1, replies)
+    assert combined["loss"] == pytest.approx(2.5) and combined["perplexity"] == pytest.approx(np.exp(2.5))
+    assert combined["token-accuracy"] == pytest.approx(0.4)
+    record = strategy.history[1]
+    assert (
+        record["validation_perplexity"] == pytest.approx(np.exp(2.5))
+        and record["perplexity"] == record["validation_perplexity"]
+    )
+    assert sorted(d["validation_loss"] for d in record["devices"].values()) == [2.0, 4.0]
+    empty = Message(RecordDict({"metrics": MetricRecord({"num-examples": 0, "count": 0})}), reply_to=evals[0])
+    assert combined_metrics(CausalLMTask(), [empty]) is None  # no device scored a token
+    summary = strategy.summary_record(None, _arrays(0), 0, 1.0)
+    assert summary["task"] == "causal-lm" and summary["metrics"]["primary"] == "perplexity"
+    assert summary["final_split"] == "validation" and "test_perplexity" not in summary  # no final test ran
+    assert summary["final_perplexity"] == summary["final_validation_perplexity"] == pytest.approx(np.exp(2.5))
+    assert "final_accuracy" not in summary
+
+
+def test_causal_lm_fed_lora_round_in_process(real_assets, tiny_llama, tmp_path, monkeypatch):
+    """One causal-LM round of the whole baseline (the bundled snippets as plain text, every token scored):
+    the devices train and send LoRA adapters only (the LM head stays frozen), and score perplexity over
+    exactly the tokens side-tuning scores."""
+    from inprocess_grid import run_simulation_in_process
+
+    from mobiflower.simulations.baselines import fed_lora
+
+    run_config = {
+        "model": tiny_llama,
+        "task": "causal-lm",
+        "max-length": 24,
+        "train-samples": 8,
+        "validation-samples": 4,
+        "test-samples": 4,
+        "rounds": 1,
+        "batch-size": 4,
+        "lora-r": 4,
+    }
+    monkeypatch.setattr(fed_lora, "run_simulation", run_simulation_in_process)
+    run = fed_lora.FedLoraRun(devices=2, workdir=str(tmp_path), timeout_s=300, run_config=run_config)
+    summary = fed_lora.run_fed_lora(run)
+    assert summary["simulation"]["status"] == "finished:completed" and not summary["failures"]
+    assert summary["task"] == "causal-lm" and summary["task_config"]["max-length"] == 24
+    assert summary["final_split"] == "test" and "final_accuracy" not in summary
+    assert summary["final_perplexity"] == pytest.approx(np.exp(summary["final_loss"]))
+    assert 1.0 < summary["final_perplexity"] < 1e4 and 0.0 <= summary["final_token_accuracy"] <= 1.0
+    assert 1.0 < summary["rounds"][0]["validation_perplexity"] < 1e4
+    # adapters only: q and v of each of the 4 blocks, A (4 x 64) and B (64 x 4), no head
+    assert summary["trainable_parameters"] == 4 * 2 * (4 * 64 + 64 * 4) and summary["adapter_tensors"] == 16
+    assert {d["test_samples"] for d in summary["devices"].values()} == {2}
+    assert all(1.0 < d["test_perplexity"] < 1e4 for d in summary["devices"].values())
+
+    # the fleet's test figure is over exactly the tokens side-tuning scores on the devices' test samples
+    from mobiflower.clients.device_setup import DeviceSetup
+
+    expected = 0
+    for i in (0, 1):
+        setup = DeviceSetup.from_configs(run_config, {"num-partitions": 2, "partition-id": i})
+        test = setup.data().test
+        encoded = setup.runtime().encode_samples(test)
+        targets = setup.task.frame_targets(test, encoded, [len(e.ids) for e in encoded])["values"]
+        expected += sum(t != -100 for t in targets)
+    assert sum(d["test_count"] for d in summary["devices"].values()) == summary["test_count"] == expected > 0
+    assert summary["test_perplexity"] == summary["final_perplexity"]

@@ -103,7 +103,8 @@ def test_a_hostile_device_is_refused_alone_and_the_honest_ones_train_as_in_a_cle
     assert len(frame_reasons) >= 3 and sum(bad["frames_refused"].values()) >= 4, frame_reasons
     assert frame_reasons <= HOSTILE_FRAME_REASONS, frame_reasons - HOSTILE_FRAME_REASONS
     reply_reasons = set(bad["replies_refused"])
-    assert {"evaluate: accuracy", "deliver: digest"} <= reply_reasons, reply_reasons
+    # its evaluate replies (accuracy 7 or NaN over -3 samples) are refused on the first bad key checked
+    assert "deliver: digest" in reply_reasons and reply_reasons & {"evaluate: accuracy", "evaluate: samples"}
     assert any(r.startswith("forward: ") for r in reply_reasons), reply_reasons
     assert bad["delivered"] == 0 and "test_accuracy" not in bad
     assert hostile["frames"] == hostile["frames_accepted"] + hostile["frames_refused"]

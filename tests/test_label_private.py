@@ -100,7 +100,9 @@ def _frames_and_net(tiny_llama):
     ]
     frames = {}
     for targets in ("class", "none"):
-        runtime = DeviceRuntime(backbone, ForwardConfig(bits=8, targets=targets), device_id="device-0")
+        runtime = DeviceRuntime(
+            backbone, ForwardConfig(bits=8, targets="task" if targets == "class" else "none"), device_id="device-0"
+        )
         frame, _ = runtime.make_frame(examples)
         frames[targets] = decode_frame(runtime.encode(frame))
     config = SideNetworkConfig(

@@ -1,138 +1,89 @@
-"""`mobiflower local` and `mobiflower infer` end to end: two real OS processes, frames over a pipe."""
+"""`mobiflower local`: one device in its own OS process, driven by the same ServerApp strategy `simulate`
+runs (over :class:`DeviceProcessGrid`), for both tasks; and the real bundled model learning on it."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from mobiflower.simulations.local import LocalRunConfig, run_local
+from mobiflower.simulations.device_grid import DeviceProcessGrid
+from mobiflower.simulations.simulate import SimulateConfig, run_simulate
+from mobiflower.strategies.side_tuning import SideTuningStrategy
+
+SMALL = {"train-samples": 48, "validation-samples": 16, "test-samples": 16, "chunk-size": 16, "tail-cut": 2}
 
 
-def test_local_run_on_tiny_model(tiny_llama, tmp_path):
-    out = tmp_path / "run.json"
-    config = LocalRunConfig(
-        model=tiny_llama,
-        family="ladder",
-        train_samples=64,
-        validation_samples=32,
-        test_samples=32,
-        epochs=2,
-        bits=4,
-        num_taps=2,
-        chunk_size=32,
-        device_threads=1,
+def _local(tmp_path, model: str, **run_config) -> dict:
+    config = SimulateConfig(
+        devices=1,
         workdir=str(tmp_path / "work"),
+        run_config={"model": model, "delivery-dir": str(tmp_path / "delivered"), **SMALL, **run_config},
     )
-    result = run_local(config, out=str(out), progress=False)
-    written = json.loads(out.read_text())
-    for key in ("test_accuracy", "zero_shot_accuracy", "bits", "token_policy", "train_samples", "bytes_sent"):
-        assert key in written, key
-    assert written["bits"] == 4 and written["token_policy"] == "last" and written["train_samples"] == 64
-    assert 0 <= result["test_accuracy"] <= 1
-    # 96 samples sent (train + validation) as 4-bit last-token frames of 2 layers x 64 wide
-    assert 96 * 2 * 64 * 4 / 8 < result["bytes_sent"] < 96 * 2 * 64 * 2
-    assert (tmp_path / "work" / "side_network.safetensors").is_file()
-    assert (tmp_path / "work" / "checkpoint" / "optimizer.safetensors").is_file()
+    return run_simulate(config, quiet=True, engine="processes")
 
 
-def test_local_tail_run_delivers_a_peft_adapter(tiny_llama, tmp_path):
-    """The default family: the device forwards blocks 0..cut-1, the server trains the rest with LoRA and
-    delivers a PEFT adapter folder, which the device then runs on its own upper blocks."""
-    config = LocalRunConfig(
-        model=tiny_llama,
-        tail_cut=2,
-        train_samples=64,
-        validation_samples=32,
-        test_samples=32,
-        epochs=2,
-        chunk_size=32,
-        device_threads=1,
-        workdir=str(tmp_path / "work"),
-    )
-    assert config.family == "tail" and config.token_policy == "nonpad"
-    result = run_local(config, progress=False)
-    assert result["family"] == "tail" and result["layers"] == [1] and 0 <= result["test_accuracy"] <= 1
-    adapter = tmp_path / "work" / "adapter"
-    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
-    assert result["delivery_bytes"] < 100_000  # LoRA + head in fp16, no backbone weights
-    with pytest.raises(ValueError, match="nonpad"):
-        LocalRunConfig(model=tiny_llama, token_policy="last")
+def test_local_is_the_strategy_over_one_device_process(tiny_llama, tmp_path, monkeypatch):
+    """The run goes through SideTuningStrategy.start on a DeviceProcessGrid, and the device is its own process
+    (its peak memory is its own, not the server's)."""
+    started = []
+    original = SideTuningStrategy.start
+    monkeypatch.setattr(SideTuningStrategy, "start", lambda self, grid: started.append(grid) or original(self, grid))
+    summary = _local(tmp_path, tiny_llama, rounds=2)
+    assert len(started) == 1 and isinstance(started[0], DeviceProcessGrid)
+    assert summary["simulation"]["engine"] == "processes" and list(summary["devices"]) == ["device-0"]
+    device = summary["devices"]["device-0"]
+    assert device["data"]["train"] == 48 and device["data"]["test"] == 16 and device["test_samples"] == 16
+    assert device["data"]["empty"] == device["data"]["refused"] == 0
+    assert 0 <= summary["test_accuracy"] <= 1 and "test_macro_f1" in summary
+    adapter = tmp_path / "delivered" / "device-0"
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    assert summary["frames"] >= 3 and summary["bytes_up"] > 0
 
 
-def test_device_failure_is_reported(tmp_path):
-    from mobiflower.simulations.local import DeviceFailed
+def test_local_causal_lm_delivers_an_adapter_that_generates(tiny_llama, tmp_path):
+    summary = _local(tmp_path, tiny_llama, task="causal-lm", rounds=1)
+    assert summary["task"] == "causal-lm" and summary["metrics"]["primary"] == "perplexity"
+    assert summary["test_perplexity"] > 1 and summary["test_count"] > summary["test_samples"]
+    adapter = tmp_path / "delivered" / "device-0"
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    from mobiflower.clients.generation import LocalGenerator
 
-    config = LocalRunConfig(
-        model=str(tmp_path / "missing-model"),
-        train_samples=8,
-        validation_samples=4,
-        test_samples=4,
-        workdir=str(tmp_path / "w"),
-        device_threads=1,
-    )
-    with pytest.raises(DeviceFailed, match="cannot load model"):
-        run_local(config, progress=False)
+    with LocalGenerator.load(adapter) as generator:
+        out = generator.generate("the cat", max_new_tokens=4)
+    assert len(out.token_ids) == 4
+
+
+def test_a_device_that_dies_is_answered_at_once(tiny_llama, tmp_path):
+    """A device process that cannot start its model fails its profile with the reason, no waiting."""
+    with pytest.raises(Exception, match="none of the 1 devices could be profiled"):
+        _local(tmp_path, str(tmp_path / "missing-model"), **{"request-timeout": 600.0})
 
 
 @pytest.mark.real_model
-def test_side_tuning_learns_on_the_bundled_model(real_assets, tmp_path):
-    """A short real run: 4-bit last-token frames of SmolLM2 beat the zero-shot prompt clearly."""
-    out = tmp_path / "real.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mobiflower.simulations.cli",
-        "local",
-        "--family",
-        "ladder",
-        "--train-samples",
-        "160",
-        "--validation-samples",
-        "48",
-        "--test-samples",
-        "128",
-        "--epochs",
-        "10",
-        "--lr",
-        "1e-3",
-        "--bits",
-        "4",
-        "--device-threads",
-        "1",  # the suite runs two test files at once on CI's two cores
-        "--workdir",
-        str(tmp_path / "work"),
-        "--out",
-        str(out),
-        "--quiet",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "test accuracy" in proc.stdout
-    result = json.loads(out.read_text())
-    assert result["test_accuracy"] >= 0.66, result
-    assert result["test_accuracy"] > result["zero_shot_accuracy"] + 0.05, result
-    assert result["bytes_per_sample"] < 8 * 370  # 8 layers x (288 B codes + 18 groups x 4 B scales) + header share
-
-    side = tmp_path / "work" / "side_network.safetensors"
-    infer = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mobiflower.simulations.cli",
-            "infer",
-            "--side-network",
-            str(side),
-            "An absolute masterpiece, moving and funny.",
-            "Dull, lifeless and far too long.",
-        ],
+def test_the_default_tail_learns_on_the_bundled_model(real_assets, tmp_path):
+    """The README's defaults (pretrained tail, 4-bit frames) through `mobiflower local`: the delivered adapter
+    beats the zero-shot prompt on the same held-out samples by a clear margin."""
+    base = [sys.executable, "-m", "mobiflower.simulations.cli", "local", "--quiet"]
+    sizes = ["-c", "train-samples=160", "-c", "validation-samples=16", "-c", "test-samples=128"]
+    out, zero = tmp_path / "tail.json", tmp_path / "zero.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tail = subprocess.run(
+        [*base, *sizes, "--rounds", "2", "--workdir", str(tmp_path / "w"), "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
+        env=env,
     )
-    assert infer.returncode == 0, infer.stderr[-3000:]
-    lines = infer.stdout.strip().splitlines()
-    assert len(lines) == 2 and all(line.split()[0] in ("positive", "negative") for line in lines)
+    assert tail.returncode == 0, tail.stderr[-3000:]
+    prompt = subprocess.run(
+        [*base, *sizes, "--baseline", "zero-shot", "--out", str(zero)], capture_output=True, text=True, timeout=600
+    )
+    assert prompt.returncode == 0, prompt.stderr[-3000:]
+    tuned, zero_shot = json.loads(out.read_text()), json.loads(zero.read_text())
+    assert tuned["test_samples"] == zero_shot["test_samples"] == 128
+    assert tuned["test_accuracy"] > zero_shot["test_accuracy"] + 0.08, (tuned["test_accuracy"], zero_shot)
 
 
 def test_cli_errors_say_what_to_do(tmp_path, capsys):
@@ -142,3 +93,5 @@ def test_cli_errors_say_what_to_do(tmp_path, capsys):
     assert "run `mobiflower local` first" in capsys.readouterr().err
     assert main(["local", "--bits", "3"]) == 2
     assert "'--bits': '3' is not one of" in capsys.readouterr().err
+    assert main(["local", "-c", "task=translation"]) == 2
+    assert "task='translation' is unknown" in capsys.readouterr().err

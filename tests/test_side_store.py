@@ -9,7 +9,7 @@ from mobiflower.clients.device_setup import DeviceSetup, DeviceSetupError, devic
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform import messages as m
 from mobiflower.platform.backbone import Backbone
-from mobiflower.platform.data import Example, Splits, partition, partition_like
+from mobiflower.platform.data import Example, Splits
 from mobiflower.platform.frames import decode_frame
 from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, build_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
@@ -167,18 +167,6 @@ def test_frame_travels_raw_and_networks_round_trip(fleet_frames):
     assert m.records_digest(again, net_config) == m.records_digest(weights, net_config)
     assert m.records_digest(m.network_records(net, dtype=None)[0], net_config) != m.records_digest(weights, net_config)
     assert back.config == net.config
-
-
-def test_partition_like_follows_each_devices_label_mix():
-    train = _examples(400)
-    parts = partition(train, 4, "dirichlet", alpha=0.1, seed=3)
-    held = partition_like(_examples(200, offset=1000), parts, seed=3)
-    assert sum(len(p) for p in held) == 200
-    assert len({e.id for p in held for e in p}) == 200
-    for own, test in zip(parts, held):
-        own_pos = sum(e.label for e in own) / len(own)
-        if len(test) >= 10:
-            assert abs(sum(e.label for e in test) / len(test) - own_pos) < 0.15
 
 
 def test_device_setup_from_flower_configs():

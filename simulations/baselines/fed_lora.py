@@ -5,13 +5,16 @@ partitions of the same samples as the side-tuning run (:class:`DeviceSetup`), an
 folder convention: the ServerApp writes ``summary.json`` there and :func:`run_fed_lora` reads it
 back. :func:`tune_fed_lora` picks the learning rate and local epochs on the devices' *validation*
 splits (the issue asks for an honestly tuned baseline, not a weak default); the test split is only
-read for the final figure of each trial and never drives the choice.
+read for the final figure of each trial and never drives the choice. The task (``task``, ``labels``,
+``prompt-template``, ``max-length``) is the run config's, as for ``simulate``: the devices train and score
+it, and tuning chooses by its primary metric (accuracy: highest; perplexity: lowest).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -19,23 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mobiflower.clients.device_setup import device_run_config
+from mobiflower.clients.device_setup import RUN_CONFIG_KEYS, device_run_config
+from mobiflower.platform.run_config import as_config
+from mobiflower.platform.run_summary import metric_key, summary_metrics
+from mobiflower.platform.tasks import TaskConfig
 from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig
 from mobiflower.simulations.flower_config import RunConfigValue, fleet_run_config, write_app_dir
 from mobiflower.simulations.flower_run import run_simulation
 
 SERVERAPP = "mobiflower.simulations.baselines.fed_lora_server_app:app"
 CLIENTAPP = "mobiflower.simulations.baselines.fed_lora_client_app:app"
-# the device fields the fed-LoRA ClientApp reads (it trains the whole fp32 model: no taps, no precision)
-_DEVICE_FIELDS = (
-    "model",
-    "train_samples",
-    "validation_samples",
-    "test_samples",
-    "partitioning",
-    "dirichlet_alpha",
-    "threads",
-)
+# the device fields the fed-LoRA ClientApp reads: all but the forward's (it trains the whole fp32 model:
+# no taps, no weight precision)
+_DEVICE_FIELDS = tuple(name for name in RUN_CONFIG_KEYS if name not in ("weights", "num_taps"))
 DEFAULT_LR_GRID = (1e-4, 5e-4, 1e-3, 2e-3)
 DEFAULT_EPOCH_GRID = (1, 2)
 
@@ -44,6 +43,7 @@ def default_fed_lora_app_config() -> dict[str, RunConfigValue]:
     """Every run-config key the fed-LoRA apps read, with its default (devices' keys as in ``simulate``)."""
     config: dict[str, RunConfigValue] = device_run_config(_DEVICE_FIELDS)
     config.update(FedLoraConfig().as_dict())  # includes seed, batch-size, lr, rounds, run-dir
+    config.update(as_config(TaskConfig()))  # task, labels, prompt-template, max-length
     return config
 
 
@@ -62,6 +62,7 @@ class FedLoraRun:
             self.devices, self.client_cpus, self.run_config, default_fed_lora_app_config(), "the fed-LoRA apps read"
         )
         FedLoraConfig.from_run_config(merged)  # fail here, not inside the ServerApp
+        TaskConfig.from_run_config(merged).build()
 
 
 def run_fed_lora(config: FedLoraRun, out: str | None = None, quiet: bool = True) -> dict[str, Any]:
@@ -119,16 +120,19 @@ def tune_fed_lora(
     local_epochs: Sequence[int] = DEFAULT_EPOCH_GRID,
     runner: Callable[[FedLoraRun], dict[str, Any]] = run_fed_lora,
 ) -> dict[str, Any]:
-    """Try every (lr, local-epochs) pair on the devices' validation splits; keep the best.
+    """Try every (lr, local-epochs) pair on the devices' validation splits; keep the best by the task's
+    primary metric (classification: highest accuracy; causal-LM: lowest perplexity).
 
     Each trial is a full federated run (same fleet, rounds and data as ``base``) scored on
     validation after its last round; ties go to the cheaper trial (less device compute). The
     final test evaluation is switched off in trials, so the test split cannot leak into the
-    choice. Returns ``{"best": {"lr", "local-epochs", ...}, "trials": [...]}``; run the chosen
-    pair once more with ``final-eval`` on for the reported figure.
+    choice. Returns ``{"best": {"lr", "local-epochs", "validation_<metric>", ...}, "trials": [...],
+    "metric": ...}``; run the chosen pair once more with ``final-eval`` on for the reported figure.
     """
     if not lrs or not local_epochs:
         raise ValueError("tune_fed_lora needs at least one learning rate and one local-epochs value")
+    task = TaskConfig.from_run_config(base.run_config).build()
+    key = f"validation_{metric_key(task.primary)}"
     trials = []
     for lr, epochs in itertools.product(lrs, local_epochs):
         run = FedLoraRun(
@@ -150,26 +154,32 @@ def tune_fed_lora(
             {
                 "lr": float(lr),
                 "local-epochs": int(epochs),
-                "validation_accuracy": summary.get("final_validation_accuracy"),
+                key: summary.get(f"final_{key}"),
                 "device_compute_s": summary.get("device_compute_s"),
                 "run_dir": summary.get("simulation", {}).get("run_dir"),
             }
         )
-    scored = [t for t in trials if t["validation_accuracy"] is not None]
+    scored = [t for t in trials if t[key] is not None and math.isfinite(t[key])]
     if not scored:
-        raise RuntimeError("no tuning trial produced a validation accuracy: check the devices' validation splits")
-    best = max(scored, key=lambda t: (t["validation_accuracy"], -(t["device_compute_s"] or 0.0)))
-    return {"best": best, "trials": trials}
+        raise RuntimeError(
+            f"no tuning trial produced a validation {task.primary}: check the devices' validation splits"
+        )
+    sign = 1.0 if task.higher_is_better else -1.0
+    best = max(scored, key=lambda t: (sign * t[key], -(t["device_compute_s"] or 0.0)))
+    return {"best": best, "trials": trials, "metric": task.primary}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The run's final accuracy, its settings, what went over the wire and what the devices computed."""
+    """The run's final figure (the task's primary metric), its settings, what went over the wire and what
+    the devices computed."""
     cfg = summary.get("config", {})
-    acc = summary.get("final_accuracy")
+    metric = summary_metrics(summary)["primary"]
+    value = summary.get(f"final_{metric_key(metric)}")
+    split = summary.get("final_split", summary.get("final_accuracy_split"))
     lines = [
-        f"fed-lora: {summary.get('final_accuracy_split')} accuracy "
-        f"{'n/a' if acc is None else format(acc, '.4f')} after {cfg.get('rounds')} rounds "
-        f"(lr {cfg.get('lr')}, {cfg.get('lr_schedule')}, {cfg.get('local_epochs')} local epochs, r {cfg.get('lora_r')})",
+        f"fed-lora: {split} {metric} {'n/a' if value is None else format(value, '.4f')} after {cfg.get('rounds')} "
+        f"rounds (lr {cfg.get('lr')}, {cfg.get('lr_schedule')}, {cfg.get('local_epochs')} local epochs, "
+        f"r {cfg.get('lora_r')})",
         f"wire: {summary['bytes_up'] / 1e6:.2f} MB up, {summary['bytes_down'] / 1e6:.2f} MB down "
         f"(+{summary['bytes_down_eval'] / 1e6:.2f} MB for evaluation); adapter {summary['adapter_bytes'] / 1e6:.2f} MB",
         f"device compute: {summary['device_compute_s']:.1f} s over all devices, "

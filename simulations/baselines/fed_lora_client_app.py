@@ -1,16 +1,19 @@
 """The federated on-device LoRA baseline as a Flower ClientApp (FlowerTune-style).
 
 Unlike the side-tuning device, this device *trains*: for ``train`` it loads the global PEFT LoRA
-adapters and classification head it was sent, backpropagates through its own backbone over its
+adapters (and a classifier's head) it was sent, backpropagates through its own backbone over its
 own training partition for ``local-epochs`` and replies with the updated weights, ``num-examples``
 (the FedAvg weight) and what it cost (device compute seconds, memory, adapter bytes). For
-``evaluate`` it scores the weights it was sent on its own held-out split.
+``evaluate`` it scores the weights it was sent on its own held-out split with the task's metrics
+(classification: ``accuracy``, ``macro-f1``; causal-LM: ``perplexity``, ``loss``, ``token-accuracy``,
+over the same scored tokens as side-tuning), ``num-examples`` and ``count`` (what the metrics are over:
+samples, or scored tokens; the server weights devices by it).
 
 Everything the server decides (LoRA shape, learning rate, local epochs, batch size) arrives in the
 message's ``config`` record, so a strategy can vary it per device and per round (a deadline-aware
-strategy may give a slow phone fewer epochs). What the device *is* (its backbone, its partition)
-comes from the run and node config through :class:`DeviceSetup`, exactly as for the side-tuning
-ClientApp, so both methods see the same devices holding the same samples.
+strategy may give a slow phone fewer epochs). What the device *is* (its backbone, its partition,
+its task) comes from the run and node config through :class:`DeviceSetup`, exactly as for the
+side-tuning ClientApp, so both methods see the same devices holding the same samples.
 
 The PEFT model (:mod:`mobiflower.simulations.baselines.lora_model`) is cached per process, keyed by backbone and
 LoRA shape, never by node: one Ray actor serves many virtual devices, and every message overwrites
@@ -27,7 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from mobiflower.clients.device_setup import DeviceSetup
-from mobiflower.platform.classifier import classifier_accuracy
+from mobiflower.platform.classifier import evaluate_task
 from mobiflower.platform.process_memory import current_rss_mb, peak_rss_mb
 from mobiflower.simulations.baselines.lora_model import (
     LoraShape,
@@ -61,7 +64,7 @@ def _request(msg: Message, context: Context) -> tuple[DeviceSetup, ConfigRecord,
     from mobiflower.platform.assets import resolve_model
 
     model, tokenizer = lora_model(
-        resolve_model(setup.model), LoraShape.from_config(cfg), int(cfg.get("seed", setup.seed))
+        resolve_model(setup.model), LoraShape.from_config(cfg), int(cfg.get("seed", setup.seed)), setup.task
     )
     load_trainable(model, msg.content[ARRAYS_KEY].to_torch_state_dict())
     return setup, cfg, model, tokenizer
@@ -69,7 +72,7 @@ def _request(msg: Message, context: Context) -> tuple[DeviceSetup, ConfigRecord,
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the sent adapters + head on this device's training partition; reply with the update."""
+    """Train the sent adapters (+ head) on this device's training partition; reply with the update."""
     t_load = time.perf_counter()
     setup, cfg, model, tokenizer = _request(msg, context)
     load_s = time.perf_counter() - t_load
@@ -84,10 +87,10 @@ def train(msg: Message, context: Context) -> Message:
         model,
         tokenizer,
         examples,
+        task=setup.task,
         lr=float(cfg["lr"]),
         epochs=int(cfg["local-epochs"]),
         batch_size=int(cfg["batch-size"]),
-        max_length=LoraShape.from_config(cfg).max_length,
         seed=seed,
     )
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
@@ -114,7 +117,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the sent adapters + head on this device's own ``split`` (validation unless told)."""
+    """Score the sent adapters (+ head) on this device's own ``split`` (validation unless told) with the
+    task's metrics; a device with no samples of the split replies with counts 0 and no metrics."""
     setup, cfg, model, tokenizer = _request(msg, context)
     split = str(cfg.get("split", "validation"))
     if split not in SPLITS:
@@ -124,13 +128,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     if limit > 0:
         examples = examples[:limit]
     t0 = time.perf_counter()
-    accuracy = (
-        classifier_accuracy(model, tokenizer, examples, LoraShape.from_config(cfg).max_length) if examples else 0.0
-    )
+    scores = evaluate_task(model, tokenizer, examples, setup.task)
+    values = {name: float(v) for name, v in scores.result().items()} if scores.count else {}
     metrics = MetricRecord(
         {
-            "accuracy": float(accuracy),
+            **values,
             "num-examples": len(examples),
+            "count": scores.count,
             "eval-s": time.perf_counter() - t0,
             "peak-rss-mb": peak_rss_mb(),
         }

@@ -1,4 +1,4 @@
-"""Federated on-device LoRA (FlowerTune-style): Flower's FedAvg over PEFT LoRA adapters + head, with accounting.
+"""Federated on-device LoRA (FlowerTune-style): Flower's FedAvg over PEFT LoRA adapters (+ head), with accounting.
 
 The baseline mobiflower is measured against: every device backpropagates through its own
 backbone (:mod:`mobiflower.simulations.baselines.fed_lora_client_app`), the server averages the trainable tensors
@@ -7,7 +7,9 @@ subclass changes no aggregation; it only
 
 * sends the round's learning rate (cosine over rounds, or constant) and the LoRA shape in the
   train config, so devices need nothing but their data and backbone,
-* records per round what the harness compares: on-device accuracy (sample-weighted), bytes up
+* records per round what the harness compares: the task's on-device metrics (classification:
+  accuracy and macro-F1, each device weighted by its samples; causal-LM: loss and token accuracy
+  weighted by scored tokens, perplexity ``exp`` of the combined loss), bytes up
   and down (the ``ArrayRecord`` sizes that travel), device compute seconds summed and their max
   over devices (what a synchronous round waits for on a virtual clock), and per device the same,
 * keeps a linear probe of every client update and of the aggregate: FedAvg is linear, so the
@@ -31,6 +33,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from mobiflower.platform.run_config import as_config, typed_fields
+from mobiflower.platform.run_summary import metric_key
+from mobiflower.platform.tasks import BUNDLED_TASK, Task, combine_metrics
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
@@ -57,7 +61,6 @@ class FedLoraConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: str = ""  # comma-separated module names; empty: the model type's attention projections
-    max_length: int = 256
     eval_split: str = "validation"  # scored on devices after every round
     eval_samples: int = 0  # per device per round; 0: the device's whole split
     final_eval: bool = True  # score the final adapters on every device's test split
@@ -105,7 +108,6 @@ class FedLoraConfig:
             "lora-alpha": self.lora_alpha,
             "lora-dropout": self.lora_dropout,
             "lora-targets": self.lora_targets,
-            "max-length": self.max_length,
             "seed": self.seed,
         }
 
@@ -139,7 +141,7 @@ def _reply_device(reply: Message) -> str:
 class FedLoraStrategy(FedAvg):
     """Flower's FedAvg over all devices every round, with per-round and per-device accounting."""
 
-    def __init__(self, config: FedLoraConfig) -> None:
+    def __init__(self, config: FedLoraConfig, task: Task = BUNDLED_TASK) -> None:
         nodes = max(1, config.devices)
         super().__init__(
             fraction_train=1.0,
@@ -151,6 +153,7 @@ class FedLoraStrategy(FedAvg):
             configrecord_key=CONFIG_KEY,
         )
         self.config = config
+        self.task = task  # what the devices train and score (their run config's task keys)
         self.history: dict[int, dict[str, Any]] = {}
         self.devices: dict[str, dict[str, Any]] = {}
         self.failures: list[dict[str, Any]] = []
@@ -300,33 +303,39 @@ class FedLoraStrategy(FedAvg):
         replies = list(replies)
         self._failed(server_round, "evaluate", replies)
         rec = self._round(server_round)
-        accuracy = _weighted_accuracy(replies)
+        split = self.config.eval_split
+        metrics = combined_metrics(self.task, replies)
         for reply in replies:
             if not reply.has_error():
                 name = _reply_device(reply)
                 stats = reply.content[METRICS_KEY]
-                rec["devices"].setdefault(name, {})[f"{self.config.eval_split}_accuracy"] = float(stats["accuracy"])
+                own = rec["devices"].setdefault(name, {})
+                own.update({f"{split}_{metric_key(m)}": _value(stats, m) for m in self.task.metric_names})
                 self._device(name)["bytes_down_eval"] += self._eval_down_per_node
-        rec[f"{self.config.eval_split}_accuracy"] = accuracy
-        rec["accuracy"] = accuracy
+        for m in self.task.metric_names:
+            value = None if metrics is None else metrics[m]
+            rec[f"{split}_{metric_key(m)}"] = value
+            rec[metric_key(m)] = value  # the round's figures under the metric's own name (rec["accuracy"])
         rec["wall_s"] = time.perf_counter() - rec.pop("t0", time.perf_counter())
+        primary = None if metrics is None else metrics[self.task.primary]
         log(
             INFO,
-            "fed-lora round %d: %s accuracy %s, %d B up, %d B down, device compute %.1f s (max %.1f s)",
+            "fed-lora round %d: %s %s %s, %d B up, %d B down, device compute %.1f s (max %.1f s)",
             server_round,
-            self.config.eval_split,
-            "n/a" if accuracy is None else f"{accuracy:.4f}",
+            split,
+            self.task.primary,
+            "n/a" if primary is None else f"{primary:.4f}",
             rec["bytes_up"],
             rec["bytes_down"],
             rec["device_compute_s"],
             rec["device_compute_max_s"],
         )
-        return None if accuracy is None else MetricRecord({"accuracy": accuracy})
+        return None if metrics is None else MetricRecord(finite(metrics))
 
     # ---- after the rounds --------------------------------------------------------------------
 
     def evaluate_final(self, grid: Grid, arrays: ArrayRecord) -> dict[str, Any]:
-        """Score the final adapters on every device's test split (sample-weighted over devices)."""
+        """Score the final adapters on every device's test split (the task's metrics, combined over devices)."""
         config = ConfigRecord({"split": "test", "max-samples": 0, **self.config.device_config()})
         node_ids = list(grid.get_node_ids())
         messages = self._construct_messages(
@@ -339,12 +348,15 @@ class FedLoraStrategy(FedAvg):
             if not reply.has_error():
                 stats = reply.content[METRICS_KEY]
                 per_device[_reply_device(reply)] = {
-                    "test_accuracy": float(stats["accuracy"]),
+                    **{f"test_{metric_key(m)}": _value(stats, m) for m in self.task.metric_names},
                     "test_samples": int(stats["num-examples"]),
                 }
+                per_device[_reply_device(reply)]["test_count"] = _count(stats)
                 self._device(_reply_device(reply))["bytes_down_eval"] += record_bytes(arrays)
+        metrics = combined_metrics(self.task, replies)
         return {
-            "test_accuracy": _weighted_accuracy(replies),
+            **{f"test_{metric_key(m)}": None if metrics is None else metrics[m] for m in self.task.metric_names},
+            "test_count": sum(_count(r.content[METRICS_KEY]) for r in replies if not r.has_error()),
             "devices": per_device,
             "bytes_down": record_bytes(arrays) * len(node_ids),
         }
@@ -354,18 +366,21 @@ class FedLoraStrategy(FedAvg):
     ) -> dict[str, Any]:
         """Everything ``summary.json`` holds: the harness's figures, per round and per device."""
         rounds = [self.history[r] for r in sorted(self.history)]
-        split = f"{self.config.eval_split}_accuracy"
         bytes_down_train = sum(r["bytes_down"] for r in rounds)
         bytes_down_eval = sum(r["bytes_down_eval"] for r in rounds) + (final or {}).get("bytes_down", 0)
         devices = {name: dict(d) for name, d in sorted(self.devices.items())}
         for name, d in (final or {}).get("devices", {}).items():
             devices.setdefault(name, {}).update(d)
-        last = next((r.get(split) for r in reversed(rounds) if r.get(split) is not None), None)
         return {
             "method": "fed-lora",
-            "final_accuracy": final["test_accuracy"] if final else last,
-            "final_accuracy_split": "test" if final else self.config.eval_split,
-            f"final_{split}": last,
+            "task": self.task.name,
+            # the task's metrics (tuning chooses by the primary one), named as a side-tuning summary names them
+            "metrics": {
+                "primary": self.task.primary,
+                "names": list(self.task.metric_names),
+                "higher_is_better": self.task.higher_is_better,
+            },
+            **self.final_metrics(final, rounds),
             "bytes_up": sum(r["bytes_up"] for r in rounds),
             # Training traffic only (the global adapters each device trains from); evaluation
             # broadcasts are measurement, not method cost, and are listed apart.
@@ -385,18 +400,66 @@ class FedLoraStrategy(FedAvg):
             "config": asdict(self.config),
         }
 
+    def final_metrics(self, final: dict[str, Any] | None, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+        """``final_<metric>`` (the test figure when the final test ran, else the last scored round's) and
+        ``final_<eval split>_<metric>`` (the last scored round's) for each of the task's metrics, and which
+        split ``final_<metric>`` is (``final_split``; for classification also ``final_accuracy_split``);
+        when the final test ran also ``test_<metric>`` and ``test_count`` (samples, or scored tokens), the
+        keys a side-tuning summary gives its test figures."""
+        split = self.config.eval_split
+        out: dict[str, Any] = {}
+        for m in self.task.metric_names:
+            key = metric_key(m)
+            last = next(
+                (r.get(f"{split}_{key}") for r in reversed(rounds) if r.get(f"{split}_{key}") is not None), None
+            )
+            out[f"final_{key}"] = final[f"test_{key}"] if final else last
+            out[f"final_{split}_{key}"] = last
+            if final:
+                out[f"test_{key}"] = final[f"test_{key}"]
+        if final:
+            out["test_count"] = final["test_count"]
+        out["final_split"] = "test" if final else split
+        if self.task.name == "classification":
+            out["final_accuracy_split"] = out["final_split"]
+        return out
 
-def _weighted_accuracy(replies: Iterable[Message]) -> float | None:
-    """Accuracy over all devices' samples (each device weighted by how many it scored)."""
-    correct = total = 0.0
+
+def _count(stats: MetricRecord) -> int:
+    """What a device's metrics are over (samples, or scored tokens; ``num-examples`` in older replies)."""
+    return int(stats["count"]) if "count" in stats else int(stats["num-examples"])
+
+
+def _value(stats: MetricRecord, name: str) -> float | None:
+    return float(stats[name]) if name in stats else None
+
+
+def finite(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+
+
+def combined_metrics(task: Task, replies: Iterable[Message]) -> dict[str, float] | None:
+    """The task's metrics over all devices' replies (:func:`~mobiflower.platform.tasks.combine_metrics`:
+    each device weighted by what its metrics are over, ``count``: samples, or scored tokens; older
+    replies without it by ``num-examples``); None when no device scored anything."""
+    parts = []
     for reply in replies:
         if reply.has_error() or METRICS_KEY not in reply.content:
             continue
         stats = reply.content[METRICS_KEY]
-        n = float(stats["num-examples"])
-        correct += n * float(stats["accuracy"])
-        total += n
-    return correct / total if total else None
+        weight = float(_count(stats))
+        if weight > 0:
+            parts.append(({m: float(stats[m]) for m in task.metric_names if m in stats}, weight))
+    return combine_metrics(task, parts) if parts else None
 
 
-__all__ = ["FedLoraConfig", "FedLoraConfigError", "FedLoraStrategy", "linear_probe", "record_bytes", "LR_SCHEDULES"]
+__all__ = [
+    "FedLoraConfig",
+    "FedLoraConfigError",
+    "FedLoraStrategy",
+    "combined_metrics",
+    "linear_probe",
+    "metric_key",
+    "record_bytes",
+    "LR_SCHEDULES",
+]

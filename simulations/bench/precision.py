@@ -27,8 +27,7 @@ Model memory = peak RSS - RSS just before the backbone is loaded (tokenizer, wei
 and the runtime's buffers: everything loading and running the backbone adds). The tapped states
 of each precision are compared with fp32's for the same batch (relative L2 error per layer, a
 cheap proxy of accuracy). With ``accuracy=True`` the side-tuned accuracy of each precision on the
-bundled task is measured with :func:`mobiflower.simulations.local.run_local` (needs a
-``weights`` field in ``LocalRunConfig``; reported as skipped otherwise).
+bundled task is measured by a one-device run (``mobiflower local``) with the device at that precision.
 
 Acceptance thresholds are evaluated and reported as booleans, never asserted.
 """
@@ -103,7 +102,7 @@ def run_precision_bench(
     skipped (and reported as such) on a CPU without native bf16 unless ``include_unsupported``.
     ``starts`` warm start-only processes per precision (plus one ``cold`` one) measure start to
     first frame. ``weights_dir`` holds the prepared copies (default ``$MOBIFLOWER_HOME/models``).
-    ``accuracy_config`` overrides :class:`LocalRunConfig` fields of the accuracy runs (e.g.
+    ``accuracy_config`` overrides the accuracy runs' settings (``train_samples``, ``epochs`` = rounds; e.g.
     ``{"train_samples": 500}``). ``max_tokens`` is the device's forward budget
     (:attr:`ForwardConfig.max_tokens`; -1: its default, None: whole batches).
     """
@@ -270,32 +269,31 @@ def _state_errors(entries: dict, tmp: Path) -> None:
         entry["state_rel_error_max"] = max(errors.values())
 
 
-def _accuracy(model: str, precisions: Sequence[str], threads: int | None, overrides: dict, progress: bool) -> dict:
-    from mobiflower.simulations.local import LocalRunConfig, run_local
+_ACCURACY_KEYS = {"train_samples": "train-samples", "epochs": "rounds"}  # accuracy_config -> run-config keys
 
-    if "weights" not in LocalRunConfig.__dataclass_fields__:
-        reason = "LocalRunConfig has no `weights` field yet: the device cannot be told its weight precision"
-        _log(f"accuracy skipped: {reason}", progress)
-        return {p: {"skipped": reason} for p in precisions}
+
+def _accuracy(model: str, precisions: Sequence[str], threads: int | None, overrides: dict, progress: bool) -> dict:
+    """Side-tuned test accuracy with the device at each precision: a one-device run (``mobiflower local``:
+    the fleet's strategy, the device in its own process)."""
+    from mobiflower.simulations.simulate import SimulateConfig, run_simulate
+
     results = {}
     with tempfile.TemporaryDirectory(prefix="mobiflower-bench-precision-acc-") as tmp:
         for precision in precisions:
-            kwargs = {"model": model, "workdir": str(Path(tmp) / precision), **overrides, "weights": precision}
+            run_config = {"model": model, **{_ACCURACY_KEYS.get(k, k): v for k, v in overrides.items()}}
+            run_config["weights"] = precision
             if threads:
-                kwargs.setdefault("device_threads", threads)
+                run_config.setdefault("device-threads", threads)
             t0 = time.perf_counter()
-            r = run_local(LocalRunConfig(**kwargs), progress=False)
+            config = SimulateConfig(devices=1, workdir=str(Path(tmp) / precision), run_config=run_config)
+            r = run_simulate(config, quiet=True, engine="processes")
+            device = next(iter(r["devices"].values()))
             results[precision] = {
-                k: r.get(k)
-                for k in (
-                    "test_accuracy",
-                    "zero_shot_accuracy",
-                    "validation_accuracy",
-                    "fingerprint",
-                    "device_s_per_sample",
-                    "device_peak_rss_mb",
-                    "wall_s",
-                )
+                "test_accuracy": r.get("test_accuracy"),
+                "fingerprint": device.get("fingerprint"),
+                "device_forward_s": r.get("device_forward_s"),
+                "device_peak_rss_mb": device.get("device_peak_rss_mb"),
+                "wall_s": r.get("simulation", {}).get("wall_s"),
             }
             _log(
                 f"{precision}: side-tuned test accuracy {r['test_accuracy']:.4f} [{time.perf_counter() - t0:.0f} s]",
