@@ -22,7 +22,7 @@ from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import SUPPORTED_BITS, QuantizedTensor, concatenate, default_group_size, quantize
 from mobiflower.platform.frames import TOKEN_POLICIES, Frame, encode_frame
 from mobiflower.platform.process_memory import release_free_heap
-from mobiflower.platform.tasks import ClassificationTask, Encoded, Example, Task, join_segments
+from mobiflower.platform.tasks import ClassificationTask, Encoded, Example, Task, encode_samples
 
 
 @dataclass(frozen=True)
@@ -185,24 +185,17 @@ class DeviceRuntime:
         return frame, stats
 
     def encode_samples(self, examples: Sequence[Example]) -> list[Encoded]:
-        """Each example as the task makes it: token ids (and which the loss scores), from this runtime's
-        cache of segment ids; texts not seen before are tokenized (loading the tokenizer if it was
+        """Each example as the task makes it (:func:`mobiflower.platform.tasks.encode_samples`), from this
+        runtime's cache of token ids; texts not seen before are tokenized (loading the tokenizer if it was
         released) and kept."""
-        task = self.task
-        if task.name == "classification":  # one prompt, truncated on the left to the backbone's length
-            texts = [task.render(e.text) for e in examples]
-            ids = self._cached_ids(texts, self.backbone.token_ids, "")
-            return [Encoded(x[: task.max_length]) for x in ids]
-        render_chat = self.backbone.chat_renderer() if any(e.messages for e in examples) else None
-        segments = [task.segments(e, render_chat) for e in examples]
-        ids = self._cached_ids(
-            [text for segs in segments for text, _ in segs], self.backbone.segment_ids, "\x00segment:"
+        backbone = self.backbone
+        return encode_samples(
+            self.task,
+            examples,
+            lambda texts: self._cached_ids(texts, backbone.token_ids, ""),
+            lambda texts: self._cached_ids(texts, backbone.segment_ids, "\x00segment:"),
+            backbone.chat_renderer,
         )
-        out, at = [], 0
-        for segs in segments:
-            out.append(join_segments([(ids[at + i], scored) for i, (_, scored) in enumerate(segs)], task.max_length))
-            at += len(segs)
-        return out
 
     def _cached_ids(self, texts: Sequence[str], tokenize, kind: str) -> list[list[int]]:
         """Ids of ``texts`` by ``tokenize``, cached under ``kind + text`` (a prompt truncated as a whole and

@@ -28,6 +28,7 @@ from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE, PRECISION_DTY
 from mobiflower.platform.prepared_weights import is_prepared_folder, load_backbone_weights
 from mobiflower.platform.process_memory import release_free_heap
 from mobiflower.platform.quantized_layers import QuantizedLinear
+from mobiflower.platform.tasks import chat_renderer
 
 _FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "decoder.final_layer_norm", "final_layernorm")
 
@@ -277,14 +278,7 @@ class Backbone:
             tokenizer = AutoTokenizer.from_pretrained(str(folder.parent if folder.is_file() else folder))
         except (OSError, ValueError):
             return None
-        if not getattr(tokenizer, "chat_template", None):
-            return None
-
-        def render(messages, add_generation_prompt: bool) -> str:
-            chat = [{"role": role, "content": content} for role, content in messages]
-            return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-        return render
+        return chat_renderer(tokenizer)
 
     def feature_positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Index of the token a classifier reads: the last real token (decoders) or the first (encoders)."""

