@@ -102,3 +102,36 @@ def test_bench_device_with_weight_precisions(bench):
         assert e["model_memory_mb"] > 0 and e["s_per_sample"] > 0 and e["warm_start_s"] > 0
     assert weights["ratios"]["int8_vs_fp32_model_memory"] > 0
     assert (out.parent / "bench_precisions.png").read_bytes()[:8] == PNG
+
+
+def test_causal_lm_mode_measures_every_method_at_the_sequence_length(tmp_path, real_assets):
+    """`run_device_bench(task="causal-lm")` on a tiny llama at 32 tokens a sample: the tail device, inference
+    only, the LoRA and full fine-tuning steps, each forwarding exactly `seq_len` tokens of every sample; every
+    ratio reported, the acceptance as booleans, the table and the figure written."""
+    from mobiflower.platform.tiny import make_tiny_model
+    from mobiflower.simulations.bench.device import run_device_bench
+    from mobiflower.simulations.bench.device_lm import CAUSAL_LM_ACCEPTANCE, CAUSAL_LM_METHODS, CAUSAL_LM_REPORTED
+
+    model = make_tiny_model("llama", tmp_path / "llama", hidden=64, layers=2)
+    out = tmp_path / "out" / "bench_lm.json"
+    run_device_bench(
+        str(model), batches=2, batch_size=2, threads=1, out=str(out), progress=False, task="causal-lm", seq_len=32
+    )
+    result = json.loads(out.read_text())
+    assert list(result["methods"]) == list(CAUSAL_LM_METHODS)
+    assert result["config"]["batch_size"] == 2 and result["config"]["seq_len"] == 32
+    for name, m in result["methods"].items():
+        assert m["peak_rss_mb"] > 0 and m["s_per_sample"] > 0 and m["samples"] == 2, name
+        assert m["tokens_per_sample"] == m["min_tokens_per_sample"] == 32, name  # truncated to exactly seq_len
+    assert result["methods"]["tail_device"]["tail_cut"] == 1
+    wire = result["tail_wire"]  # every real token of the cut layer, with its next-token target
+    assert [w["bits"] for w in wire] == [8, 4, 2] and all(w["tokens_per_sample"] == 32 for w in wire)
+    assert wire[0]["bytes_per_sample"] > wire[1]["bytes_per_sample"] > wire[2]["bytes_per_sample"] > 0
+    assert set(CAUSAL_LM_REPORTED) | {k for k, *_ in CAUSAL_LM_ACCEPTANCE.values()} <= set(result["ratios"])
+    assert all(v is not None and v > 0 for v in result["ratios"].values())
+    assert result["acceptance_set"] == "causal-lm" and set(result["acceptance"]) == set(CAUSAL_LM_ACCEPTANCE)
+    assert all(isinstance(v, bool) for v in result["acceptance"].values())  # reported, never asserted
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG
+    table = format_table(result)
+    for name in (*CAUSAL_LM_METHODS, *result["ratios"], "32 tokens"):
+        assert name in table, name

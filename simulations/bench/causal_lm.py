@@ -109,7 +109,9 @@ def fleet_samples(run_config: dict[str, Any], devices: int):
     from mobiflower.simulations.simulate import default_app_config
 
     merged = {**default_app_config(), **run_config}
-    parts = [DeviceSetup.from_configs(merged, {"partition-id": i, "num-partitions": devices}).data() for i in range(devices)]
+    parts = [
+        DeviceSetup.from_configs(merged, {"partition-id": i, "num-partitions": devices}).data() for i in range(devices)
+    ]
     return Splits(*([e for p in parts for e in getattr(p, name)] for name in ("train", "validation", "test")))
 
 
@@ -129,8 +131,10 @@ def _lora(config: CausalLMBench, data: Path, log) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = run_baseline(baseline, progress=False, splits=splits)
     result["wall_s"] = time.perf_counter() - t0
-    log(f"on-device LoRA: test ppl {result['test_perplexity']:.2f} (lr {result.get('lr')}, zero-shot "
-        f"{result['zero_shot_perplexity']:.2f})")
+    log(
+        f"on-device LoRA: test ppl {result['test_perplexity']:.2f} (lr {result.get('lr')}, zero-shot "
+        f"{result['zero_shot_perplexity']:.2f})"
+    )
     return result
 
 
@@ -158,7 +162,8 @@ def run_causal_lm_bench(config: CausalLMBench, out: str | None = None, progress:
     result["acceptance"] = {
         "tail_within_1.02x_of_lora": r["tail_over_lora_perplexity"] is not None
         and r["tail_over_lora_perplexity"] <= ACCEPTANCE["tail_over_lora_perplexity"],
-        "both_below_zero_shot": (r["tail_over_zero_shot_perplexity"] or 9) < 1 and (r["lora_over_zero_shot_perplexity"] or 9) < 1,
+        "both_below_zero_shot": (r["tail_over_zero_shot_perplexity"] or 9) < 1
+        and (r["lora_over_zero_shot_perplexity"] or 9) < 1,
     }
     write_outputs(result, out, None, plot_causal_lm, log)
     return result

@@ -36,22 +36,25 @@ reason, not raised. ``mobiflower bench device --model opt-1.3b-shape`` (a shippe
 :mod:`mobiflower.platform.shapes`: random weights, so cost figures only) turns all of this on
 with :data:`BILLION_DEFAULTS` and judges :data:`BILLION_ACCEPTANCE`.
 
+Causal-LM (issue 25). ``task="causal-lm"`` measures what a device pays when the fleet fine-tunes a
+causal LM through the pretrained tail, at 256 tokens a sample: the tail device (4-bit states of every
+real token, next-token targets), inference only, and an on-device LoRA and full fine-tuning step with
+the next-token loss (:mod:`mobiflower.simulations.bench.device_lm`).
+
 The acceptance thresholds of the benchmark are evaluated and reported as booleans, never asserted.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from mobiflower.simulations.bench.common import bench_logger, ratio, write_outputs
+from mobiflower.simulations.bench.device_runner import MethodRunner, machine_info
 
+TASKS = ("classification", "causal-lm")
 METHODS = ("mobiflower_device", "tail_device", "inference_forward", "lora_step", "full_step")
 DEVICE_KINDS = ("mobiflower_device", "tail_device")
 TRAINING_METHODS = ("lora_step", "full_step")
@@ -151,13 +154,22 @@ def bench_settings(
     batch_size: int | None = None,
     weights: Sequence[str] | None = None,
     train_configs: Sequence[TrainingConfig] | None = None,
+    task: str = "classification",
 ) -> dict[str, Any]:
     """The settings to run with: what was given, else :data:`BILLION_DEFAULTS` on a shipped shape
     (:mod:`mobiflower.platform.shapes`), else the bundled model's defaults (6 x 16, the checkpoint
-    as loaded, no training configurations)."""
+    as loaded, no training configurations); for ``task="causal-lm"`` the causal-LM mode's
+    (:data:`~mobiflower.simulations.bench.device_lm.CAUSAL_LM_DEFAULTS`: 5 x 4 samples of 256 tokens)."""
     from mobiflower.platform.shapes import is_shape
 
-    big = is_shape(model)
+    if task == "causal-lm":
+        from mobiflower.simulations.bench.device_lm import CAUSAL_LM_DEFAULTS as lm
+
+        big = False
+        batches = lm["batches"] if batches is None else batches
+        batch_size = lm["batch_size"] if batch_size is None else batch_size
+    else:
+        big = is_shape(model)
     return {
         "batches": batches if batches is not None else (BILLION_DEFAULTS["batches"] if big else 6),
         "batch_size": batch_size if batch_size is not None else (BILLION_DEFAULTS["batch_size"] if big else 16),
@@ -218,6 +230,8 @@ def run_device_bench(
     weights: Sequence[str] | None = None,
     train_configs: Sequence[TrainingConfig] | None = None,
     memory_cap_gb: float | None = None,
+    task: str = "classification",
+    seq_len: int | None = None,
 ) -> dict:
     """Run every method in fresh, memory-capped processes, measure the wire sizes, and return the result JSON.
 
@@ -226,11 +240,77 @@ def run_device_bench(
     each :class:`TrainingConfig`. ``memory_cap_gb`` caps every child (default: 20 GB or 85% of this
     machine's memory). Writes the JSON to ``out`` and a bar plot of peak RSS and seconds per sample
     to ``plot`` (default: ``out`` with a ``.png`` suffix; no plot when neither is given).
+
+    ``task="causal-lm"`` runs the causal-LM mode instead (:mod:`~mobiflower.simulations.bench.device_lm`,
+    ``seq_len`` tokens a sample, default 256; ``bits``, ``token_policy`` and ``num_taps`` are not read there).
     """
-    from mobiflower.platform.codec import SUPPORTED_BITS
-    from mobiflower.platform.frames import TOKEN_POLICIES
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is unknown: choose one of {', '.join(TASKS)}")
+    if task == "causal-lm":
+        from mobiflower.simulations.bench.device_lm import run_causal_lm_bench
+
+        shared = dict(seed=seed, threads=threads, out=out, plot=plot, progress=progress, tail_cut=tail_cut)
+        if weights or train_configs:
+            raise ValueError("the causal-lm mode runs the checkpoint as loaded: drop weights and train_configs")
+        lengths = {"seq_len": seq_len} if seq_len is not None else {}
+        return run_causal_lm_bench(model, batches, batch_size, **lengths, **shared, memory_cap_gb=memory_cap_gb)
+    if seq_len is not None:
+        raise ValueError("seq_len is the causal-lm mode's: the classification mode's lengths are train_configs'")
+    _check_args(batches, batch_size, bits, token_policy, threads, num_taps, memory_cap_gb)
     from mobiflower.platform.precision import normalize_precision
     from mobiflower.simulations.bench.memory_cap import default_cap_mb
+
+    precisions = list(dict.fromkeys(normalize_precision(w) for w in weights)) if weights else [None]
+    configs = list(train_configs or [])
+    cap_mb = memory_cap_gb * 1024 if memory_cap_gb else default_cap_mb()
+    samples = bench_samples(batches, batch_size, seed)
+    args = {"model": model, "batches": batches, "batch_size": batch_size, "samples": len(samples), "bits": bits}
+    args.update(token_policy=token_policy, num_taps=num_taps, seed=seed, threads=threads, tail_cut=tail_cut)
+    config = _bench_config(args, precisions, configs, cap_mb)
+    common = {k: config[k] for k in ("model", "tail_cut", "bits", "token_policy", "num_taps", "seed", "threads")}
+    common["max_length"] = MAX_LENGTH
+    log = bench_logger("device", progress)
+    log(
+        f"{len(samples)} samples ({batches} batches of {batch_size}) of {model}, each method in a fresh process "
+        f"capped at {cap_mb / 1024:.1f} GB"
+        + (" (random weights: cost figures only)" if config["random_weights"] else "")
+    )
+    result: dict[str, Any] = {"config": config, "methods": {}, "wire": [], "tail_wire": []}
+    with tempfile.TemporaryDirectory(prefix="mobiflower-bench-") as tmp:
+        runner = MethodRunner(Path(tmp), cap_mb, log)
+        extra = _run_methods(runner, result, common, samples, precisions, billion=bool(weights) or bool(configs))
+        if configs:
+            primary = "fp32" if "fp32" in precisions else precisions[0]
+            result["train_configs"] = _run_configs(
+                runner, common, configs, TrainingConfig(batch_size), result["methods"], primary, batches, seed
+            )
+    _judge(result, extra, billion=bool(weights) or bool(configs), cap_mb=cap_mb)
+
+    from mobiflower.simulations.bench.device_report import plot_result
+
+    write_outputs(result, out, plot, plot_result, log)
+    return result
+
+
+def _bench_config(args: dict, precisions: list, configs: list, cap_mb: float) -> dict:
+    """The result's ``config``: the arguments, the timed and warm-up batches, the training settings."""
+    return {
+        **args,
+        "timed_batches": max(1, args["batches"] - 1),
+        "warmup_batches": 1 if args["batches"] > 1 else 0,
+        "lora": dict(LORA_SETTINGS),
+        "lr": dict(LR),
+        "weights": [p for p in precisions if p],
+        "train_configs": [asdict(c) for c in configs],
+        "memory_cap_mb": cap_mb,
+        "max_length": MAX_LENGTH,
+        "random_weights": _random_weights(args["model"]),
+    }
+
+
+def _check_args(batches, batch_size, bits, token_policy, threads, num_taps, memory_cap_gb) -> None:
+    from mobiflower.platform.codec import SUPPORTED_BITS
+    from mobiflower.platform.frames import TOKEN_POLICIES
 
     if batches < 1 or batch_size < 1:
         raise ValueError(f"batches={batches} and batch_size={batch_size} must be at least 1")
@@ -244,123 +324,70 @@ def run_device_bench(
         raise ValueError(f"num_taps={num_taps} must be at least 1")
     if memory_cap_gb is not None and memory_cap_gb <= 0:
         raise ValueError(f"memory_cap_gb={memory_cap_gb} must be positive")
-    precisions = list(dict.fromkeys(normalize_precision(w) for w in weights)) if weights else [None]
+
+
+def _run_methods(
+    runner: MethodRunner, result: dict, common: dict, samples: list, precisions: list, billion: bool
+) -> dict[str, Any]:
+    """Each precision's device methods (prepared copies built first), then inference and the training
+    steps, into ``result["methods"]``; the wire rows moved to ``result``; what else the children reported
+    once (the fp32 size, the machine, the backbone)."""
+    batch_size = result["config"]["batch_size"]
+    weights = any(precisions)
     primary = "fp32" if "fp32" in precisions else precisions[0]
-    configs = list(train_configs or [])
-    base_config = TrainingConfig(batch_size)
-    cap_mb = memory_cap_gb * 1024 if memory_cap_gb else default_cap_mb()
-    billion = bool(weights) or bool(configs)
-
-    samples = bench_samples(batches, batch_size, seed)
-    config = {
-        "model": model,
-        "batches": batches,
-        "batch_size": batch_size,
-        "samples": len(samples),
-        "bits": bits,
-        "token_policy": token_policy,
-        "num_taps": num_taps,
-        "seed": seed,
-        "threads": threads,
-        "tail_cut": tail_cut,
-        "timed_batches": max(1, batches - 1),
-        "warmup_batches": 1 if batches > 1 else 0,
-        "lora": dict(LORA_SETTINGS),
-        "lr": dict(LR),
-        "weights": [p for p in precisions if p],
-        "train_configs": [asdict(c) for c in configs],
-        "memory_cap_mb": cap_mb,
-        "max_length": MAX_LENGTH,
-        "random_weights": _random_weights(model),
-    }
-    log = bench_logger("device", progress)
-    log(
-        f"{len(samples)} samples ({batches} batches of {batch_size}) of {model}, each method in a fresh process "
-        f"capped at {cap_mb / 1024:.1f} GB"
-        + (" (random weights: cost figures only)" if config["random_weights"] else "")
-    )
-    common = {
-        "model": model,
-        "tail_cut": tail_cut,
-        "bits": bits,
-        "token_policy": token_policy,
-        "num_taps": num_taps,
-        "seed": seed,
-        "threads": threads,
-        "max_length": MAX_LENGTH,
-    }
-    result: dict[str, Any] = {"config": config, "methods": {}, "wire": [], "tail_wire": []}
-    extra: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="mobiflower-bench-") as tmp:
-        runner = _Runner(Path(tmp), cap_mb, log)
-        if weights:
-            result["prepared"] = {
-                p: runner.run({**common, "method": "prepare", "precision": p}, f"prepare-{p}") for p in precisions
+    if weights:
+        result["prepared"] = {
+            p: runner.run({**common, "method": "prepare", "precision": p}, f"prepare-{p}") for p in precisions
+        }
+    base = _config_specs(common, TrainingConfig(batch_size), samples, MAX_LENGTH)
+    for precision in precisions:
+        for kind in DEVICE_KINDS:
+            name = device_method(kind, precision)
+            if weights and result["prepared"][precision].get("out_of_memory"):
+                result["methods"][name] = {**result["prepared"][precision], "stage": "prepare"}
+                continue
+            wire = precision == primary
+            spec = {
+                **base,
+                "method": kind,
+                "precision": precision,
+                "wire": wire and kind == "mobiflower_device",
+                "tail_wire": wire and kind == "tail_device",
+                # billion-sized: the wire sizes of one batch (each row is another forward)
+                "wire_samples": batch_size if billion else len(samples),
             }
-        base = _config_specs(common, base_config, samples, MAX_LENGTH)
-        for precision in precisions:
-            for kind in DEVICE_KINDS:
-                name = device_method(kind, precision)
-                if weights and result["prepared"][precision].get("out_of_memory"):
-                    result["methods"][name] = {**result["prepared"][precision], "stage": "prepare"}
-                    continue
-                wire = precision == primary
-                spec = {
-                    **base,
-                    "method": kind,
-                    "precision": precision,
-                    "wire": wire and kind == "mobiflower_device",
-                    "tail_wire": wire and kind == "tail_device",
-                    # billion-sized: the wire sizes of one batch (each row is another forward)
-                    "wire_samples": batch_size if billion else len(samples),
-                }
-                result["methods"][name] = runner.run(spec, name)
-        for method in ("inference_forward", *TRAINING_METHODS):
-            result["methods"][method] = runner.run({**base, "method": method}, method)
-        for name, m in result["methods"].items():
-            result["wire"] += m.pop("wire", [])
-            if "tail_wire" in m:
-                result["tail_wire"] = m.pop("tail_wire")
-            for key in ("fp32_all_token_bytes_per_sample", "machine", "backbone"):
-                if key in m:
-                    extra[key] = m.pop(key)
-        if configs:
-            result["train_configs"] = _run_configs(
-                runner, common, configs, base_config, result["methods"], primary, batches, seed
-            )
+            result["methods"][name] = runner.run(spec, name)
+    for method in ("inference_forward", *TRAINING_METHODS):
+        result["methods"][method] = runner.run({**base, "method": method}, method)
+    extra: dict[str, Any] = {}
+    for m in result["methods"].values():
+        result["wire"] += m.pop("wire", [])
+        if "tail_wire" in m:
+            result["tail_wire"] = m.pop("tail_wire")
+        for key in ("fp32_all_token_bytes_per_sample", "machine", "backbone"):
+            if key in m:
+                extra[key] = m.pop(key)
+    return extra
 
+
+def _judge(result: dict, extra: dict, billion: bool, cap_mb: float) -> None:
+    """The ratios and the acceptance verdicts (booleans, never asserted), the machine and the backbone."""
     fp32 = extra.get("fp32_all_token_bytes_per_sample")
     result["fp32_all_token_bytes_per_sample"] = fp32
     result["ratios"] = _ratios(result["methods"], result["wire"], fp32)
     if billion:
         result["ratios"].update(_billion_ratios(result, cap_mb))
-    acceptance = BILLION_ACCEPTANCE if billion else ACCEPTANCE
     result["acceptance_set"] = "billion" if billion else "default"
-    result["acceptance"] = _acceptance(result["ratios"], acceptance)
-    machine = {"cpu_count": os.cpu_count(), **extra.get("machine", {})}
-    machine["arch"] = os.uname().machine if hasattr(os, "uname") else sys.platform
-    machine["python"] = ".".join(map(str, sys.version_info[:3]))
-    machine["memory_mb"] = _memory_total_mb()
-    result["machine"] = machine
+    result["acceptance"] = _acceptance(result["ratios"], BILLION_ACCEPTANCE if billion else ACCEPTANCE)
+    result["machine"] = machine_info(extra.get("machine", {}))
     if "backbone" in extra:
         result["backbone"] = extra["backbone"]
-
-    from mobiflower.simulations.bench.device_report import plot_result
-
-    write_outputs(result, out, plot, plot_result, log)
-    return result
 
 
 def _random_weights(model: str) -> bool:
     from mobiflower.platform.shapes import is_shape
 
     return is_shape(model)
-
-
-def _memory_total_mb() -> float | None:
-    from mobiflower.simulations.bench.memory_cap import _meminfo_mb
-
-    return _meminfo_mb().get("MemTotal")
 
 
 def _config_specs(common: dict, config: TrainingConfig, samples: list, max_length: int) -> dict:
@@ -374,7 +401,7 @@ def _config_specs(common: dict, config: TrainingConfig, samples: list, max_lengt
 
 
 def _run_configs(
-    runner: "_Runner",
+    runner: MethodRunner,
     common: dict,
     configs: Sequence[TrainingConfig],
     base_config: TrainingConfig,
@@ -421,67 +448,6 @@ def _run_configs(
             "out_of_memory": sum(bool(m.get("out_of_memory")) for m in peaks),
         }
     return {"rows": rows, "spread": spread, "device_precision": primary}
-
-
-class _Runner:
-    """Runs one method per fresh child process under the memory cap; an out-of-memory child is a result."""
-
-    def __init__(self, tmp: Path, cap_mb: float, log):
-        self.tmp, self.cap_mb, self.log = tmp, cap_mb, log
-
-    def run(self, spec: dict, tag: str, label: str | None = None) -> dict:
-        from mobiflower.simulations.bench.memory_cap import run_capped
-
-        spec_path, result_path = self.tmp / f"{tag}.spec.json", self.tmp / f"{tag}.result.json"
-        spec_path.write_text(json.dumps(spec))
-        t0 = time.perf_counter()
-        cmd = [
-            sys.executable,
-            "-m",
-            "mobiflower.simulations.bench.device_child",
-            str(spec_path),
-            str(result_path),
-            repr(time.time()),
-        ]
-        run = run_capped(cmd, self.cap_mb)
-        if result_path.is_file():
-            result = json.loads(result_path.read_text())
-        elif run.out_of_memory or any(text in run.stderr for text in _OOM_TEXTS):
-            result = {
-                "out_of_memory": True,
-                "reason": run.reason or _last_line(run.stderr),
-                "peak_rss_mb": run.peak_rss_mb,
-                "stage": "the watchdog stopped it",
-            }
-        else:
-            tail = "\n".join(run.stderr.strip().splitlines()[-25:])
-            raise RuntimeError(f"bench device child {tag!r} failed in its process (exit {run.returncode}):\n{tail}")
-        result["cap_mb"] = self.cap_mb
-        name = label or tag
-        if result.get("out_of_memory"):
-            self.log(
-                f"{name}: OUT OF MEMORY under the {self.cap_mb / 1024:.1f} GB cap ({result.get('reason')}) "
-                f"[{time.perf_counter() - t0:.1f} s]"
-            )
-        elif spec["method"] == "prepare":
-            self.log(
-                f"{name}: {result['folder']} ({result['weights_file_mb']:.0f} MB) [{time.perf_counter() - t0:.1f} s]"
-            )
-        else:
-            self.log(
-                f"{name}: peak RSS {result['peak_rss_mb']:.0f} MB (runtime {result['baseline_rss_mb']:.0f} MB), "
-                f"{result['s_per_sample'] * 1000:.1f} ms/sample, start-up {result['startup_s']:.2f} s "
-                f"[{time.perf_counter() - t0:.1f} s]"
-            )
-        return result
-
-
-_OOM_TEXTS = ("MemoryError", "can't allocate memory", "Cannot allocate memory", "std::bad_alloc")
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
 
 
 def _pick(methods: dict, kind: str) -> dict:

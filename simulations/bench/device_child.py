@@ -13,8 +13,9 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from mobiflower.platform.tasks import BUNDLED_TASK
 from mobiflower.simulations.bench.device import (
@@ -24,7 +25,6 @@ from mobiflower.simulations.bench.device import (
     MAX_LENGTH,
     METHODS,
     TAIL_CUT,
-    TRAINING_METHODS,
     WIRE_BITS,
     WIRE_POLICIES,
 )
@@ -111,159 +111,62 @@ def _loadavg() -> float | None:
 _loadavg_at_start = _loadavg()
 
 
-def _measure(spec: dict, launched: float) -> dict:
-    import gc
+@dataclass
+class _Loaded:
+    """A method ready to time: its step on one batch, the runtime's RSS before the model was loaded, the
+    load time, what the wire sizes need (the device's runtime and backbone), and the token count of each
+    sample as the step forwards it (causal-LM mode)."""
 
+    step: Callable[[list], None]
+    baseline_mb: float
+    load_s: float
+    runtime: Any = None
+    backbone: Any = None
+    token_counts: Callable[[list], list[int]] | None = None
+
+
+def _task(spec: dict):
+    """The causal-LM task at the spec's length, or None: the classification mode (the bundled job)."""
+    from mobiflower.platform.tasks import CausalLMTask
+
+    return CausalLMTask(int(spec["max_length"])) if spec.get("task") == "causal-lm" else None
+
+
+def _measure(spec: dict, launched: float) -> dict:
+    """Import, load, time the method's steps (one warm-up batch first) and record its cost."""
     import torch
 
     from mobiflower.platform.data import Example
-    from mobiflower.platform.process_memory import current_rss_mb
 
     method = spec["method"]
+    if method not in METHODS:
+        raise ValueError(f"unknown bench method {method!r}: choose one of {', '.join(METHODS)}")
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     examples = [Example(int(i), str(text), int(label)) for i, text, label in spec["samples"]]
     bs = int(spec["batch_size"])
-    max_length = int(spec.get("max_length") or MAX_LENGTH)
     batches = [examples[i : i + bs] for i in range(0, len(examples), bs)]
     extra: dict[str, Any] = {}
     _STAGE["now"] = "imports"
-    if method in DEVICE_KINDS:
-        extra["forward"] = _import_device_code(spec)  # code is runtime: baseline and load cover the weights only
-    else:
-        import transformers  # noqa: F401  (part of the runtime every method pays for)
-
-        from mobiflower.platform.assets import resolve_model
-        from mobiflower.platform.classifier import quiet_transformers
-
-        quiet_transformers()
-        path = resolve_model(spec["model"])
-        _import_model_code(path, method)
+    path = _import_method_code(spec, extra)
     imported = time.time()
-
     _STAGE["now"] = "load"
     if method in DEVICE_KINDS:
-        from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
-        from mobiflower.platform.backbone import Backbone
-        from mobiflower.platform.frames import encode_frame
-
-        tail = method == "tail_device"
-        precision = spec.get("precision")
-        gc.collect()
-        baseline = current_rss_mb()
-        t0 = time.perf_counter()
-        if tail:
-            from mobiflower.platform.pretrained_tail import resolve_cut
-
-            cut = extra["tail_cut"] = resolve_cut(spec["model"], int(spec.get("tail_cut", TAIL_CUT)))
-        backbone = Backbone.load(
-            spec["model"],
-            num_taps=int(spec["num_taps"]),
-            layers=[cut - 1] if tail else None,
-            weights=precision,
-            max_length=max_length,
-        )
-        runtime = DeviceRuntime(
-            backbone,
-            ForwardConfig(
-                bits=8 if tail else int(spec["bits"]),
-                token_policy="nonpad" if tail else spec["token_policy"],
-                batch_size=bs,
-            ),
-        )
-        if precision is not None:  # as a fleet device: tokenize its data, drop the tokenizer, then forward
-            runtime.pretokenize(examples)
-            extra["tokens_per_sample"] = sum(len(x) for x in runtime.token_ids(examples)) / len(examples)
-        load_s = time.perf_counter() - t0
-
-        def step(batch: list) -> None:
-            frame, _stats = runtime.make_frame(batch)
-            encode_frame(frame)
-
+        loaded = _load_device(spec, examples, extra)
     elif method == "inference_forward":
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-        from mobiflower.platform.checkpoint import DECODER_TYPES
-        from mobiflower.platform.classifier import encode, load_tokenizer
-
-        gc.collect()
-        baseline = current_rss_mb()
-        t0 = time.perf_counter()
-        auto = AutoModelForCausalLM if AutoConfig.from_pretrained(path).model_type in DECODER_TYPES else AutoModel
-        model = auto.from_pretrained(path, dtype=torch.float32).eval()
-        tokenizer = load_tokenizer(path)
-        load_s = time.perf_counter() - t0
-
-        def step(batch: list) -> None:
-            enc = encode(tokenizer, [BUNDLED_TASK.render(e.text) for e in batch], max_length)
-            with torch.inference_mode():
-                model(**enc, use_cache=False)  # eager: the logits are materialized
-
-    elif method in TRAINING_METHODS:
-        import peft  # noqa: F401
-        from transformers import AutoModelForSequenceClassification  # noqa: F401
-
-        from mobiflower.platform.classifier import build_classifier, load_tokenizer, make_optimizer, train_step
-
-        kind = "lora" if method == "lora_step" else "full"
-        rank = int(spec.get("lora_rank") or LORA_SETTINGS["r"])
-        gc.collect()
-        baseline = current_rss_mb()
-        t0 = time.perf_counter()
-        tokenizer = load_tokenizer(path)
-        model = build_classifier(
-            path,
-            kind,
-            tokenizer,
-            seed=int(spec["seed"]),
-            lora_r=rank,
-            lora_alpha=2 * rank,
-            lora_dropout=LORA_SETTINGS["dropout"],
-        )
-        optimizer = make_optimizer(model, kind, LR[method])
-        params = [p for p in model.parameters() if p.requires_grad]
-        load_s = time.perf_counter() - t0
-        extra["trainable_parameters"] = sum(p.numel() for p in params)
-        if kind == "lora":
-            extra["lora_rank"] = rank
-
-        def step(batch: list) -> None:
-            train_step(model, tokenizer, batch, params, optimizer, max_length=max_length)
-
+        loaded = _load_inference(spec, path)
     else:
-        raise ValueError(f"unknown bench method {method!r}: choose one of {', '.join(METHODS)}")
-
+        loaded = _load_training(spec, path, extra)
     ready = time.time()
     _STAGE["now"] = "step"
-    timed = batches[1:] if len(batches) > 1 else batches
-    first_s = None
-    if len(batches) > 1:
-        t0 = time.perf_counter()
-        step(batches[0])  # warm-up: allocator, lazy init, optimizer state
-        first_s = time.perf_counter() - t0
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    for batch in timed:
-        step(batch)
-    elapsed = time.perf_counter() - t0
-    extra["cpu_share"] = (time.process_time() - cpu0) / (elapsed * torch.get_num_threads())  # < 1: waits or sharing
-    n_timed = sum(len(b) for b in timed)
-    from mobiflower.platform.process_memory import rss_parts_mb
-
+    timing = _time_steps(loaded.step, batches)
     result = {
         "peak_rss_mb": _peak_rss_mb(),
-        "s_per_sample": elapsed / n_timed,
-        "baseline_rss_mb": baseline,
-        # where the memory is at the end: anonymous (tensors, heap) vs file-backed (mapped weights, code)
-        "rss_end_parts_mb": rss_parts_mb(),
-        # other work on the machine slows the timed steps: how busy it was (1-minute load average)
-        "load_average": [_loadavg_at_start, _loadavg()],
-        "model_load_s": load_s,
-        "samples": n_timed,
-        "precision": spec.get("precision"),
+        **_cost_record(spec, loaded, timing),
         # start-up: process launch to ready for the first batch (imports, load; a device also tokenizes)
         "startup_s": ready - launched,
         "imports_s": imported - launched,
-        "first_batch_s": first_s,
+        "first_batch_s": timing["first_s"],
         **extra,
     }
     result["machine"] = {
@@ -272,25 +175,211 @@ def _measure(spec: dict, launched: float) -> dict:
         "threads": torch.get_num_threads(),
     }
     _STAGE["now"] = "wire"
-    wire_examples = examples[: int(spec.get("wire_samples") or len(examples))]
-    if method == "mobiflower_device" and spec.get("wire"):
-        result.update(_wire(runtime, backbone, wire_examples, bs))
-    if method == "tail_device" and spec.get("tail_wire", True):  # the cut layer's all-token frames per bit-width
-        from mobiflower.clients.runtime import ForwardConfig
-
-        result["tail_wire"] = []
-        for bits in (8, 4, 2):
-            frame, stats = runtime.make_frame(
-                wire_examples, config=ForwardConfig(bits=bits, token_policy="nonpad", batch_size=bs)
-            )
-            result["tail_wire"].append(
-                {
-                    "bits": bits,
-                    "bytes_per_sample": len(encode_frame(frame)) / len(wire_examples),
-                    "tokens_per_sample": stats.tokens_sent / len(wire_examples),
-                }
-            )
+    result.update(_wire_results(spec, loaded, examples[: int(spec.get("wire_samples") or len(examples))], bs))
+    if loaded.token_counts is not None:  # causal-LM: the tokens each sample was forwarded at
+        counts = loaded.token_counts(examples)
+        result["tokens_per_sample"] = sum(counts) / len(counts)
+        result["min_tokens_per_sample"] = min(counts)
     return result
+
+
+def _import_method_code(spec: dict, extra: dict) -> str | None:
+    """Import the method's code before its baseline RSS is read (code is runtime: the baseline and the
+    load cover the weights only); the checkpoint's folder for the transformers methods."""
+    method = spec["method"]
+    if method in DEVICE_KINDS:
+        extra["forward"] = _import_device_code(spec)
+        return None
+    import transformers  # noqa: F401  (part of the runtime every method pays for)
+
+    from mobiflower.platform.assets import resolve_model
+    from mobiflower.platform.classifier import quiet_transformers
+
+    quiet_transformers()
+    path = resolve_model(spec["model"])
+    _import_model_code(path, method, causal_lm=_task(spec) is not None)
+    return path
+
+
+def _load_device(spec: dict, examples: list, extra: dict) -> _Loaded:
+    """The MobiFlower device (tapped layers) or the tail device (blocks below the cut, every real token)."""
+    import gc
+
+    from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
+    from mobiflower.platform.backbone import Backbone
+    from mobiflower.platform.frames import encode_frame
+    from mobiflower.platform.process_memory import current_rss_mb
+
+    tail, task = spec["method"] == "tail_device", _task(spec)
+    precision = spec.get("precision")
+    gc.collect()
+    baseline = current_rss_mb()
+    t0 = time.perf_counter()
+    if tail:
+        from mobiflower.platform.pretrained_tail import resolve_cut
+
+        cut = extra["tail_cut"] = resolve_cut(spec["model"], int(spec.get("tail_cut", TAIL_CUT)))
+    backbone = Backbone.load(
+        spec["model"],
+        num_taps=int(spec["num_taps"]),
+        layers=[cut - 1] if tail else None,
+        weights=precision,
+        max_length=int(spec.get("max_length") or MAX_LENGTH),
+    )
+    # classification: the tail at 8 bits (as measured since issue 12); causal-LM: the spec's (4, the tail's default)
+    bits = int(spec["bits"]) if task is not None or not tail else 8
+    policy = "nonpad" if tail else spec["token_policy"]
+    runtime = DeviceRuntime(
+        backbone, ForwardConfig(bits=bits, token_policy=policy, batch_size=int(spec["batch_size"])), task=task
+    )
+    if precision is not None:  # as a fleet device: tokenize its data, drop the tokenizer, then forward
+        runtime.pretokenize(examples)
+        extra["tokens_per_sample"] = sum(len(e.ids) for e in runtime.encode_samples(examples)) / len(examples)
+    load_s = time.perf_counter() - t0
+
+    def step(batch: list) -> None:
+        frame, _stats = runtime.make_frame(batch)
+        encode_frame(frame)
+
+    counts = None if task is None else (lambda xs: [len(e.ids) for e in runtime.encode_samples(xs)])
+    return _Loaded(step, baseline, load_s, runtime, backbone, counts)
+
+
+def _load_inference(spec: dict, path: str) -> _Loaded:
+    """A plain model forward with logits under inference mode: the bundled job's prompt, or the
+    causal-LM sample's token ids (the same ids the tail device forwards)."""
+    import gc
+
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from mobiflower.platform.checkpoint import DECODER_TYPES
+    from mobiflower.platform.classifier import collate, encode, encode_examples, load_tokenizer
+    from mobiflower.platform.process_memory import current_rss_mb
+
+    task, max_length = _task(spec), int(spec.get("max_length") or MAX_LENGTH)
+    gc.collect()
+    baseline = current_rss_mb()
+    t0 = time.perf_counter()
+    auto = AutoModelForCausalLM if AutoConfig.from_pretrained(path).model_type in DECODER_TYPES else AutoModel
+    model = auto.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(path)
+    load_s = time.perf_counter() - t0
+
+    def step(batch: list) -> None:
+        if task is None:
+            enc = encode(tokenizer, [BUNDLED_TASK.render(e.text) for e in batch], max_length)
+        else:
+            tensors = collate(encode_examples(tokenizer, task, batch), batch, task, tokenizer.pad_token_id)
+            enc = {"input_ids": tensors["input_ids"], "attention_mask": tensors["attention_mask"]}
+        with torch.inference_mode():
+            model(**enc, use_cache=False)  # eager: the logits are materialized
+
+    return _Loaded(step, baseline, load_s, token_counts=_token_counter(tokenizer, task))
+
+
+def _load_training(spec: dict, path: str, extra: dict) -> _Loaded:
+    """An on-device training step: LoRA or full fine-tuning, on the bundled job or the causal-LM task."""
+    import gc
+
+    import peft  # noqa: F401
+
+    from mobiflower.platform.classifier import build_classifier, load_tokenizer, make_optimizer, train_step
+    from mobiflower.platform.process_memory import current_rss_mb
+
+    method, task = spec["method"], _task(spec)
+    kind = "lora" if method == "lora_step" else "full"
+    rank = int(spec.get("lora_rank") or LORA_SETTINGS["r"])
+    max_length = int(spec.get("max_length") or MAX_LENGTH)
+    gc.collect()
+    baseline = current_rss_mb()
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(path)
+    lora = {"lora_r": rank, "lora_alpha": 2 * rank, "lora_dropout": LORA_SETTINGS["dropout"]}
+    model = build_classifier(path, kind, tokenizer, seed=int(spec["seed"]), **lora, **({"task": task} if task else {}))
+    optimizer = make_optimizer(model, kind, LR[method])
+    params = [p for p in model.parameters() if p.requires_grad]
+    load_s = time.perf_counter() - t0
+    extra["trainable_parameters"] = sum(p.numel() for p in params)
+    if kind == "lora":
+        extra["lora_rank"] = rank
+
+    def step(batch: list) -> None:
+        train_step(model, tokenizer, batch, params, optimizer, max_length=max_length, task=task)
+
+    return _Loaded(step, baseline, load_s, token_counts=_token_counter(tokenizer, task))
+
+
+def _token_counter(tokenizer, task) -> Callable[[list], list[int]] | None:
+    if task is None:
+        return None
+    from mobiflower.platform.classifier import encode_examples
+
+    return lambda xs: [len(e.ids) for e in encode_examples(tokenizer, task, xs)]
+
+
+def _time_steps(step: Callable[[list], None], batches: list) -> dict:
+    """One warm-up batch (allocator, lazy init, optimizer state), then every other batch timed."""
+    import torch
+
+    timed = batches[1:] if len(batches) > 1 else batches
+    first_s = None
+    if len(batches) > 1:
+        t0 = time.perf_counter()
+        step(batches[0])
+        first_s = time.perf_counter() - t0
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for batch in timed:
+        step(batch)
+    elapsed = time.perf_counter() - t0
+    return {
+        "first_s": first_s,
+        "elapsed": elapsed,
+        "samples": sum(len(b) for b in timed),
+        "cpu_share": (time.process_time() - cpu0) / (elapsed * torch.get_num_threads()),  # < 1: waits or sharing
+    }
+
+
+def _cost_record(spec: dict, loaded: _Loaded, timing: dict) -> dict:
+    from mobiflower.platform.process_memory import rss_parts_mb
+
+    return {
+        "s_per_sample": timing["elapsed"] / timing["samples"],
+        "baseline_rss_mb": loaded.baseline_mb,
+        # where the memory is at the end: anonymous (tensors, heap) vs file-backed (mapped weights, code)
+        "rss_end_parts_mb": rss_parts_mb(),
+        # other work on the machine slows the timed steps: how busy it was (1-minute load average)
+        "load_average": [_loadavg_at_start, _loadavg()],
+        "model_load_s": loaded.load_s,
+        "samples": timing["samples"],
+        "precision": spec.get("precision"),
+        "cpu_share": timing["cpu_share"],
+    }
+
+
+def _wire_results(spec: dict, loaded: _Loaded, examples: list, batch_size: int) -> dict:
+    """The device's frame sizes: every (bits, policy) for the MobiFlower device; for the tail device the
+    cut layer's every-real-token frames per bit-width (causal-LM frames carry the next-token targets)."""
+    method = spec["method"]
+    if method == "mobiflower_device" and spec.get("wire"):
+        return _wire(loaded.runtime, loaded.backbone, examples, batch_size)
+    if method != "tail_device" or not spec.get("tail_wire", True):
+        return {}
+    from mobiflower.clients.runtime import ForwardConfig
+    from mobiflower.platform.frames import encode_frame
+
+    rows = []
+    for bits in (8, 4, 2):
+        config = ForwardConfig(bits=bits, token_policy="nonpad", batch_size=batch_size)
+        frame, stats = loaded.runtime.make_frame(examples, config=config)
+        rows.append(
+            {
+                "bits": bits,
+                "bytes_per_sample": len(encode_frame(frame)) / len(examples),
+                "tokens_per_sample": stats.tokens_sent / len(examples),
+            }
+        )
+    return {"tail_wire": rows}
 
 
 def _version(package: str) -> str | None:
@@ -302,14 +391,14 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _import_model_code(path: str, method: str) -> None:
+def _import_model_code(path: str, method: str, causal_lm: bool = False) -> None:
     """Import the architecture's modeling module (transformers imports it lazily on first load)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from mobiflower.platform.checkpoint import DECODER_TYPES
 
     config = AutoConfig.from_pretrained(path)
-    if method in ("lora_step", "full_step"):
+    if method in ("lora_step", "full_step") and not causal_lm:
         auto = AutoModelForSequenceClassification
     else:
         auto = AutoModelForCausalLM if config.model_type in DECODER_TYPES else AutoModel

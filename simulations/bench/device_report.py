@@ -32,52 +32,117 @@ def _fmt_bytes(value: float | None) -> str:
 
 def format_table(result: dict) -> str:
     """A readable table of the per-method costs, the training configurations, the wire sizes, the
-    ratios and the acceptance checks."""
+    ratios and the acceptance checks (the causal-LM mode's: :func:`format_causal_lm_table`)."""
+    if result.get("acceptance_set") == "causal-lm":
+        return format_causal_lm_table(result)
     cfg = result.get("config", {})
-    cap = cfg.get("memory_cap_mb")
     lines = [
         f"Device cost per sample: {cfg.get('model')} - {cfg.get('batches')} batches x {cfg.get('batch_size')} "
         f"(1 warm-up), device frames {cfg.get('bits')}-bit / {cfg.get('token_policy')}, "
-        f"{cfg.get('num_taps')} taps, threads {result.get('machine', {}).get('threads')}"
-        + (f", each process capped at {cap / 1024:.1f} GB" if cap else ""),
+        f"{cfg.get('num_taps')} taps, threads {result.get('machine', {}).get('threads')}" + _cap_note(cfg),
         *(["random weights (a shipped shape): cost figures only"] if cfg.get("random_weights") else []),
         "",
+        *_methods_lines(result),
+        *_configs_lines(result.get("train_configs")),
+        *_wire_lines(result),
     ]
+    acceptance = BILLION_ACCEPTANCE if result.get("acceptance_set") == "billion" else ACCEPTANCE
+    lines += ["", *acceptance_lines(result, acceptance, width=30)]
+    if result.get("ratios", {}).get("full_step_out_of_memory"):
+        lines.append("  (full fine-tuning ran out of memory: its ratios are taken against the cap, an upper bound)")
+    if result.get("acceptance_set") == "billion":
+        lines += _reported_lines(result.get("ratios", {}), REPORTED_RATIOS)
+    return "\n".join(lines)
+
+
+def format_causal_lm_table(result: dict) -> str:
+    """The causal-LM mode's table: each method's cost at ``seq_len`` tokens a sample, the tail's frame
+    sizes, the acceptance lines (tail device against inference only) and on-device training's ratios."""
+    cfg = result.get("config", {})
+    methods = result.get("methods", {})
+    lines = [
+        f"Device cost per sample, causal-LM: {cfg.get('model')} - {cfg.get('batches')} batches x "
+        f"{cfg.get('batch_size')} (1 warm-up, the same batch for every method), {cfg.get('seq_len')} tokens a "
+        f"sample; tail device: blocks below cut {methods.get('tail_device', {}).get('tail_cut', 'n/a')}, every "
+        f"real token at {cfg.get('bits')} bits with its next-token target; threads "
+        f"{result.get('machine', {}).get('threads')}" + _cap_note(cfg),
+        *(["random weights (a shipped shape): cost figures only"] if cfg.get("random_weights") else []),
+        "",
+        *_methods_lines(result),
+        "tokens forwarded per sample: "
+        + ", ".join(f"{name} {_fmt(m.get('tokens_per_sample'), '.1f')}" for name, m in methods.items()),
+    ]
+    if result.get("tail_wire"):
+        lines.append(
+            "tail frame (every real token + next-token targets): "
+            + ", ".join(f"{w['bits']}-bit {_fmt_bytes(w['bytes_per_sample'])}" for w in result["tail_wire"])
+            + " per sample"
+        )
+    from mobiflower.simulations.bench.device_lm import CAUSAL_LM_ACCEPTANCE, CAUSAL_LM_REPORTED
+
+    lines += ["", *acceptance_lines(result, CAUSAL_LM_ACCEPTANCE, width=30)]
+    lines += _reported_lines(result.get("ratios", {}), CAUSAL_LM_REPORTED)
+    return "\n".join(lines)
+
+
+def _cap_note(cfg: dict) -> str:
+    cap = cfg.get("memory_cap_mb")
+    return f", each process capped at {cap / 1024:.1f} GB" if cap else ""
+
+
+def _reported_lines(ratios: dict, keys) -> list[str]:
+    lines = ["Reported as measured (no bound)"]
+    for key in keys:
+        if ratios.get(key) is not None:
+            lines.append(f"  {key:<30}{ratios[key]:>10.3g}")
+    return lines
+
+
+def _methods_lines(result: dict) -> list[str]:
     header = (
         f"{'method':<24}{'peak RSS MB':>13}{'runtime MB':>12}{'model MB':>10}{'start s':>9}{'load s':>9}"
         f"{'ms/sample':>11}{'cpu load':>10}"
     )
-    lines += [header, "-" * len(header)]
+    lines = [header, "-" * len(header)]
     for name, m in result.get("methods", {}).items():
         lines.append(_method_row(name, m, 24))
     lines.append(
         f"(cpu load: the machine's 1-minute load average around the run, {os.cpu_count()} cores: above "
         "the threads used, other work shared the CPU and the ms/sample are inflated)"
     )
-    configs = result.get("train_configs")
-    if configs:
-        names = list(dict.fromkeys(n for row in configs["rows"] for n in row["methods"]))
-        lines += [
-            "",
-            f"Peak RSS MB (ms/sample) per training configuration (device at "
-            f"{configs.get('device_precision') or 'the checkpoint precision'})",
-        ]
-        header = f"{'configuration':<32}" + "".join(f"{n:>24}" for n in names)
-        lines += [header, "-" * len(header)]
-        for row in configs["rows"]:
-            cells = []
-            for n in names:
-                m = row["methods"].get(n, {})
-                cells.append(
-                    "OOM"
-                    if m.get("out_of_memory")
-                    else f"{_fmt(m.get('peak_rss_mb'), '.0f')} ({_fmt(m.get('s_per_sample') and m['s_per_sample'] * 1000, '.0f')})"
-                )
-            lines.append(f"{row['label']:<32}" + "".join(f"{c:>24}" for c in cells))
-        lines.append(
-            f"{'spread (max - min) / min':<32}" + "".join(f"{_spread(configs['spread'].get(n, {})):>24}" for n in names)
-        )
-    lines += [
+    return lines
+
+
+def _configs_lines(configs: dict | None) -> list[str]:
+    if not configs:
+        return []
+    names = list(dict.fromkeys(n for row in configs["rows"] for n in row["methods"]))
+    lines = [
+        "",
+        f"Peak RSS MB (ms/sample) per training configuration (device at "
+        f"{configs.get('device_precision') or 'the checkpoint precision'})",
+    ]
+    header = f"{'configuration':<32}" + "".join(f"{n:>24}" for n in names)
+    lines += [header, "-" * len(header)]
+    for row in configs["rows"]:
+        cells = []
+        for n in names:
+            m = row["methods"].get(n, {})
+            cells.append(
+                "OOM"
+                if m.get("out_of_memory")
+                else f"{_fmt(m.get('peak_rss_mb'), '.0f')} ({_fmt(m.get('s_per_sample') and m['s_per_sample'] * 1000, '.0f')})"
+            )
+        lines.append(f"{row['label']:<32}" + "".join(f"{c:>24}" for c in cells))
+    lines.append(
+        f"{'spread (max - min) / min':<32}" + "".join(f"{_spread(configs['spread'].get(n, {})):>24}" for n in names)
+    )
+    return lines
+
+
+def _wire_lines(result: dict) -> list[str]:
+    cfg = result.get("config", {})
+    lines = [
         "",
         "Uplink bytes per sample (one encoded frame"
         + (" of the first batch)" if cfg.get("weights") else " of all samples)"),
@@ -96,17 +161,7 @@ def format_table(result: dict) -> str:
             + ", ".join(f"{w['bits']}-bit {_fmt_bytes(w['bytes_per_sample'])}" for w in result["tail_wire"])
             + f" per sample ({result['tail_wire'][0]['tokens_per_sample']:.1f} tokens)"
         )
-    acceptance = BILLION_ACCEPTANCE if result.get("acceptance_set") == "billion" else ACCEPTANCE
-    lines += ["", *acceptance_lines(result, acceptance, width=30)]
-    if result.get("ratios", {}).get("full_step_out_of_memory"):
-        lines.append("  (full fine-tuning ran out of memory: its ratios are taken against the cap, an upper bound)")
-    if result.get("acceptance_set") == "billion":
-        ratios = result.get("ratios", {})
-        lines.append("Reported as measured (no bound)")
-        for key in REPORTED_RATIOS:
-            if ratios.get(key) is not None:
-                lines.append(f"  {key:<30}{ratios[key]:>10.3g}")
-    return "\n".join(lines)
+    return lines
 
 
 def _method_row(name: str, m: dict, width: int) -> str:
@@ -170,39 +225,38 @@ def plot_result(result: dict, path: str) -> Path:
     for ax in (ax_rss, ax_s):
         ax.tick_params(axis="x", labelsize=7)
     if configs:
-        ax_c = axes[2]
-        kinds = list(dict.fromkeys(n for row in configs["rows"] for n in row["methods"]))
-        width = 0.8 / max(1, len(kinds))
-        for j, kind in enumerate(kinds):
-            xs = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(configs["rows"]))]
-            values = [
-                cap
-                if r["methods"].get(kind, {}).get("out_of_memory")
-                else r["methods"].get(kind, {}).get("peak_rss_mb", 0)
-                for r in configs["rows"]
-            ]
-            ax_c.bar(
-                xs,
-                values,
-                width=width,
-                label=kind
-                + (
-                    " (OOM at cap)"
-                    if any(r["methods"].get(kind, {}).get("out_of_memory") for r in configs["rows"])
-                    else ""
-                ),
-            )
-        ax_c.set_xticks(
-            range(len(configs["rows"])), [r["label"].replace(", ", "\n") for r in configs["rows"]], fontsize=7
+        _plot_configs(axes[2], configs, cap)
+    return save_figure(fig, result, path, title=_plot_title(result.get("config", {})))
+
+
+def _plot_configs(ax, configs: dict, cap: float | None) -> None:
+    """Each method's peak RSS per training configuration (out of memory drawn at the cap)."""
+    rows = configs["rows"]
+    kinds = list(dict.fromkeys(n for row in rows for n in row["methods"]))
+    width = 0.8 / max(1, len(kinds))
+    for j, kind in enumerate(kinds):
+        xs = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(rows))]
+        entries = [r["methods"].get(kind, {}) for r in rows]
+        values = [cap if m.get("out_of_memory") else m.get("peak_rss_mb", 0) for m in entries]
+        oom = any(m.get("out_of_memory") for m in entries)
+        ax.bar(xs, values, width=width, label=kind + (" (OOM at cap)" if oom else ""))
+    ax.set_xticks(range(len(rows)), [r["label"].replace(", ", "\n") for r in rows], fontsize=7)
+    ax.set_ylabel("peak RSS (MB)")
+    ax.set_title("Whose memory moves with the training configuration")
+    ax.legend(fontsize=7)
+
+
+def _plot_title(cfg: dict) -> str | None:
+    """The figure's title where the default (model and batch) says too little: random weights, causal-LM."""
+    random = cfg.get("random_weights")
+    if cfg.get("task") == "causal-lm":
+        return (
+            f"{Path(str(cfg.get('model'))).name}, causal-LM: {cfg.get('samples')} samples of {cfg.get('seq_len')} "
+            f"tokens, batch {cfg.get('batch_size')}" + (" (random weights: cost only)" if random else "")
         )
-        ax_c.set_ylabel("peak RSS (MB)")
-        ax_c.set_title("Whose memory moves with the training configuration")
-        ax_c.legend(fontsize=7)
-    title = None
-    if result.get("config", {}).get("random_weights"):
-        cfg = result["config"]
-        title = f"{cfg['model']} (random weights: cost only): {cfg['samples']} samples, batch {cfg['batch_size']}"
-    return save_figure(fig, result, path, title=title)
+    if random:
+        return f"{cfg['model']} (random weights: cost only): {cfg['samples']} samples, batch {cfg['batch_size']}"
+    return None
 
 
-__all__ = ["format_table", "plot_result"]
+__all__ = ["format_table", "format_causal_lm_table", "plot_result"]
