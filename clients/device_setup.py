@@ -58,7 +58,7 @@ _READ: dict[tuple, UserData] = {}
 _PARTS: dict[tuple, list] = {}
 _TOKENS: dict[tuple, tuple[dict[str, list[int]], set]] = {}
 _TRUNCATED: dict[tuple, int] = {}
-_PREPARED_VERSION = 1  # bump when a split changes: prepared copies on disk are then made again
+_PREPARED_VERSION = 2  # bump when a split changes: prepared copies on disk are then made again
 
 device_share = share_of_pools  # a device's share of the bundled job's pools (the name benches use)
 

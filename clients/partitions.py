@@ -14,6 +14,8 @@ import random
 import warnings
 from typing import Sequence
 
+import numpy as np
+
 from mobiflower.platform.data import DataError, Splits, users_by_size
 from mobiflower.platform.tasks import Example
 
@@ -35,23 +37,25 @@ def partition(
     examples: Sequence[Example], num_devices: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0
 ) -> list[list[Example]]:
     """Split ``examples`` across devices with a ``flwr-datasets`` partitioner: ``iid`` (equal sizes) or
-    ``dirichlet`` over labels (small alpha: devices dominated by a few labels). The samples are shuffled
-    by ``seed`` first, so a file sorted by label or by user does not hand device 0 its first rows."""
+    ``dirichlet`` over labels (small alpha: devices dominated by a few labels). The samples are put in a
+    seeded random order first (numpy's permutation for ``seed``), so a file sorted by label or by user
+    does not hand device 0 its first rows; each device's samples come back in their original order.
+    (``iid`` over that permutation gives every device the samples the hand-written partitioner of the
+    bundled job gave it before flwr-datasets: the bundled job's split is unchanged.)"""
     if scheme not in ("iid", "dirichlet"):
         raise ValueError(f"unknown partition scheme {scheme!r}: use 'iid' or 'dirichlet' (or natural_partition)")
     if num_devices < 1:
         raise ValueError(f"num_devices must be >= 1, got {num_devices}")
     if len(examples) < num_devices:
         raise DataError(f"cannot give {num_devices} devices at least one sample each from {len(examples)} samples")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
+    order = [int(i) for i in np.random.default_rng(seed).permutation(len(examples))]
     if scheme == "iid":
         from flwr_datasets.partitioner import IidPartitioner
 
         parts = _assign(IidPartitioner(num_partitions=num_devices), _table({"at": order}), num_devices)
     else:
         parts = _dirichlet(examples, order, num_devices, alpha, seed)
-    return [[examples[i] for i in part] for part in parts]
+    return [[examples[i] for i in sorted(part)] for part in parts]
 
 
 def _assign(partitioner, table, num_devices: int) -> list[list[int]]:
@@ -120,15 +124,16 @@ def share_of_pools(splits: Splits, partition_id: int, num_partitions: int, schem
     """
     if scheme == "iid":
         pools = (splits.train, splits.validation, splits.test)
-        return Splits(
-            *(partition(pool, num_partitions, "iid", seed=seed + k)[partition_id] for k, pool in enumerate(pools))
+        train, validation, test = (
+            partition(pool, num_partitions, "iid", seed=seed + k)[partition_id] for k, pool in enumerate(pools)
         )
-    pooled = [*splits.train, *splits.validation, *splits.test]
-    mine = partition(pooled, num_partitions, scheme, alpha, seed)[partition_id]
-    held = {e.id for e in splits.validation}, {e.id for e in splits.test}
-    by_id = lambda ids: sorted((e for e in mine if e.id in ids), key=lambda e: e.id)  # noqa: E731
-    return Splits(
-        train=[e for e in mine if e.id not in held[0] and e.id not in held[1]],
-        validation=by_id(held[0]),
-        test=by_id(held[1]),
-    )
+    else:
+        pooled = [*splits.train, *splits.validation, *splits.test]
+        mine = partition(pooled, num_partitions, scheme, alpha, seed)[partition_id]
+        held = {e.id for e in splits.validation}, {e.id for e in splits.test}
+        train = [e for e in mine if e.id not in held[0] and e.id not in held[1]]
+        validation = [e for e in mine if e.id in held[0]]
+        test = [e for e in mine if e.id in held[1]]
+    train = list(train)
+    random.Random(seed * 1009 + partition_id).shuffle(train)  # chunks mix labels: streamed batches are not one-class
+    return Splits(train=train, validation=list(validation), test=list(test))

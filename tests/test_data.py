@@ -2,6 +2,7 @@
 
 import collections
 
+import numpy as np
 import pytest
 
 from mobiflower.clients.partitions import natural_partition, partition, share_of_pools
@@ -49,7 +50,8 @@ def test_partition_iid_and_dirichlet():
     iid = partition(ex, 4, "iid", seed=0)
     assert sorted(e.id for p in iid for e in p) == list(range(1000))
     assert sorted(map(len, iid)) == [250] * 4
-    assert _ids(iid[0]) != sorted(_ids(iid[0]))  # a shuffled order: streamed chunks mix labels
+    order = np.random.default_rng(0).permutation(1000)  # the hand-written partitioner's draw, before flwr-datasets
+    assert [_ids(p) for p in iid] == [sorted(int(i) for i in chunk) for chunk in np.array_split(order, 4)]
     skewed = partition(ex, 4, "dirichlet", alpha=0.1, seed=0)
     assert sorted(e.id for p in skewed for e in p) == list(range(1000))
     assert all(len(p) >= 10 for p in skewed)  # flwr-datasets redraws until every device has 10
@@ -154,3 +156,18 @@ def test_the_bundled_job_shares_the_same_pools_with_the_same_counts_per_device(r
         assert sorted(e.id for s in shares for e in getattr(s, name)) == sorted(_ids(getattr(pools, name)))
     report = DeviceSetup.from_configs({}, {"partition-id": 1, "num-partitions": 4}).data_report().as_dict()
     assert (report["scheme"], report["seed"], report["train-samples"], report["train"]) == ("iid", 0, 2000, 500)
+
+
+@pytest.mark.real_model
+def test_the_bundled_jobs_device_split_is_the_one_it_always_had(real_assets):
+    """flwr-datasets' partitioners give each device of the bundled job the very samples (and stream order)
+    the hand-written partitioner gave it, so its figures stay comparable (ids pinned from that code)."""
+    pools = task_samples(2000, 500, 1000, 0)
+    first = [share_of_pools(pools, i, 4, "iid", 0.1, 0) for i in range(4)]
+    assert [_ids(s.train[:3]) for s in first] == [
+        [6757, 6123, 4291],
+        [10088, 10450, 7237],
+        [459, 6876, 12690],
+        [12667, 5847, 9113],
+    ]
+    assert [_ids(s.test[:2]) for s in first] == [[9920, 3620], [6380, 4978], [1995, 12789], [8740, 7105]]
