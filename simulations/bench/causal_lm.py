@@ -71,7 +71,6 @@ def _run_config(config: CausalLMBench, data: Path, lr: float) -> dict[str, Any]:
         "rounds": config.rounds,
         "lr": lr,
         "seed": config.seed,
-        "eval-every": config.rounds,  # the server's validation perplexity after the last round picks the lr
     }
 
 
@@ -83,10 +82,9 @@ def _tail(config: CausalLMBench, data: Path, lr: float, log) -> dict[str, Any]:
         devices=config.devices, workdir=f"{config.workdir}/tail-{lr:g}", run_config=_run_config(config, data, lr)
     )
     summary = run_simulate(run, quiet=True)
-    validation = [r.get("validation_perplexity") for r in summary["rounds"] if r.get("validation_perplexity")]
     row = {
         "lr": lr,
-        "validation_perplexity": validation[-1] if validation else None,
+        "validation_perplexity": _validation_perplexity(config, data, Path(summary["simulation"]["run_dir"])),
         "test_perplexity": summary["test_perplexity"],
         "test_token_accuracy": summary["test_token_accuracy"],
         "zero_shot_perplexity": summary.get("zero_shot_perplexity"),
@@ -99,6 +97,20 @@ def _tail(config: CausalLMBench, data: Path, lr: float, log) -> dict[str, Any]:
     }
     log(f"tail lr {lr:g}: validation ppl {fmt(row['validation_perplexity'])}, test ppl {row['test_perplexity']:.2f}")
     return row
+
+
+def _validation_perplexity(config: CausalLMBench, data: Path, run_dir: Path) -> float:
+    """The delivered (shared) adapter's perplexity on every device's validation text, scored as a device
+    scores (backbone + adapter): what picks the tail's learning rate."""
+    from mobiflower.clients.inference import TailLanguageModel
+
+    adapter = sorted((run_dir / "side_networks").iterdir())[0]
+    validation = fleet_samples(_run_config(config, data, 0.0), config.devices).validation
+    model = TailLanguageModel.load(adapter)
+    try:
+        return float(model.evaluate(validation, zero_shot=False)["metrics"]["perplexity"])
+    finally:
+        model.close()
 
 
 def fleet_samples(run_config: dict[str, Any], devices: int):
