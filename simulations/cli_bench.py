@@ -392,4 +392,26 @@ def hostile(
     return 0
 
 
+@bench.command(
+    name="causal-lm",
+    help="Causal-LM on the 2012 convention speeches: the fleet's tail vs tuned on-device LoRA vs zero-shot, "
+    "perplexity on the same scored tokens.",
+)
+def causal_lm(
+    paragraphs: Annotated[int, typer.Option(help="paragraphs sampled from the speeches (all devices)")] = 400,
+    devices: Annotated[int, typer.Option(help="simulated devices (IID split)")] = 4,
+    max_length: Annotated[int, typer.Option(help="tokens a sample")] = 128,
+    rounds: Annotated[int, typer.Option(help="the tail's rounds (epochs over the fleet's text)")] = 2,
+    lora_epochs: Annotated[int, typer.Option(help="on-device LoRA: the most epochs tried")] = 2,
+    out: Annotated[str, typer.Option(help="result JSON (and the plot next to it)")] = "runs/bench_causal_lm.json",
+) -> int:
+    from mobiflower.simulations.bench.causal_lm import CausalLMBench, format_table, run_causal_lm_bench
+
+    config = CausalLMBench(
+        paragraphs=paragraphs, devices=devices, max_length=max_length, rounds=rounds, lora_epochs=lora_epochs
+    )
+    print(format_table(run_causal_lm_bench(config, out=out)))
+    return 0
+
+
 __all__ = ["VARIADIC", "bench"]
