@@ -70,7 +70,8 @@ def test_the_default_tail_learns_on_the_bundled_model(real_assets, tmp_path):
     out, zero = tmp_path / "tail.json", tmp_path / "zero.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     tail = subprocess.run(
-        [*base, *sizes, "--rounds", "2", "--workdir", str(tmp_path / "w"), "--out", str(out)],
+        # 160 samples are ten steps a round: six rounds at 2e-3 (measured 0.789 against the prompt's 0.586)
+        [*base, *sizes, "--rounds", "6", "-c", "lr=0.002", "--workdir", str(tmp_path / "w"), "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
