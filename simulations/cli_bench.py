@@ -8,6 +8,8 @@ import click
 import typer
 
 from mobiflower.simulations.bench.fleet import FleetBenchSettings
+from mobiflower.simulations.bench.privacy import DEFAULT_DEFENSES as DEFAULT_PRIVACY_DEFENSES
+from mobiflower.simulations.bench.privacy import PrivacyBenchSettings
 
 BITS = click.Choice([16, 8, 4, 2])
 TOKEN_POLICIES = click.Choice(["last", "nonpad", "all"])
@@ -22,6 +24,7 @@ VARIADIC: dict[tuple[str, ...], frozenset[str]] = {
     ("device",): frozenset({"--train-configs"}),
     ("load",): frozenset({"--devices"}),
     ("fleet",): frozenset({"--lrs", "--epochs", "--side-lrs", "--side-seeds"}),
+    ("privacy",): frozenset({"--configs", "--defenses", "--label-epsilons"}),
 }
 
 
@@ -244,6 +247,7 @@ def load(
 
 
 _FLEET = FleetBenchSettings()
+_PRIVACY = PrivacyBenchSettings()
 
 
 def _numbers(values: list[str] | None, kind: type, flag: str) -> tuple:
@@ -389,6 +393,110 @@ def hostile(
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+@bench.command(
+    help="Attack our own frames: what a curious server holding the public weights reads back from each "
+    "configuration's frames (a learned inverse and a white-box search trained on public speeches; labels from "
+    "label-private residuals), under each device defense, with the task accuracy that defense costs."
+)
+def privacy(
+    model: Annotated[str, typer.Option(help="the device's backbone (the bundled one, a folder or a hub id)")] = (
+        _PRIVACY.model
+    ),
+    configs: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            metavar="SPEC ...",
+            help="configurations, the first one also under every defense: tail:CUT:BITS (every real token of the "
+            "cut) or ladder:TAPS:BITS (the last token at evenly spaced layers; the adapter family sends the same); "
+            "default for the bundled model: tail:15:4 tail:15:8 tail:15:2 tail:22:4 ladder:8:8",
+        ),
+    ] = None,
+    defenses: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            metavar="DEFENSE ...",
+            help="device defenses to measure on the first configuration, each clip=C,noise=Z (per-token L2 clip, "
+            "Gaussian noise of std Z*C), window=K (only the last K tokens), keep-first=N, combined with commas; "
+            f"default: {' '.join(DEFAULT_PRIVACY_DEFENSES)}",
+        ),
+    ] = None,
+    train_samples: Annotated[
+        int, typer.Option(help="devices' training samples (attacked, and side-tuned on)")
+    ] = _PRIVACY.train_samples,
+    test_samples: Annotated[int, typer.Option(help="devices' test samples (attacked, and scored)")] = (
+        _PRIVACY.test_samples
+    ),
+    public_samples: Annotated[
+        int, typer.Option(help="pieces of the public convention speeches the attacks train on")
+    ] = _PRIVACY.public_samples,
+    vocab: Annotated[int, typer.Option(help="the learned inverse's vocabulary (most frequent public tokens)")] = (
+        _PRIVACY.vocab
+    ),
+    mlp_epochs: Annotated[int, typer.Option(help="epochs of the MLP inverse")] = _PRIVACY.mlp_epochs,
+    mlp_budget: Annotated[
+        float, typer.Option(help="seconds of MLP training per row (it stops after the epoch that passes them)")
+    ] = _PRIVACY.mlp_budget_s,
+    search_samples: Annotated[
+        int, typer.Option(help="test samples the white-box search attacks (0: no search)")
+    ] = _PRIVACY.search_samples,
+    search_budget: Annotated[
+        float, typer.Option(help="seconds of white-box search per configuration and defense")
+    ] = _PRIVACY.search_budget_s,
+    epochs: Annotated[int, typer.Option(help="side-tuning epochs of the tail")] = _PRIVACY.epochs,
+    accuracy: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(["first", "all", "none"]),
+            help="side-tune for the test accuracy on the first configuration (with its defenses), on all of them, "
+            "or on none (attacks only, no label figures)",
+        ),
+    ] = _PRIVACY.accuracy,
+    label_epsilons: Annotated[
+        list[str], typer.Option(metavar="EPS ...", help="label-epsilon values the label attack is measured at")
+    ] = [str(x) for x in _PRIVACY.label_epsilons],  # noqa: B006
+    seed: Annotated[int, typer.Option(help="samples, noise and training seed")] = _PRIVACY.seed,
+    threads: Annotated[Optional[int], typer.Option()] = None,
+    out: Annotated[str, typer.Option(help="the result JSON (and the plot next to it)")] = "runs/bench_privacy.json",
+    plot: Annotated[Optional[str], typer.Option(help="PNG path (default: next to --out)")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress lines")] = False,
+) -> int:
+    from mobiflower.simulations.bench.common import bench_logger, write_outputs
+    from mobiflower.simulations.bench.privacy import format_table, run_privacy_bench
+    from mobiflower.simulations.bench.privacy import plot as plot_privacy
+    from mobiflower.simulations.bench.privacy_measure import parse_defense, parse_exposure
+
+    try:
+        settings = PrivacyBenchSettings(
+            model=model,
+            train_samples=train_samples,
+            test_samples=test_samples,
+            public_samples=public_samples,
+            vocab=vocab,
+            mlp_epochs=mlp_epochs,
+            mlp_budget_s=mlp_budget,
+            search_samples=search_samples,
+            search_budget_s=search_budget,
+            epochs=epochs,
+            seed=seed,
+            threads=threads,
+            accuracy=accuracy,
+            configs=tuple(configs) if configs else None,
+            defenses=tuple(d for d in defenses if d.strip()) if defenses is not None else DEFAULT_PRIVACY_DEFENSES,
+            label_epsilons=_numbers(label_epsilons, float, "--label-epsilons"),
+        )
+        for text in settings.defenses:
+            parse_defense(text)
+        for spec in settings.configs or ():
+            parse_exposure(spec, num_layers=1 << 20)  # the form only: the depth is known once the model loads
+    except ValueError as err:  # a defense or configuration the user can fix
+        print(f"mobiflower bench privacy: {err}", file=sys.stderr)
+        return 2
+    result = run_privacy_bench(settings, log=bench_logger("privacy", not no_progress))
+    print(format_table(result))
+    write_outputs(result, out, plot, plot_privacy, _log)
     return 0
 
 
