@@ -40,7 +40,7 @@ from torch import nn
 from mobiflower.clients.runtime import DeviceRuntime, select_tokens
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import dequantize, quantize
-from mobiflower.platform.frame_format import IGNORE_INDEX
+from mobiflower.platform.frames import IGNORE_INDEX
 from mobiflower.platform.precision import precision_from_fingerprint
 from mobiflower.platform.pretrained_tail import is_peft_adapter, lora_deltas, read_peft_adapter, stock_state, tail_cut
 from mobiflower.platform.side_networks import (

@@ -30,8 +30,7 @@ from typing import Iterable
 import numpy as np
 
 from mobiflower.platform.codec import default_group_size, expected_nbytes
-from mobiflower.platform.frame_format import IGNORE_INDEX
-from mobiflower.platform.frames import FIELD_NAMES, Frame, FrameError, FrameLimits, decode_frame
+from mobiflower.platform.frames import FIELD_NAMES, IGNORE_INDEX, Frame, FrameError, FrameLimits, decode_frame
 from mobiflower.platform.side_networks import SideNetworkConfig
 from mobiflower.platform.side_store import SideNetworkStore
 

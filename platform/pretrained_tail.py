@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mobiflower.platform.frame_format import IGNORE_INDEX
+from mobiflower.platform.frames import IGNORE_INDEX
 from mobiflower.platform.side_networks import SideBatch, SideNetworkConfig, SideNetworkError
 
 TAIL_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3")

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from mobiflower.platform.frame_format import IGNORE_INDEX
+from mobiflower.platform.frames import IGNORE_INDEX
 from mobiflower.platform.run_config import typed_fields
 
 TASKS = ("classification", "causal-lm")

@@ -16,8 +16,7 @@ from test_frames import join, split
 
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
-from mobiflower.platform.frame_format import IGNORE_INDEX
-from mobiflower.platform.frames import encode_frame
+from mobiflower.platform.frames import IGNORE_INDEX, encode_frame
 from mobiflower.platform.intake import FrameIntake, run_limits
 from mobiflower.platform.pretrained_tail import load_tail_weights
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network

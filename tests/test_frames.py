@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mobiflower.platform.codec import SUPPORTED_BITS, QuantizedTensor, dequantize, quantize
-from mobiflower.platform.frame_format import HEADER_FIELDS
 from mobiflower.platform.frames import (
     FIELD_NAMES,
     FRAME_VERSION,
+    HEADER_FIELDS,
     MAGIC,
     TARGET_KINDS,
     TOKEN_POLICIES,

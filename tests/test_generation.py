@@ -15,7 +15,7 @@ from mobiflower.clients.generation import LocalGenerator
 from mobiflower.clients.inference import TailLanguageModel, installed_model, pad_ids
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
-from mobiflower.platform.frame_format import IGNORE_INDEX
+from mobiflower.platform.frames import IGNORE_INDEX
 from mobiflower.platform.pretrained_tail import load_tail_weights, save_peft_adapter
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
 from mobiflower.platform.tasks import CausalLMTask, Example, scored_targets

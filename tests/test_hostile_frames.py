@@ -25,8 +25,7 @@ from test_frames import _raw_map, join, split
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.data import Example
-from mobiflower.platform.frame_format import HEADER_FIELDS
-from mobiflower.platform.frames import FrameLimits, encode_frame
+from mobiflower.platform.frames import HEADER_FIELDS, FrameLimits, encode_frame
 from mobiflower.platform.intake import FrameIntake, run_limits
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig

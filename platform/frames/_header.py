@@ -2,7 +2,7 @@
 msgpack builds it.
 
 A header is read field by field. Each value gets a window of the header no longer than the field
-can need within the limits (:func:`mobiflower.platform.frame_format.field_caps`), and msgpack builds
+can need within the limits (:func:`mobiflower.platform.frames._format.field_caps`), and msgpack builds
 it with that field's bounds on strings, arrays and maps (and, through its hooks, on how many maps
 and arrays, how deep, and no key twice). So whatever a header holds, decoding it builds at most a
 few objects per byte of those windows.
@@ -16,8 +16,8 @@ from typing import Any, Iterator
 
 import msgpack
 
-from mobiflower.platform.frame_checks import check_version
-from mobiflower.platform.frame_format import (
+from mobiflower.platform.frames._checks import check_version
+from mobiflower.platform.frames._format import (
     FRAME_VERSION,
     HEADER_FIELDS,
     SHORT_STR,

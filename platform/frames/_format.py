@@ -2,8 +2,8 @@
 a field, and the limits a frame must respect with the header bytes they allow each field.
 
 The wire layout itself is described in :mod:`mobiflower.platform.frames`, the public entry point;
-this module is what the validation (:mod:`mobiflower.platform.frame_checks`) and the bounded header
-reader (:mod:`mobiflower.platform.frame_header`) share.
+this module is what the validation (:mod:`mobiflower.platform.frames._checks`) and the bounded header
+reader (:mod:`mobiflower.platform.frames._header`) share.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class FrameLimits:
         return max_header_bytes(self)
 
 
-# Header bytes per field. A header is read field by field (mobiflower.platform.frame_header): each
+# Header bytes per field. A header is read field by field (mobiflower.platform.frames._header): each
 # value gets a window of the header no longer than the field can need within the limits, and msgpack
 # builds it with that field's bounds on strings, arrays and maps.
 

@@ -15,7 +15,7 @@ import msgpack
 import numpy as np
 
 from mobiflower.platform.codec import MAX_GROUP_SIZE, ROTATIONS, SUPPORTED_BITS, expected_nbytes
-from mobiflower.platform.frame_format import (
+from mobiflower.platform.frames._format import (
     IGNORE_INDEX,
     MAX_FINGERPRINT_LEN,
     SUPPORTED_VERSIONS,
@@ -140,6 +140,26 @@ def check_fields(
     limits: FrameLimits,
 ) -> tuple[int, int]:
     """Everything but the tensors; returns (number of layers, rows = sum(token_counts))."""
+    _check_fingerprint(fingerprint, expected_fingerprint)
+    if not isinstance(token_policy, str) or token_policy not in TOKEN_POLICIES:
+        raise FrameError("token_policy", f"must be one of {TOKEN_POLICIES}, got {token_policy!r}")
+    n_layers = _check_layers(layers, limits)
+    counts, lengths = _check_samples(sample_ids, token_counts, seq_lengths, limits)
+    n = counts.size
+    rows = int(counts.sum())
+    if rows > limits.max_tokens:
+        raise FrameError("token_counts", f"{rows} tokens in total, more than the limit {limits.max_tokens}")
+    _check_token_policy(token_policy, counts, lengths)
+    _check_targets(targets, n, rows, limits)
+    if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+        raise FrameError("meta", "must be a map with string keys")
+    if len(meta) > limits.max_meta_keys:
+        raise FrameError("meta", f"has {len(meta)} keys, more than the limit {limits.max_meta_keys}")
+    check_free(meta, "meta", limits)
+    return n_layers, rows
+
+
+def _check_fingerprint(fingerprint: object, expected_fingerprint: str | None) -> None:
     fp = str_field(fingerprint, "fingerprint")
     if not fp or len(fp) > MAX_FINGERPRINT_LEN:
         raise FrameError("fingerprint", f"must be a non-empty string of at most {MAX_FINGERPRINT_LEN} characters")
@@ -149,9 +169,10 @@ def check_fields(
             f"frame comes from backbone {fp!r} but the side network expects {expected_fingerprint!r}; "
             "the device must run the backbone the side network was built for",
         )
-    if not isinstance(token_policy, str) or token_policy not in TOKEN_POLICIES:
-        raise FrameError("token_policy", f"must be one of {TOKEN_POLICIES}, got {token_policy!r}")
 
+
+def _check_layers(layers: object, limits: FrameLimits) -> int:
+    """Tapped layer ids: at least one, non-negative, strictly increasing; returns how many."""
     lay = int_array(layers, "layers", limits.max_layers, "layers")
     if lay.size == 0:
         raise FrameError("layers", "a frame needs at least one tapped layer")
@@ -162,7 +183,14 @@ def check_fields(
         raise FrameError(
             "layers", f"must be strictly increasing; layers[{j}] = {int(lay[j])} follows {int(lay[j - 1])}"
         )
+    return int(lay.size)
 
+
+def _check_samples(
+    sample_ids: object, token_counts: object, seq_lengths: object, limits: FrameLimits
+) -> tuple[np.ndarray, np.ndarray]:
+    """One entry per sample in each column, ids unique and non-negative, counts and lengths in
+    range; returns (token counts, sequence lengths)."""
     ids = int_array(sample_ids, "sample_ids", limits.max_samples, "samples")
     counts = int_array(token_counts, "token_counts", limits.max_samples, "samples")
     lengths = int_array(seq_lengths, "seq_lengths", limits.max_samples, "samples")
@@ -183,9 +211,11 @@ def check_fields(
         if bad.any():
             j = first_index(bad)
             raise FrameError(name, f"{name}[{j}] = {int(arr[j])} outside [0, {limits.max_tokens}]")
-    rows = int(counts.sum())
-    if rows > limits.max_tokens:
-        raise FrameError("token_counts", f"{rows} tokens in total, more than the limit {limits.max_tokens}")
+    return counts, lengths
+
+
+def _check_token_policy(token_policy: str, counts: np.ndarray, lengths: np.ndarray) -> None:
+    """What each token policy allows between tokens sent and real length."""
     if token_policy == "last":
         if (counts != 1).any():
             j = first_index(counts != 1)
@@ -211,13 +241,6 @@ def check_fields(
                 f'policy "all" sends every position; seq_lengths[{j}] = {int(lengths[j])} '
                 f"> token_counts[{j}] = {int(counts[j])}",
             )
-    _check_targets(targets, n, rows, limits)
-    if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
-        raise FrameError("meta", "must be a map with string keys")
-    if len(meta) > limits.max_meta_keys:
-        raise FrameError("meta", f"has {len(meta)} keys, more than the limit {limits.max_meta_keys}")
-    check_free(meta, "meta", limits)
-    return int(lay.size), rows
 
 
 def check_tensor_params(

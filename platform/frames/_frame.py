@@ -1,47 +1,4 @@
-"""The self-describing activation frame: what a device sends for one chunk of samples (DESIGN.md §5).
-
-Why: frames cross a trust boundary (any device, any link, any bug). The server must reject a
-bad frame alone, with a clear error naming the field, before it touches side networks,
-caches or checkpoints. So decoding checks every size, offset, id and value against the header
-and against :class:`FrameLimits` before a tensor is built, and only ever raises
-:class:`FrameError`.
-
-Wire layout (all integers little-endian)::
-
-    b"MBFL" | u32 header_len | header (msgpack map, header_len bytes) | payload | u32 crc32
-
-* ``crc32`` is ``zlib.crc32`` of every byte before it (magic, length, header and payload), so
-  any flipped byte or truncation is detected before the header is trusted; the header's
-  ``payload_bytes`` pins the exact total length (a truncation is reported as such).
-* The header holds ``version, fingerprint, layers, token_policy, sample_ids, token_counts,
-  seq_lengths, targets, meta, payload_bytes`` and ``tensors``: a map of per-layer columns
-  (one list entry per layer, columnar to keep the header small) ``bits, group_size, rotation,
-  seed, shape, packed, scales``, where ``packed``/``scales`` are ``[offset, length]`` byte
-  ranges into the payload. Ranges must be in bounds, must not overlap and must cover the
-  payload exactly (no hidden bytes).
-* ``targets``: ``{"kind": "class", "values": [label per sample], "num_classes": k}`` (labels in
-  ``[0, k)``), ``{"kind": "tokens", "values": [target per sent token]}`` (``>= 0`` or ``-100`` =
-  ignored; an optional ``"vocab_size"`` bounds them) or ``{"kind": "none"}``; other keys are
-  free-form, like ``meta``.
-* ``meta`` and the extra keys of ``targets`` are free-form msgpack values, bounded together by
-  :class:`FrameLimits` (encoded bytes, keys, entries per map or array, nesting depth).
-* Maps are strict: a key that appears twice is an error naming it (two readers that kept the
-  first or the last value would otherwise see two different frames in the same bytes).
-* token policies: ``"last"`` sends one token per sample (``token_counts`` all 1,
-  ``seq_lengths >= 1``); ``"nonpad"`` sends real tokens only (``token_counts <= seq_lengths``);
-  ``"all"`` sends every (padded) position (``seq_lengths <= token_counts``).
-* The payload is the ``packed`` then ``scales`` bytes of each layer, back to back (scales are
-  little-endian float16, see :mod:`mobiflower.platform.codec` for their layout).
-
-Decoded activations are :class:`~mobiflower.platform.codec.QuantizedTensor` objects whose
-arrays are zero-copy, read-only views into the input buffer (keep it alive and unmodified);
-dequantize lazily with :func:`~mobiflower.platform.codec.dequantize`.
-
-The frame's vocabulary and limits are :mod:`mobiflower.platform.frame_format`, the rules every
-field must pass :mod:`mobiflower.platform.frame_checks`, and the header reader that enforces the
-limits while it reads :mod:`mobiflower.platform.frame_header`; this module holds the frame and its
-encoding and decoding, and is where importers take all of them from.
-"""
+"""The frame, its validation, encoding and decoding (the layout is in :mod:`mobiflower.platform.frames`)."""
 
 from __future__ import annotations
 
@@ -54,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from mobiflower.platform.codec import QuantizedTensor
-from mobiflower.platform.frame_checks import (
+from mobiflower.platform.frames._checks import (
     check_fields,
     check_finite,
     check_free_size,
@@ -65,35 +22,16 @@ from mobiflower.platform.frame_checks import (
     packb,
     size_error,
 )
-from mobiflower.platform.frame_format import (
-    FIELD_NAMES,
+from mobiflower.platform.frames._format import (
     FRAME_VERSION,
     HEADER_FIELDS,
     MAGIC,
-    SUPPORTED_VERSIONS,
-    TARGET_KINDS,
     TENSOR_FIELDS,
-    TOKEN_POLICIES,
     FrameError,
     FrameLimits,
     max_header_bytes,
 )
-from mobiflower.platform.frame_header import read_header
-
-__all__ = [
-    "FRAME_VERSION",
-    "SUPPORTED_VERSIONS",
-    "TOKEN_POLICIES",
-    "TARGET_KINDS",
-    "MAGIC",
-    "FrameError",
-    "Frame",
-    "FrameLimits",
-    "FIELD_NAMES",
-    "encode_frame",
-    "decode_frame",
-    "validate_frame",
-]
+from mobiflower.platform.frames._header import read_header
 
 _PREFIX = struct.Struct("<4sI")
 _TRAILER = struct.Struct("<I")
@@ -329,6 +267,38 @@ def _declared_size(buf: memoryview, hend: int, limits: FrameLimits) -> int | Non
 
 def _decode(data: object, expected_fingerprint: str | None, limits: FrameLimits) -> Frame:
     buf = _as_buffer(data)
+    hend = _check_envelope(buf, limits)
+    header, version, payload_bytes = _read_checked_header(buf, hend, limits)
+    n_layers, rows = check_fields(
+        fingerprint=header["fingerprint"],
+        token_policy=header["token_policy"],
+        layers=header["layers"],
+        sample_ids=header["sample_ids"],
+        token_counts=header["token_counts"],
+        seq_lengths=header["seq_lengths"],
+        targets=header["targets"],
+        meta=header["meta"],
+        expected_fingerprint=expected_fingerprint,
+        limits=limits,
+    )
+    tensors = _tensor_columns(header["tensors"], n_layers)
+    specs = _tensor_specs(tensors, n_layers, rows, payload_bytes, limits)
+    return Frame(
+        fingerprint=header["fingerprint"],
+        layers=header["layers"],
+        token_policy=header["token_policy"],
+        sample_ids=header["sample_ids"],
+        token_counts=header["token_counts"],
+        seq_lengths=header["seq_lengths"],
+        targets=header["targets"],
+        activations=_activations(buf, hend, specs),
+        meta=header["meta"],
+        version=version,
+    )
+
+
+def _check_envelope(buf: memoryview, limits: FrameLimits) -> int:
+    """Size limit, magic, header length and CRC32; returns where the header ends."""
     size = buf.nbytes
     if size > limits.max_bytes:
         raise FrameError("data", f"frame of {size} bytes exceeds the limit {limits.max_bytes}")
@@ -344,7 +314,6 @@ def _decode(data: object, expected_fingerprint: str | None, limits: FrameLimits)
         raise FrameError(
             "header_length", f"header of {hlen} bytes exceeds {max_header_bytes(limits)} (derived from the limits)"
         )
-
     (crc,) = _TRAILER.unpack_from(buf, size - _TRAILER.size)
     actual = zlib.crc32(buf[: size - _TRAILER.size])
     if crc != actual:
@@ -355,7 +324,12 @@ def _decode(data: object, expected_fingerprint: str | None, limits: FrameLimits)
         raise FrameError(
             "crc", f"checksum mismatch (stored {crc:#010x}, computed {actual:#010x}); frame corrupted in transit"
         )
+    return hend
 
+
+def _read_checked_header(buf: memoryview, hend: int, limits: FrameLimits) -> tuple[dict[str, Any], int, int]:
+    """The header with every field present and the total length it declares checked; returns
+    (header, version, payload bytes)."""
     header = read_header(buf[_PREFIX.size : hend], limits)
     if "version" not in header:
         raise FrameError("version", "missing from the header")
@@ -365,23 +339,15 @@ def _decode(data: object, expected_fingerprint: str | None, limits: FrameLimits)
             raise FrameError(k, "missing from the header")
     payload_bytes = int_field(header["payload_bytes"], "payload_bytes", 0)
     want = hend + payload_bytes + _TRAILER.size
+    size = buf.nbytes
     if size != want:
         what = "truncated" if size < want else "trailing bytes"
         raise FrameError("payload_bytes", f"{what}: frame is {size} bytes, its header says {want}")
+    return header, version, payload_bytes
 
-    n_layers, rows = check_fields(
-        fingerprint=header["fingerprint"],
-        token_policy=header["token_policy"],
-        layers=header["layers"],
-        sample_ids=header["sample_ids"],
-        token_counts=header["token_counts"],
-        seq_lengths=header["seq_lengths"],
-        targets=header["targets"],
-        meta=header["meta"],
-        expected_fingerprint=expected_fingerprint,
-        limits=limits,
-    )
-    tensors = header["tensors"]
+
+def _tensor_columns(tensors: object, n_layers: int) -> dict[str, list]:
+    """The per-layer tensor columns: exactly the known fields, one entry per layer each."""
     if not isinstance(tensors, dict):
         raise FrameError("tensors", f"must be a map of per-layer columns, got {type(tensors).__name__}")
     for k in TENSOR_FIELDS:
@@ -392,7 +358,14 @@ def _decode(data: object, expected_fingerprint: str | None, limits: FrameLimits)
     for k in tensors:
         if k not in TENSOR_FIELDS:
             raise FrameError(f"tensors.{k}", "unknown tensor field")
+    return tensors
 
+
+def _tensor_specs(
+    tensors: dict[str, list], n_layers: int, rows: int, payload_bytes: int, limits: FrameLimits
+) -> list[tuple]:
+    """Check each layer's quantization parameters and byte ranges (in bounds, sized for the
+    shape, disjoint and covering the payload exactly); returns one spec per layer."""
     specs = []
     spans: list[tuple[int, int, str]] = []
     hidden = None
@@ -411,7 +384,12 @@ def _decode(data: object, expected_fingerprint: str | None, limits: FrameLimits)
             raise size_error(f"{pre}.scales", sn, shape, bits, gs, want_s)
         spans += [(po, pn, f"{pre}.packed"), (so, sn, f"{pre}.scales")]
         specs.append((pre, bits, gs, shape, t["rotation"], int(t["seed"]), po, pn, so, sn))
+    _check_spans(spans, payload_bytes)
+    return specs
 
+
+def _check_spans(spans: list[tuple[int, int, str]], payload_bytes: int) -> None:
+    """Byte ranges must not overlap and must cover the payload exactly (no hidden bytes)."""
     spans.sort()
     end = 0
     for o, n, name in spans:
@@ -425,6 +403,9 @@ def _decode(data: object, expected_fingerprint: str | None, limits: FrameLimits)
             f"tensors cover {covered} of {payload_bytes} payload bytes; unaccounted bytes are not allowed",
         )
 
+
+def _activations(buf: memoryview, hend: int, specs: list[tuple]) -> list[QuantizedTensor]:
+    """Read-only zero-copy views of each layer's packed values and scales (scales checked finite)."""
     activations: list[QuantizedTensor] = []
     for pre, bits, gs, shape, rotation, seed, po, pn, so, sn in specs:
         packed = np.frombuffer(buf, dtype=np.uint8, count=pn, offset=hend + po)
@@ -433,16 +414,4 @@ def _decode(data: object, expected_fingerprint: str | None, limits: FrameLimits)
         packed.flags.writeable = False
         scales.flags.writeable = False
         activations.append(QuantizedTensor(bits, gs, shape, rotation, seed, packed, scales))
-
-    return Frame(
-        fingerprint=header["fingerprint"],
-        layers=header["layers"],
-        token_policy=header["token_policy"],
-        sample_ids=header["sample_ids"],
-        token_counts=header["token_counts"],
-        seq_lengths=header["seq_lengths"],
-        targets=header["targets"],
-        activations=activations,
-        meta=header["meta"],
-        version=version,
-    )
+    return activations
