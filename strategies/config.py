@@ -92,6 +92,12 @@ class SideTuningConfig:
 
     def __post_init__(self) -> None:
         self._check_task()
+        self._check_side_network()
+        self._check_counts_and_memory()
+        self._check_eval_and_adaptation()
+        self._check_label_privacy()
+
+    def _check_side_network(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is unknown: use one of {', '.join(MODES)}")
         if self.family not in ("tail", "ladder", "adapter"):
@@ -112,6 +118,8 @@ class SideTuningConfig:
             )
         if self.mixed_precision not in ("none", "bf16", "auto"):
             raise ConfigError(f"mixed-precision={self.mixed_precision!r} is unknown: use 'none', 'bf16' or 'auto'")
+
+    def _check_counts_and_memory(self) -> None:
         for name in (
             "rounds",
             "chunk_size",
@@ -144,6 +152,8 @@ class SideTuningConfig:
                 f"side-memory-mb={self.side_memory_mb} pages per-device side networks to disk: set "
                 f"mode = 'per-device', or side-memory-mb = 0 (one shared network is always resident)"
             )
+
+    def _check_eval_and_adaptation(self) -> None:
         if self.eval_on not in ("server", "device"):
             raise ConfigError(f"eval-on={self.eval_on!r} is unknown: use 'server' or 'device'")
         if self.eval_split not in ("validation", "test"):
@@ -159,6 +169,8 @@ class SideTuningConfig:
                 f"adapt = true starts from bits={self.bits}: use bits = 8 (or 4), the codec's "
                 f"quantized widths the policy steps down through"
             )
+
+    def _check_label_privacy(self) -> None:
         if self.label_epsilon < 0:
             raise ConfigError(f"label-epsilon={self.label_epsilon} must be >= 0 (0 = no randomized response)")
         if self.label_epsilon and not self.label_private:
