@@ -188,23 +188,7 @@ def prepare_quantized_backbone(
     quantize_backbone_weights(model, precision, group_size)
     digest = weights_digest(model)
     tensors, aliases, non_persistent = _disk_state(model)
-    quantized = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantizedLinear):
-            quantized[name] = {
-                "kind": m.precision,
-                "in": m.in_features,
-                "out": m.out_features,
-                "bias": m.bias is not None,
-                **({"group_size": m.group_size} if m.precision == "int4" else {}),
-            }
-        elif isinstance(m, Int8Embedding):
-            quantized[name] = {
-                "kind": "int8-embedding",
-                "num": m.num_embeddings,
-                "dim": m.embedding_dim,
-                "padding_idx": m.padding_idx,
-            }
+    quantized = _quantized_modules(model)
     sizes = weight_bytes(model)
 
     try:
@@ -241,6 +225,28 @@ def prepare_quantized_backbone(
         f"{sizes['total'] / 2**20:.0f} MiB of weights"
     )
     return out
+
+
+def _quantized_modules(model: torch.nn.Module) -> dict[str, dict]:
+    """What the manifest records of each quantized module, to rebuild it before mapping the weights."""
+    quantized = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            quantized[name] = {
+                "kind": m.precision,
+                "in": m.in_features,
+                "out": m.out_features,
+                "bias": m.bias is not None,
+                **({"group_size": m.group_size} if m.precision == "int4" else {}),
+            }
+        elif isinstance(m, Int8Embedding):
+            quantized[name] = {
+                "kind": "int8-embedding",
+                "num": m.num_embeddings,
+                "dim": m.embedding_dim,
+                "padding_idx": m.padding_idx,
+            }
+    return quantized
 
 
 def _transformers_version() -> str:

@@ -163,65 +163,69 @@ def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
     tiers = table.get("tier")
     if not isinstance(tiers, list) or not tiers:
         raise FleetError(f"{source}: a fleet needs at least one [[tier]]")
-    out, names = [], set()
-    for i, tier in enumerate(tiers):
-        where = f"{source}, tier {i + 1}"
-        if not isinstance(tier, dict):
-            raise FleetError(f"{where}: must be a table ([[tier]])")
-        unknown = sorted(set(tier) - TIER_KEYS)
-        if unknown:
-            raise FleetError(f"{where}: unknown key(s) {unknown}; a tier takes {sorted(TIER_KEYS)}")
-        name = tier.get("name")
-        if not isinstance(name, str) or not name:
-            raise FleetError(f"{where}: needs a name")
-        where = f"{source}, tier {name!r}"
-        if name in names:
-            raise FleetError(f"{where}: two tiers have this name")
-        names.add(name)
-        if ("share" in tier) == ("count" in tier):
-            raise FleetError(f"{where}: give exactly one of share (a fraction of the fleet) or count (devices)")
-        if "count" in tier:
-            count = tier["count"]
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise FleetError(f"{where}: count must be a whole number >= 1, got {count!r}")
-            weight: float | int = count
-        else:
-            weight = _number(tier["share"], where, "share", 0.0, 1.0)
-        for key in ("uplink-mbps", "downlink-mbps"):
-            if key not in tier:
-                raise FleetError(f"{where}: needs {key}")
-        cache = tier.get("activation-cache", True)
-        if not isinstance(cache, bool):
-            raise FleetError(f"{where}: activation-cache must be true or false, got {cache!r}")
-        keep = tier.get("backbone-layers", 0)
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-            raise FleetError(f"{where}: backbone-layers must be a whole number >= 1 (0 = all), got {keep!r}")
-        backbone = tier.get("backbone", "")
-        if not isinstance(backbone, str):
-            raise FleetError(f"{where}: backbone must be a model ref string, got {backbone!r}")
-        weights = tier.get("weights", "") or ""
-        if weights:
-            from mobiflower.platform.precision import WeightPrecisionError, normalize_precision
-
-            try:
-                weights = normalize_precision(str(weights))
-            except WeightPrecisionError as exc:
-                raise FleetError(f"{where}: weights: {exc}") from None
-        profile = DeviceProfile(
-            tier=name,
-            uplink_mbps=_number(tier["uplink-mbps"], where, "uplink-mbps", 0.0),
-            downlink_mbps=_number(tier["downlink-mbps"], where, "downlink-mbps", 0.0),
-            latency_ms=_number(tier.get("latency-ms", 30.0), where, "latency-ms", 0.0, low_open=False),
-            speed=_number(tier.get("speed", 1.0), where, "speed", 0.0),
-            memory_mb=_number(tier.get("memory-mb", 4096.0), where, "memory-mb", 0.0),
-            availability=_number(tier.get("availability", 1.0), where, "availability", 0.0, 1.0),
-            backbone=backbone,
-            backbone_layers=keep,
-            activation_cache=cache,
-            weights=weights,
-        )
-        out.append((profile, weight))
+    names: set[str] = set()
+    out = [_parse_tier(tier, i, source, names) for i, tier in enumerate(tiers)]
     return Fleet(str(table["name"]), str(table.get("description", "")), out, source)
+
+
+def _parse_tier(tier: object, i: int, source: str, names: set[str]) -> tuple[DeviceProfile, float | int]:
+    """One [[tier]] table: its device profile and its weight (a share of the fleet, or a count)."""
+    where = f"{source}, tier {i + 1}"
+    if not isinstance(tier, dict):
+        raise FleetError(f"{where}: must be a table ([[tier]])")
+    unknown = sorted(set(tier) - TIER_KEYS)
+    if unknown:
+        raise FleetError(f"{where}: unknown key(s) {unknown}; a tier takes {sorted(TIER_KEYS)}")
+    name = tier.get("name")
+    if not isinstance(name, str) or not name:
+        raise FleetError(f"{where}: needs a name")
+    where = f"{source}, tier {name!r}"
+    if name in names:
+        raise FleetError(f"{where}: two tiers have this name")
+    names.add(name)
+    if ("share" in tier) == ("count" in tier):
+        raise FleetError(f"{where}: give exactly one of share (a fraction of the fleet) or count (devices)")
+    if "count" in tier:
+        count = tier["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise FleetError(f"{where}: count must be a whole number >= 1, got {count!r}")
+        weight: float | int = count
+    else:
+        weight = _number(tier["share"], where, "share", 0.0, 1.0)
+    for key in ("uplink-mbps", "downlink-mbps"):
+        if key not in tier:
+            raise FleetError(f"{where}: needs {key}")
+    cache = tier.get("activation-cache", True)
+    if not isinstance(cache, bool):
+        raise FleetError(f"{where}: activation-cache must be true or false, got {cache!r}")
+    keep = tier.get("backbone-layers", 0)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise FleetError(f"{where}: backbone-layers must be a whole number >= 1 (0 = all), got {keep!r}")
+    backbone = tier.get("backbone", "")
+    if not isinstance(backbone, str):
+        raise FleetError(f"{where}: backbone must be a model ref string, got {backbone!r}")
+    weights = tier.get("weights", "") or ""
+    if weights:
+        from mobiflower.platform.precision import WeightPrecisionError, normalize_precision
+
+        try:
+            weights = normalize_precision(str(weights))
+        except WeightPrecisionError as exc:
+            raise FleetError(f"{where}: weights: {exc}") from None
+    profile = DeviceProfile(
+        tier=name,
+        uplink_mbps=_number(tier["uplink-mbps"], where, "uplink-mbps", 0.0),
+        downlink_mbps=_number(tier["downlink-mbps"], where, "downlink-mbps", 0.0),
+        latency_ms=_number(tier.get("latency-ms", 30.0), where, "latency-ms", 0.0, low_open=False),
+        speed=_number(tier.get("speed", 1.0), where, "speed", 0.0),
+        memory_mb=_number(tier.get("memory-mb", 4096.0), where, "memory-mb", 0.0),
+        availability=_number(tier.get("availability", 1.0), where, "availability", 0.0, 1.0),
+        backbone=backbone,
+        backbone_layers=keep,
+        activation_cache=cache,
+        weights=weights,
+    )
+    return profile, weight
 
 
 def load_fleet(name_or_path: str | Path) -> Fleet:

@@ -162,7 +162,10 @@ class LoopbackDeployment:
                 raise self._fail("SuperLink did not answer on /health in time")
             time.sleep(0.2)
         add_connection(Path(self.env["FLWR_HOME"]), self.name, self.address)
+        self._start_supernodes()
+        self._wait_online(deadline)
 
+    def _start_supernodes(self) -> None:
         runtime_ports = free_ports(self.num_supernodes)
         for i, port in enumerate(runtime_ports):
             cfg: dict[str, RunConfigValue] = {
@@ -190,6 +193,7 @@ class LoopbackDeployment:
                 )
             )
 
+    def _wait_online(self, deadline: float) -> None:
         online = 0
         while True:
             for i, node in enumerate(self.supernodes):

@@ -26,13 +26,38 @@ class LoopbackPKI:
 
 def make_loopback_pki(folder: str | Path, nodes: int, valid_days: int = 1) -> LoopbackPKI:
     """A CA, a server certificate for 127.0.0.1 / localhost, and ``nodes`` EC (P-384) key pairs."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.x509.oid import NameOID
+    from cryptography.hazmat.primitives import serialization
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    ca, cert, key = _ca_and_server_certificate(valid_days)
+    paths = LoopbackPKI(
+        folder / "ca.crt",
+        folder / "server.pem",
+        folder / "server.key",
+        tuple((folder / f"supernode-{i}", folder / f"supernode-{i}.pub") for i in range(nodes)),
+    )
+    paths.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths.server_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    )
+    paths.server_key.chmod(0o600)
+    for private, public in paths.node_keys:
+        _write_node_key(private, public)
+    return paths
+
+
+def _ca_and_server_certificate(valid_days: int):
+    """A self-signed CA and a server certificate it signs for 127.0.0.1 / localhost; returns (CA
+    certificate, server certificate, server key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
     now = datetime.datetime.now(datetime.timezone.utc)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=valid_days)
 
@@ -64,29 +89,21 @@ def make_loopback_pki(folder: str | Path, nodes: int, valid_days: int = 1) -> Lo
         .add_extension(san, critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    paths = LoopbackPKI(
-        folder / "ca.crt",
-        folder / "server.pem",
-        folder / "server.key",
-        tuple((folder / f"supernode-{i}", folder / f"supernode-{i}.pub") for i in range(nodes)),
-    )
-    paths.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths.server_key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    return ca, cert, key
+
+
+def _write_node_key(private: Path, public: Path) -> None:
+    """One SuperNode's EC (P-384) key pair, in OpenSSH format (the private key readable by its owner only)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    node_key = ec.generate_private_key(ec.SECP384R1())
+    private.write_bytes(
+        node_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         )
     )
-    paths.server_key.chmod(0o600)
-    for private, public in paths.node_keys:
-        node_key = ec.generate_private_key(ec.SECP384R1())
-        private.write_bytes(
-            node_key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            )
-        )
-        private.chmod(0o600)
-        public.write_bytes(
-            node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        )
-    return paths
+    private.chmod(0o600)
+    public.write_bytes(
+        node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
