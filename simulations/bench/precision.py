@@ -107,29 +107,12 @@ def run_precision_bench(
     (:attr:`ForwardConfig.max_tokens`; -1: its default, None: whole batches).
     """
     from mobiflower.clients.runtime import ForwardConfig
-    from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE, normalize_precision, precision_support
-    from mobiflower.platform.prepared_weights import ensure_prepared
+    from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE
     from mobiflower.simulations.bench.device import bench_samples
 
-    if batches < 1 or batch_size < 1:
-        raise ValueError(f"batches={batches} and batch_size={batch_size} must be at least 1")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads={threads} must be at least 1")
-    if starts < 0:
-        raise ValueError(f"starts={starts} must be at least 0")
-    wanted = [normalize_precision(p) for p in precisions]
-    if not wanted:
-        raise ValueError("give at least one precision")
-    wanted = sorted(dict.fromkeys(wanted), key=lambda p: (p != "fp32", wanted.index(p)))
+    _check_counts(batches, batch_size, threads, starts)
     group_size = group_size or DEFAULT_INT4_GROUP_SIZE
-    support = precision_support()
-    skipped = {}
-    run = []
-    for p in wanted:
-        if not support[p]["native"] and not include_unsupported:
-            skipped[p] = f"not native on this CPU ({support[p]['path']})"
-        else:
-            run.append(p)
+    run, skipped, support = _precisions_to_run(precisions, include_unsupported)
 
     samples = bench_samples(batches, batch_size, seed)
     max_tokens = ForwardConfig.max_tokens if max_tokens == -1 else max_tokens
@@ -159,59 +142,15 @@ def run_precision_bench(
     with tempfile.TemporaryDirectory(prefix="mobiflower-bench-precision-") as tmp:
         tmp_path = Path(tmp)
         for precision in run:
-            t0 = time.perf_counter()
-            folder = ensure_prepared(
-                model, precision, weights_dir, group_size, log=(lambda m: _log(m, progress)) if progress else None
-            )
-            prepare_s = time.perf_counter() - t0
             spec = {
-                "model": model,
+                **{key: config[key] for key in _CHILD_KEYS},
                 "precision": precision,
-                "batch_size": batch_size,
-                "num_taps": num_taps,
-                "max_tokens": max_tokens,
-                "threads": threads,
-                "weights_dir": weights_dir,
-                "group_size": group_size,
                 "samples": [[e.id, e.text, e.label] for e in samples],
                 "states_path": str(tmp_path / f"{precision}.states.pt"),
             }
-            entry: dict[str, Any] = {
-                "prepared": str(folder),
-                "prepare_s": prepare_s,
-                "weights_file_mb": _folder_weights_mb(folder),
-                # other work on the machine inflates wall-clock starts: say how busy it was
-                "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-            }
-            if cold:
-                from mobiflower.platform.process_memory import evict_from_page_cache
-
-                evict_from_page_cache([folder])
-                run_cold = _run_child({**spec, "mode": "start"}, tmp_path, f"{precision}-cold")
-                entry["cold_start"] = {k: v for k, v in run_cold.items() if k != "fingerprint"}
-                entry["cold_start_s"] = run_cold["start_to_first_frame_s"]
-            warm = [_run_child({**spec, "mode": "start"}, tmp_path, f"{precision}-warm{i}") for i in range(starts)]
-            entry["warm_starts"] = [{k: v for k, v in w.items() if k != "fingerprint"} for w in warm]
-            measured = _run_child({**spec, "mode": "measure"}, tmp_path, f"{precision}-measure")
-            entry.update(measured)
-            warm = warm or [measured]
-            entry["warm_start_s"] = statistics.median(w["start_to_first_frame_s"] for w in warm)
-            entry["warm_start_cpu_s"] = statistics.median(w["start_cpu_s"] for w in warm)
-            result["precisions"][precision] = entry
-            _log(
-                f"{precision}: model memory {entry['model_memory_mb']:.0f} MB (peak {entry['peak_rss_mb']:.0f}, "
-                f"runtime {entry['baseline_rss_mb']:.0f}), {entry['s_per_sample'] * 1000:.1f} ms/sample, "
-                f"start to first frame {entry['warm_start_s']:.2f} s warm"
-                + (f", {entry['cold_start_s']:.2f} s cold" if cold else "")
-                + f" [{time.perf_counter() - t0:.1f} s]",
-                progress,
-            )
+            result["precisions"][precision] = _measure_precision(spec, tmp_path, starts, cold, progress)
         _state_errors(result["precisions"], tmp_path)
-        machine = {}
-        for entry in result["precisions"].values():
-            machine = entry.pop("machine", machine)
-            for key in ("states_path",):
-                entry.pop(key, None)
+        machine = _take_machine(result["precisions"])
 
     if accuracy:
         result["accuracy"] = _accuracy(model, run, threads, accuracy_config or {}, progress)
@@ -220,20 +159,109 @@ def run_precision_bench(
                 result["precisions"][precision]["test_accuracy"] = acc["test_accuracy"]
     result["ratios"] = _ratios(result["precisions"])
     result["acceptance"] = _acceptance(result["ratios"])
-    machine.update(
-        {
-            "cpu_count": os.cpu_count(),
-            "bf16_native": support["bf16"]["native"],
-            "arch": os.uname().machine if hasattr(os, "uname") else sys.platform,
-            "python": ".".join(map(str, sys.version_info[:3])),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        }
-    )
-    result["machine"] = machine
+    result["machine"] = {**machine, **_machine_facts(support)}
     result["support"] = support
 
     write_outputs(result, out, plot, plot_result, lambda msg: _log(msg, progress))
     return result
+
+
+# what a child process is told of the run (with its precision, samples and where to save its states)
+_CHILD_KEYS = ("model", "batch_size", "num_taps", "max_tokens", "threads", "weights_dir", "group_size")
+
+
+def _check_counts(batches: int, batch_size: int, threads: int | None, starts: int) -> None:
+    if batches < 1 or batch_size < 1:
+        raise ValueError(f"batches={batches} and batch_size={batch_size} must be at least 1")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads} must be at least 1")
+    if starts < 0:
+        raise ValueError(f"starts={starts} must be at least 0")
+
+
+def _take_machine(entries: dict) -> dict:
+    """The measuring children's machine facts (the last one's), taken out of the per-precision entries."""
+    machine = {}
+    for entry in entries.values():
+        machine = entry.pop("machine", machine)
+        for key in ("states_path",):
+            entry.pop(key, None)
+    return machine
+
+
+def _machine_facts(support: dict) -> dict:
+    return {
+        "cpu_count": os.cpu_count(),
+        "bf16_native": support["bf16"]["native"],
+        "arch": os.uname().machine if hasattr(os, "uname") else sys.platform,
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _precisions_to_run(precisions: Sequence[str], include_unsupported: bool) -> tuple[list[str], dict, dict]:
+    """The precisions to measure (fp32 first, the reference), those skipped with why, and this CPU's support."""
+    from mobiflower.platform.precision import normalize_precision, precision_support
+
+    wanted = [normalize_precision(p) for p in precisions]
+    if not wanted:
+        raise ValueError("give at least one precision")
+    wanted = sorted(dict.fromkeys(wanted), key=lambda p: (p != "fp32", wanted.index(p)))
+    support = precision_support()
+    skipped = {}
+    run = []
+    for p in wanted:
+        if not support[p]["native"] and not include_unsupported:
+            skipped[p] = f"not native on this CPU ({support[p]['path']})"
+        else:
+            run.append(p)
+    return run, skipped, support
+
+
+def _measure_precision(spec: dict, tmp_path: Path, starts: int, cold: bool, progress: bool) -> dict[str, Any]:
+    """One precision: prepare its copy, then its cold start, warm starts and measuring process."""
+    from mobiflower.platform.prepared_weights import ensure_prepared
+
+    precision = spec["precision"]
+    t0 = time.perf_counter()
+    folder = ensure_prepared(
+        spec["model"],
+        precision,
+        spec["weights_dir"],
+        spec["group_size"],
+        log=(lambda m: _log(m, progress)) if progress else None,
+    )
+    prepare_s = time.perf_counter() - t0
+    entry: dict[str, Any] = {
+        "prepared": str(folder),
+        "prepare_s": prepare_s,
+        "weights_file_mb": _folder_weights_mb(folder),
+        # other work on the machine inflates wall-clock starts: say how busy it was
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if cold:
+        from mobiflower.platform.process_memory import evict_from_page_cache
+
+        evict_from_page_cache([folder])
+        run_cold = _run_child({**spec, "mode": "start"}, tmp_path, f"{precision}-cold")
+        entry["cold_start"] = {k: v for k, v in run_cold.items() if k != "fingerprint"}
+        entry["cold_start_s"] = run_cold["start_to_first_frame_s"]
+    warm = [_run_child({**spec, "mode": "start"}, tmp_path, f"{precision}-warm{i}") for i in range(starts)]
+    entry["warm_starts"] = [{k: v for k, v in w.items() if k != "fingerprint"} for w in warm]
+    measured = _run_child({**spec, "mode": "measure"}, tmp_path, f"{precision}-measure")
+    entry.update(measured)
+    warm = warm or [measured]
+    entry["warm_start_s"] = statistics.median(w["start_to_first_frame_s"] for w in warm)
+    entry["warm_start_cpu_s"] = statistics.median(w["start_cpu_s"] for w in warm)
+    _log(
+        f"{precision}: model memory {entry['model_memory_mb']:.0f} MB (peak {entry['peak_rss_mb']:.0f}, "
+        f"runtime {entry['baseline_rss_mb']:.0f}), {entry['s_per_sample'] * 1000:.1f} ms/sample, "
+        f"start to first frame {entry['warm_start_s']:.2f} s warm"
+        + (f", {entry['cold_start_s']:.2f} s cold" if cold else "")
+        + f" [{time.perf_counter() - t0:.1f} s]",
+        progress,
+    )
+    return entry
 
 
 def _folder_weights_mb(folder: Path) -> float:

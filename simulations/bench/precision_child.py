@@ -127,6 +127,19 @@ def _measure(spec: dict, launched: float) -> dict:
     if mode == "start":
         return result
 
+    result.update(_steady_state(runtime, backbone, batches, baseline, after_load, parts0))
+    _save_tapped_states(backbone, batches[0], spec["states_path"])
+    return result
+
+
+def _steady_state(runtime, backbone, batches: list, baseline: float, after_load: float, parts0: dict) -> dict:
+    """Seconds per sample over the batches after the first, and where the model's memory went."""
+    import torch
+
+    from mobiflower.platform.frames import encode_frame
+    from mobiflower.simulations.baselines.on_device import current_rss_mb
+
+    result: dict[str, Any] = {}
     after_first = current_rss_mb()
     timed = batches[1:] if len(batches) > 1 else batches
     t0 = time.perf_counter()
@@ -167,8 +180,14 @@ def _measure(spec: dict, launched: float) -> dict:
             },
         }
     )
-    # The tapped states (last real token of every sample, every tapped layer) of the first batch.
-    enc = backbone.tokenize([BUNDLED_TASK.render(e.text) for e in batches[0]])
+    return result
+
+
+def _save_tapped_states(backbone, batch: list, path: str) -> None:
+    """The tapped states (last real token of every sample, every tapped layer) of one batch."""
+    import torch
+
+    enc = backbone.tokenize([BUNDLED_TASK.render(e.text) for e in batch])
     positions = backbone.feature_positions(enc["attention_mask"])
     states: dict[int, torch.Tensor] = {}
 
@@ -176,8 +195,7 @@ def _measure(spec: dict, launched: float) -> dict:
         states[layer] = hidden[torch.arange(hidden.shape[0]), positions].float().clone()
 
     backbone.forward_taps(enc["input_ids"], enc["attention_mask"], keep)
-    torch.save(states, spec["states_path"])
-    return result
+    torch.save(states, path)
 
 
 def _version(package: str) -> str | None:
