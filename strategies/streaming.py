@@ -63,6 +63,7 @@ class FrameTrainer:
         self.job, self.rnd = job, rnd
         self.work = FairQueue()
         self.losses: list[tuple[float, int]] = []
+        self.frame_log: list[list[float]] = []  # per trained frame: samples, loss, bytes, clock s it landed
         self.train_s = 0.0
         self.errors: list[BaseException] = []
         self.done_at = 0.0
@@ -117,6 +118,7 @@ class FrameTrainer:
         if result.accepted:
             job.state.frames_accepted += 1
             self.losses.append((result.stats["loss"], int(result.stats["samples"])))
+            self.frame_log.append([int(result.stats["samples"]), result.stats["loss"], len(blob), landed])
             self.train_s += result.stats["seconds"]
         else:
             dev.failures.append(f"round {self.rnd}: frame refused ({result.reason}): {result.message}")
@@ -231,6 +233,7 @@ class StreamingRound:
             "stream_device_s": device_s,
             "stream_train_s": trainer.train_s,
             "samples": self.received,
+            "frame_log": trainer.frame_log,  # the summary plot's loss per frame, in training order
         }
 
     def _work_left(self) -> bool:

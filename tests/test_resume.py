@@ -95,7 +95,9 @@ def _accounting(summary: dict) -> dict:
     """What a run counted, without what it timed or weighed (seconds, megabytes) or where it ran."""
 
     def kept(record: dict) -> dict:
-        return {k: v for k, v in record.items() if not k.endswith(("_s", "_mb")) and k not in ("node_id", "devices")}
+        # frame_log: when each frame landed, in the order the trainer took them (the plot's, not a count)
+        skipped = ("node_id", "devices", "frame_log")
+        return {k: v for k, v in record.items() if not k.endswith(("_s", "_mb")) and k not in skipped}
 
     return {
         "devices": {d: kept(v) for d, v in summary["devices"].items()},

@@ -257,6 +257,49 @@ def test_the_summary_plot_shows_the_primary_metric_by_name(tmp_path, monkeypatch
     assert "perplexity" in titles and labels == ["perplexity"] and "accuracy" not in titles
 
 
+def test_the_summary_plot_draws_loss_per_frame_and_costs_against_samples_trained():
+    """summary.png's data (not its pixels): a streamed round's loss per frame and a cached epoch's mean at the
+    samples trained so far, validation where a round scored it, the final test after every epoch, cumulative
+    bytes with the delivery last; a zero-shot figure that is NaN draws no line."""
+    from mobiflower.platform.run_summary import plot_data
+
+    stream = {"round": 1, "phase": "stream", "samples": 8, "loss": 0.6, "bytes_up": 300, "bytes_down": 10}
+    stream.update({"frame_log": [[4, 0.7, 100, 1.0], [4, float("nan"), 120, 2.0]], "train_wall_s": 2.5})
+    stream.update({"server_train_s": 1.0, "device_forward_s": 2.0})
+    cache = {"round": 2, "phase": "cache", "loss": 0.4, "validation_accuracy": 0.7, "bytes_up": 50, "bytes_down": 0}
+    cache.update({"train_wall_s": 3.0, "server_train_s": 0.5})
+    summary = {
+        "rounds": [stream, cache],
+        "test_accuracy": 0.8,
+        "zero_shot_accuracy": float("nan"),
+        "initial_test_accuracy": 0.5,
+        "bytes_up": 400,
+        "bytes_down": 1010,
+        "config": {"eval-split": "validation"},
+    }
+    data = plot_data(summary)
+    assert data["x"] == "samples trained" and data["metric"] == "accuracy"
+    assert data["loss"]["frames"] == [(4, 0.7), (8, None)]  # NaN (a label-private step): a gap, not a point
+    assert data["loss"]["rounds"] == [(8, 0.6), (16, 0.4)]  # the cached epoch trains round 1's 8 samples again
+    assert data["loss"]["frame_mb"] == [(4, 100e-6), (8, 220e-6)] and data["loss"]["landed_s"] == [(4, 1.0), (8, 2.0)]
+    assert data["validation"] == [(16, 0.7)] and data["test"] == (16, 0.8)
+    assert data["references"] == {"untrained": 0.5}
+    assert data["up_mb"] == [(0, 0.0), (8, 300e-6), (16, 350e-6), (16, 400e-6)]
+    assert data["down_mb"][-1] == (16, 1010e-6)
+    assert data["seconds"]["clock"] == "wall" and data["seconds"]["run"] == [(0, 0.0), (8, 2.5), (16, 3.0)]
+    assert data["seconds"]["server training"] == [(0, 0.0), (8, 1.0), (16, 1.5)]
+
+
+def test_a_column_of_nan_is_left_out_of_the_printed_table():
+    from mobiflower.simulations.simulate import format_summary
+
+    summary = _lm_summary()
+    for device in summary["devices"].values():
+        device["zero_shot_perplexity"] = float("nan")  # a tail's backbone alone has no zero-shot answer
+    header = format_summary(summary).splitlines()[0]
+    assert "zero-shot" not in header and "nan" not in format_summary(summary).split("\n\n")[0]
+
+
 def test_compare_shows_each_tasks_metrics_and_leaves_empty_columns_out():
     from mobiflower.simulations.compare import format_comparison, seed_groups
 

@@ -13,6 +13,8 @@ import pytest
 from families import LADDER
 from inprocess_grid import of_type, run_fleet
 
+from mobiflower.platform.run_summary import plot_data
+
 
 def _config(tiny_llama: str, **overrides) -> dict:
     # 2 devices x 16 training samples in chunks of 4: four forward requests per device and round
@@ -64,6 +66,15 @@ def test_a_round_streams_in_flight_requests_and_accounts_for_every_frame(real_as
         sum(d["test_accuracy"] * d["test_samples"] for d in devices.values()) / 16
     )
     assert summary["frames"] == summary["frames_accepted"] == 8
+    # what summary.png draws: round 1's loss per frame (4 samples each, in training order), a mean per round,
+    # validation after round 2, the test after all three epochs of 32 samples
+    log = rounds[0]["frame_log"]
+    assert [n for n, *_ in log] == [4] * 8 and sum(b for _, _, b, _ in log) == summary["frame_bytes"]
+    data = plot_data(summary)
+    assert [x for x, _ in data["loss"]["frames"]] == list(range(4, 33, 4))
+    assert [x for x, _ in data["loss"]["rounds"]] == [32, 64, 96] and all(y > 0 for _, y in data["loss"]["rounds"])
+    assert [x for x, _ in data["validation"]] == [64] and data["test"] == (96, summary["test_accuracy"])
+    assert data["up_mb"][-1] == (96, summary["bytes_up"] / 1e6) and data["down_mb"][-1][0] == 96
     assert {p.name for p in (tmp_path / "run" / "checkpoint").iterdir()} >= {"device-0", "device-1", "store.json"}
     # every device handled its requests in the order of the protocol
     for node in grid.nodes.values():
