@@ -416,7 +416,7 @@ def run_fleet_bench(
     read fails in seconds, not after the baseline's hour. A run that fails is recorded as failed
     (its error in the JSON) and the others still run.
     """
-    from mobiflower.simulations.baselines.fed_lora import FedLoraRun, run_fed_lora, tune_fed_lora
+    from mobiflower.simulations.baselines.fed_lora import FedLoraRun, run_fed_lora
 
     fleet = load_fleet(settings.fleet)
     profiles = fleet.profiles_for(settings.device_ids())
@@ -438,26 +438,7 @@ def run_fleet_bench(
         )
 
     methods: dict[str, dict[str, Any]] = {}
-    side_tuning: dict[str, Any] = {"mode": "default", "lr": None}
-    if settings.side_lrs:
-        trials = []
-        for lr in settings.side_lrs:
-            log(f"[bench fleet] mobiflower learning-rate trial: lr {lr:g}, scored on validation ...")
-            summary = side_runner(settings.side_tuning_trial_config(lr))
-            scored = [
-                r["validation_accuracy"] for r in summary.get("rounds", []) if r.get("validation_accuracy") is not None
-            ]
-            trials.append({"lr": lr, "validation_accuracy": scored[-1] if scored else None})
-            log(f"  validation accuracy {_num(trials[-1]['validation_accuracy'], '.4f')}")
-        best = max(
-            (t for t in trials if t["validation_accuracy"] is not None),
-            key=lambda t: t["validation_accuracy"],
-            default=None,
-        )
-        if best is None:
-            raise RuntimeError("no mobiflower learning-rate trial produced a validation accuracy")
-        side_tuning = {"mode": "validation-grid", "lr": best["lr"], "trials": trials}
-        log(f"  chose lr {best['lr']:g} for mobiflower (validation accuracy {best['validation_accuracy']:.4f})")
+    side_tuning = _tune_side_lr(settings, side_runner, log)
     configs: dict[str, dict[str, Any]] = {
         EIGHT_BIT: settings.side_run_config(adapt=False, lr=side_tuning["lr"]),
         ADAPTIVE: settings.side_run_config(adapt=True, lr=side_tuning["lr"]),
@@ -465,62 +446,13 @@ def run_fleet_bench(
 
     def run_method(name: str, run: Callable[[], dict[str, Any]]) -> None:
         log(f"[bench fleet] {name}: {settings.devices} devices on fleet {fleet.name!r} ...")
-        t0 = time.perf_counter()
-        try:
-            figures = run()
-        except RuntimeError as err:  # a Flower run that failed (FlowerRunError) or wrote no summary
-            figures = _failed(err)
-            log(f"  failed: {figures['error'].splitlines()[0]}")
-        figures["bench_s"] = time.perf_counter() - t0
-        figures["run_config"] = configs[name]
-        methods[name] = figures
-        if figures["completed"]:
-            log(
-                f"  final accuracy {figures['final_accuracy']:.4f}, virtual {figures['virtual_total_s']:.1f} s, "
-                f"device compute {figures['device_compute_s']:.1f} s (virtual)"
-            )
-
-    def side_method(name: str) -> dict[str, Any]:
-        if not settings.side_seeds:
-            return side_tuning_figures(side_runner(configs[name]))
-        runs = []
-        for seed in settings.side_seeds:
-            log(f"  training seed {seed} ...")
-            runs.append(side_tuning_figures(side_runner({**configs[name], "train-seed": seed})))
-            log(f"    final accuracy {_num(runs[-1]['final_accuracy'], '.4f')}")
-        return over_seeds(runs, settings.side_seeds)
+        methods[name] = _run_method(run, configs[name], log)
 
     # side-tuning first: minutes, where the baseline's tuning takes most of the bench's hour
     for name in (EIGHT_BIT, ADAPTIVE):
-        run_method(name, lambda name=name: side_method(name))
-    if settings.lora_pair is not None:
-        lr, epochs = settings.lora_pair
-        tuning: dict[str, Any] = {
-            "mode": "given",
-            "lr": lr,
-            "local_epochs": epochs,
-            "note": "given on the command line (--skip-tuning), not tuned by this run",
-        }
-    else:
-        grid = f"{len(settings.lrs)} lrs x {len(settings.local_epochs)} local-epochs"
-        log(f"[bench fleet] fed-lora: tuning on validation, {grid}, {settings.tune_rounds} rounds each ...")
-        base = lora_run({**settings.common_run_config(), "rounds": settings.tune_rounds, "eval-samples": 0})
-        picked = tune_fed_lora(base, settings.lrs, settings.local_epochs, runner=fed_lora_runner)
-        lr, epochs = picked["best"]["lr"], picked["best"]["local-epochs"]
-        tuning = {
-            "mode": "validation-grid",
-            "lr": lr,
-            "local_epochs": epochs,
-            "lrs_grid": list(settings.lrs),
-            "local_epochs_grid": list(settings.local_epochs),
-            "tune_rounds": settings.tune_rounds,
-            "best": picked["best"],
-            "trials": picked["trials"],
-        }
-        log(
-            f"  chose lr {lr:g}, {epochs} local epochs (validation accuracy "
-            f"{picked['best']['validation_accuracy']:.4f})"
-        )
+        run_method(name, lambda name=name: _side_method(settings, side_runner, configs[name], log))
+    tuning = _tune_fed_lora(settings, lora_run, fed_lora_runner, log)
+    lr, epochs = tuning["lr"], tuning["local_epochs"]
     configs[FED_LORA] = settings.fed_lora_run_config(lr, epochs)
     run_method(FED_LORA, lambda: fed_lora_figures(fed_lora_runner(lora_run(configs[FED_LORA])), profiles))
     from mobiflower.simulations.bench.fleet_report import summarize
@@ -541,6 +473,97 @@ def run_fleet_bench(
             "notes": _notes(),
         }
     )
+
+
+def _tune_side_lr(settings: FleetBenchSettings, side_runner: SideRunner, log: Callable[[str], None]) -> dict[str, Any]:
+    """mobiflower's learning rate: the settings' default, or the best of ``side_lrs`` on validation."""
+    if not settings.side_lrs:
+        return {"mode": "default", "lr": None}
+    trials = []
+    for lr in settings.side_lrs:
+        log(f"[bench fleet] mobiflower learning-rate trial: lr {lr:g}, scored on validation ...")
+        summary = side_runner(settings.side_tuning_trial_config(lr))
+        scored = [
+            r["validation_accuracy"] for r in summary.get("rounds", []) if r.get("validation_accuracy") is not None
+        ]
+        trials.append({"lr": lr, "validation_accuracy": scored[-1] if scored else None})
+        log(f"  validation accuracy {_num(trials[-1]['validation_accuracy'], '.4f')}")
+    best = max(
+        (t for t in trials if t["validation_accuracy"] is not None),
+        key=lambda t: t["validation_accuracy"],
+        default=None,
+    )
+    if best is None:
+        raise RuntimeError("no mobiflower learning-rate trial produced a validation accuracy")
+    log(f"  chose lr {best['lr']:g} for mobiflower (validation accuracy {best['validation_accuracy']:.4f})")
+    return {"mode": "validation-grid", "lr": best["lr"], "trials": trials}
+
+
+def _tune_fed_lora(
+    settings: FleetBenchSettings,
+    lora_run: Callable[[dict[str, Any]], Any],
+    fed_lora_runner: Callable[[Any], dict[str, Any]],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The baseline's learning rate and local epochs: given (``lora_pair``) or tuned on validation."""
+    from mobiflower.simulations.baselines.fed_lora import tune_fed_lora
+
+    if settings.lora_pair is not None:
+        lr, epochs = settings.lora_pair
+        return {
+            "mode": "given",
+            "lr": lr,
+            "local_epochs": epochs,
+            "note": "given on the command line (--skip-tuning), not tuned by this run",
+        }
+    grid = f"{len(settings.lrs)} lrs x {len(settings.local_epochs)} local-epochs"
+    log(f"[bench fleet] fed-lora: tuning on validation, {grid}, {settings.tune_rounds} rounds each ...")
+    base = lora_run({**settings.common_run_config(), "rounds": settings.tune_rounds, "eval-samples": 0})
+    picked = tune_fed_lora(base, settings.lrs, settings.local_epochs, runner=fed_lora_runner)
+    lr, epochs = picked["best"]["lr"], picked["best"]["local-epochs"]
+    log(f"  chose lr {lr:g}, {epochs} local epochs (validation accuracy {picked['best']['validation_accuracy']:.4f})")
+    return {
+        "mode": "validation-grid",
+        "lr": lr,
+        "local_epochs": epochs,
+        "lrs_grid": list(settings.lrs),
+        "local_epochs_grid": list(settings.local_epochs),
+        "tune_rounds": settings.tune_rounds,
+        "best": picked["best"],
+        "trials": picked["trials"],
+    }
+
+
+def _run_method(run: Callable[[], dict[str, Any]], run_config: dict[str, Any], log: Callable[[str], None]) -> dict:
+    """One method's figures (a failed Flower run recorded as failed), with its time and run config."""
+    t0 = time.perf_counter()
+    try:
+        figures = run()
+    except RuntimeError as err:  # a Flower run that failed (FlowerRunError) or wrote no summary
+        figures = _failed(err)
+        log(f"  failed: {figures['error'].splitlines()[0]}")
+    figures["bench_s"] = time.perf_counter() - t0
+    figures["run_config"] = run_config
+    if figures["completed"]:
+        log(
+            f"  final accuracy {figures['final_accuracy']:.4f}, virtual {figures['virtual_total_s']:.1f} s, "
+            f"device compute {figures['device_compute_s']:.1f} s (virtual)"
+        )
+    return figures
+
+
+def _side_method(
+    settings: FleetBenchSettings, side_runner: SideRunner, run_config: dict[str, Any], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """A side-tuning method's figures: one run, or the mean over ``side_seeds`` training seeds."""
+    if not settings.side_seeds:
+        return side_tuning_figures(side_runner(run_config))
+    runs = []
+    for seed in settings.side_seeds:
+        log(f"  training seed {seed} ...")
+        runs.append(side_tuning_figures(side_runner({**run_config, "train-seed": seed})))
+        log(f"    final accuracy {_num(runs[-1]['final_accuracy'], '.4f')}")
+    return over_seeds(runs, settings.side_seeds)
 
 
 def _simulate_runner(settings: FleetBenchSettings, quiet: bool) -> SideRunner:
