@@ -95,22 +95,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         _set_time_to(figures, "time_to_target_s", target)
         figures["reached_target"] = figures["time_to_target_s"] is not None
     ada, eight, lora = methods[ADAPTIVE], methods[EIGHT_BIT], methods[FED_LORA]
-
-    def gap(x: float | None, y: float | None) -> float | None:
-        return None if x is None or y is None else x - y
-
-    ratios = {
-        "fed_lora_over_adaptive_time_to_target": ratio(lora["time_to_target_s"], ada["time_to_target_s"]),
-        "8bit_over_adaptive_time_to_target": ratio(eight["time_to_target_s"], ada["time_to_target_s"]),
-        "fed_lora_over_adaptive_device_compute": ratio(lora["device_compute_s"], ada["device_compute_s"]),
-        "fed_lora_over_adaptive_device_compute_measured": ratio(
-            lora["device_compute_measured_s"], ada["device_compute_measured_s"]
-        ),
-        "fed_lora_over_adaptive_bytes_up": ratio(lora["bytes_up"], ada["bytes_up"]),
-        "8bit_over_adaptive_bytes_up": ratio(eight["bytes_up"], ada["bytes_up"]),
-        "adaptive_minus_fed_lora_accuracy": gap(ada["final_accuracy"], lora["final_accuracy"]),
-        "adaptive_minus_8bit_accuracy": gap(ada["final_accuracy"], eight["final_accuracy"]),
-    }
+    ratios = _ratios(ada, eight, lora)
     # Not the issue's target: the accuracy every method reaches (the lowest final accuracy minus the
     # margin), so speed can be compared even when one method's ceiling is below the other's target.
     finals = [f["final_accuracy"] for f in methods.values() if f.get("final_accuracy") is not None]
@@ -124,45 +109,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     ratios["8bit_over_adaptive_time_to_common_target"] = ratio(
         eight["time_to_common_target_s"], ada["time_to_common_target_s"]
     )
-    verdicts: dict[str, dict[str, Any]] = {}
-    no_target = "fed-lora has no final accuracy, so there is no target"
-    for key, slow, bound in (
-        ("adaptive_3x_sooner_than_fed_lora", FED_LORA, a.speedup_vs_fed_lora),
-        ("adaptive_1.5x_sooner_than_8bit", EIGHT_BIT, a.speedup_vs_8bit),
-    ):
-        verdicts[key] = (
-            _verdict(NA, None, f">= {bound:g}x", no_target)
-            if target is None
-            else _speedup_verdict(methods, slow, ADAPTIVE, bound)
-        )
-    both = ada["completed"] and lora["completed"]
-
-    def total_bytes(f: Mapping[str, Any]) -> float | None:
-        """Up + down, delivery included (mobiflower's bytes_down holds its deliveries already)."""
-        if f.get("bytes_up") is None or f.get("bytes_down") is None:
-            return None
-        return f["bytes_up"] + f["bytes_down"] + f.get("bytes_down_delivery", 0)
-
-    ratios["adaptive_over_fed_lora_total_bytes"] = ratio(total_bytes(ada), total_bytes(lora))
+    verdicts = _speed_verdicts(methods, target)
+    ratios["adaptive_over_fed_lora_total_bytes"] = ratio(_total_bytes(ada), _total_bytes(lora))
     ratios["adaptive_over_fed_lora_device_compute"] = ratio(ada["device_compute_s"], lora["device_compute_s"])
-    for key, measured, bound in (
-        (
-            f"adaptive_device_compute_le_{a.max_compute_vs_fed_lora:g}x_fed_lora",
-            ratios["adaptive_over_fed_lora_device_compute"],
-            a.max_compute_vs_fed_lora,
-        ),
-        (
-            f"adaptive_total_bytes_le_{a.max_bytes_vs_fed_lora:g}x_fed_lora",
-            ratios["adaptive_over_fed_lora_total_bytes"],
-            a.max_bytes_vs_fed_lora,
-        ),
-    ):
-        want = f"<= {bound:g} (adaptive / fed-lora)"
-        verdicts[key] = (
-            _verdict(NA, None, want, "a method did not complete or has no figure")
-            if measured is None or not both
-            else _verdict(PASS if measured <= bound + TOLERANCE else FAIL, measured, want)
-        )
+    verdicts.update(_cost_verdicts(ratios, ada["completed"] and lora["completed"]))
     seeds = len(ada.get("seed_runs") or [ada])
     verdicts["adaptive_within_0.5pt_of_fed_lora_accuracy"] = _drop_verdict(
         ratios["adaptive_minus_fed_lora_accuracy"],
@@ -185,6 +135,74 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     )
     verdicts["no_arrived_frame_lost"] = _frames_verdict(methods)
     return {**result, "target_accuracy": target, "ratios": ratios, "verdicts": verdicts}
+
+
+def _ratios(ada: Mapping[str, Any], eight: Mapping[str, Any], lora: Mapping[str, Any]) -> dict[str, float | None]:
+    """Adaptive against the others: time to target, device compute, bytes up, accuracy gaps."""
+
+    def gap(x: float | None, y: float | None) -> float | None:
+        return None if x is None or y is None else x - y
+
+    return {
+        "fed_lora_over_adaptive_time_to_target": ratio(lora["time_to_target_s"], ada["time_to_target_s"]),
+        "8bit_over_adaptive_time_to_target": ratio(eight["time_to_target_s"], ada["time_to_target_s"]),
+        "fed_lora_over_adaptive_device_compute": ratio(lora["device_compute_s"], ada["device_compute_s"]),
+        "fed_lora_over_adaptive_device_compute_measured": ratio(
+            lora["device_compute_measured_s"], ada["device_compute_measured_s"]
+        ),
+        "fed_lora_over_adaptive_bytes_up": ratio(lora["bytes_up"], ada["bytes_up"]),
+        "8bit_over_adaptive_bytes_up": ratio(eight["bytes_up"], ada["bytes_up"]),
+        "adaptive_minus_fed_lora_accuracy": gap(ada["final_accuracy"], lora["final_accuracy"]),
+        "adaptive_minus_8bit_accuracy": gap(ada["final_accuracy"], eight["final_accuracy"]),
+    }
+
+
+def _speed_verdicts(methods: Mapping[str, dict[str, Any]], target: float | None) -> dict[str, dict[str, Any]]:
+    """Does adaptive reach the target this many times sooner than fed-lora and than 8-bit?"""
+    verdicts: dict[str, dict[str, Any]] = {}
+    no_target = "fed-lora has no final accuracy, so there is no target"
+    for key, slow, bound in (
+        ("adaptive_3x_sooner_than_fed_lora", FED_LORA, ACCEPTANCE.speedup_vs_fed_lora),
+        ("adaptive_1.5x_sooner_than_8bit", EIGHT_BIT, ACCEPTANCE.speedup_vs_8bit),
+    ):
+        verdicts[key] = (
+            _verdict(NA, None, f">= {bound:g}x", no_target)
+            if target is None
+            else _speedup_verdict(methods, slow, ADAPTIVE, bound)
+        )
+    return verdicts
+
+
+def _total_bytes(f: Mapping[str, Any]) -> float | None:
+    """Up + down, delivery included (mobiflower's bytes_down holds its deliveries already)."""
+    if f.get("bytes_up") is None or f.get("bytes_down") is None:
+        return None
+    return f["bytes_up"] + f["bytes_down"] + f.get("bytes_down_delivery", 0)
+
+
+def _cost_verdicts(ratios: Mapping[str, float | None], both_completed: bool) -> dict[str, dict[str, Any]]:
+    """Is adaptive's device compute and total traffic at most the bounds' multiples of fed-lora's?"""
+    a = ACCEPTANCE
+    verdicts: dict[str, dict[str, Any]] = {}
+    for key, measured, bound in (
+        (
+            f"adaptive_device_compute_le_{a.max_compute_vs_fed_lora:g}x_fed_lora",
+            ratios["adaptive_over_fed_lora_device_compute"],
+            a.max_compute_vs_fed_lora,
+        ),
+        (
+            f"adaptive_total_bytes_le_{a.max_bytes_vs_fed_lora:g}x_fed_lora",
+            ratios["adaptive_over_fed_lora_total_bytes"],
+            a.max_bytes_vs_fed_lora,
+        ),
+    ):
+        want = f"<= {bound:g} (adaptive / fed-lora)"
+        verdicts[key] = (
+            _verdict(NA, None, want, "a method did not complete or has no figure")
+            if measured is None or not both_completed
+            else _verdict(PASS if measured <= bound + TOLERANCE else FAIL, measured, want)
+        )
+    return verdicts
 
 
 def _frames_verdict(methods: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
@@ -239,34 +257,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'compute s':>10} {'measured s':>10} {'MB up':>8} {'MB down':>8} {'frames acc/ref':>15}",
     ]
     for name, f in result["methods"].items():
-        if not f.get("completed") and f.get("error"):
-            lines.append(f"{name:<20} failed: {f['error'].splitlines()[0]}")
-            continue
-        ttt = "never" if f["time_to_target_s"] is None and target is not None else _num(f["time_to_target_s"], ".1f")
-        frames = (
-            "-"
-            if f.get("frames") is None
-            else f"{f['frames']} ({_num(f.get('frames_accepted'), 'd')}/{_num(f.get('frames_refused'), 'd')})"
-        )
-        common = _num(f.get("time_to_common_target_s"), ".1f")
-        label = name + (" (mean)" if f.get("seed_runs") else "")
-        lines.append(
-            f"{label:<26} {_num(f['final_accuracy'], '.4f'):>9} {ttt:>12} {common:>12} "
-            f"{_num(f['virtual_total_s'], '.1f'):>10} "
-            f"{_num(f['device_compute_s'], '.1f'):>10} {_num(f['device_compute_measured_s'], '.1f'):>10} "
-            f"{_num(f['bytes_up'] and f['bytes_up'] / 1e6, '.2f'):>8} "
-            f"{_num(f['bytes_down'] and f['bytes_down'] / 1e6, '.2f'):>8} {frames:>15}"
-        )
-        for run in f.get("seed_runs", []):
-            ttt = (
-                "never"
-                if run.get("time_to_target_s") is None and target is not None
-                else _num(run.get("time_to_target_s"), ".1f")
-            )
-            lines.append(
-                f"  train-seed {run['train_seed']:<14} {_num(run['final_accuracy'], '.4f'):>9} {ttt:>12} "
-                f"{_num(run.get('time_to_common_target_s'), '.1f'):>12} {_num(run['virtual_total_s'], '.1f'):>10}"
-            )
+        lines += _method_lines(name, f, target)
     lines += [
         "",
         f"to common s: virtual seconds to {_num(result.get('common_target_accuracy'), '.4f')}, the lowest "
@@ -285,7 +276,46 @@ def format_table(result: dict[str, Any]) -> str:
         "",
         "Verdicts",
     ]
-    for key, v in result["verdicts"].items():
+    lines += _verdict_lines(result["verdicts"])
+    return "\n".join(lines)
+
+
+def _method_lines(name: str, f: Mapping[str, Any], target: float | None) -> list[str]:
+    """A method's row of the table (and one per training seed when it is a mean over seeds)."""
+    if not f.get("completed") and f.get("error"):
+        return [f"{name:<20} failed: {f['error'].splitlines()[0]}"]
+    ttt = "never" if f["time_to_target_s"] is None and target is not None else _num(f["time_to_target_s"], ".1f")
+    frames = (
+        "-"
+        if f.get("frames") is None
+        else f"{f['frames']} ({_num(f.get('frames_accepted'), 'd')}/{_num(f.get('frames_refused'), 'd')})"
+    )
+    common = _num(f.get("time_to_common_target_s"), ".1f")
+    label = name + (" (mean)" if f.get("seed_runs") else "")
+    lines = [
+        f"{label:<26} {_num(f['final_accuracy'], '.4f'):>9} {ttt:>12} {common:>12} "
+        f"{_num(f['virtual_total_s'], '.1f'):>10} "
+        f"{_num(f['device_compute_s'], '.1f'):>10} {_num(f['device_compute_measured_s'], '.1f'):>10} "
+        f"{_num(f['bytes_up'] and f['bytes_up'] / 1e6, '.2f'):>8} "
+        f"{_num(f['bytes_down'] and f['bytes_down'] / 1e6, '.2f'):>8} {frames:>15}"
+    ]
+    for run in f.get("seed_runs", []):
+        ttt = (
+            "never"
+            if run.get("time_to_target_s") is None and target is not None
+            else _num(run.get("time_to_target_s"), ".1f")
+        )
+        lines.append(
+            f"  train-seed {run['train_seed']:<14} {_num(run['final_accuracy'], '.4f'):>9} {ttt:>12} "
+            f"{_num(run.get('time_to_common_target_s'), '.1f'):>12} {_num(run['virtual_total_s'], '.1f'):>10}"
+        )
+    return lines
+
+
+def _verdict_lines(verdicts: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Every verdict with what it measured (frame counts spelled out per method)."""
+    lines: list[str] = []
+    for key, v in verdicts.items():
         measured = v["measured"]
         counts = measured if isinstance(measured, dict) else None
         shown = str(sum(c["unaccounted"] for c in counts.values())) if counts is not None else _num(measured, ".3g")
@@ -293,7 +323,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"  {key:<44} {shown:>9}   want {v['want']:<32} {v['verdict']}  [{v['applies_to']}]{reason}")
         for name, c in (counts or {}).items():
             lines.append(f"    {name}: {c['frames']} frames arrived, {c['accepted']} accepted, {c['refused']} refused")
-    return "\n".join(lines)
+    return lines
 
 
 def plot(result: dict[str, Any], path: str) -> Path:
