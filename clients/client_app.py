@@ -140,6 +140,8 @@ def profile(msg: Message, context: Context) -> Message:
         # a device may opt out of the server's activation cache (--node-config 'activation-cache=false'):
         # the server then trains on its frames once and keeps none; it forwards again every round
         "activation-cache": flag(context.node_config.get("activation-cache", True)),
+        # what this device does to the states it sends (its node config can only make it stronger)
+        "state-defense": setup.defense.describe(),
     }
     measurements = {
         "train": len(data.train),

@@ -48,6 +48,7 @@ from mobiflower.platform.data import (
     users_by_size,
 )
 from mobiflower.platform.run_config import typed_fields
+from mobiflower.platform.state_defense import StateDefense, device_defense
 from mobiflower.platform.tasks import Task, TaskConfig
 from mobiflower.platform.user_data import BAD_ROWS, BUNDLED, BUNDLED_RT, Columns, ReadCounts, UserData
 
@@ -190,6 +191,9 @@ class DeviceSetup:
     device_name: str = ""  # node config ``device-id``: how this device is named in the run
     own_data: bool = False  # the node config names this device's own data: no partition, no partition-id
     task_config: TaskConfig = field(default_factory=TaskConfig)  # the run config's task keys
+    # what the device does to the states it sends: the run config's ``state-*`` keys, made stronger by the
+    # node config's (a device that insists on a defense gets it whatever the server asks)
+    defense: StateDefense = field(default_factory=StateDefense)
 
     @classmethod
     def from_configs(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> "DeviceSetup":
@@ -205,12 +209,22 @@ class DeviceSetup:
         # phone with little memory), run fewer blocks or cap its forward's tokens (an empty value leaves the run's)
         own = typed_fields(cls, node_config, keys=NODE_CONFIG_KEYS, only=NODE_CONFIG_FIELDS, error=DeviceSetupError)
         own = {k: v for k, v in own.items() if v != ""}
-        setup = cls(**{**shared, **own}, own_data=own_data, task_config=TaskConfig.from_run_config(run_config))
+        setup = cls(
+            **{**shared, **own},
+            own_data=own_data,
+            task_config=TaskConfig.from_run_config(run_config),
+            defense=device_defense(run_config, node_config),
+        )
         if not own_data and not 0 <= setup.partition_id < setup.num_partitions:
             raise DeviceSetupError(
                 f"partition-id={setup.partition_id} must be in [0, num-partitions={setup.num_partitions})"
             )
         setup._check_data()
+        if setup.defense.window and setup.task.targets == "tokens":
+            raise DeviceSetupError(
+                f"state-window={setup.defense.window} sends the states of a few tokens only, and task "
+                f"{setup.task_config.task!r} scores every token: use state-clip and state-noise for this task"
+            )
         for key, value in (("num-taps", setup.num_taps), ("device-threads", setup.threads)):
             if value < 1:
                 raise DeviceSetupError(f"{key}={value} must be at least 1")
@@ -291,7 +305,9 @@ class DeviceSetup:
         backbone = self.backbone()
         key = (self.model, self.weights, self.num_taps, self.backbone_layers)
         cache, done = _TOKENS.setdefault(key, ({}, set()))
-        config = dataclasses.replace(config or ForwardConfig(), max_tokens=self.max_tokens or None)
+        config = dataclasses.replace(
+            config or ForwardConfig(), max_tokens=self.max_tokens or None, defense=self.defense
+        )
         runtime = DeviceRuntime(backbone, config, device_id=self.device_id, tokens=cache, task=self.task)
         data_key = (self._data_key(), self.task_config)
         if data_key not in done:

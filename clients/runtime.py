@@ -21,6 +21,8 @@ import torch
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import SUPPORTED_BITS, QuantizedTensor, concatenate, default_group_size, quantize
 from mobiflower.platform.frames import TOKEN_POLICIES, Frame, encode_frame
+from mobiflower.platform.state_defense import StateDefense, device_generator, window_mask
+from mobiflower.platform.state_defense import apply as defend
 from mobiflower.platform.process_memory import release_free_heap
 from mobiflower.platform.tasks import ClassificationTask, Encoded, Example, Task, encode_samples
 
@@ -42,6 +44,9 @@ class ForwardConfig:
     # more in int4 (which dequantizes per piece). RESULTS.md has the measured trade-off.
     # Frames are the same, except that `all` sends each piece's padding.
     max_tokens: int | None = 256
+    # what the device does to the states before quantizing them (clipping and noise, a token window):
+    # the device's own setting, never the server's request alone (DeviceSetup.defense)
+    defense: StateDefense = StateDefense()
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -58,6 +63,8 @@ class ForwardConfig:
             raise ValueError(f"max_tokens={self.max_tokens} must be at least 1 (or None for whole batches)")
         if self.targets not in ("task", "none"):
             raise ValueError(f"targets={self.targets!r} must be 'task' or 'none'")
+        if self.defense.window and self.token_policy == "all":
+            raise ValueError("state-window sends some real tokens only: it needs token-policy 'nonpad' (or 'last')")
 
 
 @dataclass
@@ -84,6 +91,22 @@ def select_tokens(
     if policy == "nonpad":
         return hidden[attention_mask.bool()]
     return hidden.reshape(-1, hidden.shape[-1])
+
+
+def row_positions(
+    attention_mask: torch.Tensor, sent: torch.Tensor, positions: torch.Tensor, policy: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row :func:`select_tokens` picks with the mask ``sent`` (``attention_mask`` or a window of
+    it): its position in its sample and its sample's real length, what a defense's kept first and last
+    positions are counted from."""
+    lengths = attention_mask.sum(dim=1)
+    if policy == "last":
+        return positions, lengths
+    grid = torch.arange(attention_mask.shape[1])[None, :].expand_as(attention_mask)
+    per_row = lengths[:, None].expand_as(attention_mask)
+    if policy == "nonpad":
+        return grid[sent.bool()], per_row[sent.bool()]
+    return grid.reshape(-1), per_row.reshape(-1)
 
 
 class DeviceRuntime:
@@ -137,31 +160,14 @@ class DeviceRuntime:
             for start in range(0, len(examples), cfg.batch_size)
             for piece in self._pieces([e.ids for e in encoded[start : start + cfg.batch_size]], cfg.max_tokens)
         ]
+        generator = device_generator() if cfg.defense.noise > 0 else None
         for input_ids, mask in pieces:
-            lengths = mask.sum(dim=1)
-            positions = self.backbone.feature_positions(mask)
-            quantize_s = 0.0
-
-            def on_layer(layer_id: int, hidden: torch.Tensor) -> None:
-                nonlocal quantize_s
-                t = time.perf_counter()
-                rows = select_tokens(hidden, mask, positions, cfg.token_policy)
-                parts[layer_id].append(quantize(rows.float(), cfg.bits, cfg.group_size, cfg.rotation, cfg.seed))
-                quantize_s += time.perf_counter() - t
-
-            t0 = time.perf_counter()
-            self.backbone.forward_taps(input_ids, mask, on_layer, layers=layers)
-            if cfg.max_tokens is not None:
-                # hand the piece's freed activations back: pieces differ in shape, and a heap that
-                # keeps every piece's blocks grows over a frame
-                release_free_heap()
-            stats.forward_s += time.perf_counter() - t0
-            stats.quantize_s += quantize_s
-            seq_lengths += lengths.tolist()
+            sent = self._forward_piece(input_ids, mask, layers, cfg, parts, stats, generator)
+            seq_lengths += mask.sum(dim=1).tolist()
             if cfg.token_policy == "last":
                 token_counts += [1] * len(mask)
             elif cfg.token_policy == "nonpad":
-                token_counts += lengths.tolist()
+                token_counts += sent.sum(dim=1).tolist()
             else:
                 token_counts += [mask.shape[1]] * len(mask)
         if cfg.targets == "task":
@@ -183,6 +189,42 @@ class DeviceRuntime:
         stats.tokens_sent = sum(token_counts)
         stats.frame_bytes = frame.nbytes()
         return frame, stats
+
+    def _forward_piece(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        layers: Sequence[int],
+        cfg: ForwardConfig,
+        parts: dict[int, list[QuantizedTensor]],
+        stats: ForwardStats,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Forward one piece and quantize each tapped layer's sent rows into ``parts`` (after the device's
+        defense: a token window, clipping and noise); returns the mask of the rows sent [B, T]."""
+        positions = self.backbone.feature_positions(mask)
+        sent = window_mask(mask, cfg.defense) if cfg.token_policy == "nonpad" else mask
+        where, lengths = row_positions(mask, sent, positions, cfg.token_policy)
+        quantize_s = 0.0
+
+        def on_layer(layer_id: int, hidden: torch.Tensor) -> None:
+            nonlocal quantize_s
+            t = time.perf_counter()
+            rows = select_tokens(hidden, sent, positions, cfg.token_policy).float()
+            if cfg.defense.clip > 0:
+                rows = defend(rows, cfg.defense, generator, where, lengths)
+            parts[layer_id].append(quantize(rows, cfg.bits, cfg.group_size, cfg.rotation, cfg.seed))
+            quantize_s += time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        self.backbone.forward_taps(input_ids, mask, on_layer, layers=layers)
+        if cfg.max_tokens is not None:
+            # hand the piece's freed activations back: pieces differ in shape, and a heap that
+            # keeps every piece's blocks grows over a frame
+            release_free_heap()
+        stats.forward_s += time.perf_counter() - t0
+        stats.quantize_s += quantize_s
+        return sent
 
     def encode_samples(self, examples: Sequence[Example]) -> list[Encoded]:
         """Each example as the task makes it (:func:`mobiflower.platform.tasks.encode_samples`), from this

@@ -157,6 +157,7 @@ def profile_reply(reply: Message, num_labels: int | None = None) -> m.ProfileRep
         "num-layers": num_layers,
         "norm-eps": _number(desc, "norm-eps", kind, 1e-30, 1.0),
         "activation-cache": _flag(desc, "activation-cache", kind, default=True),
+        "state-defense": _text(desc, "state-defense", kind, 128, default="none"),
     }
     measurements: dict[str, Any] = {
         split: _number(stats, split, kind, 0, MAX_SPLIT_SAMPLES, integer=True)

@@ -130,6 +130,8 @@ class DeviceState:
             # device forward passes per training sample: 1 with the activation cache, the rounds without
             "forward_passes_per_sample": self.samples_forwarded / self.train_samples if self.train_samples else 0.0,
             "activation_cache": bool(self.profile.get("activation-cache", True)),
+            # what the device did to the states it sent (platform/state_defense.py), as it reported it
+            "state_defense": self.profile.get("state-defense", "none"),
             "replies_refused": dict(self.replies_refused),
             **self.metrics,
         }

@@ -254,3 +254,77 @@ def test_bench_privacy_command_end_to_end(real_assets, tiny_llama, tmp_path, cap
     assert result["label_private"][0]["residual"] == 1.0
     assert out.with_suffix(".png").is_file()
     assert "bag of words" in capsys.readouterr().out
+
+
+# ---- the defense on the device: make_frame and a fleet run -------------------------------------------------
+def test_make_frame_sends_what_the_defense_allows(tiny_sets):
+    """The device's own frame under a window and clipping: only the first keep_first and the last window
+    real tokens of each sample, every state but the kept first position clipped to the norm; the bench's
+    derived frame (what `bench privacy` attacks) is the same frame."""
+    backbone, _, _ = tiny_sets
+    examples = [Example(e.id + 1000, e.text, e.label) for e in _texts(24, 2)][:8]
+    defense = StateDefense(clip=0.12, window=3)
+    runtime = DeviceRuntime(backbone, ForwardConfig(token_policy="nonpad", bits=8, defense=defense))
+    frame, stats = runtime.make_frame(examples, layers=[1])
+    undefended = DeviceRuntime(backbone, ForwardConfig(token_policy="nonpad", bits=8)).make_frame(examples, layers=[1])
+    assert float(dequantize(undefended[0].activations[0]).norm(dim=1).median()) > 0.12 * 1.3  # clipping bites
+    assert frame.token_counts == [min(n, 4) for n in frame.seq_lengths] and max(frame.seq_lengths) > 4
+    assert stats.tokens_sent == sum(frame.token_counts)
+    rows = dequantize(frame.activations[0])
+    starts = np.concatenate([[0], np.cumsum(frame.token_counts)[:-1]])
+    later = torch.ones(len(rows), dtype=torch.bool)
+    later[torch.as_tensor(starts)] = False  # position 0 of each sample is sent as it is (keep_first 1)
+    assert float(rows[later].norm(dim=1).max()) <= 0.12 * 1.05
+    assert float(rows[~later].norm(dim=1).min()) > 0.12 * 1.05  # the first states are sent as they are
+    clean = pm.forward_set(DeviceRuntime(backbone, ForwardConfig(token_policy="nonpad")), examples, [1, 3], 64)
+    derived = decode_frame(
+        pm.derive_frame(clean.frames[0], pm.parse_exposure("tail:2:8", 4), defense, torch.Generator()),
+        expected_fingerprint=backbone.fingerprint,
+    )
+    assert derived.token_counts == frame.token_counts and derived.sample_ids == frame.sample_ids
+    a, b = dequantize(derived.activations[0]), rows
+    assert float((a - b).norm() / b.norm()) < 0.02
+
+
+def test_make_frame_noise_is_fresh_on_every_frame(tiny_sets):
+    backbone, _, _ = tiny_sets
+    examples = [Example(e.id + 1000, e.text, e.label) for e in _texts(8, 3)]
+    runtime = DeviceRuntime(
+        backbone, ForwardConfig(token_policy="nonpad", bits=8, defense=StateDefense(clip=0.5, noise=0.5))
+    )
+    first, second = (dequantize(runtime.make_frame(examples, layers=[1])[0].activations[0]) for _ in range(2))
+    assert float((first - second).norm()) > 0.1 * float(first.norm())  # not a seed the server could replay
+
+
+def test_a_device_that_insists_gets_its_defense_whatever_the_server_asks(real_assets, tiny_llama, tmp_path, monkeypatch):
+    """A fleet run whose run config asks for no defense: device 0's node config sets a window and a clip,
+    and every frame device 0 builds obeys them (device 1's do not); the summary names each device's defense."""
+    from inprocess_grid import run_fleet
+
+    from mobiflower.clients import runtime as device_runtime
+
+    built: dict[str, list] = {}
+    make_frame = device_runtime.DeviceRuntime.make_frame
+
+    def recording(self, examples, **kwargs):
+        frame, stats = make_frame(self, examples, **kwargs)
+        built.setdefault(self.device_id, []).append(frame)
+        return frame, stats
+
+    monkeypatch.setattr(device_runtime.DeviceRuntime, "make_frame", recording)
+    run_config = {"model": tiny_llama, "num-taps": 2, "train-samples": 16, "validation-samples": 8}
+    run_config |= {"test-samples": 8, "rounds": 1, "chunk-size": 8, "token-policy": "nonpad"}
+    summary, _ = run_fleet(tmp_path, 2, run_config, node_configs=[{"state-window": 2, "state-clip": 0.1}, {}])
+    assert summary["devices"]["device-0"]["state_defense"] == "clip 0.1, window 2"
+    assert summary["devices"]["device-1"]["state_defense"] == "none"
+    sent = {d: [f for f in frames if f.token_policy == "nonpad"] for d, frames in built.items()}  # not the probe
+    for frame in sent["device-0"]:
+        assert frame.token_counts == [min(n, 3) for n in frame.seq_lengths]
+        rows = dequantize(frame.activations[0])
+        first = torch.as_tensor(np.concatenate([[0], np.cumsum(frame.token_counts)[:-1]]))
+        later = torch.ones(len(rows), dtype=torch.bool).index_fill_(0, first, False)
+        assert float(rows[later].norm(dim=1).max()) <= 0.1 * 1.05  # clipped (position 0 is kept)
+    assert any(max(f.seq_lengths) > 3 for f in sent["device-0"])
+    for frame in sent["device-1"]:
+        assert frame.token_counts == frame.seq_lengths
+        assert float(dequantize(frame.activations[0]).norm(dim=1).median()) > 0.15  # not clipped
