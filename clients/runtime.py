@@ -4,10 +4,11 @@ The device holds its data and a frozen backbone and never builds an autograd gra
 forward runs under ``torch.inference_mode``. Each tapped block's output is reduced to the tokens
 the loss needs and quantized inside the block's forward hook, so the full-width state of a layer
 is dropped as soon as the next block starts, and the forward stops after the last tapped block
-(no final norm, no vocabulary logits). Raw text and token ids never leave: a frame carries
-quantized states, sample ids and the loss targets the task needs (a class id per sample, or for
-causal-LM the next token id of every scored position: those ids are the sample's own text, see
-the README's wire table).
+(no final norm, no vocabulary logits). A frame carries quantized states, sample ids and the loss
+targets the task needs (a class id per sample, or for causal-LM the next token id of every scored
+position: those ids are the sample's own text). No raw text is sent, but a server holding the
+public weights reads much of the text back from the states: docs/privacy.md gives the measured
+figures and the defenses (:mod:`mobiflower.platform.state_defense`) this runtime applies.
 """
 
 from __future__ import annotations

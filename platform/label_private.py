@@ -1,4 +1,4 @@
-"""Label-private side-tuning for classification: labels never leave the device.
+"""Label-private side-tuning for classification: labels stay out of the frames (what residuals reveal, below).
 
 In a label-private run a device's frames carry no targets (``{"kind": "none"}``). To take a
 training step the server runs the side network forward, sends each device the predicted class
