@@ -56,6 +56,14 @@ HELP = {
     "lora-targets": "tail: the modules LoRA wraps, comma-separated (PEFT's `target_modules`)",
     "reduction": "ladder / adapter: the side network's width is the backbone's divided by this",
     "dropout": "ladder / adapter: dropout in the side network",
+    "lr": "the server's learning rate (AdamW): the tail's 1e-3 was picked on validation over 1e-3 / 2e-3 "
+    "(RESULTS.md); ladder / adapter train best near 3e-4",
+    "bits": "bits per value in the frames: 16, 8, 4 or 2 (the tail's 4 cost it no measurable accuracy; "
+    "ladder / adapter default to 8)",
+    "eval-every": "validation every k rounds (0 = only the final test)",
+    "adapt-min-taps": "adaptation never sends fewer tapped layers than this (0 = half of them, rounded up)",
+    "run-dir": 'where checkpoints, the summary and the server\'s side networks go ("" = '
+    "`$MOBIFLOWER_HOME/runs/<run id>`)",
     "weight-decay": "AdamW weight decay of the side network",
     "batch-size": "the server's training minibatch (samples)",
     "cache-mb": "the activation cache's bound in MB",

@@ -1,4 +1,4 @@
-"""The one `mobiflower` command line: every command line README.md and RESULTS.md show parses to the values it
+"""The one `mobiflower` command line: every command line README.md, RESULTS.md and docs/ show parses to the values it
 says, every command's --help works, a wrong flag or value is a clear usage error, and `simulate`'s progress bars
 follow the server's log lines."""
 
@@ -22,10 +22,11 @@ BENCH = ("device", "precision", "pipeline", "modes", "load", "fleet", "hostile")
 
 
 def _documented_lines() -> list[str]:
-    """`mobiflower ...` lines of the README's command block and the commands both documents quote."""
+    """`mobiflower ...` lines of the README's, RESULTS.md's and the guides' command blocks and the commands
+    they quote."""
     lines = set()
-    for name in ("README.md", "RESULTS.md"):
-        text = (ROOT / name).read_text()
+    for path in (ROOT / "README.md", ROOT / "RESULTS.md", *sorted((ROOT / "docs").glob("*.md"))):
+        text = path.read_text()
         lines |= {line.split("  #")[0].strip() for line in text.splitlines() if line.startswith("mobiflower ")}
         lines |= set(re.findall(r"`(mobiflower [^`]+)`", text.replace("\n", " ")))
     out = []
