@@ -1,7 +1,7 @@
 """What the fleet fine-tunes *for*: a task says what a sample becomes on the device, what a frame carries,
 which head ends the side network, the loss, the metrics and what inference returns.
 
-Two tasks (DESIGN.md section 8):
+Two tasks (docs/concepts.md §8; docs/tasks-and-data.md):
 
 * ``classification``: a prompt template with a ``{text}`` slot, any number of named labels; a frame
   carries one class id per sample; the side network ends in a trainable classification head; the loss

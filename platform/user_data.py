@@ -1,7 +1,7 @@
 """A user's own data as the task's samples: a file or folder of JSON Lines, JSON, CSV or Parquet, or a
 bundled set, read with Hugging Face ``datasets`` (local files only, never the hub).
 
-Why a module of its own: data is the user's (DESIGN.md section 8), so what a row becomes is decided
+Why a module of its own: data is the user's (docs/concepts.md §8), so what a row becomes is decided
 here once, for the simulation and for a real device reading its own file alike. Which columns a row
 needs is the task's business: classification reads a text and a label (a name from the task's
 ``labels`` or an integer id); causal-LM reads chat messages, else a prompt and a completion, else a

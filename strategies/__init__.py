@@ -1,4 +1,4 @@
-"""The Flower strategy that schedules a mobiflower fleet (see DESIGN.md section 2)."""
+"""The Flower strategy that schedules a mobiflower fleet (see docs/concepts.md §2)."""
 
 from mobiflower.strategies.config import ConfigError, SideTuningConfig
 from mobiflower.strategies.side_tuning import FleetError, SideTuningStrategy

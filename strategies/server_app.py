@@ -29,7 +29,7 @@ def run_dir_for(config: SideTuningConfig, run_id: int) -> Path:
 def fleet_clock(config: SideTuningConfig):
     """With ``fleet`` in the run config, a factory of that fleet's virtual clock for the profiled
     device ids (an app may load a fleet model from ``simulations/`` when the run config asks for
-    one, DESIGN.md); without it, None: the strategy uses the times it measures."""
+    one, docs/concepts.md §7); without it, None: the strategy uses the times it measures."""
     if not config.fleet:
         return None
     from mobiflower.simulations.fleet import VirtualClock, load_fleet

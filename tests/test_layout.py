@@ -40,7 +40,7 @@ def test_import_directions():
     """Core never imports flwr or simulations; the device never imports the side-tuning trainer or
     simulations (the federated LoRA baseline, whose device trains by design, lives in
     simulations/baselines/)."""
-    flower_speaking = {"messages.py"}  # the message protocol both sides share (DESIGN.md §4)
+    flower_speaking = {"messages.py"}  # the message protocol both sides share (docs/concepts.md §4, §7)
     for path in (ROOT / "platform").rglob("*.py"):
         for name in _imports(path):
             assert not name.startswith("mobiflower.simulations"), f"{path.name} imports {name}"
