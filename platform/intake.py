@@ -25,7 +25,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -148,6 +148,35 @@ def check_targets(cfg: SideNetworkConfig, frame: Frame, vocab_size: int | None, 
             )
 
 
+class SampleOwners(Mapping[int, str]):
+    """Which device's frame brought each sample id: label-private residuals are asked of that device.
+
+    The frame intake records claims; everyone else (the residual requests) only reads it, as a mapping.
+    """
+
+    def __init__(self) -> None:
+        self._owner: dict[int, str] = {}
+
+    def __getitem__(self, sample_id: int) -> str:
+        return self._owner[sample_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._owner)
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def claim(self, device: str, sample_ids: Iterable[int]) -> None:
+        """Record that these samples came from ``device``."""
+        for sample_id in sample_ids:
+            self._owner[int(sample_id)] = device
+
+    def release(self, sample_ids: Iterable[int]) -> None:
+        """Forget these samples' claims (their frame was not kept after all)."""
+        for sample_id in sample_ids:
+            self._owner.pop(int(sample_id), None)
+
+
 class FrameIntake:
     """Decodes and checks frames for a :class:`SideNetworkStore`, and keeps the refusal counts."""
 
@@ -160,11 +189,16 @@ class FrameIntake:
         label_private: bool = False,
         vocab_size: int | None = None,
         sequence_tokens: int = SEQUENCE_TOKENS,
+        uncached: Iterable[str] = (),
+        owners: SampleOwners | None = None,
     ):
-        """``vocab_size``: the frozen LM head's vocabulary (read from the store's network when None)."""
+        """``vocab_size``: the frozen LM head's vocabulary (read from the store's network when None);
+        ``uncached``: devices that opted out of the activation cache (their frames are trained on, never
+        kept); ``owners``: where label-private runs record which device brought each sample (shared
+        with whoever asks the devices for residuals)."""
         self.store = store
         self.label_private = label_private
-        self.owner: dict[int, str] = {}  # sample id -> the device whose frame brought it (label-private residuals)
+        self.owners = owners if owners is not None else SampleOwners()
         self.persist_dir = Path(persist_dir) if persist_dir else None
         self.side_config = side_config
         self.limits = limits
@@ -179,7 +213,7 @@ class FrameIntake:
         self.refused: dict[str, Counter] = defaultdict(Counter)
         self.accepted: Counter = Counter()
         self.accepted_samples: Counter = Counter()
-        self.uncached: set[str] = set()  # devices that opted out of the activation cache: trained on, never kept
+        self.uncached = frozenset(uncached)
 
     def new_pass(self, devices: Iterable[str] | None = None) -> None:
         """Devices send every sample again (no activation cache, or these devices opted out of it):
@@ -291,7 +325,7 @@ class FrameIntake:
         if digest in self.digests:
             raise Refusal("replayed frame", "frame", "these exact bytes were already taken")
         if self.label_private:
-            claimed = {i: self.owner[i] for i in frame.sample_ids if self.owner.get(i, device) != device}
+            claimed = {i: self.owners[i] for i in frame.sample_ids if self.owners.get(i, device) != device}
             if claimed:
                 sample_id, other = next(iter(claimed.items()))
                 raise Refusal(
@@ -312,31 +346,25 @@ class FrameIntake:
     def _train(self, device: str, frame: Frame, blob: object) -> dict[str, float]:
         """Keep and train on an admitted frame; a failure takes back this frame's claims."""
         frame.meta["device_id"] = device  # the sender as the server knows it, not as the frame claims
-        fresh = [int(i) for i in frame.sample_ids if int(i) not in self.owner] if self.label_private else []
+        fresh = [int(i) for i in frame.sample_ids if int(i) not in self.owners] if self.label_private else []
         if self.label_private:
-            self.claim(device, frame.sample_ids)
+            self.owners.claim(device, frame.sample_ids)
         try:
             stats = self.store.ingest(device, frame, keep=device not in self.uncached)
         except Exception:
-            for sample_id in fresh:
-                self.owner.pop(sample_id, None)
+            self.owners.release(fresh)
             raise
         self.accepted_samples[device] += frame.num_samples
         if self.persist_dir is not None and stats.get("cached"):
             self._persist(device, _buffer(blob))
         return stats
 
-    def claim(self, device: str, sample_ids) -> None:
-        """Record which device a frame's samples came from (before training on it asks for residuals)."""
-        for sample_id in sample_ids:
-            self.owner[int(sample_id)] = device
-
     # ---- the activation cache on disk, for resuming -----------------------------------------
     def _persist(self, device: str, blob: bytes | memoryview) -> None:
         """Keep a cached frame's bytes (in arrival order per trainer) so a resumed run gets its cache back."""
         folder = self.persist_dir / self.store.trainer_key(device)
         folder.mkdir(parents=True, exist_ok=True)
-        index = len(self.store.trainer_for(device).cache.frames) - 1
+        index = len(self.store.trainer_for(device).cache) - 1
         tmp = folder / f"{index:07d}.{device}.part"
         tmp.write_bytes(blob)
         tmp.replace(folder / f"{index:07d}.{device}.frame")
@@ -358,8 +386,7 @@ class FrameIntake:
                     f"the checkpoint expects {count} cached frames for {key}, "
                     f"{self.persist_dir / key} holds {len(files)}"
                 )
-            trainer.cache.frames.clear()
-            trainer.cache.nbytes = 0
+            trainer.cache.truncate(0)
             for path in files:
                 device = path.name.split(".")[1]
                 blob = path.read_bytes()
@@ -371,7 +398,7 @@ class FrameIntake:
                 frame.meta["device_id"] = device
                 trainer.cache.add(trainer.decode(frame))
                 if self.label_private:
-                    self.claim(device, frame.sample_ids)
+                    self.owners.claim(device, frame.sample_ids)
                 self.accepted_samples[device] += frame.num_samples
                 self.digests.add(hashlib.sha256(blob).digest())
                 self.seen[device].update(frame.sample_ids)

@@ -146,7 +146,7 @@ class PagedTrainers(Mapping):
         folder = self._folder(key)
         folder.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(folder / "trainer", rng=False)
-        meta = {"frames": len(trainer.cache.frames), "rejected": trainer.cache.rejected}
+        meta = {"frames": len(trainer.cache), "rejected": trainer.cache.rejected}
         old = self._paged_meta.get(key, {})
         if meta != {k: old.get(k) for k in meta} or not (folder / "cache.msgpack").exists():
             trainer.save_cache(folder / "cache.msgpack")  # caches only grow: unchanged counts, unchanged cache
@@ -162,7 +162,7 @@ class PagedTrainers(Mapping):
             for key in self._keys:
                 trainer = self._resident.get(key)
                 if trainer is not None:
-                    out[key] = {"frames": len(trainer.cache.frames), "rejected": trainer.cache.rejected}
+                    out[key] = {"frames": len(trainer.cache), "rejected": trainer.cache.rejected}
                 else:
                     meta = self._paged_meta.get(key, {})
                     out[key] = {"frames": meta.get("frames", 0), "rejected": meta.get("rejected", 0)}

@@ -91,17 +91,15 @@ class SideNetworkStore:
             template = make_net()  # every device starts from the same weights, so FedAvg averages like with like
 
             def build(device: str) -> SideTrainer:
-                trainer = SideTrainer(copy_network(template), train, total_steps=steps([device]))
-                trainer.residuals = residuals
-                return trainer
+                return SideTrainer(copy_network(template), train, total_steps=steps([device]), residuals=residuals)
 
             self.trainers = PagedTrainers(
                 list(self.device_samples), build, budget_bytes=int(config.memory_budget_mb * 2**20), directory=page_dir
             )
             torch.manual_seed(train.seed)  # where building the trainers left the generator before paging existed
         else:
-            self.trainers = {SHARED: SideTrainer(make_net(), train, total_steps=steps(list(self.device_samples)))}
-            self.trainers[SHARED].residuals = residuals
+            shared = SideTrainer(make_net(), train, total_steps=steps(list(self.device_samples)), residuals=residuals)
+            self.trainers = {SHARED: shared}
         if residuals is not None and config.mode == "hybrid":
             raise SideNetworkError(
                 "hybrid mode fine-tunes personal heads on the server, which needs labels: use "
@@ -132,13 +130,11 @@ class SideNetworkStore:
 
         If training on it fails, the frame leaves the cache again: later epochs would fail on it too."""
         trainer = self.trainer_for(device)
-        kept = len(trainer.cache.frames)
+        kept = len(trainer.cache)
         try:
             stats = trainer.ingest(frame, keep=keep)
         except BaseException:
-            for decoded in trainer.cache.frames[kept:]:
-                trainer.cache.nbytes -= decoded.frame.kept_nbytes()
-            del trainer.cache.frames[kept:]
+            trainer.cache.truncate(kept)
             raise
         if isinstance(self.trainers, PagedTrainers):
             self.trainers.settle()  # its cache grew: page others out if the budget no longer holds
@@ -148,7 +144,7 @@ class SideNetworkStore:
         """Each trainer's cached frames and cache refusals (a paged store answers without paging in)."""
         if isinstance(self.trainers, PagedTrainers):
             return self.trainers.cache_counts()
-        return {k: {"frames": len(t.cache.frames), "rejected": t.cache.rejected} for k, t in self.trainers.items()}
+        return {k: {"frames": len(t.cache), "rejected": t.cache.rejected} for k, t in self.trainers.items()}
 
     def paging(self) -> dict[str, float] | None:
         """Per-device mode: the paging figures (budget, peak resident MB, page-ins and -outs)."""
@@ -183,7 +179,7 @@ class SideNetworkStore:
         """
         loss = seconds = samples = 0.0
         for trainer in self.trainers.values():  # one at a time: paged trainers come in and go out in turn
-            if trainer.cache.frames:
+            if len(trainer.cache):
                 stats = trainer.train_epoch()
                 loss += stats["loss"] * stats["samples"]
                 seconds += stats["seconds"]

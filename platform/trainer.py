@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgpack
 import torch
@@ -127,30 +127,66 @@ class DecodedFrame:
 
 class ActivationCache:
     """Frames kept for later epochs, bounded by what keeping them holds: the quantized payload and the
-    header's content (:meth:`Frame.kept_nbytes`), so free-form header content cannot go uncounted."""
+    header's content (:meth:`Frame.kept_nbytes`), so free-form header content cannot go uncounted.
+
+    Changed only through its methods: what it holds and the bytes it counts always agree.
+    """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.frames: list[DecodedFrame] = []
-        self.nbytes = 0
-        self.rejected = 0
+        self._frames: list[DecodedFrame] = []
+        self._nbytes = 0
+        self._rejected = 0
 
     def add(self, decoded: DecodedFrame) -> bool:
+        """Keep a frame if it fits the budget; a frame that does not is counted as rejected."""
         size = decoded.frame.kept_nbytes()
-        if self.nbytes + size > self.max_bytes:
-            self.rejected += 1
+        if self._nbytes + size > self.max_bytes:
+            self._rejected += 1
             return False
-        self.frames.append(decoded)
-        self.nbytes += size
+        self._frames.append(decoded)
+        self._nbytes += size
         return True
+
+    def truncate(self, count: int) -> None:
+        """Keep only the first ``count`` frames (a frame that failed to train leaves again)."""
+        for decoded in self._frames[count:]:
+            self._nbytes -= decoded.frame.kept_nbytes()
+        del self._frames[count:]
+
+    def replace(self, frames: Iterable[DecodedFrame], rejected: int | None = None) -> None:
+        """Hold these frames instead (a checkpoint's or a page's), and, given, its rejected count."""
+        self.truncate(0)
+        for decoded in frames:
+            self.add(decoded)
+        if rejected is not None:
+            self._rejected = int(rejected)
+
+    @property
+    def frames(self) -> tuple[DecodedFrame, ...]:
+        """The kept frames, in arrival order."""
+        return tuple(self._frames)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kept frames count against ``max_bytes``."""
+        return self._nbytes
+
+    @property
+    def rejected(self) -> int:
+        """Frames that did not fit the budget."""
+        return self._rejected
+
+    def __len__(self) -> int:
+        return len(self._frames)
 
     @property
     def num_samples(self) -> int:
-        return sum(len(f) for f in self.frames)
+        return sum(len(f) for f in self._frames)
 
     def resident_bytes(self) -> int:
         """Memory the cache holds: each frame's quantized payload and its dequantized rows."""
-        return sum(f.resident_bytes for f in self.frames)
+        return sum(f.resident_bytes for f in self._frames)
 
 
 def _lr_lambda(total: int, warmup: int, schedule: str):
@@ -185,7 +221,16 @@ def planned_steps(frame_sizes: Sequence[int], batch_size: int, epochs: int, cach
 class SideTrainer:
     """Trains one side network from frames."""
 
-    def __init__(self, net: SideNetwork, config: TrainConfig | None = None, total_steps: int | None = None):
+    def __init__(
+        self,
+        net: SideNetwork,
+        config: TrainConfig | None = None,
+        total_steps: int | None = None,
+        residuals: Callable[[list[int], torch.Tensor], Any] | None = None,
+    ):
+        """``residuals``: label-private runs only, (sample ids, predicted probabilities [n, K]) ->
+        residuals p - onehot(y) from the devices, NaN rows where a device did not answer (see
+        :meth:`_residual_objective`)."""
         self.config = config or TrainConfig()
         self.device = self.config.resolve_device()
         self.net = net.to(self.device)
@@ -208,9 +253,7 @@ class SideTrainer:
         self.history: list[dict[str, Any]] = []
         self.average: dict[str, torch.Tensor] | None = None
         self.averaged = 0
-        # label-private runs: (sample ids, predicted probabilities [n, K]) -> residuals p - onehot(y)
-        # from the devices, NaN rows where a device did not answer (see _residual_objective)
-        self.residuals: Callable[[list[int], torch.Tensor], Any] | None = None
+        self.residuals = residuals
         self.skipped_steps = 0
         self._static_bytes: int | None = None
 
@@ -412,12 +455,8 @@ class SideTrainer:
     def load_cache(self, path: str | Path) -> int:
         """Refill the activation cache from :meth:`save_cache`'s file; returns the frames loaded."""
         saved = msgpack.unpackb(Path(path).read_bytes(), raw=False)
-        self.cache.frames.clear()
-        self.cache.nbytes = 0
-        for blob in saved["frames"]:
-            self.cache.add(self.decode(decode_frame(blob)))
-        self.cache.rejected = int(saved["rejected"])
-        return len(self.cache.frames)
+        self.cache.replace((self.decode(decode_frame(blob)) for blob in saved["frames"]), saved["rejected"])
+        return len(self.cache)
 
     def save_checkpoint(self, directory: str | Path, extra: dict[str, Any] | None = None, rng: bool = True) -> Path:
         """Side network + optimizer + schedule, written to a temp folder and renamed into place.

@@ -12,7 +12,7 @@ import torch
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from mobiflower.platform.intake import FrameIntake, run_limits
+from mobiflower.platform.intake import FrameIntake, SampleOwners, run_limits
 from mobiflower.platform.messages import BackboneChoice
 from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
@@ -21,7 +21,7 @@ from mobiflower.strategies.config import SideTuningConfig
 from mobiflower.strategies.fleet_profile import Fleet
 from mobiflower.strategies.frame_policy import FramePolicy
 from mobiflower.strategies.residuals import ResidualOracle
-from mobiflower.strategies.round_clock import RoundClock
+from mobiflower.strategies.round_clock import FleetClock, RoundClock
 from mobiflower.strategies.run_state import DeviceState, RunState
 
 
@@ -52,6 +52,48 @@ def build_job(config: SideTuningConfig, grid: Grid, run_dir: Path, state: RunSta
     """The side networks, their trainers and the frame intake for a profiled fleet (a fresh run starts from
     an empty activation cache; a resume loads the checkpoint into them afterwards)."""
     cfg = config
+    owners = SampleOwners()  # the intake records who sent each sample; residual requests read it
+    oracle = ResidualOracle(grid, state, fleet.backbones, cfg.request_timeout, owners) if cfg.label_private else None
+    store = _store(cfg, run_dir, state, fleet, oracle)
+    net = store.network_for(next(iter(state.devices.values())).device_id)
+    log(
+        INFO,
+        "%s side network(s), mode %s: %s trainable parameters each, training on %s",
+        cfg.family,
+        cfg.mode,
+        f"{net.num_trainable():,}",
+        next(iter(store.trainers.values())).device,
+    )
+    cache_dir = run_dir / "cache"
+    if not cfg.resume:
+        shutil.rmtree(cache_dir, ignore_errors=True)  # a fresh run starts from an empty cache
+    intake = FrameIntake(
+        store,
+        fleet.side_config,
+        run_limits(fleet.side_config, cfg.chunk_size),
+        persist_dir=cache_dir if cfg.activation_cache else None,
+        label_private=cfg.label_private,
+        uncached=_opt_outs(cfg, state, fleet.fleet_clock),
+        owners=owners,
+    )
+    return Job(
+        cfg,
+        grid,
+        run_dir,
+        state,
+        fleet.side_config,
+        store,
+        intake,
+        RoundClock(fleet.fleet_clock),
+        policy=_policy(cfg, fleet.side_config, state, fleet.fleet_clock) if cfg.adapt else None,
+        backbones=fleet.backbones,
+    )
+
+
+def _store(
+    cfg: SideTuningConfig, run_dir: Path, state: RunState, fleet: Fleet, oracle: ResidualOracle | None
+) -> SideNetworkStore:
+    """The side networks and their trainers (label-private ones ask ``oracle`` for residuals)."""
     train = TrainConfig(
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -67,10 +109,9 @@ def build_job(config: SideTuningConfig, grid: Grid, run_dir: Path, state: RunSta
         torch.manual_seed(cfg.training_seed)  # the side network's initial weights are part of the run's seed
         return build_side_network(fleet.side_config, fleet.frozen, fleet.frozen_by)
 
-    oracle = ResidualOracle(grid, state, fleet.backbones, cfg.request_timeout) if cfg.label_private else None
     pages = run_dir / "pages"
     shutil.rmtree(pages, ignore_errors=True)  # paged trainers of an earlier process; a resume loads the checkpoint
-    store = SideNetworkStore(
+    return SideNetworkStore(
         StoreConfig(
             mode=cfg.mode,
             personal_epochs=cfg.personal_epochs,
@@ -86,77 +127,43 @@ def build_job(config: SideTuningConfig, grid: Grid, run_dir: Path, state: RunSta
         page_dir=pages,
         residuals=oracle,
     )
-    cache_dir = run_dir / "cache"
-    if not cfg.resume:
-        shutil.rmtree(cache_dir, ignore_errors=True)  # a fresh run starts from an empty cache
-    intake = FrameIntake(
-        store,
-        fleet.side_config,
-        run_limits(fleet.side_config, cfg.chunk_size),
-        persist_dir=cache_dir if cfg.activation_cache else None,
-        label_private=cfg.label_private,
-    )
-    if oracle is not None:
-        oracle.owner = intake.owner
-    net = store.network_for(next(iter(state.devices.values())).device_id)
-    log(
-        INFO,
-        "%s side network(s), mode %s: %s trainable parameters each, training on %s",
-        cfg.family,
-        cfg.mode,
-        f"{net.num_trainable():,}",
-        next(iter(store.trainers.values())).device,
-    )
-    job = Job(
-        cfg,
-        grid,
-        run_dir,
-        state,
-        fleet.side_config,
-        store,
-        intake,
-        RoundClock(fleet.fleet_clock),
-        backbones=fleet.backbones,
-    )
-    _opt_outs(job)
-    if cfg.adapt:
-        job.policy = _policy(job)
-    return job
 
 
-def _opt_outs(job: Job) -> None:
-    """Devices outside the activation cache (their own choice, or their tier's): trained on, not kept."""
-    fleet = job.clock.fleet
+def _opt_outs(cfg: SideTuningConfig, state: RunState, fleet: FleetClock | None) -> frozenset[str]:
+    """Devices outside the activation cache (their own choice, or their tier's): trained on, not kept.
+    Each device's profile says whether it is in."""
     uncached = sorted(
         d.device_id
-        for d in job.state.devices.values()
+        for d in state.devices.values()
         if not bool(d.profile.get("activation-cache", True))
         or (fleet is not None and not fleet.profiles[d.device_id].activation_cache)
     )
-    for dev in job.state.devices.values():
+    for dev in state.devices.values():
         dev.profile["activation-cache"] = dev.device_id not in uncached
-    if uncached and job.config.activation_cache:
-        job.intake.uncached = set(uncached)
-        log(
-            INFO,
-            "devices %s opted out of the activation cache: their frames are trained on and not kept, and "
-            "they forward their samples again every round",
-            ", ".join(uncached),
-        )
+    if not (uncached and cfg.activation_cache):
+        return frozenset()
+    log(
+        INFO,
+        "devices %s opted out of the activation cache: their frames are trained on and not kept, and "
+        "they forward their samples again every round",
+        ", ".join(uncached),
+    )
+    return frozenset(uncached)
 
 
-def _policy(job: Job) -> FramePolicy:
+def _policy(
+    cfg: SideTuningConfig, side_config: SideNetworkConfig, state: RunState, fleet: FleetClock | None
+) -> FramePolicy:
     """The bandwidth policy, seeded with each device's profiled forward speed (compute known before any frame)."""
-    cfg, fleet = job.config, job.clock.fleet
     policy = FramePolicy(
-        job.side_config.layers,
+        side_config.layers,
         full_bits=cfg.bits,
         min_bits=cfg.adapt_min_bits,
         min_taps=cfg.adapt_min_taps,
         deadline_s=cfg.deadline_s,
-        layers_of={d.device_id: job.layers(d) for d in job.state.devices.values()},
+        layers_of={d.device_id: side_config.layers_for(d.fingerprint) for d in state.devices.values()},
     )
-    for dev in job.state.devices.values():
+    for dev in state.devices.values():
         rate = float(dev.profile.get("forward-samples-per-s", 0.0))
         if rate > 0:
             per_sample = 1.0 / rate

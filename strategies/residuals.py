@@ -21,12 +21,19 @@ from mobiflower.strategies.run_state import FleetError, RunState
 
 
 class ResidualOracle:
-    """Asks the devices for residuals; ``owner`` maps a sample id to the device that holds it (the
-    frame intake's record, bound once the intake exists)."""
+    """Asks the devices for residuals; ``owners`` maps a sample id to the device that holds it (the
+    frame intake's record, :class:`~mobiflower.platform.intake.SampleOwners`, read here only)."""
 
-    def __init__(self, grid: Grid, state: RunState, backbones: Mapping[int, BackboneChoice], timeout: float):
+    def __init__(
+        self,
+        grid: Grid,
+        state: RunState,
+        backbones: Mapping[int, BackboneChoice],
+        timeout: float,
+        owners: Mapping[int, str],
+    ):
         self.grid, self.state, self.backbones, self.timeout = grid, state, backbones, timeout
-        self.owner: Mapping[int, str] = {}
+        self.owners = owners
 
     def __call__(self, sample_ids: list[int], probs: torch.Tensor) -> torch.Tensor:
         """``p - onehot(y)`` per row. Rows of a device that fails to answer, or answers malformed, stay
@@ -34,7 +41,7 @@ class ResidualOracle:
         by_node: dict[int, list[int]] = {}
         node_of = {d.device_id: n for n, d in self.state.devices.items()}
         for row, sample_id in enumerate(sample_ids):
-            device = self.owner.get(int(sample_id))
+            device = self.owners.get(int(sample_id))
             if device is None or device not in node_of:
                 raise FleetError(f"no device is known to own sample {sample_id}: cannot ask for its residual")
             by_node.setdefault(node_of[device], []).append(row)

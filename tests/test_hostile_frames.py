@@ -323,8 +323,8 @@ def test_a_resumed_intake_refuses_every_frame_accepted_before(device, tmp_path):
     """Cached or not: the digests of every accepted frame travel in the checkpoint."""
     backbone, frame = device
     store, config = _store(backbone)
-    first = FrameIntake(store, config, run_limits(config, 8), persist_dir=tmp_path / "cache")
-    first.uncached = {"device-1"}  # device-1's frames are trained on and never kept
+    # device-1's frames are trained on and never kept
+    first = FrameIntake(store, config, run_limits(config, 8), persist_dir=tmp_path / "cache", uncached={"device-1"})
     blobs = {("device-0", i): encode_frame(frame(range(i, i + 4))) for i in (0, 4)}
     blobs |= {("device-1", i): encode_frame(frame(range(i, i + 4))) for i in (100, 104)}
     for (who, _), blob in blobs.items():
@@ -384,7 +384,7 @@ def test_a_trainer_that_fails_leaves_no_frame_in_the_cache(device, monkeypatch):
     result = intake.offer("device-0", encode_frame(frame(range(4))))
     assert (result.accepted, result.reason, result.field) == (False, "training failed", "frame")
     assert "out of memory (simulated)" in result.message
-    assert trainer.cache.frames == [] and trainer.cache.nbytes == 0 and not intake.digests
+    assert trainer.cache.frames == () and trainer.cache.nbytes == 0 and not intake.digests
     monkeypatch.undo()
     assert intake.offer("device-0", encode_frame(frame(range(4)))).accepted  # the same frame, once training works
 

@@ -480,8 +480,8 @@ def test_hostile_residuals_leave_their_rows_out_and_are_counted(task_identity, a
             RecordDict({m.RESIDUAL_KEY: ArrayRecord({m.RESIDUAL_KEY: Array(np.ascontiguousarray(out))})}), reply_to=msg
         )
 
-    oracle = ResidualOracle(_Grid(reply), state, {}, timeout=10.0)
-    oracle.owner = {10: "device-0", 11: "device-0", 20: "device-1"}
+    owners = {10: "device-0", 11: "device-0", 20: "device-1"}
+    oracle = ResidualOracle(_Grid(reply), state, {}, timeout=10.0, owners=owners)
     probs = torch.softmax(torch.randn(3, 2), -1)
     out = oracle([10, 20, 11], probs)
     assert torch.isnan(out[[0, 2]]).all() and torch.isfinite(out[1]).all()  # the hostile device's rows are out

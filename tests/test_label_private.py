@@ -141,8 +141,7 @@ def test_a_label_private_trainer_learns_what_a_labelled_one_does(tiny_llama):
     labelled.train_epoch()
     labelled.train_epoch()
     torch.manual_seed(7)
-    private = SideTrainer(make(), train, total_steps=9)
-    private.residuals = oracle
+    private = SideTrainer(make(), train, total_steps=9, residuals=oracle)
     private.ingest(frames["none"])
     private.train_epoch()
     private.train_epoch()
@@ -234,4 +233,4 @@ def test_the_intake_refuses_labels_in_a_private_run_and_labelless_frames_in_a_no
         before = store.state_digest()
         result = intake.offer("device-0", encode_frame(frames[sent]))
         assert not result.accepted and result.reason == reason and result.field == "targets"
-        assert store.state_digest() == before and intake.owner == {}
+        assert store.state_digest() == before and intake.owners == {}

@@ -87,6 +87,25 @@ def test_cache_is_bounded():
     assert trainer.cache.num_samples == 64 and trainer.cache.rejected == 1
 
 
+def test_the_cache_changes_only_through_its_methods_and_its_count_follows():
+    """Frames and the bytes they count move together (truncate, replace); outsiders get a read-only view."""
+    trainer = _trainer()
+    cache = trainer.cache
+    decoded = [trainer.decode(_frame(8, i * 8, seed=i)) for i in range(3)]
+    for d in decoded:
+        assert cache.add(d)
+    assert len(cache) == 3 and cache.nbytes == sum(d.frame.kept_nbytes() for d in decoded)
+    cache.truncate(1)
+    assert cache.frames == (decoded[0],) and cache.nbytes == decoded[0].frame.kept_nbytes()
+    cache.replace(decoded[1:], rejected=5)
+    assert cache.frames == tuple(decoded[1:]) and cache.rejected == 5
+    assert cache.nbytes == sum(d.frame.kept_nbytes() for d in decoded[1:])
+    with pytest.raises(AttributeError):
+        cache.nbytes = 0
+    with pytest.raises(AttributeError):
+        cache.frames.append(decoded[0])
+
+
 def test_length_grouping_keeps_every_sample_once_and_cuts_padding():
     import random as _random
 
