@@ -1,0 +1,48 @@
+"""Functions a reader can hold: no function body over 60 lines outside tests (issue 28).
+
+A body is counted from its first statement after the docstring to its last line: the decorators,
+the signature (a Typer command's `Annotated` option declarations included) and the docstring do
+not count. Benchmarks count like everything else. This replaces the old module-size bound, which
+made modules split to fit a line count while nothing bounded a function.
+"""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MAX_BODY_LINES = 60
+FOLDERS = ("platform", "clients", "strategies", "simulations")
+
+
+def body_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines from the first statement after the docstring to the function's last line."""
+    body = fn.body
+    first = body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        body = body[1:]
+    if not body:
+        return 0
+    return fn.end_lineno - body[0].lineno + 1
+
+
+def long_functions(limit: int = MAX_BODY_LINES) -> list[str]:
+    offenders = []
+    for folder in FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and body_lines(node) > limit:
+                    rel = path.relative_to(ROOT)
+                    offenders.append(f"{rel}:{node.lineno} {node.name}: {body_lines(node)} lines")
+    return offenders
+
+
+def test_body_lines_counts_from_the_first_statement_after_the_docstring():
+    source = '@decorator\ndef f(\n    a: int,\n    b: int,\n) -> int:\n    """Doc.\n\n    More doc.\n    """\n    x = a\n    return x + b\n'
+    (fn,) = ast.parse(source).body
+    assert body_lines(fn) == 2
+
+
+def test_no_function_body_over_60_lines():
+    offenders = long_functions()
+    assert offenders == [], "split these functions (tests aside, no body over 60 lines):\n" + "\n".join(offenders)
