@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mobiflower.clients.inference import AdapterHooks
-from mobiflower.platform.checkpoint import find_blocks, load_checkpoint
+from mobiflower.platform.hf_model import find_blocks, load_hf_model
 from mobiflower.platform.precision import normalize_precision, precision_from_fingerprint
 from mobiflower.platform.prepared_weights import ensure_prepared, is_prepared_folder, load_prepared_backbone
 from mobiflower.platform.pretrained_tail import read_peft_adapter
@@ -60,7 +60,7 @@ def load_generation_model(ref: str, weights: str | None = None, weights_dir: str
     float32 (``weights`` None) or from the prepared copy at ``weights`` (built once if missing; ``ref``
     may be a prepared folder itself), frozen."""
     if weights is None and not is_prepared_folder(ref):
-        model, tokenizer = load_checkpoint(ref, torch.float32)
+        model, tokenizer = load_hf_model(ref, torch.float32)
     else:
         folder = Path(ref).expanduser() if is_prepared_folder(ref) else ensure_prepared(ref, weights, weights_dir)
         precision = None if weights is None else normalize_precision(weights)

@@ -153,24 +153,12 @@ def assets_ready() -> bool:
     return (bundled_model_dir() / _MARKER).is_file() and corpus_path().is_file()
 
 
-def resolve_model(ref: str, materialize: bool = True) -> str:
-    """Map a model reference to what transformers loads: the bundled alias, a shipped shape
-    (:mod:`mobiflower.platform.shapes`: its random-weight checkpoint, built once unless
-    ``materialize`` is False), a folder, or a hub id."""
-    from mobiflower.platform.shapes import SHAPES, materialize_shape, shape_dir
-
-    if ref in SHAPES:
-        return str(
-            materialize_shape(ref, log=lambda m: print(m, file=sys.stderr, flush=True))
-            if materialize
-            else shape_dir(ref)
-        )
-    if ref == BUNDLED_MODEL:
-        path = bundled_model_dir()
-        if not (path / _MARKER).is_file():
-            raise AssetError(f"the bundled model is not prepared at {path}: run `mobiflower assets` first.")
-        return str(path)
-    return ref
+def resolve_bundled_model() -> Path:
+    """The bundled model's folder; :class:`AssetError` if ``mobiflower assets`` has not prepared it."""
+    path = bundled_model_dir()
+    if not (path / _MARKER).is_file():
+        raise AssetError(f"the bundled model is not prepared at {path}: run `mobiflower assets` first.")
+    return path
 
 
 def resolve_corpus() -> Path:

@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from mobiflower.platform.checkpoint import BackboneError, find_blocks, load_checkpoint, weights_digest
 from mobiflower.platform.device_forward import load_prepared_tokenizer
+from mobiflower.platform.hf_model import BackboneError, find_blocks, load_hf_model, weights_digest
 from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE, PRECISION_DTYPE_NAMES, normalize_precision
 from mobiflower.platform.prepared_weights import is_prepared_folder, load_backbone_weights
 from mobiflower.platform.process_memory import release_free_heap
@@ -227,7 +227,7 @@ class Backbone:
                 keep_layers=keep_layers,
                 tokenizer_loader=lambda: load_prepared_tokenizer(folder, forward),
             )
-        model, tokenizer = load_checkpoint(ref, dtype)
+        model, tokenizer = load_hf_model(ref, dtype)
         return cls(
             model, tokenizer, layers=layers, num_taps=num_taps, max_length=max_length, name=ref, keep_layers=keep_layers
         )

@@ -24,10 +24,10 @@ inside the functions, so importing this module is cheap. No Flower here.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import warnings
 from typing import Sequence
 
+from mobiflower.platform.hf_quiet import quiet_transformers
 from mobiflower.platform.tasks import (
     BUNDLED_TASK,
     Encoded,
@@ -52,15 +52,6 @@ _LORA_TARGETS = {
     "gpt2": ("c_attn",),
     "bert": ("query", "value"),
 }
-
-
-def quiet_transformers() -> None:
-    """No download bars and no 'newly initialized weights' notices (the head is meant to be new)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def load_tokenizer(path: str):
@@ -173,7 +164,7 @@ def _load_for_task(path: str, task: Task, tokenizer):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from mobiflower.platform.checkpoint import DECODER_TYPES
+    from mobiflower.platform.hf_model import DECODER_TYPES
 
     if task.name == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(

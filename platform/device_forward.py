@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mobiflower.platform.checkpoint import BackboneError
+from mobiflower.platform.hf_model import BackboneError
 from mobiflower.platform.lean_llama import LeanTokenizer, build_lean_model, lean_problem, read_config, tokenizer_problem
 
 FORWARD_IMPLEMENTATIONS = ("auto", "lean", "transformers")

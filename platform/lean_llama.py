@@ -11,7 +11,7 @@ family (Llama, SmolLM2, ...) it can use this small re-statement of the same comp
 The module tree and the parameter names are transformers' (``model.layers.3.self_attn.q_proj``,
 ``model.norm``, ``lm_head``, ...), so the prepared ``model.safetensors`` (quantized layers
 included) loads into it unchanged, forward hooks on ``model.layers[i]`` tap the same tensors,
-and :func:`mobiflower.platform.checkpoint.weights_digest` sees the same state. The arithmetic follows
+and :func:`mobiflower.platform.hf_model.weights_digest` sees the same state. The arithmetic follows
 ``transformers.models.llama.modeling_llama`` (5.x) step by step (float32 RMSNorm, rotary tables in
 float32 cast to the activation dtype, ``repeat_kv`` + SDPA with a boolean mask when there is
 padding, ``is_causal`` when there is none); ``tests/test_lean_llama.py`` checks the tapped states

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from mobiflower.platform.checkpoint import BackboneError
+from mobiflower.platform.hf_model import BackboneError
 
 WEIGHT_PRECISIONS = ("fp32", "bf16", "int8", "int4")
 """Backbone weight precisions a device can run; :func:`precision_support` says which run well here."""

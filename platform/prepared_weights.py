@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mobiflower.platform.assets import BUNDLED_MODEL, home, resolve_model
+from mobiflower.platform.assets import BUNDLED_MODEL, home
 from mobiflower.platform.atomic import atomic_directory, exclusive_lock, remove_partial
-from mobiflower.platform.checkpoint import DECODER_TYPES, BackboneError, load_checkpoint, weights_digest
 from mobiflower.platform.device_forward import build_empty_model, forward_implementation, load_prepared_tokenizer
 from mobiflower.platform.file_rows import read_rows_from_file
+from mobiflower.platform.hf_model import DECODER_TYPES, BackboneError, load_hf_model, resolve_model, weights_digest
 from mobiflower.platform.precision import (
     DEFAULT_INT4_GROUP_SIZE,
     PRECISION_DTYPE_NAMES,
@@ -183,7 +183,7 @@ def prepare_quantized_backbone(
     start = time.perf_counter()
     log(f"[weights] preparing a {precision} copy of {ref} at {out} (once)...")
     path = _source_path(ref)
-    model, tokenizer = load_checkpoint(ref, torch.float32)
+    model, tokenizer = load_hf_model(ref, torch.float32)
     model.eval().requires_grad_(False)
     quantize_backbone_weights(model, precision, group_size)
     digest = weights_digest(model)

@@ -126,7 +126,7 @@ def resolve_cut(ref: str, cut: int = 0) -> int:
         return cut
     from transformers import AutoConfig
 
-    from mobiflower.platform.assets import resolve_model
+    from mobiflower.platform.hf_model import resolve_model
 
     return default_cut(int(AutoConfig.from_pretrained(resolve_model(ref)).num_hidden_layers))
 
@@ -136,9 +136,9 @@ def load_tail_weights(ref: str, cut: int = 0, lm_head: bool = False) -> PublicTa
     blocks ``cut ..`` (0: :func:`default_cut`), the final norm (and with ``lm_head`` the LM head), the
     backbone config and the weights' fingerprint."""
     from mobiflower.platform.backbone import BackboneIdentity
-    from mobiflower.platform.checkpoint import load_checkpoint, weights_digest
+    from mobiflower.platform.hf_model import load_hf_model, weights_digest
 
-    model, _ = load_checkpoint(ref, torch.float32)
+    model, _ = load_hf_model(ref, torch.float32)
     config = json.loads(json.dumps(model.config.to_dict(), default=str))  # as it reads back from any JSON
     total = int(config["num_hidden_layers"])
     cut = cut or default_cut(total)

@@ -6,7 +6,7 @@ models on CPU-only devices. So the project ships the published ``config.json`` o
 (:data:`SHAPES`) and builds a checkpoint of that exact shape with seeded random weights, once,
 under ``$MOBIFLOWER_HOME/shapes/<name>/``: a plain transformers folder (``config.json``,
 ``model.safetensors`` in the dtype the hub ships, the tokenizer). From there everything runs
-through the code path of any local folder or hub id (:func:`mobiflower.platform.assets.resolve_model`
+through the code path of any local folder or hub id (:func:`mobiflower.platform.hf_model.resolve_model`
 maps the name to the folder): prepared copies at every precision, the device, the baselines, the
 server. A user with hub access passes the real id (``ModelShape.hub_id``) instead and gets the
 same code path with real weights.
@@ -78,7 +78,7 @@ class ModelShape:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from mobiflower.platform.classifier import quiet_transformers
+        from mobiflower.platform.hf_quiet import quiet_transformers
 
         quiet_transformers()
         with torch.device("meta"):

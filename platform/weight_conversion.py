@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mobiflower.platform.checkpoint import find_blocks
+from mobiflower.platform.hf_model import find_blocks
 from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE, WeightPrecisionError, normalize_precision
 from mobiflower.platform.quantized_layers import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
 

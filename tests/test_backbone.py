@@ -54,7 +54,7 @@ def test_fingerprint_is_stable_and_tells_models_apart(tiny_models):
     assert a.fingerprint.startswith("llama-d64-L4-float32-")
     with torch.no_grad():
         b.model.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
-    from mobiflower.platform.checkpoint import weights_digest
+    from mobiflower.platform.hf_model import weights_digest
 
     assert weights_digest(b.model) != a.identity.digest
 

@@ -158,8 +158,8 @@ def test_a_shape_name_goes_wherever_a_model_name_goes(tiny_models, tmp_path, mon
     fingerprint follow; a device holding only its prepared copy never rebuilds the source."""
     from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
     from mobiflower.platform import shapes
-    from mobiflower.platform.assets import resolve_model
     from mobiflower.platform.data import Example
+    from mobiflower.platform.hf_model import resolve_model
     from mobiflower.platform.prepared_weights import manifest_problem, prepared_dir
 
     monkeypatch.setenv("MOBIFLOWER_HOME", str(tmp_path / "home"))

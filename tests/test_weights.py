@@ -11,9 +11,9 @@ import torch
 
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone, BackboneError
-from mobiflower.platform.checkpoint import weights_digest
 from mobiflower.platform.data import Example
 from mobiflower.platform.frames import decode_frame
+from mobiflower.platform.hf_model import weights_digest
 from mobiflower.platform.precision import (
     WEIGHT_PRECISIONS,
     WeightPrecisionError,

@@ -61,7 +61,7 @@ def _request(msg: Message, context: Context) -> tuple[DeviceSetup, ConfigRecord,
         raise ValueError(f"a fed-LoRA request needs the adapters in an ArrayRecord named '{ARRAYS_KEY}'")
     cfg = msg.content[CONFIG_KEY] if CONFIG_KEY in msg.content else ConfigRecord()
     torch.set_num_threads(max(1, setup.threads))
-    from mobiflower.platform.assets import resolve_model
+    from mobiflower.platform.hf_model import resolve_model
 
     model, tokenizer = lora_model(
         resolve_model(setup.model), LoraShape.from_config(cfg), int(cfg.get("seed", setup.seed)), setup.task

@@ -33,7 +33,7 @@ def run_dir_for(config: FedLoraConfig, run_id: int) -> Path:
 
 def initial_arrays(model: str, config: FedLoraConfig, task: Task = BUNDLED_TASK) -> tuple[ArrayRecord, int]:
     """The global adapters (+ head) before round 1, and the trainable parameter count."""
-    from mobiflower.platform.assets import resolve_model
+    from mobiflower.platform.hf_model import resolve_model
     from mobiflower.simulations.baselines.lora_model import LoraShape, lora_model, trainable_state
 
     shape = LoraShape.from_config(config.device_config())

@@ -267,7 +267,7 @@ def run_baseline(config: BaselineConfig, progress: bool = True, splits=None) -> 
 
     import torch
 
-    from mobiflower.platform.assets import resolve_model
+    from mobiflower.platform.hf_model import resolve_model
     from mobiflower.platform.data import task_samples
 
     if config.threads:

@@ -88,7 +88,7 @@ def _import_device_code(spec: dict) -> str:
     if spec.get("precision") is None:  # the checkpoint through transformers, as before
         import transformers  # noqa: F401
 
-        from mobiflower.platform.assets import resolve_model
+        from mobiflower.platform.hf_model import resolve_model
 
         _import_model_code(resolve_model(spec["model"]), spec["method"])
         return "transformers"
@@ -192,8 +192,8 @@ def _import_method_code(spec: dict, extra: dict) -> str | None:
         return None
     import transformers  # noqa: F401  (part of the runtime every method pays for)
 
-    from mobiflower.platform.assets import resolve_model
-    from mobiflower.platform.classifier import quiet_transformers
+    from mobiflower.platform.hf_model import resolve_model
+    from mobiflower.platform.hf_quiet import quiet_transformers
 
     quiet_transformers()
     path = resolve_model(spec["model"])
@@ -253,8 +253,8 @@ def _load_inference(spec: dict, path: str) -> _Loaded:
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from mobiflower.platform.checkpoint import DECODER_TYPES
     from mobiflower.platform.classifier import collate, encode, encode_examples, load_tokenizer
+    from mobiflower.platform.hf_model import DECODER_TYPES
     from mobiflower.platform.process_memory import current_rss_mb
 
     task, max_length = _task(spec), int(spec.get("max_length") or MAX_LENGTH)
@@ -395,7 +395,7 @@ def _import_model_code(path: str, method: str, causal_lm: bool = False) -> None:
     """Import the architecture's modeling module (transformers imports it lazily on first load)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from mobiflower.platform.checkpoint import DECODER_TYPES
+    from mobiflower.platform.hf_model import DECODER_TYPES
 
     config = AutoConfig.from_pretrained(path)
     if method in ("lora_step", "full_step") and not causal_lm:

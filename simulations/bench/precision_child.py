@@ -232,9 +232,8 @@ def _import_runtime_code(ref: str, precision: str, weights_dir: str | None, grou
         return forward
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
 
-    from mobiflower.platform.assets import resolve_model
-    from mobiflower.platform.checkpoint import DECODER_TYPES
-    from mobiflower.simulations.baselines.on_device import quiet_transformers
+    from mobiflower.platform.hf_model import DECODER_TYPES, resolve_model
+    from mobiflower.platform.hf_quiet import quiet_transformers
 
     quiet_transformers()
     try:

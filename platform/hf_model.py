@@ -1,4 +1,5 @@
-"""A transformers checkpoint as the backbone sees it: load it, find its block list, digest its weights.
+"""A Hugging Face model as the backbone sees it: resolve its reference, load its pretrained weights, find
+its block list, digest its weights.
 
 Why a module of its own: both the backbone (:mod:`mobiflower.platform.backbone`) and the weight
 conversion and prepared copies beneath it (:mod:`mobiflower.platform.weight_conversion`,
@@ -10,13 +11,30 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 
 import torch
 from torch import nn
 
-from mobiflower.platform.assets import resolve_model
+from mobiflower.platform.assets import BUNDLED_MODEL, resolve_bundled_model
+from mobiflower.platform.shapes import SHAPES, materialize_shape, shape_dir
 
 DECODER_TYPES = ("llama", "opt", "gpt2", "qwen2", "qwen3", "mistral", "gemma", "phi3", "smollm3")
+
+
+def resolve_model(ref: str, materialize: bool = True) -> str:
+    """Map a model reference to what transformers loads: the bundled alias, a shipped shape
+    (:mod:`mobiflower.platform.shapes`: its random-weight checkpoint, built once unless
+    ``materialize`` is False), a folder, or a hub id."""
+    if ref in SHAPES:
+        return str(
+            materialize_shape(ref, log=lambda m: print(m, file=sys.stderr, flush=True))
+            if materialize
+            else shape_dir(ref)
+        )
+    if ref == BUNDLED_MODEL:
+        return str(resolve_bundled_model())
+    return ref
 
 
 class BackboneError(ValueError):
@@ -82,7 +100,7 @@ def weights_digest(model: nn.Module, sample: int = 65536) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(ref: str, dtype: torch.dtype = torch.float32):
+def load_hf_model(ref: str, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` of ``ref`` through transformers: a causal LM for decoders, else the base model."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
