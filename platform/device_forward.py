@@ -16,13 +16,56 @@ import torch
 from torch import nn
 
 from mobiflower.platform.hf_model import BackboneError
-from mobiflower.platform.lean_llama import LeanTokenizer, build_lean_model, lean_problem, read_config, tokenizer_problem
+from mobiflower.platform.lean_llama import (
+    LeanConfig,
+    LeanLlamaForCausalLM,
+    LeanTokenizer,
+    llama_problem,
+    read_config,
+    tokenizer_problem,
+)
 
 FORWARD_IMPLEMENTATIONS = ("auto", "lean", "transformers")
 """How a prepared copy is run: ``lean`` (:mod:`mobiflower.platform.lean_llama` for the llama family,
 :mod:`mobiflower.platform.lean_opt` for OPT, no transformers import), ``transformers``, or ``auto``
 (lean where it applies, else transformers). The environment variable ``MOBIFLOWER_DEVICE_FORWARD``
 sets the default."""
+
+LEAN_MODEL_TYPES = ("llama", "opt")
+"""Families with a lean forward: :mod:`mobiflower.platform.lean_llama`, :mod:`mobiflower.platform.lean_opt`."""
+
+
+def lean_problem(config: dict) -> str | None:
+    """Why this ``config.json`` cannot run on the lean forward (None when it can)."""
+    model_type = config.get("model_type")
+    if model_type not in LEAN_MODEL_TYPES:
+        return f"model type {model_type!r} (lean forward: {', '.join(LEAN_MODEL_TYPES)})"
+    if model_type == "opt":
+        from mobiflower.platform.lean_opt import opt_problem
+
+        return opt_problem(config)
+    return llama_problem(config)
+
+
+def build_lean_model(config: dict | LeanConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The lean module tree of the config's family (:class:`~mobiflower.platform.lean_llama.LeanLlamaForCausalLM`,
+    or :class:`~mobiflower.platform.lean_opt.LeanOPTForCausalLM`), uninitialised (build it under
+    ``torch.device('meta')`` to allocate nothing before the weights are assigned, or load a state
+    dict into it)."""
+    config = config if isinstance(config, LeanConfig) else LeanConfig(config)
+    problem = lean_problem(vars(config))
+    if problem is not None:
+        raise ValueError(f"the lean forward cannot run this model: {problem}")
+    if config.model_type == "opt":
+        from mobiflower.platform.lean_opt import LeanOPTForCausalLM
+
+        model: nn.Module = LeanOPTForCausalLM(config)
+    else:
+        model = LeanLlamaForCausalLM(config)
+    for param in model.parameters():
+        if param.dtype != dtype and not param.is_meta:  # (meta parameters are replaced by the checkpoint's)
+            param.data = param.data.to(dtype)
+    return model
 
 
 def forward_implementation(folder: str | Path, implementation: str | None = None) -> str:

@@ -21,10 +21,11 @@ residual adds, the norms' scaling and the rotary sums are done in place (the sam
 sums, bit for bit), so a layer holds fewer full-size temporaries.
 
 OPT has its own lean forward (:mod:`mobiflower.platform.lean_opt`, built from the same pieces;
-:func:`lean_problem` and :func:`build_lean_model` dispatch on ``model_type``). Anything else
-(another family, a rope scaling, an activation other than SiLU, a tokenizer whose transformers class
-adds tokens of its own) is refused by :func:`lean_problem` / :func:`tokenizer_problem`, and the
-caller falls back to transformers.
+:func:`mobiflower.platform.device_forward.lean_problem` and
+:func:`~mobiflower.platform.device_forward.build_lean_model` dispatch on ``model_type``). A llama
+config the lean forward cannot run (a rope scaling, an activation other than SiLU ...) is named by
+:func:`llama_problem`, a tokenizer whose transformers class adds tokens of its own by
+:func:`tokenizer_problem`, and the caller falls back to transformers.
 """
 
 from __future__ import annotations
@@ -37,9 +38,6 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-LEAN_MODEL_TYPES = ("llama", "opt")
-"""Families with a lean forward: llama here, OPT in :mod:`mobiflower.platform.lean_opt`."""
 
 
 class LeanConfig(SimpleNamespace):
@@ -65,15 +63,8 @@ def _rope_parameters(config: dict) -> dict:
     return params
 
 
-def lean_problem(config: dict) -> str | None:
-    """Why this ``config.json`` cannot run on the lean forward (None when it can)."""
-    model_type = config.get("model_type")
-    if model_type not in LEAN_MODEL_TYPES:
-        return f"model type {model_type!r} (lean forward: {', '.join(LEAN_MODEL_TYPES)})"
-    if model_type == "opt":
-        from mobiflower.platform.lean_opt import opt_problem
-
-        return opt_problem(config)
+def llama_problem(config: dict) -> str | None:
+    """Why this llama ``config.json`` cannot run on the lean llama forward (None when it can)."""
     if config.get("hidden_act", "silu") != "silu":
         return f"activation {config.get('hidden_act')!r}"
     rope = _rope_parameters(config)
@@ -303,27 +294,6 @@ def read_config(folder: str | Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
 
 
-def build_lean_model(config: dict | LeanConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The lean module tree of the config's family (:class:`LeanLlamaForCausalLM`, or
-    :class:`~mobiflower.platform.lean_opt.LeanOPTForCausalLM`), uninitialised (build it under
-    ``torch.device('meta')`` to allocate nothing before the weights are assigned, or load a state
-    dict into it)."""
-    config = config if isinstance(config, LeanConfig) else LeanConfig(config)
-    problem = lean_problem(vars(config))
-    if problem is not None:
-        raise ValueError(f"the lean forward cannot run this model: {problem}")
-    if config.model_type == "opt":
-        from mobiflower.platform.lean_opt import LeanOPTForCausalLM
-
-        model: nn.Module = LeanOPTForCausalLM(config)
-    else:
-        model = LeanLlamaForCausalLM(config)
-    for param in model.parameters():
-        if param.dtype != dtype and not param.is_meta:  # (meta parameters are replaced by the checkpoint's)
-            param.data = param.data.to(dtype)
-    return model
-
-
 # ------------------------------------------------------------------------------------------
 # tokenizer
 
@@ -444,13 +414,11 @@ class LeanTokenizer:
 
 
 __all__ = [
-    "LEAN_MODEL_TYPES",
     "LeanConfig",
     "LeanLlamaModel",
     "LeanLlamaForCausalLM",
     "LeanTokenizer",
-    "build_lean_model",
-    "lean_problem",
+    "llama_problem",
     "read_config",
     "tokenizer_problem",
 ]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mobiflower.platform.backbone import Backbone, BackboneError
-from mobiflower.platform.device_forward import forward_implementation
-from mobiflower.platform.lean_llama import LeanLlamaForCausalLM, LeanTokenizer, lean_problem, tokenizer_problem
+from mobiflower.platform.device_forward import forward_implementation, lean_problem
+from mobiflower.platform.lean_llama import LeanLlamaForCausalLM, LeanTokenizer, tokenizer_problem
 from mobiflower.platform.prepared_weights import ensure_prepared, load_prepared_backbone
 from mobiflower.platform.quantized_layers import Int4Linear, Int8Linear
 
