@@ -43,12 +43,11 @@ from mobiflower.platform.codec import dequantize, quantize
 from mobiflower.platform.frames import IGNORE_INDEX
 from mobiflower.platform.precision import precision_from_fingerprint
 from mobiflower.platform.pretrained_tail import is_peft_adapter, lora_deltas, read_peft_adapter, stock_state, tail_cut
+from mobiflower.platform.side_factory import build_side_network, load_side_network
 from mobiflower.platform.side_networks import (
     SideNetwork,
     SideNetworkConfig,
     SideNetworkError,
-    build_side_network,
-    load_side_network,
     make_side_batch,
     read_side_network_config,
 )

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from mobiflower.platform.side_networks import SideNetwork, SideNetworkConfig, build_side_network, update_digest
+from mobiflower.platform.side_factory import build_side_network
+from mobiflower.platform.side_networks import SideNetwork, SideNetworkConfig, update_digest
 
 PROFILE = "query.profile"
 FORWARD = "train.forward"

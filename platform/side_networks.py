@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 FAMILIES = ("ladder", "adapter", "tail")
@@ -416,22 +416,6 @@ def update_digest(h, tensors: dict[str, torch.Tensor]) -> None:
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 
 
-def build_side_network(
-    config: SideNetworkConfig,
-    frozen: dict[str, torch.Tensor] | None = None,
-    frozen_by_backbone: dict[str, dict[str, torch.Tensor]] | None = None,
-) -> SideNetwork:
-    """A fresh side network of ``config.family``; ``frozen`` holds the backbone's final norm / LM head
-    (``frozen_by_backbone``: a further backbone's own, by fingerprint; default ``frozen``)."""
-    frozen = frozen or {}
-    if config.family == "tail":  # frozen: the public weights of blocks cut.. and the final norm
-        from mobiflower.platform.pretrained_tail import PretrainedTailNetwork
-
-        return PretrainedTailNetwork(config, frozen)  # type: ignore[return-value]
-    cls = LadderSideNetwork if config.family == "ladder" else ParallelAdapterSideNetwork
-    return cls(config, frozen, frozen_by_backbone)
-
-
 def side_network_loss(logits: torch.Tensor, batch: SideBatch) -> torch.Tensor:
     """The task's loss (:func:`mobiflower.platform.tasks.task_loss`) of a network's output on ``batch``."""
     if batch.targets is None:
@@ -463,21 +447,6 @@ def read_side_network_config(path: str | Path) -> SideNetworkConfig:
     if "mobiflower_side_network" not in meta:
         raise SideNetworkError(f"{path} has no side-network config: was it written by save_side_network?")
     return SideNetworkConfig.from_json(meta["mobiflower_side_network"])
-
-
-def load_side_network(
-    path: str | Path, frozen: dict[str, torch.Tensor] | None = None, fingerprint: str | None = None
-) -> SideNetwork:
-    """Rebuild a saved side network; ``fingerprint`` (the device's backbone) must match when given."""
-    config = read_side_network_config(path)
-    if fingerprint is not None and not config.serves(fingerprint):
-        raise SideNetworkError(
-            f"side network {path} was trained on backbone {config.fingerprint}, "
-            f"but this device runs {fingerprint}: use a side network trained for this backbone"
-        )
-    net = build_side_network(config, frozen, {fingerprint: frozen or {}} if fingerprint else None)
-    net.load_state_dict(load_file(str(path)))
-    return net.eval()
 
 
 def count_parameters(net: nn.Module) -> int:

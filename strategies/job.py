@@ -14,7 +14,8 @@ from flwr.serverapp import Grid
 
 from mobiflower.platform.intake import FrameIntake, SampleOwners, run_limits
 from mobiflower.platform.messages import BackboneChoice
-from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
+from mobiflower.platform.side_factory import build_side_network
+from mobiflower.platform.side_networks import SideNetworkConfig
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.trainer import TrainConfig
 from mobiflower.strategies.config import SideTuningConfig

@@ -19,7 +19,8 @@ from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.frames import IGNORE_INDEX, encode_frame
 from mobiflower.platform.intake import FrameIntake, run_limits
 from mobiflower.platform.pretrained_tail import load_tail_weights
-from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
+from mobiflower.platform.side_factory import build_side_network
+from mobiflower.platform.side_networks import SideNetworkConfig
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.tasks import CausalLMTask, Example, TaskConfig, TaskError, combine_metrics
 from mobiflower.platform.trainer import SideTrainer, TrainConfig, evaluate_network

@@ -118,7 +118,8 @@ def test_a_heterogeneous_fleet_trains_one_side_network_on_two_backbones(real_ass
     # the delivered network carries the small backbone's own projections, and they were trained
     from safetensors.torch import load_file
 
-    from mobiflower.platform.side_networks import build_side_network, read_side_network_config
+    from mobiflower.platform.side_factory import build_side_network
+    from mobiflower.platform.side_networks import read_side_network_config
 
     path = next((tmp_path / "sim").rglob("side_networks/device-2.safetensors"))
     trained = load_file(str(path))

@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from mobiflower.platform.side_networks import SideBatch, SideNetworkConfig, SideNetworkError, build_side_network
+from mobiflower.platform.side_factory import build_side_network
+from mobiflower.platform.side_networks import SideBatch, SideNetworkConfig, SideNetworkError
 from mobiflower.strategies.config import ConfigError, SideTuningConfig
 from mobiflower.strategies.frame_policy import FrameChoice, FramePolicy
 

@@ -17,7 +17,8 @@ from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.frames import IGNORE_INDEX
 from mobiflower.platform.pretrained_tail import load_tail_weights, save_peft_adapter
-from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
+from mobiflower.platform.side_factory import build_side_network
+from mobiflower.platform.side_networks import SideNetworkConfig
 from mobiflower.platform.tasks import CausalLMTask, Example, scored_targets
 from mobiflower.platform.trainer import SideTrainer, TrainConfig
 from mobiflower.simulations.cli import main

@@ -27,7 +27,8 @@ from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.data import Example
 from mobiflower.platform.frames import HEADER_FIELDS, FrameLimits, encode_frame
 from mobiflower.platform.intake import FrameIntake, run_limits
-from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
+from mobiflower.platform.side_factory import build_side_network
+from mobiflower.platform.side_networks import SideNetworkConfig
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.tasks import CausalLMTask, ClassificationTask
 from mobiflower.platform.trainer import TrainConfig

@@ -497,7 +497,8 @@ def test_frames_kept_for_evaluation_pass_the_intakes_checks(task_identity, tiny_
     from mobiflower.platform.backbone import Backbone
     from mobiflower.platform.data import Example
     from mobiflower.platform.intake import FrameIntake, run_limits
-    from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
+    from mobiflower.platform.side_factory import build_side_network
+    from mobiflower.platform.side_networks import SideNetworkConfig
     from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
     from mobiflower.platform.trainer import TrainConfig
     from mobiflower.strategies.config import SideTuningConfig

@@ -17,7 +17,8 @@ from mobiflower.platform.codec import quantize
 from mobiflower.platform.data import Example
 from mobiflower.platform.frames import FrameLimits, encode_frame
 from mobiflower.platform.intake import FrameIntake
-from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
+from mobiflower.platform.side_factory import build_side_network
+from mobiflower.platform.side_networks import SideNetworkConfig
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.trainer import TrainConfig
 

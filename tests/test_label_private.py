@@ -92,7 +92,8 @@ def _frames_and_net(tiny_llama):
     from mobiflower.platform.backbone import Backbone
     from mobiflower.platform.data import Example
     from mobiflower.platform.frames import decode_frame
-    from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
+    from mobiflower.platform.side_factory import build_side_network
+    from mobiflower.platform.side_networks import SideNetworkConfig
 
     backbone = Backbone.load(tiny_llama, num_taps=2)
     examples = [

@@ -16,7 +16,8 @@ from mobiflower.platform.pretrained_tail import (
     read_peft_adapter,
     save_peft_adapter,
 )
-from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, build_side_network
+from mobiflower.platform.side_factory import build_side_network
+from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError
 from mobiflower.platform.tasks import BUNDLED_TASK
 from mobiflower.platform.trainer import SideTrainer, TrainConfig
 

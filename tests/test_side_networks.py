@@ -3,11 +3,10 @@
 import pytest
 import torch
 
+from mobiflower.platform.side_factory import build_side_network, load_side_network
 from mobiflower.platform.side_networks import (
     SideNetworkConfig,
     SideNetworkError,
-    build_side_network,
-    load_side_network,
     make_side_batch,
     save_side_network,
     side_network_loss,

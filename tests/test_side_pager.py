@@ -13,7 +13,8 @@ from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.data import Example
 from mobiflower.platform.frames import decode_frame
-from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, build_side_network, update_digest
+from mobiflower.platform.side_factory import build_side_network
+from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, update_digest
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.trainer import TrainConfig
 

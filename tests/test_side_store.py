@@ -11,7 +11,8 @@ from mobiflower.platform import messages as m
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.data import Example, Splits
 from mobiflower.platform.frames import decode_frame
-from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, build_side_network
+from mobiflower.platform.side_factory import build_side_network
+from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.trainer import TrainConfig
 from mobiflower.strategies.config import ConfigError, SideTuningConfig

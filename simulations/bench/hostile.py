@@ -29,7 +29,8 @@ import torch
 from mobiflower.platform.codec import quantize
 from mobiflower.platform.frames import Frame, FrameError, FrameLimits, decode_frame, encode_frame
 from mobiflower.platform.intake import SEQUENCE_TOKENS, FrameIntake, run_limits
-from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
+from mobiflower.platform.side_factory import build_side_network
+from mobiflower.platform.side_networks import SideNetworkConfig
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.trainer import TrainConfig
 

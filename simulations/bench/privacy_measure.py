@@ -352,7 +352,8 @@ def side_network(prep: Prepared, exposure: Exposure, settings: PrivacyBenchSetti
     """A fresh side network of ``exposure``'s family, as ``mobiflower local`` builds it (the tail loads
     the public blocks above the cut, cached in ``tails`` by cut), and its training settings."""
     from mobiflower.platform.pretrained_tail import load_tail_weights
-    from mobiflower.platform.side_networks import SideNetworkConfig, build_side_network
+    from mobiflower.platform.side_factory import build_side_network
+    from mobiflower.platform.side_networks import SideNetworkConfig
     from mobiflower.strategies.config import FAMILY_SETTINGS
 
     bb = prep.backbone
