@@ -13,16 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from mobiflower.simulations.bench.fleet import (
+from mobiflower.simulations.bench.fleet import FleetBenchSettings, fed_lora_virtual_timeline, run_fleet_bench
+from mobiflower.simulations.bench.fleet_report import (
     ADAPTIVE,
     EIGHT_BIT,
     FED_LORA,
-    FleetBenchSettings,
-    fed_lora_virtual_timeline,
-    run_fleet_bench,
+    format_table,
+    summarize,
     time_to_target,
 )
-from mobiflower.simulations.bench.fleet_report import format_table, summarize
 from mobiflower.simulations.fleet import DeviceProfile
 
 FAST = DeviceProfile("fast", uplink_mbps=8.0, downlink_mbps=80.0, latency_ms=0.0, speed=1.0)

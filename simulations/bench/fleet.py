@@ -33,12 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from mobiflower.simulations.bench.common import fmt as _num
+from mobiflower.simulations.bench.fleet_report import ACCEPTANCE, ADAPTIVE, EIGHT_BIT, FED_LORA, METHODS, summarize
 from mobiflower.simulations.fleet import DeviceProfile, load_fleet
-
-FED_LORA, EIGHT_BIT, ADAPTIVE = "fed-lora", "mobiflower-8bit", "mobiflower-adaptive"
-METHODS = (ADAPTIVE, EIGHT_BIT, FED_LORA)  # table and plot order
-PASS, FAIL, NA = "PASS", "FAIL", "n/a"
-TOLERANCE = 1e-9  # float slack for "at least" comparisons of accuracies and ratios
 
 EVALUATION_NOTE = (
     "virtual time and device compute count training only (forwards / local training and the "
@@ -48,22 +44,6 @@ EVALUATION_NOTE = (
 
 SideRunner = Callable[[dict[str, Any]], dict[str, Any]]
 """Runs one side-tuning job from its run config; returns the run summary (``run_simulate``'s)."""
-
-
-@dataclass(frozen=True)
-class Acceptance:
-    """The issue's acceptance bounds, in one place."""
-
-    target_margin: float = 0.01  # target = fed-LoRA final accuracy minus this
-    max_accuracy_drop_vs_fed_lora: float = 0.005  # adaptive's final accuracy (mean over seeds) at most this below
-    max_compute_vs_fed_lora: float = 0.2  # adaptive's device compute at most this fraction of fed-LoRA's
-    max_bytes_vs_fed_lora: float = 0.5  # ... and its bytes up + down
-    speedup_vs_fed_lora: float = 3.0  # adaptive reaches the target at least this many times sooner
-    speedup_vs_8bit: float = 1.5
-    max_accuracy_drop_vs_8bit: float = 0.01  # adaptive's final accuracy at most this much below 8-bit's
-
-
-ACCEPTANCE = Acceptance()
 
 
 @dataclass
@@ -266,17 +246,6 @@ def fed_lora_virtual_timeline(summary: Mapping[str, Any], profiles: Mapping[str,
     return {"curve": curve, "total_s": now, "device_compute_s": compute, "rounds": rounds}
 
 
-def time_to_target(curve: Sequence[Mapping[str, Any]], target: float | None) -> float | None:
-    """Virtual seconds of the first curve point at or above ``target``; None if none is (or no target)."""
-    if target is None:
-        return None
-    for point in curve:
-        accuracy = point.get("accuracy")
-        if accuracy is not None and accuracy >= target - TOLERANCE:
-            return float(point["virtual_s"])
-    return None
-
-
 # ------------------------------------------------------------------------------------------
 # one method's figures from its run summary
 
@@ -455,8 +424,6 @@ def run_fleet_bench(
     lr, epochs = tuning["lr"], tuning["local_epochs"]
     configs[FED_LORA] = settings.fed_lora_run_config(lr, epochs)
     run_method(FED_LORA, lambda: fed_lora_figures(fed_lora_runner(lora_run(configs[FED_LORA])), profiles))
-    from mobiflower.simulations.bench.fleet_report import summarize
-
     return summarize(
         {
             "benchmark": "fleet",

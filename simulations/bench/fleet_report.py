@@ -5,22 +5,44 @@ the figure."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from mobiflower.simulations.bench.common import fmt as _num
 from mobiflower.simulations.bench.common import ratio, save_figure
-from mobiflower.simulations.bench.fleet import (
-    ACCEPTANCE,
-    ADAPTIVE,
-    EIGHT_BIT,
-    FAIL,
-    FED_LORA,
-    NA,
-    PASS,
-    TOLERANCE,
-    time_to_target,
-)
+
+FED_LORA, EIGHT_BIT, ADAPTIVE = "fed-lora", "mobiflower-8bit", "mobiflower-adaptive"
+METHODS = (ADAPTIVE, EIGHT_BIT, FED_LORA)  # table and plot order
+PASS, FAIL, NA = "PASS", "FAIL", "n/a"
+TOLERANCE = 1e-9  # float slack for "at least" comparisons of accuracies and ratios
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """The issue's acceptance bounds, in one place."""
+
+    target_margin: float = 0.01  # target = fed-LoRA final accuracy minus this
+    max_accuracy_drop_vs_fed_lora: float = 0.005  # adaptive's final accuracy (mean over seeds) at most this below
+    max_compute_vs_fed_lora: float = 0.2  # adaptive's device compute at most this fraction of fed-LoRA's
+    max_bytes_vs_fed_lora: float = 0.5  # ... and its bytes up + down
+    speedup_vs_fed_lora: float = 3.0  # adaptive reaches the target at least this many times sooner
+    speedup_vs_8bit: float = 1.5
+    max_accuracy_drop_vs_8bit: float = 0.01  # adaptive's final accuracy at most this much below 8-bit's
+
+
+ACCEPTANCE = Acceptance()
+
+
+def time_to_target(curve: Sequence[Mapping[str, Any]], target: float | None) -> float | None:
+    """Virtual seconds of the first curve point at or above ``target``; None if none is (or no target)."""
+    if target is None:
+        return None
+    for point in curve:
+        accuracy = point.get("accuracy")
+        if accuracy is not None and accuracy >= target - TOLERANCE:
+            return float(point["virtual_s"])
+    return None
 
 
 def _verdict(verdict: str, measured: Any, want: str, reason: str = "", applies_to: str = "") -> dict[str, Any]:
