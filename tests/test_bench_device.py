@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from mobiflower.simulations.bench.device import ACCEPTANCE, METHODS, WIRE_BITS, WIRE_POLICIES
 from mobiflower.simulations.bench.device_report import format_table
+from mobiflower.simulations.bench.device_spec import ACCEPTANCE, METHODS, WIRE_BITS, WIRE_POLICIES
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -110,7 +110,7 @@ def test_causal_lm_mode_measures_every_method_at_the_sequence_length(tmp_path, r
     ratio reported, the acceptance as booleans, the table and the figure written."""
     from mobiflower.platform.tiny import make_tiny_model
     from mobiflower.simulations.bench.device import run_device_bench
-    from mobiflower.simulations.bench.device_lm import CAUSAL_LM_ACCEPTANCE, CAUSAL_LM_METHODS, CAUSAL_LM_REPORTED
+    from mobiflower.simulations.bench.device_spec import CAUSAL_LM_ACCEPTANCE, CAUSAL_LM_METHODS, CAUSAL_LM_REPORTED
 
     model = make_tiny_model("llama", tmp_path / "llama", hidden=64, layers=2)
     out = tmp_path / "out" / "bench_lm.json"

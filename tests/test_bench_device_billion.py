@@ -33,7 +33,7 @@ def billion(tmp_path_factory, real_assets):
 
 
 def test_billion_mode_measures_each_precision_and_configuration(billion):
-    from mobiflower.simulations.bench.device import BILLION_ACCEPTANCE
+    from mobiflower.simulations.bench.device_spec import BILLION_ACCEPTANCE
 
     result, out, printed = billion
     assert list(result["methods"]) == [
@@ -132,13 +132,14 @@ def test_a_process_over_the_cap_is_reported_out_of_memory_not_crashed():
 
 def test_full_step_out_of_memory_at_20gb_passes_the_full_memory_lines():
     """Issue 16: "<= 0.3x a full fine-tuning step (or full fine-tuning out of memory under a 20 GB cap)"."""
-    from mobiflower.simulations.bench.device import BILLION_ACCEPTANCE, _acceptance
+    from mobiflower.simulations.bench.device_spec import BILLION_ACCEPTANCE, judge_acceptance
 
     over = {"device_vs_full_rss": 0.35, "tail_vs_full_rss": 0.2}
     assert (
-        _acceptance({**over, "full_step_oom_under_20gb": False}, BILLION_ACCEPTANCE)["device_rss_le_0.3x_full"] is False
+        judge_acceptance({**over, "full_step_oom_under_20gb": False}, BILLION_ACCEPTANCE)["device_rss_le_0.3x_full"]
+        is False
     )
-    verdict = _acceptance({**over, "full_step_oom_under_20gb": True}, BILLION_ACCEPTANCE)
+    verdict = judge_acceptance({**over, "full_step_oom_under_20gb": True}, BILLION_ACCEPTANCE)
     assert verdict["device_rss_le_0.3x_full"] is True and verdict["tail_rss_le_0.3x_full"] is True
     from mobiflower.simulations.bench.common import acceptance_lines
 

@@ -52,57 +52,23 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mobiflower.simulations.bench.common import bench_logger, ratio, write_outputs
+from mobiflower.simulations.bench.device_report import plot_result
 from mobiflower.simulations.bench.device_runner import MethodRunner, machine_info
-
-TASKS = ("classification", "causal-lm")
-METHODS = ("mobiflower_device", "tail_device", "inference_forward", "lora_step", "full_step")
-DEVICE_KINDS = ("mobiflower_device", "tail_device")
-TRAINING_METHODS = ("lora_step", "full_step")
-TAIL_CUT = 0  # the pretrained tail's default cut: half the blocks (strategies.config.SideTuningConfig.tail_cut)
-WIRE_BITS = (16, 8, 4, 2)
-WIRE_POLICIES = ("all", "nonpad", "last")
-ACCEPTANCE = {
-    # name: (ratio key, comparison, threshold)
-    "device_rss_le_1.15x_inference": ("device_vs_inference_rss", "<=", 1.15),
-    "device_rss_le_0.25x_full": ("device_vs_full_rss", "<=", 0.25),
-    "device_rss_le_0.5x_lora": ("device_vs_lora_rss", "<=", 0.5),
-    "device_s_le_1.2x_inference": ("device_vs_inference_s", "<=", 1.2),
-    "lora_s_ge_2.5x_device": ("lora_vs_device_s", ">=", 2.5),
-    "fp32_all_ge_100x_4bit_last": ("fp32_all_vs_4bit_last_bytes", ">=", 100.0),
-    "tail_rss_le_1.0x_inference": ("tail_vs_inference_rss", "<=", 1.0),
-    "tail_s_le_0.7x_inference": ("tail_vs_inference_s", "<=", 0.7),
-}
-BILLION_ACCEPTANCE = {
-    # issue 16, on a billion-sized backbone: the fp32 device against the on-device methods, the
-    # low-precision devices' whole-process peak, and the device's memory across training configurations;
-    # a fourth entry names a flag that also passes the line (full fine-tuning out of memory under 20 GB)
-    "device_rss_le_1.1x_inference": ("device_vs_inference_rss", "<=", 1.1),
-    "device_rss_le_0.3x_full": ("device_vs_full_rss", "<=", 0.3, "full_step_oom_under_20gb"),
-    "device_s_le_0.4x_lora": ("device_vs_lora_s", "<=", 0.4),
-    "tail_rss_le_1.1x_inference": ("tail_vs_inference_rss", "<=", 1.1),
-    "tail_rss_le_0.3x_full": ("tail_vs_full_rss", "<=", 0.3, "full_step_oom_under_20gb"),
-    "tail_s_le_0.4x_lora": ("tail_vs_lora_s", "<=", 0.4),
-    "int4_device_peak_le_1.3GB": ("int4_device_peak_rss_gb", "<=", 1.3),
-    "int4_device_rss_le_0.2x_lora": ("int4_device_vs_lora_rss", "<=", 0.2),
-    "int8_device_peak_le_2.0GB": ("int8_device_peak_rss_gb", "<=", 2.0),
-    "device_rss_spread_le_10pct": ("device_rss_spread", "<=", 0.10),
-    "tail_rss_spread_le_10pct": ("tail_rss_spread", "<=", 0.10),
-}
-REPORTED_RATIOS = (
-    "device_vs_lora_rss",
-    "tail_vs_lora_rss",
-    "device_vs_inference_s",
-    "tail_vs_inference_s",
-    "int4_tail_peak_rss_gb",
-    "int8_tail_peak_rss_gb",
-    "lora_rss_spread",
-    "full_rss_spread",
+from mobiflower.simulations.bench.device_spec import (
+    ACCEPTANCE,
+    BILLION_ACCEPTANCE,
+    CAUSAL_LM_DEFAULTS,
+    DEVICE_KINDS,
+    LORA_SETTINGS,
+    LR,
+    MAX_LENGTH,
+    TAIL_CUT,
+    TASKS,
+    TRAINING_METHODS,
+    bench_samples,
+    judge_acceptance,
+    random_weights,
 )
-"""Issue 16's figures printed beside the verdicts: LoRA's memory against the device's, and how far
-LoRA's and full fine-tuning's peaks move across the training configurations."""
-LORA_SETTINGS = {"r": 8, "alpha": 16, "dropout": 0.05}
-LR = {"lora_step": 5e-4, "full_step": 2e-5}
-MAX_LENGTH = 256  # tokens: Backbone's and the baselines' truncation
 
 
 @dataclass(frozen=True)
@@ -163,8 +129,7 @@ def bench_settings(
     from mobiflower.platform.shapes import is_shape
 
     if task == "causal-lm":
-        from mobiflower.simulations.bench.device_lm import CAUSAL_LM_DEFAULTS as lm
-
+        lm = CAUSAL_LM_DEFAULTS
         big = False
         batches = lm["batches"] if batches is None else batches
         batch_size = lm["batch_size"] if batch_size is None else batch_size
@@ -183,30 +148,6 @@ def bench_settings(
 def device_method(kind: str, precision: str | None) -> str:
     """The method's name: ``mobiflower_device`` (the checkpoint as loaded) or ``mobiflower_device_int4``."""
     return kind if precision is None else f"{kind}_{precision}"
-
-
-def bench_samples(batches: int, batch_size: int, seed: int = 0, seq_len: int = 0) -> list:
-    """The first ``batches * batch_size`` training samples (of at least the default 2000 drawn).
-
-    ``seq_len`` > 0 lengthens each text with the snippets after it until it has at least that many
-    words (so at least that many tokens: truncated to exactly ``seq_len`` where it is read).
-    """
-    from mobiflower.platform.data import Example, task_samples
-
-    n = batches * batch_size
-    train = task_samples(max(2000, n), 2, 2, seed).train
-    if len(train) < n:
-        raise ValueError(f"only {len(train)} training samples exist, the bench needs {n}")
-    if not seq_len:
-        return train[:n]
-    samples = []
-    for i, e in enumerate(train[:n]):
-        words, j = e.text.split(), i + 1
-        while len(words) < seq_len:
-            words += train[j % len(train)].text.split()
-            j += 1
-        samples.append(Example(e.id, " ".join(words), e.label))
-    return samples
 
 
 # ------------------------------------------------------------------------------------------
@@ -286,8 +227,6 @@ def run_device_bench(
             )
     _judge(result, extra, billion=bool(weights) or bool(configs), cap_mb=cap_mb)
 
-    from mobiflower.simulations.bench.device_report import plot_result
-
     write_outputs(result, out, plot, plot_result, log)
     return result
 
@@ -304,7 +243,7 @@ def _bench_config(args: dict, precisions: list, configs: list, cap_mb: float) ->
         "train_configs": [asdict(c) for c in configs],
         "memory_cap_mb": cap_mb,
         "max_length": MAX_LENGTH,
-        "random_weights": _random_weights(args["model"]),
+        "random_weights": random_weights(args["model"]),
     }
 
 
@@ -378,16 +317,10 @@ def _judge(result: dict, extra: dict, billion: bool, cap_mb: float) -> None:
     if billion:
         result["ratios"].update(_billion_ratios(result, cap_mb))
     result["acceptance_set"] = "billion" if billion else "default"
-    result["acceptance"] = _acceptance(result["ratios"], BILLION_ACCEPTANCE if billion else ACCEPTANCE)
+    result["acceptance"] = judge_acceptance(result["ratios"], BILLION_ACCEPTANCE if billion else ACCEPTANCE)
     result["machine"] = machine_info(extra.get("machine", {}))
     if "backbone" in extra:
         result["backbone"] = extra["backbone"]
-
-
-def _random_weights(model: str) -> bool:
-    from mobiflower.platform.shapes import is_shape
-
-    return is_shape(model)
 
 
 def _config_specs(common: dict, config: TrainingConfig, samples: list, max_length: int) -> dict:
@@ -512,28 +445,4 @@ def _billion_ratios(result: dict, cap_mb: float) -> dict:
     return out
 
 
-def _acceptance(ratios: dict, acceptance: dict | None = None) -> dict:
-    verdict = {}
-    for name, (key, op, threshold, *alternative) in (acceptance or ACCEPTANCE).items():
-        value = ratios.get(key)
-        if alternative and ratios.get(alternative[0]):
-            verdict[name] = True
-            continue
-        verdict[name] = None if value is None else bool(value <= threshold if op == "<=" else value >= threshold)
-    return verdict
-
-
-__all__ = [
-    "run_device_bench",
-    "bench_samples",
-    "bench_settings",
-    "device_method",
-    "TrainingConfig",
-    "METHODS",
-    "DEVICE_KINDS",
-    "ACCEPTANCE",
-    "BILLION_ACCEPTANCE",
-    "BILLION_DEFAULTS",
-    "WIRE_BITS",
-    "WIRE_POLICIES",
-]
+__all__ = ["run_device_bench", "bench_settings", "device_method", "TrainingConfig", "BILLION_DEFAULTS"]

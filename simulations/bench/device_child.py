@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mobiflower.platform.tasks import BUNDLED_TASK
-from mobiflower.simulations.bench.device import (
+from mobiflower.simulations.bench.device_spec import (
     DEVICE_KINDS,
     LORA_SETTINGS,
     LR,

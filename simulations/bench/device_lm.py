@@ -34,36 +34,20 @@ from pathlib import Path
 from typing import Any
 
 from mobiflower.simulations.bench.common import bench_logger, ratio, write_outputs
-from mobiflower.simulations.bench.device import (
+from mobiflower.simulations.bench.device_report import plot_result
+from mobiflower.simulations.bench.device_runner import MethodRunner, machine_info
+from mobiflower.simulations.bench.device_spec import (
+    CAUSAL_LM_ACCEPTANCE,
+    CAUSAL_LM_BITS,
+    CAUSAL_LM_DEFAULTS,
+    CAUSAL_LM_METHODS,
     LORA_SETTINGS,
     LR,
     TAIL_CUT,
-    _acceptance,
-    _random_weights,
     bench_samples,
+    judge_acceptance,
+    random_weights,
 )
-from mobiflower.simulations.bench.device_runner import MethodRunner, machine_info
-
-CAUSAL_LM_METHODS = ("tail_device", "inference_forward", "lora_step", "full_step")
-CAUSAL_LM_DEFAULTS: dict[str, int] = {"batches": 5, "batch_size": 4, "seq_len": 256}
-"""5 batches of 4 samples (one warm-up, 16 timed) of 256 tokens: the same batch size for every method."""
-CAUSAL_LM_BITS = 4  # the tail's frames (strategies.config.FAMILY_DEFAULTS["tail"]["bits"])
-CAUSAL_LM_ACCEPTANCE = {
-    # issue 25: the causal-LM run's device against running the model
-    "tail_rss_le_1.0x_inference": ("tail_vs_inference_rss", "<=", 1.0),
-    "tail_s_le_0.7x_inference": ("tail_vs_inference_s", "<=", 0.7),
-}
-CAUSAL_LM_REPORTED = (
-    "tail_vs_inference_cpu_s",
-    "lora_vs_tail_s",
-    "lora_vs_tail_cpu_s",
-    "full_vs_tail_s",
-    "lora_vs_tail_rss",
-    "full_vs_tail_rss",
-    "lora_vs_inference_rss",
-    "full_vs_inference_rss",
-)
-"""Figures printed beside the verdicts (no bound): on-device training against the tail device."""
 
 
 def run_causal_lm_bench(
@@ -112,10 +96,8 @@ def run_causal_lm_bench(
             m["cpu_s_per_sample"] = m["s_per_sample"] * m["cpu_share"] * machine.get("threads", 1)
     result["ratios"] = causal_lm_ratios(result["methods"])
     result["acceptance_set"] = "causal-lm"
-    result["acceptance"] = _acceptance(result["ratios"], CAUSAL_LM_ACCEPTANCE)
+    result["acceptance"] = judge_acceptance(result["ratios"], CAUSAL_LM_ACCEPTANCE)
     result["machine"] = machine_info(machine)
-
-    from mobiflower.simulations.bench.device_report import plot_result
 
     write_outputs(result, out, plot, plot_result, log)
     return result
@@ -153,7 +135,7 @@ def _config(model, batches, batch_size, seq_len, seed, threads, tail_cut, cap_mb
         "lora": dict(LORA_SETTINGS),
         "lr": dict(LR),
         "memory_cap_mb": cap_mb,
-        "random_weights": _random_weights(model),
+        "random_weights": random_weights(model),
     }
 
 
@@ -182,12 +164,4 @@ def causal_lm_ratios(methods: dict) -> dict:
     }
 
 
-__all__ = [
-    "run_causal_lm_bench",
-    "causal_lm_ratios",
-    "CAUSAL_LM_METHODS",
-    "CAUSAL_LM_DEFAULTS",
-    "CAUSAL_LM_ACCEPTANCE",
-    "CAUSAL_LM_REPORTED",
-    "CAUSAL_LM_BITS",
-]
+__all__ = ["run_causal_lm_bench", "causal_lm_ratios"]

@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 
 from mobiflower.simulations.bench.common import acceptance_lines, fmt, save_figure
-from mobiflower.simulations.bench.device import (
+from mobiflower.simulations.bench.device_spec import (
     ACCEPTANCE,
     BILLION_ACCEPTANCE,
+    CAUSAL_LM_ACCEPTANCE,
+    CAUSAL_LM_REPORTED,
     DEVICE_KINDS,
     REPORTED_RATIOS,
     WIRE_BITS,
@@ -78,8 +80,6 @@ def format_causal_lm_table(result: dict) -> str:
             + ", ".join(f"{w['bits']}-bit {_fmt_bytes(w['bytes_per_sample'])}" for w in result["tail_wire"])
             + " per sample"
         )
-    from mobiflower.simulations.bench.device_lm import CAUSAL_LM_ACCEPTANCE, CAUSAL_LM_REPORTED
-
     lines += ["", *acceptance_lines(result, CAUSAL_LM_ACCEPTANCE, width=30)]
     lines += _reported_lines(result.get("ratios", {}), CAUSAL_LM_REPORTED)
     return "\n".join(lines)

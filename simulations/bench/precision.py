@@ -108,7 +108,7 @@ def run_precision_bench(
     """
     from mobiflower.clients.runtime import ForwardConfig
     from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE
-    from mobiflower.simulations.bench.device import bench_samples
+    from mobiflower.simulations.bench.device_spec import bench_samples
 
     _check_counts(batches, batch_size, threads, starts)
     group_size = group_size or DEFAULT_INT4_GROUP_SIZE
