@@ -5,7 +5,8 @@ import torch
 
 from mobiflower.platform.codec import quantize
 from mobiflower.platform.frames import Frame
-from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError, build_side_network
+from mobiflower.platform.side_factory import build_side_network
+from mobiflower.platform.side_networks import SideNetworkConfig, SideNetworkError
 from mobiflower.platform.trainer import SideTrainer, TrainConfig
 
 D, LAYERS = 64, [1, 3]
