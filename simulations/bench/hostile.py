@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import sys
 import time
 import tracemalloc
 import zlib
@@ -234,9 +233,3 @@ def format_report(report: dict[str, Any], samples: int, hidden: int, bits: int) 
             _table(report["default_limits"]),
         ]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # the command is `mobiflower bench hostile`; this spelling is kept for RESULTS.md
-    from mobiflower.simulations.cli import main
-
-    sys.exit(main(["bench", "hostile", *sys.argv[1:]]))

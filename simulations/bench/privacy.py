@@ -28,14 +28,6 @@ DEFAULT_DEFENSES = ("clip=160,noise=0.05", "window=8")
 """The defenses tried on the first configuration by default (besides none): ``clip=C,noise=Z,window=K,keep-first=N``."""
 
 
-def default_configs(num_layers: int, taps: int = 8) -> list[str]:
-    """The default configuration (tail, cut at half depth, 4 bits) first, then the others the project
-    offers: 8 and 2 bits, a deeper cut (three quarters), and the ladder/adapter frames (the last token
-    at ``taps`` evenly spaced layers, 8 bits)."""
-    half, deep = num_layers // 2, (3 * num_layers) // 4
-    return [f"tail:{half}:4", f"tail:{half}:8", f"tail:{half}:2", f"tail:{deep}:4", f"ladder:{taps}:8"]
-
-
 @dataclass
 class PrivacyBenchSettings:
     """Sizes of one bench run (the defaults finish in minutes on 2 cores)."""
@@ -60,7 +52,8 @@ class PrivacyBenchSettings:
     seed: int = 0
     threads: int | None = None
     accuracy: str = "first"  # side-tune (for accuracy) on: "first" (the defended configuration), "all", "none"
-    configs: tuple[str, ...] | None = None  # parse_exposure specs, the defended one first; None: default_configs
+    # parse_exposure specs, the defended one first; None: privacy_measure.default_configs
+    configs: tuple[str, ...] | None = None
     defenses: tuple[str, ...] = (
         DEFAULT_DEFENSES  # each clip=C,noise=Z,window=K,keep-first=N (privacy_measure.parse_defense)
     )
@@ -221,4 +214,4 @@ def plot(result: dict, path: str):
     return save_figure(fig, result, path, title=title)
 
 
-__all__ = ["DEFAULT_DEFENSES", "PrivacyBenchSettings", "default_configs", "format_table", "plot", "run_privacy_bench"]
+__all__ = ["DEFAULT_DEFENSES", "PrivacyBenchSettings", "format_table", "plot", "run_privacy_bench"]

@@ -18,7 +18,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,9 +32,19 @@ from mobiflower.platform.state_defense import StateDefense, privacy_loss
 from mobiflower.platform.state_defense import apply as defend
 from mobiflower.platform.tasks import ClassificationTask, Example
 from mobiflower.simulations.bench import privacy_attacks as attacks
-from mobiflower.simulations.bench.privacy import PrivacyBenchSettings, default_configs
+
+if TYPE_CHECKING:  # annotations only: the settings module imports this one to run the bench
+    from mobiflower.simulations.bench.privacy import PrivacyBenchSettings
 
 Log = Callable[[str], None]
+
+
+def default_configs(num_layers: int, taps: int = 8) -> list[str]:
+    """The default configuration (tail, cut at half depth, 4 bits) first, then the others the project
+    offers: 8 and 2 bits, a deeper cut (three quarters), and the ladder/adapter frames (the last token
+    at ``taps`` evenly spaced layers, 8 bits)."""
+    half, deep = num_layers // 2, (3 * num_layers) // 4
+    return [f"tail:{half}:4", f"tail:{half}:8", f"tail:{half}:2", f"tail:{deep}:4", f"ladder:{taps}:8"]
 
 
 @dataclass(frozen=True)
