@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -136,10 +135,6 @@ def metrics(values: Mapping[str, Any]) -> MetricRecord:
         else:
             out[key] = float(value)
     return MetricRecord(out)
-
-
-def config_json(record: ConfigRecord, key: str = "json") -> Any:
-    return json.loads(str(record[key]))
 
 
 # ---- requests ------------------------------------------------------------------------------------

@@ -447,7 +447,3 @@ def read_side_network_config(path: str | Path) -> SideNetworkConfig:
     if "mobiflower_side_network" not in meta:
         raise SideNetworkError(f"{path} has no side-network config: was it written by save_side_network?")
     return SideNetworkConfig.from_json(meta["mobiflower_side_network"])
-
-
-def count_parameters(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())

@@ -84,10 +84,6 @@ class PagedTrainers(Mapping):
         return key in self._known
 
     # ---- paging -------------------------------------------------------------------------------
-    @property
-    def resident_keys(self) -> list[str]:
-        return list(self._resident)
-
     def resident_bytes(self) -> int:
         """Bytes the resident trainers may hold (each one's :meth:`SideTrainer.footprint_bytes`)."""
         with self._lock:
@@ -204,8 +200,3 @@ class PagedTrainers(Mapping):
             "page_outs": self.page_outs,
             "page_seconds": self.page_seconds,
         }
-
-    def clear_disk(self) -> None:
-        """Remove the paged copies (the trainers on disk are lost: only for a run that is over)."""
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)

@@ -18,7 +18,7 @@ import math
 from logging import INFO
 from typing import Any, Iterable, Mapping
 
-from flwr.app import Message, MetricRecord
+from flwr.app import Message
 from flwr.common.logger import log
 
 from mobiflower.platform import messages as m
@@ -29,7 +29,7 @@ from mobiflower.platform.tasks import Task, combine_metrics
 from mobiflower.platform.trainer import DecodedFrame, decode_for, evaluate_network
 from mobiflower.strategies.grid_requests import Reply, config_bytes, failed, request_all, why
 from mobiflower.strategies.job import Job
-from mobiflower.strategies.reply_checks import ReplyError, delivery_receipt, evaluate_reply, forward_reply
+from mobiflower.strategies.reply_checks import delivery_receipt, evaluate_reply, forward_reply
 from mobiflower.strategies.streaming import forward_message, forward_request
 
 
@@ -45,18 +45,6 @@ def fleet_figures(task: Task, per_device: Mapping[str, Mapping[str, float]]) -> 
     out["samples"] = sum(int(p.get("samples", 0)) for p in parts)
     out["count"] = sum(int(w) for w in weights)
     return out
-
-
-def fleet_metrics(replies: Iterable[Message], task: Task) -> MetricRecord | None:
-    """The fleet's figures (:func:`fleet_figures`) over the evaluate replies that pass their checks for
-    ``task`` (None: none did)."""
-    scored = {}
-    for i, reply in enumerate(replies):
-        try:
-            scored[str(i)] = evaluate_reply(reply, task).stats
-        except ReplyError:
-            continue
-    return MetricRecord(fleet_figures(task, scored)) if scored else None
 
 
 def describe(task: Task, result: Mapping[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """The side-tuning strategy: drives a fleet of forward-only devices and trains side networks on the server.
 
-A Flower :class:`~flwr.serverapp.strategy.Strategy` whose ``start`` runs the MobiLLM loop on a
-``Grid`` instead of FedAvg's synchronous rounds:
+A strategy whose ``start`` runs the MobiLLM loop on a Flower ``Grid`` instead of FedAvg's
+synchronous rounds:
 
 1. **Profile** every device (:mod:`~mobiflower.strategies.fleet_profile`) and build the job's side
    networks, trainers and frame intake (:mod:`~mobiflower.strategies.job`).
@@ -30,24 +30,22 @@ import signal
 import time
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from mobiflower.platform import messages as m
-from mobiflower.platform.messages import EvaluateRequest, ForwardRequest
 from mobiflower.platform.pretrained_tail import save_peft_adapter
 from mobiflower.platform.process_memory import RssSampler, current_rss_mb, release_free_heap
 from mobiflower.platform.run_summary import format_metric, metric_key, write_summary
 from mobiflower.platform.side_networks import save_side_network
 from mobiflower.platform.tasks import Task
 from mobiflower.strategies.config import SideTuningConfig
-from mobiflower.strategies.evaluation import Evaluator, deliver, evaluate_requests, fleet_metrics
+from mobiflower.strategies.evaluation import Evaluator, deliver
 from mobiflower.strategies.fleet_profile import profile_fleet
 from mobiflower.strategies.job import Job, build_job
 from mobiflower.strategies.round_clock import FleetClock
@@ -61,7 +59,7 @@ from mobiflower.strategies.run_state import (
     restore_checkpoint,
     save_checkpoint,
 )
-from mobiflower.strategies.streaming import StreamingRound, forward_message, forward_request
+from mobiflower.strategies.streaming import StreamingRound
 
 __all__ = ["DeviceState", "FleetError", "SideTuningStrategy"]
 
@@ -84,8 +82,14 @@ def record_test(task: Task, dev: DeviceState, stats: dict[str, Any]) -> None:
     dev.metrics["device_peak_rss_mb"] = float(stats["peak-rss-mb"])
 
 
-class SideTuningStrategy(Strategy):
-    """MobiLLM side-tuning over a Flower ``Grid`` (see the module docstring for the loop)."""
+class SideTuningStrategy:
+    """MobiLLM side-tuning over a Flower ``Grid`` (see the module docstring for the loop).
+
+    The ServerApp's strategy: like Flower's strategies it runs from ``start(grid)``, but it drives
+    its own loop (streaming rounds, cached rounds, delivery) rather than FedAvg's synchronous
+    configure/aggregate rounds, so it does not subclass :class:`flwr.serverapp.strategy.Strategy`,
+    whose hooks it would never call.
+    """
 
     def __init__(
         self,
@@ -277,7 +281,7 @@ class SideTuningStrategy(Strategy):
                         }
                     )
                 )
-            averaged, _ = self._aggregate(records)
+            averaged = aggregate_arrayrecords(records, "num-examples")
             state = averaged.to_torch_state_dict()
         job.store.load_all(state, then_average=then_average)
         log(INFO, "[round %d] FedAvg of %d device side networks (%d samples)", rnd, len(weights), sum(weights.values()))
@@ -315,8 +319,8 @@ class SideTuningStrategy(Strategy):
                 record_test(self.task, dev, stats)
         return result
 
-    # ---- Flower's Strategy hooks (the loop above calls the typed functions they wrap) ---------------
     def summary(self) -> None:
+        """Log the run's settings (the line `mobiflower simulate` reads its round count from)."""
         cfg = self.config
         log(
             INFO,
@@ -332,47 +336,3 @@ class SideTuningStrategy(Strategy):
             cfg.activation_cache,
             f" label-private (epsilon {cfg.label_epsilon:g})" if cfg.label_private else "",
         )
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """One forward request per working device for its next chunk (the device's cursor does not move:
-        the streaming loop plans its own rounds)."""
-        if self.job is None:
-            raise FleetError("configure_train needs a profiled fleet: call start first")
-        for node_id, dev in self.state.working().items():
-            planned = ForwardRequest(
-                samples=min(self.config.chunk_size, dev.train_samples), offset=dev.next_offset, round=server_round
-            )
-            yield forward_message(self.job, node_id, forward_request(self.job, node_id, planned))
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg of per-device side networks, weighted by the samples each was trained on."""
-        return self._aggregate([r.content for r in replies if r.has_content()])
-
-    @staticmethod
-    def _aggregate(records: list[RecordDict]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if not records:
-            return None, None
-        averaged = aggregate_arrayrecords(records, "num-examples")
-        total = sum(int(r[m.STATS_KEY]["num-examples"]) for r in records)
-        return averaged, MetricRecord({"num-examples": total, "devices": len(records)})
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """One evaluate request per working device (``config``: split, max-samples, installed)."""
-        if self.job is None:
-            raise FleetError("configure_evaluate needs a profiled fleet: call start first")
-        request = EvaluateRequest(
-            split=str(config.get("split", "validation")),
-            max_samples=int(config["max-samples"]) if "max-samples" in config else None,
-            installed=bool(config["installed"]) if "installed" in config else None,
-        )
-        return evaluate_requests(self.job, server_round, request)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """The task's metrics over the devices whose replies pass their checks, weighted by their counts."""
-        return fleet_metrics(replies, self.task)

@@ -9,8 +9,8 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from mobiflower.platform import messages as m
 from mobiflower.platform.tasks import CausalLMTask, ClassificationTask
-from mobiflower.strategies.evaluation import fleet_figures, fleet_metrics
-from mobiflower.strategies.reply_checks import forward_reply
+from mobiflower.strategies.evaluation import fleet_figures
+from mobiflower.strategies.reply_checks import ReplyError, evaluate_reply, forward_reply
 
 CLASSIFICATION, CAUSAL_LM = ClassificationTask(), CausalLMTask(max_length=64)
 
@@ -68,6 +68,18 @@ def _scores(**stats) -> _Reply:
 
 def _classified(accuracy: float, samples: int, f1: float = 0.5) -> _Reply:
     return _scores(accuracy=accuracy, **{"macro-f1": f1}, samples=samples, count=samples)
+
+
+def fleet_metrics(replies, task) -> dict | None:
+    """What the evaluator does with a round's evaluate replies: check each for ``task`` (a reply that
+    fails is left out) and combine the rest into the fleet's figures (None: none passed)."""
+    scored = {}
+    for i, reply in enumerate(replies):
+        try:
+            scored[str(i)] = evaluate_reply(reply, task).stats
+        except ReplyError:
+            continue
+    return fleet_figures(task, scored) if scored else None
 
 
 def test_evaluate_replies_without_valid_metrics_are_skipped():
