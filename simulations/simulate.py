@@ -56,9 +56,9 @@ class SimulateConfig:
         config = SideTuningConfig.from_run_config(merged)  # fail here, not inside the ServerApp
         DeviceSetup.from_configs(merged, {"partition-id": 0, "num-partitions": self.devices})
         if config.fleet:
-            from mobiflower.simulations.fleet import load_fleet
+            from mobiflower.strategies.fleet_model import load_fleet
 
-            load_fleet(config.fleet)  # a FleetError (a ValueError) says which fleets there are
+            load_fleet(config.fleet)  # a FleetModelError (a ValueError) says which fleets there are
 
 
 ENGINES = ("simulation", "loopback", "processes")

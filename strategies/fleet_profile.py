@@ -29,7 +29,7 @@ from mobiflower.strategies.run_state import DeviceState, FleetError, RunState
 
 
 @dataclass
-class Fleet:
+class ProfiledFleet:
     """What profiling found: the side network to train, the frozen head states it is built on, the
     backbone each node was given (a fleet model's choice) and the fleet clock, if any."""
 
@@ -108,7 +108,7 @@ def _fleet_backbones(fleet_clock: FleetClock, state: RunState) -> dict[int, Back
 
 def profile_fleet(
     grid: Grid, config: SideTuningConfig, state: RunState, clock_for: Callable[[list[str]], FleetClock] | None
-) -> Fleet:
+) -> ProfiledFleet:
     """Profile every connected device into ``state`` and choose the side network they feed."""
     node_ids = sorted(grid.get_node_ids())
     if not node_ids:
@@ -143,7 +143,7 @@ def profile_fleet(
                 p.availability,
             )
     side_config, frozen = _side_network(config, state, frozen_by)
-    return Fleet(side_config, frozen, frozen_by, backbones, fleet_clock)
+    return ProfiledFleet(side_config, frozen, frozen_by, backbones, fleet_clock)
 
 
 def _side_network(

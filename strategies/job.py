@@ -19,7 +19,7 @@ from mobiflower.platform.side_networks import SideNetworkConfig
 from mobiflower.platform.side_store import SideNetworkStore, StoreConfig
 from mobiflower.platform.trainer import TrainConfig
 from mobiflower.strategies.config import SideTuningConfig
-from mobiflower.strategies.fleet_profile import Fleet
+from mobiflower.strategies.fleet_profile import ProfiledFleet
 from mobiflower.strategies.frame_policy import FramePolicy
 from mobiflower.strategies.residuals import ResidualOracle
 from mobiflower.strategies.round_clock import FleetClock, RoundClock
@@ -49,7 +49,7 @@ class Job:
         return self.side_config.layers_for(dev.fingerprint)
 
 
-def build_job(config: SideTuningConfig, grid: Grid, run_dir: Path, state: RunState, fleet: Fleet) -> Job:
+def build_job(config: SideTuningConfig, grid: Grid, run_dir: Path, state: RunState, fleet: ProfiledFleet) -> Job:
     """The side networks, their trainers and the frame intake for a profiled fleet (a fresh run starts from
     an empty activation cache; a resume loads the checkpoint into them afterwards)."""
     cfg = config
@@ -92,7 +92,7 @@ def build_job(config: SideTuningConfig, grid: Grid, run_dir: Path, state: RunSta
 
 
 def _store(
-    cfg: SideTuningConfig, run_dir: Path, state: RunState, fleet: Fleet, oracle: ResidualOracle | None
+    cfg: SideTuningConfig, run_dir: Path, state: RunState, fleet: ProfiledFleet, oracle: ResidualOracle | None
 ) -> SideNetworkStore:
     """The side networks and their trainers (label-private ones ask ``oracle`` for residuals)."""
     train = TrainConfig(

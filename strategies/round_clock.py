@@ -13,7 +13,7 @@ from typing import Mapping, Protocol
 
 
 class LinkProfile(Protocol):
-    """What the strategy reads of a simulated device's profile (``simulations.fleet.DeviceProfile``)."""
+    """What the strategy reads of a simulated device's profile (``strategies.fleet_model.DeviceProfile``)."""
 
     tier: str
     latency_ms: float
@@ -26,7 +26,7 @@ class LinkProfile(Protocol):
 
 
 class FleetClock(Protocol):
-    """A virtual clock of a simulated fleet (``simulations.fleet.VirtualClock``)."""
+    """A virtual clock of a simulated fleet (``strategies.fleet_model.VirtualClock``)."""
 
     profiles: Mapping[str, LinkProfile]
     device_busy: dict[str, float]

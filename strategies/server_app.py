@@ -27,14 +27,14 @@ def run_dir_for(config: SideTuningConfig, run_id: int) -> Path:
 
 
 def fleet_clock(config: SideTuningConfig):
-    """With ``fleet`` in the run config, a factory of that fleet's virtual clock for the profiled
-    device ids (an app may load a fleet model from ``simulations/`` when the run config asks for
-    one, docs/concepts.md §7); without it, None: the strategy uses the times it measures."""
+    """With ``fleet`` in the run config (a bundled fleet's name or a fleet TOML file), a factory of that
+    fleet model's virtual clock for the profiled device ids; without it, None: the strategy uses the
+    times it measures."""
     if not config.fleet:
         return None
-    from mobiflower.simulations.fleet import VirtualClock, load_fleet
+    from mobiflower.strategies.fleet_model import VirtualClock, load_fleet
 
-    fleet = load_fleet(config.fleet)  # a FleetError names the file, tier and key, before any device is asked
+    fleet = load_fleet(config.fleet)  # a FleetModelError names the file, tier and key, before any device is asked
     return lambda device_ids: VirtualClock(fleet.profiles_for(device_ids), seed=config.seed)
 
 

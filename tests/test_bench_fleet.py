@@ -22,7 +22,7 @@ from mobiflower.simulations.bench.fleet_report import (
     summarize,
     time_to_target,
 )
-from mobiflower.simulations.fleet import DeviceProfile
+from mobiflower.strategies.fleet_model import DeviceProfile
 
 FAST = DeviceProfile("fast", uplink_mbps=8.0, downlink_mbps=80.0, latency_ms=0.0, speed=1.0)
 SLOW = DeviceProfile("slow", uplink_mbps=1.0, downlink_mbps=8.0, latency_ms=100.0, speed=0.5)
@@ -432,7 +432,7 @@ def test_a_real_fed_lora_run_on_the_fleet_clock(real_assets, tiny_llama, tmp_pat
     from inprocess_grid import run_simulation_in_process
 
     from mobiflower.simulations.baselines import fed_lora
-    from mobiflower.simulations.fleet import load_fleet
+    from mobiflower.strategies.fleet_model import load_fleet
 
     settings = FleetBenchSettings(
         devices=2,

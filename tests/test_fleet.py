@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mobiflower.simulations.fleet import DeviceProfile, FleetError, VirtualClock, load_fleet, parse_fleet
+from mobiflower.strategies.fleet_model import DeviceProfile, FleetModelError, VirtualClock, load_fleet, parse_fleet
 
 
 def test_the_bundled_fleets_load_and_are_what_their_names_say():
@@ -21,11 +21,11 @@ def test_the_bundled_fleets_load_and_are_what_their_names_say():
 
 
 def test_a_missing_fleet_names_the_ones_there_are(tmp_path):
-    with pytest.raises(FleetError, match="mixed-phones"):
+    with pytest.raises(FleetModelError, match="mixed-phones"):
         load_fleet("no-such-fleet")
     bad = tmp_path / "bad.toml"
     bad.write_text("name = 'x'\n[[tier]\n")
-    with pytest.raises(FleetError, match="not valid TOML"):
+    with pytest.raises(FleetModelError, match="not valid TOML"):
         load_fleet(bad)
 
 
@@ -53,7 +53,7 @@ def _tier(**overrides):
     ],
 )
 def test_bad_fleet_files_say_what_to_fix(table, match):
-    with pytest.raises(FleetError, match=match):
+    with pytest.raises(FleetModelError, match=match):
         parse_fleet(table, "fleet.toml")
 
 
@@ -71,7 +71,7 @@ def test_devices_deal_every_tier_its_count_or_share(weights, n):
     fixed = sum(w for w in weights if isinstance(w, int))
     has_share = any(not isinstance(w, int) for w in weights)
     if fixed > n or (not has_share and fixed != n):
-        with pytest.raises(FleetError):
+        with pytest.raises(FleetModelError):
             fleet.devices(n)
         return
     devices = fleet.devices(n)
@@ -95,7 +95,7 @@ def test_devices_deal_every_tier_its_count_or_share(weights, n):
 def test_the_parser_never_fails_with_anything_but_a_fleet_error(tier):
     try:
         parse_fleet({"name": "f", "tier": [tier]})
-    except FleetError:
+    except FleetModelError:
         pass
 
 

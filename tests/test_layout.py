@@ -37,9 +37,9 @@ def _imports(path: pathlib.Path) -> set[str]:
 
 
 def test_import_directions():
-    """Core never imports flwr or simulations; the device never imports the side-tuning trainer or
-    simulations (the federated LoRA baseline, whose device trains by design, lives in
-    simulations/baselines/)."""
+    """Core never imports flwr or simulations; the strategy (the ServerApp included) never imports
+    simulations; the device never imports the side-tuning trainer or simulations (the federated LoRA
+    baseline, whose device trains by design, lives in simulations/baselines/)."""
     flower_speaking = {"messages.py"}  # the message protocol both sides share (docs/concepts.md §4, §7)
     for path in (ROOT / "platform").rglob("*.py"):
         for name in _imports(path):
@@ -56,6 +56,9 @@ def test_import_directions():
             assert name not in training, f"device module {path.name} imports {name}"
             assert not name.startswith("mobiflower.strategies"), f"device module {path.name} imports {name}"
             assert not name.startswith("mobiflower.simulations"), f"device module {path.name} imports {name}"
+    for path in (ROOT / "strategies").rglob("*.py"):  # the ServerApp's fleet model enters through its run config
+        for name in _imports(path):
+            assert not name.startswith("mobiflower.simulations"), f"strategy module {path.name} imports {name}"
     for folder in ("platform", "clients", "strategies", "simulations"):
         for path in (ROOT / folder).rglob("*.py"):
             for name in _imports(path):

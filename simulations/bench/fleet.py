@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from mobiflower.simulations.bench.common import fmt as _num
 from mobiflower.simulations.bench.fleet_report import ACCEPTANCE, ADAPTIVE, EIGHT_BIT, FED_LORA, METHODS, summarize
-from mobiflower.simulations.fleet import DeviceProfile, load_fleet
+from mobiflower.strategies.fleet_model import DeviceProfile, load_fleet
 
 EVALUATION_NOTE = (
     "virtual time and device compute count training only (forwards / local training and the "
@@ -134,7 +134,7 @@ class FleetBenchSettings:
         for ok, why in checks:
             if not ok:
                 raise ValueError(why)
-        load_fleet(self.fleet).devices(self.devices)  # FleetError (a ValueError) says what to fix
+        load_fleet(self.fleet).devices(self.devices)  # FleetModelError (a ValueError) says what to fix
 
     def device_ids(self) -> list[str]:
         """The fleet's device ids as both apps name them (``device-<partition>``)."""

@@ -1,6 +1,6 @@
 """Fleet models: what each device of a simulated fleet is like, and a virtual clock for its work.
 
-A fleet is a TOML file of device tiers (``simulations/fleets/<name>.toml``, or any path):
+A fleet is a TOML file of device tiers (``strategies/fleets/<name>.toml``, or any path):
 
 .. code-block:: toml
 
@@ -22,7 +22,7 @@ A fleet is a TOML file of device tiers (``simulations/fleets/<name>.toml``, or a
     activation-cache = true # false: these devices opt out of the server's activation cache
 
 :func:`load_fleet` reads and checks one (every error names the file, the tier and the key);
-:meth:`Fleet.devices` deals the tiers out to ``n`` devices. :class:`VirtualClock` turns measured
+:meth:`FleetModel.devices` deals the tiers out to ``n`` devices. :class:`VirtualClock` turns measured
 compute seconds and byte counts into the times a device with that profile would take: transfers
 cost latency plus bytes over bandwidth, a device does one forward at a time, a slower device
 stretches the compute measured on this machine by ``1 / speed``. With it, time-to-accuracy of a
@@ -58,7 +58,7 @@ TIER_KEYS = {
 }
 
 
-class FleetError(ValueError):
+class FleetModelError(ValueError):
     """A fleet file or profile is invalid; the message names the file, the tier and the key."""
 
 
@@ -92,7 +92,7 @@ class DeviceProfile:
 
 
 @dataclass
-class Fleet:
+class FleetModel:
     """Named tiers of devices; ``devices(n)`` deals them out to a fleet of ``n``."""
 
     name: str
@@ -104,11 +104,11 @@ class Fleet:
         """``n`` device profiles: tiers with a count get that many, the rest share what is left by
         their shares (largest remainders), in tier order so device i's tier is stable."""
         if n < 1:
-            raise FleetError(f"a fleet needs at least one device, not {n}")
+            raise FleetModelError(f"a fleet needs at least one device, not {n}")
         counted = {i: int(w) for i, (_, w) in enumerate(self.tiers) if isinstance(w, int)}
         fixed = sum(counted.values())
         if fixed > n:
-            raise FleetError(
+            raise FleetModelError(
                 f"fleet {self.name!r}: its tiers' counts add up to {fixed}, more than the {n} devices "
                 f"asked for: ask for at least {fixed} devices, or give tiers a share instead"
             )
@@ -124,7 +124,9 @@ class Fleet:
         for i, (profile, _) in enumerate(self.tiers):
             out += [profile] * counts.get(i, 0)
         if len(out) != n:
-            raise FleetError(f"fleet {self.name!r} has no tier with a share to fill {n} devices: give a tier a share")
+            raise FleetModelError(
+                f"fleet {self.name!r} has no tier with a share to fill {n} devices: give a tier a share"
+            )
         return out
 
     def profiles_for(self, device_ids: Sequence[str]) -> dict[str, DeviceProfile]:
@@ -147,63 +149,63 @@ class Fleet:
 
 def _number(value: Any, where: str, key: str, low: float, high: float = math.inf, low_open: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise FleetError(f"{where}: {key} must be a number, got {value!r}")
+        raise FleetModelError(f"{where}: {key} must be a number, got {value!r}")
     if (value <= low if low_open else value < low) or value > high:
         bound = f"> {low:g}" if low_open else f">= {low:g}"
-        raise FleetError(
+        raise FleetModelError(
             f"{where}: {key} = {value!r} must be {bound}" + (f" and <= {high:g}" if high < math.inf else "")
         )
     return float(value)
 
 
-def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
-    """A :class:`Fleet` from a parsed TOML table; :class:`FleetError` says what to fix."""
+def parse_fleet(table: Mapping[str, Any], source: str = "<fleet>") -> FleetModel:
+    """A :class:`FleetModel` from a parsed TOML table; :class:`FleetModelError` says what to fix."""
     if not isinstance(table.get("name"), str) or not table["name"]:
-        raise FleetError(f'{source}: a fleet needs a name (name = "...")')
+        raise FleetModelError(f'{source}: a fleet needs a name (name = "...")')
     tiers = table.get("tier")
     if not isinstance(tiers, list) or not tiers:
-        raise FleetError(f"{source}: a fleet needs at least one [[tier]]")
+        raise FleetModelError(f"{source}: a fleet needs at least one [[tier]]")
     names: set[str] = set()
     out = [_parse_tier(tier, i, source, names) for i, tier in enumerate(tiers)]
-    return Fleet(str(table["name"]), str(table.get("description", "")), out, source)
+    return FleetModel(str(table["name"]), str(table.get("description", "")), out, source)
 
 
 def _parse_tier(tier: object, i: int, source: str, names: set[str]) -> tuple[DeviceProfile, float | int]:
     """One [[tier]] table: its device profile and its weight (a share of the fleet, or a count)."""
     where = f"{source}, tier {i + 1}"
     if not isinstance(tier, dict):
-        raise FleetError(f"{where}: must be a table ([[tier]])")
+        raise FleetModelError(f"{where}: must be a table ([[tier]])")
     unknown = sorted(set(tier) - TIER_KEYS)
     if unknown:
-        raise FleetError(f"{where}: unknown key(s) {unknown}; a tier takes {sorted(TIER_KEYS)}")
+        raise FleetModelError(f"{where}: unknown key(s) {unknown}; a tier takes {sorted(TIER_KEYS)}")
     name = tier.get("name")
     if not isinstance(name, str) or not name:
-        raise FleetError(f"{where}: needs a name")
+        raise FleetModelError(f"{where}: needs a name")
     where = f"{source}, tier {name!r}"
     if name in names:
-        raise FleetError(f"{where}: two tiers have this name")
+        raise FleetModelError(f"{where}: two tiers have this name")
     names.add(name)
     if ("share" in tier) == ("count" in tier):
-        raise FleetError(f"{where}: give exactly one of share (a fraction of the fleet) or count (devices)")
+        raise FleetModelError(f"{where}: give exactly one of share (a fraction of the fleet) or count (devices)")
     if "count" in tier:
         count = tier["count"]
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise FleetError(f"{where}: count must be a whole number >= 1, got {count!r}")
+            raise FleetModelError(f"{where}: count must be a whole number >= 1, got {count!r}")
         weight: float | int = count
     else:
         weight = _number(tier["share"], where, "share", 0.0, 1.0)
     for key in ("uplink-mbps", "downlink-mbps"):
         if key not in tier:
-            raise FleetError(f"{where}: needs {key}")
+            raise FleetModelError(f"{where}: needs {key}")
     cache = tier.get("activation-cache", True)
     if not isinstance(cache, bool):
-        raise FleetError(f"{where}: activation-cache must be true or false, got {cache!r}")
+        raise FleetModelError(f"{where}: activation-cache must be true or false, got {cache!r}")
     keep = tier.get("backbone-layers", 0)
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-        raise FleetError(f"{where}: backbone-layers must be a whole number >= 1 (0 = all), got {keep!r}")
+        raise FleetModelError(f"{where}: backbone-layers must be a whole number >= 1 (0 = all), got {keep!r}")
     backbone = tier.get("backbone", "")
     if not isinstance(backbone, str):
-        raise FleetError(f"{where}: backbone must be a model ref string, got {backbone!r}")
+        raise FleetModelError(f"{where}: backbone must be a model ref string, got {backbone!r}")
     weights = tier.get("weights", "") or ""
     if weights:
         from mobiflower.platform.precision import WeightPrecisionError, normalize_precision
@@ -211,7 +213,7 @@ def _parse_tier(tier: object, i: int, source: str, names: set[str]) -> tuple[Dev
         try:
             weights = normalize_precision(str(weights))
         except WeightPrecisionError as exc:
-            raise FleetError(f"{where}: weights: {exc}") from None
+            raise FleetModelError(f"{where}: weights: {exc}") from None
     profile = DeviceProfile(
         tier=name,
         uplink_mbps=_number(tier["uplink-mbps"], where, "uplink-mbps", 0.0),
@@ -228,18 +230,18 @@ def _parse_tier(tier: object, i: int, source: str, names: set[str]) -> tuple[Dev
     return profile, weight
 
 
-def load_fleet(name_or_path: str | Path) -> Fleet:
+def load_fleet(name_or_path: str | Path) -> FleetModel:
     """A bundled fleet by name (``uniform``, ``mixed-phones``, ``flaky``, ``mixed-backbones``) or a TOML file by path."""
     path = Path(name_or_path)
     if not path.suffix:
         path = FLEETS_DIR / f"{name_or_path}.toml"
     if not path.is_file():
         known = sorted(p.stem for p in FLEETS_DIR.glob("*.toml"))
-        raise FleetError(f"no fleet {str(name_or_path)!r}: use one of {known} or a path to a fleet TOML file")
+        raise FleetModelError(f"no fleet {str(name_or_path)!r}: use one of {known} or a path to a fleet TOML file")
     try:
         table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
-        raise FleetError(f"{path}: not valid TOML: {err}") from err
+        raise FleetModelError(f"{path}: not valid TOML: {err}") from err
     return parse_fleet(table, str(path))
 
 
