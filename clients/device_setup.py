@@ -7,7 +7,7 @@ config (``partition-id`` / ``num-partitions``, set by the simulation engine or b
 defines them and never by node: in a simulation one Ray actor serves many virtual devices, and in
 a deployment each message starts a fresh process that loads the memory-mapped backbone again.
 
-Where a device's samples come from (DESIGN.md section 8):
+Where a device's samples come from (docs/concepts.md §8):
 
 * a real device names its own file in its node config (``data="/data/mine.jsonl"``, plus column
   keys): it reads only that file and splits its own validation and test by seeded fractions;
@@ -48,7 +48,7 @@ from mobiflower.platform.data import (
     users_by_size,
 )
 from mobiflower.platform.run_config import typed_fields
-from mobiflower.platform.state_defense import StateDefense, device_defense
+from mobiflower.platform.state_defense import StateDefense, device_defense, run_config_defaults
 from mobiflower.platform.tasks import Task, TaskConfig
 from mobiflower.platform.user_data import BAD_ROWS, BUNDLED, BUNDLED_RT, Columns, ReadCounts, UserData
 
@@ -531,4 +531,5 @@ def device_run_config(names: Iterable[str] | None = None) -> dict[str, Any]:
     """The run-config keys a device reads (those of fields ``names``, or all), with their defaults: what
     an app that runs this device declares in ``[tool.flwr.app.config]``."""
     device = DeviceSetup()
-    return {key: getattr(device, name) for name, key in RUN_CONFIG_KEYS.items() if names is None or name in names}
+    config = {key: getattr(device, name) for name, key in RUN_CONFIG_KEYS.items() if names is None or name in names}
+    return config | (run_config_defaults() if names is None else {})

@@ -1,4 +1,4 @@
-"""Defenses a device applies to the states it is about to quantize and send (DESIGN.md section 8).
+"""Defenses a device applies to the states it is about to quantize and send (docs/privacy.md).
 
 Why: the server holds the public backbone, and a decoder's hidden states are (nearly) injective in
 their input tokens, so the states a frame carries let a curious server read back much of the text
@@ -104,6 +104,11 @@ class StateDefense:
         if self.clip > 0 and self.keep_last:
             parts.append(f"keep-last {self.keep_last}")
         return ", ".join(parts) or "none"
+
+
+def run_config_defaults() -> dict[str, Any]:
+    """Each defense key with its default: what an app that runs devices declares."""
+    return {key: getattr(StateDefense(), name) for name, key in DEFENSE_KEYS.items()}
 
 
 def from_config(config: Mapping[str, Any]) -> StateDefense:

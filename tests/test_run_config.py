@@ -10,7 +10,7 @@ import pytest
 
 from mobiflower.clients.device_setup import RUN_CONFIG_KEYS, DeviceSetup, DeviceSetupError
 from mobiflower.platform.run_config import as_config, flag, typed_fields
-from mobiflower.platform.state_defense import DEFENSE_KEYS, StateDefense
+from mobiflower.platform.state_defense import run_config_defaults
 from mobiflower.strategies.config import ConfigError, SideTuningConfig
 
 APP_ONLY = {"delivery-dir": "", "capture-dir": ""}  # read by the ClientApp itself (delivery folder, audit capture)
@@ -20,8 +20,7 @@ def test_pyproject_declares_every_key_the_apps_read_with_their_defaults():
     declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     config = declared["tool"]["flwr"]["app"]["config"]
     device = {k: v for k, v in as_config(DeviceSetup(), RUN_CONFIG_KEYS).items() if k in RUN_CONFIG_KEYS.values()}
-    defense = {key: getattr(StateDefense(), name) for name, key in DEFENSE_KEYS.items()}
-    expected = {**device, **SideTuningConfig().as_dict(), **defense, **APP_ONLY}
+    expected = {**device, **SideTuningConfig().as_dict(), **run_config_defaults(), **APP_ONLY}
     assert config == expected
     assert {k: type(v) for k, v in config.items()} == {k: type(v) for k, v in expected.items()}
 
