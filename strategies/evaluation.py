@@ -63,8 +63,9 @@ def evaluate_requests(job: Job, rnd: int, request: EvaluateRequest) -> Iterable[
             node_id, job.config.request_timeout, group_id=str(rnd)
         )
         sent_network = msg.content.array_records.get(m.NETWORK_KEY)
-        dev.bytes_down += (m.array_bytes(sent_network) if sent_network is not None else 0) + config_bytes(
-            msg.content[m.CONFIG_KEY]
+        dev.add(
+            bytes_down=(m.array_bytes(sent_network) if sent_network is not None else 0)
+            + config_bytes(msg.content[m.CONFIG_KEY])
         )
         yield msg
 
@@ -93,7 +94,7 @@ class Evaluator:
         for node, reply in replies.items():
             dev = self.job.state.devices[node]
             if failed(reply):
-                dev.failures.append(f"evaluate ({split}): {why(reply)}")
+                dev.fail(f"evaluate ({split}): {why(reply)}")
                 continue
             held = int(dev.profile.get(split, 0))  # the most samples the device can score
             limit = int(max_samples or 0)
@@ -157,7 +158,7 @@ class Evaluator:
         dev = job.state.devices[node]
         what = f"forward ({split} frames for evaluation)"
         if failed(reply):
-            dev.failures.append(f"{what}: {why(reply)}")
+            dev.fail(f"{what}: {why(reply)}")
             return None
         try:
             forwarded = forward_reply(reply, count)
@@ -166,19 +167,18 @@ class Evaluator:
             decoded = decode_for(job.side_config, frame)
         except Refusal as refusal:
             reason = f"evaluation frame: {refusal.reason}"
-            dev.replies_refused[reason] = dev.replies_refused.get(reason, 0) + 1
-            dev.failures.append(f"{what}: refused ({refusal.reason}): {refusal.message}")
+            dev.refused(reason, f"{what}: refused ({refusal.reason}): {refusal.message}")
             return None
         except Exception as err:  # noqa: BLE001 - a reply that fails its checks is a failed request
             dev.refuse(err, what)
             return None
-        dev.bytes_up += len(blob)
+        dev.add(bytes_up=len(blob))
         dev.count("eval_bytes_up", len(blob))
         if split == "test":  # a test curve is the benchmark's measurement, not the method's cost
             dev.count("test_curve_bytes_up", len(blob))
         busy = forwarded.busy_s
         if split == "validation":
-            dev.busy_s += busy
+            dev.add(busy_s=busy)
         return decoded, len(blob), busy
 
     def _on_server(self, rnd: int, split: str, limit: int) -> dict[str, Any]:
@@ -211,7 +211,7 @@ def deliver(job: Job) -> None:
     def deliveries() -> Iterable[Message]:  # built one by one as the send window frees
         for node_id, dev in list(job.state.working().items()):
             weights, net_cfg = m.network_records(job.store.network_for(dev.device_id))
-            dev.bytes_down += m.array_bytes(weights) + config_bytes(net_cfg)
+            dev.add(bytes_down=m.array_bytes(weights) + config_bytes(net_cfg))
             dev.delivered_digest = m.records_digest(weights, net_cfg)
             yield DeliverRequest((weights, net_cfg), job.backbone(node_id)).to_message(
                 node_id, job.config.request_timeout
@@ -222,7 +222,7 @@ def deliver(job: Job) -> None:
     ).items():
         dev = job.state.devices[node]
         if failed(reply):
-            dev.failures.append(f"delivery: {why(reply)}")
+            dev.fail(f"delivery: {why(reply)}")
             dev.metrics["delivered"] = 0
             continue
         try:

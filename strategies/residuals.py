@@ -55,21 +55,21 @@ class ResidualOracle:
                 backbone=self.backbones.get(node_id, BackboneChoice()),
             )
             content = request.to_content()
-            self.state.devices[node_id].bytes_down += m.array_bytes(content[m.PROBS_KEY]) + config_bytes(
-                content[m.CONFIG_KEY]
+            self.state.devices[node_id].add(
+                bytes_down=m.array_bytes(content[m.PROBS_KEY]) + config_bytes(content[m.CONFIG_KEY])
             )
             messages.append(request.to_message(node_id, self.timeout))
         for node_id, reply in request_all(self.grid, messages, self.timeout).items():
             dev, rows = self.state.devices[node_id], by_node[node_id]
             if failed(reply):
-                dev.failures.append(f"residual: {why(reply)}")
+                dev.fail(f"residual: {why(reply)}")
                 continue
             try:
                 residual = residual_reply(reply, len(rows), int(probs.shape[1])).residual
             except Exception as err:  # noqa: BLE001 - its rows stay NaN: left out of the step
                 dev.refuse(err, "residual")
                 continue
-            dev.bytes_up += residual.nbytes
+            dev.add(bytes_up=residual.nbytes)
             dev.count("residual_requests")
             out[rows] = torch.as_tensor(residual, dtype=torch.float32)
         return out

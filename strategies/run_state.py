@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
@@ -47,7 +48,14 @@ class Usage:
 
 @dataclass
 class DeviceState:
-    """What the server knows and has measured about one device."""
+    """What the server knows and has measured about one device.
+
+    Its counters, failures, refusals and metrics are written by two threads: the main thread (requests
+    and replies) and, while a round streams, the trainer thread (a frame it refuses, a label-private
+    step's residual requests). So they change only through :meth:`add`, :meth:`fail`, :meth:`count`
+    and :meth:`refuse`, which hold the device's lock for the read-modify-write; reading them needs no
+    lock (the summary and checkpoints read them once the trainer thread has stopped).
+    """
 
     node_id: int
     device_id: str
@@ -67,6 +75,11 @@ class DeviceState:
     delivered_digest: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     replies_refused: dict[str, int] = field(default_factory=dict)  # replies that failed their checks, by reason
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    COUNTERS: ClassVar[frozenset[str]] = frozenset(
+        ("bytes_up", "bytes_down", "frame_bytes", "frames", "samples_forwarded", "samples_lost", "forward_s", "busy_s")
+    )
 
     RESUMED: ClassVar[tuple[str, ...]] = (
         "next_offset",
@@ -91,19 +104,39 @@ class DeviceState:
     def usage(self) -> Usage:
         return Usage(self.bytes_up, self.bytes_down, self.busy_s, self.frame_bytes)
 
+    def add(self, **amounts: float) -> None:
+        """Add to the device's counters (:data:`COUNTERS`: bytes, frames, samples, seconds) in one step."""
+        unknown = set(amounts) - self.COUNTERS
+        if unknown:
+            raise KeyError(f"not a device counter: {sorted(unknown)}; counters are {sorted(self.COUNTERS)}")
+        with self._lock:
+            for key, amount in amounts.items():
+                setattr(self, key, getattr(self, key) + amount)
+
+    def fail(self, message: str) -> None:
+        """Record a failed request (or a refused frame) with why."""
+        with self._lock:
+            self.failures.append(message)
+
     def count(self, key: str, amount: float = 1) -> None:
         """Add to one of the device's extra metrics (residual requests, evaluation bytes ...)."""
-        self.metrics[key] = self.metrics.get(key, 0) + amount
+        with self._lock:
+            self.metrics[key] = self.metrics.get(key, 0) + amount
 
     def refuse(self, err: Exception, what: str, record: bool = True) -> str:
         """Count a reply that failed its checks (any other error reading it counts as 'unreadable') and,
         with ``record``, add why to the failures; returns why."""
         reason = err.reason if isinstance(err, ReplyError) else f"{what}: unreadable"
-        self.replies_refused[reason] = self.replies_refused.get(reason, 0) + 1
         why = str(err) if isinstance(err, ReplyError) else f"unreadable reply ({type(err).__name__}: {err})"
-        if record:
-            self.failures.append(f"{what}: {why}")
+        self.refused(reason, f"{what}: {why}" if record else None)
         return why
+
+    def refused(self, reason: str, failure: str | None = None) -> None:
+        """Count one refusal under ``reason`` and, given, record ``failure`` with it."""
+        with self._lock:
+            self.replies_refused[reason] = self.replies_refused.get(reason, 0) + 1
+            if failure is not None:
+                self.failures.append(failure)
 
     def account(self) -> dict[str, Any]:
         return {

@@ -52,7 +52,7 @@ def forward_request(
 def forward_message(job: Job, node_id: int, request: ForwardRequest) -> Message:
     """The request's message; its config counts in the device's bytes down."""
     msg = request.to_message(node_id, job.config.request_timeout, group_id=str(request.round))
-    job.state.devices[node_id].bytes_down += config_bytes(msg.content[CONFIG_KEY])
+    job.state.devices[node_id].add(bytes_down=config_bytes(msg.content[CONFIG_KEY]))
     return msg
 
 
@@ -121,7 +121,7 @@ class FrameTrainer:
             self.frame_log.append([int(result.stats["samples"]), result.stats["loss"], len(blob), landed])
             self.train_s += result.stats["seconds"]
         else:
-            dev.failures.append(f"round {self.rnd}: frame refused ({result.reason}): {result.message}")
+            dev.fail(f"round {self.rnd}: frame refused ({result.reason}): {result.message}")
             log(
                 WARNING,
                 "frame from %s refused (%s), nothing trained on it: %s",
@@ -342,12 +342,14 @@ class StreamingRound:
             return
         blob = forwarded.frame
         reply_bytes = len(blob) + 8 * len(forwarded.stats)
-        dev.bytes_up += reply_bytes
-        dev.frame_bytes += len(blob)
-        dev.frames += 1
-        dev.samples_forwarded += forwarded.samples
-        dev.forward_s += forwarded.forward_s
-        dev.busy_s += forwarded.busy_s
+        dev.add(
+            bytes_up=reply_bytes,
+            frame_bytes=len(blob),
+            frames=1,
+            samples_forwarded=forwarded.samples,
+            forward_s=forwarded.forward_s,
+            busy_s=forwarded.busy_s,
+        )
         self.received += forwarded.samples
         landed = self._landed(dev, mid, entry, forwarded, reply_bytes)
         self.trainer.raise_failure()
@@ -387,9 +389,9 @@ class StreamingRound:
                 )
 
     def _failed(self, dev: DeviceState, request: ForwardRequest, why: str) -> None:
-        dev.failures.append(f"forward offset {request.offset}: {why}")
+        dev.fail(f"forward offset {request.offset}: {why}")
         if dev.dropped:  # a request still in flight when the device was dropped: its samples are lost too
-            dev.samples_lost += request.samples
+            dev.add(samples_lost=request.samples)
             return
         if request.attempt < self.config.max_retries:
             self.plans.setdefault(dev.node_id, deque()).appendleft(request.retry())
@@ -397,7 +399,7 @@ class StreamingRound:
         else:
             dev.dropped = True
             unsent = self.plans.pop(dev.node_id, None) or []
-            dev.samples_lost += request.samples + sum(r.samples for r in unsent)
+            dev.add(samples_lost=request.samples + sum(r.samples for r in unsent))
             log(
                 WARNING,
                 "device %s dropped for the rest of the run after: %s (%d of its samples lost so far)",
