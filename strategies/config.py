@@ -24,9 +24,12 @@ class ConfigError(ValueError):
     """A run-config value is invalid; the message names the key and what is allowed."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SideTuningConfig:
-    """Every knob of a federated side-tuning run; the run-config key is the field name with dashes."""
+    """Every knob of a federated side-tuning run; the run-config key is the field name with dashes.
+
+    Frozen: a run reads it from start to end, so nothing may change it under the run (to run with other
+    settings, make a checked copy with :func:`dataclasses.replace`)."""
 
     # side networks and optimisation (server side)
     mode: str = "shared"  # shared | per-device | hybrid

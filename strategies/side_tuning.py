@@ -25,6 +25,7 @@ and reason in the summary, and never stops the round.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -116,13 +117,16 @@ class SideTuningStrategy:
         num_rounds: int | None = None,
         timeout: float | None = None,
         **_: Any,
-    ) -> dict[str, Any]:  # type: ignore[override]
-        """Run the whole side-tuning job on ``grid``; returns (and writes) the run summary."""
+    ) -> dict[str, Any]:
+        """Run the whole side-tuning job on ``grid``; returns (and writes) the run summary.
+
+        ``num_rounds`` and ``timeout`` (Flower's names) override the config's rounds and request timeout
+        for this run: the strategy takes a checked copy, the config it was given stays as it was."""
+        overrides = {"rounds": num_rounds, "request_timeout": timeout}
+        overrides = {key: value for key, value in overrides.items() if value is not None}
+        if overrides:
+            self.config = dataclasses.replace(self.config, **overrides)
         cfg = self.config
-        if num_rounds is not None:
-            cfg.rounds = num_rounds
-        if timeout is not None:
-            cfg.request_timeout = timeout
         torch.set_num_threads(max(1, cfg.server_threads))
         self.summary()
         self.run_dir.mkdir(parents=True, exist_ok=True)
