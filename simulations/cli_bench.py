@@ -8,6 +8,7 @@ import click
 import typer
 
 from mobiflower.simulations.bench.fleet import FleetBenchSettings
+from mobiflower.simulations.bench.personalize import PersonalizeBench, as_option, list_option
 from mobiflower.simulations.bench.privacy import DEFAULT_DEFENSES as DEFAULT_PRIVACY_DEFENSES
 from mobiflower.simulations.bench.privacy import PrivacyBenchSettings
 
@@ -519,6 +520,73 @@ def causal_lm(
         paragraphs=paragraphs, devices=devices, max_length=max_length, rounds=rounds, lora_epochs=lora_epochs
     )
     print(format_table(run_causal_lm_bench(config, out=out)))
+    return 0
+
+
+_PERSONAL = PersonalizeBench()  # the personalize command's defaults
+
+
+@bench.command(
+    help="Per-user personalization on the 2012 convention speeches: one device per speaker (the speakers with "
+    "most words, 80/10/10 by paragraphs), causal-LM; zero-shot, on-device LoRA, federated LoRA (and then a local "
+    "fine-tune) and mobiflower shared / per-device / hybrid, scored per user on the same test tokens."
+)
+def personalize(
+    speakers: Annotated[int, typer.Option(help="devices: the speakers with most words")] = _PERSONAL.speakers,
+    paragraphs: Annotated[int, typer.Option(help="paragraphs per speaker at most (0 = all)")] = _PERSONAL.paragraphs,
+    max_length: Annotated[int, typer.Option(help="tokens a paragraph")] = _PERSONAL.max_length,
+    batch_size: Annotated[int, typer.Option(help="every method's training batch")] = _PERSONAL.batch_size,
+    rounds: Annotated[int, typer.Option(help="mobiflower: rounds (epochs over the text)")] = _PERSONAL.rounds,
+    tail_lrs: Annotated[str, typer.Option(help="mobiflower: lrs tried (comma-separated)")] = as_option(
+        _PERSONAL.tail_lrs
+    ),
+    seeds: Annotated[str, typer.Option(help="mobiflower: training seeds")] = as_option(_PERSONAL.seeds),
+    personal_epochs: Annotated[
+        int, typer.Option(help="mobiflower hybrid: epochs of each device's copy on its own frames")
+    ] = _PERSONAL.personal_epochs,
+    modes: Annotated[str, typer.Option(help="mobiflower: side-network modes")] = as_option(_PERSONAL.modes),
+    lora_lrs: Annotated[str, typer.Option(help="on-device LoRA: lrs tried")] = as_option(_PERSONAL.lora_lrs),
+    lora_epochs: Annotated[int, typer.Option(help="on-device LoRA: most epochs tried")] = _PERSONAL.lora_epochs,
+    fed_lrs: Annotated[str, typer.Option(help="federated LoRA: lrs tried")] = as_option(_PERSONAL.fed_lrs),
+    fed_rounds: Annotated[int, typer.Option(help="federated LoRA: rounds")] = _PERSONAL.fed_rounds,
+    finetune_lrs: Annotated[str, typer.Option(help="local fine-tune after federated LoRA: lrs tried")] = as_option(
+        _PERSONAL.finetune_lrs
+    ),
+    finetune_epochs: Annotated[int, typer.Option(help="... and most epochs tried")] = _PERSONAL.finetune_epochs,
+    data: Annotated[str, typer.Option(help="text with a user column, or the bundled speeches")] = _PERSONAL.data,
+    model: Annotated[str, typer.Option(help="the backbone")] = _PERSONAL.model,
+    workdir: Annotated[str, typer.Option(help="where the runs go")] = _PERSONAL.workdir,
+    out: Annotated[str, typer.Option(help="result JSON (and the plot next to it)")] = "runs/bench_personalize.json",
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="no per-method progress lines")] = False,
+) -> int:
+    from mobiflower.simulations.bench.personalize import run_personalize_bench
+    from mobiflower.simulations.bench.personalize_report import format_table
+
+    try:
+        config = PersonalizeBench(
+            model=model,
+            data=data,
+            speakers=speakers,
+            paragraphs=paragraphs,
+            max_length=max_length,
+            batch_size=batch_size,
+            rounds=rounds,
+            tail_lrs=list_option(tail_lrs, float),
+            seeds=list_option(seeds, int),
+            personal_epochs=personal_epochs,
+            modes=list_option(modes, str),
+            lora_lrs=list_option(lora_lrs, float),
+            lora_epochs=lora_epochs,
+            fed_lrs=list_option(fed_lrs, float),
+            fed_rounds=fed_rounds,
+            finetune_lrs=list_option(finetune_lrs, float),
+            finetune_epochs=finetune_epochs,
+            workdir=workdir,
+        )
+    except ValueError as err:  # an option the user can fix
+        print(f"mobiflower bench personalize: {err}", file=sys.stderr)
+        return 2
+    print(format_table(run_personalize_bench(config, out=out, progress=not no_progress)))
     return 0
 
 

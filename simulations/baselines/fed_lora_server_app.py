@@ -53,6 +53,17 @@ def write_json(summary: dict, run_dir: Path) -> Path:
     return path
 
 
+def write_adapter(arrays: ArrayRecord, run_dir: Path) -> Path:
+    """The final global adapters (+ head) as ``adapter.safetensors``: what a local fine-tune per user starts
+    from (``BaselineConfig.init_adapter``: federated LoRA, then personalized on each device)."""
+    from safetensors.torch import save_file
+
+    path = run_dir / "adapter.safetensors"
+    with atomic_file(path) as tmp:
+        save_file(arrays.to_torch_state_dict(), str(tmp))
+    return path
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     t0 = time.perf_counter()
@@ -78,4 +89,6 @@ def main(grid: Grid, context: Context) -> None:
     summary = strategy.summary_record(final, final_arrays, trainable, time.perf_counter() - t0)
     summary["model"] = model
     summary["task_config"] = as_config(task_config)  # the run config's task keys
-    write_json(summary, run_dir_for(config, grid.run.run_id))
+    run_dir = run_dir_for(config, grid.run.run_id)
+    summary["adapter_path"] = str(write_adapter(final_arrays, run_dir))
+    write_json(summary, run_dir)

@@ -115,6 +115,10 @@ class BaselineConfig:
     # is taken on validation, and the (lr, epoch) with the best one is what is scored on test. Empty:
     # ``lr`` alone, and the last epoch.
     lrs: tuple[float, ...] = ()
+    # LoRA only: start from these trainable tensors (safetensors, e.g. a federated LoRA run's
+    # ``adapter.safetensors``) instead of a fresh adapter: federated LoRA then a local fine-tune per user,
+    # the usual personalized-FL baseline. None: a fresh adapter.
+    init_adapter: str | None = None
     # the task (the run config's task keys, as TaskConfig reads them)
     task: str = "classification"
     labels: str = DEFAULT_LABELS
@@ -137,6 +141,8 @@ class BaselineConfig:
             self.lora_targets = tuple(self.lora_targets)
         if self.train_seed is None:
             self.train_seed = self.seed
+        if self.init_adapter is not None and self.method != "lora":
+            raise ValueError(f"init_adapter starts LoRA from given adapters: method={self.method!r} has none")
         self.lrs = tuple(float(lr) for lr in self.lrs)
         if any(not lr > 0 for lr in self.lrs):
             raise ValueError(f"lrs={self.lrs}: every learning rate must be positive")
@@ -366,6 +372,12 @@ def _start_training(config: BaselineConfig, task: Task, path: str, tokenizer, lr
         lora_dropout=config.lora_dropout,
         lora_targets=config.lora_targets,
     )
+    if config.init_adapter:
+        from safetensors.torch import load_file
+
+        from mobiflower.simulations.baselines.lora_model import load_trainable
+
+        load_trainable(model, load_file(config.init_adapter))  # refuses an adapter of another shape
     optimizer = make_optimizer(model, config.method, lr)
     total = math.ceil(samples / config.batch_size) * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(total, round(config.warmup_frac * total)))
