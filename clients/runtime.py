@@ -22,9 +22,9 @@ import torch
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import SUPPORTED_BITS, QuantizedTensor, concatenate, default_group_size, quantize
 from mobiflower.platform.frames import TOKEN_POLICIES, Frame, encode_frame
+from mobiflower.platform.process_memory import release_free_heap
 from mobiflower.platform.state_defense import StateDefense, device_generator, window_mask
 from mobiflower.platform.state_defense import apply as defend
-from mobiflower.platform.process_memory import release_free_heap
 from mobiflower.platform.tasks import ClassificationTask, Encoded, Example, Task, encode_samples
 
 

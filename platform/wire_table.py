@@ -47,7 +47,9 @@ def wire_row(task: str, label_private: bool) -> WireRow:
     for row in WIRE_TABLE:
         if row.task == task and row.label_private == label_private:
             return row
-    raise ValueError(f"no wire-table line for task={task!r} label-private={label_private}: the project refuses that run")
+    raise ValueError(
+        f"no wire-table line for task={task!r} label-private={label_private}: the project refuses that run"
+    )
 
 
 def frame_header(blob: bytes) -> dict[str, Any]:
@@ -77,9 +79,7 @@ def _has_run(values: Sequence[int], runs: set[tuple[int, ...]], size: int) -> bo
     return any(tuple(values[i : i + size]) in runs for i in range(len(values) - size + 1))
 
 
-def audit_frame(
-    blob: bytes, row: WireRow, token_ids: Sequence[Sequence[int]], run: int = DEFAULT_RUN
-) -> list[str]:
+def audit_frame(blob: bytes, row: WireRow, token_ids: Sequence[Sequence[int]], run: int = DEFAULT_RUN) -> list[str]:
     """What the frame ``blob`` carries beyond ``row``: unknown header keys, another targets kind, and
     any run of ``run`` consecutive token ids of ``token_ids`` (the device's samples) in a header list
     other than the one the row allows. Empty when the frame holds to the table."""

@@ -296,7 +296,9 @@ def test_make_frame_noise_is_fresh_on_every_frame(tiny_sets):
     assert float((first - second).norm()) > 0.1 * float(first.norm())  # not a seed the server could replay
 
 
-def test_a_device_that_insists_gets_its_defense_whatever_the_server_asks(real_assets, tiny_llama, tmp_path, monkeypatch):
+def test_a_device_that_insists_gets_its_defense_whatever_the_server_asks(
+    real_assets, tiny_llama, tmp_path, monkeypatch
+):
     """A fleet run whose run config asks for no defense: device 0's node config sets a window and a clip,
     and every frame device 0 builds obeys them (device 1's do not); the summary names each device's defense."""
     from inprocess_grid import run_fleet

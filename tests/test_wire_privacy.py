@@ -84,7 +84,9 @@ def test_the_audit_fails_a_frame_that_carries_more_than_the_table(tiny_llama):
     row = wire_row("classification", False)
     assert audit_frame(encode_frame(frame), row, ids) == []
     planted = dataclasses.replace(frame, meta={**frame.meta, "debug": ids[2][3:12]})
-    assert audit_frame(encode_frame(planted), row, ids) == ["header.meta.debug holds 6 consecutive token ids of a sample"]
+    assert audit_frame(encode_frame(planted), row, ids) == [
+        "header.meta.debug holds 6 consecutive token ids of a sample"
+    ]
     lm = DeviceRuntime(backbone, ForwardConfig(token_policy="nonpad"), task=CausalLMTask())
     lm_frame, _ = lm.make_frame(examples)
     lm_ids = [e.ids for e in lm.encode_samples(examples)]

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mobiflower.simulations.bench.common import bench_logger, fmt, ratio
+from mobiflower.simulations.bench.personalize_report import FED, FED_FT, LORA, ZERO_SHOT
 
-ZERO_SHOT, LORA, FED, FED_FT = "zero-shot", "on-device LoRA", "fed LoRA", "fed LoRA + local FT"
 MODES = ("shared", "per-device", "hybrid")
 PERSONAL_MODES = ("per-device", "hybrid")
 ACCEPTANCE = {"personal_over_lora_perplexity": 1.02}

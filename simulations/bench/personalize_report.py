@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from mobiflower.simulations.bench.common import acceptance_lines, fmt, save_figure
-from mobiflower.simulations.bench.personalize import LORA
+
+ZERO_SHOT, LORA, FED, FED_FT = "zero-shot", "on-device LoRA", "fed LoRA", "fed LoRA + local FT"
+"""The baselines' method names (the report's vocabulary; the mobiflower modes are named by mode_method)."""
 
 ACCEPTANCE_ROWS = {
     "personal_within_1.02x_of_lora": ("personal_over_lora_perplexity", "<=", 1.02),
