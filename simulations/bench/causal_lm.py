@@ -41,7 +41,7 @@ class CausalLMBench:
     devices: int = 4
     max_length: int = 128
     rounds: int = 2
-    tail_lrs: tuple[float, ...] = (1e-3, 2e-3)
+    tail_lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
     lora_lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3)
     lora_epochs: int = 2
     seed: int = 0
