@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mobiflower.simulations.device_grid import DeviceProcessGrid
 from mobiflower.simulations.simulate import SimulateConfig, default_app_config, run_simulate
 from mobiflower.strategies.config import SideTuningConfig
@@ -49,7 +51,10 @@ def test_a_natural_partition_gives_one_device_per_user(tiny_llama, tmp_path):
     assert sorted(sum(c) for c in counts.values()) == [10, 20, 30]  # each device holds exactly its user's rows
     assert all(a["test_samples"] == a["data"]["test"] for a in summary["devices"].values())
     assert all(len(a["label_shares"]) == 3 for a in summary["devices"].values())
-    assert 0 <= summary["test_accuracy"] <= 1 and summary["task"] == "classification"
+    tested = [(a["test_accuracy"], a["test_samples"]) for a in summary["devices"].values()]
+    assert all(acc * n == pytest.approx(round(acc * n)) for acc, n in tested)  # right answers over its samples
+    fleet = sum(acc * n for acc, n in tested) / sum(n for _, n in tested)  # each device weighted by its samples
+    assert summary["test_accuracy"] == pytest.approx(fleet) and summary["task"] == "classification"
 
 
 def test_local_reads_a_users_file(tiny_llama, tmp_path, capsys):
