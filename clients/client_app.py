@@ -65,15 +65,15 @@ SPLITS = ("train", "validation", "test")
 
 def _setup(context: Context, msg: Message | None = None) -> DeviceSetup:
     """This device's setup. In a simulated heterogeneous fleet the server's fleet model says which
-    backbone a device runs (request keys ``model`` / ``backbone-layers`` / ``weights``); a real
-    device's own node config (``--node-config 'backbone-layers=15 weights="int8"'``) always wins."""
+    backbone a device runs (request keys ``model`` / ``backbone-layers`` / ``weights``, its ``weight-precision``); a real
+    device's own node config (``--node-config 'backbone-layers=15 weight-precision="int8"'``) always wins."""
     setup = DeviceSetup.from_configs(context.run_config, context.node_config)
     choice = m.backbone_choice(msg.content if msg is not None and msg.has_content() else None)
     if choice.backbone_layers and "backbone-layers" not in context.node_config:
         setup = dataclasses.replace(setup, backbone_layers=choice.backbone_layers)
     if choice.model and "model" not in context.node_config:
         setup = dataclasses.replace(setup, model=choice.model)
-    if choice.weights and "weights" not in context.node_config:
+    if choice.weights and "weight-precision" not in context.node_config:
         setup = dataclasses.replace(setup, weights=normalize_precision(choice.weights))
     return setup
 

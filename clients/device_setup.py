@@ -71,7 +71,7 @@ class DeviceSetupError(ValueError):
 # the run-config key of each field the run config sets (the same on every device)
 RUN_CONFIG_KEYS = {
     "model": "model",
-    "weights": "weights",
+    "weights": "weight-precision",
     "num_taps": "num-taps",
     "data_source": "data",
     "text_column": "text-column",
@@ -103,7 +103,7 @@ NODE_CONFIG_FIELDS = (
     "validation_fraction",
     "test_fraction",
 )
-NODE_CONFIG_KEYS = {"device_name": "device-id", "data_source": "data"}
+NODE_CONFIG_KEYS = {"device_name": "device-id", "data_source": "data", "weights": "weight-precision"}
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,7 @@ class DeviceSetup:
         try:
             setup = dataclasses.replace(setup, weights=normalize_precision(setup.weights))
         except WeightPrecisionError as exc:
-            raise DeviceSetupError(f"weights={setup.weights!r}: {exc}") from None
+            raise DeviceSetupError(f"weight-precision={setup.weights!r}: {exc}") from None
         if setup.max_tokens < 0:
             raise DeviceSetupError(f"max-tokens={setup.max_tokens} must be >= 1 (0 = whole batches)")
         if setup.backbone_layers < 0:

@@ -12,6 +12,28 @@ from typing import Any, Iterable, Mapping
 
 TRUE = ("1", "true", "yes", "on")
 
+# run-config keys that were renamed to the names users know from Flower and PEFT: refused (no silent alias),
+# with a message naming the new key
+RETIRED_KEYS: dict[str, str] = {
+    "rounds": "num-server-rounds",
+    "lora-rank": "lora-r",
+    "lora-targets": "lora-target-modules",
+    "weights": "weight-precision",
+}
+
+
+def retired_key_message(key: str, where: str = "run config") -> str:
+    """What to say about a retired ``key`` (in ``where``): the key it was renamed to."""
+    return f"{where} key {key!r} was renamed: use {RETIRED_KEYS[key]}"
+
+
+def refuse_retired(
+    config: Mapping[str, Any], error: type[Exception] = ValueError, own: Iterable[str] = (), where: str = "run config"
+) -> None:
+    """Raise ``error`` naming the new key when ``config`` sets a retired key (one that is not in ``own``)."""
+    for key in sorted(set(config) & set(RETIRED_KEYS) - set(own)):
+        raise error(retired_key_message(key, where))
+
 
 def flag(value: Any) -> bool:
     """A run-config boolean: a bool, a number, or one of ``1 true yes on`` (any case) for true."""
@@ -35,8 +57,10 @@ def typed_fields(
 ) -> dict[str, Any]:
     """The fields of dataclass ``cls`` that ``config`` sets (a None value sets nothing), each converted to
     its default's type; ``only`` limits the fields read, ``keys`` renames their keys. A value that does
-    not convert raises ``error`` naming the key, the value and the type it needs."""
+    not convert raises ``error`` naming the key, the value and the type it needs; a retired key
+    (:data:`RETIRED_KEYS`) raises ``error`` naming the key that replaced it."""
     wanted = set(only) if only is not None else None
+    refuse_retired(config, error, own=(key_of(f.name, keys) for f in dataclasses.fields(cls)))
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         key = key_of(f.name, keys)

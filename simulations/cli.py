@@ -4,7 +4,7 @@
     mobiflower simulate [--devices 4]      a Flower simulation of a device fleet side-tuning the model
     mobiflower local [--bits 4] [--out F]  side-tune one device (the same strategy, the device in its own process)
     mobiflower local --baseline lora       the same task trained on the device instead
-    mobiflower infer --side-network F "a gripping, beautiful film"
+    mobiflower infer --adapter F "a gripping, beautiful film"
     mobiflower generate "Once upon a time" --adapter DIR [--temperature 0.7]   text from a causal-LM adapter
     mobiflower fed-lora [--tune] [--out F] the federated on-device LoRA baseline (Flower simulation)
     mobiflower compare runs/*.json         one table of the runs' accuracy and cost
@@ -140,16 +140,22 @@ def simulate(
             "user-column value); default: iid",
         ),
     ] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Dirichlet alpha (default 0.1)")] = None,
+    dirichlet_alpha: Annotated[
+        Optional[float], typer.Option(help="--partitioning dirichlet: the Dirichlet alpha over labels (default 0.1)")
+    ] = None,
     family: Annotated[
         Optional[str],
         typer.Option(
-            click_type=FAMILIES, help="side-network family, with its own lr / batch size / rounds (default: tail)"
+            click_type=FAMILIES,
+            help="side-network family, with its own lr / batch size / num-server-rounds (default: tail)",
         ),
     ] = None,
-    rounds: Annotated[
+    num_server_rounds: Annotated[
         Optional[int],
-        typer.Option(help="epochs over the fleet's samples (default: 1 for the tail, 20 for ladder / adapter)"),
+        typer.Option(
+            help="Flower server rounds; one round is one epoch over the fleet's training samples (default: 1 for "
+            "the tail, 20 for ladder / adapter)"
+        ),
     ] = None,
     aggregate_every: Annotated[Optional[int], typer.Option(help="per-device mode: FedAvg every k rounds")] = None,
     in_flight: Annotated[Optional[int], typer.Option(help="forward requests in flight per device (default 2)")] = None,
@@ -205,8 +211,8 @@ def simulate(
         "data": data,
         "mode": mode,
         "partitioning": partitioning,
-        "dirichlet-alpha": alpha,
-        "rounds": rounds,
+        "dirichlet-alpha": dirichlet_alpha,
+        "num-server-rounds": num_server_rounds,
         "aggregate-every": aggregate_every,
         "in-flight": in_flight,
         "bits": bits,
@@ -287,11 +293,12 @@ def local(
     bits: Annotated[
         Optional[int], typer.Option(click_type=BITS, help="activation bits (default: the family's)")
     ] = None,
-    weights: Annotated[
+    weight_precision: Annotated[
         Optional[str], typer.Option(click_type=PRECISIONS, help="device backbone weight precision (default: fp32)")
     ] = None,
-    rounds: Annotated[
-        Optional[int], typer.Option(help="epochs over the device's samples (default: the family's)")
+    num_server_rounds: Annotated[
+        Optional[int],
+        typer.Option(help="server rounds, each one epoch over the device's samples (default: the family's)"),
     ] = None,
     baseline_lrs: Annotated[
         Optional[list[float]],
@@ -306,7 +313,8 @@ def local(
     out: Annotated[Optional[str], typer.Option(help="write the figures as JSON here")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="print only the final figures")] = False,
 ) -> int:
-    overrides = _fleet_overrides(run_config, family, {"data": data, "bits": bits, "weights": weights, "rounds": rounds})
+    given = {"data": data, "bits": bits, "weight-precision": weight_precision, "num-server-rounds": num_server_rounds}
+    overrides = _fleet_overrides(run_config, family, given)
     if baseline:
         result = _local_baseline(baseline, overrides, baseline_lrs, lr, epochs, quiet)
         write_json(result, out)
@@ -371,11 +379,12 @@ def infer(
         Optional[list[str]],
         typer.Argument(help="texts to classify (default: read lines from stdin)", show_default=False),
     ] = None,
-    side_network: Annotated[
+    adapter: Annotated[
         Optional[str],
         typer.Option(
+            metavar="PATH",
             help="a delivered side network: a pretrained tail's adapter folder or a .safetensors file (default: what "
-            "the last `mobiflower local` delivered, runs/local/adapter or runs/local/side_network.safetensors)"
+            "the last `mobiflower local` delivered, runs/local/adapter or runs/local/side_network.safetensors)",
         ),
     ] = None,
     model: Annotated[Optional[str], typer.Option(help="backbone (default: the one the side network names)")] = None,
@@ -383,11 +392,12 @@ def infer(
 ) -> int:
     from mobiflower.clients.inference import LocalClassifier, delivered_config
 
+    side_network = adapter
     if side_network is None:
         found = [p for p in ("runs/local/adapter", "runs/local/side_network.safetensors") if Path(p).exists()]
         side_network = max(found, key=lambda p: Path(p).stat().st_mtime) if found else "runs/local/adapter"
     if not Path(side_network).exists():
-        return fail("infer", f"no side network at {side_network}: run `mobiflower local` first or pass --side-network")
+        return fail("infer", f"no side network at {side_network}: run `mobiflower local` first or pass --adapter")
     if delivered_config(side_network).head == "lm":
         return fail("infer", f"{side_network}: this adapter generates text: use mobiflower generate")
     texts = list(texts or []) or [line.strip() for line in sys.stdin if line.strip()]
@@ -404,7 +414,9 @@ def generate(
     adapter: Annotated[str, typer.Option(metavar="DIR", help="a delivered causal-LM adapter folder")],
     prompt: Annotated[Optional[str], typer.Argument(help="the text to continue (default: stdin)")] = None,
     model: Annotated[Optional[str], typer.Option(help="backbone (default: the one the adapter names)")] = None,
-    weights: Annotated[Optional[str], typer.Option(click_type=PRECISIONS, help="default: the adapter's")] = None,
+    weight_precision: Annotated[
+        Optional[str], typer.Option(click_type=PRECISIONS, help="backbone weight precision (default: the adapter's)")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="at most this many new tokens")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy, else sampling at this temperature")] = 0.0,
     top_p: Annotated[float, typer.Option(help="sampling: nucleus probability mass")] = 1.0,
@@ -415,7 +427,9 @@ def generate(
     from mobiflower.clients.generation import LocalGenerator, SideNetworkError
 
     try:
-        with LocalGenerator.load(adapter, model, weights, match_training_precision=not full_precision) as generator:
+        with LocalGenerator.load(
+            adapter, model, weight_precision, match_training_precision=not full_precision
+        ) as generator:
             text = prompt if prompt is not None else sys.stdin.read()
             out = generator.generate(text, max_new_tokens, temperature, top_p, seed, chat, on_text=_STREAM)
     except SideNetworkError as err:
@@ -519,6 +533,15 @@ VARIADIC: dict[tuple[str, ...], frozenset[str]] = {
 }
 _NUMBER = re.compile(r"^-(\d|\.\d)")
 
+# options renamed to the names users know (Flower, PEFT, the run-config keys they set): refused with the new
+# name (no silent alias); a command whose own option still has such a name (bench device --weights) keeps it
+RETIRED_OPTIONS = {
+    "--rounds": "--num-server-rounds",
+    "--alpha": "--dirichlet-alpha",
+    "--side-network": "--adapter",
+    "--weights": "--weight-precision",
+}
+
 
 def spell_out_variadic(argv: Sequence[str]) -> list[str]:
     """``argv`` with each multi-value option repeated once per value (what Click parses). An option given
@@ -549,6 +572,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         status = command.main(args=args, prog_name="mobiflower", standalone_mode=False)
+    except click.exceptions.NoSuchOption as err:
+        if err.option_name in RETIRED_OPTIONS:  # a retired name: say which name replaced it
+            err.message = f"{err.option_name} was renamed: use {RETIRED_OPTIONS[err.option_name]}"
+            err.possibilities = None
+        err.show()
+        return err.exit_code
     except click.ClickException as err:  # a wrong flag or value: Click's usage line and message
         err.show()
         return err.exit_code

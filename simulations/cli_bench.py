@@ -212,14 +212,14 @@ def pipeline(
 @bench.command(help="Shared vs per-device vs hybrid side networks on a Dirichlet label split.")
 def modes(
     devices: Annotated[int, typer.Option()] = 4,
-    alpha: Annotated[float, typer.Option()] = 0.1,
-    rounds: Annotated[int, typer.Option()] = 20,
+    dirichlet_alpha: Annotated[float, typer.Option(help="the Dirichlet alpha of the label split")] = 0.1,
+    num_server_rounds: Annotated[int, typer.Option(help="server rounds (epochs over the fleet's samples)")] = 20,
     out: Annotated[str, typer.Option()] = "runs/bench_modes.json",
 ) -> int:
     from mobiflower.simulations.bench.common import write_outputs
     from mobiflower.simulations.bench.modes import format_table, plot, run_modes_bench
 
-    result = run_modes_bench(devices, alpha, rounds=rounds, log=_log)
+    result = run_modes_bench(devices, dirichlet_alpha, rounds=num_server_rounds, log=_log)
     print(format_table(result))
     write_outputs(result, out, None, plot, _log)
     return 0
@@ -233,7 +233,7 @@ def modes(
 def load(
     devices: Annotated[list[int], typer.Option(metavar="N ...", help="fleet sizes")] = [8, 16, 32, 64],  # noqa: B006
     budget_mb: Annotated[float, typer.Option(help="side-memory-mb of the paged runs")] = 24.0,
-    rounds: Annotated[int, typer.Option()] = 3,
+    num_server_rounds: Annotated[int, typer.Option(help="server rounds (epochs over the fleet's samples)")] = 3,
     samples_per_device: Annotated[int, typer.Option()] = 32,
     paged_only: Annotated[bool, typer.Option("--paged-only", help="skip the all-in-memory runs")] = False,
     out: Annotated[str, typer.Option()] = "runs/bench_load.json",
@@ -241,7 +241,9 @@ def load(
     from mobiflower.simulations.bench.common import write_outputs
     from mobiflower.simulations.bench.load import format_table, plot, run_load_bench
 
-    result = run_load_bench(devices, budget_mb, samples_per_device, rounds, unbounded=not paged_only, log=_log)
+    result = run_load_bench(
+        devices, budget_mb, samples_per_device, num_server_rounds, unbounded=not paged_only, log=_log
+    )
     print(format_table(result))
     write_outputs(result, out, None, plot, _log)
     return 0
@@ -277,7 +279,9 @@ def fleet(
     test_samples: Annotated[int, typer.Option(help="over the whole fleet")] = _FLEET.test_samples,
     seed: Annotated[int, typer.Option(help="data split and training seed, every method")] = _FLEET.seed,
     model: Annotated[Optional[str], typer.Option(help="backbone for every method (default: the bundled one)")] = None,
-    rounds: Annotated[int, typer.Option(help="mobiflower rounds")] = _FLEET.rounds,
+    num_server_rounds: Annotated[
+        int, typer.Option(help="mobiflower's server rounds (epochs over the fleet's samples)")
+    ] = _FLEET.rounds,
     eval_every: Annotated[
         int, typer.Option(help="mobiflower: score the test split every k rounds (the points of its curve)")
     ] = _FLEET.eval_every,
@@ -345,7 +349,7 @@ def fleet(
             test_samples=test_samples,
             seed=seed,
             model=model or "",
-            rounds=rounds,
+            rounds=num_server_rounds,
             eval_every=eval_every,
             lora_rounds=lora_rounds,
             tune_rounds=tune_rounds,
@@ -510,14 +514,14 @@ def causal_lm(
     paragraphs: Annotated[int, typer.Option(help="paragraphs sampled from the speeches (all devices)")] = 400,
     devices: Annotated[int, typer.Option(help="simulated devices (IID split)")] = 4,
     max_length: Annotated[int, typer.Option(help="tokens a sample")] = 128,
-    rounds: Annotated[int, typer.Option(help="the tail's rounds (epochs over the fleet's text)")] = 2,
+    num_server_rounds: Annotated[int, typer.Option(help="the tail's server rounds (epochs over the fleet's text)")] = 2,
     lora_epochs: Annotated[int, typer.Option(help="on-device LoRA: the most epochs tried")] = 2,
     out: Annotated[str, typer.Option(help="result JSON (and the plot next to it)")] = "runs/bench_causal_lm.json",
 ) -> int:
     from mobiflower.simulations.bench.causal_lm import CausalLMBench, format_table, run_causal_lm_bench
 
     config = CausalLMBench(
-        paragraphs=paragraphs, devices=devices, max_length=max_length, rounds=rounds, lora_epochs=lora_epochs
+        paragraphs=paragraphs, devices=devices, max_length=max_length, rounds=num_server_rounds, lora_epochs=lora_epochs
     )
     print(format_table(run_causal_lm_bench(config, out=out)))
     return 0
@@ -536,7 +540,9 @@ def personalize(
     paragraphs: Annotated[int, typer.Option(help="paragraphs per speaker at most (0 = all)")] = _PERSONAL.paragraphs,
     max_length: Annotated[int, typer.Option(help="tokens a paragraph")] = _PERSONAL.max_length,
     batch_size: Annotated[int, typer.Option(help="every method's training batch")] = _PERSONAL.batch_size,
-    rounds: Annotated[int, typer.Option(help="mobiflower: rounds (epochs over the text)")] = _PERSONAL.rounds,
+    num_server_rounds: Annotated[
+        int, typer.Option(help="mobiflower: server rounds (epochs over the text)")
+    ] = _PERSONAL.rounds,
     tail_lrs: Annotated[str, typer.Option(help="mobiflower: lrs tried (comma-separated)")] = as_option(
         _PERSONAL.tail_lrs
     ),
@@ -570,7 +576,7 @@ def personalize(
             paragraphs=paragraphs,
             max_length=max_length,
             batch_size=batch_size,
-            rounds=rounds,
+            rounds=num_server_rounds,
             tail_lrs=list_option(tail_lrs, float),
             seeds=list_option(seeds, int),
             personal_epochs=personal_epochs,

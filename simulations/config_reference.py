@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mobiflower.clients.device_setup import NODE_CONFIG_FIELDS, NODE_CONFIG_KEYS, RUN_CONFIG_KEYS, DeviceSetup
-from mobiflower.platform.run_config import key_of
+from mobiflower.platform.run_config import RETIRED_KEYS, key_of
 from mobiflower.platform.state_defense import DEFENSE_KEYS, StateDefense
 from mobiflower.platform.tasks import TaskConfig
 from mobiflower.strategies.config import FAMILY_SETTINGS, SideTuningConfig
@@ -37,7 +37,7 @@ HELP = {
     "task": "what the fleet fine-tunes for: `classification` or `causal-lm` (docs/tasks-and-data.md)",
     "model": "the device's backbone: `smollm2-135m` (bundled), a shape (`opt-1.3b-shape`, `smollm2-1.7b-shape`), "
     "a local model folder or a Hugging Face model id",
-    "weights": "the device's backbone weight precision: fp32, bf16, int8 or int4 (a prepared, memory-mapped copy)",
+    "weight-precision": "the device's backbone weight precision: fp32, bf16, int8 or int4 (a prepared, memory-mapped copy)",
     "num-taps": "ladder / adapter: how many evenly spaced layers the device taps",
     "text-column": "the column holding a sample's text",
     "label-column": "classification: the column holding a label name from `labels`, or its integer id",
@@ -51,16 +51,16 @@ HELP = {
     "dirichlet-alpha": "`partitioning = dirichlet`: the Dirichlet concentration over labels (small = skewed)",
     "seed": "the data split and partition and, unless train-seed is set, the training",
     "device-threads": "torch threads of each device's forward",
-    "lora-rank": "tail: the LoRA rank (PEFT's `r`)",
+    "lora-r": "tail: the LoRA rank (PEFT's `r`)",
     "lora-alpha": "tail: the LoRA scaling (PEFT's `lora_alpha`)",
-    "lora-targets": "tail: the modules LoRA wraps, comma-separated (PEFT's `target_modules`)",
+    "lora-target-modules": "tail: the modules LoRA wraps, comma-separated (PEFT's `target_modules`)",
     "reduction": "ladder / adapter: the side network's width is the backbone's divided by this",
     "dropout": "ladder / adapter: dropout in the side network",
     "lr": "the server's learning rate (AdamW): the tail's 1e-3 was picked on validation over 1e-3 / 2e-3 "
     "(RESULTS.md); ladder / adapter train best near 3e-4",
     "bits": "bits per value in the frames: 16, 8, 4 or 2 (the tail's 4 cost it no measurable accuracy; "
     "ladder / adapter default to 8)",
-    "eval-every": "validation every k rounds (0 = only the final test)",
+    "eval-every": "validation every k server rounds (0 = only the final test)",
     "adapt-min-taps": "adaptation never sends fewer tapped layers than this (0 = half of them, rounded up)",
     "run-dir": 'where checkpoints, the summary and the server\'s side networks go ("" = '
     "`$MOBIFLOWER_HOME/runs/<run id>`)",
@@ -234,6 +234,10 @@ def render() -> str:
     lines += ["| family | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for family, values in FAMILY_SETTINGS.items():
         lines.append(f"| `{family}` | " + " | ".join(toml_value(values[n]) for n in names) + " |")
+    lines += ["", "### Renamed keys", ""]
+    lines += ["These earlier names are refused, with a message naming the new key (no silent alias).", ""]
+    lines += ["| earlier key | use |", "|---|---|"]
+    lines += [f"| `{old}` | `{new}` |" for old, new in RETIRED_KEYS.items()]
     lines += ["", "## Node config", ""]
     lines += [
         "A SuperNode's `--node-config`, read by the device alone (clients/device_setup.py, clients/client_app.py).",

@@ -23,6 +23,8 @@ from typing import Any
 
 from packaging.version import Version
 
+from mobiflower.platform.run_config import refuse_retired
+
 RunConfigValue = bool | int | float | str
 """A value Flower's run config accepts (``[tool.flwr.app.config]`` / ``-c``)."""
 
@@ -95,6 +97,7 @@ def fleet_run_config(
         raise ValueError(f"--devices must be at least 1, got {devices}")
     if client_cpus < 1:
         raise ValueError(f"--client-cpus must be a whole number >= 1, got {client_cpus}")
+    refuse_retired(run_config, own=known)
     unknown = sorted(set(run_config) - set(known))
     if unknown:
         raise ValueError(f"unknown run-config key(s) {unknown}: {reader} {', '.join(sorted(known))}")
@@ -277,6 +280,7 @@ def check_run_config(app_dir: Path, run_config: Mapping[str, RunConfigValue]) ->
         raise FileNotFoundError(f"no pyproject.toml in Flower app folder {app_dir}")
     app = _read_toml(path).get("tool", {}).get("flwr", {}).get("app", {})
     declared = _flat(app.get("config", {}))
+    refuse_retired(run_config, own=declared)
     unknown = sorted(set(run_config) - set(declared))
     if unknown:
         raise ValueError(

@@ -14,9 +14,23 @@ from mobiflower.platform.tasks import TaskConfig
 # defaults; ladder and adapter train best with these (RESULTS.md). `mobiflower simulate --family`
 # applies them (a -c key still wins).
 FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
-    "tail": {"lr": 1e-3, "weight-decay": 0.0, "batch-size": 16, "rounds": 1, "average-epochs": 0, "bits": 4},
-    "ladder": {"lr": 3e-4, "weight-decay": 0.1, "batch-size": 32, "rounds": 20, "average-epochs": 5, "bits": 8},
-    "adapter": {"lr": 3e-4, "weight-decay": 0.1, "batch-size": 32, "rounds": 20, "average-epochs": 5, "bits": 8},
+    "tail": {"lr": 1e-3, "weight-decay": 0.0, "batch-size": 16, "num-server-rounds": 1, "average-epochs": 0, "bits": 4},
+    "ladder": {
+        "lr": 3e-4,
+        "weight-decay": 0.1,
+        "batch-size": 32,
+        "num-server-rounds": 20,
+        "average-epochs": 5,
+        "bits": 8,
+    },
+    "adapter": {
+        "lr": 3e-4,
+        "weight-decay": 0.1,
+        "batch-size": 32,
+        "num-server-rounds": 20,
+        "average-epochs": 5,
+        "bits": 8,
+    },
 }
 
 
@@ -35,17 +49,20 @@ class SideTuningConfig:
     mode: str = "shared"  # shared | per-device | hybrid
     family: str = "tail"  # tail (pretrained upper blocks + LoRA) | ladder | adapter
     tail_cut: int = 0  # tail: devices forward blocks 0..cut-1, the server trains blocks cut.. with LoRA (0 = half)
-    lora_rank: int = 8  # tail: LoRA rank, alpha and the modules it wraps (comma-separated)
+    lora_r: int = 8  # tail: LoRA rank (PEFT's r), alpha and the modules it wraps (target_modules, comma-separated)
     lora_alpha: float = 16.0
-    lora_targets: str = "q_proj,v_proj"
+    lora_target_modules: str = "q_proj,v_proj"
     mixed_precision: str = "auto"  # server training: none | bf16 | auto (bf16 for the tail where the CPU has it)
     reduction: int = 8
     dropout: float = 0.3
     lr: float = 1e-3  # the tail's (picked on validation over 1e-3 / 2e-3, RESULTS.md); ladder / adapter train best near 3e-4 (weight-decay 0.1, batch 32, 20 rounds)
     weight_decay: float = 0.0
     batch_size: int = 16
-    rounds: int = 1  # one round = one epoch over the fleet's training samples
-    average_epochs: int = 0  # deliver the mean weights of the last k rounds (tail averaging); 0 = the last
+    # Flower's rounds of the ServerApp. Here one server round is one epoch over the fleet's training samples:
+    # every device streams (or, from the cache, replays) each of its training samples once and the server
+    # trains on them in batch-size steps; so num-server-rounds = epochs over the data
+    num_server_rounds: int = 1
+    average_epochs: int = 0  # deliver the mean weights of the last k server rounds (tail averaging); 0 = the last
     activation_cache: bool = True  # later rounds train from cached activations: devices forward once
     cache_mb: int = 2048
     side_memory_mb: float = (
@@ -112,19 +129,19 @@ class SideTuningConfig:
                 "family 'tail' reads every real token of the cut layer: set token-policy = 'nonpad' (or 'auto')"
             )
         if self.family == "tail" and (
-            self.tail_cut < 0 or self.lora_rank < 1 or self.lora_alpha <= 0 or not self.lora_target_list
+            self.tail_cut < 0 or self.lora_r < 1 or self.lora_alpha <= 0 or not self.lora_target_list
         ):
             raise ConfigError(
-                f"tail-cut={self.tail_cut} must be >= 0 (0 = half the blocks), lora-rank={self.lora_rank} "
+                f"tail-cut={self.tail_cut} must be >= 0 (0 = half the blocks), lora-r={self.lora_r} "
                 f"at least 1, "
-                f"lora-alpha={self.lora_alpha} positive, lora-targets={self.lora_targets!r} non-empty"
+                f"lora-alpha={self.lora_alpha} positive, lora-target-modules={self.lora_target_modules!r} non-empty"
             )
         if self.mixed_precision not in ("none", "bf16", "auto"):
             raise ConfigError(f"mixed-precision={self.mixed_precision!r} is unknown: use 'none', 'bf16' or 'auto'")
 
     def _check_counts_and_memory(self) -> None:
         for name in (
-            "rounds",
+            "num_server_rounds",
             "chunk_size",
             "in_flight",
             "send_window",
@@ -234,7 +251,7 @@ class SideTuningConfig:
 
     @property
     def lora_target_list(self) -> list[str]:
-        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        return [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "SideTuningConfig":

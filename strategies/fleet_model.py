@@ -18,7 +18,7 @@ A fleet is a TOML file of device tiers (``strategies/fleets/<name>.toml``, or an
     availability = 1.0      # chance a request is answered (1.0: always)
     backbone = ""           # a model ref of the same family for this tier ("" = the run's model)
     backbone-layers = 0     # > 0: these devices run only the first N blocks (a layer-truncated backbone)
-    weights = ""            # these devices' backbone weight precision: fp32, bf16, int8, int4 ("" = the run's)
+    weight-precision = ""   # these devices' backbone weight precision: fp32, bf16, int8, int4 ("" = the run's)
     activation-cache = true # false: these devices opt out of the server's activation cache
 
 :func:`load_fleet` reads and checks one (every error names the file, the tier and the key);
@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from mobiflower.platform.run_config import refuse_retired
+
 FLEETS_DIR = Path(__file__).resolve().parent / "fleets"
 TIER_KEYS = {
     "name",
@@ -53,7 +55,7 @@ TIER_KEYS = {
     "availability",
     "backbone",
     "backbone-layers",
-    "weights",
+    "weight-precision",
     "activation-cache",
 }
 
@@ -76,7 +78,7 @@ class DeviceProfile:
     backbone: str = ""  # a model ref of the run model's family ("" = the run's model)
     backbone_layers: int = 0  # > 0: the device runs only the first N blocks (a layer-truncated backbone)
     activation_cache: bool = True  # False: the device opts out; the server keeps none of its activations
-    weights: str = ""  # the device's backbone weight precision ("" = the run's `weights`)
+    weights: str = ""  # the device's backbone weight precision ("" = the run's `weight-precision`)
 
     def upload_s(self, nbytes: int) -> float:
         """Seconds to send ``nbytes`` up: one latency plus the bytes at the uplink rate."""
@@ -175,6 +177,7 @@ def _parse_tier(tier: object, i: int, source: str, names: set[str]) -> tuple[Dev
     where = f"{source}, tier {i + 1}"
     if not isinstance(tier, dict):
         raise FleetModelError(f"{where}: must be a table ([[tier]])")
+    refuse_retired(tier, FleetModelError, own=TIER_KEYS, where=where)
     unknown = sorted(set(tier) - TIER_KEYS)
     if unknown:
         raise FleetModelError(f"{where}: unknown key(s) {unknown}; a tier takes {sorted(TIER_KEYS)}")
@@ -206,14 +209,14 @@ def _parse_tier(tier: object, i: int, source: str, names: set[str]) -> tuple[Dev
     backbone = tier.get("backbone", "")
     if not isinstance(backbone, str):
         raise FleetModelError(f"{where}: backbone must be a model ref string, got {backbone!r}")
-    weights = tier.get("weights", "") or ""
+    weights = tier.get("weight-precision", "") or ""
     if weights:
         from mobiflower.platform.precision import WeightPrecisionError, normalize_precision
 
         try:
             weights = normalize_precision(str(weights))
         except WeightPrecisionError as exc:
-            raise FleetModelError(f"{where}: weights: {exc}") from None
+            raise FleetModelError(f"{where}: weight-precision: {exc}") from None
     profile = DeviceProfile(
         tier=name,
         uplink_mbps=_number(tier["uplink-mbps"], where, "uplink-mbps", 0.0),

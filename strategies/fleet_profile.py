@@ -250,12 +250,12 @@ def public_tail(
         public.cut,
         total - 1,
         public.fingerprint,
-        cfg.lora_rank,
-        cfg.lora_targets,
+        cfg.lora_r,
+        cfg.lora_target_modules,
     )
     keys = {
         "backbone_config": public.backbone_config,
-        "lora_rank": cfg.lora_rank,
+        "lora_rank": cfg.lora_r,
         "lora_alpha": cfg.lora_alpha,
         "lora_targets": cfg.lora_target_list,
         "cut": public.cut,

@@ -98,7 +98,7 @@ def _store(
     train = TrainConfig(
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
-        epochs=cfg.rounds,
+        epochs=cfg.num_server_rounds,
         batch_size=cfg.batch_size,
         seed=cfg.training_seed,
         cache_bytes=cfg.cache_mb << 20 if cfg.activation_cache else 0,

@@ -149,7 +149,7 @@ class SideTuningStrategy:
             discard_checkpoint(self.run_dir)
         if cfg.eval_initial and first_round == 1:
             self.state.initial = evaluator.evaluate(0, "test")
-        for rnd in range(first_round, cfg.rounds + 1):
+        for rnd in range(first_round, cfg.num_server_rounds + 1):
             t0, usage = time.perf_counter(), self.state.usage()
             record = self._train_round(job, rnd)
             train_wall += time.perf_counter() - t0
@@ -216,7 +216,7 @@ class SideTuningStrategy:
     def _validate(self, job: Job, evaluator: Evaluator, rnd: int, record: dict[str, Any]) -> None:
         """Every ``eval-every`` rounds but the last: validation (and hybrid mode's personal heads first)."""
         cfg = self.config
-        if not cfg.eval_every or rnd % cfg.eval_every or rnd == cfg.rounds:
+        if not cfg.eval_every or rnd % cfg.eval_every or rnd == cfg.num_server_rounds:
             return
         if cfg.mode == "hybrid":
             job.store.personalize([d.device_id for d in self.state.working().values()])
@@ -249,7 +249,7 @@ class SideTuningStrategy:
             INFO,
             "[round %d/%d] %s loss %.4f%s, server train %.1f s, wall %.1f s, up %.2f MB, server RSS %.0f MB%s",
             rnd,
-            cfg.rounds,
+            cfg.num_server_rounds,
             record.get("phase", "stream"),
             record.get("loss", float("nan")),
             f", {cfg.eval_split} {primary} {format_metric(primary, val)}" if val is not None else "",
@@ -307,7 +307,7 @@ class SideTuningStrategy:
             log(
                 INFO,
                 "delivering the mean weights of the last %d rounds (tail averaging)",
-                min(cfg.average_epochs, cfg.rounds),
+                min(cfg.average_epochs, cfg.num_server_rounds),
             )
         if cfg.mode == "hybrid":  # personal heads over the delivered trunk
             store.personalize([d.device_id for d in self.state.working().values()])
@@ -316,7 +316,7 @@ class SideTuningStrategy:
                 export(dev.device_id, store.network_for(dev.device_id))
         if cfg.deliver:
             deliver(job)
-        result = evaluator.evaluate(cfg.rounds, "test", installed=cfg.deliver, final=True)
+        result = evaluator.evaluate(cfg.num_server_rounds, "test", installed=cfg.deliver, final=True)
         for dev in self.state.devices.values():
             stats = result["per_device"].get(dev.device_id)
             if stats:
@@ -333,7 +333,7 @@ class SideTuningStrategy:
             cfg.mode,
             cfg.family,
             cfg.reduction,
-            cfg.rounds,
+            cfg.num_server_rounds,
             cfg.chunk_size,
             cfg.in_flight,
             cfg.bits,

@@ -105,7 +105,9 @@ def test_config_validation():
     assert BaselineConfig("full").resolved_lr == 2e-5
     assert BaselineConfig("lora", lr=1e-3).resolved_lr == 1e-3
     assert BaselineConfig("zero-shot").resolved_lr is None
-    from_run = BaselineConfig.with_task("lora", {"task": "causal-lm", "max-length": 128, "rounds": 3}, epochs=2)
+    from_run = BaselineConfig.with_task(
+        "lora", {"task": "causal-lm", "max-length": 128, "num-server-rounds": 3}, epochs=2
+    )
     assert from_run.task_config.build() == CausalLMTask(max_length=128) and from_run.epochs == 2
     with pytest.raises(TaskError, match="needs a {text} slot"):
         BaselineConfig("lora", prompt_template="no slot")

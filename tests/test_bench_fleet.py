@@ -219,8 +219,10 @@ def test_the_baseline_is_tuned_on_validation_and_every_method_gets_the_same_samp
     result = _bench(runners, train_samples=200, validation_samples=80, test_samples=80, seed=3)
     trials, final = runners.lora_configs[:-1], runners.lora_configs[-1]
     assert len(trials) == 6  # 3 lrs x 2 local epochs
-    assert all(t["eval-split"] == "validation" and t["final-eval"] is False and t["rounds"] == 2 for t in trials)
-    assert (final["lr"], final["local-epochs"], final["rounds"]) == (1e-3, 2, 3)
+    assert all(
+        t["eval-split"] == "validation" and t["final-eval"] is False and t["num-server-rounds"] == 2 for t in trials
+    )
+    assert (final["lr"], final["local-epochs"], final["num-server-rounds"]) == (1e-3, 2, 3)
     assert final["eval-split"] == "test" and final["final-eval"] is True
     assert result["tuning"]["mode"] == "validation-grid" and result["tuning"]["lr"] == 1e-3
     assert len(result["tuning"]["trials"]) == 6
@@ -233,7 +235,7 @@ def test_the_baseline_is_tuned_on_validation_and_every_method_gets_the_same_samp
         c["fleet"] == "mixed-phones"
         and c["eval-every"] == 1
         and c["eval-split"] == "test"
-        and c["rounds"] == FleetBenchSettings().rounds
+        and c["num-server-rounds"] == FleetBenchSettings().rounds
         for c in runners.side_configs
     )
 
@@ -419,7 +421,10 @@ def test_cli_writes_the_table_json_and_figure(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(bench, "run_fleet_bench", fake)
     out = tmp_path / "fleet.json"
-    assert main(["bench", "fleet", "--out", str(out), "--skip-tuning", "1e-3", "2", "--rounds", "5", "--quiet"]) == 0
+    assert (
+        main(["bench", "fleet", "--out", str(out), "--skip-tuning", "1e-3", "2", "--num-server-rounds", "5", "--quiet"])
+        == 0
+    )
     assert seen[0].lora_pair == (1e-3, 2) and seen[0].rounds == 5
     assert "mobiflower-adaptive" in capsys.readouterr().out
     assert json.loads(out.read_text())["tuning"]["mode"] == "given" and out.with_suffix(".png").exists()

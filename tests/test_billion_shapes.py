@@ -306,7 +306,7 @@ def test_the_simulation_summary_shows_each_devices_peak_memory():
         "train_wall_s": 2.0,
         "pipeline_efficiency": 0.8,
         "run_wall_s": 60.0,
-        "config": {"mode": "shared", "rounds": 1, "bits": 8},
+        "config": {"mode": "shared", "num-server-rounds": 1, "bits": 8},
     }
     table = format_summary(summary).splitlines()
     assert "peak MB" in table[0]

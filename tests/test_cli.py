@@ -32,7 +32,7 @@ def _documented_lines() -> list[str]:
     out = []
     for line in sorted(lines):
         line = line.replace("[--accuracy]", "--accuracy").replace(" S ", " 1 ").replace("tsS", "ts1")
-        line = line.replace("KEY=VALUE", "rounds=2").replace(" ...", "")
+        line = line.replace("KEY=VALUE", "num-server-rounds=2").replace(" ...", "")
         words = shlex.split(line)
         if len(words) > 1 and words[1] in COMMANDS and "--help" not in words:  # --help: see test_help_of_...
             out.append(line)
@@ -83,9 +83,14 @@ def test_values_keep_their_meaning():
     assert kw["lora_rounds"] == 2 and kw["out"] == "f.json" and kw["side_lrs"] == ()
     kw = _parse(shlex.split("local --baseline lora --baseline-lrs 1e-3 2e-3 --epochs 2 --bits 8 --quiet -c seed=3"))
     assert kw["baseline_lrs"] == (1e-3, 2e-3) and kw["epochs"] == 2 and kw["bits"] == 8 and kw["quiet"] is True
-    assert kw["run_config"] == ("seed=3",) and kw["weights"] is None and kw["data"] is None
-    kw = _parse(shlex.split("simulate --loopback --devices 2 -c rounds=10 -c lr=0.001 --adapt"))
-    assert kw["devices"] == 2 and kw["loopback"] and kw["adapt"] and kw["run_config"] == ("rounds=10", "lr=0.001")
+    assert kw["run_config"] == ("seed=3",) and kw["weight_precision"] is None and kw["data"] is None
+    kw = _parse(shlex.split("simulate --loopback --devices 2 -c num-server-rounds=10 -c lr=0.001 --adapt"))
+    assert (
+        kw["devices"] == 2
+        and kw["loopback"]
+        and kw["adapt"]
+        and kw["run_config"] == ("num-server-rounds=10", "lr=0.001")
+    )
     assert kw["mode"] is None and kw["timeout"] == 3600.0
     kw = _parse(shlex.split("fed-lora --no-tune -c lr=0.001"))
     assert kw["tune"] is False and not kw["lrs"]
@@ -137,8 +142,8 @@ def test_a_wrong_flag_or_value_is_a_usage_error(argv, message, capsys):
 def test_run_config_values_are_read_as_toml():
     from mobiflower.simulations.cli import run_config_items
 
-    assert run_config_items(["rounds=3", "lr=1e-3", "adapt=true", "fleet=mixed-phones", 'model="a b"']) == {
-        "rounds": 3,
+    assert run_config_items(["num-server-rounds=3", "lr=1e-3", "adapt=true", "fleet=mixed-phones", 'model="a b"']) == {
+        "num-server-rounds": 3,
         "lr": 1e-3,
         "adapt": True,
         "fleet": "mixed-phones",

@@ -20,8 +20,8 @@ class _NoDevices:
 def test_the_config_is_frozen():
     config = SideTuningConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.rounds = 3  # type: ignore[misc]
-    assert dataclasses.replace(config, rounds=3).rounds == 3 and config.rounds == 1
+        config.num_server_rounds = 3  # type: ignore[misc]
+    assert dataclasses.replace(config, num_server_rounds=3).num_server_rounds == 3 and config.num_server_rounds == 1
 
 
 def test_start_overrides_a_copy_and_leaves_the_given_config_alone(tmp_path):
@@ -29,8 +29,8 @@ def test_start_overrides_a_copy_and_leaves_the_given_config_alone(tmp_path):
     strategy = SideTuningStrategy(config, tmp_path)
     with pytest.raises(FleetError, match="no devices are connected"):
         strategy.start(_NoDevices(), num_rounds=3, timeout=5.0)
-    assert (config.rounds, config.request_timeout) == (1, 900.0)
-    assert (strategy.config.rounds, strategy.config.request_timeout) == (3, 5.0)
+    assert (config.num_server_rounds, config.request_timeout) == (1, 900.0)
+    assert (strategy.config.num_server_rounds, strategy.config.request_timeout) == (3, 5.0)
 
 
 def test_an_override_is_checked_like_the_config():

@@ -199,7 +199,7 @@ def test_a_tokenizer_that_cannot_be_reloaded_is_kept(tiny_llama):
 def test_a_device_may_choose_its_weight_precision():
     """A phone with little memory runs int8 although the run says fp32 (node config wins)."""
     node = {"partition-id": 0, "num-partitions": 1}
-    assert DeviceSetup.from_configs({"weights": "fp32"}, node).weights == "fp32"
-    assert DeviceSetup.from_configs({"weights": "fp32"}, {**node, "weights": "w8"}).weights == "int8"
+    assert DeviceSetup.from_configs({"weight-precision": "fp32"}, node).weights == "fp32"
+    assert DeviceSetup.from_configs({"weight-precision": "fp32"}, {**node, "weight-precision": "w8"}).weights == "int8"
     with pytest.raises(DeviceSetupError, match="weights='fp16'.*bf16"):
-        DeviceSetup.from_configs({}, {**node, "weights": "fp16"})
+        DeviceSetup.from_configs({}, {**node, "weight-precision": "fp16"})

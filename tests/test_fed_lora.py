@@ -76,7 +76,7 @@ def _train_reply(request: Message, seed: int, examples: int, train_s: float, dev
 
 
 def test_fedavg_is_the_sample_weighted_mean_and_bytes_are_the_records(task_identity):
-    strategy = FedLoraStrategy(FedLoraConfig(devices=2, rounds=4, lr=1e-3))
+    strategy = FedLoraStrategy(FedLoraConfig(devices=2, num_server_rounds=4, lr=1e-3))
     global_arrays = _arrays(0)
     requests = list(strategy.configure_train(1, global_arrays, ConfigRecord(), _Grid([11, 22])))
     assert len(requests) == 2
@@ -112,9 +112,9 @@ def test_fedavg_is_the_sample_weighted_mean_and_bytes_are_the_records(task_ident
 
 
 def test_learning_rate_schedule_and_config_errors():
-    cosine = FedLoraConfig(rounds=4, lr=1.0)
+    cosine = FedLoraConfig(num_server_rounds=4, lr=1.0)
     assert [round(cosine.lr_at(r), 4) for r in (1, 2, 3, 4)] == [1.0, 0.8536, 0.5, 0.1464]
-    assert FedLoraConfig(rounds=4, lr=0.5, lr_schedule="constant").lr_at(4) == 0.5
+    assert FedLoraConfig(num_server_rounds=4, lr=0.5, lr_schedule="constant").lr_at(4) == 0.5
     parsed = FedLoraConfig.from_run_config({"local-epochs": 3, "final-eval": "false", "lr": 1, "model": "x"})
     assert parsed.local_epochs == 3 and parsed.final_eval is False and parsed.lr == 1.0
     with pytest.raises(FedLoraConfigError, match="lr-schedule='step' must be one of"):
@@ -141,9 +141,13 @@ def test_tuning_chooses_on_validation_only():
         score = {(1e-4, 1): 0.6, (1e-3, 1): 0.8, (1e-4, 2): 0.7, (1e-3, 2): 0.8}[(cfg["lr"], cfg["local-epochs"])]
         return {"final_validation_accuracy": score, "device_compute_s": 10.0 * cfg["local-epochs"]}
 
-    result = tune_fed_lora(FedLoraRun(devices=2, run_config={"rounds": 3}), [1e-4, 1e-3], [1, 2], runner=runner)
+    result = tune_fed_lora(
+        FedLoraRun(devices=2, run_config={"num-server-rounds": 3}), [1e-4, 1e-3], [1, 2], runner=runner
+    )
     assert len(result["trials"]) == 4
-    assert all(c["eval-split"] == "validation" and c["final-eval"] is False and c["rounds"] == 3 for c in seen)
+    assert all(
+        c["eval-split"] == "validation" and c["final-eval"] is False and c["num-server-rounds"] == 3 for c in seen
+    )
     assert (result["best"]["lr"], result["best"]["local-epochs"]) == (1e-3, 1)  # tie: the cheaper one
 
 
@@ -174,7 +178,7 @@ def test_two_device_fed_lora_simulation(real_assets, tiny_llama, tmp_path, monke
         "train-samples": 32,
         "validation-samples": 16,
         "test-samples": 16,
-        "rounds": 2,
+        "num-server-rounds": 2,
         "batch-size": 8,
         "lora-r": 4,
     }
@@ -256,7 +260,7 @@ def test_causal_lm_fed_lora_round_in_process(real_assets, tiny_llama, tmp_path, 
         "train-samples": 8,
         "validation-samples": 4,
         "test-samples": 4,
-        "rounds": 1,
+        "num-server-rounds": 1,
         "batch-size": 4,
         "lora-r": 4,
     }

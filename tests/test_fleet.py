@@ -48,8 +48,8 @@ def _tier(**overrides):
         ({"name": "f", "tier": [_tier(speed=-1)]}, "speed = -1 must be > 0"),
         ({"name": "f", "tier": [_tier(**{"backbone-layers": 1.5})]}, "backbone-layers must be a whole number"),
         ({"name": "f", "tier": [_tier(**{"activation-cache": "no"})]}, "activation-cache must be true or false"),
-        ({"name": "f", "tier": [_tier(weights="fp16")]}, "weights: .*float16 GEMM on CPU"),
-        ({"name": "f", "tier": [_tier(weights="int3")]}, "weights: .*int3"),
+        ({"name": "f", "tier": [_tier(**{"weight-precision": "fp16"})]}, "weight-precision: .*float16 GEMM on CPU"),
+        ({"name": "f", "tier": [_tier(**{"weight-precision": "int3"})]}, "weight-precision: .*int3"),
     ],
 )
 def test_bad_fleet_files_say_what_to_fix(table, match):
@@ -138,7 +138,7 @@ def test_profiles_follow_the_device_number_and_carry_backbone_and_cache_choices(
 
 def test_a_tier_may_choose_its_weight_precision():
     fleet = parse_fleet(
-        {"name": "f", "tier": [_tier(name="small", share=0.5, weights="8bit"), _tier(name="big", share=0.5)]}
+        {"name": "f", "tier": [_tier(name="small", share=0.5, **{"weight-precision": "8bit"}), _tier(name="big", share=0.5)]}
     )
     small, big = fleet.devices(2)
     assert (small.weights, big.weights) == ("int8", "")

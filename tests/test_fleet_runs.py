@@ -24,7 +24,7 @@ def _fleet_run(tiny_llama, tmp_path, **overrides):
         "train-samples": 128,
         "validation-samples": 32,
         "test-samples": 32,
-        "rounds": 3,
+        "num-server-rounds": 3,
         "chunk-size": 8,
         "eval-every": 1,
         "eval-split": "test",
@@ -137,9 +137,11 @@ def test_a_fleet_mixing_weight_precisions_trains_one_side_network(real_assets, t
         'name = "mixed-precision"\n'
         '[[tier]]\nname = "fp32"\ncount = 2\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
         '[[tier]]\nname = "int8"\ncount = 2\nuplink-mbps = 20.0\ndownlink-mbps = 100.0\n'
-        'weights = "int8"\n'
+        'weight-precision = "int8"\n'
     )
-    summary = _fleet_run(tiny_llama, tmp_path, fleet=str(fleet), **{"num-taps": 2, "eval-every": 0, "rounds": 2})
+    summary = _fleet_run(
+        tiny_llama, tmp_path, fleet=str(fleet), **{"num-taps": 2, "eval-every": 0, "num-server-rounds": 2}
+    )
     devices = summary["devices"]
     full, small = devices["device-0"]["fingerprint"], devices["device-2"]["fingerprint"]
     assert "-float32-" in full and "-int8-" in small and devices["device-3"]["fingerprint"] == small

@@ -127,7 +127,7 @@ def test_add_connection_keeps_others(tmp_path: Path) -> None:
 
 
 def test_write_app_dir(tmp_path: Path) -> None:
-    app_config = {"model": "smollm2-135m", "rounds": 3, "lr": 0.0003, "shared": True}
+    app_config = {"model": "smollm2-135m", "num-server-rounds": 3, "lr": 0.0003, "shared": True}
     target = fc.write_app_dir(tmp_path / "app", app_config, "pkg.server:app", "pkg.client:app")
     assert sorted(p.name for p in target.iterdir()) == ["LICENSE", "pyproject.toml"]
     data = tomllib.loads((target / "pyproject.toml").read_text())
@@ -155,7 +155,7 @@ def test_write_app_dir_passes_flwr_validation(tmp_path: Path) -> None:
 
 
 def test_app_dir_for_run_uses_mobiflower_components(tmp_path: Path) -> None:
-    target = fc.app_dir_for_run(tmp_path, {"rounds": 1})
+    target = fc.app_dir_for_run(tmp_path, {"num-server-rounds": 1})
     components = tomllib.loads((target / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
     assert components == {
         "serverapp": fc.DEFAULT_SERVERAPP,
@@ -164,10 +164,10 @@ def test_app_dir_for_run_uses_mobiflower_components(tmp_path: Path) -> None:
 
 
 def test_check_run_config(tmp_path: Path) -> None:
-    target = fc.write_app_dir(tmp_path / "app", {"rounds": 1, "lr": 0.1})
-    fc.check_run_config(target, {"rounds": 2})
+    target = fc.write_app_dir(tmp_path / "app", {"num-server-rounds": 1, "lr": 0.1})
+    fc.check_run_config(target, {"num-server-rounds": 2})
     with pytest.raises(ValueError, match="bogus"):
-        fc.check_run_config(target, {"rounds": 2, "bogus": 1})
+        fc.check_run_config(target, {"num-server-rounds": 2, "bogus": 1})
 
 
 def test_flower_env(tmp_path: Path) -> None:

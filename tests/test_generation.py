@@ -191,7 +191,10 @@ def test_round_trip_changes_the_tuned_scores_not_the_backbone_alone(lm_tail):
 def test_cli_generate_streams_text_and_each_command_refuses_the_other_adapter(lm_tail, capsys, tmp_path, monkeypatch):
     _, _, _, folder, cls_folder = lm_tail
     monkeypatch.setenv("MOBIFLOWER_HOME", str(tmp_path))  # the int8 copy of the tiny model is built here
-    assert main(["generate", "the cat", "--adapter", str(folder), "--max-new-tokens", "10", "--weights", "int8"]) == 0
+    assert (
+        main(["generate", "the cat", "--adapter", str(folder), "--max-new-tokens", "10", "--weight-precision", "int8"])
+        == 0
+    )
     out, err = capsys.readouterr()
     with LocalGenerator.load(folder, weights="int8", weights_dir=tmp_path / "models") as generator:
         want = generator.generate("the cat", max_new_tokens=10)
@@ -199,7 +202,7 @@ def test_cli_generate_streams_text_and_each_command_refuses_the_other_adapter(lm
 
     assert main(["generate", "the cat", "--adapter", str(cls_folder)]) == 2
     assert "classification adapter" in capsys.readouterr().err
-    assert main(["infer", "a fine film", "--side-network", str(folder)]) == 2
+    assert main(["infer", "a fine film", "--adapter", str(folder)]) == 2
     assert "this adapter generates text: use mobiflower generate" in capsys.readouterr().err
-    assert main(["infer", "a fine film", "--side-network", str(cls_folder)]) == 0
+    assert main(["infer", "a fine film", "--adapter", str(cls_folder)]) == 0
     assert "a fine film" in capsys.readouterr().out

@@ -27,7 +27,7 @@ def _run(tiny_llama: str, scratch: Path, hostile: bool) -> dict:
         "train-samples": 48,
         "validation-samples": 8,
         "test-samples": 32,
-        "rounds": 2,
+        "num-server-rounds": 2,
         "chunk-size": 4,
         "eval-every": 0,
         "reduction": 4,

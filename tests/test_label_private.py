@@ -175,7 +175,7 @@ def test_label_private_fleet_trains_without_labels_reaching_the_server(real_asse
         "train-samples": 32,
         "validation-samples": 8,
         "test-samples": 16,
-        "rounds": 2,
+        "num-server-rounds": 2,
         "chunk-size": 8,
         "batch-size": 8,
         "eval-every": 1,

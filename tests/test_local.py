@@ -30,7 +30,7 @@ def test_local_is_the_strategy_over_one_device_process(tiny_llama, tmp_path, mon
     started = []
     original = SideTuningStrategy.start
     monkeypatch.setattr(SideTuningStrategy, "start", lambda self, grid: started.append(grid) or original(self, grid))
-    summary = _local(tmp_path, tiny_llama, rounds=2)
+    summary = _local(tmp_path, tiny_llama, **{"num-server-rounds": 2})
     assert len(started) == 1 and isinstance(started[0], DeviceProcessGrid)
     assert summary["simulation"]["engine"] == "processes" and list(summary["devices"]) == ["device-0"]
     device = summary["devices"]["device-0"]
@@ -45,7 +45,7 @@ def test_local_is_the_strategy_over_one_device_process(tiny_llama, tmp_path, mon
 
 
 def test_local_causal_lm_delivers_an_adapter_that_generates(tiny_llama, tmp_path):
-    summary = _local(tmp_path, tiny_llama, task="causal-lm", rounds=1)
+    summary = _local(tmp_path, tiny_llama, task="causal-lm", **{"num-server-rounds": 1})
     assert summary["task"] == "causal-lm" and summary["metrics"]["primary"] == "perplexity"
     assert summary["test_perplexity"] > 1 and summary["test_count"] > summary["test_samples"]
     adapter = tmp_path / "delivered" / "device-0"
@@ -89,7 +89,7 @@ def test_the_readmes_local_and_infer_run_on_the_bundled_model(real_assets, tmp_p
     assert device["delivered"] == 1 and summary["frames"] >= 1 and summary["bytes_up"] > 0
     text = "a gripping, beautiful film"
     infer = subprocess.run(
-        [*cli, "infer", "--side-network", device["delivered_path"], text],
+        [*cli, "infer", "--adapter", device["delivered_path"], text],
         capture_output=True,
         text=True,
         timeout=300,
@@ -103,7 +103,7 @@ def test_the_readmes_local_and_infer_run_on_the_bundled_model(real_assets, tmp_p
 def test_cli_errors_say_what_to_do(tmp_path, capsys):
     from mobiflower.simulations.cli import main
 
-    assert main(["infer", "--side-network", str(tmp_path / "none.safetensors"), "text"]) == 2
+    assert main(["infer", "--adapter", str(tmp_path / "none.safetensors"), "text"]) == 2
     assert "run `mobiflower local` first" in capsys.readouterr().err
     assert main(["local", "--bits", "3"]) == 2
     assert "'--bits': '3' is not one of" in capsys.readouterr().err

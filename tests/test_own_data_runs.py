@@ -17,7 +17,7 @@ LABELS = ("cold", "mild", "hot")
 SMALL = {
     "chunk-size": 8,
     "tail-cut": 2,
-    "rounds": 1,
+    "num-server-rounds": 1,
     "labels": ",".join(LABELS),
     "prompt-template": "Day: {text}\nIt was",
 }

@@ -315,7 +315,7 @@ def test_a_device_that_insists_gets_its_defense_whatever_the_server_asks(
 
     monkeypatch.setattr(device_runtime.DeviceRuntime, "make_frame", recording)
     run_config = {"model": tiny_llama, "num-taps": 2, "train-samples": 16, "validation-samples": 8}
-    run_config |= {"test-samples": 8, "rounds": 1, "chunk-size": 8, "token-policy": "nonpad"}
+    run_config |= {"test-samples": 8, "num-server-rounds": 1, "chunk-size": 8, "token-policy": "nonpad"}
     summary, _ = run_fleet(tmp_path, 2, run_config, node_configs=[{"state-window": 2, "state-clip": 0.1}, {}])
     assert summary["devices"]["device-0"]["state_defense"] == "clip 0.1, window 2"
     assert summary["devices"]["device-1"]["state_defense"] == "none"

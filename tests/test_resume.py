@@ -31,7 +31,7 @@ def _config(tiny_llama: str, run_dir: Path, **extra) -> dict:
         "train-samples": 32,
         "validation-samples": 8,
         "test-samples": 8,
-        "rounds": 4,
+        "num-server-rounds": 4,
         "chunk-size": 8,
         "eval-every": 0,
         "reduction": 4,
@@ -115,7 +115,13 @@ def test_a_resumed_per_device_run_counts_what_the_uninterrupted_one_does(
     """Per-device side networks averaged every 2 rounds, validated on the devices: killed after the averaging
     round, the resumed run ends with the same accuracy and the same per-device and per-round accounting
     (evaluation bytes and the other counters a device accrues included)."""
-    per_device = {"mode": "per-device", "aggregate-every": 2, "rounds": 3, "eval-every": 2, "train-samples": 48}
+    per_device = {
+        "mode": "per-device",
+        "aggregate-every": 2,
+        "num-server-rounds": 3,
+        "eval-every": 2,
+        "train-samples": 48,
+    }
     whole, _ = run_fleet(tmp_path / "a", 2, _config(tiny_llama, tmp_path / "a" / "run", **per_device))
     run_dir = tmp_path / "b" / "run"
     with pytest.raises(ServerKilled):
@@ -133,8 +139,10 @@ def test_resume_refuses_changed_settings_and_a_missing_checkpoint(real_assets, t
     with pytest.raises(FleetError, match="holds no checkpoint"):
         run_fleet(tmp_path, 1, _config(tiny_llama, run_dir, resume=True))
     with pytest.raises(ServerKilled):
-        run_fleet(tmp_path, 1, _config(tiny_llama, run_dir, **{"crash-after-round": 1, "rounds": 2}))
+        run_fleet(tmp_path, 1, _config(tiny_llama, run_dir, **{"crash-after-round": 1, "num-server-rounds": 2}))
     with pytest.raises(FleetError, match="lr 0.001 -> 0.002"):
-        run_fleet(tmp_path, 1, _config(tiny_llama, run_dir, resume=True, rounds=2, lr=0.002))
+        run_fleet(tmp_path, 1, _config(tiny_llama, run_dir, resume=True, **{"num-server-rounds": 2}, lr=0.002))
     with pytest.raises(FleetError, match="labels 'negative,positive' -> 'rotten,fresh'"):  # the task is the run's too
-        run_fleet(tmp_path, 1, _config(tiny_llama, run_dir, resume=True, rounds=2, labels="rotten,fresh"))
+        run_fleet(
+            tmp_path, 1, _config(tiny_llama, run_dir, resume=True, **{"num-server-rounds": 2}, labels="rotten,fresh")
+        )

@@ -27,11 +27,11 @@ def test_pyproject_declares_every_key_the_apps_read_with_their_defaults():
 
 def test_values_convert_to_their_fields_types_and_bad_ones_name_the_key():
     cfg = SideTuningConfig.from_run_config(
-        {"rounds": "3", "lr": 1, "overlap": "no", "adapt": "TRUE", "fleet": 5, "model": "not a strategy key"}
+        {"num-server-rounds": "3", "lr": 1, "overlap": "no", "adapt": "TRUE", "fleet": 5, "model": "not a strategy key"}
     )
-    assert (cfg.rounds, cfg.lr, cfg.overlap, cfg.adapt, cfg.fleet) == (3, 1.0, False, True, "5")
-    with pytest.raises(ConfigError, match=r"run config rounds='many' is not a valid int"):
-        SideTuningConfig.from_run_config({"rounds": "many"})
+    assert (cfg.num_server_rounds, cfg.lr, cfg.overlap, cfg.adapt, cfg.fleet) == (3, 1.0, False, True, "5")
+    with pytest.raises(ConfigError, match=r"run config num-server-rounds='many' is not a valid int"):
+        SideTuningConfig.from_run_config({"num-server-rounds": "many"})
     with pytest.raises(DeviceSetupError, match=r"run config num-taps='x' is not a valid int"):
         DeviceSetup.from_configs({"num-taps": "x"}, {"partition-id": 0, "num-partitions": 1})
     with pytest.raises(DeviceSetupError, match=r"max-tokens=-1 must be >= 1"):
@@ -41,13 +41,15 @@ def test_values_convert_to_their_fields_types_and_bad_ones_name_the_key():
 
 def test_the_device_reads_its_run_keys_and_its_own_node_config():
     setup = DeviceSetup.from_configs(
-        {"num-taps": 4, "device-threads": 2, "weights": "fp32", "seed": 3},
-        {"partition-id": 2, "num-partitions": 3, "weights": "int8", "backbone-layers": 2},
+        {"num-taps": 4, "device-threads": 2, "weight-precision": "fp32", "seed": 3},
+        {"partition-id": 2, "num-partitions": 3, "weight-precision": "int8", "backbone-layers": 2},
     )
     assert (setup.num_taps, setup.threads, setup.seed, setup.partition_id, setup.num_partitions) == (4, 2, 3, 2, 3)
     assert (setup.weights, setup.backbone_layers) == ("int8", 2)  # the node's own choice wins
     assert (
-        DeviceSetup.from_configs({"weights": "int8"}, {"partition-id": 0, "num-partitions": 1, "weights": ""}).weights
+        DeviceSetup.from_configs(
+            {"weight-precision": "int8"}, {"partition-id": 0, "num-partitions": 1, "weight-precision": ""}
+        ).weights
         == "int8"
     )
     with pytest.raises(DeviceSetupError, match=r"partition-id=0 must be in \[0, num-partitions=0\)"):

@@ -149,8 +149,8 @@ def test_run_config_parsing_and_errors():
         SideTuningConfig.from_run_config({"aggregate-every": 2})  # shared mode has nothing to average
     with pytest.raises(ConfigError, match="in-flight"):
         SideTuningConfig.from_run_config({"in-flight": 0})
-    with pytest.raises(ConfigError, match="rounds='many'"):
-        SideTuningConfig.from_run_config({"rounds": "many"})
+    with pytest.raises(ConfigError, match="num-server-rounds='many'"):
+        SideTuningConfig.from_run_config({"num-server-rounds": "many"})
     with pytest.raises(ConfigError, match="activation-cache"):
         SideTuningConfig.from_run_config({"mode": "hybrid", "activation-cache": False})
 

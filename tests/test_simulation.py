@@ -124,7 +124,7 @@ def test_simulated_fleet_per_device_with_fedavg_survives_a_killed_server(real_as
         "test-samples": 16,
         "mode": "per-device",
         "aggregate-every": 2,
-        "rounds": 3,
+        "num-server-rounds": 3,
         "chunk-size": 8,
         "eval-every": 2,
         "reduction": 4,
@@ -204,7 +204,7 @@ def _lm_summary() -> dict:
         "train_wall_s": 2.0,
         "pipeline_efficiency": 0.8,
         "run_wall_s": 60.0,
-        "config": {"mode": "shared", "rounds": 2, "bits": 8, "eval-split": "validation"},
+        "config": {"mode": "shared", "num-server-rounds": 2, "bits": 8, "eval-split": "validation"},
         "rounds": [
             {"round": 1, "loss": 4.0, "validation_perplexity": 40.0, "bytes_up": 1e6, "bytes_down": 0},
             {"round": 2, "loss": 3.0, "validation_perplexity": None, "bytes_up": 1e6, "bytes_down": 4e5},

@@ -25,7 +25,7 @@ def _config(tiny_llama: str, **overrides) -> dict:
         "train-samples": 32,
         "validation-samples": 8,
         "test-samples": 16,
-        "rounds": 2,
+        "num-server-rounds": 2,
         "chunk-size": 4,
         "eval-every": 0,
         "reduction": 4,
@@ -38,7 +38,8 @@ def test_a_round_streams_in_flight_requests_and_accounts_for_every_frame(real_as
         tmp_path,
         2,
         _config(
-            tiny_llama, **{"mode": "per-device", "aggregate-every": 2, "rounds": 3, "eval-every": 2, "in-flight": 3}
+            tiny_llama,
+            **{"mode": "per-device", "aggregate-every": 2, "num-server-rounds": 3, "eval-every": 2, "in-flight": 3},
         ),
     )
     # streaming: the strategy kept in-flight forward requests per device queued, never more
@@ -128,8 +129,8 @@ def test_a_device_killed_mid_round_is_dropped_and_the_run_goes_on(real_assets, t
 
 
 def test_without_overlap_the_serial_baseline_trains_the_same_frames(real_assets, tiny_llama, tmp_path):
-    overlapped, _ = run_fleet(tmp_path / "a", 1, _config(tiny_llama, rounds=1))
-    serial, _ = run_fleet(tmp_path / "b", 1, _config(tiny_llama, rounds=1, overlap=False))
+    overlapped, _ = run_fleet(tmp_path / "a", 1, _config(tiny_llama, **{"num-server-rounds": 1}))
+    serial, _ = run_fleet(tmp_path / "b", 1, _config(tiny_llama, **{"num-server-rounds": 1}, overlap=False))
     assert serial["frames_accepted"] == overlapped["frames_accepted"] == 8
     assert serial["rounds"][0]["loss"] == overlapped["rounds"][0]["loss"]
     assert Path(tmp_path / "b" / "run" / "summary.json").exists()
@@ -150,7 +151,7 @@ def test_a_causal_lm_fleet_is_scored_by_its_own_metrics(real_assets, tiny_llama,
         "train-samples": 16,
         "validation-samples": 8,
         "test-samples": 8,
-        "rounds": 2,
+        "num-server-rounds": 2,
         "chunk-size": 8,
         "eval-every": 1,
         "max-length": 32,

@@ -109,7 +109,7 @@ def test_no_text_or_token_ids_leave_a_device(real_assets, tiny_llama, tmp_path, 
         "train-samples": 24,
         "validation-samples": 8,
         "test-samples": 8,
-        "rounds": 2,
+        "num-server-rounds": 2,
         "chunk-size": 8,
         "eval-every": 1,
         "reduction": 4,
@@ -143,7 +143,13 @@ def test_a_causal_lm_frame_carries_the_text_as_its_targets_and_nowhere_else(
     """What the wire table says of causal-LM, held against a fleet run: the targets are the text's next
     tokens (the server reads the text from them), and no other header field holds a run of them."""
     run_config = {"model": tiny_llama, "task": "causal-lm", "num-taps": 2, "train-samples": 12}
-    run_config |= {"validation-samples": 4, "test-samples": 4, "rounds": 1, "chunk-size": 6, "max-length": 32}
+    run_config |= {
+        "validation-samples": 4,
+        "test-samples": 4,
+        "num-server-rounds": 1,
+        "chunk-size": 6,
+        "max-length": 32,
+    }
     run_fleet(tmp_path, 2, run_config)
     backbone = Backbone.load(tiny_llama, num_taps=2)
     for partition in (0, 1):

@@ -42,7 +42,7 @@ DEFAULT_EPOCH_GRID = (1, 2)
 def default_fed_lora_app_config() -> dict[str, RunConfigValue]:
     """Every run-config key the fed-LoRA apps read, with its default (devices' keys as in ``simulate``)."""
     config: dict[str, RunConfigValue] = device_run_config(_DEVICE_FIELDS)
-    config.update(FedLoraConfig().as_dict())  # includes seed, batch-size, lr, rounds, run-dir
+    config.update(FedLoraConfig().as_dict())  # includes seed, batch-size, lr, num-server-rounds, run-dir
     config.update(as_config(TaskConfig()))  # task, labels, prompt-template, max-length
     return config
 
@@ -177,7 +177,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     value = summary.get(f"final_{metric_key(metric)}")
     split = summary.get("final_split", summary.get("final_accuracy_split"))
     lines = [
-        f"fed-lora: {split} {metric} {'n/a' if value is None else format(value, '.4f')} after {cfg.get('rounds')} "
+        f"fed-lora: {split} {metric} {'n/a' if value is None else format(value, '.4f')} after {cfg.get('num_server_rounds')} "
         f"rounds (lr {cfg.get('lr')}, {cfg.get('lr_schedule')}, {cfg.get('local_epochs')} local epochs, "
         f"r {cfg.get('lora_r')})",
         f"wire: {summary['bytes_up'] / 1e6:.2f} MB up, {summary['bytes_down'] / 1e6:.2f} MB down "

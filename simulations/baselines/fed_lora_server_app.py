@@ -79,7 +79,7 @@ def main(grid: Grid, context: Context) -> None:
     result = strategy.start(
         grid,
         arrays,
-        num_rounds=config.rounds,
+        num_rounds=config.num_server_rounds,
         timeout=config.request_timeout,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),

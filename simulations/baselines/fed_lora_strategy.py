@@ -52,15 +52,15 @@ class FedLoraConfigError(ValueError):
 class FedLoraConfig:
     """The server's settings for one federated LoRA run (run-config keys in kebab case)."""
 
-    rounds: int = 10
+    num_server_rounds: int = 10  # Flower server rounds: each device trains local-epochs over its data per round
     lr: float = 5e-4  # the single-device LoRA optimum; tune per fleet with simulations.baselines.fed_lora.tune_fed_lora
-    lr_schedule: str = "cosine"  # cosine: round t gets lr * (1 + cos(pi (t-1) / rounds)) / 2
+    lr_schedule: str = "cosine"  # cosine: round t gets lr * (1 + cos(pi (t-1) / num-server-rounds)) / 2
     local_epochs: int = 1
     batch_size: int = 16
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    lora_targets: str = ""  # comma-separated module names; empty: the model type's attention projections
+    lora_target_modules: str = ""  # comma-separated module names; empty: the model type's attention projections
     eval_split: str = "validation"  # scored on devices after every round
     eval_samples: int = 0  # per device per round; 0: the device's whole split
     final_eval: bool = True  # score the final adapters on every device's test split
@@ -71,7 +71,7 @@ class FedLoraConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.rounds >= 1, f"rounds={self.rounds} must be at least 1"),
+            (self.num_server_rounds >= 1, f"num-server-rounds={self.num_server_rounds} must be at least 1"),
             (self.lr > 0, f"lr={self.lr} must be positive"),
             (self.lr_schedule in LR_SCHEDULES, f"lr-schedule={self.lr_schedule!r} must be one of {LR_SCHEDULES}"),
             (self.local_epochs >= 1, f"local-epochs={self.local_epochs} must be at least 1"),
@@ -99,7 +99,7 @@ class FedLoraConfig:
         """The round's learning rate: cosine from ``lr`` (round 1) towards 0, never reaching it."""
         if self.lr_schedule == "constant":
             return self.lr
-        return self.lr * 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / self.rounds))
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / self.num_server_rounds))
 
     def device_config(self) -> dict[str, bool | int | float | str]:
         """What a device needs to rebuild the same LoRA model and train it (sent in every request)."""
@@ -107,7 +107,7 @@ class FedLoraConfig:
             "lora-r": self.lora_r,
             "lora-alpha": self.lora_alpha,
             "lora-dropout": self.lora_dropout,
-            "lora-targets": self.lora_targets,
+            "lora-target-modules": self.lora_target_modules,
             "seed": self.seed,
         }
 
@@ -342,7 +342,7 @@ class FedLoraStrategy(FedAvg):
             RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), node_ids, MessageType.EVALUATE
         )
         replies = list(grid.send_and_receive(messages, timeout=self.config.request_timeout))
-        self._failed(self.config.rounds + 1, "test", replies)
+        self._failed(self.config.num_server_rounds + 1, "test", replies)
         per_device = {}
         for reply in replies:
             if not reply.has_error():

@@ -36,7 +36,7 @@ class LoraShape:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "LoraShape":
-        targets = str(cfg.get("lora-targets", "") or "")
+        targets = str(cfg.get("lora-target-modules", "") or "")
         return cls(
             r=int(cfg.get("lora-r", cls.r)),
             alpha=int(cfg.get("lora-alpha", cls.alpha)),
@@ -82,7 +82,7 @@ def load_trainable(model, state: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(
             f"the sent adapter does not fit this device's LoRA model ({len(missing)} tensors missing, "
             f"e.g. {missing[:1]}; {len(extra)} unexpected, e.g. {extra[:1]}): server and devices must "
-            "use the same model, lora-r, lora-targets and task (labels)"
+            "use the same model, lora-r, lora-target-modules and task (labels)"
         )
     with torch.no_grad():
         for name, param in params.items():

@@ -68,7 +68,7 @@ def _run_config(config: CausalLMBench, data: Path, lr: float) -> dict[str, Any]:
         "data": str(data.resolve()),
         "task": "causal-lm",
         "max-length": config.max_length,
-        "rounds": config.rounds,
+        "num-server-rounds": config.rounds,
         "lr": lr,
         "seed": config.seed,
     }

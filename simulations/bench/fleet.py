@@ -98,7 +98,7 @@ class FleetBenchSettings:
                 self.test_samples >= self.devices,
                 f"--test-samples must be at least one per device ({self.devices}), got {self.test_samples}",
             ),
-            (self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}"),
+            (self.rounds >= 1, f"--num-server-rounds must be at least 1, got {self.rounds}"),
             (self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
             (self.lora_rounds >= 1, f"--lora-rounds must be at least 1, got {self.lora_rounds}"),
             (self.tune_rounds >= 1, f"--tune-rounds must be at least 1, got {self.tune_rounds}"),
@@ -163,7 +163,7 @@ class FleetBenchSettings:
         it), the validation split scored once, the round before the last (the last scores test)."""
         return {
             **self.common_run_config(),
-            "rounds": self.rounds,
+            "num-server-rounds": self.rounds,
             "lr": lr,
             "bits": 8,
             "eval-split": "validation",
@@ -178,7 +178,7 @@ class FleetBenchSettings:
             **self.common_run_config(),
             "fleet": self.fleet_ref(),
             "adapt": adapt,
-            "rounds": self.rounds,
+            "num-server-rounds": self.rounds,
             "eval-every": self.eval_every,
             "eval-split": "test",
             "eval-samples": 0,
@@ -194,7 +194,7 @@ class FleetBenchSettings:
         """The reported federated LoRA run: the chosen pair, test split scored after every round."""
         return {
             **self.common_run_config(),
-            "rounds": self.lora_rounds,
+            "num-server-rounds": self.lora_rounds,
             "lr": lr,
             "local-epochs": local_epochs,
             "eval-split": "test",
@@ -485,7 +485,7 @@ def _tune_fed_lora(
         }
     grid = f"{len(settings.lrs)} lrs x {len(settings.local_epochs)} local-epochs"
     log(f"[bench fleet] fed-lora: tuning on validation, {grid}, {settings.tune_rounds} rounds each ...")
-    base = lora_run({**settings.common_run_config(), "rounds": settings.tune_rounds, "eval-samples": 0})
+    base = lora_run({**settings.common_run_config(), "num-server-rounds": settings.tune_rounds, "eval-samples": 0})
     picked = tune_fed_lora(base, settings.lrs, settings.local_epochs, runner=fed_lora_runner)
     lr, epochs = picked["best"]["lr"], picked["best"]["local-epochs"]
     log(f"  chose lr {lr:g}, {epochs} local epochs (validation accuracy {picked['best']['validation_accuracy']:.4f})")

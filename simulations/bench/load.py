@@ -48,7 +48,7 @@ def load_run_config(
         "num-taps": 4,
         "reduction": reduction,
         "mode": "per-device",
-        "rounds": rounds,
+        "num-server-rounds": rounds,
         "aggregate-every": rounds,
         "train-samples": samples_per_device * devices,
         "validation-samples": 2 * devices,

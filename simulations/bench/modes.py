@@ -38,7 +38,7 @@ def run_modes_bench(
         "dirichlet-alpha": alpha,
         "train-samples": train_samples,
         "test-samples": test_samples,
-        "rounds": rounds,
+        "num-server-rounds": rounds,
     }
     runs: dict[str, dict[str, Any]] = {}
     for name, overrides in MODES.items():

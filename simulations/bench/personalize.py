@@ -258,7 +258,7 @@ def fed_lora_trial(
         run_config={
             **run_config,
             "lr": lr,
-            "rounds": config.fed_rounds,
+            "num-server-rounds": config.fed_rounds,
             "eval-split": "validation",
             "final-eval": True,
         },
@@ -356,7 +356,7 @@ def mobiflower_run(
             "lr": lr,
             "personal-lr": lr,
             "personal-epochs": config.personal_epochs,
-            "rounds": config.rounds,
+            "num-server-rounds": config.rounds,
             "train-seed": seed,
         },
     )

@@ -44,7 +44,7 @@ def run_pipeline_bench(
         "train-samples": samples,
         "validation-samples": 16,
         "test-samples": 16,
-        "rounds": 1,
+        "num-server-rounds": 1,
         "eval-every": 0,
         "token-policy": token_policy,
         "reduction": reduction,

@@ -1,0 +1,104 @@
+"""Names users know (issue 28): Flower's ``num-server-rounds``, PEFT's ``lora-r`` / ``lora-target-modules``,
+``dirichlet-alpha``, ``weight-precision``, ``--adapter``. A command's option for a run-config key is named
+for the key, and every earlier name is refused with a message naming its replacement (no silent alias)."""
+
+from __future__ import annotations
+
+import click
+import pytest
+import typer
+
+from mobiflower.clients.device_setup import DeviceSetup, DeviceSetupError
+from mobiflower.platform.run_config import RETIRED_KEYS
+from mobiflower.simulations.baselines.fed_lora import default_fed_lora_app_config
+from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig, FedLoraConfigError
+from mobiflower.simulations.cli import RETIRED_OPTIONS, app, main
+from mobiflower.simulations.config_reference import run_config_keys
+from mobiflower.simulations.simulate import default_app_config
+from mobiflower.strategies.config import ConfigError, SideTuningConfig
+from mobiflower.strategies.fleet_model import FleetModelError, parse_fleet
+
+NODE = {"partition-id": 0, "num-partitions": 1}
+
+
+def _commands(group: click.Group, path: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+COMMANDS = dict(_commands(typer.main.get_command(app)))
+# options named for something other than a run-config key although a key has the same name: the sweeps of
+# `bench device` (several precisions at once) are not one run's setting
+NOT_KEYS = {("bench", "device"): {"--weights"}}
+
+
+def test_no_command_keeps_a_retired_name_and_options_for_keys_are_named_for_them():
+    keys = set(default_app_config()) | set(default_fed_lora_app_config())
+    assert {"num-server-rounds", "lora-r", "lora-target-modules", "dirichlet-alpha", "weight-precision"} <= keys
+    for path, command in COMMANDS.items():
+        options = {opt for p in command.params for opt in p.opts if opt.startswith("--")}
+        kept = (options & set(RETIRED_OPTIONS)) - NOT_KEYS.get(path, set())
+        assert not kept, (
+            f"mobiflower {' '.join(path)} still takes {kept}: rename to {[RETIRED_OPTIONS[k] for k in kept]}"
+        )
+    # the options that set a run-config key are spelled as the key
+    for path, names in {
+        ("simulate",): {"--num-server-rounds", "--dirichlet-alpha", "--data", "--mode", "--partitioning", "--bits"},
+        ("local",): {"--num-server-rounds", "--weight-precision", "--data", "--bits"},
+        ("bench", "modes"): {"--num-server-rounds", "--dirichlet-alpha"},
+        ("bench", "fleet"): {"--num-server-rounds"},
+        ("bench", "load"): {"--num-server-rounds"},
+        ("bench", "causal-lm"): {"--num-server-rounds"},
+        ("bench", "personalize"): {"--num-server-rounds"},
+    }.items():
+        options = {opt for p in COMMANDS[path].params for opt in p.opts}
+        assert names <= options, (path, names - options)
+        assert {n[2:] for n in names} <= keys
+    assert {opt for p in COMMANDS[("infer",)].params for opt in p.opts} >= {"--adapter"}
+
+
+def test_no_key_the_apps_read_or_pyproject_declares_is_a_retired_name():
+    declared = set(default_app_config()) | set(default_fed_lora_app_config()) | set(run_config_keys())
+    assert not declared & set(RETIRED_KEYS)
+
+
+@pytest.mark.parametrize("old,new", sorted(RETIRED_KEYS.items()))
+def test_a_retired_key_is_refused_naming_its_replacement(old, new):
+    message = rf"'{old}' was renamed: use {new}"
+    with pytest.raises(ConfigError, match=message):
+        SideTuningConfig.from_run_config({old: 2})
+    with pytest.raises(DeviceSetupError, match=message):
+        DeviceSetup.from_configs({old: 2}, NODE)
+    with pytest.raises(FedLoraConfigError, match=message):
+        FedLoraConfig.from_run_config({old: 2})
+
+
+def test_a_device_refuses_a_retired_node_config_key_and_a_fleet_tier_its_retired_key():
+    with pytest.raises(DeviceSetupError, match=r"'weights' was renamed: use weight-precision"):
+        DeviceSetup.from_configs({}, {**NODE, "weights": "int8"})
+    tier = {"name": "t", "share": 1.0, "uplink-mbps": 1.0, "downlink-mbps": 1.0, "weights": "int8"}
+    with pytest.raises(FleetModelError, match=r"'weights' was renamed: use weight-precision"):
+        parse_fleet({"name": "f", "tier": [tier]}, "f.toml")
+
+
+@pytest.mark.parametrize(
+    "argv,new",
+    [
+        (["simulate", "-c", "rounds=2"], "num-server-rounds"),
+        (["simulate", "-c", "lora-rank=4"], "lora-r"),
+        (["local", "-c", "weights=int8"], "weight-precision"),
+        (["fed-lora", "--no-tune", "-c", "lora-targets=q_proj"], "lora-target-modules"),
+        (["simulate", "--rounds", "2"], "--num-server-rounds"),
+        (["simulate", "--alpha", "0.3"], "--dirichlet-alpha"),
+        (["local", "--weights", "int8"], "--weight-precision"),
+        (["infer", "--side-network", "x", "text"], "--adapter"),
+        (["bench", "modes", "--rounds=2"], "--num-server-rounds"),
+    ],
+)
+def test_the_command_line_refuses_retired_names_naming_the_new_one(argv, new, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "was renamed" in err and new in err, err
