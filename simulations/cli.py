@@ -17,7 +17,6 @@ them out one ``--lrs`` per value for Click, which has no open-ended options.
 import json
 import re
 import sys
-import tomllib
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -28,6 +27,7 @@ import typer
 
 from mobiflower.simulations.cli_bench import VARIADIC as BENCH_VARIADIC
 from mobiflower.simulations.cli_bench import bench
+from mobiflower.simulations.cli_options import RunConfigOption, run_config_items
 
 BITS = click.Choice([16, 8, 4, 2])
 FAMILIES = click.Choice(["tail", "ladder", "adapter"])
@@ -53,18 +53,6 @@ app = typer.Typer(
 )
 app.add_typer(bench, name="bench")
 
-RunConfigOption = Annotated[
-    Optional[list[str]],
-    typer.Option(
-        "-c",
-        "--run-config",
-        metavar="KEY=VALUE",
-        help="any other run-config key (VALUE read as TOML: numbers, true/false, quoted strings; else a plain "
-        "string), e.g. -c train-samples=500 -c family=adapter",
-    ),
-]
-
-
 DataOption = Annotated[
     Optional[str],
     typer.Option(
@@ -73,20 +61,6 @@ DataOption = Annotated[
         "completion-column, messages-column, user-column)"
     ),
 ]
-
-
-def run_config_items(items: Sequence[str] | None) -> dict[str, Any]:
-    """``-c KEY=VALUE`` pairs as a run-config mapping, each VALUE read as TOML where it parses."""
-    config: dict[str, Any] = {}
-    for text in items or ():
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"-c takes KEY=VALUE, got {text!r}", param_hint="'-c' / '--run-config'")
-        try:
-            config[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            config[key.strip()] = value.strip()
-    return config
 
 
 def fail(command: str, message: str, code: int = 2) -> int:

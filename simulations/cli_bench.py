@@ -11,6 +11,7 @@ from mobiflower.simulations.bench.fleet import FleetBenchSettings
 from mobiflower.simulations.bench.personalize import PersonalizeBench, as_option, list_option
 from mobiflower.simulations.bench.privacy import DEFAULT_DEFENSES as DEFAULT_PRIVACY_DEFENSES
 from mobiflower.simulations.bench.privacy import PrivacyBenchSettings
+from mobiflower.simulations.cli_options import RunConfigOption, run_config_items
 
 BITS = click.Choice([16, 8, 4, 2])
 TOKEN_POLICIES = click.Choice(["last", "nonpad", "all"])
@@ -214,12 +215,19 @@ def modes(
     devices: Annotated[int, typer.Option()] = 4,
     dirichlet_alpha: Annotated[float, typer.Option(help="the Dirichlet alpha of the label split")] = 0.1,
     num_server_rounds: Annotated[int, typer.Option(help="server rounds (epochs over the fleet's samples)")] = 20,
+    run_config: RunConfigOption = None,
     out: Annotated[str, typer.Option()] = "runs/bench_modes.json",
 ) -> int:
     from mobiflower.simulations.bench.common import write_outputs
     from mobiflower.simulations.bench.modes import format_table, plot, run_modes_bench
 
-    result = run_modes_bench(devices, dirichlet_alpha, rounds=num_server_rounds, log=_log)
+    try:
+        result = run_modes_bench(
+            devices, dirichlet_alpha, rounds=num_server_rounds, run_config=run_config_items(run_config), log=_log
+        )
+    except ValueError as err:  # a run-config key or value the user can fix
+        print(f"mobiflower bench modes: {err}", file=sys.stderr)
+        return 2
     print(format_table(result))
     write_outputs(result, out, None, plot, _log)
     return 0
@@ -236,14 +244,26 @@ def load(
     num_server_rounds: Annotated[int, typer.Option(help="server rounds (epochs over the fleet's samples)")] = 3,
     samples_per_device: Annotated[int, typer.Option()] = 32,
     paged_only: Annotated[bool, typer.Option("--paged-only", help="skip the all-in-memory runs")] = False,
+    run_config: RunConfigOption = None,
     out: Annotated[str, typer.Option()] = "runs/bench_load.json",
 ) -> int:
     from mobiflower.simulations.bench.common import write_outputs
     from mobiflower.simulations.bench.load import format_table, plot, run_load_bench
 
-    result = run_load_bench(
-        devices, budget_mb, samples_per_device, num_server_rounds, unbounded=not paged_only, log=_log
-    )
+    try:
+        extra = run_config_items(run_config)
+        result = run_load_bench(
+            devices,
+            budget_mb,
+            samples_per_device,
+            num_server_rounds,
+            unbounded=not paged_only,
+            run_config=extra,
+            log=_log,
+        )
+    except ValueError as err:  # a run-config key or value the user can fix
+        print(f"mobiflower bench load: {err}", file=sys.stderr)
+        return 2
     print(format_table(result))
     write_outputs(result, out, None, plot, _log)
     return 0

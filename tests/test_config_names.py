@@ -60,6 +60,12 @@ def test_no_command_keeps_a_retired_name_and_options_for_keys_are_named_for_them
     assert {opt for p in COMMANDS[("infer",)].params for opt in p.opts} >= {"--adapter"}
 
 
+def test_the_commands_that_run_a_fleet_from_run_config_keys_take_c():
+    for path in [("simulate",), ("local",), ("fed-lora",), ("bench", "modes"), ("bench", "load")]:
+        options = {opt for p in COMMANDS[path].params for opt in p.opts}
+        assert {"-c", "--run-config"} <= options, path
+
+
 def test_no_key_the_apps_read_or_pyproject_declares_is_a_retired_name():
     declared = set(default_app_config()) | set(default_fed_lora_app_config()) | set(run_config_keys())
     assert not declared & set(RETIRED_KEYS)
@@ -96,9 +102,12 @@ def test_a_device_refuses_a_retired_node_config_key_and_a_fleet_tier_its_retired
         (["local", "--weights", "int8"], "--weight-precision"),
         (["infer", "--side-network", "x", "text"], "--adapter"),
         (["bench", "modes", "--rounds=2"], "--num-server-rounds"),
+        (["bench", "modes", "-c", "rounds=2"], "num-server-rounds"),
+        (["bench", "load", "--devices", "1", "-c", "lora-rank=2"], "lora-r"),
     ],
 )
-def test_the_command_line_refuses_retired_names_naming_the_new_one(argv, new, capsys):
+def test_the_command_line_refuses_retired_names_naming_the_new_one(argv, new, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a bench that got as far as its scratch folder writes it here
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "was renamed" in err and new in err, err

@@ -107,6 +107,7 @@ def run_load_bench(
     reduction: int = 4,
     unbounded: bool = True,
     workdir: str = "runs/bench-load",
+    run_config: dict[str, Any] | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Run every fleet size paged (and in memory, with ``unbounded``); the table's rows and the verdict."""
@@ -125,7 +126,10 @@ def run_load_bench(
             config = SimulateConfig(
                 devices=n,
                 workdir=str(work / "sim"),
-                run_config=load_run_config(str(model), n, samples_per_device, rounds, reduction, budget),
+                run_config={
+                    **load_run_config(str(model), n, samples_per_device, rounds, reduction, budget),
+                    **(run_config or {}),  # -c KEY=VALUE: over the bench's own keys
+                },
             )
             row = measure(run_simulate(config, quiet=True), n, budget)
             row["bench_s"] = time.perf_counter() - t0

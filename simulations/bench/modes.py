@@ -31,6 +31,7 @@ def run_modes_bench(
     test_samples: int = 1000,
     rounds: int = 20,
     workdir: str = "runs/bench-modes",
+    run_config: dict[str, Any] | None = None,
     log=print,
 ) -> dict[str, Any]:
     base = {
@@ -45,7 +46,8 @@ def run_modes_bench(
         log(f"[bench modes] {name}: {devices} devices, Dirichlet alpha {alpha} ...")
         t0 = time.perf_counter()
         summary = run_simulate(
-            SimulateConfig(devices=devices, workdir=workdir, run_config={**base, **overrides}), quiet=True
+            SimulateConfig(devices=devices, workdir=workdir, run_config={**base, **overrides, **(run_config or {})}),
+            quiet=True,
         )
         per_device = {
             d: {
