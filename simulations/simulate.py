@@ -281,7 +281,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"test {_fleet_figures(summary, 'test_') or 'n/a'} (all devices' {scored})   "
-        f"{summary.get('task', 'classification')}, mode {cfg.get('mode')}, {cfg.get('rounds')} rounds, "
+        f"{summary.get('task', 'classification')}, mode {cfg.get('mode')}, {cfg.get('num-server-rounds')} rounds, "
         f"{cfg.get('bits')}-bit frames",
         f"wire: {summary['bytes_up'] / 1e6:.2f} MB up ({summary['frames']} frames, "
         f"{summary['frame_bytes'] / max(1, summary['frames']) / 1024:.0f} KiB each), "

@@ -214,7 +214,7 @@ RUN_DEFINING = (
     "lr",
     "weight-decay",
     "batch-size",
-    "rounds",
+    "num-server-rounds",
     "average-epochs",
     "activation-cache",
     "cache-mb",

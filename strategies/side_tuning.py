@@ -122,7 +122,7 @@ class SideTuningStrategy:
 
         ``num_rounds`` and ``timeout`` (Flower's names) override the config's rounds and request timeout
         for this run: the strategy takes a checked copy, the config it was given stays as it was."""
-        overrides = {"rounds": num_rounds, "request_timeout": timeout}
+        overrides = {"num_server_rounds": num_rounds, "request_timeout": timeout}
         overrides = {key: value for key, value in overrides.items() if value is not None}
         if overrides:
             self.config = dataclasses.replace(self.config, **overrides)

@@ -35,5 +35,5 @@ def test_start_overrides_a_copy_and_leaves_the_given_config_alone(tmp_path):
 
 def test_an_override_is_checked_like_the_config():
     strategy = SideTuningStrategy(SideTuningConfig(), "unused")
-    with pytest.raises(ConfigError, match="rounds must be at least 1"):
+    with pytest.raises(ConfigError, match="num-server-rounds must be at least 1"):
         strategy.start(_NoDevices(), num_rounds=0)

@@ -201,5 +201,5 @@ def test_a_device_may_choose_its_weight_precision():
     node = {"partition-id": 0, "num-partitions": 1}
     assert DeviceSetup.from_configs({"weight-precision": "fp32"}, node).weights == "fp32"
     assert DeviceSetup.from_configs({"weight-precision": "fp32"}, {**node, "weight-precision": "w8"}).weights == "int8"
-    with pytest.raises(DeviceSetupError, match="weights='fp16'.*bf16"):
+    with pytest.raises(DeviceSetupError, match="weight-precision='fp16'.*bf16"):
         DeviceSetup.from_configs({}, {**node, "weight-precision": "fp16"})

@@ -138,7 +138,10 @@ def test_profiles_follow_the_device_number_and_carry_backbone_and_cache_choices(
 
 def test_a_tier_may_choose_its_weight_precision():
     fleet = parse_fleet(
-        {"name": "f", "tier": [_tier(name="small", share=0.5, **{"weight-precision": "8bit"}), _tier(name="big", share=0.5)]}
+        {
+            "name": "f",
+            "tier": [_tier(name="small", share=0.5, **{"weight-precision": "8bit"}), _tier(name="big", share=0.5)],
+        }
     )
     small, big = fleet.devices(2)
     assert (small.weights, big.weights) == ("int8", "")

@@ -406,7 +406,7 @@ def side_tune(
 
     net, d = side_network(prep, exposure, settings, tails)
     tail = exposure.family == "tail"
-    epochs = settings.epochs if tail else d["rounds"]  # the tail's one-device schedule; the ladder's rounds
+    epochs = settings.epochs if tail else d["num-server-rounds"]  # the tail's one-device schedule; the ladder's rounds
     config = TrainConfig(
         lr=d["lr"],
         weight_decay=d["weight-decay"],
