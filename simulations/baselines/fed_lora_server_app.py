@@ -1,7 +1,7 @@
 """The federated on-device LoRA baseline's ServerApp: FedAvg rounds, a final test, ``summary.json``.
 
 It builds the same PEFT model the devices build for the run's task (so the initial adapters, and a
-classifier's head, come from one seeded initialisation), runs :class:`FedLoraStrategy` (Flower's FedAvg) for ``rounds`` rounds with
+classifier's head, come from one seeded initialisation), runs :class:`FedLoraStrategy` (Flower's FedAvg) for ``num-server-rounds`` rounds with
 on-device evaluation after each (the task's metrics), scores the final adapters on every device's
 test split, and writes the run summary to ``run-dir`` (default ``$MOBIFLOWER_HOME/runs/fed-lora-<run id>``).
 """
