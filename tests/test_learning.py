@@ -20,7 +20,7 @@ RUN = {
     "train-samples": 160,  # 80 a device: the shared tail takes ten steps of 16 a round
     "validation-samples": 16,
     "test-samples": 128,
-    "rounds": 3,
+    "num-server-rounds": 3,
     "lr": 0.005,
     "max-length": 64,  # Rotten Tomatoes reviews under the prompt: 35 tokens on average, under 1% longer
     "seed": 0,
