@@ -273,8 +273,8 @@ def run_baseline(config: BaselineConfig, progress: bool = True, splits=None) -> 
 
     import torch
 
-    from mobiflower.platform.hf_model import resolve_model
     from mobiflower.platform.data import task_samples
+    from mobiflower.platform.hf_model import resolve_model
 
     if config.threads:
         torch.set_num_threads(config.threads)
