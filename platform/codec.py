@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -369,6 +369,61 @@ def _fit_affine(g: torch.Tensor, bits: int, rotated: bool) -> tuple[torch.Tensor
     return scale, offset
 
 
+def _check_input(x: object) -> None:
+    """Raise :class:`CodecError` unless ``x`` is a floating-point tensor of rank >= 1."""
+    if not isinstance(x, torch.Tensor):
+        raise CodecError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise CodecError("cannot quantize a 0-d tensor; reshape it to rank >= 1")
+    if not x.is_floating_point():
+        raise CodecError(f"expected a floating-point tensor, got {x.dtype}")
+
+
+def _refuse_nonfinite(x: torch.Tensor, overflow: str) -> NoReturn:
+    """Raise :class:`CodecError` for a result that is not finite: NaN/Inf in ``x``, else ``overflow``."""
+    if not bool(torch.isfinite(x).all()):
+        raise CodecError("input contains NaN or Inf")
+    raise CodecError(overflow)
+
+
+def _as_float16(x: torch.Tensor, shape: tuple[int, ...], group_size: int, seed: int) -> QuantizedTensor:
+    """The 16-bit "quantization": ``x`` as float16, refused where it overflows float16."""
+    h = x.to(dtype=torch.float16, copy=True)
+    if h.numel() and not bool(torch.isfinite(h).all()):
+        _refuse_nonfinite(
+            x,
+            f"input has values beyond the float16 range (+-{FLOAT16_MAX:g}); use bits=8/4/2 or rescale the activations",
+        )
+    packed = h.reshape(-1).cpu().numpy().view(np.uint8)
+    return QuantizedTensor(16, group_size, shape, "none", seed, _frozen(packed), _frozen(np.zeros(0, dtype=np.float16)))
+
+
+def _groups(x: torch.Tensor, shape: tuple[int, ...], group_size: int, rotation: str, seed: int) -> torch.Tensor:
+    """``x`` as float32 groups of ``group_size`` (last axis zero-padded to a multiple), rotated if asked."""
+    rows, last, padded, n_groups = _geometry(shape, group_size)
+    xf = x.to(torch.float32).reshape(rows, last)
+    if padded != last:
+        xf = torch.nn.functional.pad(xf, (0, padded - last))
+    g = xf.reshape(n_groups, group_size)
+    if rotation == "hadamard":
+        g = hadamard_rotate(g, seed)
+    # never modify g in place: without rotation/padding it may alias the caller's tensor
+    return g
+
+
+def _group_params(x: torch.Tensor, g: torch.Tensor, bits: int, rotated: bool) -> torch.Tensor:
+    """Each group's float16 (scale, offset), ``[n_groups, 2]``; refused where they are not finite."""
+    scale, offset = _fit_affine(g, bits, rotated)
+    if not (bool(torch.isfinite(scale).all()) and bool(torch.isfinite(offset).all())):
+        _refuse_nonfinite(x, "input range overflows float32 during quantization; rescale the activations")
+    params = torch.cat([scale, offset], dim=1).to(torch.float16)  # [n_groups, 2] interleaved
+    if not bool(torch.isfinite(params).all()):
+        raise CodecError(
+            f"a group's scale/offset is beyond the float16 range (+-{FLOAT16_MAX:g}); rescale the activations"
+        )
+    return params
+
+
 @torch.no_grad()
 def quantize(
     x: torch.Tensor, bits: int, group_size: int = 64, rotation: str = "hadamard", seed: int = 0
@@ -380,57 +435,21 @@ def quantize(
     """
     _check_params(bits, group_size, rotation, seed)
     bits, group_size, seed = int(bits), int(group_size), int(seed)
-    if not isinstance(x, torch.Tensor):
-        raise CodecError(f"expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise CodecError("cannot quantize a 0-d tensor; reshape it to rank >= 1")
-    if not x.is_floating_point():
-        raise CodecError(f"expected a floating-point tensor, got {x.dtype}")
+    _check_input(x)
     shape = tuple(int(d) for d in x.shape)
     x = x.detach()
-
     if bits == 16:
-        h = x.to(dtype=torch.float16, copy=True)
-        if h.numel() and not bool(torch.isfinite(h).all()):
-            if not bool(torch.isfinite(x).all()):
-                raise CodecError("input contains NaN or Inf")
-            raise CodecError(
-                f"input has values beyond the float16 range (+-{FLOAT16_MAX:g}); "
-                "use bits=8/4/2 or rescale the activations"
-            )
-        packed = h.reshape(-1).cpu().numpy().view(np.uint8)
-        return QuantizedTensor(
-            16, group_size, shape, "none", seed, _frozen(packed), _frozen(np.zeros(0, dtype=np.float16))
-        )
-
-    rows, last, padded, n_groups = _geometry(shape, group_size)
-    if n_groups == 0:
+        return _as_float16(x, shape, group_size, seed)
+    if _geometry(shape, group_size)[3] == 0:
         return QuantizedTensor(
             bits, group_size, shape, rotation, seed, _frozen(np.zeros(0, np.uint8)), _frozen(np.zeros(0, np.float16))
         )
-    xf = x.to(torch.float32).reshape(rows, last)
-    if padded != last:
-        xf = torch.nn.functional.pad(xf, (0, padded - last))
-    g = xf.reshape(n_groups, group_size)
-    if rotation == "hadamard":
-        g = hadamard_rotate(g, seed)
-    # never modify g in place: without rotation/padding it may alias the caller's tensor
-
-    scale, offset = _fit_affine(g, bits, rotation == "hadamard")
-    if not (bool(torch.isfinite(scale).all()) and bool(torch.isfinite(offset).all())):
-        if not bool(torch.isfinite(x).all()):
-            raise CodecError("input contains NaN or Inf")
-        raise CodecError("input range overflows float32 during quantization; rescale the activations")
-    params = torch.cat([scale, offset], dim=1).to(torch.float16)  # [n_groups, 2] interleaved
-    if not bool(torch.isfinite(params).all()):
-        raise CodecError(
-            f"a group's scale/offset is beyond the float16 range (+-{FLOAT16_MAX:g}); rescale the activations"
-        )
+    g = _groups(x, shape, group_size, rotation, seed)
+    params = _group_params(x, g, bits, rotation == "hadamard")
     p32 = params.to(torch.float32)
     s32, o32 = p32[:, :1], p32[:, 1:]
     inv = torch.where(s32 > 0, 1.0 / s32, torch.zeros_like(s32))
-    levels = (1 << bits) - 1
-    codes = _round_codes(g, o32, inv, levels)
+    codes = _round_codes(g, o32, inv, (1 << bits) - 1)
     packed = _pack(codes.reshape(-1), bits)
     scales = params.reshape(-1).cpu().numpy()
     return QuantizedTensor(bits, group_size, shape, rotation, seed, _frozen(packed), _frozen(scales))
