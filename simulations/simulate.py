@@ -141,6 +141,14 @@ def _run_in_processes(
     return FlowerRunResult(1, "finished:completed", True, "", time.perf_counter() - t0)
 
 
+_ENGINE_NAMES = {
+    "simulation": "simulation",
+    "loopback": "loopback deployment (SuperLink + SuperNodes)",
+    "processes": "device processes, no Flower engine",
+}
+"""How the opening line names each engine."""
+
+
 def run_simulate(
     config: SimulateConfig,
     out: str | None = None,
@@ -168,11 +176,7 @@ def run_simulate(
     run_config = {**config.run_config, "run-dir": str(run_dir)}
     env = {"MOBIFLOWER_HOME": os.environ["MOBIFLOWER_HOME"]} if "MOBIFLOWER_HOME" in os.environ else {}
     if not quiet:
-        where = {
-            "simulation": "simulation",
-            "loopback": "loopback deployment (SuperLink + SuperNodes)",
-            "processes": "device processes, no Flower engine",
-        }[engine]
+        where = _ENGINE_NAMES[engine]
         print(f"[simulate] {config.devices} devices, {where}; run folder {run_dir}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     on_line = RunProgress() if progress and not quiet else line_printer(quiet)
@@ -181,10 +185,7 @@ def run_simulate(
     finally:
         if isinstance(on_line, RunProgress):
             on_line.close()
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        raise RuntimeError(f"the run finished ({result.status}) but wrote no summary at {summary_path}")
-    summary = json.loads(summary_path.read_text())
+    summary = _read_summary(run_dir, result)
     summary["simulation"] = {
         "devices": config.devices,
         "client_cpus": config.client_cpus,
@@ -197,20 +198,33 @@ def run_simulate(
         "plot": str(run_dir / "summary.png"),
     }
     if traffic is not None:
-        frame_bytes = max(1, summary["frame_bytes"])
-        summary["flower_traffic"] = {
-            **traffic,
-            # Replies (device to SuperLink) are the frames plus small profile / evaluation replies,
-            # so this bounds Flower's cost per frame byte from above.
-            "inbound_per_frame_byte": traffic.get("inbound-bytes", 0) / frame_bytes,
-            # ... and per byte the devices sent, evaluation frames included (what Flower adds on top)
-            "inbound_per_up_byte": traffic.get("inbound-bytes", 0) / max(1, summary["bytes_up"]),
-            "outbound_per_sent_byte": traffic.get("outbound-bytes", 0) / max(1, summary["bytes_down"]),
-        }
+        summary["flower_traffic"] = _flower_traffic_figures(summary, traffic)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _read_summary(run_dir: Path, result: FlowerRunResult) -> dict[str, Any]:
+    """The summary the ServerApp wrote in ``run_dir``; a run that wrote none is an error naming its status."""
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        raise RuntimeError(f"the run finished ({result.status}) but wrote no summary at {summary_path}")
+    return json.loads(summary_path.read_text())
+
+
+def _flower_traffic_figures(summary: dict[str, Any], traffic: dict[str, int]) -> dict[str, Any]:
+    """Flower's own traffic counters beside what the frames cost, so its overhead per byte can be read."""
+    frame_bytes = max(1, summary["frame_bytes"])
+    return {
+        **traffic,
+        # Replies (device to SuperLink) are the frames plus small profile / evaluation replies,
+        # so this bounds Flower's cost per frame byte from above.
+        "inbound_per_frame_byte": traffic.get("inbound-bytes", 0) / frame_bytes,
+        # ... and per byte the devices sent, evaluation frames included (what Flower adds on top)
+        "inbound_per_up_byte": traffic.get("inbound-bytes", 0) / max(1, summary["bytes_up"]),
+        "outbound_per_sent_byte": traffic.get("outbound-bytes", 0) / max(1, summary["bytes_down"]),
+    }
 
 
 SHORT = {"accuracy": "acc", "macro-f1": "F1", "perplexity": "ppl", "token-accuracy": "tok acc"}
