@@ -106,18 +106,14 @@ def run_precision_bench(
     ``{"train_samples": 500}``). ``max_tokens`` is the device's forward budget
     (:attr:`ForwardConfig.max_tokens`; -1: its default, None: whole batches).
     """
-    from mobiflower.clients.runtime import ForwardConfig
     from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE
     from mobiflower.simulations.bench.device_spec import bench_samples
 
     _check_counts(batches, batch_size, threads, starts)
-    group_size = group_size or DEFAULT_INT4_GROUP_SIZE
     run, skipped, support = _precisions_to_run(precisions, include_unsupported)
-
     samples = bench_samples(batches, batch_size, seed)
-    max_tokens = ForwardConfig.max_tokens if max_tokens == -1 else max_tokens
     config = {
-        "max_tokens": max_tokens,
+        "max_tokens": _forward_budget(max_tokens),
         "model": model,
         "precisions": run,
         "batches": batches,
@@ -130,7 +126,7 @@ def run_precision_bench(
         "threads": threads,
         "starts": starts,
         "cold": cold,
-        "group_size": group_size,
+        "group_size": group_size or DEFAULT_INT4_GROUP_SIZE,
         "weights_dir": weights_dir,
     }
     _log(
@@ -138,20 +134,8 @@ def run_precision_bench(
         "measurement in a fresh process",
         progress,
     )
-    result: dict[str, Any] = {"config": config, "precisions": {}, "skipped": skipped}
-    with tempfile.TemporaryDirectory(prefix="mobiflower-bench-precision-") as tmp:
-        tmp_path = Path(tmp)
-        for precision in run:
-            spec = {
-                **{key: config[key] for key in _CHILD_KEYS},
-                "precision": precision,
-                "samples": [[e.id, e.text, e.label] for e in samples],
-                "states_path": str(tmp_path / f"{precision}.states.pt"),
-            }
-            result["precisions"][precision] = _measure_precision(spec, tmp_path, starts, cold, progress)
-        _state_errors(result["precisions"], tmp_path)
-        machine = _take_machine(result["precisions"])
-
+    entries, machine = _measure_precisions(config, samples, progress)
+    result: dict[str, Any] = {"config": config, "precisions": entries, "skipped": skipped}
     if accuracy:
         result["accuracy"] = _accuracy(model, run, threads, accuracy_config or {}, progress)
         for precision, acc in result["accuracy"].items():
@@ -164,6 +148,32 @@ def run_precision_bench(
 
     write_outputs(result, out, plot, plot_result, lambda msg: _log(msg, progress))
     return result
+
+
+def _forward_budget(max_tokens: int | None) -> int | None:
+    """The device's forward budget in tokens: -1 is the runtime's default, None whole batches."""
+    from mobiflower.clients.runtime import ForwardConfig
+
+    return ForwardConfig.max_tokens if max_tokens == -1 else max_tokens
+
+
+def _measure_precisions(config: dict, samples: Sequence, progress: bool) -> tuple[dict[str, dict], dict]:
+    """Every precision of the run measured in fresh processes, their states compared with fp32's; with
+    the measuring children's machine facts."""
+    entries: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="mobiflower-bench-precision-") as tmp:
+        tmp_path = Path(tmp)
+        for precision in config["precisions"]:
+            spec = {
+                **{key: config[key] for key in _CHILD_KEYS},
+                "precision": precision,
+                "samples": [[e.id, e.text, e.label] for e in samples],
+                "states_path": str(tmp_path / f"{precision}.states.pt"),
+            }
+            entries[precision] = _measure_precision(spec, tmp_path, config["starts"], config["cold"], progress)
+        _state_errors(entries, tmp_path)
+        machine = _take_machine(entries)
+    return entries, machine
 
 
 # what a child process is told of the run (with its precision, samples and where to save its states)
