@@ -289,3 +289,13 @@ def test_bench_precision_ratios_and_verdicts():
     assert verdicts["int8_accuracy_within_1pt_fp32"] is True
     assert verdicts["int4_model_memory_le_0.25x_fp32"] is False
     assert verdicts["fp32_warm_start_le_3s"] is True and verdicts["int8_warm_start_le_3s"] is False
+
+
+def test_bench_precision_accuracy_runs_take_the_current_keys():
+    """`bench precision --accuracy`'s one-device runs are set up with keys the app reads (not retired ones)."""
+    from mobiflower.simulations.bench.precision import _accuracy_run_config
+    from mobiflower.simulations.simulate import SimulateConfig
+
+    run_config = _accuracy_run_config("smollm2-135m", "int8", 1, {"train_samples": 8, "epochs": 1})
+    assert run_config["weight-precision"] == "int8" and run_config["num-server-rounds"] == 1
+    SimulateConfig(devices=1, run_config=run_config)  # refuses a retired or unknown key

@@ -307,7 +307,16 @@ def _state_errors(entries: dict, tmp: Path) -> None:
         entry["state_rel_error_max"] = max(errors.values())
 
 
-_ACCURACY_KEYS = {"train_samples": "train-samples", "epochs": "rounds"}  # accuracy_config -> run-config keys
+_ACCURACY_KEYS = {"train_samples": "train-samples", "epochs": "num-server-rounds"}  # accuracy_config -> run config
+
+
+def _accuracy_run_config(model: str, precision: str, threads: int | None, overrides: dict) -> dict:
+    """The run config of one accuracy run: ``overrides`` under their run-config keys, the device at ``precision``."""
+    run_config = {"model": model, **{_ACCURACY_KEYS.get(k, k): v for k, v in overrides.items()}}
+    run_config["weight-precision"] = precision
+    if threads:
+        run_config.setdefault("device-threads", threads)
+    return run_config
 
 
 def _accuracy(model: str, precisions: Sequence[str], threads: int | None, overrides: dict, progress: bool) -> dict:
@@ -318,10 +327,7 @@ def _accuracy(model: str, precisions: Sequence[str], threads: int | None, overri
     results = {}
     with tempfile.TemporaryDirectory(prefix="mobiflower-bench-precision-acc-") as tmp:
         for precision in precisions:
-            run_config = {"model": model, **{_ACCURACY_KEYS.get(k, k): v for k, v in overrides.items()}}
-            run_config["weights"] = precision
-            if threads:
-                run_config.setdefault("device-threads", threads)
+            run_config = _accuracy_run_config(model, precision, threads, overrides)
             t0 = time.perf_counter()
             config = SimulateConfig(devices=1, workdir=str(Path(tmp) / precision), run_config=run_config)
             r = run_simulate(config, quiet=True, engine="processes")
