@@ -110,6 +110,22 @@ def row_positions(
     return grid.reshape(-1), per_row.reshape(-1)
 
 
+def sent_mask(attention_mask: torch.Tensor, policy: str, defense: StateDefense) -> torch.Tensor:
+    """The mask [B, T] that :func:`select_tokens` picks a piece's rows with under ``policy``: the device's
+    token window (:func:`~mobiflower.platform.state_defense.window_mask`) cuts ``nonpad``'s real tokens;
+    ``last`` and ``all`` pick by their own rule from the attention mask."""
+    return window_mask(attention_mask, defense) if policy == "nonpad" else attention_mask
+
+
+def sent_counts(attention_mask: torch.Tensor, sent: torch.Tensor, policy: str) -> list[int]:
+    """How many rows each sample of a piece sends (the frame's ``token_counts``), ``sent`` from :func:`sent_mask`."""
+    if policy == "last":
+        return [1] * len(attention_mask)
+    if policy == "nonpad":
+        return sent.sum(dim=1).tolist()
+    return [attention_mask.shape[1]] * len(attention_mask)
+
+
 class DeviceRuntime:
     """Forward passes and frame packing for one device's backbone."""
 
@@ -165,12 +181,7 @@ class DeviceRuntime:
         for input_ids, mask in pieces:
             sent = self._forward_piece(input_ids, mask, layers, cfg, parts, stats, generator)
             seq_lengths += mask.sum(dim=1).tolist()
-            if cfg.token_policy == "last":
-                token_counts += [1] * len(mask)
-            elif cfg.token_policy == "nonpad":
-                token_counts += sent.sum(dim=1).tolist()
-            else:
-                token_counts += [mask.shape[1]] * len(mask)
+            token_counts += sent_counts(mask, sent, cfg.token_policy)
         if cfg.targets == "task":
             targets: dict[str, Any] = self.task.frame_targets(examples, encoded, token_counts)
         else:
@@ -204,7 +215,7 @@ class DeviceRuntime:
         """Forward one piece and quantize each tapped layer's sent rows into ``parts`` (after the device's
         defense: a token window, clipping and noise); returns the mask of the rows sent [B, T]."""
         positions = self.backbone.feature_positions(mask)
-        sent = window_mask(mask, cfg.defense) if cfg.token_policy == "nonpad" else mask
+        sent = sent_mask(mask, cfg.token_policy, cfg.defense)
         where, lengths = row_positions(mask, sent, positions, cfg.token_policy)
         quantize_s = 0.0
 

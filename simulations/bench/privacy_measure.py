@@ -19,12 +19,19 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
+from mobiflower.clients.runtime import (
+    DeviceRuntime,
+    ForwardConfig,
+    row_positions,
+    select_tokens,
+    sent_counts,
+    sent_mask,
+)
 from mobiflower.platform.backbone import Backbone, evenly_spaced_layers
 from mobiflower.platform.codec import SUPPORTED_BITS, concatenate, default_group_size, dequantize, quantize
 from mobiflower.platform.data import task_samples
@@ -133,13 +140,28 @@ def forward_set(runtime: DeviceRuntime, examples: Sequence[Example], layers: Seq
     return SampleSet(frames, ids, {k: own_positions(v, before, after) for k, v in ids.items()})
 
 
-def sent_positions(length: int, exposure: Exposure, defense: StateDefense) -> list[int]:
-    """The positions of a sample of ``length`` real tokens that a frame sends."""
-    if exposure.token_policy == "last":
-        return [length - 1]
-    if defense.window <= 0:
-        return list(range(length))
-    return sorted({*range(min(defense.keep_first, length)), *range(max(0, length - defense.window), length)})
+class SentRows(NamedTuple):
+    """The rows a frame sends, in the order it holds them, and how many each sample sends."""
+
+    sample: torch.Tensor  # each row's sample: its index in the frame
+    position: torch.Tensor  # each row's position in its sample
+    length: torch.Tensor  # each row's sample's real length
+    counts: list[int]  # rows per sample: the frame's token counts
+
+
+def sent_rows(seq_lengths: Sequence[int], exposure: Exposure, defense: StateDefense) -> SentRows:
+    """The rows a device sends of samples of ``seq_lengths`` real tokens for ``exposure`` under ``defense``,
+    picked by the runtime's own rules (:func:`~mobiflower.clients.runtime.sent_mask`, ``select_tokens``,
+    ``row_positions``, ``sent_counts``) over the samples right-padded as it forwards them."""
+    lengths = torch.as_tensor(list(seq_lengths), dtype=torch.long)
+    mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
+    last = lengths - 1  # the token a decoder's classifier reads (Backbone.feature_positions)
+    policy = exposure.token_policy
+    sent = sent_mask(mask, policy, defense)
+    sample_of = torch.arange(len(lengths))[:, None, None].expand(*mask.shape, 1)
+    samples = select_tokens(sample_of, sent, last, policy)[:, 0]
+    positions, row_lengths = row_positions(mask, sent, last, policy)
+    return SentRows(samples, positions, row_lengths, sent_counts(mask, sent, policy))
 
 
 def derive_frame(
@@ -147,25 +169,19 @@ def derive_frame(
 ) -> bytes:
     """The encoded frame a device sends for ``exposure`` under ``defense``, from its 16-bit frame."""
     group = default_group_size(exposure.bits)
-    offsets = np.concatenate([[0], np.cumsum(clean.token_counts)])
-    keep, pos, lens, counts = [], [], [], []
-    for i, length in enumerate(clean.seq_lengths):
-        chosen = sent_positions(length, exposure, defense)
-        keep += [int(offsets[i]) + p for p in chosen]
-        pos += chosen
-        lens += [length] * len(chosen)
-        counts.append(len(chosen))
-    index, positions, lengths = torch.as_tensor(keep), torch.as_tensor(pos), torch.as_tensor(lens)
+    sent = sent_rows(clean.seq_lengths, exposure, defense)
+    starts = torch.as_tensor(np.cumsum([0, *clean.token_counts[:-1]]), dtype=torch.long)
+    index = starts[sent.sample] + sent.position  # the clean frame holds every real token of each sample
     activations = []
     for layer in exposure.layers:
         rows = dequantize(clean.activations[clean.layers.index(layer)])[index]
-        rows = defend(rows, defense, generator, positions, lengths)
+        rows = defend(rows, defense, generator, sent.position, sent.length)
         activations.append(concatenate([quantize(rows, exposure.bits, group, "hadamard", seed)]))
     frame = replace(
         clean,
         layers=list(exposure.layers),
         token_policy=exposure.token_policy,
-        token_counts=counts,
+        token_counts=sent.counts,
         activations=activations,
     )
     return encode_frame(frame)
@@ -182,12 +198,13 @@ def server_rows(
         frame = decode_frame(blob, expected_fingerprint=fingerprint)
         for j, q in enumerate(frame.activations):
             per_layer[j].append(dequantize(q))
-        for sid, length in zip(frame.sample_ids, frame.seq_lengths):
-            for p in sent_positions(length, exposure, defense):
-                ids.append(samples.ids[sid][p])
-                own.append(samples.own[sid][p])
-                sample.append(sid)
-                position.append(p)
+        sent = sent_rows(frame.seq_lengths, exposure, defense)
+        for i, p in zip(sent.sample.tolist(), sent.position.tolist()):
+            sid = frame.sample_ids[i]
+            ids.append(samples.ids[sid][p])
+            own.append(samples.own[sid][p])
+            sample.append(sid)
+            position.append(p)
     meta = [torch.as_tensor(v) for v in (ids, own, sample, position)]
     return [attacks.Rows(torch.cat(parts), *meta) for parts in per_layer]
 
