@@ -11,14 +11,10 @@ Flower-free.
 
 from __future__ import annotations
 
-import io
-import struct
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-import msgpack
-
-from mobiflower.platform.frames import HEADER_FIELDS, MAGIC
+from mobiflower.platform.frames import HEADER_FIELDS, raw_header
 
 DEFAULT_RUN = 6
 """Consecutive token ids of one sample that count as a leak when found together in a header list."""
@@ -52,15 +48,6 @@ def wire_row(task: str, label_private: bool) -> WireRow:
     )
 
 
-def frame_header(blob: bytes) -> dict[str, Any]:
-    """The msgpack header of an encoded frame, as raw as it was sent (no frame check applied)."""
-    if blob[:4] != MAGIC:
-        raise ValueError("not a frame: the magic bytes are missing")
-    (length,) = struct.unpack("<I", blob[4:8])
-    unpacker = msgpack.Unpacker(io.BytesIO(blob[8 : 8 + length]), raw=False, strict_map_key=False)
-    return next(unpacker)
-
-
 def _int_lists(value: Any, where: str) -> Iterator[tuple[str, list[int]]]:
     """Every list of integers inside ``value`` (maps and lists walked), with its path."""
     if isinstance(value, dict):
@@ -83,7 +70,7 @@ def audit_frame(blob: bytes, row: WireRow, token_ids: Sequence[Sequence[int]], r
     """What the frame ``blob`` carries beyond ``row``: unknown header keys, another targets kind, and
     any run of ``run`` consecutive token ids of ``token_ids`` (the device's samples) in a header list
     other than the one the row allows. Empty when the frame holds to the table."""
-    header = frame_header(blob)
+    header = raw_header(blob)  # as sent: the keys the format does not have are what the audit looks for
     problems = [f"header key {k!r} is not in the frame format" for k in header if k not in HEADER_FIELDS]
     kind = (header.get("targets") or {}).get("kind")
     if kind != row.targets:

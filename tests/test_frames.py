@@ -29,6 +29,7 @@ from mobiflower.platform.frames import (
     FrameLimits,
     decode_frame,
     encode_frame,
+    raw_header,
     validate_frame,
 )
 
@@ -479,6 +480,23 @@ def test_bad_magic_and_garbage_headers(base):
     with pytest.raises(FrameError) as e:
         decode_frame(MAGIC + struct.pack("<I", 2**32 - 1) + base[8:])
     assert e.value.field == "header_length"
+
+
+def test_raw_header_reads_what_was_sent_unchecked(base):
+    """The audit's reader: the header as sent, a key the format lacks and a broken checksum included;
+    only what is not a frame's envelope is refused."""
+    h, p = split(base)
+    assert raw_header(base) == h
+    tampered = base.replace(b"\xa4meta", b"\xa4mega", 1)  # the CRC no longer holds
+    assert "mega" in raw_header(tampered) and "meta" not in raw_header(tampered)
+    for data, field in (
+        (b"MBFX" + base[4:], "magic"),
+        (base[:6], "data"),
+        (join(None, p, raw_header=b"\x01"), "header"),
+    ):
+        with pytest.raises(FrameError) as e:
+            raw_header(data)
+        assert e.value.field == field
 
 
 @pytest.mark.parametrize(

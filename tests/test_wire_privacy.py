@@ -16,9 +16,9 @@ from mobiflower.clients import runtime as device_runtime
 from mobiflower.clients.device_setup import DeviceSetup
 from mobiflower.clients.runtime import DeviceRuntime, ForwardConfig
 from mobiflower.platform.backbone import Backbone
-from mobiflower.platform.frames import encode_frame
+from mobiflower.platform.frames import encode_frame, raw_header
 from mobiflower.platform.tasks import BUNDLED_TASK, CausalLMTask, Example
-from mobiflower.platform.wire_table import audit_frame, frame_header, wire_row
+from mobiflower.platform.wire_table import audit_frame, wire_row
 
 WINDOW = 6  # consecutive token ids that would count as a leak
 
@@ -96,7 +96,7 @@ def test_the_audit_fails_a_frame_that_carries_more_than_the_table(tiny_llama):
         "header.targets.values holds 6 consecutive token ids of a sample",
     ]
     blob = encode_frame(frame)
-    assert frame_header(blob)["targets"]["kind"] == "class"
+    assert raw_header(blob)["targets"]["kind"] == "class"
     extra = blob.replace(b"\xa4meta", b"\xa4mega", 1)  # a key the format does not know (same length)
     assert audit_frame(extra, row, ids)[0] == "header key 'mega' is not in the frame format"
 
@@ -158,6 +158,6 @@ def test_a_causal_lm_frame_carries_the_text_as_its_targets_and_nowhere_else(
         assert frames
         for blob in frames:
             assert audit_frame(blob, wire_row("causal-lm", False), ids) == []
-        targets = [t for blob in frames for t in frame_header(blob)["targets"]["values"] if t >= 0]
+        targets = [t for blob in frames for t in raw_header(blob)["targets"]["values"] if t >= 0]
         text = {t for sample in ids for t in sample}
         assert len(targets) > 50 and set(targets) <= text  # the targets are the text's own tokens

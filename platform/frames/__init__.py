@@ -33,6 +33,9 @@ Wire layout (all integers little-endian)::
 * The payload is the ``packed`` then ``scales`` bytes of each layer, back to back (scales are
   little-endian float16, see :mod:`mobiflower.platform.codec` for their layout).
 
+:func:`raw_header` reads a frame's header as it was sent, without the checks: for an audit of what
+a frame carries (``mobiflower.platform.wire_table``), never for a frame the server will use.
+
 Decoded activations are :class:`~mobiflower.platform.codec.QuantizedTensor` objects whose
 arrays are zero-copy, read-only views into the input buffer (keep it alive and unmodified);
 dequantize lazily with :func:`~mobiflower.platform.codec.dequantize`.
@@ -56,7 +59,7 @@ from mobiflower.platform.frames._format import (
     FrameError,
     FrameLimits,
 )
-from mobiflower.platform.frames._frame import Frame, decode_frame, encode_frame, validate_frame
+from mobiflower.platform.frames._frame import Frame, decode_frame, encode_frame, raw_header, validate_frame
 
 __all__ = [
     "FRAME_VERSION",
@@ -74,4 +77,5 @@ __all__ = [
     "encode_frame",
     "decode_frame",
     "validate_frame",
+    "raw_header",
 ]

@@ -9,7 +9,7 @@ naming its field.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import msgpack
 import numpy as np
@@ -127,30 +127,23 @@ def check_free(value: object, name: str, limits: FrameLimits) -> None:
 
 
 def check_fields(
-    *,
-    fingerprint: object,
-    token_policy: object,
-    layers: object,
-    sample_ids: object,
-    token_counts: object,
-    seq_lengths: object,
-    targets: object,
-    meta: object,
-    expected_fingerprint: str | None,
-    limits: FrameLimits,
+    fields: Mapping[str, object], *, expected_fingerprint: str | None, limits: FrameLimits
 ) -> tuple[int, int]:
-    """Everything but the tensors; returns (number of layers, rows = sum(token_counts))."""
-    _check_fingerprint(fingerprint, expected_fingerprint)
+    """Everything but the tensors (``fields``: the ``FRAME_FIELDS`` of a frame or of a header); returns
+    (number of layers, rows = sum(token_counts))."""
+    _check_fingerprint(fields["fingerprint"], expected_fingerprint)
+    token_policy = fields["token_policy"]
     if not isinstance(token_policy, str) or token_policy not in TOKEN_POLICIES:
         raise FrameError("token_policy", f"must be one of {TOKEN_POLICIES}, got {token_policy!r}")
-    n_layers = _check_layers(layers, limits)
-    counts, lengths = _check_samples(sample_ids, token_counts, seq_lengths, limits)
+    n_layers = _check_layers(fields["layers"], limits)
+    counts, lengths = _check_samples(fields["sample_ids"], fields["token_counts"], fields["seq_lengths"], limits)
     n = counts.size
     rows = int(counts.sum())
     if rows > limits.max_tokens:
         raise FrameError("token_counts", f"{rows} tokens in total, more than the limit {limits.max_tokens}")
     _check_token_policy(token_policy, counts, lengths)
-    _check_targets(targets, n, rows, limits)
+    _check_targets(fields["targets"], n, rows, limits)
+    meta = fields["meta"]
     if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
         raise FrameError("meta", "must be a map with string keys")
     if len(meta) > limits.max_meta_keys:

@@ -31,6 +31,8 @@ HEADER_FIELDS = (
     "payload_bytes",
     "tensors",
 )
+# the header fields a Frame holds as they are sent (all but the version and the payload's layout)
+FRAME_FIELDS = ("fingerprint", "layers", "token_policy", "sample_ids", "token_counts", "seq_lengths", "targets", "meta")
 TENSOR_FIELDS = ("bits", "group_size", "rotation", "seed", "shape", "packed", "scales")
 TARGET_FIELDS = ("kind", "values", "num_classes", "vocab_size")  # any other key is free-form content
 # What a FrameError's ``field`` is made of, list indices written ``[i]``. A field the frame names

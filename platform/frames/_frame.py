@@ -8,6 +8,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from mobiflower.platform.codec import QuantizedTensor
@@ -23,6 +24,7 @@ from mobiflower.platform.frames._checks import (
     size_error,
 )
 from mobiflower.platform.frames._format import (
+    FRAME_FIELDS,
     FRAME_VERSION,
     HEADER_FIELDS,
     MAGIC,
@@ -119,16 +121,7 @@ def validate_frame(
         raise FrameError("frame", f"expected a Frame, got {type(frame).__name__}")
     check_version(frame.version)
     n_layers, rows = check_fields(
-        fingerprint=frame.fingerprint,
-        token_policy=frame.token_policy,
-        layers=frame.layers,
-        sample_ids=frame.sample_ids,
-        token_counts=frame.token_counts,
-        seq_lengths=frame.seq_lengths,
-        targets=frame.targets,
-        meta=frame.meta,
-        expected_fingerprint=expected_fingerprint,
-        limits=limits,
+        {k: getattr(frame, k) for k in FRAME_FIELDS}, expected_fingerprint=expected_fingerprint, limits=limits
     )
     check_free_size(frame.targets, frame.meta, limits)
     acts = frame.activations
@@ -254,6 +247,21 @@ def decode_frame(
         raise FrameError("data", f"malformed frame ({type(exc).__name__}: {exc})") from None
 
 
+def raw_header(data: bytes | memoryview | np.ndarray) -> dict[str, Any]:
+    """The header map of an encoded frame as it was sent, checked for nothing but the envelope (magic
+    and header length): what an audit of a frame's content reads, unknown keys and all, where
+    :func:`decode_frame` would refuse the frame at its first fault. Raises :class:`FrameError`."""
+    buf = _as_buffer(data)
+    raw = buf[_PREFIX.size : _header_end(buf)]
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as exc:  # as the decoder: nothing but FrameError leaves
+        raise FrameError("header", f"not a msgpack map ({type(exc).__name__}: {exc})") from None
+    if not isinstance(header, dict):
+        raise FrameError("header", f"must be a map, got {type(header).__name__}")
+    return header
+
+
 def _declared_size(buf: memoryview, hend: int, limits: FrameLimits) -> int | None:
     """Best-effort total size a (possibly damaged) header declares; None if it cannot tell."""
     try:
@@ -269,39 +277,16 @@ def _decode(data: object, expected_fingerprint: str | None, limits: FrameLimits)
     buf = _as_buffer(data)
     hend = _check_envelope(buf, limits)
     header, version, payload_bytes = _read_checked_header(buf, hend, limits)
-    n_layers, rows = check_fields(
-        fingerprint=header["fingerprint"],
-        token_policy=header["token_policy"],
-        layers=header["layers"],
-        sample_ids=header["sample_ids"],
-        token_counts=header["token_counts"],
-        seq_lengths=header["seq_lengths"],
-        targets=header["targets"],
-        meta=header["meta"],
-        expected_fingerprint=expected_fingerprint,
-        limits=limits,
-    )
+    fields = {k: header[k] for k in FRAME_FIELDS}
+    n_layers, rows = check_fields(fields, expected_fingerprint=expected_fingerprint, limits=limits)
     tensors = _tensor_columns(header["tensors"], n_layers)
     specs = _tensor_specs(tensors, n_layers, rows, payload_bytes, limits)
-    return Frame(
-        fingerprint=header["fingerprint"],
-        layers=header["layers"],
-        token_policy=header["token_policy"],
-        sample_ids=header["sample_ids"],
-        token_counts=header["token_counts"],
-        seq_lengths=header["seq_lengths"],
-        targets=header["targets"],
-        activations=_activations(buf, hend, specs),
-        meta=header["meta"],
-        version=version,
-    )
+    return Frame(**fields, activations=_activations(buf, hend, specs), version=version)
 
 
-def _check_envelope(buf: memoryview, limits: FrameLimits) -> int:
-    """Size limit, magic, header length and CRC32; returns where the header ends."""
+def _header_end(buf: memoryview) -> int:
+    """Where the header ends, from the magic and the header length that open every frame."""
     size = buf.nbytes
-    if size > limits.max_bytes:
-        raise FrameError("data", f"frame of {size} bytes exceeds the limit {limits.max_bytes}")
     if size < _PREFIX.size + _TRAILER.size:
         raise FrameError("data", f"truncated: {size} bytes is shorter than the smallest frame")
     magic, hlen = _PREFIX.unpack_from(buf, 0)
@@ -310,6 +295,16 @@ def _check_envelope(buf: memoryview, limits: FrameLimits) -> int:
     hend = _PREFIX.size + hlen
     if hend + _TRAILER.size > size:
         raise FrameError("header_length", f"truncated: a header of {hlen} bytes does not fit in {size} bytes")
+    return hend
+
+
+def _check_envelope(buf: memoryview, limits: FrameLimits) -> int:
+    """Size limit, magic, header length and CRC32; returns where the header ends."""
+    size = buf.nbytes
+    if size > limits.max_bytes:
+        raise FrameError("data", f"frame of {size} bytes exceeds the limit {limits.max_bytes}")
+    hend = _header_end(buf)
+    hlen = hend - _PREFIX.size
     if hlen > max_header_bytes(limits):
         raise FrameError(
             "header_length", f"header of {hlen} bytes exceeds {max_header_bytes(limits)} (derived from the limits)"
