@@ -260,7 +260,8 @@ def test_bench_precision_end_to_end(tmp_path, real_assets):
 
 
 def test_bench_precision_ratios_and_verdicts():
-    from mobiflower.simulations.bench.precision import _acceptance, _ratios
+    from mobiflower.simulations.bench.device_spec import judge_acceptance
+    from mobiflower.simulations.bench.precision import ACCEPTANCE, _ratios
 
     entries = {
         "fp32": {
@@ -284,7 +285,7 @@ def test_bench_precision_ratios_and_verdicts():
     assert ratios["int8_vs_fp32_accuracy_points"] == pytest.approx(-0.7)
     assert ratios["int8_vs_fp32_weights_resident"] == pytest.approx(0.26)
     assert ratios["bf16_vs_fp32_model_memory"] is None
-    verdicts = _acceptance(ratios)
+    verdicts = judge_acceptance(ratios, ACCEPTANCE)
     assert verdicts["int8_model_memory_le_0.35x_fp32"] is True and verdicts["int8_s_le_1.3x_fp32"] is True
     assert verdicts["int8_accuracy_within_1pt_fp32"] is True
     assert verdicts["int4_model_memory_le_0.25x_fp32"] is False

@@ -54,6 +54,7 @@ from mobiflower.simulations.bench.common import (
 from mobiflower.simulations.bench.common import (
     fmt as _fmt,
 )
+from mobiflower.simulations.bench.device_spec import bench_samples, judge_acceptance
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 ACCEPTANCE = {
@@ -107,7 +108,6 @@ def run_precision_bench(
     (:attr:`ForwardConfig.max_tokens`; -1: its default, None: whole batches).
     """
     from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE
-    from mobiflower.simulations.bench.device_spec import bench_samples
 
     _check_counts(batches, batch_size, threads, starts)
     run, skipped, support = _precisions_to_run(precisions, include_unsupported)
@@ -142,7 +142,7 @@ def run_precision_bench(
             if isinstance(acc, dict) and "test_accuracy" in acc:
                 result["precisions"][precision]["test_accuracy"] = acc["test_accuracy"]
     result["ratios"] = _ratios(result["precisions"])
-    result["acceptance"] = _acceptance(result["ratios"])
+    result["acceptance"] = judge_acceptance(result["ratios"], ACCEPTANCE)
     result["machine"] = {**machine, **_machine_facts(support)}
     result["support"] = support
 
@@ -364,14 +364,6 @@ def _ratios(entries: dict) -> dict:
         ratios[f"{p}_warm_start_s"] = get(p, "warm_start_s")
         ratios[f"{p}_warm_start_cpu_s"] = get(p, "warm_start_cpu_s")
     return ratios
-
-
-def _acceptance(ratios: dict) -> dict:
-    verdict = {}
-    for name, (key, op, threshold) in ACCEPTANCE.items():
-        value = ratios.get(key)
-        verdict[name] = None if value is None else bool(value <= threshold if op == "<=" else value >= threshold)
-    return verdict
 
 
 # ------------------------------------------------------------------------------------------
