@@ -170,6 +170,7 @@ __all__ = [
     "MAGIC",
     "IGNORE_INDEX",
     "HEADER_FIELDS",
+    "FRAME_FIELDS",
     "TENSOR_FIELDS",
     "TARGET_FIELDS",
     "FIELD_NAMES",
