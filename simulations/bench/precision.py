@@ -380,13 +380,28 @@ def format_table(result: dict) -> str:
         f"threads {machine.get('threads')}, "
         f"bf16 native: {machine.get('bf16_native')}",
         "",
+        *_precision_rows(result),
+        "",
+        "model MB = peak RSS - RSS just before the backbone is loaded; weights res = resident part of the "
+        "memory-mapped weights file;",
+        "start = process spawn to first encoded frame (warm: median, cold: "
+        "backbone files evicted from the page cache); start cpu = CPU seconds the warm start used",
+        "",
+        *_breakdown_rows(result),
+        "",
+        *acceptance_lines(result, ACCEPTANCE, width=36),
     ]
+    return "\n".join(lines)
+
+
+def _precision_rows(result: dict) -> list[str]:
+    """The main table: a row per precision measured (memory, speed, start-up, error, accuracy), then the skipped."""
     header = (
         f"{'precision':<10}{'file MB':>9}{'runtime MB':>12}{'peak MB':>9}{'model MB':>10}{'weights res':>13}"
         f"{'ms/sample':>11}{'start warm':>12}{'cold':>7}{'start cpu':>11}{'state err':>11}{'test acc':>10}"
         f"  {'forward':<13}"
     )
-    lines += [header, "-" * len(header)]
+    lines = [header, "-" * len(header)]
     for name, e in result.get("precisions", {}).items():
         lines.append(
             f"{name:<10}{_fmt(e.get('weights_file_mb'), '.0f'):>9}{_fmt(e.get('baseline_rss_mb'), '.0f'):>12}"
@@ -398,8 +413,14 @@ def format_table(result: dict) -> str:
             f"{_fmt(e.get('state_rel_error_mean'), '.4f'):>11}{_fmt(e.get('test_accuracy'), '.4f'):>10}"
             f"  {e.get('forward') or '-':<13}"
         )
-    breakdown = [
-        "",
+    for name, reason in result.get("skipped", {}).items():
+        lines.append(f"{name:<10}skipped: {reason}")
+    return lines
+
+
+def _breakdown_rows(result: dict) -> list[str]:
+    """Where each precision's model memory goes (MB, at the end of the run) and its warm start (s, median)."""
+    lines = [
         "where model memory goes (MB, at the end of the run) and where the warm start goes (s, median):",
         f"{'precision':<10}{'weights':>9}{'code+files':>12}{'anon':>7}{'transient':>11}"
         f"{'imports':>10}{'load':>7}{'1st frame':>11}",
@@ -412,25 +433,13 @@ def format_table(result: dict) -> str:
             values = [w[key] for w in warm if w.get(key) is not None]
             return statistics.median(values) if values else None
 
-        breakdown.append(
+        lines.append(
             f"{name:<10}{_fmt(b.get('weights_resident'), '.0f'):>9}"
             f"{_fmt(b.get('code_and_other_files'), '.0f'):>12}{_fmt(b.get('anonymous'), '.0f'):>7}"
             f"{_fmt(b.get('transient_at_peak'), '.0f'):>11}{_fmt(med('imports_s')):>10}"
             f"{_fmt(med('model_load_s')):>7}{_fmt(med('first_frame_s')):>11}"
         )
-    for name, reason in result.get("skipped", {}).items():
-        lines.append(f"{name:<10}skipped: {reason}")
-    lines += [
-        "",
-        "model MB = peak RSS - RSS just before the backbone is loaded; weights res = resident part of the "
-        "memory-mapped weights file;",
-        "start = process spawn to first encoded frame (warm: median, cold: "
-        "backbone files evicted from the page cache); start cpu = CPU seconds the warm start used",
-        *breakdown,
-        "",
-        *acceptance_lines(result, ACCEPTANCE, width=36),
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def plot_result(result: dict, path: str) -> Path:
