@@ -385,45 +385,25 @@ def run_fleet_bench(
     read fails in seconds, not after the baseline's hour. A run that fails is recorded as failed
     (its error in the JSON) and the others still run.
     """
-    from mobiflower.simulations.baselines.fed_lora import FedLoraRun, run_fed_lora
-
     fleet = load_fleet(settings.fleet)
     profiles = fleet.profiles_for(settings.device_ids())
-    work = Path(settings.workdir)
-    if side_runner is None:
-        side_runner = _simulate_runner(settings, quiet)
-    if fed_lora_runner is None:
-
-        def fed_lora_runner(run: FedLoraRun) -> dict[str, Any]:
-            return run_fed_lora(run, quiet=quiet)
-
-    def lora_run(run_config: dict[str, Any]) -> FedLoraRun:
-        return FedLoraRun(
-            devices=settings.devices,
-            client_cpus=settings.client_cpus,
-            workdir=str(work / "fed-lora"),
-            timeout_s=settings.timeout_s,
-            run_config=run_config,
-        )
-
+    side_runner = side_runner or _simulate_runner(settings, quiet)
+    fed_lora_runner = fed_lora_runner or _fed_lora_runner(quiet)
+    lora_run = _lora_run_of(settings)
     methods: dict[str, dict[str, Any]] = {}
-    side_tuning = _tune_side_lr(settings, side_runner, log)
-    configs: dict[str, dict[str, Any]] = {
-        EIGHT_BIT: settings.side_run_config(adapt=False, lr=side_tuning["lr"]),
-        ADAPTIVE: settings.side_run_config(adapt=True, lr=side_tuning["lr"]),
-    }
 
-    def run_method(name: str, run: Callable[[], dict[str, Any]]) -> None:
+    def run_method(name: str, run_config: dict[str, Any], run: Callable[[], dict[str, Any]]) -> None:
         log(f"[bench fleet] {name}: {settings.devices} devices on fleet {fleet.name!r} ...")
-        methods[name] = _run_method(run, configs[name], log)
+        methods[name] = _run_method(run, run_config, log)
 
+    side_tuning = _tune_side_lr(settings, side_runner, log)
     # side-tuning first: minutes, where the baseline's tuning takes most of the bench's hour
-    for name in (EIGHT_BIT, ADAPTIVE):
-        run_method(name, lambda name=name: _side_method(settings, side_runner, configs[name], log))
+    for name, adapt in ((EIGHT_BIT, False), (ADAPTIVE, True)):
+        side = settings.side_run_config(adapt=adapt, lr=side_tuning["lr"])
+        run_method(name, side, lambda side=side: _side_method(settings, side_runner, side, log))
     tuning = _tune_fed_lora(settings, lora_run, fed_lora_runner, log)
-    lr, epochs = tuning["lr"], tuning["local_epochs"]
-    configs[FED_LORA] = settings.fed_lora_run_config(lr, epochs)
-    run_method(FED_LORA, lambda: fed_lora_figures(fed_lora_runner(lora_run(configs[FED_LORA])), profiles))
+    lora = settings.fed_lora_run_config(tuning["lr"], tuning["local_epochs"])
+    run_method(FED_LORA, lora, lambda: fed_lora_figures(fed_lora_runner(lora_run(lora)), profiles))
     return summarize(
         {
             "benchmark": "fleet",
@@ -440,6 +420,29 @@ def run_fleet_bench(
             "notes": _notes(),
         }
     )
+
+
+def _fed_lora_runner(quiet: bool) -> Callable[[Any], dict[str, Any]]:
+    """The real federated LoRA runner: one Flower simulation per ``FedLoraRun``."""
+    from mobiflower.simulations.baselines.fed_lora import run_fed_lora
+
+    return lambda run: run_fed_lora(run, quiet=quiet)
+
+
+def _lora_run_of(settings: FleetBenchSettings) -> Callable[[dict[str, Any]], Any]:
+    """``run_config -> FedLoraRun`` on the bench's fleet size, resources and scratch folder."""
+    from mobiflower.simulations.baselines.fed_lora import FedLoraRun
+
+    def lora_run(run_config: dict[str, Any]) -> FedLoraRun:
+        return FedLoraRun(
+            devices=settings.devices,
+            client_cpus=settings.client_cpus,
+            workdir=str(Path(settings.workdir) / "fed-lora"),
+            timeout_s=settings.timeout_s,
+            run_config=run_config,
+        )
+
+    return lora_run
 
 
 def _tune_side_lr(settings: FleetBenchSettings, side_runner: SideRunner, log: Callable[[str], None]) -> dict[str, Any]:
