@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import click
 import typer
 
+from mobiflower.simulations.bench.causal_lm import CausalLMBench
 from mobiflower.simulations.bench.fleet import FleetBenchSettings
 from mobiflower.simulations.bench.personalize import PersonalizeBench, as_option, list_option
 from mobiflower.simulations.bench.privacy import DEFAULT_DEFENSES as DEFAULT_PRIVACY_DEFENSES
@@ -199,12 +200,18 @@ def pipeline(
     samples: Annotated[int, typer.Option()] = 256,
     reduction: Annotated[int, typer.Option(help="ladder reduction (1 = full width: training ~ forward)")] = 1,
     chunk_size: Annotated[int, typer.Option()] = 32,
+    run_config: RunConfigOption = None,
     out: Annotated[str, typer.Option()] = "runs/bench_pipeline.json",
 ) -> int:
-    from mobiflower.simulations.bench.common import write_outputs
-    from mobiflower.simulations.bench.pipeline import format_table, plot, run_pipeline_bench
+    from mobiflower.simulations.bench.common import bench_run_config, write_outputs
+    from mobiflower.simulations.bench.pipeline import BENCH_SETS, format_table, plot, run_pipeline_bench
 
-    result = run_pipeline_bench(samples, reduction, chunk_size, log=_log)
+    try:
+        extra = bench_run_config("pipeline", run_config_items(run_config), BENCH_SETS)
+    except ValueError as err:  # a retired, bench-set or unknown run-config key
+        print(f"mobiflower bench pipeline: {err}", file=sys.stderr)
+        return 2
+    result = run_pipeline_bench(samples, reduction, chunk_size, run_config=extra, log=_log)
     print(format_table(result))
     write_outputs(result, out, None, plot, _log)
     return 0
@@ -341,6 +348,7 @@ def fleet(
     client_cpus: Annotated[int, typer.Option(help="CPUs per simulated device")] = _FLEET.client_cpus,
     timeout: Annotated[float, typer.Option(help="seconds per Flower run")] = _FLEET.timeout_s,
     workdir: Annotated[str, typer.Option(help="scratch folder of the Flower runs")] = _FLEET.workdir,
+    run_config: RunConfigOption = None,
     out: Annotated[str, typer.Option(help="the result JSON (and a PNG next to it)")] = "runs/bench_fleet.json",
     plot: Annotated[Optional[str], typer.Option(help="PNG path (default: next to --out)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no per-run progress")] = False,
@@ -382,6 +390,7 @@ def fleet(
             client_cpus=client_cpus,
             timeout_s=timeout,
             workdir=workdir,
+            run_config=run_config_items(run_config),  # each key to every method's runs whose app reads it
         )
         log = (lambda message: None) if quiet else _log
         result = fleet_bench.run_fleet_bench(settings, quiet=quiet, log=log)
@@ -525,24 +534,45 @@ def privacy(
     return 0
 
 
+_CAUSAL = CausalLMBench()  # the causal-lm command's defaults
+
+
 @bench.command(
     name="causal-lm",
     help="Causal-LM on the 2012 convention speeches: the fleet's tail vs tuned on-device LoRA vs zero-shot, "
     "perplexity on the same scored tokens.",
 )
 def causal_lm(
-    paragraphs: Annotated[int, typer.Option(help="paragraphs sampled from the speeches (all devices)")] = 400,
-    devices: Annotated[int, typer.Option(help="simulated devices (IID split)")] = 4,
-    max_length: Annotated[int, typer.Option(help="tokens a sample")] = 128,
-    num_server_rounds: Annotated[int, typer.Option(help="the tail's server rounds (epochs over the fleet's text)")] = 2,
-    lora_epochs: Annotated[int, typer.Option(help="on-device LoRA: the most epochs tried")] = 2,
+    paragraphs: Annotated[
+        int, typer.Option(help="paragraphs sampled from the speeches (all devices)")
+    ] = _CAUSAL.paragraphs,
+    devices: Annotated[int, typer.Option(help="simulated devices (IID split)")] = _CAUSAL.devices,
+    max_length: Annotated[int, typer.Option(help="tokens a sample")] = _CAUSAL.max_length,
+    num_server_rounds: Annotated[
+        int, typer.Option(help="the tail's server rounds (epochs over the fleet's text)")
+    ] = _CAUSAL.rounds,
+    lora_epochs: Annotated[int, typer.Option(help="on-device LoRA: the most epochs tried")] = _CAUSAL.lora_epochs,
+    model: Annotated[str, typer.Option(help="every method's backbone")] = _CAUSAL.model,
+    seed: Annotated[int, typer.Option(help="the paragraphs sampled and every device's split")] = _CAUSAL.seed,
+    run_config: RunConfigOption = None,
     out: Annotated[str, typer.Option(help="result JSON (and the plot next to it)")] = "runs/bench_causal_lm.json",
 ) -> int:
-    from mobiflower.simulations.bench.causal_lm import CausalLMBench, format_table, run_causal_lm_bench
+    from mobiflower.simulations.bench.causal_lm import format_table, run_causal_lm_bench
 
-    config = CausalLMBench(
-        paragraphs=paragraphs, devices=devices, max_length=max_length, rounds=num_server_rounds, lora_epochs=lora_epochs
-    )
+    try:
+        config = CausalLMBench(
+            model=model,
+            paragraphs=paragraphs,
+            devices=devices,
+            max_length=max_length,
+            rounds=num_server_rounds,
+            lora_epochs=lora_epochs,
+            seed=seed,
+            run_config=run_config_items(run_config),  # the tail's runs (the baseline holds the same samples)
+        )
+    except ValueError as err:  # a retired, bench-set or unknown run-config key
+        print(f"mobiflower bench causal-lm: {err}", file=sys.stderr)
+        return 2
     print(format_table(run_causal_lm_bench(config, out=out)))
     return 0
 
@@ -582,6 +612,8 @@ def personalize(
     data: Annotated[str, typer.Option(help="text with a user column, or the bundled speeches")] = _PERSONAL.data,
     model: Annotated[str, typer.Option(help="the backbone")] = _PERSONAL.model,
     workdir: Annotated[str, typer.Option(help="where the runs go")] = _PERSONAL.workdir,
+    seed: Annotated[int, typer.Option(help="the paragraphs kept and every device's split")] = _PERSONAL.seed,
+    run_config: RunConfigOption = None,
     out: Annotated[str, typer.Option(help="result JSON (and the plot next to it)")] = "runs/bench_personalize.json",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no per-method progress lines")] = False,
 ) -> int:
@@ -608,8 +640,10 @@ def personalize(
             finetune_lrs=list_option(finetune_lrs, float),
             finetune_epochs=finetune_epochs,
             workdir=workdir,
+            seed=seed,
+            run_config=run_config_items(run_config),  # each key to every fleet run whose app reads it
         )
-    except ValueError as err:  # an option the user can fix
+    except ValueError as err:  # an option or run-config key the user can fix
         print(f"mobiflower bench personalize: {err}", file=sys.stderr)
         return 2
     print(format_table(run_personalize_bench(config, out=out, progress=not no_progress)))

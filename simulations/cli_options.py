@@ -14,7 +14,7 @@ RunConfigOption = Annotated[
         "--run-config",
         metavar="KEY=VALUE",
         help="any other run-config key (VALUE read as TOML: numbers, true/false, quoted strings; else a plain "
-        "string), e.g. -c train-samples=500 -c family=adapter",
+        "string), e.g. -c lora-r=16 -c family=adapter; a key a bench sets itself is refused, naming its option",
     ),
 ]
 

@@ -213,8 +213,8 @@ do not edit by hand. tests/test_docs.py fails when this file is stale. -->
 
 Every knob of a run is a Flower **run-config** key, the same on the server and on every device:
 pyproject.toml's `[tool.flwr.app.config]` declares each with its default, and `mobiflower simulate`,
-`mobiflower local` and `flwr run .` take `-c KEY=VALUE` for any of them (an unknown key or a bad value is
-refused before Flower starts). A device's own settings are **node-config** keys, given to its SuperNode
+`mobiflower local`, `flwr run .` and the benches that run fleets take `-c KEY=VALUE` for any of them (an
+unknown key or a bad value is refused before Flower starts; a key a bench sets itself, naming its option). A device's own settings are **node-config** keys, given to its SuperNode
 (`flower-supernode --node-config 'key=value ...'`) or to a tier of a simulated fleet. Values are TOML:
 strings in double quotes, `true` / `false`. How the pieces fit: [concepts.md](concepts.md); the
 flags that stand for common keys: [simulation.md](simulation.md).

@@ -539,3 +539,30 @@ def test_a_common_target_compares_speed_when_a_method_never_reaches_the_issues_t
     assert result["common_target_accuracy"] == pytest.approx(0.81)
     assert result["ratios"]["fed_lora_over_adaptive_time_to_common_target"] == pytest.approx(8.0)
     assert result["ratios"]["8bit_over_adaptive_time_to_common_target"] == pytest.approx(1.8)
+
+
+def test_c_keys_go_to_every_run_whose_app_reads_them_and_are_recorded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runners = Runners()
+    given = {"lora-r": 16, "chunk-size": 32, "lora-dropout": 0.1, "data": "mine.jsonl"}
+    result = _bench(runners, run_config=given)
+    mine = str(tmp_path / "mine.jsonl")  # made absolute: the fleet's devices do not run in this folder
+    for config in runners.side_configs + runners.lora_configs:  # both apps read lora-r and data: same samples
+        assert (config["lora-r"], config["data"]) == (16, mine)
+    assert all(c["chunk-size"] == 32 and "lora-dropout" not in c for c in runners.side_configs)
+    assert all(c["lora-dropout"] == 0.1 and "chunk-size" not in c for c in runners.lora_configs)
+    assert result["settings"]["run_config"] == {**given, "data": mine}
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"rounds": 2}, "'rounds' was renamed: use num-server-rounds"),
+        ({"bits": 4}, "sets bits itself; it is what the methods compare"),
+        ({"train-samples": 10}, "sets train-samples itself; use --train-samples"),
+        ({"no-such-key": 1}, r"unknown run-config key\(s\) \['no-such-key'\] for bench fleet"),
+    ],
+)
+def test_c_keys_a_user_can_fix_are_refused_before_any_run(given, message):
+    with pytest.raises(ValueError, match=message):
+        FleetBenchSettings(run_config=given)

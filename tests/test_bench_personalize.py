@@ -113,3 +113,44 @@ def test_a_local_fine_tune_starts_from_the_given_adapter(tiny_llama, tmp_path):
     assert all(torch.equal(trainable_state(model)[k], v) for k, v in state.items())
     with pytest.raises(ValueError, match="init_adapter"):
         BaselineConfig("full", init_adapter=str(tmp_path / "adapter.safetensors"))
+
+
+class _Stop(Exception):
+    """Raised by a stand-in runner once it has seen the run it was given (no fleet runs)."""
+
+
+def test_c_keys_go_to_every_fleet_run_whose_app_reads_them(tmp_path, monkeypatch):
+    from mobiflower.simulations import simulate
+    from mobiflower.simulations.baselines import fed_lora
+    from mobiflower.simulations.bench.personalize import base_run_config, fed_lora_trial, mobiflower_run
+
+    seen = {}
+
+    def capture(name):
+        def run(config, **_):
+            seen[name] = config.run_config
+            raise _Stop
+
+        return run
+
+    monkeypatch.setattr(simulate, "run_simulate", capture("side"))
+    monkeypatch.setattr(fed_lora, "run_fed_lora", capture("fed-lora"))
+    config = PersonalizeBench(run_config={"lora-r": 4, "chunk-size": 8, "lora-dropout": 0.1}, workdir=str(tmp_path))
+    data = tmp_path / "speakers.jsonl"
+    data.write_text(json.dumps({"text": "a b c", "user": "u"}) + "\n")
+    base = base_run_config(config, data)
+    assert base["lora-r"] == 4 and "chunk-size" not in base and "lora-dropout" not in base  # both apps: lora-r
+    for run in (
+        lambda: mobiflower_run(config, base, {"d": None}, "shared", 1e-3, 0, None),
+        lambda: fed_lora_trial(config, base, {"d": None}, 1e-3),
+    ):
+        with pytest.raises(_Stop):
+            run()
+    assert (seen["side"]["lora-r"], seen["side"]["chunk-size"]) == (4, 8) and "lora-dropout" not in seen["side"]
+    assert (seen["fed-lora"]["lora-r"], seen["fed-lora"]["lora-dropout"]) == (4, 0.1)
+    assert "chunk-size" not in seen["fed-lora"]
+
+
+def test_c_keys_the_bench_sets_itself_are_refused_naming_the_option():
+    with pytest.raises(ValueError, match="bench personalize sets batch-size itself; use --batch-size"):
+        PersonalizeBench(run_config={"batch-size": 4})

@@ -51,8 +51,8 @@ def test_no_command_keeps_a_retired_name_and_options_for_keys_are_named_for_them
         ("bench", "modes"): {"--num-server-rounds", "--dirichlet-alpha"},
         ("bench", "fleet"): {"--num-server-rounds"},
         ("bench", "load"): {"--num-server-rounds"},
-        ("bench", "causal-lm"): {"--num-server-rounds"},
-        ("bench", "personalize"): {"--num-server-rounds"},
+        ("bench", "causal-lm"): {"--num-server-rounds", "--model", "--seed"},
+        ("bench", "personalize"): {"--num-server-rounds", "--model", "--seed"},
     }.items():
         options = {opt for p in COMMANDS[path].params for opt in p.opts}
         assert names <= options, (path, names - options)
@@ -60,8 +60,16 @@ def test_no_command_keeps_a_retired_name_and_options_for_keys_are_named_for_them
     assert {opt for p in COMMANDS[("infer",)].params for opt in p.opts} >= {"--adapter"}
 
 
+FLEET_COMMANDS = [
+    ("simulate",),
+    ("local",),
+    ("fed-lora",),
+    *(("bench", name) for name in ("pipeline", "modes", "load", "fleet", "causal-lm", "personalize")),
+]
+
+
 def test_the_commands_that_run_a_fleet_from_run_config_keys_take_c():
-    for path in [("simulate",), ("local",), ("fed-lora",), ("bench", "modes"), ("bench", "load")]:
+    for path in FLEET_COMMANDS:
         options = {opt for p in COMMANDS[path].params for opt in p.opts}
         assert {"-c", "--run-config"} <= options, path
 
@@ -104,6 +112,10 @@ def test_a_device_refuses_a_retired_node_config_key_and_a_fleet_tier_its_retired
         (["bench", "modes", "--rounds=2"], "--num-server-rounds"),
         (["bench", "modes", "-c", "rounds=2"], "num-server-rounds"),
         (["bench", "load", "--devices", "1", "-c", "lora-rank=2"], "lora-r"),
+        (["bench", "fleet", "-c", "rounds=2"], "num-server-rounds"),
+        (["bench", "causal-lm", "-c", "lora-targets=q_proj"], "lora-target-modules"),
+        (["bench", "personalize", "-c", "weights=int8"], "weight-precision"),
+        (["bench", "pipeline", "-c", "lora-rank=2"], "lora-r"),
     ],
 )
 def test_the_command_line_refuses_retired_names_naming_the_new_one(argv, new, capsys, tmp_path, monkeypatch):
@@ -111,3 +123,26 @@ def test_the_command_line_refuses_retired_names_naming_the_new_one(argv, new, ca
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "was renamed" in err and new in err, err
+
+
+@pytest.mark.parametrize(
+    "argv,told",
+    [
+        (["bench", "fleet", "-c", "num-server-rounds=2"], "use --num-server-rounds"),
+        (["bench", "fleet", "-c", "lr=1e-3"], "use --side-lrs"),
+        (["bench", "causal-lm", "-c", "max-length=64"], "use --max-length"),
+        (["bench", "personalize", "-c", "mode=shared"], "use --modes"),
+        (["bench", "pipeline", "-c", "chunk-size=8"], "use --chunk-size"),
+    ],
+)
+def test_a_bench_refuses_a_key_it_sets_itself_naming_what_sets_it(argv, told, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"sets {argv[-1].split('=')[0]} itself" in err and told in err, err
+
+
+@pytest.mark.parametrize("bench", ["fleet", "causal-lm", "personalize", "pipeline"])
+def test_a_bench_refuses_a_key_its_runs_do_not_read(bench, capsys):
+    assert main(["bench", bench, "-c", "no-such-key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown run-config key(s) ['no-such-key']" in err and "lora-r" in err, err

@@ -23,13 +23,28 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mobiflower.simulations.bench.common import bench_logger, fmt, ratio, save_figure, write_outputs
+from mobiflower.simulations.bench.common import bench_logger, bench_run_config, fmt, ratio, save_figure, write_outputs
 
 ACCEPTANCE = {"tail_over_lora_perplexity": 1.02}
+
+# Run-config keys the bench sets itself (every method must see the same text and tokens): `-c` may not set
+# them, and the refusal says what does.
+BENCH_SETS = {
+    "model": "use --model",
+    "seed": "use --seed",
+    "devices": "use --devices",
+    "max-length": "use --max-length",
+    "num-server-rounds": "use --num-server-rounds",
+    "data": "the bench samples --paragraphs of the 2012 convention speeches (for other text: mobiflower simulate)",
+    "task": "the bench compares causal-LM perplexities",
+    "lr": "the tail's learning rate is picked on validation over the bench's tail_lrs",
+    "deliver": "the tail's learning rate is picked on its delivered adapter",
+    "run-dir": "each tail run keeps its own folder under the bench's workdir",
+}
 
 
 @dataclass
@@ -46,6 +61,12 @@ class CausalLMBench:
     lora_epochs: int = 2
     seed: int = 0
     workdir: str = "runs/bench_causal_lm"
+    # -c KEY=VALUE: more keys for the tail's fleet runs (the baseline's device holds the same samples)
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.run_config:  # refused before the first run: a retired, bench-set or unknown key
+            self.run_config = bench_run_config("causal-lm", self.run_config, BENCH_SETS)
 
 
 def speech_sample(config: CausalLMBench, path: Path) -> Path:
@@ -63,7 +84,9 @@ def speech_sample(config: CausalLMBench, path: Path) -> Path:
 
 
 def _run_config(config: CausalLMBench, data: Path, lr: float) -> dict[str, Any]:
+    """A tail run's keys (and what splits the baseline's samples): the bench's, over the ``-c`` keys."""
     return {
+        **config.run_config,
         "model": config.model,
         "data": str(data.resolve()),
         "task": "causal-lm",

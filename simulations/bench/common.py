@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 
 def run_child(module: str, spec: dict, tmp: Path, tag: str, extra_args: Sequence[str] = ()) -> dict:
@@ -23,6 +23,48 @@ def run_child(module: str, spec: dict, tmp: Path, tag: str, extra_args: Sequence
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-25:])
         raise RuntimeError(f"{module} child {tag!r} failed in its process (exit {proc.returncode}):\n{tail}")
     return json.loads(result_path.read_text())
+
+
+def app_run_config_keys(app: str) -> dict[str, Any]:
+    """The run-config keys an app reads, with its defaults: ``side`` (mobiflower's) or ``fed-lora``."""
+    if app == "fed-lora":
+        from mobiflower.simulations.baselines.fed_lora import default_fed_lora_app_config
+
+        return default_fed_lora_app_config()
+    from mobiflower.simulations.simulate import default_app_config
+
+    return default_app_config()
+
+
+def keys_read_by(config: Mapping[str, Any], app: str) -> dict[str, Any]:
+    """The keys of ``config`` that ``app`` (``side`` or ``fed-lora``) reads: a bench's ``-c`` keys for one run."""
+    reads = app_run_config_keys(app) if config else {}
+    return {key: value for key, value in config.items() if key in reads}
+
+
+def bench_run_config(
+    command: str, given: Mapping[str, Any], sets: Mapping[str, str], apps: Sequence[str] = ("side",)
+) -> dict[str, Any]:
+    """A bench's ``-c KEY=VALUE`` keys, checked before its first run so a typo costs seconds, not an hour.
+
+    Refused (a ValueError saying what to do): a retired key (naming the key that replaced it), a key the
+    bench sets itself (``sets`` says which option sets it: the bench's comparison depends on it), a key none
+    of its ``apps`` read. A data path is made absolute: the fleet's devices do not run in this folder."""
+    from mobiflower.platform.run_config import refuse_retired
+
+    known = {key for app in apps for key in app_run_config_keys(app)}
+    refuse_retired(given, own=known)
+    for key in sorted(set(given) & set(sets)):
+        raise ValueError(f"-c {key}: bench {command} sets {key} itself; {sets[key]}")
+    unknown = sorted(set(given) - known)
+    if unknown:
+        readable = ", ".join(sorted(known - set(sets)))
+        raise ValueError(f"unknown run-config key(s) {unknown} for bench {command}: its runs read {readable}")
+    config = dict(given)
+    data = str(config.get("data") or "")
+    if data and not data.startswith("bundled:"):
+        config["data"] = str(Path(data).expanduser().resolve())
+    return config
 
 
 def fmt(value: float | None, spec: str = ".2f", missing: str = "-") -> str:

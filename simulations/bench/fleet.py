@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from mobiflower.simulations.bench.common import bench_run_config, keys_read_by
 from mobiflower.simulations.bench.common import fmt as _num
 from mobiflower.simulations.bench.fleet_report import ACCEPTANCE, ADAPTIVE, EIGHT_BIT, FED_LORA, METHODS, summarize
 from mobiflower.strategies.fleet_model import DeviceProfile, load_fleet
@@ -41,6 +42,31 @@ EVALUATION_NOTE = (
     "transfers they need); the traffic and compute spent scoring accuracy are a measurement and "
     "are excluded for every method"
 )
+
+# Run-config keys the bench sets itself (its comparison and its measurement depend on them): `-c` may not
+# set them, and the refusal says what does.
+BENCH_SETS = {
+    "train-samples": "use --train-samples",
+    "validation-samples": "use --validation-samples",
+    "test-samples": "use --test-samples",
+    "seed": "use --seed",
+    "model": "use --model",
+    "devices": "use --devices",
+    "fleet": "use --fleet",
+    "num-server-rounds": "use --num-server-rounds (mobiflower) or --lora-rounds / --tune-rounds (federated LoRA)",
+    "lr": "use --side-lrs (mobiflower) or --lrs / --skip-tuning (federated LoRA)",
+    "local-epochs": "use --epochs or --skip-tuning",
+    "train-seed": "use --side-seeds",
+    "max-retries": "use --max-retries",
+    "eval-every": "use --eval-every",
+    "adapt": "it is what the methods compare (fixed 8-bit frames against adaptive)",
+    "bits": "it is what the methods compare (fixed 8-bit frames against adaptive)",
+    "eval-split": "every method is scored the same way, on the test split",
+    "eval-samples": "every method is scored the same way, on every test sample",
+    "final-eval": "every method is scored the same way, after its last round",
+    "deliver": "delivery is part of what each method costs",
+    "run-dir": "use --workdir",
+}
 
 SideRunner = Callable[[dict[str, Any]], dict[str, Any]]
 """Runs one side-tuning job from its run config; returns the run summary (``run_simulate``'s)."""
@@ -77,6 +103,9 @@ class FleetBenchSettings:
     client_cpus: int = 1
     timeout_s: float = 3600.0  # per Flower run
     workdir: str = "runs/bench-fleet"
+    # -c KEY=VALUE: more run-config keys, each given to every run whose app reads it (a key both apps read,
+    # such as data or lora-r, goes to mobiflower's and federated LoRA's runs alike: they still share samples)
+    run_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.lrs = tuple(float(x) for x in self.lrs)
@@ -134,6 +163,8 @@ class FleetBenchSettings:
         for ok, why in checks:
             if not ok:
                 raise ValueError(why)
+        if self.run_config:
+            self.run_config = bench_run_config("fleet", self.run_config, BENCH_SETS, apps=("side", "fed-lora"))
         load_fleet(self.fleet).devices(self.devices)  # FleetModelError (a ValueError) says what to fix
 
     def device_ids(self) -> list[str]:
@@ -146,8 +177,9 @@ class FleetBenchSettings:
         path = Path(self.fleet)
         return str(path.resolve()) if path.suffix else self.fleet
 
-    def common_run_config(self) -> dict[str, Any]:
-        """The keys every method shares, so every device holds the same samples in every method."""
+    def common_run_config(self, app: str = "side") -> dict[str, Any]:
+        """The keys every method shares, so every device holds the same samples in every method, and the
+        ``-c`` keys that ``app`` (``side``: mobiflower's, or ``fed-lora``) reads."""
         config: dict[str, Any] = {
             "train-samples": self.train_samples,
             "validation-samples": self.validation_samples,
@@ -156,7 +188,7 @@ class FleetBenchSettings:
         }
         if self.model:
             config["model"] = self.model
-        return config
+        return {**config, **keys_read_by(self.run_config, app)}
 
     def side_tuning_trial_config(self, lr: float) -> dict[str, Any]:
         """One mobiflower learning-rate trial: fixed 8-bit, no fleet clock (accuracy does not depend on
@@ -193,7 +225,7 @@ class FleetBenchSettings:
     def fed_lora_run_config(self, lr: float, local_epochs: int) -> dict[str, Any]:
         """The reported federated LoRA run: the chosen pair, test split scored after every round."""
         return {
-            **self.common_run_config(),
+            **self.common_run_config("fed-lora"),
             "num-server-rounds": self.lora_rounds,
             "lr": lr,
             "local-epochs": local_epochs,
@@ -488,7 +520,9 @@ def _tune_fed_lora(
         }
     grid = f"{len(settings.lrs)} lrs x {len(settings.local_epochs)} local-epochs"
     log(f"[bench fleet] fed-lora: tuning on validation, {grid}, {settings.tune_rounds} rounds each ...")
-    base = lora_run({**settings.common_run_config(), "num-server-rounds": settings.tune_rounds, "eval-samples": 0})
+    base = lora_run(
+        {**settings.common_run_config("fed-lora"), "num-server-rounds": settings.tune_rounds, "eval-samples": 0}
+    )
     picked = tune_fed_lora(base, settings.lrs, settings.local_epochs, runner=fed_lora_runner)
     lr, epochs = picked["best"]["lr"], picked["best"]["local-epochs"]
     log(f"  chose lr {lr:g}, {epochs} local epochs (validation accuracy {picked['best']['validation_accuracy']:.4f})")

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mobiflower.simulations.bench.common import bench_logger, fmt, ratio
+from mobiflower.simulations.bench.common import bench_logger, bench_run_config, fmt, keys_read_by, ratio
 from mobiflower.simulations.bench.personalize_report import FED, FED_FT, LORA, ZERO_SHOT
 
 MODES = ("shared", "per-device", "hybrid")
@@ -46,6 +46,31 @@ SPEECHES = "bundled:convention-speeches"
 ROW_KEYS = ("test_perplexity", "test_token_accuracy", "test_count", "device_s", "device_s_tuning")
 COST_KEYS = ("peak_rss_mb", "bytes_up", "bytes_down")
 Log = Callable[[str], None]
+
+# Run-config keys the bench sets itself (every method must see the same users, samples and tokens): `-c`
+# may not set them, and the refusal says what does.
+BENCH_SETS = {
+    "model": "use --model",
+    "seed": "use --seed",
+    "data": "use --data (the bench writes its sample of the chosen speakers' paragraphs)",
+    "max-length": "use --max-length",
+    "batch-size": "use --batch-size",
+    "devices": "one device per speaker: use --speakers",
+    "task": "the bench compares causal-LM perplexities",
+    "partitioning": "one device per speaker (natural)",
+    "user-column": "one device per speaker (natural)",
+    "validation-fraction": "each device splits its paragraphs 80/10/10",
+    "test-fraction": "each device splits its paragraphs 80/10/10",
+    "mode": "use --modes",
+    "lr": "use --tail-lrs (mobiflower) or --fed-lrs (federated LoRA)",
+    "personal-lr": "hybrid: it follows the mobiflower lr picked on validation",
+    "personal-epochs": "use --personal-epochs",
+    "num-server-rounds": "use --num-server-rounds (mobiflower) or --fed-rounds (federated LoRA)",
+    "train-seed": "use --seeds",
+    "eval-split": "every method is scored the same way, per user on its test paragraphs",
+    "final-eval": "every method is scored the same way, per user on its test paragraphs",
+    "run-dir": "each run keeps its own folder under --workdir",
+}
 
 
 def mode_method(mode: str) -> str:
@@ -80,6 +105,8 @@ class PersonalizeBench:
     seed: int = 0  # the paragraphs kept and every device's split
     engine: str = "simulation"  # how the fleets run (simulate's engines)
     side_run_config: dict[str, Any] = field(default_factory=dict)  # more keys for mobiflower's fleets (tail-cut, ...)
+    # -c KEY=VALUE: more keys, each given to every fleet run whose app reads it (mobiflower's, federated LoRA's)
+    run_config: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 3600.0  # per fleet run
     workdir: str = "runs/bench_personalize"
 
@@ -96,6 +123,8 @@ class PersonalizeBench:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.run_config:  # refused before the first run: a retired, bench-set or unknown key
+            self.run_config = bench_run_config("personalize", self.run_config, BENCH_SETS, ("side", "fed-lora"))
 
 
 def list_option(text: str, kind: type) -> tuple:
@@ -143,8 +172,10 @@ def speaker_sample(config: PersonalizeBench, path: Path) -> list[dict[str, Any]]
 
 
 def base_run_config(config: PersonalizeBench, data: Path) -> dict[str, Any]:
-    """The run-config keys every fleet and baseline shares: the data, one device per user, 80/10/10."""
+    """The run-config keys every fleet and baseline shares: the data, one device per user, 80/10/10, and the
+    ``-c`` keys both apps read (the rest go to the runs whose app reads them)."""
     return {
+        **keys_read_by(keys_read_by(config.run_config, "side"), "fed-lora"),
         "model": config.model,
         "data": str(data.resolve()),
         "task": "causal-lm",
@@ -257,6 +288,7 @@ def fed_lora_trial(
         timeout_s=config.timeout_s,
         run_config={
             **run_config,
+            **keys_read_by(config.run_config, "fed-lora"),
             "lr": lr,
             "num-server-rounds": config.fed_rounds,
             "eval-split": "validation",
@@ -351,6 +383,7 @@ def mobiflower_run(
         timeout_s=config.timeout_s,
         run_config={
             **run_config,
+            **keys_read_by(config.run_config, "side"),
             **config.side_run_config,
             "mode": mode,
             "lr": lr,
