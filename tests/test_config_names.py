@@ -4,6 +4,10 @@ for the key, and every earlier name is refused with a message naming its replace
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+from typing import Any
+
 import click
 import pytest
 import typer
@@ -72,6 +76,103 @@ def test_the_commands_that_run_a_fleet_from_run_config_keys_take_c():
     for path in FLEET_COMMANDS:
         options = {opt for p in COMMANDS[path].params for opt in p.opts}
         assert {"-c", "--run-config"} <= options, path
+
+
+# ---- one source: the config dataclasses ------------------------------------------------------------------
+# Commands whose options named for a run-config key deliberately take another default (or type): command ->
+# (those options, why). Any other option named like a key the command's app reads must take that key's type
+# and, where it has a default, the key's default from the config dataclasses.
+DIFFERENT_ON_PURPOSE: dict[tuple[str, ...], tuple[set[str], str]] = {
+    # the fleet size; the command writes it into the fed-LoRA app's `devices` key (0 there: whoever connects)
+    ("fed-lora",): ({"--devices"}, "the fleet size"),
+    # --resume takes the interrupted run's folder, and sets resume = true and run-dir from it
+    ("simulate",): ({"--resume"}, "a run folder, not the flag"),
+    # the ladder's wire (8-bit frames of the last token) measured against on-device LoRA and full fine-tuning
+    ("bench", "device"): ({"--bits", "--token-policy"}, "the ladder's wire"),
+    # a full-width ladder in small chunks, so the device's forward and the server's training cost about the same
+    ("bench", "pipeline"): ({"--reduction", "--chunk-size"}, "both sides of the pipeline equally busy"),
+    # RESULTS.md's 20-round comparison of shared, per-device and hybrid side networks
+    ("bench", "modes"): ({"--num-server-rounds"}, "the measured comparison's rounds"),
+    # a few cached rounds per fleet size: enough paging to measure, minutes per size
+    ("bench", "load"): ({"--num-server-rounds"}, "sized for minutes"),
+    # a fleet of phones sized for about an hour on 2 cores, a test point every round (the time-to-target
+    # curve), enough retries that a flaky fleet's device is rarely dropped for bad luck
+    ("bench", "fleet"): (
+        {"--fleet", "--train-samples", "--validation-samples", "--test-samples"}
+        | {"--num-server-rounds", "--eval-every", "--max-retries"},
+        "sized for an hour on a fleet of phones",
+    ),
+    # the attacks and the side-tuning they score, sized for minutes on 2 cores
+    ("bench", "privacy"): ({"--train-samples", "--test-samples"}, "sized for minutes"),
+    # paragraphs of speeches fit 128 tokens; two epochs of the tail, sized for minutes on 2 cores
+    ("bench", "causal-lm"): ({"--max-length", "--num-server-rounds"}, "paragraphs of speeches, minutes"),
+    # the speeches, one device per speaker: few paragraphs a user (smaller batches, more epochs)
+    ("bench", "personalize"): (
+        {"--data", "--max-length", "--batch-size", "--num-server-rounds"},
+        "per-speaker paragraphs of the speeches",
+    ),
+}
+
+
+def _source(path: tuple[str, ...]) -> dict[str, Any]:
+    """The keys a command's runs read, with their defaults, from the config dataclasses: the fed-LoRA app's
+    for `fed-lora`, the reference's (mobiflower's app) for every other command."""
+    return default_fed_lora_app_config() if path == ("fed-lora",) else run_config_keys()
+
+
+def _kind(param: click.Parameter) -> type | str:
+    """What a command-line option takes: bool, int, float or str (or a description of anything else)."""
+    if getattr(param, "is_flag", False):
+        return bool
+    if param.multiple or param.nargs != 1:
+        return "several values"
+    if isinstance(param.type, click.Choice):
+        return type(param.type.choices[0])
+    kinds = ((click.types.BoolParamType, bool), (click.types.IntParamType, int), (click.types.FloatParamType, float))
+    return next((kind for base, kind in kinds if isinstance(param.type, base)), str)
+
+
+def options_unlike_their_keys(commands: dict[tuple[str, ...], click.Command]) -> list[str]:
+    """Every option named for a run-config key that does not take the key's type and default, outside
+    :data:`DIFFERENT_ON_PURPOSE` (and :data:`NOT_KEYS`)."""
+    wrong = []
+    for path, command in commands.items():
+        source = _source(path)
+        excused = DIFFERENT_ON_PURPOSE.get(path, (set(), ""))[0] | NOT_KEYS.get(path, set())
+        for param in command.params:
+            for opt in (o for o in param.opts if o.startswith("--") and o[2:] in source and o not in excused):
+                default = source[opt[2:]]
+                if _kind(param) is not type(default):
+                    wrong.append(f"{' '.join(path)} {opt} takes {_kind(param)}, key {opt[2:]} is {type(default)}")
+                elif param.default is not None and param.default != default:
+                    wrong.append(f"{' '.join(path)} {opt} defaults to {param.default!r}, key {opt[2:]} to {default!r}")
+    return wrong
+
+
+def test_every_option_named_for_a_key_takes_its_type_and_default_from_the_one_source():
+    assert options_unlike_their_keys(COMMANDS) == []
+    for path, (options, why) in DIFFERENT_ON_PURPOSE.items():  # the table names real options, each with a why
+        have = {opt for p in COMMANDS[path].params for opt in p.opts}
+        assert why and options <= have, (path, options - have)
+        unnamed = {opt for opt in options if opt[2:] not in _source(path)}
+        assert not unnamed, f"{path}: {unnamed} name no run-config key: drop them from the table"
+
+
+def test_the_options_check_catches_an_option_whose_default_drifts_from_its_key():
+    drifted = click.Command("x", params=[click.Option(["--lora-r"], type=int, default=99)])
+    assert options_unlike_their_keys({("x",): drifted}) == ["x --lora-r defaults to 99, key lora-r to 8"]
+    typed = click.Command("x", params=[click.Option(["--bits"], type=float, default=None)])
+    assert options_unlike_their_keys({("x",): typed}) == ["x --bits takes <class 'float'>, key bits is <class 'int'>"]
+
+
+def test_pyproject_and_the_app_declare_the_keys_of_the_one_source_with_its_defaults():
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    source = run_config_keys()
+    assert sorted(set(declared) - set(source)) == [], "pyproject declares keys no config dataclass reads"
+    assert {k: v for k, v in declared.items() if source[k] != v or type(source[k]) is not type(v)} == {}
+    assert sorted(set(source) - set(declared)) == [], "keys the app reads that pyproject does not declare"
+    assert default_app_config() == source
 
 
 def test_no_key_the_apps_read_or_pyproject_declares_is_a_retired_name():
