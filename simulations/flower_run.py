@@ -73,6 +73,14 @@ class FlowerRunResult:
         """Flower's byte counts for the run: ``inbound-bytes``, ``outbound-bytes``, ``total-bytes``."""
         return dict(self.info.get("network-traffic", {}))
 
+    def read_summary(self, run_dir: Path, run: str = "the run") -> dict[str, Any]:
+        """The ``summary.json`` the run's ServerApp wrote in ``run_dir``, what its caller reports from. A run
+        that wrote none (it failed or stopped before its end) is a RuntimeError naming its status."""
+        path = run_dir / "summary.json"
+        if not path.exists():
+            raise RuntimeError(f"{run} finished ({self.status}) but wrote no summary at {path}")
+        return json.loads(path.read_text())
+
 
 def strip_ansi(text: str) -> str:
     """``text`` without terminal colour codes."""

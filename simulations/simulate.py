@@ -185,7 +185,7 @@ def run_simulate(
     finally:
         if isinstance(on_line, RunProgress):
             on_line.close()
-    summary = _read_summary(run_dir, result)
+    summary = result.read_summary(run_dir)
     summary["simulation"] = {
         "devices": config.devices,
         "client_cpus": config.client_cpus,
@@ -203,14 +203,6 @@ def run_simulate(
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _read_summary(run_dir: Path, result: FlowerRunResult) -> dict[str, Any]:
-    """The summary the ServerApp wrote in ``run_dir``; a run that wrote none is an error naming its status."""
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        raise RuntimeError(f"the run finished ({result.status}) but wrote no summary at {summary_path}")
-    return json.loads(summary_path.read_text())
 
 
 def _flower_traffic_figures(summary: dict[str, Any], traffic: dict[str, int]) -> dict[str, Any]:

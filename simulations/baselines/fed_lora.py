@@ -96,10 +96,7 @@ def run_fed_lora(config: FedLoraRun, out: str | None = None, quiet: bool = True)
         timeout_s=config.timeout_s,
         extra_env=env,
     )
-    path = run_dir / "summary.json"
-    if not path.exists():
-        raise RuntimeError(f"the fed-LoRA run finished ({result.status}) but wrote no summary at {path}")
-    summary = json.loads(path.read_text())
+    summary = result.read_summary(run_dir, "the fed-LoRA run")
     summary["simulation"] = {
         "devices": config.devices,
         "client_cpus": config.client_cpus,
