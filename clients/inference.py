@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mobiflower.clients.runtime import DeviceRuntime, select_tokens
+from mobiflower.clients.runtime import DeviceRuntime, select_tokens, sent_counts
 from mobiflower.platform.backbone import Backbone
 from mobiflower.platform.codec import dequantize, quantize
 from mobiflower.platform.frames import IGNORE_INDEX
@@ -266,11 +266,8 @@ class LocalClassifier:
             input_ids, mask, on_layer, layers=self.layers, need_final=self._verbalizers is not None
         )
         lengths = mask.sum(dim=1).tolist()
-        counts = (
-            [1] * len(lengths)
-            if cfg.token_policy == "last"
-            else (lengths if cfg.token_policy == "nonpad" else [mask.shape[1]] * len(lengths))
-        )
+        # the rows select_tokens picked from the whole mask (no token window: nothing leaves the device)
+        counts = sent_counts(mask, mask, cfg.token_policy)
         batch = make_side_batch(
             [rows[layer] for layer in self.layers], counts, lengths, cfg.token_policy, cfg.feature_token
         )
