@@ -132,7 +132,8 @@ def test_a_process_over_the_cap_is_reported_out_of_memory_not_crashed():
 
 def test_full_step_out_of_memory_at_20gb_passes_the_full_memory_lines():
     """Issue 16: "<= 0.3x a full fine-tuning step (or full fine-tuning out of memory under a 20 GB cap)"."""
-    from mobiflower.simulations.bench.device_spec import BILLION_ACCEPTANCE, judge_acceptance
+    from mobiflower.simulations.bench.common import judge_acceptance
+    from mobiflower.simulations.bench.device_spec import BILLION_ACCEPTANCE
 
     over = {"device_vs_full_rss": 0.35, "tail_vs_full_rss": 0.2}
     assert (

@@ -260,7 +260,7 @@ def test_bench_precision_end_to_end(tmp_path, real_assets):
 
 
 def test_bench_precision_ratios_and_verdicts():
-    from mobiflower.simulations.bench.device_spec import judge_acceptance
+    from mobiflower.simulations.bench.common import judge_acceptance
     from mobiflower.simulations.bench.precision import ACCEPTANCE, _ratios
 
     entries = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -113,6 +114,23 @@ def acceptance_lines(result: dict, acceptance: dict, width: int = 30) -> list[st
         shown = "-" if value is None else format(value, ".3g")
         lines.append(f"  {key:<{width}}{shown:>10}   want {op} {threshold:<6g} {mark}")
     return lines
+
+
+_COMPARE = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+
+
+def judge_acceptance(ratios: Mapping[str, Any], acceptance: Mapping[str, tuple]) -> dict[str, bool | None]:
+    """Each acceptance line (as :func:`acceptance_lines` reads it) against the measured ratios: True, False,
+    or None where the ratio was not measured, so that a verdict is stored, never asserted; a line whose
+    fourth item names a flag that is set in the ratios passes."""
+    verdict: dict[str, bool | None] = {}
+    for name, (key, op, threshold, *alternative) in acceptance.items():
+        value = ratios.get(key)
+        if alternative and ratios.get(alternative[0]):
+            verdict[name] = True
+        else:
+            verdict[name] = None if value is None else bool(_COMPARE[op](value, threshold))
+    return verdict
 
 
 def bars_with_values(ax, labels, values, colors, fmt: str = ".0f") -> None:

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.bench.common import bench_logger, ratio, write_outputs
+from mobiflower.simulations.bench.common import bench_logger, judge_acceptance, ratio, write_outputs
 from mobiflower.simulations.bench.device_report import plot_result
 from mobiflower.simulations.bench.device_runner import MethodRunner, machine_info
 from mobiflower.simulations.bench.device_spec import (
@@ -66,7 +66,6 @@ from mobiflower.simulations.bench.device_spec import (
     TASKS,
     TRAINING_METHODS,
     bench_samples,
-    judge_acceptance,
     random_weights,
 )
 

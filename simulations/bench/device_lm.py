@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mobiflower.simulations.bench.common import bench_logger, ratio, write_outputs
+from mobiflower.simulations.bench.common import bench_logger, judge_acceptance, ratio, write_outputs
 from mobiflower.simulations.bench.device_report import plot_result
 from mobiflower.simulations.bench.device_runner import MethodRunner, machine_info
 from mobiflower.simulations.bench.device_spec import (
@@ -45,7 +45,6 @@ from mobiflower.simulations.bench.device_spec import (
     LR,
     TAIL_CUT,
     bench_samples,
-    judge_acceptance,
     random_weights,
 )
 

@@ -110,16 +110,3 @@ def random_weights(model: str) -> bool:
     from mobiflower.platform.shapes import is_shape
 
     return is_shape(model)
-
-
-def judge_acceptance(ratios: dict, acceptance: dict | None = None) -> dict:
-    """Each acceptance line (default :data:`ACCEPTANCE`) against the measured ratios: True, False, or
-    None where the ratio was not measured."""
-    verdict = {}
-    for name, (key, op, threshold, *alternative) in (acceptance or ACCEPTANCE).items():
-        value = ratios.get(key)
-        if alternative and ratios.get(alternative[0]):
-            verdict[name] = True
-            continue
-        verdict[name] = None if value is None else bool(value <= threshold if op == "<=" else value >= threshold)
-    return verdict

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mobiflower.simulations.bench.common import acceptance_lines, save_figure
+from mobiflower.simulations.bench.common import acceptance_lines, judge_acceptance, save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
 MODES = {"shared": {"mode": "shared"}, "per-device": {"mode": "per-device"}, "hybrid": {"mode": "hybrid"}}
@@ -87,7 +87,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "hybrid_minus_shared_mean_of_devices": runs["hybrid"]["mean_device_test_accuracy"]
         - runs["shared"]["mean_device_test_accuracy"],
     }
-    return {**result, "ratios": ratios, "acceptance": {n: ratios[k] > t for n, (k, _, t) in ACCEPTANCE.items()}}
+    return {**result, "ratios": ratios, "acceptance": judge_acceptance(ratios, ACCEPTANCE)}
 
 
 def format_table(result: dict[str, Any]) -> str:

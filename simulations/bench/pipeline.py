@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mobiflower.simulations.bench.common import acceptance_lines, bars_with_values, save_figure
+from mobiflower.simulations.bench.common import acceptance_lines, bars_with_values, judge_acceptance, save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
 SCHEDULES = {
@@ -106,7 +106,7 @@ def run_pipeline_bench(
         },
         "schedules": rows,
         "ratios": ratios,
-        "acceptance": {name: ratios[key] <= threshold for name, (key, _, threshold) in ACCEPTANCE.items()},
+        "acceptance": judge_acceptance(ratios, ACCEPTANCE),
     }
 
 

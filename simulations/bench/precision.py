@@ -46,6 +46,7 @@ from mobiflower.simulations.bench.common import (
     acceptance_lines,
     bars_with_values,
     bench_logger,
+    judge_acceptance,
     ratio,
     run_child,
     save_figure,
@@ -54,7 +55,7 @@ from mobiflower.simulations.bench.common import (
 from mobiflower.simulations.bench.common import (
     fmt as _fmt,
 )
-from mobiflower.simulations.bench.device_spec import bench_samples, judge_acceptance
+from mobiflower.simulations.bench.device_spec import bench_samples
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 ACCEPTANCE = {
