@@ -167,6 +167,7 @@ def precision(
     ] = False,
     train_samples: Annotated[Optional[int], typer.Option(help="accuracy runs: training samples")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="accuracy runs: epochs")] = None,
+    run_config: RunConfigOption = None,
     out: Annotated[str, typer.Option(help="result JSON (and the plot next to it)")] = "runs/bench_precision.json",
     plot: Annotated[Optional[str], typer.Option(help="PNG path (default: --out with .png)")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no per-step progress lines")] = False,
@@ -174,23 +175,28 @@ def precision(
     from mobiflower.simulations.bench.precision import format_table, run_precision_bench
 
     overrides = {k: v for k, v in (("train_samples", train_samples), ("epochs", epochs)) if v is not None}
-    result = run_precision_bench(
-        model=model,
-        precisions=_names(precisions),
-        batches=batches,
-        batch_size=batch_size,
-        threads=threads,
-        out=out,
-        plot=plot,
-        accuracy=accuracy,
-        progress=not no_progress,
-        num_taps=num_taps,
-        starts=starts,
-        cold=not no_cold,
-        group_size=group_size,
-        accuracy_config=overrides,
-        max_tokens=None if max_tokens == 0 else max_tokens,
-    )
+    try:
+        result = run_precision_bench(
+            model=model,
+            precisions=_names(precisions),
+            batches=batches,
+            batch_size=batch_size,
+            threads=threads,
+            out=out,
+            plot=plot,
+            accuracy=accuracy,
+            progress=not no_progress,
+            num_taps=num_taps,
+            starts=starts,
+            cold=not no_cold,
+            group_size=group_size,
+            accuracy_config=overrides,
+            max_tokens=None if max_tokens == 0 else max_tokens,
+            run_config=run_config_items(run_config),  # the accuracy runs' keys, checked before the first measurement
+        )
+    except ValueError as err:  # a count, precision or run-config key the user can fix
+        print(f"mobiflower bench precision: {err}", file=sys.stderr)
+        return 2
     print(format_table(result))
     return 0
 
@@ -222,6 +228,10 @@ def modes(
     devices: Annotated[int, typer.Option()] = 4,
     dirichlet_alpha: Annotated[float, typer.Option(help="the Dirichlet alpha of the label split")] = 0.1,
     num_server_rounds: Annotated[int, typer.Option(help="server rounds (epochs over the fleet's samples)")] = 20,
+    train_samples: Annotated[int, typer.Option(help="over the whole fleet")] = 2000,
+    test_samples: Annotated[
+        int, typer.Option(help="over the whole fleet, each device's following its label mix")
+    ] = 1000,
     run_config: RunConfigOption = None,
     out: Annotated[str, typer.Option()] = "runs/bench_modes.json",
 ) -> int:
@@ -230,7 +240,15 @@ def modes(
 
     try:
         result = run_modes_bench(
-            devices, dirichlet_alpha, rounds=num_server_rounds, run_config=run_config_items(run_config), log=_log
+            devices,
+            dirichlet_alpha,
+            train_samples,
+            test_samples,
+            rounds=num_server_rounds,
+            run_config=run_config_items(
+                run_config
+            ),  # refused before the first run: a retired, bench-set or unknown key
+            log=_log,
         )
     except ValueError as err:  # a run-config key or value the user can fix
         print(f"mobiflower bench modes: {err}", file=sys.stderr)
@@ -258,14 +276,15 @@ def load(
     from mobiflower.simulations.bench.load import format_table, plot, run_load_bench
 
     try:
-        extra = run_config_items(run_config)
         result = run_load_bench(
             devices,
             budget_mb,
             samples_per_device,
             num_server_rounds,
             unbounded=not paged_only,
-            run_config=extra,
+            run_config=run_config_items(
+                run_config
+            ),  # refused before the first run: a retired, bench-set or unknown key
             log=_log,
         )
     except ValueError as err:  # a run-config key or value the user can fix

@@ -16,9 +16,10 @@ from mobiflower.clients.device_setup import DeviceSetup, DeviceSetupError
 from mobiflower.platform.run_config import RETIRED_KEYS
 from mobiflower.simulations.baselines.fed_lora import default_fed_lora_app_config
 from mobiflower.simulations.baselines.fed_lora_strategy import FedLoraConfig, FedLoraConfigError
+from mobiflower.simulations.bench.load import load_run_config
 from mobiflower.simulations.cli import RETIRED_OPTIONS, app, main
 from mobiflower.simulations.config_reference import run_config_keys
-from mobiflower.simulations.simulate import default_app_config
+from mobiflower.simulations.simulate import SimulateConfig, default_app_config
 from mobiflower.strategies.config import ConfigError, SideTuningConfig
 from mobiflower.strategies.fleet_model import FleetModelError, parse_fleet
 
@@ -68,7 +69,7 @@ FLEET_COMMANDS = [
     ("simulate",),
     ("local",),
     ("fed-lora",),
-    *(("bench", name) for name in ("pipeline", "modes", "load", "fleet", "causal-lm", "personalize")),
+    *(("bench", name) for name in ("pipeline", "modes", "load", "fleet", "causal-lm", "personalize", "precision")),
 ]
 
 
@@ -217,6 +218,7 @@ def test_a_device_refuses_a_retired_node_config_key_and_a_fleet_tier_its_retired
         (["bench", "causal-lm", "-c", "lora-targets=q_proj"], "lora-target-modules"),
         (["bench", "personalize", "-c", "weights=int8"], "weight-precision"),
         (["bench", "pipeline", "-c", "lora-rank=2"], "lora-r"),
+        (["bench", "precision", "--accuracy", "-c", "weights=int8"], "weight-precision"),
     ],
 )
 def test_the_command_line_refuses_retired_names_naming_the_new_one(argv, new, capsys, tmp_path, monkeypatch):
@@ -234,6 +236,12 @@ def test_the_command_line_refuses_retired_names_naming_the_new_one(argv, new, ca
         (["bench", "causal-lm", "-c", "max-length=64"], "use --max-length"),
         (["bench", "personalize", "-c", "mode=shared"], "use --modes"),
         (["bench", "pipeline", "-c", "chunk-size=8"], "use --chunk-size"),
+        (["bench", "pipeline", "-c", "test-samples=8"], "only the streaming is timed"),
+        (["bench", "modes", "-c", "mode=shared"], "it is what the bench compares"),
+        (["bench", "modes", "-c", "dirichlet-alpha=0.5"], "use --dirichlet-alpha"),
+        (["bench", "load", "-c", "side-memory-mb=8"], "use --budget-mb"),
+        (["bench", "load", "-c", "lr=1e-3"], "the ladder these figures were measured on"),
+        (["bench", "precision", "--accuracy", "-c", "weight-precision=int8"], "use --precisions"),
     ],
 )
 def test_a_bench_refuses_a_key_it_sets_itself_naming_what_sets_it(argv, told, capsys):
@@ -242,8 +250,83 @@ def test_a_bench_refuses_a_key_it_sets_itself_naming_what_sets_it(argv, told, ca
     assert f"sets {argv[-1].split('=')[0]} itself" in err and told in err, err
 
 
-@pytest.mark.parametrize("bench", ["fleet", "causal-lm", "personalize", "pipeline"])
+@pytest.mark.parametrize(
+    "bench", [["fleet"], ["causal-lm"], ["personalize"], ["pipeline"], ["modes"], ["load"], ["precision", "--accuracy"]]
+)
 def test_a_bench_refuses_a_key_its_runs_do_not_read(bench, capsys):
-    assert main(["bench", bench, "-c", "no-such-key=1"]) == 2
+    assert main(["bench", *bench, "-c", "no-such-key=1"]) == 2
     err = capsys.readouterr().err
     assert "unknown run-config key(s) ['no-such-key']" in err and "lora-r" in err, err
+
+
+def test_bench_precision_refuses_c_without_the_accuracy_runs_it_goes_to(capsys):
+    assert main(["bench", "precision", "-c", "lora-r=4"]) == 2
+    err = capsys.readouterr().err
+    assert "-c keys go to the accuracy runs; add --accuracy" in err, err
+
+
+def test_every_key_a_bench_sets_under_the_c_keys_is_in_its_table_and_every_entry_is_a_key():
+    """A key the bench sets over the ``-c`` keys but leaves out of BENCH_SETS would be dropped without a word;
+    an entry no app reads would refuse nothing."""
+    from mobiflower.simulations.bench import causal_lm, fleet, load, modes, personalize, pipeline, precision
+
+    sets = {
+        load: load_run_config("m", 8, samples_per_device=4, rounds=2, reduction=4, budget_mb=1.0),
+        modes: {**modes.modes_run_config(0.1, 20, 10, 2), "mode": "shared"},
+        precision: precision._accuracy_run_config("m", "int8", 2, {"train_samples": 20, "epochs": 1}),
+    }
+    for bench, config in sets.items():
+        assert set(config) - set(bench.BENCH_SETS) == set(), bench.__name__
+    # (a key of the fleet's size, `devices`, is read by federated LoRA only: a side-only bench may still name
+    # the option that sets it)
+    keys = set(default_app_config()) | set(default_fed_lora_app_config())
+    for bench in (causal_lm, fleet, load, modes, personalize, pipeline, precision):
+        assert set(bench.BENCH_SETS) - keys == set(), bench.__name__
+
+
+def _mode_summary(config: SimulateConfig, _quiet: bool) -> dict[str, Any]:
+    """A stand-in for one mode's run: the figures the bench reads, the run config it was given."""
+    device = {"test_accuracy": 0.5, "test_samples": 3, "label_shares": [0.5, 0.5]}
+    return {
+        "test_accuracy": 0.5,
+        "mean_device_test_accuracy": 0.5,
+        "devices": {"device-0": device},
+        "bytes_up": 1,
+        "bytes_down": 1,
+        "server_train_s": 1.0,
+        "simulation": {"run_dir": "x"},
+        "run_config": dict(config.run_config),
+    }
+
+
+def test_bench_modes_gives_every_mode_the_c_keys_under_its_own(monkeypatch, tmp_path):
+    from mobiflower.simulations.bench import modes
+
+    seen: list[dict[str, Any]] = []
+
+    def run_simulate(config: SimulateConfig, quiet: bool) -> dict[str, Any]:
+        seen.append(_mode_summary(config, quiet))
+        return seen[-1]
+
+    monkeypatch.setattr(modes, "run_simulate", run_simulate)
+    result = modes.run_modes_bench(2, 0.3, 20, 10, rounds=2, workdir=str(tmp_path), run_config={"lora-r": 4}, log=print)
+    assert [c["run_config"]["mode"] for c in seen] == list(modes.MODES)
+    for config in (c["run_config"] for c in seen):
+        assert config["lora-r"] == 4 and config["dirichlet-alpha"] == 0.3 and config["num-server-rounds"] == 2
+    assert result["config"]["lora-r"] == 4  # recorded with the result
+
+
+def test_bench_load_gives_every_run_the_c_keys_under_its_own(monkeypatch, tmp_path):
+    from mobiflower.simulations.bench import load
+
+    (tmp_path / "tiny-llama-256").mkdir()
+    (tmp_path / "tiny-llama-256" / "config.json").write_text("{}")  # the bench's model, as if made already
+    seen: list[dict[str, Any]] = []
+    row = {"rss_growth_mb": 1.0, "side_peak_mb": 0.5, "other_mb": 0.5, "server_samples_per_s": 1.0}
+    row.update({"page_ins": 0, "run_wall_s": 1.0, "failures": 0})
+    monkeypatch.setattr(load, "run_simulate", lambda config, quiet: seen.append(dict(config.run_config)) or {})
+    monkeypatch.setattr(load, "measure", lambda summary, n, budget: {**row, "devices": n, "budget_mb": budget})
+    result = load.run_load_bench([2], 4.0, 4, 2, workdir=str(tmp_path), run_config={"lora-r": 4}, log=print)
+    assert [c["side-memory-mb"] for c in seen] == [4.0, 0.0]
+    assert all(c["lora-r"] == 4 and c["mode"] == "per-device" for c in seen)
+    assert result["config"]["run_config"] == {"lora-r": 4}

@@ -28,11 +28,31 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mobiflower.simulations.bench.common import save_figure
+from mobiflower.simulations.bench.common import bench_run_config, save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 from mobiflower.strategies.config import FAMILY_SETTINGS
 
 DEFAULT_DEVICES = (8, 16, 32, 64)
+_LADDER = "the ladder these figures were measured on (RESULTS.md), with its own settings"
+# Run-config keys the bench sets itself (:func:`load_run_config`: what is paged and how much of it): `-c` may
+# not set them, and the refusal says what does.
+BENCH_SETS = {
+    **{key: _LADDER for key in FAMILY_SETTINGS["ladder"]},
+    **{key: _LADDER for key in ("family", "token-policy", "num-taps", "reduction", "dropout")},
+    "model": "the bench makes its own tiny random Llama, so that 64 devices run in minutes",
+    "mode": "per-device side networks are what the pager pages",
+    "num-server-rounds": "use --num-server-rounds",
+    "aggregate-every": "the fleet averages once, after its last round (--num-server-rounds)",
+    "average-epochs": "the fleet averages once, after its last round (--num-server-rounds)",
+    "train-samples": "use --samples-per-device",
+    "validation-samples": "sized by the fleet (2 per device)",
+    "test-samples": "sized by the fleet (8 per device)",
+    "chunk-size": "one chunk per device per round: use --samples-per-device",
+    "eval-every": "only the final test is scored, so that the rounds time training",
+    "side-memory-mb": "use --budget-mb (each size also runs all in memory unless --paged-only)",
+    "deliver": "off: in a simulation delivery would put device memory in the server process",
+    "run-dir": "each run keeps its own folder under the bench's workdir",
+}
 
 
 def load_run_config(
@@ -110,9 +130,13 @@ def run_load_bench(
     run_config: dict[str, Any] | None = None,
     log=print,
 ) -> dict[str, Any]:
-    """Run every fleet size paged (and in memory, with ``unbounded``); the table's rows and the verdict."""
+    """Run every fleet size paged (and in memory, with ``unbounded``); the table's rows and the verdict.
+
+    ``run_config``: more keys (``-c``), under the bench's own: refused before the first run where retired,
+    set by the bench itself (:data:`BENCH_SETS`) or read by no run (a ValueError saying what to use)."""
     from mobiflower.platform.tiny import make_tiny_model
 
+    extra = bench_run_config("load", run_config or {}, BENCH_SETS)
     work = Path(workdir)
     model = work / f"tiny-llama-{hidden}"
     if not (model / "config.json").exists():
@@ -126,10 +150,7 @@ def run_load_bench(
             config = SimulateConfig(
                 devices=n,
                 workdir=str(work / "sim"),
-                run_config={
-                    **load_run_config(str(model), n, samples_per_device, rounds, reduction, budget),
-                    **(run_config or {}),  # -c KEY=VALUE: over the bench's own keys
-                },
+                run_config={**extra, **load_run_config(str(model), n, samples_per_device, rounds, reduction, budget)},
             )
             row = measure(run_simulate(config, quiet=True), n, budget)
             row["bench_s"] = time.perf_counter() - t0
@@ -148,6 +169,7 @@ def run_load_bench(
                 "reduction": reduction,
                 "budget_mb": budget_mb,
                 "mode": "per-device",
+                "run_config": extra,
             },
             "rows": rows,
         }

@@ -14,14 +14,40 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mobiflower.simulations.bench.common import acceptance_lines, judge_acceptance, save_figure
+from mobiflower.simulations.bench.common import acceptance_lines, bench_run_config, judge_acceptance, save_figure
 from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
-MODES = {"shared": {"mode": "shared"}, "per-device": {"mode": "per-device"}, "hybrid": {"mode": "hybrid"}}
+MODES = ("shared", "per-device", "hybrid")
+# Run-config keys the bench sets itself (every mode runs on the same split, samples and rounds): `-c` may not
+# set them, and the refusal says what does.
+BENCH_SETS = {
+    "mode": "it is what the bench compares (shared, per-device and hybrid, one run each)",
+    "partitioning": "the modes are compared on a Dirichlet label split: set its skew with --dirichlet-alpha",
+    "dirichlet-alpha": "use --dirichlet-alpha",
+    "train-samples": "use --train-samples",
+    "test-samples": "use --test-samples",
+    "num-server-rounds": "use --num-server-rounds",
+    "run-dir": "each mode's run keeps its own folder under the bench's workdir",
+}
 ACCEPTANCE = {
     "per-device beats shared (own test data, pooled)": ("per_device_minus_shared", ">", 0.0),
     "hybrid beats shared (own test data, pooled)": ("hybrid_minus_shared", ">", 0.0),
 }
+
+
+def modes_run_config(
+    alpha: float, train_samples: int, test_samples: int, rounds: int, run_config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The run config every mode shares: the ``-c`` keys (checked against :data:`BENCH_SETS`) under the
+    bench's own, so that nothing given on the command line changes what the modes are compared on."""
+    return {
+        **(run_config or {}),
+        "partitioning": "dirichlet",
+        "dirichlet-alpha": alpha,
+        "train-samples": train_samples,
+        "test-samples": test_samples,
+        "num-server-rounds": rounds,
+    }
 
 
 def run_modes_bench(
@@ -34,20 +60,16 @@ def run_modes_bench(
     run_config: dict[str, Any] | None = None,
     log=print,
 ) -> dict[str, Any]:
-    base = {
-        "partitioning": "dirichlet",
-        "dirichlet-alpha": alpha,
-        "train-samples": train_samples,
-        "test-samples": test_samples,
-        "num-server-rounds": rounds,
-    }
+    """Run every mode on the same fleet and samples; ``run_config``: more keys (``-c``), refused before the
+    first run where retired, set by the bench itself or read by no run (a ValueError saying what to use)."""
+    extra = bench_run_config("modes", run_config or {}, BENCH_SETS)
+    base = modes_run_config(alpha, train_samples, test_samples, rounds, extra)
     runs: dict[str, dict[str, Any]] = {}
-    for name, overrides in MODES.items():
-        log(f"[bench modes] {name}: {devices} devices, Dirichlet alpha {alpha} ...")
+    for mode in MODES:
+        log(f"[bench modes] {mode}: {devices} devices, Dirichlet alpha {alpha} ...")
         t0 = time.perf_counter()
         summary = run_simulate(
-            SimulateConfig(devices=devices, workdir=workdir, run_config={**base, **overrides, **(run_config or {})}),
-            quiet=True,
+            SimulateConfig(devices=devices, workdir=workdir, run_config={**base, "mode": mode}), quiet=True
         )
         per_device = {
             d: {
@@ -57,7 +79,7 @@ def run_modes_bench(
             }
             for d, v in summary["devices"].items()
         }
-        runs[name] = {
+        runs[mode] = {
             "test_accuracy": summary["test_accuracy"],
             "mean_device_test_accuracy": summary["mean_device_test_accuracy"],
             "devices": per_device,

@@ -40,6 +40,9 @@ BENCH_SETS = {
     "token-policy": "every real token, so the device's forward and the server's training cost about the same",
     "eval-every": "only the streaming is timed",
     "deliver": "only the streaming is timed",
+    "validation-samples": "only the streaming is timed (16 samples)",
+    "test-samples": "only the streaming is timed (16 samples)",
+    "run-dir": "each schedule's run keeps its own folder under the bench's workdir",
 }
 ACCEPTANCE = {"in-flight 2 wall <= 1.15 x max(device, server)": ("in_flight_2_wall_over_max", "<=", 1.15)}
 

@@ -46,6 +46,7 @@ from mobiflower.simulations.bench.common import (
     acceptance_lines,
     bars_with_values,
     bench_logger,
+    bench_run_config,
     judge_acceptance,
     ratio,
     run_child,
@@ -66,6 +67,16 @@ ACCEPTANCE = {
     "int4_model_memory_le_0.25x_fp32": ("int4_vs_fp32_model_memory", "<=", 0.25),
     "fp32_warm_start_le_3s": ("fp32_warm_start_s", "<=", 3.0),
     "int8_warm_start_le_3s": ("int8_warm_start_s", "<=", 3.0),
+}
+# Run-config keys the accuracy runs set themselves (each precision side-tuned the same way): `-c` may not set
+# them, and the refusal says what does.
+BENCH_SETS = {
+    "model": "use --model",
+    "weight-precision": "it is what the bench compares: use --precisions",
+    "train-samples": "use --train-samples",
+    "num-server-rounds": "use --epochs",
+    "device-threads": "use --threads (every measurement runs on the same threads)",
+    "run-dir": "each precision's run keeps its own folder",
 }
 
 
@@ -97,6 +108,7 @@ def run_precision_bench(
     accuracy_config: dict | None = None,
     include_unsupported: bool = False,
     max_tokens: int | None = -1,
+    run_config: dict | None = None,
 ) -> dict:
     """Measure every precision in fresh processes; return (and optionally write) the result JSON.
 
@@ -106,10 +118,13 @@ def run_precision_bench(
     first frame. ``weights_dir`` holds the prepared copies (default ``$MOBIFLOWER_HOME/models``).
     ``accuracy_config`` overrides the accuracy runs' settings (``train_samples``, ``epochs`` = rounds; e.g.
     ``{"train_samples": 500}``). ``max_tokens`` is the device's forward budget
-    (:attr:`ForwardConfig.max_tokens`; -1: its default, None: whole batches).
+    (:attr:`ForwardConfig.max_tokens`; -1: its default, None: whole batches). ``run_config``: more keys of
+    the accuracy runs (``-c``), refused before the first measurement where retired, set by the bench
+    (:data:`BENCH_SETS`), read by no run, or given without ``accuracy``.
     """
     from mobiflower.platform.precision import DEFAULT_INT4_GROUP_SIZE
 
+    extra = _accuracy_keys(run_config or {}, accuracy)
     _check_counts(batches, batch_size, threads, starts)
     run, skipped, support = _precisions_to_run(precisions, include_unsupported)
     samples = bench_samples(batches, batch_size, seed)
@@ -129,6 +144,7 @@ def run_precision_bench(
         "cold": cold,
         "group_size": group_size or DEFAULT_INT4_GROUP_SIZE,
         "weights_dir": weights_dir,
+        "run_config": extra,
     }
     _log(
         f"{', '.join(run)} of {model}: {len(samples)} samples ({batches} batches of {batch_size}), every "
@@ -138,7 +154,7 @@ def run_precision_bench(
     entries, machine = _measure_precisions(config, samples, progress)
     result: dict[str, Any] = {"config": config, "precisions": entries, "skipped": skipped}
     if accuracy:
-        result["accuracy"] = _accuracy(model, run, threads, accuracy_config or {}, progress)
+        result["accuracy"] = _accuracy(model, run, threads, {**extra, **(accuracy_config or {})}, progress)
         for precision, acc in result["accuracy"].items():
             if isinstance(acc, dict) and "test_accuracy" in acc:
                 result["precisions"][precision]["test_accuracy"] = acc["test_accuracy"]
@@ -149,6 +165,15 @@ def run_precision_bench(
 
     write_outputs(result, out, plot, plot_result, lambda msg: _log(msg, progress))
     return result
+
+
+def _accuracy_keys(run_config: dict, accuracy: bool) -> dict:
+    """The ``-c`` keys of the accuracy runs, checked before the first measurement (minutes of them)."""
+    if not run_config:
+        return {}
+    if not accuracy:
+        raise ValueError(f"-c {', '.join(sorted(run_config))}: -c keys go to the accuracy runs; add --accuracy")
+    return bench_run_config("precision", run_config, BENCH_SETS)
 
 
 def _forward_budget(max_tokens: int | None) -> int | None:
@@ -312,7 +337,8 @@ _ACCURACY_KEYS = {"train_samples": "train-samples", "epochs": "num-server-rounds
 
 
 def _accuracy_run_config(model: str, precision: str, threads: int | None, overrides: dict) -> dict:
-    """The run config of one accuracy run: ``overrides`` under their run-config keys, the device at ``precision``."""
+    """The run config of one accuracy run: ``overrides`` under their run-config keys (``-c`` keys as they
+    are), the device at ``precision``."""
     run_config = {"model": model, **{_ACCURACY_KEYS.get(k, k): v for k, v in overrides.items()}}
     run_config["weight-precision"] = precision
     if threads:
