@@ -12,7 +12,13 @@ import torch
 from mobiflower.platform.data import Splits
 from mobiflower.platform.tasks import CausalLMTask, ClassificationTask, Example, TaskError
 from mobiflower.simulations.baselines import on_device as baselines
-from mobiflower.simulations.baselines.on_device import RESULT_KEYS, BaselineConfig, result_keys, run_baseline
+from mobiflower.simulations.baselines.on_device import (
+    RESULT_KEYS,
+    BaselineConfig,
+    lora_fields,
+    result_keys,
+    run_baseline,
+)
 
 SIZES = dict(train_samples=32, validation_samples=16, test_samples=16, batch_size=8)
 HIDDEN, LAYERS, R = 32, 2, 8
@@ -266,3 +272,11 @@ def test_three_label_classification_baseline(llama_path):
     bert = str(make_tiny_model("bert", Path(llama_path).parent / "bert", hidden=HIDDEN, layers=LAYERS))
     with pytest.raises(TaskError, match="needs a decoder"):
         build_classifier(bert, "lora", load_tokenizer(bert), task=CausalLMTask())
+
+
+def test_lora_fields_give_a_baseline_the_lora_shape_a_bench_sets_and_nothing_else():
+    assert lora_fields({"lr": 1e-3}) == {}
+    fields = lora_fields({"lora-r": "16", "lora-alpha": 32, "lora-target-modules": "q_proj, v_proj,o_proj"})
+    assert fields == {"lora_r": 16, "lora_alpha": 32.0, "lora_targets": ("q_proj", "v_proj", "o_proj")}
+    config = BaselineConfig("lora", task="causal-lm", **fields)
+    assert (config.lora_r, config.lora_targets) == (16, ("q_proj", "v_proj", "o_proj"))

@@ -105,7 +105,7 @@ class BaselineConfig:
     batch_size: int = 16
     warmup_frac: float = 0.0  # linear warm-up over this fraction of the steps, then linear decay to 0
     lora_r: int = 8
-    lora_alpha: int = 16
+    lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] | None = None  # None: q_proj/v_proj (llama, qwen2, opt), c_attn (gpt2)
     max_length: int = 256  # the task's max-length: tokens per sample
@@ -171,6 +171,22 @@ class BaselineConfig:
         if self.method == "zero-shot":
             return None
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+
+def lora_fields(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The LoRA shape a benchmark's ``-c`` keys give (``lora-r``, ``lora-alpha``, ``lora-target-modules``) as
+    :class:`BaselineConfig` fields, only for the keys present: so that a baseline's LoRA gets the same shape as
+    the tail's when a comparison sets one, and its own defaults otherwise."""
+    fields: dict[str, Any] = {}
+    if "lora-r" in run_config:
+        fields["lora_r"] = int(run_config["lora-r"])
+    if "lora-alpha" in run_config:
+        fields["lora_alpha"] = float(run_config["lora-alpha"])
+    if "lora-target-modules" in run_config:
+        fields["lora_targets"] = tuple(
+            t.strip() for t in str(run_config["lora-target-modules"]).split(",") if t.strip()
+        )
+    return fields
 
 
 def _linear_schedule(total: int, warmup: int):
@@ -475,6 +491,7 @@ def _result(
 
 __all__ = [
     "BaselineConfig",
+    "lora_fields",
     "run_baseline",
     "RESULT_KEYS",
     "result_keys",

@@ -151,7 +151,7 @@ def fleet_samples(run_config: dict[str, Any], devices: int):
 
 
 def _lora(config: CausalLMBench, data: Path, log) -> dict[str, Any]:
-    from mobiflower.simulations.baselines.on_device import BaselineConfig, run_baseline
+    from mobiflower.simulations.baselines.on_device import BaselineConfig, lora_fields, run_baseline
 
     run_config = _run_config(config, data, config.lora_lrs[0])
     splits = fleet_samples(run_config, config.devices)
@@ -162,6 +162,7 @@ def _lora(config: CausalLMBench, data: Path, log) -> dict[str, Any]:
         seed=config.seed,
         epochs=config.lora_epochs,
         lrs=tuple(config.lora_lrs),
+        **lora_fields(config.run_config),  # -c lora-r / lora-target-modules: the tail's LoRA shape on both
     )
     t0 = time.perf_counter()
     result = run_baseline(baseline, progress=False, splits=splits)

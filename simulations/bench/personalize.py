@@ -213,7 +213,7 @@ def on_device_lora(
 ) -> dict[str, dict[str, Any]]:
     """LoRA trained on each user's device (from ``init_adapter``: a local fine-tune), tuned on its validation;
     per user its test figures, the backbone's zero-shot ones on the same tokens, and its costs."""
-    from mobiflower.simulations.baselines.on_device import BaselineConfig, run_baseline
+    from mobiflower.simulations.baselines.on_device import BaselineConfig, lora_fields, run_baseline
 
     rows = {}
     for user, splits in users.values():
@@ -226,6 +226,7 @@ def on_device_lora(
             lrs=lrs,
             batch_size=config.batch_size,
             init_adapter=init_adapter,
+            **lora_fields(config.run_config),  # -c lora-r / lora-target-modules: every LoRA the same shape
         )
         r = run_baseline(baseline, progress=False, splits=splits)
         rows[user] = {
