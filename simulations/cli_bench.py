@@ -571,6 +571,8 @@ def causal_lm(
         int, typer.Option(help="the tail's server rounds (epochs over the fleet's text)")
     ] = _CAUSAL.rounds,
     lora_epochs: Annotated[int, typer.Option(help="on-device LoRA: the most epochs tried")] = _CAUSAL.lora_epochs,
+    tail_lrs: Annotated[str, typer.Option(help="the tail: lrs tried (comma-separated)")] = as_option(_CAUSAL.tail_lrs),
+    lora_lrs: Annotated[str, typer.Option(help="on-device LoRA: lrs tried")] = as_option(_CAUSAL.lora_lrs),
     model: Annotated[str, typer.Option(help="every method's backbone")] = _CAUSAL.model,
     seed: Annotated[int, typer.Option(help="the paragraphs sampled and every device's split")] = _CAUSAL.seed,
     run_config: RunConfigOption = None,
@@ -586,6 +588,8 @@ def causal_lm(
             max_length=max_length,
             rounds=num_server_rounds,
             lora_epochs=lora_epochs,
+            tail_lrs=list_option(tail_lrs, float),
+            lora_lrs=list_option(lora_lrs, float),
             seed=seed,
             run_config=run_config_items(run_config),  # the tail's runs (the baseline holds the same samples)
         )
