@@ -13,24 +13,19 @@ from mobiflower.platform.tasks import TaskConfig
 # Each side-network family's optimisation settings, as run-config keys: the tail's are the declared
 # defaults; ladder and adapter train best with these (RESULTS.md). `mobiflower simulate --family`
 # applies them (a -c key still wins).
+# ladder and adapter are side networks trained from scratch: they share one schedule
+_FROM_SCRATCH: dict[str, Any] = {
+    "lr": 3e-4,
+    "weight-decay": 0.1,
+    "batch-size": 32,
+    "num-server-rounds": 20,
+    "average-epochs": 5,
+    "bits": 8,
+}
 FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
     "tail": {"lr": 1e-3, "weight-decay": 0.0, "batch-size": 16, "num-server-rounds": 1, "average-epochs": 0, "bits": 4},
-    "ladder": {
-        "lr": 3e-4,
-        "weight-decay": 0.1,
-        "batch-size": 32,
-        "num-server-rounds": 20,
-        "average-epochs": 5,
-        "bits": 8,
-    },
-    "adapter": {
-        "lr": 3e-4,
-        "weight-decay": 0.1,
-        "batch-size": 32,
-        "num-server-rounds": 20,
-        "average-epochs": 5,
-        "bits": 8,
-    },
+    "ladder": dict(_FROM_SCRATCH),
+    "adapter": dict(_FROM_SCRATCH),
 }
 
 
