@@ -7,7 +7,9 @@
   strategy may replace them all by their sample-weighted average (FedAvg) every k rounds.
 * ``hybrid``: the shared network is the trunk; each device also gets a personal copy whose head
   alone is fine-tuned on that device's cached activations (trunk frozen), starting from its
-  previous personal head. Personal heads need the activation cache (they train from it).
+  previous personal head (a causal-LM tail's personal part is its whole LoRA, restarted from the
+  shared one). Personal heads need the activation cache (they train from it); given a device's
+  held-out frames, its personal epochs stop where they score best.
 
 The store knows nothing of Flower: frames in, side networks out, checkpoints on disk.
 """
@@ -81,6 +83,7 @@ class SideNetworkStore:
             raise SideNetworkError("a side-network store needs at least one device")
         self.trainers: Mapping[str, SideTrainer]
         self.personal: dict[str, SideNetwork] = {}
+        self.personal_epochs_kept: dict[str, int] = {}  # hybrid: personal epochs each device's network kept
         self.personal_seconds = 0.0
 
         def steps(devices: list[str]) -> int:
@@ -245,8 +248,15 @@ class SideNetworkStore:
             return self.personal[device]
         return self.trainer_for(device).net
 
-    def personalize(self, devices: list[str] | None = None) -> dict[str, float]:
-        """Hybrid: fine-tune each device's personal head on its cached frames over the current trunk."""
+    def personalize(
+        self, devices: list[str] | None = None, validate: Callable[[str, SideNetwork], float | None] | None = None
+    ) -> dict[str, float]:
+        """Hybrid: fine-tune each device's personal part on its cached frames over the current trunk.
+
+        ``validate(device, net)``, when given, scores ``net`` on that device's held-out frames (lower is
+        better; None: the device has none): each device then keeps the epoch count, from 0 (the trunk as it
+        is) to ``personal-epochs``, that scores best, so a device with little text is not overfitted by a
+        fixed number of epochs. Without it every device keeps all its epochs."""
         if self.config.mode != "hybrid":
             return {}
         shared = self.trainers[SHARED]
@@ -257,30 +267,49 @@ class SideNetworkStore:
                 continue
             net = copy_network(shared.net)
             if device in self.personal and not self.config.personal_restart:  # keep the head; take the new trunk
-                own = {k: v for k, v in self.personal[device].state_dict().items() if self._is_personal(k)}
-                net.load_state_dict(own, strict=False)
+                net.load_state_dict(self._personal_state(self.personal[device]), strict=False)
             for name, p in net.named_parameters():
                 p.requires_grad_(self._is_personal(name))
-            cfg = replace(
-                self.train_config,
-                lr=self.config.personal_lr,
-                epochs=self.config.personal_epochs,
-                schedule="constant",
-                warmup_frac=0.0,
-                cache_bytes=1 << 62,
+            losses[device], self.personal_epochs_kept[device] = self._train_personal(
+                net, frames, None if validate is None else (lambda n, d=device: validate(d, n))
             )
-            trainer = SideTrainer(net, cfg, total_steps=1)
-            for f in frames:
-                trainer.cache.add(f)
-            loss = 0.0
-            for _ in range(self.config.personal_epochs):
-                loss = trainer.train_epoch()["loss"]
-            self.personal_seconds += trainer.train_seconds
             for p in net.parameters():
                 p.requires_grad_(False)
             self.personal[device] = net.eval()
-            losses[device] = loss
         return losses
+
+    def _train_personal(
+        self, net: SideNetwork, frames: list, score: Callable[[SideNetwork], float | None] | None
+    ) -> tuple[float, int]:
+        """``personal-epochs`` epochs of ``net``'s personal part over ``frames``; with ``score``, ``net`` ends
+        as after the best-scoring epoch count (0 included). Returns the last epoch's loss and the count kept."""
+        cfg = replace(
+            self.train_config,
+            lr=self.config.personal_lr,
+            epochs=self.config.personal_epochs,
+            schedule="constant",
+            warmup_frac=0.0,
+            cache_bytes=1 << 62,
+        )
+        trainer = SideTrainer(net, cfg, total_steps=1)
+        for f in frames:
+            trainer.cache.add(f)
+        best = None if score is None else score(net)
+        kept, best_state = (0, self._personal_state(net)) if best is not None else (self.config.personal_epochs, None)
+        loss = 0.0
+        for epoch in range(1, self.config.personal_epochs + 1):
+            loss = trainer.train_epoch()["loss"]
+            current = None if best is None else score(net)
+            if current is not None and current < best:
+                best, kept, best_state = current, epoch, self._personal_state(net)
+        if best_state is not None:
+            net.load_state_dict(best_state, strict=False)
+        self.personal_seconds += trainer.train_seconds
+        return loss, kept
+
+    def _personal_state(self, net: SideNetwork) -> dict[str, torch.Tensor]:
+        """A copy of ``net``'s personal parameters (and buffers)."""
+        return {k: v.detach().clone() for k, v in net.state_dict().items() if self._is_personal(k)}
 
     def _is_personal(self, name: str) -> bool:
         return any(name.startswith(prefix) for prefix in self.config.personal_parts)

@@ -68,6 +68,8 @@ HELP = {
     "batch-size": "the server's training minibatch (samples)",
     "cache-mb": "the activation cache's bound in MB",
     "personal-lr": "hybrid mode: the personal heads' learning rate",
+    "personal-select": 'hybrid mode: how many personal epochs each device keeps: "validation", the count '
+    '(0 to personal-epochs) that scores best on its validation frames, forwarded once; "last", all of them',
     "cache-threads": "torch threads of the server's training in cached rounds, when the devices are idle "
     "(0 = every core)",
     "device-batch-size": "samples per forward pass on the device",

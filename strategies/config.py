@@ -66,6 +66,9 @@ class SideTuningConfig:
     aggregate_every: int = 0  # per-device mode: FedAvg of the device networks every k rounds (0 = never)
     personal_epochs: int = 3  # hybrid mode: head-only epochs per personalisation
     personal_lr: float = 1e-3
+    # hybrid mode: how many personal epochs a device keeps: "validation", the count (0 to personal-epochs)
+    # that scores best on that device's validation frames (forwarded once); "last", all of them
+    personal_select: str = "validation"
     seed: int = 0  # the data split and partition (devices) and, unless train-seed is set, the training
     train_seed: int = -1  # the side network's initial weights and the trainer's shuffles (-1 = seed)
     server_threads: int = (
@@ -169,6 +172,8 @@ class SideTuningConfig:
             )
 
     def _check_eval_and_adaptation(self) -> None:
+        if self.personal_select not in ("validation", "last"):
+            raise ConfigError(f"personal-select={self.personal_select!r} is unknown: use 'validation' or 'last'")
         if self.eval_on not in ("server", "device"):
             raise ConfigError(f"eval-on={self.eval_on!r} is unknown: use 'server' or 'device'")
         if self.eval_split not in ("validation", "test"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from logging import INFO
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from flwr.app import Message
 from flwr.common.logger import log
@@ -25,6 +25,7 @@ from mobiflower.platform import messages as m
 from mobiflower.platform.intake import Refusal, run_limits
 from mobiflower.platform.messages import DeliverRequest, EvaluateRequest, ForwardRequest
 from mobiflower.platform.run_summary import format_metric
+from mobiflower.platform.side_networks import SideNetwork
 from mobiflower.platform.tasks import Task, combine_metrics
 from mobiflower.platform.trainer import DecodedFrame, decode_for, evaluate_network
 from mobiflower.strategies.grid_requests import Reply, config_bytes, failed, request_all, why
@@ -107,6 +108,26 @@ class Evaluator:
         result = {**fleet_figures(self.task, per_device), "per_device": per_device}
         log(INFO, "[round %d] on-device %s %s", rnd, split, describe(self.task, result))
         return result
+
+    def personal_validation(self) -> Callable[[str, SideNetwork], float | None] | None:
+        """Hybrid's ``personal-select = "validation"``: how a device's personal network scores on that
+        device's validation frames (forwarded once and kept, as server-side validation does), the task's
+        primary metric signed so that lower is better; None for a device without them. None when personal
+        epochs are not selected (``"last"``), or the server may not see targets (label-private)."""
+        cfg = self.job.config
+        if cfg.personal_select != "validation" or cfg.label_private:
+            return None
+        frames = self._frames_for("validation", cfg.eval_samples)
+        sign = -1.0 if self.task.higher_is_better else 1.0
+
+        def score(device: str, net: SideNetwork) -> float | None:
+            if device not in frames:
+                return None
+            where = next(net.parameters()).device
+            stats = evaluate_network(net, frames[device], where, mixed_precision=cfg.train_precision)
+            return sign * float(stats[self.task.primary])
+
+        return score
 
     def _frames_for(self, split: str, limit: int) -> dict[str, list[DecodedFrame]]:
         """Each working device's ``split`` samples (at most ``limit``; 0 = all), forwarded once as one frame

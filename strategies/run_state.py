@@ -221,6 +221,7 @@ RUN_DEFINING = (
     "aggregate-every",
     "personal-epochs",
     "personal-lr",
+    "personal-select",
     "seed",
     "chunk-size",
     "bits",

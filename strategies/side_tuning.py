@@ -219,7 +219,7 @@ class SideTuningStrategy:
         if not cfg.eval_every or rnd % cfg.eval_every or rnd == cfg.num_server_rounds:
             return
         if cfg.mode == "hybrid":
-            job.store.personalize([d.device_id for d in self.state.working().values()])
+            job.store.personalize([d.device_id for d in self.state.working().values()], evaluator.personal_validation())
         result = evaluator.evaluate(rnd, cfg.eval_split, max_samples=cfg.eval_samples)
         for name in self.task.metric_names:
             record[f"{cfg.eval_split}_{metric_key(name)}"] = result.get(name)
@@ -310,7 +310,10 @@ class SideTuningStrategy:
                 min(cfg.average_epochs, cfg.num_server_rounds),
             )
         if cfg.mode == "hybrid":  # personal heads over the delivered trunk
-            store.personalize([d.device_id for d in self.state.working().values()])
+            store.personalize([d.device_id for d in self.state.working().values()], evaluator.personal_validation())
+            for dev in self.state.working().values():  # how much of its own text each device's network kept
+                if dev.device_id in store.personal_epochs_kept:
+                    dev.metrics["personal_epochs"] = store.personal_epochs_kept[dev.device_id]
         if not per_device:
             for dev in self.state.devices.values():
                 export(dev.device_id, store.network_for(dev.device_id))

@@ -81,6 +81,8 @@ def test_every_method_is_scored_per_user_on_the_same_tokens(tiny_llama, tmp_path
     assert result["same_scored_tokens"], result["scored_tokens"]
     hybrid = result["methods"][mode_method("hybrid")]
     assert sorted(hybrid["seeds"]) == [0, 1] and len(hybrid["per_user"]["ben"]["test_perplexity_seeds"]) == 2
+    for row in hybrid["per_user"].values():  # each device kept the personal epochs its validation picked
+        assert all(kept in range(config.personal_epochs + 1) for kept in row["personal_epochs_seeds"]), row
     assert result["methods"][FED_FT]["adapter"].endswith("adapter.safetensors")
     assert set(result["acceptance"]) == {
         "personal_within_1.02x_of_lora",

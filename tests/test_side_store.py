@@ -122,6 +122,52 @@ def test_hybrid_personal_heads_differ_but_share_the_trunk(fleet_frames):
             assert torch.equal(value, shared[name]) and torch.equal(value, p1.state_dict()[name])
 
 
+def _head(net) -> torch.Tensor:
+    """Every personal (``head.``) parameter of ``net``, flattened into one copy."""
+    return torch.cat([v.detach().flatten().clone() for k, v in net.state_dict().items() if k.startswith("head.")])
+
+
+def test_hybrid_keeps_the_personal_epochs_that_score_best_on_validation(fleet_frames):
+    """With a validation score each device keeps its best epoch count: 0 is the trunk itself, a score that
+    only improves keeps every epoch, a minimum in between keeps the network as it was after that epoch."""
+    frames = fleet_frames[0]
+
+    def personalized(scores: dict[str, list[float]]):
+        store = _store("hybrid", fleet_frames, personal_epochs=4, personal_lr=1e-2)
+        for device, frame in frames.items():
+            store.ingest(device, frame)
+        calls: dict[str, int] = {}
+        seen: dict[str, list[torch.Tensor]] = {}
+
+        def validate(device, net):  # scripted scores; records the head it was shown after each epoch
+            calls[device] = calls.get(device, 0) + 1
+            seen.setdefault(device, []).append(_head(net))
+            return scores[device][calls[device] - 1]
+
+        store.personalize(validate=validate)
+        return store, seen
+
+    store, seen = personalized({"device-0": [1.0, 2.0, 3.0, 4.0, 5.0], "device-1": [5.0, 4.0, 3.0, 2.0, 1.0]})
+    assert store.personal_epochs_kept == {"device-0": 0, "device-1": 4}
+    head = lambda d: _head(store.network_for(d))  # noqa: E731
+    assert torch.equal(head("device-0"), _head(store.trainers["shared"].net))
+    assert torch.equal(head("device-1"), seen["device-1"][4]) and not torch.equal(head("device-1"), seen["device-1"][0])
+
+    store, seen = personalized({"device-0": [3.0, 2.0, 1.0, 2.0, 3.0], "device-1": [3.0, 3.0, 3.0, 3.0, 3.0]})
+    assert store.personal_epochs_kept == {"device-0": 2, "device-1": 0}  # a tie keeps the fewer epochs
+    assert torch.equal(_head(store.network_for("device-0")), seen["device-0"][2])
+    assert not torch.equal(seen["device-0"][2], seen["device-0"][4])
+
+
+def test_hybrid_without_a_validation_score_keeps_every_epoch(fleet_frames):
+    frames = fleet_frames[0]
+    store = _store("hybrid", fleet_frames, personal_epochs=2)
+    for device, frame in frames.items():
+        store.ingest(device, frame)
+    store.personalize(validate=lambda device, net: None)  # devices with no validation frames
+    assert store.personal_epochs_kept == {"device-0": 2, "device-1": 2}
+
+
 def test_hybrid_needs_the_cache(fleet_frames):
     frames, config, frozen = fleet_frames
     with pytest.raises(SideNetworkError, match="activation cache"):

@@ -402,6 +402,7 @@ def mobiflower_run(
         rows[user] = {
             **{k: d.get(k) for k in ("test_perplexity", "test_token_accuracy", "test_count", "bytes_up", "bytes_down")},
             "validation_perplexity": scorer.perplexity(exported / device, splits.validation),
+            "personal_epochs": d.get("personal_epochs"),  # hybrid: the epochs its validation kept
             "device_s": d.get("device_forward_s", 0.0),
             "peak_rss_mb": d.get("device_peak_rss_mb"),
         }
@@ -437,6 +438,8 @@ def mobiflower_mode(
         row.update({k: picked["per_user"][user][k] for k in ("test_count", "device_s", *COST_KEYS)})
         row["device_s_tuning"] = sum(t["per_user"][user]["device_s"] for t in trials)
         row["test_perplexity_seeds"] = [s["test_perplexity"] for s in seeds]
+        if mode == "hybrid":
+            row["personal_epochs_seeds"] = [s.get("personal_epochs") for s in seeds]
         per_user[user] = row
     log(f"mobiflower {mode} (lr {picked['lr']:g}): mean per-user test ppl {mean_of(per_user, 'test_perplexity'):.2f}")
     return {
