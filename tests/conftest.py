@@ -51,6 +51,19 @@ def pytest_unconfigure(config):
     shutil.rmtree(test_home, ignore_errors=True)  # removes the links, never what they point to
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files that start real processes (``slow``) or load the bundled model (``real_model``) run first.
+
+    Why: with ``--dist loadfile`` each worker takes the next file as it frees; the few long files
+    first and the many short ones after lets the two workers end together. (xdist's own order, most
+    tests first, leaves the long files with few tests for last, one worker running alone.)"""
+
+    def weight(item) -> int:
+        return 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("real_model") else 2
+
+    items.sort(key=weight)  # stable: a file's tests keep their order
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """CI has 2 shared cores: intra-op threads only add contention for the small tensors of tests."""

@@ -10,6 +10,8 @@ import pytest
 from mobiflower.simulations.bench.device_report import format_table
 from mobiflower.simulations.bench.device_spec import ACCEPTANCE, METHODS, WIRE_BITS, WIRE_POLICIES
 
+pytestmark = pytest.mark.slow  # each method is measured in its own process
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

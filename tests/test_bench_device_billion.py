@@ -12,6 +12,8 @@ import pytest
 
 from mobiflower.simulations.bench.device_report import format_table
 
+pytestmark = pytest.mark.slow  # each method is measured in its own process
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
