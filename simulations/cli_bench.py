@@ -575,6 +575,9 @@ def causal_lm(
     lora_lrs: Annotated[str, typer.Option(help="on-device LoRA: lrs tried")] = as_option(_CAUSAL.lora_lrs),
     model: Annotated[str, typer.Option(help="every method's backbone")] = _CAUSAL.model,
     seed: Annotated[int, typer.Option(help="the paragraphs sampled and every device's split")] = _CAUSAL.seed,
+    train_seeds: Annotated[
+        str, typer.Option(help="both methods' training seeds (same text): figures are their means")
+    ] = as_option(_CAUSAL.train_seeds),
     run_config: RunConfigOption = None,
     out: Annotated[str, typer.Option(help="result JSON (and the plot next to it)")] = "runs/bench_causal_lm.json",
 ) -> int:
@@ -591,6 +594,7 @@ def causal_lm(
             tail_lrs=list_option(tail_lrs, float),
             lora_lrs=list_option(lora_lrs, float),
             seed=seed,
+            train_seeds=list_option(train_seeds, int),
             run_config=run_config_items(run_config),  # the tail's runs (the baseline holds the same samples)
         )
     except ValueError as err:  # a retired, bench-set or unknown run-config key

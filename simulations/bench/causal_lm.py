@@ -8,14 +8,15 @@ JSON Lines file, split IID over the devices, each device splitting its own valid
   forward to the cut and stream 4-bit states of every real token with their next-token targets, the
   server trains LoRA on the public upper blocks with the frozen LM head, delivers the CAUSAL_LM adapter,
   and each device scores its own test text with its backbone + the adapter. The tail's learning rate is
-  picked on the server's validation perplexity over ``tail_lrs``.
+  picked on its delivered adapter's validation perplexity over ``tail_lrs`` (the mean over ``train_seeds``).
 * **on-device LoRA**: one device holding exactly the fleet's samples (every device's train, validation
   and test), PEFT LoRA backpropagated on the device, lr and epochs picked on validation
   (:func:`mobiflower.simulations.baselines.on_device.run_baseline`), scored on the same tokens.
 * **zero-shot**: the backbone alone on the same scored tokens.
 
 Perplexities are exp of the mean cross-entropy over all scored test tokens of all devices, the same
-tokens for every method. Ratios are reported, never asserted.
+tokens for every method; with several training seeds a method's figure is the mean of its seeds' (the text
+and its split stay ``seed``'s). Ratios are reported, never asserted.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ ACCEPTANCE = {"tail_over_lora_perplexity": 1.02}
 BENCH_SETS = {
     "model": "use --model",
     "seed": "use --seed",
+    "train-seed": "use --train-seeds",
     "devices": "use --devices",
     "max-length": "use --max-length",
     "num-server-rounds": "use --num-server-rounds",
@@ -61,12 +63,16 @@ class CausalLMBench:
     tail_lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3)
     lora_lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3)
     lora_epochs: int = 2
-    seed: int = 0
+    seed: int = 0  # the paragraphs sampled and every device's split
+    train_seeds: tuple[int, ...] = (0,)  # both methods' training seeds (initial weights, shuffles)
     workdir: str = "runs/bench_causal_lm"
     # -c KEY=VALUE: more keys for the tail's fleet runs (the baseline's device holds the same samples)
     run_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.train_seeds = tuple(int(s) for s in self.train_seeds)
+        if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
+            raise ValueError(f"train_seeds={self.train_seeds}: give one or more distinct seeds")
         if self.run_config:  # refused before the first run: a retired, bench-set or unknown key
             self.run_config = bench_run_config("causal-lm", self.run_config, BENCH_SETS)
 
@@ -85,7 +91,7 @@ def speech_sample(config: CausalLMBench, path: Path) -> Path:
     return path
 
 
-def _run_config(config: CausalLMBench, data: Path, lr: float) -> dict[str, Any]:
+def _run_config(config: CausalLMBench, data: Path, lr: float, train_seed: int = 0) -> dict[str, Any]:
     """A tail run's keys (and what splits the baseline's samples): the bench's, over the ``-c`` keys."""
     return {
         **config.run_config,
@@ -96,19 +102,23 @@ def _run_config(config: CausalLMBench, data: Path, lr: float) -> dict[str, Any]:
         "num-server-rounds": config.rounds,
         "lr": lr,
         "seed": config.seed,
+        "train-seed": train_seed,
     }
 
 
-def _tail(config: CausalLMBench, data: Path, lr: float, log) -> dict[str, Any]:
+def _tail(config: CausalLMBench, data: Path, lr: float, train_seed: int, log) -> dict[str, Any]:
     from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
     t0 = time.perf_counter()
     run = SimulateConfig(
-        devices=config.devices, workdir=f"{config.workdir}/tail-{lr:g}", run_config=_run_config(config, data, lr)
+        devices=config.devices,
+        workdir=f"{config.workdir}/tail-{lr:g}-s{train_seed}",
+        run_config=_run_config(config, data, lr, train_seed),
     )
     summary = run_simulate(run, quiet=True)
     row = {
         "lr": lr,
+        "train_seed": train_seed,
         "validation_perplexity": _validation_perplexity(config, data, Path(summary["simulation"]["run_dir"])),
         "test_perplexity": summary["test_perplexity"],
         "test_token_accuracy": summary["test_token_accuracy"],
@@ -120,8 +130,34 @@ def _tail(config: CausalLMBench, data: Path, lr: float, log) -> dict[str, Any]:
         "server_train_s": summary["server_train_s"],
         "wall_s": time.perf_counter() - t0,
     }
-    log(f"tail lr {lr:g}: validation ppl {fmt(row['validation_perplexity'])}, test ppl {row['test_perplexity']:.2f}")
+    log(
+        f"tail lr {lr:g} seed {train_seed}: validation ppl {fmt(row['validation_perplexity'])}, "
+        f"test ppl {row['test_perplexity']:.2f}"
+    )
     return row
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if len(values) == len(rows) else None
+
+
+def seed_means(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """One setting's runs over its training seeds: the first run's fields, ``keys`` as their means over the
+    seeds (None when a seed lacks one), and each seed's test perplexity."""
+    return {
+        **rows[0],
+        **{k: _mean(rows, k) for k in keys},
+        "train_seeds": [r["train_seed"] for r in rows],
+        "test_perplexity_seeds": [r["test_perplexity"] for r in rows],
+    }
+
+
+def pick_tail(config: CausalLMBench, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tail's lr with the lowest mean validation perplexity over the training seeds."""
+    keys = ("validation_perplexity", "test_perplexity", "test_token_accuracy")
+    by_lr = [seed_means([r for r in runs if r["lr"] == lr], keys) for lr in config.tail_lrs]
+    return min(by_lr, key=lambda r: r["validation_perplexity"] or float("inf"))
 
 
 def _validation_perplexity(config: CausalLMBench, data: Path, run_dir: Path) -> float:
@@ -152,7 +188,7 @@ def fleet_samples(run_config: dict[str, Any], devices: int):
     return Splits(*([e for p in parts for e in getattr(p, name)] for name in ("train", "validation", "test")))
 
 
-def _lora(config: CausalLMBench, data: Path, log) -> dict[str, Any]:
+def _lora(config: CausalLMBench, data: Path, train_seed: int, log) -> dict[str, Any]:
     from mobiflower.simulations.baselines.on_device import BaselineConfig, lora_fields, run_baseline
 
     run_config = _run_config(config, data, config.lora_lrs[0])
@@ -162,6 +198,7 @@ def _lora(config: CausalLMBench, data: Path, log) -> dict[str, Any]:
         run_config,
         model=config.model,
         seed=config.seed,
+        train_seed=train_seed,
         epochs=config.lora_epochs,
         lrs=tuple(config.lora_lrs),
         **lora_fields(config.run_config),  # -c lora-r / lora-target-modules: the tail's LoRA shape on both
@@ -169,8 +206,9 @@ def _lora(config: CausalLMBench, data: Path, log) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = run_baseline(baseline, progress=False, splits=splits)
     result["wall_s"] = time.perf_counter() - t0
+    result["train_seed"] = train_seed
     log(
-        f"on-device LoRA: test ppl {result['test_perplexity']:.2f} (lr {result.get('lr')}, zero-shot "
+        f"on-device LoRA seed {train_seed}: test ppl {result['test_perplexity']:.2f} (lr {result.get('lr')}, zero-shot "
         f"{result['zero_shot_perplexity']:.2f})"
     )
     return result
@@ -180,15 +218,19 @@ def run_causal_lm_bench(config: CausalLMBench, out: str | None = None, progress:
     log = bench_logger("causal-lm", progress)
     data = speech_sample(config, Path(config.workdir) / "speeches.jsonl")
     log(f"{config.paragraphs} paragraphs of the 2012 convention speeches over {config.devices} devices: {data}")
-    tails = [_tail(config, data, lr, log) for lr in config.tail_lrs]
-    picked = min(tails, key=lambda r: r["validation_perplexity"] if r["validation_perplexity"] else float("inf"))
-    lora = _lora(config, data, log)
+    tails = [_tail(config, data, lr, s, log) for lr in config.tail_lrs for s in config.train_seeds]
+    picked = pick_tail(config, tails)
+    loras = [_lora(config, data, s, log) for s in config.train_seeds]  # each tuned on validation at its seed
+    lora = seed_means(
+        [{k: v for k, v in r.items() if not isinstance(v, (list, dict)) or k in ("metrics",)} for r in loras],
+        ("test_perplexity", "test_token_accuracy"),
+    )
     result = {
         "config": asdict(config),
         "tail_runs": tails,
         "tail": picked,
-        "lora": {k: v for k, v in lora.items() if not isinstance(v, (list, dict)) or k in ("metrics",)},
-        "lora_trials": lora.get("trials"),
+        "lora": lora,
+        "lora_trials": [r.get("trials") for r in loras],
         "zero_shot_perplexity": lora["zero_shot_perplexity"],
         "ratios": {
             "tail_over_lora_perplexity": ratio(picked["test_perplexity"], lora["test_perplexity"]),
@@ -217,6 +259,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'mobiflower tail (lr ' + format(tail['lr'], 'g') + ')':<34}{tail['test_perplexity']:>10.2f}"
         f"{tail['test_token_accuracy']:>9.3f}{tail['bytes_up'] / 1e6:>8.2f}{tail['bytes_down'] / 1e6:>9.2f}",
         "",
+        f"training seeds {', '.join(str(x) for x in result['config']['train_seeds'])}: each figure is the mean "
+        f"over them (tail per seed {', '.join(f'{x:.2f}' for x in tail['test_perplexity_seeds'])}; LoRA per seed "
+        f"{', '.join(f'{x:.2f}' for x in lora['test_perplexity_seeds'])}, each tuned at its seed)",
         f"tail / LoRA perplexity {fmt(r['tail_over_lora_perplexity'], '.3f')} (acceptance <= 1.02: "
         f"{'PASS' if result['acceptance']['tail_within_1.02x_of_lora'] else 'FAIL'}); tail / zero-shot "
         f"{fmt(r['tail_over_zero_shot_perplexity'], '.3f')}, LoRA / zero-shot {fmt(r['lora_over_zero_shot_perplexity'], '.3f')}",
