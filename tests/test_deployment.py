@@ -103,8 +103,8 @@ def deployment(real_assets, tiny_llama, tmp_path_factory):
         with LoopbackDeployment(scratch, DEVICES, node_configs=node_configs, extra_env=env) as flower:
             victim = flower.supernodes[-1]
 
-            def on_line(line: str) -> None:  # once the fleet is profiled, the last device dies
-                if "side network(s), mode" in line and not killed.is_set():
+            def on_line(line: str) -> None:  # once its profile is in, the last device dies
+                if f"device phone-{DEVICES - 1} (node" in line and not killed.is_set():
                     os.kill(victim.pid, signal.SIGKILL)
                     killed.set()
 
