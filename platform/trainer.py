@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from mobiflower.platform.atomic import atomic_directory, atomic_file
 from mobiflower.platform.codec import dequantize
-from mobiflower.platform.frames import Frame, decode_frame, encode_frame
+from mobiflower.platform.frames import IGNORE_INDEX, Frame, decode_frame, encode_frame
 from mobiflower.platform.optimizer_state import (
     flatten_optimizer,
     param_groups,
@@ -320,6 +320,8 @@ class SideTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses: list[tuple[float, int]] = []
         for part in parts:
+            if _scores_nothing(part.targets):  # e.g. a prompt whose completion max-length cut away: no loss
+                continue
             part = part.to(self.device)
             with self._autocast():
                 logits = self.net(part).float()
@@ -609,7 +611,14 @@ def _grouped_by_length(
 
 
 def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+    """The mean of the steps' losses that were taken (NaN: a step without a loss; all NaN: NaN)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def _scores_nothing(targets: torch.Tensor | None) -> bool:
+    """Token targets with no scored position (all ``-100``): a minibatch of them has no loss to take."""
+    return targets is not None and targets.dim() == 2 and not bool((targets != IGNORE_INDEX).any())
 
 
 def _concat_batches(parts: Sequence[SideBatch]) -> SideBatch:

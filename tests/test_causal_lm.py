@@ -211,6 +211,29 @@ def test_no_accepted_token_frame_can_break_a_later_epoch(lm_intake, data, one_ro
         assert np.isfinite(intake.store.train_epoch()["loss"])
 
 
+def test_a_minibatch_that_scores_no_token_takes_no_step_and_the_epoch_loss_stays_finite(lm_setup):
+    """Samples with every target unscored (a prompt whose completion max-length cut away) are valid in a
+    frame that scores other samples; a minibatch of only such samples has no loss: it takes no step, and
+    the epoch's loss is the mean of the steps taken (a NaN from it once made the whole epoch's NaN)."""
+    from mobiflower.platform.frames import decode_frame
+    from mobiflower.platform.trainer import decode_for
+
+    _, public, config, runtime = lm_setup
+    frame, _ = runtime.make_frame(_texts(4, start=9000))
+    last = frame.token_counts[-1]
+    values = list(frame.targets["values"])
+    frame.targets = {"kind": "tokens", "values": [IGNORE_INDEX] * (len(values) - last) + values[-last:]}
+    net = build_side_network(config, public.weights)
+    before = {k: v.clone() for k, v in net.state_dict().items() if "lora" in k}
+    trainer = SideTrainer(net, TrainConfig(epochs=1, batch_size=1, lr=5e-3, cache_bytes=1 << 30), total_steps=4)
+    trainer.cache.add(decode_for(config, decode_frame(runtime.encode(frame))))
+    stats = trainer.train_epoch()
+    assert math.isfinite(stats["loss"]) and trainer.step == 1  # one scored sample: one step of four batches
+    after = net.state_dict()
+    assert all(torch.isfinite(after[k]).all() for k in before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 _FRESH = itertools.count()
 
 
