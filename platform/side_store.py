@@ -63,6 +63,41 @@ def copy_network(net: SideNetwork) -> SideNetwork:
     return copy.deepcopy(net, memo={id(p): p for p in net.parameters() if not p.requires_grad})
 
 
+def personal_train_config(train: TrainConfig, store: StoreConfig) -> TrainConfig:
+    """The trainer config of a hybrid device's personal fine-tune: ``personal-lr`` at a constant rate for
+    ``personal-epochs``, its whole cache held."""
+    return replace(
+        train,
+        lr=store.personal_lr,
+        epochs=store.personal_epochs,
+        schedule="constant",
+        warmup_frac=0.0,
+        cache_bytes=1 << 62,
+    )
+
+
+def train_personal(
+    trainer: SideTrainer,
+    personal_state: Callable[[SideNetwork], dict[str, torch.Tensor]],
+    score: Callable[[SideNetwork], float | None] | None,
+) -> tuple[float, int]:
+    """A personal fine-tune: ``trainer.config.epochs`` epochs over its cache; with ``score`` (lower is
+    better), the network ends as after the best-scoring epoch count, 0 (as it started) included, ties
+    to the fewer. Returns the last epoch's loss and the count kept."""
+    net, epochs = trainer.net, trainer.config.epochs
+    best = None if score is None else score(net)
+    kept, best_state = (0, personal_state(net)) if best is not None else (epochs, None)
+    loss = 0.0
+    for epoch in range(1, epochs + 1):
+        loss = trainer.train_epoch()["loss"]
+        current = None if best is None else score(net)
+        if current is not None and current < best:
+            best, kept, best_state = current, epoch, personal_state(net)
+    if best_state is not None:
+        net.load_state_dict(best_state, strict=False)
+    return loss, kept
+
+
 class SideNetworkStore:
     """Trainers keyed by ``shared`` or a device id, plus hybrid personal networks."""
 
@@ -270,42 +305,17 @@ class SideNetworkStore:
                 net.load_state_dict(self._personal_state(self.personal[device]), strict=False)
             for name, p in net.named_parameters():
                 p.requires_grad_(self._is_personal(name))
-            losses[device], self.personal_epochs_kept[device] = self._train_personal(
-                net, frames, None if validate is None else (lambda n, d=device: validate(d, n))
+            trainer = SideTrainer(net, personal_train_config(self.train_config, self.config), total_steps=1)
+            for f in frames:
+                trainer.cache.add(f)
+            losses[device], self.personal_epochs_kept[device] = train_personal(
+                trainer, self._personal_state, None if validate is None else (lambda n, d=device: validate(d, n))
             )
+            self.personal_seconds += trainer.train_seconds
             for p in net.parameters():
                 p.requires_grad_(False)
             self.personal[device] = net.eval()
         return losses
-
-    def _train_personal(
-        self, net: SideNetwork, frames: list, score: Callable[[SideNetwork], float | None] | None
-    ) -> tuple[float, int]:
-        """``personal-epochs`` epochs of ``net``'s personal part over ``frames``; with ``score``, ``net`` ends
-        as after the best-scoring epoch count (0 included). Returns the last epoch's loss and the count kept."""
-        cfg = replace(
-            self.train_config,
-            lr=self.config.personal_lr,
-            epochs=self.config.personal_epochs,
-            schedule="constant",
-            warmup_frac=0.0,
-            cache_bytes=1 << 62,
-        )
-        trainer = SideTrainer(net, cfg, total_steps=1)
-        for f in frames:
-            trainer.cache.add(f)
-        best = None if score is None else score(net)
-        kept, best_state = (0, self._personal_state(net)) if best is not None else (self.config.personal_epochs, None)
-        loss = 0.0
-        for epoch in range(1, self.config.personal_epochs + 1):
-            loss = trainer.train_epoch()["loss"]
-            current = None if best is None else score(net)
-            if current is not None and current < best:
-                best, kept, best_state = current, epoch, self._personal_state(net)
-        if best_state is not None:
-            net.load_state_dict(best_state, strict=False)
-        self.personal_seconds += trainer.train_seconds
-        return loss, kept
 
     def _personal_state(self, net: SideNetwork) -> dict[str, torch.Tensor]:
         """A copy of ``net``'s personal parameters (and buffers)."""
