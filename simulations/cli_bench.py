@@ -627,6 +627,9 @@ def personalize(
     personal_epochs: Annotated[
         int, typer.Option(help="mobiflower hybrid: epochs of each device's copy on its own frames")
     ] = _PERSONAL.personal_epochs,
+    personal_lrs: Annotated[
+        str, typer.Option(help="mobiflower hybrid: personal lrs tried, picked on validation (empty: the lr)")
+    ] = as_option(_PERSONAL.personal_lrs),
     modes: Annotated[str, typer.Option(help="mobiflower: side-network modes")] = as_option(_PERSONAL.modes),
     lora_lrs: Annotated[str, typer.Option(help="on-device LoRA: lrs tried")] = as_option(_PERSONAL.lora_lrs),
     lora_epochs: Annotated[int, typer.Option(help="on-device LoRA: most epochs tried")] = _PERSONAL.lora_epochs,
@@ -659,6 +662,7 @@ def personalize(
             tail_lrs=list_option(tail_lrs, float),
             seeds=list_option(seeds, int),
             personal_epochs=personal_epochs,
+            personal_lrs=list_option(personal_lrs, float),
             modes=list_option(modes, str),
             lora_lrs=list_option(lora_lrs, float),
             lora_epochs=lora_epochs,

@@ -57,6 +57,7 @@ def test_every_method_is_scored_per_user_on_the_same_tokens(tiny_llama, tmp_path
         max_length=24,
         rounds=1,
         tail_lrs=(2e-3,),
+        personal_lrs=(1e-3, 2e-3),
         seeds=(0, 1),
         lora_lrs=(1e-3,),
         lora_epochs=1,
@@ -81,6 +82,13 @@ def test_every_method_is_scored_per_user_on_the_same_tokens(tiny_llama, tmp_path
     assert result["same_scored_tokens"], result["scored_tokens"]
     hybrid = result["methods"][mode_method("hybrid")]
     assert sorted(hybrid["seeds"]) == [0, 1] and len(hybrid["per_user"]["ben"]["test_perplexity_seeds"]) == 2
+    trials = hybrid["lr_trials"]  # hybrid alone tries each personal lr, and the pick is on validation
+    assert [(t["lr"], t["personal_lr"]) for t in trials] == [(2e-3, 1e-3), (2e-3, 2e-3)]
+    best = min(trials, key=lambda t: t["validation_perplexity"])
+    assert (
+        hybrid["personal_lr"] == best["personal_lr"] and len(result["methods"][mode_method("shared")]["lr_trials"]) == 1
+    )
+    assert all(r["personal_lr"] == best["personal_lr"] for r in hybrid["seeds"].values())
     for row in hybrid["per_user"].values():  # each device kept the personal epochs its validation picked
         assert all(kept in range(config.personal_epochs + 1) for kept in row["personal_epochs_seeds"]), row
     assert result["methods"][FED_FT]["adapter"].endswith("adapter.safetensors")

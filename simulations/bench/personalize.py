@@ -34,7 +34,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from mobiflower.simulations.bench.common import bench_logger, bench_run_config, fmt, keys_read_by, ratio
 from mobiflower.simulations.bench.personalize_report import FED, FED_FT, LORA, ZERO_SHOT
@@ -63,7 +63,7 @@ BENCH_SETS = {
     "test-fraction": "each device splits its paragraphs 80/10/10",
     "mode": "use --modes",
     "lr": "use --tail-lrs (mobiflower) or --fed-lrs (federated LoRA)",
-    "personal-lr": "hybrid: it follows the mobiflower lr picked on validation",
+    "personal-lr": "hybrid: it is the mobiflower lr, or picked on validation over --personal-lrs",
     "personal-epochs": "use --personal-epochs",
     "num-server-rounds": "use --num-server-rounds (mobiflower) or --fed-rounds (federated LoRA)",
     "train-seed": "use --seeds",
@@ -94,6 +94,7 @@ class PersonalizeBench:
     rounds: int = 3  # mobiflower: epochs over the fleet's text
     tail_lrs: tuple[float, ...] = (4e-3,)
     personal_epochs: int = 3  # hybrid: epochs of each device's copy over its own cached frames
+    personal_lrs: tuple[float, ...] = ()  # hybrid: personal lrs tried with each lr (empty: the lr itself)
     seeds: tuple[int, ...] = (0, 1)  # mobiflower's training seeds (the data split stays `seed`'s)
     modes: tuple[str, ...] = MODES
     lora_lrs: tuple[float, ...] = (1e-3, 2e-3)
@@ -111,7 +112,7 @@ class PersonalizeBench:
     workdir: str = "runs/bench_personalize"
 
     def __post_init__(self) -> None:
-        for name in ("tail_lrs", "seeds", "modes", "lora_lrs", "fed_lrs", "finetune_lrs"):
+        for name in ("tail_lrs", "personal_lrs", "seeds", "modes", "lora_lrs", "fed_lrs", "finetune_lrs"):
             setattr(self, name, tuple(getattr(self, name)))
         checks = [
             (self.speakers >= 1, f"speakers={self.speakers} must be at least 1"),
@@ -258,21 +259,21 @@ def zero_shot_rows(lora: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
     }
 
 
-def tune_lr(lrs: tuple[float, ...], run: Callable[[float], dict[str, Any]], name: str, log: Log):
-    """A fleet run per learning rate; all trials, and the one with the lowest mean per-user validation
-    perplexity (the test split never picks)."""
+def tune_lr(lrs: Sequence, run: Callable[[Any], dict[str, Any]], name: str, log: Log, label=lambda lr: f"lr {lr:g}"):
+    """A fleet run per learning rate (or setting: ``label`` names it); all trials, and the one with the
+    lowest mean per-user validation perplexity (the test split never picks)."""
     trials = []
     for lr in lrs:
         trial = run(lr)
         trial["validation_perplexity"] = mean_of(trial["per_user"], "validation_perplexity")
-        log(f"{name} lr {lr:g}: mean per-user validation ppl {fmt(trial['validation_perplexity'])}")
+        log(f"{name} {label(lr)}: mean per-user validation ppl {fmt(trial['validation_perplexity'])}")
         trials.append(trial)
     return trials, min(trials, key=lambda t: finite_or_inf(t["validation_perplexity"]))
 
 
 def trial_lines(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What the result keeps of each tuning trial (its per-user rows are the picked one's)."""
-    return [{k: t.get(k) for k in ("lr", "validation_perplexity", "run_dir", "wall_s")} for t in trials]
+    return [{k: t.get(k) for k in ("lr", "personal_lr", "validation_perplexity", "run_dir", "wall_s")} for t in trials]
 
 
 # ---- federated LoRA ---------------------------------------------------------------------------------
@@ -373,14 +374,17 @@ def mobiflower_run(
     lr: float,
     seed: int,
     scorer: AdapterScorer,
+    personal_lr: float | None = None,
 ) -> dict[str, Any]:
-    """One fleet run of ``mode`` at ``lr`` (training seed ``seed``): per user its device's test of what it
-    installed, its validation with the same adapter, and the device's costs."""
+    """One fleet run of ``mode`` at ``lr`` (training seed ``seed``; hybrid's personal lr ``personal_lr``,
+    None: ``lr``): per user its device's test of what it installed, its validation with the same adapter,
+    and the device's costs."""
+    personal_lr = lr if personal_lr is None else personal_lr
     from mobiflower.simulations.simulate import SimulateConfig, run_simulate
 
     run = SimulateConfig(
         devices=len(users),
-        workdir=f"{config.workdir}/{mode}-{lr:g}-s{seed}",
+        workdir=f"{config.workdir}/{mode}-{lr:g}{'' if personal_lr == lr else f'-p{personal_lr:g}'}-s{seed}",
         timeout_s=config.timeout_s,
         run_config={
             **run_config,
@@ -388,7 +392,7 @@ def mobiflower_run(
             **config.side_run_config,
             "mode": mode,
             "lr": lr,
-            "personal-lr": lr,
+            "personal-lr": personal_lr,
             "personal-epochs": config.personal_epochs,
             "num-server-rounds": config.rounds,
             "train-seed": seed,
@@ -409,6 +413,7 @@ def mobiflower_run(
     timing = {k: summary.get(k) for k in ("device_forward_s", "server_train_s")}
     return {
         "lr": lr,
+        "personal_lr": personal_lr,
         "seed": seed,
         "per_user": rows,
         "run_dir": summary["simulation"]["run_dir"],
@@ -425,12 +430,16 @@ def mobiflower_mode(
     scorer: AdapterScorer,
     log: Log,
 ) -> dict[str, Any]:
-    """``mode`` at every lr of the grid (first seed), the lr with the lowest mean per-user validation
-    perplexity, the other seeds at that lr; per user the mean over seeds (each seed's figures kept)."""
+    """``mode`` at every lr of the grid (first seed; hybrid: with every personal lr of ``personal_lrs``),
+    the setting with the lowest mean per-user validation perplexity, the other seeds at that setting; per
+    user the mean over seeds (each seed's figures kept)."""
     first, *others = config.seeds
-    run = lambda lr, seed: mobiflower_run(config, run_config, users, mode, lr, seed, scorer)  # noqa: E731
-    trials, picked = tune_lr(config.tail_lrs, lambda lr: run(lr, first), mode_method(mode), log)
-    runs = [picked] + [run(picked["lr"], seed) for seed in others]
+    personal = config.personal_lrs if mode == "hybrid" and config.personal_lrs else (None,)
+    grid = [(lr, plr) for lr in config.tail_lrs for plr in personal]
+    run = lambda s, seed: mobiflower_run(config, run_config, users, mode, s[0], seed, scorer, s[1])  # noqa: E731
+    label = lambda s: f"lr {s[0]:g}" + ("" if s[1] is None else f", personal lr {s[1]:g}")  # noqa: E731
+    trials, picked = tune_lr(grid, lambda s: run(s, first), mode_method(mode), log, label)
+    runs = [picked] + [run((picked["lr"], picked["personal_lr"]), seed) for seed in others]
     per_user = {}
     for user in picked["per_user"]:
         seeds = [r["per_user"][user] for r in runs]
@@ -445,6 +454,7 @@ def mobiflower_mode(
     return {
         "per_user": per_user,
         "lr": picked["lr"],
+        "personal_lr": picked["personal_lr"] if mode == "hybrid" else None,
         "lr_trials": trial_lines(trials),
         "seeds": {r["seed"]: r for r in runs},
     }

@@ -40,6 +40,8 @@ def _cost_lines(result: dict[str, Any]) -> list[str]:
     for name, m in result["methods"].items():
         a = m["mean"]
         picked = f"lr {m['lr']:g}" if m.get("lr") is not None else ""
+        if m.get("personal_lr") is not None:
+            picked += f", personal lr {m['personal_lr']:g}"
         if m.get("federated_lr") is not None:
             picked = f"federated lr {m['federated_lr']:g}, then per user"
         if name == LORA:
