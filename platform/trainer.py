@@ -312,16 +312,14 @@ class SideTrainer:
 
         A minibatch whose samples tap different numbers of layers comes as parts, one per depth: each
         part's loss is weighted by its share of the samples and the gradients add up before the one
-        step, so it is the same step a single tensor would give.
-        """
-        parts = [batch] if isinstance(batch, SideBatch) else list(batch)
+        step, so it is the same step a single tensor would give. A part that scores no token (a prompt
+        whose completion max-length cut away) has no loss to take: it is left out."""
+        parts = [p for p in ([batch] if isinstance(batch, SideBatch) else batch) if not _scores_nothing(p.targets)]
         total = sum(len(p) for p in parts)
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
         losses: list[tuple[float, int]] = []
         for part in parts:
-            if _scores_nothing(part.targets):  # e.g. a prompt whose completion max-length cut away: no loss
-                continue
             part = part.to(self.device)
             with self._autocast():
                 logits = self.net(part).float()
